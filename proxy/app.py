@@ -1,0 +1,157 @@
+"""``keygate serve``: build the shared services and run every configured listener.
+
+Start order follows the data flow: audit and metrics first, then identity
+(token validator), ownership (store and read path), policies, and only then
+the listeners that accept traffic; shutdown goes the other way, so no request
+is ever decided without the parts it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from proxy.audit import AuditLog
+from proxy.config import Config, ConfigError, load_config
+from proxy.services import Services
+
+log = logging.getLogger("keygate")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default="proxy.yaml", help="configuration file (default: proxy.yaml)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(args.config)
+    install_uvloop()
+    return asyncio.run(_serve_until_signal(config))
+
+
+def install_uvloop() -> None:
+    """uvloop roughly halves the event loop's own cost per packet; optional."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve_until_signal(config: Config) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await run_services(config, stop=stop)
+    except ConfigError:
+        raise
+    return 0
+
+
+async def build_services(config: Config, *, audit: AuditLog | None = None) -> Services:
+    """Open the audit log, start the token validator, open the store, load policies."""
+    from ownership.service import OwnershipService
+    from proxy.identity.tokens import TokenValidator
+    from proxy.policy import Policies
+
+    audit = audit or AuditLog.open(str(config.resolve(config.audit.path)) if config.audit.path != "-" else "-")
+    tokens = TokenValidator(config.oidc)
+    await tokens.start()
+    try:
+        ownership = await OwnershipService.open(config, audit=audit)
+    except BaseException:
+        await tokens.close()
+        raise
+    try:
+        policies = Policies.from_dir(config.resolve(config.policies.dir), ownership.facts,
+                                     admin_role=config.ownership.admin_role)
+    except Exception as exc:
+        await ownership.close()
+        await tokens.close()
+        raise ConfigError(str(exc)) from None
+    return Services(config=config, tokens=tokens, ownership=ownership, policies=policies, audit=audit)
+
+
+async def close_services(services: Services) -> None:
+    await services.ownership.close()
+    await services.tokens.close()
+    services.audit.close()
+
+
+class Listeners:
+    """Every listener the configuration asks for, started and stopped together."""
+
+    def __init__(self, services: Services):
+        self.services = services
+        self.mqtt = None
+        self.http = None
+        self.metrics = None
+        self._watch: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        config = self.services.config
+        if config.policies.watch:
+            self._watch = asyncio.create_task(self.services.policies.watch(), name="policy-watch")
+        if config.metrics is not None:
+            from proxy.config import parse_hostport
+            from proxy.metrics_server import MetricsServer
+
+            self.metrics = MetricsServer()
+            await self.metrics.start(*parse_hostport(config.metrics.listen))
+        if config.http is not None:
+            from proxy.http.gateway import HttpGateway
+
+            self.http = HttpGateway(self.services)
+            await self.http.start()
+        if config.mqtt is not None:
+            from proxy.mqtt.server import MqttGateway
+
+            self.mqtt = MqttGateway(self.services)
+            await self.mqtt.start()
+
+    async def stop(self) -> None:
+        # Listeners first, so nothing new arrives while the rest shuts down.
+        for part in (self.mqtt, self.http, self.metrics):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    await part.stop()
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch
+
+
+async def run_services(config: Config, *, stop: asyncio.Event, services: Services | None = None,
+                       on_ready=None) -> None:
+    """Run until ``stop`` is set. ``on_ready(services, listeners)`` is called once listening."""
+    own = services is None
+    services = services or await build_services(config)
+    listeners = Listeners(services)
+    try:
+        await listeners.start()
+        parts = []
+        if listeners.mqtt is not None:
+            parts.append(f"mqtt on {config.mqtt.listen}")
+        if listeners.http is not None:
+            parts.append(f"http on {config.http.listen}")
+        if listeners.metrics is not None:
+            parts.append(f"metrics on {config.metrics.listen}")
+        log.info("keygate ready: %s", ", ".join(parts) or "no listeners configured")
+        if on_ready is not None:
+            result = on_ready(services, listeners)
+            if asyncio.iscoroutine(result):
+                await result
+        await stop.wait()
+    finally:
+        await listeners.stop()
+        if own:
+            await close_services(services)

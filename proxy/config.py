@@ -1,0 +1,436 @@
+"""Loading and validating ``proxy.yaml``.
+
+The schema is a tree of frozen dataclasses. Loading walks PyYAML's node tree
+(not the constructed objects) so that every error can name the file, the line
+and the key path: ``proxy.yaml:12: oidc.audience: expected a string``.
+
+``${VAR}`` and ``${VAR:-default}`` are substituted inside scalar values only,
+after parsing, so an environment variable can never inject YAML structure.
+Unknown keys are errors: a typo must not silently switch a check off.
+Secret fields (marked ``secret``) refuse literal values: they must come from
+``${ENV}`` substitution or from the matching ``*_file`` key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "OidcConfig",
+    "IntrospectionConfig",
+    "TlsConfig",
+    "MqttConfig",
+    "RateLimitConfig",
+    "HttpConfig",
+    "StoreConfig",
+    "OwnershipConfig",
+    "PoliciesConfig",
+    "AuditConfig",
+    "MetricsConfig",
+    "load_config",
+    "load_config_text",
+    "parse_hostport",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as the one line to print."""
+
+
+def secret(default: Any = "", **kw: Any) -> Any:
+    return field(default=default, metadata={"secret": True, **kw})
+
+
+def doc(default: Any = dataclasses.MISSING, text: str = "", **kw: Any) -> Any:
+    if default is dataclasses.MISSING and "default_factory" not in kw:
+        return field(metadata={"doc": text})
+    if "default_factory" in kw:
+        return field(default_factory=kw.pop("default_factory"), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class IntrospectionConfig:
+    enabled: bool = False
+    client_id: str = ""
+    client_secret: str = secret()
+    client_secret_file: str = ""
+    endpoint: str = doc("", "override; default from discovery (introspection_endpoint)")
+    cache_seconds: float = 10.0
+    # Introspect every token, not only opaque / claim-less ones (revocation at once).
+    always: bool = False
+
+
+@dataclass(frozen=True)
+class OidcConfig:
+    issuer: str
+    discovery_url: str = ""
+    audience: str = ""
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "PS256")
+    leeway_seconds: float = 30.0
+    roles: tuple[str, ...] = ("realm_access.roles",)
+    username_claim: str = "preferred_username"
+    jwks_refresh_seconds: float = 300.0
+    unknown_kid_cooldown_seconds: float = 30.0
+    http_timeout_seconds: float = 5.0
+    token_cache_size: int = 10000
+    introspection: IntrospectionConfig = field(default_factory=IntrospectionConfig)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: str = ""
+    key: str = ""
+    client_ca: str = ""
+    # "optional": a client certificate is verified when offered; "required": always.
+    client_auth: Literal["optional", "required"] = "optional"
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    messages_per_second: float = 200.0
+    burst: int = 400
+    action: Literal["disconnect", "drop"] = "disconnect"
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    listen: str = "0.0.0.0:8883"
+    websocket_listen: str = ""
+    upstream: str = "127.0.0.1:1883"  # host:port or unix:/path/to/socket
+    upstream_username: str = ""
+    upstream_password: str = secret()
+    upstream_password_file: str = ""
+    tls: bool = True  # false only for tests and benchmarks behind another TLS terminator
+    connect_timeout_seconds: float = 10.0
+    max_packet_size: int = 1048576
+    max_keepalive_seconds: int = 3600  # also the cap applied to keepalive 0
+    user_client_id_prefix: str = "u/"
+    denied_publish_v3: Literal["drop", "disconnect"] = "drop"
+    topic_alias_maximum: int = 10
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "0.0.0.0:8443"
+    upstream: str = "http://127.0.0.1:1026"
+    fiware_service: str = ""
+    tls: bool = True
+    max_body_bytes: int = 1048576
+    upstream_timeout_seconds: float = 30.0
+    # Hosts / CIDRs that NGSI subscription notifications may target. Loopback,
+    # link-local and private addresses are refused unless listed here.
+    notification_allowlist: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    api_prefix: str = "/api/v1"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = "data/ownership.db"
+    key: str = secret()
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class OwnershipConfig:
+    admin_role: str = "iot-admin"
+    max_devices_per_user: int = 100
+    role_quotas: dict[str, int] = field(default_factory=dict)
+    # Addresses handed to a newly registered device.
+    advertise_mqtt: str = "mqtts://localhost:8883"
+    advertise_http: str = "https://localhost:8443"
+
+
+@dataclass(frozen=True)
+class PoliciesConfig:
+    dir: str = "policies/"
+    watch: bool = True
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: str = "-"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9100"
+
+
+@dataclass(frozen=True)
+class Config:
+    oidc: OidcConfig
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    mqtt: MqttConfig | None = None
+    http: HttpConfig | None = None
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ownership: OwnershipConfig = field(default_factory=OwnershipConfig)
+    policies: PoliciesConfig = field(default_factory=PoliciesConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    metrics: MetricsConfig | None = None
+    # Where the file was loaded from; relative paths in it resolve against its folder.
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    def resolve(self, path: str) -> Path:
+        """A path from the file, relative to the file's folder."""
+        p = Path(path)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+# --------------------------------------------------------------------------- loading
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Loader:
+    def __init__(self, filename: str, env: typing.Mapping[str, str]):
+        self.filename = filename
+        self.env = env
+
+    def fail(self, node: yaml.Node | None, path: str, message: str) -> typing.NoReturn:
+        where = self.filename
+        if node is not None:
+            where += f":{node.start_mark.line + 1}"
+        raise ConfigError(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+
+    def substitute(self, node: yaml.ScalarNode, path: str) -> tuple[str, bool]:
+        """The scalar's text with ${VAR} replaced, and whether anything was replaced."""
+        text = node.value
+        used = False
+
+        def repl(m: re.Match[str]) -> str:
+            nonlocal used
+            used = True
+            name, default = m.group(1), m.group(2)
+            value = self.env.get(name)
+            if value is None or (value == "" and default is not None):
+                if default is None:
+                    self.fail(node, path, f"environment variable {name} is not set")
+                return default
+            return value
+
+        if "${" in text:
+            text = _ENV.sub(repl, text)
+            if "${" in text:
+                self.fail(node, path, "malformed ${...} substitution")
+        return text, used
+
+    def scalar(self, node: yaml.Node, path: str, tp: Any, is_secret: bool = False) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            self.fail(node, path, f"expected {_describe(tp)}, got a {_kind(node)}")
+        text, substituted = self.substitute(node, path)
+        if is_secret and text and not substituted:
+            self.fail(node, path, "secrets may not be written in the file; use ${ENV_VAR} or the *_file key")
+        plain = node.style is None  # unquoted scalars carry YAML types
+        if tp is str:
+            if plain and node.tag == "tag:yaml.org,2002:null" and not substituted:
+                self.fail(node, path, "expected a string, got null")
+            return text
+        if tp is bool:
+            low = text.lower()
+            if low in ("true", "yes", "on") and (plain or substituted):
+                return True
+            if low in ("false", "no", "off") and (plain or substituted):
+                return False
+            self.fail(node, path, f"expected true or false, got {text!r}")
+        if tp is int:
+            try:
+                if not (plain or substituted):
+                    raise ValueError
+                return int(text, 0)
+            except ValueError:
+                self.fail(node, path, f"expected an integer, got {text!r}")
+        if tp is float:
+            try:
+                if not (plain or substituted):
+                    raise ValueError
+                return float(text)
+            except ValueError:
+                self.fail(node, path, f"expected a number, got {text!r}")
+        if get_origin(tp) is Literal:
+            allowed = get_args(tp)
+            if text not in allowed:
+                self.fail(node, path, f"expected one of {', '.join(map(str, allowed))}, got {text!r}")
+            return text
+        raise AssertionError(f"unsupported scalar type {tp!r}")
+
+    def value(self, node: yaml.Node, path: str, tp: Any, is_secret: bool = False) -> Any:
+        origin = get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+                return None
+            return self.value(node, path, args[0], is_secret)
+        if dataclasses.is_dataclass(tp):
+            return self.section(node, path, tp)
+        if origin is tuple:
+            if not isinstance(node, yaml.SequenceNode):
+                self.fail(node, path, f"expected a list, got a {_kind(node)}")
+            (item_tp, _) = get_args(tp)
+            return tuple(self.value(item, f"{path}[{i}]", item_tp) for i, item in enumerate(node.value))
+        if origin is dict:
+            if not isinstance(node, yaml.MappingNode):
+                self.fail(node, path, f"expected a mapping, got a {_kind(node)}")
+            _, val_tp = get_args(tp)
+            out = {}
+            for k, v in node.value:
+                key = self.scalar(k, path, str)
+                out[key] = self.value(v, f"{path}.{key}", val_tp)
+            return out
+        return self.scalar(node, path, tp, is_secret)
+
+    def section(self, node: yaml.Node, path: str, cls: type) -> Any:
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+            node = yaml.MappingNode("tag:yaml.org,2002:map", [], node.start_mark, node.end_mark)
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, path, f"expected a mapping, got a {_kind(node)}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        values: dict[str, Any] = {}
+        for key_node, val_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.fail(key_node, path, "keys must be plain strings")
+            key = key_node.value
+            sub = f"{path}.{key}" if path else key
+            if key not in fields:
+                near = _closest(key, fields)
+                hint = f" (did you mean {near}?)" if near else ""
+                self.fail(key_node, sub, f"unknown key{hint}")
+            if key in values:
+                self.fail(key_node, sub, "given twice")
+            values[key] = self.value(val_node, sub, hints[key], bool(fields[key].metadata.get("secret")))
+        for name, f in fields.items():
+            if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.fail(node if path else None, f"{path}.{name}" if path else name, "required")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:  # pragma: no cover - schema bug
+            self.fail(node, path, str(exc))
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "list"
+    return f"scalar {node.value!r}"
+
+
+def _describe(tp: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, "a scalar")
+
+
+def _closest(key: str, options: typing.Iterable[str]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(key, list(options), n=1, cutoff=0.75)
+    return found[0] if found else None
+
+
+def load_config_text(text: str, filename: str = "proxy.yaml", env: typing.Mapping[str, str] | None = None,
+                     base_dir: str = ".") -> Config:
+    loader = _Loader(filename, os.environ if env is None else env)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{filename}{line}: invalid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{filename}: invalid YAML: {exc}") from None
+    if root is None:
+        raise ConfigError(f"{filename}: the file is empty")
+    cfg = loader.section(root, "", Config)
+    cfg = dataclasses.replace(cfg, base_dir=base_dir)
+    _check(cfg, filename)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str], env: typing.Mapping[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read: {exc}") from None
+    return load_config_text(text, str(p), env, base_dir=str(p.parent))
+
+
+def _check(cfg: Config, filename: str) -> None:
+    """Cross-field rules that a type check cannot express."""
+
+    def bad(path: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{filename}: {path}: {message}")
+
+    if not re.match(r"^https?://", cfg.oidc.issuer):
+        bad("oidc.issuer", "must be an http(s) URL")
+    for alg in cfg.oidc.algorithms:
+        if alg.lower() == "none" or alg.upper().startswith("HS"):
+            bad("oidc.algorithms", f"{alg} is not allowed (asymmetric algorithms only)")
+    if not cfg.oidc.algorithms:
+        bad("oidc.algorithms", "must not be empty")
+    if cfg.oidc.introspection.enabled and not cfg.oidc.introspection.client_id:
+        bad("oidc.introspection.client_id", "required when introspection is enabled")
+    needs_tls = (cfg.mqtt is not None and cfg.mqtt.tls) or (cfg.http is not None and cfg.http.tls)
+    if needs_tls and not (cfg.tls.cert and cfg.tls.key):
+        bad("tls.cert", "required when a listener uses TLS")
+    for section, listen in (("mqtt.listen", cfg.mqtt and cfg.mqtt.listen),
+                            ("mqtt.websocket_listen", cfg.mqtt and cfg.mqtt.websocket_listen),
+                            ("http.listen", cfg.http and cfg.http.listen),
+                            ("metrics.listen", cfg.metrics and cfg.metrics.listen)):
+        if listen:
+            try:
+                parse_hostport(listen)
+            except ValueError as exc:
+                bad(section, str(exc))
+    if cfg.mqtt is not None:
+        if not cfg.mqtt.upstream.startswith("unix:"):
+            try:
+                parse_hostport(cfg.mqtt.upstream)
+            except ValueError as exc:
+                bad("mqtt.upstream", str(exc))
+        if not 2 <= cfg.mqtt.max_packet_size <= 268435455:
+            bad("mqtt.max_packet_size", "must be between 2 and 268435455")
+    if cfg.http is not None and not re.match(r"^https?://", cfg.http.upstream):
+        bad("http.upstream", "must be an http(s) URL")
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` into a pair."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def read_secret(value: str, file: str, cfg: Config | None = None) -> str:
+    """A secret from its value or, failing that, from its file (trailing newline dropped)."""
+    if value:
+        return value
+    if file:
+        path = cfg.resolve(file) if cfg else Path(file)
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read secret: {exc.strerror}") from None
+    return ""

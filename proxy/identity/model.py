@@ -1,0 +1,77 @@
+"""The immutable identity every decision is made for, and the typed failure.
+
+Every authenticator (token validator, device key check, certificate check)
+yields an :class:`Identity` or raises :class:`AuthError` whose ``reason`` goes
+to the audit log; the client itself only ever learns "not authorized".
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal
+
+IdentityKind = Literal["user", "service", "device", "anonymous"]
+AuthMethod = Literal["token", "introspection", "device_key", "certificate", "none"]
+
+
+class AuthReason(str, enum.Enum):
+    MALFORMED = "malformed"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    BAD_SIGNATURE = "bad_signature"
+    ALGORITHM_NOT_ALLOWED = "algorithm_not_allowed"
+    UNKNOWN_KID = "unknown_kid"
+    WRONG_ISSUER = "wrong_issuer"
+    WRONG_AUDIENCE = "wrong_audience"
+    NOT_AN_ACCESS_TOKEN = "not_an_access_token"
+    MISSING_CLAIM = "missing_claim"
+    REVOKED = "revoked"  # introspection answered active: false
+    ISSUER_UNREACHABLE = "issuer_unreachable"
+    UNKNOWN_DEVICE_OR_KEY = "unknown_device_or_key"  # one reason for both: ids must not leak
+    BAD_CERTIFICATE = "bad_certificate"
+    NO_CREDENTIALS = "no_credentials"
+    SUBJECT_CHANGED = "subject_changed"  # re-authentication for another subject
+
+
+class AuthError(Exception):
+    """Authentication failed; ``reason`` is for the audit log only."""
+
+    def __init__(self, reason: AuthReason, detail: str = ""):
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    kind: IdentityKind
+    # Stable subject: the token's "sub" for users and services, "device:<id>" for devices.
+    sub: str
+    # preferred_username for users, client id for service accounts, device id for devices.
+    username: str
+    method: AuthMethod
+    roles: frozenset[str] = frozenset()          # from the configured claim paths
+    client_roles: frozenset[str] = frozenset()   # "CLIENT:ROLE" from resource_access
+    scopes: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()         # Keycloak "groups" claim, leading "/" removed
+    azp: str = ""
+    expires_at: float | None = None              # unix time; None = does not expire
+    device_id: str = ""                          # for devices
+    owner_sub: str = ""                          # for devices: who owns it
+    owner_username: str = ""
+    claims: tuple[tuple[str, object], ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def is_device(self) -> bool:
+        return self.kind == "device"
+
+    @property
+    def is_anonymous(self) -> bool:
+        return self.kind == "anonymous"
+
+    def has_role(self, role: str) -> bool:
+        return role in self.roles
+
+
+ANONYMOUS = Identity(kind="anonymous", sub="", username="", method="none")

@@ -1,0 +1,7 @@
+"""Shared fixtures. Each rig module owns one real part the tests start."""
+
+pytest_plugins = [
+    "tests.rig.mosquitto",
+    "tests.rig.oidc",
+    "tests.rig.token_factory",
+]
