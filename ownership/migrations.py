@@ -1,0 +1,97 @@
+"""Versioned schema migrations, applied in order at open.
+
+``PRAGMA user_version`` holds the version reached. Each step runs in the same
+transaction as the version bump, so a failed upgrade leaves the store at the
+previous version, never in between. Append new steps; never edit an old one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Marks the file as a keygate store ("KGST"), checked at open.
+APPLICATION_ID = 0x4B475354
+
+MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
+    (1, (
+        # Store-wide secrets (the device-key pepper); the whole file is encrypted.
+        """CREATE TABLE meta (
+            name  TEXT PRIMARY KEY,
+            value BLOB NOT NULL
+        )""",
+        """CREATE TABLE devices (
+            id             TEXT PRIMARY KEY,
+            type           TEXT NOT NULL,
+            name           TEXT,
+            model          TEXT,
+            location       TEXT,               -- JSON object
+            owner_sub      TEXT NOT NULL,
+            owner_username TEXT NOT NULL,
+            public         INTEGER NOT NULL DEFAULT 0 CHECK (public IN (0, 1)),
+            service        TEXT NOT NULL DEFAULT '',
+            created_at     REAL NOT NULL,
+            updated_at     REAL NOT NULL
+        )""",
+        "CREATE INDEX devices_owner ON devices (owner_sub)",
+        """CREATE TABLE device_keys (
+            device_id  TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+            slot       TEXT NOT NULL CHECK (slot IN ('k1', 'k2')),
+            hash       BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (device_id, slot)
+        )""",
+        """CREATE TABLE delegations (
+            id                  TEXT PRIMARY KEY,
+            device_id           TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+            grantee             TEXT NOT NULL,
+            permission          TEXT NOT NULL CHECK (permission IN ('read', 'write', 'readwrite')),
+            expires_at          REAL,
+            granted_by          TEXT NOT NULL,
+            granted_by_username TEXT NOT NULL,
+            created_at          REAL NOT NULL
+        )""",
+        "CREATE INDEX delegations_device ON delegations (device_id)",
+        "CREATE INDEX delegations_grantee ON delegations (grantee)",
+        "CREATE INDEX delegations_granted_by ON delegations (granted_by)",
+        # Per-user override of the configured device quota.
+        """CREATE TABLE quotas (
+            sub         TEXT PRIMARY KEY,
+            max_devices INTEGER NOT NULL CHECK (max_devices >= 0)
+        )""",
+        # NGSI subscriptions, tied to whoever created them through the gateway.
+        """CREATE TABLE subscriptions (
+            id             TEXT NOT NULL,
+            service        TEXT NOT NULL,
+            owner_sub      TEXT NOT NULL,
+            owner_username TEXT NOT NULL,
+            created_at     REAL NOT NULL,
+            PRIMARY KEY (id, service)
+        )""",
+        "CREATE INDEX subscriptions_owner ON subscriptions (owner_sub)",
+    )),
+]
+
+LATEST = MIGRATIONS[-1][0]
+
+
+def migrate(conn: Any) -> int:
+    """Bring the schema up to :data:`LATEST`; returns the version found at open."""
+    found = conn.execute("PRAGMA user_version").fetchone()[0]
+    if found > LATEST:
+        raise RuntimeError(f"schema version {found} is newer than this keygate ({LATEST})")
+    for version, statements in MIGRATIONS:
+        if version <= found:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql in statements:
+                conn.execute(sql)
+            # PRAGMA takes no bound parameters; the values are our own integers.
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+            if version == 1:
+                conn.execute(f"PRAGMA application_id = {int(APPLICATION_ID)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return found

@@ -1,0 +1,64 @@
+"""Who is asking: bearer token, device key (HTTP Basic), device certificate, or nobody.
+
+One credential per request, in this order: an ``Authorization`` header
+decides alone (a bad one is a failure, never a fall-back to the certificate
+or to anonymous); without it a verified client certificate names a device;
+without either the caller is :data:`ANONYMOUS`, whom only ``anonymous``
+policy rules let through. The failure's reason goes to the audit log; the
+client learns only 401.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
+
+MAX_CREDENTIAL_LENGTH = 16384
+
+
+async def authenticate(headers: Any, ssl_object: Any, services: Any) -> Identity:
+    header = headers.get("Authorization")
+    if header is not None:
+        return await _from_header(header, services)
+    if ssl_object is not None:
+        cn = _peer_cn(ssl_object)
+        if cn:
+            return services.ownership.device_identity(cn)
+    return ANONYMOUS
+
+
+async def _from_header(header: str, services: Any) -> Identity:
+    if len(header) > MAX_CREDENTIAL_LENGTH:
+        raise AuthError(AuthReason.MALFORMED, "credential too long")
+    scheme, _, credential = header.strip().partition(" ")
+    credential = credential.strip()
+    if not credential:
+        raise AuthError(AuthReason.MALFORMED, "empty credential")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return await services.tokens.validate(credential)
+    if scheme == "basic":
+        device_id, key = _basic(credential)
+        return await services.ownership.authenticate_device_key(device_id, key)
+    raise AuthError(AuthReason.MALFORMED, "unsupported authorization scheme")
+
+
+def _basic(credential: str) -> tuple[str, str]:
+    try:
+        decoded = base64.b64decode(credential, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise AuthError(AuthReason.MALFORMED, "bad basic credential") from None
+    device_id, sep, key = decoded.partition(":")
+    if not sep or not device_id or not key:
+        raise AuthError(AuthReason.MALFORMED, "bad basic credential")
+    return device_id, key
+
+
+def _peer_cn(ssl_object: Any) -> str | None:
+    """The verified client certificate's CN (TLS verified it against ``tls.client_ca``)."""
+    from proxy.tls import peer_common_name
+
+    return peer_common_name(ssl_object)

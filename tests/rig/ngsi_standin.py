@@ -1,0 +1,581 @@
+"""A small NGSI-v2 stand-in for FIWARE Orion.
+
+Orion cannot be installed on the test machines, so this aiohttp app answers
+the endpoints the gateway guards the way Orion does: status codes, error
+shapes (``{"error": "NotFound", "description": ...}``), ``Location`` on 201,
+``Fiware-Total-Count`` with ``options=count``, ``id`` / ``idPattern`` /
+``type`` / ``limit`` / ``offset`` / ``attrs`` / ``keyValues`` / ``upsert``,
+batch ``op/update`` and ``op/query``, subscriptions and registrations, and one
+tenant per lower-cased ``Fiware-Service`` header.
+
+It records every request it receives (``app[RECORDED]``), so tests can assert
+what reached the upstream and, as important, what did not.
+
+Run on its own for benchmarks: ``python -m tests.rig.ngsi_standin --port 1026``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["create_standin_app", "RECORDED", "TENANTS", "Recorded", "NgsiStandin"]
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str          # raw path, percent-encoding kept
+    query: str         # raw query string
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Tenant:
+    entities: dict[str, dict[str, Any]] = field(default_factory=dict)   # id -> {"id", "type", attrs...}
+    subscriptions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    registrations: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+RECORDED = web.AppKey("recorded", list)
+TENANTS = web.AppKey("tenants", dict)
+
+_DEFAULT_LIMIT = 20
+_MAX_LIMIT = 1000
+
+
+class OrionError(Exception):
+    def __init__(self, status: int, error: str, description: str):
+        super().__init__(description)
+        self.status, self.error, self.description = status, error, description
+
+
+def _not_found(what: str = "entity") -> OrionError:
+    if what == "entity":
+        return OrionError(404, "NotFound", "The requested entity has not been found. Check type and id")
+    if what == "attribute":
+        return OrionError(404, "NotFound", "The entity does not have such an attribute")
+    return OrionError(404, "NotFound", f"The requested {what} has not been found. Check id")
+
+
+def _bad(description: str) -> OrionError:
+    return OrionError(400, "BadRequest", description)
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=json.dumps(data), content_type="application/json", headers=headers)
+
+
+# --------------------------------------------------------------------------- entity representation
+
+
+def _norm_attr(value: Any, key_values: bool) -> dict[str, Any]:
+    if key_values or not isinstance(value, dict):
+        t = ("Number" if isinstance(value, (int, float)) and not isinstance(value, bool) else
+             "Boolean" if isinstance(value, bool) else
+             "StructuredValue" if isinstance(value, (dict, list)) else
+             "None" if value is None else "Text")
+        return {"type": t, "value": value, "metadata": {}}
+    if "value" not in value and "type" not in value:
+        raise _bad("attribute must be a JSON object with value and/or type")
+    out = {"type": value.get("type", "Text"), "value": value.get("value"), "metadata": value.get("metadata", {})}
+    return out
+
+
+def _attrs_of(body: Any, key_values: bool) -> dict[str, dict[str, Any]]:
+    if not isinstance(body, dict):
+        raise _bad("Parse Error")
+    return {k: _norm_attr(v, key_values) for k, v in body.items() if k not in ("id", "type")}
+
+
+def _render(entity: dict[str, Any], options: set[str], attrs: list[str] | None, with_id: bool = True) -> Any:
+    names = [k for k in entity if k not in ("id", "type")]
+    if attrs:
+        names = [n for n in names if n in attrs]
+    if "values" in options:
+        return [entity[n]["value"] for n in names]
+    out: dict[str, Any] = {"id": entity["id"], "type": entity["type"]} if with_id else {}
+    for n in names:
+        out[n] = entity[n]["value"] if "keyValues" in options else entity[n]
+    return out
+
+
+# --------------------------------------------------------------------------- request helpers
+
+
+def _tenant(request: web.Request) -> Tenant:
+    name = request.headers.get("Fiware-Service", "").lower()
+    return request.app[TENANTS].setdefault(name, Tenant())
+
+
+def _options(request: web.Request) -> set[str]:
+    return {o for o in request.query.get("options", "").split(",") if o}
+
+
+def _paging(request: web.Request) -> tuple[int, int]:
+    try:
+        limit = int(request.query.get("limit", _DEFAULT_LIMIT))
+        offset = int(request.query.get("offset", 0))
+    except ValueError:
+        raise _bad("Bad pagination limit or offset") from None
+    if limit < 1 or limit > _MAX_LIMIT:
+        raise _bad(f"Bad pagination limit: /{limit}/ [a value from 1 to {_MAX_LIMIT} is expected]")
+    if offset < 0:
+        raise _bad("Bad pagination offset")
+    return limit, offset
+
+
+async def _body(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw:
+        raise OrionError(411, "ContentLengthRequired", "Zero/No Content-Length in PUT/POST/PATCH request")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise OrionError(400, "ParseError", "Errors found in incoming JSON buffer") from None
+
+
+def _list_param(request: web.Request, name: str) -> list[str] | None:
+    v = request.query.get(name)
+    return [x for x in v.split(",") if x] if v else None
+
+
+def _simple_q(entity: dict[str, Any], q: str) -> bool:
+    """The subset of Orion's Simple Query Language the tests use: ``attr==v``, ``attr>n``, ``attr<n``, ``;``."""
+    for stmt in q.split(";"):
+        m = re.fullmatch(r"([\w.]+)(==|!=|>=|<=|>|<)(.*)", stmt)
+        if not m:
+            if stmt and stmt not in entity:
+                return False
+            continue
+        name, op, want = m.groups()
+        if name not in entity:
+            return False
+        have = entity[name]["value"]
+        try:
+            wantv: Any = float(want) if isinstance(have, (int, float)) else want.strip("'")
+        except ValueError:
+            return False
+        ok = {"==": have == wantv, "!=": have != wantv}.get(op)
+        if ok is None:
+            try:
+                ok = {">": have > wantv, "<": have < wantv, ">=": have >= wantv, "<=": have <= wantv}[op]
+            except TypeError:
+                ok = False
+        if not ok:
+            return False
+    return True
+
+
+def _select(tenant: Tenant, ids: list[str] | None, id_pattern: str | None, types: list[str] | None,
+            q: str | None) -> list[dict[str, Any]]:
+    pattern = re.compile(id_pattern) if id_pattern else None
+    out = []
+    for e in tenant.entities.values():  # insertion order, like Orion's creation-date order
+        if ids is not None and e["id"] not in ids:
+            continue
+        if pattern is not None and not pattern.search(e["id"]):
+            continue
+        if types is not None and e["type"] not in types:
+            continue
+        if q and not _simple_q(e, q):
+            continue
+        out.append(e)
+    return out
+
+
+def _page(request: web.Request, items: list[Any], render) -> web.Response:
+    limit, offset = _paging(request)
+    headers = {"Fiware-Total-Count": str(len(items))} if "count" in _options(request) else None
+    return _json([render(x) for x in items[offset:offset + limit]], headers=headers)
+
+
+def _entity(tenant: Tenant, entity_id: str, etype: str | None = None) -> dict[str, Any]:
+    e = tenant.entities.get(entity_id)
+    if e is None or (etype and e["type"] != etype):
+        raise _not_found()
+    return e
+
+
+# --------------------------------------------------------------------------- handlers: entities
+
+
+async def list_entities(request: web.Request) -> web.Response:
+    if "id" in request.query and "idPattern" in request.query:
+        raise _bad("Incompatible parameters: id, IdPattern")
+    id_pattern = request.query.get("idPattern")
+    if id_pattern:
+        try:
+            re.compile(id_pattern)
+        except re.error:
+            raise _bad("Invalid regex for entity id pattern") from None
+    found = _select(_tenant(request), _list_param(request, "id"), id_pattern, _list_param(request, "type"),
+                    request.query.get("q"))
+    opts, attrs = _options(request), _list_param(request, "attrs")
+    return _page(request, found, lambda e: _render(e, opts, attrs))
+
+
+async def create_entity(request: web.Request) -> web.Response:
+    body = await _body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not body["id"]:
+        raise _bad("entity id is missing")
+    opts = _options(request)
+    tenant = _tenant(request)
+    eid, etype = body["id"], body.get("type") or "Thing"
+    attrs = _attrs_of(body, "keyValues" in opts)
+    existing = tenant.entities.get(eid)
+    if existing is not None:
+        if "upsert" not in opts:
+            raise OrionError(422, "Unprocessable", "Already Exists")
+        existing.update(attrs)
+        return web.Response(status=204)
+    tenant.entities[eid] = {"id": eid, "type": etype, **attrs}
+    return web.Response(status=201, headers={"Location": f"/v2/entities/{eid}?type={etype}"})
+
+
+async def get_entity(request: web.Request) -> web.Response:
+    e = _entity(_tenant(request), request.match_info["id"], request.query.get("type"))
+    return _json(_render(e, _options(request), _list_param(request, "attrs")))
+
+
+async def delete_entity(request: web.Request) -> web.Response:
+    tenant = _tenant(request)
+    _entity(tenant, request.match_info["id"], request.query.get("type"))
+    del tenant.entities[request.match_info["id"]]
+    return web.Response(status=204)
+
+
+async def get_attrs(request: web.Request) -> web.Response:
+    e = _entity(_tenant(request), request.match_info["id"], request.query.get("type"))
+    return _json(_render(e, _options(request), _list_param(request, "attrs"), with_id=False))
+
+
+async def append_attrs(request: web.Request) -> web.Response:
+    e = _entity(_tenant(request), request.match_info["id"], request.query.get("type"))
+    opts = _options(request)
+    attrs = _attrs_of(await _body(request), "keyValues" in opts)
+    if "append" in opts and any(k in e for k in attrs):
+        raise OrionError(422, "Unprocessable", "one or more of the attributes in the request already exist")
+    e.update(attrs)
+    return web.Response(status=204)
+
+
+async def update_attrs(request: web.Request) -> web.Response:
+    e = _entity(_tenant(request), request.match_info["id"], request.query.get("type"))
+    attrs = _attrs_of(await _body(request), "keyValues" in _options(request))
+    if any(k not in e for k in attrs):
+        raise OrionError(422, "Unprocessable", "do not exist")
+    e.update(attrs)
+    return web.Response(status=204)
+
+
+async def replace_attrs(request: web.Request) -> web.Response:
+    e = _entity(_tenant(request), request.match_info["id"], request.query.get("type"))
+    attrs = _attrs_of(await _body(request), "keyValues" in _options(request))
+    for k in [k for k in e if k not in ("id", "type")]:
+        del e[k]
+    e.update(attrs)
+    return web.Response(status=204)
+
+
+def _attr(request: web.Request) -> tuple[dict[str, Any], str]:
+    e = _entity(_tenant(request), request.match_info["id"], request.query.get("type"))
+    name = request.match_info["attr"]
+    if name not in e or name in ("id", "type"):
+        raise _not_found("attribute")
+    return e, name
+
+
+async def get_attr(request: web.Request) -> web.Response:
+    e, name = _attr(request)
+    return _json(e[name])
+
+
+async def put_attr(request: web.Request) -> web.Response:
+    e, name = _attr(request)
+    e[name] = _norm_attr(await _body(request), False)
+    return web.Response(status=204)
+
+
+async def delete_attr(request: web.Request) -> web.Response:
+    e, name = _attr(request)
+    del e[name]
+    return web.Response(status=204)
+
+
+async def get_attr_value(request: web.Request) -> web.Response:
+    e, name = _attr(request)
+    value = e[name]["value"]
+    if isinstance(value, (dict, list)):
+        return _json(value)
+    if "application/json" in request.headers.get("Accept", "") and not isinstance(value, str):
+        return _json(value)
+    return web.Response(text=value if isinstance(value, str) else json.dumps(value), content_type="text/plain")
+
+
+async def put_attr_value(request: web.Request) -> web.Response:
+    e, name = _attr(request)
+    raw = await request.read()
+    if request.content_type == "text/plain":
+        text = raw.decode("utf-8", "replace")
+        try:
+            value: Any = json.loads(text) if not text.startswith('"') else text.strip('"')
+        except ValueError:
+            value = text
+    else:
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise OrionError(400, "ParseError", "Errors found in incoming JSON buffer") from None
+    e[name]["value"] = value
+    return web.Response(status=204)
+
+
+# --------------------------------------------------------------------------- handlers: batch
+
+
+async def op_update(request: web.Request) -> web.Response:
+    body = await _body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("entities"), list):
+        raise _bad("Invalid JSON payload: entities is missing")
+    action = body.get("actionType")
+    if action not in ("append", "appendStrict", "update", "replace", "delete"):
+        raise _bad("invalid value for actionType")
+    tenant = _tenant(request)
+    kv = "keyValues" in _options(request)
+    for item in body["entities"]:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise _bad("entity id is missing")
+    for item in body["entities"]:
+        eid = item["id"]
+        attrs = _attrs_of(item, kv)
+        e = tenant.entities.get(eid)
+        if action in ("append", "appendStrict"):
+            if e is None:
+                tenant.entities[eid] = {"id": eid, "type": item.get("type") or "Thing", **attrs}
+            else:
+                if action == "appendStrict" and any(k in e for k in attrs):
+                    raise OrionError(422, "Unprocessable", "one or more of the attributes already exist")
+                e.update(attrs)
+        elif e is None:
+            raise _not_found()
+        elif action == "update":
+            e.update(attrs)
+        elif action == "replace":
+            for k in [k for k in e if k not in ("id", "type")]:
+                del e[k]
+            e.update(attrs)
+        elif action == "delete":
+            if attrs:
+                for k in attrs:
+                    e.pop(k, None)
+            else:
+                del tenant.entities[eid]
+    return web.Response(status=204)
+
+
+async def op_query(request: web.Request) -> web.Response:
+    body = await _body(request)
+    if not isinstance(body, dict):
+        raise _bad("Parse Error")
+    tenant = _tenant(request)
+    selectors = body.get("entities")
+    expression = body.get("expression") or {}
+    q = expression.get("q") if isinstance(expression, dict) else None
+    if selectors is None:
+        found = _select(tenant, None, None, None, q)
+    else:
+        if not isinstance(selectors, list):
+            raise _bad("entities must be an array")
+        seen: dict[str, dict[str, Any]] = {}
+        for sel in selectors:
+            if not isinstance(sel, dict) or ("id" in sel) == ("idPattern" in sel):
+                raise _bad("exactly one of id and idPattern per entity")
+            ids = [sel["id"]] if "id" in sel else None
+            types = [sel["type"]] if sel.get("type") else None
+            for e in _select(tenant, ids, sel.get("idPattern"), types, q):
+                seen[e["id"]] = e
+        found = list(seen.values())
+    opts, attrs = _options(request), body.get("attrs")
+    return _page(request, found, lambda e: _render(e, opts, attrs))
+
+
+# --------------------------------------------------------------------------- handlers: subscriptions etc.
+
+
+def _collection(kind: str):
+    """CRUD for subscriptions and registrations, which behave alike in Orion."""
+
+    def store(request: web.Request) -> dict[str, dict[str, Any]]:
+        return getattr(_tenant(request), kind)
+
+    async def create(request: web.Request) -> web.Response:
+        body = await _body(request)
+        if not isinstance(body, dict):
+            raise _bad("Parse Error")
+        if kind == "subscriptions" and not isinstance(body.get("notification"), dict):
+            raise _bad("Subscription notification is missing")
+        new_id = secrets.token_hex(12)
+        store(request)[new_id] = {"id": new_id, **{k: v for k, v in body.items() if k != "id"},
+                                  **({"status": "active"} if kind == "subscriptions" else {})}
+        return web.Response(status=201, headers={"Location": f"/v2/{kind}/{new_id}"})
+
+    async def listing(request: web.Request) -> web.Response:
+        return _page(request, list(store(request).values()), lambda x: x)
+
+    def one(request: web.Request) -> dict[str, Any]:
+        item = store(request).get(request.match_info["id"])
+        if item is None:
+            raise _not_found(kind[:-1])
+        return item
+
+    async def get(request: web.Request) -> web.Response:
+        return _json(one(request))
+
+    async def patch(request: web.Request) -> web.Response:
+        item = one(request)
+        body = await _body(request)
+        if not isinstance(body, dict):
+            raise _bad("Parse Error")
+        item.update({k: v for k, v in body.items() if k != "id"})
+        return web.Response(status=204)
+
+    async def delete(request: web.Request) -> web.Response:
+        one(request)
+        del store(request)[request.match_info["id"]]
+        return web.Response(status=204)
+
+    return create, listing, get, patch, delete
+
+
+async def list_types(request: web.Request) -> web.Response:
+    types: dict[str, dict[str, Any]] = {}
+    for e in _tenant(request).entities.values():
+        t = types.setdefault(e["type"], {"type": e["type"], "attrs": {}, "count": 0})
+        t["count"] += 1
+        for k, v in e.items():
+            if k not in ("id", "type"):
+                t["attrs"].setdefault(k, {"types": []})
+                if v["type"] not in t["attrs"][k]["types"]:
+                    t["attrs"][k]["types"].append(v["type"])
+    return _page(request, list(types.values()), lambda x: x)
+
+
+async def version(request: web.Request) -> web.Response:
+    return _json({"orion": {"version": "3.10.1", "uptime": "0 d, 0 h, 0 m, 1 s", "git_hash": "standin",
+                            "compile_time": "n/a", "compiled_by": "keygate-tests", "compiled_in": "n/a",
+                            "release_date": "n/a", "doc": "https://fiware-orion.rtfd.io/"}})
+
+
+async def v2_root(request: web.Request) -> web.Response:
+    return _json({"entities_url": "/v2/entities", "types_url": "/v2/types",
+                  "subscriptions_url": "/v2/subscriptions", "registrations_url": "/v2/registrations"})
+
+
+# --------------------------------------------------------------------------- app
+
+
+def _middleware(record: bool):
+    @web.middleware
+    async def shape(request: web.Request, handler) -> web.StreamResponse:
+        if record:
+            body = await request.read()
+            request.app[RECORDED].append(Recorded(request.method, request.raw_path.split("?", 1)[0],
+                                                  request.query_string, dict(request.headers), body))
+        correlator = request.headers.get("Fiware-Correlator") or secrets.token_hex(16)
+        try:
+            response = await handler(request)
+        except OrionError as exc:
+            response = _json({"error": exc.error, "description": exc.description}, status=exc.status)
+        except web.HTTPNotFound:
+            response = _json({"error": "BadRequest", "description": "service not found"}, status=400)
+        except web.HTTPMethodNotAllowed:
+            response = _json({"error": "MethodNotAllowed", "description": "method not allowed"}, status=405)
+        response.headers["Fiware-Correlator"] = correlator
+        return response
+
+    return shape
+
+
+def create_standin_app(*, record: bool = True) -> web.Application:
+    """``record=False`` for long benchmark runs, so the record list does not grow without bound."""
+    app = web.Application(middlewares=[_middleware(record)])
+    app[RECORDED] = []
+    app[TENANTS] = {}
+    r = app.router
+    r.add_get("/version", version)
+    r.add_get("/v2", v2_root)
+    r.add_get("/v2/entities", list_entities)
+    r.add_post("/v2/entities", create_entity)
+    r.add_get("/v2/entities/{id}", get_entity)
+    r.add_delete("/v2/entities/{id}", delete_entity)
+    r.add_get("/v2/entities/{id}/attrs", get_attrs)
+    r.add_post("/v2/entities/{id}/attrs", append_attrs)
+    r.add_patch("/v2/entities/{id}/attrs", update_attrs)
+    r.add_put("/v2/entities/{id}/attrs", replace_attrs)
+    r.add_get("/v2/entities/{id}/attrs/{attr}", get_attr)
+    r.add_put("/v2/entities/{id}/attrs/{attr}", put_attr)
+    r.add_delete("/v2/entities/{id}/attrs/{attr}", delete_attr)
+    r.add_get("/v2/entities/{id}/attrs/{attr}/value", get_attr_value)
+    r.add_put("/v2/entities/{id}/attrs/{attr}/value", put_attr_value)
+    r.add_post("/v2/op/update", op_update)
+    r.add_post("/v2/op/query", op_query)
+    for kind in ("subscriptions", "registrations"):
+        create, listing, get, patch, delete = _collection(kind)
+        r.add_post(f"/v2/{kind}", create)
+        r.add_get(f"/v2/{kind}", listing)
+        r.add_get(f"/v2/{kind}/{{id}}", get)
+        r.add_patch(f"/v2/{kind}/{{id}}", patch)
+        r.add_delete(f"/v2/{kind}/{{id}}", delete)
+    r.add_get("/v2/types", list_types)
+    return app
+
+
+class NgsiStandin:
+    """The stand-in on a loopback port, inside the test's event loop."""
+
+    def __init__(self, port: int = 0):
+        self.app = create_standin_app()
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def recorded(self) -> list[Recorded]:
+        return self.app[RECORDED]
+
+    def tenant(self, service: str = "") -> Tenant:
+        return self.app[TENANTS].setdefault(service, Tenant())
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="NGSI-v2 stand-in for Orion (tests and benchmarks)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=1026)
+    args = parser.parse_args(argv)
+    web.run_app(create_standin_app(record=False), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
