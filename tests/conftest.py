@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.rig.mosquitto",
     "tests.rig.oidc",
     "tests.rig.token_factory",
+    "tests.rig.ownership",
+    "tests.rig.gateway",
 ]

@@ -123,7 +123,7 @@ def _in_tenant(ctx: Context, device_id: str, *, creating: bool) -> str | None:
     dev = ctx.facts.device(device_id)
     if dev is None:
         return "not a registered device" if creating else None
-    if (dev.service or ctx.default_service) != ctx.tenant:
+    if (dev.service or ctx.default_service).lower() != ctx.tenant:  # Orion lower-cases tenants
         return "device belongs to another tenant"
     return None
 
@@ -155,9 +155,19 @@ def readable_ids(ctx: Context) -> list[str]:
 # --------------------------------------------------------------------------- planning
 
 
+# Requests on collections that the gateway restricts itself; the policy must open the endpoint
+# first (the shipped set opens them to ``anyone``), then the per-entity checks apply.
+_GATED = (ngsi.CreateEntity, ngsi.BatchUpdate, ngsi.ListEntities, ngsi.QueryEntities, ngsi.CreateSubscription,
+          ngsi.ListSubscriptions, ngsi.SubscriptionOp)
+
+
 def plan(req: ngsi.NgsiRequest, action: ngsi.Action, ctx: Context) -> Plan:
     if isinstance(action, ngsi.Reject):
         return from_reject(action)
+    if isinstance(action, _GATED):
+        d = ctx.policies.may_http(ctx.identity, req.method, req.path)
+        if not d.allowed:
+            return forbidden("not allowed", d.reason, d.rule)
     if isinstance(action, ngsi.EntityOp):
         c = may(ctx, req.method, req.path, action.device_id)
         if not c.allowed:
@@ -205,6 +215,13 @@ def _count_header(req: ngsi.NgsiRequest) -> tuple[tuple[str, str], ...]:
     return (("Fiware-Total-Count", "0"),) if "count" in options else ()
 
 
+def _nothing_readable(req: ngsi.NgsiRequest, ctx: Context) -> Plan:
+    if ctx.identity.is_anonymous:
+        # Nothing is open to anonymous callers here: ask for credentials rather than answer [].
+        return forbidden("not allowed", "nothing readable anonymously")
+    return Answer(200, [], _count_header(req), "nothing readable")
+
+
 def _list(req: ngsi.NgsiRequest, ctx: Context) -> Plan:
     names = [k for k, _ in req.query]
     unknown = sorted(set(names) - ngsi.LIST_PARAMS)
@@ -228,7 +245,7 @@ def _list(req: ngsi.NgsiRequest, ctx: Context) -> Plan:
             return Deny(400, "BadRequest", str(exc), "unsafe idPattern")
         ids = [i for i in ids if pattern.search(i)]
     if not ids:
-        return Answer(200, [], _count_header(req), "nothing readable")
+        return _nothing_readable(req, ctx)
     rest = tuple((k, v) for k, v in req.query if k not in ("id", "idPattern"))
     joined = ",".join(ids)
     if len(joined) <= MAX_ID_PARAM:
@@ -278,7 +295,7 @@ def _query(req: ngsi.NgsiRequest, action: ngsi.QueryEntities, ctx: Context) -> P
                 matched = [i for i in readable if pattern.search(i)]
             entities.extend({"id": i, **dict(types)} for i in matched)
     if not entities:
-        return Answer(200, [], _count_header(req), "nothing readable")
+        return _nothing_readable(req, ctx)
     body = dict(req.body) if isinstance(req.body, dict) else {}
     body["entities"] = entities
     devices = tuple(dict.fromkeys(e["id"] for e in entities))

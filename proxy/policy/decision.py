@@ -30,7 +30,7 @@ class Decision:
     reason: str
     device: str | None = None
 
-    def __bool__(self) -> bool:  # pragma: no cover - guard against `if decision:` bugs
+    def __bool__(self) -> bool:  # guards against `if decision:`, which would always be true
         raise TypeError("use decision.allowed, not the decision itself")
 
 
@@ -46,5 +46,5 @@ class SubscribeDecision:
         """True for ALLOW and CHECK_EACH: the subscription goes to the broker."""
         return self.verdict is not Verdict.DENY
 
-    def __bool__(self) -> bool:  # pragma: no cover
+    def __bool__(self) -> bool:
         raise TypeError("use decision.verdict or decision.allowed")

@@ -76,17 +76,24 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 # --------------------------------------------------------------------------- entity representation
 
 
+def _default_type(value: Any) -> str:
+    # Orion's defaults for an attribute sent without "type".
+    if isinstance(value, bool):
+        return "Boolean"
+    if isinstance(value, (int, float)):
+        return "Number"
+    if isinstance(value, (dict, list)):
+        return "StructuredValue"
+    return "None" if value is None else "Text"
+
+
 def _norm_attr(value: Any, key_values: bool) -> dict[str, Any]:
     if key_values or not isinstance(value, dict):
-        t = ("Number" if isinstance(value, (int, float)) and not isinstance(value, bool) else
-             "Boolean" if isinstance(value, bool) else
-             "StructuredValue" if isinstance(value, (dict, list)) else
-             "None" if value is None else "Text")
-        return {"type": t, "value": value, "metadata": {}}
+        return {"type": _default_type(value), "value": value, "metadata": {}}
     if "value" not in value and "type" not in value:
         raise _bad("attribute must be a JSON object with value and/or type")
-    out = {"type": value.get("type", "Text"), "value": value.get("value"), "metadata": value.get("metadata", {})}
-    return out
+    return {"type": value.get("type") or _default_type(value.get("value")), "value": value.get("value"),
+            "metadata": value.get("metadata", {})}
 
 
 def _attrs_of(body: Any, key_values: bool) -> dict[str, dict[str, Any]]:

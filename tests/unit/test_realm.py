@@ -17,7 +17,7 @@ from proxy.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 REALM_FILE = ROOT / "keycloak-realm" / "iot-realm.json"
-ENV = {"KEYGATE_STORE_KEY": "x" * 64}
+ENV = {"KEYGATE_STORE_KEY": "x" * 64, "KEYCLOAK_PUBLIC_URL": "https://keycloak.example.org"}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,437 @@
+"""``docs/benchmarks.md`` and its plots, from the rows of one run.
+
+Every figure is the median over the repetitions with the min–max range next
+to it; ratios are gateway / direct computed on the medians. The targets
+table of issue 8 is evaluated from the same numbers and says plainly which
+are met.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import shutil
+import ssl
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.scenarios import SCENARIOS, Row, Sizes
+
+NAN = float("nan")
+
+# What each scenario's table shows: (metric, label, format, higher is better).
+COLUMNS: dict[str, list[tuple[str, str, str, bool]]] = {
+    "sipmba": [("elapsed_s", "time (s)", "{:.1f}", False), ("rate", "messages/s", "{:,.0f}", True),
+               ("in_order", "received in order", "{:,.0f}", True), ("lost", "lost", "{:,.0f}", False)],
+    "ingest": [("rate", "messages/s", "{:,.0f}", True)],
+    "fanout": [("rate", "deliveries/s", "{:,.0f}", True), ("unexpected", "deliveries to the stranger", "{:,.0f}",
+                                                           False)],
+    "latency": [("p50_us", "p50 (µs)", "{:,.0f}", False), ("p99_us", "p99 (µs)", "{:,.0f}", False),
+                ("p999_us", "p99.9 (µs)", "{:,.0f}", False)],
+    "cpu": [("us_per_msg", "CPU µs per message (TLS terminator)", "{:.1f}", False),
+            ("broker_us_per_msg", "Mosquitto CPU µs per message", "{:.1f}", False)],
+    "storm": [("rate", "connects/s", "{:,.0f}", True), ("connect_p50_ms", "connect p50 (ms)", "{:.1f}", False)],
+    "memory": [],  # filled per count below
+    "http": [("rate", "requests/s", "{:,.0f}", True), ("p50_ms", "p50 (ms)", "{:.2f}", False)],
+    "identity": [("us_per_op", "µs per operation", "{:.2f}", False), ("ops_per_s", "operations/s", "{:,.0f}", True)],
+}
+
+MODE_LABEL = {"direct": "direct", "direct-tls": "direct, TLS", "keygate": "keygate", "nginx": "nginx"}
+
+
+def values(rows: list[Row], scenario: str, case: str, mode: str, metric: str) -> list[float]:
+    out = []
+    for r in rows:
+        if r.scenario == scenario and r.case == case and r.mode == mode and metric in r.metrics:
+            v = r.metrics[metric]
+            if isinstance(v, (int, float)) and v == v:
+                out.append(float(v))
+    return out
+
+
+def median(rows: list[Row], scenario: str, case: str, mode: str, metric: str) -> float:
+    v = values(rows, scenario, case, mode, metric)
+    return statistics.median(v) if v else NAN
+
+
+def cell(rows: list[Row], scenario: str, case: str, mode: str, metric: str, fmt: str) -> str:
+    v = values(rows, scenario, case, mode, metric)
+    if not v:
+        return "–"
+    text = fmt.format(statistics.median(v))
+    if len(v) > 1 and min(v) != max(v):
+        text += f" ({fmt.format(min(v))}–{fmt.format(max(v))})"
+    return text
+
+
+def ratio(a: float, b: float) -> str:
+    if a != a or b != b or not b:
+        return "–"
+    return f"{a / b:.2f}x"
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def _cmd(args: list[str]) -> str:
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, timeout=10)
+        return (p.stdout + p.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine() -> list[tuple[str, str]]:
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read()).group(1))
+        mem = f"{kb / 1024 / 1024:.0f} GiB"
+    except (OSError, AttributeError):
+        pass
+    mosq = _cmd(["mosquitto", "-h"]).splitlines()
+    nginx = _cmd(["nginx", "-v"])
+    wrk = _cmd(["wrk", "-v"]).splitlines() if shutil.which("wrk") else []
+    commit = _cmd(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "--short", "HEAD"])
+    try:
+        import uvloop
+        loop = f"uvloop {uvloop.__version__}"
+    except ImportError:
+        loop = "asyncio"
+    return [
+        ("CPU", f"{os.cpu_count()} cores, {model}"), ("memory", mem),
+        ("OS", f"{platform.system()} {platform.release()}"),
+        ("Python", f"{platform.python_implementation()} {platform.python_version()} ({loop})"),
+        ("OpenSSL", ssl.OPENSSL_VERSION), ("Mosquitto", mosq[0] if mosq else "?"),
+        ("nginx", nginx.replace("nginx version: ", "") or "not installed"),
+        ("HTTP load generator", wrk[0] if wrk else "built-in asyncio client (wrk not installed)"),
+        ("keygate commit", commit or "?"),
+    ]
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def targets(rows: list[Row]) -> list[tuple[str, str, str, str]]:
+    """(scenario, target, measured, verdict) for the six targets of issue 8."""
+    out = []
+    # 1. 1M messages
+    parts, met = [], True
+    for q in ("QoS 0", "QoS 1", "QoS 2"):
+        kg = [r for r in rows if r.scenario == "sipmba" and r.case == q and r.mode == "keygate"]
+        d = median(rows, "sipmba", q, "direct", "elapsed_s")
+        k = median(rows, "sipmba", q, "keygate", "elapsed_s")
+        lost = median(rows, "sipmba", q, "keygate", "lost")
+        complete = bool(kg) and all(r.ok for r in kg)
+        ok = complete and lost == 0 and k == k and d == d and k <= 1.25 * d
+        met &= ok
+        parts.append(f"{q}: {'complete' if complete else 'NOT complete'}, lost {lost:,.0f}, "
+                     f"{k:.1f} s vs {d:.1f} s = {ratio(k, d)}" if k == k else f"{q}: not measured")
+    n = int(max(values(rows, "sipmba", "QoS 0", "direct", "received") or [0]))
+    out.append((f"{n:,} messages, QoS 0 / 1 / 2", "all complete, zero loss, time ≤ 1.25x direct",
+                "; ".join(parts), _verdict(met, rows, "sipmba")))
+    # 2. bulk ingest
+    d, k = median(rows, "ingest", "QoS 0", "direct", "rate"), median(rows, "ingest", "QoS 0", "keygate", "rate")
+    out.append(("bulk QoS 0 ingest", "≥ 90% of direct",
+                f"{k:,.0f} vs {d:,.0f} msg/s = {100 * k / d:.0f}%" if d == d and k == k and d else "not measured",
+                _verdict(k == k and d == d and k >= 0.9 * d, rows, "ingest")))
+    # 3. latency
+    case = next((r.case for r in rows if r.scenario == "latency" and r.case.startswith("1,000 ")), "1,000 msg/s")
+    d, k = median(rows, "latency", case, "direct", "p50_us"), median(rows, "latency", case, "keygate", "p50_us")
+    added = k - d
+    out.append(("added latency p50 at 1k msg/s", "< 0.2 ms",
+                f"{added / 1000:.3f} ms ({k:,.0f} µs vs {d:,.0f} µs)" if added == added else "not measured",
+                _verdict(added == added and added < 200, rows, "latency")))
+    # 4. CPU
+    case = next((r.case for r in rows if r.scenario == "cpu"), "")
+    d, k = median(rows, "cpu", case, "direct-tls", "us_per_msg"), median(rows, "cpu", case, "keygate", "us_per_msg")
+    out.append(("gateway CPU per message, TLS, one message per write",
+                "≤ 2x the broker's own with TLS on the broker",
+                f"{k:.1f} µs vs {d:.1f} µs = {ratio(k, d)}" if d == d and k == k else "not measured",
+                _verdict(d == d and k == k and k <= 2 * d, rows, "cpu")))
+    # 5. memory
+    mem = [(m, median(rows, "memory", r.case, "keygate", m)) for r in rows if r.scenario == "memory"
+           for m in r.metrics if m.startswith("kb_per_conn_")]
+    mem = list(dict(mem).items())
+    ok = bool(mem) and all(v == v and v <= 30 for _, v in mem)
+    out.append(("memory per idle TLS connection", "≤ 30 KB",
+                ", ".join(f"{v:.1f} KB at {int(m.rsplit('_', 1)[1]):,}" for m, v in mem) or "not measured",
+                _verdict(ok, rows, "memory")))
+    # 6. HTTP
+    ng, k = median(rows, "http", "GET", "nginx", "rate"), median(rows, "http", "GET", "keygate", "rate")
+    out.append(("HTTP authorized GET", "≥ 50% of nginx's requests/s, same upstream",
+                f"{k:,.0f} vs {ng:,.0f} req/s = {100 * k / ng:.0f}%" if ng == ng and k == k and ng else "not measured",
+                _verdict(ng == ng and k == k and k >= 0.5 * ng, rows, "http")))
+    return out
+
+
+def _verdict(ok: bool, rows: list[Row], scenario: str) -> str:
+    if not any(r.scenario == scenario for r in rows):
+        return "not measured"
+    return "**met**" if ok else "**not met**"
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def scenario_table(rows: list[Row], name: str) -> str:
+    sc = next(s for s in SCENARIOS if s.name == name)
+    mine = [r for r in rows if r.scenario == name]
+    if not mine:
+        return ""
+    cases = list(dict.fromkeys(r.case for r in mine))
+    modes = [m for m in sc.modes if any(r.mode == m for r in mine)]
+    cols = COLUMNS[name]
+    if name == "memory":
+        counts = sorted({m.rsplit("_", 1)[1] for r in mine for m in r.metrics if m.startswith("kb_per_conn_")},
+                        key=int)
+        cols = [(f"kb_per_conn_{c}", f"KB per connection at {int(c):,}", "{:.1f}", False) for c in counts]
+        cols += [(f"rss_delta_mb_{c}", f"RSS growth at {int(c):,} (MB)", "{:.1f}", False) for c in counts]
+        cols += [(f"broker_kb_per_conn_{c}", f"Mosquitto KB per connection at {int(c):,}", "{:.1f}", False)
+                 for c in counts]
+    if name == "identity":
+        body = [[c] + [cell(rows, name, c, "keygate", m, f) for m, _, f, _ in cols] for c in cases]
+        return _table(["operation"] + [label for _, label, _, _ in cols], body)
+    base = "nginx" if name == "http" else ("direct-tls" if name in ("cpu", "storm", "memory") else "direct")
+    header = ["case", "metric"] + [MODE_LABEL[m] for m in modes]
+    with_ratio = "keygate" in modes and base in modes
+    if with_ratio:
+        header.append(f"keygate / {MODE_LABEL[base]}")
+        if name == "http":
+            header.append("keygate / direct")
+    body = []
+    for case in cases:
+        for metric, label, fmt, _ in cols:
+            if not any(metric in r.metrics for r in mine if r.case == case):
+                continue
+            line = [case, label] + [cell(rows, name, case, m, metric, fmt) for m in modes]
+            if with_ratio:
+                line.append(ratio(median(rows, name, case, "keygate", metric), median(rows, name, case, base, metric)))
+                if name == "http":
+                    line.append(ratio(median(rows, name, case, "keygate", metric),
+                                      median(rows, name, case, "direct", metric)))
+            body.append(line)
+    return _table(header, body)
+
+
+def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quick: bool, elapsed: float,
+                 notes: list[str] = (), extra_sections: list[str] = ()) -> Path:
+    img = out / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    plots = plot(rows, img)
+    failed = [r for r in rows if not r.ok]
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md = [
+        "# Benchmarks: keygate against the direct broker",
+        "",
+        "Written by `python -m bench` (see [`bench/`](../bench/)); every number and plot on this page is",
+        "regenerated by that one command, which starts Mosquitto, a token issuer, the NGSI-v2 stand-in,",
+        "nginx and keygate on loopback and measures each scenario directly and through keygate in the same",
+        "run, alternating which goes first, and reports the median with the min–max range of the repetitions.",
+        "",
+        f"Run: {when}, `{command}`, {elapsed / 60:.1f} minutes"
+        + (" — **quick mode: sizes too small for the figures to mean anything**" if quick else "") + ".",
+        "",
+        "## Machine",
+        "",
+        _table(["", ""], [[k, v] for k, v in machine()]),
+        "",
+        "All processes share the same cores: the load generators (separate processes, raw asyncio",
+        "sockets with pre-encoded packets, `wrk` for HTTP), Mosquitto, keygate and nginx. Mosquitto is",
+        "Debian's, unmodified, anonymous on a plain loopback listener (what keygate forwards to) and with",
+        "a TLS listener on the same certificate as keygate (`direct, TLS`). keygate runs as its own",
+        "process (`bench/gateway_proc.py`, the same services as `keygate serve`) with the shipped",
+        "`policies/`, an SQLCipher ownership store and ES256 tokens from a local issuer.",
+        "",
+        "## Targets (issue 8)",
+        "",
+        _table(["scenario", "target", "measured", "verdict"], [list(t) for t in targets(rows)]),
+        "",
+    ]
+    descriptions = {
+        "sipmba": (f"One publisher and one subscriber, {sizes.sipmba_messages:,} messages `hello i` "
+                   "(i = 1 … N) on one topic; the subscriber checks every payload is the next one. "
+                   "QoS 1 and 2 with at most 1,000 messages in flight. Time is first publish to last "
+                   "message received. One repetition (as the paper)."),
+        "ingest": (f"{sizes.ingest_publishers} publishers, {sizes.ingest_per_publisher:,} messages each "
+                   "(32-byte payload, 50 per write), each on its own device's topic; a subscriber directly "
+                   "on Mosquitto counts arrivals, and publishers stop when 20,000 are unaccounted for, so "
+                   "what is measured is the sustained rate with nothing lost."),
+        "fanout": (f"One publisher over 10 device topics, {sizes.fanout_subscribers} subscribers on "
+                   "`devices/+/telemetry` (through keygate the policy grants the wildcard with a check on "
+                   "every delivery) and one subscriber of another user on the same wildcard, who must get "
+                   "nothing through keygate. Rate = deliveries/s to the entitled subscribers."),
+        "latency": (f"One publisher at a fixed rate for {sizes.latency_seconds:g} s, one PUBLISH per write, "
+                    "stamped with CLOCK_MONOTONIC; one subscriber. Through keygate both clients use TLS."),
+        "cpu": (f"{sizes.cpu_clients} clients, each PUBLISH in its own write, {sizes.cpu_rate:,} messages/s in "
+                f"total for {sizes.cpu_seconds:g} s; CPU time (user + system, `/proc/<pid>/stat`) of the "
+                "process terminating TLS divided by the messages: Mosquitto itself for `direct, TLS`, "
+                "keygate for `keygate` (Mosquitto's own share behind keygate in the second row)."),
+        "storm": (f"{sizes.storm_workers} loops of TCP connect, full TLS handshake (no session resumption), "
+                  "CONNECT, CONNACK, DISCONNECT for "
+                  f"{sizes.storm_seconds:g} s. Through keygate every CONNECT carries a different token, so "
+                  "each one is validated (signature, claims) without the token cache."),
+        "memory": ("Idle TLS connections (CONNECT done, keepalive one hour) opened in a fresh keygate "
+                   "process after a short warm-up; RSS growth of the process holding them divided by the "
+                   "connections, cumulatively (the larger count includes the smaller)."),
+        "http": (f"{sizes.http_connections} keep-alive connections for {sizes.http_seconds:g} s: "
+                 "`GET /v2/entities/{id}` and `PATCH /v2/entities/{id}/attrs` on the NGSI-v2 stand-in "
+                 "(one Python process, the common upstream), directly, through nginx (one worker, TLS, "
+                 "keep-alive upstream) and through keygate (TLS, bearer token, policy, ownership)."),
+        "identity": "The identity micro-benchmarks (`bench/bench_tokens.py`, `bench/bench_ownership.py`, "
+                    "`bench/bench_policy.py`) in one process, no network.",
+    }
+    for sc in SCENARIOS:
+        table = scenario_table(rows, sc.name)
+        if not table:
+            continue
+        md += [f"## {sc.title}", "", descriptions.get(sc.name, ""), "", table, ""]
+        if sc.name in plots:
+            md += [f"![{sc.title}](img/{plots[sc.name]})", ""]
+    if plots.get("throughput"):
+        md += ["## Throughput at a glance", "", f"![throughput](img/{plots['throughput']})", ""]
+    md += list(extra_sections)
+    if failed or notes:
+        md += ["## Runs that did not complete", ""]
+        md += [f"- {r.scenario} / {r.case} / {r.mode} (rep {r.rep + 1}): {r.detail or 'counts did not match'}"
+               for r in failed]
+        md += [f"- {n}" for n in notes]
+        md += [""]
+    md += ["## Reproduce", "", "```sh", "scripts/setup --test        # mosquitto, nginx, the venv",
+           "apt-get install wrk         # optional: the HTTP load generator (else a built-in one)",
+           ".venv/bin/python -m bench   # ~15 minutes; --quick for a one-minute smoke run", "```", "",
+           "Raw results of this run: `bench-results.json` next to this file.", ""]
+    path = out / "benchmarks.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot(rows: list[Row], img: Path) -> dict[str, str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    made: dict[str, str] = {}
+    colors = {"direct": "#4c72b0", "direct-tls": "#8172b2", "keygate": "#dd8452", "nginx": "#55a868"}
+
+    # Latency distributions, direct vs keygate, one panel per rate.
+    lat = [r for r in rows if r.scenario == "latency" and r.extra.get("quantiles_us")]
+    if lat:
+        cases = list(dict.fromkeys(r.case for r in lat))
+        fig, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 4), squeeze=False)
+        for ax, case in zip(axes[0], cases):
+            for mode in ("direct", "keygate"):
+                runs = [r.extra["quantiles_us"] for r in lat if r.case == case and r.mode == mode]
+                if not runs:
+                    continue
+                n = min(len(q) for q in runs)
+                med = [statistics.median(q[i] for q in runs) for i in range(n)]
+                pct = [100.0 * i / n for i in range(n)]
+                ax.plot(pct, med, label=MODE_LABEL[mode], color=colors[mode])
+            ax.set_yscale("log")
+            ax.set_xlabel("percentile")
+            ax.set_ylabel("end-to-end latency (µs)")
+            ax.set_title(f"latency at {case}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(img / "bench-latency.png", dpi=110)
+        plt.close(fig)
+        made["latency"] = "bench-latency.png"
+
+    # Throughput per scenario, bars with min–max whiskers.
+    groups = [("sipmba", "rate", "SIP-MBA"), ("ingest", "rate", "ingest"), ("fanout", "rate", "fan-out"),
+              ("http", "rate", "HTTP")]
+    panels = [(sc, metric, title) for sc, metric, title in groups if any(r.scenario == sc for r in rows)]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+        for ax, (sc, metric, title) in zip(axes[0], panels):
+            mine = [r for r in rows if r.scenario == sc]
+            cases = list(dict.fromkeys(r.case for r in mine))
+            modes = [m for m in next(s for s in SCENARIOS if s.name == sc).modes if any(r.mode == m for r in mine)]
+            width = 0.8 / max(1, len(modes))
+            for j, mode in enumerate(modes):
+                meds, lo, hi = [], [], []
+                for case in cases:
+                    v = values(rows, sc, case, mode, metric)
+                    m = statistics.median(v) if v else 0.0
+                    meds.append(m)
+                    lo.append(m - min(v) if v else 0.0)
+                    hi.append(max(v) - m if v else 0.0)
+                xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(cases))]
+                ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=MODE_LABEL[mode], color=colors[mode])
+            ax.set_xticks(range(len(cases)))
+            ax.set_xticklabels(cases, fontsize=8)
+            ax.set_title(title)
+            ax.set_ylabel("requests/s" if sc == "http" else ("deliveries/s" if sc == "fanout" else "messages/s"))
+            ax.legend(fontsize=8)
+            ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(img / "bench-throughput.png", dpi=110)
+        plt.close(fig)
+        made["throughput"] = "bench-throughput.png"
+
+    # Cost: CPU per message, connects/s, memory per connection.
+    cost = [("cpu", "us_per_msg", "CPU µs per message (TLS)"), ("storm", "rate", "TLS connects/s"),
+            ("memory", None, "KB per idle TLS connection")]
+    panels = [c for c in cost if any(r.scenario == c[0] for r in rows)]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+        for ax, (sc, metric, title) in zip(axes[0], panels):
+            mine = [r for r in rows if r.scenario == sc]
+            modes = [m for m in next(s for s in SCENARIOS if s.name == sc).modes if any(r.mode == m for r in mine)]
+            if sc == "memory":
+                keys = sorted({m for r in mine for m in r.metrics if m.startswith("kb_per_conn_")},
+                              key=lambda k: int(k.rsplit("_", 1)[1]))
+                labels = [f"{int(k.rsplit('_', 1)[1]):,}" for k in keys]
+            else:
+                keys, labels = [metric], [""]
+            width = 0.8 / max(1, len(modes))
+            for j, mode in enumerate(modes):
+                meds = []
+                for k in keys:
+                    v = [x for r in mine if r.mode == mode for x in ([r.metrics[k]] if k in r.metrics else [])]
+                    meds.append(statistics.median(v) if v else 0.0)
+                xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(keys))]
+                ax.bar(xs, meds, width, label=MODE_LABEL[mode], color=colors[mode])
+            ax.set_xticks(range(len(keys)))
+            ax.set_xticklabels(labels)
+            ax.set_title(title)
+            ax.legend(fontsize=8)
+            ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(img / "bench-cost.png", dpi=110)
+        plt.close(fig)
+        made["cpu"] = "bench-cost.png"
+    return made
+
+
+if __name__ == "__main__":  # re-render from a saved run: python -m bench.report results.json OUTDIR
+    import json
+
+    data = json.loads(Path(sys.argv[1]).read_text())
+    rows = [Row(**d) for d in data]
+    print(write_report(rows, Path(sys.argv[2]), sizes=Sizes.full(), command="python -m bench", quick=False,
+                       elapsed=0.0))

@@ -1,0 +1,408 @@
+"""The benchmark scenarios (issue 8): each one measured directly and through keygate.
+
+A scenario is a list of *cases* (e.g. QoS 0 / 1 / 2) and the *modes* it is
+measured in:
+
+* ``direct``: the client talks plain MQTT to Mosquitto (the broker with no
+  security at all, what keygate is put in front of);
+* ``direct-tls``: Mosquitto's own TLS listener, same certificate as keygate;
+* ``keygate``: TLS into keygate (token validated, every publish, subscribe
+  and delivery checked against the shipped policies and the ownership
+  store), plain from keygate to the same Mosquitto;
+* for HTTP: ``direct`` (the NGSI stand-in itself), ``nginx`` (TLS reverse
+  proxy in front of it) and ``keygate`` (TLS, token, policy, ownership).
+
+Every run yields a :class:`Row`; ``ok`` says the run completed and its counts
+match, which is all that ``--quick`` checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bench.stack import OWNER, PYTHON, REPO, STRANGER, Stack, proc_cpu_seconds, proc_rss_kib
+
+
+@dataclass
+class Row:
+    scenario: str
+    case: str
+    mode: str
+    rep: int
+    metrics: dict[str, float]
+    ok: bool
+    detail: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each scenario is; ``quick()`` for CI, ``full()`` for the published figures."""
+
+    reps: int
+    sipmba_messages: int
+    ingest_publishers: int
+    ingest_per_publisher: int
+    fanout_subscribers: int
+    fanout_messages: int
+    latency_rates: tuple[int, ...]
+    latency_seconds: float
+    cpu_clients: int
+    cpu_rate: int
+    cpu_seconds: float
+    storm_workers: int
+    storm_seconds: float
+    storm_tokens: int
+    idle_counts: tuple[int, ...]
+    http_connections: int
+    http_seconds: float
+
+    @classmethod
+    def full(cls, messages: int = 1_000_000, reps: int = 3) -> "Sizes":
+        return cls(reps=reps, sipmba_messages=messages, ingest_publishers=20, ingest_per_publisher=10_000,
+                   fanout_subscribers=10, fanout_messages=20_000, latency_rates=(1000, 10000),
+                   latency_seconds=5.0, cpu_clients=100, cpu_rate=5000, cpu_seconds=6.0, storm_workers=16,
+                   storm_seconds=5.0, storm_tokens=6000, idle_counts=(1000, 8000), http_connections=32,
+                   http_seconds=4.0)
+
+    @classmethod
+    def quick(cls, messages: int = 2000) -> "Sizes":
+        return cls(reps=1, sipmba_messages=messages, ingest_publishers=4, ingest_per_publisher=250,
+                   fanout_subscribers=3, fanout_messages=300, latency_rates=(1000, 10000),
+                   latency_seconds=0.3, cpu_clients=10, cpu_rate=2000, cpu_seconds=0.3, storm_workers=4,
+                   storm_seconds=0.5, storm_tokens=400, idle_counts=(40, 100), http_connections=8,
+                   http_seconds=1.0)
+
+
+# --------------------------------------------------------------------------- running a load generator
+
+
+def _spec_file(spec: dict) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, prefix="bench-spec-") as f:
+        json.dump(spec, f)
+        return f.name
+
+
+def run_load(module: str, spec: dict, timeout: float) -> dict:
+    """Run ``python -m bench.<module> spec.json`` and return its JSON result."""
+    path = _spec_file(spec)
+    try:
+        proc = subprocess.run([PYTHON, "-m", f"bench.{module}", path], cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"completed": False, "error": f"load generator timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"completed": False, "error": f"load generator exited {proc.returncode}: {proc.stderr[-400:]}"}
+    return json.loads(lines[-1])
+
+
+class Interactive:
+    """A load generator that prints lines and waits for ours (CPU and memory sampling)."""
+
+    def __init__(self, module: str, spec: dict):
+        self.proc = subprocess.Popen([PYTHON, "-m", f"bench.{module}", _spec_file(spec)], cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, bufsize=1)
+
+    def read_line(self, timeout: float) -> str:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.2):
+                line = self.proc.stdout.readline()
+                if not line:
+                    break
+                return line.strip()
+            if self.proc.poll() is not None:
+                break
+        sel.close()
+        raise RuntimeError(f"load generator silent or gone ({self.proc.poll()}): "
+                           f"{self.proc.stderr.read()[-400:] if self.proc.poll() is not None else ''}")
+
+    def send(self, text: str = "go") -> None:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 60) -> dict:
+        self.send()
+        line = self.read_line(timeout)
+        self.proc.wait(timeout)
+        return json.loads(line)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _cred(stack: Stack, client_id: str, user: str = OWNER) -> dict:
+    return {"client_id": client_id, "username": "bench", "password": stack.token(user)}
+
+
+def _error(res: dict) -> str:
+    return res.get("error", "")
+
+
+# --------------------------------------------------------------------------- the scenarios
+
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    modes: tuple[str, ...]
+    cases: Callable[[Sizes], list[str]]
+    run: Callable[[Stack, Sizes, str, str, int], Row]
+    reps: Callable[[Sizes], int] = lambda s: s.reps
+    before: Callable[[Stack], None] | None = None  # e.g. a fresh keygate process
+
+
+def sipmba(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
+    qos = int(case[-1])
+    target = stack.mqtt_target(mode).spec()
+    topic = f"devices/{stack.device(0)}/telemetry"
+    spec = {"mode": "sipmba", "qos": qos, "messages": sz.sipmba_messages, "topic": topic, "target": target,
+            "pub": _cred(stack, f"sip-pub-{rep}"), "sub": _cred(stack, f"sip-sub-{rep}"),
+            "window": 1000, "timeout": max(60, sz.sipmba_messages / 2000)}
+    res = run_load("mqttload", spec, timeout=spec["timeout"] + 120)
+    ok = bool(res.get("completed")) and res.get("lost") == 0 and res.get("out_of_order") == 0
+    metrics = {k: res[k] for k in ("elapsed_s", "received", "in_order", "lost", "out_of_order") if k in res}
+    if "elapsed_s" in res:
+        metrics["rate"] = res["in_order"] / res["elapsed_s"] if res["elapsed_s"] else 0.0
+    return Row("sipmba", case, mode, rep, metrics, ok, _error(res))
+
+
+def ingest(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
+    qos = int(case[-1])
+    pubs = [{**_cred(stack, f"ing-{rep}-{k}"), "topic": f"devices/{stack.device(k % stack.devices)}/telemetry"}
+            for k in range(sz.ingest_publishers)]
+    spec = {"mode": "ingest", "qos": qos, "messages_per_publisher": sz.ingest_per_publisher,
+            "target": stack.mqtt_target(mode).spec(), "publishers": pubs,
+            "counter_target": stack.mqtt_target("direct").spec(), "counter": {"client_id": f"ing-count-{rep}"},
+            "counter_filter": "devices/+/telemetry", "window": 20000, "batch": 50, "timeout": 120}
+    res = run_load("mqttload", spec, timeout=300)
+    ok = bool(res.get("completed")) and res.get("received") == res.get("sent")
+    metrics = {k: res[k] for k in ("rate", "elapsed_s", "sent", "received") if k in res}
+    return Row("ingest", case, mode, rep, metrics, ok, _error(res))
+
+
+def fanout(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
+    n = sz.fanout_subscribers
+    subs = [{**_cred(stack, f"fan-{rep}-{k}"), "filter": "devices/+/telemetry", "expect": True} for k in range(n)]
+    # Someone who may read none of the owner's devices, on the same wildcard:
+    # through keygate every delivery to it must be dropped by the per-message check.
+    subs.append({**_cred(stack, f"fan-{rep}-stranger", STRANGER), "filter": "devices/+/telemetry",
+                 "expect": False})
+    target = stack.mqtt_target(mode).spec()
+    spec = {"mode": "fanout", "messages": sz.fanout_messages, "pub_target": target, "sub_target": target,
+            "publisher": _cred(stack, f"fan-pub-{rep}"), "subscribers": subs,
+            "topics": [f"devices/{stack.device(k)}/telemetry" for k in range(10)], "timeout": 120}
+    res = run_load("mqttload", spec, timeout=300)
+    ok = bool(res.get("completed")) and (mode != "keygate" or res.get("unexpected") == 0)
+    metrics = {k: res[k] for k in ("rate", "elapsed_s", "deliveries", "expected_deliveries", "unexpected")
+               if k in res}
+    return Row("fanout", case, mode, rep, metrics, ok, _error(res))
+
+
+def latency(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
+    rate = int(case.split()[0].replace(",", ""))
+    topic = f"devices/{stack.device(1)}/telemetry"
+    spec = {"mode": "latency", "rate": rate, "duration_s": sz.latency_seconds, "topic": topic,
+            "target": stack.mqtt_target(mode).spec(), "pub": _cred(stack, f"lat-pub-{rep}"),
+            "sub": _cred(stack, f"lat-sub-{rep}"), "timeout": 10}
+    res = run_load("mqttload", spec, timeout=sz.latency_seconds + 90)
+    ok = bool(res.get("completed"))
+    metrics = {k: res[k] for k in ("p50_us", "p99_us", "p999_us", "max_us", "achieved_rate", "received")
+               if k in res}
+    return Row("latency", case, mode, rep, metrics, ok, _error(res), {"quantiles_us": res.get("quantiles_us", [])})
+
+
+def cpu(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
+    clients = [{**_cred(stack, f"cpu-{rep}-{k}"), "topic": f"devices/{stack.device(k % stack.devices)}/telemetry"}
+               for k in range(sz.cpu_clients)]
+    total = int(sz.cpu_rate * sz.cpu_seconds)
+    spec = {"mode": "cpu", "target": stack.mqtt_target(mode).spec(), "clients": clients, "rate": sz.cpu_rate,
+            "messages": total}
+    gen = Interactive("mqttload", spec)
+    try:
+        gen.read_line(120)  # READY: everyone connected
+        pids = {"broker": stack.pid("broker")}
+        if mode == "keygate":
+            pids["keygate"] = stack.pid("keygate")
+        before = {k: proc_cpu_seconds(p) for k, p in pids.items()}
+        gen.send()
+        res = json.loads(gen.read_line(sz.cpu_seconds + 120))
+        after = {k: proc_cpu_seconds(p) for k, p in pids.items()}
+        gen.finish(30)
+    except Exception as exc:
+        gen.kill()
+        return Row("cpu", case, mode, rep, {}, False, str(exc))
+    metrics = {f"{k}_us_per_msg": 1e6 * (after[k] - before[k]) / total for k in pids}
+    # The process that pays for TLS: the broker itself when direct, keygate otherwise.
+    metrics["us_per_msg"] = metrics["keygate_us_per_msg" if mode == "keygate" else "broker_us_per_msg"]
+    metrics["achieved_rate"] = res["achieved_rate"]
+    return Row("cpu", case, mode, rep, metrics, res.get("sent") == total)
+
+
+def storm(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
+    tokens = [stack.token(OWNER) for _ in range(sz.storm_tokens)]
+    spec = {"mode": "storm", "target": stack.mqtt_target(mode).spec(), "tokens": tokens,
+            "workers": sz.storm_workers, "duration_s": sz.storm_seconds}
+    res = run_load("mqttload", spec, timeout=sz.storm_seconds + 120)
+    ok = bool(res.get("completed"))
+    metrics = {k: res[k] for k in ("rate", "connects", "failed", "connect_p50_ms", "tokens_used") if k in res}
+    if res.get("tokens_used", 0) > len(tokens):
+        metrics["reused_tokens"] = res["tokens_used"] - len(tokens)
+    return Row("storm", case, mode, rep, metrics, ok,
+               _error(res) or (json.dumps(res.get("errors")) if res.get("errors") else ""))
+
+
+def idle_memory(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
+    """Cumulative: open the smaller count, measure, open the rest up to the larger, measure.
+
+    Memory is read as VmRSS of the process that holds the TLS connections
+    (keygate, or Mosquitto on its TLS listener) minus its RSS before, after a
+    warm-up of a few connections opened and closed (one-time allocations such
+    as the TLS context and the token cache entry are not per connection).
+    """
+    holder = "keygate" if mode == "keygate" else "broker"
+    target = stack.mqtt_target(mode).spec()
+    token = stack.token(OWNER)
+    warm = run_load("mqttload", {"mode": "storm", "target": target, "tokens": [token], "workers": 4,
+                                 "duration_s": 0.3}, timeout=60)
+    if not warm.get("connects"):
+        return Row("memory", case, mode, rep, {}, False, "warm-up failed: " + json.dumps(warm)[:300])
+    time.sleep(0.5)
+    pid = stack.pid(holder)
+    broker_pid = stack.pid("broker")
+    base, base_broker = proc_rss_kib(pid), proc_rss_kib(broker_pid)
+    gens: list[Interactive] = []
+    metrics: dict[str, float] = {}
+    ok = True
+    detail = ""
+    opened = 0
+    try:
+        for i, count in enumerate(sz.idle_counts):
+            more = count - opened
+            gen = Interactive("mqttload", {"mode": "idle", "target": target, "token": token, "count": more,
+                                           "prefix": f"idle{rep}-{i}", "concurrency": 64})
+            gens.append(gen)
+            res = json.loads(gen.read_line(600))
+            opened += res["open"]
+            if res["open"] != more:
+                ok = False
+                detail = f"{more - res['open']} of {more} connections failed: {json.dumps(res['failures'])[:300]}"
+            time.sleep(1.0)
+            rss, rss_broker = proc_rss_kib(pid), proc_rss_kib(broker_pid)
+            metrics[f"kb_per_conn_{count}"] = (rss - base) * 1.024 / max(1, opened)  # KiB -> kB
+            metrics[f"rss_delta_mb_{count}"] = (rss - base) / 1024
+            if mode == "keygate":
+                metrics[f"broker_kb_per_conn_{count}"] = (rss_broker - base_broker) * 1.024 / max(1, opened)
+            metrics[f"open_s_{count}"] = res["open_s"]
+    except Exception as exc:
+        ok = False
+        detail = str(exc)
+    finally:
+        for gen in gens:
+            try:
+                gen.finish(60)
+            except Exception:
+                gen.kill()
+    return Row("memory", case, mode, rep, metrics, ok, detail)
+
+
+def _restart_keygate(stack: Stack) -> None:
+    # A fresh process, so earlier scenarios' heap does not hide (or inflate) the per-connection cost.
+    stack.start_keygate(http=bool(stack.keygate_http_port))
+
+
+def http(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
+    device = stack.device(2 + rep % 8)
+    if mode == "nginx" and not stack.nginx_port:
+        return Row("http", case, mode, rep, {}, False, "nginx not installed")
+    base = stack.http_base(mode)
+    headers = {"Accept": "application/json"}
+    if mode == "keygate":
+        headers["Authorization"] = f"Bearer {stack.token(OWNER)}"
+    if case == "GET":
+        method, url, body = "GET", f"{base}/v2/entities/{device}", ""
+    else:
+        method, url = "PATCH", f"{base}/v2/entities/{device}/attrs"
+        body = json.dumps({"temperature": {"type": "Number", "value": 21.5}})
+        headers["Content-Type"] = "application/json"
+    spec = {"url": url, "method": method, "headers": headers, "body": body, "connections": sz.http_connections,
+            "duration_s": sz.http_seconds, "ca": stack.ca, "engine": stack_http_engine(stack)}
+    res = run_load("httpload", spec, timeout=sz.http_seconds + 90)
+    ok = bool(res.get("completed")) and res.get("non_2xx") == 0 and res.get("errors") == 0
+    metrics = {k: res[k] for k in ("rate", "requests", "non_2xx", "errors", "p50_ms", "p99_ms") if k in res}
+    return Row("http", case, mode, rep, metrics, ok, _error(res) or res.get("raw", ""),
+               {"engine": res.get("engine", "")})
+
+
+def stack_http_engine(stack: Stack) -> str:
+    return getattr(stack, "http_engine", "auto")
+
+
+def identity(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
+    from bench import identity_suite
+
+    return identity_suite.run(stack, sz, case, rep)
+
+
+def _identity_cases(sz: Sizes) -> list[str]:
+    from bench import identity_suite
+
+    return identity_suite.CASES
+
+
+SCENARIOS: list[Scenario] = [
+    Scenario("sipmba", "SIP-MBA table: one publisher, one subscriber, \"hello i\" in order",
+             ("direct", "keygate"), lambda s: ["QoS 0", "QoS 1", "QoS 2"], sipmba, reps=lambda s: 1),
+    Scenario("ingest", "Bulk ingest, many publishers", ("direct", "direct-tls", "keygate"),
+             lambda s: ["QoS 0", "QoS 1"], ingest),
+    Scenario("fanout", "Fan-out: one publisher, wildcard subscribers (per-message delivery checks)",
+             ("direct", "keygate"), lambda s: [f"{s.fanout_subscribers} subscribers"], fanout),
+    Scenario("latency", "End-to-end latency at a fixed rate", ("direct", "keygate"),
+             lambda s: [f"{r:,} msg/s" for r in s.latency_rates], latency),
+    Scenario("cpu", "CPU per message, many clients, one message per write", ("direct", "direct-tls", "keygate"),
+             lambda s: [f"{s.cpu_clients} clients, {s.cpu_rate:,} msg/s"], cpu),
+    Scenario("storm", "Reconnect storm: TLS connects per second with token validation",
+             ("direct-tls", "keygate"), lambda s: [f"{s.storm_workers} concurrent"], storm),
+    Scenario("memory", "Memory per idle TLS connection", ("direct-tls", "keygate"),
+             lambda s: [" / ".join(f"{c:,}" for c in s.idle_counts) + " connections"], idle_memory,
+             reps=lambda s: 1, before=_restart_keygate),
+    Scenario("http", "HTTP: authorized NGSI requests", ("direct", "nginx", "keygate"),
+             lambda s: ["GET", "PATCH"], http),
+    Scenario("identity", "Identity micro-benchmarks (in process)", ("keygate",), _identity_cases, identity,
+             reps=lambda s: 1),
+]
+
+
+def plan(sizes: Sizes, only: set[str] | None, modes: set[str] | None) -> list[tuple[Scenario, str, str, int]]:
+    """Every run in order: per scenario, repetitions of every case, modes alternating who goes first."""
+    steps = []
+    for sc in SCENARIOS:
+        if only and sc.name not in only:
+            continue
+        for rep in range(sc.reps(sizes)):
+            for case in sc.cases(sizes):
+                order = list(sc.modes) if rep % 2 == 0 else list(reversed(sc.modes))
+                for mode in order:
+                    if modes and mode not in modes and not (sc.name == "identity"):
+                        continue
+                    steps.append((sc, case, mode, rep))
+    return steps
+
+
+def nan_safe(x: float) -> float:
+    return x if isinstance(x, (int, float)) and not math.isnan(x) else float("nan")

@@ -1,0 +1,313 @@
+"""Everything a benchmark run talks to, started on loopback and torn down after.
+
+* Mosquitto (``tests.rig.mosquitto.start_mosquitto``) with a plain listener
+  (what keygate forwards to, and "direct") and a TLS listener with the same
+  certificate keygate uses ("direct-tls"), so the broker's own TLS cost can be
+  compared with keygate's;
+* a token issuer (:mod:`bench.issuer`) that keygate fetches its JWKS from;
+* the NGSI-v2 stand-in for Orion, in its own process;
+* nginx (Debian's), one worker, TLS with the same certificate, a keep-alive
+  reverse proxy to the same stand-in;
+* keygate itself (:mod:`bench.gateway_proc`) in its own process, so that its
+  CPU time and memory are read from ``/proc/<pid>`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.issuer import BenchIssuer
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+OWNER = "owner"        # owns every benchmark device
+STRANGER = "stranger"  # owns one device of its own, may read none of the owner's
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
+    from tests.rig.ports import wait_for_port
+
+    wait_for_port(port, timeout=timeout, proc=proc)
+
+
+def _free_port() -> int:
+    from tests.rig.ports import free_port
+
+    return free_port()
+
+
+def _stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+@dataclass
+class Target:
+    """Where a load generator connects, as it goes into a load generator's spec."""
+
+    host: str
+    port: int
+    tls: bool
+    ca: str = ""
+
+    def spec(self) -> dict:
+        return {"host": self.host, "port": self.port, "tls": self.tls, "ca": self.ca}
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    devices: int = 100
+    keep: bool = False
+    issuer: BenchIssuer = field(default_factory=BenchIssuer)
+    broker = None
+    broker_tls_port: int = 0
+    standin: subprocess.Popen | None = None
+    standin_port: int = 0
+    nginx: subprocess.Popen | None = None
+    nginx_port: int = 0
+    keygate: subprocess.Popen | None = None
+    keygate_mqtt_port: int = 0
+    keygate_http_port: int = 0
+    pki = None
+    log: list[str] = field(default_factory=list)
+
+    # -- addresses
+    @property
+    def ca(self) -> str:
+        return str(self.pki.ca)
+
+    def mqtt_target(self, mode: str) -> Target:
+        if mode == "direct":
+            return Target("127.0.0.1", self.broker.port, False)
+        if mode == "direct-tls":
+            return Target("127.0.0.1", self.broker_tls_port, True, self.ca)
+        if mode == "keygate":
+            return Target("127.0.0.1", self.keygate_mqtt_port, True, self.ca)
+        raise ValueError(mode)
+
+    def http_base(self, mode: str) -> str:
+        return {"direct": f"http://127.0.0.1:{self.standin_port}",
+                "nginx": f"https://127.0.0.1:{self.nginx_port}",
+                "keygate": f"https://127.0.0.1:{self.keygate_http_port}"}[mode]
+
+    def pid(self, what: str) -> int:
+        return {"broker": self.broker.proc.pid, "keygate": self.keygate.pid}[what]
+
+    def device(self, k: int) -> str:
+        return f"bench-{k}"
+
+    def token(self, username: str = OWNER, **kw) -> str:
+        return self.issuer.token(username, **kw)
+
+    # -- lifecycle
+    def start(self, *, http: bool = True) -> None:
+        from tests.rig.pki import make_pki
+
+        self.pki = make_pki(self.workdir / "pki")
+        self.issuer.start()
+        self._start_broker()
+        if http:
+            self._start_standin()
+            self._start_nginx()
+        self.start_keygate(http=http)
+
+    def stop(self) -> None:
+        _stop(self.keygate)
+        _stop(self.nginx)
+        _stop(self.standin)
+        if self.broker is not None:
+            self.broker.stop()
+        self.issuer.stop()
+        if not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _start_broker(self) -> None:
+        from tests.rig.mosquitto import start_mosquitto
+
+        self.broker_tls_port = _free_port()
+        # set_tcp_nodelay: as keygate does on its sockets; without it Nagle holds back small
+        # writes (a CONNACK behind a TLS session ticket, a lone PUBLISH) for a delayed ACK.
+        extra = ["set_tcp_nodelay true", f"listener {self.broker_tls_port} 127.0.0.1",
+                 f"certfile {self.pki.server_cert}", f"keyfile {self.pki.server_key}"]
+        if os.geteuid() == 0:
+            extra.append("user root")  # else Mosquitto drops to its own user and cannot read the key
+        self.broker = start_mosquitto(self.workdir / "mosquitto", extra)
+        _wait_port(self.broker_tls_port, self.broker.proc)
+
+    def _start_standin(self) -> None:
+        self.standin_port = _free_port()
+        log = open(self.workdir / "standin.log", "wb")
+        self.standin = subprocess.Popen([PYTHON, "-m", "tests.rig.ngsi_standin", "--port", str(self.standin_port)],
+                                        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        _wait_port(self.standin_port, self.standin)
+        for k in range(self.devices):
+            body = json.dumps({"id": self.device(k), "type": "Sensor",
+                               "temperature": {"type": "Number", "value": 20.5},
+                               "humidity": {"type": "Number", "value": 40}}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{self.standin_port}/v2/entities", data=body,
+                                         method="POST", headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=10).read()
+
+    def _start_nginx(self) -> None:
+        if not Path(NGINX).exists():
+            self.log.append("nginx is not installed: the HTTP comparison leaves it out")
+            return
+        self.nginx_port = _free_port()
+        prefix = self.workdir / "nginx"
+        (prefix / "logs").mkdir(parents=True, exist_ok=True)
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        conf = prefix / "nginx.conf"
+        conf.write_text(f"""{user}daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream standin {{ server 127.0.0.1:{self.standin_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{self.nginx_port} ssl;
+        ssl_certificate {self.pki.server_cert};
+        ssl_certificate_key {self.pki.server_key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        keepalive_requests 1000000;
+        location / {{
+            proxy_pass http://standin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
+        }}
+    }}
+}}
+""")
+        log = open(prefix / "logs" / "stderr.log", "wb")
+        self.nginx = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf)], stdout=log,
+                                      stderr=subprocess.STDOUT)
+        _wait_port(self.nginx_port, self.nginx)
+
+    def keygate_config(self, *, http: bool) -> Path:
+        d = self.workdir / "keygate"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "store.key").write_text(os.urandom(32).hex())
+        self.keygate_mqtt_port = _free_port()
+        self.keygate_http_port = _free_port() if http else 0
+        http_section = f"""http:
+  listen: 127.0.0.1:{self.keygate_http_port}
+  upstream: http://127.0.0.1:{self.standin_port}
+""" if http else ""
+        text = f"""# Generated by python -m bench: keygate in front of the benchmark's Mosquitto and NGSI stand-in.
+oidc:
+  issuer: {self.issuer.issuer}
+  discovery_url: {self.issuer.discovery_url}
+  audience: iot-proxy
+  algorithms: [ES256]
+  roles: [realm_access.roles]
+  token_cache_size: 100000
+tls:
+  cert: {self.pki.server_cert}
+  key: {self.pki.server_key}
+mqtt:
+  listen: 127.0.0.1:{self.keygate_mqtt_port}
+  upstream: 127.0.0.1:{self.broker.port}
+  connect_timeout_seconds: 60
+  max_keepalive_seconds: 3600
+  max_connections: 19000
+  # The benchmark's publishers share one identity; the per-identity limit is
+  # a protection against a runaway client, not what is measured here.
+  rate_limit: {{messages_per_second: 100000000, burst: 100000000}}
+{http_section}store:
+  path: {d / "ownership.db"}
+  key_file: {d / "store.key"}
+ownership:
+  max_devices_per_user: {self.devices + 10}
+policies:
+  dir: {REPO / "policies"}
+  watch: false
+audit:
+  path: {d / "audit.log"}
+"""
+        path = d / "keygate.yaml"
+        path.write_text(text)
+        devices = [{"owner": OWNER, "id": self.device(k)} for k in range(self.devices)]
+        devices.append({"owner": STRANGER, "id": "stranger-0"})
+        (d / "devices.json").write_text(json.dumps(devices))
+        return path
+
+    def start_keygate(self, *, http: bool = True) -> None:
+        _stop(self.keygate)
+        shutil.rmtree(self.workdir / "keygate", ignore_errors=True)
+        config = self.keygate_config(http=http)
+        ready = config.parent / "ready.json"
+        log = open(config.parent / "keygate.log", "ab")
+        self.keygate = subprocess.Popen([PYTHON, "-m", "bench.gateway_proc", "-c", str(config),
+                                         "--devices", str(config.parent / "devices.json"), "--ready", str(ready)],
+                                        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if self.keygate.poll() is not None:
+                raise RuntimeError("keygate exited before listening:\n" + self.keygate_log_tail())
+            if time.monotonic() > deadline:
+                raise RuntimeError("keygate did not get ready in 60 s:\n" + self.keygate_log_tail())
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        self.keygate_mqtt_port = info.get("mqtt_port") or self.keygate_mqtt_port
+        self.keygate_http_port = info.get("http_port") or self.keygate_http_port
+
+    def keygate_log_tail(self, lines: int = 30) -> str:
+        path = self.workdir / "keygate" / "keygate.log"
+        try:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def new_stack(keep: bool = False, devices: int = 100) -> Stack:
+    return Stack(Path(tempfile.mkdtemp(prefix="keygate-bench-")), devices=devices, keep=keep)

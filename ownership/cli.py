@@ -1,0 +1,69 @@
+"""``keygate store rekey``: re-encrypt the ownership store under a new key.
+
+The new key is read from the environment (``KEYGATE_NEW_STORE_KEY``) or a
+file, never from the command line, where it would land in shell history and
+in every process listing. Stop ``keygate serve`` first: the store has one
+writer. Afterwards, point ``store.key`` / ``store.key_file`` at the new key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ownership import store as st
+from proxy.cli import CommandError
+from proxy.config import ConfigError, load_config, read_secret
+
+NEW_KEY_ENV = "KEYGATE_NEW_STORE_KEY"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="store_command", metavar="SUBCOMMAND")
+    rekey = sub.add_parser("rekey", help="re-encrypt the store under a new key", allow_abbrev=False,
+                           description=f"Re-encrypt the store under a new key, read from ${NEW_KEY_ENV} "
+                                       "or --new-key-file (never from the command line).")
+    rekey.add_argument("-c", "--config", default="proxy.yaml", help="configuration file (default: proxy.yaml)")
+    rekey.add_argument("--new-key-file", help=f"file holding the new key (default: ${NEW_KEY_ENV})")
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "store_command", None) != "rekey":
+        raise CommandError("store: expected a sub-command: rekey")
+    return rekey(args.config, args.new_key_file)
+
+
+def rekey(config_path: str, new_key_file: str | None, env: dict[str, str] | None = None) -> int:
+    env = dict(os.environ) if env is None else env
+    config = load_config(config_path, env=env)
+    current = read_secret(config.store.key, config.store.key_file, config)
+    if not current:
+        raise ConfigError(f"store {config.store.path}: no key configured (store.key or store.key_file)")
+    if new_key_file:
+        try:
+            new = Path(new_key_file).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise CommandError(f"{new_key_file}: cannot read the new key: {exc.strerror}") from None
+        source = new_key_file
+    else:
+        new = env.get(NEW_KEY_ENV, "")
+        source = f"${NEW_KEY_ENV}"
+    if not new:
+        raise CommandError(f"no new key: set {NEW_KEY_ENV} or pass --new-key-file")
+    if new == current:
+        raise CommandError(f"the new key ({source}) is the current key")
+    path = config.resolve(config.store.path)
+    if not path.exists():
+        raise CommandError(f"store {config.store.path}: no such file")
+    try:
+        store = st.Store.open(path, st.derive_key(current), label=config.store.path)
+    except st.StoreError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        store.rekey(st.derive_key(new))
+    finally:
+        store.close()
+    print(f"store {config.store.path}: re-encrypted under the key from {source}; "
+          "update store.key / store.key_file before the next start")
+    return 0

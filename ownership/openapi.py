@@ -1,0 +1,211 @@
+"""The API's OpenAPI 3.0 document, built from the same limits the handlers enforce."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.config import Config
+
+# Printable ASCII minus whitespace and Orion's forbidden characters.
+DEVICE_ID_PATTERN = r"^[!$%*+,\-.0-9:@A-Z\[\\\]^_`a-z{|}~]{1,256}$"
+TEXT_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _json(schema_ref: str, description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description,
+                           "content": {"application/json": {"schema": {"$ref": schema_ref}}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _body(schema_ref: str, required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": {"$ref": schema_ref}}}}
+
+
+_COMMON = {"401": _error("missing or invalid bearer token"), "403": _error("not allowed"),
+           "503": _error("the token issuer cannot be reached")}
+_WITH_BODY = {"400": _error("invalid input"), "413": _error("body too large"),
+              "415": _error("the body must be application/json")}
+_NOT_FOUND = {"404": _error("no such device (or not yours)")}
+
+_DEVICE_ID = {"name": "id", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": DEVICE_ID_PATTERN, "maxLength": 256}}
+
+_TEXT = {"type": "string", "maxLength": 256, "pattern": TEXT_PATTERN, "nullable": True}
+
+
+def build_openapi(config: Config) -> dict[str, Any]:
+    prefix = config.http.api_prefix if config.http is not None else "/api/v1"
+    location = {
+        "type": "object", "nullable": True, "additionalProperties": False, "required": ["lat", "lon"],
+        "properties": {
+            "lat": {"type": "number", "minimum": -90, "maximum": 90},
+            "lon": {"type": "number", "minimum": -180, "maximum": 180},
+            "alt": {"type": "number", "minimum": -100000, "maximum": 1000000},
+            "label": {"type": "string", "maxLength": 256, "pattern": TEXT_PATTERN},
+        },
+    }
+    device_fields = {
+        "type": {"type": "string", "pattern": DEVICE_ID_PATTERN, "maxLength": 256},
+        "name": _TEXT, "model": _TEXT, "location": location, "public": {"type": "boolean"},
+    }
+    device = {
+        "type": "object", "required": ["id", "type", "owner", "public", "created_at", "updated_at"],
+        "properties": {
+            "id": {"type": "string"}, "type": {"type": "string"},
+            "name": {"type": "string", "nullable": True}, "model": {"type": "string", "nullable": True},
+            "location": {"type": "object", "nullable": True}, "public": {"type": "boolean"},
+            "service": {"type": "string"},
+            "owner": {"type": "object", "properties": {"sub": {"type": "string"}, "username": {"type": "string"}}},
+            "created_at": {"type": "string", "format": "date-time"},
+            "updated_at": {"type": "string", "format": "date-time"},
+            "relation": {"type": "string", "enum": ["owner", "delegate", "admin"]},
+            "permissions": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+    delegation = {
+        "type": "object", "required": ["id", "device", "to", "permission", "active"],
+        "properties": {
+            "id": {"type": "string"}, "device": {"type": "string"}, "to": {"type": "string"},
+            "permission": {"type": "string", "enum": ["read", "write", "readwrite"]},
+            "expires_at": {"type": "string", "format": "date-time", "nullable": True},
+            "active": {"type": "boolean"}, "granted_by": {"type": "string"},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    }
+    schemas = {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+        "NewDevice": {
+            "type": "object", "additionalProperties": False, "required": ["id", "type"],
+            "properties": {"id": {"type": "string", "pattern": DEVICE_ID_PATTERN, "maxLength": 256},
+                           **device_fields,
+                           "service": {"type": "string", "pattern": r"^[A-Za-z0-9_]{0,50}$"}},
+        },
+        "DevicePatch": {"type": "object", "additionalProperties": False, "properties": device_fields},
+        "Device": device,
+        "RegisteredDevice": {"allOf": [{"$ref": "#/components/schemas/Device"}, {
+            "type": "object", "required": ["k1", "k2", "mqtt", "http"],
+            "properties": {"k1": {"type": "string"}, "k2": {"type": "string"},
+                           "mqtt": {"type": "string"}, "http": {"type": "string"}}}]},
+        "DeviceList": {"type": "object", "required": ["devices"], "properties": {
+            "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}}}},
+        "NewKey": {"type": "object", "required": ["device", "slot", "key"], "properties": {
+            "device": {"type": "string"}, "slot": {"type": "string", "enum": ["k1", "k2"]},
+            "key": {"type": "string"}}},
+        "NewDelegation": {
+            "type": "object", "additionalProperties": False, "required": ["to", "permission"],
+            "properties": {
+                "to": {"type": "string", "minLength": 1, "maxLength": 261,
+                       "description": "a username, group:NAME or anonymous"},
+                "permission": {"type": "string", "enum": ["read", "write", "readwrite"]},
+                "expires_at": {"type": "string", "format": "date-time", "nullable": True},
+            },
+        },
+        "Delegation": delegation,
+        "DelegationList": {"type": "object", "required": ["delegations"], "properties": {
+            "delegations": {"type": "array", "items": {"$ref": "#/components/schemas/Delegation"}}}},
+        "PersonalData": {"type": "object", "required": ["user", "devices"], "properties": {
+            "user": {"type": "object"}, "devices": {"type": "array", "items": {"type": "object"}},
+            "delegations_granted": {"type": "array", "items": {"type": "object"}},
+            "delegations_received": {"type": "array", "items": {"type": "object"}},
+            "subscriptions": {"type": "array", "items": {"type": "object"}},
+            "quota": {"type": "object", "nullable": True},
+            "exported_at": {"type": "string", "format": "date-time"}}},
+        "Erased": {"type": "object", "required": ["erased"], "properties": {
+            "erased": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+    }
+    no_content = {"description": "done"}
+    paths: dict[str, Any] = {
+        "/devices": {
+            "post": {
+                "operationId": "registerDevice", "summary": "Register a device owned by the caller",
+                "requestBody": _body("#/components/schemas/NewDevice"),
+                "responses": {
+                    "201": _json("#/components/schemas/RegisteredDevice",
+                                 "registered; k1 and k2 are shown only in this response",
+                                 {"Location": {"schema": {"type": "string"}}}),
+                    "403": _error("device quota reached (code quota_exceeded)"),
+                    "409": _error("the id is taken"), **_WITH_BODY, **{k: v for k, v in _COMMON.items() if k != "403"},
+                },
+            },
+            "get": {
+                "operationId": "listDevices", "summary": "The caller's devices",
+                "parameters": [{"name": "include", "in": "query", "required": False,
+                                "schema": {"type": "string", "enum": ["delegated", "all"]},
+                                "description": "delegated: add devices delegated to the caller; all: every "
+                                               "device (admin role)"}],
+                "responses": {"200": _json("#/components/schemas/DeviceList", "the devices"),
+                              "400": _error("unknown parameter"), **_COMMON},
+            },
+        },
+        "/devices/{id}": {
+            "parameters": [_DEVICE_ID],
+            "get": {"operationId": "getDevice", "summary": "One device (owner or admin)",
+                    "responses": {"200": _json("#/components/schemas/Device", "the device"),
+                                  **_NOT_FOUND, **_COMMON}},
+            "patch": {"operationId": "updateDevice", "summary": "Change a device's fields (owner or admin)",
+                      "requestBody": _body("#/components/schemas/DevicePatch"),
+                      "responses": {"200": _json("#/components/schemas/Device", "the updated device"),
+                                    **_NOT_FOUND, **_WITH_BODY, **_COMMON}},
+            "delete": {"operationId": "deleteDevice", "summary": "Delete a device, its keys and delegations",
+                       "responses": {"204": no_content, **_NOT_FOUND, **_COMMON}},
+        },
+        "/devices/{id}/keys/{slot}": {
+            "parameters": [_DEVICE_ID, {"name": "slot", "in": "path", "required": True,
+                                        "schema": {"type": "string", "enum": ["k1", "k2"]}}],
+            "post": {"operationId": "rotateKey", "summary": "Replace one device key; the new one is shown once",
+                     "responses": {"200": _json("#/components/schemas/NewKey", "the new key"),
+                                   **_NOT_FOUND, **_COMMON}},
+        },
+        "/devices/{id}/delegations": {
+            "parameters": [_DEVICE_ID],
+            "post": {"operationId": "createDelegation", "summary": "Grant a user, a group or anonymous access",
+                     "requestBody": _body("#/components/schemas/NewDelegation"),
+                     "responses": {"201": _json("#/components/schemas/Delegation", "granted",
+                                                {"Location": {"schema": {"type": "string"}}}),
+                                   **_NOT_FOUND, **_WITH_BODY, **_COMMON}},
+            "get": {"operationId": "listDelegations", "summary": "The device's delegations",
+                    "responses": {"200": _json("#/components/schemas/DelegationList", "the delegations"),
+                                  **_NOT_FOUND, **_COMMON}},
+        },
+        "/devices/{id}/delegations/{delegation}": {
+            "parameters": [_DEVICE_ID, {"name": "delegation", "in": "path", "required": True,
+                                        "schema": {"type": "string", "maxLength": 64}}],
+            "delete": {"operationId": "revokeDelegation", "summary": "Revoke a delegation",
+                       "responses": {"204": no_content, **_NOT_FOUND, **_COMMON}},
+        },
+        "/me/data": {
+            "get": {"operationId": "exportMyData", "summary": "Every record about the caller (GDPR access)",
+                    "responses": {"200": {**_json("#/components/schemas/PersonalData", "a JSON download"),
+                                          "headers": {"Content-Disposition": {"schema": {"type": "string"}}}},
+                                  **_COMMON}},
+            "delete": {"operationId": "eraseMyData", "summary": "Erase every record about the caller (GDPR)",
+                       "responses": {"200": _json("#/components/schemas/Erased", "rows erased, by kind"),
+                                     **_COMMON}},
+        },
+        "/openapi.json": {
+            "get": {"operationId": "openapi", "summary": "This document", "security": [],
+                    "responses": {"200": {"description": "the OpenAPI document",
+                                          "content": {"application/json": {"schema": {"type": "object"}}}}}},
+        },
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "keygate ownership API", "version": "1.0.0",
+                 "description": "Devices, device keys, delegations and personal data (GDPR) for keygate."},
+        "servers": [{"url": prefix}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "schemas": schemas,
+        },
+    }

@@ -1,0 +1,341 @@
+"""The ownership service: the store behind one thread, the read path in memory.
+
+Writes go to the store on a single dedicated thread (SQLite blocks; one
+thread means one connection and no lock contention), then, once committed,
+update :class:`~ownership.facts.MemoryFacts` on the event loop. Reads the
+gateways make on every packet (owner, delegations, public flag, key check)
+never touch the database.
+
+Authorization (owner or admin) is the API's job; this layer trusts its
+caller and records every change in the audit log with the actor's identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import hmac
+import secrets
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+from ownership import store as st
+from ownership.facts import MemoryFacts
+from ownership.validation import KEY_SLOTS, PERMISSIONS, grantee_problem, orion_id_problem
+from proxy.audit import AuditLog
+from proxy.config import Config, ConfigError, read_secret
+from proxy.identity.model import AuthError, AuthReason, Identity
+
+T = TypeVar("T")
+
+#: Longest key accepted for checking; real keys are 43 characters.
+MAX_KEY_LENGTH = 256
+
+
+class OwnershipError(Exception):
+    """A refusal the API turns into ``{"error": {"code", "message"}}`` with ``status``."""
+
+    status = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        if code:
+            self.code = code
+
+
+class InvalidInput(OwnershipError):
+    status, code = 400, "invalid_field"
+
+
+class NotFound(OwnershipError):
+    status, code = 404, "not_found"
+
+
+class Conflict(OwnershipError):
+    status, code = 409, "device_exists"
+
+
+class QuotaExceeded(OwnershipError):
+    status, code = 403, "quota_exceeded"
+
+
+def new_device_key() -> str:
+    """256 random bits, URL-safe: usable as an MQTT password and in HTTP Basic."""
+    return secrets.token_urlsafe(32)
+
+
+class OwnershipService:
+    def __init__(self, config: Config, store: st.Store, executor: ThreadPoolExecutor, *, pepper: bytes,
+                 audit: AuditLog, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.audit = audit
+        self._store = store
+        self._executor = executor
+        self._clock = clock
+        self._pepper = pepper
+        # A hash no key maps to, compared against when the device is unknown,
+        # so that an unknown id costs what a wrong key costs.
+        self._dummy_hash = hmac.new(secrets.token_bytes(32), b"dummy", hashlib.sha256).digest()
+        self.facts = MemoryFacts(clock=clock)
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(cls, config: Config, *, audit: AuditLog, clock: Callable[[], float] = time.time
+                   ) -> "OwnershipService":
+        passphrase = read_secret(config.store.key, config.store.key_file, config)
+        if not passphrase:
+            raise ConfigError(f"store {config.store.path}: no key configured (store.key or store.key_file)")
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keygate-store")
+        loop = asyncio.get_running_loop()
+        path = config.resolve(config.store.path)
+        try:
+            hex_key = await loop.run_in_executor(executor, st.derive_key, passphrase)
+            store = await loop.run_in_executor(
+                executor, functools.partial(st.Store.open, path, hex_key, label=config.store.path))
+        except st.StoreError as exc:
+            executor.shutdown(wait=False)
+            raise ConfigError(str(exc)) from None
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        pepper = await loop.run_in_executor(executor, store.pepper)
+        service = cls(config, store, executor, pepper=pepper, audit=audit, clock=clock)
+        snapshot = await service._run(store.load_all)
+        service.facts.load(snapshot)
+        return service
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._run(self._store.close)
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run a store call on the store thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kw))
+
+    # ------------------------------------------------------------------ device keys
+
+    def hash_key(self, key: str) -> bytes:
+        # Keys are 256-bit random, so a keyed fast hash is as strong as a slow
+        # one here; the pepper lives inside the encrypted store.
+        return hmac.digest(self._pepper, key.encode("utf-8", "surrogatepass"), "sha256")
+
+    async def authenticate_device_key(self, device_id: str, key: str) -> Identity:
+        return self.check_device_key(device_id, key)
+
+    def check_device_key(self, device_id: str, key: str) -> Identity:
+        """The synchronous key check (in memory, constant time in the key)."""
+        if len(key) > MAX_KEY_LENGTH:  # a length is no secret; bounds the hashing cost
+            key = ""
+        digest = self.hash_key(key)
+        stored = self.facts.key_hashes(device_id)
+        k1 = stored.get("k1", self._dummy_hash) if stored else self._dummy_hash
+        k2 = stored.get("k2", self._dummy_hash) if stored else self._dummy_hash
+        # Both comparisons always run (bitwise |, not `or`).
+        ok = hmac.compare_digest(digest, k1) | hmac.compare_digest(digest, k2)
+        if not ok or stored is None or not key:
+            raise AuthError(AuthReason.UNKNOWN_DEVICE_OR_KEY)
+        return self._device_identity(device_id, "device_key")
+
+    def device_identity(self, device_id: str) -> Identity:
+        return self._device_identity(device_id, "certificate")
+
+    def _device_identity(self, device_id: str, method: str) -> Identity:
+        facts = self.facts.device(device_id)
+        if facts is None:
+            raise AuthError(AuthReason.UNKNOWN_DEVICE_OR_KEY)
+        return Identity(kind="device", sub=f"device:{device_id}", username=device_id, device_id=device_id,
+                        owner_sub=facts.owner_sub, owner_username=facts.owner_username,
+                        method=method)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ quotas
+
+    def quota_for(self, identity: Identity) -> int:
+        """The configured limit: the highest role override that applies, else the default."""
+        own = self.config.ownership
+        overrides = [n for role, n in own.role_quotas.items() if role in identity.roles]
+        return max(overrides) if overrides else own.max_devices_per_user
+
+    async def set_user_quota(self, actor: Identity, sub: str, max_devices: int | None) -> None:
+        await self._run(self._store.set_quota, sub, max_devices)
+        self._audit("quota.set", actor, sub, max_devices=max_devices)
+
+    # ------------------------------------------------------------------ devices
+
+    async def register_device(self, owner: Identity, fields: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
+        problem = orion_id_problem(fields.get("id")) or orion_id_problem(fields.get("type"), "type")
+        if problem:
+            raise InvalidInput(problem)
+        now = self._clock()
+        device = {
+            "id": fields["id"], "type": fields["type"], "name": fields.get("name"), "model": fields.get("model"),
+            "location": fields.get("location"), "public": bool(fields.get("public", False)),
+            "service": fields.get("service") or (self.config.http.fiware_service if self.config.http else ""),
+            "owner_sub": owner.sub, "owner_username": owner.username, "created_at": now, "updated_at": now,
+        }
+        k1, k2 = new_device_key(), new_device_key()
+        hashes = {"k1": self.hash_key(k1), "k2": self.hash_key(k2)}
+        try:
+            await self._run(self._store.insert_device, device, hashes, max_devices=self.quota_for(owner))
+        except st.QuotaExceeded as exc:
+            self._audit("device.register", owner, device["id"], decision="deny", reason="quota_exceeded")
+            raise QuotaExceeded(f"you may register at most {exc.limit} devices") from None
+        except st.DeviceExists:
+            raise Conflict(f"device {device['id']!r} is already registered") from None
+        self.facts.put_device(device, hashes)
+        self.facts.changed({device["id"]})
+        self._audit("device.register", owner, device["id"], owner=owner.sub)
+        return dict(device), k1, k2
+
+    def get_device(self, device_id: str) -> dict[str, Any] | None:
+        """The device with its delegations, from memory."""
+        record = self.facts.record(device_id)
+        if record is None:
+            return None
+        return {**record, "delegations": self.facts.delegations_of(device_id)}
+
+    async def load_device(self, device_id: str) -> dict[str, Any] | None:
+        """The same, read from the database (the uncached path)."""
+        return await self._run(self._store.get_device, device_id)
+
+    def devices_of(self, owner_sub: str) -> list[dict[str, Any]]:
+        return [self.get_device(i) for i in sorted(self.facts.owned_by(owner_sub))]  # type: ignore[misc]
+
+    def all_devices(self) -> list[dict[str, Any]]:
+        return [self.get_device(i) for i in self.facts.all_ids()]  # type: ignore[misc]
+
+    def delegated_to(self, identity: Identity) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+        found = self.facts.delegated_to(identity.username, identity.groups)
+        out = []
+        for device_id in sorted(found):
+            record = self.facts.record(device_id)
+            if record is not None and record["owner_sub"] != identity.sub:
+                out.append((record, found[device_id]))
+        return out
+
+    async def update_device(self, actor: Identity, device_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        if "type" in changes and orion_id_problem(changes["type"], "type"):
+            raise InvalidInput(orion_id_problem(changes["type"], "type") or "")
+        try:
+            row = await self._run(self._store.update_device, device_id, changes, self._clock())
+        except st.NotFound:
+            raise NotFound(f"no device {device_id!r}") from None
+        self.facts.put_device(row)
+        self.facts.changed({device_id})
+        self._audit("device.update", actor, device_id, fields=sorted(changes))
+        return self.get_device(device_id)  # type: ignore[return-value]
+
+    async def delete_device(self, actor: Identity, device_id: str) -> None:
+        try:
+            await self._run(self._store.delete_device, device_id)
+        except st.NotFound:
+            raise NotFound(f"no device {device_id!r}") from None
+        self.facts.remove_device(device_id)
+        self.facts.changed({device_id})
+        self._audit("device.delete", actor, device_id)
+
+    async def rotate_key(self, actor: Identity, device_id: str, slot: str) -> str:
+        if slot not in KEY_SLOTS:
+            raise NotFound(f"no key {slot!r}; the keys are k1 and k2")
+        key = new_device_key()
+        digest = self.hash_key(key)
+        try:
+            await self._run(self._store.set_key, device_id, slot, digest, self._clock())
+        except st.NotFound:
+            raise NotFound(f"no device {device_id!r}") from None
+        self.facts.set_key(device_id, slot, digest)
+        record = self.facts.record(device_id)
+        if record is not None:
+            record["updated_at"] = self._clock()
+        self.facts.changed({device_id})
+        self._audit("device.rotate_key", actor, device_id, slot=slot)
+        return key
+
+    # ------------------------------------------------------------------ delegations
+
+    async def create_delegation(self, actor: Identity, device_id: str, grantee: str, permission: str,
+                                expires_at: float | None = None) -> dict[str, Any]:
+        problem = grantee_problem(grantee)
+        if problem:
+            raise InvalidInput(problem)
+        if permission not in PERMISSIONS:
+            raise InvalidInput("permission must be read, write or readwrite")
+        row = {"id": uuid.uuid4().hex, "device_id": device_id, "grantee": grantee, "permission": permission,
+               "expires_at": expires_at, "granted_by": actor.sub, "granted_by_username": actor.username,
+               "created_at": self._clock()}
+        try:
+            await self._run(self._store.insert_delegation, row)
+        except st.NotFound:
+            raise NotFound(f"no device {device_id!r}") from None
+        self.facts.put_delegation(row)
+        self.facts.changed({device_id})
+        self._audit("delegation.create", actor, device_id, delegation=row["id"], grantee=grantee,
+                    permission=permission, expires_at=expires_at)
+        return dict(row)
+
+    def delegations_of(self, device_id: str) -> list[dict[str, Any]]:
+        return self.facts.delegations_of(device_id)
+
+    async def revoke_delegation(self, actor: Identity, device_id: str, delegation_id: str) -> None:
+        try:
+            await self._run(self._store.delete_delegation, device_id, delegation_id)
+        except st.NotFound:
+            raise NotFound(f"no delegation {delegation_id!r} on this device") from None
+        self.facts.remove_delegation(device_id, delegation_id)
+        self.facts.changed({device_id})
+        self._audit("delegation.revoke", actor, device_id, delegation=delegation_id)
+
+    # ------------------------------------------------------------------ GDPR
+
+    async def export_user_data(self, identity: Identity) -> dict[str, Any]:
+        data = await self._run(self._store.export_user, identity.sub, identity.username)
+        self._audit("me.export", identity, identity.sub)
+        return {"user": {"sub": identity.sub, "username": identity.username}, **data}
+
+    async def erase_user_data(self, identity: Identity) -> dict[str, int]:
+        result = await self._run(self._store.erase_user, identity.sub, identity.username)
+        for device_id in result["owned"]:
+            self.facts.remove_device(device_id)
+        self.facts.remove_delegations_where(
+            lambda d: d["grantee"] == identity.username or d["granted_by"] == identity.sub)
+        self.facts.remove_subscriptions_of(identity.sub)
+        self.facts.changed(set(result["touched"]))
+        self._audit("me.erase", identity, identity.sub, counts=result["counts"])
+        return result["counts"]
+
+    async def rows_about(self, sub: str, username: str) -> int:
+        return await self._run(self._store.count_rows_mentioning, sub, username)
+
+    # ------------------------------------------------------------------ NGSI subscriptions
+
+    async def record_subscription(self, subscription_id: str, owner: Identity, service: str) -> None:
+        await self._run(self._store.insert_subscription, subscription_id, service, owner.sub, owner.username,
+                        self._clock())
+        self.facts.put_subscription(subscription_id, service, owner.sub)
+        self._audit("subscription.record", owner, subscription_id, service=service)
+
+    def subscription_owner(self, subscription_id: str, service: str) -> str | None:
+        return self.facts.subscription_owner(subscription_id, service)
+
+    def subscriptions_of(self, owner_sub: str, service: str) -> set[str]:
+        return self.facts.subscriptions_of(owner_sub, service)
+
+    async def forget_subscription(self, subscription_id: str, service: str) -> None:
+        await self._run(self._store.delete_subscription, subscription_id, service)
+        self.facts.remove_subscription(subscription_id, service)
+
+    # ------------------------------------------------------------------ audit
+
+    def _audit(self, action: str, actor: Identity, resource: str, *, decision: str = "allow",
+               reason: str | None = None, **extra: Any) -> None:
+        self.audit.record(protocol="ownership", action=action, decision=decision, resource=resource,
+                          identity=actor, reason=reason, **extra)

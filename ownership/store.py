@@ -1,0 +1,351 @@
+"""The SQLCipher store: blocking, synchronous, one connection.
+
+Everything here runs on the service's single store thread (see
+``ownership/service.py``); nothing here knows about asyncio. Each public
+method that changes more than one row is one transaction, so an error half
+way (or a crash) leaves nothing behind.
+
+The configured passphrase never reaches SQL: it is stretched with scrypt into
+a 256-bit raw key, and only that key's hex form (our own output, so safe to
+put in a PRAGMA, which takes no bound parameters) is handed to SQLCipher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import secrets
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import quote
+
+from sqlcipher3 import dbapi2 as sqlite
+
+from ownership.migrations import APPLICATION_ID, migrate
+
+# A fixed, application-specific salt: the passphrase is a deployment secret (not
+# a user password), so the salt only has to separate keygate from other uses.
+_KDF_SALT = b"keygate/ownership-store/v1"
+
+
+class StoreError(Exception):
+    """A problem with the store file, phrased as the one line to print."""
+
+
+class DeviceExists(Exception):
+    pass
+
+
+class NotFound(Exception):
+    pass
+
+
+class QuotaExceeded(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"device quota of {limit} reached")
+        self.limit = limit
+
+
+def derive_key(passphrase: str) -> str:
+    """The hex raw key for a passphrase (any non-empty string)."""
+    raw = hashlib.scrypt(passphrase.encode("utf-8"), salt=_KDF_SALT, n=2 ** 14, r=8, p=1, dklen=32)
+    return raw.hex()
+
+
+def _key_pragma(verb: str, hex_key: str) -> str:
+    # Only ever our own 64 hex digits; asserted so no other text can slip in.
+    if len(hex_key) != 64 or any(c not in "0123456789abcdef" for c in hex_key):
+        raise ValueError("raw store key must be 64 lowercase hex digits")
+    return f"PRAGMA {verb} = \"x'{hex_key}'\""
+
+
+class Store:
+    """One open, keyed, migrated SQLCipher database."""
+
+    def __init__(self, conn: Any, path: Path):
+        self._conn = conn
+        self.path = path
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: Path, hex_key: str, *, label: str | None = None) -> "Store":
+        """Open (or, only when no file exists, create) the store at ``path``.
+
+        A wrong key, or a file that is not a keygate store, raises StoreError
+        with one line; no file is created beside an existing one.
+        """
+        label = label or str(path)
+        failure = f"store {label}: wrong key or not a keygate store"
+        exists = path.exists()
+        if exists and not path.is_file():
+            raise StoreError(f"store {label}: not a file")
+        if not exists:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"store {label}: cannot create folder: {exc.strerror}") from None
+        # mode=rw: an existing store is never silently replaced by a new one.
+        uri = f"file:{quote(str(path.resolve()))}?mode={'rw' if exists else 'rwc'}"
+        try:
+            conn = sqlite.connect(uri, uri=True, isolation_level=None)
+        except sqlite.Error as exc:
+            raise StoreError(f"store {label}: cannot open: {exc}") from None
+        try:
+            # SQLCipher writes its own diagnostics to stderr; we report failures as one line.
+            conn.execute("PRAGMA cipher_log_level = NONE")
+            conn.execute(_key_pragma("key", hex_key))
+            try:
+                # The first read decrypts page 1: this is where a wrong key shows.
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            except sqlite.DatabaseError:
+                raise StoreError(failure) from None
+            if exists and app_id != APPLICATION_ID:  # also an empty file: never adopt it silently
+                raise StoreError(failure)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA secure_delete = ON")   # erased rows are overwritten, not just unlinked
+            conn.execute("PRAGMA temp_store = MEMORY")  # no plaintext temp files
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoint, never corrupt
+            try:
+                migrate(conn)
+            except RuntimeError as exc:
+                raise StoreError(f"store {label}: {exc}") from None
+            store = cls(conn, path)
+            store._ensure_pepper()
+            return store
+        except BaseException:
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite.Error):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._conn.close()
+
+    def rekey(self, new_hex_key: str) -> None:
+        """Re-encrypt every page under a new key."""
+        # Rekeying rewrites the main file; fold the WAL in first and rekey outside WAL.
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._conn.execute("PRAGMA journal_mode = DELETE")
+        self._conn.execute(_key_pragma("rekey", new_hex_key))
+        self._conn.execute("PRAGMA journal_mode = WAL")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _ensure_pepper(self) -> None:
+        with self.transaction() as c:
+            row = c.execute("SELECT value FROM meta WHERE name = 'key_pepper'").fetchone()
+            if row is None:
+                c.execute("INSERT INTO meta (name, value) VALUES ('key_pepper', ?)", (secrets.token_bytes(32),))
+
+    def pepper(self) -> bytes:
+        return bytes(self._conn.execute("SELECT value FROM meta WHERE name = 'key_pepper'").fetchone()[0])
+
+    # ------------------------------------------------------------------ reads
+
+    def load_all(self) -> dict[str, list[dict[str, Any]]]:
+        """Every row the in-memory read path needs, read in one snapshot."""
+        with self.transaction() as c:
+            return {
+                "devices": [_device(r) for r in c.execute(_DEVICE_SELECT)],
+                "keys": [{"device_id": r[0], "slot": r[1], "hash": bytes(r[2])}
+                         for r in c.execute("SELECT device_id, slot, hash FROM device_keys")],
+                "delegations": [_delegation(r) for r in c.execute(_DELEGATION_SELECT)],
+                "subscriptions": [{"id": r[0], "service": r[1], "owner_sub": r[2]}
+                                  for r in c.execute("SELECT id, service, owner_sub FROM subscriptions")],
+            }
+
+    def get_device(self, device_id: str) -> dict[str, Any] | None:
+        """One device with its delegations, straight from the database (uncached)."""
+        row = self._conn.execute(_DEVICE_SELECT + " WHERE id = ?", (device_id,)).fetchone()
+        if row is None:
+            return None
+        device = _device(row)
+        device["delegations"] = [_delegation(r) for r in self._conn.execute(
+            _DELEGATION_SELECT + " WHERE device_id = ? ORDER BY created_at, id", (device_id,))]
+        return device
+
+    def quota_of(self, sub: str) -> int | None:
+        row = self._conn.execute("SELECT max_devices FROM quotas WHERE sub = ?", (sub,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def export_user(self, sub: str, username: str) -> dict[str, Any]:
+        with self.transaction() as c:
+            devices = [_device(r) for r in c.execute(_DEVICE_SELECT + " WHERE owner_sub = ? ORDER BY id", (sub,))]
+            for d in devices:
+                d["delegations"] = [_delegation(r) for r in c.execute(
+                    _DELEGATION_SELECT + " WHERE device_id = ? ORDER BY created_at, id", (d["id"],))]
+                d["keys"] = [{"slot": r[0], "created_at": r[1]} for r in c.execute(
+                    "SELECT slot, created_at FROM device_keys WHERE device_id = ? ORDER BY slot", (d["id"],))]
+            granted = [_delegation(r) for r in c.execute(
+                _DELEGATION_SELECT + " WHERE granted_by = ? ORDER BY created_at, id", (sub,))]
+            received = [_delegation(r) for r in c.execute(
+                _DELEGATION_SELECT + " WHERE grantee = ? ORDER BY created_at, id", (username,))]
+            subs = [{"id": r[0], "service": r[1], "created_at": r[2]} for r in c.execute(
+                "SELECT id, service, created_at FROM subscriptions WHERE owner_sub = ? ORDER BY service, id", (sub,))]
+            quota = c.execute("SELECT max_devices FROM quotas WHERE sub = ?", (sub,)).fetchone()
+        return {"devices": devices, "delegations_granted": granted, "delegations_received": received,
+                "subscriptions": subs, "quota": None if quota is None else {"max_devices": quota[0]}}
+
+    # ------------------------------------------------------------------ writes
+
+    def insert_device(self, device: dict[str, Any], key_hashes: dict[str, bytes], *, max_devices: int) -> None:
+        """The device and both key hashes, or nothing (quota and id checked inside)."""
+        with self.transaction() as c:
+            override = c.execute("SELECT max_devices FROM quotas WHERE sub = ?", (device["owner_sub"],)).fetchone()
+            limit = int(override[0]) if override is not None else max_devices
+            owned = c.execute("SELECT count(*) FROM devices WHERE owner_sub = ?", (device["owner_sub"],)).fetchone()[0]
+            if owned >= limit:
+                raise QuotaExceeded(limit)
+            if c.execute("SELECT 1 FROM devices WHERE id = ?", (device["id"],)).fetchone():
+                raise DeviceExists(device["id"])
+            self._insert_device_row(c, device)
+            self._insert_keys(c, device["id"], key_hashes, device["created_at"])
+
+    def _insert_device_row(self, c: Any, d: dict[str, Any]) -> None:
+        c.execute(
+            "INSERT INTO devices (id, type, name, model, location, owner_sub, owner_username, public, service,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (d["id"], d["type"], d.get("name"), d.get("model"),
+             None if d.get("location") is None else json.dumps(d["location"], separators=(",", ":")),
+             d["owner_sub"], d["owner_username"], int(bool(d.get("public"))), d.get("service", ""),
+             d["created_at"], d["updated_at"]))
+
+    def _insert_keys(self, c: Any, device_id: str, key_hashes: dict[str, bytes], now: float) -> None:
+        for slot, digest in sorted(key_hashes.items()):
+            c.execute("INSERT INTO device_keys (device_id, slot, hash, created_at) VALUES (?, ?, ?, ?)",
+                      (device_id, slot, digest, now))
+
+    _PATCHABLE = ("type", "name", "model", "location", "public")
+
+    def update_device(self, device_id: str, changes: dict[str, Any], now: float) -> dict[str, Any]:
+        sets, values = [], []
+        for name in self._PATCHABLE:  # column names come from this fixed list, never from input
+            if name in changes:
+                value = changes[name]
+                if name == "location" and value is not None:
+                    value = json.dumps(value, separators=(",", ":"))
+                if name == "public":
+                    value = int(bool(value))
+                sets.append(f"{name} = ?")
+                values.append(value)
+        sets.append("updated_at = ?")
+        values.append(now)
+        with self.transaction() as c:
+            cur = c.execute(f"UPDATE devices SET {', '.join(sets)} WHERE id = ?", (*values, device_id))
+            if cur.rowcount != 1:
+                raise NotFound(device_id)
+        device = self.get_device(device_id)
+        assert device is not None
+        return device
+
+    def delete_device(self, device_id: str) -> None:
+        with self.transaction() as c:
+            c.execute("DELETE FROM delegations WHERE device_id = ?", (device_id,))
+            c.execute("DELETE FROM device_keys WHERE device_id = ?", (device_id,))
+            if c.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount != 1:
+                raise NotFound(device_id)
+
+    def set_key(self, device_id: str, slot: str, digest: bytes, now: float) -> None:
+        with self.transaction() as c:
+            cur = c.execute("UPDATE device_keys SET hash = ?, created_at = ? WHERE device_id = ? AND slot = ?",
+                            (digest, now, device_id, slot))
+            if cur.rowcount != 1:
+                raise NotFound(device_id)
+            c.execute("UPDATE devices SET updated_at = ? WHERE id = ?", (now, device_id))
+
+    def insert_delegation(self, d: dict[str, Any]) -> None:
+        with self.transaction() as c:
+            if not c.execute("SELECT 1 FROM devices WHERE id = ?", (d["device_id"],)).fetchone():
+                raise NotFound(d["device_id"])
+            c.execute(
+                "INSERT INTO delegations (id, device_id, grantee, permission, expires_at, granted_by,"
+                " granted_by_username, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (d["id"], d["device_id"], d["grantee"], d["permission"], d["expires_at"], d["granted_by"],
+                 d["granted_by_username"], d["created_at"]))
+
+    def delete_delegation(self, device_id: str, delegation_id: str) -> None:
+        with self.transaction() as c:
+            cur = c.execute("DELETE FROM delegations WHERE id = ? AND device_id = ?", (delegation_id, device_id))
+            if cur.rowcount != 1:
+                raise NotFound(delegation_id)
+
+    def set_quota(self, sub: str, max_devices: int | None) -> None:
+        with self.transaction() as c:
+            if max_devices is None:
+                c.execute("DELETE FROM quotas WHERE sub = ?", (sub,))
+            else:
+                c.execute("INSERT INTO quotas (sub, max_devices) VALUES (?, ?) "
+                          "ON CONFLICT (sub) DO UPDATE SET max_devices = excluded.max_devices", (sub, max_devices))
+
+    def insert_subscription(self, sub_id: str, service: str, owner_sub: str, owner_username: str,
+                            now: float) -> None:
+        with self.transaction() as c:
+            c.execute("INSERT INTO subscriptions (id, service, owner_sub, owner_username, created_at) "
+                      "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id, service) DO UPDATE SET "
+                      "owner_sub = excluded.owner_sub, owner_username = excluded.owner_username",
+                      (sub_id, service, owner_sub, owner_username, now))
+
+    def delete_subscription(self, sub_id: str, service: str) -> None:
+        with self.transaction() as c:
+            c.execute("DELETE FROM subscriptions WHERE id = ? AND service = ?", (sub_id, service))
+
+    def erase_user(self, sub: str, username: str) -> dict[str, Any]:
+        """Every row about the user, in one transaction. Returns counts and touched device ids."""
+        with self.transaction() as c:
+            owned = [r[0] for r in c.execute("SELECT id FROM devices WHERE owner_sub = ?", (sub,))]
+            touched = set(owned) | {r[0] for r in c.execute(
+                "SELECT device_id FROM delegations WHERE grantee = ? OR granted_by = ?", (username, sub))}
+            counts = {
+                "delegations": c.execute(
+                    "DELETE FROM delegations WHERE grantee = ? OR granted_by = ? OR device_id IN "
+                    "(SELECT id FROM devices WHERE owner_sub = ?)", (username, sub, sub)).rowcount,
+                "keys": c.execute("DELETE FROM device_keys WHERE device_id IN "
+                                  "(SELECT id FROM devices WHERE owner_sub = ?)", (sub,)).rowcount,
+                "devices": c.execute("DELETE FROM devices WHERE owner_sub = ?", (sub,)).rowcount,
+                "subscriptions": c.execute("DELETE FROM subscriptions WHERE owner_sub = ?", (sub,)).rowcount,
+                "quotas": c.execute("DELETE FROM quotas WHERE sub = ?", (sub,)).rowcount,
+            }
+        return {"counts": counts, "owned": owned, "touched": touched}
+
+    def count_rows_mentioning(self, sub: str, username: str) -> int:
+        """How many rows anywhere name this user (for tests and the erasure check)."""
+        c = self._conn
+        return sum(c.execute(sql, args).fetchone()[0] for sql, args in (
+            ("SELECT count(*) FROM devices WHERE owner_sub = ? OR owner_username = ?", (sub, username)),
+            ("SELECT count(*) FROM device_keys WHERE device_id IN "
+             "(SELECT id FROM devices WHERE owner_sub = ?)", (sub,)),
+            ("SELECT count(*) FROM delegations WHERE grantee = ? OR granted_by = ? OR granted_by_username = ?",
+             (username, sub, username)),
+            ("SELECT count(*) FROM subscriptions WHERE owner_sub = ? OR owner_username = ?", (sub, username)),
+            ("SELECT count(*) FROM quotas WHERE sub = ?", (sub,)),
+        ))
+
+
+_DEVICE_SELECT = ("SELECT id, type, name, model, location, owner_sub, owner_username, public, service,"
+                  " created_at, updated_at FROM devices")
+_DELEGATION_SELECT = ("SELECT id, device_id, grantee, permission, expires_at, granted_by, granted_by_username,"
+                      " created_at FROM delegations")
+
+
+def _device(r: Any) -> dict[str, Any]:
+    return {"id": r[0], "type": r[1], "name": r[2], "model": r[3],
+            "location": None if r[4] is None else json.loads(r[4]),
+            "owner_sub": r[5], "owner_username": r[6], "public": bool(r[7]), "service": r[8],
+            "created_at": r[9], "updated_at": r[10]}
+
+
+def _delegation(r: Any) -> dict[str, Any]:
+    return {"id": r[0], "device_id": r[1], "grantee": r[2], "permission": r[3], "expires_at": r[4],
+            "granted_by": r[5], "granted_by_username": r[6], "created_at": r[7]}

@@ -1,0 +1,504 @@
+"""The HTTP gateway in front of Orion: the asyncio/aiohttp shell around the sans-IO parts.
+
+Per request: normalise the path, parse the query, fix the tenant, authenticate
+(:mod:`.auth`), read the body when the decision depends on it (capped at
+``http.max_body_bytes``), analyse (:mod:`.ngsi`), plan (:mod:`.plan`), check
+notification targets (:mod:`.ssrf`), then forward to Orion over one pooled
+client session, and audit the outcome. Orion is only ever sent the canonical
+path, the re-encoded query, and (where the body was checked) the re-serialised
+body: what was checked is what Orion reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, AsyncIterator
+from urllib.parse import parse_qsl, quote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from prometheus_client import Counter, Histogram
+from yarl import URL
+
+from proxy.config import parse_hostport
+from proxy.http import ngsi, plan as planning
+from proxy.http.auth import authenticate
+from proxy.http.ssrf import Allowlist, check_target, default_resolver
+from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
+from proxy.metrics import REGISTRY
+from proxy.policy.paths import PathError, normalize_path
+
+log = logging.getLogger("keygate.http")
+
+REQUESTS = Counter("keygate_http_requests", "HTTP gateway requests by decision and status",
+                   ["decision", "status"], registry=REGISTRY)
+LATENCY = Histogram("keygate_http_request_seconds", "HTTP gateway request latency, end to end",
+                    ["decision"], registry=REGISTRY,
+                    buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+UPSTREAM_LATENCY = Histogram("keygate_http_upstream_seconds", "Time Orion took to answer (headers)",
+                             registry=REGISTRY, buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
+                                                         2.5, 5, 10, 30))
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus the ones this gateway owns and sets itself.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+                        "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
+_OWN_REQUEST_HEADERS = frozenset({"host", "authorization", "x-auth-token", "forwarded", "x-forwarded-for",
+                                  "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip",
+                                  "fiware-service", "content-length", "accept-encoding", "expect"})
+IDENTITY_PREFIX = "x-keygate-"
+_CORS_EXPOSE = "Location, Fiware-Total-Count, Fiware-Correlator"
+_MAX_QUERY_FIELDS = 64
+_CHUNK = 65536
+_SUBSCRIPTION_PAGE = 1000
+_MAX_SUBSCRIPTION_PAGES = 100
+
+
+def orion_error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": error, "description": description}, status=status, headers=headers)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _strict_json(raw: bytes) -> Any:
+    """JSON as Orion's parser would read it, minus the ambiguities: duplicate keys and
+    non-finite numbers are refused rather than resolved one way here and another there."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in items:
+            if k in out:
+                raise ValueError(f"duplicate key {k!r}")
+            out[k] = v
+        return out
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(raw.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
+
+
+def _header_value(text: str) -> str:
+    # Identity values come from tokens: keep them one printable ASCII line.
+    return quote(text, safe=" !#$&'()*+,-./:;<=>?@[]^_`{|}~")
+
+
+def _quote_path(path: str) -> str:
+    return "/".join(quote(seg, safe="!$&'()*+,;=:@-._~") for seg in path.split("/"))
+
+
+def _quote_query(query: tuple[tuple[str, str], ...]) -> str:
+    return "&".join(f"{quote(k, safe='')}={quote(v, safe=',:')}" for k, v in query)
+
+
+class GatewayHandler:
+    """The catch-all request handler; one per application."""
+
+    def __init__(self, services: Any, *, resolver=default_resolver):
+        self.services = services
+        self.config = services.config.http
+        self.upstream = self.config.upstream.rstrip("/")
+        self.admin_role = services.config.ownership.admin_role
+        self.allowlist = Allowlist(self.config.notification_allowlist)
+        self.cors = frozenset(self.config.cors_origins)
+        self.resolver = resolver
+        self.session: aiohttp.ClientSession | None = None
+
+    async def open(self, _app: web.Application | None = None) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.upstream_timeout_seconds,
+                                        sock_read=self.config.upstream_timeout_seconds)
+        connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=60)
+        # auto_decompress off: bodies pass through as Orion sent them.
+        self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
+                                             skip_auto_headers=("User-Agent", "Accept-Encoding"))
+
+    async def close(self, _app: web.Application | None = None) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    # ------------------------------------------------------------------ entry point
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        audit: dict[str, Any] = {"identity": None, "decision": "deny", "rule": None, "reason": "",
+                                 "devices": (), "upstream_status": None, "path": request.raw_path.split("?")[0]}
+        try:
+            response = await self._handle(request, audit)
+        except asyncio.CancelledError:
+            audit["reason"] = audit["reason"] or "client went away"
+            self._finish(request, audit, 499, started)
+            raise
+        except Exception:  # the one place that turns an unforeseen error into an answer
+            log.exception("error handling %s %s", request.method, audit["path"])
+            audit["decision"], audit["reason"] = "error", "internal error"
+            response = orion_error(500, "InternalServerError", "internal error")
+        self._finish(request, audit, response.status, started)
+        return response
+
+    def _finish(self, request: web.Request, audit: dict[str, Any], status: int, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        REQUESTS.labels(audit["decision"], str(status)).inc()
+        LATENCY.labels(audit["decision"]).observe(elapsed)
+        self.services.audit.record(
+            protocol="http", action=request.method, resource=audit["path"], decision=audit["decision"],
+            identity=audit["identity"], rule=audit["rule"], reason=audit["reason"] or None,
+            devices=list(audit["devices"]), status=status, upstream_status=audit["upstream_status"],
+            latency_ms=round(elapsed * 1000, 3), remote=request.remote)
+
+    def _deny(self, audit: dict[str, Any], status: int, error: str, description: str, reason: str,
+              headers: dict[str, str] | None = None) -> web.Response:
+        audit["decision"], audit["reason"] = "deny", reason
+        return orion_error(status, error, description, headers)
+
+    async def _handle(self, request: web.Request, audit: dict[str, Any]) -> web.StreamResponse:
+        method = request.method.upper()
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        try:
+            path = normalize_path(raw_path)
+        except PathError as exc:
+            return self._deny(audit, 400, "BadRequest", "invalid path", f"path: {exc}")
+        audit["path"] = path
+        if method == "OPTIONS" and request.headers.get("Origin") and self.cors:
+            return self._preflight(request, audit)
+        try:
+            pairs = parse_qsl(raw_query, keep_blank_values=True, strict_parsing=False, errors="strict",
+                              max_num_fields=_MAX_QUERY_FIELDS)
+        except (ValueError, UnicodeDecodeError):
+            return self._deny(audit, 400, "BadRequest", "invalid query string", "query does not parse")
+        names = [k for k, _ in pairs]
+        if len(set(names)) != len(names):
+            # Repeated parameters are read differently by different parsers: refuse, do not pick one.
+            return self._deny(audit, 400, "BadRequest", "repeated query parameter", "repeated query parameter")
+        query = tuple(pairs)
+
+        tenant = self._tenant(request)
+        if isinstance(tenant, ngsi.Reject):
+            return self._deny(audit, tenant.status, tenant.error, tenant.description, "bad Fiware-Service")
+        is_query = method in ngsi.READ_METHODS or path == "/v2/op/query"
+        bad_scope = ngsi.check_service_path(request.headers.get("Fiware-ServicePath"), query=is_query)
+        if bad_scope is not None:
+            return self._deny(audit, 400, bad_scope.error, bad_scope.description, "bad Fiware-ServicePath")
+
+        length = request.content_length
+        if length is not None and length > self.config.max_body_bytes:
+            return self._too_large(audit)
+
+        try:
+            identity = await authenticate(request.headers, request.transport.get_extra_info("ssl_object")
+                                          if request.transport else None, self.services)
+        except AuthError as exc:
+            audit["identity"] = None
+            if exc.reason is AuthReason.ISSUER_UNREACHABLE:
+                return self._deny(audit, 503, "ServiceUnavailable", "cannot validate credentials now",
+                                  f"auth: {exc}", {"Retry-After": "5"})
+            return self._deny(audit, 401, "Unauthorized", "not authorized", f"auth: {exc}",
+                              {"WWW-Authenticate": 'Bearer realm="keygate"'})
+        audit["identity"] = identity
+
+        body: Any = ngsi.NO_BODY
+        buffered: bytes | None = None
+        has_body = bool(length) or request.headers.get("Transfer-Encoding", "").lower() == "chunked" \
+            or (length is None and request.body_exists)
+        if ngsi.needs_json_body(method, path) or (has_body and length is None):
+            # Bodies the decision needs, and chunked bodies (whose size only their end tells),
+            # are read in full before anything goes upstream.
+            try:
+                buffered = await self._read_capped(request)
+            except BodyTooLarge:
+                return self._too_large(audit)
+            if ngsi.needs_json_body(method, path) and buffered:
+                try:
+                    body = _strict_json(buffered)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    return self._deny(audit, 400, "ParseError", "Errors found in incoming JSON buffer",
+                                      f"json: {exc}")
+
+        req = ngsi.NgsiRequest(method, path, query, body)
+        ctx = planning.Context(identity=identity, tenant=tenant, default_service=self.config.fiware_service.lower(),
+                               is_admin=identity.has_role(self.admin_role), facts=self.services.ownership.facts,
+                               policies=self.services.policies, ownership=self.services.ownership)
+        decided = planning.plan(req, ngsi.analyse(req), ctx)
+        audit["rule"], audit["devices"] = decided.rule, decided.devices
+        if isinstance(decided, planning.Deny):
+            return self._refuse(audit, decided, identity)
+        if isinstance(decided, planning.Answer):
+            audit["decision"], audit["reason"] = "allow", decided.reason
+            return self._cors(request, web.json_response(decided.body, status=decided.status,
+                                                         headers=dict(decided.headers)))
+        for target in decided.targets:
+            why = await check_target(target.url, target.kind, self.allowlist, resolve=self.resolver)
+            if why is not None:
+                return self._deny(audit, 403, "Forbidden", f"notification URL not allowed: {why}", f"ssrf: {why}")
+        audit["decision"], audit["reason"] = "allow", decided.reason
+        if decided.body is not None:
+            upstream_body: Any = decided.body
+        elif buffered is not None:
+            upstream_body = buffered
+        elif has_body:
+            upstream_body = self._stream_capped(request)
+        else:
+            upstream_body = None
+        return await self._forward(request, decided, upstream_body, identity, tenant, audit)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _tenant(self, request: web.Request) -> str | ngsi.Reject:
+        forced = self.config.fiware_service
+        if forced:
+            return forced.lower()
+        return ngsi.tenant_of(request.headers.get("Fiware-Service"))
+
+    def _too_large(self, audit: dict[str, Any]) -> web.Response:
+        return self._deny(audit, 413, "RequestEntityTooLarge",
+                          f"request body larger than {self.config.max_body_bytes} bytes", "body over the cap",
+                          {"Connection": "close"})
+
+    def _refuse(self, audit: dict[str, Any], d: planning.Deny, identity: Identity) -> web.Response:
+        if d.status == 403 and identity.is_anonymous:
+            # No credentials and not open to anonymous: ask for credentials.
+            return self._deny(audit, 401, "Unauthorized", "authentication required", d.reason,
+                              {"WWW-Authenticate": 'Bearer realm="keygate"'})
+        headers = {"WWW-Authenticate": 'Bearer realm="keygate"'} if d.status == 401 else None
+        return self._deny(audit, d.status, d.error, d.description, d.reason, headers)
+
+    async def _read_capped(self, request: web.Request) -> bytes:
+        cap = self.config.max_body_bytes
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(_CHUNK):
+            size += len(chunk)
+            if size > cap:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _stream_capped(self, request: web.Request) -> AsyncIterator[bytes]:
+        # Only used with a Content-Length already checked against the cap; aiohttp's
+        # parser stops at that length, the count is a second line of defence.
+        cap, size = self.config.max_body_bytes, 0
+        async for chunk in request.content.iter_chunked(_CHUNK):
+            size += len(chunk)
+            if size > cap:
+                raise BodyTooLarge
+            yield chunk
+
+    def _upstream_headers(self, request: web.Request, identity: Identity, tenant: str,
+                          rewritten: bool) -> CIMultiDict[str]:
+        connection_named = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in request.headers.items():
+            low = name.lower()
+            if low in HOP_BY_HOP or low in connection_named or low in _OWN_REQUEST_HEADERS \
+                    or low.startswith(IDENTITY_PREFIX):
+                continue
+            if rewritten and low == "content-type":
+                continue
+            out.add(name, value)
+        if rewritten:
+            out["Content-Type"] = "application/json"
+        elif request.content_length is not None and request.content_length > 0:
+            out["Content-Length"] = str(request.content_length)
+        if tenant:
+            out["Fiware-Service"] = tenant
+        out["X-Forwarded-For"] = request.remote or ""
+        out["X-Forwarded-Proto"] = request.scheme
+        if request.host:
+            out["X-Forwarded-Host"] = _header_value(request.host)
+        out["X-Keygate-Kind"] = identity.kind
+        if not identity.is_anonymous:
+            out["X-Keygate-Sub"] = _header_value(identity.sub)
+            out["X-Keygate-User"] = _header_value(identity.username)
+            if identity.roles:
+                out["X-Keygate-Roles"] = _header_value(",".join(sorted(identity.roles)))
+            if identity.device_id:
+                out["X-Keygate-Device"] = _header_value(identity.device_id)
+        return out
+
+    def _url(self, path: str, query: tuple[tuple[str, str], ...]) -> URL:
+        text = self.upstream + _quote_path(path)
+        if query:
+            text += "?" + _quote_query(query)
+        return URL(text, encoded=True)
+
+    async def _forward(self, request: web.Request, d: planning.Forward, body: Any, identity: Identity,
+                       tenant: str, audit: dict[str, Any]) -> web.StreamResponse:
+        assert self.session is not None, "the gateway's client session is not open"
+        headers = self._upstream_headers(request, identity, tenant, rewritten=d.body is not None)
+        if isinstance(body, bytes):
+            headers["Content-Length"] = str(len(body))
+        if d.after == "filter_subscriptions":
+            return await self._own_subscriptions(request, d, headers, audit)
+        t0 = time.perf_counter()
+        try:
+            upstream = await self.session.request(d.method, self._url(d.path, d.query), headers=headers,
+                                                  data=body, allow_redirects=False)
+        except BodyTooLarge:
+            return self._too_large(audit)
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            audit["reason"] = "upstream timeout"
+            return orion_error(504, "GatewayTimeout", "the context broker did not answer in time")
+        except aiohttp.ClientError as exc:
+            audit["reason"] = f"upstream unreachable: {type(exc).__name__}"
+            return orion_error(502, "BadGateway", "the context broker is unreachable")
+        UPSTREAM_LATENCY.observe(time.perf_counter() - t0)
+        audit["upstream_status"] = upstream.status
+        try:
+            if d.after == "record_subscription" and upstream.status == 201:
+                await self._record_subscription(upstream, identity, tenant, audit)
+            elif d.after == "forget_subscription" and upstream.status in (200, 204):
+                path = d.path.rsplit("/", 1)[-1]
+                await self.services.ownership.forget_subscription(path, tenant)
+            return await self._relay(request, upstream)
+        finally:
+            upstream.release()
+
+    async def _record_subscription(self, upstream: aiohttp.ClientResponse, identity: Identity, tenant: str,
+                                   audit: dict[str, Any]) -> None:
+        location = upstream.headers.get("Location", "")
+        sub_id = location.rstrip("/").rsplit("/", 1)[-1]
+        if not location.startswith("/v2/subscriptions/") or not ngsi._SUBSCRIPTION_ID.fullmatch(sub_id):
+            audit["reason"] = "subscription created without a usable Location"
+            log.warning("Orion answered 201 to a subscription without a usable Location: %r", location)
+            return
+        await self.services.ownership.record_subscription(sub_id, identity, tenant)
+        audit["subscription"] = sub_id
+
+    def _response_headers(self, upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+        connection_named = {t.strip().lower() for t in upstream.headers.get("Connection", "").split(",")}
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in upstream.headers.items():
+            low = name.lower()
+            if low in HOP_BY_HOP or low in connection_named or low == "content-length" \
+                    or low.startswith("access-control-"):
+                continue
+            out.add(name, value)
+        return out
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers=self._response_headers(upstream))
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        self._cors(request, response)
+        await response.prepare(request)
+        if request.method != "HEAD":
+            async for chunk in upstream.content.iter_chunked(_CHUNK):
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def _own_subscriptions(self, request: web.Request, d: planning.Forward, headers: CIMultiDict[str],
+                                 audit: dict[str, Any]) -> web.StreamResponse:
+        """The caller's subscriptions only: Orion's full list, filtered, then paged here."""
+        assert self.session is not None
+        own: list[Any] = []
+        last_status = 200
+        try:
+            for page in range(_MAX_SUBSCRIPTION_PAGES):
+                url = self._url("/v2/subscriptions", (("limit", str(_SUBSCRIPTION_PAGE)),
+                                                       ("offset", str(page * _SUBSCRIPTION_PAGE))))
+                async with self.session.get(url, headers=headers, allow_redirects=False) as upstream:
+                    last_status = upstream.status
+                    if upstream.status != 200:
+                        break
+                    items = json.loads(await upstream.read())
+                if not isinstance(items, list):
+                    break
+                own.extend(s for s in items if isinstance(s, dict) and s.get("id") in d.keep)
+                if len(items) < _SUBSCRIPTION_PAGE:
+                    break
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            audit["reason"] = "upstream timeout"
+            return orion_error(504, "GatewayTimeout", "the context broker did not answer in time")
+        except aiohttp.ClientError as exc:
+            audit["reason"] = f"upstream unreachable: {type(exc).__name__}"
+            return orion_error(502, "BadGateway", "the context broker is unreachable")
+        except ValueError:
+            audit["reason"] = "upstream sent a subscription list that is not JSON"
+            return orion_error(502, "BadGateway", "the context broker sent an unreadable answer")
+        audit["upstream_status"] = last_status
+        if last_status != 200:
+            return orion_error(502, "BadGateway", "the context broker refused to list subscriptions")
+        limit, offset, count = d.page
+        headers_out = {"Fiware-Total-Count": str(len(own))} if count else None
+        return self._cors(request, web.json_response(own[offset:offset + limit], headers=headers_out))
+
+    # ------------------------------------------------------------------ CORS
+
+    def _cors(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin and (origin in self.cors or "*" in self.cors):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE
+            response.headers["Vary"] = "Origin"
+        return response
+
+    def _preflight(self, request: web.Request, audit: dict[str, Any]) -> web.Response:
+        origin = request.headers.get("Origin", "")
+        audit["identity"] = ANONYMOUS
+        if origin not in self.cors and "*" not in self.cors:
+            return self._deny(audit, 403, "Forbidden", "origin not allowed", "CORS origin not allowed")
+        audit["decision"], audit["reason"] = "allow", "CORS preflight"
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, Fiware-Service, Fiware-ServicePath, "
+                                            "Fiware-Correlator",
+            "Access-Control-Expose-Headers": _CORS_EXPOSE,
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        })
+
+
+GATEWAY_KEY = web.AppKey("keygate_http_gateway", GatewayHandler)
+
+
+def create_gateway_app(services: Any, api_app: web.Application | None = None, *,
+                       resolver=default_resolver) -> web.Application:
+    """The NGSI gateway; ``api_app`` (the ownership API) is mounted at ``http.api_prefix``
+    before the catch-all, so ``/api/v1/...`` never reaches Orion."""
+    http = services.config.http
+    # client_max_size: aiohttp's own cap for request.read(); our reader enforces ours.
+    app = web.Application(client_max_size=http.max_body_bytes + 1)
+    handler = GatewayHandler(services, resolver=resolver)
+    app[GATEWAY_KEY] = handler
+    app.on_startup.append(handler.open)
+    app.on_cleanup.append(handler.close)
+    if api_app is not None:
+        app.add_subapp(http.api_prefix.rstrip("/"), api_app)
+    app.router.add_route("*", "/{tail:.*}", handler.handle)
+    return app
+
+
+class HttpGateway:
+    """The listener: ``await start()``, ``.port``, ``await stop()``."""
+
+    def __init__(self, services: Any, api_app: web.Application | None = None, *, resolver=default_resolver):
+        self.services = services
+        self.app = create_gateway_app(services, api_app, resolver=resolver)
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        config = self.services.config
+        host, port = parse_hostport(config.http.listen)
+        ssl_context = None
+        if config.http.tls:
+            from proxy.tls import server_context
+
+            ssl_context = server_context(config.tls, config.base_dir)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, backlog=1024)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

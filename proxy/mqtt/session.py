@@ -1,0 +1,1040 @@
+"""The per-connection MQTT gateway state machine (sans-IO).
+
+One :class:`Session` per client connection. The asyncio shell feeds it bytes
+and timer ticks and carries out the :class:`Actions` it returns; the session
+never touches a socket, a clock it was not given, or the event loop.
+
+Contract for the shell (``proxy/mqtt/server.py``)
+-------------------------------------------------
+
+Create the session when the TCP connection is accepted (before the TLS
+handshake, so the CONNECT deadline covers it)::
+
+    session = Session(config=services.config.mqtt, policies=services.policies,
+                      audit=services.audit, rate_limiter=shared_limiter,
+                      token_leeway=services.config.oidc.leeway_seconds,
+                      upstream_password=read_secret(...))
+
+Then, for every event, call one method and carry out the returned Actions:
+
+* ``client_data(data)`` — bytes read from the client (``bytes``, ``bytearray``
+  or ``memoryview``; any split, down to one byte at a time).
+* ``broker_data(data)`` — bytes read from the broker.
+* ``authenticated(identity)`` / ``authentication_failed(reason, method=...)``
+  — the answer to ``Actions.auth`` (see below).
+* ``tick()`` — when ``timeout()`` seconds have passed (``loop.call_later``;
+  ``next_deadline()`` gives the same moment as a ``clock()`` value, i.e.
+  ``time.monotonic`` unless injected, never a unix time). Re-read it after
+  every call: it moves with traffic, CONNACK and re-authentication.
+* ``broker_closed()`` (alias ``upstream_failed()``) — the upstream connection
+  failed to open or was lost.
+* ``shutdown()`` — graceful server shutdown (v5: DISCONNECT 0x8B).
+* ``invalidate()`` — policies were reloaded or ownership facts changed: drop
+  cached delivery decisions and re-check granted subscriptions (a revoked
+  grant stops deliveries at once). Returns nothing.
+
+Carrying out :class:`Actions`, in this order:
+
+1. ``to_client`` — write each item to the client (``transport.writelines``).
+2. ``open_upstream`` — connect to the broker now; write ``to_broker`` once connected
+   (if the connection fails, call ``broker_closed()``).
+3. ``to_broker`` — write each item to the broker.
+4. ``auth`` — an :class:`AuthRequest` to verify asynchronously; answer with
+   ``authenticated()`` or ``authentication_failed()``.
+5. ``close`` — flush both writes, then close the client and the upstream. The
+   :class:`CloseInfo` says why (for logs and metrics; it is already audited).
+
+Items in ``to_client`` / ``to_broker`` may be ``memoryview`` slices of the
+buffer passed to that ``client_data`` / ``broker_data`` call: write them (or
+copy them) before reusing that buffer. Consecutive pass-through packets of
+one chunk come out as a single slice.
+
+While ``session.reading_paused`` is true (authentication or the upstream
+CONNECT in progress) the shell should pause reading from the client; the
+session buffers at most ``max_packet_size`` + 64 KiB meanwhile and closes the
+connection beyond that.
+
+Which credential a CONNECT carries (:func:`classify_credentials`)
+------------------------------------------------------------------
+
+1. v5 enhanced authentication, method ``keygate-token`` (:data:`AUTH_METHOD`),
+   the access token as Authentication Data → token. Any other method is refused
+   at once with CONNACK 0x8C and never asked about.
+2. a password, and the user name is a registered device id → device key
+   (user name = device id, password = K1 or K2).
+3. any other password → access token (user name ignored).
+4. no password → the verified TLS client certificate's CN (device certificate),
+   if the shell has one.
+5. nothing → ``("none",)``: the shell decides whether anonymous access is
+   allowed (``authenticated(ANONYMOUS)``) or calls
+   ``authentication_failed(AuthReason.NO_CREDENTIALS)``.
+
+A v5 client re-authenticates with AUTH, reason 0x19 (Re-authenticate),
+Authentication Method ``keygate-token`` and the fresh access token as
+Authentication Data, whether it first connected with enhanced authentication
+or with the token as password. The session asks the shell with
+``AuthRequest(kind="reauth")``; a new identity for the same subject resets
+identity and expiry and is answered AUTH 0x00; another subject or a failure
+ends the connection with DISCONNECT 0x87.
+
+Rules the session enforces
+--------------------------
+
+* CONNECT deadline (``connect_timeout_seconds``) from creation until the
+  broker's CONNACK; keepalive enforced at 1.5x; keepalive 0 (and, for v5,
+  anything above ``max_keepalive_seconds``) is capped at
+  ``max_keepalive_seconds`` and v5 clients are told so (Server Keep Alive).
+  3.1.1 clients cannot be told, so a larger keepalive is kept as asked.
+* Client id: a device must use its own device id (empty → its id; another id →
+  CONNACK 0x85 / 0x02). A user's id is forwarded as
+  ``user_client_id_prefix + sub + "/" + client_id``; an empty one is replaced by
+  a generated ``kg-<random>`` (v5: returned as Assigned Client Identifier). An
+  anonymous client always gets a fresh random id, so no one can resume or wipe
+  another's session. The broker's Assigned Client Identifier never reaches the client.
+* The upstream CONNECT carries no client user name, password, Authentication
+  Method/Data or Topic Alias Maximum (absent = 0: the broker never sends
+  aliases); ``upstream_username`` / password go in their place if configured.
+* The Will is authorized as a publish (its topic, QoS and retain flag);
+  refused → CONNACK 0x87 / 0x05.
+* Authentication failures: CONNACK 0x86 / 0x04 (bad credentials), 0x87 / 0x05
+  (none given), 0x88 / 0x03 (issuer unreachable), 0x8C (unknown method, v5).
+* Topic aliases (client → gateway, v5): tracked by the gateway itself up to
+  ``topic_alias_maximum`` (advertised in CONNACK, replacing the broker's value;
+  0 = aliases refused with DISCONNECT 0x94). Every PUBLISH is checked on its
+  resolved topic and forwarded with the full topic and no alias, so a denied
+  alias-setting PUBLISH cannot leave the broker with a stale mapping.
+* Denied PUBLISH: v5 QoS 1/2 → PUBACK/PUBREC 0x87, QoS 0 dropped. 3.1.1:
+  ``denied_publish_v3: drop`` acknowledges and drops (PUBACK, or PUBREC and
+  PUBCOMP on the client's PUBREL), ``disconnect`` closes. Always audited. A
+  PUBREL for a QoS 2 id the gateway answered is completed by the gateway (also
+  in v5, where paho 2.x sends one after a refused PUBREC), never forwarded.
+* SUBSCRIBE: each filter checked (``$share/<group>/`` stripped first); denied
+  filters answered 0x80 (3.1.1) / 0x87 (v5); the rest go upstream under the
+  original packet id and the broker's SUBACK is merged back in order; all
+  denied → the gateway answers alone.
+* Deliveries: when any subscription needs per-message checks (CHECK_EACH, a
+  grant since revoked, or a resumed session whose filters the gateway never
+  saw) each delivery is checked: a topic covered by an ALLOW filter passes,
+  otherwise ``policies.may_receive`` decides (cached per topic until
+  :meth:`Session.invalidate`). Dropped QoS 1 → PUBACK to the broker; QoS 2 →
+  PUBREC, then PUBCOMP on the broker's PUBREL; the client sees none of it.
+  A dropped delivery is audited once per topic per cache lifetime.
+* Token expiry: closed at ``expires_at + token_leeway`` (v5: DISCONNECT 0xA0 first).
+* Rate limit (:class:`RateLimiter`, per identity ``sub``, shared across
+  connections): ``disconnect`` → v5 DISCONNECT 0x96 / close; ``drop`` → the
+  message is dropped (v5 QoS 1/2 answered 0x97, 3.1.1 acknowledged) and audited.
+* Protocol violations (see :mod:`proxy.mqtt.codec`) → v5 CONNACK or DISCONNECT
+  with the codec's reason code, 3.1.1 a plain close; audited.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from prometheus_client import Counter
+
+from proxy.config import MqttConfig, RateLimitConfig
+from proxy.identity.model import AuthReason, Identity
+from proxy.metrics import REGISTRY
+from proxy.mqtt import codec
+from proxy.mqtt.codec import Frame, Framer, ProtocolError
+from proxy.mqtt.packets import (
+    MQTT_5, V3_CONNACK_FOR, V3_SUBACK_FAILURE, Connect, PacketType, Prop, Reason, Suback,
+    Subscribe, V3ConnackCode, get_prop, without_props,
+)
+
+__all__ = ["AUTH_METHOD", "Actions", "AuthRequest", "CloseInfo", "RateLimiter", "Session",
+           "classify_credentials"]
+
+#: The v5 enhanced-authentication method the gateway answers itself.
+AUTH_METHOD = "keygate-token"
+
+# Packets a client may send before authentication is complete: bounded.
+_PENDING_SLACK = 64 * 1024
+_RECV_CACHE_MAX = 4096
+
+T = PacketType
+
+DECISIONS = Counter("keygate_mqtt_decisions", "MQTT authorization decisions",
+                    ["action", "result"], registry=REGISTRY)
+AUTHENTICATIONS = Counter("keygate_mqtt_authentications", "MQTT authentications",
+                          ["method", "result"], registry=REGISTRY)
+RATE_LIMITED = Counter("keygate_mqtt_rate_limited", "MQTT messages over the per-identity rate limit",
+                       registry=REGISTRY)
+PROTOCOL_ERRORS = Counter("keygate_mqtt_protocol_errors", "MQTT protocol violations refused",
+                          ["side"], registry=REGISTRY)
+_ALLOWED = {a: DECISIONS.labels(a, "allow") for a in ("publish", "subscribe", "receive", "will")}
+_DENIED = {a: DECISIONS.labels(a, "deny") for a in ("publish", "subscribe", "receive", "will")}
+
+
+# --------------------------------------------------------------------------- public records
+
+
+@dataclass
+class AuthRequest:
+    """Credentials for the shell to verify; it answers ``authenticated`` / ``authentication_failed``."""
+    kind: Literal["connect", "reauth"]
+    username: str | None
+    password: bytes | None
+    auth_method: str | None
+    auth_data: bytes | None
+    client_id: str
+
+    def __repr__(self) -> str:  # never show a secret in a log line or a traceback
+        return (f"AuthRequest(kind={self.kind!r}, username={self.username!r}, "
+                f"password={'<set>' if self.password is not None else None}, "
+                f"auth_method={self.auth_method!r}, "
+                f"auth_data={'<set>' if self.auth_data is not None else None}, client_id={self.client_id!r})")
+
+
+@dataclass
+class CloseInfo:
+    # One word: protocol_error, connect_timeout, keepalive_timeout, auth_failed, not_authorized,
+    # client_id_rejected, token_expired, reauth_failed, rate_limited, denied_publish,
+    # client_disconnect, broker_disconnect, broker_refused, broker_closed, buffer_full, shutdown.
+    reason: str
+    detail: str = ""
+    reason_code: int | None = None  # the MQTT code sent to the client, if any
+
+
+@dataclass
+class Actions:
+    to_client: list[Any] = field(default_factory=list)   # bytes | memoryview
+    to_broker: list[Any] = field(default_factory=list)
+    auth: AuthRequest | None = None
+    open_upstream: bool = False
+    close: CloseInfo | None = None
+
+
+def classify_credentials(req: AuthRequest, cert_cn: str | None,
+                         is_device: Callable[[str], bool]) -> tuple:
+    """Which verifier to ask, by the rule in the module docstring.
+
+    Returns ``("token", token)``, ``("device_key", device_id, key)``,
+    ``("certificate", cn)`` or ``("none",)``. ``is_device(name)`` says whether
+    a device with that id is registered (``ownership.facts.device(name) is not None``).
+    """
+    if req.auth_method == AUTH_METHOD and req.auth_data is not None:
+        return ("token", req.auth_data.decode("utf-8", "replace"))
+    if req.password is not None:
+        secret = req.password.decode("utf-8", "replace")
+        if req.username and is_device(req.username):
+            return ("device_key", req.username, secret)
+        return ("token", secret)
+    if cert_cn:
+        return ("certificate", cert_cn)
+    return ("none",)
+
+
+class RateLimiter:
+    """Token buckets keyed by identity ``sub``, shared by all of that identity's connections."""
+
+    def __init__(self, messages_per_second: float, burst: int, *, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 100_000):
+        self.rate = float(messages_per_second)
+        self.burst = float(max(burst, 1))
+        self.clock = clock
+        self.max_keys = max_keys
+        self._buckets: dict[str, list[float]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: RateLimitConfig, *, clock: Callable[[], float] = time.monotonic) -> "RateLimiter":
+        return cls(cfg.messages_per_second, cfg.burst, clock=clock)
+
+    def allow(self, key: str, cost: float = 1.0) -> bool:
+        now = self.clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._prune(now)
+            bucket = self._buckets[key] = [self.burst, now]
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens < cost:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - cost
+        return True
+
+    def _prune(self, now: float) -> None:
+        # A bucket that has refilled is the same as no bucket.
+        full = [k for k, (tok, last) in self._buckets.items() if tok + (now - last) * self.rate >= self.burst]
+        for k in full:
+            del self._buckets[k]
+        if len(self._buckets) >= self.max_keys:
+            self._buckets.clear()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter matching; wildcards at the first level never match ``$`` topics."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    f = topic_filter.split("/")
+    t = topic.split("/")
+    for i, level in enumerate(f):
+        if level == "#":
+            return True
+        if i >= len(t):
+            return False
+        if level != "+" and level != t[i]:
+            return False
+    return len(f) == len(t)
+
+
+def _verdict(decision: Any) -> str:
+    v = getattr(decision, "verdict", None)
+    if v is None:
+        return "ALLOW" if getattr(decision, "allowed", False) else "DENY"
+    return str(getattr(v, "name", v)).upper()
+
+
+class _Sub:
+    __slots__ = ("match", "verdict")
+
+    def __init__(self, match: str, verdict: str):
+        self.match = match        # the filter without $share/<group>/
+        self.verdict = verdict    # "ALLOW" or "CHECK_EACH"
+
+
+# --------------------------------------------------------------------------- the session
+
+
+class Session:
+    def __init__(self, *, config: MqttConfig, policies: Any, audit: Any,
+                 clock: Callable[[], float] = time.monotonic, wallclock: Callable[[], float] = time.time,
+                 rate_limiter: RateLimiter | None = None, token_leeway: float = 0.0,
+                 upstream_password: str | None = None, peer: str = ""):
+        self.config = config
+        self.policies = policies
+        self.audit = audit
+        self.clock = clock
+        self.wallclock = wallclock
+        self.rate_limiter = rate_limiter
+        self.token_leeway = token_leeway
+        self.peer = peer
+        self._upstream_password = config.upstream_password if upstream_password is None else upstream_password
+
+        self.identity: Identity | None = None
+        self.protocol_level = 0
+        self.closed = False
+        self.client_id = ""            # as the client knows it
+        self.upstream_client_id = ""   # as the broker knows it
+        self.keepalive = 0             # enforced keepalive (seconds, 0 = none)
+
+        self._state = "connect"        # connect -> auth -> upstream -> open -> closed
+        self._created = clock()
+        self._last_rx = self._created
+        self._client_framer = Framer(config.max_packet_size)
+        self._broker_framer = Framer(codec.MAX_REMAINING_LENGTH + 5)
+        self._connect: Connect | None = None
+        self._assigned_id = False      # the gateway chose the client id: tell a v5 client
+        self._enhanced_auth = False    # the client used AUTH_METHOD in CONNECT
+        self._pending: list[Frame] = []
+        self._pending_bytes = 0
+        self._reauth = False
+        self._aliases: dict[int, str] = {}
+        self._subs: dict[str, _Sub] = {}
+        self._unknown_subs = False     # resumed session: filters the gateway never saw
+        self._check_deliveries = False
+        self._recv_cache: dict[str, bool] = {}
+        self._suback_slots: dict[int, list[int | None]] = {}
+        self._unsub_pending: dict[int, list[str]] = {}
+        self._client_qos2_answered: set[int] = set()
+        self._broker_qos2_dropped: set[int] = set()
+        # Pass-through run (see _pass): the output list, index of its last slice, start/end offsets.
+        self._run: tuple[list, int, int, int] | None = None
+
+    # ----------------------------------------------------------------- shell API
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._state in ("auth", "upstream")
+
+    def next_deadline(self) -> float | None:
+        if self.closed:
+            return None
+        if self._state != "open":
+            return self._created + self.config.connect_timeout_seconds
+        deadlines = []
+        if self.keepalive:
+            deadlines.append(self._last_rx + 1.5 * self.keepalive)
+        if self.identity is not None and self.identity.expires_at is not None:
+            left = self.identity.expires_at + self.token_leeway - self.wallclock()
+            deadlines.append(self.clock() + max(left, 0.0))
+        return min(deadlines) if deadlines else None
+
+    def timeout(self) -> float | None:
+        """Seconds from now until ``tick()`` is due (``loop.call_later``), or None."""
+        deadline = self.next_deadline()
+        return None if deadline is None else max(0.0, deadline - self.clock())
+
+    def client_data(self, data) -> Actions:
+        acts = Actions()
+        if self.closed:
+            return acts
+        self._run = None
+        try:
+            frames = self._client_framer.feed(data)
+        except ProtocolError as exc:
+            return self._client_violation(acts, exc)
+        if frames:
+            self._last_rx = self.clock()
+        for i, frame in enumerate(frames):
+            if self.closed:
+                break
+            if self._state != "open" and self._state != "connect":
+                self._hold(acts, frames[i:])
+                break
+            try:
+                self._client_frame(acts, frame, data)
+            except ProtocolError as exc:
+                return self._client_violation(acts, exc)
+        return acts
+
+    def broker_data(self, data) -> Actions:
+        acts = Actions()
+        if self.closed:
+            return acts
+        self._run = None
+        try:
+            for frame in self._broker_framer.feed(data):
+                if self.closed:
+                    break
+                self._broker_frame(acts, frame, data)
+        except ProtocolError as exc:
+            PROTOCOL_ERRORS.labels("broker").inc()
+            self._audit("broker", "protocol_error", reason=exc.message)
+            if self._state == "upstream":
+                self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "broker_refused", exc.message)
+            else:
+                if self.protocol_level == MQTT_5:
+                    acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.UNSPECIFIED_ERROR))
+                self._close(acts, "protocol_error", f"broker: {exc.message}")
+        return acts
+
+    def authenticated(self, identity: Identity) -> Actions:
+        acts = Actions()
+        if self.closed:
+            return acts
+        if self._reauth:
+            return self._reauthenticated(acts, identity)
+        if self._state != "auth" or self._connect is None:
+            return acts
+        AUTHENTICATIONS.labels(identity.method, "ok").inc()
+        c = self._connect
+        level = c.protocol_level
+        if identity.expires_at is not None and self.wallclock() >= identity.expires_at + self.token_leeway:
+            return self._auth_refused(acts, identity, Reason.NOT_AUTHORIZED, "token_expired", "expired")
+        # Bind the client id to the identity.
+        requested = c.client_id
+        if identity.is_device:
+            if requested and requested != identity.device_id:
+                self._audit("connect", "deny", identity=identity, resource=requested,
+                            reason="client id is not the device id")
+                return self._refuse_connect(acts, Reason.CLIENT_IDENTIFIER_NOT_VALID, "client_id_rejected",
+                                            "client id is not the device id")
+            if not requested:
+                self._assigned_id = True
+            self.client_id = identity.device_id
+            self.upstream_client_id = identity.device_id
+        elif identity.is_anonymous:
+            self.client_id = requested if requested else "kg-" + secrets.token_hex(8)
+            self._assigned_id = not requested
+            self.upstream_client_id = f"{self.config.user_client_id_prefix}~anonymous/{secrets.token_hex(12)}"
+        else:
+            if not requested:
+                requested = "kg-" + secrets.token_hex(8)
+                self._assigned_id = True
+            self.client_id = requested
+            self.upstream_client_id = f"{self.config.user_client_id_prefix}{identity.sub}/{requested}"
+        # The Will is a publish that happens later: authorize it now.
+        if c.will is not None:
+            d = self.policies.may_publish(identity, c.will.topic, qos=c.will.qos, retain=c.will.retain,
+                                          client_id=self.client_id)
+            if not d.allowed:
+                _DENIED["will"].inc()
+                self._audit("will", "deny", identity=identity, resource=c.will.topic, rule=d.rule,
+                            reason=d.reason, qos=c.will.qos, retain=c.will.retain)
+                return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "not_authorized",
+                                            "Will topic not allowed")
+            _ALLOWED["will"].inc()
+        self.identity = identity
+        self._audit("connect", "allow", identity=identity, resource=self.client_id,
+                    protocol_level=level)
+        # The upstream CONNECT: our credentials, the bound client id, no auth or alias properties.
+        props = without_props(c.properties, Prop.AUTHENTICATION_METHOD, Prop.AUTHENTICATION_DATA,
+                              Prop.TOPIC_ALIAS_MAXIMUM)
+        username = self.config.upstream_username or None
+        password = self._upstream_password.encode() if username and self._upstream_password else None
+        upstream = Connect(protocol_name=c.protocol_name, protocol_level=level, clean_start=c.clean_start,
+                           keepalive=self.keepalive, client_id=self.upstream_client_id, username=username,
+                           password=password, will=c.will, properties=props)
+        self._state = "upstream"
+        acts.open_upstream = True
+        acts.to_broker.append(codec.encode_connect(upstream))
+        return acts
+
+    def authentication_failed(self, reason: AuthReason, method: str = "") -> Actions:
+        acts = Actions()
+        if self.closed:
+            return acts
+        AUTHENTICATIONS.labels(method or "unknown", "fail").inc()
+        reason_name = getattr(reason, "value", str(reason))
+        if self._reauth:
+            self._reauth = False
+            self._audit("reauth", "deny", identity=self.identity, reason=reason_name)
+            acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.NOT_AUTHORIZED))
+            return self._close(acts, "reauth_failed", reason_name, Reason.NOT_AUTHORIZED)
+        if self._state != "auth":
+            return acts
+        if reason == AuthReason.NO_CREDENTIALS:
+            code = Reason.NOT_AUTHORIZED
+        elif reason == AuthReason.ISSUER_UNREACHABLE:
+            code = Reason.SERVER_UNAVAILABLE
+        else:
+            code = Reason.BAD_USER_NAME_OR_PASSWORD
+        self._audit("connect", "deny", resource=self._connect.client_id if self._connect else "",
+                    reason=reason_name, method=method or None)
+        return self._refuse_connect(acts, code, "auth_failed", reason_name)
+
+    def tick(self) -> Actions:
+        acts = Actions()
+        if self.closed:
+            return acts
+        now = self.clock()
+        if self._state != "open":
+            if now >= self._created + self.config.connect_timeout_seconds:
+                self._audit("connect", "deny", reason="connect timeout", state=self._state)
+                if self._state == "connect":
+                    return self._close(acts, "connect_timeout", self._state)
+                return self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "connect_timeout", self._state)
+            return acts
+        if self.keepalive and now - self._last_rx > 1.5 * self.keepalive:
+            self._audit("keepalive", "close", identity=self.identity, reason="keepalive timeout")
+            return self._disconnect(acts, Reason.KEEP_ALIVE_TIMEOUT, "keepalive_timeout", "")
+        ident = self.identity
+        if ident is not None and ident.expires_at is not None and \
+                self.wallclock() >= ident.expires_at + self.token_leeway:
+            self._audit("session", "close", identity=ident, reason="token expired")
+            return self._disconnect(acts, Reason.MAXIMUM_CONNECT_TIME, "token_expired", "")
+        return acts
+
+    def invalidate(self) -> None:
+        self._recv_cache.clear()
+        if self.identity is None:
+            return
+        for full, sub in self._subs.items():
+            if sub.verdict == "ALLOW":
+                d = self.policies.may_subscribe(self.identity, sub.match, qos=0, client_id=self.client_id)
+                if _verdict(d) != "ALLOW":
+                    # The broker still holds the subscription: check its deliveries from now on.
+                    sub.verdict = "CHECK_EACH"
+        self._update_check_mode()
+
+    def broker_closed(self) -> Actions:
+        acts = Actions()
+        if self.closed:
+            return acts
+        if self._state in ("upstream", "auth"):
+            return self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "broker_closed", "")
+        if self.protocol_level == MQTT_5 and self._state == "open":
+            acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.UNSPECIFIED_ERROR))
+        return self._close(acts, "broker_closed", "")
+
+    upstream_failed = broker_closed
+
+    def shutdown(self) -> Actions:
+        acts = Actions()
+        if self.closed:
+            return acts
+        if self._state == "open":
+            return self._disconnect(acts, Reason.SERVER_SHUTTING_DOWN, "shutdown", "")
+        if self._state in ("auth", "upstream"):
+            return self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "shutdown", "")
+        return self._close(acts, "shutdown", "")
+
+    # ----------------------------------------------------------------- client side
+
+    def _hold(self, acts: Actions, frames: list[Frame]) -> None:
+        """Packets that arrive while authentication runs wait (copied: the buffer is reused)."""
+        for frame in frames:
+            self._pending_bytes += len(frame.raw)
+            self._pending.append(Frame(frame.type, frame.flags, memoryview(bytes(frame.raw)),
+                                       frame.body_start, -1, -1))
+        if self._pending_bytes > self.config.max_packet_size + _PENDING_SLACK:
+            self._audit("connect", "deny", reason="too much data before CONNACK")
+            self._refuse_connect(acts, Reason.QUOTA_EXCEEDED if self.protocol_level == MQTT_5 else
+                                 Reason.SERVER_UNAVAILABLE, "buffer_full", "")
+
+    def _client_frame(self, acts: Actions, frame: Frame, data) -> None:
+        t = frame.type
+        if self._state == "connect":
+            if t != T.CONNECT:
+                raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} before CONNECT")
+            self._on_connect(acts, frame)
+            return
+        level = self.protocol_level
+        if t == T.PUBLISH:
+            self._client_publish(acts, frame, data)
+        elif t in (T.PUBACK, T.PUBREC, T.PUBCOMP):
+            codec.packet_id_of(frame, level)
+            self._pass(acts.to_broker, frame, data)
+        elif t == T.PUBREL:
+            pid = codec.packet_id_of(frame, level)
+            if pid in self._client_qos2_answered:
+                # The gateway acknowledged (and dropped) this QoS 2 publish: finish it here.
+                self._client_qos2_answered.discard(pid)
+                # 3.1.1: the faked flow ends. v5: the flow already ended with PUBREC 0x87.
+                acts.to_client.append(codec.encode_ack(
+                    T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
+                self._run = None
+            else:
+                self._pass(acts.to_broker, frame, data)
+        elif t == T.SUBSCRIBE:
+            self._client_subscribe(acts, frame, data)
+        elif t == T.UNSUBSCRIBE:
+            unsub = codec.decode_unsubscribe(frame.body, level)
+            # Forget the filters only once the broker confirms: deliveries already on their
+            # way under a CHECK_EACH filter must still be checked.
+            self._unsub_pending[unsub.packet_id] = unsub.topic_filters
+            self._pass(acts.to_broker, frame, data)
+        elif t == T.PINGREQ:
+            if len(frame.body):
+                raise ProtocolError(Reason.MALFORMED_PACKET, "PINGREQ with a body")
+            self._pass(acts.to_broker, frame, data)
+        elif t == T.DISCONNECT:
+            d = codec.decode_disconnect(frame.body, level)
+            self._pass(acts.to_broker, frame, data)
+            self._close(acts, "client_disconnect", f"reason 0x{d.reason:02X}" if d.reason else "")
+        elif t == T.AUTH and level == MQTT_5:
+            self._client_auth(acts, frame)
+        elif t == T.CONNECT:
+            raise ProtocolError(Reason.PROTOCOL_ERROR, "second CONNECT")
+        else:
+            raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} is not sent by clients")
+
+    def _on_connect(self, acts: Actions, frame: Frame) -> None:
+        c = codec.decode_connect(frame.body)
+        self._connect = c
+        self.protocol_level = level = c.protocol_level
+        v5 = level == MQTT_5
+        if level == 4 and not c.client_id and not c.clean_start:
+            # [MQTT-3.1.3-8]: an empty client id needs a clean session in 3.1.1.
+            self._audit("connect", "deny", reason="empty client id without clean session")
+            self._refuse_connect(acts, Reason.CLIENT_IDENTIFIER_NOT_VALID, "client_id_rejected",
+                                 "empty client id without clean session")
+            return
+        cap = self.config.max_keepalive_seconds
+        if v5:
+            self.keepalive = min(c.keepalive or cap, cap)
+        else:
+            self.keepalive = c.keepalive or cap
+        method = get_prop(c.properties, Prop.AUTHENTICATION_METHOD)
+        data = get_prop(c.properties, Prop.AUTHENTICATION_DATA)
+        if method is not None and method != AUTH_METHOD:
+            self._audit("connect", "deny", resource=c.client_id, reason=f"authentication method {method!r}")
+            AUTHENTICATIONS.labels("unknown", "fail").inc()
+            self._refuse_connect(acts, Reason.BAD_AUTHENTICATION_METHOD, "auth_failed", "bad method")
+            return
+        if data is not None and method is None:
+            raise ProtocolError(Reason.PROTOCOL_ERROR, "Authentication Data without a method")
+        self._enhanced_auth = method is not None
+        self._state = "auth"
+        acts.auth = AuthRequest(kind="connect", username=c.username, password=c.password,
+                                auth_method=method, auth_data=data, client_id=c.client_id)  # type: ignore[arg-type]
+
+    def _client_publish(self, acts: Actions, frame: Frame, data) -> None:
+        level = self.protocol_level
+        info = codec.decode_publish(frame, level)
+        topic_b = info.topic
+        rewrite = False
+        if info.topic_alias is not None:
+            alias = info.topic_alias
+            if not 0 < alias <= self.config.topic_alias_maximum:
+                raise ProtocolError(Reason.TOPIC_ALIAS_INVALID, f"topic alias {alias} out of range")
+            if topic_b:
+                self._aliases[alias] = topic_b.decode()
+                topic = self._aliases[alias]
+            else:
+                topic = self._aliases.get(alias, "")
+                if not topic:
+                    raise ProtocolError(Reason.PROTOCOL_ERROR, f"unknown topic alias {alias}")
+            rewrite = True
+        else:
+            if not topic_b:
+                raise ProtocolError(Reason.PROTOCOL_ERROR, "empty topic without a topic alias")
+            topic = topic_b.decode()
+        ident = self.identity
+        assert ident is not None
+        qos = info.qos
+        if self.rate_limiter is not None and not self.rate_limiter.allow(ident.sub):
+            RATE_LIMITED.inc()
+            self._audit("publish", "deny", identity=ident, resource=topic, reason="rate limit", qos=qos)
+            if self.config.rate_limit.action == "disconnect":
+                self._disconnect(acts, Reason.MESSAGE_RATE_TOO_HIGH, "rate_limited", topic)
+                return
+            self._refuse_publish(acts, info, Reason.QUOTA_EXCEEDED)
+            return
+        d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id)
+        if not d.allowed:
+            _DENIED["publish"].inc()
+            self._audit("publish", "deny", identity=ident, resource=topic, rule=d.rule, reason=d.reason,
+                        qos=qos, retain=info.retain)
+            if level != MQTT_5 and self.config.denied_publish_v3 == "disconnect":
+                self._close(acts, "denied_publish", topic)
+                return
+            self._refuse_publish(acts, info, Reason.NOT_AUTHORIZED)
+            return
+        _ALLOWED["publish"].inc()
+        if info.packet_id is not None:
+            # A forwarded QoS 2 id is the broker's to finish now, not ours.
+            self._client_qos2_answered.discard(info.packet_id)
+        if not rewrite:
+            self._pass(acts.to_broker, frame, data)
+            return
+        # Resolve the alias: the broker gets the full topic and no alias, so it holds no alias state.
+        props = without_props(codec.read_publish_properties(frame, info), Prop.TOPIC_ALIAS)
+        payload = frame.raw[info.payload_start:]
+        head = codec.publish_head(topic, qos=qos, retain=info.retain, dup=info.dup, packet_id=info.packet_id,
+                                  level=level, properties=props, payload_len=len(payload))
+        self._run = None
+        acts.to_broker.append(head)
+        if len(payload):
+            acts.to_broker.append(payload if frame.start < 0 else
+                                  self._slice(data, frame.start + info.payload_start, frame.end))
+
+    def _refuse_publish(self, acts: Actions, info, code: int) -> None:
+        """Answer a publish the broker will never see, so the client's flow completes."""
+        self._run = None
+        level = self.protocol_level
+        pid = info.packet_id
+        if info.qos == 0 or pid is None:
+            return
+        if level == MQTT_5:
+            acts.to_client.append(codec.encode_ack(T.PUBACK if info.qos == 1 else T.PUBREC, pid, level, code))
+            if info.qos == 2:
+                # A refused PUBREC ends the flow, but some clients (paho 2.x) send PUBREL anyway:
+                # the gateway answers it, so the broker never sees an id it does not know.
+                self._client_qos2_answered.add(pid)
+        elif info.qos == 1:
+            acts.to_client.append(codec.encode_ack(T.PUBACK, pid, level))
+        else:
+            acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
+            self._client_qos2_answered.add(pid)
+
+    def _client_subscribe(self, acts: Actions, frame: Frame, data) -> None:
+        level = self.protocol_level
+        sub = codec.decode_subscribe(frame.body, level)
+        ident = self.identity
+        assert ident is not None
+        slots: list[int | None] = []
+        keep = []
+        deny_code = Reason.NOT_AUTHORIZED if level == MQTT_5 else V3_SUBACK_FAILURE
+        for s in sub.subscriptions:
+            _, inner = codec.split_shared(s.topic_filter)
+            d = self.policies.may_subscribe(ident, inner, qos=s.qos, client_id=self.client_id)
+            verdict = _verdict(d)
+            if verdict in ("ALLOW", "CHECK_EACH"):
+                _ALLOWED["subscribe"].inc()
+                self._subs[s.topic_filter] = _Sub(inner, verdict)
+                keep.append(s)
+                slots.append(None)
+            else:
+                _DENIED["subscribe"].inc()
+                earlier = self._subs.get(s.topic_filter)
+                if earlier is not None:
+                    # The broker keeps the earlier grant of this filter: check what it delivers.
+                    earlier.verdict = "CHECK_EACH"
+                self._audit("subscribe", "deny", identity=ident, resource=s.topic_filter,
+                            rule=getattr(d, "rule", None), reason=getattr(d, "reason", None), qos=s.qos)
+                slots.append(deny_code)
+        self._update_check_mode()
+        if len(keep) == len(slots):
+            self._pass(acts.to_broker, frame, data)
+            return
+        self._run = None
+        if not keep:
+            acts.to_client.append(codec.encode_suback(Suback(sub.packet_id, slots), level))  # type: ignore[arg-type]
+            return
+        self._suback_slots[sub.packet_id] = slots
+        acts.to_broker.append(codec.encode_subscribe(Subscribe(sub.packet_id, keep, sub.properties), level))
+
+    def _client_auth(self, acts: Actions, frame: Frame) -> None:
+        a = codec.decode_auth(frame.body)
+        method = get_prop(a.properties, Prop.AUTHENTICATION_METHOD)
+        if a.reason != Reason.REAUTHENTICATE:
+            raise ProtocolError(Reason.PROTOCOL_ERROR, f"AUTH reason 0x{a.reason:02X} from the client")
+        if method != AUTH_METHOD:
+            raise ProtocolError(Reason.BAD_AUTHENTICATION_METHOD, f"authentication method {method!r}")
+        if self._reauth:
+            raise ProtocolError(Reason.PROTOCOL_ERROR, "re-authentication already in progress")
+        data = get_prop(a.properties, Prop.AUTHENTICATION_DATA)
+        self._reauth = True
+        self._run = None
+        acts.auth = AuthRequest(kind="reauth", username=None, password=None, auth_method=AUTH_METHOD,
+                                auth_data=data, client_id=self.client_id)  # type: ignore[arg-type]
+
+    def _reauthenticated(self, acts: Actions, identity: Identity) -> Actions:
+        self._reauth = False
+        old = self.identity
+        if old is None or identity.sub != old.sub:
+            AUTHENTICATIONS.labels(identity.method, "fail").inc()
+            self._audit("reauth", "deny", identity=old, reason="subject changed", new_sub=identity.sub)
+            acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.NOT_AUTHORIZED))
+            return self._close(acts, "reauth_failed", "subject changed", Reason.NOT_AUTHORIZED)
+        AUTHENTICATIONS.labels(identity.method, "ok").inc()
+        self.identity = identity
+        self._audit("reauth", "allow", identity=identity)
+        self.invalidate()  # roles may have changed with the new token
+        acts.to_client.append(codec.encode_auth(Reason.SUCCESS, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD)]))
+        return acts
+
+    # ----------------------------------------------------------------- broker side
+
+    def _broker_frame(self, acts: Actions, frame: Frame, data) -> None:
+        t = frame.type
+        level = self.protocol_level
+        if self._state == "upstream":
+            if t != T.CONNACK:
+                raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} before CONNACK")
+            self._broker_connack(acts, frame)
+            return
+        if self._state != "open":
+            raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} from the broker before CONNECT")
+        if t == T.PUBLISH:
+            self._broker_publish(acts, frame, data)
+        elif t == T.PUBREL:
+            pid = codec.packet_id_of(frame, level)
+            if pid in self._broker_qos2_dropped:
+                self._broker_qos2_dropped.discard(pid)
+                self._run = None
+                acts.to_broker.append(codec.encode_ack(T.PUBCOMP, pid, level))
+            else:
+                self._pass(acts.to_client, frame, data)
+        elif t in (T.PUBACK, T.PUBREC, T.PUBCOMP):
+            codec.packet_id_of(frame, level)
+            self._pass(acts.to_client, frame, data)
+        elif t == T.UNSUBACK:
+            filters = self._unsub_pending.pop(codec.packet_id_of(frame, level), ())
+            for f in filters:
+                self._subs.pop(f, None)
+            if filters:
+                self._update_check_mode()
+            self._pass(acts.to_client, frame, data)
+        elif t == T.SUBACK:
+            self._broker_suback(acts, frame, data)
+        elif t == T.PINGRESP:
+            self._pass(acts.to_client, frame, data)
+        elif t == T.DISCONNECT:
+            d = codec.decode_disconnect(frame.body, level)
+            self._pass(acts.to_client, frame, data)
+            self._close(acts, "broker_disconnect", f"reason 0x{d.reason:02X}", d.reason)
+        else:
+            raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} is not sent by brokers")
+
+    def _broker_connack(self, acts: Actions, frame: Frame) -> None:
+        level = self.protocol_level
+        ca = codec.decode_connack(frame.body, level)
+        if ca.reason != 0:
+            self._audit("connect", "deny", identity=self.identity, reason=f"broker refused 0x{ca.reason:02X}")
+            acts.to_client.append(bytes(frame.raw) if level != MQTT_5 else
+                                  codec.encode_connack(False, ca.reason, level, without_props(
+                                      ca.properties, Prop.ASSIGNED_CLIENT_IDENTIFIER)))
+            self._close(acts, "broker_refused", f"0x{ca.reason:02X}", ca.reason)
+            return
+        self._state = "open"
+        self._last_rx = self.clock()
+        if ca.session_present:
+            self._unknown_subs = True
+            self._update_check_mode()
+        if level == MQTT_5:
+            acts.to_client.append(codec.encode_connack(ca.session_present, 0, level,
+                                                       self._client_connack_props(ca.properties)))
+        else:
+            acts.to_client.append(bytes(frame.raw))
+        # Packets the client sent meanwhile.
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for f in pending:
+            if self.closed:
+                break
+            try:
+                self._client_frame(acts, f, None)
+            except ProtocolError as exc:
+                self._client_violation(acts, exc)
+                break
+
+    def _client_connack_props(self, broker_props: list) -> list:
+        c = self._connect
+        assert c is not None
+        props = without_props(broker_props, Prop.ASSIGNED_CLIENT_IDENTIFIER, Prop.TOPIC_ALIAS_MAXIMUM,
+                              Prop.SERVER_KEEP_ALIVE, Prop.MAXIMUM_PACKET_SIZE, Prop.AUTHENTICATION_METHOD,
+                              Prop.AUTHENTICATION_DATA)
+        if self._assigned_id:
+            props.append((Prop.ASSIGNED_CLIENT_IDENTIFIER, self.client_id))
+        broker_ka = get_prop(broker_props, Prop.SERVER_KEEP_ALIVE)
+        if broker_ka is not None and (not self.keepalive or broker_ka < self.keepalive):
+            self.keepalive = int(broker_ka)  # type: ignore[arg-type]
+        if self.keepalive != c.keepalive:
+            props.append((Prop.SERVER_KEEP_ALIVE, self.keepalive))
+        if self.config.topic_alias_maximum:
+            props.append((Prop.TOPIC_ALIAS_MAXIMUM, self.config.topic_alias_maximum))
+        broker_max = get_prop(broker_props, Prop.MAXIMUM_PACKET_SIZE)
+        limit = self.config.max_packet_size
+        if broker_max is not None:
+            limit = min(limit, int(broker_max))  # type: ignore[arg-type]
+        props.append((Prop.MAXIMUM_PACKET_SIZE, limit))
+        if self._enhanced_auth:
+            props.append((Prop.AUTHENTICATION_METHOD, AUTH_METHOD))
+        return props
+
+    def _broker_publish(self, acts: Actions, frame: Frame, data) -> None:
+        if not self._check_deliveries:
+            self._pass(acts.to_client, frame, data)
+            return
+        level = self.protocol_level
+        info = codec.decode_publish(frame, level)
+        if info.topic_alias is not None or not info.topic:
+            # We told the broker Topic Alias Maximum 0.
+            raise ProtocolError(Reason.TOPIC_ALIAS_INVALID, "topic alias from the broker")
+        topic = info.topic.decode()
+        if self._may_receive(topic):
+            self._pass(acts.to_client, frame, data)
+            return
+        self._run = None
+        pid = info.packet_id
+        if info.qos == 1 and pid is not None:
+            acts.to_broker.append(codec.encode_ack(T.PUBACK, pid, level))
+        elif info.qos == 2 and pid is not None:
+            acts.to_broker.append(codec.encode_ack(T.PUBREC, pid, level))
+            self._broker_qos2_dropped.add(pid)
+
+    def _may_receive(self, topic: str) -> bool:
+        cached = self._recv_cache.get(topic)
+        if cached is not None:
+            (_ALLOWED if cached else _DENIED)["receive"].inc()
+            return cached
+        ok = False
+        decision = None
+        for sub in self._subs.values():
+            if sub.verdict == "ALLOW" and topic_matches(sub.match, topic):
+                ok = True
+                break
+        if not ok:
+            decision = self.policies.may_receive(self.identity, topic, client_id=self.client_id)
+            ok = bool(decision.allowed)
+        if len(self._recv_cache) >= _RECV_CACHE_MAX:
+            self._recv_cache.clear()
+        self._recv_cache[topic] = ok
+        if ok:
+            _ALLOWED["receive"].inc()
+        else:
+            _DENIED["receive"].inc()
+            self._audit("receive", "deny", identity=self.identity, resource=topic,
+                        rule=getattr(decision, "rule", None), reason=getattr(decision, "reason", None))
+        return ok
+
+    def _broker_suback(self, acts: Actions, frame: Frame, data) -> None:
+        level = self.protocol_level
+        sa = codec.decode_suback(frame.body, level)
+        slots = self._suback_slots.pop(sa.packet_id, None)
+        if slots is None:
+            self._pass(acts.to_client, frame, data)
+            return
+        codes = iter(sa.reasons)
+        merged = [s if s is not None else next(codes, Reason.UNSPECIFIED_ERROR) for s in slots]
+        self._run = None
+        acts.to_client.append(codec.encode_suback(Suback(sa.packet_id, merged, sa.properties), level))  # type: ignore[arg-type]
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _update_check_mode(self) -> None:
+        self._check_deliveries = self._unknown_subs or any(
+            s.verdict != "ALLOW" for s in self._subs.values())
+        self._recv_cache.clear()
+
+    @staticmethod
+    def _slice(data, start: int, end: int):
+        mv = data if isinstance(data, memoryview) else memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        return mv[start:end]
+
+    def _pass(self, out: list, frame: Frame, data) -> None:
+        """Forward a packet unchanged; neighbours from the same chunk join into one slice."""
+        if frame.start < 0 or data is None:
+            out.append(frame.raw)
+            self._run = None
+            return
+        run = self._run
+        if run is not None and run[0] is out and run[1] == len(out) - 1 and run[3] == frame.start:
+            out[-1] = self._slice(data, run[2], frame.end)
+            self._run = (out, run[1], run[2], frame.end)
+        else:
+            out.append(frame.raw)
+            self._run = (out, len(out) - 1, frame.start, frame.end)
+
+    def _audit(self, action: str, decision: str, *, identity: Identity | None = None, resource: str = "",
+               rule: str | None = None, reason: str | None = None, **extra: Any) -> None:
+        extra = {k: v for k, v in extra.items() if v is not None}
+        if self.peer:
+            extra["peer"] = self.peer
+        if self.client_id and "client_id" not in extra:
+            extra["client_id"] = self.client_id
+        self.audit.record(protocol="mqtt", action=action, decision=decision, resource=resource,
+                          identity=identity if identity is not None else self.identity, rule=rule,
+                          reason=reason, **extra)
+
+    def _close(self, acts: Actions, reason: str, detail: str, code: int | None = None) -> Actions:
+        self.closed = True
+        self._state = "closed"
+        self._pending = []
+        if acts.close is None:
+            acts.close = CloseInfo(reason, detail, code)
+        return acts
+
+    def _disconnect(self, acts: Actions, code: int, reason: str, detail: str) -> Actions:
+        """Close an open connection, telling a v5 client why."""
+        if self.protocol_level == MQTT_5:
+            acts.to_client.append(codec.encode_disconnect(MQTT_5, code))
+            return self._close(acts, reason, detail, code)
+        return self._close(acts, reason, detail)
+
+    def _refuse_connect(self, acts: Actions, code: int, reason: str, detail: str) -> Actions:
+        """CONNACK with a failure code in the client's protocol version, then close."""
+        level = self.protocol_level
+        if level == MQTT_5:
+            acts.to_client.append(codec.encode_connack(False, code, level))
+            return self._close(acts, reason, detail, code)
+        v3 = V3_CONNACK_FOR.get(Reason(code))
+        if v3 is not None and level:
+            acts.to_client.append(codec.encode_connack(False, v3, level))
+            return self._close(acts, reason, detail, int(v3))
+        return self._close(acts, reason, detail)
+
+    def _auth_refused(self, acts: Actions, identity: Identity, code: int, reason: str, detail: str) -> Actions:
+        self._audit("connect", "deny", identity=identity, reason=detail)
+        return self._refuse_connect(acts, code, reason, detail)
+
+    def _client_violation(self, acts: Actions, exc: ProtocolError) -> Actions:
+        PROTOCOL_ERRORS.labels("client").inc()
+        self._audit("protocol_error", "deny", reason=exc.message,
+                    reason_code=exc.reason_code)
+        state = self._state
+        if state == "connect":
+            level = exc.protocol_level
+            if level is not None:
+                self.protocol_level = level
+                if exc.reason_code == Reason.UNSUPPORTED_PROTOCOL_VERSION and level != MQTT_5:
+                    acts.to_client.append(codec.encode_connack(False, V3ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION, 4))
+                    return self._close(acts, "protocol_error", exc.message, V3ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION)
+                return self._refuse_connect(acts, exc.reason_code, "protocol_error", exc.message)
+            return self._close(acts, "protocol_error", exc.message)
+        if state in ("auth", "upstream"):
+            return self._refuse_connect(acts, exc.reason_code, "protocol_error", exc.message)
+        return self._disconnect(acts, exc.reason_code, "protocol_error", exc.message)

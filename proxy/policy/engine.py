@@ -1,0 +1,391 @@
+"""The compiled policy set: tries that answer a decision without scanning rules.
+
+Rules are indexed three ways before any request arrives:
+
+1. by **question** -- publish, subscribe (which also governs deliveries) and
+   http each get their own indexes, so an action never filters rules;
+2. by **effect** -- deny and allow indexes are separate, denies are asked first;
+3. by **partition key** -- the identity subject a rule is written for
+   (``role:iot-admin``, ``user:alice``, ``anyone``...; all relation subjects
+   share one key). A caller walks only the indexes for keys it has, so
+   rules written for other users cost nothing.
+
+Each index is a trie over topic levels (or path segments) with literal edges
+in a dict plus one edge each for ``+``, ``{device}`` and every placeholder,
+and ``#`` entries hanging on the node where they start. A decision walks
+O(depth) nodes plus the wildcard edges present; it does not grow with the
+number of rules written for other keys or other literal topics.
+
+Subscribing to a filter with wildcards is decided by *containment*:
+
+* ALLOW when an allow rule's pattern contains the whole filter for this
+  caller -- a filter wildcard level is contained only by ``+`` or ``#`` (not
+  by ``{device}``: that would need a relation per device, and ``{device}``
+  never matches an empty level) -- and no deny rule could match any topic
+  under the filter;
+* DENY when a deny rule contains the whole filter, or no allow rule could
+  ever match any topic under the filter;
+* CHECK_EACH otherwise: the broker gets the subscription and every delivery
+  is asked with :meth:`CompiledPolicies.may_receive`.
+
+"Could match" is conservative: a relation rule whose ``{device}`` lines up
+with a filter wildcard counts as possibly holding. CHECK_EACH is always safe;
+ALLOW and DENY are only given when they are certain.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+from proxy.facts import OwnershipFacts
+from proxy.identity.model import Identity
+from proxy.policy.decision import NO_RULE, Decision, SubscribeDecision, Verdict
+from proxy.policy.language import PolicySource, Rule
+from proxy.policy.paths import PathError, normalize_path, split_path
+from proxy.policy.patterns import (DEVICE, HASH, PLUS, Special, filter_problem, identity_values,
+                                   topic_problem)
+from proxy.policy.subjects import REL, could_hold, identity_keys, partition_key, relations_hold
+
+__all__ = ["CompiledPolicies", "READ_METHODS"]
+
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_METHOD = re.compile(r"^[A-Za-z]{1,20}$")
+_ANY = object()  # {device} lined up with a filter wildcard: some device, unknown which
+
+
+class _Entry:
+    """One rule as stored in an index (flat attributes: read on every decision)."""
+
+    __slots__ = ("rule", "id", "order", "relations", "retain", "qos", "methods")
+
+    def __init__(self, rule: Rule):
+        self.rule = rule
+        self.id = rule.id
+        self.order = rule.order
+        self.relations = rule.relations
+        self.retain = rule.mqtt.retain if rule.mqtt else None
+        self.qos = rule.mqtt.qos if rule.mqtt else None
+        self.methods = rule.http.methods if rule.http else None
+
+
+class _Node:
+    __slots__ = ("lit", "plus", "dev", "ph", "hash", "end")
+
+    def __init__(self) -> None:
+        self.lit: dict[str, _Node] = {}
+        self.plus: _Node | None = None
+        self.dev: _Node | None = None
+        self.ph: dict[Special, _Node] = {}
+        self.hash: list[_Entry] = []
+        self.end: list[_Entry] = []
+
+    def insert(self, pattern: tuple, entry: _Entry) -> None:
+        node = self
+        for lv in pattern:
+            if lv is HASH:
+                node.hash.append(entry)
+                return
+            if isinstance(lv, str):
+                node = node.lit.setdefault(lv, _Node())
+            elif lv is PLUS:
+                node.plus = node.plus or _Node()
+                node = node.plus
+            elif lv is DEVICE:
+                node.dev = node.dev or _Node()
+                node = node.dev
+            else:
+                node = node.ph.setdefault(lv, _Node())
+        node.end.append(entry)
+
+
+Match = tuple[_Entry, object]  # (entry, bound device: None | str | _ANY)
+
+
+def _walk(node: _Node, levels: list[str], i: int, device: str | None, vals: dict, dollar: bool,
+          out: list) -> None:
+    """Every entry whose pattern matches the concrete ``levels``."""
+    if node.hash and not (i == 0 and dollar):
+        for e in node.hash:
+            out.append((e, device))
+    if i == len(levels):
+        for e in node.end:
+            out.append((e, device))
+        return
+    lv = levels[i]
+    child = node.lit.get(lv)
+    if child is not None:
+        _walk(child, levels, i + 1, device, vals, dollar, out)
+    if i == 0 and dollar:
+        return  # wildcards and placeholders never match a $ topic's first level
+    if node.plus is not None:
+        _walk(node.plus, levels, i + 1, device, vals, dollar, out)
+    if node.dev is not None and lv:
+        _walk(node.dev, levels, i + 1, lv, vals, dollar, out)
+    for ph, child in node.ph.items():
+        if vals.get(ph) == lv:
+            _walk(child, levels, i + 1, device, vals, dollar, out)
+
+
+def _cover(node: _Node, f: list[str], i: int, device: str | None, vals: dict, fdollar: bool,
+           out: list) -> None:
+    """Every entry whose pattern contains the whole filter ``f`` (wildcards included)."""
+    if node.hash and not (i == 0 and fdollar):
+        for e in node.hash:
+            out.append((e, device))
+    if i == len(f):
+        for e in node.end:
+            out.append((e, device))
+        return
+    lv = f[i]
+    if lv == "#":
+        return  # only a pattern '#' here contains it, handled above
+    if lv == "+":
+        if node.plus is not None:
+            _cover(node.plus, f, i + 1, device, vals, fdollar, out)
+        return
+    child = node.lit.get(lv)
+    if child is not None:
+        _cover(child, f, i + 1, device, vals, fdollar, out)
+    if i == 0 and fdollar:
+        return
+    if node.plus is not None:
+        _cover(node.plus, f, i + 1, device, vals, fdollar, out)
+    if node.dev is not None and lv:
+        _cover(node.dev, f, i + 1, lv, vals, fdollar, out)
+    for ph, child in node.ph.items():
+        if vals.get(ph) == lv:
+            _cover(child, f, i + 1, device, vals, fdollar, out)
+
+
+def _subtree(node: _Node, i: int, device: object, vals: dict) -> Iterator[Match]:
+    """Every entry at or below ``node`` (the filter has '#' at level ``i``)."""
+    for e in node.hash:
+        yield e, device
+    for e in node.end:
+        yield e, device
+    for lit, child in node.lit.items():
+        if not (i == 0 and lit.startswith("$")):
+            yield from _subtree(child, i + 1, device, vals)
+    if node.plus is not None:
+        yield from _subtree(node.plus, i + 1, device, vals)
+    if node.dev is not None:
+        yield from _subtree(node.dev, i + 1, _ANY, vals)
+    for ph, child in node.ph.items():
+        if ph in vals and not (i == 0 and vals[ph].startswith("$")):
+            yield from _subtree(child, i + 1, device, vals)
+
+
+def _intersect(node: _Node, f: list[str], i: int, device: object, vals: dict, fdollar: bool
+               ) -> Iterator[Match]:
+    """Every entry whose pattern matches at least one topic the filter ``f`` matches."""
+    if node.hash and not (i == 0 and fdollar):
+        for e in node.hash:
+            yield e, device
+    if i == len(f):
+        yield from ((e, device) for e in node.end)
+        return
+    lv = f[i]
+    if lv == "#":
+        # The filter matches the parent level too, and anything below; node.hash was yielded above.
+        for e in node.end:
+            yield e, device
+        for lit, child in node.lit.items():
+            if not (i == 0 and lit.startswith("$")):
+                yield from _subtree(child, i + 1, device, vals)
+        if node.plus is not None:
+            yield from _subtree(node.plus, i + 1, device, vals)
+        if node.dev is not None:
+            yield from _subtree(node.dev, i + 1, _ANY, vals)
+        for ph, child in node.ph.items():
+            if ph in vals and not (i == 0 and vals[ph].startswith("$")):
+                yield from _subtree(child, i + 1, device, vals)
+        return
+    if lv == "+":
+        for lit, child in node.lit.items():
+            if not (i == 0 and lit.startswith("$")):
+                yield from _intersect(child, f, i + 1, device, vals, fdollar)
+        if node.plus is not None:
+            yield from _intersect(node.plus, f, i + 1, device, vals, fdollar)
+        if node.dev is not None:
+            yield from _intersect(node.dev, f, i + 1, _ANY, vals, fdollar)
+        for ph, child in node.ph.items():
+            if ph in vals and not (i == 0 and vals[ph].startswith("$")):
+                yield from _intersect(child, f, i + 1, device, vals, fdollar)
+        return
+    child = node.lit.get(lv)
+    if child is not None:
+        yield from _intersect(child, f, i + 1, device, vals, fdollar)
+    if i == 0 and fdollar:
+        return
+    if node.plus is not None:
+        yield from _intersect(node.plus, f, i + 1, device, vals, fdollar)
+    if node.dev is not None and lv:
+        yield from _intersect(node.dev, f, i + 1, lv, vals, fdollar)
+    for ph, child in node.ph.items():
+        if vals.get(ph) == lv:
+            yield from _intersect(child, f, i + 1, device, vals, fdollar)
+
+
+class CompiledPolicies:
+    """One immutable, compiled policy set. :class:`~proxy.policy.holder.Policies` swaps these."""
+
+    def __init__(self, source: PolicySource, facts: OwnershipFacts, *, admin_role: str = "iot-admin"):
+        self.source = source
+        self.facts = facts
+        self.admin_role = admin_role
+        self.rules = {r.id: r for r in source.rules}
+        # (question, allow?) -> partition key -> trie
+        self._tries: dict[tuple[str, bool], dict[str, _Node]] = {
+            (q, a): {} for q in ("publish", "subscribe", "http") for a in (True, False)}
+        for rule in source.rules:
+            entry = _Entry(rule)
+            keys = {partition_key(s, admin_role) for s in rule.subjects}
+            spaces: list[tuple[str, tuple]] = []
+            if rule.mqtt:
+                for action in rule.mqtt.actions:
+                    spaces.extend((action, p) for p in rule.mqtt.topics)
+            if rule.http:
+                spaces.extend(("http", p) for p in rule.http.paths)
+            for question, pattern in spaces:
+                tries = self._tries[(question, rule.allow)]
+                for key in keys:
+                    tries.setdefault(key, _Node()).insert(pattern, entry)
+
+    # ------------------------------------------------------------------ concrete questions
+
+    def _decide(self, question: str, identity: Identity, levels: list[str], vals: dict, want: str,
+                dollar: bool, fits: Callable[[_Entry], bool] | None) -> Decision:
+        keys = identity_keys(identity)
+        for allow in (False, True):
+            tries = self._tries[(question, allow)]
+            best: _Entry | None = None
+            best_dev = None
+            for key in keys:
+                root = tries.get(key)
+                if root is None:
+                    continue
+                found: list = []
+                _walk(root, levels, 0, None, vals, dollar, found)
+                for entry, dev in found:
+                    if best is not None and entry.order >= best.order:
+                        continue
+                    if fits is not None and not fits(entry):
+                        continue
+                    if key == REL and not relations_hold(entry.relations, identity, dev, self.facts, want):
+                        continue
+                    best, best_dev = entry, dev
+            if best is not None:
+                if allow:
+                    return Decision(True, best.id, f"allowed by {best.id}", best_dev)
+                return Decision(False, best.id, f"denied by {best.id}", best_dev)
+        return Decision(False, None, NO_RULE)
+
+    def may_publish(self, identity: Identity, topic: str, *, qos: int = 0, retain: bool = False,
+                    client_id: str = "") -> Decision:
+        problem = topic_problem(topic)
+        if problem:
+            return Decision(False, None, problem)
+
+        def fits(e: _Entry) -> bool:
+            return (e.retain is None or e.retain == retain) and (e.qos is None or qos in e.qos)
+
+        vals = identity_values(identity.sub, identity.username, client_id)
+        return self._decide("publish", identity, topic.split("/"), vals, "write", topic.startswith("$"), fits)
+
+    def may_receive(self, identity: Identity, topic: str, *, client_id: str = "") -> Decision:
+        problem = topic_problem(topic)
+        if problem:
+            return Decision(False, None, problem)
+        vals = identity_values(identity.sub, identity.username, client_id)
+        return self._decide("subscribe", identity, topic.split("/"), vals, "read", topic.startswith("$"), None)
+
+    def may_http(self, identity: Identity, method: str, path: str) -> Decision:
+        if not _METHOD.match(method):
+            return Decision(False, None, "not an HTTP method")
+        try:
+            norm = normalize_path(path)
+        except PathError as exc:
+            return Decision(False, None, f"path refused: {exc}")
+        method = method.upper()
+
+        def fits(e: _Entry) -> bool:
+            return e.methods is None or method in e.methods
+
+        vals = identity_values(identity.sub, identity.username, "")
+        want = "read" if method in READ_METHODS else "write"
+        return self._decide("http", identity, split_path(norm), vals, want, False, fits)
+
+    # ------------------------------------------------------------------ subscribe
+
+    def may_subscribe(self, identity: Identity, topic_filter: str, *, qos: int = 0,
+                      client_id: str = "") -> SubscribeDecision:
+        if topic_filter.startswith("$share/") or topic_filter == "$share":
+            return SubscribeDecision(Verdict.DENY, None, "a $share/ prefix must be stripped before the policy check")
+        problem = filter_problem(topic_filter)
+        if problem:
+            return SubscribeDecision(Verdict.DENY, None, problem)
+        if "+" not in topic_filter and "#" not in topic_filter:
+            d = self.may_receive(identity, topic_filter, client_id=client_id)
+            return SubscribeDecision(Verdict.ALLOW if d.allowed else Verdict.DENY, d.rule, d.reason, d.device)
+        f = topic_filter.split("/")
+        fdollar = f[0].startswith("$")
+        vals = identity_values(identity.sub, identity.username, client_id)
+        keys = identity_keys(identity)
+        deny_tries = self._tries[("subscribe", False)]
+        allow_tries = self._tries[("subscribe", True)]
+
+        def holds(key: str, entry: _Entry, dev: object) -> bool:
+            if key != REL:
+                return True
+            if dev is _ANY:
+                return False  # "for every device" is never certain
+            return relations_hold(entry.relations, identity, dev, self.facts, "read")  # type: ignore[arg-type]
+
+        def maybe(key: str, entry: _Entry, dev: object) -> bool:
+            if key != REL:
+                return True
+            if dev is _ANY:  # some device might be related
+                return any(could_hold(r, identity) for r in entry.relations)
+            return relations_hold(entry.relations, identity, dev, self.facts, "read")  # type: ignore[arg-type]
+
+        def covering(tries: dict[str, _Node]) -> tuple[_Entry, object] | None:
+            best = None
+            for key in keys:
+                root = tries.get(key)
+                if root is None:
+                    continue
+                found: list = []
+                _cover(root, f, 0, None, vals, fdollar, found)
+                for entry, dev in found:
+                    if (best is None or entry.order < best[0].order) and holds(key, entry, dev):
+                        best = (entry, dev)
+            return best
+
+        def overlapping(tries: dict[str, _Node]) -> _Entry | None:
+            for key in keys:
+                root = tries.get(key)
+                if root is None:
+                    continue
+                for entry, dev in _intersect(root, f, 0, None, vals, fdollar):
+                    if maybe(key, entry, dev):
+                        return entry
+            return None
+
+        deny = covering(deny_tries)
+        if deny is not None:
+            dev = deny[1] if isinstance(deny[1], str) else None
+            return SubscribeDecision(Verdict.DENY, deny[0].id, f"denied by {deny[0].id}", dev)
+        allow = covering(allow_tries)
+        if allow is not None:
+            overlap = overlapping(deny_tries)
+            dev = allow[1] if isinstance(allow[1], str) else None
+            if overlap is None:
+                return SubscribeDecision(Verdict.ALLOW, allow[0].id, f"allowed by {allow[0].id}", dev)
+            return SubscribeDecision(Verdict.CHECK_EACH, allow[0].id,
+                                     f"allowed by {allow[0].id}; deny rule {overlap.id} overlaps the filter", dev)
+        some = overlapping(allow_tries)
+        if some is None:
+            return SubscribeDecision(Verdict.DENY, None, NO_RULE)
+        return SubscribeDecision(Verdict.CHECK_EACH, some.id,
+                                 f"{some.id} may allow some topics under the filter; each delivery is checked")

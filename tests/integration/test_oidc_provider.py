@@ -1,0 +1,128 @@
+"""The token validator against a real OpenID Connect provider (npm oidc-provider, Keycloak-shaped)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from proxy.identity.model import AuthError, AuthReason
+from proxy.identity.tokens import TokenValidator
+from proxy.metrics import REGISTRY
+
+pytestmark = pytest.mark.integration
+
+
+class ShiftedClock:
+    """Real time plus an offset, to step past the unknown-kid cooldown without sleeping."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def jwks_fetches() -> float:
+    return REGISTRY.get_sample_value("keygate_jwks_fetches_total", {"document": "jwks", "result": "ok"}) or 0.0
+
+
+@pytest.fixture
+async def validators(oidc):
+    made: list[TokenValidator] = []
+
+    async def make(**kw) -> TokenValidator:
+        clock = kw.pop("clock", time.time)
+        v = TokenValidator(oidc.oidc_config(**kw), clock=clock)
+        await v.start()
+        made.append(v)
+        return v
+
+    yield make
+    for v in made:
+        await v.close()
+
+
+async def test_password_grant_token_validates_into_the_user(oidc, validators):
+    v = await validators()
+    assert v.ready
+    alice = await v.validate(oidc.password_token("alice"))
+    assert alice.kind == "user" and alice.method == "token"
+    assert alice.username == "alice" and alice.sub == oidc.user_sub("alice")
+    assert alice.azp == "iot-portal"
+    assert {"iot-user", "reader"} <= alice.roles and "iot-admin" not in alice.roles
+    assert "iot-proxy:reader" in alice.client_roles
+    assert alice.groups == {"users"}
+    assert {"openid", "profile", "email"} <= alice.scopes
+    assert alice.expires_at is not None and alice.expires_at > time.time()
+
+    admin = await v.validate(oidc.password_token("admin"))
+    assert admin.username == "admin" and "iot-admin" in admin.roles and "iot-user" not in admin.roles
+
+
+async def test_client_credentials_token_validates_into_the_service_account(oidc, validators):
+    v = await validators()
+    svc = await v.validate(oidc.client_token("iot-backend"))
+    assert svc.kind == "service"
+    assert svc.username == "iot-backend" and svc.azp == "iot-backend"
+    assert "iot-service" in svc.roles
+
+
+async def test_wrong_password_gets_no_token(oidc):
+    from tests.rig.oidc import OidcProviderError
+
+    with pytest.raises(OidcProviderError, match="HTTP 400"):
+        oidc.password_token("alice", password="guess")
+
+
+async def test_audience_pinning_against_the_real_tokens(oidc, validators):
+    v = await validators(audience="some-other-api")
+    with pytest.raises(AuthError) as info:
+        await v.validate(oidc.password_token("bob"))
+    assert info.value.reason is AuthReason.WRONG_AUDIENCE
+
+
+async def test_new_tokens_validate_after_key_rotation_through_one_jwks_refresh(oidc, validators):
+    clock = ShiftedClock()
+    v = await validators(clock=clock)
+    before_rotation = oidc.password_token("carol")
+    assert (await v.validate(before_rotation)).username == "carol"
+    old_kid = oidc.signing_kid
+
+    new_kid = oidc.restart_with_rotated_key()
+    assert new_kid != old_kid
+    fetched = jwks_fetches()
+    clock.offset = 31.0  # past the unknown-kid cooldown of the start-up fetch
+    after_rotation = oidc.password_token("carol")
+    assert (await v.validate(after_rotation)).username == "carol"
+    assert jwks_fetches() == fetched + 1
+    assert set(v.keyset.keys) >= {old_kid, new_kid}
+    # More new tokens and the old one: no further fetch.
+    assert (await v.validate(oidc.password_token("alice"))).username == "alice"
+    assert (await v.validate(before_rotation)).username == "carol"
+    assert jwks_fetches() == fetched + 1
+
+
+async def test_revoked_token_fails_when_introspection_is_on(oidc, validators):
+    v = await validators(introspection=True, always=True)
+    token = oidc.password_token("bob")
+    assert (await v.validate(token)).username == "bob"
+    oidc.revoke(token)
+    assert oidc.introspect(token) == {"active": False}
+    v.introspector._cache.clear()  # the short introspection cache would otherwise answer for 10 s
+    with pytest.raises(AuthError) as info:
+        await v.validate(token)
+    assert info.value.reason is AuthReason.REVOKED
+
+
+async def test_revoked_token_without_introspection_still_validates_until_exp(oidc, validators):
+    # Why oidc.introspection.always exists: a JWT is checked locally.
+    v = await validators()
+    token = oidc.password_token("bob")
+    oidc.revoke(token)
+    assert (await v.validate(token)).username == "bob"
+
+
+async def test_provider_introspects_its_jwt_access_tokens(oidc):
+    answer = oidc.introspect(oidc.password_token("alice"))
+    assert answer["active"] is True and answer["username"] == "alice" and answer["typ"] == "Bearer"

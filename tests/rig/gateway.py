@@ -1,0 +1,215 @@
+"""An MQTT gateway in front of the real Mosquitto, with real services, for tests and benchmarks.
+
+Fixtures:
+
+* ``mqtt_rig`` — a started :class:`MqttGateway` (TLS on a free port, device
+  certificates accepted) in front of the session's ``mosquitto``; the test's
+  own store, the shipped policies and a :class:`MemoryAudit`.
+* ``mqtt_rig_factory`` — the same with overrides:
+  ``await mqtt_rig_factory(tls=False, rate_limit=RateLimitConfig(...), websocket=True, ...)``.
+
+The services are the real ones (token validator against the test OIDC
+provider, ``OwnershipService`` on SQLCipher, ``Policies`` from ``policies/``)
+as soon as those modules import; until then the contract-faithful stand-ins
+of :mod:`tests.rig.mqtt_standins`. ``rig.real`` says which.
+
+Benchmarks can use :func:`start_gateway` directly (no pytest needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.util
+import os
+import secrets
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.audit import MemoryAudit
+from proxy.config import Config, MqttConfig, OidcConfig, PoliciesConfig, StoreConfig, TlsConfig
+from proxy.identity.model import Identity
+from proxy.services import Services
+from tests.rig.pki import Pki, make_pki
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY_DIR = REPO / "policies"
+
+USERS = {"alice": (), "bob": (), "carol": (), "admin": ("iot-admin",)}
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def real_parts_available() -> dict[str, bool]:
+    return {
+        "tokens": _importable("proxy.identity.tokens"),
+        "ownership": _importable("ownership.service"),
+        "policies": _importable("proxy.policy.holder") and any(POLICY_DIR.glob("*.yaml")),
+    }
+
+
+@dataclass
+class GatewayRig:
+    gateway: Any
+    services: Services
+    pki: Pki
+    broker_address: str
+    audit: MemoryAudit
+    config: Config
+    oidc: Any = None                 # the OIDC provider or token factory when real tokens are used
+    issuer: str = "standin"          # "oidc", "factory" or "standin"
+    real: dict[str, bool] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return self.gateway.port
+
+    @property
+    def ws_port(self) -> int | None:
+        return self.gateway.ws_port
+
+    @property
+    def tls(self) -> bool:
+        return self.config.mqtt.tls
+
+    # -- who connects
+    async def token(self, username: str, *, ttl: int | None = None) -> str:
+        """A valid access token for a test user (alice, bob, carol: iot-user; admin: iot-admin),
+        from the real OIDC provider, the token factory, or the stand-in, whichever the rig uses."""
+        if self.issuer == "oidc":
+            return await asyncio.to_thread(self.oidc.password_token, username, ttl=ttl)
+        if self.issuer == "factory":
+            now = int(time.time())
+            return self.oidc.valid(preferred_username=username, sub=f"sub-{username}",
+                                   realm_access={"roles": list(USERS[username]) or ["iot-user"]},
+                                   resource_access=None, iat=now, exp=now + (ttl or 300))
+        return self.services.tokens.issue(username, roles=USERS[username], ttl=ttl or 300)
+
+    async def identity(self, username: str) -> Identity:
+        return await self.services.tokens.validate(await self.token(username))
+
+    async def register_device(self, owner: str, device_id: str | None = None, **fields: Any
+                              ) -> tuple[str, str, str]:
+        """Registers a device for ``owner``; returns (device id, K1, K2)."""
+        device_id = device_id or f"dev-{secrets.token_hex(4)}"
+        _, k1, k2 = await self.services.ownership.register_device(
+            await self.identity(owner), {"id": device_id, "type": "Sensor", **fields})
+        return device_id, k1, k2
+
+    def client_ssl(self, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext | None:
+        """A client TLS context trusting the gateway (and presenting ``cert`` if given)."""
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca))
+        if cert is not None:
+            ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+        return ctx
+
+    def audited(self, **match: Any) -> list[dict]:
+        return [r for r in self.audit.records if all(r.get(k) == v for k, v in match.items())]
+
+
+def gateway_config(tmp: Path, broker_address: str, pki: Pki, *, oidc: OidcConfig | None = None,
+                   websocket: bool = False, policies_dir: Path = POLICY_DIR, **mqtt: Any) -> Config:
+    tls = mqtt.get("tls", True)
+    return Config(
+        oidc=oidc or OidcConfig(issuer="https://issuer.invalid/realms/iot", leeway_seconds=1.0),
+        tls=TlsConfig(cert=str(pki.server_cert), key=str(pki.server_key), client_ca=str(pki.devices_ca)),
+        mqtt=MqttConfig(**{"listen": "127.0.0.1:0", "upstream": broker_address, "connect_timeout_seconds": 3.0,
+                           "websocket_listen": "127.0.0.1:0" if websocket else "", "tls": tls,
+                           **{k: v for k, v in mqtt.items() if k != "tls"}}),
+        store=StoreConfig(path=str(tmp / "ownership.db"), key=secrets.token_hex(32)),
+        policies=PoliciesConfig(dir=str(policies_dir), watch=False),
+        base_dir=str(tmp),
+    )
+
+
+async def build_services(config: Config, audit: MemoryAudit, real_tokens: bool
+                         ) -> tuple[Services, dict[str, bool]]:
+    real = real_parts_available()
+    real["tokens"] = real["tokens"] and real_tokens
+    if real["tokens"]:
+        from proxy.identity.tokens import TokenValidator
+        tokens = TokenValidator(config.oidc)
+        await tokens.start()
+    else:
+        from tests.rig.mqtt_standins import StandinTokens
+        tokens = StandinTokens()
+    if real["ownership"]:
+        from ownership.service import OwnershipService
+        ownership = await OwnershipService.open(config, audit=audit)
+    else:
+        from tests.rig.mqtt_standins import StandinOwnership
+        ownership = StandinOwnership()
+    if real["policies"]:
+        from proxy.policy import Policies
+        policies = Policies.from_dir(config.resolve(config.policies.dir), ownership.facts,
+                                     admin_role=config.ownership.admin_role)
+    else:
+        from tests.rig.mqtt_standins import StandinPolicies
+        policies = StandinPolicies(ownership.facts, config.ownership.admin_role)
+    return Services(config=config, tokens=tokens, ownership=ownership, policies=policies, audit=audit), real
+
+
+async def start_gateway(tmp: Path, broker_address: str, *, issuer: Any = None, pki: Pki | None = None,
+                        **options: Any) -> GatewayRig:
+    """Build services and start a gateway; stop it with :func:`stop_gateway`.
+
+    ``issuer`` is the ``oidc`` provider or the ``token_factory`` (tokens are then validated
+    for real, with 1 s leeway so expiry tests stay short), or None for stand-in tokens."""
+    from proxy.mqtt.server import MqttGateway
+
+    pki = pki or make_pki(tmp / "pki")
+    kind = "standin"
+    if issuer is not None and real_parts_available()["tokens"]:
+        kind = "factory" if hasattr(issuer, "alg_none") else "oidc"
+        options.setdefault("oidc", issuer.oidc_config(leeway_seconds=1.0))
+    config = gateway_config(tmp, broker_address, pki, **options)
+    audit = MemoryAudit()
+    services, real = await build_services(config, audit, kind != "standin")
+    gateway = MqttGateway(services)
+    await gateway.start()
+    return GatewayRig(gateway, services, pki, broker_address, audit, config, issuer if kind != "standin" else None,
+                      kind, real)
+
+
+async def stop_gateway(rig: GatewayRig) -> None:
+    await rig.gateway.stop()
+    await rig.services.ownership.close()
+    await rig.services.tokens.close()
+
+
+@pytest.fixture
+async def mqtt_rig_factory(tmp_path, mosquitto, request):
+    """``await mqtt_rig_factory(issuer="oidc" | "factory", **config overrides)``."""
+    rigs: list[GatewayRig] = []
+
+    async def start(issuer: str = "oidc", **options: Any) -> GatewayRig:
+        source = None
+        if real_parts_available()["tokens"]:
+            source = request.getfixturevalue("oidc" if issuer == "oidc" else "token_factory")
+        rig = await start_gateway(tmp_path / f"gw{len(rigs)}", options.pop("broker", mosquitto.address),
+                                  issuer=source, **options)
+        rigs.append(rig)
+        return rig
+
+    yield start
+    for rig in rigs:
+        await stop_gateway(rig)
+
+
+@pytest.fixture
+async def mqtt_rig(mqtt_rig_factory):
+    """A TLS gateway over the session's Mosquitto, users from the real OIDC provider."""
+    return await mqtt_rig_factory()

@@ -1,0 +1,37 @@
+"""Shared builders for the policy unit tests."""
+
+from proxy.facts import Delegation, DeviceFacts, StaticFacts
+from proxy.identity.model import ANONYMOUS, Identity
+from proxy.policy import Policies
+
+
+def user(name="alice", **kw) -> Identity:
+    return Identity(kind="user", sub=kw.pop("sub", f"sub-{name}"), username=name, method="token",
+                    **{k: frozenset(v) if isinstance(v, (list, set, tuple)) else v for k, v in kw.items()})
+
+
+def service(name="svc", **kw) -> Identity:
+    return Identity(kind="service", sub=f"sub-{name}", username=name, method="token",
+                    **{k: frozenset(v) for k, v in kw.items()})
+
+
+def device(dev_id="d1", owner="sub-alice") -> Identity:
+    return Identity(kind="device", sub=f"device:{dev_id}", username=dev_id, method="device_key",
+                    device_id=dev_id, owner_sub=owner, owner_username="alice")
+
+
+anonymous = ANONYMOUS
+
+
+def facts(*devices: DeviceFacts) -> StaticFacts:
+    return StaticFacts(devices)
+
+
+def dev(dev_id, owner="sub-alice", public=False, delegations=()) -> DeviceFacts:
+    return DeviceFacts(dev_id, owner, owner.removeprefix("sub-"), public=public,
+                       delegations=tuple(Delegation(f"g{i}", dev_id, *d) if isinstance(d, tuple) else d
+                                         for i, d in enumerate(delegations)))
+
+
+def policies(rules_yaml: str, the_facts=None, **kw) -> Policies:
+    return Policies.from_text("version: 1\nrules:\n" + rules_yaml, the_facts or StaticFacts(), **kw)

@@ -1,0 +1,282 @@
+"""Property tests: random and mutated MQTT traffic, split at random points.
+
+What must hold whatever the bytes:
+* the codec raises nothing but its own :class:`ProtocolError`;
+* the session raises nothing at all (a violation becomes a close);
+* what the session sends either way is a clean sequence of MQTT packets that
+  the gateway's own decoder accepts, and every PUBLISH it lets through to the
+  broker is on a topic the policy allowed.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.mqtt import codec
+from proxy.mqtt.codec import Framer, ProtocolError
+from proxy.mqtt.packets import (
+    MQTT_5, MQTT_311, Connect, PacketType, Prop, Reason, Subscribe, Subscription, Unsubscribe, Will,
+)
+from proxy.mqtt.session import AUTH_METHOD, Session, topic_matches
+from tests.unit.test_mqtt_session import ALICE, THERMO, Clock, FakePolicies, connack, make
+
+T = PacketType
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+levels = st.sampled_from([MQTT_311, MQTT_5])
+topics = st.sampled_from(["devices/thermo-1/telemetry", "devices/thermo-2/cmd", "a/b", "$SYS/x", "devices/x",
+                          "", "é/ü", "devices/thermo-1/attrs/temp"])
+filters = st.sampled_from(["#", "devices/+/telemetry", "devices/thermo-1/#", "$share/g/devices/+/telemetry",
+                           "$SYS/#", "a/+", "+/+/+"])
+
+
+@st.composite
+def properties_for(draw, kind: str):
+    if kind == "publish":
+        choices = [(Prop.TOPIC_ALIAS, st.integers(1, 12)), (Prop.CONTENT_TYPE, st.text(max_size=5)),
+                   (Prop.USER_PROPERTY, st.tuples(st.text(max_size=3), st.text(max_size=3))),
+                   (Prop.MESSAGE_EXPIRY_INTERVAL, st.integers(0, 2**32 - 1))]
+    else:
+        choices = [(Prop.USER_PROPERTY, st.tuples(st.text(max_size=3), st.text(max_size=3)))]
+    out = []
+    for pid, values in draw(st.lists(st.sampled_from(choices), max_size=3, unique_by=lambda c: c[0])):
+        out.append((pid, draw(values)))
+    return [(p, v) for p, v in out if not (isinstance(v, str) and "\x00" in v)
+            and not (isinstance(v, tuple) and any("\x00" in x or _surrogate(x) for x in v))
+            and not (isinstance(v, str) and _surrogate(v))]
+
+
+def _surrogate(text: str) -> bool:
+    return any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
+
+
+@st.composite
+def client_packet(draw, level: int) -> bytes:
+    kind = draw(st.sampled_from(["publish", "subscribe", "unsubscribe", "ping", "puback", "pubrel", "auth",
+                                 "disconnect", "connect"]))
+    pid = draw(st.integers(1, 6))
+    if kind == "publish":
+        qos = draw(st.integers(0, 2))
+        props = draw(properties_for("publish")) if level == MQTT_5 else []
+        return codec.encode_publish(draw(topics), draw(st.binary(max_size=20)), qos=qos,
+                                    packet_id=pid if qos else None, retain=draw(st.booleans()), level=level,
+                                    properties=props)
+    if kind == "subscribe":
+        subs = [Subscription(f, draw(st.integers(0, 2))) for f in draw(st.lists(filters, min_size=1, max_size=4))]
+        return codec.encode_subscribe(Subscribe(pid, subs), level)
+    if kind == "unsubscribe":
+        return codec.encode_unsubscribe(Unsubscribe(pid, draw(st.lists(filters, min_size=1, max_size=2))), level)
+    if kind == "ping":
+        return b"\xc0\x00"
+    if kind == "puback":
+        return codec.encode_ack(draw(st.sampled_from([T.PUBACK, T.PUBREC, T.PUBCOMP])), pid, level)
+    if kind == "pubrel":
+        return codec.encode_ack(T.PUBREL, pid, level)
+    if kind == "auth" and level == MQTT_5:
+        return codec.encode_auth(Reason.REAUTHENTICATE, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD),
+                                                         (Prop.AUTHENTICATION_DATA, b"t")])
+    if kind == "disconnect":
+        return codec.encode_disconnect(level)
+    return connect_bytes(level)
+
+
+def connect_bytes(level: int, will: Will | None = None) -> bytes:
+    return codec.encode_connect(Connect("MQTT", level, True, 30, "c1", "alice", b"tok", will,
+                                        [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD)] if level == 5 and will else []))
+
+
+@st.composite
+def broker_packet(draw, level: int) -> bytes:
+    kind = draw(st.sampled_from(["publish", "suback", "pubrel", "puback", "pingresp", "unsuback"]))
+    pid = draw(st.integers(1, 6))
+    if kind == "publish":
+        qos = draw(st.integers(0, 2))
+        topic = draw(topics) or "x"
+        return codec.encode_publish(topic, draw(st.binary(max_size=20)), qos=qos, packet_id=pid if qos else None,
+                                    level=level)
+    if kind == "suback":
+        return codec.encode_suback(codec.Suback(pid, draw(st.lists(st.sampled_from([0, 1, 2, 0x80]),
+                                                                   min_size=1, max_size=4))), level)
+    if kind == "pubrel":
+        return codec.encode_ack(T.PUBREL, pid, level)
+    if kind == "puback":
+        return codec.encode_ack(T.PUBACK, pid, level)
+    if kind == "unsuback":
+        return codec.encode_ack(T.UNSUBACK, pid, level)
+    return b"\xd0\x00"
+
+
+@st.composite
+def mutated(draw, data: bytes) -> bytes:
+    buf = bytearray(data)
+    for _ in range(draw(st.integers(0, 4))):
+        op = draw(st.sampled_from(["flip", "insert", "delete", "none"]))
+        if not buf:
+            break
+        i = draw(st.integers(0, len(buf) - 1))
+        if op == "flip":
+            buf[i] = draw(st.integers(0, 255))
+        elif op == "insert":
+            buf[i:i] = draw(st.binary(min_size=1, max_size=4))
+        elif op == "delete":
+            del buf[i:i + draw(st.integers(1, 3))]
+    return bytes(buf)
+
+
+@st.composite
+def splits(draw, data: bytes) -> list[bytes]:
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=6)))
+    out, last = [], 0
+    for c in cuts + [len(data)]:
+        out.append(data[last:c])
+        last = c
+    return out
+
+
+def check_stream(chunks, allow_unfinished: bool = False) -> list[codec.Frame]:
+    """What the gateway emits must frame cleanly."""
+    data = b"".join(bytes(c) for c in chunks)
+    f = Framer(1 << 28)
+    frames = f.feed(data)
+    assert allow_unfinished or f.buffered == 0
+    return frames
+
+
+POLICIES = dict(pub=["devices/thermo-1/#"], sub_allow=["devices/thermo-1/#"], sub_check=["devices/+/telemetry"],
+                recv=["devices/thermo-1/#"])
+
+
+def run_session(level, client_chunks, broker_chunks):
+    """Feed client chunks (answering authentication as Alice, the broker's CONNACK as success)
+    interleaved with broker chunks; return what went to the broker."""
+    p = FakePolicies(**POLICIES)
+    s, _, _ = make(level, p, clock=Clock())
+    to_broker: list = []
+
+    def client(chunk):
+        acts = s.client_data(chunk)
+        to_broker.extend(acts.to_broker)
+        if acts.auth is not None:
+            acts = s.authenticated(ALICE)
+            to_broker.extend(acts.to_broker)
+            if acts.open_upstream:
+                to_broker.extend(s.broker_data(connack(level)).to_broker)
+
+    rest_c, rest_b = list(client_chunks), list(broker_chunks)
+    while rest_c or rest_b:
+        if rest_c:
+            client(rest_c.pop(0))
+        if rest_b and not rest_c:
+            to_broker.extend(s.broker_data(rest_b.pop(0)).to_broker)
+    return s, p, to_broker
+
+
+def assert_forwarded_publishes_allowed(s: Session, p: FakePolicies, to_broker, level) -> None:
+    for frame in check_stream(to_broker):
+        if frame.type == T.CONNECT:
+            up = codec.decode_connect(frame.body)
+            assert up.password is None and not any(k == Prop.AUTHENTICATION_DATA for k, _ in up.properties)
+        elif frame.type == T.PUBLISH:
+            info = codec.decode_publish(frame, level)
+            assert info.topic_alias is None
+            assert any(topic_matches(f, info.topic.decode()) for f in p.pub)
+
+
+@SETTINGS
+@given(st.data(), levels)
+def test_session_survives_mutated_client_traffic(data, level):
+    packets = [connect_bytes(level)] + data.draw(st.lists(client_packet(level), max_size=8))
+    stream = data.draw(mutated(b"".join(packets)))
+    chunks = data.draw(splits(stream))
+    s, p, to_broker = run_session(level, chunks, [])
+    assert_forwarded_publishes_allowed(s, p, to_broker, level)
+
+
+@SETTINGS
+@given(st.data(), levels)
+def test_session_survives_mutated_broker_traffic(data, level):
+    sub = codec.encode_subscribe(Subscribe(1, [Subscription("devices/+/telemetry", 2)]), level)
+    packets = data.draw(st.lists(broker_packet(level), max_size=8))
+    stream = data.draw(mutated(b"".join(packets)))
+    chunks = data.draw(splits(stream))
+    s, p, to_broker = run_session(level, [connect_bytes(level), sub], chunks)
+    assert_forwarded_publishes_allowed(s, p, to_broker, level)
+
+
+@SETTINGS
+@given(st.data(), levels)
+def test_valid_traffic_split_anywhere_gives_the_same_result(data, level):
+    packets = [connect_bytes(level)] + data.draw(st.lists(client_packet(level), max_size=8))
+    stream = b"".join(packets)
+    chunks = data.draw(splits(stream))
+    whole_s, _, whole = run_session(level, [stream], [])
+    split_s, _, split = run_session(level, chunks, [])
+    assert b"".join(bytes(x) for x in whole) == b"".join(bytes(x) for x in split)
+    assert whole_s.closed == split_s.closed
+
+
+@SETTINGS
+@given(st.binary(max_size=200), st.sampled_from([3, 4, 5]))
+def test_codec_raises_only_protocol_errors_on_random_bytes(raw, level):
+    try:
+        frames = Framer(1000).feed(raw)
+    except ProtocolError:
+        return
+    for frame in frames:
+        try:
+            _decode(frame, level)
+        except ProtocolError:
+            pass
+
+
+@SETTINGS
+@given(st.data(), levels)
+def test_codec_raises_only_protocol_errors_on_mutated_packets(data, level):
+    packets = [connect_bytes(level, Will("w", b"x", 1, False))] + data.draw(st.lists(client_packet(level), max_size=6))
+    packets += data.draw(st.lists(broker_packet(level), max_size=4))
+    stream = data.draw(mutated(b"".join(packets)))
+    f = Framer(1 << 16)
+    try:
+        frames = [fr for chunk in data.draw(splits(stream)) for fr in f.feed(chunk)]
+    except ProtocolError:
+        return
+    for frame in frames:
+        try:
+            _decode(frame, level)
+        except ProtocolError:
+            pass
+
+
+def _decode(frame: codec.Frame, level: int) -> None:
+    t = frame.type
+    body = frame.body
+    if t == T.CONNECT:
+        codec.decode_connect(body)
+    elif t == T.CONNACK:
+        codec.decode_connack(body, level)
+    elif t == T.PUBLISH:
+        codec.read_publish_properties(frame, codec.decode_publish(frame, level)) if level == 5 else \
+            codec.decode_publish(frame, level)
+    elif t == T.SUBSCRIBE:
+        codec.decode_subscribe(body, level)
+    elif t == T.SUBACK:
+        codec.decode_suback(body, level)
+    elif t == T.UNSUBSCRIBE:
+        codec.decode_unsubscribe(body, level)
+    elif t == T.DISCONNECT:
+        codec.decode_disconnect(body, level)
+    elif t == T.AUTH:
+        codec.decode_auth(body)
+    elif t in (T.PUBACK, T.PUBREC, T.PUBREL, T.PUBCOMP, T.UNSUBACK):
+        codec.packet_id_of(frame, level)
+
+
+def test_device_session_fuzz_seed_is_deterministic():
+    # A fixed sanity case next to the random ones: a device's full round.
+    s, _, _ = make(MQTT_5, FakePolicies(pub=["devices/thermo-1/#"]))
+    s.client_data(codec.encode_connect(Connect("MQTT", 5, True, 30, "", "thermo-1", b"K1")))
+    s.authenticated(THERMO)
+    s.broker_data(connack(MQTT_5))
+    acts = s.client_data(codec.encode_publish("devices/thermo-1/telemetry", b"21", level=5))
+    assert acts.to_broker and s.client_id == "thermo-1"
