@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else
                                    (" " + " ".join(argv) if argv else ""))
 
+    # SIGTERM (a CI timeout, kill) still tears the stack down: no broker left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     progress = Progress(len(steps) + 1)
     stack = new_stack(keep=args.keep)
     stack.http_engine = args.http_engine
@@ -69,27 +72,34 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         progress.step("starting Mosquitto, issuer, NGSI stand-in, nginx, keygate")
-        stack.start(http=_http_available())
+        try:
+            stack.start(http=_http_available())
+        except Exception as exc:
+            progress.note(f"bench: the stack did not start: {exc}")
+            return 2
         progress.done_one()
         current = None
         for sc, case, mode, rep in steps:
             if sc is not current:
                 current = sc
-                if sc.before is not None and (not modes or "keygate" in modes):
+                if sc.before is not None and not args.quick and (not modes or "keygate" in modes):
                     progress.step(f"{sc.name}: preparing")
                     sc.before(stack)
             progress.step(f"{sc.name} {case} {mode}" + (f" (rep {rep + 1})" if sc.reps(sizes) > 1 else ""))
             try:
-                row = sc.run(stack, sizes, case, mode, rep)
+                result = sc.run(stack, sizes, case, mode, rep)
             except Exception as exc:  # one broken run must not lose the others
-                row = Row(sc.name, case, mode, rep, {}, False, f"{type(exc).__name__}: {exc}")
+                result = Row(sc.name, case, mode, rep, {}, False, f"{type(exc).__name__}: {exc}")
+            got = result if isinstance(result, list) else [result]
             if mode == "keygate" and stack.keygate is not None and stack.keygate.poll() is not None:
-                row.ok = False
-                row.detail += " keygate exited: " + stack.keygate_log_tail(5)
+                for row in got:
+                    row.ok = False
+                    row.detail += " keygate exited: " + stack.keygate_log_tail(5)
                 stack.start_keygate(http=bool(stack.keygate_http_port))
-            rows.append(row)
-            if not row.ok:
-                progress.note(f"FAILED {sc.name} {case} {mode}: {row.detail[:300]}")
+            rows.extend(got)
+            for row in got:
+                if not row.ok:
+                    progress.note(f"FAILED {row.scenario} {row.case} {row.mode}: {row.detail[:300]}")
             progress.done_one()
     finally:
         stack.stop()

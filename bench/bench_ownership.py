@@ -35,23 +35,20 @@ from proxy.identity.model import AuthError, Identity
 ROUNDS = 5
 
 
-def _time_sync(fn: Callable[[], Any], seconds: float) -> float:
-    """Median µs per call over ROUNDS rounds of about seconds/ROUNDS each."""
-    n = 1
-    while True:  # calibrate a batch size that takes ~10 ms
+def _time_sync(fn: Callable[[str], Any], ids: list[str], seconds: float) -> float:
+    """Median µs per call of ``fn(id)`` over ROUNDS rounds, each a tight loop over ``ids``."""
+    def batch() -> float:
         t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        if time.perf_counter() - t0 > 0.01:
-            break
-        n *= 2
-    per_round = max(1, int(n * (seconds / ROUNDS) / 0.01))
+        for device_id in ids:
+            fn(device_id)
+        return time.perf_counter() - t0
+
+    per_batch = batch()
+    repeats = max(1, int(seconds / ROUNDS / max(per_batch, 1e-6)))
     results = []
     for _ in range(ROUNDS):
-        t0 = time.perf_counter()
-        for _ in range(per_round):
-            fn()
-        results.append((time.perf_counter() - t0) / per_round * 1e6)
+        total = sum(batch() for _ in range(repeats))
+        results.append(total / (repeats * len(ids)) * 1e6)
     return statistics.median(results)
 
 
@@ -87,40 +84,36 @@ async def measure(devices: int = 10_000, seconds: float = 1.0) -> dict[str, floa
                                                     "read")
             ids = list(keys)
             rng = random.Random(7)
-            probe = [rng.choice(ids) for _ in range(1024)]
-            it = iter(range(1 << 62))
-
-            def pick() -> str:
-                return probe[next(it) & 1023]
-
+            probe = [rng.choice(ids) for _ in range(1000)]
+            unknown = [f"no-such-device-{i}" for i in range(1000)]
             facts = service.facts
             store = service._store
             out: dict[str, float] = {"devices": devices}
-            out["facts.device (cached)"] = _time_sync(lambda: facts.device(pick()), seconds)
-            out["facts.device miss (cached)"] = _time_sync(lambda: facts.device("no-such-device"), seconds)
+            out["facts.device (cached)"] = _time_sync(facts.device, probe, seconds)
+            out["facts.device, unknown id (cached)"] = _time_sync(facts.device, unknown, seconds)
             # The store's connection belongs to its thread: time the uncached read there.
             out["store.get_device (uncached, store thread)"] = await service._run(
-                _time_sync, lambda: store.get_device(pick()), seconds)
+                _time_sync, store.get_device, probe[:200], seconds)
+            it = iter(probe * 3)
             out["load_device (uncached, via event loop)"] = await _time_async(
-                lambda: service.load_device(pick()), 500)
+                lambda: service.load_device(next(it)), 500)
             out["readable_devices (one user)"] = _time_sync(
-                lambda: facts.readable_devices("u1", "sub-u1"), seconds)
+                lambda _: facts.readable_devices("u1", "sub-u1"), probe[:100], seconds)
 
-            def good() -> None:
-                d = pick()
-                service.check_device_key(d, keys[d])
+            def right_key(device_id: str) -> None:
+                service.check_device_key(device_id, keys[device_id])
 
-            def failing(device_id_of: Callable[[], str]) -> Callable[[], None]:
-                def run() -> None:
-                    try:
-                        service.check_device_key(device_id_of(), "x" * 43)
-                    except AuthError:
-                        pass
-                return run
+            def wrong_key(device_id: str) -> None:
+                try:
+                    service.check_device_key(device_id, "x" * 43)
+                except AuthError:
+                    pass
 
-            out["device key check: right key"] = _time_sync(good, seconds)
-            out["device key check: wrong key"] = _time_sync(failing(pick), seconds)
-            out["device key check: unknown device"] = _time_sync(failing(lambda: "no-such-device"), seconds)
+            out["device key check: right key"] = _time_sync(right_key, probe, seconds)
+            out["device key check: wrong key"] = _time_sync(wrong_key, probe, seconds)
+            out["device key check: unknown device"] = _time_sync(wrong_key, unknown, seconds)
+            out["(reference) one HMAC-SHA256 of a 43-byte key"] = _time_sync(
+                lambda k: service.hash_key(k), [keys[d] for d in probe], seconds)
             return out
         finally:
             await service.close()

@@ -30,13 +30,16 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def _register(services, devices: list[dict]) -> None:
+async def _register(services, devices: list[dict]) -> dict[str, str]:
+    """Register each device for its owner; returns device id -> K1 (devices publish with it)."""
     from proxy.identity.model import Identity
 
+    keys = {}
     for d in devices:
         owner = Identity(kind="user", sub=f"sub-{d['owner']}", username=d["owner"], method="token")
-        await services.ownership.register_device(owner, {"id": d["id"], "type": "Sensor",
-                                                          **({"public": True} if d.get("public") else {})})
+        _, k1, _ = await services.ownership.register_device(owner, {"id": d["id"], "type": "Sensor"})
+        keys[d["id"]] = k1
+    return keys
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -46,7 +49,7 @@ async def _main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     services = await build_services(config)
     devices = json.loads(Path(args.devices).read_text()) if args.devices else []
-    await _register(services, devices)
+    keys = await _register(services, devices)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -55,7 +58,7 @@ async def _main(args: argparse.Namespace) -> int:
     def on_ready(_services, listeners) -> None:
         ready = {"pid": os.getpid(),
                  "mqtt_port": getattr(listeners.mqtt, "port", None),
-                 "http_port": getattr(listeners.http, "port", None)}
+                 "http_port": getattr(listeners.http, "port", None), "keys": keys}
         tmp = Path(args.ready + ".tmp")
         tmp.write_text(json.dumps(ready))
         tmp.replace(args.ready)

@@ -379,7 +379,8 @@ async def run_ingest(spec: dict) -> dict:
     counter.on_publish = on_count
     batch = spec.get("batch", 50)
     payload = b"x" * spec.get("payload_bytes", 32)
-    blocks = max(1, 60000 // batch)  # QoS 1: packet ids cycle through 1..60000
+    # QoS 1: packet ids cycle through 1..60000; only as many blocks as will be sent.
+    blocks = max(1, min(60000 // batch, -(-per_pub // batch)))
 
     def chunks_for(topic: bytes) -> list[bytes]:
         if not qos:
@@ -387,10 +388,9 @@ async def run_ingest(spec: dict) -> dict:
         return [b"".join(publish_packet(topic, payload, qos, j * batch + k + 1) for k in range(batch))
                 for j in range(blocks)]
 
-    async def publish(client: Client, topic: bytes) -> None:
+    async def publish(client: Client, topic: bytes, mine: list[bytes]) -> None:
         if qos:
             client.on_ack = on_ack
-        mine = chunks_for(topic)
         write = client.transport.write
         sent = j = 0
         while sent < per_pub:
@@ -404,8 +404,10 @@ async def run_ingest(spec: dict) -> dict:
             sent += n
             state["sent"] += n
             await client.drain()
+    encoded = [chunks_for(p["topic"].encode()) for p in spec["publishers"]]  # before the clock starts
     t0 = time.perf_counter()
-    await asyncio.gather(*(publish(c, p["topic"].encode()) for c, p in zip(pubs, spec["publishers"])))
+    await asyncio.gather(*(publish(c, p["topic"].encode(), e)
+                           for c, p, e in zip(pubs, spec["publishers"], encoded)))
     timed_out = False
     try:
         await asyncio.wait_for(asyncio.shield(done), spec.get("timeout", 60))

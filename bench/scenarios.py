@@ -62,6 +62,7 @@ class Sizes:
     idle_counts: tuple[int, ...]
     http_connections: int
     http_seconds: float
+    quick: bool = False
 
     @classmethod
     def full(cls, messages: int = 1_000_000, reps: int = 3) -> "Sizes":
@@ -77,7 +78,7 @@ class Sizes:
                    fanout_subscribers=3, fanout_messages=300, latency_rates=(1000, 10000),
                    latency_seconds=0.3, cpu_clients=10, cpu_rate=2000, cpu_seconds=0.3, storm_workers=4,
                    storm_seconds=0.5, storm_tokens=400, idle_counts=(40, 100), http_connections=8,
-                   http_seconds=1.0)
+                   http_seconds=1.0, quick=True)
 
 
 # --------------------------------------------------------------------------- running a load generator
@@ -172,8 +173,8 @@ def sipmba(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
     target = stack.mqtt_target(mode).spec()
     topic = f"devices/{stack.device(0)}/telemetry"
     spec = {"mode": "sipmba", "qos": qos, "messages": sz.sipmba_messages, "topic": topic, "target": target,
-            "pub": _cred(stack, f"sip-pub-{rep}"), "sub": _cred(stack, f"sip-sub-{rep}"),
-            "window": 1000, "timeout": max(60, sz.sipmba_messages / 2000)}
+            "pub": stack.device_cred(0), "sub": _cred(stack, f"sip-sub-{rep}"),
+            "window": 1000, "timeout": max(15, sz.sipmba_messages / 2000)}
     res = run_load("mqttload", spec, timeout=spec["timeout"] + 120)
     ok = bool(res.get("completed")) and res.get("lost") == 0 and res.get("out_of_order") == 0
     metrics = {k: res[k] for k in ("elapsed_s", "received", "in_order", "lost", "out_of_order") if k in res}
@@ -184,7 +185,7 @@ def sipmba(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
 
 def ingest(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
     qos = int(case[-1])
-    pubs = [{**_cred(stack, f"ing-{rep}-{k}"), "topic": f"devices/{stack.device(k % stack.devices)}/telemetry"}
+    pubs = [{**stack.device_cred(k), "topic": f"devices/{stack.device(k)}/telemetry"}
             for k in range(sz.ingest_publishers)]
     spec = {"mode": "ingest", "qos": qos, "messages_per_publisher": sz.ingest_per_publisher,
             "target": stack.mqtt_target(mode).spec(), "publishers": pubs,
@@ -205,8 +206,8 @@ def fanout(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
                  "expect": False})
     target = stack.mqtt_target(mode).spec()
     spec = {"mode": "fanout", "messages": sz.fanout_messages, "pub_target": target, "sub_target": target,
-            "publisher": _cred(stack, f"fan-pub-{rep}"), "subscribers": subs,
-            "topics": [f"devices/{stack.device(k)}/telemetry" for k in range(10)], "timeout": 120}
+            "publisher": stack.device_cred(0), "subscribers": subs,
+            "topics": [f"devices/{stack.device(0)}/telemetry"], "timeout": 120}
     res = run_load("mqttload", spec, timeout=300)
     ok = bool(res.get("completed")) and (mode != "keygate" or res.get("unexpected") == 0)
     metrics = {k: res[k] for k in ("rate", "elapsed_s", "deliveries", "expected_deliveries", "unexpected")
@@ -218,7 +219,7 @@ def latency(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
     rate = int(case.split()[0].replace(",", ""))
     topic = f"devices/{stack.device(1)}/telemetry"
     spec = {"mode": "latency", "rate": rate, "duration_s": sz.latency_seconds, "topic": topic,
-            "target": stack.mqtt_target(mode).spec(), "pub": _cred(stack, f"lat-pub-{rep}"),
+            "target": stack.mqtt_target(mode).spec(), "pub": stack.device_cred(1),
             "sub": _cred(stack, f"lat-sub-{rep}"), "timeout": 10}
     res = run_load("mqttload", spec, timeout=sz.latency_seconds + 90)
     ok = bool(res.get("completed"))
@@ -228,7 +229,7 @@ def latency(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
 
 
 def cpu(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
-    clients = [{**_cred(stack, f"cpu-{rep}-{k}"), "topic": f"devices/{stack.device(k % stack.devices)}/telemetry"}
+    clients = [{**stack.device_cred(k), "topic": f"devices/{stack.device(k)}/telemetry"}
                for k in range(sz.cpu_clients)]
     total = int(sz.cpu_rate * sz.cpu_seconds)
     spec = {"mode": "cpu", "target": stack.mqtt_target(mode).spec(), "clients": clients, "rate": sz.cpu_rate,
@@ -284,8 +285,7 @@ def idle_memory(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
         return Row("memory", case, mode, rep, {}, False, "warm-up failed: " + json.dumps(warm)[:300])
     time.sleep(0.5)
     pid = stack.pid(holder)
-    broker_pid = stack.pid("broker")
-    base, base_broker = proc_rss_kib(pid), proc_rss_kib(broker_pid)
+    base = proc_rss_kib(pid)
     gens: list[Interactive] = []
     metrics: dict[str, float] = {}
     ok = True
@@ -303,11 +303,9 @@ def idle_memory(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
                 ok = False
                 detail = f"{more - res['open']} of {more} connections failed: {json.dumps(res['failures'])[:300]}"
             time.sleep(1.0)
-            rss, rss_broker = proc_rss_kib(pid), proc_rss_kib(broker_pid)
+            rss = proc_rss_kib(pid)
             metrics[f"kb_per_conn_{count}"] = (rss - base) * 1.024 / max(1, opened)  # KiB -> kB
             metrics[f"rss_delta_mb_{count}"] = (rss - base) / 1024
-            if mode == "keygate":
-                metrics[f"broker_kb_per_conn_{count}"] = (rss_broker - base_broker) * 1.024 / max(1, opened)
             metrics[f"open_s_{count}"] = res["open_s"]
     except Exception as exc:
         ok = False
@@ -353,7 +351,7 @@ def stack_http_engine(stack: Stack) -> str:
     return getattr(stack, "http_engine", "auto")
 
 
-def identity(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
+def identity(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> list[Row]:
     from bench import identity_suite
 
     return identity_suite.run(stack, sz, case, rep)

@@ -97,7 +97,7 @@ class Target:
 @dataclass
 class Stack:
     workdir: Path
-    devices: int = 100
+    devices: int = 120
     keep: bool = False
     issuer: BenchIssuer = field(default_factory=BenchIssuer)
     broker = None
@@ -110,6 +110,7 @@ class Stack:
     keygate_mqtt_port: int = 0
     keygate_http_port: int = 0
     pki = None
+    keys: dict[str, str] = field(default_factory=dict)  # device id -> K1, from keygate's store
     log: list[str] = field(default_factory=list)
 
     # -- addresses
@@ -300,6 +301,12 @@ audit:
         info = json.loads(ready.read_text())
         self.keygate_mqtt_port = info.get("mqtt_port") or self.keygate_mqtt_port
         self.keygate_http_port = info.get("http_port") or self.keygate_http_port
+        self.keys = info.get("keys", {})
+
+    def device_cred(self, k: int) -> dict:
+        """A device connects as itself: client id = username = device id, password = K1."""
+        dev = self.device(k)
+        return {"client_id": dev, "username": dev, "password": self.keys.get(dev, "")}
 
     def keygate_log_tail(self, lines: int = 30) -> str:
         path = self.workdir / "keygate" / "keygate.log"
@@ -309,5 +316,5 @@ audit:
             return ""
 
 
-def new_stack(keep: bool = False, devices: int = 100) -> Stack:
+def new_stack(keep: bool = False, devices: int = 120) -> Stack:
     return Stack(Path(tempfile.mkdtemp(prefix="keygate-bench-")), devices=devices, keep=keep)

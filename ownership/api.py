@@ -137,9 +137,7 @@ async def _json_body(request: web.Request, *, allowed: set[str], required: set[s
         raise ApiError(415, "unsupported_media_type", "the body must be application/json")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise ApiError(413, "body_too_large", f"the body may be at most {MAX_BODY_BYTES} bytes")
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, "body_too_large", f"the body may be at most {MAX_BODY_BYTES} bytes")
+    raw = await _read_bounded(request, MAX_BODY_BYTES)
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
@@ -153,6 +151,20 @@ async def _json_body(request: web.Request, *, allowed: set[str], required: set[s
     if missing:
         raise ApiError(400, "missing_field", f"{missing[0]} is required")
     return body
+
+
+async def _read_bounded(request: web.Request, limit: int) -> bytes:
+    """The whole body, refused (413) as soon as it passes ``limit``, whatever Content-Length said."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(limit + 1 - size)  # may return less: loop until EOF
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"the body may be at most {limit} bytes")
+        chunks.append(chunk)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -221,7 +233,7 @@ def delegation_out(d: dict[str, Any], now: float) -> dict[str, Any]:
 
 
 def _now(request: web.Request) -> float:
-    return _services(request).ownership._clock()
+    return _services(request).ownership.now()
 
 
 # --------------------------------------------------------------------------- handlers
@@ -273,8 +285,6 @@ async def patch_device(request: web.Request) -> web.Response:
     device = _managed_device(request)
     body = await _json_body(request, allowed=_PATCH_FIELDS)
     _check_device_fields(body)
-    if "type" in body and body["type"] is None:
-        _invalid("type may not be null")
     updated = await _services(request).ownership.update_device(_caller(request), device["id"], body)
     return web.json_response(device_out(updated))
 

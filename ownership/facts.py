@@ -91,6 +91,9 @@ class MemoryFacts:
                         out.setdefault(device_id, []).append(d)
         return out
 
+    def __len__(self) -> int:
+        return len(self._records)
+
     def all_ids(self) -> list[str]:
         return sorted(self._records)
 

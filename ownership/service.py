@@ -20,6 +20,8 @@ import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+
+from prometheus_client import Counter, Gauge
 from typing import Any, Callable, TypeVar
 
 from ownership import store as st
@@ -28,8 +30,13 @@ from ownership.validation import KEY_SLOTS, PERMISSIONS, grantee_problem, orion_
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, read_secret
 from proxy.identity.model import AuthError, AuthReason, Identity
+from proxy.metrics import REGISTRY, add_readiness_check, remove_readiness_check
 
 T = TypeVar("T")
+
+KEY_CHECKS = Counter("keygate_device_key_checks", "Device key checks by result", ["result"], registry=REGISTRY)
+_KEY_OK, _KEY_FAILED = KEY_CHECKS.labels("ok"), KEY_CHECKS.labels("failed")
+DEVICES = Gauge("keygate_ownership_devices", "Devices registered in the ownership store", registry=REGISTRY)
 
 #: Longest key accepted for checking; real keys are 43 characters.
 MAX_KEY_LENGTH = 256
@@ -81,6 +88,9 @@ class OwnershipService:
         # so that an unknown id costs what a wrong key costs.
         self._dummy_hash = hmac.new(secrets.token_bytes(32), b"dummy", hashlib.sha256).digest()
         self.facts = MemoryFacts(clock=clock)
+        # Device identities are immutable; built once per device and dropped when its facts change.
+        self._identities: dict[tuple[str, str], Identity] = {}
+        self.facts.subscribe(self._forget_identities)
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -104,18 +114,32 @@ class OwnershipService:
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        pepper = await loop.run_in_executor(executor, store.pepper)
+        try:
+            pepper = await loop.run_in_executor(executor, store.pepper)
+            snapshot = await loop.run_in_executor(executor, store.load_all)
+        except BaseException:
+            await loop.run_in_executor(executor, store.close)
+            executor.shutdown(wait=False)
+            raise
         service = cls(config, store, executor, pepper=pepper, audit=audit, clock=clock)
-        snapshot = await service._run(store.load_all)
         service.facts.load(snapshot)
+        DEVICES.set_function(lambda: len(service.facts))
+        add_readiness_check("ownership", service._readiness)
         return service
+
+    def _readiness(self) -> tuple[bool, str]:
+        return (not self._closed, "store closed" if self._closed else "")
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        remove_readiness_check("ownership")
         await self._run(self._store.close)
         self._executor.shutdown(wait=True)
+
+    def now(self) -> float:
+        return self._clock()
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run a store call on the store thread."""
@@ -143,19 +167,34 @@ class OwnershipService:
         # Both comparisons always run (bitwise |, not `or`).
         ok = hmac.compare_digest(digest, k1) | hmac.compare_digest(digest, k2)
         if not ok or stored is None or not key:
+            _KEY_FAILED.inc()
             raise AuthError(AuthReason.UNKNOWN_DEVICE_OR_KEY)
+        _KEY_OK.inc()
         return self._device_identity(device_id, "device_key")
 
     def device_identity(self, device_id: str) -> Identity:
         return self._device_identity(device_id, "certificate")
 
     def _device_identity(self, device_id: str, method: str) -> Identity:
+        ident = self._identities.get((device_id, method))
+        if ident is not None:
+            return ident
         facts = self.facts.device(device_id)
         if facts is None:
             raise AuthError(AuthReason.UNKNOWN_DEVICE_OR_KEY)
-        return Identity(kind="device", sub=f"device:{device_id}", username=device_id, device_id=device_id,
-                        owner_sub=facts.owner_sub, owner_username=facts.owner_username,
-                        method=method)  # type: ignore[arg-type]
+        ident = Identity(kind="device", sub=f"device:{device_id}", username=device_id, device_id=device_id,
+                         owner_sub=facts.owner_sub, owner_username=facts.owner_username,
+                         method=method)  # type: ignore[arg-type]
+        self._identities[(device_id, method)] = ident
+        return ident
+
+    def _forget_identities(self, device_ids: set[str] | None) -> None:
+        if device_ids is None:
+            self._identities.clear()
+            return
+        for device_id in device_ids:
+            self._identities.pop((device_id, "device_key"), None)
+            self._identities.pop((device_id, "certificate"), None)
 
     # ------------------------------------------------------------------ quotas
 

@@ -113,6 +113,8 @@ class Store:
                 migrate(conn)
             except RuntimeError as exc:
                 raise StoreError(f"store {label}: {exc}") from None
+            except sqlite.Error as exc:
+                raise StoreError(f"store {label}: schema migration failed: {exc}") from None
             store = cls(conn, path)
             store._ensure_pepper()
             return store

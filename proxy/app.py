@@ -108,9 +108,10 @@ class Listeners:
             self.metrics = MetricsServer()
             await self.metrics.start(*parse_hostport(config.metrics.listen))
         if config.http is not None:
+            from ownership.api import create_api_app
             from proxy.http.gateway import HttpGateway
 
-            self.http = HttpGateway(self.services)
+            self.http = HttpGateway(self.services, create_api_app(self.services))
             await self.http.start()
         if config.mqtt is not None:
             from proxy.mqtt.server import MqttGateway

@@ -14,6 +14,7 @@ Secret fields (marked ``secret``) refuse literal values: they must come from
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -262,7 +263,10 @@ class _Loader:
             try:
                 if not (plain or substituted):
                     raise ValueError
-                return float(text)
+                number = float(text)
+                if not math.isfinite(number):  # nan would make every time comparison false
+                    raise ValueError
+                return number
             except ValueError:
                 self.fail(node, path, f"expected a number, got {text!r}")
         if get_origin(tp) is Literal:
@@ -388,6 +392,12 @@ def _check(cfg: Config, filename: str) -> None:
             bad("oidc.algorithms", f"{alg} is not allowed (asymmetric algorithms only)")
     if not cfg.oidc.algorithms:
         bad("oidc.algorithms", "must not be empty")
+    for name in ("leeway_seconds", "jwks_refresh_seconds", "unknown_kid_cooldown_seconds",
+                 "http_timeout_seconds", "token_cache_size"):
+        if getattr(cfg.oidc, name) < 0:
+            bad(f"oidc.{name}", "must not be negative")
+    if cfg.oidc.jwks_refresh_seconds < 1:
+        bad("oidc.jwks_refresh_seconds", "must be at least 1")
     if cfg.oidc.introspection.enabled and not cfg.oidc.introspection.client_id:
         bad("oidc.introspection.client_id", "required when introspection is enabled")
     needs_tls = (cfg.mqtt is not None and cfg.mqtt.tls) or (cfg.http is not None and cfg.http.tls)

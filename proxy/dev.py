@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import secrets
 import shlex
 import shutil
@@ -55,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MQTT over TLS port on 127.0.0.1 (default 8883; a free one if taken)")
     parser.add_argument("--http-port", type=int, default=8443,
                         help="HTTPS port (ownership API, NGSI-v2) on 127.0.0.1 (default 8443; a free one if taken)")
+    parser.add_argument("--metrics-port", type=int, default=9100,
+                        help="metrics, /healthz and /readyz on 127.0.0.1 (default 9100; a free one if taken)")
     parser.add_argument("--upstream", metavar="HOST:PORT",
                         help="use this MQTT broker instead of starting Mosquitto")
     parser.add_argument("--orion", default="http://127.0.0.1:1026", metavar="URL",
@@ -140,6 +143,8 @@ def pick_port(preferred: int) -> int:
     """``preferred`` if it is free on loopback, else any free port."""
     for port in (preferred, 0):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # As the listeners do: a port whose old connections linger in TIME_WAIT is free.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
@@ -187,13 +192,23 @@ metrics:
 # --------------------------------------------------------------------------- Mosquitto
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if keygate dev dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(Exception):
+def _load_prctl() -> Any:
+    # Resolved before any fork: the child of a threaded process must not import or dlopen.
+    try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if keygate dev dies, even by SIGKILL (Linux)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -220,8 +235,11 @@ async def start_mosquitto(folder: Path) -> Broker:
         raise CommandError("mosquitto is not installed (apt-get install mosquitto), or pass --upstream HOST:PORT")
     port = pick_port(0)
     conf = folder / "mosquitto.conf"
+    # "user" = whoever runs keygate dev: started as root, Mosquitto would otherwise switch
+    # to the mosquitto user, and changing credentials clears the parent-death signal.
     conf.write_text(f"# Written by keygate dev: reachable on loopback only, behind keygate.\n"
                     f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
                     f"log_dest stderr\nlog_type error\nlog_type warning\n")
     logfile = open(folder / "mosquitto.log", "ab")
     try:
@@ -301,7 +319,7 @@ class DevStack:
             self.broker = await start_mosquitto(self.folder)
             upstream = f"127.0.0.1:{self.broker.port}"
         ports = {"mqtt_port": pick_port(self.args.mqtt_port), "http_port": pick_port(self.args.http_port),
-                 "metrics_port": pick_port(0)}
+                 "metrics_port": pick_port(self.args.metrics_port)}
         config_path = self.folder / "proxy.yaml"
         config_path.write_text(render_config(folder=self.folder, issuer=key.issuer, upstream=upstream, orion=self.args.orion, **ports))
         config = load_config(config_path)

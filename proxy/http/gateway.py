@@ -7,6 +7,23 @@ notification targets (:mod:`.ssrf`), then forward to Orion over one pooled
 client session, and audit the outcome. Orion is only ever sent the canonical
 path, the re-encoded query, and (where the body was checked) the re-serialised
 body: what was checked is what Orion reads.
+
+Headers. Hop-by-hop headers (and those named in ``Connection``) never cross.
+The gateway owns, and replaces whatever the client sent for them:
+``Authorization`` and ``X-Auth-Token`` (never forwarded), ``Forwarded``,
+``X-Forwarded-For/Proto/Host``, ``X-Real-IP``, ``Fiware-Service``, the
+``X-HTTP-Method-Override`` family and every ``X-Keygate-*`` header; it sets ``X-Keygate-Kind``, ``-Sub``, ``-User``,
+``-Roles`` and ``-Device`` from the authenticated identity.
+
+Tenancy. With ``http.fiware_service`` set, that tenant is forced on every
+request. Otherwise the client's ``Fiware-Service`` (lower-cased, as Orion does)
+is the tenant, and a device counts as a device only in the tenant its facts
+record. ``Fiware-ServicePath`` is passed on when it follows Orion's grammar
+(one plain scope for updates; up to ten, ``/#`` allowed, for queries) and
+refused otherwise: a service path only narrows what Orion looks at, and every
+entity id a request touches is checked whatever the path, so it cannot widen
+anyone's access. An operator who wants it closed can deny the endpoints by
+policy.
 """
 
 from __future__ import annotations
@@ -48,7 +65,9 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-a
                         "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
 _OWN_REQUEST_HEADERS = frozenset({"host", "authorization", "x-auth-token", "forwarded", "x-forwarded-for",
                                   "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip",
-                                  "fiware-service", "content-length", "accept-encoding", "expect"})
+                                  "fiware-service", "content-length", "accept-encoding", "expect",
+                                  # the method checked is the method sent: no override by header
+                                  "x-http-method-override", "x-http-method", "x-method-override"})
 IDENTITY_PREFIX = "x-keygate-"
 _CORS_EXPOSE = "Location, Fiware-Total-Count, Fiware-Correlator"
 _MAX_QUERY_FIELDS = 64
@@ -149,7 +168,8 @@ class GatewayHandler:
             protocol="http", action=request.method, resource=audit["path"], decision=audit["decision"],
             identity=audit["identity"], rule=audit["rule"], reason=audit["reason"] or None,
             devices=list(audit["devices"]), status=status, upstream_status=audit["upstream_status"],
-            latency_ms=round(elapsed * 1000, 3), remote=request.remote)
+            latency_ms=round(elapsed * 1000, 3), remote=request.remote,
+            **({"subscription": audit["subscription"]} if "subscription" in audit else {}))
 
     def _deny(self, audit: dict[str, Any], status: int, error: str, description: str, reason: str,
               headers: dict[str, str] | None = None) -> web.Response:
@@ -349,7 +369,8 @@ class GatewayHandler:
         audit["upstream_status"] = upstream.status
         try:
             if d.after == "record_subscription" and upstream.status == 201:
-                await self._record_subscription(upstream, identity, tenant, audit)
+                if not await self._record_subscription(upstream, identity, tenant, headers, audit):
+                    return orion_error(503, "ServiceUnavailable", "the subscription could not be recorded")
             elif d.after == "forget_subscription" and upstream.status in (200, 204):
                 path = d.path.rsplit("/", 1)[-1]
                 await self.services.ownership.forget_subscription(path, tenant)
@@ -358,15 +379,31 @@ class GatewayHandler:
             upstream.release()
 
     async def _record_subscription(self, upstream: aiohttp.ClientResponse, identity: Identity, tenant: str,
-                                   audit: dict[str, Any]) -> None:
+                                   headers: CIMultiDict[str], audit: dict[str, Any]) -> bool:
+        """Tie the new subscription to its creator; if that fails, take it back out of Orion, so no
+        subscription runs that nobody owns."""
         location = upstream.headers.get("Location", "")
         sub_id = location.rstrip("/").rsplit("/", 1)[-1]
-        if not location.startswith("/v2/subscriptions/") or not ngsi._SUBSCRIPTION_ID.fullmatch(sub_id):
+        if not location.startswith("/v2/subscriptions/") or not ngsi.valid_subscription_id(sub_id):
             audit["reason"] = "subscription created without a usable Location"
             log.warning("Orion answered 201 to a subscription without a usable Location: %r", location)
-            return
-        await self.services.ownership.record_subscription(sub_id, identity, tenant)
+            return True
+        try:
+            await self.services.ownership.record_subscription(sub_id, identity, tenant)
+        except Exception:
+            log.exception("recording subscription %s failed; deleting it from Orion", sub_id)
+            audit["decision"], audit["reason"] = "error", "subscription not recorded, withdrawn"
+            headers = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in ("content-length",
+                                                                                           "content-type"))
+            try:
+                async with self.session.delete(self._url(f"/v2/subscriptions/{sub_id}", ()),  # type: ignore[union-attr]
+                                               headers=headers):
+                    pass
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                log.error("could not withdraw unrecorded subscription %s from Orion", sub_id)
+            return False
         audit["subscription"] = sub_id
+        return True
 
     def _response_headers(self, upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
         connection_named = {t.strip().lower() for t in upstream.headers.get("Connection", "").split(",")}

@@ -38,6 +38,10 @@ def valid_ident(text: Any) -> bool:
     return isinstance(text, str) and _IDENT.fullmatch(text) is not None
 
 
+def valid_subscription_id(text: str) -> bool:
+    return _SUBSCRIPTION_ID.fullmatch(text) is not None
+
+
 class NoBody:
     """No body was sent (distinct from a JSON ``null``)."""
 
@@ -313,7 +317,8 @@ def subscription_body(body: Any, *, creating: bool) -> SubscriptionBody | Reject
             topic = target.get("topic", "")
             if kind == "mqtt" and not isinstance(topic, str):
                 return bad_request(f"notification {key} topic must be a string")
-            targets.append(NotificationTarget(kind, target["url"], topic if kind == "mqtt" else ""))  # type: ignore[arg-type]
+            targets.append(NotificationTarget(kind, target["url"],  # type: ignore[arg-type]
+                                              topic if kind == "mqtt" else ""))
         if creating and not targets:
             return bad_request("Subscription notification needs http, httpCustom, mqtt or mqttCustom")
     return SubscriptionBody(tuple(ids), patterns, tuple(targets))

@@ -25,7 +25,7 @@ Rules, in one place:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
 from proxy.facts import OwnershipFacts

@@ -38,8 +38,8 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _SCHEMES = {"http": {"http": 80, "https": 443}, "mqtt": {"mqtt": 1883, "mqtts": 8883}}
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
 _NUMERIC_HOST = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+))*\.?", re.I)
-_HOSTNAME = re.compile(r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?",
-                       re.I)
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?", re.I)
 
 
 class Allowlist:

@@ -35,6 +35,7 @@ ALG_KEY_TYPES: dict[str, tuple[str, str | None]] = {
     "ES256": ("EC", "P-256"), "ES384": ("EC", "P-384"), "ES512": ("EC", "P-521"),
 }
 _ALGORITHMS = get_default_algorithms()
+MAX_DOCUMENT_BYTES = 1 << 20  # a JWKS or discovery document; Keycloak's are a few KB
 
 
 class FetchError(Exception):
@@ -95,7 +96,9 @@ async def get_json(session: aiohttp.ClientSession, url: str, timeout: float, doc
                                headers={"accept": "application/json"}, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise FetchError(f"{document} {url}: HTTP {resp.status}")
-            body = await resp.read()
+            body = await resp.content.read(MAX_DOCUMENT_BYTES + 1)
+        if len(body) > MAX_DOCUMENT_BYTES:
+            raise FetchError(f"{document} {url}: larger than {MAX_DOCUMENT_BYTES} bytes")
         doc = json.loads(body)
     except FetchError:
         JWKS_FETCHES.labels(document, "error").inc()

@@ -77,6 +77,14 @@ class Frame:
         return f"Frame({PacketType(self.type).name}, flags={self.flags}, len={len(self.raw)})"
 
 
+def _valid_first_byte(byte1: int) -> bool:
+    try:
+        check_fixed_header(byte1)
+    except ProtocolError:
+        return False
+    return True
+
+
 def check_fixed_header(byte1: int) -> tuple[int, int]:
     """Packet type and flags of a first header byte; refuses reserved types and wrong flags."""
     ptype, flags = byte1 >> 4, byte1 & 0x0F
@@ -98,7 +106,10 @@ def parse_header(buf, pos: int, end: int, max_size: int) -> tuple[int, int, int,
     the header is not complete yet. Raises as soon as the header shows a bad packet."""
     if pos >= end:
         return None
-    ptype, flags = check_fixed_header(buf[pos])
+    byte1 = buf[pos]
+    if not _VALID_BYTE1[byte1]:
+        check_fixed_header(byte1)  # raises with the precise message
+    ptype, flags = byte1 >> 4, byte1 & 0x0F
     length = 0
     shift = 0
     i = pos + 1
@@ -123,6 +134,10 @@ def parse_header(buf, pos: int, end: int, max_size: int) -> tuple[int, int, int,
     return ptype, flags, header_len, total
 
 
+# Which first header bytes are acceptable, decided once: the check costs one index per packet.
+_VALID_BYTE1 = bytes(_valid_first_byte(b) for b in range(256))
+
+
 class Framer:
     """Cuts a byte stream into :class:`Frame` objects.
 
@@ -135,6 +150,7 @@ class Framer:
         self.max_packet_size = max_packet_size
         self._pending = bytearray()
         self._need = 0  # total length of the pending packet, 0 while its header is incomplete
+        self.view: memoryview | None = None  # the last chunk fed, as bytes: frames with start >= 0 slice it
 
     @property
     def buffered(self) -> int:
@@ -144,6 +160,7 @@ class Framer:
         mv = data if isinstance(data, memoryview) else memoryview(data)
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
+        self.view = mv
         end = len(mv)
         pos = 0
         out: list[Frame] = []
@@ -151,8 +168,30 @@ class Framer:
             pos = self._complete_pending(mv, out)
             if pos < 0:
                 return out
+        max_size = self.max_packet_size
+        valid = _VALID_BYTE1
         while pos < end:
-            hdr = parse_header(mv, pos, end, self.max_packet_size)
+            # Fast path: a valid first byte and a one- or two-byte remaining length.
+            byte1 = mv[pos]
+            if pos + 2 < end and valid[byte1]:
+                b = mv[pos + 1]
+                if b < 0x80:
+                    hlen, total = 2, 2 + b
+                else:
+                    b2 = mv[pos + 2]
+                    if b2 < 0x80 and b2:
+                        hlen, total = 3, 3 + ((b & 0x7F) | (b2 << 7))
+                    else:
+                        hlen = 0
+                if hlen and total <= max_size:
+                    if pos + total > end:
+                        self._pending += mv[pos:end]
+                        self._need = total
+                        break
+                    out.append(Frame(byte1 >> 4, byte1 & 0x0F, mv[pos:pos + total], hlen, pos, pos + total))
+                    pos += total
+                    continue
+            hdr = parse_header(mv, pos, end, max_size)
             if hdr is None or pos + hdr[3] > end:
                 self._pending += mv[pos:end]
                 self._need = hdr[3] if hdr else 0
@@ -421,35 +460,55 @@ def decode_connack(body: memoryview, level: int) -> Connack:
     return Connack(session_present=bool(flags & 1), reason=reason, properties=props)
 
 
-def decode_publish(frame: Frame, level: int) -> PublishInfo:
-    """The routing fields of a PUBLISH. The payload is neither copied nor read."""
+def decode_publish(frame: Frame, level: int, *, check_topic: bool = True) -> PublishInfo:
+    """The routing fields of a PUBLISH. The payload is neither copied nor read.
+
+    ``check_topic=False`` skips the topic's UTF-8 and wildcard checks, for a
+    caller that checks the raw topic itself (once per distinct topic) with
+    :func:`topic_from_bytes`."""
     raw = frame.raw
-    r = _Reader(raw, frame.body_start)
-    qos = (frame.flags >> 1) & 3
-    tlen = r.u16()
-    tstart = r.pos
-    topic = bytes(r._take(tlen))
-    topic_end = r.pos
-    if topic:
-        text = decode_utf8(topic, "topic", strict=True)
-        validate_topic_name(text)
+    pos = frame.body_start
+    end = len(raw)
+    if pos + 2 > end:
+        raise _malformed("packet ends too early")
+    tend = pos + 2 + ((raw[pos] << 8) | raw[pos + 1])
+    if tend > end:
+        raise _malformed("packet ends too early")
+    topic = raw[pos + 2:tend].tobytes()
+    if check_topic and topic:
+        topic_from_bytes(topic)
+    flags = frame.flags
+    qos = (flags >> 1) & 3
     packet_id = None
+    pos = tend
     if qos:
-        packet_id = r.u16()
+        if pos + 2 > end:
+            raise _malformed("packet ends too early")
+        packet_id = (raw[pos] << 8) | raw[pos + 1]
         if packet_id == 0:
             raise _proto("PUBLISH with packet id 0")
-    props_start = r.pos
+        pos += 2
+    props_start = pos
     alias = None
     if level == MQTT_5:
-        for pid, value in r.properties(PacketType.PUBLISH):
-            if pid == 0x23:
-                alias = value  # type: ignore[assignment]
+        if pos < end and raw[pos] == 0:
+            pos += 1  # no properties: the common case
+        else:
+            r = _Reader(raw, pos)
+            for pid, value in r.properties(PacketType.PUBLISH):
+                if pid == 0x23:
+                    alias = value  # type: ignore[assignment]
+            pos = r.pos
     elif not topic:
         raise ProtocolError(Reason.TOPIC_NAME_INVALID, "empty topic")
-    del tstart
-    return PublishInfo(qos=qos, retain=bool(frame.flags & 1), dup=bool(frame.flags & 8), topic=topic,
-                       packet_id=packet_id, topic_alias=alias, topic_end=topic_end,
-                       props_start=props_start, payload_start=r.pos)
+    return PublishInfo(qos, bool(flags & 1), bool(flags & 8), topic, packet_id, alias, tend, props_start, pos)
+
+
+def topic_from_bytes(topic: bytes) -> str:
+    """A PUBLISH topic name, checked (strict UTF-8, no wildcards) and decoded."""
+    text = decode_utf8(topic, "topic", strict=True)
+    validate_topic_name(text)
+    return text
 
 
 def _subscription_options(options: int, level: int, shared: bool) -> None:

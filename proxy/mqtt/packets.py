@@ -263,7 +263,7 @@ class Connack:
     properties: Properties = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class PublishInfo:
     """The routing fields of a PUBLISH; the payload stays in the original buffer."""
     qos: int

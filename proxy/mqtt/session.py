@@ -87,7 +87,9 @@ Rules the session enforces
   3.1.1 clients cannot be told, so a larger keepalive is kept as asked.
 * Client id: a device must use its own device id (empty → its id; another id →
   CONNACK 0x85 / 0x02). A user's id is forwarded as
-  ``user_client_id_prefix + sub + "/" + client_id``; an empty one is replaced by
+  ``user_client_id_prefix + sub + "/" + client_id`` (``%`` and ``/`` in the sub
+  percent-encoded, so two identities can never spell the same id; a device id
+  starting with the prefix is refused, 0x85 / 0x02); an empty one is replaced by
   a generated ``kg-<random>`` (v5: returned as Assigned Client Identifier). An
   anonymous client always gets a fresh random id, so no one can resume or wipe
   another's session. The broker's Assigned Client Identifier never reaches the client.
@@ -118,7 +120,9 @@ Rules the session enforces
   otherwise ``policies.may_receive`` decides (cached per topic until
   :meth:`Session.invalidate`). Dropped QoS 1 → PUBACK to the broker; QoS 2 →
   PUBREC, then PUBCOMP on the broker's PUBREL; the client sees none of it.
-  A dropped delivery is audited once per topic per cache lifetime.
+  A dropped delivery is audited once per topic per cache lifetime. Publish and
+  delivery decisions are cached per topic until ``invalidate()`` and for at
+  most one second (so a delegation that simply expires ends within a second).
 * Token expiry: closed at ``expires_at + token_leeway`` (v5: DISCONNECT 0xA0 first).
 * Rate limit (:class:`RateLimiter`, per identity ``sub``, shared across
   connections): ``disconnect`` → v5 DISCONNECT 0x96 / close; ``drop`` → the
@@ -154,7 +158,10 @@ AUTH_METHOD = "keygate-token"
 
 # Packets a client may send before authentication is complete: bounded.
 _PENDING_SLACK = 64 * 1024
-_RECV_CACHE_MAX = 4096
+_CACHE_MAX = 4096
+# Cached decisions also expire after this long: a delegation with an expiry date ends
+# without any write that would call invalidate().
+_DECISION_TTL = 1.0
 
 T = PacketType
 
@@ -287,6 +294,11 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return len(f) == len(t)
 
 
+def _escape_sub(sub: str) -> str:
+    """A subject with no "/" in it, so ``prefix + sub + "/" + client id`` splits one way only."""
+    return sub.replace("%", "%25").replace("/", "%2F")
+
+
 def _verdict(decision: Any) -> str:
     v = getattr(decision, "verdict", None)
     if v is None:
@@ -342,13 +354,17 @@ class Session:
         self._subs: dict[str, _Sub] = {}
         self._unknown_subs = False     # resumed session: filters the gateway never saw
         self._check_deliveries = False
-        self._recv_cache: dict[str, bool] = {}
+        self._recv_cache: dict[bytes, bool] = {}
+        self._pub_cache: dict[tuple, tuple[str, Any]] = {}
+        self._caches_until = 0.0       # clock() after which both caches are dropped (time-bound grants)
+        self._published = 0            # allowed publishes / deliveries not yet added to the metrics
+        self._delivered = 0
         self._suback_slots: dict[int, list[int | None]] = {}
         self._unsub_pending: dict[int, list[str]] = {}
         self._client_qos2_answered: set[int] = set()
         self._broker_qos2_dropped: set[int] = set()
         # Pass-through run (see _pass): the output list, index of its last slice, start/end offsets.
-        self._run: tuple[list, int, int, int] | None = None
+        self._run: list | None = None
 
     # ----------------------------------------------------------------- shell API
 
@@ -378,35 +394,46 @@ class Session:
         acts = Actions()
         if self.closed:
             return acts
-        self._run = None
+        self._end_run()
         try:
             frames = self._client_framer.feed(data)
         except ProtocolError as exc:
             return self._client_violation(acts, exc)
+        view = self._client_framer.view
         if frames:
-            self._last_rx = self.clock()
-        for i, frame in enumerate(frames):
-            if self.closed:
-                break
-            if self._state != "open" and self._state != "connect":
-                self._hold(acts, frames[i:])
-                break
-            try:
-                self._client_frame(acts, frame, data)
-            except ProtocolError as exc:
-                return self._client_violation(acts, exc)
+            self._last_rx = now = self.clock()
+            if now >= self._caches_until:
+                self._drop_caches(now)
+        try:
+            for i, frame in enumerate(frames):
+                if self.closed:
+                    break
+                if self._state != "open" and self._state != "connect":
+                    self._hold(acts, frames[i:])
+                    break
+                self._client_frame(acts, frame, view)
+        except ProtocolError as exc:
+            self._client_violation(acts, exc)
+        finally:
+            self._end_run()
+            self._flush_counts()
         return acts
 
     def broker_data(self, data) -> Actions:
         acts = Actions()
         if self.closed:
             return acts
-        self._run = None
+        self._end_run()
+        if self._check_deliveries:
+            now = self.clock()
+            if now >= self._caches_until:
+                self._drop_caches(now)
         try:
-            for frame in self._broker_framer.feed(data):
+            framer = self._broker_framer
+            for frame in framer.feed(data):
                 if self.closed:
                     break
-                self._broker_frame(acts, frame, data)
+                self._broker_frame(acts, frame, framer.view)
         except ProtocolError as exc:
             PROTOCOL_ERRORS.labels("broker").inc()
             self._audit("broker", "protocol_error", reason=exc.message)
@@ -416,6 +443,9 @@ class Session:
                 if self.protocol_level == MQTT_5:
                     acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.UNSPECIFIED_ERROR))
                 self._close(acts, "protocol_error", f"broker: {exc.message}")
+        finally:
+            self._end_run()
+            self._flush_counts()
         return acts
 
     def authenticated(self, identity: Identity) -> Actions:
@@ -434,6 +464,12 @@ class Session:
         # Bind the client id to the identity.
         requested = c.client_id
         if identity.is_device:
+            if not identity.device_id or identity.device_id.startswith(self.config.user_client_id_prefix):
+                # A device registered as "u/<someone's sub>/..." would own that user's broker session.
+                self._audit("connect", "deny", identity=identity, resource=identity.device_id,
+                            reason="device id inside the user client id namespace")
+                return self._refuse_connect(acts, Reason.CLIENT_IDENTIFIER_NOT_VALID, "client_id_rejected",
+                                            "device id inside the user namespace")
             if requested and requested != identity.device_id:
                 self._audit("connect", "deny", identity=identity, resource=requested,
                             reason="client id is not the device id")
@@ -452,7 +488,7 @@ class Session:
                 requested = "kg-" + secrets.token_hex(8)
                 self._assigned_id = True
             self.client_id = requested
-            self.upstream_client_id = f"{self.config.user_client_id_prefix}{identity.sub}/{requested}"
+            self.upstream_client_id = f"{self.config.user_client_id_prefix}{_escape_sub(identity.sub)}/{requested}"
         # The Will is a publish that happens later: authorize it now.
         if c.will is not None:
             d = self.policies.may_publish(identity, c.will.topic, qos=c.will.qos, retain=c.will.retain,
@@ -527,6 +563,7 @@ class Session:
 
     def invalidate(self) -> None:
         self._recv_cache.clear()
+        self._pub_cache.clear()
         if self.identity is None:
             return
         for full, sub in self._subs.items():
@@ -593,7 +630,7 @@ class Session:
                 # 3.1.1: the faked flow ends. v5: the flow already ended with PUBREC 0x87.
                 acts.to_client.append(codec.encode_ack(
                     T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
-                self._run = None
+                self._end_run()
             else:
                 self._pass(acts.to_broker, frame, data)
         elif t == T.SUBSCRIBE:
@@ -651,28 +688,39 @@ class Session:
 
     def _client_publish(self, acts: Actions, frame: Frame, data) -> None:
         level = self.protocol_level
-        info = codec.decode_publish(frame, level)
+        info = codec.decode_publish(frame, level, check_topic=False)  # checked below, once per topic
         topic_b = info.topic
+        qos = info.qos
         rewrite = False
         if info.topic_alias is not None:
             alias = info.topic_alias
             if not 0 < alias <= self.config.topic_alias_maximum:
                 raise ProtocolError(Reason.TOPIC_ALIAS_INVALID, f"topic alias {alias} out of range")
             if topic_b:
-                self._aliases[alias] = topic_b.decode()
-                topic = self._aliases[alias]
+                topic = self._aliases[alias] = codec.topic_from_bytes(topic_b)
             else:
                 topic = self._aliases.get(alias, "")
                 if not topic:
                     raise ProtocolError(Reason.PROTOCOL_ERROR, f"unknown topic alias {alias}")
             rewrite = True
+            key: tuple = (topic, qos, info.retain)
         else:
             if not topic_b:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, "empty topic without a topic alias")
-            topic = topic_b.decode()
+            key = (topic_b, qos, info.retain)
         ident = self.identity
         assert ident is not None
-        qos = info.qos
+        # Decisions are cached per (topic, QoS, retain) until invalidate() or the cache's TTL;
+        # only topics that passed the checks get an entry.
+        entry = self._pub_cache.get(key)
+        if entry is None:
+            if not rewrite:
+                topic = codec.topic_from_bytes(topic_b)
+            d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id)
+            if len(self._pub_cache) >= _CACHE_MAX:
+                self._pub_cache.clear()
+            self._pub_cache[key] = entry = (topic, d)
+        topic, d = entry
         if self.rate_limiter is not None and not self.rate_limiter.allow(ident.sub):
             RATE_LIMITED.inc()
             self._audit("publish", "deny", identity=ident, resource=topic, reason="rate limit", qos=qos)
@@ -681,7 +729,6 @@ class Session:
                 return
             self._refuse_publish(acts, info, Reason.QUOTA_EXCEEDED)
             return
-        d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id)
         if not d.allowed:
             _DENIED["publish"].inc()
             self._audit("publish", "deny", identity=ident, resource=topic, rule=d.rule, reason=d.reason,
@@ -691,7 +738,7 @@ class Session:
                 return
             self._refuse_publish(acts, info, Reason.NOT_AUTHORIZED)
             return
-        _ALLOWED["publish"].inc()
+        self._published += 1
         if info.packet_id is not None:
             # A forwarded QoS 2 id is the broker's to finish now, not ours.
             self._client_qos2_answered.discard(info.packet_id)
@@ -703,15 +750,15 @@ class Session:
         payload = frame.raw[info.payload_start:]
         head = codec.publish_head(topic, qos=qos, retain=info.retain, dup=info.dup, packet_id=info.packet_id,
                                   level=level, properties=props, payload_len=len(payload))
-        self._run = None
+        self._end_run()
         acts.to_broker.append(head)
         if len(payload):
             acts.to_broker.append(payload if frame.start < 0 else
-                                  self._slice(data, frame.start + info.payload_start, frame.end))
+                                  data[frame.start + info.payload_start:frame.end])
 
     def _refuse_publish(self, acts: Actions, info, code: int) -> None:
         """Answer a publish the broker will never see, so the client's flow completes."""
-        self._run = None
+        self._end_run()
         level = self.protocol_level
         pid = info.packet_id
         if info.qos == 0 or pid is None:
@@ -758,7 +805,7 @@ class Session:
         if len(keep) == len(slots):
             self._pass(acts.to_broker, frame, data)
             return
-        self._run = None
+        self._end_run()
         if not keep:
             acts.to_client.append(codec.encode_suback(Suback(sub.packet_id, slots), level))  # type: ignore[arg-type]
             return
@@ -776,7 +823,7 @@ class Session:
             raise ProtocolError(Reason.PROTOCOL_ERROR, "re-authentication already in progress")
         data = get_prop(a.properties, Prop.AUTHENTICATION_DATA)
         self._reauth = True
-        self._run = None
+        self._end_run()
         acts.auth = AuthRequest(kind="reauth", username=None, password=None, auth_method=AUTH_METHOD,
                                 auth_data=data, client_id=self.client_id)  # type: ignore[arg-type]
 
@@ -813,7 +860,7 @@ class Session:
             pid = codec.packet_id_of(frame, level)
             if pid in self._broker_qos2_dropped:
                 self._broker_qos2_dropped.discard(pid)
-                self._run = None
+                self._end_run()
                 acts.to_broker.append(codec.encode_ack(T.PUBCOMP, pid, level))
             else:
                 self._pass(acts.to_client, frame, data)
@@ -898,15 +945,14 @@ class Session:
             self._pass(acts.to_client, frame, data)
             return
         level = self.protocol_level
-        info = codec.decode_publish(frame, level)
+        info = codec.decode_publish(frame, level, check_topic=False)  # checked on a cache miss
         if info.topic_alias is not None or not info.topic:
             # We told the broker Topic Alias Maximum 0.
             raise ProtocolError(Reason.TOPIC_ALIAS_INVALID, "topic alias from the broker")
-        topic = info.topic.decode()
-        if self._may_receive(topic):
+        if self._may_receive(info.topic):
             self._pass(acts.to_client, frame, data)
             return
-        self._run = None
+        self._end_run()
         pid = info.packet_id
         if info.qos == 1 and pid is not None:
             acts.to_broker.append(codec.encode_ack(T.PUBACK, pid, level))
@@ -914,11 +960,15 @@ class Session:
             acts.to_broker.append(codec.encode_ack(T.PUBREC, pid, level))
             self._broker_qos2_dropped.add(pid)
 
-    def _may_receive(self, topic: str) -> bool:
-        cached = self._recv_cache.get(topic)
+    def _may_receive(self, topic_b: bytes) -> bool:
+        cached = self._recv_cache.get(topic_b)
         if cached is not None:
-            (_ALLOWED if cached else _DENIED)["receive"].inc()
+            if cached:
+                self._delivered += 1
+            else:
+                _DENIED["receive"].inc()
             return cached
+        topic = codec.topic_from_bytes(topic_b)
         ok = False
         decision = None
         for sub in self._subs.values():
@@ -928,11 +978,11 @@ class Session:
         if not ok:
             decision = self.policies.may_receive(self.identity, topic, client_id=self.client_id)
             ok = bool(decision.allowed)
-        if len(self._recv_cache) >= _RECV_CACHE_MAX:
+        if len(self._recv_cache) >= _CACHE_MAX:
             self._recv_cache.clear()
-        self._recv_cache[topic] = ok
+        self._recv_cache[topic_b] = ok
         if ok:
-            _ALLOWED["receive"].inc()
+            self._delivered += 1
         else:
             _DENIED["receive"].inc()
             self._audit("receive", "deny", identity=self.identity, resource=topic,
@@ -948,36 +998,52 @@ class Session:
             return
         codes = iter(sa.reasons)
         merged = [s if s is not None else next(codes, Reason.UNSPECIFIED_ERROR) for s in slots]
-        self._run = None
+        self._end_run()
         acts.to_client.append(codec.encode_suback(Suback(sa.packet_id, merged, sa.properties), level))  # type: ignore[arg-type]
 
     # ----------------------------------------------------------------- plumbing
+
+    def _drop_caches(self, now: float) -> None:
+        self._recv_cache.clear()
+        self._pub_cache.clear()
+        self._caches_until = now + _DECISION_TTL
+
+    def _flush_counts(self) -> None:
+        # Allowed messages are counted in bulk, once per chunk: a metric per message costs a lock.
+        if self._published:
+            _ALLOWED["publish"].inc(self._published)
+            self._published = 0
+        if self._delivered:
+            _ALLOWED["receive"].inc(self._delivered)
+            self._delivered = 0
 
     def _update_check_mode(self) -> None:
         self._check_deliveries = self._unknown_subs or any(
             s.verdict != "ALLOW" for s in self._subs.values())
         self._recv_cache.clear()
 
-    @staticmethod
-    def _slice(data, start: int, end: int):
-        mv = data if isinstance(data, memoryview) else memoryview(data)
-        if mv.format != "B" or mv.ndim != 1:
-            mv = mv.cast("B")
-        return mv[start:end]
-
-    def _pass(self, out: list, frame: Frame, data) -> None:
-        """Forward a packet unchanged; neighbours from the same chunk join into one slice."""
-        if frame.start < 0 or data is None:
+    def _pass(self, out: list, frame: Frame, view) -> None:
+        """Forward a packet unchanged; neighbours from the same chunk join into one slice
+        (made once the run ends, in _end_run)."""
+        if frame.start < 0 or view is None:
+            self._end_run()
             out.append(frame.raw)
-            self._run = None
             return
         run = self._run
         if run is not None and run[0] is out and run[1] == len(out) - 1 and run[3] == frame.start:
-            out[-1] = self._slice(data, run[2], frame.end)
-            self._run = (out, run[1], run[2], frame.end)
-        else:
-            out.append(frame.raw)
-            self._run = (out, len(out) - 1, frame.start, frame.end)
+            run[3] = frame.end
+            run[5] = True
+            return
+        self._end_run()
+        out.append(frame.raw)
+        self._run = [out, len(out) - 1, frame.start, frame.end, view, False]
+
+    def _end_run(self) -> None:
+        run = self._run
+        if run is not None:
+            self._run = None
+            if run[5]:
+                run[0][run[1]] = run[4][run[2]:run[3]]
 
     def _audit(self, action: str, decision: str, *, identity: Identity | None = None, resource: str = "",
                rule: str | None = None, reason: str | None = None, **extra: Any) -> None:

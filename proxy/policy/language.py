@@ -48,6 +48,8 @@ from proxy.policy.subjects import RELATIONS, subject_problem
 
 __all__ = ["Rule", "MqttSpec", "HttpSpec", "TestCase", "PolicySource", "load_dir", "load_text", "parse_file"]
 
+# libyaml's composer keeps the same marks and is ~10x faster on big rule sets.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _METHOD = re.compile(r"^[A-Za-z]+$")
 MQTT_ACTIONS = ("publish", "subscribe")
@@ -156,7 +158,7 @@ class _Doc:
         return out
 
     def string(self, node: yaml.Node, path: str) -> str:
-        if not isinstance(node, yaml.ScalarNode) or (node.style is None and node.tag == "tag:yaml.org,2002:null"):
+        if not isinstance(node, yaml.ScalarNode) or (not node.style and node.tag == "tag:yaml.org,2002:null"):
             self.fail(node, path, f"expected a string, got {_kind(node)}")
         return node.value
 
@@ -174,7 +176,7 @@ class _Doc:
         return [(n, self.string(n, f"{path}[{i}]")) for i, n in enumerate(self.seq(node, path, **kw))]
 
     def boolean(self, node: yaml.Node, path: str) -> bool:
-        if isinstance(node, yaml.ScalarNode) and node.style is None:
+        if isinstance(node, yaml.ScalarNode) and not node.style:
             if node.value.lower() in ("true", "yes", "on"):
                 return True
             if node.value.lower() in ("false", "no", "off"):
@@ -182,7 +184,7 @@ class _Doc:
         self.fail(node, path, "expected true or false")
 
     def integer(self, node: yaml.Node, path: str) -> int:
-        if isinstance(node, yaml.ScalarNode) and node.style is None and re.fullmatch(r"-?\d+", node.value):
+        if isinstance(node, yaml.ScalarNode) and not node.style and re.fullmatch(r"-?\d+", node.value):
             return int(node.value)
         self.fail(node, path, "expected an integer")
 
@@ -192,7 +194,7 @@ def _kind(node: yaml.Node) -> str:
         return "a mapping"
     if isinstance(node, yaml.SequenceNode):
         return "a list"
-    if node.tag == "tag:yaml.org,2002:null" and node.style is None:
+    if node.tag == "tag:yaml.org,2002:null" and not node.style:
         return "nothing (null)"
     return f"{node.value!r}"
 
@@ -356,10 +358,27 @@ def _parse_test(doc: _Doc, node: yaml.Node, path: str) -> TestCase:
 # --------------------------------------------------------------------------- files
 
 
+_PLAIN_TAGS = {"tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "map", "seq")}
+
+
+def _refuse_tags(doc: _Doc, node: yaml.Node) -> None:
+    """Explicit tags (``!!python/...``, ``!custom``) mean nothing here; refuse rather than ignore them."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.tag not in _PLAIN_TAGS:
+            doc.fail(n, "", f"YAML tag {n.tag} is not allowed in policy files")
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                stack += (k, v)
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+
+
 def parse_file(text: str, filename: str, *, tests_only: bool = False) -> tuple[list[Rule], list[TestCase]]:
     doc = _Doc(filename)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
@@ -368,6 +387,7 @@ def parse_file(text: str, filename: str, *, tests_only: bool = False) -> tuple[l
         raise PolicyError(f"{filename}: invalid YAML: {exc}") from None
     if root is None:
         raise PolicyError(f"{filename}: the file is empty (write at least version: 1)")
+    _refuse_tags(doc, root)
     keys = ("version", "tests") if tests_only else ("version", "rules", "tests")
     m = doc.mapping(root, "", keys, ("version",))
     version_node = m["version"][1]

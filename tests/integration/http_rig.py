@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -96,12 +97,13 @@ class HttpRig:
         self.standin.tenant(service).entities[entity_id] = ent
 
 
-def gateway_config(upstream: str, tmp: Path, **http: Any) -> Any:
-    http_yaml = {"listen": "127.0.0.1:0", "tls": False, "upstream": upstream, "max_body_bytes": 4096,
+def gateway_config(upstream: str, tmp: Path, *, tls: dict[str, str] | None = None, **http: Any) -> Any:
+    http_yaml = {"listen": "127.0.0.1:0", "tls": tls is not None, "upstream": upstream, "max_body_bytes": 4096,
                  "upstream_timeout_seconds": 2, **http}
     text = json.dumps({
         "oidc": {"issuer": "http://127.0.0.1:1/realms/iot"},
         "http": http_yaml,
+        "tls": tls or {},
         "store": {"path": str(tmp / "ownership.db"), "key": "${KEYGATE_TEST_STORE_KEY}"},
     })
     return load_config_text(text, env={"KEYGATE_TEST_STORE_KEY": "http-gateway-test-key"})
@@ -117,8 +119,15 @@ async def build_services(config: Any, oidc: Any) -> tuple[Services, dict[str, st
     audit = MemoryAudit()
     tokens = TokenValidator(oidc.oidc_config())
     await tokens.start()
-    ownership = await OwnershipService.open(config, audit=audit)
-    policies = Policies.from_dir(ROOT / "policies", ownership.facts, admin_role=config.ownership.admin_role)
+    ownership = None
+    try:
+        ownership = await OwnershipService.open(config, audit=audit)
+        policies = Policies.from_dir(ROOT / "policies", ownership.facts, admin_role=config.ownership.admin_role)
+    except BaseException:
+        if ownership is not None:
+            await ownership.close()
+        await tokens.close()
+        raise
     return Services(config=config, tokens=tokens, ownership=ownership, policies=policies, audit=audit), \
         access_tokens(oidc)
 
@@ -140,3 +149,24 @@ def access_tokens(oidc: Any) -> dict[str, str]:
 async def close_services(services: Services) -> None:
     await services.ownership.close()
     await services.tokens.close()
+
+
+@contextlib.asynccontextmanager
+async def gateway_with(tmp: Path, oidc: Any, upstream: str | None = None, **http: Any):
+    """A stand-in (unless ``upstream`` is given) and a gateway with these ``http`` settings;
+    yields (stand-in or None, gateway, services, tokens)."""
+    standin = None
+    if upstream is None:
+        standin = NgsiStandin()
+        await standin.start()
+        upstream = standin.url
+    services, tokens = await build_services(gateway_config(upstream, tmp, **http), oidc)
+    gateway = HttpGateway(services)
+    try:
+        await gateway.start()
+        yield standin, gateway, services, tokens
+    finally:
+        await gateway.stop()
+        await close_services(services)
+        if standin is not None:
+            await standin.stop()

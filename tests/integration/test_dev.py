@@ -100,9 +100,12 @@ class Stack:
         return self.proc.returncode
 
 
-def start_dev(data: Path, *extra: str) -> Stack:
+def start_dev(data: Path, *extra: str, random_ports: bool = True) -> Stack:
+    """``keygate dev`` on ``data``; on free ports unless ``random_ports`` is false (its defaults)."""
+    ports = ["--mqtt-port", str(pick_port(0)), "--http-port", str(pick_port(0)),
+             "--metrics-port", str(pick_port(0))] if random_ports else []
     cmd = [sys.executable, "-m", "proxy", "dev", "--data", str(data), "--policies", str(ROOT / "policies"),
-           "--mqtt-port", str(pick_port(0)), "--http-port", str(pick_port(0)), *extra]
+           *ports, *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=data.parent,
                             env=dev_env())
     stack = Stack(proc, data)

@@ -9,6 +9,7 @@ the promise it checks, and where it matters, asserts what did *not* reach Orion.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 
 import aiohttp
@@ -16,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from proxy.http.gateway import HttpGateway, create_gateway_app
-from tests.integration.http_rig import HttpRig, build_services, close_services, gateway_config
+from tests.integration.http_rig import HttpRig, build_services, close_services, gateway_config, gateway_with
 from tests.rig.ngsi_standin import NgsiStandin
 
 pytestmark = pytest.mark.integration
@@ -71,7 +72,6 @@ ENTITY_PATHS = ["/v2/entities/{id}", "/v2/entities/{id}/attrs", "/v2/entities/{i
                 "/v2/entities/{id}/attrs/temperature/value"]
 
 
-@pytest.mark.parametrize("path", ENTITY_PATHS)
 @pytest.mark.parametrize("who,device,status", [
     ("alice", "a-1", 200),      # owner
     ("carol", "b-1", 200),      # read delegate
@@ -85,15 +85,16 @@ ENTITY_PATHS = ["/v2/entities/{id}", "/v2/entities/{id}/attrs", "/v2/entities/{i
     (None, "a-1", 401),         # anonymous
     (None, "a-2", 401),         # public means "any authenticated caller", not anonymous
 ])
-async def test_entity_reads(rig, path, who, device, status):
-    r = await rig.call("GET", path.format(id=device), who)
-    assert r.status == status, r.body
-    reached = rig.upstream_saw("GET", path.format(id=device))
-    assert bool(reached) == (status == 200)
-    if status == 401:
-        assert r.headers["WWW-Authenticate"].startswith("Bearer")
-    if status != 200:
-        assert set(r.json()) == {"error", "description"}
+async def test_entity_reads(rig, who, device, status):
+    for path in ENTITY_PATHS:
+        r = await rig.call("GET", path.format(id=device), who)
+        assert r.status == status, (path, r.body)
+        reached = rig.upstream_saw("GET", path.format(id=device))
+        assert bool(reached) == (status == 200)
+        if status == 401:
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        if status != 200:
+            assert set(r.json()) == {"error", "description"}
 
 
 @pytest.mark.parametrize("who,device,status", [
@@ -146,6 +147,11 @@ async def test_creation_needs_a_writable_registered_id(rig):
     r = await rig.call("POST", "/v2/entities?options=upsert", "alice", json_body=body)
     assert r.status == 204
     assert (await rig.call("POST", "/v2/entities?options=upsert", "bob", json_body=body)).status == 403
+    # delegates: write delegation upserts, read delegation does not
+    assert (await rig.call("POST", "/v2/entities?options=upsert", "carol",
+                           json_body={"id": "b-2", "type": "Valve", "open": {"value": True}})).status == 204
+    assert (await rig.call("POST", "/v2/entities?options=upsert", "carol",
+                           json_body={"id": "b-1", "type": "Thermometer"})).status == 403
 
 
 async def test_unregistered_ids_are_created_only_by_admins(rig):
@@ -335,6 +341,17 @@ async def test_subscription_patterns_and_foreign_mqtt_topics_are_refused(rig):
     assert (await rig.call("POST", "/v2/subscriptions", "alice", json_body=body)).status == 201
 
 
+async def test_a_subscription_that_cannot_be_recorded_is_withdrawn(rig, monkeypatch):
+    async def broken(*args, **kw):
+        raise OSError("store is gone")
+
+    monkeypatch.setattr(rig.services.ownership, "record_subscription", broken)
+    r = await rig.call("POST", "/v2/subscriptions", "alice", json_body=subscription("a-1"))
+    assert r.status == 503
+    assert rig.upstream_saw("POST", "/v2/subscriptions") and rig.upstream_saw("DELETE")
+    assert rig.standin.tenant("").subscriptions == {}
+
+
 # --------------------------------------------------------------------------- closed endpoints
 
 
@@ -394,7 +411,8 @@ async def test_client_forwarding_and_identity_headers_are_replaced(rig):
     assert r.status == 403
     r = await rig.call("GET", "/v2/entities/a-1", "alice", headers={
         "X-Forwarded-For": "10.0.0.1", "X-Keygate-User": "admin", "X-Keygate-Roles": "iot-admin",
-        "X-Auth-Token": "orion-token", "Connection": "X-Secret", "X-Secret": "hop"})
+        "X-Auth-Token": "orion-token", "Connection": "X-Secret", "X-Secret": "hop",
+        "X-HTTP-Method-Override": "DELETE"})
     assert r.status == 200
     (seen,) = rig.upstream_saw()
     h = {k.lower(): v for k, v in seen.headers.items()}
@@ -404,7 +422,7 @@ async def test_client_forwarding_and_identity_headers_are_replaced(rig):
     roles = h["x-keygate-roles"].split(",")
     assert "iot-user" in roles and "iot-admin" not in roles
     assert h["x-keygate-sub"] == (await _identity(rig, "alice")).sub
-    for gone in ("authorization", "x-auth-token", "forwarded", "x-real-ip", "x-secret"):
+    for gone in ("authorization", "x-auth-token", "forwarded", "x-real-ip", "x-secret", "x-http-method-override"):
         assert gone not in h
 
 
@@ -423,9 +441,19 @@ async def test_bad_credentials_get_401_without_reason(rig):
     assert any("unknown_device_or_key" in x for x in reasons) and any("malformed" in x for x in reasons)
 
 
+async def test_issuer_down_is_503_not_401(rig, monkeypatch):
+    from proxy.identity.model import AuthError, AuthReason
+
+    async def unreachable(token):
+        raise AuthError(AuthReason.ISSUER_UNREACHABLE, "connection refused")
+
+    monkeypatch.setattr(rig.services.tokens, "validate", unreachable)
+    r = await rig.call("GET", "/v2/entities/a-1", "alice")
+    assert r.status == 503 and r.headers["Retry-After"] and not rig.upstream_saw()
+
+
 async def test_device_key_k2_works_too(rig):
     _, k2 = rig.keys["a-1"]
-    import base64
     auth = "Basic " + base64.b64encode(f"a-1:{k2}".encode()).decode()
     assert (await rig.call("GET", "/v2/entities/a-1", headers={"Authorization": auth})).status == 200
 
@@ -457,12 +485,7 @@ async def test_service_path_is_checked_for_shape(rig):
 
 
 async def test_configured_tenant_is_forced(tmp_path, oidc):
-    standin = NgsiStandin()
-    await standin.start()
-    services, tokens = await build_services(gateway_config(standin.url, tmp_path, fiware_service="City"), oidc)
-    gateway = HttpGateway(services)
-    await gateway.start()
-    try:
+    async with gateway_with(tmp_path, oidc, fiware_service="City") as (standin, gateway, services, tokens):
         alice = await services.tokens.validate(tokens["alice"])
         await services.ownership.register_device(alice, {"id": "c-1", "type": "Thermometer"})
         standin.tenant("city").entities["c-1"] = {"id": "c-1", "type": "Thermometer"}
@@ -472,10 +495,6 @@ async def test_configured_tenant_is_forced(tmp_path, oidc):
                                       "Fiware-Service": "other"}) as r:
                 assert r.status == 200
         assert standin.recorded[-1].headers["Fiware-Service"] == "city"
-    finally:
-        await gateway.stop()
-        await close_services(services)
-        await standin.stop()
 
 
 # --------------------------------------------------------------------------- body cap, upstream failures
@@ -521,27 +540,51 @@ async def test_upstream_down_is_502_and_slow_is_504(tmp_path, oidc):
     slow.router.add_route("*", "/{t:.*}", hang)
     runner = web.AppRunner(slow)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    slow_port = runner.addresses[0][1]
-    for upstream, status, error in ((f"http://127.0.0.1:{free_port()}", 502, "BadGateway"),
-                                    (f"http://127.0.0.1:{slow_port}", 504, "GatewayTimeout")):
-        services, tokens = await build_services(gateway_config(upstream, tmp_path / str(status),
-                                                               upstream_timeout_seconds=0.3), oidc)
-        gateway = HttpGateway(services)
-        await gateway.start()
-        try:
-            alice = await services.tokens.validate(tokens["alice"])
-            await services.ownership.register_device(alice, {"id": "a-1", "type": "Thermometer"})
-            async with aiohttp.ClientSession() as s:
-                async with s.get(f"http://127.0.0.1:{gateway.port}/v2/entities/a-1",
-                                 headers={"Authorization": f"Bearer {tokens['alice']}"}) as r:
-                    assert r.status == status
-                    assert (await r.json())["error"] == error
-        finally:
-            await gateway.stop()
-            await close_services(services)
-    await runner.cleanup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        for upstream, status, error in ((f"http://127.0.0.1:{free_port()}", 502, "BadGateway"),
+                                        (f"http://127.0.0.1:{runner.addresses[0][1]}", 504, "GatewayTimeout")):
+            async with gateway_with(tmp_path / str(status), oidc, upstream, upstream_timeout_seconds=0.3) as (
+                    _, gateway, services, tokens):
+                alice = await services.tokens.validate(tokens["alice"])
+                await services.ownership.register_device(alice, {"id": "a-1", "type": "Thermometer"})
+                async with aiohttp.ClientSession() as s:
+                    async with s.get(f"http://127.0.0.1:{gateway.port}/v2/entities/a-1",
+                                     headers={"Authorization": f"Bearer {tokens['alice']}"}) as r:
+                        assert r.status == status
+                        assert (await r.json())["error"] == error
+    finally:
+        await runner.cleanup()
+
+
+async def test_large_responses_stream_back_intact(rig):
+    rig.seed("a-1", blob="x" * 300_000)
+    r = await rig.call("GET", "/v2/entities/a-1/attrs/blob/value", "alice")
+    assert r.status == 200 and r.body == b"x" * 300_000
+    r = await rig.call("HEAD", "/v2/entities/a-1", "alice")
+    assert r.status == 200 and r.body == b""
+
+
+async def test_cors_for_configured_origins(tmp_path, oidc):
+    async with gateway_with(tmp_path, oidc, cors_origins=["https://app.example"]) as (standin, gateway, services,
+                                                                                      tokens):
+        alice = await services.tokens.validate(tokens["alice"])
+        await services.ownership.register_device(alice, {"id": "a-1", "type": "Thermometer"})
+        standin.tenant("").entities["a-1"] = {"id": "a-1", "type": "Thermometer"}
+        base = f"http://127.0.0.1:{gateway.port}"
+        async with aiohttp.ClientSession() as s:
+            pre = {"Origin": "https://app.example", "Access-Control-Request-Method": "PATCH"}
+            async with s.options(base + "/v2/entities/a-1/attrs", headers=pre) as r:
+                assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            async with s.options(base + "/v2/entities/a-1/attrs", headers={**pre, "Origin": "https://evil"}) as r:
+                assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
+            auth = {"Authorization": f"Bearer {tokens['alice']}"}
+            async with s.get(base + "/v2/entities/a-1", headers={**auth, "Origin": "https://app.example"}) as r:
+                assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+                assert "Fiware-Total-Count" in r.headers["Access-Control-Expose-Headers"]
+            async with s.get(base + "/v2/entities/a-1", headers={**auth, "Origin": "https://evil"}) as r:
+                assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+        assert not [x for x in standin.recorded if x.method == "OPTIONS"]
 
 
 # --------------------------------------------------------------------------- headers back, audit, API mount
@@ -563,27 +606,50 @@ async def test_every_request_is_audited(rig):
     assert deny["resource"] == "/v2/entities/a-1" and deny["action"] == "GET"
 
 
+async def test_requests_are_counted(rig):
+    from proxy.metrics import REGISTRY
+
+    def count(decision, status):
+        return REGISTRY.get_sample_value("keygate_http_requests_total", {"decision": decision, "status": status}) or 0
+
+    before = count("deny", "403"), count("allow", "200")
+    await rig.call("GET", "/v2/entities/a-1", "bob")
+    await rig.call("GET", "/v2/entities/a-1", "alice")
+    assert (count("deny", "403"), count("allow", "200")) == (before[0] + 1, before[1] + 1)
+
+
 async def test_ownership_api_is_mounted_beside_the_proxy(tmp_path, oidc):
+    """Keys and delegations made through the real ownership API, on the gateway's own port,
+    are in force on the next NGSI request; nothing under /api/v1 reaches Orion."""
+    from ownership.api import create_api_app
+
     standin = NgsiStandin()
     await standin.start()
-    services, _ = await build_services(gateway_config(standin.url, tmp_path), oidc)
-    api = web.Application()
-
-    async def ping(request):
-        return web.json_response({"api": True})
-
-    api.router.add_get("/ping", ping)
-    app = create_gateway_app(services, api)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    services, tokens = await build_services(gateway_config(standin.url, tmp_path), oidc)
+    gateway = HttpGateway(services, create_api_app(services))
+    await gateway.start()
+    base = f"http://127.0.0.1:{gateway.port}"
+    alice = {"Authorization": f"Bearer {tokens['alice']}"}
+    bob = {"Authorization": f"Bearer {tokens['bob']}"}
     try:
         async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://127.0.0.1:{runner.addresses[0][1]}/api/v1/ping") as r:
-                assert r.status == 200 and await r.json() == {"api": True}
-        assert not standin.recorded
+            async with s.post(base + "/api/v1/devices", json={"id": "api-1", "type": "Thermometer"},
+                              headers=alice) as r:
+                assert r.status == 201
+                k1 = (await r.json())["k1"]
+            standin.tenant("").entities["api-1"] = {"id": "api-1", "type": "Thermometer"}
+            basic = {"Authorization": "Basic " + base64.b64encode(f"api-1:{k1}".encode()).decode()}
+            async with s.get(base + "/v2/entities/api-1", headers=basic) as r:
+                assert r.status == 200
+            async with s.get(base + "/v2/entities/api-1", headers=bob) as r:
+                assert r.status == 403
+            async with s.post(base + "/api/v1/devices/api-1/delegations", json={"to": "bob", "permission": "read"},
+                              headers=alice) as r:
+                assert r.status == 201
+            async with s.get(base + "/v2/entities/api-1", headers=bob) as r:
+                assert r.status == 200
+        assert not [x for x in standin.recorded if x.path.startswith("/api")]
     finally:
-        await runner.cleanup()
+        await gateway.stop()
         await close_services(services)
         await standin.stop()

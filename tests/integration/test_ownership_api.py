@@ -32,7 +32,7 @@ async def test_register_returns_keys_addresses_and_location(ownership_api):
     assert r.headers["Cache-Control"] == "no-store"
     assert body["mqtt"] == "mqtts://gw.test:8883" and body["http"] == "https://gw.test:8443"
     assert body["k1"] != body["k2"] and len(body["k1"]) >= 43 and len(body["k2"]) >= 43
-    assert body["owner"] == {"sub": "sub-alice", "username": "alice"}
+    assert body["owner"] == {"sub": await ownership_api.sub("alice"), "username": "alice"}
     assert body["location"]["label"] == "Florence lab"
     # Both keys work at once for the device, and identify its owner.
     for key in (body["k1"], body["k2"]):
@@ -62,6 +62,16 @@ async def test_register_taken_id_is_409_even_for_another_user(ownership_api):
 async def test_register_refuses_ids_orion_would_refuse(ownership_api, bad_id):
     r = await ownership_api.call("POST", "/devices", as_="alice", json={"id": bad_id, "type": "Sensor"})
     assert await error_of(r) == (400, "invalid_field")
+
+
+async def test_sql_in_fields_is_data(ownership_api):
+    name = "Robert'); DROP TABLE devices;--"
+    await ownership_api.register("alice", "dev-sql", name=name, model="' OR '1'='1")
+    stored = await ownership_api.ownership.load_device("dev-sql")
+    assert stored["name"] == name and stored["model"] == "' OR '1'='1"
+    r = await ownership_api.call("GET", "/devices/dev-sql' OR '1'='1", as_="bob")
+    assert await error_of(r) == (404, "not_found")
+    assert len((await (await ownership_api.call("GET", "/devices", as_="alice")).json())["devices"]) == 1
 
 
 async def test_register_accepts_an_id_of_256_characters_and_orion_punctuation(ownership_api):
@@ -117,6 +127,17 @@ async def test_body_over_the_limit_is_413(ownership_api):
     assert await error_of(r) == (413, "body_too_large")
 
 
+async def test_a_body_sent_in_small_chunks_is_read_whole(ownership_api):
+    body = json.dumps({"id": "chunked", "type": "Sensor", "name": "n" * 200}).encode()
+
+    async def trickle():
+        for i in range(0, len(body), 7):
+            yield body[i:i + 7]
+    r = await ownership_api.call("POST", "/devices", as_="alice", data=trickle(),
+                                 headers={"Content-Type": "application/json"})
+    assert r.status == 201, await r.text()
+
+
 async def test_quota_per_user_and_role_override(ownership_api):
     for i in range(5):
         await ownership_api.register("alice", f"q-{i}")
@@ -134,8 +155,8 @@ async def test_quota_per_user_and_role_override(ownership_api):
 
 
 async def test_per_user_quota_override_in_store(ownership_api):
-    from tests.rig.ownership import USERS
-    await ownership_api.ownership.set_user_quota(USERS["admin"], "sub-carol", 1)
+    admin = await ownership_api.identity("admin")
+    await ownership_api.ownership.set_user_quota(admin, await ownership_api.sub("carol"), 1)
     await ownership_api.register("carol", "c-1")
     r = await ownership_api.call("POST", "/devices", as_="carol", json={"id": "c-2", "type": "S"})
     assert await error_of(r) == (403, "quota_exceeded")
@@ -160,18 +181,54 @@ async def test_every_route_needs_a_valid_token(ownership_api, header):
     assert ownership_api.ownership.get_device("dev-a") is not None
 
 
-async def test_issuer_unreachable_is_503(ownership_api):
-    ownership_api.services.tokens.unreachable = True
-    r = await ownership_api.call("GET", "/devices", as_="alice")
-    assert await error_of(r) == (503, "issuer_unreachable")
+async def test_issuer_unreachable_is_503(tmp_path, oidc):
+    """A real validator whose issuer is down: a valid-looking token cannot be checked."""
+    import dataclasses
+
+    from proxy.identity.tokens import TokenValidator
+    from tests.rig.ownership import _harness, rig_config
+    from tests.rig.ports import free_port
+    config = rig_config(tmp_path, oidc)
+    dead = dataclasses.replace(config.oidc, issuer=f"http://127.0.0.1:{free_port()}/realms/iot",
+                               http_timeout_seconds=1.0)
+    tokens = TokenValidator(dead)
+    await tokens.start()
+    try:
+        async with _harness(config, tokens, lambda name: oidc.password_token(name)) as api:
+            r = await api.call("GET", "/devices", as_="alice")
+            assert await error_of(r) == (503, "issuer_unreachable")
+            assert r.headers["Retry-After"] == "5"
+    finally:
+        await tokens.close()
 
 
-async def test_device_identities_cannot_use_the_api(ownership_api):
+async def test_device_identities_cannot_use_the_api(ownership_api_table):
     from proxy.identity.model import Identity
-    tokens = ownership_api.services.tokens
+    tokens = ownership_api_table.services.tokens
     tokens.tokens["device-token"] = Identity(kind="device", sub="device:x", username="x", method="device_key")
-    r = await ownership_api.client.get("/api/v1/devices", headers={"Authorization": "Bearer device-token"})
+    r = await ownership_api_table.client.get("/api/v1/devices", headers={"Authorization": "Bearer device-token"})
     assert await error_of(r) == (403, "forbidden")
+
+
+async def test_a_service_account_may_register_devices(ownership_api, oidc):
+    token = oidc.client_token("iot-backend")
+    r = await ownership_api.client.post("/api/v1/devices", json={"id": "svc-dev", "type": "S"},
+                                        headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 201
+    assert (await r.json())["owner"]["username"] == (await ownership_api.services.tokens.validate(token)).username
+
+
+async def test_a_forged_token_is_refused(ownership_api, oidc):
+    """alice promotes herself to admin by editing her token's claims: the signature no longer matches."""
+    import base64
+    header, payload, signature = oidc.password_token("alice").split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["realm_access"] = {"roles": ["iot-admin"]}
+    forged_payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    for token in (f"{header}.{forged_payload}.{signature}", f"{header}.{payload}.{signature[:-4]}AAAA"):
+        r = await ownership_api.client.get("/api/v1/devices?include=all",
+                                           headers={"Authorization": f"Bearer {token}"})
+        assert await error_of(r) == (401, "invalid_token")
 
 
 async def test_openapi_needs_no_token(ownership_api):
@@ -234,14 +291,15 @@ async def test_list_own_and_delegated(ownership_api):
 async def test_group_delegation_reaches_group_members(ownership_api):
     await ownership_api.register("carol", "c-1")
     r = await ownership_api.call("POST", "/devices/c-1/delegations", as_="carol",
-                                 json={"to": "group:lab", "permission": "readwrite"})
+                                 json={"to": "group:users", "permission": "readwrite"})
     assert r.status == 201
     for user in ("alice", "bob"):
         listed = await (await ownership_api.call("GET", "/devices?include=delegated", as_=user)).json()
         assert [d["id"] for d in listed["devices"]] == ["c-1"]
     facts = ownership_api.ownership.facts
-    assert facts.readable_devices("alice", "sub-alice", ["lab"]) == {"c-1"}
-    assert facts.readable_devices("alice", "sub-alice", []) == set()
+    alice = await ownership_api.sub("alice")
+    assert facts.readable_devices("alice", alice, ["users"]) == {"c-1"}
+    assert facts.readable_devices("alice", alice, []) == set()
 
 
 # ---------------------------------------------------------------- patch / delete
@@ -294,7 +352,7 @@ async def test_delete_removes_device_keys_and_delegations(ownership_api):
     assert (await ownership_api.call("DELETE", "/devices/dev-a", as_="alice")).status == 404
     with pytest.raises(AuthError):
         await ownership_api.ownership.authenticate_device_key("dev-a", body["k1"])
-    assert ownership_api.ownership.facts.readable_devices("bob", "sub-bob") == set()
+    assert ownership_api.ownership.facts.readable_devices("bob", await ownership_api.sub("bob")) == set()
     assert await ownership_api.ownership.load_device("dev-a") is None
 
 
@@ -338,7 +396,8 @@ async def test_delegation_create_list_revoke(ownership_api):
     assert r.headers["Location"] == f"/api/v1/devices/dev-a/delegations/{grant['id']}"
     assert grant["to"] == "bob" and grant["active"] is True and grant["expires_at"] == later
     assert grant["granted_by"] == "alice"
-    assert "dev-a" in facts.readable_devices("bob", "sub-bob")
+    bob = await ownership_api.sub("bob")
+    assert "dev-a" in facts.readable_devices("bob", bob)
     assert [d.grantee for d in facts.device("dev-a").delegations] == ["bob"]
     r = await ownership_api.call("POST", "/devices/dev-a/delegations", as_="alice",
                                  json={"to": "anonymous", "permission": "write"})
@@ -348,7 +407,7 @@ async def test_delegation_create_list_revoke(ownership_api):
     assert (await ownership_api.call("GET", "/devices/dev-a/delegations", as_="admin")).status == 200
     r = await ownership_api.call("DELETE", f"/devices/dev-a/delegations/{grant['id']}", as_="alice")
     assert r.status == 204
-    assert "dev-a" not in facts.readable_devices("bob", "sub-bob")
+    assert "dev-a" not in facts.readable_devices("bob", bob)
     r = await ownership_api.call("DELETE", f"/devices/dev-a/delegations/{grant['id']}", as_="alice")
     assert await error_of(r) == (404, "not_found")
     actions = [rec["action"] for rec in ownership_api.audit.records]
@@ -379,10 +438,10 @@ async def test_delegation_validation(ownership_api, body, code):
 async def test_expired_delegation_grants_nothing(ownership_api):
     await ownership_api.register("alice", "dev-a")
     service = ownership_api.ownership
-    from tests.rig.ownership import USERS
-    await service.create_delegation(USERS["alice"], "dev-a", "bob", "readwrite", expires_at=time.time() - 1)
-    await service.create_delegation(USERS["alice"], "dev-a", "group:lab", "read", expires_at=time.time() - 1)
-    assert service.facts.readable_devices("bob", "sub-bob", ["lab"]) == set()
+    alice = await ownership_api.identity("alice")
+    await service.create_delegation(alice, "dev-a", "bob", "readwrite", expires_at=time.time() - 1)
+    await service.create_delegation(alice, "dev-a", "group:users", "read", expires_at=time.time() - 1)
+    assert service.facts.readable_devices("bob", await ownership_api.sub("bob"), ["users"]) == set()
     (grant, _) = service.facts.device("dev-a").delegations
     assert not grant.active()
     listed = await (await ownership_api.call("GET", "/devices?include=delegated", as_="bob")).json()
@@ -395,7 +454,7 @@ async def test_expired_delegation_grants_nothing(ownership_api):
 
 
 async def test_export_contains_everything_about_the_caller(ownership_api):
-    from tests.rig.ownership import USERS
+    alice, admin = await ownership_api.identity("alice"), await ownership_api.identity("admin")
     service = ownership_api.ownership
     await ownership_api.register("alice", "dev-a", name="Kitchen", location={"lat": 1, "lon": 2, "label": "home"})
     await ownership_api.register("bob", "dev-b")
@@ -403,13 +462,13 @@ async def test_export_contains_everything_about_the_caller(ownership_api):
                                                                                         "permission": "read"})
     await ownership_api.call("POST", "/devices/dev-b/delegations", as_="bob", json={"to": "alice",
                                                                                       "permission": "write"})
-    await service.record_subscription("sub-123", USERS["alice"], "")
-    await service.set_user_quota(USERS["admin"], "sub-alice", 3)
+    await service.record_subscription("sub-123", alice, "")
+    await service.set_user_quota(admin, alice.sub, 3)
     r = await ownership_api.call("GET", "/me/data", as_="alice")
     assert r.status == 200
     assert r.headers["Content-Disposition"] == 'attachment; filename="keygate-data-alice.json"'
     data = json.loads(await r.read())
-    assert data["user"] == {"sub": "sub-alice", "username": "alice"}
+    assert data["user"] == {"sub": alice.sub, "username": "alice"}
     (dev,) = data["devices"]
     assert dev["id"] == "dev-a" and dev["name"] == "Kitchen" and dev["location"]["label"] == "home"
     assert [k["slot"] for k in dev["keys"]] == ["k1", "k2"] and all("hash" not in k for k in dev["keys"])
@@ -422,7 +481,7 @@ async def test_export_contains_everything_about_the_caller(ownership_api):
 
 
 async def test_erasure_leaves_no_row_about_the_user(ownership_api):
-    from tests.rig.ownership import USERS
+    alice, admin = await ownership_api.identity("alice"), await ownership_api.identity("admin")
     service = ownership_api.ownership
     body = await ownership_api.register("alice", "dev-a")
     await ownership_api.register("bob", "dev-b")
@@ -432,18 +491,18 @@ async def test_erasure_leaves_no_row_about_the_user(ownership_api):
                                                                                       "permission": "read"})
     await ownership_api.call("POST", "/devices/dev-b/delegations", as_="bob", json={"to": "carol",
                                                                                       "permission": "read"})
-    await service.record_subscription("sub-1", USERS["alice"], "")
-    await service.set_user_quota(USERS["admin"], "sub-alice", 3)
-    assert await service.rows_about("sub-alice", "alice") > 0
+    await service.record_subscription("sub-1", alice, "")
+    await service.set_user_quota(admin, alice.sub, 3)
+    assert await service.rows_about(alice.sub, "alice") > 0
 
     r = await ownership_api.call("DELETE", "/me/data", as_="alice")
     assert r.status == 200
     erased = (await r.json())["erased"]
     assert erased == {"devices": 1, "keys": 2, "delegations": 2, "subscriptions": 1, "quotas": 1}
-    assert await service.rows_about("sub-alice", "alice") == 0
+    assert await service.rows_about(alice.sub, "alice") == 0
     assert service.facts.device("dev-a") is None
     assert service.subscription_owner("sub-1", "") is None
-    assert service.facts.readable_devices("alice", "sub-alice") == set()
+    assert service.facts.readable_devices("alice", alice.sub) == set()
     with pytest.raises(AuthError):
         await service.authenticate_device_key("dev-a", body["k1"])
     # Other people's records stay.

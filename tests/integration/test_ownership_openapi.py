@@ -17,11 +17,12 @@ from schemathesis import GenerationMode
 from schemathesis.checks import (content_type_conformance, not_a_server_error, response_schema_conformance,
                                  status_code_conformance)
 
-from tests.rig.ownership import LiveApi, TableTokens, ownership_config
+from proxy.identity.tokens import TokenValidator
+from tests.rig.ownership import LiveApi, rig_config
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES_PER_OPERATION = 12  # x 11 operations x 2 modes: ~250 requests, a few seconds
+EXAMPLES_PER_OPERATION = 10  # x 12 operations: ~120 requests (positive, negative, an existing device)
 
 
 def fetch_spec(live: LiveApi) -> dict:
@@ -30,8 +31,13 @@ def fetch_spec(live: LiveApi) -> dict:
         return json.loads(r.read())
 
 
-def test_openapi_document_is_valid_and_covers_every_route(tmp_path):
-    with LiveApi(ownership_config(tmp_path), TableTokens()) as live:
+def live_api(tmp_path, oidc) -> LiveApi:
+    config = rig_config(tmp_path, oidc)
+    return LiveApi(config, lambda: TokenValidator(config.oidc))
+
+
+def test_openapi_document_is_valid_and_covers_every_route(tmp_path, oidc):
+    with live_api(tmp_path, oidc) as live:
         spec = fetch_spec(live)
     validate(spec)
     assert spec["openapi"].startswith("3.") and spec["servers"] == [{"url": "/api/v1"}]
@@ -46,12 +52,11 @@ def test_openapi_document_is_valid_and_covers_every_route(tmp_path):
     }
 
 
-def test_schemathesis_finds_no_server_errors(tmp_path):
-    tokens = TableTokens()
-    with LiveApi(ownership_config(tmp_path), tokens) as live:
+def test_schemathesis_finds_no_server_errors(tmp_path, oidc):
+    with live_api(tmp_path, oidc) as live:
         spec = fetch_spec(live)
         schema = schemathesis.openapi.from_dict(spec)
-        headers = {"Authorization": f"Bearer {tokens.token('alice')}"}
+        headers = {"Authorization": f"Bearer {oidc.password_token('alice')}"}
         checks = [not_a_server_error, status_code_conformance, content_type_conformance,
                   response_schema_conformance]
         operations = [result.ok() for result in schema.get_all_operations()]
@@ -66,7 +71,7 @@ def test_schemathesis_finds_no_server_errors(tmp_path):
                 strategies.append(op.as_strategy(path_parameters={"id": "fuzz-dev"}))
 
             @given(case=st.one_of(strategies))
-            @settings(max_examples=EXAMPLES_PER_OPERATION * 2, deadline=None, database=None,
+            @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
                       suppress_health_check=list(HealthCheck), phases=[hypothesis.Phase.generate])
             def run(case):
                 response = case.call(base_url=live.base_url, headers=headers, timeout=10)

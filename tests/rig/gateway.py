@@ -19,9 +19,7 @@ Benchmarks can use :func:`start_gateway` directly (no pytest needed).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib.util
-import os
 import secrets
 import ssl
 import time

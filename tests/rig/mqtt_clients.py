@@ -39,10 +39,11 @@ class Paho:
 
     def __init__(self, rig, client_id: str, *, version: int = V5, username: str | None = None,
                  password: str | None = None, cert=None, will: tuple[str, bytes, int, bool] | None = None,
-                 clean: bool = True, port: int | None = None, properties: Properties | None = None):
+                 clean: bool = True, port: int | None = None, properties: Properties | None = None,
+                 transport: str = "tcp"):
         self.rig = rig
         proto = paho.MQTTv5 if version == V5 else paho.MQTTv311
-        kw: dict[str, Any] = {"client_id": client_id, "protocol": proto}
+        kw: dict[str, Any] = {"client_id": client_id, "protocol": proto, "transport": transport}
         if version != V5:
             kw["clean_session"] = clean
         self.c = paho.Client(CallbackAPIVersion.VERSION2, **kw)

@@ -133,10 +133,11 @@ class OidcProvider:
         return user_sub(username)
 
     # -- configuration for the gateway
-    def oidc_config(self, *, introspection: bool = False, always: bool = False, **overrides: Any) -> OidcConfig:
+    def oidc_config(self, *, introspection: bool = False, always: bool = False,
+                    introspection_cache_seconds: float = 10.0, **overrides: Any) -> OidcConfig:
         """An :class:`OidcConfig` pointing at this provider (audience ``iot-proxy``)."""
         intro = IntrospectionConfig(enabled=introspection, client_id=PROXY_CLIENT, client_secret=PROXY_SECRET,
-                                    always=always)
+                                    always=always, cache_seconds=introspection_cache_seconds)
         base = OidcConfig(issuer=self.issuer, audience=self.audience,
                           roles=("realm_access.roles", "resource_access.iot-proxy.roles"), introspection=intro)
         return dataclasses.replace(base, **overrides)

@@ -3,19 +3,22 @@
 Fixtures:
 - ``ownership_service``: an open :class:`OwnershipService` (MemoryAudit) on a fresh store.
 - ``ownership_api``: :class:`ApiHarness`, the API mounted under ``/api/v1`` as the
-  gateway mounts it, served over real HTTP on 127.0.0.1, with bearer tokens
-  for alice, bob, carol (iot-user) and admin (iot-admin).
-
-Tokens come from :class:`TableTokens`, a validator with the real one's
-interface that knows a fixed set of tokens; the integration tests can hand
-the harness the real validator and tokens from the OIDC rig instead.
+  gateway mounts it, served over real HTTP on 127.0.0.1, validating real
+  access tokens from the OIDC rig (users alice, bob, carol as iot-user, admin
+  as iot-admin) with the real :class:`TokenValidator`.
+- ``ownership_api_table``: the same over :class:`TableTokens`, a validator with
+  the real one's interface and a fixed table of identities, for identities a
+  real provider never issues (a device kind, an issuer that is down on demand).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +32,7 @@ from ownership.service import OwnershipService
 from proxy.audit import MemoryAudit
 from proxy.config import Config, load_config_text
 from proxy.identity.model import AuthError, AuthReason, Identity
+from proxy.identity.tokens import TokenValidator
 from proxy.services import Services
 
 STORE_KEY = "correct horse battery staple"
@@ -101,6 +105,13 @@ class ApiHarness:
         self.token_for = token_for
         self.prefix = services.config.http.api_prefix
 
+    async def identity(self, username: str) -> Identity:
+        """The identity the API sees for this user's token."""
+        return await self.services.tokens.validate(self.token_for(username))
+
+    async def sub(self, username: str) -> str:
+        return (await self.identity(username)).sub
+
     @property
     def ownership(self) -> OwnershipService:
         return self.services.ownership
@@ -138,17 +149,56 @@ async def ownership_service(tmp_path):
         await service.close()
 
 
-@pytest.fixture
-async def ownership_api(tmp_path):
+class RigTokens:
+    """Access tokens from the OIDC rig, fetched once per user and reused while fresh."""
+
+    _cache: dict[tuple[str, str], tuple[float, str]] = {}
+
+    def __init__(self, oidc: Any):
+        self.oidc = oidc
+
+    def __call__(self, username: str) -> str:
+        key = (self.oidc.issuer, username)
+        hit = self._cache.get(key)
+        if hit is None or time.monotonic() - hit[0] > 60:
+            hit = (time.monotonic(), self.oidc.password_token(username))
+            self._cache[key] = hit
+        return hit[1]
+
+
+def rig_config(tmp_path: Path, oidc: Any) -> Config:
     config = ownership_config(tmp_path)
-    audit = MemoryAudit()
+    return dataclasses.replace(config, oidc=oidc.oidc_config())
+
+
+@pytest.fixture
+async def ownership_api(tmp_path, oidc):
+    config = rig_config(tmp_path, oidc)
+    tokens = TokenValidator(config.oidc)
+    await tokens.start()
+    try:
+        async with _harness(config, tokens, RigTokens(oidc)) as harness:
+            yield harness
+    finally:
+        await tokens.close()
+
+
+@pytest.fixture
+async def ownership_api_table(tmp_path):
     tokens = TableTokens()
+    async with _harness(ownership_config(tmp_path), tokens, tokens.token) as harness:
+        yield harness
+
+
+@contextlib.asynccontextmanager
+async def _harness(config: Config, tokens: Any, token_for: Callable[[str], str]):
+    audit = MemoryAudit()
     service = await open_service(config, audit)
     services = Services(config=config, tokens=tokens, ownership=service, policies=None, audit=audit)  # type: ignore[arg-type]
     client = TestClient(TestServer(mount(services), host="127.0.0.1"))
     await client.start_server()
     try:
-        yield ApiHarness(services, client, tokens.token)
+        yield ApiHarness(services, client, token_for)
     finally:
         await client.close()
         await service.close()
@@ -158,9 +208,10 @@ class LiveApi:
     """The API on a real port, served from its own thread and event loop, for
     synchronous HTTP clients (schemathesis)."""
 
-    def __init__(self, config: Config, tokens: Any):
+    def __init__(self, config: Config, tokens: Callable[[], Any]):
         self.config = config
-        self.tokens = tokens
+        self._make_tokens = tokens  # built on the server's loop (its HTTP session lives there)
+        self.tokens: Any = None
         self.base_url = ""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="live-api", daemon=True)
@@ -179,6 +230,8 @@ class LiveApi:
         self._loop.close()
 
     async def _start(self) -> None:
+        self.tokens = self._make_tokens()
+        await self.tokens.start()
         self.service = await open_service(self.config)
         services = Services(config=self.config, tokens=self.tokens, ownership=self.service, policies=None,  # type: ignore[arg-type]
                             audit=self.service.audit)
@@ -194,3 +247,5 @@ class LiveApi:
             await self._runner.cleanup()
         if self.service is not None:
             await self.service.close()
+        if self.tokens is not None:
+            await self.tokens.close()

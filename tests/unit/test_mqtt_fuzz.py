@@ -10,7 +10,7 @@ What must hold whatever the bytes:
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from proxy.mqtt import codec
@@ -22,7 +22,7 @@ from proxy.mqtt.session import AUTH_METHOD, Session, topic_matches
 from tests.unit.test_mqtt_session import ALICE, THERMO, Clock, FakePolicies, connack, make
 
 T = PacketType
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 levels = st.sampled_from([MQTT_311, MQTT_5])
 topics = st.sampled_from(["devices/thermo-1/telemetry", "devices/thermo-2/cmd", "a/b", "$SYS/x", "devices/x",
@@ -154,21 +154,20 @@ def run_session(level, client_chunks, broker_chunks):
     s, _, _ = make(level, p, clock=Clock())
     to_broker: list = []
 
-    def client(chunk):
-        acts = s.client_data(chunk)
+    def apply(acts):
+        # Like the shell: every field of every Actions is carried out, whichever call returned it.
         to_broker.extend(acts.to_broker)
         if acts.auth is not None:
-            acts = s.authenticated(ALICE)
-            to_broker.extend(acts.to_broker)
-            if acts.open_upstream:
-                to_broker.extend(s.broker_data(connack(level)).to_broker)
+            apply(s.authenticated(ALICE))
+        if acts.open_upstream:
+            apply(s.broker_data(connack(level)))
 
     rest_c, rest_b = list(client_chunks), list(broker_chunks)
     while rest_c or rest_b:
         if rest_c:
-            client(rest_c.pop(0))
+            apply(s.client_data(rest_c.pop(0)))
         if rest_b and not rest_c:
-            to_broker.extend(s.broker_data(rest_b.pop(0)).to_broker)
+            apply(s.broker_data(rest_b.pop(0)))
     return s, p, to_broker
 
 
@@ -208,6 +207,9 @@ def test_session_survives_mutated_broker_traffic(data, level):
 @given(st.data(), levels)
 def test_valid_traffic_split_anywhere_gives_the_same_result(data, level):
     packets = [connect_bytes(level)] + data.draw(st.lists(client_packet(level), max_size=8))
+    # A second re-authentication before the first is answered is a violation whose detection
+    # depends on timing (was the first answered yet?), so it is left out here.
+    assume(sum(p[:1] == b"\xf0" for p in packets) <= 1)
     stream = b"".join(packets)
     chunks = data.draw(splits(stream))
     whole_s, _, whole = run_session(level, [stream], [])

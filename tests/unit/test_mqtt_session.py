@@ -192,6 +192,25 @@ def test_client_id_takeover_is_impossible():
     assert up.client_id == "u/sub-bob/u/sub-alice/app-1"
 
 
+def test_subjects_cannot_collide_in_the_namespace():
+    # sub "x" + client id "y/z" and sub "x/y" + client id "z" must be different broker sessions.
+    ids = []
+    for sub, cid in (("x", "y/z"), ("x/y", "z")):
+        s, _, _ = make()
+        s.client_data(connect_packet(client_id=cid))
+        ident = dataclasses.replace(ALICE, sub=sub)
+        ids.append(codec.decode_connect(only(s.authenticated(ident).to_broker, T.CONNECT).body).client_id)
+    assert ids == ["u/x/y/z", "u/x%2Fy/z"]
+
+
+def test_device_id_inside_the_user_namespace_is_refused():
+    evil = dataclasses.replace(THERMO, device_id="u/sub-bob/app-1", username="u/sub-bob/app-1")
+    s, _, audit = make()
+    s.client_data(connect_packet(client_id="u/sub-bob/app-1"))
+    acts = s.authenticated(evil)
+    assert bytes(acts.to_client[0]) == b"\x20\x02\x00\x02" and not acts.to_broker and denials(audit, "connect")
+
+
 @pytest.mark.parametrize("level,code", [(MQTT_311, 0x02), (MQTT_5, 0x85)])
 def test_device_must_use_its_own_client_id(level, code):
     s, _, audit = make(level)
@@ -815,6 +834,32 @@ def test_revocation_stops_deliveries_on_invalidate():
     assert s.broker_data(raw).to_client  # cached until told
     s.invalidate()
     assert not s.broker_data(raw).to_client
+
+
+def test_cached_decisions_expire_without_invalidate():
+    # A delegation that runs out changes no facts: cached grants must still end, within a second.
+    clock = Clock()
+    s, p, _ = wildcard_session(clock=clock)
+    p.pub.append("devices/public-1/cmd")
+    raw = pub("devices/public-1/telemetry")
+    assert s.broker_data(raw).to_client and s.client_data(pub("devices/public-1/cmd")).to_broker
+    p.recv.remove("devices/public-1/#")
+    p.pub.remove("devices/public-1/cmd")
+    clock.t += 0.5
+    assert s.broker_data(raw).to_client and s.client_data(pub("devices/public-1/cmd")).to_broker
+    clock.t += 0.6
+    assert not s.broker_data(raw).to_client
+    assert not s.client_data(pub("devices/public-1/cmd")).to_broker
+
+
+def test_publish_decisions_are_cached_per_topic():
+    s, p, _ = open_session()
+    s.client_data(pub("devices/thermo-1/t") * 3 + pub("devices/thermo-1/t", qos=1))
+    assert [a[:3] for a in p.asked if a[0] == "publish"] == [("publish", "devices/thermo-1/t", 0),
+                                                             ("publish", "devices/thermo-1/t", 1)]
+    s.invalidate()
+    s.client_data(pub("devices/thermo-1/t"))
+    assert len([a for a in p.asked if a[0] == "publish"]) == 3
 
 
 def test_revoked_allow_grant_falls_back_to_per_delivery_checks():

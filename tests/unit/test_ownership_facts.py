@@ -180,3 +180,15 @@ async def test_highest_role_quota_applies(tmp_path):
     nobody = dataclasses.replace(ALICE, roles=frozenset())
     assert (s.quota_for(pro), s.quota_for(ALICE), s.quota_for(nobody)) == (10, 3, 2)
     await s.close()
+
+
+async def test_a_reregistered_id_authenticates_as_the_new_owners_device(ownership_service):
+    s = ownership_service
+    _, old_key, _ = await s.register_device(ALICE, {"id": "d", "type": "T"})
+    assert (await s.authenticate_device_key("d", old_key)).owner_sub == "sub-alice"
+    await s.delete_device(ALICE, "d")
+    _, new_key, _ = await s.register_device(BOB, {"id": "d", "type": "T"})
+    with pytest.raises(AuthError):
+        await s.authenticate_device_key("d", old_key)
+    assert (await s.authenticate_device_key("d", new_key)).owner_sub == "sub-bob"
+    assert s.device_identity("d").owner_username == "bob"

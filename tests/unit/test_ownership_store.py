@@ -136,6 +136,25 @@ def test_a_newer_schema_is_refused(tmp_path):
         st.Store.open(path, key)
 
 
+def test_a_failing_migration_leaves_the_previous_version(tmp_path, monkeypatch):
+    from ownership import migrations
+    path = tmp_path / "s.db"
+    key = st.derive_key(STORE_KEY)
+    st.Store.open(path, key).close()
+    broken = (LATEST + 1, ("CREATE TABLE extra (x)", "THIS IS NOT SQL"))
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, broken])
+    monkeypatch.setattr(migrations, "LATEST", LATEST + 1)
+    with pytest.raises(st.StoreError, match="schema migration failed"):
+        st.Store.open(path, key)
+    monkeypatch.undo()
+    store = st.Store.open(path, key)
+    try:
+        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == LATEST
+        assert store._conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'extra'").fetchone()[0] == 0
+    finally:
+        store.close()
+
+
 def test_key_pragma_refuses_anything_but_hex():
     with pytest.raises(ValueError):
         st._key_pragma("key", "x'; DROP TABLE devices; --" + "0" * 40)

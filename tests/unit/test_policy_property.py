@@ -215,10 +215,11 @@ topics = st.lists(st.sampled_from(LEVELS), min_size=1, max_size=4).map("/".join)
 filters = st.lists(st.sampled_from(LEVELS + ["+", "+"]), min_size=1, max_size=3).flatmap(
     lambda lv: st.sampled_from(["/".join(lv), "/".join(lv + ["#"])]))
 
-SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MANY = settings(SETTINGS, max_examples=400)
 
 
-@SETTINGS
+@MANY
 @given(rules=rule_sets(), topic=topics, who=st.sampled_from(IDENTITIES), public=st.booleans())
 def test_publish_and_receive_agree_with_reference(rules, topic, who, public):
     facts = make_facts(public)
@@ -267,7 +268,7 @@ def http_rules(draw):
     return rules
 
 
-@SETTINGS
+@MANY
 @given(rules=http_rules(), segs=st.lists(st.sampled_from(["v2", "entities", "d1", "d2", "alice", "zz"]), max_size=4),
        method=st.sampled_from(["GET", "get", "POST", "Delete", "PATCH"]), who=st.sampled_from(IDENTITIES),
        public=st.booleans())

@@ -198,6 +198,17 @@ async def test_valid_signature_over_non_object_payload_is_malformed(validator, t
     assert (await rejected(validator, token)).reason is AuthReason.MALFORMED
 
 
+async def test_keys_embedded_in_the_header_are_never_trusted(validator, token_factory):
+    # jwk / jku / x5u let a token name its own key: only the issuer's JWKS counts.
+    stranger = token_factory.keys.stranger
+    attacker_jwk = public_jwk(stranger, "rsa-1", "RS256")
+    for headers in ({"jwk": attacker_jwk}, {"jku": "http://127.0.0.1:9/evil-jwks.json"},
+                    {"x5u": "http://127.0.0.1:9/evil.pem"}):
+        token = token_factory.token(kid="rsa-1", key=stranger, headers=headers)
+        assert (await rejected(validator, token)).reason is AuthReason.BAD_SIGNATURE
+    assert token_factory.jwks_fetches == 1
+
+
 async def test_algorithm_allow_list_is_honoured(make_validator, token_factory):
     v = await make_validator(algorithms=("RS256",))
     assert (await rejected(v, token_factory.valid(alg="ES256"))).reason is AuthReason.ALGORITHM_NOT_ALLOWED
@@ -224,8 +235,12 @@ async def test_token_without_kid_uses_the_only_fitting_key(validator, token_fact
 async def test_random_unknown_kids_cause_at_most_one_fetch_per_cooldown(validator, token_factory, clock):
     assert token_factory.jwks_fetches == 1  # start()
 
+    # Signing 1,000 tokens would take seconds; the kid is looked up before any signature is checked.
+    _, payload, signature = token_factory.valid().split(".")
+
     async def flood() -> None:
-        tokens = [token_factory.token(kid=f"forged-{uuid.uuid4().hex}") for _ in range(1000)]
+        tokens = [f"{b64json({'alg': 'RS256', 'kid': f'forged-{uuid.uuid4().hex}'})}.{payload}.{signature}"
+                  for _ in range(1000)]
         results = await asyncio.gather(*(validator.validate(t) for t in tokens), return_exceptions=True)
         assert all(isinstance(r, AuthError) and r.reason is AuthReason.UNKNOWN_KID for r in results)
 

@@ -1,0 +1,57 @@
+"""Input rules: device ids as Orion's entity ids, bounded text, locations, grantees.
+The OpenAPI pattern for ids and the handler's rule must agree exactly."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ownership.openapi import DEVICE_ID_PATTERN
+from ownership.validation import (grantee_problem, is_device_id, location_problem, orion_id_problem,
+                                  text_problem)
+
+ORION_FORBIDDEN = set("&?/#<>\"'=;()")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=300), max_size=300))
+def test_device_id_rule_matches_orion_and_the_openapi_pattern(text):
+    expected = 1 <= len(text) <= 256 and all(33 <= ord(c) <= 126 and c not in ORION_FORBIDDEN for c in text)
+    assert is_device_id(text) == expected
+    assert bool(re.match(DEVICE_ID_PATTERN, text)) == expected
+
+
+def test_device_id_edges():
+    assert is_device_id("urn:ngsi-ld:Device:001")
+    assert is_device_id("x" * 256) and not is_device_id("x" * 257)
+    for bad in ("", " ", "a\nb", "a\x00b", "a\x7fb", "ü", "a b"):
+        assert not is_device_id(bad)
+    for ch in ORION_FORBIDDEN:
+        assert not is_device_id(f"a{ch}b")
+    assert orion_id_problem(12) == "id must be a string"
+
+
+def test_text_is_bounded_and_printable():
+    assert text_problem(None, "name") is None
+    assert text_problem("Küche 🌡", "name") is None
+    assert text_problem("x" * 257, "name")
+    assert text_problem("a\u0085b", "name") and text_problem("a\tb", "name")
+    assert text_problem(None, "name", nullable=False)
+
+
+def test_locations():
+    assert location_problem(None) is None
+    assert location_problem({"lat": 43.7, "lon": 11.2, "alt": 50, "label": "lab"}) is None
+    for bad in ({"lat": 43.7}, {"lat": "43", "lon": 1}, {"lat": True, "lon": 1}, {"lat": float("nan"), "lon": 1},
+                {"lat": 1, "lon": 181}, {"lat": 1, "lon": 1, "extra": 1}, [1, 2], "here",
+                {"lat": 1, "lon": 1, "label": 5}):
+        assert location_problem(bad), bad
+
+
+def test_grantees():
+    for good in ("bob", "group:lab", "anonymous", "service-account-iot-backend", "a@b.example"):
+        assert grantee_problem(good) is None, good
+    for bad in ("", "group:", "b o b", "x:y", "tab\t", 7, None, "u" * 256):
+        assert grantee_problem(bad), bad

@@ -1,0 +1,167 @@
+"""``keygate policy check|test|explain`` and the shipped policies."""
+
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main
+
+SHIPPED = str(Path(__file__).resolve().parents[2] / "policies")
+
+
+def run(capsys, *argv):
+    rc = main(["policy", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_shipped_policies_check_clean(capsys):
+    rc, out, err = run(capsys, "check", SHIPPED)
+    assert rc == 0, err
+    assert out.startswith("ok: ") and "warning" not in out  # every shipped rule has a test
+
+
+def test_shipped_policies_tests_pass(capsys):
+    rc, out, err = run(capsys, "test", SHIPPED)
+    assert rc == 0, out
+    assert "FAIL" not in out
+    assert out.splitlines()[-1].endswith(" passed, 0 failed")
+    assert "owners-and-delegates-read" in out   # each decision is printed with its rule
+
+
+def write(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    return str(tmp_path)
+
+
+def test_check_reports_every_broken_file_with_file_line(tmp_path, capsys):
+    write(tmp_path, "a.yaml", "version: 1\nrules:\n  - id: x\n    subjects: [owenr]\n"
+                              "    mqtt: {topics: [a], actions: [publish]}\n")
+    write(tmp_path, "b.yaml", "version: 1\nrules:\n  - id: y\n    subjects: [owner]\n"
+                              "    mqtt: {topics: [a/b], actions: [publish]}\n")
+    rc, out, err = run(capsys, "check", str(tmp_path))
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"{tmp_path}/a.yaml:4:16: rules[0].subjects: unknown subject 'owenr'")
+    assert lines[1].startswith(f"{tmp_path}/b.yaml:4:15: rules[0].subjects: owner is a relation")
+
+
+def test_check_finds_shadowed_and_unreachable_rules(tmp_path, capsys):
+    write(tmp_path, "a.yaml", """version: 1
+rules:
+  - id: wide
+    subjects: [anyone]
+    mqtt: {topics: ["a/+"], actions: [publish]}
+  - id: narrow
+    subjects: ["user:x"]
+    mqtt: {topics: ["a/b"], actions: [publish]}
+  - id: not-shadowed-other-action
+    subjects: [anyone]
+    mqtt: {topics: ["a/b"], actions: [subscribe]}
+  - id: owners-http
+    subjects: [owner]
+    http: {paths: ["/v2/entities/{device}"], methods: [GET]}
+  - id: close-all
+    effect: deny
+    subjects: [anyone, anonymous]
+    mqtt: {topics: ["a/#"], actions: [publish]}
+    http: {paths: ["/v2/**"], methods: ["*"]}
+tests:
+  - as: {user: x}
+    mqtt: {action: subscribe, topic: a/b}
+    expect: allow
+""")
+    rc, out, err = run(capsys, "check", str(tmp_path))
+    assert rc == 1
+    assert f"{tmp_path}/a.yaml:3:5: rule 'wide' is shadowed by deny rule 'close-all' ({tmp_path}/a.yaml:15:5)" in err
+    assert "rule 'narrow' is shadowed by deny rule 'close-all'" in err
+    assert "rule 'owners-http' is shadowed by deny rule 'close-all'" in err
+    assert "rule 'narrow' is unreachable: earlier rule 'wide'" in err
+    assert "not-shadowed-other-action" not in err
+    assert "warning: rule 'wide' has no test case" in out
+
+
+def test_a_deny_for_some_subjects_does_not_shadow_others(tmp_path, capsys):
+    write(tmp_path, "a.yaml", """version: 1
+rules:
+  - id: for-anonymous
+    subjects: [anonymous, delegate]
+    mqtt: {topics: ["d/{device}"], actions: [publish]}
+  - id: deny-authenticated
+    effect: deny
+    subjects: [anyone]
+    mqtt: {topics: ["#"], actions: [publish]}
+tests:
+  - as: {anonymous: true}
+    mqtt: {action: publish, topic: d/x}
+    expect: allow
+""")
+    rc, out, err = run(capsys, "check", str(tmp_path))
+    assert rc == 0, err
+
+
+def test_test_command_shows_failures(tmp_path, capsys):
+    write(tmp_path, "a.yaml", """version: 1
+rules:
+  - id: r
+    subjects: [owner]
+    mqtt: {topics: ["devices/{device}/#"], actions: [subscribe]}
+tests:
+  - name: passes
+    as: {user: alice}
+    owns: [d1]
+    mqtt: {action: subscribe, topic: devices/d1/x}
+    expect: allow
+    rule: r
+  - name: wrong expectation
+    as: {user: bob}
+    mqtt: {action: subscribe, topic: devices/d1/x}
+    expect: allow
+  - name: wrong rule
+    as: {user: alice}
+    owns: [d1]
+    mqtt: {action: subscribe, topic: "devices/+/x"}
+    expect: check-each
+""")
+    rc, out, err = run(capsys, "test", str(tmp_path))
+    assert rc == 1
+    lines = out.splitlines()
+    assert lines[0].startswith(f"ok   {tmp_path}/a.yaml:7:5: user:alice mqtt subscribe devices/d1/x -> allow (r)")
+    assert lines[1].startswith(f"FAIL {tmp_path}/a.yaml:13:5: user:bob mqtt subscribe devices/d1/x -> deny "
+                               "(no rule matched); expected allow")
+    assert lines[2].startswith("ok  ")
+    assert lines[-1] == "2 passed, 1 failed"
+    rc, out, _ = run(capsys, "test", "-q", str(tmp_path))
+    assert "FAIL" in out and "ok  " not in out
+
+
+def test_test_command_on_a_broken_set_is_one_line(tmp_path, capsys):
+    write(tmp_path, "a.yaml", "version: 1\nrules: {}\n")
+    rc, out, err = run(capsys, "test", str(tmp_path))
+    assert rc == 1
+    assert err.strip() == f"keygate: {tmp_path}/a.yaml:2:8: rules: expected a list, got a mapping"
+
+
+def test_explain(capsys):
+    rc, out, _ = run(capsys, "explain", SHIPPED, "--as", "user:bob", "--delegated", "thermo-1:read",
+                     "--mqtt", "publish", "devices/thermo-1/cmd/reboot")
+    assert rc == 0
+    assert "decision: deny" in out and "reason:   no rule matched" in out
+    assert "owners-and-delegates-command [devices/{device}/cmd/#] no subject holds (owner, delegate)" in out
+    rc, out, _ = run(capsys, "explain", SHIPPED, "--as", "user:alice", "--owns", "t1",
+                     "--http", "get", "/v2/entities/t1/../t1/attrs")
+    assert "GET /v2/entities/t1/attrs" in out
+    assert "decision: allow" in out and "rule:     owners-and-delegates-entities" in out
+    assert "subjects hold: owner; device t1" in out
+    rc, out, _ = run(capsys, "explain", SHIPPED, "--as", "user:root", "--role", "iot-admin",
+                     "--mqtt", "subscribe", "devices/+/telemetry")
+    assert "decision: allow" in out and "rule:     admins-mqtt" in out
+    rc, out, _ = run(capsys, "explain", SHIPPED, "--as", "anonymous", "--http", "GET", "/v2/%2e%2e/version")
+    assert "the path is refused" in out and "decision: deny" in out
+
+
+def test_explain_rejects_bad_arguments(capsys):
+    rc, _, err = run(capsys, "explain", SHIPPED, "--as", "alice", "--mqtt", "publish", "x")
+    assert rc == 1 and "--as takes user:NAME" in err
+    rc, _, err = run(capsys, "explain", SHIPPED, "--as", "user:a", "--delegated", "d1:all", "--mqtt", "publish", "x")
+    assert rc == 1 and "--delegated d1:all" in err
