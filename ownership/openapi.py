@@ -42,15 +42,17 @@ _TEXT = {"type": "string", "maxLength": 256, "pattern": TEXT_PATTERN, "nullable"
 
 def build_openapi(config: Config) -> dict[str, Any]:
     prefix = config.http.api_prefix if config.http is not None else "/api/v1"
-    location = {
-        "type": "object", "nullable": True, "additionalProperties": False, "required": ["lat", "lon"],
-        "properties": {
-            "lat": {"type": "number", "minimum": -90, "maximum": 90},
-            "lon": {"type": "number", "minimum": -180, "maximum": 180},
-            "alt": {"type": "number", "minimum": -100000, "maximum": 1000000},
-            "label": {"type": "string", "maxLength": 256, "pattern": TEXT_PATTERN},
-        },
-    }
+    location = {"anyOf": [
+        {"type": "string", "nullable": True, "maxLength": 256, "pattern": TEXT_PATTERN,
+         "description": "a place in words"},
+        {"type": "object", "nullable": True, "additionalProperties": False, "required": ["lat", "lon"],
+         "properties": {
+             "lat": {"type": "number", "minimum": -90, "maximum": 90},
+             "lon": {"type": "number", "minimum": -180, "maximum": 180},
+             "alt": {"type": "number", "minimum": -100000, "maximum": 1000000},
+             "label": {"type": "string", "maxLength": 256, "pattern": TEXT_PATTERN},
+         }},
+    ]}
     device_fields = {
         "type": {"type": "string", "pattern": DEVICE_ID_PATTERN, "maxLength": 256},
         "name": _TEXT, "model": _TEXT, "location": location, "public": {"type": "boolean"},
@@ -60,7 +62,8 @@ def build_openapi(config: Config) -> dict[str, Any]:
         "properties": {
             "id": {"type": "string"}, "type": {"type": "string"},
             "name": {"type": "string", "nullable": True}, "model": {"type": "string", "nullable": True},
-            "location": {"type": "object", "nullable": True}, "public": {"type": "boolean"},
+            "location": {"description": "a string, an object with lat and lon, or null"},
+            "public": {"type": "boolean"},
             "service": {"type": "string"},
             "owner": {"type": "object", "properties": {"sub": {"type": "string"}, "username": {"type": "string"}}},
             "created_at": {"type": "string", "format": "date-time"},
@@ -133,7 +136,7 @@ def build_openapi(config: Config) -> dict[str, Any]:
                                  "registered; k1 and k2 are shown only in this response",
                                  {"Location": {"schema": {"type": "string"}}}),
                     "403": _error("device quota reached (code quota_exceeded)"),
-                    "409": _error("the id is taken"), **_WITH_BODY, **{k: v for k, v in _COMMON.items() if k != "403"},
+                    "409": _error("the id is taken (code conflict)"), **_WITH_BODY, **{k: v for k, v in _COMMON.items() if k != "403"},
                 },
             },
             "get": {

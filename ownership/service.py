@@ -63,7 +63,7 @@ class NotFound(OwnershipError):
 
 
 class Conflict(OwnershipError):
-    status, code = 409, "device_exists"
+    status, code = 409, "conflict"
 
 
 class QuotaExceeded(OwnershipError):

@@ -53,11 +53,13 @@ _LOCATION_FIELDS = {"lat": (-90.0, 90.0), "lon": (-180.0, 180.0), "alt": (-1e5, 
 
 
 def location_problem(value: Any) -> str | None:
-    """``{"lat", "lon", "alt"?, "label"?}`` or null."""
+    """A place in words (``"hall"``), ``{"lat", "lon", "alt"?, "label"?}``, or null."""
     if value is None:
         return None
+    if isinstance(value, str):
+        return text_problem(value, "location", nullable=False)
     if not isinstance(value, dict):
-        return "location must be an object with lat and lon"
+        return "location must be a string or an object with lat and lon"
     unknown = set(value) - {*_LOCATION_FIELDS, "label"}
     if unknown:
         return f"location has unknown field {sorted(unknown)[0]!r}"

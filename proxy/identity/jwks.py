@@ -96,10 +96,13 @@ async def get_json(session: aiohttp.ClientSession, url: str, timeout: float, doc
                                headers={"accept": "application/json"}, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise FetchError(f"{document} {url}: HTTP {resp.status}")
-            body = await resp.content.read(MAX_DOCUMENT_BYTES + 1)
-        if len(body) > MAX_DOCUMENT_BYTES:
-            raise FetchError(f"{document} {url}: larger than {MAX_DOCUMENT_BYTES} bytes")
-        doc = json.loads(body)
+            chunks, size = [], 0
+            async for chunk in resp.content.iter_chunked(65536):
+                size += len(chunk)
+                if size > MAX_DOCUMENT_BYTES:
+                    raise FetchError(f"{document} {url}: larger than {MAX_DOCUMENT_BYTES} bytes")
+                chunks.append(chunk)
+        doc = json.loads(b"".join(chunks))
     except FetchError:
         JWKS_FETCHES.labels(document, "error").inc()
         raise

@@ -28,12 +28,17 @@ Then, for every event, call one method and carry out the returned Actions:
   every call: it moves with traffic, CONNACK and re-authentication.
 * ``broker_closed()`` (alias ``upstream_failed()``) — the upstream connection
   failed to open or was lost.
+* ``client_closed()`` — the client connection ended or is being closed (also
+  after ``Actions.close``): write its ``to_broker`` (a DISCONNECT that discards
+  a Will no longer allowed) before closing the upstream.
 * ``shutdown()`` — graceful server shutdown (v5: DISCONNECT 0x8B).
 * ``invalidate()`` — policies were reloaded or ownership facts changed: drop
   cached delivery decisions and re-check granted subscriptions (a revoked
   grant stops deliveries at once). Returns nothing.
 
-Carrying out :class:`Actions`, in this order:
+Carrying out :class:`Actions` — every field of every Actions, whichever call
+returned it (an ``auth`` can come out of ``broker_data``: a re-authentication
+the client sent before the CONNACK), in this order:
 
 1. ``to_client`` — write each item to the client (``transport.writelines``).
 2. ``open_upstream`` — connect to the broker now; write ``to_broker`` once connected
@@ -97,7 +102,9 @@ Rules the session enforces
   Method/Data or Topic Alias Maximum (absent = 0: the broker never sends
   aliases); ``upstream_username`` / password go in their place if configured.
 * The Will is authorized as a publish (its topic, QoS and retain flag);
-  refused → CONNACK 0x87 / 0x05.
+  refused → CONNACK 0x87 / 0x05. It is checked again when the client leaves
+  (``client_closed()``, or a v5 DISCONNECT 0x04): no longer allowed → a plain
+  DISCONNECT goes upstream so the broker discards it.
 * Authentication failures: CONNACK 0x86 / 0x04 (bad credentials), 0x87 / 0x05
   (none given), 0x88 / 0x03 (issuer unreachable), 0x8C (unknown method, v5).
 * Topic aliases (client → gateway, v5): tracked by the gateway itself up to
@@ -350,6 +357,7 @@ class Session:
         self._pending: list[Frame] = []
         self._pending_bytes = 0
         self._reauth = False
+        self._will_armed = False       # the broker holds this connection's Will
         self._aliases: dict[int, str] = {}
         self._subs: dict[str, _Sub] = {}
         self._unknown_subs = False     # resumed session: filters the gateway never saw
@@ -586,6 +594,30 @@ class Session:
 
     upstream_failed = broker_closed
 
+    def client_closed(self) -> Actions:
+        """The client's connection is gone (whoever closed it). Before the shell closes the
+        upstream, the Will is checked again: if it is no longer allowed (a grant revoked since
+        CONNECT), a normal DISCONNECT goes to the broker first, which discards the Will."""
+        acts = Actions()
+        if self._will_armed and not self._will_still_allowed():
+            acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
+        self._will_armed = False
+        if not self.closed:
+            self._close(acts, "client_closed", "")
+        return acts
+
+    def _will_still_allowed(self) -> bool:
+        c = self._connect
+        if c is None or c.will is None or self.identity is None:
+            return True
+        d = self.policies.may_publish(self.identity, c.will.topic, qos=c.will.qos, retain=c.will.retain,
+                                      client_id=self.client_id)
+        if not d.allowed:
+            _DENIED["will"].inc()
+            self._audit("will", "deny", resource=c.will.topic, rule=d.rule, reason=d.reason,
+                        qos=c.will.qos, retain=c.will.retain, when="disconnect")
+        return bool(d.allowed)
+
     def shutdown(self) -> Actions:
         acts = Actions()
         if self.closed:
@@ -647,7 +679,13 @@ class Session:
             self._pass(acts.to_broker, frame, data)
         elif t == T.DISCONNECT:
             d = codec.decode_disconnect(frame.body, level)
-            self._pass(acts.to_broker, frame, data)
+            if d.reason == Reason.DISCONNECT_WITH_WILL and self._will_armed and not self._will_still_allowed():
+                # Publishing the Will is no longer allowed: a plain DISCONNECT discards it.
+                self._end_run()
+                acts.to_broker.append(codec.encode_disconnect(level))
+            else:
+                self._pass(acts.to_broker, frame, data)
+            self._will_armed = False  # the broker has now published or discarded it
             self._close(acts, "client_disconnect", f"reason 0x{d.reason:02X}" if d.reason else "")
         elif t == T.AUTH and level == MQTT_5:
             self._client_auth(acts, frame)
@@ -896,6 +934,7 @@ class Session:
             self._close(acts, "broker_refused", f"0x{ca.reason:02X}", ca.reason)
             return
         self._state = "open"
+        self._will_armed = self._connect is not None and self._connect.will is not None
         self._last_rx = self.clock()
         if ca.session_present:
             self._unknown_subs = True

@@ -36,6 +36,7 @@ ALLOW and DENY are only given when they are certain.
 from __future__ import annotations
 
 import re
+import time
 from typing import Callable, Iterator
 
 from proxy.facts import OwnershipFacts
@@ -49,6 +50,8 @@ from proxy.policy.subjects import REL, could_hold, identity_keys, partition_key,
 
 __all__ = ["CompiledPolicies", "READ_METHODS"]
 
+CACHE_SIZE = 50_000
+CACHE_SECONDS = 60.0
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _METHOD = re.compile(r"^[A-Za-z]{1,20}$")
 _ANY = object()  # {device} lined up with a filter wildcard: some device, unknown which
@@ -230,11 +233,15 @@ def _intersect(node: _Node, f: list[str], i: int, device: object, vals: dict, fd
 class CompiledPolicies:
     """One immutable, compiled policy set. :class:`~proxy.policy.holder.Policies` swaps these."""
 
-    def __init__(self, source: PolicySource, facts: OwnershipFacts, *, admin_role: str = "iot-admin"):
+    def __init__(self, source: PolicySource, facts: OwnershipFacts, *, admin_role: str = "iot-admin",
+                 cache_size: int = CACHE_SIZE):
         self.source = source
         self.facts = facts
         self.admin_role = admin_role
         self.rules = {r.id: r for r in source.rules}
+        self._cache: dict[tuple, tuple[object, float]] = {}
+        self._cache_size = cache_size  # 0: no cache (benchmarks of the index itself)
+        self._cache_generation = facts.generation
         # (question, allow?) -> partition key -> trie
         self._tries: dict[tuple[str, bool], dict[str, _Node]] = {
             (q, a): {} for q in ("publish", "subscribe", "http") for a in (True, False)}
@@ -252,10 +259,53 @@ class CompiledPolicies:
                 for key in keys:
                     tries.setdefault(key, _Node()).insert(pattern, entry)
 
+    # ------------------------------------------------------------------ cached public questions
+
+    def may_publish(self, identity: Identity, topic: str, *, qos: int = 0, retain: bool = False,
+                    client_id: str = "") -> Decision:
+        return self._cached(("p", identity, topic, qos, retain, client_id), self._publish,
+                            identity, topic, qos, retain, client_id)
+
+    def may_receive(self, identity: Identity, topic: str, *, client_id: str = "") -> Decision:
+        return self._cached(("r", identity, topic, client_id), self._receive, identity, topic, client_id)
+
+    def may_subscribe(self, identity: Identity, topic_filter: str, *, qos: int = 0,
+                      client_id: str = "") -> SubscribeDecision:
+        return self._cached(("s", identity, topic_filter, qos, client_id), self._subscribe,
+                            identity, topic_filter, qos, client_id)
+
+    def may_http(self, identity: Identity, method: str, path: str) -> Decision:
+        return self._cached(("h", identity, method, path), self._http, identity, method, path)
+
+    def _cached(self, key: tuple, compute: Callable, *args):  # type: ignore[no-untyped-def]
+        """Decisions are pure functions of (policy set, facts generation, identity, request, time).
+
+        A swap builds a new :class:`CompiledPolicies` (a new, empty cache); a
+        facts generation bump clears it; an answer that consulted a delegation
+        with an expiry is kept only until that expiry; everything else for at
+        most ``CACHE_SECONDS``. When full the cache is simply dropped.
+        """
+        if not self._cache_size:
+            return compute([], *args)
+        gen = self.facts.generation
+        if gen != self._cache_generation:
+            self._cache.clear()
+            self._cache_generation = gen
+        now = time.time()
+        hit = self._cache.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        horizon: list[float] = []
+        decision = compute(horizon, *args)
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[key] = (decision, min(horizon, default=now + CACHE_SECONDS))
+        return decision
+
     # ------------------------------------------------------------------ concrete questions
 
     def _decide(self, question: str, identity: Identity, levels: list[str], vals: dict, want: str,
-                dollar: bool, fits: Callable[[_Entry], bool] | None) -> Decision:
+                dollar: bool, fits: Callable[[_Entry], bool] | None, horizon: list[float]) -> Decision:
         keys = identity_keys(identity)
         for allow in (False, True):
             tries = self._tries[(question, allow)]
@@ -272,7 +322,7 @@ class CompiledPolicies:
                         continue
                     if fits is not None and not fits(entry):
                         continue
-                    if key == REL and not relations_hold(entry.relations, identity, dev, self.facts, want):
+                    if key == REL and not relations_hold(entry.relations, identity, dev, self.facts, want, horizon):
                         continue
                     best, best_dev = entry, dev
             if best is not None:
@@ -281,8 +331,8 @@ class CompiledPolicies:
                 return Decision(False, best.id, f"denied by {best.id}", best_dev)
         return Decision(False, None, NO_RULE)
 
-    def may_publish(self, identity: Identity, topic: str, *, qos: int = 0, retain: bool = False,
-                    client_id: str = "") -> Decision:
+    def _publish(self, horizon: list[float], identity: Identity, topic: str, qos: int, retain: bool,
+                 client_id: str) -> Decision:
         problem = topic_problem(topic)
         if problem:
             return Decision(False, None, problem)
@@ -291,16 +341,18 @@ class CompiledPolicies:
             return (e.retain is None or e.retain == retain) and (e.qos is None or qos in e.qos)
 
         vals = identity_values(identity.sub, identity.username, client_id)
-        return self._decide("publish", identity, topic.split("/"), vals, "write", topic.startswith("$"), fits)
+        return self._decide("publish", identity, topic.split("/"), vals, "write", topic.startswith("$"), fits,
+                            horizon)
 
-    def may_receive(self, identity: Identity, topic: str, *, client_id: str = "") -> Decision:
+    def _receive(self, horizon: list[float], identity: Identity, topic: str, client_id: str) -> Decision:
         problem = topic_problem(topic)
         if problem:
             return Decision(False, None, problem)
         vals = identity_values(identity.sub, identity.username, client_id)
-        return self._decide("subscribe", identity, topic.split("/"), vals, "read", topic.startswith("$"), None)
+        return self._decide("subscribe", identity, topic.split("/"), vals, "read", topic.startswith("$"), None,
+                            horizon)
 
-    def may_http(self, identity: Identity, method: str, path: str) -> Decision:
+    def _http(self, horizon: list[float], identity: Identity, method: str, path: str) -> Decision:
         if not _METHOD.match(method):
             return Decision(False, None, "not an HTTP method")
         try:
@@ -314,19 +366,19 @@ class CompiledPolicies:
 
         vals = identity_values(identity.sub, identity.username, "")
         want = "read" if method in READ_METHODS else "write"
-        return self._decide("http", identity, split_path(norm), vals, want, False, fits)
+        return self._decide("http", identity, split_path(norm), vals, want, False, fits, horizon)
 
     # ------------------------------------------------------------------ subscribe
 
-    def may_subscribe(self, identity: Identity, topic_filter: str, *, qos: int = 0,
-                      client_id: str = "") -> SubscribeDecision:
+    def _subscribe(self, horizon: list[float], identity: Identity, topic_filter: str, qos: int,
+                   client_id: str) -> SubscribeDecision:
         if topic_filter.startswith("$share/") or topic_filter == "$share":
             return SubscribeDecision(Verdict.DENY, None, "a $share/ prefix must be stripped before the policy check")
         problem = filter_problem(topic_filter)
         if problem:
             return SubscribeDecision(Verdict.DENY, None, problem)
         if "+" not in topic_filter and "#" not in topic_filter:
-            d = self.may_receive(identity, topic_filter, client_id=client_id)
+            d = self._receive(horizon, identity, topic_filter, client_id)
             return SubscribeDecision(Verdict.ALLOW if d.allowed else Verdict.DENY, d.rule, d.reason, d.device)
         f = topic_filter.split("/")
         fdollar = f[0].startswith("$")
@@ -340,14 +392,14 @@ class CompiledPolicies:
                 return True
             if dev is _ANY:
                 return False  # "for every device" is never certain
-            return relations_hold(entry.relations, identity, dev, self.facts, "read")  # type: ignore[arg-type]
+            return relations_hold(entry.relations, identity, dev, self.facts, "read", horizon)  # type: ignore[arg-type]
 
         def maybe(key: str, entry: _Entry, dev: object) -> bool:
             if key != REL:
                 return True
             if dev is _ANY:  # some device might be related
                 return any(could_hold(r, identity) for r in entry.relations)
-            return relations_hold(entry.relations, identity, dev, self.facts, "read")  # type: ignore[arg-type]
+            return relations_hold(entry.relations, identity, dev, self.facts, "read", horizon)  # type: ignore[arg-type]
 
         def covering(tries: dict[str, _Node]) -> tuple[_Entry, object] | None:
             best = None

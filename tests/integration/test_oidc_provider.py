@@ -125,3 +125,16 @@ async def test_revoked_token_without_introspection_still_validates_until_exp(oid
 async def test_provider_introspects_its_jwt_access_tokens(oidc):
     answer = oidc.introspect(oidc.password_token("alice"))
     assert answer["active"] is True and answer["username"] == "alice" and answer["typ"] == "Bearer"
+
+
+async def test_the_rigs_proxy_yaml_snippet_loads_and_validates(oidc):
+    from proxy.config import load_config_text
+
+    cfg = load_config_text(oidc.config_yaml(), env={})
+    assert cfg.oidc.issuer == oidc.issuer and cfg.oidc.introspection.client_secret
+    v = TokenValidator(cfg.oidc)
+    await v.start()
+    try:
+        assert (await v.validate(oidc.password_token("alice"))).roles >= {"iot-user", "reader"}
+    finally:
+        await v.close()

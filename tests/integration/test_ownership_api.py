@@ -54,7 +54,7 @@ async def test_register_audited_without_keys(ownership_api):
 async def test_register_taken_id_is_409_even_for_another_user(ownership_api):
     await ownership_api.register("alice", "dev-a")
     r = await ownership_api.call("POST", "/devices", as_="bob", json={"id": "dev-a", "type": "Sensor"})
-    assert await error_of(r) == (409, "device_exists")
+    assert await error_of(r) == (409, "conflict")
 
 
 @pytest.mark.parametrize("bad_id", ["", "a b", "a/b", "a#b", "a?b", "a&b", "a<b", 'a"b', "a'b", "a=b", "a;b",
@@ -62,6 +62,14 @@ async def test_register_taken_id_is_409_even_for_another_user(ownership_api):
 async def test_register_refuses_ids_orion_would_refuse(ownership_api, bad_id):
     r = await ownership_api.call("POST", "/devices", as_="alice", json={"id": bad_id, "type": "Sensor"})
     assert await error_of(r) == (400, "invalid_field")
+
+
+async def test_location_in_words_or_coordinates(ownership_api):
+    body = await ownership_api.register("alice", "dev-words", location="hall")
+    assert body["location"] == "hall"
+    r = await ownership_api.call("PATCH", "/devices/dev-words", as_="alice", json={"location": {"lat": 1, "lon": 2}})
+    assert (await r.json())["location"] == {"lat": 1, "lon": 2}
+    assert (await ownership_api.ownership.load_device("dev-words"))["location"] == {"lat": 1, "lon": 2}
 
 
 async def test_sql_in_fields_is_data(ownership_api):
@@ -91,6 +99,8 @@ async def test_register_accepts_an_id_of_256_characters_and_orion_punctuation(ow
     ({"id": "d", "type": "Sensor", "location": {"lat": 1}}, "invalid_field"),
     ({"id": "d", "type": "Sensor", "location": {"lat": 1, "lon": 1, "x": 1}}, "invalid_field"),
     ({"id": "d", "type": "Sensor", "location": [1, 2]}, "invalid_field"),
+    ({"id": "d", "type": "Sensor", "location": "x" * 257}, "invalid_field"),
+    ({"id": "d", "type": "Sensor", "location": "line\nbreak"}, "invalid_field"),
     ({"id": "d", "type": "Sensor", "service": "no spaces"}, "invalid_field"),
     ({"id": "d", "type": "a/b"}, "invalid_field"),
 ])

@@ -2,28 +2,39 @@
 
 Fixtures:
 
-* ``mqtt_rig`` — a started :class:`MqttGateway` (TLS on a free port, device
-  certificates accepted) in front of the session's ``mosquitto``; the test's
-  own store, the shipped policies and a :class:`MemoryAudit`.
-* ``mqtt_rig_factory`` — the same with overrides:
-  ``await mqtt_rig_factory(tls=False, rate_limit=RateLimitConfig(...), websocket=True, ...)``.
+* ``mqtt_rig`` — a started :class:`~proxy.mqtt.server.MqttGateway` (TLS on a
+  free port, device certificates accepted) in front of the session's
+  ``mosquitto``, users from the real OIDC provider (``oidc``), the test's own
+  SQLCipher store (``OwnershipService``), the shipped ``policies/`` and a
+  :class:`MemoryAudit`.
+* ``mqtt_rig_factory`` — the same with choices:
+  ``await mqtt_rig_factory(issuer="factory")`` validates tokens of the
+  ``token_factory`` instead (forged, expired, alg none ...); keyword
+  arguments override ``mqtt`` config keys (``tls=False``, ``max_packet_size=``,
+  ``rate_limit=RateLimitConfig(...)``, ``connect_timeout_seconds=``), plus
+  ``websocket=True``, ``policies_dir=`` and ``broker="host:port" | "unix:/path"``.
 
-The services are the real ones (token validator against the test OIDC
-provider, ``OwnershipService`` on SQLCipher, ``Policies`` from ``policies/``)
-as soon as those modules import; until then the contract-faithful stand-ins
-of :mod:`tests.rig.mqtt_standins`. ``rig.real`` says which.
+What a test uses: ``rig.port`` / ``rig.ws_port``, ``await rig.token("alice", ttl=2)``,
+``await rig.register_device("alice")`` -> (id, K1, K2), ``rig.pki.device_cert(id)``,
+``rig.client_ssl()``, ``rig.audited(action=..., decision=...)``.
 
-Benchmarks can use :func:`start_gateway` directly (no pytest needed).
+Benchmarks use :func:`start_gateway` / :func:`stop_gateway` without pytest:
+``issuer=None`` gives stand-in tokens (no token provider needed; every other
+part stays real) and ``tls=False`` a plain listener::
+
+    rig = await start_gateway(Path(tmp), "127.0.0.1:1883", tls=False)
+    token = await rig.token("alice"); dev, k1, k2 = await rig.register_device("alice")
+    ...
+    await stop_gateway(rig)
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import secrets
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +44,13 @@ from proxy.audit import MemoryAudit
 from proxy.config import Config, MqttConfig, OidcConfig, PoliciesConfig, StoreConfig, TlsConfig
 from proxy.identity.model import Identity
 from proxy.services import Services
+from tests.rig.mqtt_standins import StandinTokens
 from tests.rig.pki import Pki, make_pki
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY_DIR = REPO / "policies"
 
 USERS = {"alice": (), "bob": (), "carol": (), "admin": ("iot-admin",)}
-
-
-def _importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def real_parts_available() -> dict[str, bool]:
-    return {
-        "tokens": _importable("proxy.identity.tokens"),
-        "ownership": _importable("ownership.service"),
-        "policies": _importable("proxy.policy.holder") and any(POLICY_DIR.glob("*.yaml")),
-    }
 
 
 @dataclass
@@ -66,7 +63,6 @@ class GatewayRig:
     config: Config
     oidc: Any = None                 # the OIDC provider or token factory when real tokens are used
     issuer: str = "standin"          # "oidc", "factory" or "standin"
-    real: dict[str, bool] = field(default_factory=dict)
     host: str = "127.0.0.1"
 
     @property
@@ -133,31 +129,21 @@ def gateway_config(tmp: Path, broker_address: str, pki: Pki, *, oidc: OidcConfig
     )
 
 
-async def build_services(config: Config, audit: MemoryAudit, real_tokens: bool
-                         ) -> tuple[Services, dict[str, bool]]:
-    real = real_parts_available()
-    real["tokens"] = real["tokens"] and real_tokens
-    if real["tokens"]:
+async def build_services(config: Config, audit: MemoryAudit, real_tokens: bool) -> Services:
+    """The real ownership service and policies; real token validation or the stand-in."""
+    from ownership.service import OwnershipService
+    from proxy.policy import Policies
+
+    if real_tokens:
         from proxy.identity.tokens import TokenValidator
         tokens = TokenValidator(config.oidc)
         await tokens.start()
     else:
-        from tests.rig.mqtt_standins import StandinTokens
         tokens = StandinTokens()
-    if real["ownership"]:
-        from ownership.service import OwnershipService
-        ownership = await OwnershipService.open(config, audit=audit)
-    else:
-        from tests.rig.mqtt_standins import StandinOwnership
-        ownership = StandinOwnership()
-    if real["policies"]:
-        from proxy.policy import Policies
-        policies = Policies.from_dir(config.resolve(config.policies.dir), ownership.facts,
-                                     admin_role=config.ownership.admin_role)
-    else:
-        from tests.rig.mqtt_standins import StandinPolicies
-        policies = StandinPolicies(ownership.facts, config.ownership.admin_role)
-    return Services(config=config, tokens=tokens, ownership=ownership, policies=policies, audit=audit), real
+    ownership = await OwnershipService.open(config, audit=audit)
+    policies = Policies.from_dir(config.resolve(config.policies.dir), ownership.facts,
+                                 admin_role=config.ownership.admin_role)
+    return Services(config=config, tokens=tokens, ownership=ownership, policies=policies, audit=audit)
 
 
 async def start_gateway(tmp: Path, broker_address: str, *, issuer: Any = None, pki: Pki | None = None,
@@ -170,16 +156,20 @@ async def start_gateway(tmp: Path, broker_address: str, *, issuer: Any = None, p
 
     pki = pki or make_pki(tmp / "pki")
     kind = "standin"
-    if issuer is not None and real_parts_available()["tokens"]:
+    if issuer is not None:
         kind = "factory" if hasattr(issuer, "alg_none") else "oidc"
         options.setdefault("oidc", issuer.oidc_config(leeway_seconds=1.0))
     config = gateway_config(tmp, broker_address, pki, **options)
     audit = MemoryAudit()
-    services, real = await build_services(config, audit, kind != "standin")
+    services = await build_services(config, audit, kind != "standin")
     gateway = MqttGateway(services)
-    await gateway.start()
-    return GatewayRig(gateway, services, pki, broker_address, audit, config, issuer if kind != "standin" else None,
-                      kind, real)
+    try:
+        await gateway.start()
+    except BaseException:
+        await services.ownership.close()
+        await services.tokens.close()
+        raise
+    return GatewayRig(gateway, services, pki, broker_address, audit, config, issuer, kind)
 
 
 async def stop_gateway(rig: GatewayRig) -> None:
@@ -194,9 +184,7 @@ async def mqtt_rig_factory(tmp_path, mosquitto, request):
     rigs: list[GatewayRig] = []
 
     async def start(issuer: str = "oidc", **options: Any) -> GatewayRig:
-        source = None
-        if real_parts_available()["tokens"]:
-            source = request.getfixturevalue("oidc" if issuer == "oidc" else "token_factory")
+        source = request.getfixturevalue("oidc" if issuer == "oidc" else "token_factory")
         rig = await start_gateway(tmp_path / f"gw{len(rigs)}", options.pop("broker", mosquitto.address),
                                   issuer=source, **options)
         rigs.append(rig)

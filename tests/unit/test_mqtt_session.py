@@ -280,6 +280,41 @@ def test_allowed_will_goes_upstream():
     assert up.will == will
 
 
+def will_session(level):
+    p = FakePolicies(pub=["devices/thermo-1/#"])
+    s, _, audit = make(level, p)
+    s.client_data(connect_packet(level, will=Will("devices/thermo-1/status", b"gone", 0, False)))
+    s.authenticated(ALICE)
+    s.broker_data(connack(level))
+    return s, p, audit
+
+
+def test_will_revoked_mid_session_is_discarded_when_the_client_drops():
+    s, p, audit = will_session(MQTT_311)
+    p.pub.clear()  # e.g. the device was given away
+    acts = s.client_closed()
+    assert bytes(acts.to_broker[0]) == b"\xe0\x00" and acts.close.reason == "client_closed"
+    assert denials(audit, "will")
+
+
+def test_allowed_will_is_left_to_the_broker():
+    s, _, _ = will_session(MQTT_311)
+    acts = s.client_closed()
+    assert not acts.to_broker and acts.close
+    assert s.client_closed() == Actions()  # idempotent
+
+
+def test_disconnect_with_will_is_checked_again():
+    s, p, _ = will_session(MQTT_5)
+    p.pub.clear()
+    acts = s.client_data(codec.encode_disconnect(MQTT_5, 0x04))
+    assert bytes(acts.to_broker[0]) == b"\xe0\x00" and acts.close
+    s, p, _ = will_session(MQTT_5)
+    raw = codec.encode_disconnect(MQTT_5, 0x04)
+    assert bytes(s.client_data(raw).to_broker[0]) == raw
+    assert s.client_closed() == Actions()
+
+
 @pytest.mark.parametrize("reason,v3,v5", [
     (AuthReason.BAD_SIGNATURE, 0x04, 0x86), (AuthReason.EXPIRED, 0x04, 0x86),
     (AuthReason.UNKNOWN_DEVICE_OR_KEY, 0x04, 0x86), (AuthReason.NO_CREDENTIALS, 0x05, 0x87),
@@ -953,3 +988,20 @@ rules:
     assert acts.to_broker
     assert s.broker_data(pub("devices/thermo-1/telemetry", level=5)).to_client
     assert not s.broker_data(pub("devices/thermo-2/telemetry", level=5)).to_client
+
+
+def test_mqtt_31_clients_are_served_too():
+    s, _, _ = make(3)
+    acts = s.client_data(connect_packet(3, client_id="old-1"))
+    assert acts.auth is not None and s.protocol_level == 3
+    up = codec.decode_connect(only(s.authenticated(ALICE).to_broker, T.CONNECT).body)
+    assert (up.protocol_name, up.protocol_level, up.client_id) == ("MQIsdp", 3, "u/sub-alice/old-1")
+    assert bytes(s.broker_data(connack(3)).to_client[0]) == b"\x20\x02\x00\x00"
+    acts = s.client_data(pub("devices/thermo-2/cmd", qos=1, pid=2, level=3))
+    assert bytes(acts.to_client[0]) == b"\x40\x02\x00\x02" and not acts.to_broker
+
+
+def test_auth_continue_from_the_client_is_a_protocol_error():
+    s, _, _ = open_session(MQTT_5)
+    acts = s.client_data(codec.encode_auth(Reason.CONTINUE_AUTHENTICATION, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD)]))
+    assert codec.decode_disconnect(only(acts.to_client, T.DISCONNECT).body, 5).reason == 0x82 and acts.close

@@ -44,8 +44,9 @@ def test_text_is_bounded_and_printable():
 def test_locations():
     assert location_problem(None) is None
     assert location_problem({"lat": 43.7, "lon": 11.2, "alt": 50, "label": "lab"}) is None
+    assert location_problem("hall, second floor") is None
     for bad in ({"lat": 43.7}, {"lat": "43", "lon": 1}, {"lat": True, "lon": 1}, {"lat": float("nan"), "lon": 1},
-                {"lat": 1, "lon": 181}, {"lat": 1, "lon": 1, "extra": 1}, [1, 2], "here",
+                {"lat": 1, "lon": 181}, {"lat": 1, "lon": 1, "extra": 1}, [1, 2], 12, "x" * 257, "a\x00b",
                 {"lat": 1, "lon": 1, "label": 5}):
         assert location_problem(bad), bad
 

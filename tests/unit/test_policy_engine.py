@@ -381,3 +381,30 @@ def test_ownership_changes_are_seen_at_once():
     assert p.may_http(user("alice"), "GET", "/v2/entities/d1").allowed
     f.remove("d1")
     assert not p.may_http(user("alice"), "GET", "/v2/entities/d1").allowed
+
+
+def test_cached_decisions_expire_with_the_delegation():
+    f = facts(dev("d1", "sub-bob", delegations=[Delegation("x", "d1", "alice", "read",
+                                                           expires_at=time.time() + 0.3)]))
+    p = policies(HTTP, f)
+    assert p.may_http(user("alice"), "GET", "/v2/entities/d1").allowed
+    assert p.may_http(user("alice"), "GET", "/v2/entities/d1").allowed   # a cache hit
+    time.sleep(0.35)
+    assert not p.may_http(user("alice"), "GET", "/v2/entities/d1").allowed
+
+
+def test_cache_is_keyed_on_the_whole_identity():
+    p = policies(SUBJECT_RULES)
+    assert p.may_publish(user("x", roles={"ops"}), "s/role").allowed
+    assert not p.may_publish(user("x"), "s/role").allowed                # same name, fewer roles
+    assert p.may_publish(user("x", roles={"ops"}), "s/role").allowed
+
+
+def test_a_full_cache_is_dropped_not_grown():
+    from proxy.policy.engine import CompiledPolicies
+
+    p = policies(SUBJECT_RULES)
+    small = CompiledPolicies(p.source, p.compiled.facts, cache_size=3)
+    for i in range(10):
+        small.may_publish(user(f"u{i}"), "s/anyone")
+    assert len(small._cache) <= 3

@@ -287,6 +287,15 @@ async def test_last_good_key_set_is_kept_while_the_issuer_is_down(validator, tok
     assert (await rejected(validator, token_factory.unknown_kid())).reason is AuthReason.UNKNOWN_KID
 
 
+async def test_oversized_jwks_is_refused_and_the_last_good_set_kept(validator, token_factory, clock):
+    token_factory.publish({"keys": [public_jwk(token_factory.keys.rotated, "rsa-rotated", "RS256")],
+                           "padding": "x" * (1 << 20)})
+    clock.advance(31)
+    assert not await validator.keyset.refresh(validator._session)
+    assert "larger than" in validator.keyset.last_error
+    assert set(validator.keyset.keys) == {"rsa-1", "ec-1"}
+
+
 async def test_issuer_down_at_start_then_up(make_validator, token_factory):
     token_factory.set_down()
     v = await make_validator()  # does not raise
