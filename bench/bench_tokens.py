@@ -9,7 +9,9 @@ a validation, not of JWKS fetching):
 - ``uncached``: the full path every new token pays (hash, header, alg/key
   checks, signature, claims, identity), with the decoded-token cache off;
 - ``cached``: a token seen before (hash + LRU lookup + expiry/key check);
-- ``pyjwt``: ``jwt.decode`` with signature, iss, aud and exp checks, for reference.
+- ``pyjwt.decode``: PyJWT's own decode with signature, iss, aud and exp checks, for reference;
+- ``signature only``: the bare OpenSSL signature check, the floor under all of the above
+  (on a loaded machine every figure rises; compare them with this one).
 
 Each figure is the median of several rounds.
 """
@@ -26,6 +28,7 @@ import uuid
 from typing import Any, Awaitable, Callable
 
 import jwt
+import jwt.utils
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
@@ -103,6 +106,15 @@ async def measure(seconds: float = 1.0) -> dict[str, float]:
             return jwt.decode(token, public, algorithms=[alg], audience=AUDIENCE, issuer=ISSUER)
 
         out[f"{alg} pyjwt.decode"] = await _time_async(pyjwt_decode, seconds)
+
+        head, payload, sig = token.split(".")
+        signing_input, signature = f"{head}.{payload}".encode(), jwt.utils.base64url_decode(sig)
+        key = uncached.keyset.keys[jwk["kid"]]
+
+        async def signature_only() -> Any:
+            return key.verify(alg, signing_input, signature)
+
+        out[f"{alg} signature only"] = await _time_async(signature_only, seconds)
     return out
 
 

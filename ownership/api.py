@@ -188,7 +188,7 @@ def _check_device_fields(body: dict[str, Any]) -> None:
         _invalid(location_problem(body["location"]))
     if "public" in body and not isinstance(body["public"], bool):
         _invalid("public must be true or false")
-    if "service" in body and not (isinstance(body["service"], str) and SERVICE_RE.match(body["service"])):
+    if "service" in body and not (isinstance(body["service"], str) and SERVICE_RE.fullmatch(body["service"])):
         _invalid("service must be up to 50 letters, digits or underscores")
 
 

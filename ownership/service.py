@@ -84,6 +84,8 @@ class OwnershipService:
         self._executor = executor
         self._clock = clock
         self._pepper = pepper
+        # Keyed once: each check copies the keyed state instead of re-deriving it.
+        self._hmac = hmac.new(pepper, digestmod=hashlib.sha256)
         # A hash no key maps to, compared against when the device is unknown,
         # so that an unknown id costs what a wrong key costs.
         self._dummy_hash = hmac.new(secrets.token_bytes(32), b"dummy", hashlib.sha256).digest()
@@ -151,7 +153,9 @@ class OwnershipService:
     def hash_key(self, key: str) -> bytes:
         # Keys are 256-bit random, so a keyed fast hash is as strong as a slow
         # one here; the pepper lives inside the encrypted store.
-        return hmac.digest(self._pepper, key.encode("utf-8", "surrogatepass"), "sha256")
+        h = self._hmac.copy()
+        h.update(key.encode("utf-8", "surrogatepass"))
+        return h.digest()
 
     async def authenticate_device_key(self, device_id: str, key: str) -> Identity:
         return self.check_device_key(device_id, key)
@@ -287,14 +291,15 @@ class OwnershipService:
             raise NotFound(f"no key {slot!r}; the keys are k1 and k2")
         key = new_device_key()
         digest = self.hash_key(key)
+        now = self._clock()
         try:
-            await self._run(self._store.set_key, device_id, slot, digest, self._clock())
+            await self._run(self._store.set_key, device_id, slot, digest, now)
         except st.NotFound:
             raise NotFound(f"no device {device_id!r}") from None
         self.facts.set_key(device_id, slot, digest)
         record = self.facts.record(device_id)
         if record is not None:
-            record["updated_at"] = self._clock()
+            record["updated_at"] = now
         self.facts.changed({device_id})
         self._audit("device.rotate_key", actor, device_id, slot=slot)
         return key

@@ -15,7 +15,7 @@ ORION_FORBIDDEN = frozenset("&?/#<>\"'=;()")
 MAX_ID = 256
 MAX_TEXT = 256
 MAX_GRANTEE = 255
-SERVICE_RE = re.compile(r"^[A-Za-z0-9_]{0,50}$")  # Orion's Fiware-Service rule
+SERVICE_RE = re.compile(r"[A-Za-z0-9_]{0,50}")  # Orion's Fiware-Service rule
 PERMISSIONS = ("read", "write", "readwrite")
 KEY_SLOTS = ("k1", "k2")
 

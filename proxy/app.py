@@ -64,7 +64,7 @@ async def build_services(config: Config, *, audit: AuditLog | None = None) -> Se
     from proxy.policy import Policies
 
     audit = audit or AuditLog.open(str(config.resolve(config.audit.path)) if config.audit.path != "-" else "-")
-    tokens = TokenValidator(config.oidc)
+    tokens = TokenValidator(config.oidc, base_dir=config.base_dir)
     await tokens.start()
     try:
         ownership = await OwnershipService.open(config, audit=audit)

@@ -50,7 +50,7 @@ def _write(path: Path, data: bytes, private: bool, force: bool) -> None:
     if path.exists() and not force:
         raise CommandError(f"{path}: exists (use --force to replace it)")
     # Create private keys 0600 from the first byte: never world-readable, even briefly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.chmod(path, 0o600 if private else 0o644)
@@ -114,6 +114,9 @@ def init_dir(directory: str | Path, *, hosts: list[str] | None = None, days: int
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing:
             raise CommandError(f"{existing[0]}: exists (use --force to replace the development certificates)")
+    linked = [str(p) for p in paths.values() if p.is_symlink()]
+    if linked:  # checked up front so that a refusal leaves the folder as it was
+        raise CommandError(f"{linked[0]}: is a symbolic link; refusing to write through it")
     names = ["localhost", "127.0.0.1", "::1", *(hosts or [])]
     ca_key, ca_cert = make_ca("keygate development CA", days)
     srv_key, srv_cert = make_leaf(names[0] if not hosts else hosts[0], ca_key, ca_cert, days=days,

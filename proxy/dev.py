@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import pwd
@@ -79,6 +80,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.dev_command == "token":
         return mint_token(args)
+    if args.upstream:
+        from proxy.config import parse_hostport
+
+        try:
+            parse_hostport(args.upstream)
+        except ValueError as exc:
+            raise CommandError(f"--upstream: {exc}") from None
+    for name in ("mqtt_port", "http_port", "metrics_port"):
+        if not 0 <= getattr(args, name) <= 65535:
+            raise CommandError(f"--{name.replace('_', '-')}: must be between 0 and 65535")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from proxy.app import install_uvloop
@@ -270,15 +281,14 @@ class DevStack:
     folder: Path = field(init=False)
     issuer: DevIssuer | None = None
     broker: Broker | None = None
+    _lock_fd: int | None = None
 
     def __post_init__(self) -> None:
         self.folder = Path(self.args.data).resolve()
 
     def prepare_folder(self) -> None:
-        pid = running_pid(self.folder)
-        if pid is not None and pid != os.getpid():
-            raise CommandError(f"keygate dev is already running with {self.folder} (pid {pid})")
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.lock_folder()
         if not (self.folder / "certs" / "ca.crt").exists():
             make_dev_pki(self.folder / "certs")
         if not (self.folder / "store.key").exists():
@@ -287,7 +297,20 @@ class DevStack:
         if not policies.is_dir():
             source = find_policies(self.args.policies)
             shutil.copytree(source, policies, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        (self.folder / "dev.pid").write_text(f"{os.getpid()}\n")
+
+    def lock_folder(self) -> None:
+        """One keygate dev per folder: an exclusive lock on dev.pid, held until exit."""
+        fd = os.open(self.folder / "dev.pid", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = running_pid(self.folder)
+            raise CommandError(f"keygate dev is already running with {self.folder}"
+                               + (f" (pid {pid})" if pid else "")) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
 
     async def run(self) -> int:
         print(BANNER.format(data=self.folder), flush=True)
@@ -311,7 +334,7 @@ class DevStack:
         self.issuer = DevIssuer(key)
         await self.issuer.start()
         key.save(self.folder)
-        log.warning("%s", "development token issuer on %s: NOT FOR PRODUCTION" % key.issuer)
+        log.warning("development token issuer on %s: NOT FOR PRODUCTION", key.issuer)
 
         if self.args.upstream:
             upstream = self.args.upstream
@@ -321,17 +344,16 @@ class DevStack:
         ports = {"mqtt_port": pick_port(self.args.mqtt_port), "http_port": pick_port(self.args.http_port),
                  "metrics_port": pick_port(self.args.metrics_port)}
         config_path = self.folder / "proxy.yaml"
-        config_path.write_text(render_config(folder=self.folder, issuer=key.issuer, upstream=upstream, orion=self.args.orion, **ports))
+        config_path.write_text(render_config(folder=self.folder, issuer=key.issuer, upstream=upstream,
+                                             orion=self.args.orion, **ports))
         config = load_config(config_path)
 
         services = await build_services(config)
         try:
             k1 = await self.demo_device(services)
-            ready = asyncio.Event()
 
             def on_ready(_services: Any, _listeners: Any) -> None:
                 print(self.instructions(key, k1, upstream, **ports), flush=True)
-                ready.set()
 
             await run_services(config, stop=stop, services=services, on_ready=on_ready)
         finally:
@@ -354,9 +376,11 @@ class DevStack:
             await self.broker.stop()
         if self.issuer is not None:
             await self.issuer.stop()
-        with contextlib.suppress(OSError):
-            if running_pid(self.folder) == os.getpid():
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
                 (self.folder / "dev.pid").unlink()
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def instructions(self, key: SigningKey, k1: str, upstream: str, *, mqtt_port: int, http_port: int,
                      metrics_port: int) -> str:

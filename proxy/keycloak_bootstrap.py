@@ -302,13 +302,19 @@ async def ensure_client_scopes(admin: Any, realm: dict[str, Any], report: Report
 
 async def ensure_default_scopes(admin: Any, realm: dict[str, Any], scope_ids: dict[str, str],
                                 report: Report) -> None:
-    current = {s["name"] for s in await admin.a_get_default_default_client_scopes()}
-    missing = [n for n in realm.get("defaultDefaultClientScopes", []) if n not in current]
-    for name in missing:
-        await admin.a_add_default_default_client_scope(scope_ids[name])
-        report.update(f"realm default client scopes (+{name})")
-    if not missing:
-        report.same()
+    """The scopes every new client gets, as defaults and as optional scopes."""
+    for key, get, add, what in (
+            ("defaultDefaultClientScopes", admin.a_get_default_default_client_scopes,
+             admin.a_add_default_default_client_scope, "realm default client scopes"),
+            ("defaultOptionalClientScopes", admin.a_get_default_optional_client_scopes,
+             admin.a_add_default_optional_client_scope, "realm optional client scopes")):
+        current = {s["name"] for s in await get()}
+        missing = [n for n in realm.get(key, []) if n not in current]
+        for name in missing:
+            await add(scope_ids[name])
+            report.update(f"{what} (+{name})")
+        if not missing:
+            report.same()
 
 
 async def ensure_scope_mappings(admin: Any, realm: dict[str, Any], scope_ids: dict[str, str],
@@ -372,11 +378,18 @@ async def ensure_client(admin: Any, client: dict[str, Any], scope_ids: dict[str,
         await admin.a_update_client_mapper(uuid, mid, m)
 
     await ensure_mappers(client.get("protocolMappers", []), mappers, what, add, update, report)
-    current = {s["name"] for s in await admin.a_get_client_default_client_scopes(uuid)}
-    for name in client.get("defaultClientScopes", []):
-        if name not in current:
-            await admin.a_add_client_default_client_scope(uuid, scope_ids[name], {})
-            report.update(f"{what} default scopes (+{name})")
+    for key, get, add, kind in (
+            ("defaultClientScopes", admin.a_get_client_default_client_scopes,
+             admin.a_add_client_default_client_scope, "default"),
+            ("optionalClientScopes", admin.a_get_client_optional_client_scopes,
+             admin.a_add_client_optional_client_scope, "optional")):
+        if not client.get(key):
+            continue
+        current = {s["name"] for s in await get(uuid)}
+        for name in client[key]:
+            if name not in current:
+                await add(uuid, scope_ids[name], {})
+                report.update(f"{what} {kind} scopes (+{name})")
     return uuid
 
 

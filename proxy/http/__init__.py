@@ -1,0 +1,8 @@
+"""The HTTP gateway in front of FIWARE Orion (NGSI-v2).
+
+Layers, outermost first: :mod:`.gateway` (aiohttp server and pooled client:
+``create_gateway_app``, ``HttpGateway``), :mod:`.auth` (bearer token, device
+key, device certificate, anonymous), :mod:`.ngsi` (sans-IO request analysis),
+:mod:`.plan` (sans-IO authorization and query rewriting), :mod:`.patterns`
+(safe local ``idPattern`` evaluation), :mod:`.ssrf` (notification targets).
+"""

@@ -24,6 +24,7 @@ Rules, in one place:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal
@@ -145,10 +146,11 @@ def readable_ids(ctx: Context) -> list[str]:
     ident = ctx.identity
     if ident.is_anonymous:
         candidates = set(ctx.facts.readable_devices(ANONYMOUS_GRANTEE, "", ()))
+    elif ident.is_device:
+        # A device's username is its id: it must not pick up grants made to a user of that name.
+        candidates = set(ctx.facts.readable_devices("", ident.sub, ())) | {ident.device_id}
     else:
         candidates = set(ctx.facts.readable_devices(ident.username, ident.sub, ident.groups))
-        if ident.is_device and ident.device_id:
-            candidates.add(ident.device_id)
     return sorted(i for i in candidates if ngsi.valid_ident(i) and may_read(ctx, i).allowed)
 
 
@@ -168,11 +170,26 @@ def plan(req: ngsi.NgsiRequest, action: ngsi.Action, ctx: Context) -> Plan:
         d = ctx.policies.may_http(ctx.identity, req.method, req.path)
         if not d.allowed:
             return forbidden("not allowed", d.reason, d.rule)
+        decided = _gated(req, action, ctx)
+        if not isinstance(decided, Deny) and decided.rule is None and d.rule:  # audit the endpoint rule
+            decided = dataclasses.replace(decided, rule=d.rule)
+        return decided
+    return _ungated(req, action, ctx)
+
+
+def _ungated(req: ngsi.NgsiRequest, action: ngsi.Action, ctx: Context) -> Plan:
     if isinstance(action, ngsi.EntityOp):
         c = may(ctx, req.method, req.path, action.device_id)
         if not c.allowed:
             return forbidden("not allowed", c.reason, c.rule, [action.device_id])
         return Forward(req.method, req.path, req.query, None, (action.device_id,), c.rule, c.reason)
+    d = ctx.policies.may_http(ctx.identity, req.method, req.path)
+    if not d.allowed:
+        return forbidden("not allowed", d.reason, d.rule)
+    return Forward(req.method, req.path, req.query, None, (), d.rule, d.reason)
+
+
+def _gated(req: ngsi.NgsiRequest, action: ngsi.Action, ctx: Context) -> Plan:
     if isinstance(action, ngsi.CreateEntity):
         c = may(ctx, "POST", f"/v2/entities/{action.device_id}/attrs", action.device_id, creating=True)
         if not c.allowed:
@@ -184,12 +201,7 @@ def plan(req: ngsi.NgsiRequest, action: ngsi.Action, ctx: Context) -> Plan:
         return _list(req, ctx)
     if isinstance(action, ngsi.QueryEntities):
         return _query(req, action, ctx)
-    if isinstance(action, (ngsi.CreateSubscription, ngsi.ListSubscriptions, ngsi.SubscriptionOp)):
-        return _subscriptions(req, action, ctx)
-    d = ctx.policies.may_http(ctx.identity, req.method, req.path)
-    if not d.allowed:
-        return forbidden("not allowed", d.reason, d.rule)
-    return Forward(req.method, req.path, req.query, None, (), d.rule, d.reason)
+    return _subscriptions(req, action, ctx)
 
 
 _BATCH_PATH = {"POST": "/attrs", "PATCH": "/attrs", "PUT": "/attrs", "DELETE": ""}
@@ -215,6 +227,35 @@ def _count_header(req: ngsi.NgsiRequest) -> tuple[tuple[str, str], ...]:
     return (("Fiware-Total-Count", "0"),) if "count" in options else ()
 
 
+def _unsafe_type_pattern(pattern: str | None, ctx: Context) -> Deny | None:
+    """Orion runs ``typePattern`` itself: a pattern that would stall the gateway would stall Orion."""
+    if pattern is None or ctx.is_admin:
+        return None
+    try:
+        compile_id_pattern(pattern)
+    except UnsafePattern as exc:
+        return Deny(400, "BadRequest", str(exc).replace("idPattern", "typePattern"), "unsafe typePattern")
+    return None
+
+
+def _unsafe_query_patterns(ctx: Context, *expressions: Any) -> Deny | None:
+    """The regexes in ``q`` / ``mq`` statements (``attr~=pattern``), which Orion also runs itself."""
+    if ctx.is_admin:
+        return None
+    for expression in expressions:
+        if not isinstance(expression, str) or "~=" not in expression:
+            continue
+        for statement in expression.split(";"):
+            _, sep, pattern = statement.partition("~=")
+            if not sep:
+                continue
+            try:
+                compile_id_pattern(pattern.strip().strip("'"))
+            except UnsafePattern as exc:
+                return Deny(400, "BadRequest", str(exc).replace("idPattern", "pattern in q"), "unsafe q pattern")
+    return None
+
+
 def _nothing_readable(req: ngsi.NgsiRequest, ctx: Context) -> Plan:
     if ctx.identity.is_anonymous:
         # Nothing is open to anonymous callers here: ask for credentials rather than answer [].
@@ -230,10 +271,12 @@ def _list(req: ngsi.NgsiRequest, ctx: Context) -> Plan:
     id_param, pattern_text = req.param("id"), req.param("idPattern")
     if id_param is not None and pattern_text is not None:
         return Deny(400, "BadRequest", "Incompatible parameters: id, IdPattern", "id and idPattern")
+    unsafe = _unsafe_type_pattern(req.param("typePattern"), ctx) or \
+        _unsafe_query_patterns(ctx, req.param("q"), req.param("mq"))
+    if unsafe is not None:
+        return unsafe
     if ctx.is_admin:
-        d = ctx.policies.may_http(ctx.identity, "GET", req.path)
-        if d.allowed:
-            return Forward("GET", req.path, req.query, None, (), d.rule, "admin listing")
+        return Forward("GET", req.path, req.query, None, (), None, "admin listing")
     ids = readable_ids(ctx)
     if id_param is not None:
         wanted = set(id_param.split(","))
@@ -276,15 +319,21 @@ def _query(req: ngsi.NgsiRequest, action: ngsi.QueryEntities, ctx: Context) -> P
     if unknown:
         return Deny(400, "BadRequest", f"unsupported query parameter: {unknown[0]}", "unsupported parameter")
     if ctx.is_admin:
-        d = ctx.policies.may_http(ctx.identity, "POST", req.path)
-        if d.allowed:
-            return Forward("POST", req.path, req.query, _dump(req.body), (), d.rule, "admin query")
+        return Forward("POST", req.path, req.query, _dump(req.body), (), None, "admin query")
+    expression = req.body.get("expression") if isinstance(req.body, dict) else None
+    if isinstance(expression, dict):
+        unsafe = _unsafe_query_patterns(ctx, expression.get("q"), expression.get("mq"))
+        if unsafe is not None:
+            return unsafe
     readable = readable_ids(ctx)
     if action.selectors is None:
         entities = [{"id": i} for i in readable]
     else:
         entities = []
         for sel_id, sel_pattern, types in action.selectors:
+            unsafe = _unsafe_type_pattern(dict(types).get("typePattern"), ctx)
+            if unsafe is not None:
+                return unsafe
             if sel_id is not None:
                 matched = [sel_id] if sel_id in readable else []
             else:

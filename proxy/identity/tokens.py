@@ -137,6 +137,7 @@ class TokenValidator:
         self._task: asyncio.Task | None = None
         self._discovered = False
         self._discovery: dict[str, Any] = {}
+        self._client_secret = ""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -150,6 +151,10 @@ class TokenValidator:
 
     async def start(self) -> None:
         """Discovery and the first JWKS fetch; when the issuer is down, keeps retrying in the background."""
+        intro = self.config.introspection
+        # A missing secret file is a configuration error: say so now, not from a background task.
+        self._client_secret = read_secret(intro.client_secret, str(self.base_dir / intro.client_secret_file)
+                                          if intro.client_secret_file else "") if intro.enabled else ""
         if self._session is None:
             self._session = aiohttp.ClientSession()
         add_readiness_check("oidc", self._readiness)
@@ -199,9 +204,7 @@ class TokenValidator:
             endpoint = intro.endpoint or doc.get("introspection_endpoint")
             if not isinstance(endpoint, str) or not endpoint:
                 raise FetchError("introspection enabled but the issuer advertises no introspection_endpoint")
-            secret = read_secret(intro.client_secret, str(self.base_dir / intro.client_secret_file)
-                                 if intro.client_secret_file else "")
-            self.introspector = Introspector(self._session, endpoint, intro.client_id, secret,
+            self.introspector = Introspector(self._session, endpoint, intro.client_id, self._client_secret,
                                              cache_seconds=intro.cache_seconds,
                                              cache_size=min(self.config.token_cache_size, 10000),
                                              timeout=self.config.http_timeout_seconds, clock=self.clock)
@@ -220,6 +223,8 @@ class TokenValidator:
                 backoff = 1.0
             except FetchError as exc:
                 log.warning("OIDC refresh failed: %s", exc)
+            except Exception:  # the loop must outlive any surprise, or keys would silently go stale
+                log.exception("OIDC refresh failed unexpectedly")
 
     # ------------------------------------------------------------------ validation
 

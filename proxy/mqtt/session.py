@@ -50,9 +50,13 @@ the client sent before the CONNACK), in this order:
    :class:`CloseInfo` says why (for logs and metrics; it is already audited).
 
 Items in ``to_client`` / ``to_broker`` may be ``memoryview`` slices of the
-buffer passed to that ``client_data`` / ``broker_data`` call: write them (or
-copy them) before reusing that buffer. Consecutive pass-through packets of
-one chunk come out as a single slice.
+buffer passed to that ``client_data`` / ``broker_data`` call. Consecutive
+pass-through packets of one chunk come out as a single slice. The buffer must
+not be overwritten while a transport still holds unsent data from it: uvloop's
+``write()`` keeps the memoryview itself (no copy) when the socket does not take
+it all at once, so a shell that reuses one receive buffer must switch to a
+fresh buffer whenever ``transport.get_write_buffer_size()`` is non-zero after
+its writes (or write ``bytes(item)`` copies).
 
 While ``session.reading_paused`` is true (authentication or the upstream
 CONNECT in progress) the shell should pause reading from the client; the
@@ -180,6 +184,10 @@ RATE_LIMITED = Counter("keygate_mqtt_rate_limited", "MQTT messages over the per-
                        registry=REGISTRY)
 PROTOCOL_ERRORS = Counter("keygate_mqtt_protocol_errors", "MQTT protocol violations refused",
                           ["side"], registry=REGISTRY)
+MESSAGES = Counter("keygate_mqtt_messages", "PUBLISH packets forwarded, by direction", ["direction"],
+                   registry=REGISTRY)
+_TO_BROKER = MESSAGES.labels("client_to_broker")
+_TO_CLIENT = MESSAGES.labels("broker_to_client")
 _ALLOWED = {a: DECISIONS.labels(a, "allow") for a in ("publish", "subscribe", "receive", "will")}
 _DENIED = {a: DECISIONS.labels(a, "deny") for a in ("publish", "subscribe", "receive", "will")}
 
@@ -367,6 +375,8 @@ class Session:
         self._caches_until = 0.0       # clock() after which both caches are dropped (time-bound grants)
         self._published = 0            # allowed publishes / deliveries not yet added to the metrics
         self._delivered = 0
+        self._forwarded = 0            # PUBLISH packets passed on, per direction, not yet counted
+        self._handed = 0
         self._suback_slots: dict[int, list[int | None]] = {}
         self._unsub_pending: dict[int, list[str]] = {}
         self._client_qos2_answered: set[int] = set()
@@ -406,6 +416,7 @@ class Session:
         try:
             frames = self._client_framer.feed(data)
         except ProtocolError as exc:
+            self._client_framer.view = None
             return self._client_violation(acts, exc)
         view = self._client_framer.view
         if frames:
@@ -425,6 +436,7 @@ class Session:
         finally:
             self._end_run()
             self._flush_counts()
+            self._client_framer.view = None  # hold no export of the shell's buffer
         return acts
 
     def broker_data(self, data) -> Actions:
@@ -454,6 +466,7 @@ class Session:
         finally:
             self._end_run()
             self._flush_counts()
+            self._broker_framer.view = None
         return acts
 
     def authenticated(self, identity: Identity) -> Actions:
@@ -777,6 +790,7 @@ class Session:
             self._refuse_publish(acts, info, Reason.NOT_AUTHORIZED)
             return
         self._published += 1
+        self._forwarded += 1
         if info.packet_id is not None:
             # A forwarded QoS 2 id is the broker's to finish now, not ours.
             self._client_qos2_answered.discard(info.packet_id)
@@ -981,6 +995,7 @@ class Session:
 
     def _broker_publish(self, acts: Actions, frame: Frame, data) -> None:
         if not self._check_deliveries:
+            self._handed += 1
             self._pass(acts.to_client, frame, data)
             return
         level = self.protocol_level
@@ -989,6 +1004,7 @@ class Session:
             # We told the broker Topic Alias Maximum 0.
             raise ProtocolError(Reason.TOPIC_ALIAS_INVALID, "topic alias from the broker")
         if self._may_receive(info.topic):
+            self._handed += 1
             self._pass(acts.to_client, frame, data)
             return
         self._end_run()
@@ -1055,6 +1071,12 @@ class Session:
         if self._delivered:
             _ALLOWED["receive"].inc(self._delivered)
             self._delivered = 0
+        if self._forwarded:
+            _TO_BROKER.inc(self._forwarded)
+            self._forwarded = 0
+        if self._handed:
+            _TO_CLIENT.inc(self._handed)
+            self._handed = 0
 
     def _update_check_mode(self) -> None:
         self._check_deliveries = self._unknown_subs or any(

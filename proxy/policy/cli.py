@@ -188,8 +188,12 @@ def _explain(args: argparse.Namespace) -> int:
             held = [s for s in r.subjects if (s in RELATIONS and relations_hold([s], identity, device, facts, want))
                     or (s not in RELATIONS and partition_key(s, args.admin_role) in keys)]
             state = f"subjects hold: {', '.join(held)}" if held else f"no subject holds ({', '.join(r.subjects)})"
-            candidates.append(f"  {r.effect:5} {r.id} [{pattern_text(p, question == 'http')}] "
-                              f"{state}{f'; device {device}' if device else ''}  ({r.where})")
+            if device:
+                state += f"; device {device}"
+            unmet = _unmet_condition(r, question, mqtt, http)
+            if unmet:
+                state += f"; but {unmet}"
+            candidates.append(f"  {r.effect:5} {r.id} [{pattern_text(p, question == 'http')}] {state}  ({r.where})")
             break
     if candidates:
         print("matching rules:")
@@ -197,3 +201,15 @@ def _explain(args: argparse.Namespace) -> int:
     elif levels is not None:
         print("matching rules: none")
     return 0
+
+
+def _unmet_condition(rule, question: str, mqtt: dict | None, http: dict | None) -> str:
+    """Why a rule whose pattern and subjects match still does not apply, or ''."""
+    if question == "http" and rule.http.methods is not None and http["method"].upper() not in rule.http.methods:
+        return f"{http['method'].upper()} is not among its methods ({', '.join(sorted(rule.http.methods))})"
+    if question == "publish" and mqtt:
+        if rule.mqtt.retain is not None and rule.mqtt.retain != mqtt["retain"]:
+            return f"it applies to retain={str(rule.mqtt.retain).lower()} only"
+        if rule.mqtt.qos is not None and mqtt["qos"] not in rule.mqtt.qos:
+            return f"QoS {mqtt['qos']} is not among {sorted(rule.mqtt.qos)}"
+    return ""

@@ -30,7 +30,14 @@ Subscribing to a filter with wildcards is decided by *containment*:
 
 "Could match" is conservative: a relation rule whose ``{device}`` lines up
 with a filter wildcard counts as possibly holding. CHECK_EACH is always safe;
-ALLOW and DENY are only given when they are certain.
+ALLOW and DENY are only given when they are certain. The overlap walk for one
+subscription visits at most ``WALK_BUDGET`` index nodes and answers
+CHECK_EACH past that, so no filter costs more than a bounded walk.
+
+Answers are cached per (identity, question): a policy swap builds a new
+:class:`CompiledPolicies` (so a new cache), an ownership generation bump
+clears it, and an answer that consulted a delegation with an expiry lives
+only until that expiry.
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ from proxy.policy.subjects import REL, could_hold, identity_keys, partition_key,
 __all__ = ["CompiledPolicies", "READ_METHODS"]
 
 CACHE_SIZE = 50_000
+# Index nodes an overlap walk may visit for one wildcard subscription before it settles
+# for CHECK_EACH: a filter like sensors/+/x over 10,000 literal sensors/sK rules would
+# otherwise cost a walk over all of them (CHECK_EACH is always a sound answer).
+WALK_BUDGET = 2_000
 CACHE_SECONDS = 60.0
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _METHOD = re.compile(r"^[A-Za-z]{1,20}$")
@@ -161,27 +172,39 @@ def _cover(node: _Node, f: list[str], i: int, device: str | None, vals: dict, fd
             _cover(child, f, i + 1, device, vals, fdollar, out)
 
 
-def _subtree(node: _Node, i: int, device: object, vals: dict) -> Iterator[Match]:
+class _TooWide(Exception):
+    """The overlap walk visited WALK_BUDGET nodes: answer CHECK_EACH (always sound) instead."""
+
+
+def _spend(budget: list[int]) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooWide
+
+
+def _subtree(node: _Node, i: int, device: object, vals: dict, budget: list[int]) -> Iterator[Match]:
     """Every entry at or below ``node`` (the filter has '#' at level ``i``)."""
+    _spend(budget)
     for e in node.hash:
         yield e, device
     for e in node.end:
         yield e, device
     for lit, child in node.lit.items():
         if not (i == 0 and lit.startswith("$")):
-            yield from _subtree(child, i + 1, device, vals)
+            yield from _subtree(child, i + 1, device, vals, budget)
     if node.plus is not None:
-        yield from _subtree(node.plus, i + 1, device, vals)
+        yield from _subtree(node.plus, i + 1, device, vals, budget)
     if node.dev is not None:
-        yield from _subtree(node.dev, i + 1, _ANY, vals)
+        yield from _subtree(node.dev, i + 1, _ANY, vals, budget)
     for ph, child in node.ph.items():
         if ph in vals and not (i == 0 and vals[ph].startswith("$")):
-            yield from _subtree(child, i + 1, device, vals)
+            yield from _subtree(child, i + 1, device, vals, budget)
 
 
-def _intersect(node: _Node, f: list[str], i: int, device: object, vals: dict, fdollar: bool
-               ) -> Iterator[Match]:
+def _intersect(node: _Node, f: list[str], i: int, device: object, vals: dict, fdollar: bool,
+               budget: list[int]) -> Iterator[Match]:
     """Every entry whose pattern matches at least one topic the filter ``f`` matches."""
+    _spend(budget)
     if node.hash and not (i == 0 and fdollar):
         for e in node.hash:
             yield e, device
@@ -195,39 +218,39 @@ def _intersect(node: _Node, f: list[str], i: int, device: object, vals: dict, fd
             yield e, device
         for lit, child in node.lit.items():
             if not (i == 0 and lit.startswith("$")):
-                yield from _subtree(child, i + 1, device, vals)
+                yield from _subtree(child, i + 1, device, vals, budget)
         if node.plus is not None:
-            yield from _subtree(node.plus, i + 1, device, vals)
+            yield from _subtree(node.plus, i + 1, device, vals, budget)
         if node.dev is not None:
-            yield from _subtree(node.dev, i + 1, _ANY, vals)
+            yield from _subtree(node.dev, i + 1, _ANY, vals, budget)
         for ph, child in node.ph.items():
             if ph in vals and not (i == 0 and vals[ph].startswith("$")):
-                yield from _subtree(child, i + 1, device, vals)
+                yield from _subtree(child, i + 1, device, vals, budget)
         return
     if lv == "+":
         for lit, child in node.lit.items():
             if not (i == 0 and lit.startswith("$")):
-                yield from _intersect(child, f, i + 1, device, vals, fdollar)
+                yield from _intersect(child, f, i + 1, device, vals, fdollar, budget)
         if node.plus is not None:
-            yield from _intersect(node.plus, f, i + 1, device, vals, fdollar)
+            yield from _intersect(node.plus, f, i + 1, device, vals, fdollar, budget)
         if node.dev is not None:
-            yield from _intersect(node.dev, f, i + 1, _ANY, vals, fdollar)
+            yield from _intersect(node.dev, f, i + 1, _ANY, vals, fdollar, budget)
         for ph, child in node.ph.items():
             if ph in vals and not (i == 0 and vals[ph].startswith("$")):
-                yield from _intersect(child, f, i + 1, device, vals, fdollar)
+                yield from _intersect(child, f, i + 1, device, vals, fdollar, budget)
         return
     child = node.lit.get(lv)
     if child is not None:
-        yield from _intersect(child, f, i + 1, device, vals, fdollar)
+        yield from _intersect(child, f, i + 1, device, vals, fdollar, budget)
     if i == 0 and fdollar:
         return
     if node.plus is not None:
-        yield from _intersect(node.plus, f, i + 1, device, vals, fdollar)
+        yield from _intersect(node.plus, f, i + 1, device, vals, fdollar, budget)
     if node.dev is not None and lv:
-        yield from _intersect(node.dev, f, i + 1, lv, vals, fdollar)
+        yield from _intersect(node.dev, f, i + 1, lv, vals, fdollar, budget)
     for ph, child in node.ph.items():
         if vals.get(ph) == lv:
-            yield from _intersect(child, f, i + 1, device, vals, fdollar)
+            yield from _intersect(child, f, i + 1, device, vals, fdollar, budget)
 
 
 class CompiledPolicies:
@@ -240,6 +263,7 @@ class CompiledPolicies:
         self.admin_role = admin_role
         self.rules = {r.id: r for r in source.rules}
         self._cache: dict[tuple, tuple[object, float]] = {}
+        self._identity_keys: dict[Identity, list[str]] = {}
         self._cache_size = cache_size  # 0: no cache (benchmarks of the index itself)
         self._cache_generation = facts.generation
         # (question, allow?) -> partition key -> trie
@@ -277,6 +301,15 @@ class CompiledPolicies:
     def may_http(self, identity: Identity, method: str, path: str) -> Decision:
         return self._cached(("h", identity, method, path), self._http, identity, method, path)
 
+    def _keys_of(self, identity: Identity) -> list[str]:
+        """identity_keys, remembered per identity (a connection asks many questions as one identity)."""
+        keys = self._identity_keys.get(identity)
+        if keys is None:
+            if len(self._identity_keys) >= 10_000:
+                self._identity_keys.clear()
+            keys = self._identity_keys[identity] = identity_keys(identity)
+        return keys
+
     def _cached(self, key: tuple, compute: Callable, *args):  # type: ignore[no-untyped-def]
         """Decisions are pure functions of (policy set, facts generation, identity, request, time).
 
@@ -299,14 +332,14 @@ class CompiledPolicies:
         decision = compute(horizon, *args)
         if len(self._cache) >= self._cache_size:
             self._cache.clear()
-        self._cache[key] = (decision, min(horizon, default=now + CACHE_SECONDS))
+        self._cache[key] = (decision, min([*horizon, now + CACHE_SECONDS]))
         return decision
 
     # ------------------------------------------------------------------ concrete questions
 
     def _decide(self, question: str, identity: Identity, levels: list[str], vals: dict, want: str,
                 dollar: bool, fits: Callable[[_Entry], bool] | None, horizon: list[float]) -> Decision:
-        keys = identity_keys(identity)
+        keys = self._keys_of(identity)
         for allow in (False, True):
             tries = self._tries[(question, allow)]
             best: _Entry | None = None
@@ -383,7 +416,7 @@ class CompiledPolicies:
         f = topic_filter.split("/")
         fdollar = f[0].startswith("$")
         vals = identity_values(identity.sub, identity.username, client_id)
-        keys = identity_keys(identity)
+        keys = self._keys_of(identity)
         deny_tries = self._tries[("subscribe", False)]
         allow_tries = self._tries[("subscribe", True)]
 
@@ -419,24 +452,33 @@ class CompiledPolicies:
                 root = tries.get(key)
                 if root is None:
                     continue
-                for entry, dev in _intersect(root, f, 0, None, vals, fdollar):
+                for entry, dev in _intersect(root, f, 0, None, vals, fdollar, budget):
                     if maybe(key, entry, dev):
                         return entry
             return None
 
+        budget = [WALK_BUDGET]
         deny = covering(deny_tries)
         if deny is not None:
             dev = deny[1] if isinstance(deny[1], str) else None
             return SubscribeDecision(Verdict.DENY, deny[0].id, f"denied by {deny[0].id}", dev)
         allow = covering(allow_tries)
         if allow is not None:
-            overlap = overlapping(deny_tries)
+            try:
+                overlap = overlapping(deny_tries)
+            except _TooWide:
+                return SubscribeDecision(Verdict.CHECK_EACH, allow[0].id, f"allowed by {allow[0].id}; too many "
+                                         "deny rules under the filter to rule them out, each delivery is checked")
             dev = allow[1] if isinstance(allow[1], str) else None
             if overlap is None:
                 return SubscribeDecision(Verdict.ALLOW, allow[0].id, f"allowed by {allow[0].id}", dev)
             return SubscribeDecision(Verdict.CHECK_EACH, allow[0].id,
                                      f"allowed by {allow[0].id}; deny rule {overlap.id} overlaps the filter", dev)
-        some = overlapping(allow_tries)
+        try:
+            some = overlapping(allow_tries)
+        except _TooWide:
+            return SubscribeDecision(Verdict.CHECK_EACH, None, "too many rules under the filter to decide it "
+                                     "outright; each delivery is checked")
         if some is None:
             return SubscribeDecision(Verdict.DENY, None, NO_RULE)
         return SubscribeDecision(Verdict.CHECK_EACH, some.id,

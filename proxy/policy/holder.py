@@ -157,6 +157,8 @@ class Policies:
         return True, f"generation {self.generation}, hash {self.digest}"
 
     def _publish_metrics(self, _: object) -> None:
+        if self._path is None:
+            return  # sets built from text (tests, tools) are not the one being served
         GENERATION.set(self.generation)
         INFO.clear()
         INFO.labels(hash=self.digest).set(1)

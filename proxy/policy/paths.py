@@ -13,11 +13,16 @@ gateway and Orion read differently is how an access check gets bypassed:
 * ``.`` and ``..`` segments are resolved when written plainly; a ``..`` that
   would climb above ``/`` is refused, and so is a dot segment spelt with
   percent escapes (``%2e%2e``, ``.%2E``): nobody writes those by accident;
+* a decoded segment may not hold whitespace, ``%``, ``?`` or ``#`` either:
+  NGSI-v2 forbids them in ids and attribute names, and refusing them makes
+  the function idempotent -- its output never decodes to anything else, so
+  a path normalised twice (by the gateway, then inside ``may_http``) is never
+  double-decoded (``%2541`` is refused instead of becoming ``%41``, then ``A``);
 * empty segments (``//``) and a trailing slash are dropped (Orion routes
   ``/v2/entities/`` as ``/v2/entities``).
 
-The result is decoded text (``/v2/entities/room 1``); the HTTP gateway must
-forward this form (re-quoted per segment), never the raw path.
+The result is decoded text (``/v2/entities/caf\u00e9``); the HTTP gateway
+forwards this form (re-quoted per segment), never the raw path.
 """
 
 from __future__ import annotations
@@ -32,7 +37,12 @@ class PathError(ValueError):
 
 
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
-_BAD_RAW = re.compile(r"[\x00-\x20\x7f\\?#]")
+_BAD_RAW = re.compile(r"[\x00-\x20\x7f\s\\?#]")
+_BAD_DECODED = re.compile(r"[\x00-\x20\x7f\s%?#]")
+
+
+def _describe(ch: str) -> str:
+    return {"%": "%", "?": "?", "#": "#"}.get(ch, "whitespace or control character")
 
 
 def _decode_segment(raw: str) -> str:
@@ -57,8 +67,9 @@ def _decode_segment(raw: str) -> str:
         raise PathError("percent-encoded bytes are not UTF-8") from None
     if "/" in text or "\\" in text:
         raise PathError("an encoded slash or backslash inside a segment")
-    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in text):
-        raise PathError("a control character in the path")
+    bad = _BAD_DECODED.search(text)
+    if bad:
+        raise PathError(f"an encoded {_describe(bad.group())} in the path")
     if text in (".", ".."):
         raise PathError("a percent-encoded dot segment")
     return text

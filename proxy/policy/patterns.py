@@ -24,6 +24,7 @@ the checker.
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 __all__ = ["Special", "PLUS", "HASH", "DEVICE", "PLACEHOLDERS", "parse_topic_pattern", "parse_path_pattern",
@@ -103,9 +104,12 @@ def parse_path_pattern(text: str) -> Pattern:
     return _parse(segs, "*", "**", "path segment")
 
 
+_WIDENING = re.compile(r"[+#/\x00]")
+
+
 def valid_value(value: str) -> bool:
     """Whether a caller's value may stand for a placeholder level."""
-    return bool(value) and not any(c in value for c in "+#/\x00")
+    return bool(value) and _WIDENING.search(value) is None
 
 
 def identity_values(sub: str, username: str, client_id: str) -> dict[Special, str]:

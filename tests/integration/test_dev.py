@@ -142,7 +142,7 @@ def stack(tmp_path_factory):
     need("mosquitto_sub"), need("curl")
     s = start_dev(tmp_path_factory.mktemp("dev") / "keygate-dev")
     yield s
-    s.stop(signal.SIGKILL)
+    s.stop(signal.SIGINT)
 
 
 def run(argv: list[str], timeout: float = 15) -> subprocess.CompletedProcess:
@@ -352,3 +352,31 @@ def load_config_text_for(folder: Path, issuer: str):
 
     return load_config_text(render_config(folder=folder, issuer=issuer, mqtt_port=1, http_port=2, metrics_port=3,
                                           upstream="127.0.0.1:4", orion="http://127.0.0.1:5"), env={})
+
+
+@pytest.mark.integration
+def test_upstream_broker_is_used_instead_of_starting_one(tmp_path, mosquitto):
+    stack = start_dev(tmp_path / "keygate-dev", "--upstream", mosquitto.address)
+    try:
+        assert any(f"your broker at {mosquitto.address}" in line for line in stack.lines)
+        assert not any("mosquitto (pid" in line for line in stack.lines)
+        assert children_of(stack.proc.pid) == set()
+        sub = stack.printed("mosquitto_sub")[0] + ["-C", "1", "-W", "20"]
+        proc = subprocess.Popen(sub, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            assert run(stack.printed("mosquitto_pub")[0]).returncode == 0
+            time.sleep(0.3)
+        out, _ = proc.communicate(timeout=5)
+        assert out.startswith("devices/demo-thermo/telemetry ")
+    finally:
+        assert stack.stop(signal.SIGINT) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dev", "--upstream", "no-port"], "keygate: --upstream: expected host:port, got 'no-port'\n"),
+    (["dev", "--mqtt-port", "70000"], "keygate: --mqtt-port: must be between 0 and 65535\n"),
+])
+def test_bad_options_are_one_line(argv, message, capsys):
+    assert main(argv) == 1
+    assert capsys.readouterr().err == message

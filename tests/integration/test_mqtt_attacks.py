@@ -284,3 +284,21 @@ async def test_publish_flood_over_the_rate_limit(mqtt_rig_factory, action):
     assert rig.audited(action="publish", reason="rate limit")
     await raw.close()
     await watcher.close()
+
+
+async def test_rate_limit_is_per_identity_across_connections(mqtt_rig_factory):
+    """Two connections of one user share one bucket: opening more connections buys no extra rate."""
+    rig = await mqtt_rig_factory(rate_limit=RateLimitConfig(messages_per_second=1, burst=10, action="drop"))
+    dev, _, _ = await rig.register_device("alice")
+    token = await rig.token("alice")
+    first, _ = await raw_connect(rig, V5, "alice-a", "alice", token)
+    second, _ = await raw_connect(rig, V5, "alice-b", "alice", token)
+    codes = []
+    for i, c in enumerate((first, second) * 8):
+        await c.send(publish_packet(f"devices/{dev}/cmd/x", b"1", qos=1, packet_id=i + 1))
+        pkt = await c.read_packet()
+        codes.append(pkt[-1] if len(pkt) > 4 else 0)
+    assert sum(1 for code in codes if code < 0x80) in (10, 11)
+    assert codes.count(0x97) >= 5
+    for c in (first, second):
+        await c.close()

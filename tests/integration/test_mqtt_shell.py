@@ -3,6 +3,7 @@ graceful shutdown and metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from pathlib import Path
@@ -153,3 +154,30 @@ async def test_connection_metrics(mqtt_rig):
     assert _metric("keygate_mqtt_authentications_total", method="token", result="ok") >= 1
     await c.close()
     await eventually(lambda: not rig.gateway.connections)
+
+
+async def test_keepalive_is_enforced_by_the_connection_timer(mqtt_rig):
+    """Keepalive 1 s: silent for 1.5 s -> v5 DISCONNECT 0x8D (keep alive timeout); traffic keeps it open."""
+    rig = mqtt_rig
+    token = await rig.token("carol")
+    busy, code = await raw_connect(rig, V5, "carol-busy", "carol", token, keepalive=1)
+    assert code == 0
+    quiet, code = await raw_connect(rig, V5, "carol-quiet", "carol", token, keepalive=1)
+    assert code == 0
+    for _ in range(4):
+        await busy.send(b"\xc0\x00")
+        assert await busy.read_packet() == b"\xd0\x00"
+        await asyncio.sleep(0.5)
+    assert await quiet.read_packet(timeout=1) == b"\xe0\x01\x8d"
+    assert await quiet.closed_within(1)
+    for c in (busy, quiet):
+        await c.close()
+
+
+async def test_websocket_without_the_mqtt_subprotocol_is_closed(mqtt_rig_factory):
+    rig = await mqtt_rig_factory(websocket=True)
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"wss://127.0.0.1:{rig.ws_port}/mqtt", ssl=rig.client_ssl()) as ws:
+            msg = await ws.receive(timeout=5)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert not rig.gateway.connections

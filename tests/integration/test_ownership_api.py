@@ -102,6 +102,7 @@ async def test_register_accepts_an_id_of_256_characters_and_orion_punctuation(ow
     ({"id": "d", "type": "Sensor", "location": "x" * 257}, "invalid_field"),
     ({"id": "d", "type": "Sensor", "location": "line\nbreak"}, "invalid_field"),
     ({"id": "d", "type": "Sensor", "service": "no spaces"}, "invalid_field"),
+    ({"id": "d", "type": "Sensor", "service": "tenant\n"}, "invalid_field"),
     ({"id": "d", "type": "a/b"}, "invalid_field"),
 ])
 async def test_register_validation(ownership_api, body, code):

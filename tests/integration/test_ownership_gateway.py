@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from ownership.service import OwnershipService
 from tests.integration.mqtt_helpers import raw_connect
 from tests.rig.mqtt_clients import V5, Paho
 from tests.rig.ownership import mount
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def api(mqtt_rig):
-    assert mqtt_rig.real["ownership"] and mqtt_rig.real["tokens"], mqtt_rig.real
+    assert isinstance(mqtt_rig.services.ownership, OwnershipService)  # the real store, not a stand-in
     client = TestClient(TestServer(mount(mqtt_rig.services), host="127.0.0.1"))
     await client.start_server()
     try:

@@ -306,4 +306,10 @@ handler = async (req, res) => {
 };
 
 process.on('SIGTERM', () => { server.close(); process.exit(0); });
+// Started by the test rig with a pipe on stdin: when the rig's process dies, so does this one.
+if (process.env.KEYGATE_OIDC_EXIT_WITH_STDIN === '1') {
+  process.stdin.on('end', () => process.exit(0));
+  process.stdin.on('error', () => process.exit(0));
+  process.stdin.resume();
+}
 process.stdout.write(`READY ${JSON.stringify({ issuer, port, kid: signingKey.kid })}\n`);

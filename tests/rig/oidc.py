@@ -177,8 +177,10 @@ class OidcProvider:
         log.write(f"--- start #{self.restarts} keys={[k['kid'] for k in self.keys]}\n".encode())
         log.flush()
         offset = log.tell()
+        # stdin is a pipe only we hold: if this process dies, the provider sees EOF and exits.
         self._proc = subprocess.Popen([node, str(OIDC_DIR / "server.mjs"), str(self.config_path)], cwd=OIDC_DIR,
-                                      stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                                      stdout=log, stderr=log, stdin=subprocess.PIPE,
+                                      env={**os.environ, "KEYGATE_OIDC_EXIT_WITH_STDIN": "1"})
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -197,14 +199,17 @@ class OidcProvider:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if proc.stdin is not None:
+            proc.stdin.close()
 
     def restart_with_rotated_key(self) -> str:
         """Restarts on the same port with keys ``[new, old]``; returns the new signing kid."""

@@ -42,7 +42,8 @@ class FakeKeycloak:
     def new_realm(self, settings: dict) -> dict:
         name = settings["realm"]
         r = {"rep": {"id": name, **copy.deepcopy(settings)}, "roles": {}, "composites": {}, "scopes": {},
-             "default_scopes": [], "scope_roles": {}, "clients": {}, "client_roles": {}, "client_scopes": {},
+             "default_scopes": [], "optional_scopes": [], "scope_roles": {}, "clients": {}, "client_roles": {},
+             "client_scopes": {}, "client_optional": {},
              "mappers": {}, "users": {}, "user_roles": {}, "secrets": {}}
         for role in ("offline_access", "uma_authorization", f"default-roles-{name}"):
             r["roles"][role] = {"id": str(uuid.uuid4()), "name": role, "description": ""}
@@ -71,6 +72,7 @@ class FakeKeycloak:
         names = rep.pop("defaultClientScopes", ["roles"])
         by_name = {s["name"]: i for i, s in r["scopes"].items()}
         r["client_scopes"][cid] = [by_name[n] for n in names if n in by_name]
+        r["client_optional"][cid] = [by_name[n] for n in rep.pop("optionalClientScopes", []) if n in by_name]
         r["clients"][cid] = {"attributes": {}, **rep, "id": cid}
         r["client_roles"][cid] = []
         if not rep.get("publicClient"):
@@ -171,11 +173,12 @@ class FakeKeycloak:
                     return web.json_response([r["roles"][n] for n in r["scope_roles"][sid]])
                 r["scope_roles"][sid] += [x["name"] for x in body]
                 return ok
-        if rest == "/default-default-client-scopes":
-            return web.json_response([{"id": s, "name": r["scopes"][s]["name"]} for s in r["default_scopes"]])
-        if m := re.fullmatch(r"/default-default-client-scopes/([^/]+)", rest):
-            r["default_scopes"].append(m.group(1))
-            return ok
+        for kind, key in (("default", "default_scopes"), ("optional", "optional_scopes")):
+            if rest == f"/default-{kind}-client-scopes":
+                return web.json_response([{"id": s, "name": r["scopes"][s]["name"]} for s in r[key]])
+            if m := re.fullmatch(rf"/default-{kind}-client-scopes/([^/]+)", rest):
+                r[key].append(m.group(1))
+                return ok
         if rest == "/clients":
             if method == "GET":
                 return web.json_response(list(r["clients"].values()))
@@ -200,11 +203,12 @@ class FakeKeycloak:
                         r["mappers"][cid][i] = {**body, "id": mapper["id"]}
                         return ok
                 return nf
-            if sub == "/default-client-scopes":
-                return web.json_response([{"id": s, "name": r["scopes"][s]["name"]} for s in r["client_scopes"][cid]])
-            if mm := re.fullmatch(r"/default-client-scopes/([^/]+)", sub):
-                r["client_scopes"][cid].append(mm.group(1))
-                return ok
+            for kind, key in (("default", "client_scopes"), ("optional", "client_optional")):
+                if sub == f"/{kind}-client-scopes":
+                    return web.json_response([{"id": s, "name": r["scopes"][s]["name"]} for s in r[key][cid]])
+                if mm := re.fullmatch(rf"/{kind}-client-scopes/([^/]+)", sub):
+                    r[key][cid].append(mm.group(1))
+                    return ok
             if sub == "/roles":
                 if method == "GET":
                     return web.json_response(r["client_roles"][cid])
@@ -272,6 +276,9 @@ async def test_first_run_creates_everything_from_the_export(keycloak):
     scopes = {s["name"]: sid for sid, s in r["scopes"].items()}
     assert set(scopes) == {s["name"] for s in REALM["clientScopes"]}
     assert r["scope_roles"][scopes["device"]] == ["device"]
+    assert r["scope_roles"][scopes["offline_access"]] == ["offline_access"]
+    assert [r["scopes"][s]["name"] for s in r["optional_scopes"]] == ["offline_access"]
+    assert [r["scopes"][s]["name"] for s in r["client_optional"][clients["iot-portal"]["id"]]] == ["offline_access"]
     assert [x["name"] for x in r["client_roles"][clients["iot-proxy"]["id"]]] == ["operator"]
     # The built-in roles scope already had the right realm-roles mapper: not duplicated.
     assert [m["name"] for m in r["mappers"][scopes["roles"]]].count("realm roles") == 1

@@ -10,6 +10,8 @@ What must hold whatever the bytes:
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +24,9 @@ from proxy.mqtt.session import AUTH_METHOD, Session, topic_matches
 from tests.unit.test_mqtt_session import ALICE, THERMO, Clock, FakePolicies, connack, make
 
 T = PacketType
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# KEYGATE_FUZZ_EXAMPLES=5000 for a deeper run than the suite's default.
+SETTINGS = settings(max_examples=int(os.environ.get("KEYGATE_FUZZ_EXAMPLES", "200")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 levels = st.sampled_from([MQTT_311, MQTT_5])
 topics = st.sampled_from(["devices/thermo-1/telemetry", "devices/thermo-2/cmd", "a/b", "$SYS/x", "devices/x",
@@ -152,11 +156,13 @@ def run_session(level, client_chunks, broker_chunks):
     interleaved with broker chunks; return what went to the broker."""
     p = FakePolicies(**POLICIES)
     s, _, _ = make(level, p, clock=Clock())
+    s.sent_to_client = []  # type: ignore[attr-defined]
     to_broker: list = []
 
     def apply(acts):
         # Like the shell: every field of every Actions is carried out, whichever call returned it.
         to_broker.extend(acts.to_broker)
+        s.sent_to_client.extend(acts.to_client)
         if acts.auth is not None:
             apply(s.authenticated(ALICE))
         if acts.open_upstream:
@@ -201,6 +207,11 @@ def test_session_survives_mutated_broker_traffic(data, level):
     chunks = data.draw(splits(stream))
     s, p, to_broker = run_session(level, [connect_bytes(level), sub], chunks)
     assert_forwarded_publishes_allowed(s, p, to_broker, level)
+    # Whatever the broker sends, the client gets only deliveries it may read.
+    for frame in check_stream(s.sent_to_client):
+        if frame.type == T.PUBLISH:
+            topic = codec.decode_publish(frame, level).topic.decode()
+            assert any(topic_matches(f, topic) for f in p.recv), topic
 
 
 @SETTINGS

@@ -1005,3 +1005,23 @@ def test_auth_continue_from_the_client_is_a_protocol_error():
     s, _, _ = open_session(MQTT_5)
     acts = s.client_data(codec.encode_auth(Reason.CONTINUE_AUTHENTICATION, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD)]))
     assert codec.decode_disconnect(only(acts.to_client, T.DISCONNECT).body, 5).reason == 0x82 and acts.close
+
+
+def test_metrics_count_decisions_and_messages():
+    from proxy.metrics import REGISTRY
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (value("keygate_mqtt_decisions_total", action="publish", result="allow"),
+              value("keygate_mqtt_decisions_total", action="publish", result="deny"),
+              value("keygate_mqtt_messages_total", direction="client_to_broker"),
+              value("keygate_mqtt_messages_total", direction="broker_to_client"))
+    s, _, _ = open_session()
+    s.client_data(pub("devices/thermo-1/t") * 3 + pub("devices/thermo-2/t"))
+    s.broker_data(pub("devices/thermo-1/t") * 2)
+    after = (value("keygate_mqtt_decisions_total", action="publish", result="allow"),
+             value("keygate_mqtt_decisions_total", action="publish", result="deny"),
+             value("keygate_mqtt_messages_total", direction="client_to_broker"),
+             value("keygate_mqtt_messages_total", direction="broker_to_client"))
+    assert [a - b for a, b in zip(after, before)] == [3, 1, 3, 2]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from proxy.facts import Delegation, DeviceFacts, StaticFacts
 from proxy.http import ngsi, plan as planning
@@ -37,6 +38,7 @@ SID = "5f0c1e2d3b4a596877665544"
 
 @pytest.fixture
 def facts():
+    _policies.clear()
     return StaticFacts([
         DeviceFacts("a-1", "s-alice", "alice"),
         DeviceFacts("a-2", "s-alice", "alice", public=True),
@@ -45,10 +47,15 @@ def facts():
     ])
 
 
+_policies: dict[int, Policies] = {}   # one compiled set per facts object (parsing YAML is the slow part)
+
+
 def decide(facts, identity, method, path, body=NO_BODY, query=(), tenant="", default_service="",
            subs=None):
     req = NgsiRequest(method, path, tuple(query), body)
-    policies = Policies.from_dir(ROOT / "policies", facts)
+    policies = _policies.get(id(facts))
+    if policies is None:
+        policies = _policies[id(facts)] = Policies.from_dir(ROOT / "policies", facts)
     ctx = planning.Context(identity, tenant, default_service, identity.has_role("iot-admin"), facts, policies,
                            Subscriptions(subs or {}))
     return planning.plan(req, ngsi.analyse(req), ctx)
@@ -69,7 +76,24 @@ def test_listing_in_another_tenant_sees_only_that_tenant(facts):
 
 def test_empty_listing_is_answered_here(facts):
     p = decide(facts, ALICE, "GET", "/v2/entities", query=[("options", "count"), ("id", "zzz")])
-    assert p == planning.Answer(200, [], (("Fiware-Total-Count", "0"),), "nothing readable")
+    assert isinstance(p, planning.Answer) and p.body == [] and p.headers == (("Fiware-Total-Count", "0"),)
+    assert p.rule   # the rule that opened the endpoint, for the audit
+
+
+def test_dangerous_type_patterns_never_reach_orion(facts):
+    p = decide(facts, ALICE, "GET", "/v2/entities", query=[("typePattern", "(a+)+$")])
+    assert isinstance(p, planning.Deny) and p.status == 400
+    p = decide(facts, ALICE, "POST", "/v2/op/query", {"entities": [{"idPattern": ".*", "typePattern": "(a|a)*"}]})
+    assert isinstance(p, planning.Deny) and p.status == 400
+
+
+def test_dangerous_value_patterns_in_q_never_reach_orion(facts):
+    p = decide(facts, ALICE, "GET", "/v2/entities", query=[("q", "temperature>1;name~=(a+)+$")])
+    assert isinstance(p, planning.Deny) and p.status == 400
+    p = decide(facts, ALICE, "POST", "/v2/op/query", {"expression": {"mq": "temperature.unit~='(x|x)*y'"}})
+    assert isinstance(p, planning.Deny) and p.status == 400
+    p = decide(facts, ALICE, "GET", "/v2/entities", query=[("q", "name~=^room")])
+    assert isinstance(p, planning.Forward)
 
 
 def test_admin_listing_goes_through_unchanged(facts):
@@ -138,3 +162,47 @@ def test_anonymous_gets_nothing(facts):
                                ("POST", "/v2/op/query", {}), ("GET", "/v2/subscriptions", NO_BODY)):
         p = decide(facts, ANONYMOUS, method, path, body)
         assert isinstance(p, planning.Deny), path
+
+
+# --------------------------------------------------------------------------- properties
+
+IDS = ["a-1", "a-2", "b-1", "c-1", "zz", "a b"]
+json_leaf = st.none() | st.booleans() | st.integers() | st.sampled_from(IDS + [".*", "^a", "(a+)+", "T"])
+json_any = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.sampled_from(["id", "idPattern", "type", "entities", "actionType", "attrs", "expression", "q", "subject",
+                     "notification", "http", "url"]), inner, max_size=4), max_leaves=12)
+selector = st.dictionaries(st.sampled_from(["id", "idPattern", "type"]), st.sampled_from(IDS + [".*", "^b", "T"]),
+                           min_size=1, max_size=2)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(who=st.sampled_from([ALICE, BOB, ANONYMOUS]),
+       method=st.sampled_from(["GET", "POST", "PATCH", "PUT", "DELETE", "HEAD"]),
+       path=st.sampled_from(["/v2/entities", "/v2/op/query", "/v2/op/update", "/v2/entities/b-1",
+                             "/v2/entities/a-1/attrs", "/v2/subscriptions", f"/v2/subscriptions/{SID}",
+                             "/v2/registrations", "/version"]),
+       query=st.lists(st.tuples(st.sampled_from(["id", "idPattern", "type", "options", "limit", "q"]),
+                                st.sampled_from(IDS + [".*", "^b", "count", "5", "a-1,b-1"])), max_size=3,
+                      unique_by=lambda kv: kv[0]),
+       body=st.one_of(st.just(NO_BODY), json_any, st.fixed_dictionaries({"entities": st.lists(selector, max_size=3)})),
+       tenant=st.sampled_from(["", "city"]))
+def test_no_plan_lets_a_non_admin_read_beyond_its_readable_set(facts, who, method, path, query, body, tenant):
+    p = decide(facts, who, method, path, body, query, tenant=tenant)
+    assert isinstance(p, (planning.Deny, planning.Answer, planning.Forward))
+    readable = {"": {"ALICE": {"a-1", "a-2", "b-1"}, "BOB": {"a-2", "b-1"}},
+                "city": {"ALICE": {"c-1"}, "BOB": set()}}[tenant].get(
+        {ALICE: "ALICE", BOB: "BOB"}.get(who, ""), set())
+    if not isinstance(p, planning.Forward):
+        return
+    assert not who.is_anonymous                       # nothing is open to anonymous callers
+    if p.method == "GET" and p.path == "/v2/entities":
+        ids = dict(p.query)["id"].split(",")
+        assert ids and set(ids) <= readable
+    if p.path == "/v2/op/query":
+        entities = json.loads(p.body)["entities"]
+        assert entities and all(set(e) - {"type", "typePattern"} == {"id"} for e in entities)
+        assert {e["id"] for e in entities} <= readable
+    if p.path.startswith("/v2/entities/") and p.devices:
+        (device,) = p.devices
+        assert device in readable if p.method in ("GET", "HEAD") else facts.device(device).owner_sub == who.sub
+    assert p.path not in ("/v2/registrations", "/version")

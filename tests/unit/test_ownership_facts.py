@@ -192,3 +192,79 @@ async def test_a_reregistered_id_authenticates_as_the_new_owners_device(ownershi
         await s.authenticate_device_key("d", old_key)
     assert (await s.authenticate_device_key("d", new_key)).owner_sub == "sub-bob"
     assert s.device_identity("d").owner_username == "bob"
+
+
+async def test_racing_registrations_cannot_beat_the_quota(ownership_service):
+    """Twenty registrations at once against a quota of five: the check runs inside the
+    write transaction on the single store thread, so exactly five win."""
+    import asyncio
+
+    from ownership.service import QuotaExceeded
+    results = await asyncio.gather(*(ownership_service.register_device(ALICE, {"id": f"race-{i}", "type": "T"})
+                                     for i in range(20)), return_exceptions=True)
+    assert sum(not isinstance(r, Exception) for r in results) == 5
+    assert all(isinstance(r, QuotaExceeded) for r in results if isinstance(r, Exception))
+    assert len(ownership_service.facts.owned_by("sub-alice")) == 5
+
+
+async def test_the_read_path_always_matches_the_store(ownership_service):
+    """A seeded random walk of writes; after each, the in-memory facts equal a fresh load
+    of the database (what a restart would see)."""
+    import random
+
+    from ownership.facts import MemoryFacts
+    from ownership.service import OwnershipError
+    s = ownership_service
+    rng = random.Random(20261122)
+    users = [ALICE, BOB, CAROL]
+    ids = [f"w-{i}" for i in range(6)]
+    grantees = ["alice", "bob", "carol", "group:lab", "anonymous"]
+    subs = [("s1", ""), ("s2", "t1"), ("s3", "t1")]
+
+    async def step() -> int:
+        op = rng.randrange(9)
+        user, device_id = rng.choice(users), rng.choice(ids)
+        if op == 0:
+            await s.register_device(user, {"id": device_id, "type": "T", "public": rng.random() < 0.3})
+        elif op == 1:
+            await s.delete_device(user, device_id)
+        elif op == 2:
+            await s.update_device(user, device_id, {"public": rng.random() < 0.5, "name": f"n{rng.randrange(9)}"})
+        elif op == 3:
+            await s.create_delegation(user, device_id, rng.choice(grantees), rng.choice(["read", "write", "readwrite"]),
+                                      expires_at=rng.choice([None, time.time() - 10, time.time() + 3600]))
+        elif op == 4:
+            grants = s.delegations_of(device_id)
+            if grants:
+                await s.revoke_delegation(user, device_id, rng.choice(grants)["id"])
+        elif op == 5:
+            await s.rotate_key(user, device_id, rng.choice(["k1", "k2"]))
+        elif op == 6:
+            await s.record_subscription(*(lambda sub: (sub[0], user, sub[1]))(rng.choice(subs)))
+        elif op == 7:
+            await s.forget_subscription(*rng.choice(subs))
+        elif rng.random() < 0.2:
+            await s.erase_user_data(user)
+        return op
+
+    done: list[int] = []
+    for _ in range(150):
+        try:
+            done.append(await step())
+        except OwnershipError:
+            pass
+        fresh = MemoryFacts()
+        fresh.load(await s._run(s._store.load_all))
+        assert s.facts.all_ids() == fresh.all_ids()
+        for device_id in ids:
+            assert s.facts.device(device_id) == fresh.device(device_id)
+            assert s.facts.key_hashes(device_id) == fresh.key_hashes(device_id)
+            assert s.get_device(device_id) == await s.load_device(device_id)
+        for u in users:
+            assert s.facts.readable_devices(u.username, u.sub, ["lab"]) == fresh.readable_devices(
+                u.username, u.sub, ["lab"])
+            for _, tenant in subs:
+                assert s.subscriptions_of(u.sub, tenant) == fresh.subscriptions_of(u.sub, tenant)
+        for sub_id, tenant in subs:
+            assert s.subscription_owner(sub_id, tenant) == fresh.subscription_owner(sub_id, tenant)
+    assert set(done) == set(range(9)), sorted(set(done))  # every kind of write happened

@@ -216,7 +216,7 @@ filters = st.lists(st.sampled_from(LEVELS + ["+", "+"]), min_size=1, max_size=3)
     lambda lv: st.sampled_from(["/".join(lv), "/".join(lv + ["#"])]))
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-MANY = settings(SETTINGS, max_examples=400)
+MANY = settings(SETTINGS, max_examples=300)
 
 
 @MANY

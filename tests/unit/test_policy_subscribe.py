@@ -200,3 +200,20 @@ def test_wildcards_in_a_deny_with_relation_make_check_each():
     assert p.may_subscribe(alice, "devices/d1/secret").verdict is D
     assert p.may_subscribe(alice, "devices/d2/secret").verdict is A
     assert p.may_subscribe(user("zed", roles=()), "devices/d1/secret").verdict is A
+
+
+def test_a_filter_too_wide_to_decide_cheaply_is_checked_per_delivery():
+    from proxy.policy.engine import WALK_BUDGET
+
+    rules = "".join(f"""
+  - id: s{k}
+    subjects: [anyone]
+    mqtt: {{topics: ["sensors/s{k}/+/data"], actions: [subscribe]}}""" for k in range(WALK_BUDGET + 10))
+    p = policies(rules)
+    # Exactly decided this would be DENY (no sensors/*/x/nothing rule); the walk gives up and
+    # answers CHECK_EACH, which stays safe: every delivery is still refused.
+    s = p.may_subscribe(alice, "sensors/+/x/nothing")
+    assert s.verdict is C and "each delivery is checked" in s.reason
+    assert not p.may_receive(alice, "sensors/s1/x/nothing").allowed
+    assert p.may_subscribe(alice, "sensors/s7/+/data").verdict is A      # narrow filters stay exact
+    assert p.may_subscribe(alice, "other/+").verdict is D

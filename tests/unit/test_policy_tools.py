@@ -165,3 +165,10 @@ def test_explain_rejects_bad_arguments(capsys):
     assert rc == 1 and "--as takes user:NAME" in err
     rc, _, err = run(capsys, "explain", SHIPPED, "--as", "user:a", "--delegated", "d1:all", "--mqtt", "publish", "x")
     assert rc == 1 and "--delegated d1:all" in err
+
+
+def test_explain_names_unmet_conditions(capsys):
+    rc, out, _ = run(capsys, "explain", SHIPPED, "--as", "device:thermo-1", "--http", "DELETE", "/v2/entities/thermo-1")
+    assert "decision: deny" in out
+    assert "device-updates-own-entity [/v2/entities/{device}] subjects hold: device; device thermo-1; " \
+           "but DELETE is not among its methods" in out

@@ -122,7 +122,12 @@ def test_every_scope_a_client_names_exists(realm):
     names = {s["name"] for s in realm["clientScopes"]}
     for c in realm["clients"]:
         assert set(c.get("defaultClientScopes", [])) <= names, c["clientId"]
+        assert set(c.get("optionalClientScopes", [])) <= names, c["clientId"]
     assert set(realm["defaultDefaultClientScopes"]) <= names
+    assert set(realm["defaultOptionalClientScopes"]) <= names
+    roles = {r["name"] for r in realm["roles"]["realm"]}
+    for mapping in realm["scopeMappings"]:
+        assert mapping["clientScope"] in names and set(mapping["roles"]) <= roles
 
 
 def test_config_issuer_is_the_realm(config, realm):

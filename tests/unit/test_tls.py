@@ -214,3 +214,17 @@ async def test_tls13_only(certs):
 
 def test_peer_common_name_without_tls():
     assert peer_common_name(None) is None
+
+
+def test_init_never_writes_a_key_through_a_symlink(tmp_path, capsys):
+    target = tmp_path / "elsewhere"
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "ca.key").symlink_to(target)
+    assert main(["certs", "init", str(tmp_path / "c"), "--force"]) == 1
+    assert not target.exists() and not (tmp_path / "c" / "ca.crt").exists()
+    assert "ca.key: is a symbolic link" in capsys.readouterr().err
+
+
+def test_days_must_be_positive(tmp_path, capsys):
+    assert main(["certs", "init", str(tmp_path), "--days", "0"]) == 1
+    assert capsys.readouterr().err == "keygate: --days: must be at least 1\n"

@@ -437,3 +437,20 @@ async def test_introspection_with_a_wrong_secret_is_unreachable_not_allowed(make
 
 def test_error_reasons_are_json_safe():
     assert json.dumps([r.value for r in AuthReason])
+
+
+async def test_introspection_secret_from_a_file(token_factory, tmp_path):
+    from proxy.config import ConfigError, IntrospectionConfig
+
+    (tmp_path / "secret").write_text("factory-introspection-secret\n")
+    intro = IntrospectionConfig(enabled=True, client_id="iot-proxy", client_secret_file="secret")
+    v = TokenValidator(dataclasses.replace(token_factory.oidc_config(), introspection=intro), base_dir=tmp_path)
+    await v.start()
+    try:
+        assert (await v.validate(token_factory.opaque())).method == "introspection"
+    finally:
+        await v.close()
+    missing = TokenValidator(dataclasses.replace(token_factory.oidc_config(), introspection=dataclasses.replace(
+        intro, client_secret_file="nope")), base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"nope: cannot read secret"):
+        await missing.start()
