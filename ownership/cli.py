@@ -57,11 +57,11 @@ def rekey(config_path: str, new_key_file: str | None, env: dict[str, str] | None
     if not path.exists():
         raise CommandError(f"store {config.store.path}: no such file")
     try:
-        store = st.Store.open(path, st.derive_key(current), label=config.store.path)
+        store = st.Store.open(path, current, label=config.store.path)
     except st.StoreError as exc:
         raise CommandError(str(exc)) from None
     try:
-        store.rekey(st.derive_key(new))
+        store.rekey(new)
     finally:
         store.close()
     print(f"store {config.store.path}: re-encrypted under the key from {source}; "

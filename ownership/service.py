@@ -107,9 +107,8 @@ class OwnershipService:
         loop = asyncio.get_running_loop()
         path = config.resolve(config.store.path)
         try:
-            hex_key = await loop.run_in_executor(executor, st.derive_key, passphrase)
             store = await loop.run_in_executor(
-                executor, functools.partial(st.Store.open, path, hex_key, label=config.store.path))
+                executor, functools.partial(st.Store.open, path, passphrase, label=config.store.path))
         except st.StoreError as exc:
             executor.shutdown(wait=False)
             raise ConfigError(str(exc)) from None

@@ -5,9 +5,12 @@ Everything here runs on the service's single store thread (see
 method that changes more than one row is one transaction, so an error half
 way (or a crash) leaves nothing behind.
 
-The configured passphrase never reaches SQL: it is stretched with scrypt into
-a 256-bit raw key, and only that key's hex form (our own output, so safe to
-put in a PRAGMA, which takes no bound parameters) is handed to SQLCipher.
+The configured passphrase never reaches SQL: it is stretched with scrypt,
+salted with the store file's own random salt (SQLCipher keeps it in the
+file's first 16 bytes), into a 256-bit raw key, and only that key's hex form
+(our own output, so safe in a PRAGMA, which takes no bound parameters) is
+handed to SQLCipher. A per-file salt means no table of passphrase guesses
+serves against more than one store.
 """
 
 from __future__ import annotations
@@ -24,9 +27,8 @@ from sqlcipher3 import dbapi2 as sqlite
 
 from ownership.migrations import APPLICATION_ID, migrate
 
-# A fixed, application-specific salt: the passphrase is a deployment secret (not
-# a user password), so the salt only has to separate keygate from other uses.
-_KDF_SALT = b"keygate/ownership-store/v1"
+_KDF_LABEL = b"keygate/ownership-store/v1/"  # domain separation from any other use of the passphrase
+SALT_BYTES = 16  # SQLCipher's file salt
 
 
 class StoreError(Exception):
@@ -47,30 +49,34 @@ class QuotaExceeded(Exception):
         self.limit = limit
 
 
-def derive_key(passphrase: str) -> str:
-    """The hex raw key for a passphrase (any non-empty string)."""
-    raw = hashlib.scrypt(passphrase.encode("utf-8"), salt=_KDF_SALT, n=2 ** 14, r=8, p=1, dklen=32)
+def derive_key(passphrase: str, salt: bytes) -> str:
+    """The hex raw key for a passphrase (any non-empty string) and a store's salt."""
+    raw = hashlib.scrypt(passphrase.encode("utf-8", "surrogatepass"), salt=_KDF_LABEL + salt,
+                         n=2 ** 14, r=8, p=1, dklen=32)
     return raw.hex()
 
 
-def _key_pragma(verb: str, hex_key: str) -> str:
-    # Only ever our own 64 hex digits; asserted so no other text can slip in.
-    if len(hex_key) != 64 or any(c not in "0123456789abcdef" for c in hex_key):
-        raise ValueError("raw store key must be 64 lowercase hex digits")
-    return f"PRAGMA {verb} = \"x'{hex_key}'\""
+def _key_pragma(verb: str, hex_key: str, salt: bytes) -> str:
+    """``x'<key><salt>'``: SQLCipher's raw key with an explicit salt (no KDF of its own)."""
+    blob = hex_key + salt.hex()
+    # Only ever our own hex digits; checked so no other text can slip in.
+    if len(blob) != 96 or any(c not in "0123456789abcdef" for c in blob):
+        raise ValueError("raw store key must be 64 hex digits and the salt 16 bytes")
+    return f"PRAGMA {verb} = \"x'{blob}'\""
 
 
 class Store:
     """One open, keyed, migrated SQLCipher database."""
 
-    def __init__(self, conn: Any, path: Path):
+    def __init__(self, conn: Any, path: Path, salt: bytes):
         self._conn = conn
         self.path = path
+        self._salt = salt
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: Path, hex_key: str, *, label: str | None = None) -> "Store":
+    def open(cls, path: Path, passphrase: str, *, label: str | None = None) -> "Store":
         """Open (or, only when no file exists, create) the store at ``path``.
 
         A wrong key, or a file that is not a keygate store, raises StoreError
@@ -81,11 +87,21 @@ class Store:
         exists = path.exists()
         if exists and not path.is_file():
             raise StoreError(f"store {label}: not a file")
-        if not exists:
+        if exists:
+            try:
+                with open(path, "rb") as f:
+                    salt = f.read(SALT_BYTES)
+            except OSError as exc:
+                raise StoreError(f"store {label}: cannot read: {exc.strerror}") from None
+            if len(salt) != SALT_BYTES:
+                raise StoreError(failure)
+        else:
+            salt = secrets.token_bytes(SALT_BYTES)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"store {label}: cannot create folder: {exc.strerror}") from None
+        key_pragma = _key_pragma("key", derive_key(passphrase, salt), salt)
         # mode=rw: an existing store is never silently replaced by a new one.
         uri = f"file:{quote(str(path.resolve()))}?mode={'rw' if exists else 'rwc'}"
         try:
@@ -95,7 +111,7 @@ class Store:
         try:
             # SQLCipher writes its own diagnostics to stderr; we report failures as one line.
             conn.execute("PRAGMA cipher_log_level = NONE")
-            conn.execute(_key_pragma("key", hex_key))
+            conn.execute(key_pragma)
             try:
                 # The first read decrypts page 1: this is where a wrong key shows.
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -115,7 +131,7 @@ class Store:
                 raise StoreError(f"store {label}: {exc}") from None
             except sqlite.Error as exc:
                 raise StoreError(f"store {label}: schema migration failed: {exc}") from None
-            store = cls(conn, path)
+            store = cls(conn, path, salt)
             store._ensure_pepper()
             return store
         except BaseException:
@@ -127,12 +143,13 @@ class Store:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._conn.close()
 
-    def rekey(self, new_hex_key: str) -> None:
-        """Re-encrypt every page under a new key."""
+    def rekey(self, new_passphrase: str) -> None:
+        """Re-encrypt every page under a key derived from a new passphrase (same file salt)."""
+        pragma = _key_pragma("rekey", derive_key(new_passphrase, self._salt), self._salt)
         # Rekeying rewrites the main file; fold the WAL in first and rekey outside WAL.
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._conn.execute("PRAGMA journal_mode = DELETE")
-        self._conn.execute(_key_pragma("rekey", new_hex_key))
+        self._conn.execute(pragma)
         self._conn.execute("PRAGMA journal_mode = WAL")
 
     @contextlib.contextmanager

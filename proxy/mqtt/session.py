@@ -124,7 +124,8 @@ Rules the session enforces
 * SUBSCRIBE: each filter checked (``$share/<group>/`` stripped first); denied
   filters answered 0x80 (3.1.1) / 0x87 (v5); the rest go upstream under the
   original packet id and the broker's SUBACK is merged back in order; all
-  denied → the gateway answers alone.
+  denied → the gateway answers alone. At most 10,000 filters per connection
+  (more → 0x97 / 0x80): the gateway's state stays bounded.
 * Deliveries: when any subscription needs per-message checks (CHECK_EACH, a
   grant since revoked, or a resumed session whose filters the gateway never
   saw) each delivery is checked: a topic covered by an ALLOW filter passes,
@@ -170,6 +171,7 @@ AUTH_METHOD = "keygate-token"
 # Packets a client may send before authentication is complete: bounded.
 _PENDING_SLACK = 64 * 1024
 _CACHE_MAX = 4096
+_MAX_SUBSCRIPTIONS = 10_000  # per connection; more are refused (SUBACK 0x97 / 0x80)
 # Cached decisions also expire after this long: a delegation with an expiry date ends
 # without any write that would call invalidate().
 _DECISION_TTL = 1.0
@@ -837,6 +839,13 @@ class Session:
         deny_code = Reason.NOT_AUTHORIZED if level == MQTT_5 else V3_SUBACK_FAILURE
         for s in sub.subscriptions:
             _, inner = codec.split_shared(s.topic_filter)
+            if len(self._subs) >= _MAX_SUBSCRIPTIONS and s.topic_filter not in self._subs:
+                # Bounded state per connection: each filter costs memory here and at the broker.
+                _DENIED["subscribe"].inc()
+                self._audit("subscribe", "deny", identity=ident, resource=s.topic_filter,
+                            reason="too many subscriptions", qos=s.qos)
+                slots.append(Reason.QUOTA_EXCEEDED if level == MQTT_5 else V3_SUBACK_FAILURE)
+                continue
             d = self.policies.may_subscribe(ident, inner, qos=s.qos, client_id=self.client_id)
             verdict = _verdict(d)
             if verdict in ("ALLOW", "CHECK_EACH"):
@@ -1138,7 +1147,7 @@ class Session:
         if level == MQTT_5:
             acts.to_client.append(codec.encode_connack(False, code, level))
             return self._close(acts, reason, detail, code)
-        v3 = V3_CONNACK_FOR.get(Reason(code))
+        v3 = V3_CONNACK_FOR.get(code)  # type: ignore[call-overload]
         if v3 is not None and level:
             acts.to_client.append(codec.encode_connack(False, v3, level))
             return self._close(acts, reason, detail, int(v3))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import socket
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +22,9 @@ from aiohttp import WSMsgType, web
 if TYPE_CHECKING:
     from proxy.mqtt.server import MqttGateway
 
-log = logging.getLogger("keygate.mqtt.ws")
-
 SUBPROTOCOL = "mqtt"
 PATHS = ("/mqtt", "/")
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+HIGH_WATER = 256 * 1024  # queued outgoing bytes above which the broker side stops reading
 
 
 class WebSocketTransport:
@@ -109,7 +106,7 @@ class WebSocketTransport:
                     await ws.close()
                 return
 
-    async def pump_in(self, on_data, max_frame: int) -> None:
+    async def pump_in(self, on_data) -> None:
         ws = self._ws
         while not self._closing:
             await self._reading.wait()
@@ -130,7 +127,7 @@ class WebSocketListener:
     def __init__(self, gateway: "MqttGateway"):
         self.gateway = gateway
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: web.SockSite | None = None
         self._sockets: set[web.WebSocketResponse] = set()
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
@@ -140,10 +137,12 @@ class WebSocketListener:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, backlog=1024)
+        # Bind the socket ourselves: the real port is then known for "port 0".
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=1024)
+        self._site = web.SockSite(self._runner, sock, ssl_context=ssl_context)
         await self._site.start()
-        server = self._site._server  # the asyncio Server: the real port for "port 0"
-        return server.sockets[0].getsockname()[1] if server and server.sockets else port
+        return sock.getsockname()[1]
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -151,7 +150,9 @@ class WebSocketListener:
             self._runner = None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), max_msg_size=self.gateway.max_packet_size + 5,
+        # A frame may join several packets: allow one maximum-size packet plus slack per frame;
+        # the session bounds what it buffers across frames.
+        ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), max_msg_size=self.gateway.max_packet_size + 65536,
                                    autoping=True, compress=False)
         if not ws.can_prepare(request).ok:
             return web.json_response({"error": {"code": "websocket_required",
@@ -170,7 +171,7 @@ class WebSocketListener:
         transport.protocol = conn
         out = asyncio.create_task(transport.pump_out())
         try:
-            await transport.pump_in(conn.client_data, self.gateway.max_packet_size)
+            await transport.pump_in(conn.client_data)
         finally:
             transport.close()
             conn.client_lost(None)

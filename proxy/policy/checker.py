@@ -25,7 +25,8 @@ from pathlib import Path
 
 from proxy.policy.decision import PolicyError
 from proxy.policy.language import PolicySource, Rule, _finish, parse_file
-from proxy.policy.patterns import contains
+from proxy.policy.patterns import DEVICE, contains
+from proxy.policy.subjects import RELATIONS
 from proxy.policy.testing import run_all
 
 __all__ = ["Finding", "check_dir", "check_source"]
@@ -43,16 +44,29 @@ class Finding:
         return f"{self.where}: {'' if self.error else 'warning: '}{self.message}"
 
 
-def _subjects_covered(allow: Rule, deny: Rule) -> bool:
-    ds = set(deny.subjects)
-    everyone = "anyone" in ds and "anonymous" in ds
+def _subjects_covered(allow: Rule, wider: Rule) -> tuple[bool, bool]:
+    """(covered, via a relation): do ``wider``'s subjects hold whenever ``allow``'s do?
+
+    "via a relation" means some relation subject is covered only by the same
+    relation, which then says the same thing only about the same device.
+    """
+    ws = set(wider.subjects)
+    everyone = "anyone" in ws and "anonymous" in ws
+    via_relation = False
     for s in allow.subjects:
-        if s in ds or everyone:
+        if everyone or ("anyone" in ws and s not in _ANON_CAPABLE):
             continue
-        if "anyone" in ds and s not in _ANON_CAPABLE:
+        if s in ws:
+            via_relation |= s in RELATIONS
             continue
+        return False, False
+    return True, via_relation
+
+
+def _pattern_covers(outer: tuple, inner: tuple, same_device: bool) -> bool:
+    if not contains(outer, inner):
         return False
-    return True
+    return not same_device or (DEVICE in outer and DEVICE in inner and outer.index(DEVICE) == inner.index(DEVICE))
 
 
 def _questions(rule: Rule) -> list[tuple[str, tuple]]:
@@ -79,14 +93,17 @@ def _conditions_covered(allow: Rule, deny: Rule) -> bool:
     return True
 
 
+def _covers(allow: Rule, wider: Rule) -> bool:
+    """Does ``wider`` apply to every request ``allow`` applies to?"""
+    covered, same_device = _subjects_covered(allow, wider)
+    if not covered or not _conditions_covered(allow, wider):
+        return False
+    wq = _questions(wider)
+    return all(any(q == wq_ and _pattern_covers(wp, p, same_device) for wq_, wp in wq) for q, p in _questions(allow))
+
+
 def shadowing_deny(allow: Rule, denies: list[Rule]) -> Rule | None:
-    for deny in denies:
-        if not _subjects_covered(allow, deny) or not _conditions_covered(allow, deny):
-            continue
-        deny_q = _questions(deny)
-        if all(any(q == dq and contains(dp, p) for dq, dp in deny_q) for q, p in _questions(allow)):
-            return deny
-    return None
+    return next((d for d in denies if _covers(allow, d)), None)
 
 
 def check_source(src: PolicySource) -> list[Finding]:
@@ -101,8 +118,7 @@ def check_source(src: PolicySource) -> list[Finding]:
     allows = [r for r in src.rules if r.allow]
     for i, rule in enumerate(allows):
         for earlier in allows[:i]:
-            if _subjects_covered(rule, earlier) and _conditions_covered(rule, earlier) and all(
-                    any(q == eq and contains(ep, p) for eq, ep in _questions(earlier)) for q, p in _questions(rule)):
+            if _covers(rule, earlier):
                 findings.append(Finding(rule.where, f"rule {rule.id!r} is unreachable: earlier rule "
                                                     f"{earlier.id!r} ({earlier.where}) already allows all of it"))
                 break

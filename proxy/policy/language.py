@@ -44,7 +44,7 @@ import yaml
 
 from proxy.policy.decision import PolicyError
 from proxy.policy.patterns import DEVICE, Pattern, parse_path_pattern, parse_topic_pattern
-from proxy.policy.subjects import RELATIONS, subject_problem
+from proxy.policy.subjects import IDENTITY_WORDS, PREFIXES, RELATIONS, subject_problem
 
 __all__ = ["Rule", "MqttSpec", "HttpSpec", "TestCase", "PolicySource", "load_dir", "load_text", "parse_file"]
 
@@ -218,7 +218,6 @@ def _parse_rule(doc: _Doc, node: yaml.Node, path: str) -> Rule:
     for n, s in doc.strings(m["subjects"][1], f"{path}.subjects", allow_scalar=True):
         problem = subject_problem(s)
         if problem:
-            from proxy.policy.subjects import IDENTITY_WORDS, PREFIXES
             near = difflib.get_close_matches(s, sorted(RELATIONS | IDENTITY_WORDS) + [p.rstrip(":") for p in PREFIXES],
                                              n=1, cutoff=0.7)
             doc.fail(n, f"{path}.subjects", problem + (f" (did you mean {near[0]}?)" if near else ""))

@@ -100,24 +100,24 @@ def test_a_plain_sqlite_file_with_other_tables_is_refused(tmp_path):
     with sqlite3.connect(path) as c:
         c.execute("CREATE TABLE t (x)")
     with pytest.raises(st.StoreError):
-        st.Store.open(path, st.derive_key(STORE_KEY))
+        st.Store.open(path, STORE_KEY)
 
 
 def test_an_sqlcipher_file_of_another_application_is_refused(tmp_path):
     from sqlcipher3 import dbapi2 as sqlite
     path = tmp_path / "other.db"
-    key = st.derive_key(STORE_KEY)
+    salt = bytes(range(16))
     c = sqlite.connect(str(path))
-    c.execute(f"PRAGMA key = \"x'{key}'\"")
+    c.execute(st._key_pragma("key", st.derive_key(STORE_KEY, salt), salt))  # the right key, another app
     c.execute("CREATE TABLE t (x)")
     c.commit()
     c.close()
     with pytest.raises(st.StoreError, match="wrong key or not a keygate store"):
-        st.Store.open(path, key)
+        st.Store.open(path, STORE_KEY)
 
 
 def test_open_sets_the_schema_version_and_application_id(tmp_path):
-    store = st.Store.open(tmp_path / "s.db", st.derive_key(STORE_KEY))
+    store = st.Store.open(tmp_path / "s.db", STORE_KEY)
     try:
         assert store._conn.execute("PRAGMA user_version").fetchone()[0] == LATEST
         assert store._conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
@@ -128,7 +128,7 @@ def test_open_sets_the_schema_version_and_application_id(tmp_path):
 
 def test_a_newer_schema_is_refused(tmp_path):
     path = tmp_path / "s.db"
-    key = st.derive_key(STORE_KEY)
+    key = STORE_KEY
     store = st.Store.open(path, key)
     store._conn.execute(f"PRAGMA user_version = {LATEST + 1}")
     store.close()
@@ -139,7 +139,7 @@ def test_a_newer_schema_is_refused(tmp_path):
 def test_a_failing_migration_leaves_the_previous_version(tmp_path, monkeypatch):
     from ownership import migrations
     path = tmp_path / "s.db"
-    key = st.derive_key(STORE_KEY)
+    key = STORE_KEY
     st.Store.open(path, key).close()
     broken = (LATEST + 1, ("CREATE TABLE extra (x)", "THIS IS NOT SQL"))
     monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, broken])
@@ -156,10 +156,31 @@ def test_a_failing_migration_leaves_the_previous_version(tmp_path, monkeypatch):
 
 
 def test_key_pragma_refuses_anything_but_hex():
+    salt = b"s" * 16
     with pytest.raises(ValueError):
-        st._key_pragma("key", "x'; DROP TABLE devices; --" + "0" * 40)
-    assert st.derive_key("a") == st.derive_key("a") != st.derive_key("b")
-    assert len(st.derive_key("'\"; PRAGMA x")) == 64
+        st._key_pragma("key", "x'; DROP TABLE devices; --" + "0" * 40, salt)
+    with pytest.raises(ValueError):
+        st._key_pragma("key", "0" * 64, b"short")
+    assert st.derive_key("a", salt) == st.derive_key("a", salt) != st.derive_key("b", salt)
+    assert len(st.derive_key("'\"; PRAGMA x", salt)) == 64
+
+
+def test_each_store_has_its_own_salt(tmp_path):
+    """The same passphrase yields a different key per store: no precomputed guesses carry over."""
+    a, b = st.Store.open(tmp_path / "a.db", STORE_KEY), st.Store.open(tmp_path / "b.db", STORE_KEY)
+    a.close()
+    b.close()
+    salt_a, salt_b = ((tmp_path / n).read_bytes()[:16] for n in ("a.db", "b.db"))
+    assert salt_a != salt_b
+    assert st.derive_key(STORE_KEY, salt_a) != st.derive_key(STORE_KEY, salt_b)
+    # The salt survives a rekey; the new passphrase opens it, the old one does not.
+    store = st.Store.open(tmp_path / "a.db", STORE_KEY)
+    store.rekey("new passphrase")
+    store.close()
+    assert (tmp_path / "a.db").read_bytes()[:16] == salt_a
+    st.Store.open(tmp_path / "a.db", "new passphrase").close()
+    with pytest.raises(st.StoreError):
+        st.Store.open(tmp_path / "a.db", STORE_KEY)
 
 
 async def test_a_failure_in_the_middle_of_registration_leaves_nothing(tmp_path, monkeypatch):

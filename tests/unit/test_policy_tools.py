@@ -2,8 +2,6 @@
 
 from pathlib import Path
 
-import pytest
-
 from proxy.cli import main
 
 SHIPPED = str(Path(__file__).resolve().parents[2] / "policies")
@@ -172,3 +170,27 @@ def test_explain_names_unmet_conditions(capsys):
     assert "decision: deny" in out
     assert "device-updates-own-entity [/v2/entities/{device}] subjects hold: device; device thermo-1; " \
            "but DELETE is not among its methods" in out
+
+
+def test_a_relation_about_another_level_does_not_shadow(tmp_path, capsys):
+    write(tmp_path, "a.yaml", """version: 1
+rules:
+  - id: owners-of-the-second-level
+    subjects: [owner]
+    mqtt: {topics: ["a/{device}"], actions: [publish]}
+  - id: not-owners-of-the-first-level
+    effect: deny
+    subjects: [owner]
+    mqtt: {topics: ["{device}/#"], actions: [publish]}
+  - id: same-level
+    subjects: [owner]
+    mqtt: {topics: ["b/{device}/x"], actions: [publish]}
+  - id: deny-same-level
+    effect: deny
+    subjects: [owner, anonymous]
+    mqtt: {topics: ["b/{device}/#"], actions: [publish]}
+""")
+    rc, out, err = run(capsys, "check", str(tmp_path))
+    assert rc == 1
+    assert "owners-of-the-second-level" not in err
+    assert "rule 'same-level' is shadowed by deny rule 'deny-same-level'" in err
