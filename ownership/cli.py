@@ -62,6 +62,8 @@ def rekey(config_path: str, new_key_file: str | None, env: dict[str, str] | None
         raise CommandError(str(exc)) from None
     try:
         store.rekey(new)
+    except st.sqlite.Error as exc:
+        raise CommandError(f"store {config.store.path}: cannot rekey: {exc} (is keygate serve running?)") from None
     finally:
         store.close()
     print(f"store {config.store.path}: re-encrypted under the key from {source}; "

@@ -124,7 +124,8 @@ class Store:
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA secure_delete = ON")   # erased rows are overwritten, not just unlinked
             conn.execute("PRAGMA temp_store = MEMORY")  # no plaintext temp files
-            conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoint, never corrupt
+            # A key is shown once: its commit must survive a power cut (writes are rare, fsync is cheap here).
+            conn.execute("PRAGMA synchronous = FULL")
             try:
                 migrate(conn)
             except RuntimeError as exc:

@@ -420,5 +420,7 @@ mosquitto_sub {tls} -u {OTHER_USER} -P {bob} -t {topic} -v
 curl --cacert {ca} -H {q("Authorization: Bearer " + bob)} https://localhost:{http_port}/api/v1/devices/{DEMO_DEVICE}
 #    prints: {{"error": {{"code": "not_found", "message": "no such device"}}}}
 
+More to try: the five-minute tour in keygate's README (register a device, delegate, rotate a key,
+edit a policy in {self.folder / "policies"}).
 Ctrl-C stops keygate dev, the token issuer and mosquitto.
 """

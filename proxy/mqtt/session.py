@@ -138,7 +138,8 @@ Rules the session enforces
 * Token expiry: closed at ``expires_at + token_leeway`` (v5: DISCONNECT 0xA0 first).
 * Rate limit (:class:`RateLimiter`, per identity ``sub``, shared across
   connections): ``disconnect`` → v5 DISCONNECT 0x96 / close; ``drop`` → the
-  message is dropped (v5 QoS 1/2 answered 0x97, 3.1.1 acknowledged) and audited.
+  message is dropped (v5 QoS 1/2 answered 0x97, 3.1.1 acknowledged) and audited
+  (one line per second per connection at most, with the number dropped).
 * Protocol violations (see :mod:`proxy.mqtt.codec`) → v5 CONNACK or DISCONNECT
   with the codec's reason code, 3.1.1 a plain close; audited.
 """
@@ -377,6 +378,8 @@ class Session:
         self._caches_until = 0.0       # clock() after which both caches are dropped (time-bound grants)
         self._published = 0            # allowed publishes / deliveries not yet added to the metrics
         self._delivered = 0
+        self._rate_limited = 0         # publishes over the rate limit since the last audit line
+        self._rate_audit_at = 0.0
         self._forwarded = 0            # PUBLISH packets passed on, per direction, not yet counted
         self._handed = 0
         self._suback_slots: dict[int, list[int | None]] = {}
@@ -776,7 +779,14 @@ class Session:
         topic, d = entry
         if self.rate_limiter is not None and not self.rate_limiter.allow(ident.sub):
             RATE_LIMITED.inc()
-            self._audit("publish", "deny", identity=ident, resource=topic, reason="rate limit", qos=qos)
+            # One audit line per second at most, with the count: a flood must not flood the log.
+            now = self.clock()
+            self._rate_limited += 1
+            if now >= self._rate_audit_at:
+                self._rate_audit_at = now + 1.0
+                self._audit("publish", "deny", identity=ident, resource=topic, reason="rate limit", qos=qos,
+                            dropped=self._rate_limited)
+                self._rate_limited = 0
             if self.config.rate_limit.action == "disconnect":
                 self._disconnect(acts, Reason.MESSAGE_RATE_TOO_HIGH, "rate_limited", topic)
                 return

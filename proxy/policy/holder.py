@@ -42,6 +42,13 @@ INFO = Gauge("keygate_policy_info", "The policy set in force (value 1), by conte
 RULES = Gauge("keygate_policy_rules", "Rules in the policy set in force", registry=REGISTRY)
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
 class Policies:
     """Holder of the current compiled policy set (hot reload swaps it)."""
 
@@ -123,33 +130,72 @@ class Policies:
 
     def reload(self) -> bool:
         """Load the directory again; swap if it is good. Returns whether it swapped."""
+        try:
+            compiled = self._build()
+        except PolicyError as exc:
+            self._refuse(exc)
+            return False
+        return self._apply(compiled)
+
+    def _build(self) -> CompiledPolicies:
         if self._path is None:
             raise PolicyError("these policies were not loaded from a directory")
-        try:
-            src = load_dir(self._path)
-            compiled = CompiledPolicies(src, self._compiled.facts, admin_role=self._compiled.admin_role)
-        except PolicyError as exc:
-            self.last_error = str(exc)
-            RELOAD_ERRORS.inc()
-            log.error("policy reload refused, keeping generation %d: %s", self.generation, exc)
-            return False
-        if src.digest == self.digest and self.last_error is None:
+        src = load_dir(self._path)
+        return CompiledPolicies(src, self._compiled.facts, admin_role=self._compiled.admin_role)
+
+    def _refuse(self, exc: PolicyError) -> None:
+        self.last_error = str(exc)
+        RELOAD_ERRORS.inc()
+        log.error("policy reload refused, keeping generation %d: %s", self.generation, exc)
+
+    def _apply(self, compiled: CompiledPolicies) -> bool:
+        if compiled.source.digest == self.digest and self.last_error is None:
             return False  # touched, not changed
         self.swap(compiled)
-        log.info("policies reloaded: generation %d, %d rules, hash %s", self.generation, len(src.rules),
-                 src.digest)
+        log.info("policies reloaded: generation %d, %d rules, hash %s", self.generation,
+                 len(compiled.source.rules), compiled.source.digest)
         return True
 
     async def watch(self, *, debounce_ms: int = 200) -> None:
-        """Hot reload loop; run it as a task and cancel it on shutdown."""
+        """Hot reload loop; run it as a task and cancel it on shutdown.
+
+        Loading and compiling run in a worker thread (a big set takes a while
+        and the event loop keeps serving with the old one); the swap itself
+        happens on the loop. If the directory is removed or replaced (a
+        ConfigMap remount, ``mv new old``), the watcher notices within a
+        second, reports not-ready while it is missing, and follows the new one.
+        """
         from watchfiles import awatch
 
         if self._path is None:
             raise PolicyError("these policies were not loaded from a directory")
-        async for _changes in awatch(self._path, debounce=debounce_ms, step=50, recursive=True):
-            # Parsing and compiling is CPU work on small files: milliseconds, fine on the loop.
-            self.reload()
-            await asyncio.sleep(0)
+        resync = False  # after losing the directory, load whatever is there now
+        while True:
+            inode = _inode(self._path)
+            if resync and inode is not None:
+                resync = not await self._reload_in_thread()
+            try:
+                async for changes in awatch(self._path, debounce=debounce_ms, step=50, recursive=True,
+                                            rust_timeout=1000, yield_on_timeout=True):
+                    if changes:
+                        await self._reload_in_thread()
+                    elif _inode(self._path) != inode:
+                        resync = True
+                        break  # the directory was removed or replaced: watch the new one
+            except OSError as exc:  # the directory is missing or cannot be watched
+                self._refuse(PolicyError(f"{self._path}: cannot watch: {exc}"))
+                resync = True
+                await asyncio.sleep(1.0)
+
+    async def _reload_in_thread(self) -> bool:
+        """Build off the loop, swap on it. Returns whether the set is good (swapped or unchanged)."""
+        try:
+            compiled = await asyncio.to_thread(self._build)
+        except PolicyError as exc:
+            self._refuse(exc)
+            return False
+        self._apply(compiled)
+        return True
 
     def _readiness(self) -> tuple[bool, str]:
         if self.last_error:

@@ -110,3 +110,29 @@ async def test_new_file_and_removed_file(tmp_path):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_directory_removed_then_restored(tmp_path):
+    import shutil
+
+    d = tmp_path / "policies"
+    d.mkdir()
+    (d / "rules.yaml").write_text(V1)
+    policies = Policies.from_dir(d, StaticFacts([DeviceFacts("d1", "sub-alice", "alice")]))
+    gen = policies.generation
+    task = asyncio.create_task(policies.watch())
+    try:
+        await asyncio.sleep(0.3)
+        shutil.rmtree(d)
+        await until(lambda: policies.last_error is not None)
+        assert not readiness()[0]
+        assert policies.may_subscribe(user("alice"), "devices/d1/telemetry").verdict is Verdict.ALLOW  # kept
+        d.mkdir()
+        (d / "rules.yaml").write_text(V2)
+        await until(lambda: policies.generation == gen + 1)
+        assert policies.last_error is None
+        assert policies.may_publish(user("alice"), "devices/d1/cmd/on").rule == "commands"
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -703,6 +703,10 @@ def test_rate_limit_drop_and_shared_across_connections():
     assert not acts.to_broker and not acts.close
     assert bytes(only(acts.to_client, T.PUBACK).body) == b"\x00\x05\x97"
     assert denials(audit, "publish")
+    # A flood is audited in summary, not line by line.
+    for _ in range(50):
+        s2.client_data(pub("devices/thermo-1/t", level=5))
+    assert len(denials(audit, "publish")) == 1
 
 
 def test_rate_limiter_refills():

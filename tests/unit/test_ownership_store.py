@@ -320,6 +320,28 @@ async def test_rekey_refusals_are_one_line(tmp_path, monkeypatch, capsys):
     assert os.path.exists(tmp_path / "data" / "ownership.db")
 
 
+async def test_rekey_while_the_store_is_busy_is_one_line(tmp_path):
+    service = await open_service(ownership_config(tmp_path))
+    await service.register_device(ALICE, {"id": "d1", "type": "T"})
+    # Another process holds a write transaction (as a running gateway would mid-write).
+    from sqlcipher3 import dbapi2 as sqlite
+    salt = (tmp_path / "data" / "ownership.db").read_bytes()[:16]
+    other = sqlite.connect(str(tmp_path / "data" / "ownership.db"), isolation_level=None, timeout=0.1)
+    other.execute(st._key_pragma("key", st.derive_key(STORE_KEY, salt), salt))
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(CommandError, match="cannot rekey"):
+            store_cli.rekey(write_config(tmp_path), None,
+                            env={"KEYGATE_STORE_KEY": STORE_KEY, "KEYGATE_NEW_STORE_KEY": "new"})
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await service.close()
+    service = await open_service(ownership_config(tmp_path))  # still under the old key, intact
+    assert service.facts.device("d1") is not None
+    await service.close()
+
+
 async def test_rekey_wrong_key_prints_exactly_one_line(tmp_path):
     import subprocess
     import sys
