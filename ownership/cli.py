@@ -57,7 +57,7 @@ def rekey(config_path: str, new_key_file: str | None, env: dict[str, str] | None
     if not path.exists():
         raise CommandError(f"store {config.store.path}: no such file")
     try:
-        store = st.Store.open(path, current, label=config.store.path)
+        store = st.Store.open(path, current, label=config.store.path, busy_timeout=1.0)
     except st.StoreError as exc:
         raise CommandError(str(exc)) from None
     try:

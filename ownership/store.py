@@ -76,7 +76,7 @@ class Store:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: Path, passphrase: str, *, label: str | None = None) -> "Store":
+    def open(cls, path: Path, passphrase: str, *, label: str | None = None, busy_timeout: float = 5.0) -> "Store":
         """Open (or, only when no file exists, create) the store at ``path``.
 
         A wrong key, or a file that is not a keygate store, raises StoreError
@@ -105,7 +105,7 @@ class Store:
         # mode=rw: an existing store is never silently replaced by a new one.
         uri = f"file:{quote(str(path.resolve()))}?mode={'rw' if exists else 'rwc'}"
         try:
-            conn = sqlite.connect(uri, uri=True, isolation_level=None)
+            conn = sqlite.connect(uri, uri=True, isolation_level=None, timeout=busy_timeout)
         except sqlite.Error as exc:
             raise StoreError(f"store {label}: cannot open: {exc}") from None
         try:
@@ -135,6 +135,9 @@ class Store:
             store = cls(conn, path, salt)
             store._ensure_pepper()
             return store
+        except sqlite.OperationalError as exc:  # e.g. "database is locked" by another writer
+            conn.close()
+            raise StoreError(f"store {label}: {exc}") from None
         except BaseException:
             conn.close()
             raise
@@ -164,6 +167,8 @@ class Store:
         self._conn.execute("COMMIT")
 
     def _ensure_pepper(self) -> None:
+        if self._conn.execute("SELECT 1 FROM meta WHERE name = 'key_pepper'").fetchone():
+            return
         with self.transaction() as c:
             row = c.execute("SELECT value FROM meta WHERE name = 'key_pepper'").fetchone()
             if row is None:
