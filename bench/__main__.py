@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import signal
 import sys
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--http-engine", choices=["auto", "wrk", "python"], default="auto",
                    help="HTTP load generator (auto: wrk when installed)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="sample keygate with py-spy during its runs; collapsed stacks and a summary in DIR")
     return p.parse_args(argv)
 
 
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = new_stack(keep=args.keep)
     stack.http_engine = args.http_engine
     rows: list[Row] = []
+    profiles: list[Path | None] = []
     started = time.time()
     try:
         progress.step("starting Mosquitto, issuer, NGSI stand-in, nginx, keygate")
@@ -86,10 +90,18 @@ def main(argv: list[str] | None = None) -> int:
                     progress.step(f"{sc.name}: preparing")
                     sc.before(stack)
             progress.step(f"{sc.name} {case} {mode}" + (f" (rep {rep + 1})" if sc.reps(sizes) > 1 else ""))
+            recorder = None
+            if args.profile and mode == "keygate" and sc.name != "identity":
+                from bench.profile import Recorder
+
+                slug = "-".join(re.findall(r"[a-z0-9]+", f"{sc.name} {case} {rep}".lower()))
+                recorder = Recorder(stack.pid("keygate"), Path(args.profile) / f"{slug}.txt")
             try:
                 result = sc.run(stack, sizes, case, mode, rep)
             except Exception as exc:  # one broken run must not lose the others
                 result = Row(sc.name, case, mode, rep, {}, False, f"{type(exc).__name__}: {exc}")
+            if recorder is not None:
+                profiles.append(recorder.stop())
             got = result if isinstance(result, list) else [result]
             if mode == "keygate" and stack.keygate is not None and stack.keygate.poll() is not None:
                 for row in got:
@@ -112,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench-results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     md = write_report(rows, out, sizes=sizes, command=command, quick=args.quick, elapsed=elapsed,
                       notes=stack.log)
+    if args.profile:
+        from bench.profile import summarize
+
+        summary = Path(args.profile) / "summary.md"
+        summary.write_text("# keygate profiles (py-spy)\n\n" + "\n".join(summarize(p) for p in profiles if p))
+        print(f"profiles: {summary}", file=sys.stderr)
     failed = [r for r in rows if not r.ok]
     print(f"report: {md}", file=sys.stderr)
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed", file=sys.stderr)

@@ -285,10 +285,14 @@ async def mosquitto_sub(rig, topic: str, *, qos: int = 1, username: str | None =
                                                 stderr=asyncio.subprocess.PIPE)
     sub = MosquittoSub(proc)
     # -d prints protocol traces on stdout: wait for the SUBACK, then keep only message lines.
-    while True:
-        line = await sub.line(10.0)
-        if "received SUBACK" in line:
-            break
+    try:
+        while True:
+            line = await sub.line(10.0)
+            if "received SUBACK" in line:
+                break
+    except BaseException:
+        await sub.stop()
+        raise
     inner_line = sub.line
 
     async def message_line(timeout: float = 5.0) -> str:
