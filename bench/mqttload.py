@@ -533,8 +533,9 @@ async def run_latency(spec: dict) -> dict:
         if not lat_us:
             return float("nan")
         return lat_us[min(len(lat_us) - 1, int(p / 100.0 * len(lat_us)))]
-    # 500 quantiles are enough to draw the distribution.
-    q = [pct(100.0 * k / 500) for k in range(500)] if lat_us else []
+    # Percentiles spaced evenly in -log10(1 - p) up to p99.99, to draw the tail (HdrHistogram style).
+    ps = [100.0 * (1 - 10 ** (-4.0 * k / 200)) for k in range(201)]
+    q = [[p, pct(p)] for p in ps] if lat_us else []
     return {"sent": total, "received": len(lat), "p50_us": pct(50), "p99_us": pct(99), "p999_us": pct(99.9),
             "max_us": lat_us[-1] if lat_us else float("nan"), "quantiles_us": q,
             "achieved_rate": total / (time.monotonic() - start), "completed": len(lat) == total}

@@ -63,9 +63,22 @@ def _short(frame: str) -> str:
     return f"{m.group('func')} ({path})"
 
 
+def _line(frame: str) -> str:
+    """``func (path/to/file.py:123)`` -> ``file.py:123 func``."""
+    m = _FRAME.match(frame)
+    if not m:
+        return frame
+    path = m.group("file")
+    for marker in ("/work/main/", "site-packages/", "lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    return f"{path}:{m.group('line') or '?'} {m.group('func')}"
+
+
 def summarize(path: Path, top: int = 15) -> str:
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    lines: Counter[str] = Counter()
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -73,9 +86,11 @@ def summarize(path: Path, top: int = 15) -> str:
             continue
         n = int(count)
         total += n
-        frames = [_short(f) for f in stack.split(";") if f]
+        raw = [f for f in stack.split(";") if f]
+        frames = [_short(f) for f in raw]
         if not frames:
             continue
+        lines[_line(raw[-1])] += n
         self_time[frames[-1]] += n
         for f in set(frames):
             inclusive[f] += n
@@ -85,6 +100,8 @@ def summarize(path: Path, top: int = 15) -> str:
     out += [f"| {100 * n / total:.1f}% | `{f}` |" for f, n in self_time.most_common(top)]
     out += ["", "| inclusive | function |", "| ---: | --- |"]
     out += [f"| {100 * n / total:.1f}% | `{f}` |" for f, n in inclusive.most_common(top)]
+    out += ["", "| self | line |", "| ---: | --- |"]
+    out += [f"| {100 * n / total:.1f}% | `{f}` |" for f, n in lines.most_common(10)]
     return "\n".join(out) + "\n"
 
 

@@ -9,6 +9,7 @@ are met.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import platform
 import re
@@ -32,7 +33,7 @@ COLUMNS: dict[str, list[tuple[str, str, str, bool]]] = {
                                                            False)],
     "latency": [("p50_us", "p50 (µs)", "{:,.0f}", False), ("p99_us", "p99 (µs)", "{:,.0f}", False),
                 ("p999_us", "p99.9 (µs)", "{:,.0f}", False)],
-    "cpu": [("us_per_msg", "CPU µs per message (TLS terminator)", "{:.1f}", False),
+    "cpu": [("us_per_msg", "CPU µs per message (process terminating TLS)", "{:.1f}", False),
             ("broker_us_per_msg", "Mosquitto CPU µs per message", "{:.1f}", False)],
     "storm": [("rate", "connects/s", "{:,.0f}", True), ("connect_p50_ms", "connect p50 (ms)", "{:.1f}", False)],
     "memory": [],  # filled per count below
@@ -40,7 +41,8 @@ COLUMNS: dict[str, list[tuple[str, str, str, bool]]] = {
     "identity": [("us_per_op", "µs per operation", "{:.2f}", False), ("ops_per_s", "operations/s", "{:,.0f}", True)],
 }
 
-MODE_LABEL = {"direct": "direct", "direct-tls": "direct, TLS", "keygate": "keygate", "nginx": "nginx"}
+MODE_LABEL = {"direct": "direct", "direct-tls": "direct, TLS", "relay": "bare TLS relay", "keygate": "keygate",
+              "nginx": "nginx"}
 
 
 def values(rows: list[Row], scenario: str, case: str, mode: str, metric: str) -> list[float]:
@@ -332,7 +334,8 @@ def plot(rows: list[Row], img: Path) -> dict[str, str]:
     except ImportError:
         return {}
     made: dict[str, str] = {}
-    colors = {"direct": "#4c72b0", "direct-tls": "#8172b2", "keygate": "#dd8452", "nginx": "#55a868"}
+    colors = {"direct": "#4c72b0", "direct-tls": "#8172b2", "relay": "#937860", "keygate": "#dd8452",
+              "nginx": "#55a868"}
 
     # Latency distributions, direct vs keygate, one panel per rate.
     lat = [r for r in rows if r.scenario == "latency" and r.extra.get("quantiles_us")]
@@ -345,11 +348,13 @@ def plot(rows: list[Row], img: Path) -> dict[str, str]:
                 if not runs:
                     continue
                 n = min(len(q) for q in runs)
-                med = [statistics.median(q[i] for q in runs) for i in range(n)]
-                pct = [100.0 * i / n for i in range(n)]
-                ax.plot(pct, med, label=MODE_LABEL[mode], color=colors[mode])
+                med = [statistics.median(q[i][1] for q in runs) for i in range(n)]
+                xs = [-math.log10(max(1e-9, 1 - runs[0][i][0] / 100)) for i in range(n)]
+                ax.plot(xs, med, label=MODE_LABEL[mode], color=colors[mode])
             ax.set_yscale("log")
-            ax.set_xlabel("percentile")
+            ax.set_xticks([0, math.log10(2), 1, 2, 3, 4])
+            ax.set_xticklabels(["0", "50", "90", "99", "99.9", "99.99"])
+            ax.set_xlabel("percentile (tail stretched)")
             ax.set_ylabel("end-to-end latency (µs)")
             ax.set_title(f"latency at {case}")
             ax.grid(True, which="both", alpha=0.3)

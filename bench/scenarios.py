@@ -6,6 +6,8 @@ measured in:
 * ``direct``: the client talks plain MQTT to Mosquitto (the broker with no
   security at all, what keygate is put in front of);
 * ``direct-tls``: Mosquitto's own TLS listener, same certificate as keygate;
+* ``relay``: a bare TLS-terminating byte relay in Python (:mod:`bench.relay`),
+  the same process model as keygate without any of its work: the floor;
 * ``keygate``: TLS into keygate (token validated, every publish, subscribe
   and delivery checked against the shipped policies and the ownership
   store), plain from keygate to the same Mosquitto;
@@ -68,9 +70,9 @@ class Sizes:
     def full(cls, messages: int = 1_000_000, reps: int = 3) -> "Sizes":
         return cls(reps=reps, sipmba_messages=messages, ingest_publishers=20, ingest_per_publisher=10_000,
                    fanout_subscribers=10, fanout_messages=20_000, latency_rates=(1000, 10000),
-                   latency_seconds=5.0, cpu_clients=100, cpu_rate=5000, cpu_seconds=6.0, storm_workers=16,
-                   storm_seconds=5.0, storm_tokens=6000, idle_counts=(1000, 8000), http_connections=32,
-                   http_seconds=4.0)
+                   latency_seconds=4.0, cpu_clients=100, cpu_rate=5000, cpu_seconds=5.0, storm_workers=16,
+                   storm_seconds=4.0, storm_tokens=6000, idle_counts=(1000, 8000), http_connections=32,
+                   http_seconds=3.0)
 
     @classmethod
     def quick(cls, messages: int = 2000) -> "Sizes":
@@ -238,8 +240,8 @@ def cpu(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
     try:
         gen.read_line(120)  # READY: everyone connected
         pids = {"broker": stack.pid("broker")}
-        if mode == "keygate":
-            pids["keygate"] = stack.pid("keygate")
+        if mode in ("keygate", "relay"):
+            pids[mode] = stack.pid(mode)
         before = {k: proc_cpu_seconds(p) for k, p in pids.items()}
         gen.send()
         res = json.loads(gen.read_line(sz.cpu_seconds + 120))
@@ -250,7 +252,7 @@ def cpu(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
         return Row("cpu", case, mode, rep, {}, False, str(exc))
     metrics = {f"{k}_us_per_msg": 1e6 * (after[k] - before[k]) / total for k in pids}
     # The process that pays for TLS: the broker itself when direct, keygate otherwise.
-    metrics["us_per_msg"] = metrics["keygate_us_per_msg" if mode == "keygate" else "broker_us_per_msg"]
+    metrics["us_per_msg"] = metrics[f"{mode}_us_per_msg" if mode in ("keygate", "relay") else "broker_us_per_msg"]
     metrics["achieved_rate"] = res["achieved_rate"]
     return Row("cpu", case, mode, rep, metrics, res.get("sent") == total)
 
@@ -276,7 +278,7 @@ def idle_memory(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
     warm-up of a few connections opened and closed (one-time allocations such
     as the TLS context and the token cache entry are not per connection).
     """
-    holder = "keygate" if mode == "keygate" else "broker"
+    holder = mode if mode in ("keygate", "relay") else "broker"
     target = stack.mqtt_target(mode).spec()
     token = stack.token(OWNER)
     warm = run_load("mqttload", {"mode": "storm", "target": target, "tokens": [token], "workers": 4,
@@ -295,7 +297,7 @@ def idle_memory(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
         for i, count in enumerate(sz.idle_counts):
             more = count - opened
             gen = Interactive("mqttload", {"mode": "idle", "target": target, "token": token, "count": more,
-                                           "prefix": f"idle{rep}-{i}", "concurrency": 64})
+                                           "prefix": f"idle{rep}-{i}", "concurrency": 128})
             gens.append(gen)
             res = json.loads(gen.read_line(600))
             opened += res["open"]
@@ -372,11 +374,12 @@ SCENARIOS: list[Scenario] = [
              ("direct", "keygate"), lambda s: [f"{s.fanout_subscribers} subscribers"], fanout),
     Scenario("latency", "End-to-end latency at a fixed rate", ("direct", "keygate"),
              lambda s: [f"{r:,} msg/s" for r in s.latency_rates], latency),
-    Scenario("cpu", "CPU per message, many clients, one message per write", ("direct", "direct-tls", "keygate"),
+    Scenario("cpu", "CPU per message, many clients, one message per write",
+             ("direct", "direct-tls", "relay", "keygate"),
              lambda s: [f"{s.cpu_clients} clients, {s.cpu_rate:,} msg/s"], cpu),
     Scenario("storm", "Reconnect storm: TLS connects per second with token validation",
              ("direct-tls", "keygate"), lambda s: [f"{s.storm_workers} concurrent"], storm),
-    Scenario("memory", "Memory per idle TLS connection", ("direct-tls", "keygate"),
+    Scenario("memory", "Memory per idle TLS connection", ("direct-tls", "relay", "keygate"),
              lambda s: [" / ".join(f"{c:,}" for c in s.idle_counts) + " connections"], idle_memory,
              reps=lambda s: 1, before=_restart_keygate),
     Scenario("http", "HTTP: authorized NGSI requests", ("direct", "nginx", "keygate"),

@@ -106,6 +106,8 @@ class Stack:
     standin_port: int = 0
     nginx: subprocess.Popen | None = None
     nginx_port: int = 0
+    relay: subprocess.Popen | None = None
+    relay_port: int = 0
     keygate: subprocess.Popen | None = None
     keygate_mqtt_port: int = 0
     keygate_http_port: int = 0
@@ -125,6 +127,8 @@ class Stack:
             return Target("127.0.0.1", self.broker_tls_port, True, self.ca)
         if mode == "keygate":
             return Target("127.0.0.1", self.keygate_mqtt_port, True, self.ca)
+        if mode == "relay":
+            return Target("127.0.0.1", self.relay_port, True, self.ca)
         raise ValueError(mode)
 
     def http_base(self, mode: str) -> str:
@@ -133,7 +137,7 @@ class Stack:
                 "keygate": f"https://127.0.0.1:{self.keygate_http_port}"}[mode]
 
     def pid(self, what: str) -> int:
-        return {"broker": self.broker.proc.pid, "keygate": self.keygate.pid}[what]
+        return {"broker": self.broker.proc.pid, "keygate": self.keygate.pid, "relay": self.relay.pid}[what]
 
     def device(self, k: int) -> str:
         return f"bench-{k}"
@@ -148,6 +152,7 @@ class Stack:
         self.pki = make_pki(self.workdir / "pki")
         self.issuer.start()
         self._start_broker()
+        self._start_relay()
         if http:
             self._start_standin()
             self._start_nginx()
@@ -155,6 +160,7 @@ class Stack:
 
     def stop(self) -> None:
         _stop(self.keygate)
+        _stop(self.relay)
         _stop(self.nginx)
         _stop(self.standin)
         if self.broker is not None:
@@ -175,6 +181,15 @@ class Stack:
             extra.append("user root")  # else Mosquitto drops to its own user and cannot read the key
         self.broker = start_mosquitto(self.workdir / "mosquitto", extra)
         _wait_port(self.broker_tls_port, self.broker.proc)
+
+    def _start_relay(self) -> None:
+        self.relay_port = _free_port()
+        log = open(self.workdir / "relay.log", "wb")
+        self.relay = subprocess.Popen([PYTHON, "-m", "bench.relay", "--listen", str(self.relay_port),
+                                       "--upstream", self.broker.address, "--cert", str(self.pki.server_cert),
+                                       "--key", str(self.pki.server_key)], cwd=REPO, stdout=log,
+                                      stderr=subprocess.STDOUT)
+        _wait_port(self.relay_port, self.relay)
 
     def _start_standin(self) -> None:
         self.standin_port = _free_port()

@@ -42,9 +42,11 @@ INFO = Gauge("keygate_policy_info", "The policy set in force (value 1), by conte
 RULES = Gauge("keygate_policy_rules", "Rules in the policy set in force", registry=REGISTRY)
 
 
-def _inode(path: Path) -> int | None:
+def _snapshot(path: Path) -> tuple | None:
+    """What the files look like (name, inode, size, mtime), to notice changes a dead watch missed."""
     try:
-        return path.stat().st_ino
+        return tuple(sorted((str(p), st.st_ino, st.st_size, st.st_mtime_ns)
+                            for p in path.rglob("*") if p.suffix in (".yaml", ".yml") for st in (p.stat(),)))
     except OSError:
         return None
 
@@ -58,6 +60,7 @@ class Policies:
         self.generation = 1
         self.last_error: str | None = None
         self._listeners: list[Callable[["Policies"], None]] = []
+        self._seen = _snapshot(path) if path is not None else None
         self._publish_metrics(None)
         if path is not None:
             add_readiness_check("policies", self._readiness)
@@ -140,6 +143,7 @@ class Policies:
     def _build(self) -> CompiledPolicies:
         if self._path is None:
             raise PolicyError("these policies were not loaded from a directory")
+        self._seen = _snapshot(self._path)
         src = load_dir(self._path)
         return CompiledPolicies(src, self._compiled.facts, admin_role=self._compiled.admin_role)
 
@@ -161,27 +165,30 @@ class Policies:
 
         Loading and compiling run in a worker thread (a big set takes a while
         and the event loop keeps serving with the old one); the swap itself
-        happens on the loop. If the directory is removed or replaced (a
-        ConfigMap remount, ``mv new old``), the watcher notices within a
-        second, reports not-ready while it is missing, and follows the new one.
+        happens on the loop. Once a second the watcher also compares the files
+        with what it last loaded, so a directory removed or replaced under the
+        watch (a remount, ``rm -r`` then a copy) is noticed and followed; while
+        it is missing, readiness says so and the last good set stays.
         """
         from watchfiles import awatch
 
         if self._path is None:
             raise PolicyError("these policies were not loaded from a directory")
-        resync = False  # after losing the directory, load whatever is there now
+        resync = False
         while True:
-            inode = _inode(self._path)
-            if resync and inode is not None:
-                resync = not await self._reload_in_thread()
+            if resync:
+                await self._reload_in_thread()
+                resync = False
             try:
                 async for changes in awatch(self._path, debounce=debounce_ms, step=50, recursive=True,
                                             rust_timeout=1000, yield_on_timeout=True):
                     if changes:
                         await self._reload_in_thread()
-                    elif _inode(self._path) != inode:
+                    elif _snapshot(self._path) != self._seen:
+                        # The files changed but the watch said nothing: the directory was
+                        # removed or replaced under it. Watch the new one and load it.
                         resync = True
-                        break  # the directory was removed or replaced: watch the new one
+                        break
             except OSError as exc:  # the directory is missing or cannot be watched
                 self._refuse(PolicyError(f"{self._path}: cannot watch: {exc}"))
                 resync = True

@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 import yaml
 
 from proxy.policy.decision import PolicyError
-from proxy.policy.patterns import DEVICE, Pattern, parse_path_pattern, parse_topic_pattern
+from proxy.policy.patterns import DEVICE, PLACEHOLDERS, Pattern, parse_path_pattern, parse_topic_pattern
 from proxy.policy.subjects import IDENTITY_WORDS, PREFIXES, RELATIONS, subject_problem
 
 __all__ = ["Rule", "MqttSpec", "HttpSpec", "TestCase", "PolicySource", "load_dir", "load_text", "parse_file"]
@@ -281,6 +281,8 @@ def _parse_http(doc: _Doc, node: yaml.Node, path: str) -> HttpSpec:
             paths.append(parse_path_pattern(t))
         except ValueError as exc:
             doc.fail(n, f"{path}.paths", str(exc))
+        if PLACEHOLDERS["client_id"] in paths[-1]:
+            doc.fail(n, f"{path}.paths", "{client_id} is an MQTT client id; an HTTP path can never match it")
         texts.append(t)
     methods: set[str] = set()
     any_method = False

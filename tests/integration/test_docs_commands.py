@@ -141,7 +141,8 @@ def test_runnable_blocks(doc: Path, tmp_path):
             )
         for i, block in enumerate(blocks):
             if block.expected:
-                missing = matches(block.expected, outputs[i].splitlines())
+                expected = [substitute_ports(line, config) for line in block.expected]
+                missing = matches(expected, outputs[i].splitlines())
                 assert missing is None, (f"{doc.relative_to(ROOT)}:{block.line}: output lacks {missing!r}\n"
                                          f"--- output:\n{outputs[i]}")
     finally:

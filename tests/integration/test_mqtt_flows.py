@@ -58,6 +58,9 @@ async def test_owner_commands_device_gmqtt_v311_with_k2(mqtt_rig):
         device.publish(f"devices/{dev}/telemetry", b"after-subscribe", qos=1)
         msg = await asyncio.wait_for(owner.received.get(), 5)
         assert msg.payload == b"after-subscribe"
+        # Let the device's PUBACK land first: gmqtt closes TLS at once on disconnect and raises
+        # if a record arrives after its close_notify.
+        await asyncio.sleep(0.3)
     finally:
         await device.disconnect()
         await owner.disconnect()

@@ -62,6 +62,8 @@ def error_of(text, filename="p.yaml"):
      r"write path patterns decoded"),
     ("version: 1\nrules:\n  - id: x\n    subjects: [anyone]\n    http: {paths: ['/a/**/b'], methods: [GET]}\n",
      r"\*\* must be the last path segment"),
+    ("version: 1\nrules:\n  - id: x\n    subjects: [anyone]\n    http: {paths: ['/c/{client_id}'], methods: [GET]}\n",
+     r"^p.yaml:5:20: rules\[0\].http.paths: \{client_id\} is an MQTT client id"),
     ("version: 1\nrules:\n  - id: x\n    subjects: [anyone]\n    http: {paths: ['/a'], methods: ['GET POST']}\n",
      r"not an HTTP method"),
     ("version: 1\nrules:\n  - id: 'has space'\n    subjects: [anyone]\n    http: {paths: ['/a'], methods: [GET]}\n",
