@@ -21,7 +21,6 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
-from paho.mqtt.packettypes import PacketTypes
 
 V311, V5 = 4, 5
 
@@ -155,20 +154,6 @@ class Paho:
     def is_connected(self) -> bool:
         return self.c.is_connected()
 
-    async def reauthenticate(self, token: str) -> None:
-        """MQTT 5 AUTH (reason 0x19, re-authenticate) with a fresh token."""
-        from proxy.mqtt import AUTH_METHOD
-        props = Properties(PacketTypes.AUTH)
-        props.AuthenticationMethod = AUTH_METHOD
-        props.AuthenticationData = token.encode()
-        body = bytes([0x19]) + props.pack()
-        packet = bytes([0xF0]) + _varint(len(body)) + body
-        # paho has no public AUTH sender: queue the raw packet on its socket under its own lock.
-        with self.c._out_packet_mutex:
-            self.c._out_packet.append({"command": 0xF0, "mid": 0, "qos": 0, "pos": 0, "to_process": len(packet),
-                                       "packet": bytearray(packet), "info": None})
-        self.c._call_socket_register_write()
-
     async def close(self) -> None:
         def run():
             try:
@@ -176,15 +161,6 @@ class Paho:
             finally:
                 self.c.loop_stop()
         await asyncio.to_thread(run)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n % 128, n // 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 # --------------------------------------------------------------------------- gmqtt
