@@ -535,7 +535,10 @@ class Session:
         username = self.config.upstream_username or None
         password = self._upstream_password.encode() if username and self._upstream_password else None
         upstream = Connect(protocol_name=c.protocol_name, protocol_level=level, clean_start=c.clean_start,
-                           keepalive=self.keepalive, client_id=self.upstream_client_id, username=username,
+                           # Twice the enforced keepalive upstream: the gateway, not the broker, is the one
+                           # that times a silent client out, with its own reason code and audit record.
+                           keepalive=min(2 * self.keepalive, 65535), client_id=self.upstream_client_id,
+                           username=username,
                            password=password, will=c.will, properties=props)
         self._state = "upstream"
         acts.open_upstream = True
