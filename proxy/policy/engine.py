@@ -187,6 +187,11 @@ def _subtree(node: _Node, i: int, device: object, vals: dict, budget: list[int])
     _spend(budget)
     for e in node.hash:
         yield e, device
+    yield from _below(node, i, device, vals, budget)
+
+
+def _below(node: _Node, i: int, device: object, vals: dict, budget: list[int]) -> Iterator[Match]:
+    """The entries ending at ``node`` and every entry in its children's subtrees."""
     for e in node.end:
         yield e, device
     for lit, child in node.lit.items():
@@ -214,18 +219,7 @@ def _intersect(node: _Node, f: list[str], i: int, device: object, vals: dict, fd
     lv = f[i]
     if lv == "#":
         # The filter matches the parent level too, and anything below; node.hash was yielded above.
-        for e in node.end:
-            yield e, device
-        for lit, child in node.lit.items():
-            if not (i == 0 and lit.startswith("$")):
-                yield from _subtree(child, i + 1, device, vals, budget)
-        if node.plus is not None:
-            yield from _subtree(node.plus, i + 1, device, vals, budget)
-        if node.dev is not None:
-            yield from _subtree(node.dev, i + 1, _ANY, vals, budget)
-        for ph, child in node.ph.items():
-            if ph in vals and not (i == 0 and vals[ph].startswith("$")):
-                yield from _subtree(child, i + 1, device, vals, budget)
+        yield from _below(node, i, device, vals, budget)
         return
     if lv == "+":
         for lit, child in node.lit.items():
