@@ -38,6 +38,7 @@ class MemoryFacts:
         self._public: set[str] = set()
         self._subs: dict[tuple[str, str], str] = {}         # (service, id) -> owner sub
         self._subs_by_owner: dict[tuple[str, str], set[str]] = {}
+        self._sub_records: dict[tuple[str, str], dict[str, Any]] = {}  # (service, id) -> what re-checking needs
         self._listeners: list[Callable[[set[str] | None], None]] = []
 
     # ------------------------------------------------------------------ OwnershipFacts
@@ -106,6 +107,13 @@ class MemoryFacts:
     def subscriptions_of(self, owner_sub: str, service: str) -> set[str]:
         return set(self._subs_by_owner.get((owner_sub, service), ()))
 
+    def subscription_record(self, subscription_id: str, service: str) -> dict[str, Any] | None:
+        return self._sub_records.get((service, subscription_id))
+
+    def subscription_records(self) -> list[dict[str, Any]]:
+        """Every recorded subscription: id, service, owner_sub, entities, identity, unrestricted."""
+        return list(self._sub_records.values())
+
     # ------------------------------------------------------------------ changes (after commit only)
 
     def load(self, snapshot: dict[str, list[dict[str, Any]]]) -> None:
@@ -116,7 +124,7 @@ class MemoryFacts:
         for row in snapshot["delegations"]:
             self._put_delegation(row)
         for row in snapshot["subscriptions"]:
-            self._put_subscription(row["id"], row["service"], row["owner_sub"])
+            self._put_subscription(row["id"], row["service"], row["owner_sub"], row)
         for device_id in self._records:
             self._rebuild(device_id)
         self.changed(None)
@@ -158,12 +166,20 @@ class MemoryFacts:
                 touched.add(device_id)
         return touched
 
-    def put_subscription(self, subscription_id: str, service: str, owner_sub: str) -> None:
+    def put_subscription(self, subscription_id: str, service: str, owner_sub: str,
+                         row: dict[str, Any] | None = None) -> None:
         self.remove_subscription(subscription_id, service)
-        self._put_subscription(subscription_id, service, owner_sub)
+        self._put_subscription(subscription_id, service, owner_sub, row)
+
+    def set_subscription_subject(self, subscription_id: str, service: str, entities: tuple[str, ...],
+                                 unrestricted: bool) -> None:
+        record = self._sub_records.get((service, subscription_id))
+        if record is not None:
+            record["entities"], record["unrestricted"] = tuple(entities), bool(unrestricted)
 
     def remove_subscription(self, subscription_id: str, service: str) -> None:
         owner = self._subs.pop((service, subscription_id), None)
+        self._sub_records.pop((service, subscription_id), None)
         if owner is not None:
             self._discard(self._subs_by_owner, (owner, service), subscription_id)
 
@@ -199,8 +215,14 @@ class MemoryFacts:
         self._delegations.setdefault(row["device_id"], {})[row["id"]] = dict(row)
         self._by_grantee.setdefault(row["grantee"], set()).add(row["device_id"])
 
-    def _put_subscription(self, subscription_id: str, service: str, owner_sub: str) -> None:
+    def _put_subscription(self, subscription_id: str, service: str, owner_sub: str,
+                          row: dict[str, Any] | None) -> None:
         self._subs[(service, subscription_id)] = owner_sub
+        row = row or {}
+        self._sub_records[(service, subscription_id)] = {
+            "id": subscription_id, "service": service, "owner_sub": owner_sub,
+            "entities": tuple(row.get("entities", ())), "identity": row.get("identity"),
+            "unrestricted": bool(row.get("unrestricted", False))}
         self._subs_by_owner.setdefault((owner_sub, service), set()).add(subscription_id)
 
     def _rebuild(self, device_id: str) -> None:

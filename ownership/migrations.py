@@ -69,6 +69,16 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
         )""",
         "CREATE INDEX subscriptions_owner ON subscriptions (owner_sub)",
     )),
+    (2, (
+        # What re-checking a subscription needs (proxy/http/subscription_guard.py): the subject
+        # entity ids checked at creation (JSON list), the creator's identity attributes that
+        # policies read (JSON object; NULL for rows recorded before this step, which are not
+        # re-checked), and whether it is unrestricted (an administrator's idPattern subject).
+        "ALTER TABLE subscriptions ADD COLUMN entities TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE subscriptions ADD COLUMN identity TEXT",
+        "ALTER TABLE subscriptions ADD COLUMN unrestricted INTEGER NOT NULL DEFAULT 0 "
+        "CHECK (unrestricted IN (0, 1))",
+    )),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -22,7 +22,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import Counter, Gauge
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from ownership import store as st
 from ownership.facts import MemoryFacts
@@ -68,6 +68,27 @@ class Conflict(OwnershipError):
 
 class QuotaExceeded(OwnershipError):
     status, code = 403, "quota_exceeded"
+
+
+#: The identity attributes policies read, kept with a subscription to re-check it later.
+SNAPSHOT_FIELDS = ("kind", "sub", "username", "method", "roles", "client_roles", "scopes", "groups", "azp",
+                   "device_id", "owner_sub", "owner_username")
+
+
+def identity_snapshot(identity: Identity) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in SNAPSHOT_FIELDS:
+        value = getattr(identity, name)
+        out[name] = sorted(value) if isinstance(value, frozenset) else value
+    return out
+
+
+def identity_from_snapshot(snapshot: dict[str, Any]) -> Identity:
+    """The creator as recorded (no expiry: the subscription outlives the token, not the access)."""
+    fields = {name: snapshot[name] for name in SNAPSHOT_FIELDS if name in snapshot}
+    for name in ("roles", "client_roles", "scopes", "groups"):
+        fields[name] = frozenset(fields.get(name, ()))
+    return Identity(**fields)
 
 
 def new_device_key() -> str:
@@ -360,11 +381,27 @@ class OwnershipService:
 
     # ------------------------------------------------------------------ NGSI subscriptions
 
-    async def record_subscription(self, subscription_id: str, owner: Identity, service: str) -> None:
+    async def record_subscription(self, subscription_id: str, owner: Identity, service: str, *,
+                                  entities: Iterable[str] | None = None, unrestricted: bool = False) -> None:
+        """Tie a subscription to its creator. With ``entities`` (the subject ids as checked) the
+        creator's identity is kept too, so the subscription can be re-checked when access changes;
+        ``unrestricted``: an administrator's idPattern subject, which is not re-checked."""
+        row = {"entities": tuple(entities or ()), "unrestricted": unrestricted,
+               "identity": None if entities is None and not unrestricted else identity_snapshot(owner)}
         await self._run(self._store.insert_subscription, subscription_id, service, owner.sub, owner.username,
-                        self._clock())
-        self.facts.put_subscription(subscription_id, service, owner.sub)
+                        self._clock(), **row)
+        self.facts.put_subscription(subscription_id, service, owner.sub, row)
         self._audit("subscription.record", owner, subscription_id, service=service)
+
+    async def set_subscription_subject(self, subscription_id: str, service: str, *, entities: Iterable[str],
+                                       unrestricted: bool = False) -> None:
+        """A PATCH changed the subject: re-checks follow the new entities."""
+        ids = tuple(entities)
+        await self._run(self._store.set_subscription_subject, subscription_id, service, ids, unrestricted)
+        self.facts.set_subscription_subject(subscription_id, service, ids, unrestricted)
+
+    def subscription_records(self) -> list[dict[str, Any]]:
+        return self.facts.subscription_records()
 
     def subscription_owner(self, subscription_id: str, service: str) -> str | None:
         return self.facts.subscription_owner(subscription_id, service)

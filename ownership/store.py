@@ -187,8 +187,7 @@ class Store:
                 "keys": [{"device_id": r[0], "slot": r[1], "hash": bytes(r[2])}
                          for r in c.execute("SELECT device_id, slot, hash FROM device_keys")],
                 "delegations": [_delegation(r) for r in c.execute(_DELEGATION_SELECT)],
-                "subscriptions": [{"id": r[0], "service": r[1], "owner_sub": r[2]}
-                                  for r in c.execute("SELECT id, service, owner_sub FROM subscriptions")],
+                "subscriptions": [_subscription(r) for r in c.execute(_SUBSCRIPTION_SELECT)],
             }
 
     def get_device(self, device_id: str) -> dict[str, Any] | None:
@@ -217,8 +216,8 @@ class Store:
                 _DELEGATION_SELECT + " WHERE granted_by = ? ORDER BY created_at, id", (sub,))]
             received = [_delegation(r) for r in c.execute(
                 _DELEGATION_SELECT + " WHERE grantee = ? ORDER BY created_at, id", (username,))]
-            subs = [{"id": r[0], "service": r[1], "created_at": r[2]} for r in c.execute(
-                "SELECT id, service, created_at FROM subscriptions WHERE owner_sub = ? ORDER BY service, id", (sub,))]
+            subs = [{k: v for k, v in _subscription(r).items() if k != "owner_sub"} for r in c.execute(
+                _SUBSCRIPTION_SELECT + " WHERE owner_sub = ? ORDER BY service, id", (sub,))]
             quota = c.execute("SELECT max_devices FROM quotas WHERE sub = ?", (sub,)).fetchone()
         return {"devices": devices, "delegations_granted": granted, "delegations_received": received,
                 "subscriptions": subs, "quota": None if quota is None else {"max_devices": quota[0]}}
@@ -315,12 +314,22 @@ class Store:
                           "ON CONFLICT (sub) DO UPDATE SET max_devices = excluded.max_devices", (sub, max_devices))
 
     def insert_subscription(self, sub_id: str, service: str, owner_sub: str, owner_username: str,
-                            now: float) -> None:
+                            now: float, *, entities: tuple[str, ...] = (), identity: dict[str, Any] | None = None,
+                            unrestricted: bool = False) -> None:
         with self.transaction() as c:
-            c.execute("INSERT INTO subscriptions (id, service, owner_sub, owner_username, created_at) "
-                      "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id, service) DO UPDATE SET "
-                      "owner_sub = excluded.owner_sub, owner_username = excluded.owner_username",
-                      (sub_id, service, owner_sub, owner_username, now))
+            c.execute("INSERT INTO subscriptions (id, service, owner_sub, owner_username, created_at, entities, "
+                      "identity, unrestricted) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, service) DO UPDATE "
+                      "SET owner_sub = excluded.owner_sub, owner_username = excluded.owner_username, "
+                      "entities = excluded.entities, identity = excluded.identity, "
+                      "unrestricted = excluded.unrestricted",
+                      (sub_id, service, owner_sub, owner_username, now, json.dumps(list(entities)),
+                       None if identity is None else json.dumps(identity, sort_keys=True), int(unrestricted)))
+
+    def set_subscription_subject(self, sub_id: str, service: str, entities: tuple[str, ...],
+                                 unrestricted: bool) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE subscriptions SET entities = ?, unrestricted = ? WHERE id = ? AND service = ?",
+                      (json.dumps(list(entities)), int(unrestricted), sub_id, service))
 
     def delete_subscription(self, sub_id: str, service: str) -> None:
         with self.transaction() as c:
@@ -369,6 +378,15 @@ def _device(r: Any) -> dict[str, Any]:
             "location": None if r[4] is None else json.loads(r[4]),
             "owner_sub": r[5], "owner_username": r[6], "public": bool(r[7]), "service": r[8],
             "created_at": r[9], "updated_at": r[10]}
+
+
+_SUBSCRIPTION_SELECT = ("SELECT id, service, owner_sub, created_at, entities, identity, unrestricted"
+                        " FROM subscriptions")
+
+
+def _subscription(r: Any) -> dict[str, Any]:
+    return {"id": r[0], "service": r[1], "owner_sub": r[2], "created_at": r[3], "entities": json.loads(r[4]),
+            "identity": None if r[5] is None else json.loads(r[5]), "unrestricted": bool(r[6])}
 
 
 def _delegation(r: Any) -> dict[str, Any]:

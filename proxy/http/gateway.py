@@ -45,6 +45,7 @@ from proxy.config import parse_hostport
 from proxy.http import ngsi, plan as planning
 from proxy.http.auth import authenticate
 from proxy.http.ssrf import Allowlist, check_target, default_resolver
+from proxy.http.subscription_guard import SubscriptionGuard
 from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY
 from proxy.policy.paths import PathError, normalize_path
@@ -127,6 +128,7 @@ class GatewayHandler:
         self.cors = frozenset(self.config.cors_origins)
         self.resolver = resolver
         self.session: aiohttp.ClientSession | None = None
+        self.guard = SubscriptionGuard(services, self)
 
     async def open(self, _app: web.Application | None = None) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.upstream_timeout_seconds,
@@ -369,17 +371,21 @@ class GatewayHandler:
         audit["upstream_status"] = upstream.status
         try:
             if d.after == "record_subscription" and upstream.status == 201:
-                if not await self._record_subscription(upstream, identity, tenant, headers, audit):
+                if not await self._record_subscription(upstream, d, identity, tenant, headers, audit):
                     return orion_error(503, "ServiceUnavailable", "the subscription could not be recorded")
             elif d.after == "forget_subscription" and upstream.status in (200, 204):
-                path = d.path.rsplit("/", 1)[-1]
-                await self.services.ownership.forget_subscription(path, tenant)
+                sub_id = d.path.rsplit("/", 1)[-1]
+                await self.services.ownership.forget_subscription(sub_id, tenant)
+                self.guard.forgotten(sub_id, tenant)
+            elif d.after == "update_subscription" and upstream.status in (200, 204):
+                await self.services.ownership.set_subscription_subject(
+                    d.path.rsplit("/", 1)[-1], tenant, entities=d.devices, unrestricted=d.unrestricted)
             return await self._relay(request, upstream)
         finally:
             upstream.release()
 
-    async def _record_subscription(self, upstream: aiohttp.ClientResponse, identity: Identity, tenant: str,
-                                   headers: CIMultiDict[str], audit: dict[str, Any]) -> bool:
+    async def _record_subscription(self, upstream: aiohttp.ClientResponse, d: planning.Forward, identity: Identity,
+                                   tenant: str, headers: CIMultiDict[str], audit: dict[str, Any]) -> bool:
         """Tie the new subscription to its creator; if that fails, take it back out of Orion, so no
         subscription runs that nobody owns."""
         location = upstream.headers.get("Location", "")
@@ -389,7 +395,9 @@ class GatewayHandler:
             log.warning("Orion answered 201 to a subscription without a usable Location: %r", location)
             return True
         try:
-            await self.services.ownership.record_subscription(sub_id, identity, tenant)
+            # What was checked is kept, so access can be re-checked later (subscription_guard).
+            await self.services.ownership.record_subscription(sub_id, identity, tenant, entities=d.devices,
+                                                              unrestricted=d.unrestricted)
         except Exception:
             log.exception("recording subscription %s failed; deleting it from Orion", sub_id)
             audit["decision"], audit["reason"] = "error", "subscription not recorded, withdrawn"
@@ -402,6 +410,7 @@ class GatewayHandler:
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 log.error("could not withdraw unrecorded subscription %s from Orion", sub_id)
             return False
+        self.guard.recorded(sub_id, tenant)
         audit["subscription"] = sub_id
         return True
 
@@ -505,6 +514,8 @@ def create_gateway_app(services: Any, api_app: web.Application | None = None, *,
     handler = GatewayHandler(services, resolver=resolver)
     app[GATEWAY_KEY] = handler
     app.on_startup.append(handler.open)
+    app.on_startup.append(handler.guard.start)
+    app.on_shutdown.append(handler.guard.stop)
     app.on_cleanup.append(handler.close)
     if api_app is not None:
         app.add_subapp(http.api_prefix.rstrip("/"), api_app)

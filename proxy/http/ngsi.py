@@ -209,7 +209,8 @@ def _op_update(req: NgsiRequest) -> Action:
     body = req.body
     if not isinstance(body, dict) or not isinstance(body.get("entities"), list):
         return bad_request("Invalid JSON payload: entities is missing")
-    method = _BATCH_METHOD.get(body.get("actionType"))  # type: ignore[arg-type]
+    action = body.get("actionType")
+    method = _BATCH_METHOD.get(action) if isinstance(action, str) else None
     if method is None:
         return bad_request("invalid value for actionType")
     out = []

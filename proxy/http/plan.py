@@ -69,7 +69,7 @@ class Answer:
     devices: tuple[str, ...] = ()
 
 
-After = Literal["record_subscription", "filter_subscriptions", "forget_subscription"]
+After = Literal["record_subscription", "filter_subscriptions", "forget_subscription", "update_subscription"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ class Forward:
     after: After | None = None
     keep: frozenset[str] = frozenset()                   # filter_subscriptions: the caller's ids
     page: tuple[int, int, bool] = (20, 0, False)         # filter_subscriptions: limit, offset, count
+    unrestricted: bool = False                           # record/update_subscription: an idPattern subject
 
 
 Plan = Deny | Answer | Forward
@@ -398,7 +399,8 @@ def _subscriptions(req: ngsi.NgsiRequest, action: Any, ctx: Context) -> Plan:
         if deny is not None:
             return deny
         return Forward("POST", req.path, req.query, _dump(req.body), action.body.entity_ids, None,
-                       "subject entities readable", action.body.targets, "record_subscription")
+                       "subject entities readable", action.body.targets, "record_subscription",
+                       unrestricted=action.body.patterns)
     if isinstance(action, ngsi.ListSubscriptions):
         page = _page_params(req)
         if isinstance(page, Deny):
@@ -420,7 +422,10 @@ def _subscriptions(req: ngsi.NgsiRequest, action: Any, ctx: Context) -> Plan:
         deny = _check_subscription_body(action.body, ctx)
         if deny is not None:
             return deny
+        # A new subject is what later re-checks must follow (see subscription_guard).
+        new_subject = bool(action.body.entity_ids) or action.body.patterns
         return Forward("PATCH", req.path, req.query, _dump(req.body), action.body.entity_ids, None,
-                       "own subscription", action.body.targets)
+                       "own subscription", action.body.targets, "update_subscription" if new_subject else None,
+                       unrestricted=action.body.patterns)
     after: After | None = "forget_subscription" if action.method == "DELETE" else None
     return Forward(action.method, req.path, req.query, None, (), None, "own subscription", (), after)

@@ -55,6 +55,9 @@ def test_batch_update_maps_each_action_to_its_single_request():
     assert a("POST", "/v2/op/update", body) == ngsi.BatchUpdate((("a", "DELETE"), ("b", "DELETE")))
     body["actionType"] = "explode"
     assert a("POST", "/v2/op/update", body).status == 400
+    for odd in (["update"], {"a": 1}, None, 3):   # not a string: a 400, not an unhashable-key crash
+        body["actionType"] = odd
+        assert a("POST", "/v2/op/update", body).status == 400
 
 
 def test_batch_update_refuses_patterns_and_missing_ids():

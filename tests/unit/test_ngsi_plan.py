@@ -157,6 +157,23 @@ def test_subscription_targets_go_to_the_ssrf_check(facts):
     assert p.targets == (ngsi.NotificationTarget("http", "http://x.example/"),)
 
 
+def test_what_is_recorded_for_re_checking(facts):
+    # The checked subject goes with the subscription; a PATCH that moves the subject updates it.
+    target = {"http": {"url": "http://x.example/"}}
+    p = decide(facts, ALICE, "POST", "/v2/subscriptions", {"subject": {"entities": [{"id": "a-1"}]},
+                                                           "notification": target})
+    assert p.devices == ("a-1",) and not p.unrestricted
+    p = decide(facts, ADMIN, "POST", "/v2/subscriptions", {"subject": {"entities": [{"idPattern": ".*"}]},
+                                                           "notification": target})
+    assert p.after == "record_subscription" and p.unrestricted
+    subs = {(SID, ""): "s-alice"}
+    p = decide(facts, ALICE, "PATCH", f"/v2/subscriptions/{SID}", {"subject": {"entities": [{"id": "a-2"}]}},
+               subs=subs)
+    assert p.after == "update_subscription" and p.devices == ("a-2",)
+    p = decide(facts, ALICE, "PATCH", f"/v2/subscriptions/{SID}", {"throttling": 5}, subs=subs)
+    assert isinstance(p, planning.Forward) and p.after is None
+
+
 def test_anonymous_gets_nothing(facts):
     for method, path, body in (("GET", "/v2/entities", NO_BODY), ("GET", "/v2/entities/a-2", NO_BODY),
                                ("POST", "/v2/op/query", {}), ("GET", "/v2/subscriptions", NO_BODY)):
