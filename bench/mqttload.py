@@ -338,11 +338,22 @@ async def run_sipmba(spec: dict) -> dict:
             await pub.drain()
     del chunks
     t_sent = time.perf_counter()
+    # Done when the last message arrives, or (it was lost) when nothing has arrived for 3 s.
     timed_out = False
-    try:
-        await asyncio.wait_for(asyncio.shield(done), spec.get("timeout", 120))
-    except asyncio.TimeoutError:
-        timed_out = True
+    deadline = time.perf_counter() + spec.get("timeout", 120)
+    seen, quiet_since = -1, time.perf_counter()
+    while not done.done():
+        now = time.perf_counter()
+        if sub.published != seen:
+            seen, quiet_since = sub.published, now
+        elif now - quiet_since > 3.0:
+            break
+        if now > deadline:
+            timed_out = True
+            break
+        await asyncio.sleep(0.05)
+    if not done.done():
+        state["last"] = quiet_since
     # Let late duplicates show up before counting.
     if qos:
         await asyncio.wait_for(window.wait_below(1), 10) if not timed_out else None

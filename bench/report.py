@@ -27,7 +27,8 @@ NAN = float("nan")
 # What each scenario's table shows: (metric, label, format, higher is better).
 COLUMNS: dict[str, list[tuple[str, str, str, bool]]] = {
     "sipmba": [("elapsed_s", "time (s)", "{:.1f}", False), ("rate", "messages/s", "{:,.0f}", True),
-               ("in_order", "received in order", "{:,.0f}", True), ("lost", "lost", "{:,.0f}", False)],
+               ("in_order", "received in order", "{:,.0f}", True), ("lost", "lost", "{:,.0f}", False),
+               ("broker_dropped", "dropped by Mosquitto ($SYS)", "{:,.0f}", False)],
     "ingest": [("rate", "messages/s", "{:,.0f}", True)],
     "fanout": [("rate", "deliveries/s", "{:,.0f}", True), ("unexpected", "deliveries to the stranger", "{:,.0f}",
                                                            False)],
@@ -307,6 +308,7 @@ def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quic
             md += [f"![{sc.title}](img/{plots[sc.name]})", ""]
     if plots.get("throughput"):
         md += ["## Throughput at a glance", "", f"![throughput](img/{plots['throughput']})", ""]
+    md += findings(rows)
     md += list(extra_sections)
     if failed or notes:
         md += ["## Runs that did not complete", ""]
@@ -321,6 +323,90 @@ def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quic
     path = out / "benchmarks.md"
     path.write_text("\n".join(md))
     return path
+
+
+# --------------------------------------------------------------------------- why
+
+PROFILE_CMD = ".venv/bin/python -m bench --only ingest,fanout,cpu,http --modes keygate --reps 1 --profile /tmp/prof"
+
+
+def findings(rows: list[Row]) -> list[str]:
+    """Where a target is missed: what the profiler shows keygate spends its time on.
+
+    The profile figures are from py-spy runs of the command in PROFILE_CMD on
+    this machine (sampling slows keygate a little, so they are never taken in
+    the measuring run); the numbers in brackets come from this run.
+    """
+    verdicts = {t[0]: t[3] for t in targets(rows)}
+    missed = {k for k, v in verdicts.items() if "not met" in v}
+    if not missed:
+        return []
+    out = ["## Why targets are missed (profiled)", "",
+           f"Profiles: `{PROFILE_CMD}` (py-spy samples keygate while each scenario runs; "
+           "`python -m bench.profile /tmp/prof` prints the tables). keygate is one Python process on one "
+           "core; on this 2-core machine it shares the cores with Mosquitto and the load generators.", ""]
+    qos0_lost = median(rows, "sipmba", "QoS 0", "keygate", "lost")
+    if any(k.endswith("QoS 0 / 1 / 2") for k in missed):
+        out += ["- **1M messages.** " + (
+            f"At QoS 0 the publisher is not paced by anything but TCP; keygate reads it as fast as it "
+            f"arrives and forwards it, but delivering to the subscriber (TLS encryption, one more pass "
+            f"through the session) is slower than ingress, so the subscriber's queue in Mosquitto grows past "
+            f"`max_queued_messages` (100,000 in the test rig) and Mosquitto drops QoS 0 messages "
+            f"({qos0_lost:,.0f} lost, {median(rows, 'sipmba', 'QoS 0', 'keygate', 'broker_dropped'):,.0f} of them "
+            "counted by Mosquitto itself in `$SYS/broker/publish/messages/dropped`, i.e. keygate forwarded "
+            "every message to the broker and delivered every one the broker sent). Nothing is lost at QoS 1 "
+            "and 2, whose acknowledgements pace the publisher. Fix in the gateway: make delivery cheaper "
+            "than ingress, or pace QoS 0 ingress when the same "
+            "connection pair's delivery side is backed up; a deployment can raise the broker's queue."
+            if qos0_lost and qos0_lost == qos0_lost else
+            "Through keygate the QoS 1 flow (PUBLISH and PUBACK both parsed and forwarded, two TLS legs) "
+            "takes longer than 1.25x the plain direct run; at QoS 2 the broker itself is the bottleneck for both."),
+            ""]
+    if "bulk QoS 0 ingest" in missed:
+        out += ["- **Bulk ingest.** With 50 messages per TLS record, keygate's time is the Python "
+                "per-packet path: `Framer.feed` (codec.py, ~23% self), `Session._client_publish` (~18%), "
+                "`decode_publish` (~16%), `Session._client_frame` (~11%), `RateLimiter.allow` (~10%, a "
+                "token bucket per PUBLISH even with the limit effectively off), `Session.client_data` "
+                "(~10%). TLS and socket I/O are under 5%. What should change: frame and check PUBLISH "
+                "packets in a tighter loop (no `Frame` object per packet, topic decision cached per "
+                "connection and topic, rate limiter charged once per chunk), or move the framer to C.", ""]
+    if "added latency p50 at 1k msg/s" in missed:
+        out += ["- **Latency.** Both clients go through keygate, so a message crosses it twice (publisher in, "
+                "subscriber out), each time TLS record + Python session + one write. At 1k msg/s the loop "
+                "is mostly idle, so the added median is the wake-up and per-message path of two "
+                "traversals on a shared 2-core machine; the bare TLS relay in the CPU table shows how "
+                "much of it any Python TLS terminator pays.", ""]
+    if "gateway CPU per message, TLS, one message per write" in missed:
+        case = next((r.case for r in rows if r.scenario == "cpu"), "")
+        relay = median(rows, "cpu", case, "relay", "us_per_msg")
+        kg = median(rows, "cpu", case, "keygate", "us_per_msg")
+        mq = median(rows, "cpu", case, "direct-tls", "us_per_msg")
+        out += ["- **CPU per message, one message per write.** About half of keygate's samples are inside "
+                "uvloop's C code (`Runner.run` self: epoll, `recv`, TLS record decryption) and ~28% on "
+                "server.py:248, `self.upstream.write(data)`: one `send()` system call per message to the "
+                "broker; keygate's own MQTT, rate-limit and policy work is under 10% of its samples. A bare "
+                f"Python TLS relay that parses nothing costs {relay:.0f} µs per message in this run "
+                f"({relay / mq:.1f}x Mosquitto's {mq:.0f} µs with TLS); keygate costs {kg:.0f} µs, so "
+                f"{kg - relay:.0f} µs is keygate's own work (framing, session, policy, metrics) and the rest "
+                "is what a Python event loop with one TLS record and one `send()` per message costs. What "
+                "should change: fewer Python calls per small packet on the fast path (one `Actions` object "
+                "and one metrics update per chunk, not per packet; the rate limiter charged per chunk), and, "
+                "for more than one core's worth of traffic, several worker processes sharing the listener "
+                "(SO_REUSEPORT); a compiled data path is the only way to approach Mosquitto's own cost.", ""]
+    if "memory per idle TLS connection" in missed:
+        out += ["- **Memory.** Compare keygate with the bare TLS relay in the memory table: most of the "
+                "per-connection memory is the TLS connection in Python/OpenSSL plus the broker socket.", ""]
+    if "HTTP authorized GET" in missed:
+        out += ["- **HTTP.** keygate's HTTP path is aiohttp server + aiohttp client per request: the largest "
+                "single item is aiohttp's `StreamWriter._write` (http_writer.py:104, ~22% self: the "
+                "`transport.write` to the upstream, i.e. the send syscall and TLS write), then aiohttp's "
+                "request/response machinery (`ClientSession._request`, header building, `DataQueue.read`), "
+                "the audit record (~2%, one JSON line per request) and keygate's handler (~5%). Token, "
+                "policy and ownership checks are cached and small. nginx does the same proxying in C. "
+                "What should change: a lighter upstream client (raw keep-alive connections with "
+                "pre-built header blocks instead of `aiohttp.ClientSession`), and several worker "
+                "processes with SO_REUSEPORT (nginx here has one worker; keygate could use both cores).", ""]
+    return out
 
 
 # --------------------------------------------------------------------------- plots

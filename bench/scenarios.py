@@ -21,7 +21,6 @@ match, which is all that ``--quick`` checks.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import tempfile
 import time
@@ -177,12 +176,30 @@ def sipmba(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
     spec = {"mode": "sipmba", "qos": qos, "messages": sz.sipmba_messages, "topic": topic, "target": target,
             "pub": stack.device_cred(0), "sub": _cred(stack, f"sip-sub-{rep}"),
             "window": 1000, "timeout": max(15, sz.sipmba_messages / 2000)}
+    dropped_before = broker_dropped(stack)
     res = run_load("mqttload", spec, timeout=spec["timeout"] + 120)
     ok = bool(res.get("completed")) and res.get("lost") == 0 and res.get("out_of_order") == 0
     metrics = {k: res[k] for k in ("elapsed_s", "received", "in_order", "lost", "out_of_order") if k in res}
+    # Where a loss happened: Mosquitto counts what it dropped itself (a subscriber's queue full).
+    dropped_after = broker_dropped(stack)
+    if dropped_before >= 0 and dropped_after >= 0:
+        metrics["broker_dropped"] = dropped_after - dropped_before
     if "elapsed_s" in res:
         metrics["rate"] = res["in_order"] / res["elapsed_s"] if res["elapsed_s"] else 0.0
     return Row("sipmba", case, mode, rep, metrics, ok, _error(res))
+
+
+def broker_dropped(stack: Stack) -> int:
+    """Mosquitto's own count of PUBLISHes it dropped (``$SYS/broker/publish/messages/dropped``,
+    refreshed every second: the stack sets ``sys_interval 1``)."""
+    time.sleep(1.2)
+    try:
+        out = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(stack.broker.port), "-C", "1", "-W", "5",
+                              "-t", "$SYS/broker/publish/messages/dropped"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        return int(out.split()[-1]) if out else -1
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return -1
 
 
 def ingest(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
@@ -403,7 +420,3 @@ def plan(sizes: Sizes, only: set[str] | None, modes: set[str] | None) -> list[tu
                         continue
                     steps.append((sc, case, mode, rep))
     return steps
-
-
-def nan_safe(x: float) -> float:
-    return x if isinstance(x, (int, float)) and not math.isnan(x) else float("nan")

@@ -175,7 +175,8 @@ class Stack:
         self.broker_tls_port = _free_port()
         # set_tcp_nodelay: as keygate does on its sockets; without it Nagle holds back small
         # writes (a CONNACK behind a TLS session ticket, a lone PUBLISH) for a delayed ACK.
-        extra = ["set_tcp_nodelay true", f"listener {self.broker_tls_port} 127.0.0.1",
+        # sys_interval 1: $SYS counters (messages dropped by the broker) fresh within a second.
+        extra = ["set_tcp_nodelay true", "sys_interval 1", f"listener {self.broker_tls_port} 127.0.0.1",
                  f"certfile {self.pki.server_cert}", f"keyfile {self.pki.server_key}"]
         if os.geteuid() == 0:
             extra.append("user root")  # else Mosquitto drops to its own user and cannot read the key
