@@ -389,7 +389,7 @@ SCENARIOS: list[Scenario] = [
              lambda s: ["QoS 0", "QoS 1"], ingest),
     Scenario("fanout", "Fan-out: one publisher, wildcard subscribers (per-message delivery checks)",
              ("direct", "keygate"), lambda s: [f"{s.fanout_subscribers} subscribers"], fanout),
-    Scenario("latency", "End-to-end latency at a fixed rate", ("direct", "keygate"),
+    Scenario("latency", "End-to-end latency at a fixed rate", ("direct", "direct-tls", "relay", "keygate"),
              lambda s: [f"{r:,} msg/s" for r in s.latency_rates], latency),
     Scenario("cpu", "CPU per message, many clients, one message per write",
              ("direct", "direct-tls", "relay", "keygate"),

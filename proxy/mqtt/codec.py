@@ -37,6 +37,7 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.reason_code = int(reason_code)
         self.message = message
+        self.frames: list = []  # set by Framer.feed: the packets complete before the error
         # Set by decode_connect once the level byte was read: which CONNACK format to answer in.
         self.protocol_level = protocol_level
 
@@ -138,6 +139,17 @@ def parse_header(buf, pos: int, end: int, max_size: int) -> tuple[int, int, int,
 _VALID_BYTE1 = bytes(_valid_first_byte(b) for b in range(256))
 
 
+def byte_view(data) -> memoryview:
+    """``data`` as a flat memoryview of bytes (format ``B``), without copying."""
+    mv = data if isinstance(data, memoryview) else memoryview(data)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+VALID_BYTE1 = _VALID_BYTE1
+
+
 class Framer:
     """Cuts a byte stream into :class:`Frame` objects.
 
@@ -156,15 +168,24 @@ class Framer:
     def buffered(self) -> int:
         return len(self._pending)
 
-    def feed(self, data) -> list[Frame]:
-        mv = data if isinstance(data, memoryview) else memoryview(data)
-        if mv.format != "B" or mv.ndim != 1:
-            mv = mv.cast("B")
+    def feed(self, data, start: int = 0) -> list[Frame]:
+        """The packets in ``data`` from offset ``start`` (a caller that consumed the
+        packets before ``start`` itself; only when nothing is pending)."""
+        mv = byte_view(data)
         self.view = mv
-        end = len(mv)
-        pos = 0
         out: list[Frame] = []
+        try:
+            return self._cut(mv, start, out)
+        except ProtocolError as exc:
+            # The whole packets before the bad one still count, as they would at the broker,
+            # and whatever the chunking: the caller handles them, then the error.
+            exc.frames = out
+            raise
+
+    def _cut(self, mv: memoryview, pos: int, out: list[Frame]) -> list[Frame]:
+        end = len(mv)
         if self._pending:
+            assert not pos, "feed from an offset with a packet pending"
             pos = self._complete_pending(mv, out)
             if pos < 0:
                 return out

@@ -41,7 +41,7 @@ from prometheus_client import Counter, Gauge
 
 from proxy.config import Config, parse_hostport, read_secret
 from proxy.identity.model import AuthError, AuthReason, Identity
-from proxy.metrics import REGISTRY
+from proxy.metrics import REGISTRY, Tally
 from proxy.mqtt.session import Actions, AuthRequest, RateLimiter, Session, classify_credentials
 from proxy.services import Services
 from proxy.tls import peer_common_name, server_context
@@ -52,6 +52,12 @@ __all__ = ["MqttGateway", "Connection", "server_ssl_context"]
 
 # One receive buffer for every connection of a gateway (see the module docstring).
 RECV_BUFFER_SIZE = 256 * 1024
+# Deliveries first: one read from a client takes at most a quarter of what one read
+# from the broker may take. Clients can be slowed down losslessly (TCP backpressure);
+# the broker cannot: when the gateway drains it slower than it is fed, it queues, and
+# past max_queued_messages it drops QoS 0 messages. Reading publishers in smaller bites
+# than deliveries keeps the gateway from feeding the broker faster than it drains it.
+CLIENT_READ_SIZE = 64 * 1024
 # Write-buffer marks per socket: above HIGH the other side stops reading.
 WRITE_HIGH = 256 * 1024
 WRITE_LOW = 64 * 1024
@@ -67,7 +73,7 @@ CONNECTIONS_REFUSED = Counter("keygate_mqtt_connections_refused", "Connections r
                               ["reason"], registry=REGISTRY)
 CONNECTIONS_CLOSED = Counter("keygate_mqtt_connections_closed", "MQTT connections closed by the gateway, by reason",
                              ["reason"], registry=REGISTRY)
-BYTES = Counter("keygate_mqtt_bytes", "Bytes read, by direction", ["direction"], registry=REGISTRY)
+BYTES = Tally("keygate_mqtt_bytes", "Bytes read, by direction", ["direction"])  # per chunk: a plain integer
 
 _BYTES_IN = BYTES.labels("client_to_broker")
 _BYTES_OUT = BYTES.labels("broker_to_client")
@@ -109,7 +115,7 @@ class _ClientSide(asyncio.BufferedProtocol):
         self._session = None  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._gateway.recv_buffer
+        return self._gateway.client_read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
         conn = self.conn
@@ -161,7 +167,7 @@ class _TlsClientSide(asyncio.BufferedProtocol):
         self.conn = self._gateway.accept_transport(self, self._gateway.new_session())
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._gateway.tls_buffer
+        return self._gateway.tls_read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._closing:
@@ -189,13 +195,16 @@ class _TlsClientSide(asyncio.BufferedProtocol):
         size = len(buf)
         got = 0
         peer_closed = False
+        tls, bio = self._tls, self._in
         try:
             while got < size:
-                n = self._tls.read(size - got, buf[got:])
+                n = tls.read(size - got, buf[got:] if got else buf)
                 if not n:
                     peer_closed = True
                     break
                 got += n
+                if not bio.pending and not tls.pending():
+                    break  # all read: spare the SSLWantReadError the next read would raise
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
@@ -320,7 +329,7 @@ class Connection:
 
     __slots__ = ("gateway", "client", "session", "websocket", "upstream", "_pending_upstream", "_dialing",
                  "_auth_task", "_timer", "_timer_at", "_client_pauses", "_broker_paused", "closed",
-                 "close_reason", "__weakref__")
+                 "close_reason", "_seen_epoch", "__weakref__")
 
     def __init__(self, gateway: "MqttGateway", transport: Any, session: Session, *, websocket: bool = False):
         self.gateway = gateway
@@ -337,12 +346,13 @@ class Connection:
         self._broker_paused = False
         self.closed = False
         self.close_reason = ""
+        self._seen_epoch = -1
 
     # -- events from the client side
     def client_data(self, data: Any) -> None:
         if self.closed:
             return
-        _BYTES_IN.inc(len(data))
+        _BYTES_IN.value += len(data)
         self.apply(self.session.client_data(data))
 
     def client_lost(self, exc: Exception | None) -> None:
@@ -352,7 +362,7 @@ class Connection:
     def broker_data(self, data: Any) -> None:
         if self.closed:
             return
-        _BYTES_OUT.inc(len(data))
+        _BYTES_OUT.value += len(data)
         self.apply(self.session.broker_data(data))
 
     def broker_lost(self, exc: Exception | None) -> None:
@@ -407,8 +417,13 @@ class Connection:
         if actions.close is not None:
             self.close(actions.close.reason)
             return
-        self.client_reading(not self.session.reading_paused, "session")
-        self.schedule()
+        epoch = self.session.epoch
+        if epoch != self._seen_epoch or self._timer is None:
+            # A state change: look at reading and deadlines again. Otherwise the timer
+            # already stands at the earliest deadline there can be (it reschedules itself).
+            self._seen_epoch = epoch
+            self.client_reading(not self.session.reading_paused, "session")
+            self.schedule()
 
     # -- authentication, off the read path
     async def _authenticate(self, request: Any) -> None:
@@ -549,6 +564,8 @@ class MqttGateway:
         self.connections: set[Connection] = set()
         self.recv_buffer = memoryview(bytearray(RECV_BUFFER_SIZE))
         self.tls_buffer = memoryview(bytearray(RECV_BUFFER_SIZE))  # ciphertext, before decryption
+        self.client_read_buffer = self.recv_buffer[:CLIENT_READ_SIZE]
+        self.tls_read_buffer = self.tls_buffer[:CLIENT_READ_SIZE]
         self.rate_limiter = RateLimiter.from_config(self.mqtt.rate_limit)
         self.port: int | None = None
         self.ws_port: int | None = None

@@ -148,14 +148,14 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from prometheus_client import Counter
 
 from proxy.config import MqttConfig, RateLimitConfig
 from proxy.identity.model import AuthReason, Identity
-from proxy.metrics import REGISTRY
+from proxy.metrics import REGISTRY, Tally
 from proxy.mqtt import codec
 from proxy.mqtt.codec import Frame, Framer, ProtocolError
 from proxy.mqtt.packets import (
@@ -172,6 +172,8 @@ AUTH_METHOD = "keygate-token"
 # Packets a client may send before authentication is complete: bounded.
 _PENDING_SLACK = 64 * 1024
 _CACHE_MAX = 4096
+# Rate-limit tokens the publish fast path takes per call (the rest is given back at the chunk's end).
+_RATE_BATCH = 256
 _MAX_SUBSCRIPTIONS = 10_000  # per connection; more are refused (SUBACK 0x97 / 0x80)
 # Cached decisions also expire after this long: a delegation with an expiry date ends
 # without any write that would call invalidate().
@@ -179,20 +181,21 @@ _DECISION_TTL = 1.0
 
 T = PacketType
 
-DECISIONS = Counter("keygate_mqtt_decisions", "MQTT authorization decisions",
-                    ["action", "result"], registry=REGISTRY)
+# Counted per message: tallies (plain integers read at scrape time), not locked counters.
+DECISIONS = Tally("keygate_mqtt_decisions", "MQTT authorization decisions", ["action", "result"])
 AUTHENTICATIONS = Counter("keygate_mqtt_authentications", "MQTT authentications",
                           ["method", "result"], registry=REGISTRY)
 RATE_LIMITED = Counter("keygate_mqtt_rate_limited", "MQTT messages over the per-identity rate limit",
                        registry=REGISTRY)
 PROTOCOL_ERRORS = Counter("keygate_mqtt_protocol_errors", "MQTT protocol violations refused",
                           ["side"], registry=REGISTRY)
-MESSAGES = Counter("keygate_mqtt_messages", "PUBLISH packets forwarded, by direction", ["direction"],
-                   registry=REGISTRY)
+MESSAGES = Tally("keygate_mqtt_messages", "PUBLISH packets forwarded, by direction", ["direction"])
 _TO_BROKER = MESSAGES.labels("client_to_broker")
 _TO_CLIENT = MESSAGES.labels("broker_to_client")
 _ALLOWED = {a: DECISIONS.labels(a, "allow") for a in ("publish", "subscribe", "receive", "will")}
 _DENIED = {a: DECISIONS.labels(a, "deny") for a in ("publish", "subscribe", "receive", "will")}
+_ALLOWED_PUBLISH = _ALLOWED["publish"]
+_ALLOWED_RECEIVE = _ALLOWED["receive"]
 
 
 # --------------------------------------------------------------------------- public records
@@ -225,13 +228,31 @@ class CloseInfo:
     reason_code: int | None = None  # the MQTT code sent to the client, if any
 
 
-@dataclass
 class Actions:
-    to_client: list[Any] = field(default_factory=list)   # bytes | memoryview
-    to_broker: list[Any] = field(default_factory=list)
-    auth: AuthRequest | None = None
-    open_upstream: bool = False
-    close: CloseInfo | None = None
+    """What the shell must do after one call, in this order: write ``to_client``, open the
+    broker connection, write ``to_broker``, run ``auth``, close.
+
+    A plain class, not a dataclass: one is made per chunk read, on the hot path."""
+
+    __slots__ = ("to_client", "to_broker", "auth", "open_upstream", "close")
+
+    def __init__(self) -> None:
+        self.to_client: list[Any] = []   # bytes | memoryview
+        self.to_broker: list[Any] = []
+        self.auth: AuthRequest | None = None
+        self.open_upstream = False
+        self.close: CloseInfo | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Actions):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
+
+    def __repr__(self) -> str:
+        return (f"Actions(to_client={self.to_client!r}, to_broker={self.to_broker!r}, auth={self.auth!r}, "
+                f"open_upstream={self.open_upstream}, close={self.close!r})")
 
 
 def classify_credentials(req: AuthRequest, cert_cn: str | None,
@@ -283,6 +304,26 @@ class RateLimiter:
             return False
         bucket[0] = tokens - cost
         return True
+
+    def take(self, key: str, want: int) -> int:
+        """Up to ``want`` whole tokens at once (how many were granted): the fast path asks
+        for a batch per chunk instead of one call per message, and gives back the rest."""
+        now = self.clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._prune(now)
+            bucket = self._buckets[key] = [self.burst, now]
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        granted = min(want, int(tokens))
+        bucket[0] = tokens - granted
+        return granted
+
+    def give_back(self, key: str, n: int) -> None:
+        bucket = self._buckets.get(key)
+        if bucket is not None and n > 0:
+            bucket[0] = min(self.burst, bucket[0] + n)
 
     def _prune(self, now: float) -> None:
         # A bucket that has refilled is the same as no bucket.
@@ -357,6 +398,11 @@ class Session:
         self.upstream_client_id = ""   # as the broker knows it
         self.keepalive = 0             # enforced keepalive (seconds, 0 = none)
 
+        # What next_deadline() and reading_paused depend on, besides activity (which only moves
+        # the keepalive deadline later), changes only with the state, the identity (AUTH) or
+        # the keepalive; each change bumps `epoch`. A shell that keeps a timer at the last
+        # deadline looks again only when the epoch moved, or when its timer fires.
+        self.epoch = 0
         self._state = "connect"        # connect -> auth -> upstream -> open -> closed
         self._created = clock()
         self._last_rx = self._created
@@ -388,12 +434,14 @@ class Session:
         self._broker_qos2_dropped: set[int] = set()
         # Pass-through run (see _pass): the output list, index of its last slice, start/end offsets.
         self._run: list | None = None
+        self.fast_paths = True         # off only in tests that compare the fast paths with the full path
 
     # ----------------------------------------------------------------- shell API
 
     @property
     def reading_paused(self) -> bool:
         return self._state in ("auth", "upstream")
+
 
     def next_deadline(self) -> float | None:
         if self.closed:
@@ -418,12 +466,23 @@ class Session:
         if self.closed:
             return acts
         self._end_run()
-        try:
-            frames = self._client_framer.feed(data)
-        except ProtocolError as exc:
-            self._client_framer.view = None
-            return self._client_violation(acts, exc)
-        view = self._client_framer.view
+        framer = self._client_framer
+        view = codec.byte_view(data)
+        start = 0
+        if self._state == "open" and self.fast_paths and not framer.buffered:
+            now = self.clock()
+            if now >= self._caches_until:
+                self._drop_caches(now)
+            start = self._client_fast(acts, view)
+            if start:
+                self._last_rx = now
+        error: ProtocolError | None = None
+        frames: list[Frame] = []
+        if start < len(view):
+            try:
+                frames = framer.feed(view, start)
+            except ProtocolError as exc:
+                frames, error = exc.frames, exc
         if frames:
             self._last_rx = now = self.clock()
             if now >= self._caches_until:
@@ -436,6 +495,8 @@ class Session:
                     self._hold(acts, frames[i:])
                     break
                 self._client_frame(acts, frame, view)
+            if error is not None and not self.closed:
+                raise error
         except ProtocolError as exc:
             self._client_violation(acts, exc)
         finally:
@@ -455,10 +516,22 @@ class Session:
                 self._drop_caches(now)
         try:
             framer = self._broker_framer
-            for frame in framer.feed(data):
+            view = codec.byte_view(data)
+            start = (self._broker_fast(acts, view)
+                     if self._state == "open" and self.fast_paths and not framer.buffered else 0)
+            error: ProtocolError | None = None
+            frames: list[Frame] = []
+            if start < len(view):
+                try:
+                    frames = framer.feed(view, start)
+                except ProtocolError as exc:
+                    frames, error = exc.frames, exc
+            for frame in frames:
                 if self.closed:
                     break
-                self._broker_frame(acts, frame, framer.view)
+                self._broker_frame(acts, frame, view)
+            if error is not None and not self.closed:
+                raise error
         except ProtocolError as exc:
             PROTOCOL_ERRORS.labels("broker").inc()
             self._audit("broker", "protocol_error", reason=exc.message)
@@ -527,6 +600,7 @@ class Session:
                                             "Will topic not allowed")
             _ALLOWED["will"].inc()
         self.identity = identity
+        self.epoch += 1
         self._audit("connect", "allow", identity=identity, resource=self.client_id,
                     protocol_level=level)
         # The upstream CONNECT: our credentials, the bound client id, no auth or alias properties.
@@ -541,6 +615,7 @@ class Session:
                            username=username,
                            password=password, will=c.will, properties=props)
         self._state = "upstream"
+        self.epoch += 1
         acts.open_upstream = True
         acts.to_broker.append(codec.encode_connect(upstream))
         return acts
@@ -651,6 +726,122 @@ class Session:
 
     # ----------------------------------------------------------------- client side
 
+    # ----------------------------------------------------------------- fast paths
+    # The common case of a busy connection, a chunk full of PUBLISH packets whose
+    # decisions are cached, walked in one loop: no Frame, no PublishInfo, one
+    # rate-limiter call per batch, one slice for the whole run. Each stops at the
+    # first packet that needs anything more (another type, properties, a topic not
+    # cached or denied, a split packet, an empty bucket) and leaves the rest of the
+    # chunk to the full path, which decides exactly as if the fast path did not exist.
+
+    def _client_fast(self, acts: Actions, mv: memoryview) -> int:
+        """Allowed publishes from the start of ``mv``; the offset where it stopped."""
+        end = len(mv)
+        if end < 4:
+            return 0
+        cache = self._pub_cache
+        valid = codec.VALID_BYTE1
+        max_size = self._client_framer.max_packet_size
+        v5 = self.protocol_level == MQTT_5
+        answered = self._client_qos2_answered
+        limiter = self.rate_limiter
+        sub = self.identity.sub if self.identity is not None else ""
+        budget = 0
+        first = 0  # the first packet's size: tokens are asked for as if all were that size
+        pos = n = 0
+        while pos + 2 < end:
+            b1 = mv[pos]
+            if b1 & 0xF0 != 0x30 or not valid[b1]:
+                break
+            b = mv[pos + 1]
+            if b < 0x80:
+                body, total = pos + 2, 2 + b
+            else:
+                b2 = mv[pos + 2]
+                if b2 >= 0x80 or not b2:
+                    break
+                body, total = pos + 3, 3 + ((b & 0x7F) | (b2 << 7))
+            nxt = pos + total
+            if total > max_size or nxt > end or body + 2 > nxt:
+                break
+            tend = body + 2 + ((mv[body] << 8) | mv[body + 1])
+            qos = (b1 >> 1) & 3
+            after = tend + (2 if qos else 0) + (1 if v5 else 0)
+            if after > nxt:
+                break
+            if qos and not ((mv[tend] << 8) | mv[tend + 1]):
+                break  # packet id 0: the full path says what is wrong
+            if v5 and mv[after - 1]:
+                break  # properties (a Topic Alias, maybe): the full path reads them
+            entry = cache.get((mv[body + 2:tend].tobytes(), qos, b1 & 1))
+            if entry is None or not entry[1].allowed:
+                break
+            if limiter is not None:
+                if not budget:
+                    # As many as the rest of the chunk seems to hold (usually exact: nothing to give back).
+                    budget = limiter.take(sub, min(_RATE_BATCH, 1 + (end - nxt) // (first or total)))
+                    first = first or total
+                    if not budget:
+                        break
+                budget -= 1
+            if qos and answered:
+                answered.discard((mv[tend] << 8) | mv[tend + 1])  # forwarded: the broker's to finish
+            n += 1
+            pos = nxt
+        if budget:
+            limiter.give_back(sub, budget)  # type: ignore[union-attr]
+        if n:
+            self._published += n
+            self._forwarded += n
+            out = acts.to_broker
+            out.append(mv[:pos])
+            self._run = [out, len(out) - 1, 0, pos, mv, False]
+        return pos
+
+    def _broker_fast(self, acts: Actions, mv: memoryview) -> int:
+        """Deliveries from the start of ``mv`` that need no check or whose topic is cached
+        as allowed; the offset where it stopped."""
+        end = len(mv)
+        if end < 4:
+            return 0
+        check = self._check_deliveries
+        cache = self._recv_cache
+        valid = codec.VALID_BYTE1
+        v5 = self.protocol_level == MQTT_5
+        pos = n = 0
+        while pos + 2 < end:
+            b1 = mv[pos]
+            if b1 & 0xF0 != 0x30 or not valid[b1]:
+                break
+            b = mv[pos + 1]
+            if b < 0x80:
+                body, total = pos + 2, 2 + b
+            else:
+                b2 = mv[pos + 2]
+                if b2 >= 0x80 or not b2:
+                    break
+                body, total = pos + 3, 3 + ((b & 0x7F) | (b2 << 7))
+            nxt = pos + total
+            if nxt > end:
+                break
+            if check:
+                if body + 2 > nxt:
+                    break
+                tend = body + 2 + ((mv[body] << 8) | mv[body + 1])
+                after = tend + (2 if b1 & 0x06 else 0) + (1 if v5 else 0)
+                if after > nxt or (v5 and mv[after - 1]) or cache.get(mv[body + 2:tend].tobytes()) is not True:
+                    break
+            n += 1
+            pos = nxt
+        if n:
+            self._handed += n
+            if check:
+                self._delivered += n
+            out = acts.to_client
+            out.append(mv[:pos])
+            self._run = [out, len(out) - 1, 0, pos, mv, False]
+        return pos
+
     def _hold(self, acts: Actions, frames: list[Frame]) -> None:
         """Packets that arrive while authentication runs wait (copied: the buffer is reused)."""
         for frame in frames:
@@ -729,8 +920,10 @@ class Session:
         cap = self.config.max_keepalive_seconds
         if v5:
             self.keepalive = min(c.keepalive or cap, cap)
+            self.epoch += 1
         else:
             self.keepalive = c.keepalive or cap
+            self.epoch += 1
         method = get_prop(c.properties, Prop.AUTHENTICATION_METHOD)
         data = get_prop(c.properties, Prop.AUTHENTICATION_DATA)
         if method is not None and method != AUTH_METHOD:
@@ -742,6 +935,7 @@ class Session:
             raise ProtocolError(Reason.PROTOCOL_ERROR, "Authentication Data without a method")
         self._enhanced_auth = method is not None
         self._state = "auth"
+        self.epoch += 1
         acts.auth = AuthRequest(kind="connect", username=c.username, password=c.password,
                                 auth_method=method, auth_data=data, client_id=c.client_id)  # type: ignore[arg-type]
 
@@ -911,6 +1105,7 @@ class Session:
             return self._close(acts, "reauth_failed", "subject changed", Reason.NOT_AUTHORIZED)
         AUTHENTICATIONS.labels(identity.method, "ok").inc()
         self.identity = identity
+        self.epoch += 1
         self._audit("reauth", "allow", identity=identity)
         self.invalidate()  # roles may have changed with the new token
         acts.to_client.append(codec.encode_auth(Reason.SUCCESS, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD)]))
@@ -970,6 +1165,7 @@ class Session:
             self._close(acts, "broker_refused", f"0x{ca.reason:02X}", ca.reason)
             return
         self._state = "open"
+        self.epoch += 1
         self._will_armed = self._connect is not None and self._connect.will is not None
         self._last_rx = self.clock()
         if ca.session_present:
@@ -1002,6 +1198,7 @@ class Session:
         broker_ka = get_prop(broker_props, Prop.SERVER_KEEP_ALIVE)
         if broker_ka is not None and (not self.keepalive or broker_ka < self.keepalive):
             self.keepalive = int(broker_ka)  # type: ignore[arg-type]
+            self.epoch += 1
         if self.keepalive != c.keepalive:
             props.append((Prop.SERVER_KEEP_ALIVE, self.keepalive))
         if self.config.topic_alias_maximum:
@@ -1086,18 +1283,18 @@ class Session:
         self._caches_until = now + _DECISION_TTL
 
     def _flush_counts(self) -> None:
-        # Allowed messages are counted in bulk, once per chunk: a metric per message costs a lock.
+        # Allowed messages are counted in bulk, once per chunk.
         if self._published:
-            _ALLOWED["publish"].inc(self._published)
+            _ALLOWED_PUBLISH.value += self._published
             self._published = 0
         if self._delivered:
-            _ALLOWED["receive"].inc(self._delivered)
+            _ALLOWED_RECEIVE.value += self._delivered
             self._delivered = 0
         if self._forwarded:
-            _TO_BROKER.inc(self._forwarded)
+            _TO_BROKER.value += self._forwarded
             self._forwarded = 0
         if self._handed:
-            _TO_CLIENT.inc(self._handed)
+            _TO_CLIENT.value += self._handed
             self._handed = 0
 
     def _update_check_mode(self) -> None:
@@ -1142,6 +1339,7 @@ class Session:
     def _close(self, acts: Actions, reason: str, detail: str, code: int | None = None) -> Actions:
         self.closed = True
         self._state = "closed"
+        self.epoch += 1
         self._pending = []
         if acts.close is None:
             acts.close = CloseInfo(reason, detail, code)
