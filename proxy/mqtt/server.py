@@ -187,7 +187,8 @@ class _TlsClientSide(asyncio.BufferedProtocol):
             self._flush()
             self.abort()
             return
-        self._flush()
+        if self._out.pending:
+            self._flush()
 
     def _read_plaintext(self) -> None:
         """Decrypt everything the BIO holds into the shared buffer; one client_data per fill."""
@@ -203,8 +204,11 @@ class _TlsClientSide(asyncio.BufferedProtocol):
                     peer_closed = True
                     break
                 got += n
-                if not bio.pending and not tls.pending():
-                    break  # all read: spare the SSLWantReadError the next read would raise
+                if not bio.pending:
+                    # All read: spare the SSLWantReadError the next read would raise. (A read
+                    # returns one record's plaintext at most; if that filled the buffer, the
+                    # loop ends anyway and the call below picks up the rest.)
+                    break
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:

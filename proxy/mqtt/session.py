@@ -314,9 +314,13 @@ class RateLimiter:
             if len(self._buckets) >= self.max_keys:
                 self._prune(now)
             bucket = self._buckets[key] = [self.burst, now]
-        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        tokens = bucket[0] + (now - bucket[1]) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
         bucket[1] = now
-        granted = min(want, int(tokens))
+        granted = int(tokens)
+        if granted > want:
+            granted = want
         bucket[0] = tokens - granted
         return granted
 
@@ -465,7 +469,8 @@ class Session:
         acts = Actions()
         if self.closed:
             return acts
-        self._end_run()
+        if self._run is not None:
+            self._end_run()
         framer = self._client_framer
         view = codec.byte_view(data)
         start = 0
@@ -476,6 +481,13 @@ class Session:
             start = self._client_fast(acts, view)
             if start:
                 self._last_rx = now
+                if start == len(view):  # the whole chunk: nothing left for the full path
+                    self._flush_counts()
+                    return acts
+                # The full path goes on where the fast one stopped; a pass-through
+                # packet right after may still join the fast path's slice.
+                out = acts.to_broker
+                self._run = [out, len(out) - 1, 0, start, view, False]
         error: ProtocolError | None = None
         frames: list[Frame] = []
         if start < len(view):
@@ -782,8 +794,9 @@ class Session:
             if limiter is not None:
                 if not budget:
                     # As many as the rest of the chunk seems to hold (usually exact: nothing to give back).
-                    budget = limiter.take(sub, min(_RATE_BATCH, 1 + (end - nxt) // (first or total)))
                     first = first or total
+                    want = 1 + (end - nxt) // first
+                    budget = limiter.take(sub, want if want < _RATE_BATCH else _RATE_BATCH)
                     if not budget:
                         break
                 budget -= 1
@@ -796,9 +809,7 @@ class Session:
         if n:
             self._published += n
             self._forwarded += n
-            out = acts.to_broker
-            out.append(mv[:pos])
-            self._run = [out, len(out) - 1, 0, pos, mv, False]
+            acts.to_broker.append(mv[:pos])  # one slice; the caller makes it a pass-through run
         return pos
 
     def _broker_fast(self, acts: Actions, mv: memoryview) -> int:

@@ -217,3 +217,9 @@ def test_a_filter_too_wide_to_decide_cheaply_is_checked_per_delivery():
     assert not p.may_receive(alice, "sensors/s1/x/nothing").allowed
     assert p.may_subscribe(alice, "sensors/s7/+/data").verdict is A      # narrow filters stay exact
     assert p.may_subscribe(alice, "other/+").verdict is D
+
+
+def test_an_empty_filter_is_denied_even_to_an_admin(p):
+    # "" is no MQTT topic filter; a rule on "#" must not read it as "every topic".
+    d = p.may_subscribe(admin, "", client_id="x")
+    assert d.verdict is D and d.reason == "empty topic filter"
