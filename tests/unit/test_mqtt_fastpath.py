@@ -137,3 +137,38 @@ def test_rate_limit_runs_dry_inside_a_chunk():
     assert b"".join(bytes(x) for x in acts.to_broker) == packet * 4
     assert [r["reason"] for r in audit.records if r["decision"] == "deny"] == ["rate limit"]
     assert limiter._buckets[ALICE.sub][0] < 1  # nothing handed out beyond the bucket
+
+
+def test_a_revoked_grant_stops_the_fast_path_at_once():
+    s, policies, audit = open_session()
+    packet = pub("devices/thermo-1/telemetry")
+    s.client_data(packet)
+    assert b"".join(bytes(x) for x in s.client_data(packet * 3).to_broker) == packet * 3
+    policies.pub.clear()  # e.g. the device was deleted through the API
+    s.invalidate()        # what the gateway does on every ownership or policy change
+    acts = s.client_data(packet * 3)
+    assert not acts.to_broker
+    assert len([r for r in audit.records if r["decision"] == "deny"]) == 3
+
+
+def test_cached_grants_expire_for_the_fast_path_too():
+    clock = Clock()
+    s, policies, _ = open_session(clock=clock)
+    packet = pub("devices/thermo-1/telemetry")
+    s.client_data(packet)
+    policies.pub.clear()  # a time-bound grant ran out; nobody called invalidate()
+    clock.t += 2.0        # past the decision cache's lifetime
+    assert not s.client_data(packet * 2).to_broker
+
+
+def test_a_delivery_check_revoked_stops_the_broker_fast_path():
+    policies = FakePolicies(pub=[], sub_check=["devices/+/telemetry"], recv=["devices/thermo-1/#"])
+    s, _, _ = open_session(policies=policies)
+    s.client_data(codec.encode_subscribe(Subscribe(1, [Subscription("devices/+/telemetry", 0)]), MQTT_311))
+    s.broker_data(codec.encode_suback(codec.Suback(1, [0]), MQTT_311))
+    delivery = pub("devices/thermo-1/telemetry")
+    s.broker_data(delivery)
+    assert b"".join(bytes(x) for x in s.broker_data(delivery * 3).to_client) == delivery * 3
+    policies.recv.clear()  # the delegation was revoked
+    s.invalidate()
+    assert not s.broker_data(delivery * 3).to_client
