@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+
 class TallyChild:
     __slots__ = ("value",)
 

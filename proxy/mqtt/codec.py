@@ -108,7 +108,7 @@ def parse_header(buf, pos: int, end: int, max_size: int) -> tuple[int, int, int,
     if pos >= end:
         return None
     byte1 = buf[pos]
-    if not _VALID_BYTE1[byte1]:
+    if not VALID_BYTE1[byte1]:
         check_fixed_header(byte1)  # raises with the precise message
     ptype, flags = byte1 >> 4, byte1 & 0x0F
     length = 0
@@ -136,7 +136,7 @@ def parse_header(buf, pos: int, end: int, max_size: int) -> tuple[int, int, int,
 
 
 # Which first header bytes are acceptable, decided once: the check costs one index per packet.
-_VALID_BYTE1 = bytes(_valid_first_byte(b) for b in range(256))
+VALID_BYTE1 = bytes(_valid_first_byte(b) for b in range(256))
 
 
 def byte_view(data) -> memoryview:
@@ -145,9 +145,6 @@ def byte_view(data) -> memoryview:
     if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")
     return mv
-
-
-VALID_BYTE1 = _VALID_BYTE1
 
 
 class Framer:
@@ -162,7 +159,6 @@ class Framer:
         self.max_packet_size = max_packet_size
         self._pending = bytearray()
         self._need = 0  # total length of the pending packet, 0 while its header is incomplete
-        self.view: memoryview | None = None  # the last chunk fed, as bytes: frames with start >= 0 slice it
 
     @property
     def buffered(self) -> int:
@@ -172,7 +168,6 @@ class Framer:
         """The packets in ``data`` from offset ``start`` (a caller that consumed the
         packets before ``start`` itself; only when nothing is pending)."""
         mv = byte_view(data)
-        self.view = mv
         out: list[Frame] = []
         try:
             return self._cut(mv, start, out)
@@ -190,7 +185,7 @@ class Framer:
             if pos < 0:
                 return out
         max_size = self.max_packet_size
-        valid = _VALID_BYTE1
+        valid = VALID_BYTE1
         while pos < end:
             # Fast path: a valid first byte and a one- or two-byte remaining length.
             byte1 = mv[pos]

@@ -333,7 +333,7 @@ class Connection:
 
     __slots__ = ("gateway", "client", "session", "websocket", "upstream", "_pending_upstream", "_dialing",
                  "_auth_task", "_timer", "_timer_at", "_client_pauses", "_broker_paused", "closed",
-                 "close_reason", "_seen_epoch", "__weakref__")
+                 "close_reason", "_seen_inputs", "__weakref__")
 
     def __init__(self, gateway: "MqttGateway", transport: Any, session: Session, *, websocket: bool = False):
         self.gateway = gateway
@@ -350,7 +350,7 @@ class Connection:
         self._broker_paused = False
         self.closed = False
         self.close_reason = ""
-        self._seen_epoch = -1
+        self._seen_inputs: tuple = ()
 
     # -- events from the client side
     def client_data(self, data: Any) -> None:
@@ -421,11 +421,11 @@ class Connection:
         if actions.close is not None:
             self.close(actions.close.reason)
             return
-        epoch = self.session.epoch
-        if epoch != self._seen_epoch or self._timer is None:
+        inputs = self.session.deadline_inputs
+        if inputs != self._seen_inputs or self._timer is None:
             # A state change: look at reading and deadlines again. Otherwise the timer
             # already stands at the earliest deadline there can be (it reschedules itself).
-            self._seen_epoch = epoch
+            self._seen_inputs = inputs
             self.client_reading(not self.session.reading_paused, "session")
             self.schedule()
 

@@ -402,11 +402,6 @@ class Session:
         self.upstream_client_id = ""   # as the broker knows it
         self.keepalive = 0             # enforced keepalive (seconds, 0 = none)
 
-        # What next_deadline() and reading_paused depend on, besides activity (which only moves
-        # the keepalive deadline later), changes only with the state, the identity (AUTH) or
-        # the keepalive; each change bumps `epoch`. A shell that keeps a timer at the last
-        # deadline looks again only when the epoch moved, or when its timer fires.
-        self.epoch = 0
         self._state = "connect"        # connect -> auth -> upstream -> open -> closed
         self._created = clock()
         self._last_rx = self._created
@@ -446,6 +441,12 @@ class Session:
     def reading_paused(self) -> bool:
         return self._state in ("auth", "upstream")
 
+    @property
+    def deadline_inputs(self) -> tuple:
+        """What :meth:`next_deadline` and :attr:`reading_paused` depend on besides activity
+        (which only moves the keepalive deadline later): a shell that keeps a timer at the
+        last deadline needs to look again only when this changes, or when the timer fires."""
+        return (self._state, self.identity, self.keepalive)
 
     def next_deadline(self) -> float | None:
         if self.closed:
@@ -514,7 +515,6 @@ class Session:
         finally:
             self._end_run()
             self._flush_counts()
-            self._client_framer.view = None  # hold no export of the shell's buffer
         return acts
 
     def broker_data(self, data) -> Actions:
@@ -529,8 +529,12 @@ class Session:
         try:
             framer = self._broker_framer
             view = codec.byte_view(data)
-            start = (self._broker_fast(acts, view)
-                     if self._state == "open" and self.fast_paths and not framer.buffered else 0)
+            start = 0
+            if self._state == "open" and self.fast_paths and not framer.buffered:
+                start = self._broker_fast(acts, view)
+                if start:
+                    out = acts.to_client
+                    self._run = [out, len(out) - 1, 0, start, view, False]
             error: ProtocolError | None = None
             frames: list[Frame] = []
             if start < len(view):
@@ -556,7 +560,6 @@ class Session:
         finally:
             self._end_run()
             self._flush_counts()
-            self._broker_framer.view = None
         return acts
 
     def authenticated(self, identity: Identity) -> Actions:
@@ -612,7 +615,6 @@ class Session:
                                             "Will topic not allowed")
             _ALLOWED["will"].inc()
         self.identity = identity
-        self.epoch += 1
         self._audit("connect", "allow", identity=identity, resource=self.client_id,
                     protocol_level=level)
         # The upstream CONNECT: our credentials, the bound client id, no auth or alias properties.
@@ -627,7 +629,6 @@ class Session:
                            username=username,
                            password=password, will=c.will, properties=props)
         self._state = "upstream"
-        self.epoch += 1
         acts.open_upstream = True
         acts.to_broker.append(codec.encode_connect(upstream))
         return acts
@@ -851,9 +852,7 @@ class Session:
             self._handed += n
             if check:
                 self._delivered += n
-            out = acts.to_client
-            out.append(mv[:pos])
-            self._run = [out, len(out) - 1, 0, pos, mv, False]
+            acts.to_client.append(mv[:pos])  # one slice; the caller makes it a pass-through run
         return pos
 
     def _hold(self, acts: Actions, frames: list[Frame]) -> None:
@@ -934,10 +933,8 @@ class Session:
         cap = self.config.max_keepalive_seconds
         if v5:
             self.keepalive = min(c.keepalive or cap, cap)
-            self.epoch += 1
         else:
             self.keepalive = c.keepalive or cap
-            self.epoch += 1
         method = get_prop(c.properties, Prop.AUTHENTICATION_METHOD)
         data = get_prop(c.properties, Prop.AUTHENTICATION_DATA)
         if method is not None and method != AUTH_METHOD:
@@ -949,7 +946,6 @@ class Session:
             raise ProtocolError(Reason.PROTOCOL_ERROR, "Authentication Data without a method")
         self._enhanced_auth = method is not None
         self._state = "auth"
-        self.epoch += 1
         acts.auth = AuthRequest(kind="connect", username=c.username, password=c.password,
                                 auth_method=method, auth_data=data, client_id=c.client_id)  # type: ignore[arg-type]
 
@@ -1119,7 +1115,6 @@ class Session:
             return self._close(acts, "reauth_failed", "subject changed", Reason.NOT_AUTHORIZED)
         AUTHENTICATIONS.labels(identity.method, "ok").inc()
         self.identity = identity
-        self.epoch += 1
         self._audit("reauth", "allow", identity=identity)
         self.invalidate()  # roles may have changed with the new token
         acts.to_client.append(codec.encode_auth(Reason.SUCCESS, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD)]))
@@ -1179,7 +1174,6 @@ class Session:
             self._close(acts, "broker_refused", f"0x{ca.reason:02X}", ca.reason)
             return
         self._state = "open"
-        self.epoch += 1
         self._will_armed = self._connect is not None and self._connect.will is not None
         self._last_rx = self.clock()
         if ca.session_present:
@@ -1212,7 +1206,6 @@ class Session:
         broker_ka = get_prop(broker_props, Prop.SERVER_KEEP_ALIVE)
         if broker_ka is not None and (not self.keepalive or broker_ka < self.keepalive):
             self.keepalive = int(broker_ka)  # type: ignore[arg-type]
-            self.epoch += 1
         if self.keepalive != c.keepalive:
             props.append((Prop.SERVER_KEEP_ALIVE, self.keepalive))
         if self.config.topic_alias_maximum:
@@ -1353,7 +1346,6 @@ class Session:
     def _close(self, acts: Actions, reason: str, detail: str, code: int | None = None) -> Actions:
         self.closed = True
         self._state = "closed"
-        self.epoch += 1
         self._pending = []
         if acts.close is None:
             acts.close = CloseInfo(reason, detail, code)
