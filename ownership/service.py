@@ -189,18 +189,19 @@ class OwnershipService:
         k1 = stored.get("k1", self._dummy_hash) if stored else self._dummy_hash
         k2 = stored.get("k2", self._dummy_hash) if stored else self._dummy_hash
         # Both comparisons always run (bitwise |, not `or`).
-        ok = hmac.compare_digest(digest, k1) | hmac.compare_digest(digest, k2)
-        if not ok or stored is None or not key:
+        ok1, ok2 = hmac.compare_digest(digest, k1), hmac.compare_digest(digest, k2)
+        if not (ok1 | ok2) or stored is None or not key:
             _KEY_FAILED.inc()
             raise AuthError(AuthReason.UNKNOWN_DEVICE_OR_KEY)
         _KEY_OK.inc()
-        return self._device_identity(device_id, "device_key")
+        slot = "k1" if ok1 else "k2"
+        return self._device_identity(device_id, "device_key", f"{slot}:{digest.hex()}")
 
     def device_identity(self, device_id: str) -> Identity:
-        return self._device_identity(device_id, "certificate")
+        return self._device_identity(device_id, "certificate", "")
 
-    def _device_identity(self, device_id: str, method: str) -> Identity:
-        ident = self._identities.get((device_id, method))
+    def _device_identity(self, device_id: str, method: str, credential: str) -> Identity:
+        ident = self._identities.get((device_id, method, credential))
         if ident is not None:
             return ident
         facts = self.facts.device(device_id)
@@ -208,17 +209,36 @@ class OwnershipService:
             raise AuthError(AuthReason.UNKNOWN_DEVICE_OR_KEY)
         ident = Identity(kind="device", sub=f"device:{device_id}", username=device_id, device_id=device_id,
                          owner_sub=facts.owner_sub, owner_username=facts.owner_username,
-                         method=method)  # type: ignore[arg-type]
-        self._identities[(device_id, method)] = ident
+                         method=method, credential=credential)  # type: ignore[arg-type]
+        self._identities[(device_id, method, credential)] = ident
         return ident
 
     def _forget_identities(self, device_ids: set[str] | None) -> None:
         if device_ids is None:
             self._identities.clear()
             return
-        for device_id in device_ids:
-            self._identities.pop((device_id, "device_key"), None)
-            self._identities.pop((device_id, "certificate"), None)
+        for key in [k for k in self._identities if k[0] in device_ids]:
+            del self._identities[key]
+
+    def credential_problem(self, identity: Identity) -> str | None:
+        """Why a device's connection no longer stands on a valid credential, or None.
+
+        Asked of every open device connection after an ownership change: a deleted or
+        re-registered device, or a rotated key, ends what it authorized at once."""
+        if not identity.is_device:
+            return None
+        record = self.facts.record(identity.device_id)
+        if record is None:
+            return "device deleted"
+        if record["owner_sub"] != identity.owner_sub:
+            return "device registered again"
+        kind, _, value = identity.credential.partition(":")
+        if identity.method == "device_key":
+            stored = self.facts.key_hashes(identity.device_id) or {}
+            current = stored.get(kind)
+            if current is None or not hmac.compare_digest(current.hex(), value):
+                return f"key {kind} rotated"
+        return None
 
     # ------------------------------------------------------------------ quotas
 

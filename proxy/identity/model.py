@@ -60,6 +60,9 @@ class Identity:
     device_id: str = ""                          # for devices
     owner_sub: str = ""                          # for devices: who owns it
     owner_username: str = ""
+    # What authenticated a device, so a later change can tell whether it still does:
+    # "k1:<hash hex>" / "k2:<hash hex>" for a device key, "cert:<sha256 hex>" for a certificate.
+    credential: str = field(default="", compare=False, repr=False)
     claims: tuple[tuple[str, object], ...] = field(default=(), compare=False, repr=False)
 
     @property
