@@ -16,13 +16,14 @@ import asyncio
 import functools
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import Counter, Gauge
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from ownership import store as st
 from ownership.facts import MemoryFacts
@@ -33,6 +34,8 @@ from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY, add_readiness_check, remove_readiness_check
 
 T = TypeVar("T")
+
+log = logging.getLogger("keygate.ownership")
 
 KEY_CHECKS = Counter("keygate_device_key_checks", "Device key checks by result", ["result"], registry=REGISTRY)
 _KEY_OK, _KEY_FAILED = KEY_CHECKS.labels("ok"), KEY_CHECKS.labels("failed")
@@ -114,6 +117,11 @@ class OwnershipService:
         # Device identities are immutable; built once per device and dropped when its facts change.
         self._identities: dict[tuple[str, str], Identity] = {}
         self.facts.subscribe(self._forget_identities)
+        # Awaited with each deleted device's id, after the store and the facts have dropped it:
+        # the gateways remove what it left behind (the broker's retained data and session).
+        # Until they are done the id cannot be registered again, so nobody inherits it.
+        self.removal_hooks: list[Callable[[str], Awaitable[None]]] = []
+        self._removing: set[str] = set()
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -258,6 +266,8 @@ class OwnershipService:
         problem = orion_id_problem(fields.get("id")) or orion_id_problem(fields.get("type"), "type")
         if problem:
             raise InvalidInput(problem)
+        if fields["id"] in self._removing:
+            raise Conflict(f"device {fields['id']!r} is being deleted; try again in a moment")
         now = self._clock()
         device = {
             "id": fields["id"], "type": fields["type"], "name": fields.get("name"), "model": fields.get("model"),
@@ -325,6 +335,24 @@ class OwnershipService:
         self.facts.remove_device(device_id)
         self.facts.changed({device_id})
         self._audit("device.delete", actor, device_id)
+        await self._removed([device_id])
+
+    async def _removed(self, device_ids: Iterable[str]) -> None:
+        """Run the removal hooks for devices just deleted; a failing hook is logged, not raised
+        (the deletion itself has happened)."""
+        ids = [d for d in device_ids if d not in self._removing]
+        self._removing.update(ids)
+
+        async def one(device_id: str, hook: Callable[[str], Awaitable[None]]) -> None:
+            try:
+                await hook(device_id)
+            except Exception:
+                log.exception("clean-up after deleting device %s failed", device_id)
+
+        try:
+            await asyncio.gather(*(one(d, h) for d in ids for h in list(self.removal_hooks)))
+        finally:
+            self._removing.difference_update(ids)
 
     async def rotate_key(self, actor: Identity, device_id: str, slot: str) -> str:
         if slot not in KEY_SLOTS:
@@ -394,6 +422,7 @@ class OwnershipService:
         self.facts.remove_subscriptions_of(identity.sub)
         self.facts.changed(set(result["touched"]))
         self._audit("me.erase", identity, identity.sub, counts=result["counts"])
+        await self._removed(result["owned"])
         return result["counts"]
 
     async def rows_about(self, sub: str, username: str) -> int:

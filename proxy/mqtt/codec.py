@@ -383,8 +383,10 @@ class _Reader:
             return v
         if ptype is PropType.U16:
             v = self.u16()
-            if v == 0 and pid in (0x21, 0x23):  # Receive Maximum, Topic Alias
+            if v == 0 and pid == 0x21:  # Receive Maximum
                 raise _proto(f"property 0x{pid:02X} must not be 0")
+            if v == 0 and pid == 0x23:  # Topic Alias 0 [MQTT-3.3.2-8]: its own reason code
+                raise ProtocolError(Reason.TOPIC_ALIAS_INVALID, "Topic Alias 0")
             return v
         if ptype is PropType.U32:
             v = self.u32()

@@ -42,6 +42,8 @@ from prometheus_client import Counter, Gauge
 from proxy.config import Config, parse_hostport, read_secret
 from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY, Tally
+from proxy.mqtt.cleaner import clear_device
+from proxy.mqtt.codec import ProtocolError
 from proxy.mqtt.session import Actions, AuthRequest, RateLimiter, Session, classify_credentials
 from proxy.services import Services
 from proxy.tls import peer_common_name, server_context
@@ -360,7 +362,7 @@ class Connection:
         self.apply(self.session.client_data(data))
 
     def client_lost(self, exc: Exception | None) -> None:
-        self._teardown()
+        self._teardown()  # tells the session first (its Will may have to be discarded)
 
     # -- events from the broker side
     def broker_data(self, data: Any) -> None:
@@ -406,7 +408,7 @@ class Connection:
     def apply(self, actions: Actions) -> None:
         if self.closed:
             return
-        if actions.to_client:
+        if actions.to_client and not self.client.is_closing():
             self.client.write(_joined(actions.to_client))
         if actions.open_upstream and self.upstream is None and self._dialing is None:
             self._dialing = asyncio.ensure_future(self._dial())
@@ -498,7 +500,7 @@ class Connection:
     # -- revocation and shutdown
     def invalidate(self) -> None:
         if not self.closed:
-            self.session.invalidate()
+            self.apply(self.session.invalidate())
 
     def shutdown(self) -> None:
         """The server is going away: the session says so (v5 DISCONNECT 0x8B), then close."""
@@ -515,6 +517,12 @@ class Connection:
         self._teardown()
 
     def _teardown(self) -> None:
+        if not self.session.closed:
+            # However the connection ends, the session hears of it before the upstream closes:
+            # a Will no longer allowed is discarded by the DISCONNECT it returns.
+            actions = self.session.client_closed()
+            if actions.to_broker and self.upstream is not None and not self.upstream.is_closing():
+                self.upstream.write(_joined(actions.to_broker))
         if not self.closed:
             self.closed = True
             if not self.close_reason:
@@ -601,6 +609,10 @@ class MqttGateway:
         # Revocation: any ownership or policy change re-checks every open session at once.
         self._unsubscribe.append(self.services.policies.subscribe(self._invalidate_all))
         self._unsubscribe.append(self.services.ownership.facts.subscribe(self._invalidate_all))
+        # A deleted device's retained messages and broker session go with it.
+        hooks = self.services.ownership.removal_hooks
+        hooks.append(self.clear_device)
+        self._unsubscribe.append(lambda: hooks.remove(self.clear_device))
         log.info("MQTT gateway listening on %s:%s%s (%s)", host, self.port,
                  f", WebSocket on {self.ws_port}" if self.ws_port else "", "TLS" if self.ssl_context else "plain")
 
@@ -628,7 +640,8 @@ class MqttGateway:
     def new_session(self) -> Session:
         return Session(config=self.mqtt, policies=self.services.policies, audit=self.services.audit,
                        rate_limiter=self.rate_limiter, token_leeway=self.config.oidc.leeway_seconds,
-                       upstream_password=self._upstream_password)
+                       upstream_password=self._upstream_password,
+                       credential_problem=self.services.ownership.credential_problem)
 
     def accept_transport(self, transport: Any, session: Session | None = None, *,
                          websocket: bool = False) -> Connection | None:
@@ -661,6 +674,21 @@ class MqttGateway:
     def _invalidate_all(self, *_: Any) -> None:
         for conn in list(self.connections):
             conn.invalidate()
+
+    async def clear_device(self, device_id: str) -> None:
+        """A device was deleted (its connections are closed by then): clear its retained
+        messages and its session at the broker, so a later registration of the id starts empty."""
+        filters = self.services.policies.compiled.device_topic_filters(device_id)
+        audit = self.services.audit
+        try:
+            cleared = await clear_device(self.mqtt, device_id, filters, upstream_password=self._upstream_password)
+        except (OSError, asyncio.TimeoutError, ProtocolError) as exc:
+            log.warning("could not clear device %s at the broker: %s", device_id, exc)
+            audit.record(protocol="mqtt", action="device.clear", decision="fail", resource=device_id,
+                         reason=str(exc) or type(exc).__name__)
+            return
+        audit.record(protocol="mqtt", action="device.clear", decision="allow", resource=device_id,
+                     retained_cleared=len(cleared))
 
     # -- what connections ask of the gateway
     async def authenticate(self, request: AuthRequest, transport: Any) -> tuple[str, Identity]:

@@ -13,7 +13,8 @@ handshake, so the CONNECT deadline covers it)::
     session = Session(config=services.config.mqtt, policies=services.policies,
                       audit=services.audit, rate_limiter=shared_limiter,
                       token_leeway=services.config.oidc.leeway_seconds,
-                      upstream_password=read_secret(...))
+                      upstream_password=read_secret(...),
+                      credential_problem=services.ownership.credential_problem)
 
 Then, for every event, call one method and carry out the returned Actions:
 
@@ -28,13 +29,16 @@ Then, for every event, call one method and carry out the returned Actions:
   every call: it moves with traffic, CONNACK and re-authentication.
 * ``broker_closed()`` (alias ``upstream_failed()``) — the upstream connection
   failed to open or was lost.
-* ``client_closed()`` — the client connection ended or is being closed (also
-  after ``Actions.close``): write its ``to_broker`` (a DISCONNECT that discards
-  a Will no longer allowed) before closing the upstream.
+* ``client_closed()`` — the client connection ended, however it ended (TCP
+  drop, or the shell closing it for a reason of its own), unless the session
+  already closed it through ``Actions.close``: write its ``to_broker`` (a
+  DISCONNECT that discards a Will no longer allowed) before closing the upstream.
 * ``shutdown()`` — graceful server shutdown (v5: DISCONNECT 0x8B).
 * ``invalidate()`` — policies were reloaded or ownership facts changed: drop
-  cached delivery decisions and re-check granted subscriptions (a revoked
-  grant stops deliveries at once). Returns nothing.
+  cached decisions, close the connection if ``credential_problem(identity)``
+  now names a reason (device deleted, key rotated: v5 DISCONNECT 0x98), and
+  re-decide every subscription grant (a revoked grant stops deliveries at
+  once). Carry out the Actions it returns.
 
 Carrying out :class:`Actions` — every field of every Actions, whichever call
 returned it (an ``auth`` can come out of ``broker_data``: a re-authentication
@@ -106,9 +110,12 @@ Rules the session enforces
   Method/Data or Topic Alias Maximum (absent = 0: the broker never sends
   aliases); ``upstream_username`` / password go in their place if configured.
 * The Will is authorized as a publish (its topic, QoS and retain flag);
-  refused → CONNACK 0x87 / 0x05. It is checked again when the client leaves
-  (``client_closed()``, or a v5 DISCONNECT 0x04): no longer allowed → a plain
-  DISCONNECT goes upstream so the broker discards it.
+  refused → CONNACK 0x87 / 0x05. It is a publish the broker makes later, so it
+  is decided again at the instant the connection ends, on every way it ends
+  (TCP drop, keepalive or token expiry, rate limit, protocol error, shutdown,
+  revoked credential, v5 DISCONNECT 0x04): if it is no longer allowed (a grant
+  revoked, the token expired, the credential gone) a plain DISCONNECT goes
+  upstream so the broker discards it; if it is, it goes out as the client asked.
 * Authentication failures: CONNACK 0x86 / 0x04 (bad credentials), 0x87 / 0x05
   (none given), 0x88 / 0x03 (issuer unreachable), 0x8C (unknown method, v5).
 * Topic aliases (client → gateway, v5): tracked by the gateway itself up to
@@ -126,15 +133,20 @@ Rules the session enforces
   original packet id and the broker's SUBACK is merged back in order; all
   denied → the gateway answers alone. At most 10,000 filters per connection
   (more → 0x97 / 0x80): the gateway's state stays bounded.
-* Deliveries: when any subscription needs per-message checks (CHECK_EACH, a
-  grant since revoked, or a resumed session whose filters the gateway never
-  saw) each delivery is checked: a topic covered by an ALLOW filter passes,
-  otherwise ``policies.may_receive`` decides (cached per topic until
-  :meth:`Session.invalidate`). Dropped QoS 1 → PUBACK to the broker; QoS 2 →
-  PUBREC, then PUBCOMP on the broker's PUBREL; the client sees none of it.
-  A dropped delivery is audited once per topic per cache lifetime. Publish and
-  delivery decisions are cached per topic until ``invalidate()`` and for at
-  most one second (so a delegation that simply expires ends within a second).
+* Subscriptions: :class:`~proxy.mqtt.subscriptions.SubscriptionTable` is the one
+  record of what the client holds at the broker; it changes when a SUBSCRIBE
+  or UNSUBSCRIBE is forwarded (the broker's order), never on the acks.
+* Deliveries: every delivery is checked. A topic an ALLOW grant proves (an
+  exact filter by a set lookup, a wildcard one by matching) passes; otherwise
+  ``policies.may_receive`` decides. Dropped QoS 1 → PUBACK to the broker; QoS 2
+  → PUBREC, then PUBCOMP on the broker's PUBREL; the client sees none of it.
+  A dropped delivery is audited once per topic per cache lifetime.
+* Grants end on time: a decision that rests on something with an end (a
+  delegation's ``expires_at``: ``Decision.until``) is kept only until then; the
+  subscription grants are re-decided at their earliest end (``next_deadline()``
+  includes it, and every chunk checks it too, so a late timer lets nothing
+  through), and the token's expiry closes the connection. Publish and delivery
+  decisions are also cached for at most one second and dropped on ``invalidate()``.
 * Token expiry: closed at ``expires_at + token_leeway`` (v5: DISCONNECT 0xA0 first).
 * Rate limit (:class:`RateLimiter`, per identity ``sub``, shared across
   connections): ``disconnect`` → v5 DISCONNECT 0x96 / close; ``drop`` → the
@@ -162,9 +174,12 @@ from proxy.mqtt.packets import (
     MQTT_5, V3_CONNACK_FOR, V3_SUBACK_FAILURE, Connect, PacketType, Prop, Reason, Suback,
     Subscribe, V3ConnackCode, get_prop, without_props,
 )
+from proxy.mqtt.subscriptions import SubscriptionTable
+from proxy.mqtt.subscriptions import filter_matches as topic_matches
+from proxy.policy.decision import Verdict
 
 __all__ = ["AUTH_METHOD", "Actions", "AuthRequest", "CloseInfo", "RateLimiter", "Session",
-           "classify_credentials"]
+           "classify_credentials", "topic_matches"]
 
 #: The v5 enhanced-authentication method the gateway answers itself.
 AUTH_METHOD = "keygate-token"
@@ -175,9 +190,10 @@ _CACHE_MAX = 4096
 # Rate-limit tokens the publish fast path takes per call (the rest is given back at the chunk's end).
 _RATE_BATCH = 256
 _MAX_SUBSCRIPTIONS = 10_000  # per connection; more are refused (SUBACK 0x97 / 0x80)
-# Cached decisions also expire after this long: a delegation with an expiry date ends
-# without any write that would call invalidate().
+# Cached decisions expire after this long at the latest; a decision that rests on something
+# with an end (a delegation's expiry) is dropped at that end (Decision.until).
 _DECISION_TTL = 1.0
+_NEVER = float("inf")
 
 T = PacketType
 
@@ -341,40 +357,17 @@ class RateLimiter:
 # --------------------------------------------------------------------------- helpers
 
 
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT filter matching; wildcards at the first level never match ``$`` topics."""
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    f = topic_filter.split("/")
-    t = topic.split("/")
-    for i, level in enumerate(f):
-        if level == "#":
-            return True
-        if i >= len(t):
-            return False
-        if level != "+" and level != t[i]:
-            return False
-    return len(f) == len(t)
-
-
 def _escape_sub(sub: str) -> str:
-    """A subject with no "/" in it, so ``prefix + sub + "/" + client id`` splits one way only."""
-    return sub.replace("%", "%25").replace("/", "%2F")
+    """A subject with no "/" in it, so ``prefix + sub + "/" + client id`` splits one way only;
+    and no "~", so no subject can spell the gateway's own names (``~anonymous``)."""
+    return sub.replace("%", "%25").replace("/", "%2F").replace("~", "%7E")
 
 
-def _verdict(decision: Any) -> str:
+def _verdict(decision: Any) -> Verdict:
     v = getattr(decision, "verdict", None)
     if v is None:
-        return "ALLOW" if getattr(decision, "allowed", False) else "DENY"
-    return str(getattr(v, "name", v)).upper()
-
-
-class _Sub:
-    __slots__ = ("match", "verdict")
-
-    def __init__(self, match: str, verdict: str):
-        self.match = match        # the filter without $share/<group>/
-        self.verdict = verdict    # "ALLOW" or "CHECK_EACH"
+        return Verdict.ALLOW if getattr(decision, "allowed", False) else Verdict.DENY
+    return v if isinstance(v, Verdict) else Verdict[str(getattr(v, "name", v)).upper()]
 
 
 # --------------------------------------------------------------------------- the session
@@ -384,8 +377,12 @@ class Session:
     def __init__(self, *, config: MqttConfig, policies: Any, audit: Any,
                  clock: Callable[[], float] = time.monotonic, wallclock: Callable[[], float] = time.time,
                  rate_limiter: RateLimiter | None = None, token_leeway: float = 0.0,
-                 upstream_password: str | None = None, peer: str = ""):
+                 upstream_password: str | None = None, peer: str = "",
+                 credential_problem: Callable[[Identity], str | None] | None = None):
         self.config = config
+        # Why the identity's credential no longer stands (device deleted, key rotated), or None:
+        # asked at authentication and on every invalidate().
+        self.credential_problem = credential_problem
         self.policies = policies
         self.audit = audit
         self.clock = clock
@@ -415,12 +412,13 @@ class Session:
         self._reauth = False
         self._will_armed = False       # the broker holds this connection's Will
         self._aliases: dict[int, str] = {}
-        self._subs: dict[str, _Sub] = {}
-        self._unknown_subs = False     # resumed session: filters the gateway never saw
-        self._check_deliveries = False
+        self._subs = SubscriptionTable()
         self._recv_cache: dict[bytes, bool] = {}
         self._pub_cache: dict[tuple, tuple[str, Any]] = {}
         self._caches_until = 0.0       # clock() after which both caches are dropped (time-bound grants)
+        # clock() at which the subscription grants or the token end: checked on every chunk as
+        # well as by the timer, so a late timer lets nothing through after the end.
+        self._grants_until = _NEVER
         self._published = 0            # allowed publishes / deliveries not yet added to the metrics
         self._delivered = 0
         self._rate_limited = 0         # publishes over the rate limit since the last audit line
@@ -428,7 +426,6 @@ class Session:
         self._forwarded = 0            # PUBLISH packets passed on, per direction, not yet counted
         self._handed = 0
         self._suback_slots: dict[int, list[int | None]] = {}
-        self._unsub_pending: dict[int, list[str]] = {}
         self._client_qos2_answered: set[int] = set()
         self._broker_qos2_dropped: set[int] = set()
         # Pass-through run (see _pass): the output list, index of its last slice, start/end offsets.
@@ -446,7 +443,7 @@ class Session:
         """What :meth:`next_deadline` and :attr:`reading_paused` depend on besides activity
         (which only moves the keepalive deadline later): a shell that keeps a timer at the
         last deadline needs to look again only when this changes, or when the timer fires."""
-        return (self._state, self.identity, self.keepalive)
+        return (self._state, self.identity, self.keepalive, self._grants_until)
 
     def next_deadline(self) -> float | None:
         if self.closed:
@@ -459,6 +456,8 @@ class Session:
         if self.identity is not None and self.identity.expires_at is not None:
             left = self.identity.expires_at + self.token_leeway - self.wallclock()
             deadlines.append(self.clock() + max(left, 0.0))
+        if self._grants_until != _NEVER:
+            deadlines.append(self._grants_until)
         return min(deadlines) if deadlines else None
 
     def timeout(self) -> float | None:
@@ -472,13 +471,15 @@ class Session:
             return acts
         if self._run is not None:
             self._end_run()
+        now = self.clock()
+        if now >= self._caches_until or now >= self._grants_until:
+            self._expire(acts, now)
+            if self.closed:
+                return acts
         framer = self._client_framer
         view = codec.byte_view(data)
         start = 0
         if self._state == "open" and self.fast_paths and not framer.buffered:
-            now = self.clock()
-            if now >= self._caches_until:
-                self._drop_caches(now)
             start = self._client_fast(acts, view)
             if start:
                 self._last_rx = now
@@ -522,10 +523,11 @@ class Session:
         if self.closed:
             return acts
         self._end_run()
-        if self._check_deliveries:
-            now = self.clock()
-            if now >= self._caches_until:
-                self._drop_caches(now)
+        now = self.clock()
+        if now >= self._caches_until or now >= self._grants_until:
+            self._expire(acts, now)
+            if self.closed:
+                return acts
         try:
             framer = self._broker_framer
             view = codec.byte_view(data)
@@ -575,6 +577,10 @@ class Session:
         level = c.protocol_level
         if identity.expires_at is not None and self.wallclock() >= identity.expires_at + self.token_leeway:
             return self._auth_refused(acts, identity, Reason.NOT_AUTHORIZED, "token_expired", "expired")
+        # The credential was checked before an await: a deletion or rotation since then wins.
+        problem = self.credential_problem(identity) if self.credential_problem is not None else None
+        if problem:
+            return self._auth_refused(acts, identity, Reason.BAD_USER_NAME_OR_PASSWORD, "auth_failed", problem)
         # Bind the client id to the identity.
         requested = c.client_id
         if identity.is_device:
@@ -629,6 +635,8 @@ class Session:
                            username=username,
                            password=password, will=c.will, properties=props)
         self._state = "upstream"
+        self._will_armed = c.will is not None  # from now on the broker may hold it
+        self._update_horizon()
         acts.open_upstream = True
         acts.to_broker.append(codec.encode_connect(upstream))
         return acts
@@ -671,25 +679,32 @@ class Session:
         if self.keepalive and now - self._last_rx > 1.5 * self.keepalive:
             self._audit("keepalive", "close", identity=self.identity, reason="keepalive timeout")
             return self._disconnect(acts, Reason.KEEP_ALIVE_TIMEOUT, "keepalive_timeout", "")
-        ident = self.identity
-        if ident is not None and ident.expires_at is not None and \
-                self.wallclock() >= ident.expires_at + self.token_leeway:
-            self._audit("session", "close", identity=ident, reason="token expired")
+        if self._token_expired():
+            self._audit("session", "close", identity=self.identity, reason="token expired")
             return self._disconnect(acts, Reason.MAXIMUM_CONNECT_TIME, "token_expired", "")
+        self._expire(acts, now)
         return acts
 
-    def invalidate(self) -> None:
+    def invalidate(self) -> Actions:
+        """Policies or ownership facts changed: drop cached decisions, close the connection if
+        its credential no longer stands (a deleted device, a rotated key), re-decide every
+        subscription grant. Carry out the returned Actions like any other."""
+        acts = Actions()
+        if self.closed:
+            return acts
         self._recv_cache.clear()
         self._pub_cache.clear()
-        if self.identity is None:
-            return
-        for full, sub in self._subs.items():
-            if sub.verdict == "ALLOW":
-                d = self.policies.may_subscribe(self.identity, sub.match, qos=0, client_id=self.client_id)
-                if _verdict(d) != "ALLOW":
-                    # The broker still holds the subscription: check its deliveries from now on.
-                    sub.verdict = "CHECK_EACH"
-        self._update_check_mode()
+        ident = self.identity
+        if ident is None:
+            return acts
+        problem = self.credential_problem(ident) if self.credential_problem is not None else None
+        if problem:
+            self._audit("session", "close", identity=ident, reason=problem)
+            if self._state == "open":
+                return self._disconnect(acts, Reason.ADMINISTRATIVE_ACTION, "credential_revoked", problem)
+            return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "credential_revoked", problem)
+        self._redecide()
+        return acts
 
     def broker_closed(self) -> Actions:
         acts = Actions()
@@ -708,24 +723,38 @@ class Session:
         upstream, the Will is checked again: if it is no longer allowed (a grant revoked since
         CONNECT), a normal DISCONNECT goes to the broker first, which discards the Will."""
         acts = Actions()
-        if self._will_armed and not self._will_still_allowed():
-            acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
-        self._will_armed = False
         if not self.closed:
             self._close(acts, "client_closed", "")
         return acts
 
     def _will_still_allowed(self) -> bool:
+        """The Will is a publish the broker makes at close: it must be allowed at that instant,
+        on a credential that still stands."""
         c = self._connect
-        if c is None or c.will is None or self.identity is None:
+        ident = self.identity
+        if c is None or c.will is None or ident is None:
             return True
-        d = self.policies.may_publish(self.identity, c.will.topic, qos=c.will.qos, retain=c.will.retain,
-                                      client_id=self.client_id)
-        if not d.allowed:
-            _DENIED["will"].inc()
-            self._audit("will", "deny", resource=c.will.topic, rule=d.rule, reason=d.reason,
-                        qos=c.will.qos, retain=c.will.retain, when="disconnect")
-        return bool(d.allowed)
+        rule = None
+        if self._token_expired():
+            reason: str | None = "token expired"
+        else:
+            reason = self.credential_problem(ident) if self.credential_problem is not None else None
+        if reason is None:
+            d = self.policies.may_publish(ident, c.will.topic, qos=c.will.qos, retain=c.will.retain,
+                                          client_id=self.client_id)
+            if d.allowed:
+                _ALLOWED["will"].inc()
+                return True
+            rule, reason = d.rule, d.reason
+        _DENIED["will"].inc()
+        self._audit("will", "deny", resource=c.will.topic, rule=rule, reason=reason,
+                    qos=c.will.qos, retain=c.will.retain, when="close")
+        return False
+
+    def _token_expired(self) -> bool:
+        ident = self.identity
+        return ident is not None and ident.expires_at is not None and \
+            self.wallclock() >= ident.expires_at + self.token_leeway
 
     def shutdown(self) -> Actions:
         acts = Actions()
@@ -814,12 +843,12 @@ class Session:
         return pos
 
     def _broker_fast(self, acts: Actions, mv: memoryview) -> int:
-        """Deliveries from the start of ``mv`` that need no check or whose topic is cached
-        as allowed; the offset where it stopped."""
+        """Deliveries from the start of ``mv`` whose topic an exact ALLOW grant proves or whose
+        decision is cached as allowed; the offset where it stopped."""
         end = len(mv)
         if end < 4:
             return 0
-        check = self._check_deliveries
+        exact = self._subs.exact
         cache = self._recv_cache
         valid = codec.VALID_BYTE1
         v5 = self.protocol_level == MQTT_5
@@ -837,21 +866,20 @@ class Session:
                     break
                 body, total = pos + 3, 3 + ((b & 0x7F) | (b2 << 7))
             nxt = pos + total
-            if nxt > end:
+            if nxt > end or body + 2 > nxt:
                 break
-            if check:
-                if body + 2 > nxt:
-                    break
-                tend = body + 2 + ((mv[body] << 8) | mv[body + 1])
-                after = tend + (2 if b1 & 0x06 else 0) + (1 if v5 else 0)
-                if after > nxt or (v5 and mv[after - 1]) or cache.get(mv[body + 2:tend].tobytes()) is not True:
-                    break
+            tend = body + 2 + ((mv[body] << 8) | mv[body + 1])
+            after = tend + (2 if b1 & 0x06 else 0) + (1 if v5 else 0)
+            if after > nxt or (v5 and mv[after - 1]):
+                break  # properties (maybe a Topic Alias the broker must not send): the full path
+            topic = mv[body + 2:tend].tobytes()
+            if cache.get(topic) is not True and topic not in exact:
+                break
             n += 1
             pos = nxt
         if n:
             self._handed += n
-            if check:
-                self._delivered += n
+            self._delivered += n
             acts.to_client.append(mv[:pos])  # one slice; the caller makes it a pass-through run
         return pos
 
@@ -894,9 +922,10 @@ class Session:
             self._client_subscribe(acts, frame, data)
         elif t == T.UNSUBSCRIBE:
             unsub = codec.decode_unsubscribe(frame.body, level)
-            # Forget the filters only once the broker confirms: deliveries already on their
-            # way under a CHECK_EACH filter must still be checked.
-            self._unsub_pending[unsub.packet_id] = unsub.topic_filters
+            # The table changes now, in stream order, as the broker's will; what it still
+            # delivers under these filters is checked like anything the table cannot prove.
+            self._subs.unsubscribed(unsub.topic_filters)
+            self._table_changed()
             self._pass(acts.to_broker, frame, data)
         elif t == T.PINGREQ:
             if len(frame.body):
@@ -904,13 +933,16 @@ class Session:
             self._pass(acts.to_broker, frame, data)
         elif t == T.DISCONNECT:
             d = codec.decode_disconnect(frame.body, level)
-            if d.reason == Reason.DISCONNECT_WITH_WILL and self._will_armed and not self._will_still_allowed():
-                # Publishing the Will is no longer allowed: a plain DISCONNECT discards it.
-                self._end_run()
-                acts.to_broker.append(codec.encode_disconnect(level))
+            if d.reason == Reason.DISCONNECT_WITH_WILL and self._will_armed:
+                self._will_armed = False
+                if self._will_still_allowed():  # published as the client asks
+                    self._pass(acts.to_broker, frame, data)
+                else:  # no longer allowed: a plain DISCONNECT discards it
+                    self._end_run()
+                    acts.to_broker.append(codec.encode_disconnect(level))
             else:
+                self._will_armed = False  # a normal DISCONNECT: the broker discards the Will
                 self._pass(acts.to_broker, frame, data)
-            self._will_armed = False  # the broker has now published or discarded it
             self._close(acts, "client_disconnect", f"reason 0x{d.reason:02X}" if d.reason else "")
         elif t == T.AUTH and level == MQTT_5:
             self._client_auth(acts, frame)
@@ -983,6 +1015,7 @@ class Session:
             if len(self._pub_cache) >= _CACHE_MAX:
                 self._pub_cache.clear()
             self._pub_cache[key] = entry = (topic, d)
+            self._cached_until(getattr(d, "until", None))
         topic, d = entry
         if self.rate_limiter is not None and not self.rate_limiter.allow(ident.sub):
             RATE_LIMITED.inc()
@@ -1065,21 +1098,19 @@ class Session:
                 continue
             d = self.policies.may_subscribe(ident, inner, qos=s.qos, client_id=self.client_id)
             verdict = _verdict(d)
-            if verdict in ("ALLOW", "CHECK_EACH"):
+            if verdict is not Verdict.DENY:
                 _ALLOWED["subscribe"].inc()
-                self._subs[s.topic_filter] = _Sub(inner, verdict)
+                self._subs.subscribed(s.topic_filter, inner, s.qos, verdict,
+                                      self._mono(getattr(d, "until", None)))
                 keep.append(s)
                 slots.append(None)
             else:
                 _DENIED["subscribe"].inc()
-                earlier = self._subs.get(s.topic_filter)
-                if earlier is not None:
-                    # The broker keeps the earlier grant of this filter: check what it delivers.
-                    earlier.verdict = "CHECK_EACH"
+                self._subs.refused(s.topic_filter)
                 self._audit("subscribe", "deny", identity=ident, resource=s.topic_filter,
                             rule=getattr(d, "rule", None), reason=getattr(d, "reason", None), qos=s.qos)
                 slots.append(deny_code)
-        self._update_check_mode()
+        self._table_changed()
         if len(keep) == len(slots):
             self._pass(acts.to_broker, frame, data)
             return
@@ -1116,7 +1147,10 @@ class Session:
         AUTHENTICATIONS.labels(identity.method, "ok").inc()
         self.identity = identity
         self._audit("reauth", "allow", identity=identity)
-        self.invalidate()  # roles may have changed with the new token
+        # Roles may have changed with the new token, and the expiry has.
+        self._recv_cache.clear()
+        self._pub_cache.clear()
+        self._redecide()
         acts.to_client.append(codec.encode_auth(Reason.SUCCESS, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD)]))
         return acts
 
@@ -1146,11 +1180,7 @@ class Session:
             codec.packet_id_of(frame, level)
             self._pass(acts.to_client, frame, data)
         elif t == T.UNSUBACK:
-            filters = self._unsub_pending.pop(codec.packet_id_of(frame, level), ())
-            for f in filters:
-                self._subs.pop(f, None)
-            if filters:
-                self._update_check_mode()
+            codec.packet_id_of(frame, level)  # the table changed when the UNSUBSCRIBE went by
             self._pass(acts.to_client, frame, data)
         elif t == T.SUBACK:
             self._broker_suback(acts, frame, data)
@@ -1171,14 +1201,13 @@ class Session:
             acts.to_client.append(bytes(frame.raw) if level != MQTT_5 else
                                   codec.encode_connack(False, ca.reason, level, without_props(
                                       ca.properties, Prop.ASSIGNED_CLIENT_IDENTIFIER)))
+            self._will_armed = False  # refused: the broker holds no Will
             self._close(acts, "broker_refused", f"0x{ca.reason:02X}", ca.reason)
             return
         self._state = "open"
-        self._will_armed = self._connect is not None and self._connect.will is not None
         self._last_rx = self.clock()
-        if ca.session_present:
-            self._unknown_subs = True
-            self._update_check_mode()
+        # A resumed session (session_present) holds filters the gateway never saw: nothing in
+        # the table proves their deliveries, so each is asked of the policy.
         if level == MQTT_5:
             acts.to_client.append(codec.encode_connack(ca.session_present, 0, level,
                                                        self._client_connack_props(ca.properties)))
@@ -1220,10 +1249,6 @@ class Session:
         return props
 
     def _broker_publish(self, acts: Actions, frame: Frame, data) -> None:
-        if not self._check_deliveries:
-            self._handed += 1
-            self._pass(acts.to_client, frame, data)
-            return
         level = self.protocol_level
         info = codec.decode_publish(frame, level, check_topic=False)  # checked on a cache miss
         if info.topic_alias is not None or not info.topic:
@@ -1250,15 +1275,12 @@ class Session:
                 _DENIED["receive"].inc()
             return cached
         topic = codec.topic_from_bytes(topic_b)
-        ok = False
         decision = None
-        for sub in self._subs.values():
-            if sub.verdict == "ALLOW" and topic_matches(sub.match, topic):
-                ok = True
-                break
+        ok = self._subs.covers(topic)  # an ALLOW grant proves it
         if not ok:
             decision = self.policies.may_receive(self.identity, topic, client_id=self.client_id)
             ok = bool(decision.allowed)
+            self._cached_until(getattr(decision, "until", None))
         if len(self._recv_cache) >= _CACHE_MAX:
             self._recv_cache.clear()
         self._recv_cache[topic_b] = ok
@@ -1304,10 +1326,54 @@ class Session:
             _TO_CLIENT.value += self._handed
             self._handed = 0
 
-    def _update_check_mode(self) -> None:
-        self._check_deliveries = self._unknown_subs or any(
-            s.verdict != "ALLOW" for s in self._subs.values())
+    def _table_changed(self) -> None:
+        # Cached deliveries may rest on a grant that just went: ask again.
         self._recv_cache.clear()
+        self._update_horizon()
+
+    def _redecide(self) -> None:
+        """Ask the policy again for every subscription grant, for the identity in force now."""
+        ident = self.identity
+        assert ident is not None
+
+        def decide(match: str, qos: int) -> tuple[Verdict, float | None]:
+            d = self.policies.may_subscribe(ident, match, qos=qos, client_id=self.client_id)
+            return _verdict(d), self._mono(getattr(d, "until", None))
+
+        self._subs.redecide(decide)
+        self._table_changed()
+
+    def _update_horizon(self) -> None:
+        """The next instant something the session relies on ends: a grant or the token."""
+        until = self._subs.horizon if self._subs.horizon is not None else _NEVER
+        ident = self.identity
+        if ident is not None and ident.expires_at is not None:
+            left = ident.expires_at + self.token_leeway - self.wallclock()
+            until = min(until, self.clock() + max(left, 0.0))
+        self._grants_until = until
+
+    def _expire(self, acts: Actions, now: float) -> None:
+        """Whatever ended by ``now``: cached decisions, the token, subscription grants."""
+        if now >= self._caches_until:
+            self._drop_caches(now)
+        if now < self._grants_until or self._state != "open":
+            return
+        if self._token_expired():
+            self._audit("session", "close", identity=self.identity, reason="token expired")
+            self._disconnect(acts, Reason.MAXIMUM_CONNECT_TIME, "token_expired", "")
+            return
+        self._redecide()
+
+    def _mono(self, until: float | None) -> float | None:
+        """A unix time (a delegation's expiry) on the session's clock."""
+        return None if until is None else self.clock() + (until - self.wallclock())
+
+    def _cached_until(self, until: float | None) -> None:
+        """A cached decision rests on something that ends at ``until``: drop the caches then."""
+        if until is not None:
+            at = self._mono(until)
+            if at is not None and at < self._caches_until:
+                self._caches_until = at
 
     def _pass(self, out: list, frame: Frame, view) -> None:
         """Forward a packet unchanged; neighbours from the same chunk join into one slice
@@ -1344,6 +1410,13 @@ class Session:
                           reason=reason, **extra)
 
     def _close(self, acts: Actions, reason: str, detail: str, code: int | None = None) -> Actions:
+        """Every way a connection ends comes here. A Will the broker holds is decided now: if it
+        is no longer allowed, a plain DISCONNECT upstream makes the broker discard it."""
+        if self._will_armed:
+            self._will_armed = False
+            if not self._will_still_allowed():
+                self._end_run()
+                acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
         self.closed = True
         self._state = "closed"
         self._pending = []

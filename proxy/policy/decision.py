@@ -29,6 +29,7 @@ class Decision:
     rule: str | None
     reason: str
     device: str | None = None
+    until: float | None = None  # unix time the answer stops holding (a delegation's expiry); None: no end
 
     def __bool__(self) -> bool:  # guards against `if decision:`, which would always be true
         raise TypeError("use decision.allowed, not the decision itself")
@@ -40,6 +41,7 @@ class SubscribeDecision:
     rule: str | None
     reason: str
     device: str | None = None
+    until: float | None = None  # as for Decision
 
     @property
     def allowed(self) -> bool:

@@ -42,6 +42,7 @@ only until that expiry.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from typing import Callable, Iterator
@@ -247,11 +248,31 @@ def _intersect(node: _Node, f: list[str], i: int, device: object, vals: dict, fd
             yield from _intersect(child, f, i + 1, device, vals, fdollar, budget)
 
 
+class _Horizon:
+    """The instant a decision is made at, and the instants at which what it rests on ends."""
+
+    __slots__ = ("now", "ends")
+
+    def __init__(self, now: float):
+        self.now = now
+        self.ends: list[float] = []
+
+
+def _with_horizon(decision, horizon: _Horizon):  # type: ignore[no-untyped-def]
+    """The decision with ``until``: the earliest end of what it rested on (None: no end)."""
+    if not horizon.ends:
+        return decision
+    return dataclasses.replace(decision, until=min(horizon.ends))
+
+
 class CompiledPolicies:
-    """One immutable, compiled policy set. :class:`~proxy.policy.holder.Policies` swaps these."""
+    """One immutable, compiled policy set. :class:`~proxy.policy.holder.Policies` swaps these.
+
+    ``clock`` is the wall clock (unix seconds) delegation expiries are compared with."""
 
     def __init__(self, source: PolicySource, facts: OwnershipFacts, *, admin_role: str = "iot-admin",
-                 cache_size: int = CACHE_SIZE):
+                 cache_size: int = CACHE_SIZE, clock: Callable[[], float] = time.time):
+        self.clock = clock
         self.source = source
         self.facts = facts
         self.admin_role = admin_role
@@ -309,30 +330,49 @@ class CompiledPolicies:
 
         A swap builds a new :class:`CompiledPolicies` (a new, empty cache); a
         facts generation bump clears it; an answer that consulted a delegation
-        with an expiry is kept only until that expiry; everything else for at
-        most ``CACHE_SECONDS``. When full the cache is simply dropped.
+        with an expiry is kept only until that expiry, and says so in its
+        ``until`` (so a caller that keeps it, like an MQTT session, knows when to
+        ask again); everything else for at most ``CACHE_SECONDS``. When full the
+        cache is simply dropped.
         """
+        now = self.clock()
         if not self._cache_size:
-            return compute([], *args)
+            h = _Horizon(now)
+            return _with_horizon(compute(h, *args), h)
         gen = self.facts.generation
         if gen != self._cache_generation:
             self._cache.clear()
             self._cache_generation = gen
-        now = time.time()
         hit = self._cache.get(key)
         if hit is not None and hit[1] > now:
             return hit[0]
-        horizon: list[float] = []
-        decision = compute(horizon, *args)
+        horizon = _Horizon(now)
+        decision = _with_horizon(compute(horizon, *args), horizon)
         if len(self._cache) >= self._cache_size:
             self._cache.clear()
-        self._cache[key] = (decision, min([*horizon, now + CACHE_SECONDS]))
+        self._cache[key] = (decision, min([*horizon.ends, now + CACHE_SECONDS]))
         return decision
+
+    def device_topic_filters(self, device_id: str) -> list[str]:
+        """MQTT filters for every topic a rule binds to this device through ``{device}``:
+        what belongs to the device at the broker (its retained messages are cleared when
+        it is deleted). Other placeholders become ``+``."""
+        if not device_id or any(c in device_id for c in "+#/\0"):
+            return []  # such an id can be no topic level: nothing was ever published under it
+        out: set[str] = set()
+        for rule in self.source.rules:
+            for pattern in (rule.mqtt.topics if rule.mqtt else ()):
+                if DEVICE not in pattern:
+                    continue
+                levels = [lv if isinstance(lv, str) else device_id if lv is DEVICE else
+                          "#" if lv is HASH else "+" for lv in pattern]
+                out.add("/".join(levels))
+        return sorted(out)
 
     # ------------------------------------------------------------------ concrete questions
 
     def _decide(self, question: str, identity: Identity, levels: list[str], vals: dict, want: str,
-                dollar: bool, fits: Callable[[_Entry], bool] | None, horizon: list[float]) -> Decision:
+                dollar: bool, fits: Callable[[_Entry], bool] | None, horizon: _Horizon) -> Decision:
         keys = self._keys_of(identity)
         for allow in (False, True):
             tries = self._tries[(question, allow)]
@@ -349,7 +389,8 @@ class CompiledPolicies:
                         continue
                     if fits is not None and not fits(entry):
                         continue
-                    if key == REL and not relations_hold(entry.relations, identity, dev, self.facts, want, horizon):
+                    if key == REL and not relations_hold(entry.relations, identity, dev, self.facts, want, horizon.ends,
+                                                           now=horizon.now):
                         continue
                     best, best_dev = entry, dev
             if best is not None:
@@ -358,7 +399,7 @@ class CompiledPolicies:
                 return Decision(False, best.id, f"denied by {best.id}", best_dev)
         return Decision(False, None, NO_RULE)
 
-    def _publish(self, horizon: list[float], identity: Identity, topic: str, qos: int, retain: bool,
+    def _publish(self, horizon: _Horizon, identity: Identity, topic: str, qos: int, retain: bool,
                  client_id: str) -> Decision:
         problem = topic_problem(topic)
         if problem:
@@ -371,7 +412,7 @@ class CompiledPolicies:
         return self._decide("publish", identity, topic.split("/"), vals, "write", topic.startswith("$"), fits,
                             horizon)
 
-    def _receive(self, horizon: list[float], identity: Identity, topic: str, client_id: str) -> Decision:
+    def _receive(self, horizon: _Horizon, identity: Identity, topic: str, client_id: str) -> Decision:
         problem = topic_problem(topic)
         if problem:
             return Decision(False, None, problem)
@@ -379,7 +420,7 @@ class CompiledPolicies:
         return self._decide("subscribe", identity, topic.split("/"), vals, "read", topic.startswith("$"), None,
                             horizon)
 
-    def _http(self, horizon: list[float], identity: Identity, method: str, path: str) -> Decision:
+    def _http(self, horizon: _Horizon, identity: Identity, method: str, path: str) -> Decision:
         if not _METHOD.match(method):
             return Decision(False, None, "not an HTTP method")
         try:
@@ -397,7 +438,7 @@ class CompiledPolicies:
 
     # ------------------------------------------------------------------ subscribe
 
-    def _subscribe(self, horizon: list[float], identity: Identity, topic_filter: str, qos: int,
+    def _subscribe(self, horizon: _Horizon, identity: Identity, topic_filter: str, qos: int,
                    client_id: str) -> SubscribeDecision:
         if topic_filter.startswith("$share/") or topic_filter == "$share":
             return SubscribeDecision(Verdict.DENY, None, "a $share/ prefix must be stripped before the policy check")
@@ -419,14 +460,16 @@ class CompiledPolicies:
                 return True
             if dev is _ANY:
                 return False  # "for every device" is never certain
-            return relations_hold(entry.relations, identity, dev, self.facts, "read", horizon)  # type: ignore[arg-type]
+            return relations_hold(entry.relations, identity, dev, self.facts, "read", horizon.ends,  # type: ignore[arg-type]
+                                  now=horizon.now)
 
         def maybe(key: str, entry: _Entry, dev: object) -> bool:
             if key != REL:
                 return True
             if dev is _ANY:  # some device might be related
                 return any(could_hold(r, identity) for r in entry.relations)
-            return relations_hold(entry.relations, identity, dev, self.facts, "read", horizon)  # type: ignore[arg-type]
+            return relations_hold(entry.relations, identity, dev, self.facts, "read", horizon.ends,  # type: ignore[arg-type]
+                                  now=horizon.now)
 
         def covering(tries: dict[str, _Node]) -> tuple[_Entry, object] | None:
             best = None

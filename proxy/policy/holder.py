@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -68,15 +69,16 @@ class Policies:
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_dir(cls, path: str | Path, facts: OwnershipFacts, *, admin_role: str = "iot-admin") -> "Policies":
+    def from_dir(cls, path: str | Path, facts: OwnershipFacts, *, admin_role: str = "iot-admin",
+                 clock: Callable[[], float] = time.time) -> "Policies":
         """Load and compile every file under ``path``; :class:`PolicyError` on a broken set."""
         src = load_dir(path)
-        return cls(CompiledPolicies(src, facts, admin_role=admin_role), path=Path(path))
+        return cls(CompiledPolicies(src, facts, admin_role=admin_role, clock=clock), path=Path(path))
 
     @classmethod
     def from_text(cls, text: str, facts: OwnershipFacts, filename: str = "test.yaml", *,
-                  admin_role: str = "iot-admin") -> "Policies":
-        return cls(CompiledPolicies(load_text(text, filename), facts, admin_role=admin_role))
+                  admin_role: str = "iot-admin", clock: Callable[[], float] = time.time) -> "Policies":
+        return cls(CompiledPolicies(load_text(text, filename), facts, admin_role=admin_role, clock=clock))
 
     @property
     def compiled(self) -> CompiledPolicies:
@@ -145,7 +147,8 @@ class Policies:
             raise PolicyError("these policies were not loaded from a directory")
         self._seen = _snapshot(self._path)
         src = load_dir(self._path)
-        return CompiledPolicies(src, self._compiled.facts, admin_role=self._compiled.admin_role)
+        return CompiledPolicies(src, self._compiled.facts, admin_role=self._compiled.admin_role,
+                                clock=self._compiled.clock)
 
     def _refuse(self, exc: PolicyError) -> None:
         self.last_error = str(exc)

@@ -109,7 +109,7 @@ def could_hold(relation: str, identity: Identity) -> bool:
 
 
 def relations_hold(relations: Iterable[str], identity: Identity, device_id: str | None, facts: OwnershipFacts,
-                   want: Want, horizon: list[float] | None = None) -> bool:
+                   want: Want, horizon: list[float] | None = None, *, now: float | None = None) -> bool:
     """Does any of ``relations`` hold between ``identity`` and the device? False without a device.
 
     ``horizon`` collects the expiry times of the device's delegations still
@@ -120,7 +120,8 @@ def relations_hold(relations: Iterable[str], identity: Identity, device_id: str 
     device = facts.device(device_id)
     if device is None:
         return False
-    now = time.time()
+    if now is None:
+        now = time.time()
     if horizon is not None:
         horizon.extend(d.expires_at for d in device.delegations if d.expires_at is not None and d.expires_at > now)
     return any(relation_holds(r, identity, device, want, now) for r in relations)

@@ -169,7 +169,8 @@ def test_publish_fields_without_copying_the_payload():
 def test_publish_topic_alias_zero_refused():
     raw = bytearray(codec.encode_publish("a", b"", level=MQTT_5, properties=[(Prop.TOPIC_ALIAS, 1)]))
     raw[-1] = 0  # alias value 1 -> 0 (the last byte of the property; the payload is empty)
-    assert code_of(codec.decode_publish, Framer(100).feed(bytes(raw))[0], MQTT_5) == Reason.PROTOCOL_ERROR
+    # MQTT 5.0 3.3.2.3.4: "Topic Alias invalid", not a generic protocol error.
+    assert code_of(codec.decode_publish, Framer(100).feed(bytes(raw))[0], MQTT_5) == Reason.TOPIC_ALIAS_INVALID
 
 
 def test_duplicate_topic_alias_refused():

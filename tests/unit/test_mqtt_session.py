@@ -41,6 +41,7 @@ class Decision:
     allowed: bool
     rule: str | None = "r"
     reason: str = ""
+    until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,15 @@ class SubDecision:
     verdict: str
     rule: str | None = "r"
     reason: str = ""
+    until: float | None = None
 
 
 class FakePolicies:
     """Grants by topic filter: ``pub`` (publish), ``sub_allow`` / ``sub_check`` (subscribe),
     ``recv`` (receive). Records every question."""
 
-    def __init__(self, pub=(), sub_allow=(), sub_check=(), recv=()):
+    def __init__(self, pub=(), sub_allow=(), sub_check=(), recv=(), until=None):
+        self.until = until  # the unix time every grant ends at (a delegation's expiry), if any
         self.pub = list(pub)
         self.sub_allow = list(sub_allow)
         self.sub_check = list(sub_check)
@@ -63,19 +66,19 @@ class FakePolicies:
 
     def may_publish(self, identity, topic, *, qos=0, retain=False, client_id=""):
         self.asked.append(("publish", topic, qos, retain, client_id))
-        return Decision(any(topic_matches(f, topic) for f in self.pub), reason="test")
+        return Decision(any(topic_matches(f, topic) for f in self.pub), reason="test", until=self.until)
 
     def may_subscribe(self, identity, topic_filter, *, qos=0, client_id=""):
         self.asked.append(("subscribe", topic_filter))
         if topic_filter in self.sub_allow:
-            return SubDecision("ALLOW")
+            return SubDecision("ALLOW", until=self.until)
         if topic_filter in self.sub_check:
             return SubDecision("CHECK_EACH")
         return SubDecision("DENY")
 
     def may_receive(self, identity, topic, *, client_id=""):
         self.asked.append(("receive", topic))
-        return Decision(any(topic_matches(f, topic) for f in self.recv))
+        return Decision(any(topic_matches(f, topic) for f in self.recv), until=self.until)
 
 
 class Clock:
@@ -777,18 +780,32 @@ def test_malformed_filters_are_refused(flt):
     assert acts.close and not acts.to_broker
 
 
-def test_unsubscribe_is_forwarded_and_tracked():
+def test_unsubscribe_is_forwarded_and_what_follows_it_is_still_checked():
     p = FakePolicies(sub_check=["devices/+/telemetry"], recv=[])
     s, _, _ = open_session(MQTT_311, policies=p)
     s.client_data(codec.encode_subscribe(Subscribe(1, [Subscription("devices/+/telemetry", 0)]), 4))
-    assert s._check_deliveries
     raw = codec.encode_unsubscribe(Unsubscribe(2, ["devices/+/telemetry"]), 4)
     assert bytes(s.client_data(raw).to_broker[0]) == raw
     # A delivery already on its way before the broker's UNSUBACK is still checked.
     assert not s.broker_data(pub("devices/thermo-9/telemetry")).to_client
     unsuback = codec.encode_ack(T.UNSUBACK, 2, 4)
     assert bytes(s.broker_data(unsuback).to_client[0]) == unsuback
-    assert not s._check_deliveries
+    # And after it: the broker may still send what it had buffered [MQTT-3.10.4-3].
+    assert not s.broker_data(pub("devices/thermo-9/telemetry")).to_client
+
+
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+def test_unsubscribe_then_subscribe_in_one_write_keeps_deliveries_checked(level):
+    """v1's hole: the UNSUBACK for packet 1 removed the '#' that packet 2 had just granted,
+    delivery checks went off, and every device's data reached a user who owns none."""
+    p = FakePolicies(sub_check=["#"], recv=["devices/mine/#"])
+    s, _, _ = open_session(level, policies=p)
+    both = (codec.encode_unsubscribe(Unsubscribe(1, ["#"]), level)
+            + codec.encode_subscribe(Subscribe(2, [Subscription("#", 0)]), level))
+    assert b"".join(bytes(b) for b in s.client_data(both).to_broker) == both
+    s.broker_data(codec.encode_ack(T.UNSUBACK, 1, level) + codec.encode_suback(codec.Suback(2, [0]), level))
+    assert not s.broker_data(pub("devices/theirs/telemetry", level=level)).to_client
+    assert s.broker_data(pub("devices/mine/telemetry", level=level)).to_client
 
 
 def test_denied_resubscribe_does_not_keep_the_earlier_grant_unchecked():
@@ -921,7 +938,7 @@ def test_resumed_session_deliveries_are_checked():
 
 
 def test_broker_pass_through_keeps_runs_together():
-    s, _, _ = open_session()
+    s, _, _ = open_session(policies=FakePolicies(recv=["a/b"]))
     data = bytearray(b"\xd0\x00" + codec.encode_ack(T.PUBACK, 3, 4) + pub("a/b"))
     acts = s.broker_data(data)
     assert len(acts.to_client) == 1 and bytes(acts.to_client[0]) == bytes(data)
@@ -1022,7 +1039,7 @@ def test_metrics_count_decisions_and_messages():
               value("keygate_mqtt_decisions_total", action="publish", result="deny"),
               value("keygate_mqtt_messages_total", direction="client_to_broker"),
               value("keygate_mqtt_messages_total", direction="broker_to_client"))
-    s, _, _ = open_session()
+    s, _, _ = open_session(policies=FakePolicies(pub=["devices/thermo-1/#"], recv=["devices/thermo-1/#"]))
     s.client_data(pub("devices/thermo-1/t") * 3 + pub("devices/thermo-2/t"))
     s.broker_data(pub("devices/thermo-1/t") * 2)
     after = (value("keygate_mqtt_decisions_total", action="publish", result="allow"),
@@ -1043,3 +1060,158 @@ def test_subscriptions_per_connection_are_bounded(monkeypatch):
     assert [x.topic_filter for x in up.subscriptions] == ["a/1", "a/2"]
     assert suback_of(s.broker_data(codec.encode_suback(codec.Suback(1, [0, 0]), 5)), 5) == [0, 0, 0x97]
     assert denials(audit, "subscribe")[0]["reason"] == "too many subscriptions"
+
+
+# --------------------------------------------------------------------------- grants with a horizon
+
+
+def test_exact_grant_ends_at_its_horizon_without_any_write():
+    """A read delegation with an expiry: the exact subscription it granted stops delivering at
+    the expiry, with no invalidate() (nothing was written) and no wait for a cache to age."""
+    clock, wall = Clock(1000.0), Clock(5000.0)
+    p = FakePolicies(sub_allow=["devices/d/telemetry"], recv=["devices/d/telemetry"], until=5030.0)
+    s, _, audit = open_session(MQTT_5, policies=p, clock=clock, wallclock=wall)
+    s.client_data(codec.encode_subscribe(Subscribe(1, [Subscription("devices/d/telemetry", 1)]), 5))
+    raw = pub("devices/d/telemetry", level=MQTT_5)
+    assert s.broker_data(raw).to_client
+    assert s.next_deadline() == pytest.approx(1030.0)  # the timer is set at the grant's end
+    p.sub_allow.clear()
+    p.recv.clear()  # what the policy says once the delegation has expired
+    clock.t, wall.t = 1029.9, 5029.9
+    assert s.broker_data(raw).to_client
+    clock.t, wall.t = 1030.0, 5030.0
+    assert not s.tick().close
+    assert not s.broker_data(raw).to_client
+    assert denials(audit, "receive")
+
+
+def test_horizon_is_checked_on_data_even_when_the_timer_is_late():
+    clock, wall = Clock(1000.0), Clock(5000.0)
+    p = FakePolicies(sub_allow=["devices/d/telemetry"], recv=["devices/d/telemetry"], until=5010.0)
+    s, _, _ = open_session(MQTT_311, policies=p, clock=clock, wallclock=wall)
+    s.client_data(codec.encode_subscribe(Subscribe(1, [Subscription("devices/d/telemetry", 0)]), 4))
+    p.sub_allow.clear()
+    p.recv.clear()
+    clock.t, wall.t = 1010.5, 5010.5  # no tick() yet
+    assert not s.broker_data(pub("devices/d/telemetry")).to_client
+
+
+def test_cached_publish_decision_ends_at_its_horizon():
+    clock, wall = Clock(1000.0), Clock(5000.0)
+    p = FakePolicies(pub=["devices/d/cmd/#"], until=5000.2)
+    s, _, _ = open_session(MQTT_311, policies=p, clock=clock, wallclock=wall)
+    assert s.client_data(pub("devices/d/cmd/x")).to_broker
+    p.pub.clear()
+    clock.t, wall.t = 1000.25, 5000.25  # before the 1 s cache bound, after the grant's end
+    assert not s.client_data(pub("devices/d/cmd/x")).to_broker
+
+
+# --------------------------------------------------------------------------- credentials that end
+
+
+def gone(identity):
+    return "device deleted"
+
+
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+def test_invalidate_closes_a_connection_whose_credential_went(level):
+    problems = {}
+    s, _, audit = make(level)
+    s.credential_problem = lambda ident: problems.get(ident.device_id)
+    s.client_data(connect_packet(level, "thermo-1", username="thermo-1", password=b"K1"))
+    s.authenticated(THERMO)
+    s.broker_data(connack(level))
+    assert s.invalidate() == Actions()  # nothing changed for it
+    problems["thermo-1"] = "key k1 rotated"
+    acts = s.invalidate()
+    assert acts.close is not None and acts.close.reason == "credential_revoked"
+    if level == MQTT_5:
+        assert only(acts.to_client, T.DISCONNECT).raw[2] == Reason.ADMINISTRATIVE_ACTION
+    else:
+        assert not acts.to_client
+    assert [r for r in audit.records if r["action"] == "session" and r["reason"] == "key k1 rotated"]
+
+
+def test_credential_gone_while_authentication_ran_is_refused():
+    s, _, _ = make(MQTT_5)
+    s.credential_problem = gone
+    s.client_data(connect_packet(MQTT_5, "thermo-1", username="thermo-1", password=b"K1"))
+    acts = s.authenticated(THERMO)
+    assert not acts.open_upstream and acts.close is not None
+    assert codec.decode_connack(only(acts.to_client, T.CONNACK).body, MQTT_5).reason == 0x86
+
+
+# --------------------------------------------------------------------------- the Will on every way out
+
+
+def _will_closes():
+    """Each way an open connection ends, as a function of the session."""
+    return {
+        "tcp drop": lambda s, clock: s.client_closed(),
+        "keepalive timeout": lambda s, clock: (setattr(clock, "t", clock.t + 1000), s.tick())[1],
+        "protocol error": lambda s, clock: s.client_data(b"\x20\x02\x00\x00"),  # CONNACK from a client
+        "shutdown": lambda s, clock: s.shutdown(),
+        "broker gone": lambda s, clock: s.broker_closed(),
+    }
+
+
+@pytest.mark.parametrize("how", list(_will_closes()))
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+def test_revoked_will_is_discarded_on_every_way_out(level, how):
+    clock = Clock()
+    p = FakePolicies(pub=["devices/thermo-1/#"])
+    s, _, audit = make(level, p, clock=clock)
+    s.client_data(connect_packet(level, will=Will("devices/thermo-1/status", b"gone", 0, True)))
+    s.authenticated(ALICE)
+    s.broker_data(connack(level))
+    p.pub.clear()  # the delegation that allowed it was revoked
+    acts = _will_closes()[how](s, clock)
+    assert acts.close is not None
+    assert acts.to_broker and bytes(acts.to_broker[-1]) == b"\xe0\x00", acts  # discards the Will
+    assert denials(audit, "will")
+    assert s.client_closed() == Actions()
+
+
+@pytest.mark.parametrize("how", list(_will_closes()))
+def test_allowed_will_goes_out_on_every_way_out(how):
+    clock = Clock()
+    s, _, _ = make(MQTT_5, FakePolicies(pub=["devices/thermo-1/#"]), clock=clock)
+    s.client_data(connect_packet(MQTT_5, will=Will("devices/thermo-1/status", b"gone", 0, True)))
+    s.authenticated(ALICE)
+    s.broker_data(connack(MQTT_5))
+    acts = _will_closes()[how](s, clock)
+    assert acts.close is not None
+    assert not any(bytes(b)[:1] == b"\xe0" for b in acts.to_broker)  # the broker publishes it
+
+
+def test_will_is_discarded_once_the_token_has_expired():
+    clock, wall = Clock(), Clock(5000.0)
+    s, p, audit = make(MQTT_5, FakePolicies(pub=["devices/thermo-1/#"]), clock=clock, wallclock=wall)
+    s.client_data(connect_packet(MQTT_5, will=Will("devices/thermo-1/status", b"gone", 0, False)))
+    s.authenticated(dataclasses.replace(ALICE, expires_at=5010.0))
+    s.broker_data(connack(MQTT_5))
+    clock.t += 10
+    wall.t += 10
+    acts = s.tick()
+    assert acts.close is not None and acts.close.reason == "token_expired"
+    assert bytes(acts.to_broker[-1]) == b"\xe0\x00"
+
+
+def test_will_is_decided_while_the_broker_still_has_to_answer():
+    # The CONNECT (with its Will) is upstream before the CONNACK: a close then decides it too.
+    p = FakePolicies(pub=["devices/thermo-1/#"])
+    s, _, _ = make(MQTT_311, p)
+    s.client_data(connect_packet(MQTT_311, will=Will("devices/thermo-1/status", b"gone", 0, False)))
+    s.authenticated(ALICE)
+    p.pub.clear()
+    acts = s.client_closed()
+    assert bytes(acts.to_broker[-1]) == b"\xe0\x00"
+
+
+def test_topic_alias_zero_is_topic_alias_invalid():
+    s, _, _ = open_session(MQTT_5)
+    raw = bytearray(codec.encode_publish("devices/thermo-1/t", b"", level=MQTT_5,
+                                         properties=[(Prop.TOPIC_ALIAS, 1)]))
+    raw[-1] = 0  # alias 1 -> 0 (the last byte of the property; the payload is empty)
+    acts = s.client_data(bytes(raw))
+    assert only(acts.to_client, T.DISCONNECT).raw[2] == Reason.TOPIC_ALIAS_INVALID and acts.close
