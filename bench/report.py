@@ -390,7 +390,7 @@ def findings(rows: list[Row]) -> list[str]:
                 "`_TlsClientSide`, `Connection` and `Session` costs 5.5 µs per message warm; in the "
                 "benchmark the interpreter runs with cold caches (100 connections, 200 µs apart), which "
                 f"is where keygate's cost above the relay comes from. A bare Python TLS relay costs "
-                f"{relay:.0f} µs per message in this run ({relay / mq:.1f}x Mosquitto's {mq:.0f} µs with TLS) "
+                f"{relay:.0f} µs per message in this run ({_times(relay, mq)} Mosquitto's {mq:.0f} µs with TLS) "
                 f"and keygate {kg:.0f} µs, so keygate's own work (framing, checks, session, metrics) is "
                 f"{kg - relay:.0f} µs and the target ({2 * mq:.0f} µs) is {kg - 2 * mq:.0f} µs away. To go "
                 "lower: fewer Python calls per chunk on the TLS path (the `ssl.SSLObject` wrappers, the "
@@ -534,3 +534,8 @@ if __name__ == "__main__":  # re-render from a saved run: python -m bench.report
     rows = [Row(**d) for d in data]
     print(write_report(rows, Path(sys.argv[2]), sizes=Sizes.full(), command="python -m bench", quick=False,
                        elapsed=0.0))
+
+
+def _times(a: float, b: float) -> str:
+    """``a / b`` as "N.Nx"; a quick run can measure 0 µs for ``b``."""
+    return f"{a / b:.1f}x" if b else "n/a x"

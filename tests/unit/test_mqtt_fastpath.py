@@ -5,12 +5,23 @@ PublishInfo objects and the per-message rate-limiter call (Session._client_fast,
 Session._broker_fast). An attacker who could make the two paths disagree could
 get past a check, so every test here runs the same traffic through a session
 with the fast paths and one without, and requires the same bytes each way, the
-same audit lines and the same state: random and mutated streams split at random
-points, with repeated topics so that the fast paths actually run, and a rate
-limiter tight enough to run dry in the middle of a chunk.
+same audit lines and the same state.
+
+The traffic is built so that the fast paths really run: the CONNECT (and the
+broker's CONNACK, the SUBSCRIBE and its SUBACK) in chunks of their own, then a
+warm-up chunk with each distinct PUBLISH once (the full path decides and caches
+it), then the traffic proper in chunks of whole packets, repeated topics
+interleaved with other packets. Only some examples are split at random points
+or mutated; a rate limiter sized from the warm-up runs dry in the middle of the
+traffic. Each property test counts the examples in which a fast path consumed
+bytes and fails if that is fewer than a third of them: a change that quietly
+sends every chunk down the full path would otherwise leave these tests
+comparing the full path with itself.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,18 +30,39 @@ from proxy.mqtt import codec
 from proxy.mqtt.packets import MQTT_5, MQTT_311, Prop, Subscribe, Subscription
 from proxy.mqtt.session import Actions, RateLimiter
 from tests.unit.test_mqtt_fuzz import (
-    POLICIES, SETTINGS, broker_packet, client_packet, connect_bytes, mutated, splits,
+    POLICIES, SETTINGS, broker_packet, client_packet, connect_bytes, mutated, properties_for,
 )
 from tests.unit.test_mqtt_session import ALICE, Clock, FakePolicies, connack, make, open_session, pub
 
 levels = st.sampled_from([MQTT_311, MQTT_5])
+# Allowed and denied topics (POLICIES allows devices/thermo-1/#), none of them a protocol error.
+allowed_topics = st.sampled_from(["devices/thermo-1/telemetry", "devices/thermo-1/attrs/temp"])
+fast_topics = st.one_of(allowed_topics, st.sampled_from(["devices/thermo-2/cmd", "devices/public-1/telemetry",
+                                                         "a/b", "é/ü"]))
+# At least this share of a property test's examples must run each fast path.
+MIN_FAST_SHARE = 1 / 3
 
 
-def _run(level, client_chunks, broker_chunks, *, fast: bool, burst: int | None):
+def _counting(method, hits: list):
+    """Wrap a fast path: remember every call that consumed bytes."""
+    def wrapper(acts, mv):
+        n = method(acts, mv)
+        if n > 0:
+            hits.append(n)
+        return n
+    return wrapper
+
+
+def _run(level, events, *, fast: bool, burst: int | None, hits: dict | None = None):
+    """Feed ``events`` (("client" | "broker", chunk), in order), answering authentication as
+    Alice and the broker's CONNACK as success, like the shell."""
     clock = Clock()
     limiter = RateLimiter(1.0, burst, clock=clock) if burst else None
     s, _, audit = make(level, FakePolicies(**POLICIES), clock=clock, rate_limiter=limiter)
     s.fast_paths = fast
+    if hits is not None:
+        s._client_fast = _counting(s._client_fast, hits.setdefault("client", []))
+        s._broker_fast = _counting(s._broker_fast, hits.setdefault("broker", []))
     to_broker: list = []
     to_client: list = []
 
@@ -42,58 +74,126 @@ def _run(level, client_chunks, broker_chunks, *, fast: bool, burst: int | None):
         if acts.open_upstream:
             apply(s.broker_data(connack(level)))
 
-    rest_c, rest_b = list(client_chunks), list(broker_chunks)
-    while rest_c or rest_b:
-        if rest_c:
-            apply(s.client_data(rest_c.pop(0)))
-        if rest_b:
-            apply(s.broker_data(rest_b.pop(0)))
+    for side, chunk in events:
+        apply(s.client_data(chunk) if side == "client" else s.broker_data(chunk))
     state = (s.closed, s._published, s._forwarded, s._delivered, s._handed, sorted(s._client_qos2_answered),
              sorted(s._broker_qos2_dropped), s._last_rx)
     buckets = {k: tuple(v) for k, v in limiter._buckets.items()} if limiter else {}
     return to_broker, to_client, [dict(r, ts=None) for r in audit.records], state, buckets
 
 
-def assert_same(level, client_chunks, broker_chunks, burst=None):
-    fast = _run(level, client_chunks, broker_chunks, fast=True, burst=burst)
-    full = _run(level, client_chunks, broker_chunks, fast=False, burst=burst)
+def assert_same(level, events, burst=None, stats: Counter | None = None):
+    hits: dict = {}
+    fast = _run(level, events, fast=True, burst=burst, hits=hits)
+    full = _run(level, events, fast=False, burst=burst)
     # Chunk by chunk, not only in total: the fast path must not delay or reorder anything.
     assert fast[0] == full[0]
     assert fast[1] == full[1]
     assert fast[2] == full[2]
     assert fast[3] == full[3]
     assert fast[4] == full[4]
+    if stats is not None:
+        stats["examples"] += 1
+        for side in ("client", "broker"):
+            if hits.get(side):
+                stats[side] += 1
+
+
+def assert_fast_paths_ran(stats: Counter, side: str, what: str) -> None:
+    share = stats[side] / max(stats["examples"], 1)
+    print(f"\n{what}: {stats[side]} of {stats['examples']} examples consumed bytes on the {side} fast path "
+          f"({share:.0%}; client {stats['client']}, broker {stats['broker']})")
+    assert stats["examples"] and share >= MIN_FAST_SHARE, (
+        f"the {side} fast path consumed bytes in only {stats[side]} of {stats['examples']} examples "
+        f"(at least {MIN_FAST_SHARE:.0%} required): the comparison no longer exercises it")
 
 
 @st.composite
-def busy_client(draw, level):
-    """A publisher repeating a few topics (so decisions are cached), with other packets mixed in."""
-    packets = [connect_bytes(level)]
-    for _ in range(draw(st.integers(1, 6))):
-        packets += [draw(client_packet(level))] * draw(st.integers(1, 8))
-    return b"".join(packets)
+def fast_publish(draw, level, topics=fast_topics):
+    """A publish the fast path may take (cached topic, no properties) or must leave alone."""
+    with_props = level == MQTT_5 and draw(st.sampled_from([False, False, False, True]))
+    props = draw(properties_for("publish")) if with_props else []
+    qos = draw(st.integers(0, 2))
+    return codec.encode_publish(draw(topics), draw(st.binary(max_size=20)), qos=qos,
+                                packet_id=draw(st.integers(1, 6)) if qos else None, retain=draw(st.booleans()),
+                                level=level, properties=props)
 
 
-@SETTINGS
-@given(st.data(), levels, st.sampled_from([None, 1, 3, 300]))
-def test_fast_path_matches_full_path_on_client_traffic(data, level, burst):
-    stream = data.draw(busy_client(level))
-    if data.draw(st.booleans()):
-        stream = data.draw(mutated(stream))
-    assert_same(level, data.draw(splits(stream)), [], burst)
+@st.composite
+def fast_delivery(draw, level, topics=fast_topics):
+    qos = draw(st.integers(0, 2))
+    return codec.encode_publish(draw(topics), draw(st.binary(max_size=20)), qos=qos,
+                                packet_id=draw(st.integers(1, 6)) if qos else None, level=level)
 
 
-@SETTINGS
-@given(st.data(), levels, st.sampled_from(["devices/+/telemetry", "devices/thermo-1/#", "#"]))
-def test_fast_path_matches_full_path_on_deliveries(data, level, topic_filter):
-    sub = codec.encode_subscribe(Subscribe(1, [Subscription(topic_filter, 2)]), level)
-    packets = []
-    for _ in range(data.draw(st.integers(1, 6))):
-        packets += [data.draw(broker_packet(level))] * data.draw(st.integers(1, 8))
+@st.composite
+def chunked(draw, distinct: list[bytes], others: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """(warm-up chunk, traffic chunks): each distinct publish once, then each repeated and
+    interleaved with the other packets, in chunks of whole packets; some examples are also
+    cut at a few random points (partial packets), some mutated."""
+    packets = [p for p in distinct for _ in range(draw(st.integers(1, 8)))] + others
+    packets = draw(st.permutations(packets))
     stream = b"".join(packets)
-    if data.draw(st.booleans()):
-        stream = data.draw(mutated(stream))
-    assert_same(level, [connect_bytes(level), sub], data.draw(splits(stream)))
+    ends = [sum(len(p) for p in packets[:i + 1]) for i in range(len(packets))]
+    cuts = set(draw(st.lists(st.sampled_from(ends), min_size=1, max_size=8)))
+    how = draw(st.sampled_from(["whole", "whole", "split", "mutated"]))
+    if how == "split" and len(stream) > 1:
+        cuts |= set(draw(st.lists(st.integers(1, len(stream) - 1), min_size=1, max_size=3)))
+    elif how == "mutated":
+        stream = draw(mutated(stream))
+    bounds = [0] + sorted(c for c in cuts if 0 < c < len(stream)) + [len(stream)]
+    chunks = [stream[a:b] for a, b in zip(bounds, bounds[1:]) if a < b]
+    return b"".join(dict.fromkeys(distinct)), chunks
+
+
+@st.composite
+def client_traffic(draw, level):
+    # One publish on an allowed topic at least, so that there is something for the fast path.
+    distinct = [draw(fast_publish(level, allowed_topics))] + draw(st.lists(fast_publish(level), max_size=5))
+    others = draw(st.lists(client_packet(level), max_size=3))  # may end the session, or re-authenticate
+    return draw(chunked(distinct, others))
+
+
+@st.composite
+def broker_traffic(draw, level):
+    distinct = [draw(fast_delivery(level, allowed_topics))] + draw(st.lists(fast_delivery(level), max_size=5))
+    others = draw(st.lists(broker_packet(level), max_size=3))
+    return draw(chunked(distinct, others))
+
+
+def test_fast_path_matches_full_path_on_client_traffic():
+    stats: Counter = Counter()
+
+    @SETTINGS
+    @given(st.data(), levels)
+    def check(data, level):
+        warm, chunks = data.draw(client_traffic(level))
+        # No limiter; one dry at once; plenty; the warm-up's worth and a few more, so that the
+        # bucket runs dry in the middle of the traffic, on the fast path.
+        burst = data.draw(st.sampled_from([None, None, 1, 300, "dry", "dry"]))
+        if burst == "dry":
+            burst = len(codec.Framer(1 << 20).feed(warm)) + data.draw(st.integers(1, 12))
+        events = [("client", connect_bytes(level)), ("client", warm)] + [("client", c) for c in chunks]
+        assert_same(level, events, burst, stats)
+
+    check()
+    assert_fast_paths_ran(stats, "client", "client traffic")
+
+
+def test_fast_path_matches_full_path_on_deliveries():
+    stats: Counter = Counter()
+
+    @SETTINGS
+    @given(st.data(), levels, st.sampled_from(["devices/+/telemetry", "devices/thermo-1/#", "#"]))
+    def check(data, level, topic_filter):
+        sub = codec.encode_subscribe(Subscribe(1, [Subscription(topic_filter, 2)]), level)
+        suback = codec.encode_suback(codec.Suback(1, [2]), level)
+        warm, chunks = data.draw(broker_traffic(level))
+        events = [("client", connect_bytes(level)), ("client", sub), ("broker", suback), ("broker", warm)]
+        assert_same(level, events + [("broker", c) for c in chunks], stats=stats)
+
+    check()
+    assert_fast_paths_ran(stats, "broker", "deliveries")
 
 
 def test_a_chunk_of_cached_publishes_is_one_slice_to_the_broker():
