@@ -13,6 +13,8 @@ Nothing here touches the store or the event loop; the service calls it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ BACKDATE = dt.timedelta(minutes=5)
 #: How many enrolled certificates a device keeps: the new one and the one it replaces (rollover).
 KEEP = 2
 PEM_CSR = b"-----BEGIN CERTIFICATE REQUEST-----"
+MAX_CN = 64  # X.509's upper bound for a common name (device ids may be longer)
 
 
 class CsrProblem(ValueError):
@@ -85,16 +88,22 @@ def key_problem(key: Any) -> str | None:
 def check_csr(data: bytes, device_id: str) -> x509.CertificateSigningRequest:
     """The parsed CSR when it may be signed for ``device_id``; CsrProblem otherwise.
 
-    PEM, or DER (what ``application/pkcs10`` means strictly). Its signature must verify
+    PEM, or DER (what ``application/pkcs10`` means strictly), or base64 DER (as EST clients
+    send it). Its signature must verify
     (the requester holds the key), its key must be strong, and its subject must be
     exactly one CN: the device id."""
+    if len(device_id) > MAX_CN:
+        raise CsrProblem(f"a certificate's CN holds at most {MAX_CN} characters: this device id is too long "
+                         "for a certificate (use its keys)")
     try:
         if data.lstrip().startswith(PEM_CSR):
             csr = x509.load_pem_x509_csr(data.strip())
-        else:
+        elif data[:1] == b"\x30":  # a DER SEQUENCE
             csr = x509.load_der_x509_csr(data)
+        else:
+            csr = x509.load_der_x509_csr(base64.b64decode(data, validate=False))
         public_key = csr.public_key()
-    except (ValueError, UnsupportedAlgorithm):
+    except (ValueError, binascii.Error, UnsupportedAlgorithm):
         raise CsrProblem("csr must be a PEM certificate signing request (openssl req -new)") from None
     problem = key_problem(public_key)
     if problem:

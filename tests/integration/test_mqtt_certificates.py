@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from tests.rig.mqtt_clients import V5, V311, mosquitto_pub, mosquitto_sub
+from tests.rig.mqtt_clients import V5, V311, Paho, mosquitto_pub, mosquitto_sub
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +86,26 @@ async def test_a_certificate_does_not_outlive_its_registration(mqtt_rig):
     await rig.register_device("bob", dev)
     assert (await publishes(rig, dev, cert))[0] != 0
     assert len(rig.audited(action="connect", decision="allow", resource=dev)) == 1
+
+
+async def test_revoking_closes_the_open_connection_and_rollover_keeps_the_other(mqtt_rig):
+    """A connection stands on its certificate: revoking it ends the connection at once (v5
+    DISCONNECT 0x98); the device's other enrolled certificate keeps working."""
+    rig = mqtt_rig
+    dev, _, _ = await rig.register_device("alice")
+    old, new = await rig.enroll("alice", dev), await rig.enroll("alice", dev)
+    on_old = Paho(rig, dev, cert=old)
+    try:
+        assert await on_old.connect() == 0
+        serial = rig.services.ownership.certificates_of(dev)[0]["serial"]
+        await rig.services.ownership.revoke_certificates(await rig.identity("alice"), dev, serial)
+        assert await asyncio.to_thread(on_old.disconnected.wait, 5)
+        assert int(on_old.disconnect_rc.value) == 0x98
+    finally:
+        await on_old.close()
+    on_new = Paho(rig, dev, cert=new)
+    try:
+        assert await on_new.connect() == 0
+        assert await on_new.publish(f"devices/{dev}/telemetry", b"still here", qos=1) in (0, 0x10)
+    finally:
+        await on_new.close()

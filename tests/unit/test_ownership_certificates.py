@@ -115,10 +115,13 @@ async def test_accepted_key_types(service, key):
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-async def test_a_der_csr_is_read_too(service):
-    key, pem = make_csr("d1")
-    der = x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER)
+async def test_der_and_base64_der_csrs_are_read_too(service):
+    import base64
+
+    der = x509.load_pem_x509_csr(make_csr("d1")[1]).public_bytes(serialization.Encoding.DER)
     assert (await service.enroll_certificate(ALICE, "d1", der))["serial"]
+    der = x509.load_pem_x509_csr(make_csr("d1")[1]).public_bytes(serialization.Encoding.DER)
+    assert (await service.enroll_certificate(ALICE, "d1", base64.encodebytes(der)))["serial"]
 
 
 # ---------------------------------------------------------------- what is refused
@@ -160,6 +163,15 @@ async def test_refused_csrs(service, csr, message):
     assert message in str(err.value)
     assert service.certificates_of("d1") == []
     assert [r["decision"] for r in service.audit.records if r["action"] == "certificate.enroll"] == ["deny"]
+
+
+async def test_a_device_id_too_long_for_a_cn(service):
+    long_id = "x" * 65
+    await service.register_device(ALICE, {"id": long_id, "type": "T"})
+    with pytest.raises(InvalidInput, match="at most 64 characters"):
+        await service.enroll_certificate(ALICE, long_id, make_csr("x")[1])
+    await service.register_device(ALICE, {"id": "y" * 64, "type": "T"})
+    assert (await service.enroll_certificate(ALICE, "y" * 64, make_csr("y" * 64)[1]))["serial"]
 
 
 async def test_without_a_ca_key_enrollment_is_unavailable(ownership_service):
