@@ -32,6 +32,7 @@ OPENAPI = web.AppKey("openapi", dict)
 IDENTITY = web.RequestKey("identity", Identity)
 MAX_BODY_BYTES = 16 * 1024
 JSON_TYPES = ("application/json", "application/merge-patch+json")
+CSR_TYPES = ("application/pkcs10", "application/x-pem-file")
 # Route params: anything but "/", so ids with braces (allowed by Orion) reach the handler.
 _ID = "{id:[^/]+}"
 
@@ -338,6 +339,51 @@ async def revoke_delegation(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def certificate_out(c: dict[str, Any]) -> dict[str, Any]:
+    return {"serial": c["serial"], "fingerprint": f"sha256:{c['fingerprint']}", "not_after": _iso(c["not_after"]),
+            "created_at": _iso(c["created_at"])}
+
+
+async def _csr_body(request: web.Request) -> bytes:
+    """The CSR: the body itself (application/pkcs10, PEM or DER) or ``{"csr": PEM}``."""
+    if request.content_type in CSR_TYPES:
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise ApiError(413, "body_too_large", f"the body may be at most {MAX_BODY_BYTES} bytes")
+        return await _read_bounded(request, MAX_BODY_BYTES)
+    if request.content_type not in JSON_TYPES:
+        raise ApiError(415, "unsupported_media_type", "the body must be application/pkcs10 or application/json")
+    body = await _json_body(request, allowed={"csr"}, required={"csr"})
+    if not isinstance(body["csr"], str):
+        _invalid("csr must be a PEM string")
+    try:
+        return body["csr"].encode("ascii")
+    except UnicodeEncodeError:
+        raise ApiError(400, "invalid_csr", "csr must be a PEM certificate signing request") from None
+
+
+async def enroll_certificate(request: web.Request) -> web.Response:
+    device = _managed_device(request)
+    csr = await _csr_body(request)
+    issued = await _services(request).ownership.enroll_certificate(_caller(request), device["id"], csr)
+    out = {"certificate": issued["certificate"], "chain": issued["chain"], "serial": issued["serial"],
+           "fingerprint": f"sha256:{issued['fingerprint']}", "not_after": _iso(issued["not_after"])}
+    location = f"{request.raw_path.partition('?')[0]}/{issued['serial']}"
+    return web.json_response(out, status=201, headers={"Location": location})
+
+
+async def list_certificates(request: web.Request) -> web.Response:
+    device = _managed_device(request)
+    rows = _services(request).ownership.certificates_of(device["id"])
+    return web.json_response({"certificates": [certificate_out(c) for c in rows]})
+
+
+async def revoke_certificates(request: web.Request) -> web.Response:
+    device = _managed_device(request)
+    await _services(request).ownership.revoke_certificates(_caller(request), device["id"],
+                                                           request.match_info.get("serial"))
+    return web.Response(status=204)
+
+
 async def export_me(request: web.Request) -> web.Response:
     caller = _caller(request)
     data = await _services(request).ownership.export_user_data(caller)
@@ -345,6 +391,7 @@ async def export_me(request: web.Request) -> web.Response:
     for d in data["devices"]:
         d["delegations"] = [delegation_out(x, now) for x in d["delegations"]]
         d["keys"] = [{"slot": k["slot"], "created_at": _iso(k["created_at"])} for k in d["keys"]]
+        d["certificates"] = [certificate_out(c) for c in d["certificates"]]
         for name in ("created_at", "updated_at"):
             d[name] = _iso(d[name])
     for name in ("delegations_granted", "delegations_received"):
@@ -386,6 +433,10 @@ def create_api_app(services: Services) -> web.Application:
     r.add_post(f"/devices/{_ID}/delegations", create_delegation)
     r.add_get(f"/devices/{_ID}/delegations", list_delegations, allow_head=False)
     r.add_delete(f"/devices/{_ID}/delegations/{{delegation}}", revoke_delegation, name="delegation")
+    r.add_post(f"/devices/{_ID}/certificate", enroll_certificate)
+    r.add_get(f"/devices/{_ID}/certificate", list_certificates, allow_head=False)
+    r.add_delete(f"/devices/{_ID}/certificate", revoke_certificates)
+    r.add_delete(f"/devices/{_ID}/certificate/{{serial}}", revoke_certificates)
     r.add_get("/me/data", export_me, allow_head=False)
     r.add_delete("/me/data", erase_me)
     return app

@@ -33,6 +33,7 @@ class MemoryFacts:
         self._delegations: dict[str, dict[str, dict[str, Any]]] = {}  # device id -> delegation id -> row
         self._facts: dict[str, DeviceFacts] = {}
         self._keys: dict[str, dict[str, bytes]] = {}        # device id -> slot -> hash
+        self._certs: dict[str, dict[str, dict[str, Any]]] = {}  # device id -> fingerprint -> enrolled cert
         self._by_owner: dict[str, set[str]] = {}            # owner sub -> device ids
         self._by_grantee: dict[str, set[str]] = {}          # grantee -> device ids
         self._public: set[str] = set()
@@ -101,6 +102,14 @@ class MemoryFacts:
     def key_hashes(self, device_id: str) -> dict[str, bytes] | None:
         return self._keys.get(device_id)
 
+    def certificate(self, device_id: str, fingerprint: str) -> dict[str, Any] | None:
+        """The enrolled certificate of this device with this SHA-256 fingerprint (hex), or None."""
+        return self._certs.get(device_id, {}).get(fingerprint)
+
+    def certificates_of(self, device_id: str) -> list[dict[str, Any]]:
+        """The device's enrolled certificates, oldest first."""
+        return sorted(self._certs.get(device_id, {}).values(), key=lambda c: c["created_at"])
+
     def subscription_owner(self, subscription_id: str, service: str) -> str | None:
         return self._subs.get((service, subscription_id))
 
@@ -125,6 +134,8 @@ class MemoryFacts:
             self._put_delegation(row)
         for row in snapshot["subscriptions"]:
             self._put_subscription(row["id"], row["service"], row["owner_sub"], row)
+        for row in snapshot.get("certificates", ()):
+            self._certs.setdefault(row["device_id"], {})[row["fingerprint"]] = dict(row)
         for device_id in self._records:
             self._rebuild(device_id)
         self.changed(None)
@@ -138,6 +149,14 @@ class MemoryFacts:
     def set_key(self, device_id: str, slot: str, digest: bytes) -> None:
         self._keys.setdefault(device_id, {})[slot] = digest
 
+    def set_certificates(self, device_id: str, rows: Iterable[dict[str, Any]]) -> None:
+        """The device's enrolled certificates are now exactly ``rows``."""
+        certs = {row["fingerprint"]: dict(row) for row in rows}
+        if certs:
+            self._certs[device_id] = certs
+        else:
+            self._certs.pop(device_id, None)
+
     def remove_device(self, device_id: str) -> None:
         row = self._records.pop(device_id, None)
         if row is not None:
@@ -145,6 +164,7 @@ class MemoryFacts:
         for d in self._delegations.pop(device_id, {}).values():
             self._discard(self._by_grantee, d["grantee"], device_id)
         self._keys.pop(device_id, None)
+        self._certs.pop(device_id, None)
         self._facts.pop(device_id, None)
         self._public.discard(device_id)
 

@@ -79,6 +79,18 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
         "ALTER TABLE subscriptions ADD COLUMN unrestricted INTEGER NOT NULL DEFAULT 0 "
         "CHECK (unrestricted IN (0, 1))",
     )),
+    (3, (
+        # Enrolled device certificates (ownership/enrollment.py): only a client certificate whose
+        # SHA-256 fingerprint is here authenticates its device. At most two per device (rollover).
+        """CREATE TABLE device_certificates (
+            serial      TEXT PRIMARY KEY,   -- hex, as the certificate carries it
+            device_id   TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+            fingerprint BLOB NOT NULL UNIQUE,  -- SHA-256 of the DER
+            not_after   REAL NOT NULL,
+            created_at  REAL NOT NULL
+        )""",
+        "CREATE INDEX device_certificates_device ON device_certificates (device_id)",
+    )),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -38,6 +38,8 @@ _DEVICE_ID = {"name": "id", "in": "path", "required": True,
               "schema": {"type": "string", "pattern": DEVICE_ID_PATTERN, "maxLength": 256}}
 
 _TEXT = {"type": "string", "maxLength": 256, "pattern": TEXT_PATTERN, "nullable": True}
+_SERIAL_PATTERN = r"^[0-9a-f]+$"
+_FINGERPRINT_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
 
 def build_openapi(config: Config) -> dict[str, Any]:
@@ -124,6 +126,29 @@ def build_openapi(config: Config) -> dict[str, Any]:
             "exported_at": {"type": "string", "format": "date-time"}}},
         "Erased": {"type": "object", "required": ["erased"], "properties": {
             "erased": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+        "CertificateRequest": {
+            "type": "object", "additionalProperties": False, "required": ["csr"],
+            "properties": {"csr": {"type": "string", "maxLength": 16384,
+                                   "description": "PEM PKCS#10 CSR; subject CN = the device id"}}},
+        "IssuedCertificate": {
+            "type": "object", "additionalProperties": False,
+            "required": ["certificate", "chain", "serial", "fingerprint", "not_after"],
+            "properties": {
+                "certificate": {"type": "string", "description": "the device's certificate, PEM"},
+                "chain": {"type": "string", "description": "the certificate, then the device CA's, PEM"},
+                "serial": {"type": "string", "pattern": _SERIAL_PATTERN},
+                "fingerprint": {"type": "string", "pattern": _FINGERPRINT_PATTERN},
+                "not_after": {"type": "string", "format": "date-time"}}},
+        "EnrolledCertificate": {
+            "type": "object", "required": ["serial", "fingerprint", "not_after", "created_at"],
+            "properties": {
+                "serial": {"type": "string", "pattern": _SERIAL_PATTERN},
+                "fingerprint": {"type": "string", "pattern": _FINGERPRINT_PATTERN},
+                "not_after": {"type": "string", "format": "date-time"},
+                "created_at": {"type": "string", "format": "date-time"}}},
+        "CertificateList": {"type": "object", "required": ["certificates"], "properties": {
+            "certificates": {"type": "array", "maxItems": 2,
+                             "items": {"$ref": "#/components/schemas/EnrolledCertificate"}}}},
     }
     no_content = {"description": "done"}
     paths: dict[str, Any] = {
@@ -185,6 +210,39 @@ def build_openapi(config: Config) -> dict[str, Any]:
             "delete": {"operationId": "revokeDelegation", "summary": "Revoke a delegation",
                        "responses": {"204": no_content, **_NOT_FOUND, **_COMMON}},
         },
+        "/devices/{id}/certificate": {
+            "parameters": [_DEVICE_ID],
+            "post": {
+                "operationId": "enrollCertificate",
+                "summary": "Sign the device's CSR with the device CA and enroll the certificate",
+                "description": "Only enrolled certificates authenticate their device. The latest two stay "
+                               "enrolled, so a device can roll over; enrolling a third drops the oldest.",
+                "requestBody": {"required": True, "content": {
+                    "application/pkcs10": {"schema": {"type": "string", "maxLength": 16384},
+                                           "example": "-----BEGIN CERTIFICATE REQUEST-----\n..."},
+                    "application/json": {"schema": {"$ref": "#/components/schemas/CertificateRequest"}}}},
+                "responses": {
+                    "201": _json("#/components/schemas/IssuedCertificate", "signed and enrolled",
+                                 {"Location": {"schema": {"type": "string"}}}),
+                    "400": _error("not a CSR, a bad signature, a weak key, or a CN other than the device id "
+                                  "(code invalid_csr)"),
+                    "413": _error("body too large"),
+                    "415": _error("the body must be application/pkcs10 or application/json"),
+                    "501": _error("no device CA key is configured (code enrollment_unavailable)"),
+                    **_NOT_FOUND, **_COMMON},
+            },
+            "get": {"operationId": "listCertificates", "summary": "The device's enrolled certificates, oldest first",
+                    "responses": {"200": _json("#/components/schemas/CertificateList", "the certificates"),
+                                  **_NOT_FOUND, **_COMMON}},
+            "delete": {"operationId": "revokeCertificates", "summary": "Revoke every enrolled certificate",
+                       "responses": {"204": no_content, **_NOT_FOUND, **_COMMON}},
+        },
+        "/devices/{id}/certificate/{serial}": {
+            "parameters": [_DEVICE_ID, {"name": "serial", "in": "path", "required": True,
+                                        "schema": {"type": "string", "maxLength": 64}}],
+            "delete": {"operationId": "revokeCertificate", "summary": "Revoke one enrolled certificate",
+                       "responses": {"204": no_content, **_NOT_FOUND, **_COMMON}},
+        },
         "/me/data": {
             "get": {"operationId": "exportMyData", "summary": "Every record about the caller (GDPR access)",
                     "responses": {"200": {**_json("#/components/schemas/PersonalData", "a JSON download"),
@@ -203,7 +261,8 @@ def build_openapi(config: Config) -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
         "info": {"title": "keygate ownership API", "version": "1.0.0",
-                 "description": "Devices, device keys, delegations and personal data (GDPR) for keygate."},
+                 "description": "Devices, device keys and certificates, delegations and personal data (GDPR) "
+                                "for keygate."},
         "servers": [{"url": prefix}],
         "security": [{"bearer": []}],
         "paths": paths,

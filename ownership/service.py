@@ -13,6 +13,7 @@ caller and records every change in the audit log with the actor's identity.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -25,7 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from prometheus_client import Counter, Gauge
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
+from ownership import enrollment
 from ownership import store as st
+from ownership.enrollment import CsrProblem, DeviceCA
 from ownership.facts import MemoryFacts
 from ownership.validation import KEY_SLOTS, PERMISSIONS, grantee_problem, orion_id_problem
 from proxy.audit import AuditLog
@@ -73,6 +76,11 @@ class QuotaExceeded(OwnershipError):
     status, code = 403, "quota_exceeded"
 
 
+class EnrollmentUnavailable(OwnershipError):
+    # 501, not 503: no device CA key is configured, and asking again will not change that.
+    status, code = 501, "enrollment_unavailable"
+
+
 #: The identity attributes policies read, kept with a subscription to re-check it later.
 SNAPSHOT_FIELDS = ("kind", "sub", "username", "method", "roles", "client_roles", "scopes", "groups", "azp",
                    "device_id", "owner_sub", "owner_username")
@@ -101,9 +109,11 @@ def new_device_key() -> str:
 
 class OwnershipService:
     def __init__(self, config: Config, store: st.Store, executor: ThreadPoolExecutor, *, pepper: bytes,
-                 audit: AuditLog, clock: Callable[[], float] = time.time):
+                 audit: AuditLog, clock: Callable[[], float] = time.time, device_ca: DeviceCA | None = None):
         self.config = config
         self.audit = audit
+        # Signs enrolled device certificates; None when tls.client_ca_key is not configured.
+        self.device_ca = device_ca
         self._store = store
         self._executor = executor
         self._clock = clock
@@ -132,6 +142,7 @@ class OwnershipService:
         passphrase = read_secret(config.store.key, config.store.key_file, config)
         if not passphrase:
             raise ConfigError(f"store {config.store.path}: no key configured (store.key or store.key_file)")
+        device_ca = DeviceCA.from_config(config)  # before the store: a bad CA key fails the start cleanly
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keygate-store")
         loop = asyncio.get_running_loop()
         path = config.resolve(config.store.path)
@@ -151,7 +162,7 @@ class OwnershipService:
             await loop.run_in_executor(executor, store.close)
             executor.shutdown(wait=False)
             raise
-        service = cls(config, store, executor, pepper=pepper, audit=audit, clock=clock)
+        service = cls(config, store, executor, pepper=pepper, audit=audit, clock=clock, device_ca=device_ca)
         service.facts.load(snapshot)
         DEVICES.set_function(lambda: len(service.facts))
         add_readiness_check("ownership", service._readiness)
@@ -205,10 +216,23 @@ class OwnershipService:
         slot = "k1" if ok1 else "k2"
         return self._device_identity(device_id, "device_key", f"{slot}:{digest.hex()}")
 
-    def device_identity(self, device_id: str) -> Identity:
-        return self._device_identity(device_id, "certificate", "")
+    def device_identity(self, device_id: str, fingerprint: str) -> Identity:
+        """The device a verified client certificate (CN ``device_id``, SHA-256 ``fingerprint`` of its
+        DER, hex) authenticates: only one enrolled for the device's current registration does."""
+        fingerprint = fingerprint.lower()
+        if self.facts.device(device_id) is None:
+            raise AuthError(AuthReason.UNKNOWN_DEVICE_OR_KEY)
+        enrolled = self.facts.certificate(device_id, fingerprint)
+        if enrolled is None:
+            # Signed by the device CA but not enrolled: issued for an earlier registration of this
+            # id, revoked, replaced by a rollover, or never enrolled.
+            raise AuthError(AuthReason.BAD_CERTIFICATE, "certificate not enrolled")
+        # The connection ends when the certificate does, as a token's does.
+        return self._device_identity(device_id, "certificate", f"cert:{fingerprint}",
+                                     expires_at=enrolled["not_after"])
 
-    def _device_identity(self, device_id: str, method: str, credential: str) -> Identity:
+    def _device_identity(self, device_id: str, method: str, credential: str, *,
+                         expires_at: float | None = None) -> Identity:
         ident = self._identities.get((device_id, method, credential))
         if ident is not None:
             return ident
@@ -217,7 +241,7 @@ class OwnershipService:
             raise AuthError(AuthReason.UNKNOWN_DEVICE_OR_KEY)
         ident = Identity(kind="device", sub=f"device:{device_id}", username=device_id, device_id=device_id,
                          owner_sub=facts.owner_sub, owner_username=facts.owner_username,
-                         method=method, credential=credential)  # type: ignore[arg-type]
+                         method=method, credential=credential, expires_at=expires_at)  # type: ignore[arg-type]
         self._identities[(device_id, method, credential)] = ident
         return ident
 
@@ -232,7 +256,7 @@ class OwnershipService:
         """Why a device's connection no longer stands on a valid credential, or None.
 
         Asked of every open device connection after an ownership change: a deleted or
-        re-registered device, or a rotated key, ends what it authorized at once."""
+        re-registered device, a rotated key or a revoked certificate ends what it authorized at once."""
         if not identity.is_device:
             return None
         record = self.facts.record(identity.device_id)
@@ -246,6 +270,9 @@ class OwnershipService:
             current = stored.get(kind)
             if current is None or not hmac.compare_digest(current.hex(), value):
                 return f"key {kind} rotated"
+        elif identity.method == "certificate":
+            if kind != "cert" or self.facts.certificate(identity.device_id, value) is None:
+                return "certificate revoked"
         return None
 
     # ------------------------------------------------------------------ quotas
@@ -371,6 +398,67 @@ class OwnershipService:
         self.facts.changed({device_id})
         self._audit("device.rotate_key", actor, device_id, slot=slot)
         return key
+
+    # ------------------------------------------------------------------ certificates
+
+    async def enroll_certificate(self, actor: Identity, device_id: str, csr: bytes) -> dict[str, Any]:
+        """Sign the device's CSR with the device CA and enroll the certificate: it authenticates the
+        device from now on, with the one enrolled before it (rollover); any older one no longer does.
+        Returns the issued certificate (:class:`~ownership.enrollment.Issued` fields) and ``created_at``."""
+        record = self.facts.record(device_id)
+        if record is None:
+            raise NotFound(f"no device {device_id!r}")
+        if self.device_ca is None:
+            raise EnrollmentUnavailable("certificate enrollment is not configured on this gateway "
+                                        "(tls.client_ca_key)")
+        ca = self.device_ca
+        now = self._clock()
+
+        def sign() -> enrollment.Issued:
+            return ca.issue(enrollment.check_csr(csr, device_id), device_id, now)
+
+        try:
+            # Off the event loop: an RSA CA key takes milliseconds per signature.
+            issued = await asyncio.to_thread(sign)
+        except CsrProblem as exc:
+            self._audit("certificate.enroll", actor, device_id, decision="deny", reason="invalid_csr")
+            raise InvalidInput(str(exc), code="invalid_csr") from None
+        row = {"serial": issued.serial, "device_id": device_id, "fingerprint": issued.fingerprint,
+               "not_after": issued.not_after, "created_at": now}
+        before = {c["serial"] for c in self.facts.certificates_of(device_id)}
+        try:
+            rows = await self._run(self._store.insert_certificate, row, owner_sub=record["owner_sub"],
+                                   keep=enrollment.KEEP)
+        except st.NotFound:
+            raise NotFound(f"no device {device_id!r}") from None
+        self.facts.set_certificates(device_id, rows)
+        self.facts.changed({device_id})
+        dropped = sorted(before - {c["serial"] for c in rows})
+        self._audit("certificate.enroll", actor, device_id, serial=issued.serial,
+                    fingerprint=f"sha256:{issued.fingerprint}", not_after=issued.not_after, replaced=dropped)
+        return {**dataclasses.asdict(issued), "created_at": now}
+
+    def certificates_of(self, device_id: str) -> list[dict[str, Any]]:
+        return self.facts.certificates_of(device_id)
+
+    async def revoke_certificates(self, actor: Identity, device_id: str, serial: str | None = None) -> list[str]:
+        """Revoke the device's certificate with this serial (hex), or all of them; returns the serials
+        revoked. Connections they authenticated are told at once (``facts.changed``)."""
+        if serial is not None:
+            normal = enrollment.normal_serial(serial)
+            if normal is None:
+                raise NotFound(f"no certificate {serial!r} on this device")
+            serial = normal
+        try:
+            gone = await self._run(self._store.delete_certificates, device_id, serial)
+        except st.NotFound:
+            raise NotFound(f"no certificate {serial!r} on this device") from None
+        if gone:
+            self.facts.set_certificates(device_id, [c for c in self.facts.certificates_of(device_id)
+                                                    if c["serial"] not in gone])
+            self.facts.changed({device_id})
+        self._audit("certificate.revoke", actor, device_id, serials=gone)
+        return gone
 
     # ------------------------------------------------------------------ delegations
 

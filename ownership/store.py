@@ -188,6 +188,7 @@ class Store:
                          for r in c.execute("SELECT device_id, slot, hash FROM device_keys")],
                 "delegations": [_delegation(r) for r in c.execute(_DELEGATION_SELECT)],
                 "subscriptions": [_subscription(r) for r in c.execute(_SUBSCRIPTION_SELECT)],
+                "certificates": [_certificate(r) for r in c.execute(_CERTIFICATE_SELECT)],
             }
 
     def get_device(self, device_id: str) -> dict[str, Any] | None:
@@ -212,6 +213,7 @@ class Store:
                     _DELEGATION_SELECT + " WHERE device_id = ? ORDER BY created_at, id", (d["id"],))]
                 d["keys"] = [{"slot": r[0], "created_at": r[1]} for r in c.execute(
                     "SELECT slot, created_at FROM device_keys WHERE device_id = ? ORDER BY slot", (d["id"],))]
+                d["certificates"] = self._certificates(c, d["id"])
             granted = [_delegation(r) for r in c.execute(
                 _DELEGATION_SELECT + " WHERE granted_by = ? ORDER BY created_at, id", (sub,))]
             received = [_delegation(r) for r in c.execute(
@@ -278,6 +280,7 @@ class Store:
         with self.transaction() as c:
             c.execute("DELETE FROM delegations WHERE device_id = ?", (device_id,))
             c.execute("DELETE FROM device_keys WHERE device_id = ?", (device_id,))
+            c.execute("DELETE FROM device_certificates WHERE device_id = ?", (device_id,))
             if c.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount != 1:
                 raise NotFound(device_id)
 
@@ -288,6 +291,43 @@ class Store:
             if cur.rowcount != 1:
                 raise NotFound(device_id)
             c.execute("UPDATE devices SET updated_at = ? WHERE id = ?", (now, device_id))
+
+    def insert_certificate(self, row: dict[str, Any], *, owner_sub: str, keep: int) -> list[dict[str, Any]]:
+        """Enroll a certificate on a device ``owner_sub`` still owns, keeping only the newest ``keep``;
+        returns the device's certificates after the change."""
+        device_id = row["device_id"]
+        with self.transaction() as c:
+            owner = c.execute("SELECT owner_sub FROM devices WHERE id = ?", (device_id,)).fetchone()
+            # The owner checked by the API may have deleted the device, and another registered its
+            # id, since: the certificate must not land on the new registration.
+            if owner is None or owner[0] != owner_sub:
+                raise NotFound(device_id)
+            c.execute("INSERT INTO device_certificates (serial, device_id, fingerprint, not_after, created_at)"
+                      " VALUES (?, ?, ?, ?, ?)", (row["serial"], device_id, bytes.fromhex(row["fingerprint"]),
+                                                  row["not_after"], row["created_at"]))
+            c.execute("DELETE FROM device_certificates WHERE device_id = ? AND serial NOT IN (SELECT serial FROM "
+                      "device_certificates WHERE device_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?)",
+                      (device_id, device_id, keep))
+            return self._certificates(c, device_id)
+
+    def delete_certificates(self, device_id: str, serial: str | None = None) -> list[str]:
+        """Revoke one certificate of the device (NotFound if it has no such serial) or all; returns
+        the serials revoked."""
+        with self.transaction() as c:
+            if serial is None:
+                gone = [r[0] for r in c.execute("SELECT serial FROM device_certificates WHERE device_id = ?",
+                                                (device_id,))]
+                c.execute("DELETE FROM device_certificates WHERE device_id = ?", (device_id,))
+                return gone
+            if c.execute("DELETE FROM device_certificates WHERE device_id = ? AND serial = ?",
+                         (device_id, serial)).rowcount != 1:
+                raise NotFound(serial)
+            return [serial]
+
+    @staticmethod
+    def _certificates(c: Any, device_id: str) -> list[dict[str, Any]]:
+        return [_certificate(r) for r in c.execute(
+            _CERTIFICATE_SELECT + " WHERE device_id = ? ORDER BY created_at, rowid", (device_id,))]
 
     def insert_delegation(self, d: dict[str, Any]) -> None:
         with self.transaction() as c:
@@ -347,6 +387,8 @@ class Store:
                     "(SELECT id FROM devices WHERE owner_sub = ?)", (username, sub, sub)).rowcount,
                 "keys": c.execute("DELETE FROM device_keys WHERE device_id IN "
                                   "(SELECT id FROM devices WHERE owner_sub = ?)", (sub,)).rowcount,
+                "certificates": c.execute("DELETE FROM device_certificates WHERE device_id IN "
+                                          "(SELECT id FROM devices WHERE owner_sub = ?)", (sub,)).rowcount,
                 "devices": c.execute("DELETE FROM devices WHERE owner_sub = ?", (sub,)).rowcount,
                 "subscriptions": c.execute("DELETE FROM subscriptions WHERE owner_sub = ?", (sub,)).rowcount,
                 "quotas": c.execute("DELETE FROM quotas WHERE sub = ?", (sub,)).rowcount,
@@ -359,6 +401,8 @@ class Store:
         return sum(c.execute(sql, args).fetchone()[0] for sql, args in (
             ("SELECT count(*) FROM devices WHERE owner_sub = ? OR owner_username = ?", (sub, username)),
             ("SELECT count(*) FROM device_keys WHERE device_id IN "
+             "(SELECT id FROM devices WHERE owner_sub = ?)", (sub,)),
+            ("SELECT count(*) FROM device_certificates WHERE device_id IN "
              "(SELECT id FROM devices WHERE owner_sub = ?)", (sub,)),
             ("SELECT count(*) FROM delegations WHERE grantee = ? OR granted_by = ? OR granted_by_username = ?",
              (username, sub, username)),
@@ -387,6 +431,14 @@ _SUBSCRIPTION_SELECT = ("SELECT id, service, owner_sub, created_at, entities, id
 def _subscription(r: Any) -> dict[str, Any]:
     return {"id": r[0], "service": r[1], "owner_sub": r[2], "created_at": r[3], "entities": json.loads(r[4]),
             "identity": None if r[5] is None else json.loads(r[5]), "unrestricted": bool(r[6])}
+
+
+_CERTIFICATE_SELECT = "SELECT serial, device_id, fingerprint, not_after, created_at FROM device_certificates"
+
+
+def _certificate(r: Any) -> dict[str, Any]:
+    return {"serial": r[0], "device_id": r[1], "fingerprint": bytes(r[2]).hex(), "not_after": r[3],
+            "created_at": r[4]}
 
 
 def _delegation(r: Any) -> dict[str, Any]:

@@ -4,11 +4,14 @@
 
 * ``ca.crt`` / ``ca.key``: a CA that signs the gateway's server certificate (clients trust ``ca.crt``);
 * ``server.crt`` / ``server.key``: for localhost, 127.0.0.1 and ::1 (plus ``--host`` names);
-* ``devices-ca.crt`` / ``devices-ca.key``: the device-signing CA (``tls.client_ca``).
+* ``devices-ca.crt`` / ``devices-ca.key``: the device-signing CA (``tls.client_ca`` and
+  ``tls.client_ca_key``, with which the ownership API signs enrolled device certificates).
 
 ``keygate certs device DIR DEVICE_ID`` issues a client certificate with the device
-id as subject CN, signed by DIR's device CA. Keys are EC P-256, written 0600;
-an existing file is never overwritten without ``--force``.
+id as subject CN, signed by DIR's device CA, without enrolling it: the gateway
+accepts only certificates enrolled through ``POST /api/v1/devices/{id}/certificate``,
+so this one shows what an unenrolled certificate gets (refused). Keys are EC P-256,
+written 0600; an existing file is never overwritten without ``--force``.
 """
 
 from __future__ import annotations
@@ -166,7 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="extra server name or IP (repeatable); localhost, 127.0.0.1 and ::1 are always in")
     init.add_argument("--days", type=int, default=365, help="validity (default 365)")
     init.add_argument("--force", action="store_true", help="replace existing files")
-    dev = sub.add_parser("device", help="issue a device client certificate (CN = device id) from DIR's device CA")
+    dev = sub.add_parser("device", help="issue a device client certificate (CN = device id) from DIR's device CA, "
+                                        "not enrolled: the gateway accepts only enrolled ones")
     dev.add_argument("dir", metavar="DIR")
     dev.add_argument("device_id", metavar="DEVICE_ID")
     dev.add_argument("--out", metavar="OUT_DIR", help="where to write DEVICE_ID.crt/.key (default DIR/devices)")
@@ -189,7 +193,8 @@ def _run(args: argparse.Namespace) -> int:
         for name in INIT_FILES:
             print(paths[name])
         print(f"development certificates in {args.dir} (NOT for production): "
-              f"tls.cert={paths['server.crt']} tls.key={paths['server.key']} tls.client_ca={paths['devices-ca.crt']}")
+              f"tls.cert={paths['server.crt']} tls.key={paths['server.key']} tls.client_ca={paths['devices-ca.crt']} "
+              f"tls.client_ca_key={paths['devices-ca.key']}")
         return 0
     crt, key = issue_device_cert(args.dir, args.device_id, args.out, days=args.days, force=args.force)
     print(crt)

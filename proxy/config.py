@@ -100,6 +100,12 @@ class TlsConfig:
     # "optional": a client certificate is verified when offered; "required": always.
     client_auth: Literal["optional", "required"] = "optional"
     min_version: Literal["1.2", "1.3"] = "1.2"
+    # The private key of the client_ca certificate: with it the ownership API signs enrolled
+    # device certificates (POST /devices/{id}/certificate).
+    client_ca_key: str = ""
+    client_ca_key_password: str = secret()
+    client_ca_key_password_file: str = ""
+    client_cert_days: int = 365
 
 
 @dataclass(frozen=True)
@@ -400,6 +406,10 @@ def _check(cfg: Config, filename: str) -> None:
         bad("oidc.jwks_refresh_seconds", "must be at least 1")
     if cfg.oidc.introspection.enabled and not cfg.oidc.introspection.client_id:
         bad("oidc.introspection.client_id", "required when introspection is enabled")
+    if cfg.tls.client_ca_key and not cfg.tls.client_ca:
+        bad("tls.client_ca_key", "needs tls.client_ca (the certificate of the same CA)")
+    if not 1 <= cfg.tls.client_cert_days <= 3650:
+        bad("tls.client_cert_days", "must be between 1 and 3650")
     needs_tls = (cfg.mqtt is not None and cfg.mqtt.tls) or (cfg.http is not None and cfg.http.tls)
     if needs_tls and not (cfg.tls.cert and cfg.tls.key):
         bad("tls.cert", "required when a listener uses TLS")

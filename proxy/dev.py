@@ -178,6 +178,7 @@ tls:
   cert: {folder}/certs/server.crt
   key: {folder}/certs/server.key
   client_ca: {folder}/certs/devices-ca.crt
+  client_ca_key: {folder}/certs/devices-ca.key   # certificate enrollment works out of the box
 mqtt:
   listen: 127.0.0.1:{mqtt_port}
   upstream: {upstream}
@@ -419,6 +420,9 @@ mosquitto_sub {tls} -u {OTHER_USER} -P {bob} -t {topic} -v
 #    and the ownership API answers 404 (ids do not leak):
 curl --cacert {ca} -H {q("Authorization: Bearer " + bob)} https://localhost:{http_port}/api/v1/devices/{DEMO_DEVICE}
 #    prints: {{"error": {{"code": "not_found", "message": "no such device"}}}}
+
+# 5. devices may use certificates too: the owner enrolls the device's CSR with
+#    POST /api/v1/devices/{DEMO_DEVICE}/certificate (see docs/devices.md).
 
 More to try: the five-minute tour in keygate's README (register a device, delegate, rotate a key,
 edit a policy in {self.folder / "policies"}).

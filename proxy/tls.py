@@ -1,17 +1,22 @@
-"""TLS contexts for the listeners and reading a verified client certificate's CN.
+"""TLS contexts for the listeners and reading a verified client certificate.
 
 Server side: TLS 1.2 minimum (or 1.3 only), forward-secret AEAD ciphers for
 1.2, no compression, no renegotiation, server cipher preference. With
 ``tls.client_ca`` set, a client certificate is verified against it:
 ``optional`` asks for one and verifies it when offered, ``required`` refuses
 the handshake without one. Only a certificate that passed verification ever
-yields a common name (a device id).
+yields a common name (a device id), and with it the certificate's SHA-256
+fingerprint, which the ownership store must know for the device
+(``OwnershipService.device_identity``): the CA's signature alone proves nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from proxy.config import ConfigError, TlsConfig
 
@@ -86,3 +91,20 @@ def peer_common_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | 
     if len(names) != 1 or not names[0]:
         return None  # no CN, or several: ambiguous, refuse
     return names[0]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    common_name: str
+    fingerprint: str  # hex SHA-256 of the certificate's DER
+
+
+def peer_certificate(ssl_object: Any) -> PeerCertificate | None:
+    """The verified client certificate's CN and fingerprint, or None (see :func:`peer_common_name`)."""
+    cn = peer_common_name(ssl_object)
+    if cn is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return None
+    return PeerCertificate(cn, hashlib.sha256(der).hexdigest())

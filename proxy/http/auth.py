@@ -2,7 +2,7 @@
 
 One credential per request, in this order: an ``Authorization`` header
 decides alone (a bad one is a failure, never a fall-back to the certificate
-or to anonymous); without it a verified client certificate names a device;
+or to anonymous); without it a verified client certificate names a device, if it is one enrolled for it;
 without either the caller is :data:`ANONYMOUS`, whom only ``anonymous``
 policy rules let through. The failure's reason goes to the audit log; the
 client learns only 401.
@@ -24,9 +24,9 @@ async def authenticate(headers: Any, ssl_object: Any, services: Any) -> Identity
     if header is not None:
         return await _from_header(header, services)
     if ssl_object is not None:
-        cn = _peer_cn(ssl_object)
-        if cn:
-            return services.ownership.device_identity(cn)
+        peer = _peer_certificate(ssl_object)
+        if peer is not None:
+            return services.ownership.device_identity(peer.common_name, peer.fingerprint)
     return ANONYMOUS
 
 
@@ -57,8 +57,8 @@ def _basic(credential: str) -> tuple[str, str]:
     return device_id, key
 
 
-def _peer_cn(ssl_object: Any) -> str | None:
-    """The verified client certificate's CN (TLS verified it against ``tls.client_ca``)."""
-    from proxy.tls import peer_common_name
+def _peer_certificate(ssl_object: Any) -> Any:
+    """The verified client certificate's CN and fingerprint (TLS verified it against ``tls.client_ca``)."""
+    from proxy.tls import peer_certificate
 
-    return peer_common_name(ssl_object)
+    return peer_certificate(ssl_object)

@@ -46,7 +46,7 @@ from proxy.mqtt.cleaner import clear_device
 from proxy.mqtt.codec import ProtocolError
 from proxy.mqtt.session import Actions, AuthRequest, RateLimiter, Session, classify_credentials
 from proxy.services import Services
-from proxy.tls import peer_common_name, server_context
+from proxy.tls import PeerCertificate, peer_certificate, server_context
 
 log = logging.getLogger("keygate.mqtt")
 
@@ -95,8 +95,8 @@ def server_ssl_context(config: Config) -> ssl.SSLContext:
     return server_context(config.tls, config.base_dir)
 
 
-def _peer_common_name(ssl_object: Any) -> str | None:
-    return peer_common_name(ssl_object) if ssl_object is not None else None
+def _peer_certificate(ssl_object: Any) -> PeerCertificate | None:
+    return peer_certificate(ssl_object) if ssl_object is not None else None
 
 
 # --------------------------------------------------------------------------- protocols
@@ -694,15 +694,17 @@ class MqttGateway:
     async def authenticate(self, request: AuthRequest, transport: Any) -> tuple[str, Identity]:
         """(method, identity) for the credentials of a CONNECT or AUTH; AuthError otherwise."""
         ownership = self.services.ownership
-        cert_cn = _peer_common_name(transport.get_extra_info("ssl_object")) if request.kind == "connect" else None
-        cred = classify_credentials(request, cert_cn, lambda name: ownership.facts.device(name) is not None)
+        peer = _peer_certificate(transport.get_extra_info("ssl_object")) if request.kind == "connect" else None
+        cred = classify_credentials(request, peer.common_name if peer else None,
+                                    lambda name: ownership.facts.device(name) is not None)
         method = cred[0]
         if method == "token":
             return method, await self.services.tokens.validate(cred[1])
         if method == "device_key":
             return method, await ownership.authenticate_device_key(cred[1], cred[2])
-        if method == "certificate":
-            return method, ownership.device_identity(cred[1])
+        if method == "certificate" and peer is not None:
+            # Only a certificate enrolled for the device's current registration counts.
+            return method, ownership.device_identity(cred[1], peer.fingerprint)
         raise AuthError(AuthReason.NO_CREDENTIALS)
 
     async def connect_upstream(self, factory: Any) -> tuple[asyncio.BaseTransport, Any]:

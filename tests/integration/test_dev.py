@@ -313,6 +313,8 @@ def test_generated_config_loads_with_the_production_loader(tmp_path):
     assert cfg.mqtt.listen == "127.0.0.1:1" and cfg.http.listen == "127.0.0.1:2"
     assert cfg.oidc.audience == "iot-proxy" and cfg.store.key_file == "store.key"
     assert cfg.mqtt.tls and cfg.http.tls
+    # Certificate enrollment works out of the box: the device CA's key is configured.
+    assert cfg.tls.client_ca_key == f"{tmp_path}/certs/devices-ca.key"
 
 
 def test_token_without_a_running_stack_is_one_line(tmp_path, capsys):

@@ -68,10 +68,10 @@ async def test_owner_commands_device_gmqtt_v311_with_k2(mqtt_rig):
 
 @pytest.mark.parametrize("version", [V311, V5])
 async def test_device_certificate_with_mosquitto_cli(mqtt_rig, version):
-    """mosquitto_pub with a device certificate (no password), mosquitto_sub with the owner's token."""
+    """mosquitto_pub with an enrolled device certificate (no password), mosquitto_sub with the owner's token."""
     rig = mqtt_rig
     dev, _, _ = await rig.register_device("alice")
-    cert = rig.pki.device_cert(dev)
+    cert = await rig.enroll("alice", dev)
     sub = await mosquitto_sub(rig, f"devices/{dev}/telemetry", qos=2, username="alice",
                               password=await rig.token("alice"), client_id="alice-cli", version=version)
     try:

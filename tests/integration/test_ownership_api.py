@@ -509,7 +509,7 @@ async def test_erasure_leaves_no_row_about_the_user(ownership_api):
     r = await ownership_api.call("DELETE", "/me/data", as_="alice")
     assert r.status == 200
     erased = (await r.json())["erased"]
-    assert erased == {"devices": 1, "keys": 2, "delegations": 2, "subscriptions": 1, "quotas": 1}
+    assert erased == {"devices": 1, "keys": 2, "certificates": 0, "delegations": 2, "subscriptions": 1, "quotas": 1}
     assert await service.rows_about(alice.sub, "alice") == 0
     assert service.facts.device("dev-a") is None
     assert service.subscription_owner("sub-1", "") is None

@@ -4,6 +4,7 @@ answers outside the document."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.request
 
@@ -17,12 +18,13 @@ from schemathesis import GenerationMode
 from schemathesis.checks import (content_type_conformance, not_a_server_error, response_schema_conformance,
                                  status_code_conformance)
 
+from proxy.certs import init_dir
 from proxy.identity.tokens import TokenValidator
 from tests.rig.ownership import LiveApi, rig_config
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES_PER_OPERATION = 10  # x 12 operations: ~120 requests (positive, negative, an existing device)
+EXAMPLES_PER_OPERATION = 10  # x 16 operations: ~160 requests (positive, negative, an existing device)
 
 
 def fetch_spec(live: LiveApi) -> dict:
@@ -32,7 +34,11 @@ def fetch_spec(live: LiveApi) -> dict:
 
 
 def live_api(tmp_path, oidc) -> LiveApi:
-    config = rig_config(tmp_path, oidc)
+    # With a device CA, so that certificate enrollment is part of what is fuzzed.
+    init_dir(tmp_path / "certs")
+    base = rig_config(tmp_path, oidc)
+    config = dataclasses.replace(base, tls=dataclasses.replace(
+        base.tls, client_ca="certs/devices-ca.crt", client_ca_key="certs/devices-ca.key"))
     return LiveApi(config, lambda: TokenValidator(config.oidc))
 
 
@@ -48,6 +54,8 @@ def test_openapi_document_is_valid_and_covers_every_route(tmp_path, oidc):
         ("DELETE", "/devices/{id}"), ("POST", "/devices/{id}/keys/{slot}"),
         ("POST", "/devices/{id}/delegations"), ("GET", "/devices/{id}/delegations"),
         ("DELETE", "/devices/{id}/delegations/{delegation}"), ("GET", "/me/data"), ("DELETE", "/me/data"),
+        ("POST", "/devices/{id}/certificate"), ("GET", "/devices/{id}/certificate"),
+        ("DELETE", "/devices/{id}/certificate"), ("DELETE", "/devices/{id}/certificate/{serial}"),
         ("GET", "/openapi.json"),
     }
 

@@ -15,7 +15,8 @@ Fixtures:
   ``websocket=True``, ``policies_dir=`` and ``broker="host:port" | "unix:/path"``.
 
 What a test uses: ``rig.port`` / ``rig.ws_port``, ``await rig.token("alice", ttl=2)``,
-``await rig.register_device("alice")`` -> (id, K1, K2), ``rig.pki.device_cert(id)``,
+``await rig.register_device("alice")`` -> (id, K1, K2), ``await rig.enroll("alice", id)`` -> (cert, key)
+of an enrolled device certificate (``rig.pki.device_cert(id)``: CA-signed, not enrolled),
 ``rig.client_ssl()``, ``rig.audited(action=..., decision=...)``.
 
 Benchmarks use :func:`start_gateway` / :func:`stop_gateway` without pytest:
@@ -45,7 +46,7 @@ from proxy.config import Config, MqttConfig, OidcConfig, PoliciesConfig, StoreCo
 from proxy.identity.model import Identity
 from proxy.services import Services
 from tests.rig.mqtt_standins import StandinTokens
-from tests.rig.pki import Pki, make_pki
+from tests.rig.pki import Pki, enroll, make_pki
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY_DIR = REPO / "policies"
@@ -101,6 +102,10 @@ class GatewayRig:
             await self.identity(owner), {"id": device_id, "type": "Sensor", **fields})
         return device_id, k1, k2
 
+    async def enroll(self, owner: str, device_id: str) -> tuple[Path, Path]:
+        """An enrolled certificate for the device (through the ownership service): (cert, key) paths."""
+        return await enroll(self.services.ownership, await self.identity(owner), device_id, self.pki.dir)
+
     def client_ssl(self, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext | None:
         """A client TLS context trusting the gateway (and presenting ``cert`` if given)."""
         if not self.tls:
@@ -119,7 +124,8 @@ def gateway_config(tmp: Path, broker_address: str, pki: Pki, *, oidc: OidcConfig
     tls = mqtt.get("tls", True)
     return Config(
         oidc=oidc or OidcConfig(issuer="https://issuer.invalid/realms/iot", leeway_seconds=1.0),
-        tls=TlsConfig(cert=str(pki.server_cert), key=str(pki.server_key), client_ca=str(pki.devices_ca)),
+        tls=TlsConfig(cert=str(pki.server_cert), key=str(pki.server_key), client_ca=str(pki.devices_ca),
+                      client_ca_key=str(pki.devices_ca_key)),
         mqtt=MqttConfig(**{"listen": "127.0.0.1:0", "upstream": broker_address, "connect_timeout_seconds": 3.0,
                            "websocket_listen": "127.0.0.1:0" if websocket else "", "tls": tls,
                            **{k: v for k, v in mqtt.items() if k != "tls"}}),

@@ -1,5 +1,10 @@
 """A throwaway PKI for tests: a CA, a server certificate for 127.0.0.1, and a
-device-signing CA that issues device certificates (device id in the CN).
+device-signing CA (its key too: ``tls.client_ca_key``, so that enrollment works).
+
+Device certificates authenticate only once enrolled: :func:`enroll` makes a key
+and CSR, has the ownership service sign it, and writes the pair.
+:meth:`Pki.device_cert` signs one directly with the device CA, *not* enrolled:
+what an old or stolen CA-signed certificate looks like to the gateway.
 
 Made with ``cryptography`` on EC P-256 keys (fast to generate), written as PEM
 files so that every client (Python ssl, paho, gmqtt, mosquitto_pub) reads them.
@@ -11,6 +16,7 @@ import datetime as dt
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -77,6 +83,7 @@ class Pki:
     server_cert: Path
     server_key: Path
     devices_ca: Path      # tls.client_ca: signs device certificates
+    devices_ca_key: Path  # tls.client_ca_key: what enrollment signs with
     _dev_key: object
     _dev_cert: x509.Certificate
 
@@ -99,10 +106,37 @@ def make_pki(directory: Path) -> Pki:
     ca_key, ca_cert = _ca("keygate test CA")
     srv_key, srv_cert = _leaf("localhost", ca_key, ca_cert, server=True)
     dev_key, dev_cert = _ca("keygate test devices CA")
-    paths = {n: directory / n for n in ("ca.crt", "server.crt", "server.key", "devices-ca.crt")}
+    paths = {n: directory / n for n in ("ca.crt", "server.crt", "server.key", "devices-ca.crt", "devices-ca.key")}
     _write_cert(paths["ca.crt"], ca_cert)
     _write_cert(paths["server.crt"], srv_cert)
     _write_key(paths["server.key"], srv_key)
     _write_cert(paths["devices-ca.crt"], dev_cert)
+    _write_key(paths["devices-ca.key"], dev_key)
     return Pki(directory, paths["ca.crt"], paths["server.crt"], paths["server.key"], paths["devices-ca.crt"],
-               dev_key, dev_cert)
+               paths["devices-ca.key"], dev_key, dev_cert)
+
+
+def make_csr(cn: str, key: Any = None) -> tuple[Any, bytes]:
+    """A private key (EC P-256 unless given) and a PEM CSR for it with subject CN=``cn``."""
+    key = key or _key()
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(_name(cn))
+           .sign(key, None if _is_ed(key) else hashes.SHA256()))
+    return key, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def _is_ed(key: Any) -> bool:
+    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+
+    return isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey))
+
+
+async def enroll(ownership: Any, actor: Any, device_id: str, directory: Path) -> tuple[Path, Path]:
+    """Enroll a fresh certificate for ``device_id`` through the service; returns its (cert, key) paths."""
+    key, csr = make_csr(device_id)
+    issued = await ownership.enroll_certificate(actor, device_id, csr)
+    directory.mkdir(parents=True, exist_ok=True)
+    crt_path = directory / f"enrolled-{device_id}-{issued['serial'][:8]}.crt"
+    key_path = crt_path.with_suffix(".key")
+    crt_path.write_text(issued["certificate"])
+    _write_key(key_path, key)
+    return crt_path, key_path

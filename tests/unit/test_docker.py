@@ -125,7 +125,7 @@ def test_secrets_come_from_the_environment(compose, keygate_config):
     required = set(re.findall(r"\$\{([A-Z0-9_]+)\}", text))
     assert required and required <= set(env)
     optional = set(re.findall(r"\$\{([A-Z0-9_]+):-", text))
-    assert optional <= set(env) | {"KEYGATE_TLS_CLIENT_CA", "KEYGATE_FIWARE_SERVICE",
+    assert optional <= set(env) | {"KEYGATE_TLS_CLIENT_CA", "KEYGATE_TLS_CLIENT_CA_KEY", "KEYGATE_FIWARE_SERVICE",
                                    "KEYGATE_ADVERTISE_MQTT", "KEYGATE_ADVERTISE_HTTP"}
 
 

@@ -74,10 +74,12 @@ async def test_device_identity_carries_the_owner(ownership_service):
     assert (ident.kind, ident.sub, ident.username, ident.device_id, ident.method) == (
         "device", "device:d1", "d1", "d1", "device_key")
     assert (ident.owner_sub, ident.owner_username) == ("sub-alice", "alice")
-    cert = ownership_service.device_identity("d1")
-    assert cert.method == "certificate" and cert.owner_sub == "sub-alice"
+    # Certificates: only enrolled ones (tests/unit/test_ownership_certificates.py).
     with pytest.raises(AuthError) as err:
-        ownership_service.device_identity("unknown")
+        ownership_service.device_identity("d1", "00" * 32)
+    assert err.value.reason is AuthReason.BAD_CERTIFICATE
+    with pytest.raises(AuthError) as err:
+        ownership_service.device_identity("unknown", "00" * 32)
     assert err.value.reason is AuthReason.UNKNOWN_DEVICE_OR_KEY
 
 
@@ -190,8 +192,7 @@ async def test_a_reregistered_id_authenticates_as_the_new_owners_device(ownershi
     _, new_key, _ = await s.register_device(BOB, {"id": "d", "type": "T"})
     with pytest.raises(AuthError):
         await s.authenticate_device_key("d", old_key)
-    assert (await s.authenticate_device_key("d", new_key)).owner_sub == "sub-bob"
-    assert s.device_identity("d").owner_username == "bob"
+    assert (await s.authenticate_device_key("d", new_key)).owner_username == "bob"
 
 
 async def test_racing_registrations_cannot_beat_the_quota(ownership_service):
