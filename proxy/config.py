@@ -32,6 +32,7 @@ __all__ = [
     "IntrospectionConfig",
     "TlsConfig",
     "MqttConfig",
+    "MqttLimitsConfig",
     "RateLimitConfig",
     "HttpConfig",
     "StoreConfig",
@@ -116,6 +117,21 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True)
+class MqttLimitsConfig:
+    """What one connection (or one address, or one identity) can make the gateway hold or compute.
+    Byte lengths are of the UTF-8 encoding. 0 turns a per-address limit off."""
+    connect_max_bytes: int = 32768         # a CONNECT (the first packet), checked at its fixed header
+    client_id_max_bytes: int = 256
+    username_max_bytes: int = 1024
+    topic_max_bytes: int = 1024            # PUBLISH and Will topics, SUBSCRIBE/UNSUBSCRIBE filters
+    subscriptions_per_connection: int = 100
+    subscriptions_per_identity: int = 1000  # across all of one identity's connections
+    unauthenticated_per_address: int = 64  # connections not yet past CONNACK, per client IP
+    unauthenticated_rate_per_address: float = 20.0  # new connections per second per IP (token bucket)
+    unauthenticated_burst_per_address: int = 40
+
+
+@dataclass(frozen=True)
 class MqttConfig:
     listen: str = "0.0.0.0:8883"
     websocket_listen: str = ""
@@ -132,6 +148,7 @@ class MqttConfig:
     topic_alias_maximum: int = 10
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     max_connections: int = 10000
+    limits: MqttLimitsConfig = field(default_factory=MqttLimitsConfig)
 
 
 @dataclass(frozen=True)
@@ -147,6 +164,9 @@ class HttpConfig:
     notification_allowlist: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     api_prefix: str = "/api/v1"
+    header_timeout_seconds: float = 10.0   # a request's head must arrive within this
+    body_timeout_seconds: float = 30.0     # and its body within this
+    max_json_depth: int = 32               # nesting of arrays and objects in a JSON body
 
 
 @dataclass(frozen=True)
@@ -175,6 +195,8 @@ class PoliciesConfig:
 @dataclass(frozen=True)
 class AuditConfig:
     path: str = "-"
+    max_field_bytes: int = 1024   # longer strings are cut (with their length recorded)
+    fold_seconds: float = 1.0     # identical denials from one connection within this: one line with a count
 
 
 @dataclass(frozen=True)
