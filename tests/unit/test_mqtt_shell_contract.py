@@ -534,7 +534,7 @@ async def test_revoked_will_is_discarded_when_the_session_closes():
 
 async def test_revoked_will_is_discarded_on_shutdown():
     async with rig() as r:
-        client = await open_pair(r, MQTT_5, will=WILL)
+        await open_pair(r, MQTT_5, will=WILL)
         r.facts.put(REVOKED)
         await settle()
         await r.gateway.stop()
@@ -651,7 +651,7 @@ async def test_unreachable_broker_is_reported_to_the_session(level, code):
 
 async def test_lost_broker_is_reported_to_the_session():
     async with rig() as r:
-        client = await open_pair(r, MQTT_5)
+        await open_pair(r, MQTT_5)
         r.up.drop()
         await settle()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
@@ -674,7 +674,7 @@ async def test_broker_lost_before_connack_refuses_the_connect():
 
 async def test_shutdown_tells_v5_clients_then_closes():
     async with rig() as r:
-        client = await open_pair(r, MQTT_5)
+        await open_pair(r, MQTT_5)
         await r.gateway.stop()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
         assert disc and disconnect_reason(disc[0][1], MQTT_5) == Reason.SERVER_SHUTTING_DOWN
@@ -689,7 +689,7 @@ async def test_shutdown_tells_v5_clients_then_closes():
 async def test_invalidate_actions_are_carried_out():
     # Session.invalidate() returns Actions; the shell must carry them out like any other.
     async with rig() as r:
-        client = await open_pair(r, MQTT_5, will=WILL)
+        await open_pair(r, MQTT_5, will=WILL)
         s = r.session
         real = s.invalidate
 
