@@ -20,7 +20,7 @@ from aiohttp import web
 
 from ownership.openapi import build_openapi
 from ownership.service import OwnershipError
-from ownership.validation import (KEY_SLOTS, PERMISSIONS, grantee_problem, is_device_id, location_problem,
+from ownership.validation import (KEY_SLOTS, PERMISSIONS, is_device_id, json_problem, location_problem,
                                   orion_id_problem, SERVICE_RE, text_problem)
 from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.services import Services
@@ -81,7 +81,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.match_info.route.name == "openapi" or request.match_info.http_exception is not None:
         return await handler(request)
-    request[IDENTITY] = await _authenticate(request)
+    identity = await _authenticate(request)
+    # Every caller's current user name: what {"to": NAME} resolves through.
+    await request.app[SERVICES].ownership.remember_user(identity)
+    request[IDENTITY] = identity
     return await handler(request)
 
 
@@ -143,6 +146,12 @@ async def _json_body(request: web.Request, *, allowed: set[str], required: set[s
         body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    # The store must never hold what the API cannot send back: "\ud800" parses to a lone
+    # surrogate, 1e400 to inf; neither has a JSON (UTF-8) form.
+    http = _services(request).config.http
+    problem = json_problem(body, max_depth=http.max_json_depth if http is not None else 32)
+    if problem:
+        raise ApiError(400, "invalid_json", problem)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
     unknown = sorted(set(body) - allowed)
@@ -225,9 +234,21 @@ def device_out(device: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def delegation_out(d: dict[str, Any], now: float) -> dict[str, Any]:
+def principal_out(d: dict[str, Any], display_name: str) -> dict[str, Any]:
+    """A delegation's principal, in the object form the API takes (a user also by name, for display;
+    ``user`` null for a user name a migrated store could not tie to a sub: it matches nobody)."""
+    kind = d["grantee_kind"]
+    if kind == "public":
+        return {"public": True}
+    if kind == "user":
+        return {"user": d["grantee_id"] or None, "username": display_name or None}
+    return {kind: d["grantee_id"]}
+
+
+def delegation_out(d: dict[str, Any], now: float, display_name: str = "") -> dict[str, Any]:
     return {
-        "id": d["id"], "device": d["device_id"], "to": d["grantee"], "permission": d["permission"],
+        "id": d["id"], "device": d["device_id"], "to": principal_out(d, display_name or d["grantee_name"]),
+        "permission": d["permission"],
         "expires_at": _iso(d["expires_at"]), "active": d["expires_at"] is None or now < d["expires_at"],
         "granted_by": d["granted_by_username"], "created_at": _iso(d["created_at"]),
     }
@@ -309,27 +330,29 @@ async def rotate_key(request: web.Request) -> web.Response:
 async def create_delegation(request: web.Request) -> web.Response:
     device = _managed_device(request)
     body = await _json_body(request, allowed={"to", "permission", "expires_at"}, required={"to", "permission"})
-    _invalid(grantee_problem(body["to"]))
+    ownership = _services(request).ownership
     if body["permission"] not in PERMISSIONS:
         _invalid("permission must be read, write or readwrite")
-    if body["to"] == device["owner_username"]:
+    grantee = ownership.resolve_grantee(body["to"])
+    if grantee.kind == "user" and grantee.id == device["owner_sub"]:
         _invalid("the owner already has every permission")
     expires_at = None
     if body.get("expires_at") is not None:
         expires_at = _parse_time(body["expires_at"], "expires_at")
         if expires_at <= _now(request):
             _invalid("expires_at is in the past")
-    row = await _services(request).ownership.create_delegation(
-        _caller(request), device["id"], body["to"], body["permission"], expires_at)
+    row = await ownership.create_delegation(_caller(request), device["id"], grantee, body["permission"], expires_at)
     location = f"{request.raw_path.partition('?')[0]}/{row['id']}"
-    return web.json_response(delegation_out(row, _now(request)), status=201, headers={"Location": location})
+    return web.json_response(delegation_out(row, _now(request), ownership.display_name(row)), status=201,
+                             headers={"Location": location})
 
 
 async def list_delegations(request: web.Request) -> web.Response:
     device = _managed_device(request)
     now = _now(request)
-    rows = _services(request).ownership.delegations_of(device["id"])
-    return web.json_response({"delegations": [delegation_out(d, now) for d in rows]})
+    ownership = _services(request).ownership
+    rows = ownership.delegations_of(device["id"])
+    return web.json_response({"delegations": [delegation_out(d, now, ownership.display_name(d)) for d in rows]})
 
 
 async def revoke_delegation(request: web.Request) -> web.Response:
@@ -386,16 +409,19 @@ async def revoke_certificates(request: web.Request) -> web.Response:
 
 async def export_me(request: web.Request) -> web.Response:
     caller = _caller(request)
-    data = await _services(request).ownership.export_user_data(caller)
+    ownership = _services(request).ownership
+    data = await ownership.export_user_data(caller)
     now = _now(request)
     for d in data["devices"]:
-        d["delegations"] = [delegation_out(x, now) for x in d["delegations"]]
+        d["delegations"] = [delegation_out(x, now, ownership.display_name(x)) for x in d["delegations"]]
         d["keys"] = [{"slot": k["slot"], "created_at": _iso(k["created_at"])} for k in d["keys"]]
         d["certificates"] = [certificate_out(c) for c in d["certificates"]]
         for name in ("created_at", "updated_at"):
             d[name] = _iso(d[name])
     for name in ("delegations_granted", "delegations_received"):
-        data[name] = [delegation_out(x, now) for x in data[name]]
+        data[name] = [delegation_out(x, now, ownership.display_name(x)) for x in data[name]]
+    if data.get("known_user") is not None:
+        data["known_user"]["seen_at"] = _iso(data["known_user"]["seen_at"])
     for s in data["subscriptions"]:
         s["created_at"] = _iso(s["created_at"])
     data["exported_at"] = _iso(now)

@@ -13,13 +13,18 @@ import logging
 import time
 from typing import Any, Callable, Iterable
 
-from proxy.facts import Delegation, DeviceFacts
+from proxy.facts import Delegation, DeviceFacts, Principal, principal_keys
 
 log = logging.getLogger("keygate.ownership")
 
 
+def principal_of(row: dict[str, Any]) -> Principal:
+    """The typed principal a delegation row names."""
+    return Principal(row["grantee_kind"], row["grantee_id"], row["grantee_name"])
+
+
 def delegation_from_row(row: dict[str, Any]) -> Delegation:
-    return Delegation(id=row["id"], device_id=row["device_id"], grantee=row["grantee"],
+    return Delegation(id=row["id"], device_id=row["device_id"], grantee=principal_of(row),
                       permission=row["permission"], expires_at=row["expires_at"], granted_by=row["granted_by"])
 
 
@@ -35,7 +40,9 @@ class MemoryFacts:
         self._keys: dict[str, dict[str, bytes]] = {}        # device id -> slot -> hash
         self._certs: dict[str, dict[str, dict[str, Any]]] = {}  # device id -> fingerprint -> enrolled cert
         self._by_owner: dict[str, set[str]] = {}            # owner sub -> device ids
-        self._by_grantee: dict[str, set[str]] = {}          # grantee -> device ids
+        self._by_grantee: dict[str, set[str]] = {}          # principal key -> device ids
+        self._known_users: dict[str, str] = {}              # sub -> user name last seen
+        self._subs_by_name: dict[str, set[str]] = {}        # user name -> subs last seen with it
         self._public: set[str] = set()
         self._subs: dict[tuple[str, str], str] = {}         # (service, id) -> owner sub
         self._subs_by_owner: dict[tuple[str, str], set[str]] = {}
@@ -56,15 +63,16 @@ class MemoryFacts:
         return unsubscribe
 
     def readable_devices(self, username: str, sub: str, groups: Iterable[str] = ()) -> set[str]:
-        out = set(self._by_owner.get(sub, ()))
+        """A candidate superset (see :meth:`proxy.facts.OwnershipFacts.readable_devices`)."""
+        out = set(self._by_owner.get(sub, ())) if sub else set()
         out |= self._public
         now = self._clock()
-        for grantee in (username, *(f"group:{g}" for g in groups)):
-            for device_id in self._by_grantee.get(grantee, ()):
+        for key in principal_keys(username, sub, groups):
+            for device_id in self._by_grantee.get(key, ()):
                 if device_id in out:
                     continue
                 for d in self._delegations.get(device_id, {}).values():
-                    if d["grantee"] == grantee and d["permission"] in ("read", "readwrite") and (
+                    if principal_of(d).key == key and d["permission"] in ("read", "readwrite") and (
                             d["expires_at"] is None or now < d["expires_at"]):
                         out.add(device_id)
                         break
@@ -81,17 +89,35 @@ class MemoryFacts:
     def owned_by(self, sub: str) -> set[str]:
         return set(self._by_owner.get(sub, ()))
 
-    def delegated_to(self, username: str, groups: Iterable[str] = ()) -> dict[str, list[dict[str, Any]]]:
-        """Devices with an active delegation to this user or one of their groups, with those delegations."""
+    def delegated_to(self, keys: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+        """Devices with an active delegation to one of these principal keys, with those delegations."""
         now = self._clock()
-        names = {username, *(f"group:{g}" for g in groups)}
         out: dict[str, list[dict[str, Any]]] = {}
-        for name in names:
-            for device_id in self._by_grantee.get(name, ()):
+        for key in set(keys) - {""}:
+            for device_id in self._by_grantee.get(key, ()):
                 for d in self._delegations.get(device_id, {}).values():
-                    if d["grantee"] == name and (d["expires_at"] is None or now < d["expires_at"]):
+                    if principal_of(d).key == key and (d["expires_at"] is None or now < d["expires_at"]):
                         out.setdefault(device_id, []).append(d)
         return out
+
+    def known_username(self, sub: str) -> str | None:
+        return self._known_users.get(sub)
+
+    def subs_named(self, username: str) -> set[str]:
+        """The subs whose latest seen user name is ``username``."""
+        return set(self._subs_by_name.get(username, ()))
+
+    def put_known_user(self, sub: str, username: str) -> None:
+        old = self._known_users.get(sub)
+        if old is not None:
+            self._discard(self._subs_by_name, old, sub)
+        self._known_users[sub] = username
+        self._subs_by_name.setdefault(username, set()).add(sub)
+
+    def forget_known_user(self, sub: str) -> None:
+        old = self._known_users.pop(sub, None)
+        if old is not None:
+            self._discard(self._subs_by_name, old, sub)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -134,6 +160,8 @@ class MemoryFacts:
             self._put_delegation(row)
         for row in snapshot["subscriptions"]:
             self._put_subscription(row["id"], row["service"], row["owner_sub"], row)
+        for row in snapshot.get("known_users", ()):
+            self.put_known_user(row["sub"], row["username"])
         for row in snapshot.get("certificates", ()):
             self._certs.setdefault(row["device_id"], {})[row["fingerprint"]] = dict(row)
         for device_id in self._records:
@@ -162,7 +190,7 @@ class MemoryFacts:
         if row is not None:
             self._discard(self._by_owner, row["owner_sub"], device_id)
         for d in self._delegations.pop(device_id, {}).values():
-            self._discard(self._by_grantee, d["grantee"], device_id)
+            self._discard(self._by_grantee, principal_of(d).key, device_id)
         self._keys.pop(device_id, None)
         self._certs.pop(device_id, None)
         self._facts.pop(device_id, None)
@@ -174,8 +202,10 @@ class MemoryFacts:
 
     def remove_delegation(self, device_id: str, delegation_id: str) -> None:
         d = self._delegations.get(device_id, {}).pop(delegation_id, None)
-        if d is not None and not any(o["grantee"] == d["grantee"] for o in self._delegations[device_id].values()):
-            self._discard(self._by_grantee, d["grantee"], device_id)
+        if d is not None:
+            key = principal_of(d).key
+            if not any(principal_of(o).key == key for o in self._delegations[device_id].values()):
+                self._discard(self._by_grantee, key, device_id)
         self._rebuild(device_id)
 
     def remove_delegations_where(self, predicate: Callable[[dict[str, Any]], bool]) -> set[str]:
@@ -233,7 +263,9 @@ class MemoryFacts:
 
     def _put_delegation(self, row: dict[str, Any]) -> None:
         self._delegations.setdefault(row["device_id"], {})[row["id"]] = dict(row)
-        self._by_grantee.setdefault(row["grantee"], set()).add(row["device_id"])
+        key = principal_of(row).key
+        if key:  # an unresolved user name matches nobody: not indexed
+            self._by_grantee.setdefault(key, set()).add(row["device_id"])
 
     def _put_subscription(self, subscription_id: str, service: str, owner_sub: str,
                           row: dict[str, Any] | None) -> None:

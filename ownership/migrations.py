@@ -91,6 +91,66 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
         )""",
         "CREATE INDEX device_certificates_device ON device_certificates (device_id)",
     )),
+    (4, (
+        # Typed principals (issue 15). Users a delegation can be given to by user name: one row per
+        # sub with the latest user name seen for it (ownership/service.py learns it from every
+        # authenticated caller). Seeded from the (sub, user name) pairs the store already holds,
+        # each sub with the name of its newest row.
+        """CREATE TABLE known_users (
+            sub      TEXT PRIMARY KEY,
+            username TEXT NOT NULL,
+            seen_at  REAL NOT NULL
+        )""",
+        "CREATE INDEX known_users_username ON known_users (username)",
+        """INSERT INTO known_users (sub, username, seen_at)
+           SELECT sub, username, seen_at FROM (
+               SELECT sub, username, seen_at,
+                      row_number() OVER (PARTITION BY sub ORDER BY seen_at DESC) AS newest
+               FROM (SELECT owner_sub AS sub, owner_username AS username, created_at AS seen_at FROM devices
+                     UNION ALL SELECT granted_by, granted_by_username, created_at FROM delegations
+                     UNION ALL SELECT owner_sub, owner_username, created_at FROM subscriptions))
+           WHERE newest = 1 AND sub <> '' AND username <> ''""",
+        # A delegation names a typed principal: kind plus id (a user's sub, a service's client id,
+        # a group's name; '' for the public). grantee_name is a user's name, for display.
+        """CREATE TABLE delegations_v4 (
+            id                  TEXT PRIMARY KEY,
+            device_id           TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+            grantee_kind        TEXT NOT NULL CHECK (grantee_kind IN ('user', 'service', 'group', 'public')),
+            grantee_id          TEXT NOT NULL,
+            grantee_name        TEXT NOT NULL DEFAULT '',
+            permission          TEXT NOT NULL CHECK (permission IN ('read', 'write', 'readwrite')),
+            expires_at          REAL,
+            granted_by          TEXT NOT NULL,
+            granted_by_username TEXT NOT NULL,
+            created_at          REAL NOT NULL,
+            CHECK (grantee_kind = 'user' OR grantee_name = ''),
+            CHECK ((grantee_kind = 'public') = (grantee_id = '' AND grantee_kind <> 'user'))
+        )""",
+        # Old grantee strings: "anonymous" is the public, "group:NAME" a group, any other a user
+        # name. A user name becomes the user's sub only when exactly one known user holds it; any
+        # other stays unresolved (grantee_id ''), which matches nobody: a name reused by someone
+        # else, or shared by the users an RFC 9068 provider's client_id made one "service", must
+        # not inherit the grant. The owner sees it as unresolved and grants it again.
+        """INSERT INTO delegations_v4 (id, device_id, grantee_kind, grantee_id, grantee_name, permission,
+                                       expires_at, granted_by, granted_by_username, created_at)
+           SELECT d.id, d.device_id,
+                  CASE WHEN d.grantee = 'anonymous' THEN 'public'
+                       WHEN substr(d.grantee, 1, 6) = 'group:' THEN 'group' ELSE 'user' END,
+                  CASE WHEN d.grantee = 'anonymous' THEN ''
+                       WHEN substr(d.grantee, 1, 6) = 'group:' THEN substr(d.grantee, 7)
+                       WHEN (SELECT count(*) FROM known_users k WHERE k.username = d.grantee) = 1
+                            THEN (SELECT k.sub FROM known_users k WHERE k.username = d.grantee)
+                       ELSE '' END,
+                  CASE WHEN d.grantee = 'anonymous' OR substr(d.grantee, 1, 6) = 'group:' THEN ''
+                       ELSE d.grantee END,
+                  d.permission, d.expires_at, d.granted_by, d.granted_by_username, d.created_at
+           FROM delegations d""",
+        "DROP TABLE delegations",
+        "ALTER TABLE delegations_v4 RENAME TO delegations",
+        "CREATE INDEX delegations_device ON delegations (device_id)",
+        "CREATE INDEX delegations_grantee ON delegations (grantee_kind, grantee_id)",
+        "CREATE INDEX delegations_granted_by ON delegations (granted_by)",
+    )),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -29,8 +29,9 @@ from typing import Any, Awaitable, Callable, Iterable, TypeVar
 from ownership import enrollment
 from ownership import store as st
 from ownership.enrollment import CsrProblem, DeviceCA
-from ownership.facts import MemoryFacts
-from ownership.validation import KEY_SLOTS, PERMISSIONS, grantee_problem, orion_id_problem
+from ownership.facts import MemoryFacts, principal_of
+from ownership.validation import KEY_SLOTS, PERMISSIONS, orion_id_problem, parse_grantee
+from proxy.facts import PUBLIC, Principal
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, read_secret
 from proxy.identity.model import AuthError, AuthReason, Identity
@@ -72,6 +73,14 @@ class Conflict(OwnershipError):
     status, code = 409, "conflict"
 
 
+class UnknownUser(OwnershipError):
+    status, code = 404, "unknown_user"
+
+
+class AmbiguousUser(OwnershipError):
+    status, code = 409, "ambiguous_user"
+
+
 class QuotaExceeded(OwnershipError):
     status, code = 403, "quota_exceeded"
 
@@ -100,6 +109,20 @@ def identity_from_snapshot(snapshot: dict[str, Any]) -> Identity:
     for name in ("roles", "client_roles", "scopes", "groups"):
         fields[name] = frozenset(fields.get(name, ()))
     return Identity(**fields)
+
+
+def principal_keys_of(identity: Identity) -> set[str]:
+    """The principal keys that are exactly this caller (not the candidate superset of
+    :func:`proxy.facts.principal_keys`)."""
+    if identity.kind == "anonymous":
+        return {PUBLIC.key}
+    if identity.kind == "user":
+        mine = {Principal.user(identity.sub).key}
+    elif identity.kind == "service":
+        mine = {Principal.service(identity.username).key}
+    else:
+        return set()
+    return mine | {Principal.group(g).key for g in identity.groups}
 
 
 def new_device_key() -> str:
@@ -133,6 +156,7 @@ class OwnershipService:
         self.removal_hooks: list[Callable[[str], Awaitable[None]]] = []
         self._removing: set[str] = set()
         self._closed = False
+        self._remembering: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -176,6 +200,8 @@ class OwnershipService:
             return
         self._closed = True
         remove_readiness_check("ownership")
+        if self._remembering:
+            await asyncio.gather(*self._remembering, return_exceptions=True)
         await self._run(self._store.close)
         self._executor.shutdown(wait=True)
 
@@ -334,7 +360,7 @@ class OwnershipService:
         return [self.get_device(i) for i in self.facts.all_ids()]  # type: ignore[misc]
 
     def delegated_to(self, identity: Identity) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-        found = self.facts.delegated_to(identity.username, identity.groups)
+        found = self.facts.delegated_to(principal_keys_of(identity))
         out = []
         for device_id in sorted(found):
             record = self.facts.record(device_id)
@@ -462,14 +488,75 @@ class OwnershipService:
 
     # ------------------------------------------------------------------ delegations
 
-    async def create_delegation(self, actor: Identity, device_id: str, grantee: str, permission: str,
-                                expires_at: float | None = None) -> dict[str, Any]:
-        problem = grantee_problem(grantee)
-        if problem:
-            raise InvalidInput(problem)
+    # ------------------------------------------------------------------ users seen
+
+    async def remember_user(self, identity: Identity) -> None:
+        """Record the user name a user's ``sub`` goes by now: what ``{"to": NAME}`` resolves
+        through. A write only when it changed."""
+        if identity.kind != "user" or not identity.sub or not identity.username or self._closed:
+            return
+        if self.facts.known_username(identity.sub) == identity.username:
+            return
+        await self._run(self._store.remember_user, identity.sub, identity.username, self._clock())
+        self.facts.put_known_user(identity.sub, identity.username)
+
+    def saw_identity(self, identity: Identity) -> None:
+        """For the token validator: note a freshly validated user (in the background)."""
+        if identity.kind != "user" or self.facts.known_username(identity.sub) == identity.username:
+            return
+        task = asyncio.ensure_future(self._remember_quietly(identity))
+        self._remembering.add(task)
+        task.add_done_callback(self._remembering.discard)
+
+    async def _remember_quietly(self, identity: Identity) -> None:
+        try:
+            await self.remember_user(identity)
+        except Exception:
+            log.exception("recording the user name of %s failed", identity.sub)
+
+    def resolve_grantee(self, to: Any) -> Principal:
+        """The typed principal a delegation's ``to`` names (see ``parse_grantee``); a user name
+        through the users this gateway has seen: 404 unknown_user when none goes by it, 409
+        ambiguous_user when more than one does (name them by sub then)."""
+        parsed = parse_grantee(to)
+        if isinstance(parsed, str):
+            raise InvalidInput(parsed)
+        kind, value = parsed
+        if kind == "public":
+            return PUBLIC
+        if kind == "username":
+            subs = self.facts.subs_named(value)
+            if not subs:
+                raise UnknownUser(f"no user named {value!r} has signed in to this gateway yet; they can sign "
+                                  "in once, or name them by subject: {\"user\": SUB}")
+            if len(subs) > 1:
+                raise AmbiguousUser(f"more than one user has gone by the name {value!r}; name the one you "
+                                    "mean by subject: {\"user\": SUB}")
+            return Principal.user(next(iter(subs)), value)
+        if kind == "user":
+            return Principal.user(value, self.facts.known_username(value) or "")
+        return Principal(kind, value)  # type: ignore[arg-type]
+
+    def display_name(self, row: dict[str, Any]) -> str:
+        """A user grantee's name as last seen (names change), else the one recorded at grant time."""
+        if row["grantee_kind"] == "user" and row["grantee_id"]:
+            return self.facts.known_username(row["grantee_id"]) or row["grantee_name"]
+        return row["grantee_name"]
+
+    # ------------------------------------------------------------------ delegations
+
+    async def create_delegation(self, actor: Identity, device_id: str, grantee: Principal | str | dict[str, Any],
+                                permission: str, expires_at: float | None = None) -> dict[str, Any]:
+        """Grant ``grantee`` (a Principal, or the API's ``to``: resolved by :meth:`resolve_grantee`)."""
+        if not isinstance(grantee, Principal):
+            grantee = self.resolve_grantee(grantee)
+        if not grantee.key:
+            raise InvalidInput("to must name a principal")
         if permission not in PERMISSIONS:
             raise InvalidInput("permission must be read, write or readwrite")
-        row = {"id": uuid.uuid4().hex, "device_id": device_id, "grantee": grantee, "permission": permission,
+        row = {"id": uuid.uuid4().hex, "device_id": device_id, "grantee_kind": grantee.kind,
+               "grantee_id": "" if grantee.kind == "public" else grantee.id,
+               "grantee_name": grantee.name if grantee.kind == "user" else "", "permission": permission,
                "expires_at": expires_at, "granted_by": actor.sub, "granted_by_username": actor.username,
                "created_at": self._clock()}
         try:
@@ -478,7 +565,8 @@ class OwnershipService:
             raise NotFound(f"no device {device_id!r}") from None
         self.facts.put_delegation(row)
         self.facts.changed({device_id})
-        self._audit("delegation.create", actor, device_id, delegation=row["id"], grantee=grantee,
+        self._audit("delegation.create", actor, device_id, delegation=row["id"],
+                    grantee={"kind": grantee.kind, "id": grantee.id},
                     permission=permission, expires_at=expires_at)
         return dict(row)
 
@@ -497,16 +585,18 @@ class OwnershipService:
     # ------------------------------------------------------------------ GDPR
 
     async def export_user_data(self, identity: Identity) -> dict[str, Any]:
-        data = await self._run(self._store.export_user, identity.sub, identity.username)
+        data = await self._run(self._store.export_user, identity.sub)
         self._audit("me.export", identity, identity.sub)
         return {"user": {"sub": identity.sub, "username": identity.username}, **data}
 
     async def erase_user_data(self, identity: Identity) -> dict[str, int]:
-        result = await self._run(self._store.erase_user, identity.sub, identity.username)
+        result = await self._run(self._store.erase_user, identity.sub)
         for device_id in result["owned"]:
             self.facts.remove_device(device_id)
+        own = Principal.user(identity.sub).key
         self.facts.remove_delegations_where(
-            lambda d: d["grantee"] == identity.username or d["granted_by"] == identity.sub)
+            lambda d: principal_of(d).key == own or d["granted_by"] == identity.sub)
+        self.facts.forget_known_user(identity.sub)
         self.facts.remove_subscriptions_of(identity.sub)
         self.facts.changed(set(result["touched"]))
         self._audit("me.erase", identity, identity.sub, counts=result["counts"])

@@ -189,6 +189,8 @@ class Store:
                 "delegations": [_delegation(r) for r in c.execute(_DELEGATION_SELECT)],
                 "subscriptions": [_subscription(r) for r in c.execute(_SUBSCRIPTION_SELECT)],
                 "certificates": [_certificate(r) for r in c.execute(_CERTIFICATE_SELECT)],
+                "known_users": [{"sub": r[0], "username": r[1], "seen_at": r[2]}
+                                for r in c.execute("SELECT sub, username, seen_at FROM known_users")],
             }
 
     def get_device(self, device_id: str) -> dict[str, Any] | None:
@@ -205,7 +207,9 @@ class Store:
         row = self._conn.execute("SELECT max_devices FROM quotas WHERE sub = ?", (sub,)).fetchone()
         return None if row is None else int(row[0])
 
-    def export_user(self, sub: str, username: str) -> dict[str, Any]:
+    def export_user(self, sub: str) -> dict[str, Any]:
+        """Every row about the user ``sub``: selected by sub only, never by a user name (which
+        another user, or a word such as "anonymous", may share)."""
         with self.transaction() as c:
             devices = [_device(r) for r in c.execute(_DEVICE_SELECT + " WHERE owner_sub = ? ORDER BY id", (sub,))]
             for d in devices:
@@ -217,12 +221,15 @@ class Store:
             granted = [_delegation(r) for r in c.execute(
                 _DELEGATION_SELECT + " WHERE granted_by = ? ORDER BY created_at, id", (sub,))]
             received = [_delegation(r) for r in c.execute(
-                _DELEGATION_SELECT + " WHERE grantee = ? ORDER BY created_at, id", (username,))]
+                _DELEGATION_SELECT + " WHERE grantee_kind = 'user' AND grantee_id = ? ORDER BY created_at, id",
+                (sub,))]
+            known = c.execute("SELECT username, seen_at FROM known_users WHERE sub = ?", (sub,)).fetchone()
             subs = [{k: v for k, v in _subscription(r).items() if k != "owner_sub"} for r in c.execute(
                 _SUBSCRIPTION_SELECT + " WHERE owner_sub = ? ORDER BY service, id", (sub,))]
             quota = c.execute("SELECT max_devices FROM quotas WHERE sub = ?", (sub,)).fetchone()
         return {"devices": devices, "delegations_granted": granted, "delegations_received": received,
-                "subscriptions": subs, "quota": None if quota is None else {"max_devices": quota[0]}}
+                "subscriptions": subs, "quota": None if quota is None else {"max_devices": quota[0]},
+                "known_user": None if known is None else {"username": known[0], "seen_at": known[1]}}
 
     # ------------------------------------------------------------------ writes
 
@@ -334,10 +341,17 @@ class Store:
             if not c.execute("SELECT 1 FROM devices WHERE id = ?", (d["device_id"],)).fetchone():
                 raise NotFound(d["device_id"])
             c.execute(
-                "INSERT INTO delegations (id, device_id, grantee, permission, expires_at, granted_by,"
-                " granted_by_username, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (d["id"], d["device_id"], d["grantee"], d["permission"], d["expires_at"], d["granted_by"],
-                 d["granted_by_username"], d["created_at"]))
+                "INSERT INTO delegations (id, device_id, grantee_kind, grantee_id, grantee_name, permission,"
+                " expires_at, granted_by, granted_by_username, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (d["id"], d["device_id"], d["grantee_kind"], d["grantee_id"], d["grantee_name"], d["permission"],
+                 d["expires_at"], d["granted_by"], d["granted_by_username"], d["created_at"]))
+
+    def remember_user(self, sub: str, username: str, now: float) -> None:
+        """The user name last seen for ``sub`` (what resolves ``{"to": NAME}``)."""
+        with self.transaction() as c:
+            c.execute("INSERT INTO known_users (sub, username, seen_at) VALUES (?, ?, ?) ON CONFLICT (sub) "
+                      "DO UPDATE SET username = excluded.username, seen_at = excluded.seen_at",
+                      (sub, username, now))
 
     def delete_delegation(self, device_id: str, delegation_id: str) -> None:
         with self.transaction() as c:
@@ -375,16 +389,18 @@ class Store:
         with self.transaction() as c:
             c.execute("DELETE FROM subscriptions WHERE id = ? AND service = ?", (sub_id, service))
 
-    def erase_user(self, sub: str, username: str) -> dict[str, Any]:
-        """Every row about the user, in one transaction. Returns counts and touched device ids."""
+    def erase_user(self, sub: str) -> dict[str, Any]:
+        """Every row about the user ``sub`` (by sub only, as :meth:`export_user`), in one
+        transaction. Returns counts and touched device ids."""
+        to_user = "(grantee_kind = 'user' AND grantee_id = ?)"
         with self.transaction() as c:
             owned = [r[0] for r in c.execute("SELECT id FROM devices WHERE owner_sub = ?", (sub,))]
             touched = set(owned) | {r[0] for r in c.execute(
-                "SELECT device_id FROM delegations WHERE grantee = ? OR granted_by = ?", (username, sub))}
+                f"SELECT device_id FROM delegations WHERE {to_user} OR granted_by = ?", (sub, sub))}
             counts = {
                 "delegations": c.execute(
-                    "DELETE FROM delegations WHERE grantee = ? OR granted_by = ? OR device_id IN "
-                    "(SELECT id FROM devices WHERE owner_sub = ?)", (username, sub, sub)).rowcount,
+                    f"DELETE FROM delegations WHERE {to_user} OR granted_by = ? OR device_id IN "
+                    "(SELECT id FROM devices WHERE owner_sub = ?)", (sub, sub, sub)).rowcount,
                 "keys": c.execute("DELETE FROM device_keys WHERE device_id IN "
                                   "(SELECT id FROM devices WHERE owner_sub = ?)", (sub,)).rowcount,
                 "certificates": c.execute("DELETE FROM device_certificates WHERE device_id IN "
@@ -392,6 +408,7 @@ class Store:
                 "devices": c.execute("DELETE FROM devices WHERE owner_sub = ?", (sub,)).rowcount,
                 "subscriptions": c.execute("DELETE FROM subscriptions WHERE owner_sub = ?", (sub,)).rowcount,
                 "quotas": c.execute("DELETE FROM quotas WHERE sub = ?", (sub,)).rowcount,
+                "known_users": c.execute("DELETE FROM known_users WHERE sub = ?", (sub,)).rowcount,
             }
         return {"counts": counts, "owned": owned, "touched": touched}
 
@@ -404,8 +421,9 @@ class Store:
              "(SELECT id FROM devices WHERE owner_sub = ?)", (sub,)),
             ("SELECT count(*) FROM device_certificates WHERE device_id IN "
              "(SELECT id FROM devices WHERE owner_sub = ?)", (sub,)),
-            ("SELECT count(*) FROM delegations WHERE grantee = ? OR granted_by = ? OR granted_by_username = ?",
-             (username, sub, username)),
+            ("SELECT count(*) FROM delegations WHERE (grantee_kind = 'user' AND grantee_id = ?) OR granted_by = ?"
+             " OR granted_by_username = ?", (sub, sub, username)),
+            ("SELECT count(*) FROM known_users WHERE sub = ?", (sub,)),
             ("SELECT count(*) FROM subscriptions WHERE owner_sub = ? OR owner_username = ?", (sub, username)),
             ("SELECT count(*) FROM quotas WHERE sub = ?", (sub,)),
         ))
@@ -413,8 +431,8 @@ class Store:
 
 _DEVICE_SELECT = ("SELECT id, type, name, model, location, owner_sub, owner_username, public, service,"
                   " created_at, updated_at FROM devices")
-_DELEGATION_SELECT = ("SELECT id, device_id, grantee, permission, expires_at, granted_by, granted_by_username,"
-                      " created_at FROM delegations")
+_DELEGATION_SELECT = ("SELECT id, device_id, grantee_kind, grantee_id, grantee_name, permission, expires_at,"
+                      " granted_by, granted_by_username, created_at FROM delegations")
 
 
 def _device(r: Any) -> dict[str, Any]:
@@ -442,5 +460,6 @@ def _certificate(r: Any) -> dict[str, Any]:
 
 
 def _delegation(r: Any) -> dict[str, Any]:
-    return {"id": r[0], "device_id": r[1], "grantee": r[2], "permission": r[3], "expires_at": r[4],
-            "granted_by": r[5], "granted_by_username": r[6], "created_at": r[7]}
+    return {"id": r[0], "device_id": r[1], "grantee_kind": r[2], "grantee_id": r[3], "grantee_name": r[4],
+            "permission": r[5], "expires_at": r[6], "granted_by": r[7], "granted_by_username": r[8],
+            "created_at": r[9]}

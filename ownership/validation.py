@@ -46,6 +46,8 @@ def text_problem(value: Any, what: str, *, nullable: bool = True) -> str | None:
         return f"{what} must be at most {MAX_TEXT} characters"
     if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in value):
         return f"{what} may not contain control characters"
+    if has_lone_surrogate(value):
+        return f"{what} contains a lone surrogate (not valid Unicode)"
     return None
 
 
@@ -76,16 +78,76 @@ def location_problem(value: Any) -> str | None:
     return None
 
 
-def grantee_problem(value: Any) -> str | None:
-    if not isinstance(value, str):
-        return "to must be a string"
-    if value == "anonymous":
-        return None
-    name = value[6:] if value.startswith("group:") else value
-    if not 1 <= len(name) <= MAX_GRANTEE:
-        return f"to must name a user or group:NAME of 1 to {MAX_GRANTEE} characters"
-    if any(ord(ch) < 33 or 127 <= ord(ch) < 160 for ch in name):
-        return "to may not contain spaces or control characters"
-    if ":" in name and not value.startswith("group:"):
-        return "to must be a username, group:NAME or anonymous"
+def has_lone_surrogate(text: str) -> bool:
+    """A surrogate code point in a ``str`` is always unpaired (json.loads joins the pairs): it has
+    no UTF-8 form, so it could be stored but never sent back."""
+    return any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
+
+
+def json_problem(value: Any, path: str = "body", *, depth: int = 0, max_depth: int = 32) -> str | None:
+    """Why a parsed JSON value could not be returned as JSON: a lone surrogate in any string (keys
+    included), a number that is not finite (``1e400`` parses to inf), nesting beyond ``max_depth``."""
+    if isinstance(value, str):
+        return f"{path} contains a lone surrogate (not valid Unicode)" if has_lone_surrogate(value) else None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} must be a finite number"
+    if isinstance(value, (dict, list)):
+        if depth >= max_depth:
+            return f"{path} is nested deeper than {max_depth} levels"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and has_lone_surrogate(key):
+                return f"{path} has a field name with a lone surrogate (not valid Unicode)"
+            problem = json_problem(item, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]",
+                                   depth=depth + 1, max_depth=max_depth)
+            if problem:
+                return problem
     return None
+
+
+def _name_problem(value: Any, what: str) -> str | None:
+    if not isinstance(value, str):
+        return f"{what} must be a string"
+    if not 1 <= len(value) <= MAX_GRANTEE:
+        return f"{what} must be 1 to {MAX_GRANTEE} characters"
+    if has_lone_surrogate(value):
+        return f"{what} contains a lone surrogate (not valid Unicode)"
+    if any(ord(ch) < 33 or 127 <= ord(ch) < 160 or ch.isspace() for ch in value):
+        return f"{what} may not contain spaces or control characters"
+    return None
+
+
+#: The object forms of ``to``, each naming one kind of principal.
+GRANTEE_KEYS = ("user", "service", "group", "public")
+
+
+def parse_grantee(value: Any) -> tuple[str, str] | str:
+    """``(kind, value)`` from a delegation's ``to``, or the reason it is not one.
+
+    kind is ``username`` (a user name still to resolve to a sub), ``user`` (a sub), ``service``
+    (a client id), ``group`` or ``public``. A string is a user name, except ``anonymous`` (the
+    public) and ``group:NAME``; a user whose name is one of those is named ``{"user": SUB}``.
+    """
+    if isinstance(value, str):
+        if value == "anonymous":
+            return ("public", "")
+        if value.startswith("group:"):
+            problem = _name_problem(value[6:], "the group name")
+            return problem or ("group", value[6:])
+        problem = _name_problem(value, "to")
+        return problem or ("username", value)
+    if isinstance(value, dict):
+        if len(value) != 1 or next(iter(value)) not in GRANTEE_KEYS:
+            return 'to must be a user name, "anonymous", or one of {"user": SUB}, {"service": CLIENT_ID}, ' \
+                   '{"group": NAME}, {"public": true}'
+        kind, inner = next(iter(value.items()))
+        if kind == "public":
+            return ("public", "") if inner is True else "to.public must be true"
+        problem = _name_problem(inner, f"to.{kind}")
+        return problem or (kind, inner)
+    return "to must be a user name or an object naming one principal"
+
+
+def grantee_problem(value: Any) -> str | None:
+    parsed = parse_grantee(value)
+    return parsed if isinstance(parsed, str) else None

@@ -78,6 +78,7 @@ async def build_services(config: Config, *, audit: AuditLog | None = None) -> Se
         await ownership.close()
         await tokens.close()
         raise ConfigError(str(exc)) from None
+    tokens.observers.append(ownership.saw_identity)  # user names seen, for delegations by name
     return Services(config=config, tokens=tokens, ownership=ownership, policies=policies, audit=audit)
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "Config",
     "OidcConfig",
     "IntrospectionConfig",
+    "ServiceAccountsConfig",
     "TlsConfig",
     "MqttConfig",
     "MqttLimitsConfig",
@@ -78,6 +79,15 @@ class IntrospectionConfig:
 
 
 @dataclass(frozen=True)
+class ServiceAccountsConfig:
+    """What makes a token a service account's rather than a user's: any enabled rule that holds.
+    A client_id claim alone never does (RFC 9068 puts it in every JWT access token)."""
+    keycloak: bool = doc(True, 'preferred_username is "service-account-<C>" and the token\'s client_id is C')
+    sub_equals_client_id: bool = doc(False, "sub is the client id (Okta and others, for client credentials)")
+    gty: tuple[str, ...] = doc((), 'values of the "gty" claim meaning client credentials (Auth0: client-credentials)')
+
+
+@dataclass(frozen=True)
 class OidcConfig:
     issuer: str
     discovery_url: str = ""
@@ -91,6 +101,7 @@ class OidcConfig:
     http_timeout_seconds: float = 5.0
     token_cache_size: int = 10000
     introspection: IntrospectionConfig = field(default_factory=IntrospectionConfig)
+    service_accounts: ServiceAccountsConfig = field(default_factory=ServiceAccountsConfig)
 
 
 @dataclass(frozen=True)

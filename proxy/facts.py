@@ -13,17 +13,77 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal, Protocol
 
 Permission = Literal["read", "write", "readwrite"]
+PrincipalKind = Literal["user", "service", "group", "public"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Whom a delegation is to: one typed name space per kind, so no name can stand for another.
+
+    * ``user``: ``id`` is the user's ``sub`` (user names change and are reused); ``name`` is the
+      user name, for display only. An empty ``id`` is a user name a migrated store could not tie
+      to a ``sub``: it matches nobody.
+    * ``service``: ``id`` is the service account's client id.
+    * ``group``: ``id`` is the group's name.
+    * ``public``: unauthenticated callers (``id`` empty).
+    """
+
+    kind: PrincipalKind
+    id: str = ""
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("user", "service", "group", "public"):
+            raise ValueError(f"not a principal kind: {self.kind!r}")
+
+    @property
+    def key(self) -> str:
+        """The index key of this principal ("" when it matches nobody); never shown to anyone."""
+        if self.kind == "public":
+            return "public"
+        return f"{self.kind}:{self.id}" if self.id else ""
+
+    @classmethod
+    def user(cls, sub: str, name: str = "") -> "Principal":
+        return cls("user", sub, name)
+
+    @classmethod
+    def service(cls, client_id: str) -> "Principal":
+        return cls("service", client_id)
+
+    @classmethod
+    def group(cls, name: str) -> "Principal":
+        return cls("group", name)
+
+
+PUBLIC = Principal("public")
+
+
+def principal_keys(username: str, sub: str, groups: Iterable[str] = ()) -> set[str]:
+    """Every principal key a caller with these attributes may hold: a candidate set, wider than
+    the truth (kinds are not known here); :func:`proxy.policy.subjects.grantee_matches` decides."""
+    keys = {f"group:{g}" for g in groups}
+    if sub:
+        keys.add(f"user:{sub}")
+    if username:
+        keys.add(f"service:{username}")
+    if not sub:
+        keys.add("public")  # only the anonymous caller has no sub
+    return keys
 
 
 @dataclass(frozen=True, slots=True)
 class Delegation:
     id: str
     device_id: str
-    # A username, "group:NAME" or "anonymous".
-    grantee: str
+    grantee: Principal
     permission: Permission
     expires_at: float | None = None  # unix time
     granted_by: str = ""             # the granter's sub
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.grantee, Principal):  # a bare name would be ambiguous: refuse it
+            raise TypeError(f"a delegation's grantee is a Principal, not {type(self.grantee).__name__}")
 
     def active(self, now: float | None = None) -> bool:
         return self.expires_at is None or (now if now is not None else time.time()) < self.expires_at
@@ -57,8 +117,10 @@ class OwnershipFacts(Protocol):
         returns a function that unsubscribes."""
 
     def readable_devices(self, username: str, sub: str, groups: Iterable[str] = ()) -> set[str]:
-        """Ids of the devices this user owns or holds an active read delegation on
-        (used to restrict NGSI listings without asking every device)."""
+        """Candidate ids of the devices this caller owns, may read as public, or holds an active read
+        delegation on, by any principal key of :func:`principal_keys` (used to restrict NGSI
+        listings without asking every device). A superset: every candidate is still asked of the
+        policies, which match the delegation's typed principal against the caller's kind."""
 
 
 class StaticFacts:
@@ -85,12 +147,12 @@ class StaticFacts:
         return lambda: self._listeners.remove(callback)
 
     def readable_devices(self, username: str, sub: str, groups: Iterable[str] = ()) -> set[str]:
-        names = {username} | {f"group:{g}" for g in groups}
+        names = principal_keys(username, sub, groups)
         now = time.time()
         out = set()
         for d in self._devices.values():
-            if d.owner_sub == sub or d.public or any(
-                    g.grantee in names and g.active(now) and g.allows("read") for g in d.delegations):
+            if (sub and d.owner_sub == sub) or d.public or any(
+                    g.grantee.key in names and g.active(now) and g.allows("read") for g in d.delegations):
                 out.add(d.id)
         return out
 

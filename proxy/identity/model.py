@@ -48,7 +48,9 @@ class Identity:
     kind: IdentityKind
     # Stable subject: the token's "sub" for users and services, "device:<id>" for devices.
     sub: str
-    # preferred_username for users, client id for service accounts, device id for devices.
+    # preferred_username (else sub) for users, client id for service accounts, device id for devices.
+    # kind "service" only where the provider says so (oidc.service_accounts), never for a client_id
+    # claim alone: RFC 9068 puts one in users' tokens too.
     username: str
     method: AuthMethod
     roles: frozenset[str] = frozenset()          # from the configured claim paths

@@ -115,6 +115,10 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
+def _lone_surrogate(text: str) -> bool:
+    return any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
+
+
 def looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2
 
@@ -138,6 +142,9 @@ class TokenValidator:
         self._discovered = False
         self._discovery: dict[str, Any] = {}
         self._client_secret = ""
+        # Told of every freshly validated identity (not cache hits): the ownership service learns
+        # which user name each sub goes by. An observer must not raise.
+        self.observers: list[Callable[[Identity], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -259,6 +266,7 @@ class TokenValidator:
             identity = self._identity(self._check_introspected(await self.introspector.introspect(token)),
                                       "introspection")
             VALIDATIONS.counts[_OK_FRESH] += 1
+            self._tell(identity)
             return identity
 
         claims, kid = await self._verify_jwt(token)
@@ -273,7 +281,15 @@ class TokenValidator:
         identity = self._identity(claims, method)
         self._remember(digest, identity, kid)
         VALIDATIONS.counts[_OK_FRESH] += 1
+        self._tell(identity)
         return identity
+
+    def _tell(self, identity: Identity) -> None:
+        for observer in self.observers:
+            try:
+                observer(identity)
+            except Exception:
+                log.exception("token observer failed")
 
     async def _verify_jwt(self, token: str) -> tuple[dict[str, Any], str | None]:
         head_b64, payload_b64, sig_b64 = token.split(".")
@@ -363,6 +379,27 @@ class TokenValidator:
         if not isinstance(sub, str) or not sub:
             raise AuthError(AuthReason.MISSING_CLAIM, "sub")
 
+    def _service_client(self, claims: dict[str, Any], username: str) -> str:
+        """The client id when the provider says this token is a service account's, else "".
+
+        What says so is configured (``oidc.service_accounts``); a ``client_id`` claim alone does
+        not (RFC 9068 makes it a claim of every JWT access token, users' included)."""
+        rules = self.config.service_accounts
+        client_id = claims.get("client_id", claims.get("clientId"))
+        client_id = client_id if isinstance(client_id, str) else ""
+        azp = claims.get("azp") if isinstance(claims.get("azp"), str) else ""
+        sub = claims["sub"]
+        # Keycloak names a client's service-account user "service-account-<client id>" and gives its
+        # tokens the client_id claim: both must agree, so a user who picked such a name is still a user.
+        if rules.keycloak and client_id and username == SERVICE_ACCOUNT_PREFIX + client_id:
+            return client_id
+        if rules.sub_equals_client_id and sub in (client_id, azp) and sub:
+            return sub
+        gty = claims.get("gty")
+        if rules.gty and isinstance(gty, str) and gty in rules.gty and (client_id or azp):
+            return client_id or azp
+        return ""
+
     def _identity(self, claims: dict[str, Any], method: str) -> Identity:
         cfg = self.config
         client_id = claims.get("client_id", claims.get("clientId"))
@@ -370,12 +407,16 @@ class TokenValidator:
         azp = claims.get("azp") if isinstance(claims.get("azp"), str) else ""
         username = claims.get(cfg.username_claim)
         username = username if isinstance(username, str) else ""
-        service = bool(client_id) or username.startswith(SERVICE_ACCOUNT_PREFIX)
+        if _lone_surrogate(claims["sub"]) or _lone_surrogate(username):
+            raise AuthError(AuthReason.MALFORMED, "sub or user name is not valid Unicode")
+        service_client = self._service_client(claims, username)
+        service = bool(service_client)
         if service:
-            # A service account is known by its client id, not Keycloak's synthetic user name.
-            username = client_id or azp or username.removeprefix(SERVICE_ACCOUNT_PREFIX)
-        if not username:
-            username = client_id or azp or claims["sub"]
+            # A service account is known by its client id, not the provider's synthetic user name.
+            username = service_client
+        elif not username:
+            # Never the client id: every user of one client would share one name.
+            username = claims["sub"]
         roles: set[str] = set()
         for path in cfg.roles:
             roles.update(_strings(claim_path(claims, path)))

@@ -116,14 +116,14 @@ def _explain(args: argparse.Namespace) -> int:
         as_ = {"kind": "anonymous", "name": ""}
     else:
         kind, sep, name = who.partition(":")
-        if not sep or kind not in ("user", "device") or not name:
-            raise CommandError("--as takes user:NAME, device:ID or anonymous")
+        if not sep or kind not in ("user", "service", "device") or not name:
+            raise CommandError("--as takes user:NAME, service:CLIENT, device:ID or anonymous")
         as_ = {"kind": kind, "name": name}
     as_.update(roles=tuple(args.role), groups=tuple(args.group), scopes=tuple(args.scope),
                client_roles=tuple(args.client_role), client_id=args.client_id)
     delegated = []
     for text in args.delegated:
-        parts = text.split(":")
+        parts = text.split(":", 2)  # the grantee may be group:NAME or service:CLIENT
         if len(parts) not in (2, 3) or parts[1] not in ("read", "write", "readwrite"):
             raise CommandError(f"--delegated {text}: write DEVICE:read|write|readwrite[:GRANTEE]")
         delegated.append((parts[0], parts[1], parts[2] if len(parts) == 3 else None))

@@ -17,7 +17,8 @@ decides only which allow rule is *reported* when several match). Each file::
       - name: alice reads her thermostat    # optional
         as: {user: alice, roles: [r], groups: [g], scopes: [s], client_roles: ["c:r"], client_id: c1}
         owns: [thermo-1]
-        delegated: [{device: d2, permission: read, to: bob}]   # to: defaults to the caller
+        delegated: [{device: d2, permission: read, to: bob}]   # to: bob, service:C, group:G, anonymous;
+                                                                # defaults to the caller
         public: [d3]
         mqtt: {action: subscribe, topic: devices/thermo-1/#}   # publish|subscribe|receive
         http: {method: GET, path: /v2/entities/thermo-1}
@@ -303,11 +304,11 @@ def _parse_test(doc: _Doc, node: yaml.Node, path: str) -> TestCase:
     m = doc.mapping(node, path, ("name", "as", "owns", "delegated", "public", "mqtt", "http", "expect", "rule"),
                     ("as", "expect"))
     name = doc.string(m["name"][1], f"{path}.name") if "name" in m else ""
-    a = doc.mapping(m["as"][1], f"{path}.as", ("user", "device", "anonymous", "roles", "groups", "scopes",
-                                                "client_roles", "client_id"))
-    kinds = [k for k in ("user", "device", "anonymous") if k in a]
+    a = doc.mapping(m["as"][1], f"{path}.as", ("user", "service", "device", "anonymous", "roles", "groups",
+                                                "scopes", "client_roles", "client_id"))
+    kinds = [k for k in ("user", "service", "device", "anonymous") if k in a]
     if len(kinds) != 1:
-        doc.fail(m["as"][1], f"{path}.as", "give exactly one of user:, device:, anonymous: true")
+        doc.fail(m["as"][1], f"{path}.as", "give exactly one of user:, service:, device:, anonymous: true")
     as_: dict[str, Any] = {"kind": kinds[0]}
     if kinds[0] == "anonymous":
         if not doc.boolean(a["anonymous"][1], f"{path}.as.anonymous"):

@@ -16,7 +16,8 @@ Two families:
   the action: publish and HTTP writes need write; subscribe, delivery, GET,
   HEAD and OPTIONS need read), ``delegate:read``, ``delegate:write`` and
   ``public`` (a public device, caller authenticated). A delegation's grantee
-  is a username (users and services only), ``group:G`` or ``anonymous``.
+  is a typed :class:`proxy.facts.Principal`: a user (by ``sub``), a service
+  account (by client id), a group, or the public (:func:`grantee_matches`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from __future__ import annotations
 import time
 from typing import Iterable, Literal
 
-from proxy.facts import DeviceFacts, OwnershipFacts
+from proxy.facts import DeviceFacts, OwnershipFacts, Principal
 from proxy.identity.model import Identity
 
 __all__ = ["RELATIONS", "IDENTITY_WORDS", "PREFIXES", "subject_problem", "partition_key", "identity_keys",
-           "relation_holds", "relations_hold", "could_hold", "REL"]
+           "relation_holds", "relations_hold", "could_hold", "grantee_matches", "REL"]
 
 Want = Literal["read", "write"]
 
@@ -78,12 +79,20 @@ def identity_keys(identity: Identity) -> list[str]:
     return keys
 
 
-def _grantee_matches(grantee: str, identity: Identity) -> bool:
-    if identity.kind == "anonymous":
-        return grantee == "anonymous"
-    if grantee.startswith("group:"):
-        return grantee[6:] in identity.groups
-    return identity.kind in ("user", "service") and grantee == identity.username
+def grantee_matches(grantee: Principal, identity: Identity) -> bool:
+    """Is ``identity`` the delegation's principal? Each kind matches only its own kind of caller:
+    a user by ``sub`` (never by user name), a service account by client id, a group by
+    membership (users and services), the public only the unauthenticated caller."""
+    kind = grantee.kind
+    if kind == "public":
+        return identity.kind == "anonymous"
+    if not grantee.id or identity.kind == "anonymous":
+        return False  # an unresolved user name matches nobody
+    if kind == "user":
+        return identity.kind == "user" and bool(identity.sub) and identity.sub == grantee.id
+    if kind == "service":
+        return identity.kind == "service" and identity.username == grantee.id
+    return identity.kind in ("user", "service") and grantee.id in identity.groups
 
 
 def relation_holds(relation: str, identity: Identity, device: DeviceFacts, want: Want, now: float) -> bool:
@@ -94,7 +103,7 @@ def relation_holds(relation: str, identity: Identity, device: DeviceFacts, want:
     if relation == "public":
         return device.public and identity.kind != "anonymous"
     need: Want = want if relation == "delegate" else ("read" if relation == "delegate:read" else "write")
-    return any(_grantee_matches(d.grantee, identity) and d.active(now) and d.allows(need)
+    return any(grantee_matches(d.grantee, identity) and d.active(now) and d.allows(need)
                for d in device.delegations)
 
 

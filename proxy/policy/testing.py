@@ -4,21 +4,26 @@ Each case builds its own world: the identity from ``as``, and facts where
 the caller owns ``owns``, holds the ``delegated`` delegations, and the
 ``public`` devices are public (owned by someone else). Every case is asked
 of a policy set compiled against that world, through the same engine the
-gateways use. A device caller is itself registered. Users get ``sub`` = ``sub-<name>``; devices are
+gateways use. A device caller is itself registered. Users get ``sub`` = ``sub-<name>``; service
+accounts (``as: {service: CLIENT}``) are known by their client id; devices are
 ``device:<id>`` and owned by nobody in the test unless listed in ``owns``
 (which then means "owned by this device's owner", i.e. the caller).
+
+A delegation's ``to`` names a typed principal as the API stores it: a user name
+(the user ``sub-<name>``), ``service:CLIENT``, ``group:NAME`` or ``anonymous``
+(the public); without ``to`` it is the caller itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.facts import Delegation, DeviceFacts, StaticFacts
+from proxy.facts import PUBLIC, Delegation, DeviceFacts, Principal, StaticFacts
 from proxy.identity.model import ANONYMOUS, Identity
 from proxy.policy.engine import CompiledPolicies
 from proxy.policy.language import PolicySource, TestCase
 
-__all__ = ["CaseResult", "identity_for", "facts_for", "run_case", "run_all"]
+__all__ = ["CaseResult", "identity_for", "facts_for", "grantee_for", "run_case", "run_all"]
 
 OTHER_OWNER = "sub-someone-else"
 
@@ -54,7 +59,28 @@ def identity_for(as_: dict) -> Identity:
     if kind == "device":
         return Identity(kind="device", sub=f"device:{name}", username=name, method="device_key",
                         device_id=name, owner_sub=OTHER_OWNER, **common)
+    if kind == "service":
+        return Identity(kind="service", sub=f"sub-service-{name}", username=name, azp=name, method="token",
+                        **common)
     return Identity(kind="user", sub=f"sub-{name}", username=name, method="token", **common)
+
+
+def grantee_for(to: str | None, identity: Identity) -> Principal:
+    """The principal a test case's ``to`` names (see the module docstring)."""
+    if to is None:
+        if identity.kind == "anonymous":
+            return PUBLIC
+        if identity.kind == "service":
+            return Principal.service(identity.username)
+        if identity.kind == "user":
+            return Principal.user(identity.sub, identity.username)
+        return Principal.user("", identity.username)  # a device is nobody's grantee
+    if to == "anonymous":
+        return PUBLIC
+    for prefix in ("group:", "service:"):
+        if to.startswith(prefix):
+            return Principal(prefix[:-1], to[len(prefix):])  # type: ignore[arg-type]
+    return Principal.user(f"sub-{to}", to)
 
 
 def facts_for(case: TestCase, identity: Identity) -> StaticFacts:
@@ -70,7 +96,7 @@ def facts_for(case: TestCase, identity: Identity) -> StaticFacts:
                                  delegations=old.delegations)
     for i, (d, perm, to) in enumerate(case.delegated):
         old = devices.get(d) or DeviceFacts(d, OTHER_OWNER, "someone-else")
-        grant = Delegation(f"t{i}", d, to if to is not None else (identity.username or "anonymous"), perm)  # type: ignore[arg-type]
+        grant = Delegation(f"t{i}", d, grantee_for(to, identity), perm)  # type: ignore[arg-type]
         devices[d] = DeviceFacts(old.id, old.owner_sub, old.owner_username, public=old.public,
                                  delegations=old.delegations + (grant,))
     return StaticFacts(devices.values())

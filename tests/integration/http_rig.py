@@ -128,8 +128,11 @@ async def build_services(config: Any, oidc: Any) -> tuple[Services, dict[str, st
             await ownership.close()
         await tokens.close()
         raise
-    return Services(config=config, tokens=tokens, ownership=ownership, policies=policies, audit=audit), \
-        access_tokens(oidc)
+    tokens.observers.append(ownership.saw_identity)  # as proxy/app.py wires them
+    issued = access_tokens(oidc)
+    for token in issued.values():  # every caller has signed in once
+        await ownership.remember_user(await tokens.validate(token))
+    return Services(config=config, tokens=tokens, ownership=ownership, policies=policies, audit=audit), issued
 
 
 _issued: dict[int, tuple[float, dict[str, str]]] = {}

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from proxy.facts import Principal
 from proxy.identity.model import AuthError
 
 pytestmark = pytest.mark.integration
@@ -405,16 +406,18 @@ async def test_delegation_create_list_revoke(ownership_api):
     assert r.status == 201
     grant = await r.json()
     assert r.headers["Location"] == f"/api/v1/devices/dev-a/delegations/{grant['id']}"
-    assert grant["to"] == "bob" and grant["active"] is True and grant["expires_at"] == later
-    assert grant["granted_by"] == "alice"
     bob = await ownership_api.sub("bob")
+    # Stored, and shown, as the user bob is: his sub (with his name for display).
+    assert grant["to"] == {"user": bob, "username": "bob"}
+    assert grant["active"] is True and grant["expires_at"] == later
+    assert grant["granted_by"] == "alice"
     assert "dev-a" in facts.readable_devices("bob", bob)
-    assert [d.grantee for d in facts.device("dev-a").delegations] == ["bob"]
+    assert [d.grantee for d in facts.device("dev-a").delegations] == [Principal.user(bob, "bob")]
     r = await ownership_api.call("POST", "/devices/dev-a/delegations", as_="alice",
                                  json={"to": "anonymous", "permission": "write"})
     assert r.status == 201
     listed = await (await ownership_api.call("GET", "/devices/dev-a/delegations", as_="alice")).json()
-    assert [d["to"] for d in listed["delegations"]] == ["bob", "anonymous"]
+    assert [d["to"] for d in listed["delegations"]] == [{"user": bob, "username": "bob"}, {"public": True}]
     assert (await ownership_api.call("GET", "/devices/dev-a/delegations", as_="admin")).status == 200
     r = await ownership_api.call("DELETE", f"/devices/dev-a/delegations/{grant['id']}", as_="alice")
     assert r.status == 204
@@ -435,7 +438,10 @@ async def test_delegation_create_list_revoke(ownership_api):
     ({"to": "bob", "permission": "read", "expires_at": 12}, "invalid_field"),
     ({"to": "", "permission": "read"}, "invalid_field"),
     ({"to": "b o b", "permission": "read"}, "invalid_field"),
-    ({"to": "x:y", "permission": "read"}, "invalid_field"),
+    ({"to": {"user": "a", "service": "b"}, "permission": "read"}, "invalid_field"),
+    ({"to": {"public": False}, "permission": "read"}, "invalid_field"),
+    ({"to": {"robot": "r2"}, "permission": "read"}, "invalid_field"),
+    ({"to": ["bob"], "permission": "read"}, "invalid_field"),
     ({"to": "alice", "permission": "read"}, "invalid_field"),
     ({"to": "bob", "permission": "read", "why": "because"}, "unknown_field"),
 ])
@@ -483,11 +489,12 @@ async def test_export_contains_everything_about_the_caller(ownership_api):
     (dev,) = data["devices"]
     assert dev["id"] == "dev-a" and dev["name"] == "Kitchen" and dev["location"]["label"] == "home"
     assert [k["slot"] for k in dev["keys"]] == ["k1", "k2"] and all("hash" not in k for k in dev["keys"])
-    assert [d["to"] for d in dev["delegations"]] == ["bob"]
+    assert [d["to"] for d in dev["delegations"]] == [{"user": await ownership_api.sub("bob"), "username": "bob"}]
     assert [d["device"] for d in data["delegations_granted"]] == ["dev-a"]
     assert [d["device"] for d in data["delegations_received"]] == ["dev-b"]
     assert data["subscriptions"][0]["id"] == "sub-123"
     assert data["quota"] == {"max_devices": 3}
+    assert data["known_user"]["username"] == "alice"
     assert "dev-b" not in json.dumps(data["devices"])
 
 
@@ -509,7 +516,8 @@ async def test_erasure_leaves_no_row_about_the_user(ownership_api):
     r = await ownership_api.call("DELETE", "/me/data", as_="alice")
     assert r.status == 200
     erased = (await r.json())["erased"]
-    assert erased == {"devices": 1, "keys": 2, "certificates": 0, "delegations": 2, "subscriptions": 1, "quotas": 1}
+    assert erased == {"devices": 1, "keys": 2, "certificates": 0, "delegations": 2, "subscriptions": 1, "quotas": 1,
+                      "known_users": 1}
     assert await service.rows_about(alice.sub, "alice") == 0
     assert service.facts.device("dev-a") is None
     assert service.subscription_owner("sub-1", "") is None
@@ -517,7 +525,8 @@ async def test_erasure_leaves_no_row_about_the_user(ownership_api):
     with pytest.raises(AuthError):
         await service.authenticate_device_key("dev-a", body["k1"])
     # Other people's records stay.
-    assert [d.grantee for d in service.facts.device("dev-b").delegations] == ["carol"]
+    assert [d.grantee for d in service.facts.device("dev-b").delegations] == [
+        Principal.user(await ownership_api.sub("carol"), "carol")]
     data = await (await ownership_api.call("GET", "/me/data", as_="alice")).json()
     assert data["devices"] == data["delegations_granted"] == data["delegations_received"] == []
     assert data["quota"] is None and data["subscriptions"] == []

@@ -92,7 +92,10 @@ class GatewayRig:
         return self.services.tokens.issue(username, roles=USERS[username], ttl=ttl or 300)
 
     async def identity(self, username: str) -> Identity:
-        return await self.services.tokens.validate(await self.token(username))
+        """The user's identity; they have now signed in (a delegation can name them by user name)."""
+        identity = await self.services.tokens.validate(await self.token(username))
+        await self.services.ownership.remember_user(identity)
+        return identity
 
     async def register_device(self, owner: str, device_id: str | None = None, **fields: Any
                               ) -> tuple[str, str, str]:
@@ -147,6 +150,8 @@ async def build_services(config: Config, audit: MemoryAudit, real_tokens: bool) 
     else:
         tokens = StandinTokens()
     ownership = await OwnershipService.open(config, audit=audit)
+    if real_tokens:
+        tokens.observers.append(ownership.saw_identity)  # as proxy/app.py wires them
     policies = Policies.from_dir(config.resolve(config.policies.dir), ownership.facts,
                                  admin_role=config.ownership.admin_role)
     return Services(config=config, tokens=tokens, ownership=ownership, policies=policies, audit=audit)

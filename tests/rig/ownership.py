@@ -136,8 +136,20 @@ class ApiHarness:
         return await r.json()
 
 
-async def open_service(config: Config, audit: MemoryAudit | None = None, **kw: Any) -> OwnershipService:
-    return await OwnershipService.open(config, audit=audit or MemoryAudit(), **kw)
+async def open_service(config: Config, audit: MemoryAudit | None = None, *, signed_in: bool = True,
+                       **kw: Any) -> OwnershipService:
+    """The service; with ``signed_in`` the :data:`USERS` have each used it once (so a delegation
+    can name them by user name)."""
+    service = await OwnershipService.open(config, audit=audit or MemoryAudit(), **kw)
+    if signed_in:
+        await sign_in(service, USERS.values())
+    return service
+
+
+async def sign_in(service: OwnershipService, identities: Any) -> None:
+    """What an API call by each of ``identities`` records: the user name its sub goes by."""
+    for identity in identities:
+        await service.remember_user(identity)
 
 
 @pytest.fixture
@@ -177,7 +189,10 @@ async def ownership_api(tmp_path, oidc):
     tokens = TokenValidator(config.oidc)
     await tokens.start()
     try:
-        async with _harness(config, tokens, RigTokens(oidc)) as harness:
+        token_for = RigTokens(oidc)
+        async with _harness(config, tokens, token_for, signed_in=False) as harness:
+            # Every rig user has signed in once, with the provider's own subs.
+            await sign_in(harness.ownership, [await tokens.validate(token_for(name)) for name in USERS])
             yield harness
     finally:
         await tokens.close()
@@ -191,9 +206,9 @@ async def ownership_api_table(tmp_path):
 
 
 @contextlib.asynccontextmanager
-async def _harness(config: Config, tokens: Any, token_for: Callable[[str], str]):
+async def _harness(config: Config, tokens: Any, token_for: Callable[[str], str], *, signed_in: bool = True):
     audit = MemoryAudit()
-    service = await open_service(config, audit)
+    service = await open_service(config, audit, signed_in=signed_in)
     services = Services(config=config, tokens=tokens, ownership=service, policies=None, audit=audit)  # type: ignore[arg-type]
     client = TestClient(TestServer(mount(services), host="127.0.0.1"))
     await client.start_server()

@@ -3,6 +3,12 @@
 from proxy.facts import Delegation, DeviceFacts, StaticFacts
 from proxy.identity.model import ANONYMOUS, Identity
 from proxy.policy import Policies
+from proxy.policy.testing import grantee_for
+
+
+def to(text: str):
+    """The principal a policy test's ``to`` names: a user name (sub-NAME), service:C, group:G, anonymous."""
+    return grantee_for(text, ANONYMOUS)
 
 
 def user(name="alice", **kw) -> Identity:
@@ -29,7 +35,7 @@ def facts(*devices: DeviceFacts) -> StaticFacts:
 
 def dev(dev_id, owner="sub-alice", public=False, delegations=()) -> DeviceFacts:
     return DeviceFacts(dev_id, owner, owner.removeprefix("sub-"), public=public,
-                       delegations=tuple(Delegation(f"g{i}", dev_id, *d) if isinstance(d, tuple) else d
+                       delegations=tuple(Delegation(f"g{i}", dev_id, to(d[0]), *d[1:]) if isinstance(d, tuple) else d
                                          for i, d in enumerate(delegations)))
 
 

@@ -47,6 +47,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 
 from proxy.audit import MemoryAudit
 from proxy.config import MqttConfig
+from tests.unit.policy_helpers import to
 from proxy.facts import Delegation, DeviceFacts, StaticFacts
 from proxy.identity.model import AuthReason, Identity
 from proxy.mqtt import codec
@@ -364,7 +365,7 @@ class GatewayModel(RuleBasedStateMachine):
     def _device_facts(self, d: str) -> DeviceFacts:
         m = self.devs[d]
         return DeviceFacts(d, m.owner, m.owner.removeprefix("sub-"), public=m.public,
-                           delegations=tuple(Delegation(gid, d, g, p, e) for gid, (g, p, e) in m.grants.items()))
+                           delegations=tuple(Delegation(gid, d, to(g), p, e) for gid, (g, p, e) in m.grants.items()))
 
     def _credential_problem(self, ident: Identity) -> str | None:
         if not ident.is_device:

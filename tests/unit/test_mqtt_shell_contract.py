@@ -37,6 +37,7 @@ import pytest
 
 from proxy.audit import MemoryAudit
 from proxy.config import Config, MqttConfig, OidcConfig
+from tests.unit.policy_helpers import to
 from proxy.facts import Delegation, DeviceFacts, StaticFacts
 from proxy.identity.model import Identity
 from proxy.mqtt import codec
@@ -58,7 +59,7 @@ rules:
 """
 WILL = Will("devices/thermo-1/status", b"offline", 0, False)
 DELEGATED = DeviceFacts("thermo-1", "sub-bob", "bob",
-                        delegations=(Delegation("d1", "thermo-1", "alice", "readwrite"),))
+                        delegations=(Delegation("d1", "thermo-1", to("alice"), "readwrite"),))
 REVOKED = DeviceFacts("thermo-1", "sub-bob", "bob")  # the same device, the delegation taken back
 
 

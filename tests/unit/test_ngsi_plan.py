@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from proxy.facts import Delegation, DeviceFacts, StaticFacts
+from proxy.facts import Delegation, DeviceFacts, Principal, StaticFacts
 from proxy.http import ngsi, plan as planning
 from proxy.http.ngsi import NO_BODY, NgsiRequest
 from proxy.identity.model import ANONYMOUS, Identity
@@ -42,7 +42,7 @@ def facts():
     return StaticFacts([
         DeviceFacts("a-1", "s-alice", "alice"),
         DeviceFacts("a-2", "s-alice", "alice", public=True),
-        DeviceFacts("b-1", "s-bob", "bob", delegations=(Delegation("d1", "b-1", "alice", "read"),)),
+        DeviceFacts("b-1", "s-bob", "bob", delegations=(Delegation("d1", "b-1", Principal.user("s-alice", "alice"), "read"),)),
         DeviceFacts("c-1", "s-alice", "alice", service="city"),
     ])
 

@@ -3,6 +3,7 @@ migrations and rekey."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -12,6 +13,7 @@ from ownership import store as st
 from ownership.migrations import APPLICATION_ID, LATEST
 from proxy.cli import CommandError, main as keygate_main
 from proxy.config import ConfigError
+from proxy.facts import Principal
 from tests.rig.ownership import STORE_KEY, USERS, open_service, ownership_config
 
 ALICE = USERS["alice"]
@@ -27,12 +29,14 @@ async def test_the_files_hold_no_plaintext(tmp_path):
     name, place, model = "ZebraKitchenThermometer", "QuokkaStreet 221B", "WombatModelXJ9"
     await service.register_device(ALICE, {"id": "dev-plain-1", "type": "Thermometer", "name": name,
                                           "model": model, "location": {"lat": 1, "lon": 2, "label": place}})
+    await service.remember_user(dataclasses.replace(ALICE, sub="sub-PlatypusSub", username="PlatypusUser"))
     await service.create_delegation(ALICE, "dev-plain-1", "PlatypusUser", "read")
     await service.record_subscription("SubscriptionNarwhal", ALICE, "")
     # Look while open too: the WAL holds the latest pages before a checkpoint.
     files = [p for p in (tmp_path / "data").iterdir()]
     assert any(p.name.endswith("-wal") for p in files)
-    needles = [s.encode() for s in (name, place, model, "PlatypusUser", "SubscriptionNarwhal", "dev-plain-1",
+    needles = [s.encode() for s in (name, place, model, "PlatypusUser", "PlatypusSub", "SubscriptionNarwhal",
+                                    "dev-plain-1",
                                     "alice", "sub-alice", "CREATE TABLE", "SQLite format")]
     for p in files:
         blob = p.read_bytes()
@@ -247,7 +251,7 @@ async def test_reopen_restores_the_read_path(tmp_path):
     await service.close()
     service = await open_service(config)
     facts = service.facts.device("d1")
-    assert facts.public and facts.owner_username == "alice" and facts.delegations[0].grantee == "bob"
+    assert facts.public and facts.owner_username == "alice" and facts.delegations[0].grantee == Principal.user("sub-bob", "bob")
     assert (await service.authenticate_device_key("d1", k1)).owner_sub == "sub-alice"
     assert service.subscription_owner("s1", "tenant") == "sub-alice"
     assert service.subscriptions_of("sub-alice", "tenant") == {"s1"}

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ownership.openapi import DEVICE_ID_PATTERN
-from ownership.validation import (grantee_problem, is_device_id, location_problem, orion_id_problem,
+from ownership.validation import (grantee_problem, json_problem, parse_grantee, is_device_id, location_problem, orion_id_problem,
                                   text_problem)
 
 ORION_FORBIDDEN = set("&?/#<>\"'=;()")
@@ -55,7 +55,33 @@ def test_locations():
 
 
 def test_grantees():
-    for good in ("bob", "group:lab", "anonymous", "service-account-iot-backend", "a@b.example"):
+    for good in ("bob", "group:lab", "anonymous", "service-account-iot-backend", "a@b.example", "x:y",
+                 {"user": "6d0f7c1e-9a53"}, {"service": "iot-backend"}, {"group": "lab"}, {"public": True}):
         assert grantee_problem(good) is None, good
-    for bad in ("", "group:", "b o b", "x:y", "tab\t", 7, None, "u" * 256):
+    for bad in ("", "group:", "b o b", "tab\t", 7, None, "u" * 256, "bo\ud800b", {}, {"user": ""},
+                {"user": "a", "group": "b"}, {"users": "a"}, {"public": False}, {"service": 7}, {"group": "a b"},
+                {"user": "\udfff"}, ["bob"]):
         assert grantee_problem(bad), bad
+
+
+def test_each_form_of_to_names_its_own_kind():
+    """A string is a user name except "anonymous" and group:NAME; the object forms are typed."""
+    assert parse_grantee("bob") == ("username", "bob")
+    assert parse_grantee("anonymous") == ("public", "")
+    assert parse_grantee({"public": True}) == ("public", "")
+    assert parse_grantee("group:lab") == ("group", "lab")
+    assert parse_grantee({"group": "lab"}) == ("group", "lab")
+    assert parse_grantee({"user": "anonymous"}) == ("user", "anonymous")      # a user whose sub is that word
+    assert parse_grantee({"service": "group:lab"}) == ("service", "group:lab")
+
+
+def test_json_problem_finds_what_json_cannot_carry():
+    assert json_problem({"a": [1, 2.5, "x", {"b": None}]}) is None
+    assert "lone surrogate" in json_problem({"location": {"label": "a\ud800"}})
+    assert "lone surrogate" in json_problem({"\udc00": 1})
+    assert "lone surrogate" in json_problem(["ok", "\udbff"])
+    assert "finite" in json_problem({"lat": float("inf")})
+    assert "finite" in json_problem({"lat": float("nan")})
+    assert "nested" in json_problem([[[[1]]]], max_depth=3)
+    assert json_problem([[[1]]], max_depth=3) is None
+    assert json_problem("\U0001F600 paired") is None

@@ -6,7 +6,7 @@ import pytest
 
 from proxy.facts import Delegation
 from proxy.policy import NO_RULE, Decision, Verdict
-from tests.unit.policy_helpers import anonymous, dev, device, facts, policies, service, user
+from tests.unit.policy_helpers import to, anonymous, dev, device, facts, policies, service, user
 
 SUBJECT_RULES = """
   - id: r-anyone
@@ -59,7 +59,7 @@ def world():
     f = facts(dev("d1", "sub-alice"),
               dev("d2", "sub-bob", delegations=[("alice", "read"), ("group:lab", "write"), ("anonymous", "read")]),
               dev("d3", "sub-bob", public=True),
-              dev("d4", "sub-bob", delegations=[Delegation("x", "d4", "alice", "readwrite", expires_at=time.time() - 1)]))
+              dev("d4", "sub-bob", delegations=[Delegation("x", "d4", to("alice"), "readwrite", expires_at=time.time() - 1)]))
     return policies(SUBJECT_RULES, f)
 
 
@@ -384,7 +384,7 @@ def test_ownership_changes_are_seen_at_once():
 
 
 def test_cached_decisions_expire_with_the_delegation():
-    f = facts(dev("d1", "sub-bob", delegations=[Delegation("x", "d1", "alice", "read",
+    f = facts(dev("d1", "sub-bob", delegations=[Delegation("x", "d1", to("alice"), "read",
                                                            expires_at=time.time() + 0.3)]))
     p = policies(HTTP, f)
     assert p.may_http(user("alice"), "GET", "/v2/entities/d1").allowed

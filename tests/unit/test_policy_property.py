@@ -16,6 +16,7 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.unit.policy_helpers import to
 from proxy.facts import Delegation, DeviceFacts, StaticFacts
 from proxy.identity.model import ANONYMOUS, Identity
 from proxy.policy import Policies, Verdict
@@ -35,6 +36,9 @@ IDENTITIES = [
     Identity(kind="user", sub="sub-root", username="root", method="token", roles=frozenset({"iot-admin"})),
     Identity(kind="device", sub="device:d1", username="d1", method="device_key", device_id="d1",
              owner_sub="sub-alice"),
+    Identity(kind="service", sub="sub-sa-svc", username="svc", method="token", groups=frozenset({"g"})),
+    # A user whose name is the service's client id: must not get what was delegated to the service.
+    Identity(kind="user", sub="sub-svc", username="svc", method="token"),
     ANONYMOUS,
 ]
 
@@ -43,8 +47,9 @@ def make_facts(d2_public: bool) -> StaticFacts:
     return StaticFacts([
         DeviceFacts("d1", "sub-alice", "alice"),
         DeviceFacts("d2", "sub-bob", "bob", public=d2_public, delegations=(
-            Delegation("x", "d2", "alice", "read"), Delegation("y", "d2", "group:g", "write"),
-            Delegation("z", "d2", "anonymous", "read"), Delegation("old", "d2", "root", "readwrite", expires_at=1.0))),
+            Delegation("x", "d2", to("alice"), "read"), Delegation("y", "d2", to("group:g"), "write"),
+            Delegation("z", "d2", to("anonymous"), "read"), Delegation("old", "d2", to("root"), "readwrite", expires_at=1.0),
+            Delegation("s", "d2", to("service:svc"), "read"))),
     ])
 
 
@@ -84,13 +89,16 @@ def ref_subject(subject, ident, device_id, facts, want):
             continue
         if d.permission != "readwrite" and d.permission != need:
             continue
+        g = d.grantee
         if ident.kind == "anonymous":
-            if d.grantee == "anonymous":
+            if g.kind == "public":
                 return True
-        elif d.grantee.startswith("group:"):
-            if d.grantee[6:] in ident.groups:
+        elif g.kind == "group":
+            if g.id in ident.groups:
                 return True
-        elif ident.kind in ("user", "service") and d.grantee == ident.username:
+        elif g.kind == "user" and ident.kind == "user" and g.id and g.id == ident.sub:
+            return True
+        elif g.kind == "service" and ident.kind == "service" and g.id == ident.username:
             return True
     return False
 

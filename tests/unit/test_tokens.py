@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from proxy.config import ServiceAccountsConfig
 from proxy.identity.jwks import parse_jwks
 from proxy.identity.model import AuthError, AuthReason
 from proxy.identity.tokens import TokenValidator, claim_path
@@ -96,9 +97,75 @@ async def test_service_account_is_known_by_its_client_id(validator, token_factor
     assert ident.roles == {"iot-service"}
 
 
-async def test_service_account_without_client_id_claim_is_recognised_by_name(validator, token_factory):
-    ident = await validator.validate(token_factory.service_token("fleet-manager", client_id=None))
+async def test_keycloak_service_account_with_the_older_clientId_claim(validator, token_factory):
+    ident = await validator.validate(token_factory.service_token("fleet-manager", client_id=None,
+                                                                 clientId="fleet-manager"))
     assert ident.kind == "service" and ident.username == "fleet-manager"
+
+
+async def test_a_service_account_name_without_the_client_id_claim_is_a_user(validator, token_factory):
+    """Keycloak's marker is the name and the client_id claim together: a user who chose the name
+    "service-account-fleet-manager" (or whose provider allows any) stays a user."""
+    ident = await validator.validate(token_factory.service_token("fleet-manager", client_id=None))
+    assert ident.kind == "user" and ident.username == "service-account-fleet-manager"
+
+
+async def test_a_user_named_service_account_x_is_not_taken_for_the_client_they_logged_in_through(
+        validator, token_factory):
+    """The name must be service-account-<that token's client id>."""
+    ident = await validator.validate(token_factory.valid(preferred_username="service-account-x", azp="iot-portal",
+                                                         client_id="iot-portal"))
+    assert ident.kind == "user" and ident.username == "service-account-x"
+
+
+async def test_rfc9068_user_token_with_client_id_is_a_users(validator, token_factory):
+    """RFC 9068 makes client_id a claim of every JWT access token: a user's stays a user's, with
+    the user's own name, so two users of one client never share one."""
+    idents = [await validator.validate(token_factory.valid(preferred_username=name, sub=f"sub-{name}",
+                                                           client_id="iot-portal", azp="iot-portal"))
+              for name in ("alice", "bob")]
+    assert [(i.kind, i.username, i.sub) for i in idents] == [("user", "alice", "sub-alice"), ("user", "bob", "sub-bob")]
+    assert all(i.azp == "iot-portal" for i in idents)
+
+
+async def test_a_user_without_a_name_claim_is_known_by_sub_not_by_client(validator, token_factory):
+    ident = await validator.validate(token_factory.valid(preferred_username=None, sub="sub-x", client_id="iot-portal"))
+    assert ident.kind == "user" and ident.username == "sub-x"
+
+
+async def test_sub_equals_client_id_rule(make_validator, token_factory):
+    """Providers that say "service" by sub == client id (Okta, others): only with the setting."""
+    claims = dict(sub="iot-backend", client_id="iot-backend", azp="iot-backend", preferred_username=None)
+    default = await make_validator()
+    assert (await default.validate(token_factory.valid(**claims))).kind == "user"
+    v = await make_validator(service_accounts=ServiceAccountsConfig(sub_equals_client_id=True))
+    ident = await v.validate(token_factory.valid(**claims))
+    assert ident.kind == "service" and ident.username == "iot-backend"
+    user = await v.validate(token_factory.valid(sub="sub-alice", client_id="iot-backend", preferred_username="alice"))
+    assert user.kind == "user" and user.username == "alice"
+
+
+async def test_gty_client_credentials_rule(make_validator, token_factory):
+    """Auth0 marks client-credentials tokens with gty; its sub is "<client id>@clients"."""
+    claims = dict(sub="iot-backend@clients", azp="iot-backend", gty="client-credentials", preferred_username=None)
+    assert (await (await make_validator()).validate(token_factory.valid(**claims))).kind == "user"
+    v = await make_validator(service_accounts=ServiceAccountsConfig(gty=("client-credentials",)))
+    ident = await v.validate(token_factory.valid(**claims))
+    assert ident.kind == "service" and ident.username == "iot-backend"
+    password = await v.validate(token_factory.valid(sub="auth0|alice", azp="iot-backend", gty="password",
+                                                    preferred_username="alice"))
+    assert password.kind == "user" and password.username == "alice"
+
+
+async def test_the_keycloak_rule_can_be_switched_off(make_validator, token_factory):
+    v = await make_validator(service_accounts=ServiceAccountsConfig(keycloak=False))
+    assert (await v.validate(token_factory.service_token("fleet-manager"))).kind == "user"
+
+
+async def test_a_lone_surrogate_in_the_user_name_is_refused(validator, token_factory):
+    with pytest.raises(AuthError) as err:
+        await validator.validate(token_factory.valid(preferred_username="al\ud800ice"))
+    assert err.value.reason is AuthReason.MALFORMED
 
 
 async def test_username_claim_is_configurable(make_validator, token_factory):
