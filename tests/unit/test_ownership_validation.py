@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ownership.openapi import DEVICE_ID_PATTERN
-from ownership.validation import (grantee_problem, json_problem, parse_grantee, is_device_id, location_problem, orion_id_problem,
-                                  text_problem)
+from ownership.validation import (grantee_problem, is_device_id, json_problem, location_problem, orion_id_problem,
+                                  parse_grantee, text_problem)
 
 ORION_FORBIDDEN = set("&?/#<>\"'=;()")
 # JSON Schema regexes are ECMA: "$" is the very end. Python's "$" also matches before a
