@@ -38,6 +38,8 @@ _DEVICE_ID = {"name": "id", "in": "path", "required": True,
               "schema": {"type": "string", "pattern": DEVICE_ID_PATTERN, "maxLength": 256}}
 
 _TEXT = {"type": "string", "maxLength": 256, "pattern": TEXT_PATTERN, "nullable": True}
+# A principal's name: no whitespace, no control characters.
+_NAME_PATTERN = r"^[^\s\u0000-\u001f\u007f-\u009f]+$"
 _SERIAL_PATTERN = r"^[0-9a-f]+$"
 _FINGERPRINT_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
@@ -74,10 +76,35 @@ def build_openapi(config: Config) -> dict[str, Any]:
             "permissions": {"type": "array", "items": {"type": "string"}},
         },
     }
+    name = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": _NAME_PATTERN}
+
+    def one(key: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+        return {"type": "object", "additionalProperties": False, "required": [key], "properties": {key: schema},
+                "description": description}
+
+    principal_in = {"oneOf": [
+        {"type": "string", "minLength": 1, "maxLength": 261, "pattern": _NAME_PATTERN,
+         "description": 'a user name, resolved to the sub of the one user seen under it (404 unknown_user, '
+                        '409 ambiguous_user); "anonymous" is the public, "group:NAME" a group'},
+        one("user", name, "a user, by the provider's sub"),
+        one("service", name, "a service account, by its client id"),
+        one("group", name, "a group (the token's groups claim)"),
+        one("public", {"type": "boolean", "enum": [True]}, "unauthenticated callers"),
+    ]}
+    principal_out = {"oneOf": [
+        {"type": "object", "additionalProperties": False, "required": ["user", "username"], "properties": {
+            "user": {"type": "string", "nullable": True,
+                     "description": "the sub; null for a user name a migrated store could not tie to one "
+                                    "(it matches nobody: grant it again)"},
+            "username": {"type": "string", "nullable": True, "description": "the name last seen, for display"}}},
+        one("service", {"type": "string"}, "a service account, by client id"),
+        one("group", {"type": "string"}, "a group"),
+        one("public", {"type": "boolean", "enum": [True]}, "unauthenticated callers"),
+    ]}
     delegation = {
         "type": "object", "required": ["id", "device", "to", "permission", "active"],
         "properties": {
-            "id": {"type": "string"}, "device": {"type": "string"}, "to": {"type": "string"},
+            "id": {"type": "string"}, "device": {"type": "string"}, "to": principal_out,
             "permission": {"type": "string", "enum": ["read", "write", "readwrite"]},
             "expires_at": {"type": "string", "format": "date-time", "nullable": True},
             "active": {"type": "boolean"}, "granted_by": {"type": "string"},
@@ -108,8 +135,7 @@ def build_openapi(config: Config) -> dict[str, Any]:
         "NewDelegation": {
             "type": "object", "additionalProperties": False, "required": ["to", "permission"],
             "properties": {
-                "to": {"type": "string", "minLength": 1, "maxLength": 261,
-                       "description": "a username, group:NAME or anonymous"},
+                "to": principal_in,
                 "permission": {"type": "string", "enum": ["read", "write", "readwrite"]},
                 "expires_at": {"type": "string", "format": "date-time", "nullable": True},
             },
@@ -123,6 +149,8 @@ def build_openapi(config: Config) -> dict[str, Any]:
             "delegations_received": {"type": "array", "items": {"type": "object"}},
             "subscriptions": {"type": "array", "items": {"type": "object"}},
             "quota": {"type": "object", "nullable": True},
+            "known_user": {"type": "object", "nullable": True,
+                           "description": "the user name this gateway last saw for the caller's sub"},
             "exported_at": {"type": "string", "format": "date-time"}}},
         "Erased": {"type": "object", "required": ["erased"], "properties": {
             "erased": {"type": "object", "additionalProperties": {"type": "integer"}}}},
@@ -161,7 +189,8 @@ def build_openapi(config: Config) -> dict[str, Any]:
                                  "registered; k1 and k2 are shown only in this response",
                                  {"Location": {"schema": {"type": "string"}}}),
                     "403": _error("device quota reached (code quota_exceeded)"),
-                    "409": _error("the id is taken (code conflict)"), **_WITH_BODY, **{k: v for k, v in _COMMON.items() if k != "403"},
+                    "409": _error("the id is taken (code conflict)"), **_WITH_BODY,
+                    **{k: v for k, v in _COMMON.items() if k != "403"},
                 },
             },
             "get": {
@@ -195,11 +224,15 @@ def build_openapi(config: Config) -> dict[str, Any]:
         },
         "/devices/{id}/delegations": {
             "parameters": [_DEVICE_ID],
-            "post": {"operationId": "createDelegation", "summary": "Grant a user, a group or anonymous access",
+            "post": {"operationId": "createDelegation",
+                     "summary": "Grant a user, a service account, a group or the public access",
                      "requestBody": _body("#/components/schemas/NewDelegation"),
                      "responses": {"201": _json("#/components/schemas/Delegation", "granted",
                                                 {"Location": {"schema": {"type": "string"}}}),
-                                   **_NOT_FOUND, **_WITH_BODY, **_COMMON}},
+                                   "404": _error("no such device (or not yours), or no user seen under that name "
+                                                 "(code unknown_user)"),
+                                   "409": _error("more than one user has gone by that name (code ambiguous_user)"),
+                                   **_WITH_BODY, **_COMMON}},
             "get": {"operationId": "listDelegations", "summary": "The device's delegations",
                     "responses": {"200": _json("#/components/schemas/DelegationList", "the delegations"),
                                   **_NOT_FOUND, **_COMMON}},

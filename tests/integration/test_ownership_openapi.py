@@ -100,3 +100,20 @@ def ensure_device(live: LiveApi, headers: dict) -> None:
         urllib.request.urlopen(req, timeout=10).close()
     except urllib.error.HTTPError as exc:
         assert exc.code in (403, 409)
+
+
+def test_the_document_describes_the_typed_principals(tmp_path):
+    """Each form of a delegation's ``to`` the API takes, and the one it answers with."""
+    from ownership.openapi import build_openapi
+    from tests.rig.ownership import ownership_config
+    spec = build_openapi(ownership_config(tmp_path))
+    validate(spec)
+    schemas = spec["components"]["schemas"]
+    forms = schemas["NewDelegation"]["properties"]["to"]["oneOf"]
+    assert forms[0]["type"] == "string"
+    assert [f["required"] for f in forms[1:]] == [["user"], ["service"], ["group"], ["public"]]
+    shown = schemas["Delegation"]["properties"]["to"]["oneOf"]
+    assert [sorted(f["required"]) for f in shown] == [["user", "username"], ["service"], ["group"], ["public"]]
+    responses = spec["paths"]["/devices/{id}/delegations"]["post"]["responses"]
+    assert "unknown_user" in responses["404"]["description"] and "ambiguous_user" in responses["409"]["description"]
+    assert "known_user" in schemas["PersonalData"]["properties"]
