@@ -85,6 +85,8 @@ async def register(api, rig, owner: str, device_id: str | None = None) -> tuple[
 
 
 async def delegate(api, rig, owner: str, dev: str, to: str, permission: str, expires_at: float | None = None):
+    if to != "anonymous" and not to.startswith("group:"):
+        await rig.identity(to)  # the delegate has signed in once: a user name resolves to their sub
     body = {"to": to, "permission": permission}
     if expires_at is not None:
         body["expires_at"] = dt.datetime.fromtimestamp(expires_at, dt.timezone.utc).isoformat().replace(

@@ -145,6 +145,7 @@ async def test_another_user_is_refused_with_reason_codes(mqtt_rig):
 async def test_read_delegate_reads_but_cannot_write(mqtt_rig):
     rig = mqtt_rig
     dev, k1, _ = await rig.register_device("alice")
+    await rig.identity("bob")  # bob has signed in once: "bob" resolves to his sub
     await rig.services.ownership.create_delegation(await rig.identity("alice"), dev, "bob", "read")
     bob = Paho(rig, "bob-viewer", username="bob", password=await rig.token("bob"))
     device = Paho(rig, dev, username=dev, password=k1)

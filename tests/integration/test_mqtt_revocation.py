@@ -40,6 +40,7 @@ async def test_revoked_delegation_stops_deliveries_at_once(mqtt_rig):
     rig = mqtt_rig
     dev, k1, _ = await rig.register_device("alice")
     alice = await rig.identity("alice")
+    await rig.identity("bob")  # bob has signed in once: "bob" resolves to his sub
     grant = await rig.services.ownership.create_delegation(alice, dev, "bob", "read")
     bob = Paho(rig, "bob-live", username="bob", password=await rig.token("bob"))
     assert await bob.connect() == 0

@@ -43,6 +43,7 @@ async def test_api_registration_delegation_and_revocation_on_a_live_connection(m
     r = await call(api, rig, "POST", "/devices", "alice", {"id": "api-dev-1", "type": "Sensor"})
     assert r.status == 201
     k1 = (await r.json())["k1"]
+    await rig.identity("bob")  # bob has signed in once: "bob" resolves to his sub
     r = await call(api, rig, "POST", "/devices/api-dev-1/delegations", "alice", {"to": "bob", "permission": "read"})
     assert r.status == 201
     grant = await r.json()
