@@ -138,3 +138,36 @@ async def test_the_rigs_proxy_yaml_snippet_loads_and_validates(oidc):
         assert (await v.validate(oidc.password_token("alice"))).roles >= {"iot-user", "reader"}
     finally:
         await v.close()
+
+
+@pytest.fixture(scope="module")
+def rfc9068_oidc(tmp_path_factory):
+    """The same provider issuing RFC 9068 access tokens: client_id in users' tokens too."""
+    from tests.rig.oidc import OidcProvider
+    provider = OidcProvider(tmp_path_factory.mktemp("oidc-rfc9068"), rfc9068=True)
+    provider.start()
+    try:
+        yield provider
+    finally:
+        provider.stop()
+
+
+async def test_rfc9068_user_tokens_with_client_id_stay_users(rfc9068_oidc):
+    """Issue 15 item 3: with client_id in every access token, every user was taken for a service
+    named after the client, and all users of one client shared one user name."""
+    import base64
+    import json
+    v = TokenValidator(rfc9068_oidc.oidc_config())
+    await v.start()
+    try:
+        tokens = {name: rfc9068_oidc.password_token(name) for name in ("alice", "bob")}
+        payload = tokens["alice"].split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        assert claims["client_id"] == "iot-portal"  # the provider really does put it there
+        idents = {name: await v.validate(tok) for name, tok in tokens.items()}
+        assert {(i.kind, i.username, i.sub) for i in idents.values()} == {
+            ("user", name, rfc9068_oidc.user_sub(name)) for name in ("alice", "bob")}
+        svc = await v.validate(rfc9068_oidc.client_token("iot-backend"))
+        assert (svc.kind, svc.username) == ("service", "iot-backend")
+    finally:
+        await v.close()

@@ -170,7 +170,8 @@ const provider = new Provider(issuer, {
         // Keycloak: user tokens carry no client_id and list their audiences;
         // service-account tokens carry client_id and a single audience string.
         if (token.kind === 'AccessToken') {
-          delete jwt.payload.client_id;
+          // rfc9068: keep the client_id RFC 9068 makes a claim of every JWT access token.
+          if (!config.rfc9068) delete jwt.payload.client_id;
           jwt.payload.aud = [audience, 'account'];
         } else {
           jwt.payload.sub = serviceSub(token.clientId);

@@ -91,8 +91,11 @@ class OidcProviderError(RuntimeError):
 class OidcProvider:
     """One running provider process; restartable with rotated keys on the same port."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, *, rfc9068: bool = False):
+        """``rfc9068``: user tokens keep the client_id claim (RFC 9068) instead of dropping it as
+        Keycloak does."""
         self.workdir = workdir
+        self.rfc9068 = rfc9068
         self.realm = REALM
         self.audience = AUDIENCE
         self.log_path = workdir / "oidc-provider.log"
@@ -162,7 +165,7 @@ class OidcProvider:
         ]
         self.config_path.write_text(json.dumps({
             "port": self.port, "realm": self.realm, "audience": self.audience,
-            "keys_file": str(self.keys_path), "users": users, "clients": clients,
+            "keys_file": str(self.keys_path), "users": users, "clients": clients, "rfc9068": self.rfc9068,
         }))
 
     def start(self, timeout: float = 20.0) -> None:
