@@ -74,6 +74,8 @@ async def measure(devices: int = 10_000, seconds: float = 1.0) -> dict[str, Any]
         service = await OwnershipService.open(config, audit=AuditLog.null())
         try:
             users = [Identity(kind="user", sub=f"sub-u{i}", username=f"u{i}", method="token") for i in range(100)]
+            for user in users:  # each has signed in once, so a delegation can name them
+                await service.remember_user(user)
             keys: dict[str, str] = {}
             for i in range(devices):
                 owner = users[i % len(users)]

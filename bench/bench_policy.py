@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from proxy.facts import Delegation, DeviceFacts, StaticFacts
+from proxy.facts import Delegation, Principal, DeviceFacts, StaticFacts
 from proxy.identity.model import Identity
 from proxy.policy.engine import CompiledPolicies
 from proxy.policy.language import load_dir, load_text
@@ -55,7 +55,8 @@ def build(n: int, cache_size: int = 0) -> CompiledPolicies:
         object.__setattr__(r, "order", len(shipped.rules) + i)
     shipped.rules.extend(extra.rules)
     facts = StaticFacts([DeviceFacts("d1", "sub-alice", "alice"),
-                         DeviceFacts("d2", "sub-bob", "bob", delegations=(Delegation("g", "d2", "alice", "read"),))]
+                         DeviceFacts("d2", "sub-bob", "bob", delegations=(
+                             Delegation("g", "d2", Principal.user("sub-alice", "alice"), "read"),))]
                         + [DeviceFacts(f"x{k}", f"sub-o{k}", f"o{k}") for k in range(1000)])
     return CompiledPolicies(shipped, facts, cache_size=cache_size)
 
