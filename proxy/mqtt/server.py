@@ -43,7 +43,6 @@ from proxy.config import Config, parse_hostport, read_secret
 from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY, Tally
 from proxy.mqtt.cleaner import clear_device
-from proxy.mqtt.codec import ProtocolError
 from proxy.mqtt.session import Actions, AuthRequest, RateLimiter, Session, classify_credentials
 from proxy.services import Services
 from proxy.tls import PeerCertificate, peer_certificate, server_context
@@ -498,9 +497,9 @@ class Connection:
             self.apply(self.session.tick())
 
     # -- revocation and shutdown
-    def invalidate(self) -> None:
+    def invalidate(self, devices: set[str] | None = None) -> None:
         if not self.closed:
-            self.apply(self.session.invalidate())
+            self.apply(self.session.invalidate(devices))
 
     def shutdown(self) -> None:
         """The server is going away: the session says so (v5 DISCONNECT 0x8B), then close."""
@@ -607,7 +606,7 @@ class MqttGateway:
             whost, wport = parse_hostport(self.mqtt.websocket_listen)
             self.ws_port = await self._ws.start(whost, wport, self.ssl_context)
         # Revocation: any ownership or policy change re-checks every open session at once.
-        self._unsubscribe.append(self.services.policies.subscribe(self._invalidate_all))
+        self._unsubscribe.append(self.services.policies.subscribe(lambda _: self._invalidate_all(None)))
         self._unsubscribe.append(self.services.ownership.facts.subscribe(self._invalidate_all))
         # A deleted device's retained messages and broker session go with it.
         hooks = self.services.ownership.removal_hooks
@@ -671,9 +670,10 @@ class MqttGateway:
             self.connections.discard(conn)
             CONNECTIONS_ACTIVE.dec()
 
-    def _invalidate_all(self, *_: Any) -> None:
+    def _invalidate_all(self, devices: set[str] | None) -> None:
+        """An ownership write touched ``devices`` (None: anything, or a policy swap)."""
         for conn in list(self.connections):
-            conn.invalidate()
+            conn.invalidate(devices)
 
     async def clear_device(self, device_id: str) -> None:
         """A device was deleted (its connections are closed by then): clear its retained
@@ -682,7 +682,7 @@ class MqttGateway:
         audit = self.services.audit
         try:
             cleared = await clear_device(self.mqtt, device_id, filters, upstream_password=self._upstream_password)
-        except (OSError, asyncio.TimeoutError, ProtocolError) as exc:
+        except Exception as exc:  # the broker unreachable or misbehaving: say so, never raise into the API
             log.warning("could not clear device %s at the broker: %s", device_id, exc)
             audit.record(protocol="mqtt", action="device.clear", decision="fail", resource=device_id,
                          reason=str(exc) or type(exc).__name__)

@@ -172,7 +172,7 @@ from proxy.mqtt import codec
 from proxy.mqtt.codec import Frame, Framer, ProtocolError
 from proxy.mqtt.packets import (
     MQTT_5, V3_CONNACK_FOR, V3_SUBACK_FAILURE, Connect, PacketType, Prop, Reason, Suback,
-    Subscribe, V3ConnackCode, get_prop, without_props,
+    Subscribe, V3ConnackCode, Will, get_prop, without_props,
 )
 from proxy.mqtt.subscriptions import SubscriptionTable
 from proxy.mqtt.subscriptions import filter_matches as topic_matches
@@ -194,6 +194,8 @@ _MAX_SUBSCRIPTIONS = 10_000  # per connection; more are refused (SUBACK 0x97 / 0
 # with an end (a delegation's expiry) is dropped at that end (Decision.until).
 _DECISION_TTL = 1.0
 _NEVER = float("inf")
+# Bytes of QoS 2 publishes a connection may have awaiting their PUBREL (at least one packet).
+_QOS2_HOLD_BYTES = 256 * 1024
 
 T = PacketType
 
@@ -363,6 +365,16 @@ def _escape_sub(sub: str) -> str:
     return sub.replace("%", "%25").replace("/", "%2F").replace("~", "%7E")
 
 
+def _without_will_delay(will: Will | None) -> Will | None:
+    """The Will as the broker gets it: without a Will Delay Interval. A delayed Will would be
+    published after the connection ended, at an instant the gateway no longer sees; without the
+    delay it is decided at the instant the connection ends, and published then or never."""
+    if will is None or get_prop(will.properties, Prop.WILL_DELAY_INTERVAL) is None:
+        return will
+    return Will(will.topic, will.payload, will.qos, will.retain,
+                without_props(will.properties, Prop.WILL_DELAY_INTERVAL))
+
+
 def _verdict(decision: Any) -> Verdict:
     v = getattr(decision, "verdict", None)
     if v is None:
@@ -428,6 +440,13 @@ class Session:
         self._suback_slots: dict[int, list[int | None]] = {}
         self._client_qos2_answered: set[int] = set()
         self._broker_qos2_dropped: set[int] = set()
+        # QoS 2 publishes from the client, held here until their PUBREL and decided again then: the
+        # broker releases a QoS 2 message at PUBREL, so it must not hold one that is no longer allowed.
+        self._qos2_held: dict[int, tuple[bytes, str, bool]] = {}  # packet id -> (packet, topic, retain)
+        self._qos2_held_bytes = 0
+        self._qos2_releasing: set[int] = set()  # released to the broker: its PUBREC is answered here
+        self._will_until: float | None = None   # when the Will's grant ends (session clock)
+        self._will_devices: frozenset[str] = frozenset()
         # Pass-through run (see _pass): the output list, index of its last slice, start/end offsets.
         self._run: list | None = None
         self.fast_paths = True         # off only in tests that compare the fast paths with the full path
@@ -613,6 +632,8 @@ class Session:
         if c.will is not None:
             d = self.policies.may_publish(identity, c.will.topic, qos=c.will.qos, retain=c.will.retain,
                                           client_id=self.client_id)
+            self._will_until = self._mono(getattr(d, "until", None))
+            self._will_devices = getattr(d, "devices", frozenset())
             if not d.allowed:
                 _DENIED["will"].inc()
                 self._audit("will", "deny", identity=identity, resource=c.will.topic, rule=d.rule,
@@ -633,7 +654,7 @@ class Session:
                            # that times a silent client out, with its own reason code and audit record.
                            keepalive=min(2 * self.keepalive, 65535), client_id=self.upstream_client_id,
                            username=username,
-                           password=password, will=c.will, properties=props)
+                           password=password, will=_without_will_delay(c.will), properties=props)
         self._state = "upstream"
         self._will_armed = c.will is not None  # from now on the broker may hold it
         self._update_horizon()
@@ -685,10 +706,12 @@ class Session:
         self._expire(acts, now)
         return acts
 
-    def invalidate(self) -> Actions:
-        """Policies or ownership facts changed: drop cached decisions, close the connection if
-        its credential no longer stands (a deleted device, a rotated key), re-decide every
-        subscription grant. Carry out the returned Actions like any other."""
+    def invalidate(self, devices: set[str] | None = None) -> Actions:
+        """Policies or ownership facts changed (``devices``: the ids an ownership write touched;
+        None: anything may have changed): drop cached decisions, close the connection if its
+        credential no longer stands (a deleted device, a rotated key) or its Will is no longer
+        allowed, re-decide the subscription grants that rest on those devices. Carry out the
+        returned Actions like any other."""
         acts = Actions()
         if self.closed:
             return acts
@@ -697,14 +720,30 @@ class Session:
         ident = self.identity
         if ident is None:
             return acts
-        problem = self.credential_problem(ident) if self.credential_problem is not None else None
-        if problem:
-            self._audit("session", "close", identity=ident, reason=problem)
-            if self._state == "open":
-                return self._disconnect(acts, Reason.ADMINISTRATIVE_ACTION, "credential_revoked", problem)
-            return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "credential_revoked", problem)
-        self._redecide()
+        if devices is None or ident.device_id in devices:
+            problem = self.credential_problem(ident) if self.credential_problem is not None else None
+            if problem:
+                self._audit("session", "close", identity=ident, reason=problem)
+                if self._state == "open":
+                    return self._disconnect(acts, Reason.ADMINISTRATIVE_ACTION, "credential_revoked", problem)
+                return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "credential_revoked", problem)
+        if self._will_armed and (devices is None or not devices.isdisjoint(self._will_devices)) \
+                and not self._will_still_allowed("revoked"):
+            return self._will_revoked(acts)
+        self._redecide(devices)
         return acts
+
+    def _will_revoked(self, acts: Actions) -> Actions:
+        """The Will the broker holds is no longer allowed. It may not stay there a moment longer:
+        the broker publishes it whenever it ends the connection itself (a session takeover, a
+        protocol error it sees), so end the connection now, with a DISCONNECT that discards it."""
+        self._will_armed = False
+        self._end_run()
+        acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
+        self._audit("session", "close", reason="Will no longer allowed")
+        if self._state == "open":
+            return self._disconnect(acts, Reason.NOT_AUTHORIZED, "will_revoked", "")
+        return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "will_revoked", "")
 
     def broker_closed(self) -> Actions:
         acts = Actions()
@@ -727,9 +766,10 @@ class Session:
             self._close(acts, "client_closed", "")
         return acts
 
-    def _will_still_allowed(self) -> bool:
-        """The Will is a publish the broker makes at close: it must be allowed at that instant,
-        on a credential that still stands."""
+    def _will_still_allowed(self, when: str = "close") -> bool:
+        """The Will is a publish the broker makes when the connection ends: it must be allowed at
+        that instant, on a credential that still stands (and, while the broker holds it, at every
+        instant: see invalidate())."""
         c = self._connect
         ident = self.identity
         if c is None or c.will is None or ident is None:
@@ -744,11 +784,21 @@ class Session:
                                           client_id=self.client_id)
             if d.allowed:
                 _ALLOWED["will"].inc()
+                self._will_until = self._mono(getattr(d, "until", None))
+                self._will_devices = getattr(d, "devices", frozenset())
                 return True
             rule, reason = d.rule, d.reason
         _DENIED["will"].inc()
         self._audit("will", "deny", resource=c.will.topic, rule=rule, reason=reason,
-                    qos=c.will.qos, retain=c.will.retain, when="close")
+                    qos=c.will.qos, retain=c.will.retain, when=when)
+        return False
+
+    def _asked_to_discard_will(self) -> bool:
+        """A normal DISCONNECT the client sent before the broker's CONNACK, still held here."""
+        for f in self._pending:
+            if f.type == T.DISCONNECT:
+                body = f.body
+                return not (len(body) and body[0] == Reason.DISCONNECT_WITH_WILL)
         return False
 
     def _token_expired(self) -> bool:
@@ -811,6 +861,8 @@ class Session:
                 break
             tend = body + 2 + ((mv[body] << 8) | mv[body + 1])
             qos = (b1 >> 1) & 3
+            if qos == 2:
+                break  # held until its PUBREL: the full path
             after = tend + (2 if qos else 0) + (1 if v5 else 0)
             if after > nxt:
                 break
@@ -916,8 +968,8 @@ class Session:
                 acts.to_client.append(codec.encode_ack(
                     T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
                 self._end_run()
-            else:
-                self._pass(acts.to_broker, frame, data)
+            elif pid not in self._qos2_releasing:  # (a repeated PUBREL: the broker's PUBCOMP answers it)
+                self._release_qos2(acts, pid)
         elif t == T.SUBSCRIBE:
             self._client_subscribe(acts, frame, data)
         elif t == T.UNSUBSCRIBE:
@@ -933,6 +985,12 @@ class Session:
             self._pass(acts.to_broker, frame, data)
         elif t == T.DISCONNECT:
             d = codec.decode_disconnect(frame.body, level)
+            c = self._connect
+            if level == MQTT_5 and c is not None and not get_prop(c.properties, Prop.SESSION_EXPIRY_INTERVAL) \
+                    and get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL):
+                # [MQTT-3.14.2-2]. Forwarded, the broker would take it for a protocol error and
+                # publish the Will on its own; refused here, the Will is decided by _close().
+                raise ProtocolError(Reason.PROTOCOL_ERROR, "Session Expiry Interval on DISCONNECT after 0 at CONNECT")
             if d.reason == Reason.DISCONNECT_WITH_WILL and self._will_armed:
                 self._will_armed = False
                 if self._will_still_allowed():  # published as the client asks
@@ -1042,23 +1100,84 @@ class Session:
             self._refuse_publish(acts, info, Reason.NOT_AUTHORIZED)
             return
         self._published += 1
-        self._forwarded += 1
         if info.packet_id is not None:
-            # A forwarded QoS 2 id is the broker's to finish now, not ours.
+            # An allowed id is no longer one the gateway refused.
             self._client_qos2_answered.discard(info.packet_id)
+        if qos == 2:
+            self._hold_qos2(acts, frame, data, info, topic, rewrite)
+            return
+        self._forwarded += 1
         if not rewrite:
             self._pass(acts.to_broker, frame, data)
             return
-        # Resolve the alias: the broker gets the full topic and no alias, so it holds no alias state.
+        self._end_run()
+        acts.to_broker.extend(self._resolved(frame, data, info, topic))
+
+    def _resolved(self, frame: Frame, data, info, topic: str) -> list:
+        """The PUBLISH with its alias resolved: the broker gets the full topic and no alias, so it
+        holds no alias state."""
         props = without_props(codec.read_publish_properties(frame, info), Prop.TOPIC_ALIAS)
         payload = frame.raw[info.payload_start:]
-        head = codec.publish_head(topic, qos=qos, retain=info.retain, dup=info.dup, packet_id=info.packet_id,
-                                  level=level, properties=props, payload_len=len(payload))
+        head = codec.publish_head(topic, qos=info.qos, retain=info.retain, dup=info.dup, packet_id=info.packet_id,
+                                  level=self.protocol_level, properties=props, payload_len=len(payload))
+        if not len(payload):
+            return [head]
+        return [head, payload if frame.start < 0 else data[frame.start + info.payload_start:frame.end]]
+
+    def _hold_qos2(self, acts: Actions, frame: Frame, data, info, topic: str, rewrite: bool) -> None:
+        """An allowed QoS 2 publish: the gateway answers PUBREC and keeps it until the PUBREL, when
+        it is decided again (a grant revoked in between must not be released by the broker)."""
         self._end_run()
-        acts.to_broker.append(head)
-        if len(payload):
-            acts.to_broker.append(payload if frame.start < 0 else
-                                  data[frame.start + info.payload_start:frame.end])
+        pid = info.packet_id
+        level = self.protocol_level
+        packet = b"".join(bytes(b) for b in self._resolved(frame, data, info, topic)) if rewrite else bytes(frame.raw)
+        earlier = self._qos2_held.pop(pid, None)  # a retransmission (DUP) replaces it
+        if earlier is not None:
+            self._qos2_held_bytes -= len(earlier[0])
+        if self._qos2_held_bytes + len(packet) > max(_QOS2_HOLD_BYTES, self.config.max_packet_size):
+            self._audit("publish", "deny", resource=topic, reason="too many QoS 2 publishes awaiting PUBREL",
+                        qos=2)
+            if level == MQTT_5:
+                acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level, Reason.QUOTA_EXCEEDED))
+            else:
+                self._close(acts, "quota_exceeded", "QoS 2 publishes awaiting PUBREL")
+            return
+        self._qos2_held[pid] = (packet, topic, info.retain)
+        self._qos2_held_bytes += len(packet)
+        acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
+
+    def _release_qos2(self, acts: Actions, pid: int) -> None:
+        """The client's PUBREL: forward the held publish if it is still allowed now."""
+        self._end_run()
+        level = self.protocol_level
+        held = self._qos2_held.pop(pid, None)
+        rule = None
+        if held is None:
+            topic, reason = "", "PUBREL for a QoS 2 publish not held on this connection"
+        else:
+            packet, topic, retain = held
+            self._qos2_held_bytes -= len(packet)
+            ident = self.identity
+            assert ident is not None
+            problem = "token expired" if self._token_expired() else (
+                self.credential_problem(ident) if self.credential_problem is not None else None)
+            d = None if problem else self.policies.may_publish(ident, topic, qos=2, retain=retain,
+                                                               client_id=self.client_id)
+            if d is not None and d.allowed:
+                # Released at this instant, in one write: the PUBLISH and its PUBREL, so the broker
+                # never holds it awaiting a release the gateway would have to decide again. (The
+                # broker handles them in order; its PUBREC then needs no answer, its PUBCOMP answers
+                # the client's PUBREL.)
+                self._qos2_releasing.add(pid)
+                self._forwarded += 1
+                acts.to_broker.append(packet)
+                acts.to_broker.append(codec.encode_ack(T.PUBREL, pid, level))
+                return
+            rule, reason = (d.rule, d.reason) if d is not None else (None, problem)
+        _DENIED["publish"].inc()
+        self._audit("publish", "deny", resource=topic, rule=rule, reason=reason, qos=2, when="release")
+        acts.to_client.append(codec.encode_ack(
+            T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
 
     def _refuse_publish(self, acts: Actions, info, code: int) -> None:
         """Answer a publish the broker will never see, so the client's flow completes."""
@@ -1067,6 +1186,9 @@ class Session:
         pid = info.packet_id
         if info.qos == 0 or pid is None:
             return
+        held = self._qos2_held.pop(pid, None)  # a retransmission now refused: nothing to release
+        if held is not None:
+            self._qos2_held_bytes -= len(held[0])
         if level == MQTT_5:
             acts.to_client.append(codec.encode_ack(T.PUBACK if info.qos == 1 else T.PUBREC, pid, level, code))
             if info.qos == 2:
@@ -1101,7 +1223,7 @@ class Session:
             if verdict is not Verdict.DENY:
                 _ALLOWED["subscribe"].inc()
                 self._subs.subscribed(s.topic_filter, inner, s.qos, verdict,
-                                      self._mono(getattr(d, "until", None)))
+                                      self._mono(getattr(d, "until", None)), getattr(d, "devices", frozenset()))
                 keep.append(s)
                 slots.append(None)
             else:
@@ -1176,8 +1298,16 @@ class Session:
                 acts.to_broker.append(codec.encode_ack(T.PUBCOMP, pid, level))
             else:
                 self._pass(acts.to_client, frame, data)
+        elif t == T.PUBREC and self._qos2_releasing:
+            pid = codec.packet_id_of(frame, level)
+            if pid in self._qos2_releasing:
+                self._end_run()  # released already (PUBREL went with the PUBLISH); the client had its PUBREC
+            else:
+                self._pass(acts.to_client, frame, data)
         elif t in (T.PUBACK, T.PUBREC, T.PUBCOMP):
-            codec.packet_id_of(frame, level)
+            pid = codec.packet_id_of(frame, level)
+            if t == T.PUBCOMP:
+                self._qos2_releasing.discard(pid)  # the answer to the client's PUBREL
             self._pass(acts.to_client, frame, data)
         elif t == T.UNSUBACK:
             codec.packet_id_of(frame, level)  # the table changed when the UNSUBSCRIBE went by
@@ -1331,21 +1461,24 @@ class Session:
         self._recv_cache.clear()
         self._update_horizon()
 
-    def _redecide(self) -> None:
-        """Ask the policy again for every subscription grant, for the identity in force now."""
+    def _redecide(self, devices: set[str] | None = None) -> None:
+        """Ask the policy again for the subscription grants (those resting on ``devices``, or all),
+        for the identity in force now."""
         ident = self.identity
         assert ident is not None
 
-        def decide(match: str, qos: int) -> tuple[Verdict, float | None]:
+        def decide(match: str, qos: int) -> tuple[Verdict, float | None, frozenset[str]]:
             d = self.policies.may_subscribe(ident, match, qos=qos, client_id=self.client_id)
-            return _verdict(d), self._mono(getattr(d, "until", None))
+            return _verdict(d), self._mono(getattr(d, "until", None)), getattr(d, "devices", frozenset())
 
-        self._subs.redecide(decide)
+        self._subs.redecide(decide, devices)
         self._table_changed()
 
     def _update_horizon(self) -> None:
         """The next instant something the session relies on ends: a grant or the token."""
         until = self._subs.horizon if self._subs.horizon is not None else _NEVER
+        if self._will_armed and self._will_until is not None:
+            until = min(until, self._will_until)
         ident = self.identity
         if ident is not None and ident.expires_at is not None:
             left = ident.expires_at + self.token_leeway - self.wallclock()
@@ -1361,6 +1494,10 @@ class Session:
         if self._token_expired():
             self._audit("session", "close", identity=self.identity, reason="token expired")
             self._disconnect(acts, Reason.MAXIMUM_CONNECT_TIME, "token_expired", "")
+            return
+        if self._will_armed and self._will_until is not None and now >= self._will_until \
+                and not self._will_still_allowed("expired"):
+            self._will_revoked(acts)
             return
         self._redecide()
 
@@ -1414,7 +1551,7 @@ class Session:
         is no longer allowed, a plain DISCONNECT upstream makes the broker discard it."""
         if self._will_armed:
             self._will_armed = False
-            if not self._will_still_allowed():
+            if self._asked_to_discard_will() or not self._will_still_allowed():
                 self._end_run()
                 acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
         self.closed = True

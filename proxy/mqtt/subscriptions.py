@@ -28,8 +28,8 @@ from proxy.policy.decision import Verdict
 
 __all__ = ["Grant", "SubscriptionTable", "filter_matches"]
 
-# (verdict, until) for a filter at a QoS: the session's question to the policy.
-Decide = Callable[[str, int], "tuple[Verdict, float | None]"]
+# (verdict, until, devices) for a filter at a QoS: the session's question to the policy.
+Decide = Callable[[str, int], "tuple[Verdict, float | None, frozenset[str]]"]
 
 
 def filter_matches(topic_filter: str, topic: str) -> bool:
@@ -51,13 +51,15 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
 class Grant:
     """One filter the broker holds for the client, with the gateway's verdict on it."""
 
-    __slots__ = ("match", "qos", "verdict", "until")
+    __slots__ = ("match", "qos", "verdict", "until", "devices")
 
-    def __init__(self, match: str, qos: int, verdict: Verdict, until: float | None):
+    def __init__(self, match: str, qos: int, verdict: Verdict, until: float | None,
+                 devices: frozenset[str] = frozenset()):
         self.match = match        # the filter without $share/<group>/
         self.qos = qos            # as granted: a later question is asked at the same QoS
         self.verdict = verdict    # ALLOW or CHECK_EACH (a DENY is never held by the broker)
         self.until = until        # when an ALLOW stops holding (session clock); None: no end
+        self.devices = devices    # whose facts the verdict rests on
 
     def __repr__(self) -> str:
         return f"Grant({self.match!r}, qos={self.qos}, {self.verdict.name}, until={self.until})"
@@ -82,10 +84,11 @@ class SubscriptionTable:
 
     # -- changes, in the order the packets are forwarded
 
-    def subscribed(self, topic_filter: str, match: str, qos: int, verdict: Verdict, until: float | None) -> None:
+    def subscribed(self, topic_filter: str, match: str, qos: int, verdict: Verdict, until: float | None,
+                   devices: frozenset[str] = frozenset()) -> None:
         """A SUBSCRIBE of this filter is being forwarded: it replaces any earlier one [MQTT-3.8.4-3]."""
         assert verdict is not Verdict.DENY
-        self._grants[topic_filter] = Grant(match, qos, verdict, until)
+        self._grants[topic_filter] = Grant(match, qos, verdict, until, devices)
         self._derive()
 
     def refused(self, topic_filter: str) -> None:
@@ -105,10 +108,15 @@ class SubscriptionTable:
         if changed:
             self._derive()
 
-    def redecide(self, decide: Decide) -> None:
-        """Ask again for every grant (a policy or ownership change, a new token, a horizon passed)."""
+    def redecide(self, decide: Decide, devices: set[str] | None = None) -> None:
+        """Ask again (a policy or ownership change, a new token, a horizon passed): every grant,
+        or with ``devices`` only those resting on one of these devices' facts (a change to
+        other devices cannot change them)."""
         for grant in self._grants.values():
-            verdict, until = decide(grant.match, grant.qos)
+            if devices is not None and devices.isdisjoint(grant.devices):
+                continue
+            verdict, until, rests_on = decide(grant.match, grant.qos)
+            grant.devices = rests_on
             if verdict is Verdict.ALLOW:
                 grant.verdict, grant.until = Verdict.ALLOW, until
             else:  # the broker still holds the filter: check what it delivers

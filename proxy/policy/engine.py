@@ -251,18 +251,21 @@ def _intersect(node: _Node, f: list[str], i: int, device: object, vals: dict, fd
 class _Horizon:
     """The instant a decision is made at, and the instants at which what it rests on ends."""
 
-    __slots__ = ("now", "ends")
+    __slots__ = ("now", "ends", "devices")
 
     def __init__(self, now: float):
         self.now = now
         self.ends: list[float] = []
+        self.devices: set[str] = set()  # whose facts were consulted
 
 
 def _with_horizon(decision, horizon: _Horizon):  # type: ignore[no-untyped-def]
-    """The decision with ``until``: the earliest end of what it rested on (None: no end)."""
-    if not horizon.ends:
+    """The decision with ``until`` (the earliest end of what it rested on; None: no end) and
+    ``devices`` (whose facts it rested on: a change to another device cannot change it)."""
+    if not horizon.ends and not horizon.devices:
         return decision
-    return dataclasses.replace(decision, until=min(horizon.ends))
+    return dataclasses.replace(decision, until=min(horizon.ends) if horizon.ends else None,
+                               devices=frozenset(horizon.devices))
 
 
 class CompiledPolicies:
@@ -389,8 +392,9 @@ class CompiledPolicies:
                         continue
                     if fits is not None and not fits(entry):
                         continue
-                    if key == REL and not relations_hold(entry.relations, identity, dev, self.facts, want, horizon.ends,
-                                                           now=horizon.now):
+                    if key == REL and not relations_hold(entry.relations, identity, dev, self.facts, want,
+                                                         horizon.ends, now=horizon.now,
+                                                         consulted=horizon.devices):
                         continue
                     best, best_dev = entry, dev
             if best is not None:
@@ -460,16 +464,16 @@ class CompiledPolicies:
                 return True
             if dev is _ANY:
                 return False  # "for every device" is never certain
-            return relations_hold(entry.relations, identity, dev, self.facts, "read", horizon.ends,  # type: ignore[arg-type]
-                                  now=horizon.now)
+            return relations_hold(entry.relations, identity, dev, self.facts, "read",  # type: ignore[arg-type]
+                                  horizon.ends, now=horizon.now, consulted=horizon.devices)
 
         def maybe(key: str, entry: _Entry, dev: object) -> bool:
             if key != REL:
                 return True
             if dev is _ANY:  # some device might be related
                 return any(could_hold(r, identity) for r in entry.relations)
-            return relations_hold(entry.relations, identity, dev, self.facts, "read", horizon.ends,  # type: ignore[arg-type]
-                                  now=horizon.now)
+            return relations_hold(entry.relations, identity, dev, self.facts, "read",  # type: ignore[arg-type]
+                                  horizon.ends, now=horizon.now, consulted=horizon.devices)
 
         def covering(tries: dict[str, _Node]) -> tuple[_Entry, object] | None:
             best = None
