@@ -955,3 +955,12 @@ def test_replay_publish_as_a_write_delegation_expires(counted):
     # bob may command d1 until wall +0.5 s; the decision cached for his first publish must not outlive it.
     pub = ("client_publishes", dict(topic="devices/d1/cmd/x", qos=1, retain=False, n=1))
     _replay(_grant("d1", "bob", "write", ttl=0.5), _connect("bob"), pub, ("time_passes", dict(dt=0.5)), pub)
+
+
+@pytest.mark.parametrize("level", [4, 5])
+def test_replay_qos2_publish_released_after_its_grant_was_revoked(counted, level):
+    # The broker publishes a QoS 2 message when it gets the PUBREL: bob's command, sent while he
+    # could write to d1, must not be released once the grant is gone.
+    pub = ("client_publishes", dict(topic="devices/d1/cmd/x", qos=2, retain=True, n=1))
+    _replay(_grant("d1", "bob", "write"), _connect("bob", level=level), pub, ("broker_reads", {}), _REVOKE_D1,
+            ("client_releases_qos2", dict(k=1)), ("broker_reads", {}))
