@@ -172,7 +172,7 @@ from proxy.mqtt import codec
 from proxy.mqtt.codec import Frame, Framer, ProtocolError
 from proxy.mqtt.packets import (
     MQTT_5, V3_CONNACK_FOR, V3_SUBACK_FAILURE, Connect, PacketType, Prop, Reason, Suback,
-    Subscribe, V3ConnackCode, Will, get_prop, without_props,
+    Subscribe, Subscription, Unsubscribe, V3ConnackCode, Will, get_prop, without_props,
 )
 from proxy.mqtt.subscriptions import SubscriptionTable
 from proxy.mqtt.subscriptions import filter_matches as topic_matches
@@ -978,7 +978,13 @@ class Session:
             # delivers under these filters is checked like anything the table cannot prove.
             self._subs.unsubscribed(unsub.topic_filters)
             self._table_changed()
-            self._pass(acts.to_broker, frame, data)
+            upstream = [self._upstream_filter(f) for f in unsub.topic_filters]
+            if upstream == unsub.topic_filters:
+                self._pass(acts.to_broker, frame, data)
+            else:
+                self._end_run()
+                acts.to_broker.append(codec.encode_unsubscribe(
+                    Unsubscribe(unsub.packet_id, upstream, unsub.properties), level))
         elif t == T.PINGREQ:
             if len(frame.body):
                 raise ProtocolError(Reason.MALFORMED_PACKET, "PINGREQ with a body")
@@ -1224,7 +1230,7 @@ class Session:
                 _ALLOWED["subscribe"].inc()
                 self._subs.subscribed(s.topic_filter, inner, s.qos, verdict,
                                       self._mono(getattr(d, "until", None)), getattr(d, "devices", frozenset()))
-                keep.append(s)
+                keep.append(Subscription(self._upstream_filter(s.topic_filter), s.options))
                 slots.append(None)
             else:
                 _DENIED["subscribe"].inc()
@@ -1233,7 +1239,8 @@ class Session:
                             rule=getattr(d, "rule", None), reason=getattr(d, "reason", None), qos=s.qos)
                 slots.append(deny_code)
         self._table_changed()
-        if len(keep) == len(slots):
+        if len(keep) == len(slots) and all(k.topic_filter == s.topic_filter
+                                           for k, s in zip(keep, sub.subscriptions)):
             self._pass(acts.to_broker, frame, data)
             return
         self._end_run()
@@ -1242,6 +1249,18 @@ class Session:
             return
         self._suback_slots[sub.packet_id] = slots
         acts.to_broker.append(codec.encode_subscribe(Subscribe(sub.packet_id, keep, sub.properties), level))
+
+    def _upstream_filter(self, topic_filter: str) -> str:
+        """The filter as the broker gets it. A shared subscription's group is made the identity's
+        own: otherwise anyone could join another's ``$share/<group>/...`` and take a share of its
+        deliveries (the broker hands each message to one member; the gateway would drop the
+        stranger's copies, and the rightful member would never see them)."""
+        group, inner = codec.split_shared(topic_filter)
+        if group is None:
+            return topic_filter
+        ident = self.identity
+        owner = _escape_sub(ident.sub if ident is not None else "").replace("+", "%2B").replace("#", "%23")
+        return f"$share/{owner}~{group}/{inner}"
 
     def _client_auth(self, acts: Actions, frame: Frame) -> None:
         a = codec.decode_auth(frame.body)

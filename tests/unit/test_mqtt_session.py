@@ -1367,3 +1367,28 @@ def test_a_change_to_one_device_re_decides_only_the_grants_resting_on_it():
     assert [a[1] for a in p.asked if a[0] == "subscribe"] == ["devices/a/telemetry"]
     assert not s.broker_data(pub("devices/a/telemetry")).to_client
     assert s.broker_data(pub("devices/b/telemetry")).to_client
+
+
+# --------------------------------------------------------------------------- shared subscriptions
+
+
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+def test_shared_subscription_groups_are_the_identitys_own(level):
+    """Anyone could join another's $share/<group>/... and take a share of its deliveries (then
+    dropped by the gateway as not theirs): the broker gets a group of the identity's own."""
+    def upstream(identity):
+        p = FakePolicies(sub_check=["devices/+/telemetry"])
+        s, _, _ = open_session(level, identity=identity, policies=p)
+        acts = s.client_data(codec.encode_subscribe(
+            Subscribe(1, [Subscription("$share/g/devices/+/telemetry", 0)]), level))
+        sub = codec.decode_subscribe(only(acts.to_broker, T.SUBSCRIBE).body, level)
+        unsub = s.client_data(codec.encode_unsubscribe(Unsubscribe(2, ["$share/g/devices/+/telemetry"]), level))
+        return sub.subscriptions[0].topic_filter, codec.decode_unsubscribe(
+            only(unsub.to_broker, T.UNSUBSCRIBE).body, level).topic_filters
+
+    alice, alice_unsub = upstream(ALICE)
+    bob, _ = upstream(BOB)
+    assert alice == "$share/sub-alice~g/devices/+/telemetry" and alice_unsub == [alice]
+    assert bob != alice and bob.endswith("~g/devices/+/telemetry")
+    tricky = dataclasses.replace(ALICE, sub="a~b/+#")
+    assert upstream(tricky)[0] == "$share/a%7Eb%2F%2B%23~g/devices/+/telemetry"
