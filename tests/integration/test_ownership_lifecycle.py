@@ -19,9 +19,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from ownership.api import create_api_app
-from proxy.config import load_config_text
+from ownership.orion import OrionClient, OrionUnavailable
+from proxy.config import ConfigError, load_config_text
 from proxy.http.gateway import HttpGateway
 from tests.integration.http_rig import HttpRig, build_services, close_services
 from tests.integration.test_http_gateway import _subscribe, subscription
@@ -171,6 +173,7 @@ async def test_only_an_admin_adopts_an_existing_entity_and_names_the_owner(rig):
     assert r.status == 403 and r.json()["error"]["code"] == "forbidden"
     r = await register(rig, "alice", id="ops-3", owner=bob)
     assert r.status == 403
+    assert (await register(rig, "admin", id="ops-3")).status == 409   # admins too, unless they say adopt
     r = await register(rig, "admin", id="ops-3", adopt=True, owner=bob, owner_username="bob")
     assert r.status == 201, r.body
     assert r.json()["owner"] == {"sub": bob, "username": "bob"}
@@ -271,3 +274,64 @@ async def test_clean_up_owed_survives_a_restart(rig, tmp_path, oidc):
     await wait_until_settled(rig)     # the new process's retry loop finishes what the old one owed
     assert "lc-3" not in entities(rig)
     assert (await register(rig, "carol", id="lc-3")).status == 201
+
+
+# --------------------------------------------------------------------------- the Orion client's edge cases
+
+
+async def test_entities_sharing_an_id_are_each_deleted_and_an_odd_answer_is_no_answer():
+    """Orion answers 409 to an untyped DELETE when several entities share the id (different types):
+    each is then deleted by type. A 500 is neither "exists" nor "free"."""
+    held = {("dup", "A"), ("dup", "B")}
+    seen: list[str] = []
+
+    async def entity(request: web.Request) -> web.Response:
+        eid, etype = request.match_info["id"], request.query.get("type")
+        seen.append(f"{request.method} {eid} {etype} {request.headers.get('Fiware-Service')}")
+        if eid == "broken":
+            return web.json_response({"error": "InternalError"}, status=500)
+        mine = {k for k in held if k[0] == eid and etype in (None, k[1])}
+        if len(mine) > 1:
+            return web.json_response({"error": "TooManyResults"}, status=409)
+        if not mine:
+            return web.json_response({"error": "NotFound"}, status=404)
+        if request.method == "DELETE":
+            held.difference_update(mine)
+            return web.Response(status=204)
+        return web.json_response({"id": eid, "type": next(iter(mine))[1]})
+
+    async def listing(request: web.Request) -> web.Response:
+        assert request.query["idPattern"] == "^dup$"
+        return web.json_response([{"id": i, "type": t} for i, t in sorted(held)])
+
+    app = web.Application()
+    app.router.add_route("*", "/v2/entities/{id}", entity)
+    app.router.add_get("/v2/entities", listing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    client = OrionClient(f"http://127.0.0.1:{runner.addresses[0][1]}", timeout_seconds=2)
+    try:
+        assert await client.entity_exists("dup", "t1")
+        await client.delete_entity("dup", "t1")
+        assert not held and not await client.entity_exists("dup", "t1")
+        assert "DELETE dup A t1" in seen and "DELETE dup B t1" in seen
+        with pytest.raises(OrionUnavailable):
+            await client.entity_exists("broken", "")
+        with pytest.raises(OrionUnavailable):
+            await client.delete_entity("broken", "")
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("ownership,message", [
+    ({"tenants_by_role": {"r": ["bad tenant"]}}, "ownership.tenants_by_role.r[0]: a tenant is 1 to 50"),
+    ({"removal_retry_seconds": 0}, "ownership.removal_retry_seconds: must be above 0"),
+    ({"removal_retry_seconds": 5, "removal_retry_max_seconds": 1}, "at most ownership.removal_retry_max_seconds"),
+])
+def test_bad_lifecycle_settings_are_refused_at_load(ownership, message):
+    text = json.dumps({"oidc": {"issuer": "http://127.0.0.1:1/realms/iot"}, "ownership": ownership})
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text)
+    assert message in str(info.value)
