@@ -520,6 +520,7 @@ class OwnershipService:
         own = self.config.ownership
         delay = own.removal_retry_seconds
         while True:
+            self._wake.clear()   # before the round: a failure reported during it wakes the next one
             try:
                 rows = await self._run(self._store.pending_removals)
                 ok = await self._settle(rows)
@@ -528,7 +529,6 @@ class OwnershipService:
             except Exception:   # the loop must outlive one bad round
                 log.exception("Orion clean-up round failed")
                 ok = False
-            self._wake.clear()
             if ok:
                 delay = own.removal_retry_seconds
                 self._backing_off = False
