@@ -184,6 +184,14 @@ class OwnershipConfig:
     # Addresses handed to a newly registered device.
     advertise_mqtt: str = "mqtts://localhost:8883"
     advertise_http: str = "https://localhost:8443"
+    # Orion runs behind http.upstream: registration asks it whether the id is taken there, deleting a
+    # device removes its entity and subscriptions. false only for a gateway with no Orion behind it.
+    orion_lifecycle: bool = True
+    # Tenants (Fiware-Service) a role may register devices in, besides http.fiware_service.
+    tenants_by_role: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Clean-up Orion did not take is retried: first after this, doubling up to the maximum.
+    removal_retry_seconds: float = 1.0
+    removal_retry_max_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -454,6 +462,12 @@ def _check(cfg: Config, filename: str) -> None:
             bad("mqtt.max_packet_size", "must be between 2 and 268435455")
     if cfg.http is not None and not re.match(r"^https?://", cfg.http.upstream):
         bad("http.upstream", "must be an http(s) URL")
+    for role, tenants in cfg.ownership.tenants_by_role.items():
+        for i, tenant in enumerate(tenants):
+            if not re.fullmatch(r"[A-Za-z0-9_]{1,50}", tenant):
+                bad(f"ownership.tenants_by_role.{role}[{i}]", "a tenant is 1 to 50 letters, digits or underscores")
+    if not 0 < cfg.ownership.removal_retry_seconds <= cfg.ownership.removal_retry_max_seconds:
+        bad("ownership.removal_retry_seconds", "must be above 0 and at most ownership.removal_retry_max_seconds")
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
