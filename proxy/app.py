@@ -73,7 +73,8 @@ async def build_services(config: Config, *, audit: AuditLog | None = None) -> Se
         raise
     try:
         policies = Policies.from_dir(config.resolve(config.policies.dir), ownership.facts,
-                                     admin_role=config.ownership.admin_role)
+                                     admin_role=config.ownership.admin_role,
+                                     cache_max_bytes=config.policies.cache_max_bytes)
     except Exception as exc:
         await ownership.close()
         await tokens.close()
