@@ -305,6 +305,12 @@ def test_audit_settings_are_checked(tmp_path, text, message):
     assert str(info.value).endswith(message)
 
 
+def test_a_negative_cache_budget_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, policies="  cache_max_bytes: -1\n")
+    assert str(info.value).endswith("policies.cache_max_bytes: must not be negative")
+
+
 async def test_serve_opens_the_audit_log_with_its_bounds_and_flushes_it(tmp_path):
     """keygate serve: the configured field size, folding window and cache budget are the ones used, and
     the folded count reaches the file while nothing else is audited."""
