@@ -93,7 +93,8 @@ def test_strings_inside_lists_and_dicts_are_cut_and_long_lists_shortened():
     assert len(r["devices"]) == LIST_ITEMS and r["devices_items"] == 202
     assert r["devices"][1] == "d" * 64 + "…" and r["devices_bytes"] == {"1": 500}
     assert r["detail"]["entity"] == "e" * 64 + "…" and r["detail"]["entity_bytes"] == 1000
-    assert len(r["detail"]["nested"]) <= 70  # past two levels: kept as (cut) text
+    deep = r["detail"]["nested"]  # below two levels of objects: kept as (cut) text
+    assert deep["deep"].startswith("['zzz") and deep["deep"].endswith("…") and deep["deep_bytes"] == 1004
 
 
 def test_no_line_is_longer_than_the_bound_even_with_escapes_everywhere():
