@@ -123,9 +123,9 @@ def test_the_largest_extra_field_goes_first_and_is_named():
 
 
 _TEXT = st.builds(lambda s, n: s * n, st.text(min_size=1, max_size=8), st.integers(1, 9000))
-_VALUE = st.recursive(st.one_of(_TEXT, st.integers(), st.floats(), st.none(), st.booleans()),
-                      lambda inner: st.lists(inner, max_size=80) | st.dictionaries(_TEXT, inner, max_size=5),
-                      max_leaves=200)
+_LEAF = st.one_of(_TEXT, st.integers(), st.floats(), st.none(), st.booleans())
+_INNER = st.one_of(_LEAF, st.lists(_LEAF, max_size=80), st.dictionaries(_TEXT, _LEAF, max_size=5))
+_VALUE = st.one_of(_INNER, st.lists(_INNER, max_size=80), st.dictionaries(_TEXT, _INNER, max_size=5))
 
 
 @settings(max_examples=30, deadline=None)
