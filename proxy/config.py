@@ -198,6 +198,7 @@ class OwnershipConfig:
 class PoliciesConfig:
     dir: str = "policies/"
     watch: bool = True
+    cache_max_bytes: int = 32 * 1024 * 1024  # the shared decision cache is dropped when it holds more
 
 
 @dataclass(frozen=True)
@@ -440,6 +441,12 @@ def _check(cfg: Config, filename: str) -> None:
         bad("tls.client_ca_key", "needs tls.client_ca (the certificate of the same CA)")
     if not 1 <= cfg.tls.client_cert_days <= 3650:
         bad("tls.client_cert_days", "must be between 1 and 3650")
+    if cfg.policies.cache_max_bytes < 0:
+        bad("policies.cache_max_bytes", "must not be negative")
+    if cfg.audit.max_field_bytes < 64:
+        bad("audit.max_field_bytes", "must be at least 64")
+    if cfg.audit.fold_seconds < 0:
+        bad("audit.fold_seconds", "must not be negative")
     needs_tls = (cfg.mqtt is not None and cfg.mqtt.tls) or (cfg.http is not None and cfg.http.tls)
     if needs_tls and not (cfg.tls.cert and cfg.tls.key):
         bad("tls.cert", "required when a listener uses TLS")
