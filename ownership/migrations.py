@@ -93,15 +93,16 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
     )),
 ]
 
-# Clean-up in Orion that a device's deletion (or its owner's erasure) still owes, written in the
-# same transaction as the deletion and struck off once Orion has taken it (ownership/service.py):
-# the device's entity, and the subscriptions on it or by the erased user. While a row names a
-# device id, that id cannot be registered. Holds ids and tenants only, no personal data.
+# Clean-up that a device's deletion (or its owner's erasure) still owes, written in the same
+# transaction as the deletion and struck off once taken (ownership/service.py): in Orion the
+# device's entity and the subscriptions on it or by the erased user; at the MQTT broker the
+# device's retained messages and session. While a row names a device id, that id cannot be
+# registered. Holds ids and tenants only, no personal data.
 _PENDING_REMOVALS = (
     """CREATE TABLE pending_removals (
         id         INTEGER PRIMARY KEY,
-        kind       TEXT NOT NULL CHECK (kind IN ('entity', 'subscription')),
-        target     TEXT NOT NULL,              -- the entity id or the subscription id
+        kind       TEXT NOT NULL CHECK (kind IN ('entity', 'subscription', 'broker')),
+        target     TEXT NOT NULL,              -- the entity, subscription or device id
         service    TEXT NOT NULL,              -- its tenant as recorded ('' = http.fiware_service)
         device_id  TEXT NOT NULL DEFAULT '',   -- the id this blocks from registration; '' = none
         created_at REAL NOT NULL,

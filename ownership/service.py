@@ -136,11 +136,9 @@ class OwnershipService:
         # Device identities are immutable; built once per device and dropped when its facts change.
         self._identities: dict[tuple[str, str], Identity] = {}
         self.facts.subscribe(self._forget_identities)
-        # Awaited with each deleted device's id, after the store and the facts have dropped it:
-        # the gateways remove what it left behind (the broker's retained data and session).
-        # Until they are done the id cannot be registered again, so nobody inherits it.
-        self.removal_hooks: list[Callable[[str], Awaitable[None]]] = []
-        self._removing: set[str] = set()
+        # Set by the MQTT gateway: clears a deleted device's retained messages and session at the
+        # broker (raises when it cannot). Owed like Orion's clean-up: a pending_removals row.
+        self._broker_clearer: Callable[[str], Awaitable[None]] | None = None
         # With Orion behind the gateway: registration asks it whether the id is taken, and deletion
         # owes it the removal of the entity and subscriptions (rows in the store's pending_removals,
         # struck off as Orion takes them). A device id with removals owed cannot be registered.
@@ -342,10 +340,10 @@ class OwnershipService:
         if problem:
             raise InvalidInput(problem)
         device_id = fields["id"]
-        if device_id in self._removing or await self.removals_owed(device_id):
+        if await self.removals_owed(device_id):
             self._audit("device.register", actor, device_id, decision="deny", reason="removal_pending")
-            raise Conflict(f"device {device_id!r} was deleted and its data is still being removed from the "
-                           "context broker; the id can be registered again once that is done")
+            raise Conflict(f"device {device_id!r} was deleted and its data is still being removed (from the "
+                           "context broker or the MQTT broker); the id can be registered again once that is done")
         if self.facts.record(device_id) is not None:
             raise Conflict(f"device {device_id!r} is already registered")
         tenant = (fields.get("service") or self.default_tenant()).lower()
@@ -425,11 +423,23 @@ class OwnershipService:
         self._audit("device.update", actor, device_id, fields=sorted(changes))
         return self.get_device(device_id)  # type: ignore[return-value]
 
+    def set_broker_clearer(self, clearer: Callable[[str], Awaitable[None]] | None) -> None:
+        """The MQTT gateway's clean-up of a deleted device at the broker (None: no broker)."""
+        self._broker_clearer = clearer
+        if clearer is not None and self._retry_task is None and not self._closed:
+            self._retry_task = asyncio.create_task(self._retry_removals(), name="keygate-removals")
+
+    def _owed_on_delete(self) -> dict[str, Any]:
+        """What a deletion queues for later clean-up: at the same instant, in the same transaction."""
+        queued = self.orion is not None or self._broker_clearer is not None
+        return {"queued_at": self._clock() if queued else None, "orion": self.orion is not None,
+                "broker": self._broker_clearer is not None}
+
     async def delete_device(self, actor: Identity, device_id: str) -> None:
-        now = self._clock()
-        queued_at = now if self.orion is not None else None
+        owed = self._owed_on_delete()
+        queued_at = owed["queued_at"]
         try:
-            await self._run(self._store.delete_device, device_id, queued_at=queued_at)
+            await self._run(functools.partial(self._store.delete_device, device_id, **owed))
         except st.NotFound:
             raise NotFound(f"no device {device_id!r}") from None
         self.facts.remove_device(device_id)
@@ -438,37 +448,21 @@ class OwnershipService:
         await self._removed([device_id], queued_at)
 
     async def _removed(self, device_ids: Iterable[str], queued_at: float | None = None) -> None:
-        """Run the removal hooks for devices just deleted, and try the Orion clean-up the deletion
-        queued (at ``queued_at``) at once; a failing hook is logged, not raised (the deletion itself
-        has happened), and clean-up Orion does not take now is retried in the background."""
-        ids = [d for d in device_ids if d not in self._removing]
-        self._removing.update(ids)
-        if queued_at is not None:
-            ids_now = set(device_ids)
-            rows = [r for r in await self._run(self._store.pending_removals)
-                    if r["created_at"] == queued_at and (r["device_id"] in ids_now or not r["device_id"])]
-        else:
-            rows = []
-
-        async def one(device_id: str, hook: Callable[[str], Awaitable[None]]) -> None:
-            try:
-                await hook(device_id)
-            except Exception:
-                log.exception("clean-up after deleting device %s failed", device_id)
-
-        try:
-            await asyncio.gather(*(one(d, h) for d in ids for h in list(self.removal_hooks)),
-                                 self._settle(rows))
-        finally:
-            self._removing.difference_update(ids)
+        """Try the clean-up the deletion queued (at ``queued_at``) at once, before the call returns;
+        what is not taken now is retried in the background (the deletion itself has happened, and
+        the ids stay unregistrable until it is all done)."""
+        if queued_at is None:
+            return
+        ids_now = set(device_ids)
+        rows = [r for r in await self._run(self._store.pending_removals)
+                if r["created_at"] == queued_at and (r["device_id"] in ids_now or not r["device_id"])]
+        await self._settle(rows)
 
     # ------------------------------------------------------------------ clean-up owed to Orion
 
     async def removals_owed(self, device_id: str) -> bool:
-        """Whether Orion still has to take clean-up from this id's earlier registration (asked of the
-        store, which every worker shares; the store checks it again when the device is inserted)."""
-        if self.orion is None:
-            return False
+        """Whether clean-up from this id's earlier registration is still owed (asked of the store,
+        which every worker shares; the store checks it again when the device is inserted)."""
         return await self._run(self._store.removals_owed, device_id)
 
     async def pending_removals(self) -> list[dict[str, Any]]:
@@ -495,7 +489,10 @@ class OwnershipService:
         return all(done)
 
     async def _remove_in_orion(self, row: dict[str, Any]) -> bool:
-        assert self.orion is not None
+        if row["kind"] == "broker":
+            return await self._clear_at_broker(row)
+        if self.orion is None:
+            return False  # (Orion clean-up owed from a run with Orion configured: kept until it is again)
         tenant = (row["service"] or self.default_tenant()).lower()
         try:
             if row["kind"] == "entity":
@@ -513,6 +510,20 @@ class OwnershipService:
         self.audit.record(protocol="ownership", action="orion.remove", decision="allow", resource=row["target"],
                           kind=row["kind"], service=tenant, device=row["device_id"] or None,
                           attempts=row["attempts"] + 1)
+        return True
+
+    async def _clear_at_broker(self, row: dict[str, Any]) -> bool:
+        clearer = self._broker_clearer
+        if clearer is None:
+            return False  # no MQTT gateway in this process (yet): kept for one that has it
+        try:
+            await clearer(row["target"])
+        except Exception as exc:
+            log.warning("clearing device %s at the MQTT broker failed (attempt %d): %s; will retry",
+                        row["target"], row["attempts"] + 1, exc)
+            await self._run(self._store.removal_failed, row["id"])
+            return False
+        await self._run(self._store.removal_done, row["id"])
         return True
 
     async def _retry_removals(self) -> None:
@@ -660,8 +671,9 @@ class OwnershipService:
         return {"user": {"sub": identity.sub, "username": identity.username}, **data}
 
     async def erase_user_data(self, identity: Identity) -> dict[str, int]:
-        queued_at = self._clock() if self.orion is not None else None
-        result = await self._run(self._store.erase_user, identity.sub, identity.username, queued_at=queued_at)
+        owed = self._owed_on_delete()
+        queued_at = owed["queued_at"]
+        result = await self._run(functools.partial(self._store.erase_user, identity.sub, identity.username, **owed))
         for device_id in result["owned"]:
             self.facts.remove_device(device_id)
         self.facts.remove_delegations_where(

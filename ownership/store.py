@@ -282,11 +282,13 @@ class Store:
         assert device is not None
         return device
 
-    def delete_device(self, device_id: str, *, queued_at: float | None = None) -> None:
-        """``queued_at``: also owe Orion the removal of the device's entity and subscriptions."""
+    def delete_device(self, device_id: str, *, queued_at: float | None = None, orion: bool = True,
+                      broker: bool = False) -> None:
+        """``queued_at``: also owe the removal of what the device left: in Orion (``orion``: its
+        entity and subscriptions) and at the MQTT broker (``broker``: its retained data and session)."""
         with self.transaction() as c:
             if queued_at is not None:
-                self._queue_device_removal(c, device_id, queued_at)
+                self._queue_device_removal(c, device_id, queued_at, orion=orion, broker=broker)
             c.execute("DELETE FROM delegations WHERE device_id = ?", (device_id,))
             c.execute("DELETE FROM device_keys WHERE device_id = ?", (device_id,))
             c.execute("DELETE FROM device_certificates WHERE device_id = ?", (device_id,))
@@ -384,14 +386,15 @@ class Store:
         with self.transaction() as c:
             c.execute("DELETE FROM subscriptions WHERE id = ? AND service = ?", (sub_id, service))
 
-    def erase_user(self, sub: str, username: str, *, queued_at: float | None = None) -> dict[str, Any]:
+    def erase_user(self, sub: str, username: str, *, queued_at: float | None = None, orion: bool = True,
+                   broker: bool = False) -> dict[str, Any]:
         """Every row about the user, in one transaction. Returns counts and touched device ids.
         ``queued_at``: also owe Orion the removal of the owned devices' entities and subscriptions
         and of the user's own subscriptions."""
         with self.transaction() as c:
             owned = [r[0] for r in c.execute("SELECT id FROM devices WHERE owner_sub = ?", (sub,))]
             if queued_at is not None:
-                self._queue_user_removal(c, sub, owned, queued_at)
+                self._queue_user_removal(c, sub, owned, queued_at, orion=orion, broker=broker)
             touched = set(owned) | {r[0] for r in c.execute(
                 "SELECT device_id FROM delegations WHERE grantee = ? OR granted_by = ?", (username, sub))}
             counts = {
@@ -410,20 +413,28 @@ class Store:
 
     # ------------------------------------------------------------------ clean-up owed to Orion
 
-    def _queue_device_removal(self, c: Any, device_id: str, now: float) -> None:
+    def _queue_device_removal(self, c: Any, device_id: str, now: float, *, orion: bool = True,
+                              broker: bool = False) -> None:
         row = c.execute("SELECT service FROM devices WHERE id = ?", (device_id,)).fetchone()
         if row is None:
             return  # the caller's DELETE finds nothing and raises NotFound, rolling this back
         add = "INSERT OR IGNORE INTO pending_removals (kind, target, service, device_id, created_at) " \
               "VALUES (?, ?, ?, ?, ?)"
+        if broker:
+            c.execute(add, ("broker", device_id, "", device_id, now))
+        if not orion:
+            return
         c.execute(add, ("entity", device_id, row[0], device_id, now))
         for sub_id, service, entities in c.execute("SELECT id, service, entities FROM subscriptions").fetchall():
             if device_id in json.loads(entities):
                 c.execute(add, ("subscription", sub_id, service, device_id, now))
 
-    def _queue_user_removal(self, c: Any, sub: str, owned: list[str], now: float) -> None:
+    def _queue_user_removal(self, c: Any, sub: str, owned: list[str], now: float, *, orion: bool = True,
+                            broker: bool = False) -> None:
         for device_id in owned:
-            self._queue_device_removal(c, device_id, now)
+            self._queue_device_removal(c, device_id, now, orion=orion, broker=broker)
+        if not orion:
+            return
         for sub_id, service in c.execute("SELECT id, service FROM subscriptions WHERE owner_sub = ?",
                                          (sub,)).fetchall():
             c.execute("INSERT OR IGNORE INTO pending_removals (kind, target, service, device_id, created_at) "

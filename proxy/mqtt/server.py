@@ -608,10 +608,11 @@ class MqttGateway:
         # Revocation: any ownership or policy change re-checks every open session at once.
         self._unsubscribe.append(self.services.policies.subscribe(lambda _: self._invalidate_all(None)))
         self._unsubscribe.append(self.services.ownership.facts.subscribe(self._invalidate_all))
-        # A deleted device's retained messages and broker session go with it.
-        hooks = self.services.ownership.removal_hooks
-        hooks.append(self.clear_device)
-        self._unsubscribe.append(lambda: hooks.remove(self.clear_device))
+        # A deleted device's retained messages and broker session go with it (owed durably: a
+        # clean-up that fails is retried, and the id stays unregistrable until it is done).
+        ownership = self.services.ownership
+        ownership.set_broker_clearer(self.clear_device)
+        self._unsubscribe.append(lambda: ownership.set_broker_clearer(None))
         log.info("MQTT gateway listening on %s:%s%s (%s)", host, self.port,
                  f", WebSocket on {self.ws_port}" if self.ws_port else "", "TLS" if self.ssl_context else "plain")
 
@@ -677,16 +678,16 @@ class MqttGateway:
 
     async def clear_device(self, device_id: str) -> None:
         """A device was deleted (its connections are closed by then): clear its retained
-        messages and its session at the broker, so a later registration of the id starts empty."""
+        messages and its session at the broker, so a later registration of the id starts empty.
+        Raises when it could not (the ownership service retries)."""
         filters = self.services.policies.compiled.device_topic_filters(device_id)
         audit = self.services.audit
         try:
             cleared = await clear_device(self.mqtt, device_id, filters, upstream_password=self._upstream_password)
-        except Exception as exc:  # the broker unreachable or misbehaving: say so, never raise into the API
-            log.warning("could not clear device %s at the broker: %s", device_id, exc)
+        except Exception as exc:  # the broker unreachable or misbehaving: say so, and let it be retried
             audit.record(protocol="mqtt", action="device.clear", decision="fail", resource=device_id,
                          reason=str(exc) or type(exc).__name__)
-            return
+            raise
         audit.record(protocol="mqtt", action="device.clear", decision="allow", resource=device_id,
                      retained_cleared=len(cleared))
 

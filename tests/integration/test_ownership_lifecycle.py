@@ -335,3 +335,27 @@ def test_bad_lifecycle_settings_are_refused_at_load(ownership, message):
     with pytest.raises(ConfigError) as info:
         load_config_text(text)
     assert message in str(info.value)
+
+
+async def test_broker_clean_up_that_fails_is_retried_and_the_id_blocked_meanwhile(rig):
+    """The MQTT gateway's clean-up of a deleted device (its retained messages and session at the
+    broker) is owed like Orion's: while the broker cannot take it, the id is not registrable."""
+    broker_up = False
+    cleared: list[str] = []
+
+    async def clearer(device_id: str) -> None:
+        if not broker_up:
+            raise ConnectionRefusedError("broker down")
+        cleared.append(device_id)
+
+    rig.services.ownership.set_broker_clearer(clearer)
+    assert (await register(rig, "alice", id="lc-mqtt")).status == 201
+    assert (await rig.call("DELETE", f"{API}/devices/lc-mqtt", "alice")).status == 204
+    kinds = {(p["kind"], p["target"]) for p in await rig.services.ownership.pending_removals()}
+    assert ("broker", "lc-mqtt") in kinds
+    r = await register(rig, "bob", id="lc-mqtt")
+    assert r.status == 409 and "still being removed" in r.json()["error"]["message"], r.body
+    broker_up = True
+    await wait_until_settled(rig)
+    assert cleared == ["lc-mqtt"]
+    assert (await register(rig, "bob", id="lc-mqtt")).status == 201

@@ -224,7 +224,10 @@ class FakeOwnership:
 
     def __init__(self, facts: StaticFacts):
         self.facts = facts
-        self.removal_hooks: list = []   # the gateway hooks its broker clean-up in; never run here
+        self.broker_clearer = None      # the gateway hands its broker clean-up in; never run here
+
+    def set_broker_clearer(self, clearer) -> None:
+        self.broker_clearer = clearer
 
     def credential_problem(self, identity: Identity) -> str | None:
         if not identity.is_device:
