@@ -14,7 +14,13 @@ handshake, so the CONNECT deadline covers it)::
                       audit=services.audit, rate_limiter=shared_limiter,
                       token_leeway=services.config.oidc.leeway_seconds,
                       upstream_password=read_secret(...),
-                      credential_problem=services.ownership.credential_problem)
+                      credential_problem=services.ownership.credential_problem,
+                      subscription_quota=shared_quota)
+
+``shared_limiter`` (:class:`RateLimiter`) and ``shared_quota``
+(:class:`~proxy.mqtt.subscriptions.SubscriptionQuota`, made with
+``mqtt.limits.subscriptions_per_identity``) are made once per gateway and shared
+by all its sessions: both count per identity ``sub``, across connections.
 
 Then, for every event, call one method and carry out the returned Actions:
 
@@ -64,8 +70,9 @@ its writes (or write ``bytes(item)`` copies).
 
 While ``session.reading_paused`` is true (authentication or the upstream
 CONNECT in progress) the shell should pause reading from the client; the
-session buffers at most ``max_packet_size`` + 64 KiB meanwhile and closes the
-connection beyond that.
+session holds at most ``mqtt.limits.connect_max_bytes`` of packets meanwhile
+(and a partial packet of at most that size) and refuses the connection beyond
+that (v5 CONNACK 0x97, 3.1.1 0x03).
 
 Which credential a CONNECT carries (:func:`classify_credentials`)
 ------------------------------------------------------------------
@@ -131,8 +138,7 @@ Rules the session enforces
 * SUBSCRIBE: each filter checked (``$share/<group>/`` stripped first); denied
   filters answered 0x80 (3.1.1) / 0x87 (v5); the rest go upstream under the
   original packet id and the broker's SUBACK is merged back in order; all
-  denied → the gateway answers alone. At most 10,000 filters per connection
-  (more → 0x97 / 0x80): the gateway's state stays bounded.
+  denied → the gateway answers alone. Subscriptions are capped (see Limits).
 * Subscriptions: :class:`~proxy.mqtt.subscriptions.SubscriptionTable` is the one
   record of what the client holds at the broker; it changes when a SUBSCRIBE
   or UNSUBSCRIBE is forwarded (the broker's order), never on the acks.
@@ -149,11 +155,54 @@ Rules the session enforces
   decisions are also cached for at most one second and dropped on ``invalidate()``.
 * Token expiry: closed at ``expires_at + token_leeway`` (v5: DISCONNECT 0xA0 first).
 * Rate limit (:class:`RateLimiter`, per identity ``sub``, shared across
-  connections): ``disconnect`` → v5 DISCONNECT 0x96 / close; ``drop`` → the
-  message is dropped (v5 QoS 1/2 answered 0x97, 3.1.1 acknowledged) and audited
-  (one line per second per connection at most, with the number dropped).
+  connections): each PUBLISH costs one token, each filter of a SUBSCRIBE or
+  UNSUBSCRIBE one (the packet is refused whole, before the policy is asked).
+  ``disconnect`` → v5 DISCONNECT 0x96 / close; ``drop`` → the message is
+  dropped (v5 QoS 1/2 answered 0x97, 3.1.1 acknowledged), a SUBSCRIBE answered
+  0x97 / 0x80 for every filter, an UNSUBSCRIBE answered v5 UNSUBACK 0x80 for
+  every filter (UNSUBACK has no quota code) or, in 3.1.1 (whose UNSUBACK cannot
+  refuse), the connection closed. Audited one line per second per connection at
+  most, with the number refused (publishes: ``dropped``; filters: ``count``).
 * Protocol violations (see :mod:`proxy.mqtt.codec`) → v5 CONNACK or DISCONNECT
   with the codec's reason code, 3.1.1 a plain close; audited.
+* Decision caches per connection (publish decisions, deliveries): at most 4096
+  entries and 64 KiB of topic bytes each (the values hold the topic once more),
+  dropped whole when either is reached.
+
+Limits (``mqtt.limits``): what one connection can make the gateway hold
+-----------------------------------------------------------------------
+
+Every length is in bytes of the UTF-8 encoding and is checked before the string
+is decoded, and, before CONNACK, before any credential is asked about
+(``Actions.auth`` is never returned for a refused CONNECT).
+
+* Before the broker's CONNACK, a packet (the CONNECT first) larger than
+  ``connect_max_bytes`` (at most ``max_packet_size``) is refused at its fixed
+  header: nothing of its body is read. A CONNECT so refused is answered in its
+  client's version once its level byte is in (the first 14 bytes at most are
+  held for that): v5 CONNACK 0x95; 3.1.1 and 3.1, which have no code for it, a
+  plain close. After CONNACK the limit is ``max_packet_size``.
+* CONNECT fields: client id over ``client_id_max_bytes`` → CONNACK 0x85 / 0x02;
+  user name over ``username_max_bytes`` → 0x86 / 0x04; Will topic over
+  ``topic_max_bytes`` → v5 0x90, 3.1.1 a plain close (as for any invalid Will
+  topic: no 3.1.1 code names a topic). Audited as ``connect`` denials.
+* PUBLISH topic over ``topic_max_bytes`` → v5 DISCONNECT 0x90 (Topic Name
+  invalid), 3.1.1 a plain close, before the decision cache or the policy sees it.
+* SUBSCRIBE filter over ``topic_max_bytes`` → that filter alone answered 0x8F
+  (v5, Topic Filter invalid) / 0x80, never decoded nor asked of the policy; so
+  the shared decision cache only holds filters within the limit. UNSUBSCRIBE
+  filter over it → v5 DISCONNECT 0x8F, 3.1.1 a plain close.
+* Subscriptions: at most ``subscriptions_per_connection`` filters per connection
+  and ``subscriptions_per_identity`` per identity ``sub`` across its connections
+  (the shared ``subscription_quota``; none without one); more → 0x97 / 0x80. A
+  filter takes a slot when it is forwarded (a denied one takes none; a held one
+  re-subscribed takes no second); its slot is given back when an UNSUBSCRIBE of
+  it is forwarded and, for all of them, when the connection closes (every close
+  comes through the session, ``client_closed()`` included).
+* Refusals a client can repeat at will (an over-long filter, a subscription over
+  a cap, filters over the rate) are audited one line per second per kind at
+  most, with ``count``, the number refused since the previous line; what is left
+  is written when the connection closes, so no refusal goes unrecorded.
 """
 
 from __future__ import annotations

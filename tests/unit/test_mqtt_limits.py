@@ -416,3 +416,17 @@ def test_peek_connect_level():
     assert codec.peek_connect_level(packet[:9]) == 5
     assert codec.peek_connect_level(codec.encode_connect(Connect("MQIsdp", 3, True, 30, "c"))) == 3
     assert codec.peek_connect_level(b"\x10\x80\x80\x40\x00\x04HTTP\x05") == 0
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("connect_max_bytes", 0, "must be at least 1"),
+    ("topic_max_bytes", -1, "must be at least 1"),
+    ("subscriptions_per_identity", 0, "must be at least 1"),
+    ("client_id_max_bytes", 22, "must be at least 23"),  # [MQTT-3.1.3-5]
+])
+def test_limits_are_checked_at_start(key, value, message):
+    from proxy.config import ConfigError, load_config_text
+    text = f"oidc:\n  issuer: https://kc.example.org/realms/iot\nmqtt:\n  tls: false\n  limits:\n    {key}: {value}\n"
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "proxy.yaml")
+    assert str(info.value) == f"proxy.yaml: mqtt.limits.{key}: {message}"
