@@ -16,7 +16,9 @@ import pytest
 from proxy.config import MqttLimitsConfig, RateLimitConfig
 from proxy.mqtt import codec
 from proxy.mqtt.packets import MQTT_5, MQTT_311, Unsubscribe, Will
-from tests.integration.mqtt_helpers import connack_reason, connect_packet, raw_connect, subscribe_packet, suback_reasons
+from tests.integration.mqtt_helpers import (
+    connack_reason, connect_packet, publish_packet, raw_connect, subscribe_packet, suback_reasons,
+)
 from tests.rig.mqtt_clients import V5, V311, RawClient
 
 pytestmark = pytest.mark.integration
@@ -101,6 +103,25 @@ async def test_partial_connects_hold_at_most_connect_max_bytes(mqtt_rig_factory)
     assert oversized_growth < 16 * 2**20
     for c in clients:
         await c.close()
+
+
+async def test_data_behind_the_connect_is_held_only_up_to_connect_max_bytes(mqtt_rig_factory):
+    """A CONNECT and 40 KB of publishes behind it in one write, before any CONNACK: what waits
+    for the authentication is bounded by connect_max_bytes (32 KiB; it was 1 MiB + 64 KiB), so
+    the connection is refused (v5 CONNACK 0x97) and nothing reaches the broker."""
+    rig = await mqtt_rig_factory(tls=False, limits=MqttLimitsConfig(**OPEN))
+    dev, k1, _ = await rig.register_device("alice")
+    limit = rig.config.mqtt.limits.connect_max_bytes
+    publishes = b"".join(publish_packet(f"devices/{dev}/telemetry", b"x" * 1000) for _ in range(40))
+    c = await RawClient.open(rig)
+    await c.send(connect_packet(V5, dev, dev, k1) + publishes)
+    pkt = await c.read_packet()
+    assert pkt is not None and connack_reason(pkt) == 0x97
+    assert await c.closed_within(2)
+    await c.close()
+    line = rig.audited(action="connect", reason="too much data before CONNACK")[0]
+    report("data before CONNACK", sent=len(publishes), held=line["held"], limit=limit)
+    assert line["held"] <= limit < len(publishes)
 
 
 @pytest.mark.parametrize("version,code", [(V5, 0x85), (V311, 0x02)])
