@@ -467,6 +467,12 @@ def _check(cfg: Config, filename: str) -> None:
                 bad("mqtt.upstream", str(exc))
         if not 2 <= cfg.mqtt.max_packet_size <= 268435455:
             bad("mqtt.max_packet_size", "must be between 2 and 268435455")
+        for name in ("connect_max_bytes", "username_max_bytes", "topic_max_bytes", "subscriptions_per_connection",
+                     "subscriptions_per_identity"):
+            if getattr(cfg.mqtt.limits, name) < 1:
+                bad(f"mqtt.limits.{name}", "must be at least 1")
+        if cfg.mqtt.limits.client_id_max_bytes < 23:  # [MQTT-3.1.3-5]: ids of 1 to 23 bytes must be accepted
+            bad("mqtt.limits.client_id_max_bytes", "must be at least 23")
     if cfg.http is not None and not re.match(r"^https?://", cfg.http.upstream):
         bad("http.upstream", "must be an http(s) URL")
     for role, tenants in cfg.ownership.tenants_by_role.items():

@@ -43,7 +43,7 @@ from proxy.config import Config, parse_hostport, read_secret
 from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY, Tally
 from proxy.mqtt.cleaner import clear_device
-from proxy.mqtt.session import Actions, AuthRequest, RateLimiter, Session, classify_credentials
+from proxy.mqtt.session import Actions, AuthRequest, RateLimiter, Session, SubscriptionQuota, classify_credentials
 from proxy.services import Services
 from proxy.tls import PeerCertificate, peer_certificate, server_context
 
@@ -578,6 +578,7 @@ class MqttGateway:
         self.client_read_buffer = self.recv_buffer[:CLIENT_READ_SIZE]
         self.tls_read_buffer = self.tls_buffer[:CLIENT_READ_SIZE]
         self.rate_limiter = RateLimiter.from_config(self.mqtt.rate_limit)
+        self.subscription_quota = SubscriptionQuota(self.mqtt.limits.subscriptions_per_identity)
         self.port: int | None = None
         self.ws_port: int | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -641,7 +642,8 @@ class MqttGateway:
         return Session(config=self.mqtt, policies=self.services.policies, audit=self.services.audit,
                        rate_limiter=self.rate_limiter, token_leeway=self.config.oidc.leeway_seconds,
                        upstream_password=self._upstream_password,
-                       credential_problem=self.services.ownership.credential_problem)
+                       credential_problem=self.services.ownership.credential_problem,
+                       subscription_quota=self.subscription_quota)
 
     def accept_transport(self, transport: Any, session: Session | None = None, *,
                          websocket: bool = False) -> Connection | None:

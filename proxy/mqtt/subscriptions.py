@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 from proxy.policy.decision import Verdict
 
-__all__ = ["Grant", "SubscriptionTable", "filter_matches"]
+__all__ = ["Grant", "SubscriptionQuota", "SubscriptionTable", "filter_matches"]
 
 # (verdict, until, devices) for a filter at a QoS: the session's question to the policy.
 Decide = Callable[[str, int], "tuple[Verdict, float | None, frozenset[str]]"]
@@ -99,14 +99,16 @@ class SubscriptionTable:
             grant.verdict, grant.until = Verdict.CHECK_EACH, None
             self._derive()
 
-    def unsubscribed(self, topic_filters: list[str]) -> None:
+    def unsubscribed(self, topic_filters: list[str]) -> int:
         """An UNSUBSCRIBE is being forwarded. What the broker still delivers under these
-        filters is asked of the policy like any delivery the table cannot prove."""
-        changed = False
+        filters is asked of the policy like any delivery the table cannot prove. Returns how
+        many grants it removed."""
+        removed = 0
         for f in topic_filters:
-            changed |= self._grants.pop(f, None) is not None
-        if changed:
+            removed += self._grants.pop(f, None) is not None
+        if removed:
             self._derive()
+        return removed
 
     def redecide(self, decide: Decide, devices: set[str] | None = None) -> None:
         """Ask again (a policy or ownership change, a new token, a horizon passed): every grant,
@@ -145,3 +147,32 @@ class SubscriptionTable:
         self.exact = frozenset(exact)
         self._wild = tuple(wild)
         self.horizon = min(ends) if ends else None
+
+
+class SubscriptionQuota:
+    """Subscriptions held per identity ``sub`` across all of its connections, shared by the
+    sessions of one gateway (like the rate limiter): a connection takes a slot for each filter
+    it adds to its table and gives them back when it unsubscribes or closes. Only identities
+    holding a slot have an entry, so it is bounded by the open connections' tables."""
+
+    def __init__(self, per_identity: int):
+        self.per_identity = per_identity
+        self._held: dict[str, int] = {}
+
+    def acquire(self, key: str) -> bool:
+        """One more slot for ``key``, if it has one left."""
+        held = self._held.get(key, 0)
+        if held >= self.per_identity:
+            return False
+        self._held[key] = held + 1
+        return True
+
+    def release(self, key: str, n: int = 1) -> None:
+        left = self._held.get(key, 0) - n
+        if left > 0:
+            self._held[key] = left
+        else:
+            self._held.pop(key, None)
+
+    def held(self, key: str) -> int:
+        return self._held.get(key, 0)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from proxy.audit import MemoryAudit
-from proxy.config import MqttConfig, RateLimitConfig
+from proxy.config import MqttConfig, MqttLimitsConfig, RateLimitConfig
 from proxy.identity.model import ANONYMOUS, AuthReason, Identity
 from proxy.mqtt import codec
 from proxy.mqtt.codec import Framer
@@ -1050,17 +1050,15 @@ def test_metrics_count_decisions_and_messages():
     assert [a - b for a, b in zip(after, before)] == [3, 1, 3, 2]
 
 
-def test_subscriptions_per_connection_are_bounded(monkeypatch):
-    from proxy.mqtt import session as session_module
-    monkeypatch.setattr(session_module, "_MAX_SUBSCRIPTIONS", 2)
+def test_subscriptions_per_connection_are_bounded():
     p = FakePolicies(sub_allow=["a/1", "a/2", "a/3"])
-    s, _, audit = open_session(MQTT_5, policies=p)
+    s, _, audit = open_session(MQTT_5, policies=p, limits=MqttLimitsConfig(subscriptions_per_connection=2))
     subs = [Subscription(f"a/{i}", 0) for i in (1, 2, 3)]
     acts = s.client_data(codec.encode_subscribe(Subscribe(1, subs), 5))
     up = codec.decode_subscribe(only(acts.to_broker, T.SUBSCRIBE).body, 5)
     assert [x.topic_filter for x in up.subscriptions] == ["a/1", "a/2"]
     assert suback_of(s.broker_data(codec.encode_suback(codec.Suback(1, [0, 0]), 5)), 5) == [0, 0, 0x97]
-    assert denials(audit, "subscribe")[0]["reason"] == "too many subscriptions"
+    assert denials(audit, "subscribe")[0]["reason"] == "too many subscriptions for the connection"
 
 
 # --------------------------------------------------------------------------- grants with a horizon
