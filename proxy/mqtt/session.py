@@ -123,6 +123,14 @@ Rules the session enforces
   revoked credential, v5 DISCONNECT 0x04): if it is no longer allowed (a grant
   revoked, the token expired, the credential gone) a plain DISCONNECT goes
   upstream so the broker discards it; if it is, it goes out as the client asked.
+  While the broker holds it, it is re-decided on every ``invalidate()`` and at
+  the end of its grant: the broker publishes a Will it holds whenever it ends
+  the connection itself (a session takeover, a protocol error it sees), so one
+  no longer allowed ends the connection at once (plain DISCONNECT upstream; v5
+  DISCONNECT 0x87 to the client). Its Will Delay Interval is not passed on: a
+  delayed Will would be published at an instant the gateway no longer sees. A
+  v5 DISCONNECT that sets a Session Expiry Interval after 0 at CONNECT
+  [MQTT-3.14.2-2] is refused here (a protocol error), never forwarded.
 * Authentication failures: CONNACK 0x86 / 0x04 (bad credentials), 0x87 / 0x05
   (none given), 0x88 / 0x03 (issuer unreachable), 0x8C (unknown method, v5).
 * Topic aliases (client → gateway, v5): tracked by the gateway itself up to
@@ -135,10 +143,20 @@ Rules the session enforces
   PUBCOMP on the client's PUBREL), ``disconnect`` closes. Always audited. A
   PUBREL for a QoS 2 id the gateway answered is completed by the gateway (also
   in v5, where paho 2.x sends one after a refused PUBREC), never forwarded.
+* QoS 2 from the client: the broker publishes a QoS 2 message when it gets the
+  PUBREL, so an allowed QoS 2 PUBLISH is held by the gateway (answered PUBREC;
+  at most 256 KiB or one packet per connection, more → v5 PUBREC 0x97 / close)
+  and decided again at the client's PUBREL: still allowed → the PUBLISH and a
+  PUBREL go upstream in one write (the broker's PUBREC needs no answer, its
+  PUBCOMP answers the client); not → PUBCOMP 0x92 (v5) / PUBCOMP, audited. A
+  PUBREL for an id the gateway holds nothing for (e.g. sent on a later
+  connection) is answered the same way and never forwarded.
 * SUBSCRIBE: each filter checked (``$share/<group>/`` stripped first); denied
   filters answered 0x80 (3.1.1) / 0x87 (v5); the rest go upstream under the
   original packet id and the broker's SUBACK is merged back in order; all
-  denied → the gateway answers alone. Subscriptions are capped (see Limits).
+  denied → the gateway answers alone. Subscriptions are capped (see Limits). A
+  shared subscription's group goes upstream as ``<escaped sub>~<group>``: the
+  identity's own, so no stranger can join it and take a share of its messages.
 * Subscriptions: :class:`~proxy.mqtt.subscriptions.SubscriptionTable` is the one
   record of what the client holds at the broker; it changes when a SUBSCRIBE
   or UNSUBSCRIBE is forwarded (the broker's order), never on the acks.
