@@ -158,6 +158,24 @@ def test_explain(capsys):
     assert "the path is refused" in out and "decision: deny" in out
 
 
+def test_explain_keeps_principal_kinds_apart(capsys):
+    """A delegation to the service iot-backend holds for that service, not for a user of that name;
+    group:NAME and service:CLIENT grantees survive the DEVICE:PERMISSION:TO split."""
+    topic = ("--mqtt", "subscribe", "devices/thermo-1/telemetry")
+    rc, out, _ = run(capsys, "explain", SHIPPED, "--as", "service:iot-backend",
+                     "--delegated", "thermo-1:read:service:iot-backend", *topic)
+    assert rc == 0 and "decision: allow" in out
+    rc, out, _ = run(capsys, "explain", SHIPPED, "--as", "user:iot-backend",
+                     "--delegated", "thermo-1:read:service:iot-backend", *topic)
+    assert "decision: deny" in out
+    rc, out, _ = run(capsys, "explain", SHIPPED, "--as", "user:bob", "--group", "ops",
+                     "--delegated", "thermo-1:read:group:ops", *topic)
+    assert "decision: allow" in out
+    rc, out, _ = run(capsys, "explain", SHIPPED, "--as", "user:group:ops",
+                     "--delegated", "thermo-1:read:group:ops", *topic)
+    assert "decision: deny" in out
+
+
 def test_explain_rejects_bad_arguments(capsys):
     rc, _, err = run(capsys, "explain", SHIPPED, "--as", "alice", "--mqtt", "publish", "x")
     assert rc == 1 and "--as takes user:NAME" in err
