@@ -73,6 +73,15 @@ async def test_numbers_that_are_not_finite_are_refused(ownership_api_table, numb
     assert api.ownership.get_device("d1") is None
 
 
+async def test_nesting_deeper_than_http_max_json_depth_is_refused(ownership_api_table):
+    api = ownership_api_table
+    depth = api.services.config.http.max_json_depth
+    status, body = await post_raw(api, "/devices", '{"id": "d1", "type": "T", "name": ' + "[" * depth + "]" * depth
+                                  + "}")
+    assert status == 400 and "nested deeper" in body["error"]["message"], body
+    assert api.ownership.get_device("d1") is None
+
+
 # ---------------------------------------------------------------- property: what is stored can be returned
 
 # st.text never yields surrogates: mix them in by hand (lone ones, and pairs that are fine).
