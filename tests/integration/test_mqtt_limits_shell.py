@@ -11,8 +11,15 @@ per-address limits tell them apart. Measured figures are printed (``-s``).
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
+import secrets
+import signal
 import ssl
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -24,6 +31,7 @@ from tests.integration.mqtt_helpers import connack_reason, connect_packet, event
 
 pytestmark = pytest.mark.integration
 
+REPO = Path(__file__).resolve().parents[2]
 ATTACKER = "127.0.0.2"
 HALF_UPGRADE = b"GET /mqtt HTTP/1.1\r\nHost: x\r\n"  # and then nothing: the head never ends
 NO_ADDRESS_LIMITS = MqttLimitsConfig(unauthenticated_per_address=0, unauthenticated_rate_per_address=0)
@@ -299,3 +307,73 @@ async def test_half_a_client_hello_is_closed_at_the_deadline(mqtt_rig_factory, l
     assert counted == 50
     assert closed
     assert deadline - 0.3 <= best and worst <= deadline + 1.0
+
+
+# --------------------------------------------------------------------------- open files at start
+
+
+def _serve_config(tmp: Path, max_connections: int) -> Path:
+    (tmp / "store.key").write_text(secrets.token_hex(32))
+    path = tmp / "proxy.yaml"
+    path.write_text(f"""
+oidc:
+  issuer: https://issuer.invalid/realms/iot
+mqtt:
+  listen: 127.0.0.1:0
+  tls: false
+  upstream: 127.0.0.1:9
+  max_connections: {max_connections}
+store:
+  path: ownership.db
+  key_file: store.key
+policies:
+  dir: {REPO / "policies"}
+  watch: false
+""")
+    return path
+
+
+def _with_nofile(soft: int, hard: int):
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return limit
+
+
+def _serve(config: Path, limits, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "proxy", "serve", "-c", str(config)], cwd=config.parent, env=env,
+                            preexec_fn=limits, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_serve_refuses_a_max_connections_the_open_file_limit_cannot_hold(tmp_path):
+    """Hard limit 1024, max_connections 1000 (2 descriptors each, 2000 + what the rest needs):
+    serve refuses at once with one line that names both numbers, before listening."""
+    proc = _serve(_serve_config(tmp_path, 1000), _with_nofile(256, 1024))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("keygate: ") and "2064 open files" in lines[0] and "is 1024" in lines[0]
+    assert "mqtt.max_connections 1000" in lines[0]
+
+
+def test_serve_raises_the_soft_open_file_limit_to_the_hard_one(tmp_path):
+    """Soft 256, hard 4096: serve runs with 4096, enough for max_connections 1000."""
+    proc = _serve(_serve_config(tmp_path, 1000), _with_nofile(256, 4096))
+    try:
+        end = time.monotonic() + 60
+        seen = []
+        while time.monotonic() < end:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen.append(line)
+            if "keygate ready" in line:
+                break
+        assert any("keygate ready" in line for line in seen), "".join(seen)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert row.split()[3:5] == ["4096", "4096"], row
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
