@@ -21,8 +21,18 @@ moves bytes and runs what the session asks for:
 * credentials are checked off the read path (``Actions.auth`` -> a task), with
   the client's reading paused meanwhile;
 * timers: one ``call_at`` per connection, set to the session's next deadline
-  (CONNECT deadline from accept, so it also bounds the TLS handshake; keepalive;
-  token expiry), never a task per connection.
+  (CONNECT deadline from accept, so it also bounds the TLS handshake and, on the
+  WebSocket listener, the HTTP upgrade; keepalive; token expiry), never a task
+  per connection;
+* admission at accept (:meth:`MqttGateway.accept_transport`), for every
+  listener, before any TLS state exists: ``mqtt.max_connections`` (WebSocket
+  sockets count from accept, not from their upgrade), then the per-address
+  limits on connections not yet past CONNACK
+  (:class:`~proxy.mqtt.admission.AddressLimiter`: a cap and a token bucket per
+  address). A refused socket is aborted at once, counted in
+  ``keygate_mqtt_connections_refused{reason}`` and audited at most once a
+  second per address with a count. A connection gives its address's place back
+  when the session reports ``established`` (CONNACK passed on) or when it ends.
 
 Runs on the stdlib loop or uvloop (``keygate serve`` installs uvloop).
 """
