@@ -280,6 +280,9 @@ mqtt:
   # The benchmark's publishers share one identity; the per-identity limit is
   # a protection against a runaway client, not what is measured here.
   rate_limit: {{messages_per_second: 100000000, burst: 100000000}}
+  # Every benchmark client connects from 127.0.0.1, as if behind a load balancer that hides
+  # addresses: the per-address limits on unauthenticated connections are off.
+  limits: {{unauthenticated_per_address: 0, unauthenticated_rate_per_address: 0}}
 {http_section}store:
   path: {d / "ownership.db"}
   key_file: {d / "store.key"}

@@ -4,6 +4,12 @@ Start order follows the data flow: audit and metrics first, then identity
 (token validator), ownership (store and read path), policies, and only then
 the listeners that accept traffic; shutdown goes the other way, so no request
 is ever decided without the parts it needs.
+
+Before anything starts, the open-file limit: the soft ``RLIMIT_NOFILE`` is
+raised to the hard one, and ``serve`` (and ``dev``) refuse to start when the
+configuration cannot fit in it (:func:`ensure_open_files`): a gateway that
+runs out of descriptors stops accepting everyone, so that is found at start,
+not under load.
 """
 
 from __future__ import annotations
@@ -14,12 +20,23 @@ import contextlib
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, load_config
 from proxy.services import Services
 
 log = logging.getLogger("keygate")
+
+# Descriptors set aside besides the MQTT connections: stdio, the store, the audit log, policy
+# files and their watch, the listening sockets, the token issuer's client (BASE); the HTTP
+# listener, which has no connection cap of its own, and its pool of 256 to Orion (HTTP); the
+# metrics listener (METRICS).
+BASE_DESCRIPTORS = 64
+HTTP_DESCRIPTORS = 1024 + 256
+METRICS_DESCRIPTORS = 16
+# Each MQTT connection can hold two: the client's socket and the broker's.
+DESCRIPTORS_PER_MQTT_CONNECTION = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +48,60 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config)
+    ensure_open_files(config)
     install_uvloop()
     return asyncio.run(_serve_until_signal(config))
+
+
+def descriptors_needed(config: Config) -> int:
+    """Open files the configuration can make the process hold at once (see the constants above)."""
+    need = BASE_DESCRIPTORS
+    if config.mqtt is not None:
+        need += DESCRIPTORS_PER_MQTT_CONNECTION * config.mqtt.max_connections
+    if config.http is not None:
+        need += HTTP_DESCRIPTORS
+    if config.metrics is not None:
+        need += METRICS_DESCRIPTORS
+    return need
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if target == resource.RLIM_INFINITY:
+        # Linux refuses an infinite soft limit; the kernel's own ceiling is the most there is.
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft if soft != resource.RLIM_INFINITY else target
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target
+
+
+def ensure_open_files(config: Config) -> None:
+    """Raise the open-file limit, and refuse (one line naming both numbers) when the
+    configuration needs more descriptors than the limit allows."""
+    from proxy.cli import CommandError
+
+    limit = raise_open_file_limit()
+    need = descriptors_needed(config)
+    if need > limit:
+        if config.mqtt is not None:
+            mqtt = DESCRIPTORS_PER_MQTT_CONNECTION * config.mqtt.max_connections
+            parts = f"mqtt.max_connections {config.mqtt.max_connections} x 2 + {need - mqtt} for the rest"
+        else:
+            parts = "for the listeners"
+        raise CommandError(f"the configuration needs {need} open files ({parts}), but the open-file limit "
+                           f"(RLIMIT_NOFILE) is {limit}: lower mqtt.max_connections or raise the hard limit "
+                           "(ulimit -Hn, systemd LimitNOFILE=)")
 
 
 def install_uvloop() -> None:

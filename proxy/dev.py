@@ -182,6 +182,7 @@ tls:
 mqtt:
   listen: 127.0.0.1:{mqtt_port}
   upstream: {upstream}
+  max_connections: 1000   # a local stack: fits the usual open-file limits (2 per connection)
 http:
   listen: 127.0.0.1:{http_port}
   upstream: {orion}
@@ -329,7 +330,7 @@ class DevStack:
         return 0
 
     async def _run(self, stop: asyncio.Event) -> None:
-        from proxy.app import build_services, close_services, run_services
+        from proxy.app import build_services, close_services, ensure_open_files, run_services
         from proxy.config import load_config
 
         key = SigningKey.generate()
@@ -349,6 +350,7 @@ class DevStack:
         config_path.write_text(render_config(folder=self.folder, issuer=key.issuer, upstream=upstream,
                                              orion=self.args.orion, **ports))
         config = load_config(config_path)
+        ensure_open_files(config)
 
         services = await build_services(config)
         try:

@@ -21,8 +21,18 @@ moves bytes and runs what the session asks for:
 * credentials are checked off the read path (``Actions.auth`` -> a task), with
   the client's reading paused meanwhile;
 * timers: one ``call_at`` per connection, set to the session's next deadline
-  (CONNECT deadline from accept, so it also bounds the TLS handshake; keepalive;
-  token expiry), never a task per connection.
+  (CONNECT deadline from accept, so it also bounds the TLS handshake and, on the
+  WebSocket listener, the HTTP upgrade; keepalive; token expiry), never a task
+  per connection;
+* admission at accept (:meth:`MqttGateway.accept_transport`), for every
+  listener, before any TLS state exists: ``mqtt.max_connections`` (WebSocket
+  sockets count from accept, not from their upgrade), then the per-address
+  limits on connections not yet past CONNACK
+  (:class:`~proxy.mqtt.admission.AddressLimiter`: a cap and a token bucket per
+  address). A refused socket is aborted at once, counted in
+  ``keygate_mqtt_connections_refused{reason}`` and audited at most once a
+  second per address with a count. A connection gives its address's place back
+  when the session reports ``established`` (CONNACK passed on) or when it ends.
 
 Runs on the stdlib loop or uvloop (``keygate serve`` installs uvloop).
 """
@@ -42,6 +52,7 @@ from prometheus_client import Counter, Gauge
 from proxy.config import Config, parse_hostport, read_secret
 from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY, Tally
+from proxy.mqtt.admission import PER_ADDRESS, RATE, AddressLimiter, address_key
 from proxy.mqtt.cleaner import clear_device
 from proxy.mqtt.session import Actions, AuthRequest, RateLimiter, Session, SubscriptionQuota, classify_credentials
 from proxy.services import Services
@@ -76,6 +87,7 @@ CONNECTIONS_CLOSED = Counter("keygate_mqtt_connections_closed", "MQTT connection
                              ["reason"], registry=REGISTRY)
 BYTES = Tally("keygate_mqtt_bytes", "Bytes read, by direction", ["direction"])  # per chunk: a plain integer
 
+_REFUSED_BY_ADDRESS = {why: CONNECTIONS_REFUSED.labels(why) for why in (PER_ADDRESS, RATE)}
 _BYTES_IN = BYTES.labels("client_to_broker")
 _BYTES_OUT = BYTES.labels("broker_to_client")
 
@@ -150,28 +162,33 @@ class _TlsClientSide(asyncio.BufferedProtocol):
     the handshake is complete. To the connection this object is the transport.
     """
 
-    __slots__ = ("conn", "_gateway", "_raw", "_in", "_out", "_tls", "_ready", "_closing")
+    __slots__ = ("conn", "_gateway", "_accept", "_raw", "_in", "_out", "_tls", "_ready", "_closing")
 
-    def __init__(self, gateway: "MqttGateway"):
+    def __init__(self, gateway: "MqttGateway", accept: Any = None):
         self._gateway = gateway
-        self.conn: Connection | None = None
+        # accept(self) -> what receives the plaintext (a Connection, or the WebSocket listener's
+        # HTTP side), or None when refused; by default an MQTT connection of the gateway.
+        self._accept = accept or gateway.accept_transport
+        self.conn: Any = None
         self._raw: asyncio.Transport | None = None
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
-        self._tls = gateway.ssl_context.wrap_bio(self._in, self._out, server_side=True)
+        self._tls: Any = None
         self._ready = False
         self._closing = False
 
     # -- the raw socket's events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._raw = transport  # type: ignore[assignment]
-        self.conn = self._gateway.accept_transport(self, self._gateway.new_session())
+        self.conn = self._accept(self)
+        if self.conn is not None:  # refused connections cost no TLS state
+            self._tls = self._gateway.ssl_context.wrap_bio(self._in, self._out, server_side=True)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._gateway.tls_read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._closing:
+        if self._closing or self._tls is None:
             return
         self._in.write(self._gateway.tls_buffer[:nbytes])
         try:
@@ -288,9 +305,14 @@ class _TlsClientSide(asyncio.BufferedProtocol):
     def get_write_buffer_size(self) -> int:
         return self._raw.get_write_buffer_size() if self._raw is not None else 0
 
+    def writelines(self, chunks: Any) -> None:
+        self.write(b"".join(chunks))
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
             return self._tls if self._ready else default
+        if name == "sslcontext":
+            return self._gateway.ssl_context if self._ready else default
         return self._raw.get_extra_info(name, default) if self._raw is not None else default
 
 
@@ -334,7 +356,7 @@ class Connection:
 
     __slots__ = ("gateway", "client", "session", "websocket", "upstream", "_pending_upstream", "_dialing",
                  "_auth_task", "_timer", "_timer_at", "_client_pauses", "_broker_paused", "closed",
-                 "close_reason", "_seen_inputs", "__weakref__")
+                 "close_reason", "_seen_inputs", "address", "__weakref__")
 
     def __init__(self, gateway: "MqttGateway", transport: Any, session: Session, *, websocket: bool = False):
         self.gateway = gateway
@@ -352,6 +374,8 @@ class Connection:
         self.closed = False
         self.close_reason = ""
         self._seen_inputs: tuple = ()
+        # The address whose unauthenticated place this connection holds, until its CONNACK.
+        self.address: str | None = None
 
     # -- events from the client side
     def client_data(self, data: Any) -> None:
@@ -427,6 +451,8 @@ class Connection:
             # A state change: look at reading and deadlines again. Otherwise the timer
             # already stands at the earliest deadline there can be (it reschedules itself).
             self._seen_inputs = inputs
+            if self.address is not None and self.session.established:
+                self.gateway.release_address(self)
             self.client_reading(not self.session.reading_paused, "session")
             self.schedule()
 
@@ -537,6 +563,8 @@ class Connection:
             _close_upstream(self.upstream, self.gateway.loop)
         if not self.client.is_closing():
             self.client.close()
+        if self.address is not None:
+            self.gateway.release_address(self)
         self.gateway.forget(self)
 
 
@@ -578,6 +606,14 @@ class MqttGateway:
         self.client_read_buffer = self.recv_buffer[:CLIENT_READ_SIZE]
         self.tls_read_buffer = self.tls_buffer[:CLIENT_READ_SIZE]
         self.rate_limiter = RateLimiter.from_config(self.mqtt.rate_limit)
+        limits = self.mqtt.limits
+        # Entries holding connections never outnumber max_connections; the rest is room for
+        # buckets still refilling.
+        self.address_limiter = AddressLimiter(limits.unauthenticated_per_address,
+                                              limits.unauthenticated_rate_per_address,
+                                              limits.unauthenticated_burst_per_address,
+                                              max_entries=2 * self.mqtt.max_connections + 1024)
+        self._report_timer: asyncio.TimerHandle | None = None
         self.subscription_quota = SubscriptionQuota(self.mqtt.limits.subscriptions_per_identity)
         self.port: int | None = None
         self.ws_port: int | None = None
@@ -635,6 +671,10 @@ class MqttGateway:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             self._server = None
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
+        self._report_refusals(everything=True)
         await asyncio.sleep(0)  # let the closing transports flush their DISCONNECTs
 
     # -- connections
@@ -647,11 +687,25 @@ class MqttGateway:
 
     def accept_transport(self, transport: Any, session: Session | None = None, *,
                          websocket: bool = False) -> Connection | None:
+        """A new client socket, at accept (before its TLS handshake or WebSocket upgrade):
+        a Connection, counted and under its CONNECT deadline from now, or None (refused)."""
         if not self._accepting or len(self.connections) >= self.mqtt.max_connections:
             why = "max_connections" if self._accepting else "shutting_down"
             CONNECTIONS_REFUSED.labels(why).inc()
             transport.abort()
             return None
+        peer = transport.get_extra_info("peername")
+        address = None
+        if self.address_limiter.enabled and isinstance(peer, tuple):
+            address = address_key(peer[0])
+            why, count = self.address_limiter.admit(address)
+            if why is not None:
+                _REFUSED_BY_ADDRESS[why].inc()
+                transport.abort()
+                if count:
+                    self._audit_refused(address, {why: count})
+                self._arm_report_timer()
+                return None
         if not websocket:
             transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
             sock = transport.get_extra_info("socket")
@@ -659,14 +713,42 @@ class MqttGateway:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = session or self.new_session()
-        peer = transport.get_extra_info("peername")
         session.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         conn = Connection(self, transport, session, websocket=websocket)
+        conn.address = address
         self.connections.add(conn)
         CONNECTIONS_ACTIVE.inc()
         CONNECTIONS_TOTAL.labels("websocket" if websocket else "tcp").inc()
         conn.schedule()  # the CONNECT deadline runs from accept
         return conn
+
+    def release_address(self, conn: Connection) -> None:
+        """The connection authenticated (its CONNACK went out) or ended: its address's place is free."""
+        address, conn.address = conn.address, None
+        if address is not None:
+            self.address_limiter.release(address)
+
+    def _audit_refused(self, address: str, counts: dict[str, int]) -> None:
+        reasons = sorted(counts)
+        self.services.audit.record(protocol="mqtt", action="connect", decision="deny", resource="",
+                                   reason="+".join(reasons), peer=address, count=sum(counts.values()),
+                                   **({"counts": counts} if len(reasons) > 1 else {}))
+
+    def _arm_report_timer(self) -> None:
+        """Refusals folded into a later line get that line even if the address stops trying."""
+        limiter = self.address_limiter
+        if self._report_timer is None and limiter.reports_pending and self.loop is not None:
+            self._report_timer = self.loop.call_later(limiter.report_every, self._on_report_timer)
+
+    def _on_report_timer(self) -> None:
+        self._report_timer = None
+        self._report_refusals()
+        self._arm_report_timer()
+
+    def _report_refusals(self, *, everything: bool = False) -> None:
+        for address, counts in self.address_limiter.due_reports(everything=everything):
+            if counts:
+                self._audit_refused(address, counts)
 
     def forget(self, conn: Connection) -> None:
         if conn in self.connections:

@@ -542,6 +542,11 @@ class Session:
         return self._state in ("auth", "upstream")
 
     @property
+    def established(self) -> bool:
+        """True once the broker's CONNACK has been passed to the client (authenticated, open)."""
+        return self._state == "open"
+
+    @property
     def deadline_inputs(self) -> tuple:
         """What :meth:`next_deadline` and :attr:`reading_paused` depend on besides activity
         (which only moves the keepalive deadline later): a shell that keeps a timer at the

@@ -1,5 +1,17 @@
 """MQTT over (secure) WebSocket, subprotocol ``mqtt``.
 
+A WebSocket connection is an MQTT connection from accept, not from the
+completed upgrade: the listener's own ``create_server`` hands every socket to
+:meth:`MqttGateway.accept_transport <proxy.mqtt.server.MqttGateway.accept_transport>`
+first, so it counts against ``mqtt.max_connections`` and the per-address limits
+at once (refused before the TLS handshake), and its session's CONNECT deadline
+runs from accept across the TLS handshake (done on ``ssl.MemoryBIO`` like the
+TCP listener's, :class:`~proxy.mqtt.server._TlsClientSide`), the HTTP upgrade
+and the CONNECT. A client that sends half a request line and stops is closed
+at that deadline; aiohttp's own keep-alive timeout (an hour) never comes into
+it. aiohttp parses the HTTP and the WebSocket frames, fed the plaintext by
+:class:`_HttpSide`.
+
 A WebSocket message is just a slice of the MQTT byte stream: one frame may hold
 half a packet or three of them, so frames are fed to the same
 :class:`~proxy.mqtt.server.Connection` as TCP chunks and the sans-IO framer
@@ -28,11 +40,15 @@ HIGH_WATER = 256 * 1024  # queued outgoing bytes above which the broker side sto
 
 
 class WebSocketTransport:
-    """The asyncio-transport surface of one MQTT-over-WebSocket client."""
+    """The asyncio-transport surface of one MQTT-over-WebSocket client, from accept on.
 
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request):
-        self._ws = ws
-        self._request = request
+    ``raw`` is the socket's transport (the TLS side on a TLS listener); until
+    :meth:`attach` gives it the upgraded WebSocket, closing aborts ``raw``.
+    """
+
+    def __init__(self, raw: Any):
+        self._raw = raw
+        self._ws: web.WebSocketResponse | None = None
         self._out: list[bytes] = []
         self._out_size = 0
         self._wake = asyncio.Event()
@@ -42,9 +58,12 @@ class WebSocketTransport:
         self._writing_paused = False
         self.protocol: Any = None  # the Connection's client side (pause_writing / resume_writing)
 
+    def attach(self, ws: web.WebSocketResponse) -> None:
+        self._ws = ws
+
     # -- what the connection calls
     def write(self, data: bytes) -> None:
-        if self._closing or not data:
+        if self._closing or not data or self._ws is None:  # the session says nothing before a CONNECT
             return
         self._out.append(data)
         self._out_size += len(data)
@@ -56,6 +75,8 @@ class WebSocketTransport:
     def close(self) -> None:
         if not self._closing:
             self._closing = True
+            if self._ws is None:  # not upgraded (yet): nothing to say, the socket goes
+                self._raw.abort()
             self._wake.set()
             self._reading.set()
 
@@ -77,16 +98,15 @@ class WebSocketTransport:
         return self._out_size
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "peername":
-            return self._request.transport.get_extra_info("peername") if self._request.transport else default
-        if name == "ssl_object":
-            return self._request.transport.get_extra_info("ssl_object") if self._request.transport else default
+        if name in ("peername", "ssl_object"):
+            return self._raw.get_extra_info(name, default)
         return default
 
     # -- the two loops that move bytes
     async def pump_out(self) -> None:
         """Send queued bytes as one binary frame per batch, until closed."""
         ws = self._ws
+        assert ws is not None
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -108,6 +128,7 @@ class WebSocketTransport:
 
     async def pump_in(self, on_data) -> None:
         ws = self._ws
+        assert ws is not None
         while not self._closing:
             await self._reading.wait()
             if self._closing:
@@ -121,35 +142,135 @@ class WebSocketTransport:
                 return
 
 
+class _HttpSide:
+    """What one accepted socket's plaintext goes to: aiohttp's HTTP protocol, made on the first
+    bytes (after the TLS handshake). Ends the socket's Connection however the socket ends."""
+
+    __slots__ = ("listener", "transport", "ws_transport", "http")
+
+    def __init__(self, listener: "WebSocketListener", transport: Any, ws_transport: WebSocketTransport):
+        self.listener = listener
+        self.transport = transport  # what aiohttp sees: the TLS side, or the plain socket
+        self.ws_transport = ws_transport
+        self.http: Any = None
+
+    def client_data(self, data: Any) -> None:
+        if self.http is None:
+            self.http = self.listener.http_protocol()
+            self.http.connection_made(self.transport)
+        self.http.data_received(bytes(data))  # data may be a slice of the shared receive buffer
+
+    def client_lost(self, exc: Exception | None) -> None:
+        self.listener.waiting.pop(self.transport, None)
+        if self.http is not None:
+            self.http.connection_lost(exc)
+        self.ws_transport.protocol.client_lost(exc)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        if self.http is not None:
+            self.http.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.http is not None:
+            self.http.resume_writing()
+
+
+class _PlainSide(asyncio.Protocol):
+    """A plain (``mqtt.tls: false``) WebSocket listener's socket: the same admission at accept."""
+
+    __slots__ = ("listener", "side")
+
+    def __init__(self, listener: "WebSocketListener"):
+        self.listener = listener
+        self.side: _HttpSide | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.side = self.listener.accept(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.side is not None:
+            self.side.client_data(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.side is not None:
+            self.side.client_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.side is not None:
+            self.side.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.side is not None:
+            self.side.resume_writing()
+
+
 class WebSocketListener:
-    """An aiohttp server that hands each upgraded socket to the gateway."""
+    """Accepts sockets itself (admission and deadline from accept) and lets aiohttp speak HTTP
+    and WebSocket on them; each upgraded socket carries on as the Connection made at accept."""
 
     def __init__(self, gateway: "MqttGateway"):
         self.gateway = gateway
         self._runner: web.AppRunner | None = None
-        self._site: web.SockSite | None = None
-        self._sockets: set[web.WebSocketResponse] = set()
+        self._server: asyncio.AbstractServer | None = None
+        # Accepted, not yet upgraded: by the transport aiohttp sees (``request.transport``).
+        self.waiting: dict[Any, WebSocketTransport] = {}
+        self.http_protocol: Any = None
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
+        from proxy.mqtt.server import _TlsClientSide
+
         app = web.Application()
         for path in PATHS:
             app.router.add_get(path, self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
+        self.http_protocol = self._runner.server  # a factory of aiohttp's HTTP protocol
         # Bind the socket ourselves: the real port is then known for "port 0".
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server((host, port), family=family, backlog=1024)
-        self._site = web.SockSite(self._runner, sock, ssl_context=ssl_context)
-        await self._site.start()
+        loop = asyncio.get_running_loop()
+        if ssl_context is not None:
+            def factory() -> asyncio.BaseProtocol:
+                return _TlsClientSide(self.gateway, self.accept)
+        else:
+            def factory() -> asyncio.BaseProtocol:
+                return _PlainSide(self)
+        self._server = await loop.create_server(factory, sock=sock, backlog=1024)
         return sock.getsockname()[1]
 
     async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+
+    def accept(self, transport: Any) -> _HttpSide | None:
+        """A socket, at accept: its Connection now (or refused: None, the socket aborted)."""
+        ws_transport = WebSocketTransport(transport)
+        conn = self.gateway.accept_transport(ws_transport, websocket=True)
+        if conn is None:
+            return None
+        ws_transport.protocol = conn
+        self.waiting[transport] = ws_transport
+        return _HttpSide(self, transport, ws_transport)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        ws_transport = self.waiting.get(request.transport)
+        if ws_transport is None or ws_transport.is_closing():  # upgraded once already, or closed
+            return web.json_response({"error": {"code": "connection_closing",
+                                                "message": "this connection is closing"}}, status=503)
         # A frame may join several packets: allow one maximum-size packet plus slack per frame;
         # the session bounds what it buffers across frames.
         ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), max_msg_size=self.gateway.max_packet_size + 65536,
@@ -158,22 +279,19 @@ class WebSocketListener:
             return web.json_response({"error": {"code": "websocket_required",
                                                 "message": "MQTT over WebSocket: upgrade with subprotocol mqtt"}},
                                      status=400)
+        del self.waiting[request.transport]
         await ws.prepare(request)
         if ws.ws_protocol != SUBPROTOCOL:
             # [MQTT-6.0.0-3]/[MQTT-6.0.0-4]: the client must offer "mqtt"; close otherwise.
             await ws.close(code=1002, message=b"subprotocol mqtt required")
-            return ws
-        transport = WebSocketTransport(ws, request)
-        conn = self.gateway.accept_transport(transport, websocket=True)
-        if conn is None:  # over max_connections: refused
-            await ws.close(code=1013, message=b"try again later")
-            return ws
-        transport.protocol = conn
-        out = asyncio.create_task(transport.pump_out())
+            return ws  # aiohttp closes the socket, and with it the Connection
+        ws_transport.attach(ws)
+        conn = ws_transport.protocol
+        out = asyncio.create_task(ws_transport.pump_out())
         try:
-            await transport.pump_in(conn.client_data)
+            await ws_transport.pump_in(conn.client_data)
         finally:
-            transport.close()
+            ws_transport.close()
             conn.client_lost(None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(out, 2.0)

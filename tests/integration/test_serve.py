@@ -56,6 +56,7 @@ tls:
 mqtt:
   listen: 127.0.0.1:{self.mqtt_port}
   upstream: {mosquitto.address}
+  max_connections: 1000  # serve refuses a configuration that cannot fit the open-file limit
 http:
   listen: 127.0.0.1:{self.http_port}
   upstream: http://127.0.0.1:{self.orion_port}
