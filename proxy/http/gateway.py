@@ -456,13 +456,8 @@ class GatewayHandler:
         ``options=count`` every own subscription is fetched, so ``Fiware-Total-Count`` is exact.
         One the store records but Orion no longer has (404) is left out."""
         limit, offset, count = d.page
-        facts = self.services.ownership.facts
-
-        def created(sub_id: str) -> tuple[Any, str]:
-            record = facts.subscription_record(sub_id, tenant)
-            return (record or {}).get("created_at") or 0, sub_id
-
-        ids = sorted(d.keep, key=created)
+        # Orion's ids are MongoDB ObjectIds, which begin with their creation time: sorted is creation order.
+        ids = sorted(d.keep)
         wanted = len(ids) if count else offset + limit
         found: list[Any] = []
         fetched = 0

@@ -23,9 +23,11 @@ Run on its own for benchmarks: ``python -m tests.rig.ngsi_standin --port 1026``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -425,6 +427,15 @@ async def op_query(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------- handlers: subscriptions etc.
 
 
+_ids = itertools.count(secrets.randbelow(1 << 24))
+_PROCESS = secrets.token_hex(5)
+
+
+def _object_id() -> str:
+    """Like a MongoDB ObjectId, as Orion's ids are: creation time, process, counter (so sorted = created)."""
+    return f"{int(time.time()):08x}{_PROCESS}{next(_ids) % (1 << 24):06x}"
+
+
 def _collection(kind: str):
     """CRUD for subscriptions and registrations, which behave alike in Orion."""
 
@@ -437,7 +448,7 @@ def _collection(kind: str):
             raise _bad("Parse Error")
         if kind == "subscriptions" and not isinstance(body.get("notification"), dict):
             raise _bad("Subscription notification is missing")
-        new_id = secrets.token_hex(12)
+        new_id = _object_id()
         store(request)[new_id] = {"id": new_id, **{k: v for k, v in body.items() if k != "id"},
                                   **({"status": "active"} if kind == "subscriptions" else {})}
         return web.Response(status=201, headers={"Location": f"/v2/{kind}/{new_id}"})
@@ -529,7 +540,8 @@ async def _notify(request: web.Request, entity_id: str) -> None:
     tenant = _tenant(request)
     entity = tenant.entities.get(entity_id)
     for sub in list(tenant.subscriptions.values()):
-        if not any(isinstance(e, dict) and e.get("id") == entity_id for e in sub.get("subject", {}).get("entities", [])):
+        subject = sub.get("subject", {}).get("entities", [])
+        if not any(isinstance(e, dict) and e.get("id") == entity_id for e in subject):
             continue
         notification = sub.get("notification", {})
         custom = notification.get("httpCustom")
