@@ -2,11 +2,20 @@
 
 Per request: normalise the path, parse the query, fix the tenant, authenticate
 (:mod:`.auth`), read the body when the decision depends on it (capped at
-``http.max_body_bytes``), analyse (:mod:`.ngsi`), plan (:mod:`.plan`), check
-notification targets (:mod:`.ssrf`), then forward to Orion over one pooled
-client session, and audit the outcome. Orion is only ever sent the canonical
-path, the re-encoded query, and (where the body was checked) the re-serialised
-body: what was checked is what Orion reads.
+``http.max_body_bytes``) and parse it strictly (:func:`.ngsi.parse_json_body`:
+nesting capped at ``http.max_json_depth`` before parsing; lone surrogates,
+non-finite and out-of-range numbers, duplicate keys refused 400 ``ParseError``),
+analyse (:mod:`.ngsi`), plan (:mod:`.plan`), check notification targets
+(:mod:`.ssrf`, with Orion's own address never a target), then forward to Orion
+over one pooled client session, and audit the outcome. Orion is only ever sent
+the canonical path, the re-encoded query, and (where the body was checked) the
+re-serialised body: what was checked is what Orion reads.
+
+Slow clients are cut off by the listener (:mod:`.listener`): a head within
+``http.header_timeout_seconds``, a body within ``http.body_timeout_seconds``,
+else 408. A non-admin's ``GET /v2/subscriptions`` reads from Orion only the
+subscriptions the store records for the caller, one by one, so its cost is
+bounded by what the caller owns, not by the tenant's list.
 
 Headers. Hop-by-hop headers (and those named in ``Connection``) never cross.
 The gateway owns, and replaces whatever the client sent for them:
