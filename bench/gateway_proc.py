@@ -37,7 +37,8 @@ async def _register(services, devices: list[dict]) -> dict[str, str]:
     keys = {}
     for d in devices:
         owner = Identity(kind="user", sub=f"sub-{d['owner']}", username=d["owner"], method="token")
-        _, k1, _ = await services.ownership.register_device(owner, {"id": d["id"], "type": "Sensor"})
+        # adopt: the stack made the entities in Orion first, as an operator would
+        _, k1, _ = await services.ownership.register_device(owner, {"id": d["id"], "type": "Sensor"}, adopt=True)
         keys[d["id"]] = k1
     return keys
 

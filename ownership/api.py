@@ -67,7 +67,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
     except OwnershipError as exc:
-        return error_response(exc.status, exc.code, str(exc))
+        return error_response(exc.status, exc.code, str(exc), getattr(exc, "headers", None))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -245,14 +245,55 @@ def _now(request: web.Request) -> float:
 # --------------------------------------------------------------------------- handlers
 
 _DEVICE_FIELDS = {"id", "type", "name", "model", "location", "public", "service"}
+# Admin only: register for someone else, and adopt an entity that already exists in Orion.
+_ADMIN_FIELDS = {"adopt", "owner", "owner_username"}
 _PATCH_FIELDS = {"type", "name", "model", "location", "public"}
 
 
+def _registration_tenant(request: web.Request, requested: Any) -> str:
+    """The tenant asked for (or the configured one), if the caller's roles allow it; 403 otherwise."""
+    ownership = _services(request).ownership
+    if requested is None or requested == "":
+        return ownership.default_tenant()
+    tenant = requested.lower()   # Orion's tenants are lower-case
+    if tenant not in ownership.tenants_for(_caller(request)):
+        raise ApiError(403, "tenant_not_allowed", f"you may not register devices in tenant {requested!r}")
+    return tenant
+
+
+def _registration_owner(request: web.Request, body: dict[str, Any]) -> Identity:
+    """The caller, or (admins only) the user named by ``owner`` / ``owner_username``."""
+    caller = _caller(request)
+    if "owner" not in body:
+        if "owner_username" in body:
+            _invalid("owner_username needs owner")
+        return caller
+    sub, name = body["owner"], body.get("owner_username")
+    _invalid(text_problem(sub, "owner", nullable=False) or (None if sub else "owner must not be empty"))
+    if name is not None:
+        _invalid(text_problem(name, "owner_username", nullable=False) or
+                 (None if name else "owner_username must not be empty"))
+    if sub == caller.sub:
+        return caller
+    if name is None:  # the name the owner's other devices carry, else the sub itself
+        owned = _services(request).ownership.devices_of(sub)
+        name = owned[0]["owner_username"] if owned else sub
+    return Identity(kind="user", sub=sub, username=name, method="token")
+
+
 async def register_device(request: web.Request) -> web.Response:
-    body = await _json_body(request, allowed=_DEVICE_FIELDS, required={"id", "type"})
+    body = await _json_body(request, allowed=_DEVICE_FIELDS | _ADMIN_FIELDS, required={"id", "type"})
     _check_device_fields(body)
+    if "adopt" in body and not isinstance(body["adopt"], bool):
+        _invalid("adopt must be true or false")
+    if _ADMIN_FIELDS & set(body) and not _is_admin(request):
+        raise ApiError(403, "forbidden", "adopt, owner and owner_username need the admin role")
+    owner = _registration_owner(request, body)
+    fields = {k: v for k, v in body.items() if k not in _ADMIN_FIELDS}
+    fields["service"] = _registration_tenant(request, body.get("service"))
     services = _services(request)
-    device, k1, k2 = await services.ownership.register_device(_caller(request), body)
+    device, k1, k2 = await services.ownership.register_device(owner, fields, adopt=body.get("adopt", False),
+                                                              actor=_caller(request))
     own = services.config.ownership
     out = {**device_out(device), "k1": k1, "k2": k2, "mqtt": own.advertise_mqtt, "http": own.advertise_http}
     location = f"{request.raw_path.partition('?')[0]}/{quote(device['id'], safe=_PATH_SAFE)}"

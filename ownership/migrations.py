@@ -93,6 +93,26 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
     )),
 ]
 
+# Clean-up that a device's deletion (or its owner's erasure) still owes, written in the same
+# transaction as the deletion and struck off once taken (ownership/service.py): in Orion the
+# device's entity and the subscriptions on it or by the erased user; at the MQTT broker the
+# device's retained messages and session. While a row names a device id, that id cannot be
+# registered. Holds ids and tenants only, no personal data.
+_PENDING_REMOVALS = (
+    """CREATE TABLE pending_removals (
+        id         INTEGER PRIMARY KEY,
+        kind       TEXT NOT NULL CHECK (kind IN ('entity', 'subscription', 'broker')),
+        target     TEXT NOT NULL,              -- the entity, subscription or device id
+        service    TEXT NOT NULL,              -- its tenant as recorded ('' = http.fiware_service)
+        device_id  TEXT NOT NULL DEFAULT '',   -- the id this blocks from registration; '' = none
+        created_at REAL NOT NULL,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (kind, target, service, device_id)
+    )""",
+    "CREATE INDEX pending_removals_device ON pending_removals (device_id)",
+)
+MIGRATIONS.append((5, _PENDING_REMOVALS))
+
 LATEST = MIGRATIONS[-1][0]
 
 

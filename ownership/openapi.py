@@ -92,7 +92,18 @@ def build_openapi(config: Config) -> dict[str, Any]:
             "type": "object", "additionalProperties": False, "required": ["id", "type"],
             "properties": {"id": {"type": "string", "pattern": DEVICE_ID_PATTERN, "maxLength": 256},
                            **device_fields,
-                           "service": {"type": "string", "pattern": r"^[A-Za-z0-9_]{0,50}$"}},
+                           "service": {"type": "string", "pattern": r"^[A-Za-z0-9_]{0,50}$",
+                                       "description": "the Orion tenant: http.fiware_service when left out or "
+                                                      "empty; another only if ownership.tenants_by_role allows "
+                                                      "it to one of the caller's roles (lower-cased)"},
+                           "adopt": {"type": "boolean",
+                                     "description": "admin only: register the id although Orion already holds "
+                                                    "an entity under it, which the owner then manages"},
+                           "owner": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": TEXT_PATTERN,
+                                     "description": "admin only: the sub of the user to register the device for"},
+                           "owner_username": {"type": "string", "minLength": 1, "maxLength": 256,
+                                              "pattern": TEXT_PATTERN,
+                                              "description": "admin only, with owner: the owner's name to show"}},
         },
         "DevicePatch": {"type": "object", "additionalProperties": False, "properties": device_fields},
         "Device": device,
@@ -160,8 +171,14 @@ def build_openapi(config: Config) -> dict[str, Any]:
                     "201": _json("#/components/schemas/RegisteredDevice",
                                  "registered; k1 and k2 are shown only in this response",
                                  {"Location": {"schema": {"type": "string"}}}),
-                    "403": _error("device quota reached (code quota_exceeded)"),
-                    "409": _error("the id is taken (code conflict)"), **_WITH_BODY, **{k: v for k, v in _COMMON.items() if k != "403"},
+                    "403": _error("device quota reached (code quota_exceeded), a tenant the caller may not use "
+                                  "(code tenant_not_allowed), or adopt / owner without the admin role "
+                                  "(code forbidden)"),
+                    "409": _error("the id is taken: registered, an entity in Orion in the device's tenant, or "
+                                  "its earlier registration still being removed from Orion (code conflict)"),
+                    "503": _error("the token issuer cannot be reached, or Orion cannot be asked whether the id "
+                                  "is free (code orion_unreachable; Retry-After)"),
+                    **_WITH_BODY, **{k: v for k, v in _COMMON.items() if k not in ("403", "503")},
                 },
             },
             "get": {
@@ -183,7 +200,9 @@ def build_openapi(config: Config) -> dict[str, Any]:
                       "requestBody": _body("#/components/schemas/DevicePatch"),
                       "responses": {"200": _json("#/components/schemas/Device", "the updated device"),
                                     **_NOT_FOUND, **_WITH_BODY, **_COMMON}},
-            "delete": {"operationId": "deleteDevice", "summary": "Delete a device, its keys and delegations",
+            "delete": {"operationId": "deleteDevice",
+                       "summary": "Delete a device, its keys, delegations and certificates, and (with Orion) its "
+                                  "entity and subscriptions",
                        "responses": {"204": no_content, **_NOT_FOUND, **_COMMON}},
         },
         "/devices/{id}/keys/{slot}": {

@@ -13,6 +13,7 @@ caller and records every change in the audit log with the actor's identity.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -30,6 +31,7 @@ from ownership import enrollment
 from ownership import store as st
 from ownership.enrollment import CsrProblem, DeviceCA
 from ownership.facts import MemoryFacts
+from ownership.orion import OrionClient, OrionUnavailable
 from ownership.validation import KEY_SLOTS, PERMISSIONS, grantee_problem, orion_id_problem
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, read_secret
@@ -76,6 +78,12 @@ class QuotaExceeded(OwnershipError):
     status, code = 403, "quota_exceeded"
 
 
+class OrionUnreachable(OwnershipError):
+    # Whether the id is free in Orion is unknown: refuse rather than guess.
+    status, code = 503, "orion_unreachable"
+    headers = {"Retry-After": "5"}
+
+
 class EnrollmentUnavailable(OwnershipError):
     # 501, not 503: no device CA key is configured, and asking again will not change that.
     status, code = 501, "enrollment_unavailable"
@@ -109,7 +117,8 @@ def new_device_key() -> str:
 
 class OwnershipService:
     def __init__(self, config: Config, store: st.Store, executor: ThreadPoolExecutor, *, pepper: bytes,
-                 audit: AuditLog, clock: Callable[[], float] = time.time, device_ca: DeviceCA | None = None):
+                 audit: AuditLog, clock: Callable[[], float] = time.time, device_ca: DeviceCA | None = None,
+                 orion: OrionClient | None = None):
         self.config = config
         self.audit = audit
         # Signs enrolled device certificates; None when tls.client_ca_key is not configured.
@@ -127,11 +136,17 @@ class OwnershipService:
         # Device identities are immutable; built once per device and dropped when its facts change.
         self._identities: dict[tuple[str, str], Identity] = {}
         self.facts.subscribe(self._forget_identities)
-        # Awaited with each deleted device's id, after the store and the facts have dropped it:
-        # the gateways remove what it left behind (the broker's retained data and session).
-        # Until they are done the id cannot be registered again, so nobody inherits it.
-        self.removal_hooks: list[Callable[[str], Awaitable[None]]] = []
-        self._removing: set[str] = set()
+        # Set by the MQTT gateway: clears a deleted device's retained messages and session at the
+        # broker (raises when it cannot). Owed like Orion's clean-up: a pending_removals row.
+        self._broker_clearer: Callable[[str], Awaitable[None]] | None = None
+        # With Orion behind the gateway: registration asks it whether the id is taken, and deletion
+        # owes it the removal of the entity and subscriptions (rows in the store's pending_removals,
+        # struck off as Orion takes them). A device id with removals owed cannot be registered.
+        self.orion = orion
+        self._in_flight: set[int] = set()        # rows being sent to Orion right now
+        self._wake = asyncio.Event()
+        self._backing_off = False
+        self._retry_task: asyncio.Task | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -162,8 +177,15 @@ class OwnershipService:
             await loop.run_in_executor(executor, store.close)
             executor.shutdown(wait=False)
             raise
-        service = cls(config, store, executor, pepper=pepper, audit=audit, clock=clock, device_ca=device_ca)
+        orion = None
+        if config.http is not None and config.ownership.orion_lifecycle:
+            orion = OrionClient(config.http.upstream, timeout_seconds=config.http.upstream_timeout_seconds)
+        service = cls(config, store, executor, pepper=pepper, audit=audit, clock=clock, device_ca=device_ca,
+                      orion=orion)
         service.facts.load(snapshot)
+        if orion is not None:
+            # Clean-up owed from before a restart (or by another worker) is finished from here on.
+            service._retry_task = asyncio.create_task(service._retry_removals(), name="keygate-orion-removals")
         DEVICES.set_function(lambda: len(service.facts))
         add_readiness_check("ownership", service._readiness)
         return service
@@ -176,6 +198,13 @@ class OwnershipService:
             return
         self._closed = True
         remove_readiness_check("ownership")
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry_task
+            self._retry_task = None
+        if self.orion is not None:
+            await self.orion.close()
         await self._run(self._store.close)
         self._executor.shutdown(wait=True)
 
@@ -289,17 +318,53 @@ class OwnershipService:
 
     # ------------------------------------------------------------------ devices
 
-    async def register_device(self, owner: Identity, fields: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
+    def default_tenant(self) -> str:
+        """The tenant of a device recorded without one: ``http.fiware_service``, lower-cased as Orion does."""
+        return (self.config.http.fiware_service if self.config.http else "").lower()
+
+    def tenants_for(self, identity: Identity) -> set[str]:
+        """The tenants ``identity`` may register devices in: the configured one and its roles' ones."""
+        allowed = {self.default_tenant()}
+        for role, tenants in self.config.ownership.tenants_by_role.items():
+            if role in identity.roles:
+                allowed.update(t.lower() for t in tenants)
+        return allowed
+
+    async def register_device(self, owner: Identity, fields: dict[str, Any], *, adopt: bool = False,
+                              actor: Identity | None = None) -> tuple[dict[str, Any], str, str]:
+        """Register a device for ``owner``. Its tenant is ``fields["service"]`` (authorized by the
+        caller) or the configured one. An id that Orion already holds in that tenant is refused
+        (Conflict) unless ``adopt``: an admin (``actor``) handing the existing entity to ``owner``."""
+        actor = actor or owner
         problem = orion_id_problem(fields.get("id")) or orion_id_problem(fields.get("type"), "type")
         if problem:
             raise InvalidInput(problem)
-        if fields["id"] in self._removing:
-            raise Conflict(f"device {fields['id']!r} is being deleted; try again in a moment")
+        device_id = fields["id"]
+        if await self.removals_owed(device_id):
+            self._audit("device.register", actor, device_id, decision="deny", reason="removal_pending")
+            raise Conflict(f"device {device_id!r} was deleted and its data is still being removed (from the "
+                           "context broker or the MQTT broker); the id can be registered again once that is done")
+        if self.facts.record(device_id) is not None:
+            raise Conflict(f"device {device_id!r} is already registered")
+        tenant = (fields.get("service") or self.default_tenant()).lower()
+        if self.orion is not None and not adopt:
+            try:
+                taken = await self.orion.entity_exists(device_id, tenant)
+            except OrionUnavailable as exc:
+                log.warning("registration of %s refused: %s", device_id, exc)
+                self._audit("device.register", actor, device_id, decision="deny", reason="orion_unreachable")
+                raise OrionUnreachable("the context broker cannot be asked whether this id is free; "
+                                       "try again later") from None
+            if taken:
+                self._audit("device.register", actor, device_id, decision="deny", reason="exists_in_orion",
+                            service=tenant)
+                raise Conflict(f"an entity with id {device_id!r} already exists in the context broker; "
+                               "only an administrator can adopt it")
         now = self._clock()
         device = {
-            "id": fields["id"], "type": fields["type"], "name": fields.get("name"), "model": fields.get("model"),
+            "id": device_id, "type": fields["type"], "name": fields.get("name"), "model": fields.get("model"),
             "location": fields.get("location"), "public": bool(fields.get("public", False)),
-            "service": fields.get("service") or (self.config.http.fiware_service if self.config.http else ""),
+            "service": tenant,
             "owner_sub": owner.sub, "owner_username": owner.username, "created_at": now, "updated_at": now,
         }
         k1, k2 = new_device_key(), new_device_key()
@@ -307,13 +372,17 @@ class OwnershipService:
         try:
             await self._run(self._store.insert_device, device, hashes, max_devices=self.quota_for(owner))
         except st.QuotaExceeded as exc:
-            self._audit("device.register", owner, device["id"], decision="deny", reason="quota_exceeded")
+            self._audit("device.register", actor, device["id"], decision="deny", reason="quota_exceeded")
             raise QuotaExceeded(f"you may register at most {exc.limit} devices") from None
         except st.DeviceExists:
             raise Conflict(f"device {device['id']!r} is already registered") from None
+        except st.DeviceBeingRemoved:  # owed by another worker, or by a deletion that just committed
+            raise Conflict(f"device {device_id!r} was deleted and its data is still being removed from the "
+                           "context broker; the id can be registered again once that is done") from None
         self.facts.put_device(device, hashes)
         self.facts.changed({device["id"]})
-        self._audit("device.register", owner, device["id"], owner=owner.sub)
+        extra = {"adopted": True} if adopt else {}
+        self._audit("device.register", actor, device["id"], owner=owner.sub, service=tenant, **extra)
         return dict(device), k1, k2
 
     def get_device(self, device_id: str) -> dict[str, Any] | None:
@@ -354,32 +423,132 @@ class OwnershipService:
         self._audit("device.update", actor, device_id, fields=sorted(changes))
         return self.get_device(device_id)  # type: ignore[return-value]
 
+    def set_broker_clearer(self, clearer: Callable[[str], Awaitable[None]] | None) -> None:
+        """The MQTT gateway's clean-up of a deleted device at the broker (None: no broker)."""
+        self._broker_clearer = clearer
+        if clearer is not None and self._retry_task is None and not self._closed:
+            self._retry_task = asyncio.create_task(self._retry_removals(), name="keygate-removals")
+
+    def _owed_on_delete(self) -> dict[str, Any]:
+        """What a deletion queues for later clean-up: at the same instant, in the same transaction."""
+        queued = self.orion is not None or self._broker_clearer is not None
+        return {"queued_at": self._clock() if queued else None, "orion": self.orion is not None,
+                "broker": self._broker_clearer is not None}
+
     async def delete_device(self, actor: Identity, device_id: str) -> None:
+        owed = self._owed_on_delete()
+        queued_at = owed["queued_at"]
         try:
-            await self._run(self._store.delete_device, device_id)
+            await self._run(functools.partial(self._store.delete_device, device_id, **owed))
         except st.NotFound:
             raise NotFound(f"no device {device_id!r}") from None
         self.facts.remove_device(device_id)
         self.facts.changed({device_id})
         self._audit("device.delete", actor, device_id)
-        await self._removed([device_id])
+        await self._removed([device_id], queued_at)
 
-    async def _removed(self, device_ids: Iterable[str]) -> None:
-        """Run the removal hooks for devices just deleted; a failing hook is logged, not raised
-        (the deletion itself has happened)."""
-        ids = [d for d in device_ids if d not in self._removing]
-        self._removing.update(ids)
+    async def _removed(self, device_ids: Iterable[str], queued_at: float | None = None) -> None:
+        """Try the clean-up the deletion queued (at ``queued_at``) at once, before the call returns;
+        what is not taken now is retried in the background (the deletion itself has happened, and
+        the ids stay unregistrable until it is all done)."""
+        if queued_at is None:
+            return
+        ids_now = set(device_ids)
+        rows = [r for r in await self._run(self._store.pending_removals)
+                if r["created_at"] == queued_at and (r["device_id"] in ids_now or not r["device_id"])]
+        await self._settle(rows)
 
-        async def one(device_id: str, hook: Callable[[str], Awaitable[None]]) -> None:
-            try:
-                await hook(device_id)
-            except Exception:
-                log.exception("clean-up after deleting device %s failed", device_id)
+    # ------------------------------------------------------------------ clean-up owed to Orion
 
+    async def removals_owed(self, device_id: str) -> bool:
+        """Whether clean-up from this id's earlier registration is still owed (asked of the store,
+        which every worker shares; the store checks it again when the device is inserted)."""
+        return await self._run(self._store.removals_owed, device_id)
+
+    async def pending_removals(self) -> list[dict[str, Any]]:
+        return await self._run(self._store.pending_removals)
+
+    async def _settle(self, rows: list[dict[str, Any]]) -> bool:
+        """Send these rows to Orion (a few at a time); whether every one was taken."""
+        rows = [r for r in rows if r["id"] not in self._in_flight]
+        if not rows:
+            return True
+        gate = asyncio.Semaphore(8)
+
+        async def one(row: dict[str, Any]) -> bool:
+            async with gate:
+                return await self._remove_in_orion(row)
+
+        self._in_flight.update(r["id"] for r in rows)
         try:
-            await asyncio.gather(*(one(d, h) for d in ids for h in list(self.removal_hooks)))
+            done = await asyncio.gather(*(one(r) for r in rows))
         finally:
-            self._removing.difference_update(ids)
+            self._in_flight.difference_update(r["id"] for r in rows)
+        if not all(done) and not self._backing_off:
+            self._wake.set()   # the retry loop takes over
+        return all(done)
+
+    async def _remove_in_orion(self, row: dict[str, Any]) -> bool:
+        if row["kind"] == "broker":
+            return await self._clear_at_broker(row)
+        if self.orion is None:
+            return False  # (Orion clean-up owed from a run with Orion configured: kept until it is again)
+        tenant = (row["service"] or self.default_tenant()).lower()
+        try:
+            if row["kind"] == "entity":
+                await self.orion.delete_entity(row["target"], tenant)
+            else:
+                await self.orion.delete_subscription(row["target"], tenant)
+        except OrionUnavailable as exc:
+            log.warning("removing %s %s from Orion failed (attempt %d): %s; will retry", row["kind"],
+                        row["target"], row["attempts"] + 1, exc)
+            await self._run(self._store.removal_failed, row["id"])
+            return False
+        await self._run(self._store.removal_done, row["id"])
+        if row["kind"] == "subscription":
+            self.facts.remove_subscription(row["target"], row["service"])
+        self.audit.record(protocol="ownership", action="orion.remove", decision="allow", resource=row["target"],
+                          kind=row["kind"], service=tenant, device=row["device_id"] or None,
+                          attempts=row["attempts"] + 1)
+        return True
+
+    async def _clear_at_broker(self, row: dict[str, Any]) -> bool:
+        clearer = self._broker_clearer
+        if clearer is None:
+            return False  # no MQTT gateway in this process (yet): kept for one that has it
+        try:
+            await clearer(row["target"])
+        except Exception as exc:
+            log.warning("clearing device %s at the MQTT broker failed (attempt %d): %s; will retry",
+                        row["target"], row["attempts"] + 1, exc)
+            await self._run(self._store.removal_failed, row["id"])
+            return False
+        await self._run(self._store.removal_done, row["id"])
+        return True
+
+    async def _retry_removals(self) -> None:
+        """Finish what Orion did not take: at once when woken, then backing off (doubling, capped)."""
+        own = self.config.ownership
+        delay = own.removal_retry_seconds
+        while True:
+            self._wake.clear()   # before the round: a failure reported during it wakes the next one
+            try:
+                rows = await self._run(self._store.pending_removals)
+                ok = await self._settle(rows)
+            except asyncio.CancelledError:
+                raise
+            except Exception:   # the loop must outlive one bad round
+                log.exception("Orion clean-up round failed")
+                ok = False
+            if ok:
+                delay = own.removal_retry_seconds
+                self._backing_off = False
+                await self._wake.wait()
+                continue
+            self._backing_off = True
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            delay = min(delay * 2, own.removal_retry_max_seconds)
 
     async def rotate_key(self, actor: Identity, device_id: str, slot: str) -> str:
         if slot not in KEY_SLOTS:
@@ -502,7 +671,9 @@ class OwnershipService:
         return {"user": {"sub": identity.sub, "username": identity.username}, **data}
 
     async def erase_user_data(self, identity: Identity) -> dict[str, int]:
-        result = await self._run(self._store.erase_user, identity.sub, identity.username)
+        owed = self._owed_on_delete()
+        queued_at = owed["queued_at"]
+        result = await self._run(functools.partial(self._store.erase_user, identity.sub, identity.username, **owed))
         for device_id in result["owned"]:
             self.facts.remove_device(device_id)
         self.facts.remove_delegations_where(
@@ -510,7 +681,7 @@ class OwnershipService:
         self.facts.remove_subscriptions_of(identity.sub)
         self.facts.changed(set(result["touched"]))
         self._audit("me.erase", identity, identity.sub, counts=result["counts"])
-        await self._removed(result["owned"])
+        await self._removed(result["owned"], queued_at)
         return result["counts"]
 
     async def rows_about(self, sub: str, username: str) -> int:

@@ -39,6 +39,10 @@ class DeviceExists(Exception):
     pass
 
 
+class DeviceBeingRemoved(Exception):
+    """Clean-up in Orion for an earlier registration of this id is still owed."""
+
+
 class NotFound(Exception):
     pass
 
@@ -236,6 +240,8 @@ class Store:
                 raise QuotaExceeded(limit)
             if c.execute("SELECT 1 FROM devices WHERE id = ?", (device["id"],)).fetchone():
                 raise DeviceExists(device["id"])
+            if c.execute("SELECT 1 FROM pending_removals WHERE device_id = ?", (device["id"],)).fetchone():
+                raise DeviceBeingRemoved(device["id"])
             self._insert_device_row(c, device)
             self._insert_keys(c, device["id"], key_hashes, device["created_at"])
 
@@ -276,8 +282,13 @@ class Store:
         assert device is not None
         return device
 
-    def delete_device(self, device_id: str) -> None:
+    def delete_device(self, device_id: str, *, queued_at: float | None = None, orion: bool = True,
+                      broker: bool = False) -> None:
+        """``queued_at``: also owe the removal of what the device left: in Orion (``orion``: its
+        entity and subscriptions) and at the MQTT broker (``broker``: its retained data and session)."""
         with self.transaction() as c:
+            if queued_at is not None:
+                self._queue_device_removal(c, device_id, queued_at, orion=orion, broker=broker)
             c.execute("DELETE FROM delegations WHERE device_id = ?", (device_id,))
             c.execute("DELETE FROM device_keys WHERE device_id = ?", (device_id,))
             c.execute("DELETE FROM device_certificates WHERE device_id = ?", (device_id,))
@@ -375,10 +386,15 @@ class Store:
         with self.transaction() as c:
             c.execute("DELETE FROM subscriptions WHERE id = ? AND service = ?", (sub_id, service))
 
-    def erase_user(self, sub: str, username: str) -> dict[str, Any]:
-        """Every row about the user, in one transaction. Returns counts and touched device ids."""
+    def erase_user(self, sub: str, username: str, *, queued_at: float | None = None, orion: bool = True,
+                   broker: bool = False) -> dict[str, Any]:
+        """Every row about the user, in one transaction. Returns counts and touched device ids.
+        ``queued_at``: also owe Orion the removal of the owned devices' entities and subscriptions
+        and of the user's own subscriptions."""
         with self.transaction() as c:
             owned = [r[0] for r in c.execute("SELECT id FROM devices WHERE owner_sub = ?", (sub,))]
+            if queued_at is not None:
+                self._queue_user_removal(c, sub, owned, queued_at, orion=orion, broker=broker)
             touched = set(owned) | {r[0] for r in c.execute(
                 "SELECT device_id FROM delegations WHERE grantee = ? OR granted_by = ?", (username, sub))}
             counts = {
@@ -394,6 +410,60 @@ class Store:
                 "quotas": c.execute("DELETE FROM quotas WHERE sub = ?", (sub,)).rowcount,
             }
         return {"counts": counts, "owned": owned, "touched": touched}
+
+    # ------------------------------------------------------------------ clean-up owed to Orion
+
+    def _queue_device_removal(self, c: Any, device_id: str, now: float, *, orion: bool = True,
+                              broker: bool = False) -> None:
+        row = c.execute("SELECT service FROM devices WHERE id = ?", (device_id,)).fetchone()
+        if row is None:
+            return  # the caller's DELETE finds nothing and raises NotFound, rolling this back
+        add = "INSERT OR IGNORE INTO pending_removals (kind, target, service, device_id, created_at) " \
+              "VALUES (?, ?, ?, ?, ?)"
+        if broker:
+            c.execute(add, ("broker", device_id, "", device_id, now))
+        if not orion:
+            return
+        c.execute(add, ("entity", device_id, row[0], device_id, now))
+        for sub_id, service, entities in c.execute("SELECT id, service, entities FROM subscriptions").fetchall():
+            if device_id in json.loads(entities):
+                c.execute(add, ("subscription", sub_id, service, device_id, now))
+
+    def _queue_user_removal(self, c: Any, sub: str, owned: list[str], now: float, *, orion: bool = True,
+                            broker: bool = False) -> None:
+        for device_id in owned:
+            self._queue_device_removal(c, device_id, now, orion=orion, broker=broker)
+        if not orion:
+            return
+        for sub_id, service in c.execute("SELECT id, service FROM subscriptions WHERE owner_sub = ?",
+                                         (sub,)).fetchall():
+            c.execute("INSERT OR IGNORE INTO pending_removals (kind, target, service, device_id, created_at) "
+                      "VALUES ('subscription', ?, ?, '', ?)", (sub_id, service, now))
+
+    def pending_removals(self) -> list[dict[str, Any]]:
+        """The clean-up still owed, oldest first."""
+        return [{"id": r[0], "kind": r[1], "target": r[2], "service": r[3], "device_id": r[4],
+                 "created_at": r[5], "attempts": r[6]}
+                for r in self._conn.execute("SELECT id, kind, target, service, device_id, created_at, attempts "
+                                            "FROM pending_removals ORDER BY id")]
+
+    def removals_owed(self, device_id: str) -> bool:
+        return self._conn.execute("SELECT 1 FROM pending_removals WHERE device_id = ? LIMIT 1",
+                                  (device_id,)).fetchone() is not None
+
+    def removal_done(self, row_id: int) -> None:
+        """Orion took it: strike it off (and forget a removed subscription's record)."""
+        with self.transaction() as c:
+            row = c.execute("SELECT kind, target, service FROM pending_removals WHERE id = ?", (row_id,)).fetchone()
+            if row is None:
+                return
+            c.execute("DELETE FROM pending_removals WHERE id = ?", (row_id,))
+            if row[0] == "subscription":
+                c.execute("DELETE FROM subscriptions WHERE id = ? AND service = ?", (row[1], row[2]))
+
+    def removal_failed(self, row_id: int) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE pending_removals SET attempts = attempts + 1 WHERE id = ?", (row_id,))
 
     def count_rows_mentioning(self, sub: str, username: str) -> int:
         """How many rows anywhere name this user (for tests and the erasure check)."""

@@ -63,7 +63,9 @@ async def build_services(config: Config, *, audit: AuditLog | None = None) -> Se
     from proxy.identity.tokens import TokenValidator
     from proxy.policy import Policies
 
-    audit = audit or AuditLog.open(str(config.resolve(config.audit.path)) if config.audit.path != "-" else "-")
+    audit = audit or AuditLog.open(str(config.resolve(config.audit.path)) if config.audit.path != "-" else "-",
+                                   max_field_bytes=config.audit.max_field_bytes,
+                                   fold_seconds=config.audit.fold_seconds)
     tokens = TokenValidator(config.oidc, base_dir=config.base_dir)
     await tokens.start()
     try:
@@ -73,7 +75,8 @@ async def build_services(config: Config, *, audit: AuditLog | None = None) -> Se
         raise
     try:
         policies = Policies.from_dir(config.resolve(config.policies.dir), ownership.facts,
-                                     admin_role=config.ownership.admin_role)
+                                     admin_role=config.ownership.admin_role,
+                                     cache_max_bytes=config.policies.cache_max_bytes)
     except Exception as exc:
         await ownership.close()
         await tokens.close()
@@ -96,11 +99,14 @@ class Listeners:
         self.http = None
         self.metrics = None
         self._watch: asyncio.Task | None = None
+        self._audit_flush: asyncio.Task | None = None
 
     async def start(self) -> None:
         config = self.services.config
         if config.policies.watch:
             self._watch = asyncio.create_task(self.services.policies.watch(), name="policy-watch")
+        if config.audit.fold_seconds > 0:
+            self._audit_flush = asyncio.create_task(self._flush_audit(config.audit.fold_seconds), name="audit-flush")
         if config.metrics is not None:
             from proxy.config import parse_hostport
             from proxy.metrics_server import MetricsServer
@@ -125,10 +131,20 @@ class Listeners:
             if part is not None:
                 with contextlib.suppress(Exception):
                     await part.stop()
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watch
+        for task in (self._watch, self._audit_flush):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _flush_audit(self, every: float) -> None:
+        """Folded denials reach the log within about two windows even when nothing else is audited."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                self.services.audit.flush()
+            except OSError as exc:  # a full disk must not stop the flushing for good
+                log.warning("audit log: cannot write folded denials: %s", exc)
 
 
 async def run_services(config: Config, *, stop: asyncio.Event, services: Services | None = None,

@@ -3,34 +3,212 @@
 Records carry who (identity), what (protocol, action, resource), the decision
 and the rule or reason that made it. Secrets (tokens, device keys, passwords)
 are never passed in; callers hand over identities and resource names only.
+
+The log must not become the way to fill a disk, so :class:`AuditLog`
+
+* **bounds every line**: a string longer than ``max_field_bytes`` (UTF-8) is
+  cut, marked with ``…`` and its full length recorded beside it
+  (``"resource_bytes": 65536``; inside a list, ``"devices_bytes": {"3": 65536}``);
+  lists keep their first ``LIST_ITEMS`` items (``"devices_items"``: the count).
+  No line is longer than :func:`record_bound` bytes: past that, the largest
+  extra fields are omitted (``"omitted"`` names them) and, failing that, every
+  string is cut shorter;
+* **folds repeated denials**: a denial identical to one written less than
+  ``fold_seconds`` ago by the same connection (``peer`` and ``client_id`` for
+  MQTT, ``remote`` for HTTP) is only counted, and when the window ends one
+  line says how many there were (``"repeated": N``). Nothing is dropped: the
+  window's line is written at the next record after it ends, on
+  :meth:`AuditLog.flush` (``keygate serve`` calls it periodically) and on
+  :meth:`AuditLog.close`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from proxy.identity.model import Identity
 
+__all__ = ["AuditLog", "MemoryAudit", "record_bound", "LIST_ITEMS", "MAX_FOLD_WINDOWS"]
+
+ELLIPSIS = "…"
+LIST_ITEMS = 64          # items kept of a list field (the rest are counted)
+MAX_FOLD_WINDOWS = 512   # open folding windows; when full the oldest ends early (its line is written)
+_MIN_RECORD_BYTES = 4096
+# What is added to a bounded body when it becomes a line: the time, latency_ms, repeated
+# and since (each a number of at most 24 characters), the separators and the newline.
+_HEADROOM = 160
+_CORE = frozenset({"protocol", "action", "resource", "decision", "identity", "rule", "reason"})
+# Who asked: never omitted, and (peer/client_id, or remote) the connection a denial is folded for.
+_WHO = ("peer", "client_id", "remote")
+# Differ between otherwise identical records: kept out of the folding key (numbers only).
+_VOLATILE = ("latency_ms",)
+_DUMPS = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def record_bound(max_field_bytes: int) -> int:
+    """The most bytes one audit line (newline included) can take."""
+    return max(16 * max_field_bytes, _MIN_RECORD_BYTES)
+
+
+def _utf8_len(s: str) -> int:
+    return len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))
+
+
+def _cut(s: str, limit: int) -> tuple[str, int | None]:
+    """``s``, or its first ``limit`` UTF-8 bytes (whole characters) and ``…``, and the full length if cut."""
+    if len(s) * 4 <= limit:  # cannot be longer: no need to encode
+        return s, None
+    if s.isascii():
+        return (s, None) if len(s) <= limit else (s[:limit] + ELLIPSIS, len(s))
+    b = s.encode("utf-8", "surrogatepass")
+    if len(b) <= limit:
+        return s, None
+    return b[:limit].decode("utf-8", "ignore") + ELLIPSIS, len(b)
+
+
+def _escaped_cut(s: str, budget: int) -> str:
+    """``s`` cut so that it takes at most ``budget`` bytes inside the JSON line (escapes included)."""
+    if len(_DUMPS(s)) - 2 <= budget:
+        return s
+    lo, hi = 0, min(len(s), budget)
+    while lo < hi:  # the longest prefix that fits beside the ellipsis (6 bytes escaped)
+        mid = (lo + hi + 1) // 2
+        if len(_DUMPS(s[:mid])) - 2 <= budget - 6:
+            lo = mid
+        else:
+            hi = mid - 1
+    return s[:lo] + ELLIPSIS
+
+
+def _scalar(v: Any) -> Any:
+    """A JSON scalar as is; anything else (and numbers JSON or Python would choke on) as text."""
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, int):
+        return v if -2**63 <= v < 2**64 else str(v)
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    return str(v)
+
+
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def _bounded(value: Any, limit: int, depth: int) -> tuple[Any, Any]:
+    """(the value with every string cut and every list shortened, what was cut: the full length
+    of a cut string, ``{index: full length}`` for a list with cut items, else None).
+    Structures deeper than two levels are kept as their (cut) text."""
+    if depth >= 2 and isinstance(value, _CONTAINERS):
+        value = str(value)
+    if isinstance(value, dict):
+        return _bounded_dict(value, limit, depth + 1), None
+    if isinstance(value, _CONTAINERS):
+        items, cut = [], {}
+        for i, item in enumerate(value):
+            if i == LIST_ITEMS:
+                break
+            item, full = _bounded(item, limit, depth + 1)
+            items.append(item)
+            if isinstance(full, int):
+                cut[str(i)] = full
+        return items, cut or None
+    if not isinstance(value, str):
+        value = _scalar(value)
+        if not isinstance(value, str):
+            return value, None
+    return _cut(value, limit)
+
+
+def _bounded_dict(d: dict, limit: int, depth: int) -> dict:
+    out: dict[str, Any] = {}
+    short = limit // 4  # characters that cannot make more than limit bytes
+    for key, value in d.items():
+        kind = type(value)
+        if type(key) is str and len(key) <= short and (
+                (kind is str and len(value) <= short) or value is None or kind is bool
+                or (kind is int and -2**63 <= value < 2**64)):
+            out[key] = value  # the common case: nothing to cut
+            continue
+        name = _cut(key if isinstance(key, str) else str(key), limit)[0]
+        out[name], full = _bounded(value, limit, depth)
+        if full is not None:
+            out[f"{name}_bytes"] = full
+        if isinstance(value, _CONTAINERS) and not isinstance(value, dict) and len(value) > LIST_ITEMS \
+                and depth < 2:
+            out[f"{name}_items"] = len(value)
+    return out
+
+
+def _recut(value: Any, budget: int) -> Any:
+    """Every string of ``value`` cut to ``budget`` bytes as written (the last resort of the bound)."""
+    if isinstance(value, str):
+        return _escaped_cut(value, budget)
+    if isinstance(value, list):
+        return [_recut(v, budget) for v in value]
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            short = _recut(v, budget)
+            out[_escaped_cut(k, budget)] = short
+            if isinstance(v, str) and short != v and f"{k}_bytes" not in value:
+                out[f"{k}_bytes"] = _utf8_len(v)
+        return out
+    return value
+
+
+class _Window:
+    """Denials folded into the one written at ``since`` (wall clock); ``ends`` is monotonic."""
+
+    __slots__ = ("ends", "since", "last", "count", "body")
+
+    def __init__(self, ends: float, since: float, body: str):
+        self.ends = ends
+        self.since = since
+        self.last = since
+        self.count = 0
+        self.body = body
+
+
+def _time(t: float) -> str:
+    return repr(round(float(t), 6))
+
 
 class AuditLog:
-    def __init__(self, stream: TextIO, *, close: bool = False):
+    """JSON lines on a text stream, written synchronously (one ``write`` per record at most).
+
+    ``max_field_bytes`` bounds every string (see the module); ``fold_seconds``
+    (0: off) folds repeated identical denials of one connection. ``clock`` is
+    the wall clock of the ``time`` fields, ``monotonic`` the clock windows end by."""
+
+    def __init__(self, stream: TextIO, *, close: bool = False, max_field_bytes: int = 1024,
+                 fold_seconds: float = 0.0, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
         self._stream = stream
         self._close = close
         self._lock = threading.Lock()  # the store's writer thread audits too
+        self.max_field_bytes = max_field_bytes
+        self.max_record_bytes = record_bound(max_field_bytes)
+        self.fold_seconds = fold_seconds
+        self._clock = clock
+        self._monotonic = monotonic
+        # fold key -> window, oldest first (all windows last fold_seconds, so they also end in this order)
+        self._windows: OrderedDict[str, _Window] = OrderedDict()
 
     @classmethod
-    def open(cls, path: str) -> "AuditLog":
+    def open(cls, path: str, **options: Any) -> "AuditLog":
         """``-`` for stdout, otherwise a file opened for appending (line buffered)."""
         if path == "-":
-            return cls(sys.stdout)
+            return cls(sys.stdout, **options)
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        return cls(open(p, "a", buffering=1, encoding="utf-8"), close=True)
+        return cls(open(p, "a", buffering=1, encoding="utf-8"), close=True, **options)
 
     @classmethod
     def null(cls) -> "AuditLog":
@@ -39,8 +217,8 @@ class AuditLog:
     def record(self, *, protocol: str, action: str, decision: str, resource: str = "",
                identity: Identity | None = None, rule: str | None = None, reason: str | None = None,
                **extra: Any) -> None:
+        wall = self._clock()
         entry: dict[str, Any] = {
-            "time": round(time.time(), 6),
             "protocol": protocol,
             "action": action,
             "resource": resource,
@@ -55,14 +233,108 @@ class AuditLog:
             entry["rule"] = rule
         if reason:
             entry["reason"] = reason
+        extra.pop("time", None)  # the log's own
+        volatile = {k: extra.pop(k) for k in _VOLATILE if isinstance(extra.get(k), (int, float))}
         entry.update(extra)
-        line = json.dumps(entry, separators=(",", ":"), default=str) + "\n"
+        body = self._body(entry)
+        folds = self.fold_seconds > 0 and decision == "deny" and bool(extra.get("peer") or extra.get("remote"))
+        tail = "".join(f',"{k}":{_DUMPS(_scalar(v))}' for k, v in volatile.items())
         with self._lock:
-            self._stream.write(line)
+            now = self._monotonic()
+            out = self._ended(now)
+            if folds:
+                window = self._windows.get(body)
+                if window is not None:
+                    window.count += 1
+                    window.last = wall
+                    if out:
+                        self._stream.write("".join(out))
+                    return
+                if len(self._windows) >= MAX_FOLD_WINDOWS:
+                    self._end(self._windows.popitem(last=False)[1], out)
+                self._windows[body] = _Window(now + self.fold_seconds, wall, body)
+            out.append(f'{{"time":{_time(wall)},{body[1:-1]}{tail}}}\n')
+            self._stream.write("".join(out))
+
+    def flush(self) -> None:
+        """Write the lines of the folding windows that have ended (``keygate serve`` calls this
+        periodically, so a burst of denials is on disk soon after it stops)."""
+        with self._lock:
+            out = self._ended(self._monotonic())
+            if out:
+                self._stream.write("".join(out))
 
     def close(self) -> None:
+        with self._lock:
+            out: list[str] = []
+            while self._windows:
+                self._end(self._windows.popitem(last=False)[1], out)
+            if out:
+                self._stream.write("".join(out))
         if self._close:
             self._stream.close()
+
+    # ------------------------------------------------------------------ folding
+
+    def _ended(self, now: float) -> list[str]:
+        out: list[str] = []
+        windows = self._windows
+        while windows:
+            window = next(iter(windows.values()))
+            if window.ends > now:
+                break
+            windows.popitem(last=False)
+            self._end(window, out)
+        return out
+
+    @staticmethod
+    def _end(window: _Window, out: list[str]) -> None:
+        if window.count:
+            out.append(f'{{"time":{_time(window.last)},{window.body[1:-1]},"repeated":{window.count},'
+                       f'"since":{_time(window.since)}}}\n')
+
+    # ------------------------------------------------------------------ bounding
+
+    def _body(self, entry: dict[str, Any]) -> str:
+        """The entry as one JSON object, every string cut, at most max_record_bytes - _HEADROOM long."""
+        bounded = _bounded_dict(entry, self.max_field_bytes, 0)
+        body = _DUMPS(bounded)
+        limit = self.max_record_bytes - _HEADROOM
+        if len(body) <= limit:  # ensure_ascii: characters are bytes
+            return body
+        return self._shrink(bounded, len(body), limit)
+
+    def _shrink(self, bounded: dict[str, Any], full: int, limit: int) -> str:
+        """Past the line bound: omit the largest extra fields, then cut every string shorter."""
+        parents = [k for k in bounded if k not in _CORE and k not in _WHO
+                   and not any(k == f"{p}{s}" for p in bounded for s in ("_bytes", "_items"))]
+        groups = {p: [k for k in (p, f"{p}_bytes", f"{p}_items") if k in bounded] for p in parents}
+        by_size = sorted(groups, key=lambda p: len(_DUMPS({k: bounded[k] for k in groups[p]})), reverse=True)
+        kept = dict(bounded)
+        omitted: list[str] = []
+
+        def attempt(fields: dict[str, Any]) -> str:
+            extra: dict[str, Any] = {"record_bytes": full}
+            if omitted:
+                extra["omitted"] = [_escaped_cut(name, 64) for name in omitted[:16]]
+            return _DUMPS({**fields, **extra})
+
+        for name in by_size:
+            for k in groups[name]:
+                del kept[k]
+            omitted.append(name)
+            body = attempt(kept)
+            if len(body) <= limit:
+                return body
+        budget = self.max_field_bytes
+        while budget > 16:
+            budget //= 2
+            body = attempt(_recut(kept, budget))
+            if len(body) <= limit:
+                return body
+        # Unreachable with the shapes callers pass; the bound holds regardless.
+        omitted[:] = ["fields"]
+        return attempt({k: _escaped_cut(str(bounded.get(k, "")), 64) for k in ("protocol", "action", "decision")})
 
 
 class _NullAudit(AuditLog):
@@ -72,12 +344,15 @@ class _NullAudit(AuditLog):
     def record(self, **kw: Any) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
 class MemoryAudit(AuditLog):
-    """Keeps records in a list, for tests."""
+    """Keeps records in a list, for tests (as passed: neither bounded nor folded)."""
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
@@ -88,6 +363,9 @@ class MemoryAudit(AuditLog):
             kw["identity"] = {"kind": ident.kind, "sub": ident.sub, "username": ident.username,
                               "method": ident.method}
         self.records.append(kw)
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -185,12 +185,21 @@ class OwnershipConfig:
     # Addresses handed to a newly registered device.
     advertise_mqtt: str = "mqtts://localhost:8883"
     advertise_http: str = "https://localhost:8443"
+    # Orion runs behind http.upstream: registration asks it whether the id is taken there, deleting a
+    # device removes its entity and subscriptions. false only for a gateway with no Orion behind it.
+    orion_lifecycle: bool = True
+    # Tenants (Fiware-Service) a role may register devices in, besides http.fiware_service.
+    tenants_by_role: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Clean-up Orion did not take is retried: first after this, doubling up to the maximum.
+    removal_retry_seconds: float = 1.0
+    removal_retry_max_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
 class PoliciesConfig:
     dir: str = "policies/"
     watch: bool = True
+    cache_max_bytes: int = 32 * 1024 * 1024  # the shared decision cache is dropped when it holds more
 
 
 @dataclass(frozen=True)
@@ -433,6 +442,12 @@ def _check(cfg: Config, filename: str) -> None:
         bad("tls.client_ca_key", "needs tls.client_ca (the certificate of the same CA)")
     if not 1 <= cfg.tls.client_cert_days <= 3650:
         bad("tls.client_cert_days", "must be between 1 and 3650")
+    if cfg.policies.cache_max_bytes < 0:
+        bad("policies.cache_max_bytes", "must not be negative")
+    if cfg.audit.max_field_bytes < 64:
+        bad("audit.max_field_bytes", "must be at least 64")
+    if cfg.audit.fold_seconds < 0:
+        bad("audit.fold_seconds", "must not be negative")
     needs_tls = (cfg.mqtt is not None and cfg.mqtt.tls) or (cfg.http is not None and cfg.http.tls)
     if needs_tls and not (cfg.tls.cert and cfg.tls.key):
         bad("tls.cert", "required when a listener uses TLS")
@@ -453,6 +468,12 @@ def _check(cfg: Config, filename: str) -> None:
                 bad("mqtt.upstream", str(exc))
         if not 2 <= cfg.mqtt.max_packet_size <= 268435455:
             bad("mqtt.max_packet_size", "must be between 2 and 268435455")
+        for name in ("connect_max_bytes", "username_max_bytes", "topic_max_bytes", "subscriptions_per_connection",
+                     "subscriptions_per_identity"):
+            if getattr(cfg.mqtt.limits, name) < 1:
+                bad(f"mqtt.limits.{name}", "must be at least 1")
+        if cfg.mqtt.limits.client_id_max_bytes < 23:  # [MQTT-3.1.3-5]: ids of 1 to 23 bytes must be accepted
+            bad("mqtt.limits.client_id_max_bytes", "must be at least 23")
     if cfg.http is not None and not re.match(r"^https?://", cfg.http.upstream):
         bad("http.upstream", "must be an http(s) URL")
     if cfg.http is not None:
@@ -471,6 +492,12 @@ def _check(cfg: Config, filename: str) -> None:
         for i, name in enumerate(cfg.http.strip_request_headers):
             if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
                 bad(f"http.strip_request_headers[{i}]", f"{name!r} is not a header name")
+    for role, tenants in cfg.ownership.tenants_by_role.items():
+        for i, tenant in enumerate(tenants):
+            if not re.fullmatch(r"[A-Za-z0-9_]{1,50}", tenant):
+                bad(f"ownership.tenants_by_role.{role}[{i}]", "a tenant is 1 to 50 letters, digits or underscores")
+    if not 0 < cfg.ownership.removal_retry_seconds <= cfg.ownership.removal_retry_max_seconds:
+        bad("ownership.removal_retry_seconds", "must be above 0 and at most ownership.removal_retry_max_seconds")
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

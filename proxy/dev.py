@@ -191,6 +191,7 @@ store:
 ownership:
   advertise_mqtt: mqtts://localhost:{mqtt_port}
   advertise_http: https://localhost:{http_port}
+  orion_lifecycle: false   # keygate dev starts no Orion; true when one runs at --orion
 policies:
   dir: policies/
   watch: true

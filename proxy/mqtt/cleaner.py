@@ -32,6 +32,7 @@ log = logging.getLogger("keygate.mqtt")
 
 T = PacketType
 _PINGREQ = b"\xc0\x00"
+_WINDOW = 1000  # clearing publishes in flight at once
 
 
 async def clear_device(mqtt: MqttConfig, device_id: str, filters: list[str], *,
@@ -67,11 +68,21 @@ async def _clear(mqtt: MqttConfig, device_id: str, filters: list[str], password:
                     break
                 if frame.type == T.PUBLISH and frame.flags & 1:  # retained, sent for the new subscription
                     topics.append(bytes(codec.decode_publish(frame, MQTT_311, check_topic=False).topic))
-        pending = set()
-        for pid, topic in enumerate(dict.fromkeys(topics), start=1):
+        # Packet ids are 16 bits: at most _WINDOW clearing publishes are in flight, their ids reused.
+        pending: set[int] = set()
+        free = list(range(_WINDOW, 0, -1))
+        for topic in dict.fromkeys(topics):
+            while not free:
+                frame = await packets.next()
+                if frame.type == T.PUBACK:
+                    pid = codec.packet_id_of(frame, MQTT_311)
+                    if pid in pending:
+                        pending.discard(pid)
+                        free.append(pid)
+            pid = free.pop()
+            pending.add(pid)
             writer.write(codec.publish_head(topic, qos=1, retain=True, dup=False, packet_id=pid,
                                             level=MQTT_311, properties=(), payload_len=0))
-            pending.add(pid)
         while pending:
             frame = await packets.next()
             if frame.type == T.PUBACK:

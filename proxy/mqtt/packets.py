@@ -282,6 +282,9 @@ class PublishInfo:
 class Subscription:
     topic_filter: str
     options: int                # the raw options byte (QoS in bits 0-1, v5 flags above)
+    # Set by the decoder (the length in bytes) for a filter over the caller's limit, left
+    # undecoded: topic_filter then holds only its start, for the audit record, never a filter.
+    too_long: int = 0
 
     @property
     def qos(self) -> int:

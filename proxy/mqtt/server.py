@@ -43,8 +43,7 @@ from proxy.config import Config, parse_hostport, read_secret
 from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY, Tally
 from proxy.mqtt.cleaner import clear_device
-from proxy.mqtt.codec import ProtocolError
-from proxy.mqtt.session import Actions, AuthRequest, RateLimiter, Session, classify_credentials
+from proxy.mqtt.session import Actions, AuthRequest, RateLimiter, Session, SubscriptionQuota, classify_credentials
 from proxy.services import Services
 from proxy.tls import PeerCertificate, peer_certificate, server_context
 
@@ -498,9 +497,9 @@ class Connection:
             self.apply(self.session.tick())
 
     # -- revocation and shutdown
-    def invalidate(self) -> None:
+    def invalidate(self, devices: set[str] | None = None) -> None:
         if not self.closed:
-            self.apply(self.session.invalidate())
+            self.apply(self.session.invalidate(devices))
 
     def shutdown(self) -> None:
         """The server is going away: the session says so (v5 DISCONNECT 0x8B), then close."""
@@ -579,6 +578,7 @@ class MqttGateway:
         self.client_read_buffer = self.recv_buffer[:CLIENT_READ_SIZE]
         self.tls_read_buffer = self.tls_buffer[:CLIENT_READ_SIZE]
         self.rate_limiter = RateLimiter.from_config(self.mqtt.rate_limit)
+        self.subscription_quota = SubscriptionQuota(self.mqtt.limits.subscriptions_per_identity)
         self.port: int | None = None
         self.ws_port: int | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -607,12 +607,13 @@ class MqttGateway:
             whost, wport = parse_hostport(self.mqtt.websocket_listen)
             self.ws_port = await self._ws.start(whost, wport, self.ssl_context)
         # Revocation: any ownership or policy change re-checks every open session at once.
-        self._unsubscribe.append(self.services.policies.subscribe(self._invalidate_all))
+        self._unsubscribe.append(self.services.policies.subscribe(lambda _: self._invalidate_all(None)))
         self._unsubscribe.append(self.services.ownership.facts.subscribe(self._invalidate_all))
-        # A deleted device's retained messages and broker session go with it.
-        hooks = self.services.ownership.removal_hooks
-        hooks.append(self.clear_device)
-        self._unsubscribe.append(lambda: hooks.remove(self.clear_device))
+        # A deleted device's retained messages and broker session go with it (owed durably: a
+        # clean-up that fails is retried, and the id stays unregistrable until it is done).
+        ownership = self.services.ownership
+        ownership.set_broker_clearer(self.clear_device)
+        self._unsubscribe.append(lambda: ownership.set_broker_clearer(None))
         log.info("MQTT gateway listening on %s:%s%s (%s)", host, self.port,
                  f", WebSocket on {self.ws_port}" if self.ws_port else "", "TLS" if self.ssl_context else "plain")
 
@@ -641,7 +642,8 @@ class MqttGateway:
         return Session(config=self.mqtt, policies=self.services.policies, audit=self.services.audit,
                        rate_limiter=self.rate_limiter, token_leeway=self.config.oidc.leeway_seconds,
                        upstream_password=self._upstream_password,
-                       credential_problem=self.services.ownership.credential_problem)
+                       credential_problem=self.services.ownership.credential_problem,
+                       subscription_quota=self.subscription_quota)
 
     def accept_transport(self, transport: Any, session: Session | None = None, *,
                          websocket: bool = False) -> Connection | None:
@@ -671,22 +673,23 @@ class MqttGateway:
             self.connections.discard(conn)
             CONNECTIONS_ACTIVE.dec()
 
-    def _invalidate_all(self, *_: Any) -> None:
+    def _invalidate_all(self, devices: set[str] | None) -> None:
+        """An ownership write touched ``devices`` (None: anything, or a policy swap)."""
         for conn in list(self.connections):
-            conn.invalidate()
+            conn.invalidate(devices)
 
     async def clear_device(self, device_id: str) -> None:
         """A device was deleted (its connections are closed by then): clear its retained
-        messages and its session at the broker, so a later registration of the id starts empty."""
+        messages and its session at the broker, so a later registration of the id starts empty.
+        Raises when it could not (the ownership service retries)."""
         filters = self.services.policies.compiled.device_topic_filters(device_id)
         audit = self.services.audit
         try:
             cleared = await clear_device(self.mqtt, device_id, filters, upstream_password=self._upstream_password)
-        except (OSError, asyncio.TimeoutError, ProtocolError) as exc:
-            log.warning("could not clear device %s at the broker: %s", device_id, exc)
+        except Exception as exc:  # the broker unreachable or misbehaving: say so, and let it be retried
             audit.record(protocol="mqtt", action="device.clear", decision="fail", resource=device_id,
                          reason=str(exc) or type(exc).__name__)
-            return
+            raise
         audit.record(protocol="mqtt", action="device.clear", decision="allow", resource=device_id,
                      retained_cleared=len(cleared))
 

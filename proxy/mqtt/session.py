@@ -14,7 +14,13 @@ handshake, so the CONNECT deadline covers it)::
                       audit=services.audit, rate_limiter=shared_limiter,
                       token_leeway=services.config.oidc.leeway_seconds,
                       upstream_password=read_secret(...),
-                      credential_problem=services.ownership.credential_problem)
+                      credential_problem=services.ownership.credential_problem,
+                      subscription_quota=shared_quota)
+
+``shared_limiter`` (:class:`RateLimiter`) and ``shared_quota``
+(:class:`~proxy.mqtt.subscriptions.SubscriptionQuota`, made with
+``mqtt.limits.subscriptions_per_identity``) are made once per gateway and shared
+by all its sessions: both count per identity ``sub``, across connections.
 
 Then, for every event, call one method and carry out the returned Actions:
 
@@ -64,8 +70,9 @@ its writes (or write ``bytes(item)`` copies).
 
 While ``session.reading_paused`` is true (authentication or the upstream
 CONNECT in progress) the shell should pause reading from the client; the
-session buffers at most ``max_packet_size`` + 64 KiB meanwhile and closes the
-connection beyond that.
+session holds at most ``mqtt.limits.connect_max_bytes`` of packets meanwhile
+(and a partial packet of at most that size) and refuses the connection beyond
+that (v5 CONNACK 0x97, 3.1.1 0x03).
 
 Which credential a CONNECT carries (:func:`classify_credentials`)
 ------------------------------------------------------------------
@@ -116,6 +123,14 @@ Rules the session enforces
   revoked credential, v5 DISCONNECT 0x04): if it is no longer allowed (a grant
   revoked, the token expired, the credential gone) a plain DISCONNECT goes
   upstream so the broker discards it; if it is, it goes out as the client asked.
+  While the broker holds it, it is re-decided on every ``invalidate()`` and at
+  the end of its grant: the broker publishes a Will it holds whenever it ends
+  the connection itself (a session takeover, a protocol error it sees), so one
+  no longer allowed ends the connection at once (plain DISCONNECT upstream; v5
+  DISCONNECT 0x87 to the client). Its Will Delay Interval is not passed on: a
+  delayed Will would be published at an instant the gateway no longer sees. A
+  v5 DISCONNECT that sets a Session Expiry Interval after 0 at CONNECT
+  [MQTT-3.14.2-2] is refused here (a protocol error), never forwarded.
 * Authentication failures: CONNACK 0x86 / 0x04 (bad credentials), 0x87 / 0x05
   (none given), 0x88 / 0x03 (issuer unreachable), 0x8C (unknown method, v5).
 * Topic aliases (client → gateway, v5): tracked by the gateway itself up to
@@ -128,11 +143,20 @@ Rules the session enforces
   PUBCOMP on the client's PUBREL), ``disconnect`` closes. Always audited. A
   PUBREL for a QoS 2 id the gateway answered is completed by the gateway (also
   in v5, where paho 2.x sends one after a refused PUBREC), never forwarded.
+* QoS 2 from the client: the broker publishes a QoS 2 message when it gets the
+  PUBREL, so an allowed QoS 2 PUBLISH is held by the gateway (answered PUBREC;
+  at most 256 KiB or one packet per connection, more → v5 PUBREC 0x97 / close)
+  and decided again at the client's PUBREL: still allowed → the PUBLISH and a
+  PUBREL go upstream in one write (the broker's PUBREC needs no answer, its
+  PUBCOMP answers the client); not → PUBCOMP 0x92 (v5) / PUBCOMP, audited. A
+  PUBREL for an id the gateway holds nothing for (e.g. sent on a later
+  connection) is answered the same way and never forwarded.
 * SUBSCRIBE: each filter checked (``$share/<group>/`` stripped first); denied
   filters answered 0x80 (3.1.1) / 0x87 (v5); the rest go upstream under the
   original packet id and the broker's SUBACK is merged back in order; all
-  denied → the gateway answers alone. At most 10,000 filters per connection
-  (more → 0x97 / 0x80): the gateway's state stays bounded.
+  denied → the gateway answers alone. Subscriptions are capped (see Limits). A
+  shared subscription's group goes upstream as ``<escaped sub>~<group>``: the
+  identity's own, so no stranger can join it and take a share of its messages.
 * Subscriptions: :class:`~proxy.mqtt.subscriptions.SubscriptionTable` is the one
   record of what the client holds at the broker; it changes when a SUBSCRIBE
   or UNSUBSCRIBE is forwarded (the broker's order), never on the acks.
@@ -149,11 +173,54 @@ Rules the session enforces
   decisions are also cached for at most one second and dropped on ``invalidate()``.
 * Token expiry: closed at ``expires_at + token_leeway`` (v5: DISCONNECT 0xA0 first).
 * Rate limit (:class:`RateLimiter`, per identity ``sub``, shared across
-  connections): ``disconnect`` → v5 DISCONNECT 0x96 / close; ``drop`` → the
-  message is dropped (v5 QoS 1/2 answered 0x97, 3.1.1 acknowledged) and audited
-  (one line per second per connection at most, with the number dropped).
+  connections): each PUBLISH costs one token, each filter of a SUBSCRIBE or
+  UNSUBSCRIBE one (the packet is refused whole, before the policy is asked).
+  ``disconnect`` → v5 DISCONNECT 0x96 / close; ``drop`` → the message is
+  dropped (v5 QoS 1/2 answered 0x97, 3.1.1 acknowledged), a SUBSCRIBE answered
+  0x97 / 0x80 for every filter, an UNSUBSCRIBE answered v5 UNSUBACK 0x80 for
+  every filter (UNSUBACK has no quota code) or, in 3.1.1 (whose UNSUBACK cannot
+  refuse), the connection closed. Audited one line per second per connection at
+  most, with the number refused (publishes: ``dropped``; filters: ``count``).
 * Protocol violations (see :mod:`proxy.mqtt.codec`) → v5 CONNACK or DISCONNECT
   with the codec's reason code, 3.1.1 a plain close; audited.
+* Decision caches per connection (publish decisions, deliveries): at most 4096
+  entries and 64 KiB of topic bytes each (the values hold the topic once more),
+  dropped whole when either is reached.
+
+Limits (``mqtt.limits``): what one connection can make the gateway hold
+-----------------------------------------------------------------------
+
+Every length is in bytes of the UTF-8 encoding and is checked before the string
+is decoded, and, before CONNACK, before any credential is asked about
+(``Actions.auth`` is never returned for a refused CONNECT).
+
+* Before the broker's CONNACK, a packet (the CONNECT first) larger than
+  ``connect_max_bytes`` (at most ``max_packet_size``) is refused at its fixed
+  header: nothing of its body is read. A CONNECT so refused is answered in its
+  client's version once its level byte is in (the first 14 bytes at most are
+  held for that): v5 CONNACK 0x95; 3.1.1 and 3.1, which have no code for it, a
+  plain close. After CONNACK the limit is ``max_packet_size``.
+* CONNECT fields: client id over ``client_id_max_bytes`` → CONNACK 0x85 / 0x02;
+  user name over ``username_max_bytes`` → 0x86 / 0x04; Will topic over
+  ``topic_max_bytes`` → v5 0x90, 3.1.1 a plain close (as for any invalid Will
+  topic: no 3.1.1 code names a topic). Audited as ``connect`` denials.
+* PUBLISH topic over ``topic_max_bytes`` → v5 DISCONNECT 0x90 (Topic Name
+  invalid), 3.1.1 a plain close, before the decision cache or the policy sees it.
+* SUBSCRIBE filter over ``topic_max_bytes`` → that filter alone answered 0x8F
+  (v5, Topic Filter invalid) / 0x80, never decoded nor asked of the policy; so
+  the shared decision cache only holds filters within the limit. UNSUBSCRIBE
+  filter over it → v5 DISCONNECT 0x8F, 3.1.1 a plain close.
+* Subscriptions: at most ``subscriptions_per_connection`` filters per connection
+  and ``subscriptions_per_identity`` per identity ``sub`` across its connections
+  (the shared ``subscription_quota``; none without one); more → 0x97 / 0x80. A
+  filter takes a slot when it is forwarded (a denied one takes none; a held one
+  re-subscribed takes no second); its slot is given back when an UNSUBSCRIBE of
+  it is forwarded and, for all of them, when the connection closes (every close
+  comes through the session, ``client_closed()`` included).
+* Refusals a client can repeat at will (an over-long filter, a subscription over
+  a cap, filters over the rate) are audited one line per second per kind at
+  most, with ``count``, the number refused since the previous line; what is left
+  is written when the connection closes, so no refusal goes unrecorded.
 """
 
 from __future__ import annotations
@@ -169,31 +236,33 @@ from proxy.config import MqttConfig, RateLimitConfig
 from proxy.identity.model import AuthReason, Identity
 from proxy.metrics import REGISTRY, Tally
 from proxy.mqtt import codec
-from proxy.mqtt.codec import Frame, Framer, ProtocolError
+from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
 from proxy.mqtt.packets import (
     MQTT_5, V3_CONNACK_FOR, V3_SUBACK_FAILURE, Connect, PacketType, Prop, Reason, Suback,
-    Subscribe, V3ConnackCode, get_prop, without_props,
+    Subscribe, Subscription, Unsubscribe, V3ConnackCode, Will, get_prop, without_props,
 )
-from proxy.mqtt.subscriptions import SubscriptionTable
+from proxy.mqtt.subscriptions import SubscriptionQuota, SubscriptionTable
 from proxy.mqtt.subscriptions import filter_matches as topic_matches
 from proxy.policy.decision import Verdict
 
 __all__ = ["AUTH_METHOD", "Actions", "AuthRequest", "CloseInfo", "RateLimiter", "Session",
-           "classify_credentials", "topic_matches"]
+           "SubscriptionQuota", "classify_credentials", "topic_matches"]
 
 #: The v5 enhanced-authentication method the gateway answers itself.
 AUTH_METHOD = "keygate-token"
 
-# Packets a client may send before authentication is complete: bounded.
-_PENDING_SLACK = 64 * 1024
+# Per-connection decision caches: at most this many entries and this many bytes of topics
+# (keys; each value holds the topic once more). Topics from clients are at most topic_max_bytes.
 _CACHE_MAX = 4096
+_CACHE_MAX_BYTES = 64 * 1024
 # Rate-limit tokens the publish fast path takes per call (the rest is given back at the chunk's end).
 _RATE_BATCH = 256
-_MAX_SUBSCRIPTIONS = 10_000  # per connection; more are refused (SUBACK 0x97 / 0x80)
 # Cached decisions expire after this long at the latest; a decision that rests on something
 # with an end (a delegation's expiry) is dropped at that end (Decision.until).
 _DECISION_TTL = 1.0
 _NEVER = float("inf")
+# Bytes of QoS 2 publishes a connection may have awaiting their PUBREL (at least one packet).
+_QOS2_HOLD_BYTES = 256 * 1024
 
 T = PacketType
 
@@ -363,6 +432,16 @@ def _escape_sub(sub: str) -> str:
     return sub.replace("%", "%25").replace("/", "%2F").replace("~", "%7E")
 
 
+def _without_will_delay(will: Will | None) -> Will | None:
+    """The Will as the broker gets it: without a Will Delay Interval. A delayed Will would be
+    published after the connection ended, at an instant the gateway no longer sees; without the
+    delay it is decided at the instant the connection ends, and published then or never."""
+    if will is None or get_prop(will.properties, Prop.WILL_DELAY_INTERVAL) is None:
+        return will
+    return Will(will.topic, will.payload, will.qos, will.retain,
+                without_props(will.properties, Prop.WILL_DELAY_INTERVAL))
+
+
 def _verdict(decision: Any) -> Verdict:
     v = getattr(decision, "verdict", None)
     if v is None:
@@ -378,8 +457,18 @@ class Session:
                  clock: Callable[[], float] = time.monotonic, wallclock: Callable[[], float] = time.time,
                  rate_limiter: RateLimiter | None = None, token_leeway: float = 0.0,
                  upstream_password: str | None = None, peer: str = "",
-                 credential_problem: Callable[[Identity], str | None] | None = None):
+                 credential_problem: Callable[[Identity], str | None] | None = None,
+                 subscription_quota: SubscriptionQuota | None = None):
         self.config = config
+        limits = config.limits
+        # Before CONNACK nothing is known of the client: its packets (the CONNECT first) are
+        # refused at their fixed header beyond this size, and held up to this many bytes.
+        self._preauth_max = min(limits.connect_max_bytes, config.max_packet_size)
+        self._topic_max = limits.topic_max_bytes
+        # Shared by all of an identity's connections (the shell makes one per gateway); None: no cap.
+        self.subscription_quota = subscription_quota
+        self._quota_key: str | None = None  # the identity sub the held slots are counted under
+        self._quota_held = 0
         # Why the identity's credential no longer stands (device deleted, key rotated), or None:
         # asked at authentication and on every invalidate().
         self.credential_problem = credential_problem
@@ -402,7 +491,9 @@ class Session:
         self._state = "connect"        # connect -> auth -> upstream -> open -> closed
         self._created = clock()
         self._last_rx = self._created
-        self._client_framer = Framer(config.max_packet_size)
+        self._client_framer = Framer(self._preauth_max)  # raised to max_packet_size at CONNACK
+        self._head = bytearray()       # the stream's first bytes, until CONNECT: its protocol level
+        self._oversized = ""           # a CONNECT refused at its header, waiting for its level byte
         self._broker_framer = Framer(codec.MAX_REMAINING_LENGTH + 5)
         self._connect: Connect | None = None
         self._assigned_id = False      # the gateway chose the client id: tell a v5 client
@@ -415,6 +506,8 @@ class Session:
         self._subs = SubscriptionTable()
         self._recv_cache: dict[bytes, bool] = {}
         self._pub_cache: dict[tuple, tuple[str, Any]] = {}
+        self._recv_cache_bytes = 0     # topic bytes in each cache since it was last empty
+        self._pub_cache_bytes = 0
         self._caches_until = 0.0       # clock() after which both caches are dropped (time-bound grants)
         # clock() at which the subscription grants or the token end: checked on every chunk as
         # well as by the timer, so a late timer lets nothing through after the end.
@@ -423,11 +516,21 @@ class Session:
         self._delivered = 0
         self._rate_limited = 0         # publishes over the rate limit since the last audit line
         self._rate_audit_at = 0.0
+        # Refusals audited one line per second at most: kind -> [refused since the last line,
+        # clock() of the next line allowed, the fields of the last refusal].
+        self._folds: dict[str, list] = {}
         self._forwarded = 0            # PUBLISH packets passed on, per direction, not yet counted
         self._handed = 0
         self._suback_slots: dict[int, list[int | None]] = {}
         self._client_qos2_answered: set[int] = set()
         self._broker_qos2_dropped: set[int] = set()
+        # QoS 2 publishes from the client, held here until their PUBREL and decided again then: the
+        # broker releases a QoS 2 message at PUBREL, so it must not hold one that is no longer allowed.
+        self._qos2_held: dict[int, tuple[bytes, str, bool]] = {}  # packet id -> (packet, topic, retain)
+        self._qos2_held_bytes = 0
+        self._qos2_releasing: set[int] = set()  # released to the broker: its PUBREC is answered here
+        self._will_until: float | None = None   # when the Will's grant ends (session clock)
+        self._will_devices: frozenset[str] = frozenset()
         # Pass-through run (see _pass): the output list, index of its last slice, start/end offsets.
         self._run: list | None = None
         self.fast_paths = True         # off only in tests that compare the fast paths with the full path
@@ -479,6 +582,13 @@ class Session:
         framer = self._client_framer
         view = codec.byte_view(data)
         start = 0
+        if self._state == "connect":
+            head = self._head
+            if len(head) < codec.CONNECT_HEAD_BYTES:
+                head += view[:codec.CONNECT_HEAD_BYTES - len(head)]
+            if self._oversized:  # nothing more is read: only the level byte was missing
+                self._refuse_oversized(acts)
+                return acts
         if self._state == "open" and self.fast_paths and not framer.buffered:
             start = self._client_fast(acts, view)
             if start:
@@ -613,6 +723,8 @@ class Session:
         if c.will is not None:
             d = self.policies.may_publish(identity, c.will.topic, qos=c.will.qos, retain=c.will.retain,
                                           client_id=self.client_id)
+            self._will_until = self._mono(getattr(d, "until", None))
+            self._will_devices = getattr(d, "devices", frozenset())
             if not d.allowed:
                 _DENIED["will"].inc()
                 self._audit("will", "deny", identity=identity, resource=c.will.topic, rule=d.rule,
@@ -633,7 +745,7 @@ class Session:
                            # that times a silent client out, with its own reason code and audit record.
                            keepalive=min(2 * self.keepalive, 65535), client_id=self.upstream_client_id,
                            username=username,
-                           password=password, will=c.will, properties=props)
+                           password=password, will=_without_will_delay(c.will), properties=props)
         self._state = "upstream"
         self._will_armed = c.will is not None  # from now on the broker may hold it
         self._update_horizon()
@@ -685,10 +797,12 @@ class Session:
         self._expire(acts, now)
         return acts
 
-    def invalidate(self) -> Actions:
-        """Policies or ownership facts changed: drop cached decisions, close the connection if
-        its credential no longer stands (a deleted device, a rotated key), re-decide every
-        subscription grant. Carry out the returned Actions like any other."""
+    def invalidate(self, devices: set[str] | None = None) -> Actions:
+        """Policies or ownership facts changed (``devices``: the ids an ownership write touched;
+        None: anything may have changed): drop cached decisions, close the connection if its
+        credential no longer stands (a deleted device, a rotated key) or its Will is no longer
+        allowed, re-decide the subscription grants that rest on those devices. Carry out the
+        returned Actions like any other."""
         acts = Actions()
         if self.closed:
             return acts
@@ -697,14 +811,30 @@ class Session:
         ident = self.identity
         if ident is None:
             return acts
-        problem = self.credential_problem(ident) if self.credential_problem is not None else None
-        if problem:
-            self._audit("session", "close", identity=ident, reason=problem)
-            if self._state == "open":
-                return self._disconnect(acts, Reason.ADMINISTRATIVE_ACTION, "credential_revoked", problem)
-            return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "credential_revoked", problem)
-        self._redecide()
+        if devices is None or ident.device_id in devices:
+            problem = self.credential_problem(ident) if self.credential_problem is not None else None
+            if problem:
+                self._audit("session", "close", identity=ident, reason=problem)
+                if self._state == "open":
+                    return self._disconnect(acts, Reason.ADMINISTRATIVE_ACTION, "credential_revoked", problem)
+                return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "credential_revoked", problem)
+        if self._will_armed and (devices is None or not devices.isdisjoint(self._will_devices)) \
+                and not self._will_still_allowed("revoked"):
+            return self._will_revoked(acts)
+        self._redecide(devices)
         return acts
+
+    def _will_revoked(self, acts: Actions) -> Actions:
+        """The Will the broker holds is no longer allowed. It may not stay there a moment longer:
+        the broker publishes it whenever it ends the connection itself (a session takeover, a
+        protocol error it sees), so end the connection now, with a DISCONNECT that discards it."""
+        self._will_armed = False
+        self._end_run()
+        acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
+        self._audit("session", "close", reason="Will no longer allowed")
+        if self._state == "open":
+            return self._disconnect(acts, Reason.NOT_AUTHORIZED, "will_revoked", "")
+        return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "will_revoked", "")
 
     def broker_closed(self) -> Actions:
         acts = Actions()
@@ -727,9 +857,10 @@ class Session:
             self._close(acts, "client_closed", "")
         return acts
 
-    def _will_still_allowed(self) -> bool:
-        """The Will is a publish the broker makes at close: it must be allowed at that instant,
-        on a credential that still stands."""
+    def _will_still_allowed(self, when: str = "close") -> bool:
+        """The Will is a publish the broker makes when the connection ends: it must be allowed at
+        that instant, on a credential that still stands (and, while the broker holds it, at every
+        instant: see invalidate())."""
         c = self._connect
         ident = self.identity
         if c is None or c.will is None or ident is None:
@@ -744,11 +875,21 @@ class Session:
                                           client_id=self.client_id)
             if d.allowed:
                 _ALLOWED["will"].inc()
+                self._will_until = self._mono(getattr(d, "until", None))
+                self._will_devices = getattr(d, "devices", frozenset())
                 return True
             rule, reason = d.rule, d.reason
         _DENIED["will"].inc()
         self._audit("will", "deny", resource=c.will.topic, rule=rule, reason=reason,
-                    qos=c.will.qos, retain=c.will.retain, when="close")
+                    qos=c.will.qos, retain=c.will.retain, when=when)
+        return False
+
+    def _asked_to_discard_will(self) -> bool:
+        """A normal DISCONNECT the client sent before the broker's CONNACK, still held here."""
+        for f in self._pending:
+            if f.type == T.DISCONNECT:
+                body = f.body
+                return not (len(body) and body[0] == Reason.DISCONNECT_WITH_WILL)
         return False
 
     def _token_expired(self) -> bool:
@@ -811,6 +952,8 @@ class Session:
                 break
             tend = body + 2 + ((mv[body] << 8) | mv[body + 1])
             qos = (b1 >> 1) & 3
+            if qos == 2:
+                break  # held until its PUBREL: the full path
             after = tend + (2 if qos else 0) + (1 if v5 else 0)
             if after > nxt:
                 break
@@ -884,15 +1027,18 @@ class Session:
         return pos
 
     def _hold(self, acts: Actions, frames: list[Frame]) -> None:
-        """Packets that arrive while authentication runs wait (copied: the buffer is reused)."""
+        """Packets that arrive while authentication runs wait (copied: the buffer is reused),
+        at most the pre-authentication limit of bytes: a stranger's data is held only that far."""
         for frame in frames:
+            if self._pending_bytes + len(frame.raw) > self._preauth_max:
+                self._audit("connect", "deny", reason="too much data before CONNACK",
+                            held=self._pending_bytes, limit=self._preauth_max)
+                self._refuse_connect(acts, Reason.QUOTA_EXCEEDED if self.protocol_level == MQTT_5 else
+                                     Reason.SERVER_UNAVAILABLE, "buffer_full", "")
+                return
             self._pending_bytes += len(frame.raw)
             self._pending.append(Frame(frame.type, frame.flags, memoryview(bytes(frame.raw)),
                                        frame.body_start, -1, -1))
-        if self._pending_bytes > self.config.max_packet_size + _PENDING_SLACK:
-            self._audit("connect", "deny", reason="too much data before CONNACK")
-            self._refuse_connect(acts, Reason.QUOTA_EXCEEDED if self.protocol_level == MQTT_5 else
-                                 Reason.SERVER_UNAVAILABLE, "buffer_full", "")
 
     def _client_frame(self, acts: Actions, frame: Frame, data) -> None:
         t = frame.type
@@ -916,23 +1062,24 @@ class Session:
                 acts.to_client.append(codec.encode_ack(
                     T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
                 self._end_run()
-            else:
-                self._pass(acts.to_broker, frame, data)
+            elif pid not in self._qos2_releasing:  # (a repeated PUBREL: the broker's PUBCOMP answers it)
+                self._release_qos2(acts, pid)
         elif t == T.SUBSCRIBE:
             self._client_subscribe(acts, frame, data)
         elif t == T.UNSUBSCRIBE:
-            unsub = codec.decode_unsubscribe(frame.body, level)
-            # The table changes now, in stream order, as the broker's will; what it still
-            # delivers under these filters is checked like anything the table cannot prove.
-            self._subs.unsubscribed(unsub.topic_filters)
-            self._table_changed()
-            self._pass(acts.to_broker, frame, data)
+            self._client_unsubscribe(acts, frame, data)
         elif t == T.PINGREQ:
             if len(frame.body):
                 raise ProtocolError(Reason.MALFORMED_PACKET, "PINGREQ with a body")
             self._pass(acts.to_broker, frame, data)
         elif t == T.DISCONNECT:
             d = codec.decode_disconnect(frame.body, level)
+            c = self._connect
+            if level == MQTT_5 and c is not None and not get_prop(c.properties, Prop.SESSION_EXPIRY_INTERVAL) \
+                    and get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL):
+                # [MQTT-3.14.2-2]. Forwarded, the broker would take it for a protocol error and
+                # publish the Will on its own; refused here, the Will is decided by _close().
+                raise ProtocolError(Reason.PROTOCOL_ERROR, "Session Expiry Interval on DISCONNECT after 0 at CONNECT")
             if d.reason == Reason.DISCONNECT_WITH_WILL and self._will_armed:
                 self._will_armed = False
                 if self._will_still_allowed():  # published as the client asks
@@ -952,7 +1099,11 @@ class Session:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} is not sent by clients")
 
     def _on_connect(self, acts: Actions, frame: Frame) -> None:
-        c = codec.decode_connect(frame.body)
+        # Field lengths are checked before anything is decoded or any credential looked at.
+        limits = self.config.limits
+        c = codec.decode_connect(frame.body, max_client_id=limits.client_id_max_bytes,
+                                 max_username=limits.username_max_bytes, max_will_topic=self._topic_max)
+        self._head = bytearray()
         self._connect = c
         self.protocol_level = level = c.protocol_level
         v5 = level == MQTT_5
@@ -985,6 +1136,10 @@ class Session:
         level = self.protocol_level
         info = codec.decode_publish(frame, level, check_topic=False)  # checked below, once per topic
         topic_b = info.topic
+        if len(topic_b) > self._topic_max:
+            # Before the cache or the policy: neither ever holds a longer topic.
+            raise LimitExceeded(Reason.TOPIC_NAME_INVALID, f"topic of {len(topic_b)} bytes exceeds the limit of "
+                                f"{self._topic_max}", action="publish")
         qos = info.qos
         rewrite = False
         if info.topic_alias is not None:
@@ -1012,9 +1167,15 @@ class Session:
             if not rewrite:
                 topic = codec.topic_from_bytes(topic_b)
             d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id)
-            if len(self._pub_cache) >= _CACHE_MAX:
-                self._pub_cache.clear()
-            self._pub_cache[key] = entry = (topic, d)
+            cache = self._pub_cache
+            if not cache:
+                self._pub_cache_bytes = 0  # emptied elsewhere since the last entry
+            size = len(key[0])
+            if len(cache) >= _CACHE_MAX or self._pub_cache_bytes + size > _CACHE_MAX_BYTES:
+                cache.clear()
+                self._pub_cache_bytes = 0
+            cache[key] = entry = (topic, d)
+            self._pub_cache_bytes += size
             self._cached_until(getattr(d, "until", None))
         topic, d = entry
         if self.rate_limiter is not None and not self.rate_limiter.allow(ident.sub):
@@ -1042,23 +1203,84 @@ class Session:
             self._refuse_publish(acts, info, Reason.NOT_AUTHORIZED)
             return
         self._published += 1
-        self._forwarded += 1
         if info.packet_id is not None:
-            # A forwarded QoS 2 id is the broker's to finish now, not ours.
+            # An allowed id is no longer one the gateway refused.
             self._client_qos2_answered.discard(info.packet_id)
+        if qos == 2:
+            self._hold_qos2(acts, frame, data, info, topic, rewrite)
+            return
+        self._forwarded += 1
         if not rewrite:
             self._pass(acts.to_broker, frame, data)
             return
-        # Resolve the alias: the broker gets the full topic and no alias, so it holds no alias state.
+        self._end_run()
+        acts.to_broker.extend(self._resolved(frame, data, info, topic))
+
+    def _resolved(self, frame: Frame, data, info, topic: str) -> list:
+        """The PUBLISH with its alias resolved: the broker gets the full topic and no alias, so it
+        holds no alias state."""
         props = without_props(codec.read_publish_properties(frame, info), Prop.TOPIC_ALIAS)
         payload = frame.raw[info.payload_start:]
-        head = codec.publish_head(topic, qos=qos, retain=info.retain, dup=info.dup, packet_id=info.packet_id,
-                                  level=level, properties=props, payload_len=len(payload))
+        head = codec.publish_head(topic, qos=info.qos, retain=info.retain, dup=info.dup, packet_id=info.packet_id,
+                                  level=self.protocol_level, properties=props, payload_len=len(payload))
+        if not len(payload):
+            return [head]
+        return [head, payload if frame.start < 0 else data[frame.start + info.payload_start:frame.end]]
+
+    def _hold_qos2(self, acts: Actions, frame: Frame, data, info, topic: str, rewrite: bool) -> None:
+        """An allowed QoS 2 publish: the gateway answers PUBREC and keeps it until the PUBREL, when
+        it is decided again (a grant revoked in between must not be released by the broker)."""
         self._end_run()
-        acts.to_broker.append(head)
-        if len(payload):
-            acts.to_broker.append(payload if frame.start < 0 else
-                                  data[frame.start + info.payload_start:frame.end])
+        pid = info.packet_id
+        level = self.protocol_level
+        packet = b"".join(bytes(b) for b in self._resolved(frame, data, info, topic)) if rewrite else bytes(frame.raw)
+        earlier = self._qos2_held.pop(pid, None)  # a retransmission (DUP) replaces it
+        if earlier is not None:
+            self._qos2_held_bytes -= len(earlier[0])
+        if self._qos2_held_bytes + len(packet) > max(_QOS2_HOLD_BYTES, self.config.max_packet_size):
+            self._audit("publish", "deny", resource=topic, reason="too many QoS 2 publishes awaiting PUBREL",
+                        qos=2)
+            if level == MQTT_5:
+                acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level, Reason.QUOTA_EXCEEDED))
+            else:
+                self._close(acts, "quota_exceeded", "QoS 2 publishes awaiting PUBREL")
+            return
+        self._qos2_held[pid] = (packet, topic, info.retain)
+        self._qos2_held_bytes += len(packet)
+        acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
+
+    def _release_qos2(self, acts: Actions, pid: int) -> None:
+        """The client's PUBREL: forward the held publish if it is still allowed now."""
+        self._end_run()
+        level = self.protocol_level
+        held = self._qos2_held.pop(pid, None)
+        rule = None
+        if held is None:
+            topic, reason = "", "PUBREL for a QoS 2 publish not held on this connection"
+        else:
+            packet, topic, retain = held
+            self._qos2_held_bytes -= len(packet)
+            ident = self.identity
+            assert ident is not None
+            problem = "token expired" if self._token_expired() else (
+                self.credential_problem(ident) if self.credential_problem is not None else None)
+            d = None if problem else self.policies.may_publish(ident, topic, qos=2, retain=retain,
+                                                               client_id=self.client_id)
+            if d is not None and d.allowed:
+                # Released at this instant, in one write: the PUBLISH and its PUBREL, so the broker
+                # never holds it awaiting a release the gateway would have to decide again. (The
+                # broker handles them in order; its PUBREC then needs no answer, its PUBCOMP answers
+                # the client's PUBREL.)
+                self._qos2_releasing.add(pid)
+                self._forwarded += 1
+                acts.to_broker.append(packet)
+                acts.to_broker.append(codec.encode_ack(T.PUBREL, pid, level))
+                return
+            rule, reason = (d.rule, d.reason) if d is not None else (None, problem)
+        _DENIED["publish"].inc()
+        self._audit("publish", "deny", resource=topic, rule=rule, reason=reason, qos=2, when="release")
+        acts.to_client.append(codec.encode_ack(
+            T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
 
     def _refuse_publish(self, acts: Actions, info, code: int) -> None:
         """Answer a publish the broker will never see, so the client's flow completes."""
@@ -1067,6 +1289,9 @@ class Session:
         pid = info.packet_id
         if info.qos == 0 or pid is None:
             return
+        held = self._qos2_held.pop(pid, None)  # a retransmission now refused: nothing to release
+        if held is not None:
+            self._qos2_held_bytes -= len(held[0])
         if level == MQTT_5:
             acts.to_client.append(codec.encode_ack(T.PUBACK if info.qos == 1 else T.PUBREC, pid, level, code))
             if info.qos == 2:
@@ -1079,30 +1304,69 @@ class Session:
             acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
             self._client_qos2_answered.add(pid)
 
+    def _rate_refused(self, acts: Actions, action: str, ident: Identity, n: int, resource: str) -> bool:
+        """Charge ``n`` filters of a SUBSCRIBE / UNSUBSCRIBE to the identity's rate limit, as
+        publishes are: True (and audited, one line per second at most) when over it."""
+        if self.rate_limiter is None or self.rate_limiter.allow(ident.sub, cost=n):
+            return False
+        RATE_LIMITED.inc()
+        self._audit_folded(f"{action}:rate", action, identity=ident, resource=resource, reason="rate limit",
+                           filters=n)
+        if self.config.rate_limit.action == "disconnect":
+            self._disconnect(acts, Reason.MESSAGE_RATE_TOO_HIGH, "rate_limited", action)
+        return True
+
     def _client_subscribe(self, acts: Actions, frame: Frame, data) -> None:
         level = self.protocol_level
-        sub = codec.decode_subscribe(frame.body, level)
+        sub = codec.decode_subscribe(frame.body, level, self._topic_max)
         ident = self.identity
         assert ident is not None
+        v5 = level == MQTT_5
+        if self._rate_refused(acts, "subscribe", ident, len(sub.subscriptions), sub.subscriptions[0].topic_filter):
+            if not self.closed:  # drop: every filter refused, nothing reaches the broker
+                self._end_run()
+                code = Reason.QUOTA_EXCEEDED if v5 else V3_SUBACK_FAILURE
+                acts.to_client.append(codec.encode_suback(Suback(sub.packet_id, [code] * len(sub.subscriptions)),
+                                                          level))
+            return
         slots: list[int | None] = []
         keep = []
-        deny_code = Reason.NOT_AUTHORIZED if level == MQTT_5 else V3_SUBACK_FAILURE
+        deny_code = Reason.NOT_AUTHORIZED if v5 else V3_SUBACK_FAILURE
+        quota_code = Reason.QUOTA_EXCEEDED if v5 else V3_SUBACK_FAILURE
+        per_connection = self.config.limits.subscriptions_per_connection
+        quota = self.subscription_quota
         for s in sub.subscriptions:
+            if s.too_long:
+                # Never decoded, never asked of the policy: the shared decision cache only ever
+                # holds filters of at most topic_max_bytes (its keys are bounded by that).
+                _DENIED["subscribe"].inc()
+                self._audit_folded("subscribe:too_long", "subscribe", identity=ident, resource=s.topic_filter,
+                                   reason=f"topic filter of {s.too_long} bytes exceeds the limit of "
+                                          f"{self._topic_max}", qos=s.qos)
+                slots.append(Reason.TOPIC_FILTER_INVALID if v5 else V3_SUBACK_FAILURE)
+                continue
             _, inner = codec.split_shared(s.topic_filter)
-            if len(self._subs) >= _MAX_SUBSCRIPTIONS and s.topic_filter not in self._subs:
+            new = s.topic_filter not in self._subs
+            if new and len(self._subs) >= per_connection:
                 # Bounded state per connection: each filter costs memory here and at the broker.
                 _DENIED["subscribe"].inc()
-                self._audit("subscribe", "deny", identity=ident, resource=s.topic_filter,
-                            reason="too many subscriptions", qos=s.qos)
-                slots.append(Reason.QUOTA_EXCEEDED if level == MQTT_5 else V3_SUBACK_FAILURE)
+                self._audit_folded("subscribe:connection", "subscribe", identity=ident, resource=s.topic_filter,
+                                   reason="too many subscriptions for the connection", qos=s.qos)
+                slots.append(quota_code)
                 continue
             d = self.policies.may_subscribe(ident, inner, qos=s.qos, client_id=self.client_id)
             verdict = _verdict(d)
             if verdict is not Verdict.DENY:
+                if new and quota is not None and not self._take_quota(quota, ident):
+                    _DENIED["subscribe"].inc()
+                    self._audit_folded("subscribe:identity", "subscribe", identity=ident, resource=s.topic_filter,
+                                       reason="too many subscriptions for the identity", qos=s.qos)
+                    slots.append(quota_code)
+                    continue
                 _ALLOWED["subscribe"].inc()
                 self._subs.subscribed(s.topic_filter, inner, s.qos, verdict,
-                                      self._mono(getattr(d, "until", None)))
-                keep.append(s)
+                                      self._mono(getattr(d, "until", None)), getattr(d, "devices", frozenset()))
+                keep.append(Subscription(self._upstream_filter(s.topic_filter), s.options))
                 slots.append(None)
             else:
                 _DENIED["subscribe"].inc()
@@ -1111,7 +1375,8 @@ class Session:
                             rule=getattr(d, "rule", None), reason=getattr(d, "reason", None), qos=s.qos)
                 slots.append(deny_code)
         self._table_changed()
-        if len(keep) == len(slots):
+        if len(keep) == len(slots) and all(k.topic_filter == s.topic_filter
+                                           for k, s in zip(keep, sub.subscriptions)):
             self._pass(acts.to_broker, frame, data)
             return
         self._end_run()
@@ -1120,6 +1385,58 @@ class Session:
             return
         self._suback_slots[sub.packet_id] = slots
         acts.to_broker.append(codec.encode_subscribe(Subscribe(sub.packet_id, keep, sub.properties), level))
+
+    def _upstream_filter(self, topic_filter: str) -> str:
+        """The filter as the broker gets it. A shared subscription's group is made the identity's
+        own: otherwise anyone could join another's ``$share/<group>/...`` and take a share of its
+        deliveries (the broker hands each message to one member; the gateway would drop the
+        stranger's copies, and the rightful member would never see them)."""
+        group, inner = codec.split_shared(topic_filter)
+        if group is None:
+            return topic_filter
+        ident = self.identity
+        owner = _escape_sub(ident.sub if ident is not None else "").replace("+", "%2B").replace("#", "%23")
+        return f"$share/{owner}~{group}/{inner}"
+
+    def _take_quota(self, quota: SubscriptionQuota, ident: Identity) -> bool:
+        if self._quota_key is None:
+            self._quota_key = ident.sub  # re-authentication keeps the subject: one key per session
+        if not quota.acquire(self._quota_key):
+            return False
+        self._quota_held += 1
+        return True
+
+    def _release_quota(self, n: int) -> None:
+        n = min(n, self._quota_held)
+        if n and self.subscription_quota is not None and self._quota_key is not None:
+            self.subscription_quota.release(self._quota_key, n)
+            self._quota_held -= n
+
+    def _client_unsubscribe(self, acts: Actions, frame: Frame, data) -> None:
+        level = self.protocol_level
+        unsub = codec.decode_unsubscribe(frame.body, level, self._topic_max)
+        ident = self.identity
+        assert ident is not None
+        if self._rate_refused(acts, "unsubscribe", ident, len(unsub.topic_filters), unsub.topic_filters[0]):
+            if not self.closed:
+                if level == MQTT_5:  # drop: UNSUBACK has no quota code; the filters stay subscribed
+                    self._end_run()
+                    acts.to_client.append(codec.encode_unsuback(
+                        unsub.packet_id, [Reason.UNSPECIFIED_ERROR] * len(unsub.topic_filters), level))
+                else:  # a 3.1.1 UNSUBACK can only say yes
+                    self._close(acts, "rate_limited", "unsubscribe")
+            return
+        # The table changes now, in stream order, as the broker's will; what it still
+        # delivers under these filters is checked like anything the table cannot prove.
+        self._release_quota(self._subs.unsubscribed(unsub.topic_filters))
+        self._table_changed()
+        upstream = [self._upstream_filter(f) for f in unsub.topic_filters]
+        if upstream == unsub.topic_filters:
+            self._pass(acts.to_broker, frame, data)
+        else:
+            self._end_run()
+            acts.to_broker.append(codec.encode_unsubscribe(
+                Unsubscribe(unsub.packet_id, upstream, unsub.properties), level))
 
     def _client_auth(self, acts: Actions, frame: Frame) -> None:
         a = codec.decode_auth(frame.body)
@@ -1176,8 +1493,16 @@ class Session:
                 acts.to_broker.append(codec.encode_ack(T.PUBCOMP, pid, level))
             else:
                 self._pass(acts.to_client, frame, data)
+        elif t == T.PUBREC and self._qos2_releasing:
+            pid = codec.packet_id_of(frame, level)
+            if pid in self._qos2_releasing:
+                self._end_run()  # released already (PUBREL went with the PUBLISH); the client had its PUBREC
+            else:
+                self._pass(acts.to_client, frame, data)
         elif t in (T.PUBACK, T.PUBREC, T.PUBCOMP):
-            codec.packet_id_of(frame, level)
+            pid = codec.packet_id_of(frame, level)
+            if t == T.PUBCOMP:
+                self._qos2_releasing.discard(pid)  # the answer to the client's PUBREL
             self._pass(acts.to_client, frame, data)
         elif t == T.UNSUBACK:
             codec.packet_id_of(frame, level)  # the table changed when the UNSUBSCRIBE went by
@@ -1205,6 +1530,7 @@ class Session:
             self._close(acts, "broker_refused", f"0x{ca.reason:02X}", ca.reason)
             return
         self._state = "open"
+        self._client_framer.max_packet_size = self.config.max_packet_size  # authenticated now
         self._last_rx = self.clock()
         # A resumed session (session_present) holds filters the gateway never saw: nothing in
         # the table proves their deliveries, so each is asked of the policy.
@@ -1281,9 +1607,15 @@ class Session:
             decision = self.policies.may_receive(self.identity, topic, client_id=self.client_id)
             ok = bool(decision.allowed)
             self._cached_until(getattr(decision, "until", None))
-        if len(self._recv_cache) >= _CACHE_MAX:
-            self._recv_cache.clear()
-        self._recv_cache[topic_b] = ok
+        cache = self._recv_cache
+        if not cache:
+            self._recv_cache_bytes = 0  # emptied elsewhere since the last entry
+        size = len(topic_b)
+        if len(cache) >= _CACHE_MAX or self._recv_cache_bytes + size > _CACHE_MAX_BYTES:
+            cache.clear()
+            self._recv_cache_bytes = 0
+        cache[topic_b] = ok  # a topic is at most 65,535 bytes: always fits the budget
+        self._recv_cache_bytes += size
         if ok:
             self._delivered += 1
         else:
@@ -1331,21 +1663,24 @@ class Session:
         self._recv_cache.clear()
         self._update_horizon()
 
-    def _redecide(self) -> None:
-        """Ask the policy again for every subscription grant, for the identity in force now."""
+    def _redecide(self, devices: set[str] | None = None) -> None:
+        """Ask the policy again for the subscription grants (those resting on ``devices``, or all),
+        for the identity in force now."""
         ident = self.identity
         assert ident is not None
 
-        def decide(match: str, qos: int) -> tuple[Verdict, float | None]:
+        def decide(match: str, qos: int) -> tuple[Verdict, float | None, frozenset[str]]:
             d = self.policies.may_subscribe(ident, match, qos=qos, client_id=self.client_id)
-            return _verdict(d), self._mono(getattr(d, "until", None))
+            return _verdict(d), self._mono(getattr(d, "until", None)), getattr(d, "devices", frozenset())
 
-        self._subs.redecide(decide)
+        self._subs.redecide(decide, devices)
         self._table_changed()
 
     def _update_horizon(self) -> None:
         """The next instant something the session relies on ends: a grant or the token."""
         until = self._subs.horizon if self._subs.horizon is not None else _NEVER
+        if self._will_armed and self._will_until is not None:
+            until = min(until, self._will_until)
         ident = self.identity
         if ident is not None and ident.expires_at is not None:
             left = ident.expires_at + self.token_leeway - self.wallclock()
@@ -1361,6 +1696,10 @@ class Session:
         if self._token_expired():
             self._audit("session", "close", identity=self.identity, reason="token expired")
             self._disconnect(acts, Reason.MAXIMUM_CONNECT_TIME, "token_expired", "")
+            return
+        if self._will_armed and self._will_until is not None and now >= self._will_until \
+                and not self._will_still_allowed("expired"):
+            self._will_revoked(acts)
             return
         self._redecide()
 
@@ -1409,17 +1748,42 @@ class Session:
                           identity=identity if identity is not None else self.identity, rule=rule,
                           reason=reason, **extra)
 
+    def _audit_folded(self, kind: str, action: str, **fields: Any) -> None:
+        """A refusal a client can repeat at will: one line per second at most per kind, with the
+        number refused since the last line (``count``); what is left is written at close."""
+        now = self.clock()
+        fold = self._folds.get(kind)
+        if fold is None:
+            fold = self._folds[kind] = [0, 0.0, None]
+        fold[0] += 1
+        if now >= fold[1]:
+            fold[1] = now + 1.0
+            self._audit(action, "deny", count=fold[0], **fields)
+            fold[0] = 0
+        else:
+            fold[2] = (action, fields)
+
+    def _flush_folds(self) -> None:
+        for fold in self._folds.values():
+            if fold[0] and fold[2] is not None:
+                action, fields = fold[2]
+                self._audit(action, "deny", count=fold[0], **fields)
+                fold[0] = 0
+        self._folds.clear()
+
     def _close(self, acts: Actions, reason: str, detail: str, code: int | None = None) -> Actions:
         """Every way a connection ends comes here. A Will the broker holds is decided now: if it
         is no longer allowed, a plain DISCONNECT upstream makes the broker discard it."""
         if self._will_armed:
             self._will_armed = False
-            if not self._will_still_allowed():
+            if self._asked_to_discard_will() or not self._will_still_allowed():
                 self._end_run()
                 acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
         self.closed = True
         self._state = "closed"
         self._pending = []
+        self._release_quota(self._quota_held)  # the identity's other connections may use them
+        self._flush_folds()
         if acts.close is None:
             acts.close = CloseInfo(reason, detail, code)
         return acts
@@ -1447,11 +1811,34 @@ class Session:
         self._audit("connect", "deny", identity=identity, reason=detail)
         return self._refuse_connect(acts, code, reason, detail)
 
+    def _refuse_oversized(self, acts: Actions) -> Actions:
+        """A CONNECT over the pre-authentication size, refused at its fixed header, answered in
+        its client's version: v5 CONNACK 0x95; 3.1.1 (no code for it) and anything else: a close.
+        Only the few bytes up to the level byte are ever held for it."""
+        level = codec.peek_connect_level(self._head)
+        if level is None:
+            return acts  # the level byte has not arrived yet (the connect deadline still runs)
+        detail, self._oversized = self._oversized, ""
+        self._head = bytearray()
+        if level == MQTT_5:
+            self.protocol_level = MQTT_5
+            acts.to_client.append(codec.encode_connack(False, Reason.PACKET_TOO_LARGE, MQTT_5))
+            return self._close(acts, "protocol_error", detail, Reason.PACKET_TOO_LARGE)
+        return self._close(acts, "protocol_error", detail)
+
     def _client_violation(self, acts: Actions, exc: ProtocolError) -> Actions:
         PROTOCOL_ERRORS.labels("client").inc()
-        self._audit("protocol_error", "deny", reason=exc.message,
-                    reason_code=exc.reason_code)
         state = self._state
+        if state == "connect" and exc.reason_code == Reason.PACKET_TOO_LARGE:
+            # Only the Framer says this, at the CONNECT's fixed header: nothing of its body is held.
+            self._audit("connect", "deny", reason=f"CONNECT over the pre-authentication limit: {exc.message}",
+                        reason_code=exc.reason_code)
+            self._oversized = exc.message
+            return self._refuse_oversized(acts)
+        if isinstance(exc, LimitExceeded):  # a configured limit, not a broken protocol
+            self._audit(exc.action, "deny", reason=exc.message, reason_code=exc.reason_code)
+        else:
+            self._audit("protocol_error", "deny", reason=exc.message, reason_code=exc.reason_code)
         if state == "connect":
             level = exc.protocol_level
             if level is not None:

@@ -26,10 +26,10 @@ from typing import Callable, Iterator
 
 from proxy.policy.decision import Verdict
 
-__all__ = ["Grant", "SubscriptionTable", "filter_matches"]
+__all__ = ["Grant", "SubscriptionQuota", "SubscriptionTable", "filter_matches"]
 
-# (verdict, until) for a filter at a QoS: the session's question to the policy.
-Decide = Callable[[str, int], "tuple[Verdict, float | None]"]
+# (verdict, until, devices) for a filter at a QoS: the session's question to the policy.
+Decide = Callable[[str, int], "tuple[Verdict, float | None, frozenset[str]]"]
 
 
 def filter_matches(topic_filter: str, topic: str) -> bool:
@@ -51,13 +51,15 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
 class Grant:
     """One filter the broker holds for the client, with the gateway's verdict on it."""
 
-    __slots__ = ("match", "qos", "verdict", "until")
+    __slots__ = ("match", "qos", "verdict", "until", "devices")
 
-    def __init__(self, match: str, qos: int, verdict: Verdict, until: float | None):
+    def __init__(self, match: str, qos: int, verdict: Verdict, until: float | None,
+                 devices: frozenset[str] = frozenset()):
         self.match = match        # the filter without $share/<group>/
         self.qos = qos            # as granted: a later question is asked at the same QoS
         self.verdict = verdict    # ALLOW or CHECK_EACH (a DENY is never held by the broker)
         self.until = until        # when an ALLOW stops holding (session clock); None: no end
+        self.devices = devices    # whose facts the verdict rests on
 
     def __repr__(self) -> str:
         return f"Grant({self.match!r}, qos={self.qos}, {self.verdict.name}, until={self.until})"
@@ -82,10 +84,11 @@ class SubscriptionTable:
 
     # -- changes, in the order the packets are forwarded
 
-    def subscribed(self, topic_filter: str, match: str, qos: int, verdict: Verdict, until: float | None) -> None:
+    def subscribed(self, topic_filter: str, match: str, qos: int, verdict: Verdict, until: float | None,
+                   devices: frozenset[str] = frozenset()) -> None:
         """A SUBSCRIBE of this filter is being forwarded: it replaces any earlier one [MQTT-3.8.4-3]."""
         assert verdict is not Verdict.DENY
-        self._grants[topic_filter] = Grant(match, qos, verdict, until)
+        self._grants[topic_filter] = Grant(match, qos, verdict, until, devices)
         self._derive()
 
     def refused(self, topic_filter: str) -> None:
@@ -96,19 +99,26 @@ class SubscriptionTable:
             grant.verdict, grant.until = Verdict.CHECK_EACH, None
             self._derive()
 
-    def unsubscribed(self, topic_filters: list[str]) -> None:
+    def unsubscribed(self, topic_filters: list[str]) -> int:
         """An UNSUBSCRIBE is being forwarded. What the broker still delivers under these
-        filters is asked of the policy like any delivery the table cannot prove."""
-        changed = False
+        filters is asked of the policy like any delivery the table cannot prove. Returns how
+        many grants it removed."""
+        removed = 0
         for f in topic_filters:
-            changed |= self._grants.pop(f, None) is not None
-        if changed:
+            removed += self._grants.pop(f, None) is not None
+        if removed:
             self._derive()
+        return removed
 
-    def redecide(self, decide: Decide) -> None:
-        """Ask again for every grant (a policy or ownership change, a new token, a horizon passed)."""
+    def redecide(self, decide: Decide, devices: set[str] | None = None) -> None:
+        """Ask again (a policy or ownership change, a new token, a horizon passed): every grant,
+        or with ``devices`` only those resting on one of these devices' facts (a change to
+        other devices cannot change them)."""
         for grant in self._grants.values():
-            verdict, until = decide(grant.match, grant.qos)
+            if devices is not None and devices.isdisjoint(grant.devices):
+                continue
+            verdict, until, rests_on = decide(grant.match, grant.qos)
+            grant.devices = rests_on
             if verdict is Verdict.ALLOW:
                 grant.verdict, grant.until = Verdict.ALLOW, until
             else:  # the broker still holds the filter: check what it delivers
@@ -137,3 +147,32 @@ class SubscriptionTable:
         self.exact = frozenset(exact)
         self._wild = tuple(wild)
         self.horizon = min(ends) if ends else None
+
+
+class SubscriptionQuota:
+    """Subscriptions held per identity ``sub`` across all of its connections, shared by the
+    sessions of one gateway (like the rate limiter): a connection takes a slot for each filter
+    it adds to its table and gives them back when it unsubscribes or closes. Only identities
+    holding a slot have an entry, so it is bounded by the open connections' tables."""
+
+    def __init__(self, per_identity: int):
+        self.per_identity = per_identity
+        self._held: dict[str, int] = {}
+
+    def acquire(self, key: str) -> bool:
+        """One more slot for ``key``, if it has one left."""
+        held = self._held.get(key, 0)
+        if held >= self.per_identity:
+            return False
+        self._held[key] = held + 1
+        return True
+
+    def release(self, key: str, n: int = 1) -> None:
+        left = self._held.get(key, 0) - n
+        if left > 0:
+            self._held[key] = left
+        else:
+            self._held.pop(key, None)
+
+    def held(self, key: str) -> int:
+        return self._held.get(key, 0)

@@ -30,6 +30,7 @@ class Decision:
     reason: str
     device: str | None = None
     until: float | None = None  # unix time the answer stops holding (a delegation's expiry); None: no end
+    devices: frozenset[str] = frozenset()  # devices whose facts the answer rests on
 
     def __bool__(self) -> bool:  # guards against `if decision:`, which would always be true
         raise TypeError("use decision.allowed, not the decision itself")
@@ -42,6 +43,7 @@ class SubscribeDecision:
     reason: str
     device: str | None = None
     until: float | None = None  # as for Decision
+    devices: frozenset[str] = frozenset()  # as for Decision
 
     @property
     def allowed(self) -> bool:

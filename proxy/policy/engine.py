@@ -37,13 +37,15 @@ CHECK_EACH past that, so no filter costs more than a bounded walk.
 Answers are cached per (identity, question): a policy swap builds a new
 :class:`CompiledPolicies` (so a new cache), an ownership generation bump
 clears it, and an answer that consulted a delegation with an expiry lives
-only until that expiry.
+only until that expiry. The cache is bounded in entries and in bytes (the
+strings it keeps: topics, filters, paths and client ids may be 65 KB each).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import time
 from typing import Callable, Iterator
 
@@ -59,6 +61,10 @@ from proxy.policy.subjects import REL, could_hold, identity_keys, partition_key,
 __all__ = ["CompiledPolicies", "READ_METHODS"]
 
 CACHE_SIZE = 50_000
+CACHE_MAX_BYTES = 32 * 1024 * 1024  # policies.cache_max_bytes
+# What one cached answer costs besides its strings: the key tuple, the dict slot, the
+# (decision, until) pair and the decision itself (tracemalloc measures about 330; rounded up).
+_ENTRY_BYTES = 400
 # Index nodes an overlap walk may visit for one wildcard subscription before it settles
 # for CHECK_EACH: a filter like sensors/+/x over 10,000 literal sensors/sK rules would
 # otherwise cost a walk over all of them (CHECK_EACH is always a sound answer).
@@ -248,21 +254,36 @@ def _intersect(node: _Node, f: list[str], i: int, device: object, vals: dict, fd
             yield from _intersect(child, f, i + 1, device, vals, fdollar, budget)
 
 
+def _entry_bytes(key: tuple, decision: Decision | SubscribeDecision) -> int:
+    """What caching ``decision`` under ``key`` holds: the strings of the request (the identity
+    is shared with the connection that asked) and of the answer, plus the fixed overhead."""
+    size = _ENTRY_BYTES
+    for part in key:
+        if type(part) is str:
+            size += sys.getsizeof(part)
+    if decision.device is not None:
+        size += sys.getsizeof(decision.device)
+    return size + sys.getsizeof(decision.reason)
+
+
 class _Horizon:
     """The instant a decision is made at, and the instants at which what it rests on ends."""
 
-    __slots__ = ("now", "ends")
+    __slots__ = ("now", "ends", "devices")
 
     def __init__(self, now: float):
         self.now = now
         self.ends: list[float] = []
+        self.devices: set[str] = set()  # whose facts were consulted
 
 
 def _with_horizon(decision, horizon: _Horizon):  # type: ignore[no-untyped-def]
-    """The decision with ``until``: the earliest end of what it rested on (None: no end)."""
-    if not horizon.ends:
+    """The decision with ``until`` (the earliest end of what it rested on; None: no end) and
+    ``devices`` (whose facts it rested on: a change to another device cannot change it)."""
+    if not horizon.ends and not horizon.devices:
         return decision
-    return dataclasses.replace(decision, until=min(horizon.ends))
+    return dataclasses.replace(decision, until=min(horizon.ends) if horizon.ends else None,
+                               devices=frozenset(horizon.devices))
 
 
 class CompiledPolicies:
@@ -271,7 +292,8 @@ class CompiledPolicies:
     ``clock`` is the wall clock (unix seconds) delegation expiries are compared with."""
 
     def __init__(self, source: PolicySource, facts: OwnershipFacts, *, admin_role: str = "iot-admin",
-                 cache_size: int = CACHE_SIZE, clock: Callable[[], float] = time.time):
+                 cache_size: int = CACHE_SIZE, cache_max_bytes: int = CACHE_MAX_BYTES,
+                 clock: Callable[[], float] = time.time):
         self.clock = clock
         self.source = source
         self.facts = facts
@@ -280,6 +302,8 @@ class CompiledPolicies:
         self._cache: dict[tuple, tuple[object, float]] = {}
         self._identity_keys: dict[Identity, list[str]] = {}
         self._cache_size = cache_size  # 0: no cache (benchmarks of the index itself)
+        self.cache_max_bytes = cache_max_bytes
+        self._cache_bytes = 0  # what the cached keys and answers hold, by _entry_bytes
         self._cache_generation = facts.generation
         # (question, allow?) -> partition key -> trie
         self._tries: dict[tuple[str, bool], dict[str, _Node]] = {
@@ -332,8 +356,9 @@ class CompiledPolicies:
         facts generation bump clears it; an answer that consulted a delegation
         with an expiry is kept only until that expiry, and says so in its
         ``until`` (so a caller that keeps it, like an MQTT session, knows when to
-        ask again); everything else for at most ``CACHE_SECONDS``. When full the
-        cache is simply dropped.
+        ask again); everything else for at most ``CACHE_SECONDS``. When it is
+        full, in entries or in bytes (``cache_max_bytes``), the cache is simply
+        dropped: a flood of long distinct filters costs recomputation, not memory.
         """
         now = self.clock()
         if not self._cache_size:
@@ -341,17 +366,33 @@ class CompiledPolicies:
             return _with_horizon(compute(h, *args), h)
         gen = self.facts.generation
         if gen != self._cache_generation:
-            self._cache.clear()
+            self._drop_cache()
             self._cache_generation = gen
         hit = self._cache.get(key)
-        if hit is not None and hit[1] > now:
-            return hit[0]
+        if hit is not None:
+            if hit[1] > now:
+                return hit[0]
+            del self._cache[key]
+            self._cache_bytes -= _entry_bytes(key, hit[0])
         horizon = _Horizon(now)
         decision = _with_horizon(compute(horizon, *args), horizon)
-        if len(self._cache) >= self._cache_size:
-            self._cache.clear()
+        cost = _entry_bytes(key, decision)
+        if cost > self.cache_max_bytes:
+            return decision  # larger than the whole budget: answered, not kept
+        if len(self._cache) >= self._cache_size or self._cache_bytes + cost > self.cache_max_bytes:
+            self._drop_cache()
         self._cache[key] = (decision, min([*horizon.ends, now + CACHE_SECONDS]))
+        self._cache_bytes += cost
         return decision
+
+    def _drop_cache(self) -> None:
+        self._cache.clear()
+        self._cache_bytes = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        """What the decision cache holds now, as accounted against ``cache_max_bytes``."""
+        return self._cache_bytes
 
     def device_topic_filters(self, device_id: str) -> list[str]:
         """MQTT filters for every topic a rule binds to this device through ``{device}``:
@@ -389,8 +430,9 @@ class CompiledPolicies:
                         continue
                     if fits is not None and not fits(entry):
                         continue
-                    if key == REL and not relations_hold(entry.relations, identity, dev, self.facts, want, horizon.ends,
-                                                           now=horizon.now):
+                    if key == REL and not relations_hold(entry.relations, identity, dev, self.facts, want,
+                                                         horizon.ends, now=horizon.now,
+                                                         consulted=horizon.devices):
                         continue
                     best, best_dev = entry, dev
             if best is not None:
@@ -460,16 +502,16 @@ class CompiledPolicies:
                 return True
             if dev is _ANY:
                 return False  # "for every device" is never certain
-            return relations_hold(entry.relations, identity, dev, self.facts, "read", horizon.ends,  # type: ignore[arg-type]
-                                  now=horizon.now)
+            return relations_hold(entry.relations, identity, dev, self.facts, "read",  # type: ignore[arg-type]
+                                  horizon.ends, now=horizon.now, consulted=horizon.devices)
 
         def maybe(key: str, entry: _Entry, dev: object) -> bool:
             if key != REL:
                 return True
             if dev is _ANY:  # some device might be related
                 return any(could_hold(r, identity) for r in entry.relations)
-            return relations_hold(entry.relations, identity, dev, self.facts, "read", horizon.ends,  # type: ignore[arg-type]
-                                  now=horizon.now)
+            return relations_hold(entry.relations, identity, dev, self.facts, "read",  # type: ignore[arg-type]
+                                  horizon.ends, now=horizon.now, consulted=horizon.devices)
 
         def covering(tries: dict[str, _Node]) -> tuple[_Entry, object] | None:
             best = None

@@ -26,7 +26,7 @@ from proxy.facts import OwnershipFacts
 from proxy.identity.model import Identity
 from proxy.metrics import REGISTRY, add_readiness_check
 from proxy.policy.decision import Decision, PolicyError, SubscribeDecision
-from proxy.policy.engine import CompiledPolicies
+from proxy.policy.engine import CACHE_MAX_BYTES, CompiledPolicies
 from proxy.policy.language import PolicySource, load_dir, load_text
 
 __all__ = ["Policies"]
@@ -70,10 +70,11 @@ class Policies:
 
     @classmethod
     def from_dir(cls, path: str | Path, facts: OwnershipFacts, *, admin_role: str = "iot-admin",
-                 clock: Callable[[], float] = time.time) -> "Policies":
+                 clock: Callable[[], float] = time.time, cache_max_bytes: int = CACHE_MAX_BYTES) -> "Policies":
         """Load and compile every file under ``path``; :class:`PolicyError` on a broken set."""
         src = load_dir(path)
-        return cls(CompiledPolicies(src, facts, admin_role=admin_role, clock=clock), path=Path(path))
+        return cls(CompiledPolicies(src, facts, admin_role=admin_role, clock=clock, cache_max_bytes=cache_max_bytes),
+                   path=Path(path))
 
     @classmethod
     def from_text(cls, text: str, facts: OwnershipFacts, filename: str = "test.yaml", *,
@@ -148,7 +149,7 @@ class Policies:
         self._seen = _snapshot(self._path)
         src = load_dir(self._path)
         return CompiledPolicies(src, self._compiled.facts, admin_role=self._compiled.admin_role,
-                                clock=self._compiled.clock)
+                                clock=self._compiled.clock, cache_max_bytes=self._compiled.cache_max_bytes)
 
     def _refuse(self, exc: PolicyError) -> None:
         self.last_error = str(exc)

@@ -109,14 +109,19 @@ def could_hold(relation: str, identity: Identity) -> bool:
 
 
 def relations_hold(relations: Iterable[str], identity: Identity, device_id: str | None, facts: OwnershipFacts,
-                   want: Want, horizon: list[float] | None = None, *, now: float | None = None) -> bool:
+                   want: Want, horizon: list[float] | None = None, *, now: float | None = None,
+                   consulted: set[str] | None = None) -> bool:
     """Does any of ``relations`` hold between ``identity`` and the device? False without a device.
 
     ``horizon`` collects the expiry times of the device's delegations still
     in the future: an answer cached from this call is stale from the earliest.
+    ``consulted`` collects the device ids whose facts the answer rests on (also
+    an unregistered one: registering it could change the answer).
     """
     if not device_id:
         return False
+    if consulted is not None:
+        consulted.add(device_id)
     device = facts.device(device_id)
     if device is None:
         return False

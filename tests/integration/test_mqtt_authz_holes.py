@@ -421,3 +421,31 @@ async def test_topic_alias_zero_is_topic_alias_invalid(mqtt_rig):
     assert pkt[0] == DISCONNECT and pkt[2] == TOPIC_ALIAS_INVALID, f"DISCONNECT 0x{pkt[2]:02X}"
     assert await raw.closed_within(2)
     await raw.close()
+
+
+# --------------------------------------------------------------------------- shared subscription groups
+
+
+async def test_a_stranger_cannot_join_anothers_shared_subscription_group(mqtt_rig, api):
+    """alice reads her device through ``$share/g/devices/+/telemetry``. carol, who may read none
+    of it, subscribes to the same filter: at the broker she must not join alice's group (the
+    broker would hand her half of the messages, which the gateway drops as not hers)."""
+    rig = mqtt_rig
+    dev, k1, _ = await register(api, rig, "alice")
+    share = "$share/g/devices/+/telemetry"
+    subscribers = {}
+    for who in ("alice", "carol"):
+        raw, code = await raw_connect(rig, V5, f"{who}-share", who, await rig.token(who))
+        assert code == 0
+        await raw.send(encode_subscribe(Subscribe(1, [Subscription(share, 0)]), MQTT_5))
+        suback = await raw.read_packet()
+        assert suback is not None and suback[0] == 0x90 and suback[-1] < 0x80, suback
+        subscribers[who] = raw
+    sent = [f"m{i}".encode() for i in range(20)]
+    for payload in sent:
+        await device_publishes(rig, dev, k1, f"devices/{dev}/telemetry", payload)
+    got = {who: [p for t, p, _ in await collect_publishes(raw, MQTT_5, 1.5)] for who, raw in subscribers.items()}
+    for raw in subscribers.values():
+        await raw.close()
+    assert got["carol"] == []
+    assert sorted(got["alice"]) == sorted(sent), f"alice lost {len(sent) - len(got['alice'])} of {len(sent)}"

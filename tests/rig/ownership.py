@@ -57,6 +57,7 @@ def ownership_config(tmp_path: Path, *, key: str = STORE_KEY, store: str = "data
         "  advertise_http: https://gw.test:8443\n"
         "  max_devices_per_user: 5\n"
         "  role_quotas: {iot-admin: 50}\n"
+        "  orion_lifecycle: false\n"   # no Orion behind this rig's http.upstream
         f"{extra}"
     )
     return load_config_text(text, "proxy.yaml", env={"KEYGATE_STORE_KEY": key}, base_dir=str(tmp_path))

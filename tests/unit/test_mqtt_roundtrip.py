@@ -119,7 +119,11 @@ def test_paho_connect_is_read_exactly(level):
     acts = s.client_data(raw)
     assert acts.auth.password == b"TOKEN" and acts.auth.username == "alice"
     up = codec.decode_connect(only(s.authenticated(ALICE).to_broker, T.CONNECT).body)
-    assert up.password is None and up.client_id == "u/sub-alice/app-1" and up.will == c.will
+    assert up.password is None and up.client_id == "u/sub-alice/app-1"
+    # The Will goes up as sent, less its Will Delay Interval: it is decided when the connection
+    # ends and published then or never.
+    assert (up.will.topic, up.will.payload, up.will.qos, up.will.retain) == (c.will.topic, c.will.payload, 1, True)
+    assert up.will.properties == []
     if level == MQTT_5:
         assert Prop.TOPIC_ALIAS_MAXIMUM not in dict(up.properties)
         assert dict(up.properties)[Prop.RECEIVE_MAXIMUM] == 20
@@ -150,6 +154,11 @@ def test_paho_publishes_pass_byte_for_byte(level, qos):
     client._send_publish(5, b"devices/thermo-1/telemetry", b'{"t": 21}', qos, True, False, None, props)
     raw = client.take()
     acts = s.client_data(raw)
+    if qos == 2:
+        # Held until its PUBREL (decided again then), and released byte for byte with its PUBREL.
+        assert not acts.to_broker and only(acts.to_client, T.PUBREC)
+        acts = s.client_data(codec.encode_ack(T.PUBREL, 5, level))
+        raw += codec.encode_ack(T.PUBREL, 5, level)
     assert b"".join(bytes(x) for x in acts.to_broker) == raw and not acts.to_client
 
 
@@ -257,8 +266,14 @@ def test_gmqtt_packets_through_the_session(level):
 
     props = {"user_property": [("a", "b")], "content_type": "json"} if level == MQTT_5 else {}
     for qos in (0, 1, 2):
-        _, raw = PublishPacket.build_package(GMessage("devices/thermo-1/telemetry", b"42", qos=qos, **props), proto)
-        assert b"".join(bytes(x) for x in s.client_data(bytes(raw)).to_broker) == bytes(raw)
+        mid, raw = PublishPacket.build_package(GMessage("devices/thermo-1/telemetry", b"42", qos=qos, **props), proto)
+        acts = s.client_data(bytes(raw))
+        if qos == 2:  # held until its PUBREL, then released as sent, with its PUBREL
+            assert only(acts.to_client, T.PUBREC) and not acts.to_broker
+            rel = CommandWithMidPacket.build_package(MQTTCommands.PUBREL | 0x2, mid, False, proto_ver=level)
+            acts = s.client_data(bytes(rel))
+            raw = bytes(raw) + codec.encode_ack(T.PUBREL, mid, level)
+        assert b"".join(bytes(x) for x in acts.to_broker) == bytes(raw)
 
     mid, raw = SubscribePacket.build_package([GSubscription("devices/+/telemetry", qos=1),
                                               GSubscription("#", qos=0)], proto)
@@ -272,7 +287,8 @@ def test_gmqtt_packets_through_the_session(level):
     ack = CommandWithMidPacket.build_package(MQTTCommands.PUBACK, 9, False, proto_ver=level)
     assert bytes(s.client_data(bytes(ack)).to_broker[0]) == bytes(ack)
     rel = CommandWithMidPacket.build_package(MQTTCommands.PUBREL | 0x2, 9, False, proto_ver=level)
-    assert bytes(s.client_data(bytes(rel)).to_broker[0]) == bytes(rel)
+    acts = s.client_data(bytes(rel))  # an id the gateway holds nothing for: answered, not released
+    assert not acts.to_broker and only(acts.to_client, T.PUBCOMP)
 
     disc = DisconnectPacket.build_package(proto)
     acts = s.client_data(bytes(disc))

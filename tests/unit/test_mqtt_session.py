@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from proxy.audit import MemoryAudit
-from proxy.config import MqttConfig, RateLimitConfig
+from proxy.config import MqttConfig, MqttLimitsConfig, RateLimitConfig
 from proxy.identity.model import ANONYMOUS, AuthReason, Identity
 from proxy.mqtt import codec
 from proxy.mqtt.codec import Framer
@@ -576,10 +576,11 @@ def test_denied_publish_v3_is_acknowledged_and_dropped():
     # The client's PUBREL is the gateway's to finish: the broker never saw this id.
     acts = s.client_data(codec.encode_ack(T.PUBREL, 4, 4))
     assert bytes(acts.to_client[0]) == b"\x70\x02\x00\x04" and not acts.to_broker
-    # Another PUBREL (an id the broker owns) passes.
+    # A PUBREL for an id the gateway holds nothing for is answered, never forwarded: the
+    # broker must not release a QoS 2 message the gateway cannot decide again.
     acts = s.client_data(codec.encode_ack(T.PUBREL, 5, 4))
-    assert bytes(acts.to_broker[0]) == b"\x62\x02\x00\x05" and not acts.to_client
-    assert len(denials(audit, "publish")) == 2
+    assert bytes(acts.to_client[0]) == b"\x70\x02\x00\x05" and not acts.to_broker
+    assert len(denials(audit, "publish")) == 3  # the two publishes and the unknown release
 
 
 def test_reused_packet_id_is_no_longer_swallowed():
@@ -1049,17 +1050,15 @@ def test_metrics_count_decisions_and_messages():
     assert [a - b for a, b in zip(after, before)] == [3, 1, 3, 2]
 
 
-def test_subscriptions_per_connection_are_bounded(monkeypatch):
-    from proxy.mqtt import session as session_module
-    monkeypatch.setattr(session_module, "_MAX_SUBSCRIPTIONS", 2)
+def test_subscriptions_per_connection_are_bounded():
     p = FakePolicies(sub_allow=["a/1", "a/2", "a/3"])
-    s, _, audit = open_session(MQTT_5, policies=p)
+    s, _, audit = open_session(MQTT_5, policies=p, limits=MqttLimitsConfig(subscriptions_per_connection=2))
     subs = [Subscription(f"a/{i}", 0) for i in (1, 2, 3)]
     acts = s.client_data(codec.encode_subscribe(Subscribe(1, subs), 5))
     up = codec.decode_subscribe(only(acts.to_broker, T.SUBSCRIBE).body, 5)
     assert [x.topic_filter for x in up.subscriptions] == ["a/1", "a/2"]
     assert suback_of(s.broker_data(codec.encode_suback(codec.Suback(1, [0, 0]), 5)), 5) == [0, 0, 0x97]
-    assert denials(audit, "subscribe")[0]["reason"] == "too many subscriptions"
+    assert denials(audit, "subscribe")[0]["reason"] == "too many subscriptions for the connection"
 
 
 # --------------------------------------------------------------------------- grants with a horizon
@@ -1215,3 +1214,179 @@ def test_topic_alias_zero_is_topic_alias_invalid():
     raw[-1] = 0  # alias 1 -> 0 (the last byte of the property; the payload is empty)
     acts = s.client_data(bytes(raw))
     assert only(acts.to_client, T.DISCONNECT).raw[2] == Reason.TOPIC_ALIAS_INVALID and acts.close
+
+
+# --------------------------------------------------------------------------- QoS 2: decided at release
+
+
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+def test_qos2_publish_is_held_and_decided_again_at_pubrel(level):
+    """The broker releases a QoS 2 message at PUBREL: a publish parked before a revocation must
+    not be released after it (the gateway holds it, not the broker)."""
+    s, p, audit = open_session(level)
+    raw = pub("devices/thermo-1/cmd", qos=2, pid=9, level=level)
+    acts = s.client_data(raw)
+    assert not acts.to_broker and bytes(only(acts.to_client, T.PUBREC).raw)[:4] == b"\x50\x02\x00\x09"
+    p.pub.clear()  # the grant is revoked before the PUBREL
+    s.invalidate()
+    acts = s.client_data(codec.encode_ack(T.PUBREL, 9, level))
+    assert not acts.to_broker
+    f = only(acts.to_client, T.PUBCOMP)
+    if level == MQTT_5:
+        assert f.raw[4] == Reason.PACKET_IDENTIFIER_NOT_FOUND
+    assert denials(audit, "publish")[-1]["when"] == "release"
+
+
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+def test_released_qos2_publish_completes_through_the_gateway(level):
+    s, _, _ = open_session(level)
+    raw = pub("devices/thermo-1/cmd", qos=2, pid=9, level=level)
+    s.client_data(raw)
+    acts = s.client_data(codec.encode_ack(T.PUBREL, 9, level))
+    # Released in one write with its PUBREL: the broker never holds it awaiting a release.
+    assert b"".join(bytes(b) for b in acts.to_broker) == raw + codec.encode_ack(T.PUBREL, 9, level)
+    assert not acts.to_client
+    # The broker's PUBREC needs no answer (the client had its PUBREC from the gateway).
+    assert s.broker_data(codec.encode_ack(T.PUBREC, 9, level)) == Actions()
+    # A repeated PUBREL meanwhile is the broker's PUBCOMP's to answer.
+    assert s.client_data(codec.encode_ack(T.PUBREL, 9, level)) == Actions()
+    comp = codec.encode_ack(T.PUBCOMP, 9, level)
+    acts = s.broker_data(comp)
+    assert bytes(only(acts.to_client, T.PUBCOMP).raw) == comp and not acts.to_broker
+    # The id is free again: a PUBREC for it from the broker is the client's business.
+    other = codec.encode_ack(T.PUBREC, 9, level)
+    assert bytes(s.broker_data(other).to_client[0]) == other
+
+
+def test_held_qos2_publishes_are_bounded():
+    s, _, audit = open_session(MQTT_5, max_packet_size=4096)
+    big = b"x" * 3000
+    codes = []
+    for pid in range(1, 200):
+        acts = s.client_data(pub("devices/thermo-1/cmd", payload=big, qos=2, pid=pid, level=MQTT_5))
+        codes.append(only(acts.to_client, T.PUBREC).raw[4] if len(only(acts.to_client, T.PUBREC).raw) > 4 else 0)
+    assert 0 in codes and Reason.QUOTA_EXCEEDED in codes
+    assert s._qos2_held_bytes <= 256 * 1024
+    assert [r for r in audit.records if r.get("reason") == "too many QoS 2 publishes awaiting PUBREL"]
+
+
+# --------------------------------------------------------------------------- the Will while the broker holds it
+
+
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+def test_will_revoked_while_connected_ends_the_connection(level):
+    """The broker publishes a Will it holds whenever it ends the connection itself (a takeover,
+    a protocol error it sees): a Will no longer allowed must not stay there."""
+    s, p, audit = will_session(level)
+    p.pub.clear()
+    acts = s.invalidate()
+    assert acts.close is not None and acts.close.reason == "will_revoked"
+    assert bytes(acts.to_broker[-1]) == b"\xe0\x00"
+    if level == MQTT_5:
+        assert only(acts.to_client, T.DISCONNECT).raw[2] == Reason.NOT_AUTHORIZED
+    assert denials(audit, "will")
+
+
+def test_will_grant_that_expires_ends_the_connection_at_its_end():
+    clock, wall = Clock(1000.0), Clock(5000.0)
+    p = FakePolicies(pub=["devices/thermo-1/#"], until=5020.0)
+    s, _, _ = make(MQTT_5, p, clock=clock, wallclock=wall)
+    s.client_data(connect_packet(MQTT_5, will=Will("devices/thermo-1/status", b"gone", 0, False)))
+    s.authenticated(ALICE)
+    s.broker_data(connack(MQTT_5))
+    assert s.next_deadline() == pytest.approx(1020.0)
+    p.pub.clear()
+    clock.t, wall.t = 1020.0, 5020.0
+    acts = s.tick()
+    assert acts.close is not None and bytes(acts.to_broker[-1]) == b"\xe0\x00"
+
+
+def test_disconnect_setting_a_session_expiry_after_0_is_refused_here():
+    """[MQTT-3.14.2-2]: forwarded, the broker would take it for a protocol error and publish
+    the (maybe revoked) Will itself. Refused here, the Will is decided by the gateway."""
+    s, p, _ = will_session(MQTT_5)
+    p.pub.clear()
+    bad = codec.encode_disconnect(MQTT_5, 0, [(Prop.SESSION_EXPIRY_INTERVAL, 10)])
+    acts = s.client_data(bad)
+    assert acts.close is not None and acts.close.reason == "protocol_error"
+    assert bad not in [bytes(b) for b in acts.to_broker]
+    assert bytes(acts.to_broker[-1]) == b"\xe0\x00"  # the revoked Will discarded
+
+
+def test_will_delay_is_not_passed_to_the_broker():
+    s, _, _ = make(MQTT_5, FakePolicies(pub=["devices/thermo-1/#"]))
+    s.client_data(connect_packet(MQTT_5, will=Will("devices/thermo-1/status", b"gone", 0, False,
+                                                   [(Prop.WILL_DELAY_INTERVAL, 30)])))
+    up = codec.decode_connect(only(s.authenticated(ALICE).to_broker, T.CONNECT).body)
+    assert up.will is not None and get_prop(up.will.properties, Prop.WILL_DELAY_INTERVAL) is None
+
+
+def test_disconnect_held_before_the_connack_discards_the_will():
+    s, _, _ = make(MQTT_311, FakePolicies(pub=["devices/thermo-1/#"]))
+    s.client_data(connect_packet(MQTT_311, will=Will("devices/thermo-1/status", b"gone", 0, False)))
+    s.authenticated(ALICE)
+    s.client_data(codec.encode_disconnect(MQTT_311))  # held: the broker has not answered yet
+    acts = s.client_closed()
+    assert bytes(acts.to_broker[-1]) == b"\xe0\x00"
+
+
+# --------------------------------------------------------------------------- invalidation by device
+
+
+@dataclass(frozen=True)
+class DevSubDecision:
+    verdict: str
+    rule: str | None = "r"
+    reason: str = ""
+    until: float | None = None
+    devices: frozenset = frozenset()
+
+
+class CountingPolicies(FakePolicies):
+    def may_subscribe(self, identity, topic_filter, *, qos=0, client_id=""):
+        self.asked.append(("subscribe", topic_filter))
+        device = topic_filter.split("/")[1]
+        ok = topic_filter in self.sub_allow
+        return DevSubDecision("ALLOW" if ok else "DENY", devices=frozenset({device}))
+
+
+def test_a_change_to_one_device_re_decides_only_the_grants_resting_on_it():
+    p = CountingPolicies(sub_allow=["devices/a/telemetry", "devices/b/telemetry"],
+                         recv=["devices/a/telemetry", "devices/b/telemetry"])
+    s, _, _ = open_session(MQTT_311, policies=p)
+    s.client_data(codec.encode_subscribe(Subscribe(1, [Subscription("devices/a/telemetry", 0),
+                                                       Subscription("devices/b/telemetry", 0)]), 4))
+    p.asked.clear()
+    s.invalidate({"c"})
+    assert not [a for a in p.asked if a[0] == "subscribe"]
+    p.sub_allow.remove("devices/a/telemetry")
+    p.recv.remove("devices/a/telemetry")
+    s.invalidate({"a"})
+    assert [a[1] for a in p.asked if a[0] == "subscribe"] == ["devices/a/telemetry"]
+    assert not s.broker_data(pub("devices/a/telemetry")).to_client
+    assert s.broker_data(pub("devices/b/telemetry")).to_client
+
+
+# --------------------------------------------------------------------------- shared subscriptions
+
+
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+def test_shared_subscription_groups_are_the_identitys_own(level):
+    """Anyone could join another's $share/<group>/... and take a share of its deliveries (then
+    dropped by the gateway as not theirs): the broker gets a group of the identity's own."""
+    def upstream(identity):
+        p = FakePolicies(sub_check=["devices/+/telemetry"])
+        s, _, _ = open_session(level, identity=identity, policies=p)
+        acts = s.client_data(codec.encode_subscribe(
+            Subscribe(1, [Subscription("$share/g/devices/+/telemetry", 0)]), level))
+        sub = codec.decode_subscribe(only(acts.to_broker, T.SUBSCRIBE).body, level)
+        unsub = s.client_data(codec.encode_unsubscribe(Unsubscribe(2, ["$share/g/devices/+/telemetry"]), level))
+        return sub.subscriptions[0].topic_filter, codec.decode_unsubscribe(
+            only(unsub.to_broker, T.UNSUBSCRIBE).body, level).topic_filters
+
+    alice, alice_unsub = upstream(ALICE)
+    bob, _ = upstream(BOB)
+    assert alice == "$share/sub-alice~g/devices/+/telemetry" and alice_unsub == [alice]
+    assert bob != alice and bob.endswith("~g/devices/+/telemetry")
+    tricky = dataclasses.replace(ALICE, sub="a~b/+#")
+    assert upstream(tricky)[0] == "$share/a%7Eb%2F%2B%23~g/devices/+/telemetry"

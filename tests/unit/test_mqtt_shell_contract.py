@@ -224,7 +224,10 @@ class FakeOwnership:
 
     def __init__(self, facts: StaticFacts):
         self.facts = facts
-        self.removal_hooks: list = []   # the gateway hooks its broker clean-up in; never run here
+        self.broker_clearer = None      # the gateway hands its broker clean-up in; never run here
+
+    def set_broker_clearer(self, clearer) -> None:
+        self.broker_clearer = clearer
 
     def credential_problem(self, identity: Identity) -> str | None:
         if not identity.is_device:
@@ -352,6 +355,15 @@ async def open_pair(r: Rig, level: int = MQTT_311, *, will: Will | None = None, 
     assert r.types("client") == [T.CONNACK], r.log
     assert not client.closing
     return client
+
+
+def revoke_silently(r: "Rig") -> None:
+    """The Will's grant ends without the session being told (as when a grant simply runs out and
+    the timer has not fired yet): only the decision at close can stop the Will then. (A change
+    the session is told about ends the connection at once: see
+    test_revoked_will_ends_the_connection_at_once.)"""
+    r.facts._devices[REVOKED.id] = REVOKED
+    r.facts.generation += 1  # the policy engine's cache follows the facts' generation
 
 
 def disconnect_reason(frame: codec.Frame, level: int) -> int:
@@ -499,7 +511,7 @@ async def test_a_refused_connect_closes_without_opening_the_upstream():
 async def test_revoked_will_is_discarded_when_the_client_drops(level):
     async with rig() as r:
         client = await open_pair(r, level, will=WILL)
-        r.facts.put(REVOKED)   # the delegation is revoked: the gateway invalidates every session
+        revoke_silently(r)
         await settle()
         assert r.first("up", "write_eof", "close", "abort") is None
         client.drop()
@@ -524,7 +536,7 @@ async def test_revoked_will_is_discarded_when_the_session_closes():
     # Actions.close (here a protocol violation) ends the client connection: client_closed() too.
     async with rig() as r:
         client = await open_pair(r, MQTT_311, will=WILL)
-        r.facts.put(REVOKED)
+        revoke_silently(r)
         await settle()
         client.feed(connect(MQTT_311))  # a second CONNECT: the session closes
         await settle()
@@ -534,8 +546,8 @@ async def test_revoked_will_is_discarded_when_the_session_closes():
 
 async def test_revoked_will_is_discarded_on_shutdown():
     async with rig() as r:
-        client = await open_pair(r, MQTT_5, will=WILL)
-        r.facts.put(REVOKED)
+        await open_pair(r, MQTT_5, will=WILL)
+        revoke_silently(r)
         await settle()
         await r.gateway.stop()
         await settle()
@@ -550,7 +562,7 @@ async def test_revoked_will_is_discarded_on_token_expiry():
     async with rig() as r:
         r.gateway.identity = alice(ttl=0.3)
         client = await open_pair(r, MQTT_5, will=WILL)
-        r.facts.put(REVOKED)
+        revoke_silently(r)
         await until(lambda: client.closing, 2.0, "the token expiry to close the connection")
         await settle()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
@@ -563,7 +575,7 @@ async def test_revoked_will_is_discarded_on_keepalive_timeout():
     # keepalive 1 s: the gateway closes a silent client at 1.5 s (the slowest test here).
     async with rig() as r:
         client = await open_pair(r, MQTT_5, will=WILL, keepalive=1)
-        r.facts.put(REVOKED)
+        revoke_silently(r)
         await until(lambda: client.closing, 3.0, "the keepalive timeout")
         await settle()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
@@ -574,7 +586,7 @@ async def test_revoked_will_is_discarded_on_keepalive_timeout():
 async def test_clean_disconnect_sends_no_second_disconnect():
     async with rig() as r:
         client = await open_pair(r, MQTT_311, will=WILL)
-        r.facts.put(REVOKED)
+        revoke_silently(r)
         await settle()
         client.feed(b"\xe0\x00")
         await settle()
@@ -651,7 +663,7 @@ async def test_unreachable_broker_is_reported_to_the_session(level, code):
 
 async def test_lost_broker_is_reported_to_the_session():
     async with rig() as r:
-        client = await open_pair(r, MQTT_5)
+        await open_pair(r, MQTT_5)
         r.up.drop()
         await settle()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
@@ -674,7 +686,7 @@ async def test_broker_lost_before_connack_refuses_the_connect():
 
 async def test_shutdown_tells_v5_clients_then_closes():
     async with rig() as r:
-        client = await open_pair(r, MQTT_5)
+        await open_pair(r, MQTT_5)
         await r.gateway.stop()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
         assert disc and disconnect_reason(disc[0][1], MQTT_5) == Reason.SERVER_SHUTTING_DOWN
@@ -689,19 +701,20 @@ async def test_shutdown_tells_v5_clients_then_closes():
 async def test_invalidate_actions_are_carried_out():
     # Session.invalidate() returns Actions; the shell must carry them out like any other.
     async with rig() as r:
-        client = await open_pair(r, MQTT_5, will=WILL)
+        await open_pair(r, MQTT_5, will=WILL)
         s = r.session
         real = s.invalidate
 
-        def invalidate():
-            real()
+        def invalidate(*args):
+            real(*args)  # (drops what it returned: the Actions below stand in for it)
             acts = Actions()
             acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.ADMINISTRATIVE_ACTION))
+            acts.to_broker.append(codec.encode_disconnect(MQTT_5))
             acts.close = CloseInfo("revoked", "test", Reason.ADMINISTRATIVE_ACTION)
             return acts
 
         s.invalidate = invalidate
-        r.facts.put(REVOKED)   # the change reaches every connection through the gateway
+        r.facts.put(DELEGATED)   # a change reaches every connection through the gateway
         await settle()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
         assert disc and disconnect_reason(disc[0][1], MQTT_5) == Reason.ADMINISTRATIVE_ACTION, r.log
@@ -796,3 +809,21 @@ async def test_unsent_data_never_changes_under_a_transport():
             changed = [snap for obj, snap in t.held if bytes(obj) != snap]
             assert not changed, f"{t.side}: data handed to the transport changed after the write"
         assert r.types("client").count(T.PUBLISH) == 12 and r.types("up").count(T.PUBLISH) == 12
+
+
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+async def test_revoked_will_ends_the_connection_at_once(level):
+    # The broker publishes a Will it holds whenever it ends the connection itself (a session
+    # takeover, an error it sees), so a Will that is no longer allowed may not stay there: the
+    # change closes the connection, and the DISCONNECT that discards the Will goes first.
+    async with rig() as r:
+        await open_pair(r, level, will=WILL)
+        r.facts.put(REVOKED)
+        await settle()
+        assert_will_discarded_before_upstream_end(r, level)
+        end = r.first("client", "close", "abort")
+        assert end is not None, r.log
+        if level == MQTT_5:
+            disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
+            assert disc and disconnect_reason(disc[0][1], MQTT_5) == Reason.NOT_AUTHORIZED
+            assert disc[0][0] < end

@@ -408,3 +408,67 @@ def test_a_full_cache_is_dropped_not_grown():
     for i in range(10):
         small.may_publish(user(f"u{i}"), "s/anyone")
     assert len(small._cache) <= 3
+
+
+def test_long_filters_keep_the_decision_cache_within_its_byte_budget():
+    """1,000 distinct 65 KB filters (about 65 MB of keys) are well under the 50,000-entry cap; the
+    byte budget drops the cache instead of keeping them all. Measured with tracemalloc."""
+    import tracemalloc
+
+    from proxy.policy.engine import CACHE_MAX_BYTES
+
+    p = policies(SUBJECT_RULES)
+    compiled = p.compiled
+    alice = user("alice")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        peak_held = 0
+        for i in range(1000):
+            d = p.may_subscribe(alice, f"long/{i}/" + "x" * 65_000)
+            assert d.verdict is Verdict.DENY
+            assert compiled.cache_bytes <= CACHE_MAX_BYTES
+            peak_held = max(peak_held, tracemalloc.get_traced_memory()[0] - before)
+    finally:
+        tracemalloc.stop()
+    assert peak_held <= CACHE_MAX_BYTES + 1024 * 1024, peak_held  # the budget, plus one filter in flight
+    held = sum(len(k[2]) for k in compiled._cache)
+    assert held <= CACHE_MAX_BYTES
+
+
+def test_an_answer_larger_than_the_whole_budget_is_answered_not_kept():
+    from proxy.policy.engine import CompiledPolicies
+
+    p = policies(SUBJECT_RULES)
+    small = CompiledPolicies(p.source, p.compiled.facts, cache_max_bytes=2000)
+    assert small.may_publish(user("alice"), "s/anyone").allowed
+    assert len(small._cache) == 1
+    assert not small.may_publish(user("alice"), "s/" + "x" * 4000).allowed
+    assert small.cache_bytes <= 2000
+    assert len(small._cache) == 1  # the short answer stays
+
+
+def test_an_expired_answer_replaced_in_the_cache_is_not_counted_twice():
+    from proxy.policy.engine import CACHE_SECONDS, CompiledPolicies
+
+    now = [1000.0]
+    p = policies(SUBJECT_RULES)
+    engine = CompiledPolicies(p.source, p.compiled.facts, clock=lambda: now[0])
+    engine.may_publish(user("alice"), "s/anyone")
+    held = engine.cache_bytes
+    for _ in range(5):
+        now[0] += CACHE_SECONDS + 1
+        engine.may_publish(user("alice"), "s/anyone")
+    assert engine.cache_bytes == held
+
+
+def test_the_byte_budget_survives_a_reload(tmp_path):
+    from proxy.facts import StaticFacts
+    from proxy.policy import Policies
+
+    (tmp_path / "p.yaml").write_text("version: 1\nrules:\n" + SUBJECT_RULES)
+    held = Policies.from_dir(tmp_path, StaticFacts(), cache_max_bytes=12345)
+    assert held.compiled.cache_max_bytes == 12345
+    (tmp_path / "p.yaml").write_text("version: 1\nrules:\n" + SUBJECT_RULES.replace("s/anyone", "s/any"))
+    assert held.reload()
+    assert held.compiled.cache_max_bytes == 12345

@@ -1,0 +1,361 @@
+"""A device id is no claim on what Orion holds, and a deleted device leaves nothing behind.
+
+Through the ownership API and the NGSI gateway on one real listener, the real
+test OIDC provider, the SQLCipher store, and the Orion stand-in. Each test is
+one attack of issue 15 item 1, and fails on the behaviour before it: a deleted
+device's entity stayed in Orion for the next registrant to read; registering
+the id of an operator-made entity claimed it; ``POST /devices`` took any
+tenant in ``service``; a deletion while Orion was down left the entity behind
+with the id free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from ownership.api import create_api_app
+from ownership.orion import OrionClient, OrionUnavailable
+from proxy.config import ConfigError, load_config_text
+from proxy.http.gateway import HttpGateway
+from tests.integration.http_rig import HttpRig, build_services, close_services
+from tests.integration.test_http_gateway import _subscribe, subscription
+from tests.rig.ngsi_standin import TENANTS, NgsiStandin
+
+pytestmark = pytest.mark.integration
+
+API = "/api/v1"
+RETRY = 0.1          # ownership.removal_retry_seconds here (default 1)
+RETRY_MAX = 0.4      # ownership.removal_retry_max_seconds here (default 60)
+BOUND = 10.0         # bounds every wait; no timing assertion rests on it
+
+
+def lifecycle_config(upstream: str, tmp: Path) -> Any:
+    text = json.dumps({
+        "oidc": {"issuer": "http://127.0.0.1:1/realms/iot"},
+        "http": {"listen": "127.0.0.1:0", "tls": False, "upstream": upstream, "upstream_timeout_seconds": 2},
+        "store": {"path": str(tmp / "ownership.db"), "key": "${KEYGATE_TEST_STORE_KEY}"},
+        "ownership": {"tenants_by_role": {"iot-admin": ["Plant"]},
+                      "removal_retry_seconds": RETRY, "removal_retry_max_seconds": RETRY_MAX},
+    })
+    return load_config_text(text, env={"KEYGATE_TEST_STORE_KEY": "lifecycle-test-key"})
+
+
+async def start_rig(standin: NgsiStandin, tmp: Path, oidc: Any, session: aiohttp.ClientSession) -> HttpRig:
+    services, tokens = await build_services(lifecycle_config(standin.url, tmp), oidc)
+    gateway = HttpGateway(services, create_api_app(services))
+    await gateway.start()
+    return HttpRig(standin, gateway, services, tokens, session)
+
+
+async def stop_rig(rig: HttpRig) -> None:
+    await rig.gateway.stop()
+    await close_services(rig.services)
+
+
+@pytest.fixture
+async def rig(tmp_path, oidc):
+    standin = NgsiStandin()
+    await standin.start()
+    session = aiohttp.ClientSession()
+    r = await start_rig(standin, tmp_path, oidc, session)
+    try:
+        yield r
+    finally:
+        await stop_rig(r)
+        await session.close()
+        await r.standin.stop()   # the one running now (a test may have replaced it)
+
+
+async def register(rig: HttpRig, who: str, **body: Any):
+    return await rig.call("POST", f"{API}/devices", who, json_body={"type": "Thermometer", **body})
+
+
+async def sub_of(rig: HttpRig, who: str) -> str:
+    return (await rig.services.tokens.validate(rig.tokens[who])).sub
+
+
+def entities(rig: HttpRig, tenant: str = "") -> dict[str, Any]:
+    return rig.standin.tenant(tenant).entities
+
+
+async def alice_device_with_data(rig: HttpRig, device_id: str) -> str:
+    """alice registers a device, writes its entity through the gateway and subscribes to it."""
+    assert (await register(rig, "alice", id=device_id)).status == 201
+    r = await rig.call("POST", "/v2/entities", "alice", json_body={
+        "id": device_id, "type": "Thermometer", "secret": {"type": "Text", "value": "alice's reading"}})
+    assert r.status == 201, r.body
+    return await _subscribe(rig, "alice", subscription(device_id))
+
+
+async def restart_standin(rig: HttpRig) -> float:
+    """Orion comes back on the same port with the data it had; returns when it listens."""
+    old = rig.standin
+    new = NgsiStandin(port=old.port)
+    new.app[TENANTS] = old.app[TENANTS]
+    await new.start()
+    rig.standin = new
+    return time.monotonic()
+
+
+# --------------------------------------------------------------------------- deletion leaves nothing behind
+
+
+async def test_the_next_owner_of_a_deleted_id_reads_nothing_of_the_old_one(rig):
+    sub_id = await alice_device_with_data(rig, "lc-1")
+    rig.standin.recorded.clear()
+    t0 = time.monotonic()
+    assert (await rig.call("DELETE", f"{API}/devices/lc-1", "alice")).status == 204
+    deletion_seconds = time.monotonic() - t0
+    # Gone from Orion by the time the 204 is sent: the entity and the subscription on it.
+    assert "lc-1" not in entities(rig)
+    assert sub_id not in rig.standin.tenant("").subscriptions
+    assert rig.services.ownership.subscription_owner(sub_id, "") is None
+    calls = [(r.method, r.path) for r in rig.standin.recorded]
+    assert ("DELETE", "/v2/entities/lc-1") in calls and ("DELETE", f"/v2/subscriptions/{sub_id}") in calls
+    assert await rig.services.ownership.pending_removals() == []
+    print(f"deletion: {len(calls)} Orion calls, {deletion_seconds * 1000:.1f} ms")
+
+    # bob takes the id: it is free and empty.
+    r = await register(rig, "bob", id="lc-1")
+    assert r.status == 201, r.body
+    r = await rig.call("GET", "/v2/entities/lc-1", "bob")
+    assert r.status == 404 and b"alice" not in r.body
+
+
+async def test_erasure_removes_the_users_entities_and_subscriptions_only(rig):
+    mine = await alice_device_with_data(rig, "lc-e1")
+    assert (await register(rig, "bob", id="lc-b1")).status == 201
+    r = await rig.call("POST", "/v2/entities", "bob", json_body={"id": "lc-b1", "type": "Thermometer"})
+    assert r.status == 201
+    bobs = await _subscribe(rig, "bob", subscription("lc-b1"))
+    # alice also subscribes to bob's device once he lets her read it: her subscription goes with her.
+    bob = await rig.services.tokens.validate(rig.tokens["bob"])
+    await rig.services.ownership.create_delegation(bob, "lc-b1", "alice", "read")
+    hers_on_bobs = await _subscribe(rig, "alice", subscription("lc-b1"))
+
+    r = await rig.call("DELETE", f"{API}/me/data", "alice")
+    assert r.status == 200, r.body
+    subs = rig.standin.tenant("").subscriptions
+    assert "lc-e1" not in entities(rig) and mine not in subs and hers_on_bobs not in subs
+    assert "lc-b1" in entities(rig) and bobs in subs
+    assert await rig.services.ownership.pending_removals() == []
+    assert (await register(rig, "carol", id="lc-e1")).status == 201
+
+
+# --------------------------------------------------------------------------- registration cannot claim
+
+
+async def test_an_operator_made_entity_cannot_be_claimed_by_registering_its_id(rig):
+    rig.seed("ops-1", "Thermometer", secret="operator data")
+    r = await register(rig, "bob", id="ops-1")
+    assert r.status == 409, r.body
+    assert r.json()["error"]["code"] == "conflict" and "already exists" in r.json()["error"]["message"]
+    assert rig.services.ownership.get_device("ops-1") is None
+    assert (await rig.call("GET", "/v2/entities/ops-1", "bob")).status == 403   # still admin-only
+    # The same id in another tenant is no obstacle: the check asks the tenant the device would live in.
+    rig.seed("ops-2", "Thermometer", service="plant")
+    assert (await register(rig, "bob", id="ops-2")).status == 201
+    assert [r.headers.get("Fiware-Service") for r in rig.upstream_saw("GET", "/v2/entities/ops-2")] == [None]
+
+
+async def test_only_an_admin_adopts_an_existing_entity_and_names_the_owner(rig):
+    rig.seed("ops-3", "Thermometer", secret="operator data")
+    bob = await sub_of(rig, "bob")
+    r = await register(rig, "alice", id="ops-3", adopt=True)
+    assert r.status == 403 and r.json()["error"]["code"] == "forbidden"
+    r = await register(rig, "alice", id="ops-3", owner=bob)
+    assert r.status == 403
+    assert (await register(rig, "admin", id="ops-3")).status == 409   # admins too, unless they say adopt
+    r = await register(rig, "admin", id="ops-3", adopt=True, owner=bob, owner_username="bob")
+    assert r.status == 201, r.body
+    assert r.json()["owner"] == {"sub": bob, "username": "bob"}
+    r = await rig.call("GET", "/v2/entities/ops-3", "bob")
+    assert r.status == 200 and r.json()["secret"]["value"] == "operator data"
+    adopted = [e for e in rig.audit.records if e["action"] == "device.register" and e["resource"] == "ops-3"
+               and e["decision"] == "allow"]
+    assert adopted and adopted[-1]["adopted"] is True and adopted[-1]["identity"]["username"] == "admin"
+
+
+async def test_registration_is_refused_when_orion_cannot_be_asked(rig):
+    await rig.standin.stop()
+    t0 = time.monotonic()
+    r = await register(rig, "alice", id="lc-down")
+    refused_in = time.monotonic() - t0
+    assert r.status == 503, r.body
+    assert r.json()["error"]["code"] == "orion_unreachable" and r.headers["Retry-After"] == "5"
+    assert rig.services.ownership.get_device("lc-down") is None
+    upstream_timeout = rig.services.config.http.upstream_timeout_seconds
+    print(f"refusal with Orion down took {refused_in * 1000:.1f} ms (upstream timeout {upstream_timeout} s)")
+    assert refused_in < upstream_timeout + 1.0
+    await restart_standin(rig)
+    assert (await register(rig, "alice", id="lc-down")).status == 201
+
+
+# --------------------------------------------------------------------------- the tenant is not a free field
+
+
+async def test_a_tenant_the_caller_may_not_use_is_refused(rig):
+    rig.seed("t-1", "Thermometer", service="othertenant", secret="other tenant's data")
+    r = await register(rig, "alice", id="t-1", service="othertenant")
+    assert r.status == 403, r.body
+    assert r.json()["error"]["code"] == "tenant_not_allowed"
+    assert rig.services.ownership.get_device("t-1") is None
+    assert not rig.upstream_saw("GET", "/v2/entities/t-1")   # refused before anything was asked
+    # A role may be allowed more (ownership.tenants_by_role: {iot-admin: [Plant]}); tenants are lower-case.
+    assert (await register(rig, "alice", id="t-2", service="Plant")).status == 403
+    r = await register(rig, "admin", id="t-2", service="Plant")
+    assert r.status == 201 and r.json()["service"] == "plant"
+    r = await register(rig, "alice", id="t-3", service="")
+    assert r.status == 201 and r.json()["service"] == ""
+
+
+# --------------------------------------------------------------------------- Orion down during deletion
+
+
+async def wait_until_settled(rig: HttpRig) -> float:
+    deadline = time.monotonic() + BOUND
+    while await rig.services.ownership.pending_removals() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert await rig.services.ownership.pending_removals() == [], "clean-up never completed"
+    return time.monotonic()
+
+
+async def test_orion_down_during_deletion_is_completed_later_and_the_id_blocked_meanwhile(rig):
+    sub_id = await alice_device_with_data(rig, "lc-2")
+    await rig.standin.stop()
+    assert (await rig.call("DELETE", f"{API}/devices/lc-2", "alice")).status == 204
+    # Nothing half-done is visible: the device is gone from the API, its id not registrable.
+    assert (await rig.call("GET", f"{API}/devices/lc-2", "alice")).status == 404
+    pending = await rig.services.ownership.pending_removals()
+    assert {(p["kind"], p["target"]) for p in pending} == {("entity", "lc-2"), ("subscription", sub_id)}
+    for who, extra in (("bob", {}), ("admin", {"adopt": True})):
+        r = await register(rig, who, id="lc-2", **extra)
+        assert r.status == 409, r.body
+        assert "still being removed" in r.json()["error"]["message"]
+    await asyncio.sleep(3 * RETRY_MAX)   # Orion stays down a while: the loop keeps trying, backing off
+    attempts_while_down = max(p["attempts"] for p in await rig.services.ownership.pending_removals())
+
+    back = await restart_standin(rig)
+    done = await wait_until_settled(rig)
+    print(f"Orion down ~{3 * RETRY_MAX:.1f} s: {attempts_while_down} attempts per item; "
+          f"completed {done - back:.2f} s after it came back (retry cap {RETRY_MAX} s)")
+    # Backing off: far fewer attempts than a tight loop, and never slower than the cap to notice.
+    assert 1 <= attempts_while_down <= 1 + (3 * RETRY_MAX) / RETRY
+    assert done - back <= RETRY_MAX + 1.0
+    assert "lc-2" not in entities(rig) and sub_id not in rig.standin.tenant("").subscriptions
+    assert rig.services.ownership.subscription_owner(sub_id, "") is None
+    r = await register(rig, "bob", id="lc-2")
+    assert r.status == 201, r.body
+    r = await rig.call("GET", "/v2/entities/lc-2", "bob")
+    assert r.status == 404 and b"alice" not in r.body
+
+
+async def test_clean_up_owed_survives_a_restart(rig, tmp_path, oidc):
+    await alice_device_with_data(rig, "lc-3")
+    await rig.standin.stop()
+    assert (await rig.call("DELETE", f"{API}/me/data", "alice")).status == 200
+    assert await rig.services.ownership.pending_removals()
+    await stop_rig(rig)               # keygate restarts while Orion is still down
+
+    new = await start_rig(rig.standin, tmp_path, oidc, rig.session)
+    rig.gateway, rig.services, rig.tokens = new.gateway, new.services, new.tokens
+    assert {p["target"] for p in await rig.services.ownership.pending_removals()} >= {"lc-3"}
+    r = await register(rig, "bob", id="lc-3")
+    assert r.status == 409 and "still being removed" in r.json()["error"]["message"]
+    await restart_standin(rig)
+    await wait_until_settled(rig)     # the new process's retry loop finishes what the old one owed
+    assert "lc-3" not in entities(rig)
+    assert (await register(rig, "carol", id="lc-3")).status == 201
+
+
+# --------------------------------------------------------------------------- the Orion client's edge cases
+
+
+async def test_entities_sharing_an_id_are_each_deleted_and_an_odd_answer_is_no_answer():
+    """Orion answers 409 to an untyped DELETE when several entities share the id (different types):
+    each is then deleted by type. A 500 is neither "exists" nor "free"."""
+    held = {("dup", "A"), ("dup", "B")}
+    seen: list[str] = []
+
+    async def entity(request: web.Request) -> web.Response:
+        eid, etype = request.match_info["id"], request.query.get("type")
+        seen.append(f"{request.method} {eid} {etype} {request.headers.get('Fiware-Service')}")
+        if eid == "broken":
+            return web.json_response({"error": "InternalError"}, status=500)
+        mine = {k for k in held if k[0] == eid and etype in (None, k[1])}
+        if len(mine) > 1:
+            return web.json_response({"error": "TooManyResults"}, status=409)
+        if not mine:
+            return web.json_response({"error": "NotFound"}, status=404)
+        if request.method == "DELETE":
+            held.difference_update(mine)
+            return web.Response(status=204)
+        return web.json_response({"id": eid, "type": next(iter(mine))[1]})
+
+    async def listing(request: web.Request) -> web.Response:
+        assert request.query["idPattern"] == "^dup$"
+        return web.json_response([{"id": i, "type": t} for i, t in sorted(held)])
+
+    app = web.Application()
+    app.router.add_route("*", "/v2/entities/{id}", entity)
+    app.router.add_get("/v2/entities", listing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    client = OrionClient(f"http://127.0.0.1:{runner.addresses[0][1]}", timeout_seconds=2)
+    try:
+        assert await client.entity_exists("dup", "t1")
+        await client.delete_entity("dup", "t1")
+        assert not held and not await client.entity_exists("dup", "t1")
+        assert "DELETE dup A t1" in seen and "DELETE dup B t1" in seen
+        with pytest.raises(OrionUnavailable):
+            await client.entity_exists("broken", "")
+        with pytest.raises(OrionUnavailable):
+            await client.delete_entity("broken", "")
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("ownership,message", [
+    ({"tenants_by_role": {"r": ["bad tenant"]}}, "ownership.tenants_by_role.r[0]: a tenant is 1 to 50"),
+    ({"removal_retry_seconds": 0}, "ownership.removal_retry_seconds: must be above 0"),
+    ({"removal_retry_seconds": 5, "removal_retry_max_seconds": 1}, "at most ownership.removal_retry_max_seconds"),
+])
+def test_bad_lifecycle_settings_are_refused_at_load(ownership, message):
+    text = json.dumps({"oidc": {"issuer": "http://127.0.0.1:1/realms/iot"}, "ownership": ownership})
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text)
+    assert message in str(info.value)
+
+
+async def test_broker_clean_up_that_fails_is_retried_and_the_id_blocked_meanwhile(rig):
+    """The MQTT gateway's clean-up of a deleted device (its retained messages and session at the
+    broker) is owed like Orion's: while the broker cannot take it, the id is not registrable."""
+    broker_up = False
+    cleared: list[str] = []
+
+    async def clearer(device_id: str) -> None:
+        if not broker_up:
+            raise ConnectionRefusedError("broker down")
+        cleared.append(device_id)
+
+    rig.services.ownership.set_broker_clearer(clearer)
+    assert (await register(rig, "alice", id="lc-mqtt")).status == 201
+    assert (await rig.call("DELETE", f"{API}/devices/lc-mqtt", "alice")).status == 204
+    kinds = {(p["kind"], p["target"]) for p in await rig.services.ownership.pending_removals()}
+    assert ("broker", "lc-mqtt") in kinds
+    r = await register(rig, "bob", id="lc-mqtt")
+    assert r.status == 409 and "still being removed" in r.json()["error"]["message"], r.body
+    broker_up = True
+    await wait_until_settled(rig)
+    assert cleared == ["lc-mqtt"]
+    assert (await register(rig, "bob", id="lc-mqtt")).status == 201
