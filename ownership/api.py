@@ -23,6 +23,7 @@ from ownership.service import OwnershipError
 from ownership.validation import (KEY_SLOTS, PERMISSIONS, is_device_id, json_problem, location_problem,
                                   orion_id_problem, SERVICE_RE, text_problem)
 from proxy.identity.model import AuthError, AuthReason, Identity
+from proxy.jsonlimits import too_deep
 from proxy.services import Services
 
 log = logging.getLogger("keygate.ownership.api")
@@ -142,6 +143,10 @@ async def _json_body(request: web.Request, *, allowed: set[str], required: set[s
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise ApiError(413, "body_too_large", f"the body may be at most {MAX_BODY_BYTES} bytes")
     raw = await _read_bounded(request, MAX_BODY_BYTES)
+    http = _services(request).config.http
+    max_depth = http.max_json_depth if http is not None else 32
+    if too_deep(raw, max_depth):   # before json.loads, which recurses once per level
+        raise ApiError(400, "invalid_json", f"the body is nested deeper than {max_depth} levels")
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError):

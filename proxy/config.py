@@ -178,6 +178,7 @@ class HttpConfig:
     header_timeout_seconds: float = 10.0   # a request's head must arrive within this
     body_timeout_seconds: float = 30.0     # and its body within this
     max_json_depth: int = 32               # nesting of arrays and objects in a JSON body
+    strip_request_headers: tuple[str, ...] = ()   # added to the identity headers never forwarded
 
 
 @dataclass(frozen=True)
@@ -486,6 +487,22 @@ def _check(cfg: Config, filename: str) -> None:
             bad("mqtt.limits.client_id_max_bytes", "must be at least 23")
     if cfg.http is not None and not re.match(r"^https?://", cfg.http.upstream):
         bad("http.upstream", "must be an http(s) URL")
+    if cfg.http is not None:
+        from proxy.http.ssrf import parse_entry
+
+        for i, entry in enumerate(cfg.http.notification_allowlist):
+            try:
+                parse_entry(entry)
+            except ValueError as exc:
+                bad(f"http.notification_allowlist[{i}]", str(exc))
+        for name in ("header_timeout_seconds", "body_timeout_seconds"):
+            if getattr(cfg.http, name) <= 0:
+                bad(f"http.{name}", "must be positive")
+        if cfg.http.max_json_depth < 1:
+            bad("http.max_json_depth", "must be at least 1")
+        for i, name in enumerate(cfg.http.strip_request_headers):
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                bad(f"http.strip_request_headers[{i}]", f"{name!r} is not a header name")
     for role, tenants in cfg.ownership.tenants_by_role.items():
         for i, tenant in enumerate(tenants):
             if not re.fullmatch(r"[A-Za-z0-9_]{1,50}", tenant):

@@ -2,18 +2,30 @@
 
 Per request: normalise the path, parse the query, fix the tenant, authenticate
 (:mod:`.auth`), read the body when the decision depends on it (capped at
-``http.max_body_bytes``), analyse (:mod:`.ngsi`), plan (:mod:`.plan`), check
-notification targets (:mod:`.ssrf`), then forward to Orion over one pooled
-client session, and audit the outcome. Orion is only ever sent the canonical
-path, the re-encoded query, and (where the body was checked) the re-serialised
-body: what was checked is what Orion reads.
+``http.max_body_bytes``) and parse it strictly (:func:`.ngsi.parse_json_body`:
+nesting capped at ``http.max_json_depth`` before parsing; lone surrogates,
+non-finite and out-of-range numbers, duplicate keys refused 400 ``ParseError``),
+analyse (:mod:`.ngsi`), plan (:mod:`.plan`), check notification targets
+(:mod:`.ssrf`, with Orion's own address never a target), then forward to Orion
+over one pooled client session, and audit the outcome. Orion is only ever sent
+the canonical path, the re-encoded query, and (where the body was checked) the
+re-serialised body: what was checked is what Orion reads.
+
+Slow clients are cut off by the listener (:mod:`.listener`): a head within
+``http.header_timeout_seconds``, a body within ``http.body_timeout_seconds``,
+else 408. A non-admin's ``GET /v2/subscriptions`` reads from Orion only the
+subscriptions the store records for the caller, one by one, so its cost is
+bounded by what the caller owns, not by the tenant's list.
 
 Headers. Hop-by-hop headers (and those named in ``Connection``) never cross.
 The gateway owns, and replaces whatever the client sent for them:
 ``Authorization`` and ``X-Auth-Token`` (never forwarded), ``Forwarded``,
 ``X-Forwarded-For/Proto/Host``, ``X-Real-IP``, ``Fiware-Service``, the
 ``X-HTTP-Method-Override`` family and every ``X-Keygate-*`` header; it sets ``X-Keygate-Kind``, ``-Sub``, ``-User``,
-``-Roles`` and ``-Device`` from the authenticated identity.
+``-Roles`` and ``-Device`` from the authenticated identity. The identity headers other
+gateways set (:data:`IDENTITY_HEADERS`: FIWARE Wilma's ``X-Nick-Name`` family, oauth2-proxy's
+``X-Auth-Request-*`` and ``X-Forwarded-User`` family, ``Remote-User``), and the names listed in
+``http.strip_request_headers``, are dropped, so a backend that trusts them cannot be lied to.
 
 Tenancy. With ``http.fiware_service`` set, that tenant is forced on every
 request. Otherwise the client's ``Fiware-Service`` (lower-cased, as Orion does)
@@ -44,6 +56,7 @@ from yarl import URL
 from proxy.config import parse_hostport
 from proxy.http import ngsi, plan as planning
 from proxy.http.auth import authenticate
+from proxy.http.listener import DeadlineSite, RequestTimeout
 from proxy.http.ssrf import Allowlist, check_target, default_resolver
 from proxy.http.subscription_guard import SubscriptionGuard
 from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
@@ -70,11 +83,22 @@ _OWN_REQUEST_HEADERS = frozenset({"host", "authorization", "x-auth-token", "forw
                                   # the method checked is the method sent: no override by header
                                   "x-http-method-override", "x-http-method", "x-method-override"})
 IDENTITY_PREFIX = "x-keygate-"
+# Identity headers other gateways of the ecosystem set, which backends written for them trust:
+# a client must not be able to send them through keygate. http.strip_request_headers adds names.
+IDENTITY_HEADERS = frozenset({
+    # FIWARE PEP Proxy Wilma (X-Auth-Token, its token header, is one the gateway owns, above)
+    "x-nick-name", "x-display-name", "x-roles", "x-organizations", "x-eidas-profile", "x-app-id",
+    # oauth2-proxy: --set-xauthrequest, --pass-user-headers, --pass-access-token
+    "x-auth-request-user", "x-auth-request-email", "x-auth-request-groups", "x-auth-request-preferred-username",
+    "x-auth-request-access-token", "x-forwarded-user", "x-forwarded-email", "x-forwarded-groups",
+    "x-forwarded-preferred-username", "x-forwarded-access-token", "gap-auth",
+    # web servers' and SSO modules' REMOTE_USER
+    "remote-user", "x-remote-user",
+})
 _CORS_EXPOSE = "Location, Fiware-Total-Count, Fiware-Correlator"
 _MAX_QUERY_FIELDS = 64
 _CHUNK = 65536
-_SUBSCRIPTION_PAGE = 1000
-_MAX_SUBSCRIPTION_PAGES = 100
+_SUBSCRIPTION_FETCH_CONCURRENCY = 16
 
 
 def orion_error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -85,22 +109,10 @@ class BodyTooLarge(Exception):
     pass
 
 
-def _strict_json(raw: bytes) -> Any:
-    """JSON as Orion's parser would read it, minus the ambiguities: duplicate keys and
-    non-finite numbers are refused rather than resolved one way here and another there."""
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in items:
-            if k in out:
-                raise ValueError(f"duplicate key {k!r}")
-            out[k] = v
-        return out
-
-    def constant(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    return json.loads(raw.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
+class _UpstreamRefused(Exception):
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
 
 
 def _header_value(text: str) -> str:
@@ -126,6 +138,7 @@ class GatewayHandler:
         self.admin_role = services.config.ownership.admin_role
         self.allowlist = Allowlist(self.config.notification_allowlist)
         self.cors = frozenset(self.config.cors_origins)
+        self.stripped = IDENTITY_HEADERS | {name.lower() for name in self.config.strip_request_headers}
         self.resolver = resolver
         self.session: aiohttp.ClientSession | None = None
         self.guard = SubscriptionGuard(services, self)
@@ -155,6 +168,8 @@ class GatewayHandler:
             audit["reason"] = audit["reason"] or "client went away"
             self._finish(request, audit, 499, started)
             raise
+        except RequestTimeout as exc:   # the listener's body deadline
+            response = self._timed_out(audit, exc)
         except Exception:  # the one place that turns an unforeseen error into an answer
             log.exception("error handling %s %s", request.method, audit["path"])
             audit["decision"], audit["reason"] = "error", "internal error"
@@ -235,11 +250,9 @@ class GatewayHandler:
             except BodyTooLarge:
                 return self._too_large(audit)
             if ngsi.needs_json_body(method, path) and buffered:
-                try:
-                    body = _strict_json(buffered)
-                except (ValueError, UnicodeDecodeError) as exc:
-                    return self._deny(audit, 400, "ParseError", "Errors found in incoming JSON buffer",
-                                      f"json: {exc}")
+                body = ngsi.parse_json_body(buffered, self.config.max_json_depth)
+                if isinstance(body, ngsi.Reject):
+                    return self._deny(audit, body.status, body.error, body.description, f"json: {body.description}")
 
         req = ngsi.NgsiRequest(method, path, query, body)
         ctx = planning.Context(identity=identity, tenant=tenant, default_service=self.config.fiware_service.lower(),
@@ -254,7 +267,8 @@ class GatewayHandler:
             return self._cors(request, web.json_response(decided.body, status=decided.status,
                                                          headers=dict(decided.headers)))
         for target in decided.targets:
-            why = await check_target(target.url, target.kind, self.allowlist, resolve=self.resolver)
+            why = await check_target(target.url, target.kind, self.allowlist, resolve=self.resolver,
+                                     upstream=self.upstream)
             if why is not None:
                 return self._deny(audit, 403, "Forbidden", f"notification URL not allowed: {why}", f"ssrf: {why}")
         audit["decision"], audit["reason"] = "allow", decided.reason
@@ -280,6 +294,9 @@ class GatewayHandler:
         return self._deny(audit, 413, "RequestEntityTooLarge",
                           f"request body larger than {self.config.max_body_bytes} bytes", "body over the cap",
                           {"Connection": "close"})
+
+    def _timed_out(self, audit: dict[str, Any], exc: RequestTimeout) -> web.Response:
+        return self._deny(audit, 408, "RequestTimeout", exc.reason, "body too slow", {"Connection": "close"})
 
     def _refuse(self, audit: dict[str, Any], d: planning.Deny, identity: Identity) -> web.Response:
         if d.status == 403 and identity.is_anonymous:
@@ -316,7 +333,7 @@ class GatewayHandler:
         for name, value in request.headers.items():
             low = name.lower()
             if low in HOP_BY_HOP or low in connection_named or low in _OWN_REQUEST_HEADERS \
-                    or low.startswith(IDENTITY_PREFIX):
+                    or low in self.stripped or low.startswith(IDENTITY_PREFIX):
                 continue
             if rewritten and low == "content-type":
                 continue
@@ -354,7 +371,7 @@ class GatewayHandler:
         if isinstance(body, bytes):
             headers["Content-Length"] = str(len(body))
         if d.after == "filter_subscriptions":
-            return await self._own_subscriptions(request, d, headers, audit)
+            return await self._own_subscriptions(request, d, headers, tenant, audit)
         t0 = time.perf_counter()
         try:
             upstream = await self.session.request(d.method, self._url(d.path, d.query), headers=headers,
@@ -365,6 +382,8 @@ class GatewayHandler:
             audit["reason"] = "upstream timeout"
             return orion_error(504, "GatewayTimeout", "the context broker did not answer in time")
         except aiohttp.ClientError as exc:
+            if isinstance(exc.__cause__, RequestTimeout):   # the client's body, streamed, stopped coming
+                return self._timed_out(audit, exc.__cause__)
             audit["reason"] = f"upstream unreachable: {type(exc).__name__}"
             return orion_error(502, "BadGateway", "the context broker is unreachable")
         UPSTREAM_LATENCY.observe(time.perf_counter() - t0)
@@ -439,40 +458,55 @@ class GatewayHandler:
         return response
 
     async def _own_subscriptions(self, request: web.Request, d: planning.Forward, headers: CIMultiDict[str],
-                                 audit: dict[str, Any]) -> web.StreamResponse:
-        """The caller's subscriptions only: Orion's full list, filtered, then paged here."""
-        assert self.session is not None
-        own: list[Any] = []
-        last_status = 200
+                                 tenant: str, audit: dict[str, Any]) -> web.StreamResponse:
+        """The caller's subscriptions only, fetched one by one (``GET /v2/subscriptions/{id}``) from the ids
+        the store records for them: the upstream cost is bounded by what the caller owns, never by the
+        size of the tenant's list. Paged here, in creation order as Orion lists them; with
+        ``options=count`` every own subscription is fetched, so ``Fiware-Total-Count`` is exact.
+        One the store records but Orion no longer has (404) is left out."""
+        limit, offset, count = d.page
+        # Orion's ids are MongoDB ObjectIds, which begin with their creation time: sorted is creation order.
+        ids = sorted(d.keep)
+        wanted = len(ids) if count else offset + limit
+        found: list[Any] = []
+        fetched = 0
         try:
-            for page in range(_MAX_SUBSCRIPTION_PAGES):
-                url = self._url("/v2/subscriptions", (("limit", str(_SUBSCRIPTION_PAGE)),
-                                                       ("offset", str(page * _SUBSCRIPTION_PAGE))))
-                async with self.session.get(url, headers=headers, allow_redirects=False) as upstream:
-                    last_status = upstream.status
-                    if upstream.status != 200:
-                        break
-                    items = json.loads(await upstream.read())
-                if not isinstance(items, list):
-                    break
-                own.extend(s for s in items if isinstance(s, dict) and s.get("id") in d.keep)
-                if len(items) < _SUBSCRIPTION_PAGE:
-                    break
+            while fetched < len(ids) and len(found) < wanted:
+                batch = ids[fetched:fetched + min(wanted - len(found), _SUBSCRIPTION_FETCH_CONCURRENCY)]
+                fetched += len(batch)
+                for item in await asyncio.gather(*(self._one_subscription(sub_id, headers) for sub_id in batch)):
+                    if item is not None:
+                        found.append(item)
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             audit["reason"] = "upstream timeout"
             return orion_error(504, "GatewayTimeout", "the context broker did not answer in time")
         except aiohttp.ClientError as exc:
             audit["reason"] = f"upstream unreachable: {type(exc).__name__}"
             return orion_error(502, "BadGateway", "the context broker is unreachable")
-        except ValueError:
-            audit["reason"] = "upstream sent a subscription list that is not JSON"
-            return orion_error(502, "BadGateway", "the context broker sent an unreadable answer")
-        audit["upstream_status"] = last_status
-        if last_status != 200:
+        except _UpstreamRefused as exc:
+            audit["upstream_status"] = exc.status
+            audit["reason"] = f"upstream answered {exc.status} to a subscription read"
             return orion_error(502, "BadGateway", "the context broker refused to list subscriptions")
-        limit, offset, count = d.page
-        headers_out = {"Fiware-Total-Count": str(len(own))} if count else None
-        return self._cors(request, web.json_response(own[offset:offset + limit], headers=headers_out))
+        audit["upstream_status"] = 200
+        headers_out = {"Fiware-Total-Count": str(len(found))} if count else None
+        return self._cors(request, web.json_response(found[offset:offset + limit], headers=headers_out))
+
+    async def _one_subscription(self, sub_id: str, headers: CIMultiDict[str]) -> Any:
+        """Orion's subscription ``sub_id``, or None when it has none by that id."""
+        assert self.session is not None
+        async with self.session.get(self._url(f"/v2/subscriptions/{sub_id}", ()), headers=headers,
+                                    allow_redirects=False) as upstream:
+            if upstream.status == 404:
+                return None
+            if upstream.status != 200:
+                raise _UpstreamRefused(upstream.status)
+            try:
+                item = json.loads(await upstream.read())
+            except ValueError:
+                raise _UpstreamRefused(upstream.status) from None
+        if not isinstance(item, dict) or item.get("id") != sub_id:
+            raise _UpstreamRefused(upstream.status)
+        return item
 
     # ------------------------------------------------------------------ CORS
 
@@ -542,7 +576,11 @@ class HttpGateway:
             ssl_context = server_context(config.tls, config.base_dir)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, backlog=1024)
+        # Slow clients: a head within header_timeout_seconds (TLS handshake included), a body within
+        # body_timeout_seconds (see proxy.http.listener).
+        site = DeadlineSite(self._runner, host, port, ssl_context=ssl_context, backlog=1024,
+                            header_timeout=config.http.header_timeout_seconds,
+                            body_timeout=config.http.body_timeout_seconds)
         await site.start()
         self.port = self._runner.addresses[0][1]
 

@@ -10,13 +10,25 @@ Orion's URL space to device actions can be tested and fuzzed on its own.
 A device's entity id is its device id. Ids and attribute names must follow
 Orion's identifier rules; anything else is refused here, before it can mean
 one thing to the gateway and another to Orion.
+
+Bodies the decision depends on are parsed here too (:func:`parse_json_body`),
+strictly: nesting deeper than ``http.max_json_depth`` (measured before
+parsing, without recursion), invalid UTF-8, duplicate keys, lone surrogates
+(``"\\ud800"``), ``NaN``/``Infinity`` and numbers beyond a double's range
+(``1e400``) are refused with a :class:`Reject` in Orion's ``ParseError`` shape.
+What is accepted re-serialises as the same, finite, valid JSON, which is what
+the gateway sends on to Orion.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
+
+from proxy.jsonlimits import too_deep
 
 Access = Literal["read", "write"]
 
@@ -148,6 +160,85 @@ Action = Union[Reject, EntityOp, CreateEntity, ListEntities, QueryEntities, Batc
 
 def bad_request(description: str) -> Reject:
     return Reject(400, "BadRequest", description)
+
+
+# --------------------------------------------------------------------------- JSON bodies
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")   # only an escape can spell a surrogate in UTF-8 text
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_DOUBLE = sys.float_info.max
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in items:
+        if k in out:
+            # Read differently by different parsers: refused, not resolved one way here and another in Orion.
+            raise _Refused(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _constant(name: str) -> Any:
+    raise _Refused(f"{name} is not JSON")
+
+
+def _float(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise _Refused(f"number {text[:40]} is out of range")
+    return number
+
+
+def _int(text: str) -> int:
+    number = int(text)   # more than 4300 digits: ValueError from Python itself
+    if abs(number) > _MAX_DOUBLE:
+        # Orion reads numbers as doubles: this one would be infinite there.
+        raise _Refused(f"number {text[:40]}... is out of range")
+    return number
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def parse_error(description: str) -> Reject:
+    return Reject(400, "ParseError", description)
+
+
+def parse_json_body(raw: bytes, max_depth: int) -> Any:
+    """The parsed body, or a :class:`Reject`; never raises."""
+    if too_deep(raw, max_depth):
+        return parse_error(f"JSON nested deeper than {max_depth} levels")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return parse_error("request body is not valid UTF-8")
+    try:
+        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float,
+                           parse_int=_int)
+    except _Refused as exc:
+        return parse_error(str(exc))
+    except (ValueError, RecursionError):
+        return parse_error("Errors found in incoming JSON buffer")
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(value):
+        return parse_error("JSON string with a lone surrogate (not a Unicode character)")
+    return value
 
 
 # --------------------------------------------------------------------------- analysis

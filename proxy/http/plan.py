@@ -16,7 +16,9 @@ Rules, in one place:
   ``[]`` here, Orion is never asked an unrestricted question;
 * subscriptions: tied to their creator; creation needs read access to every
   subject entity (no ``idPattern`` for non-admins) and notification targets
-  that pass the SSRF check; others' subscriptions are answered 404;
+  that pass the SSRF check; others' subscriptions are answered 404; a
+  non-admin's listing is the caller's recorded subscriptions (the shell
+  fetches them by id), paged with Orion's ``limit``/``offset``/``options=count``;
 * tenancy: a device lives in the tenant recorded in its facts (``service``,
   defaulting to ``http.fiware_service``); outside it, it is not a device;
 * everything else: closed unless a policy opens it.

@@ -12,9 +12,25 @@ its own neighbours (server-side request forgery). A target passes when:
   resolves to (through the event loop's ``getaddrinfo``) is globally routable:
   no loopback, link-local, private, shared, multicast, reserved or
   unspecified address, IPv4-mapped IPv6 included;
-* with a non-empty allow-list: the host equals a listed host name, or every
-  address it resolves to lies in a listed address or CIDR. Listing is also
-  how an operator allows an internal receiver.
+* with a non-empty allow-list: it matches a listed entry, which names one
+  receiver by scheme, host and port, and for http(s) optionally a path
+  prefix: ``http://10.0.0.5:8080/notify`` admits ``http://10.0.0.5:8080/notify``
+  and ``.../notify/...`` and nothing else on that host; ``mqtt://10.0.0.5:1883``
+  admits that broker. A port left out is the scheme's default (80, 443, 1883,
+  8883), never "any port". An entry's host is a name (matched by name, and the
+  target must still resolve) or an address (matched by every address the
+  target resolves to). Listing is also how an operator allows an internal
+  receiver. The old per-host form (a bare host or CIDR, which opened every
+  port of the host, Orion's own API included) is refused when the
+  configuration is loaded;
+* never, allow-list or not, the upstream Orion itself (``http.upstream``'s
+  host and port, by name and by every address it resolves to): a subscription
+  that notifies Orion makes Orion send its creator's chosen request, with
+  Orion's own authority, to Orion's API.
+
+A path prefix is matched on segment boundaries, and a target path with dot
+segments or percent-encoded dots, slashes or backslashes is refused when a
+prefix applies, so ``/notify/../v2/entities`` cannot climb out of it.
 
 Host names that a libc would read as numbers (``127.1``, ``0x7f.1``,
 ``2130706433``) are refused outright: Orion's resolver and ours must agree.
@@ -29,11 +45,12 @@ import asyncio
 import ipaddress
 import re
 import socket
+from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _SCHEMES = {"http": {"http": 80, "https": 443}, "mqtt": {"mqtt": 1883, "mqtts": 8883}}
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
@@ -42,21 +59,90 @@ _LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?", re.I)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443, "mqtt": 1883, "mqtts": 8883}
+_ENCODED_DOT_OR_SLASH = re.compile(r"%(2e|2f|5c)", re.I)
+
+
+@dataclass(frozen=True)
+class AllowEntry:
+    """One receiver Orion may notify: scheme, host (a name, or an address) and port; a path prefix for http(s)."""
+    scheme: str
+    host: str                         # lower case, no trailing dot
+    ip: IpAddress | None              # set when the host is an address
+    port: int
+    path: str = ""                    # "" = any path
+
+    def admits_path(self, path: str) -> bool:
+        if not self.path:
+            return True
+        if self.path.endswith("/"):
+            return path.startswith(self.path)
+        return path == self.path or path.startswith(self.path + "/")
+
+
+def parse_entry(text: str) -> AllowEntry:
+    """An allow-list entry (``scheme://host[:port][/path]``); ValueError says what is wrong with it."""
+    if _BAD_CHARS.search(text):
+        raise ValueError("must not contain whitespace, control characters or backslashes")
+    if "://" not in text:
+        raise ValueError(f"{text!r} is not a URL: write scheme://host:port[/path], e.g. "
+                         "http://10.0.0.5:8080/notify (a bare host or CIDR would allow every port of the host)")
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        raise ValueError("the host does not parse (CIDR blocks are not accepted)") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise ValueError(f"scheme must be one of {', '.join(_DEFAULT_PORTS)}")
+    if "@" in parts.netloc or parts.query or parts.fragment:
+        raise ValueError("must not carry user information, a query or a fragment")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port is None:
+        port = _DEFAULT_PORTS[scheme]
+    elif not 1 <= port <= 65535:
+        raise ValueError("the port is not a number from 1 to 65535")
+    host = (parts.hostname or "").lower().rstrip(".")
+    if not host:
+        raise ValueError("has no host")
+    try:
+        ip: IpAddress | None = _ip(host)
+    except ValueError:
+        ip = None
+        if _NUMERIC_HOST.fullmatch(host) or not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"{host!r} is not a host name or an address (CIDR blocks are not accepted)") from None
+    path = parts.path
+    if path and scheme.startswith("mqtt"):
+        raise ValueError("an mqtt entry has no path")
+    if path == "/":
+        path = ""
+    if path and (_has_dot_segment(path) or _ENCODED_DOT_OR_SLASH.search(path)):
+        raise ValueError("the path must not hold dot segments or percent-encoded dots, slashes or backslashes")
+    return AllowEntry(scheme, host, ip, port, path)
+
+
+def _has_dot_segment(path: str) -> bool:
+    return any(seg in (".", "..") for seg in path.split("/"))
+
+
 class Allowlist:
     def __init__(self, entries: Iterable[str] = ()):
-        self.hosts: set[str] = set()
-        self.networks: list[IpNetwork] = []
-        for entry in entries:
-            try:
-                self.networks.append(ipaddress.ip_network(entry, strict=False))
-            except ValueError:
-                self.hosts.add(entry.lower().rstrip("."))
+        self.entries = tuple(parse_entry(e) for e in entries)
 
     def __bool__(self) -> bool:
-        return bool(self.hosts or self.networks)
+        return bool(self.entries)
 
-    def covers(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return any(ip in net for net in self.networks)
+    def admits(self, scheme: str, host: str, addresses: list[IpAddress], port: int, path: str) -> bool:
+        for e in self.entries:
+            if e.scheme != scheme or e.port != port or not e.admits_path(path):
+                continue
+            if e.ip is None and e.host == host:
+                return True
+            if e.ip is not None and addresses and all(a == e.ip for a in addresses):
+                return True
+        return False
 
 
 async def default_resolver(host: str, port: int) -> list[str]:
@@ -81,9 +167,9 @@ def _special(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     return None
 
 
-async def check_target(url: str, kind: str, allowlist: Allowlist, *,
-                       resolve: Resolver = default_resolver) -> str | None:
-    """Why Orion must not notify ``url``, or None when it may."""
+async def check_target(url: str, kind: str, allowlist: Allowlist, *, resolve: Resolver = default_resolver,
+                       upstream: str = "") -> str | None:
+    """Why Orion must not notify ``url``, or None when it may. ``upstream`` is Orion's own URL."""
     if _BAD_CHARS.search(url):
         return "URL contains whitespace, control characters or backslashes"
     try:
@@ -101,7 +187,7 @@ async def check_target(url: str, kind: str, allowlist: Allowlist, *,
     if not host:
         return "URL has no host"
     port = port or schemes[scheme]
-    literal: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    literal: IpAddress | None
     try:
         literal = _ip(host)
     except ValueError:
@@ -111,22 +197,49 @@ async def check_target(url: str, kind: str, allowlist: Allowlist, *,
             return "host is a non-canonical numeric address"
         if not _HOSTNAME.fullmatch(host):
             return "host is not a valid host name"
-        if host.rstrip(".") in allowlist.hosts:
-            return None
-        try:
-            addresses = [_ip(a) for a in await resolve(host, port)]
-        except (OSError, ValueError, UnicodeError):
-            return "host does not resolve"
+        addresses = await _resolved(host, port, resolve)   # as spelled: as Orion will resolve it
         if not addresses:
             return "host does not resolve"
+        host = host.rstrip(".")
     else:
         addresses = [literal]
+    if upstream and await _is_upstream(host, addresses, port, upstream, resolve):
+        return "the target is the context broker itself"
+    if allowlist:
+        path = parts.path or "/"
+        if any(e.path for e in allowlist.entries) and (_has_dot_segment(path) or _ENCODED_DOT_OR_SLASH.search(path)):
+            return "URL path holds dot segments or percent-encoded dots, slashes or backslashes"
+        if allowlist.admits(scheme, host, addresses, port, path):
+            return None
+        return "target is not in the notification allow-list"
     for ip in addresses:
-        if allowlist.covers(ip):
-            continue
-        if allowlist:
-            return "host is not in the notification allow-list"
         special = _special(ip)
         if special is not None:
             return f"host resolves to a {special} address"
     return None
+
+
+async def _resolved(host: str, port: int, resolve: Resolver) -> list[IpAddress]:
+    try:
+        return [_ip(a) for a in await resolve(host, port)]
+    except (OSError, ValueError, UnicodeError):
+        return []
+
+
+async def _is_upstream(host: str, addresses: list[IpAddress], port: int, upstream: str, resolve: Resolver) -> bool:
+    """Whether host:port is Orion's own (by name, or by any address both resolve to)."""
+    parts = urlsplit(upstream)
+    try:
+        up_port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 80)
+    except ValueError:
+        return False
+    up_host = (parts.hostname or "").lower().rstrip(".")
+    if port != up_port or not up_host:
+        return False
+    if host == up_host:
+        return True
+    try:
+        up_addresses = [_ip(up_host)]
+    except ValueError:
+        up_addresses = await _resolved(up_host, up_port, resolve)
+    return any(a in up_addresses for a in addresses)

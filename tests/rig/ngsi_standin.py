@@ -11,21 +11,29 @@ tenant per lower-cased ``Fiware-Service`` header.
 It records every request it receives (``app[RECORDED]``), so tests can assert
 what reached the upstream and, as important, what did not.
 
+Like Orion, it notifies: after a write to an entity, every subscription whose
+subject names that entity gets its ``http`` (a POST of the notification) or
+``httpCustom`` (``method``, ``headers``, ``payload`` or ``json``) request sent,
+for real, to its URL; what was sent is kept in ``app[NOTIFIED]``. That is
+what makes a notification aimed at Orion itself an attack a test can show.
+
 Run on its own for benchmarks: ``python -m tests.rig.ngsi_standin --port 1026``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-__all__ = ["create_standin_app", "RECORDED", "TENANTS", "Recorded", "NgsiStandin"]
+__all__ = ["create_standin_app", "RECORDED", "TENANTS", "NOTIFIED", "Recorded", "NgsiStandin"]
 
 
 @dataclass
@@ -45,6 +53,8 @@ class Tenant:
 
 
 RECORDED = web.AppKey("recorded", list)
+NOTIFIED = web.AppKey("notified", list)       # (subscription id, method, url, status or error)
+_ENTITY_WRITE = re.compile(r"^/v2/entities/([^/]+)(/attrs(/[^/]+(/value)?)?)?$")
 TENANTS = web.AppKey("tenants", dict)
 
 _DEFAULT_LIMIT = 20
@@ -417,6 +427,15 @@ async def op_query(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------- handlers: subscriptions etc.
 
 
+_ids = itertools.count(secrets.randbelow(1 << 24))
+_PROCESS = secrets.token_hex(5)
+
+
+def _object_id() -> str:
+    """Like a MongoDB ObjectId, as Orion's ids are: creation time, process, counter (so sorted = created)."""
+    return f"{int(time.time()):08x}{_PROCESS}{next(_ids) % (1 << 24):06x}"
+
+
 def _collection(kind: str):
     """CRUD for subscriptions and registrations, which behave alike in Orion."""
 
@@ -429,7 +448,7 @@ def _collection(kind: str):
             raise _bad("Parse Error")
         if kind == "subscriptions" and not isinstance(body.get("notification"), dict):
             raise _bad("Subscription notification is missing")
-        new_id = secrets.token_hex(12)
+        new_id = _object_id()
         store(request)[new_id] = {"id": new_id, **{k: v for k, v in body.items() if k != "id"},
                                   **({"status": "active"} if kind == "subscriptions" else {})}
         return web.Response(status=201, headers={"Location": f"/v2/{kind}/{new_id}"})
@@ -506,15 +525,54 @@ def _middleware(record: bool):
         except web.HTTPMethodNotAllowed:
             response = _json({"error": "MethodNotAllowed", "description": "method not allowed"}, status=405)
         response.headers["Fiware-Correlator"] = correlator
+        written = _ENTITY_WRITE.match(request.path)
+        if written and request.method in ("POST", "PATCH", "PUT") and response.status in (200, 201, 204):
+            await _notify(request, written.group(1))
         return response
 
     return shape
+
+
+async def _notify(request: web.Request, entity_id: str) -> None:
+    """Send the notifications of the subscriptions on this entity (awaited, so tests need not wait)."""
+    import aiohttp
+
+    tenant = _tenant(request)
+    entity = tenant.entities.get(entity_id)
+    for sub in list(tenant.subscriptions.values()):
+        subject = sub.get("subject", {}).get("entities", [])
+        if not any(isinstance(e, dict) and e.get("id") == entity_id for e in subject):
+            continue
+        notification = sub.get("notification", {})
+        custom = notification.get("httpCustom")
+        target = custom or notification.get("http")
+        if not isinstance(target, dict) or not isinstance(target.get("url"), str):
+            continue
+        method, headers = "POST", {"Content-Type": "application/json"}
+        body = json.dumps({"subscriptionId": sub["id"], "data": [entity]})
+        if custom:
+            method = str(custom.get("method", "POST")).upper()
+            headers.update(custom.get("headers") or {})
+            if "json" in custom:
+                body = json.dumps(custom["json"])
+            elif "payload" in custom:
+                body = str(custom["payload"])
+        if request.headers.get("Fiware-Service"):
+            headers["Fiware-Service"] = request.headers["Fiware-Service"]
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+                async with session.request(method, target["url"], data=body.encode(), headers=headers) as r:
+                    outcome: Any = r.status
+        except (aiohttp.ClientError, OSError) as exc:
+            outcome = type(exc).__name__
+        request.app[NOTIFIED].append((sub["id"], method, target["url"], outcome))
 
 
 def create_standin_app(*, record: bool = True) -> web.Application:
     """``record=False`` for long benchmark runs, so the record list does not grow without bound."""
     app = web.Application(middlewares=[_middleware(record)])
     app[RECORDED] = []
+    app[NOTIFIED] = []
     app[TENANTS] = {}
     r = app.router
     r.add_get("/version", version)

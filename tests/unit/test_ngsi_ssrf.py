@@ -68,9 +68,69 @@ async def test_scheme_must_fit_the_kind():
 
 
 async def test_allowlist_opens_internal_receivers_and_closes_the_rest():
-    allow = ("10.1.0.0/16", "receiver.internal")
-    assert await check("http://internal.example/", allow=allow) is None
-    assert await check("http://10.1.9.9/", allow=allow) is None
-    assert await check("http://receiver.internal/", allow=allow) is None
-    assert await check("http://public.example/", allow=allow) == "host is not in the notification allow-list"
+    allow = ("http://10.1.2.3:8080/notify", "http://receiver.internal/hooks/", "mqtt://10.1.2.3:1883")
+    DNS["receiver.internal"] = ["10.1.9.9"]
+    assert await check("http://internal.example:8080/notify", allow=allow) is None
+    assert await check("http://10.1.2.3:8080/notify/sub?x=1", allow=allow) is None
+    assert await check("http://receiver.internal/hooks/a", allow=allow) is None
+    assert await check("mqtt://10.1.2.3:1883", "mqtt", allow=allow) is None
+    assert await check("http://public.example/", allow=allow) == "target is not in the notification allow-list"
     assert await check("http://127.0.0.1/", allow=allow) is not None
+
+
+@pytest.mark.parametrize("url,kind", [
+    ("http://10.1.2.3:1026/v2/entities/b-1/attrs", "http"),   # the same host, another port: Orion's
+    ("http://10.1.2.3/notify", "http"),                       # no port is port 80, not "any"
+    ("https://10.1.2.3:8080/notify", "http"),                 # another scheme
+    ("http://10.1.2.3:8080/notifyx", "http"),                 # the prefix ends at a segment boundary
+    ("http://10.1.2.3:8080/other", "http"),
+    ("http://10.1.2.3:8080/notify/../v2/entities", "http"),   # dot segments climb out of the prefix
+    ("http://10.1.2.3:8080/notify/%2e%2e/v2/entities", "http"),
+    ("http://10.1.2.3:8080/notify%2F..%2Fv2", "http"),
+    ("mqtt://10.1.2.3:1884", "mqtt"),
+    ("mqtts://10.1.2.3:1883", "mqtt"),
+])
+async def test_an_entry_admits_one_receiver_not_its_whole_host(url, kind):
+    allow = ("http://10.1.2.3:8080/notify", "mqtt://10.1.2.3:1883")
+    assert await check(url, kind, allow=allow) is not None
+
+
+@pytest.mark.parametrize("upstream,url", [
+    ("http://127.0.0.1:1026", "http://127.0.0.1:1026/v2/entities/b-1/attrs"),
+    ("http://127.0.0.1:1026", "http://localhost.:1026/v2/op/update"),        # another name for it
+    ("http://127.0.0.1:1026", "https://127.0.0.1:1026/"),                    # any scheme on Orion's port
+    ("http://orion.internal:1026", "http://orion.internal:1026/v2/entities"),
+    ("http://orion.internal:1026", "http://10.1.2.3:1026/v2/entities"),      # Orion's address, by number
+    ("http://orion.internal", "http://internal.example/v2/entities"),        # port 80 both
+])
+async def test_orion_itself_is_never_a_target_even_when_listed(upstream, url):
+    DNS["localhost."] = ["127.0.0.1"]
+    DNS["orion.internal"] = ["10.1.2.3"]
+    listed = (url.split("/v2")[0].rstrip("/"),)
+    why = await check_target(url, "http", Allowlist(listed), resolve=resolve, upstream=upstream)
+    assert why == "the target is the context broker itself"
+    why = await check_target(url, "http", Allowlist(), resolve=resolve, upstream=upstream)
+    assert why == "the target is the context broker itself"
+    # and the same receiver on another port is judged by the allow-list as usual
+    other = url.replace(":1026", ":8080") if ":1026" in url else url.replace("internal.example", "internal.example:81")
+    assert await check_target(other, "http", Allowlist(listed), resolve=resolve, upstream=upstream) != \
+        "the target is the context broker itself"
+
+
+@pytest.mark.parametrize("entry,problem", [
+    ("10.1.2.3", "is not a URL"), ("10.1.0.0/16", "is not a URL"), ("receiver.internal", "is not a URL"),
+    ("ftp://10.1.2.3", "scheme"), ("http://user@10.1.2.3", "user information"), ("http://10.1.2.3:0", "port"),
+    ("http://10.1.2.3:99999", "port"), ("mqtt://10.1.2.3:1883/topic", "no path"), ("http://127.1:80", "host"),
+    ("http://10.1.2.3/a/../b", "dot segments"), ("http://10.1.2.3/a%2fb", "percent-encoded"),
+    ("http://[10.0.0.0/8]:80", "host"),
+])
+def test_bad_allowlist_entries_are_refused_with_a_reason(entry, problem):
+    with pytest.raises(ValueError, match=problem):
+        Allowlist([entry])
+
+
+def test_entry_defaults():
+    (e,) = Allowlist(["HTTP://Receiver.Internal."]).entries
+    assert (e.scheme, e.host, e.port, e.path) == ("http", "receiver.internal", 80, "")
+    (e,) = Allowlist(["mqtts://10.0.0.5"]).entries
+    assert (e.port, str(e.ip)) == (8883, "10.0.0.5")
