@@ -50,6 +50,7 @@ class SubDecision:
     rule: str | None = "r"
     reason: str = ""
     until: float | None = None
+    devices: frozenset = frozenset()
 
 
 class FakePolicies:
@@ -1333,21 +1334,12 @@ def test_disconnect_held_before_the_connack_discards_the_will():
 # --------------------------------------------------------------------------- invalidation by device
 
 
-@dataclass(frozen=True)
-class DevSubDecision:
-    verdict: str
-    rule: str | None = "r"
-    reason: str = ""
-    until: float | None = None
-    devices: frozenset = frozenset()
-
-
 class CountingPolicies(FakePolicies):
     def may_subscribe(self, identity, topic_filter, *, qos=0, client_id=""):
         self.asked.append(("subscribe", topic_filter))
         device = topic_filter.split("/")[1]
         ok = topic_filter in self.sub_allow
-        return DevSubDecision("ALLOW" if ok else "DENY", devices=frozenset({device}))
+        return SubDecision("ALLOW" if ok else "DENY", devices=frozenset({device}))
 
 
 def test_a_change_to_one_device_re_decides_only_the_grants_resting_on_it():
