@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         current = None
         for sc, case, mode, rep in steps:
             if sc is not current:
+                if current is not None and current.after is not None:
+                    current.after(stack)
                 current = sc
                 if sc.before is not None and not args.quick and (not modes or "keygate" in modes):
                     progress.step(f"{sc.name}: preparing")
