@@ -30,6 +30,12 @@ from typing import Callable
 from bench.stack import OWNER, PYTHON, REPO, STRANGER, Stack, proc_cpu_seconds, proc_rss_kib
 
 
+# The attacks of the "under attack" scenario (ATTACKS below), as its cases name them.
+ATTACK_LABEL = {"slowloris_tls": "slowloris, MQTT over TLS", "slowloris_ws": "slowloris, WebSocket upgrade",
+                "connect_flood": "pre-auth CONNECT flood", "unsubscribe_flood": "UNSUBSCRIBE flood",
+                "subscribe_flood": "long-filter SUBSCRIBE flood", "http_slow_headers": "HTTP slow headers"}
+
+
 @dataclass
 class Row:
     scenario: str
@@ -64,9 +70,9 @@ class Sizes:
     http_connections: int
     http_seconds: float
     quick: bool = False
-    attack_seconds: float = 5.0   # the legitimate client's measurement, per case
-    attack_ramp_s: float = 1.5    # attackers open their connections before it starts
-    attack_cases: tuple[str, ...] = ("quiet", "under attack")
+    attack_seconds: float = 3.0   # the legitimate client's measurement, per case
+    attack_ramp_s: float = 1.0    # attackers open their connections before it starts
+    attack_cases: tuple[str, ...] = ("quiet", "all at once")  # full(): each attack alone as well
 
     @classmethod
     def full(cls, messages: int = 1_000_000, reps: int = 3) -> "Sizes":
@@ -74,7 +80,7 @@ class Sizes:
                    fanout_subscribers=10, fanout_messages=20_000, latency_rates=(1000, 10000),
                    latency_seconds=4.0, cpu_clients=100, cpu_rate=5000, cpu_seconds=5.0, storm_workers=16,
                    storm_seconds=4.0, storm_tokens=6000, idle_counts=(1000, 8000), http_connections=32,
-                   http_seconds=3.0)
+                   http_seconds=3.0, attack_cases=("quiet", *ATTACK_LABEL.values(), "all at once"))
 
     @classmethod
     def quick(cls, messages: int = 2000) -> "Sizes":
@@ -406,10 +412,6 @@ ATTACKS: dict[str, dict] = {
                         "filter_bytes": 1000, "oversized_bytes": 60000, "interval_s": 0.1},
     "http_slow_headers": {"connections": 100, "addresses": 5, "first_address": 50, "trickle_s": 1.0},
 }
-ATTACK_LABEL = {"slowloris_tls": "slowloris, MQTT over TLS", "slowloris_ws": "slowloris, WebSocket upgrade",
-                "connect_flood": "pre-auth CONNECT flood", "unsubscribe_flood": "UNSUBSCRIBE flood",
-                "subscribe_flood": "long-filter SUBSCRIBE flood", "http_slow_headers": "HTTP slow headers"}
-
 # What the limits promise for memory: every connection keygate holds costs at most the
 # pre-authentication buffer (mqtt.limits.connect_max_bytes, as configured in stack.HARDENED_MQTT)
 # plus PER_CONNECTION_KIB for its TLS state, socket buffers and objects; besides those, the bounded
@@ -439,7 +441,7 @@ def attack_spec(stack: Stack, sz: Sizes, which: list[str]) -> dict:
 def _attacks_of(case: str) -> list[str]:
     if case == "quiet":
         return []
-    if case == "under attack":
+    if case == "all at once":
         return list(ATTACKS)
     return [a for a, label in ATTACK_LABEL.items() if label == case]
 
