@@ -405,7 +405,7 @@ ATTACKS: dict[str, dict] = {
     "slowloris_tls": {"connections": 300, "addresses": 10, "first_address": 0, "declared": 30000,
                       "initial": 28000, "trickle_s": 1.0},
     "slowloris_ws": {"connections": 100, "addresses": 1, "first_address": 10, "trickle_s": 1.0},
-    "connect_flood": {"rate": 200, "in_flight": 100, "addresses": 5, "first_address": 20},
+    "connect_flood": {"rate": 300, "in_flight": 100, "addresses": 3, "first_address": 20},
     "unsubscribe_flood": {"connections": 50, "addresses": 10, "first_address": 30, "filters": 16,
                           "filter_bytes": 1000, "interval_s": 0.05},
     "subscribe_flood": {"connections": 50, "addresses": 10, "first_address": 40, "filters": 8,
