@@ -235,11 +235,13 @@ def attack_tables(rows: list[Row]) -> str:
                      f"{_fmt(m('rss_before_mb'), '{:,.1f}')} → {_fmt(m('rss_peak_mb'), '{:,.1f}')} "
                      f"→ {_fmt(m('rss_after_mb'), '{:,.1f}')}",
                      f"{_fmt(m('rss_growth_mb'), '{:,.1f}')} / {_fmt(m('rss_bound_mb'), '{:,.1f}')}",
+                     _fmt(1048.576 * m("rss_growth_mb") / m("attack_connections_peak"), "{:,.0f}")
+                     if m("attack_connections_peak") else "–",
                      _fmt(m("keygate_cpu_pct"), "{:.0f}%") + " / " + _fmt(m("attackers_cpu_pct"), "{:.0f}%"),
                      _fmt(m("audit_mb"), "{:,.2f}")])
     parts = [_table(["case", "connect median / max (ms)", "connects failed", "p50 (ms)", "p99 (ms)",
                      "p99 / quiet", "HTTP GET median / max (ms)", "keygate RSS before → peak → after (MB)",
-                     "RSS growth / bound (MB)", "CPU of one core: keygate / attackers", "audit log written (MB)"],
+                     "RSS growth / bound (MB)", "growth per held connection (kB)", "CPU of one core: keygate / attackers", "audit log written (MB)"],
                     body)]
     verdicts = attack_targets(rows)
     if verdicts:
