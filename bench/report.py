@@ -241,7 +241,8 @@ def attack_tables(rows: list[Row]) -> str:
                      _fmt(m("audit_mb"), "{:,.2f}")])
     parts = [_table(["case", "connect median / max (ms)", "connects failed", "p50 (ms)", "p99 (ms)",
                      "p99 / quiet", "HTTP GET median / max (ms)", "keygate RSS before → peak → after (MB)",
-                     "RSS growth / bound (MB)", "growth per held connection (kB)", "CPU of one core: keygate / attackers", "audit log written (MB)"],
+                     "RSS growth / bound (MB)", "growth per held connection (kB)",
+                     "CPU of one core: keygate / attackers", "audit log written (MB)"],
                     body)]
     verdicts = attack_targets(rows)
     if verdicts:
