@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.scenarios import SCENARIOS, Row, Sizes
+from bench.scenarios import LEGIT_RATE, SCENARIOS, Row, Sizes
 
 NAN = float("nan")
 
@@ -264,7 +264,30 @@ def attack_tables(rows: list[Row]) -> str:
         parts += ["", "What the attackers did and what keygate answered:", "",
                   _table(["case", "attack", "size", "connections opened", "TLS established",
                           "refused before TLS", "closed by keygate", "held at most", "keygate's answers"], body)]
+    parts += attack_notes(rows)
     return "\n".join(parts)
+
+
+def attack_notes(rows: list[Row]) -> list[str]:
+    """What this run's own figures say about a missed target and about the audit log."""
+    notes = []
+    missed = [v[0] for v in attack_targets(rows) if v[1].startswith("p99") and "not met" in v[3]]
+    for case in missed:
+        m = lambda k: median(rows, "attack", case, "keygate", k)  # noqa: E731
+        run = next(r for r in rows if r.scenario == "attack" and r.case == case and r.mode == "keygate")
+        reopened = sum(st.get("closed_by_keygate", 0) + st.get("refused", 0) for st in
+                       run.extra.get("attacks", {}).values())
+        handshakes = sum(st.get("established", 0) for st in run.extra.get("attacks", {}).values())
+        notes.append(f"- **{case}**: keygate used {_fmt(m('keygate_cpu_pct'), '{:.0f}%')} of one core and the "
+                     f"attackers {_fmt(m('attackers_cpu_pct'), '{:.0f}%')} (two cores, shared with Mosquitto and "
+                     f"the legitimate client); keygate completed {handshakes:,} TLS handshakes with attackers "
+                     f"and closed or refused {reopened:,} of their connections, which they opened again.")
+    audit = [(r.case, r.metrics["audit_mb"], r.metrics.get("measured_s", 0)) for r in rows
+             if r.scenario == "attack" and r.mode == "keygate" and r.metrics.get("audit_mb", 0) >= 1]
+    if audit:
+        notes.append("- Audit log written during the measurement: " + "; ".join(
+            f"{case} {mb:,.1f} MB" + (f" ({mb / s:,.1f} MB/s)" if s else "") for case, mb, s in audit) + ".")
+    return ["", "Notes from this run's figures:", ""] + notes if notes else []
 
 
 # --------------------------------------------------------------------------- markdown
@@ -384,8 +407,8 @@ def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quic
             "A fresh keygate with the settings of a deployment facing the internet (`bench/stack.py`, "
             "`HARDENED_MQTT`: the `mqtt.limits` defaults, 64 unauthenticated connections and 20 new ones "
             "per second per address, a 10 s connect deadline, 200 messages/s per identity, a WebSocket "
-            "listener). The legitimate client, from 127.0.0.1: a device publishing 150 messages/s (one "
-            "per write, stamped) to its owner's subscriber for "
+            f"listener). The legitimate client, from 127.0.0.1: a device publishing {LEGIT_RATE} messages/s "
+            "(one per write, stamped) to its owner's subscriber for "
             f"{sizes.attack_seconds:g} s, and beside it a fresh TLS connection + CONNECT with the "
             "owner's token every 0.25 s timed to its CONNACK, and one HTTPS `GET /v2/entities/{id}` on a "
             "fresh connection every 0.25 s. `quiet`: nothing else; the other cases: the attackers of "
