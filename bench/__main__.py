@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                     sc.before(stack)
             progress.step(f"{sc.name} {case} {mode}" + (f" (rep {rep + 1})" if sc.reps(sizes) > 1 else ""))
             recorder = None
-            if args.profile and mode == "keygate" and sc.name != "identity":
+            # identity runs in process; attack starts its own keygate, so the pid here would be gone
+            if args.profile and mode == "keygate" and sc.name not in ("identity", "attack"):
                 from bench.profile import Recorder
 
                 slug = "-".join(re.findall(r"[a-z0-9]+", f"{sc.name} {case} {rep}".lower()))
