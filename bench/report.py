@@ -418,8 +418,9 @@ def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quic
             "keygate's VmRSS before the attackers start, at its peak (sampled every 0.1 s) and at the end "
             "of the measurement; the bound is what the limits promise: every connection the attackers held "
             "at most (the sum of each attack's peak) x (`connect_max_bytes` 32 KiB + 64 KiB for its TLS "
-            "state, buffers and objects) + 32 MiB for the bounded caches. Every process shares the same "
-            "two cores, the attackers too: their CPU is in the table."),
+            "state, buffers and objects) + 32 MiB, what the shared decision cache may hold "
+            "(`policies.cache_max_bytes`), + 16 MiB for the allocator and the rest. Every process shares "
+            "the same two cores, the attackers too: their CPU is in the table."),
         "identity": "The identity micro-benchmarks (`bench/bench_tokens.py`, `bench/bench_ownership.py`, "
                     "`bench/bench_policy.py`) in one process, no network.",
     }
