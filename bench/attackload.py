@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import resource
 import ssl
@@ -357,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(argv[0], encoding="utf-8") as f:
         spec = json.load(f)
     raise_nofile()
+    # Connections keygate resets are the point here, not news: asyncio would log each one, and
+    # nobody reads this process's stderr while it runs.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         import uvloop
         uvloop.install()
