@@ -85,13 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         current = None
         for sc, case, mode, rep in steps:
             if sc is not current:
+                if current is not None and current.after is not None:
+                    current.after(stack)
                 current = sc
                 if sc.before is not None and not args.quick and (not modes or "keygate" in modes):
                     progress.step(f"{sc.name}: preparing")
                     sc.before(stack)
             progress.step(f"{sc.name} {case} {mode}" + (f" (rep {rep + 1})" if sc.reps(sizes) > 1 else ""))
             recorder = None
-            if args.profile and mode == "keygate" and sc.name != "identity":
+            # identity runs in process; attack starts its own keygate, so the pid here would be gone
+            if args.profile and mode == "keygate" and sc.name not in ("identity", "attack"):
                 from bench.profile import Recorder
 
                 slug = "-".join(re.findall(r"[a-z0-9]+", f"{sc.name} {case} {rep}".lower()))

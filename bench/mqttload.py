@@ -552,6 +552,71 @@ async def run_latency(spec: dict) -> dict:
             "achieved_rate": total / (time.monotonic() - start), "completed": len(lat) == total}
 
 
+async def _connect_probe(target: dict, cred: dict, timeout: float) -> float | None:
+    """Seconds from the TCP connect to CONNACK 0 of one fresh connection, None when it failed."""
+    t = time.perf_counter()
+    try:
+        c = await open_client(target, cred, timeout=timeout)
+    except (OSError, asyncio.TimeoutError, MqttError, ssl.SSLError):
+        return None
+    elapsed = time.perf_counter() - t
+    c.disconnect()
+    return elapsed
+
+
+async def _http_probe(http: dict, timeout: float) -> float | None:
+    """Seconds for one HTTPS GET on a fresh connection (TLS, request, whole answer), None unless 200."""
+    t = time.perf_counter()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            http["host"], http["port"], ssl=client_ssl(http["ca"]), server_hostname="localhost"), timeout)
+        writer.write(f"GET {http['path']} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {http['token']}"
+                     "\r\nAccept: application/json\r\nConnection: close\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(-1), timeout)
+        writer.close()
+    except (OSError, asyncio.TimeoutError, ssl.SSLError):
+        return None
+    return time.perf_counter() - t if answer.startswith(b"HTTP/1.1 200") else None
+
+
+async def run_legit(spec: dict) -> dict:
+    """The legitimate client of the "under attack" scenario: message latency at a fixed rate
+    (as ``latency``) while, beside it, a fresh connection is opened every ``probe_interval_s``
+    and timed to its CONNACK, and (when ``http`` is given) one HTTPS GET timed likewise."""
+    interval = spec.get("probe_interval_s", 0.25)
+    probe_timeout = spec.get("probe_timeout_s", 5.0)
+    connects: list[float | None] = []
+    gets: list[float | None] = []
+    stop = asyncio.Event()
+
+    async def probes(results: list, probe) -> None:
+        k = 0
+        while not stop.is_set():
+            results.append(await probe(k))
+            k += 1
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+    prefix = spec.get("probe_client_id", "legit-probe")
+    tasks = [asyncio.ensure_future(probes(connects, lambda k: _connect_probe(
+        spec["target"], {**spec["probe"], "client_id": f"{prefix}-{k}"}, probe_timeout)))]
+    if spec.get("http"):
+        tasks.append(asyncio.ensure_future(probes(gets, lambda k: _http_probe(spec["http"], probe_timeout))))
+    try:
+        res = await run_latency(spec)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    def ms(values: list[float | None]) -> dict:
+        ok = sorted(1000 * v for v in values if v is not None)
+        return {"n": len(values), "failed": len(values) - len(ok),
+                "median_ms": ok[len(ok) // 2] if ok else float("nan"), "max_ms": ok[-1] if ok else float("nan")}
+    res.pop("quantiles_us", None)
+    return {**res, "connect": ms(connects), "http": ms(gets) if spec.get("http") else None}
+
+
 async def _wait_stdin_line() -> str:
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, sys.stdin.readline)
@@ -660,7 +725,7 @@ async def run_idle(spec: dict) -> dict:
 
 
 MODES = {"sipmba": run_sipmba, "ingest": run_ingest, "fanout": run_fanout, "latency": run_latency,
-         "cpu": run_cpu, "storm": run_storm, "idle": run_idle}
+         "cpu": run_cpu, "storm": run_storm, "idle": run_idle, "legit": run_legit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.scenarios import SCENARIOS, Row, Sizes
+from bench.scenarios import LEGIT_RATE, SCENARIOS, Row, Sizes
 
 NAN = float("nan")
 
@@ -40,6 +40,7 @@ COLUMNS: dict[str, list[tuple[str, str, str, bool]]] = {
     "memory": [],  # filled per count below
     "http": [("rate", "requests/s", "{:,.0f}", True), ("p50_ms", "p50 (ms)", "{:.2f}", False)],
     "identity": [("us_per_op", "µs per operation", "{:.2f}", False), ("ops_per_s", "operations/s", "{:,.0f}", True)],
+    "attack": [],  # attack_tables
 }
 
 MODE_LABEL = {"direct": "direct", "direct-tls": "direct, TLS", "relay": "bare TLS relay", "keygate": "keygate",
@@ -185,6 +186,110 @@ def _verdict(ok: bool, rows: list[Row], scenario: str) -> str:
     return "**met**" if ok else "**not met**"
 
 
+# --------------------------------------------------------------------------- under attack (issue 14)
+
+
+def _ms_of_us(v: float) -> str:
+    return f"{v / 1000:,.1f}" if v == v else "–"
+
+
+def _fmt(v: float, fmt: str) -> str:
+    return fmt.format(v) if v == v else "–"
+
+
+def attack_targets(rows: list[Row]) -> list[list[str]]:
+    """Per case with attackers: (case, target, measured, verdict) for the three targets of issue 14."""
+    quiet = median(rows, "attack", "quiet", "keygate", "p99_us")
+    out = []
+    for case in dict.fromkeys(r.case for r in rows if r.scenario == "attack" and r.case != "quiet"):
+        m = lambda k: median(rows, "attack", case, "keygate", k)  # noqa: E731
+        worst, failed = m("connect_max_ms"), m("connect_failed")
+        ok = worst == worst and worst <= 1000 and failed == 0
+        out.append([case, "the legitimate client connects within 1 s",
+                    f"every connect {worst:,.0f} ms or less, {failed:.0f} failed" if worst == worst else "no connect",
+                    "**met**" if ok else "**not met**"])
+        p99 = m("p99_us")
+        ok = p99 == p99 and quiet == quiet and p99 <= 3 * quiet
+        out.append([case, "p99 message latency within 3x quiet",
+                    f"{_ms_of_us(p99)} ms vs {_ms_of_us(quiet)} ms = {ratio(p99, quiet)}",
+                    "**met**" if ok else ("not measured" if quiet != quiet else "**not met**")])
+        growth, bound = m("rss_growth_mb"), m("rss_bound_mb")
+        ok = growth == growth and growth <= bound
+        out.append([case, "RSS growth within what the limits promise",
+                    f"{growth:,.1f} MB for {m('attack_connections_peak'):,.0f} connections at most, "
+                    f"bound {bound:,.1f} MB", "**met**" if ok else "**not met**"])
+    return out
+
+
+def attack_tables(rows: list[Row]) -> str:
+    mine = [r for r in rows if r.scenario == "attack" and r.mode == "keygate"]
+    cases = list(dict.fromkeys(r.case for r in mine))
+    body = []
+    for case in cases:
+        m = lambda k: median(rows, "attack", case, "keygate", k)  # noqa: E731
+        body.append([case, f"{_fmt(m('connect_median_ms'), '{:,.1f}')} / {_fmt(m('connect_max_ms'), '{:,.1f}')}",
+                     f"{m('connect_failed'):.0f} of {m('connect_n'):.0f}" if m("connect_n") == m("connect_n") else "–",
+                     _ms_of_us(m("p50_us")), _ms_of_us(m("p99_us")),
+                     ratio(m("p99_us"), median(rows, "attack", "quiet", "keygate", "p99_us")),
+                     f"{_fmt(m('http_median_ms'), '{:,.1f}')} / {_fmt(m('http_max_ms'), '{:,.1f}')}",
+                     f"{_fmt(m('rss_before_mb'), '{:,.1f}')} → {_fmt(m('rss_peak_mb'), '{:,.1f}')} "
+                     f"→ {_fmt(m('rss_after_mb'), '{:,.1f}')}",
+                     f"{_fmt(m('rss_growth_mb'), '{:,.1f}')} / {_fmt(m('rss_bound_mb'), '{:,.1f}')}",
+                     _fmt(1048.576 * m("rss_growth_mb") / m("attack_connections_peak"), "{:,.0f}")
+                     if m("attack_connections_peak") else "–",
+                     _fmt(m("keygate_cpu_pct"), "{:.0f}%") + " / " + _fmt(m("attackers_cpu_pct"), "{:.0f}%"),
+                     _fmt(m("audit_mb"), "{:,.2f}")])
+    parts = [_table(["case", "connect median / max (ms)", "connects failed", "p50 (ms)", "p99 (ms)",
+                     "p99 / quiet", "HTTP GET median / max (ms)", "keygate RSS before → peak → after (MB)",
+                     "RSS growth / bound (MB)", "growth per held connection (kB)",
+                     "CPU of one core: keygate / attackers", "audit log written (MB)"],
+                    body)]
+    verdicts = attack_targets(rows)
+    if verdicts:
+        parts += ["", "Targets (issue 14):", "", _table(["case", "target", "measured", "verdict"], verdicts)]
+    from bench.scenarios import ATTACK_LABEL, ATTACKS
+
+    attacked = [r for r in mine if r.extra.get("attacks")]
+    if attacked:
+        body = []
+        for r in attacked:
+            for name, st in r.extra["attacks"].items():
+                cfg = ATTACKS.get(name, {})
+                size = (f"{cfg['rate']}/s" if "rate" in cfg else f"{cfg.get('connections', 0)} connections")
+                size += f" from {cfg.get('addresses', 1)} address{'es' if cfg.get('addresses', 1) > 1 else ''}"
+                answers = ", ".join(f"{k} {v:,}" for k, v in sorted(st.get("answers", {}).items()))
+                body.append([r.case, ATTACK_LABEL.get(name, name), size, f"{st['attempts']:,}",
+                             f"{st['established']:,}", f"{st['refused']:,}", f"{st['closed_by_keygate']:,}",
+                             f"{st['peak_open']:,}", answers or "–"])
+        parts += ["", "What the attackers did and what keygate answered:", "",
+                  _table(["case", "attack", "size", "connections opened", "TLS established",
+                          "refused before TLS", "closed by keygate", "held at most", "keygate's answers"], body)]
+    parts += attack_notes(rows)
+    return "\n".join(parts)
+
+
+def attack_notes(rows: list[Row]) -> list[str]:
+    """What this run's own figures say about a missed target and about the audit log."""
+    notes = []
+    missed = [v[0] for v in attack_targets(rows) if v[1].startswith("p99") and "not met" in v[3]]
+    for case in missed:
+        m = lambda k: median(rows, "attack", case, "keygate", k)  # noqa: E731
+        run = next(r for r in rows if r.scenario == "attack" and r.case == case and r.mode == "keygate")
+        reopened = sum(st.get("closed_by_keygate", 0) + st.get("refused", 0) for st in
+                       run.extra.get("attacks", {}).values())
+        handshakes = sum(st.get("established", 0) for st in run.extra.get("attacks", {}).values())
+        notes.append(f"- **{case}**: keygate used {_fmt(m('keygate_cpu_pct'), '{:.0f}%')} of one core and the "
+                     f"attackers {_fmt(m('attackers_cpu_pct'), '{:.0f}%')} (two cores, shared with Mosquitto and "
+                     f"the legitimate client); keygate completed {handshakes:,} TLS handshakes with attackers "
+                     f"and closed or refused {reopened:,} of their connections, which they opened again.")
+    audit = [(r.case, r.metrics["audit_mb"], r.metrics.get("measured_s", 0)) for r in rows
+             if r.scenario == "attack" and r.mode == "keygate" and r.metrics.get("audit_mb", 0) >= 1]
+    if audit:
+        notes.append("- Audit log written during the measurement: " + "; ".join(
+            f"{case} {mb:,.1f} MB" + (f" ({mb / s:,.1f} MB/s)" if s else "") for case, mb, s in audit) + ".")
+    return ["", "Notes from this run's figures:", ""] + notes if notes else []
+
+
 # --------------------------------------------------------------------------- markdown
 
 
@@ -199,6 +304,8 @@ def scenario_table(rows: list[Row], name: str) -> str:
     mine = [r for r in rows if r.scenario == name]
     if not mine:
         return ""
+    if name == "attack":
+        return attack_tables(rows)
     cases = list(dict.fromkeys(r.case for r in mine))
     modes = [m for m in sc.modes if any(r.mode == m for r in mine)]
     cols = COLUMNS[name]
@@ -296,6 +403,24 @@ def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quic
                  "`GET /v2/entities/{id}` and `PATCH /v2/entities/{id}/attrs` on the NGSI-v2 stand-in "
                  "(one Python process, the common upstream), directly, through nginx (one worker, TLS, "
                  "keep-alive upstream) and through keygate (TLS, bearer token, policy, ownership)."),
+        "attack": (
+            "A fresh keygate with the settings of a deployment facing the internet (`bench/stack.py`, "
+            "`HARDENED_MQTT`: the `mqtt.limits` defaults, 64 unauthenticated connections and 20 new ones "
+            "per second per address, a 10 s connect deadline, 200 messages/s per identity, a WebSocket "
+            f"listener). The legitimate client, from 127.0.0.1: a device publishing {LEGIT_RATE} messages/s "
+            "(one per write, stamped) to its owner's subscriber for "
+            f"{sizes.attack_seconds:g} s, and beside it a fresh TLS connection + CONNECT with the "
+            "owner's token every 0.25 s timed to its CONNACK, and one HTTPS `GET /v2/entities/{id}` on a "
+            "fresh connection every 0.25 s. `quiet`: nothing else; the other cases: the attackers of "
+            "`bench/attackload.py` (one process, every connection bound to a source address in "
+            "127.0.0.2–127.0.0.254, so keygate's per-address limits see them as separate hosts) opened "
+            f"their connections {sizes.attack_ramp_s:g} s before and keep attacking throughout. RSS is "
+            "keygate's VmRSS before the attackers start, at its peak (sampled every 0.1 s) and at the end "
+            "of the measurement; the bound is what the limits promise: every connection the attackers held "
+            "at most (the sum of each attack's peak) x (`connect_max_bytes` 32 KiB + 64 KiB for its TLS "
+            "state, buffers and objects) + 32 MiB, what the shared decision cache may hold "
+            "(`policies.cache_max_bytes`), + 16 MiB for the allocator and the rest. Every process shares "
+            "the same two cores, the attackers too: their CPU is in the table."),
         "identity": "The identity micro-benchmarks (`bench/bench_tokens.py`, `bench/bench_ownership.py`, "
                     "`bench/bench_policy.py`) in one process, no network.",
     }

@@ -30,6 +30,12 @@ from typing import Callable
 from bench.stack import OWNER, PYTHON, REPO, STRANGER, Stack, proc_cpu_seconds, proc_rss_kib
 
 
+# The attacks of the "under attack" scenario (ATTACKS below), as its cases name them.
+ATTACK_LABEL = {"slowloris_tls": "slowloris, MQTT over TLS", "slowloris_ws": "slowloris, WebSocket upgrade",
+                "connect_flood": "pre-auth CONNECT flood", "unsubscribe_flood": "UNSUBSCRIBE flood",
+                "subscribe_flood": "long-filter SUBSCRIBE flood", "http_slow_headers": "HTTP slow headers"}
+
+
 @dataclass
 class Row:
     scenario: str
@@ -64,6 +70,9 @@ class Sizes:
     http_connections: int
     http_seconds: float
     quick: bool = False
+    attack_seconds: float = 3.0   # the legitimate client's measurement, per case
+    attack_ramp_s: float = 1.0    # attackers open their connections before it starts
+    attack_cases: tuple[str, ...] = ("quiet", "all at once")  # full(): each attack alone as well
 
     @classmethod
     def full(cls, messages: int = 1_000_000, reps: int = 3) -> "Sizes":
@@ -71,7 +80,7 @@ class Sizes:
                    fanout_subscribers=10, fanout_messages=20_000, latency_rates=(1000, 10000),
                    latency_seconds=4.0, cpu_clients=100, cpu_rate=5000, cpu_seconds=5.0, storm_workers=16,
                    storm_seconds=4.0, storm_tokens=6000, idle_counts=(1000, 8000), http_connections=32,
-                   http_seconds=3.0)
+                   http_seconds=3.0, attack_cases=("quiet", *ATTACK_LABEL.values(), "all at once"))
 
     @classmethod
     def quick(cls, messages: int = 2000) -> "Sizes":
@@ -79,7 +88,7 @@ class Sizes:
                    fanout_subscribers=3, fanout_messages=300, latency_rates=(1000, 10000),
                    latency_seconds=0.3, cpu_clients=10, cpu_rate=2000, cpu_seconds=0.3, storm_workers=4,
                    storm_seconds=0.5, storm_tokens=400, idle_counts=(40, 100), http_connections=8,
-                   http_seconds=1.0, quick=True)
+                   http_seconds=1.0, quick=True, attack_seconds=1.5, attack_ramp_s=1.0)
 
 
 # --------------------------------------------------------------------------- running a load generator
@@ -167,6 +176,7 @@ class Scenario:
     run: Callable[[Stack, Sizes, str, str, int], Row]
     reps: Callable[[Sizes], int] = lambda s: s.reps
     before: Callable[[Stack], None] | None = None  # e.g. a fresh keygate process
+    after: Callable[[Stack], None] | None = None   # once its last run is done, e.g. keygate as it was
 
 
 def sipmba(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
@@ -382,6 +392,155 @@ def _identity_cases(sz: Sizes) -> list[str]:
     return identity_suite.CASES
 
 
+# --------------------------------------------------------------------------- under attack (issue 14)
+
+ATTACKERS = 10  # signed-in attacker identities (their own tokens), apart from the owner and the stranger
+
+# Each attack: how many connections it keeps (or how fast it opens them), from which source addresses
+# (attackload.addresses: first_address .. first_address + addresses - 1, mapped into 127.0.0.2..254).
+# slowloris_ws comes from one address, so its 100 connections meet the cap of 64 unauthenticated ones
+# per address; the CONNECT flood from 5, so each address goes over 20 new connections per second;
+# the rest are spread thin, as a botnet's would be, and must be borne within the memory bound.
+ATTACKS: dict[str, dict] = {
+    "slowloris_tls": {"connections": 300, "addresses": 10, "first_address": 0, "declared": 30000,
+                      "initial": 28000, "trickle_s": 1.0},
+    "slowloris_ws": {"connections": 100, "addresses": 1, "first_address": 10, "trickle_s": 1.0},
+    "connect_flood": {"rate": 300, "in_flight": 100, "addresses": 3, "first_address": 20},
+    "unsubscribe_flood": {"connections": 50, "addresses": 10, "first_address": 30, "filters": 16,
+                          "filter_bytes": 1000, "interval_s": 0.05},
+    "subscribe_flood": {"connections": 50, "addresses": 10, "first_address": 40, "filters": 8,
+                        "filter_bytes": 1000, "oversized_bytes": 60000, "interval_s": 0.1},
+    "http_slow_headers": {"connections": 100, "addresses": 5, "first_address": 50, "trickle_s": 1.0},
+}
+
+# What the limits promise for memory: every connection keygate holds costs at most the
+# pre-authentication buffer (mqtt.limits.connect_max_bytes, as configured in stack.HARDENED_MQTT)
+# plus PER_CONNECTION_KIB for its TLS state, socket buffers and objects; besides those, the shared
+# decision cache may fill up to policies.cache_max_bytes (32 MiB by default) and FIXED_MIB is left
+# for the allocator and the rest.
+CONNECT_MAX_KIB = 32
+PER_CONNECTION_KIB = 64
+CACHE_MAX_MIB = 32
+FIXED_MIB = 16
+LEGIT_RATE = 150  # messages/s of the legitimate device: within the 200/s per identity of HARDENED_MQTT
+
+
+def attack_spec(stack: Stack, sz: Sizes, which: list[str]) -> dict:
+    tokens = [stack.token(f"mallory-{k}") for k in range(ATTACKERS)]
+    half = ATTACKERS // 2
+    attacks = {}
+    for name in which:
+        cfg = dict(ATTACKS[name])
+        if name == "unsubscribe_flood":
+            cfg["tokens"] = tokens[:half]
+        elif name == "subscribe_flood":
+            cfg["tokens"] = tokens[half:]
+        attacks[name] = cfg
+    return {"host": "127.0.0.1", "ca": stack.ca, "mqtt_port": stack.keygate_mqtt_port,
+            "ws_port": stack.keygate_ws_port, "http_port": stack.keygate_http_port, "tokens": tokens,
+            "victim_devices": [stack.device(k) for k in range(10)], "attacks": attacks,
+            "ramp_s": sz.attack_ramp_s, "max_seconds": sz.attack_ramp_s + sz.attack_seconds + 30}
+
+
+def _attacks_of(case: str) -> list[str]:
+    if case == "quiet":
+        return []
+    if case == "all at once":
+        return list(ATTACKS)
+    return [a for a, label in ATTACK_LABEL.items() if label == case]
+
+
+class _RssSampler:
+    """keygate's VmRSS every 0.1 s in a thread, for the peak."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid, self.peak = pid, proc_rss_kib(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                self.peak = max(self.peak, proc_rss_kib(self.pid))
+            except OSError:
+                return
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def under_attack(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
+    """The legitimate client's connect time and message latency, with the attackers of ``case`` running
+    against the same keygate, a fresh process with the hardened settings (stack.HARDENED_MQTT)."""
+    stack.start_keygate(http=bool(stack.keygate_http_port), hardened=True)
+    target = stack.mqtt_target(mode).spec()
+    owner = stack.token(OWNER)
+    # Warm-up: the JWKS fetched, the owner's token cached, one TLS handshake done.
+    warm = run_load("mqttload", {"mode": "storm", "target": target, "tokens": [owner], "workers": 2,
+                                 "duration_s": 0.2}, timeout=30)
+    if not warm.get("connects"):
+        return Row("attack", case, mode, rep, {}, False, "warm-up failed: " + json.dumps(warm)[:300])
+    time.sleep(0.3)
+    pid = stack.pid("keygate")
+    before = proc_rss_kib(pid)
+    audit = stack.workdir / "keygate" / "audit.log"
+    audit_before = audit.stat().st_size if audit.exists() else 0
+    which = _attacks_of(case)
+    gen = Interactive("attackload", attack_spec(stack, sz, which)) if which else None
+    sampler = None
+    try:
+        if gen is not None:
+            gen.read_line(sz.attack_ramp_s + 30)
+        sampler = _RssSampler(pid)
+        cpu_before, wall_before = proc_cpu_seconds(pid), time.monotonic()
+        topic = f"devices/{stack.device(1)}/telemetry"
+        spec = {"mode": "legit", "rate": LEGIT_RATE, "duration_s": sz.attack_seconds, "topic": topic, "target": target,
+                "pub": stack.device_cred(1), "sub": _cred(stack, f"legit-sub-{rep}"),
+                "probe": {"username": "bench", "password": owner}, "probe_client_id": f"legit-probe-{rep}",
+                "probe_interval_s": 0.25, "timeout": 5,
+                "http": {"host": "127.0.0.1", "port": stack.keygate_http_port, "ca": stack.ca, "token": owner,
+                         "path": f"/v2/entities/{stack.device(2)}"} if stack.keygate_http_port else None}
+        res = run_load("mqttload", spec, timeout=sz.attack_seconds + 60)
+        after = proc_rss_kib(pid)
+        keygate_cpu = (proc_cpu_seconds(pid) - cpu_before) / (time.monotonic() - wall_before)
+        audit_after = audit.stat().st_size if audit.exists() else 0
+        attackers = gen.finish(40) if gen is not None else {"completed": True, "attacks": {}}
+    except Exception as exc:
+        if gen is not None:
+            gen.kill()
+        return Row("attack", case, mode, rep, {}, False, f"{type(exc).__name__}: {exc}")
+    finally:
+        peak = sampler.stop() if sampler is not None else 0
+    held = sum(a.get("peak_open", 0) for a in attackers.get("attacks", {}).values())
+    metrics = {"rss_before_mb": before / 1024, "rss_after_mb": after / 1024, "rss_peak_mb": peak / 1024,
+               "rss_growth_mb": (max(peak, after) - before) / 1024, "attack_connections_peak": held,
+               "rss_bound_mb": held * (CONNECT_MAX_KIB + PER_CONNECTION_KIB) / 1024 + CACHE_MAX_MIB + FIXED_MIB,
+               "keygate_cpu_pct": 100 * keygate_cpu, "audit_mb": (audit_after - audit_before) / 1e6,
+               "measured_s": sz.attack_seconds}
+    if "cpu_s" in attackers and attackers.get("elapsed_s"):
+        metrics["attackers_cpu_pct"] = 100 * attackers["cpu_s"] / attackers["elapsed_s"]
+    for k in ("p50_us", "p99_us", "max_us", "received", "sent"):
+        if k in res:
+            metrics[k] = res[k]
+    for what in ("connect", "http"):
+        got = res.get(what) or {}
+        for k in ("median_ms", "max_ms", "failed", "n"):
+            if k in got:
+                metrics[f"{what}_{k}"] = got[k]
+    ok = bool(res.get("completed")) and bool(attackers.get("completed"))
+    detail = _error(res) or attackers.get("error", "") or "; ".join(attackers.get("errors", []))
+    return Row("attack", case, mode, rep, metrics, ok, detail, {"attacks": attackers.get("attacks", {})})
+
+
+def _restore_keygate(stack: Stack) -> None:
+    stack.start_keygate(http=bool(stack.keygate_http_port))
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("sipmba", "SIP-MBA table: one publisher, one subscriber, \"hello i\" in order",
              ("direct", "keygate"), lambda s: ["QoS 0", "QoS 1", "QoS 2"], sipmba, reps=lambda s: 1),
@@ -403,6 +562,9 @@ SCENARIOS: list[Scenario] = [
              lambda s: ["GET", "PATCH"], http),
     Scenario("identity", "Identity micro-benchmarks (in process)", ("keygate",), _identity_cases, identity,
              reps=lambda s: 1),
+    Scenario("attack", "Under attack: a legitimate client while attackers run against the same keygate",
+             ("keygate",), lambda s: list(s.attack_cases), under_attack, reps=lambda s: 1,
+             after=_restore_keygate),
 ]
 
 

@@ -111,6 +111,8 @@ class Stack:
     keygate: subprocess.Popen | None = None
     keygate_mqtt_port: int = 0
     keygate_http_port: int = 0
+    keygate_ws_port: int = 0
+    hardened: bool = False  # keygate runs with HARDENED_MQTT (the "under attack" scenario)
     pki = None
     keys: dict[str, str] = field(default_factory=dict)  # device id -> K1, from keygate's store
     log: list[str] = field(default_factory=list)
@@ -250,7 +252,7 @@ http {{
                                       stderr=subprocess.STDOUT)
         _wait_port(self.nginx_port, self.nginx)
 
-    def keygate_config(self, *, http: bool) -> Path:
+    def keygate_config(self, *, http: bool, hardened: bool = False) -> Path:
         d = self.workdir / "keygate"
         d.mkdir(parents=True, exist_ok=True)
         (d / "store.key").write_text(os.urandom(32).hex())
@@ -294,6 +296,9 @@ policies:
 audit:
   path: {d / "audit.log"}
 """
+        if hardened:
+            self.keygate_ws_port = _free_port()
+            text = harden(text, self.keygate_ws_port)
         path = d / "keygate.yaml"
         path.write_text(text)
         devices = [{"owner": OWNER, "id": self.device(k)} for k in range(self.devices)]
@@ -301,10 +306,11 @@ audit:
         (d / "devices.json").write_text(json.dumps(devices))
         return path
 
-    def start_keygate(self, *, http: bool = True) -> None:
+    def start_keygate(self, *, http: bool = True, hardened: bool = False) -> None:
         _stop(self.keygate)
         shutil.rmtree(self.workdir / "keygate", ignore_errors=True)
-        config = self.keygate_config(http=http)
+        self.hardened = hardened
+        config = self.keygate_config(http=http, hardened=hardened)
         ready = config.parent / "ready.json"
         log = open(config.parent / "keygate.log", "ab")
         self.keygate = subprocess.Popen([PYTHON, "-m", "bench.gateway_proc", "-c", str(config),
@@ -333,6 +339,34 @@ audit:
             return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+# The "under attack" scenario's keygate: the settings of a deployment facing the internet (the
+# defaults, stated), instead of the throughput scenarios' (one identity publishing 10^5 msg/s, one
+# address opening thousands of connections, a minute to finish a CONNECT).
+HARDENED_MQTT = """  websocket_listen: 127.0.0.1:{ws_port}
+  connect_timeout_seconds: 10
+  max_connections: 5000
+  rate_limit: {{messages_per_second: 200, burst: 400, action: disconnect}}
+  limits:
+    connect_max_bytes: 32768
+    client_id_max_bytes: 256
+    topic_max_bytes: 1024
+    subscriptions_per_connection: 100
+    subscriptions_per_identity: 1000
+    unauthenticated_per_address: 64
+    unauthenticated_rate_per_address: 20
+    unauthenticated_burst_per_address: 40
+"""
+
+
+def harden(text: str, ws_port: int) -> str:
+    """``text`` (a generated keygate.yaml) with its mqtt tuning, everything after ``upstream``,
+    replaced by HARDENED_MQTT."""
+    import re
+
+    return re.sub(r"(?ms)^(mqtt:\n  listen: [^\n]*\n  upstream: [^\n]*\n).*?(?=^\S)",
+                  lambda m: m.group(1) + HARDENED_MQTT.format(ws_port=ws_port), text, count=1)
 
 
 def new_stack(keep: bool = False, devices: int = 120) -> Stack:

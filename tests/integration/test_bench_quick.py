@@ -67,3 +67,19 @@ def test_report_and_plots_are_written(quick_run):
     for png in ("bench-latency.png", "bench-throughput.png", "bench-cost.png"):
         data = (out / "img" / png).read_bytes()
         assert data.startswith(b"\x89PNG"), png
+
+
+def test_under_attack_ran_its_attackers(quick_run):
+    """The "under attack" rows: the legitimate client measured quiet and beside every attacker, each
+    of which reached keygate (connections opened), and keygate's memory was read."""
+    _, _, rows = quick_run
+    attack = {r["case"]: r for r in rows if r["scenario"] == "attack"}
+    assert set(attack) == {"quiet", "all at once"}
+    loud = attack["all at once"]
+    assert set(loud["extra"]["attacks"]) == {"slowloris_tls", "slowloris_ws", "connect_flood",
+                                             "unsubscribe_flood", "subscribe_flood", "http_slow_headers"}
+    for name, st in loud["extra"]["attacks"].items():
+        assert st["attempts"] > 0 and st["established"] > 0, name
+    for r in attack.values():
+        assert r["metrics"]["received"] == r["metrics"]["sent"] > 0
+        assert r["metrics"]["connect_n"] > 0 and r["metrics"]["rss_before_mb"] > 0
