@@ -41,7 +41,7 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=30)
 
-# Strings with any code point, lone surrogates included (json.dumps writes those as \\udXXX escapes).
+# Strings with any code point, lone surrogates included (json.dumps writes those as \\ud800-style escapes).
 any_text = st.text(alphabet=st.characters(blacklist_categories=()), max_size=8)
 json_with_surrogates = st.recursive(
     st.none() | st.integers() | any_text,
