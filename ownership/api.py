@@ -224,10 +224,12 @@ def _parse_time(value: Any, what: str) -> float:
     if when.tzinfo is None:
         _invalid(f"{what} must carry a time zone (e.g. Z)")
     try:
-        return when.timestamp()
-    except (OverflowError, ValueError):
+        ts = when.timestamp()
+        _iso(ts)  # what is stored must be what the API can give back (e.g. 9999-12-31T23:59-12:00 is year 10000)
+    except (OverflowError, ValueError, OSError):
         _invalid(f"{what} is out of range")
         raise
+    return ts
 
 
 def device_out(device: dict[str, Any]) -> dict[str, Any]:

@@ -138,7 +138,7 @@ class GatewayHandler:
         self.admin_role = services.config.ownership.admin_role
         self.allowlist = Allowlist(self.config.notification_allowlist)
         self.cors = frozenset(self.config.cors_origins)
-        self.stripped = IDENTITY_HEADERS | {name.lower() for name in self.config.strip_request_headers}
+        self.stripped = IDENTITY_HEADERS | {name.lower().replace("_", "-") for name in self.config.strip_request_headers}
         self.resolver = resolver
         self.session: aiohttp.ClientSession | None = None
         self.guard = SubscriptionGuard(services, self)
@@ -332,8 +332,11 @@ class GatewayHandler:
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in request.headers.items():
             low = name.lower()
+            # Compared with "_" read as "-": backends that map headers into a CGI/WSGI environment
+            # (X_Keygate_Sub and X-Keygate-Sub are both HTTP_X_KEYGATE_SUB) would take one for the other.
+            dashed = low.replace("_", "-")
             if low in HOP_BY_HOP or low in connection_named or low in _OWN_REQUEST_HEADERS \
-                    or low in self.stripped or low.startswith(IDENTITY_PREFIX):
+                    or dashed in self.stripped or dashed.startswith(IDENTITY_PREFIX):
                 continue
             if rewritten and low == "content-type":
                 continue

@@ -48,6 +48,18 @@ async def test_identity_headers_of_the_ecosystem_never_reach_orion(rig, family, 
     assert not crossed, f"{family} headers crossed: {sorted(crossed)}"
 
 
+@pytest.mark.parametrize("family,names", [("wilma", WILMA), ("oauth2-proxy", OAUTH2_PROXY),
+                                          ("remote-user", REMOTE_USER), ("keygate", KEYGATE)])
+async def test_identity_headers_spelled_with_underscores_never_reach_orion(rig, family, names):
+    # A CGI/WSGI backend reads X_Keygate_Sub and X-Keygate-Sub as the same HTTP_X_KEYGATE_SUB.
+    forged = {name.replace("-", "_"): "bob" for name in names}
+    r = await rig.call("GET", "/v2/entities/a-1", "alice", headers=forged)
+    assert r.status == 200
+    seen = {k.lower().replace("_", "-") for k in rig.upstream_saw("GET", "/v2/entities/a-1")[-1].headers}
+    crossed = seen & {n.lower() for n in names}
+    assert not crossed, f"{family} headers crossed: {sorted(crossed)}"
+
+
 async def test_configured_names_are_stripped_too(tmp_path, oidc):
     standin = NgsiStandin()
     await standin.start()
