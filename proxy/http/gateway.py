@@ -138,7 +138,8 @@ class GatewayHandler:
         self.admin_role = services.config.ownership.admin_role
         self.allowlist = Allowlist(self.config.notification_allowlist)
         self.cors = frozenset(self.config.cors_origins)
-        self.stripped = IDENTITY_HEADERS | {name.lower().replace("_", "-") for name in self.config.strip_request_headers}
+        self.stripped = IDENTITY_HEADERS | {name.lower().replace("_", "-")
+                                            for name in self.config.strip_request_headers}
         self.resolver = resolver
         self.session: aiohttp.ClientSession | None = None
         self.guard = SubscriptionGuard(services, self)
