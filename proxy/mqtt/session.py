@@ -797,8 +797,7 @@ class Session:
             self._audit("keepalive", "close", identity=self.identity, reason="keepalive timeout")
             return self._disconnect(acts, Reason.KEEP_ALIVE_TIMEOUT, "keepalive_timeout", "")
         if self._token_expired():
-            self._audit("session", "close", identity=self.identity, reason="token expired")
-            return self._disconnect(acts, Reason.MAXIMUM_CONNECT_TIME, "token_expired", "")
+            return self._token_ended(acts)
         self._expire(acts, now)
         return acts
 
@@ -871,10 +870,7 @@ class Session:
         if c is None or c.will is None or ident is None:
             return True
         rule = None
-        if self._token_expired():
-            reason: str | None = "token expired"
-        else:
-            reason = self.credential_problem(ident) if self.credential_problem is not None else None
+        reason = self._standing_problem(ident)
         if reason is None:
             d = self.policies.may_publish(ident, c.will.topic, qos=c.will.qos, retain=c.will.retain,
                                           client_id=self.client_id)
@@ -896,6 +892,17 @@ class Session:
                 body = f.body
                 return not (len(body) and body[0] == Reason.DISCONNECT_WITH_WILL)
         return False
+
+    def _standing_problem(self, ident: Identity) -> str | None:
+        """Why the identity no longer stands at this instant (its token expired, its credential
+        gone), or None: asked before anything is published on its behalf."""
+        if self._token_expired():
+            return "token expired"
+        return self.credential_problem(ident) if self.credential_problem is not None else None
+
+    def _token_ended(self, acts: Actions) -> Actions:
+        self._audit("session", "close", identity=self.identity, reason="token expired")
+        return self._disconnect(acts, Reason.MAXIMUM_CONNECT_TIME, "token_expired", "")
 
     def _token_expired(self) -> bool:
         ident = self.identity
@@ -1267,8 +1274,7 @@ class Session:
             self._qos2_held_bytes -= len(packet)
             ident = self.identity
             assert ident is not None
-            problem = "token expired" if self._token_expired() else (
-                self.credential_problem(ident) if self.credential_problem is not None else None)
+            problem = self._standing_problem(ident)
             d = None if problem else self.policies.may_publish(ident, topic, qos=2, retain=retain,
                                                                client_id=self.client_id)
             if d is not None and d.allowed:
@@ -1699,8 +1705,7 @@ class Session:
         if now < self._grants_until or self._state != "open":
             return
         if self._token_expired():
-            self._audit("session", "close", identity=self.identity, reason="token expired")
-            self._disconnect(acts, Reason.MAXIMUM_CONNECT_TIME, "token_expired", "")
+            self._token_ended(acts)
             return
         if self._will_armed and self._will_until is not None and now >= self._will_until \
                 and not self._will_still_allowed("expired"):
