@@ -263,6 +263,9 @@ _DECISION_TTL = 1.0
 _NEVER = float("inf")
 # Bytes of QoS 2 publishes a connection may have awaiting their PUBREL (at least one packet).
 _QOS2_HOLD_BYTES = 256 * 1024
+# What holding one packet until CONNACK costs beside its bytes (measured on CPython 3.11: the Frame
+# 80, its memoryview 184, the bytes header 33, the list slot 8): counted in the pre-auth budget.
+HELD_PACKET_OVERHEAD = 320
 
 T = PacketType
 
@@ -626,6 +629,8 @@ class Session:
                 self._client_frame(acts, frame, view)
             if error is not None and not self.closed:
                 raise error
+            if (self._state == "auth" or self._state == "upstream") and framer.buffered:
+                self._preauth_refused(acts, 0)  # a partial packet behind what is held counts too
         except ProtocolError as exc:
             self._client_violation(acts, exc)
         finally:
@@ -665,6 +670,8 @@ class Session:
                 self._broker_frame(acts, frame, view)
             if error is not None and not self.closed:
                 raise error
+            if (self._state == "auth" or self._state == "upstream") and framer.buffered:
+                self._preauth_refused(acts, 0)  # a partial packet behind what is held counts too
         except ProtocolError as exc:
             PROTOCOL_ERRORS.labels("broker").inc()
             self._audit("broker", "protocol_error", reason=exc.message)
@@ -1040,17 +1047,27 @@ class Session:
 
     def _hold(self, acts: Actions, frames: list[Frame]) -> None:
         """Packets that arrive while authentication runs wait (copied: the buffer is reused),
-        at most the pre-authentication limit of bytes: a stranger's data is held only that far."""
+        at most the pre-authentication limit of bytes, counting everything held for them: each
+        held packet's bookkeeping and the partial packet in the framer (see _preauth_held)."""
         for frame in frames:
-            if self._pending_bytes + len(frame.raw) > self._preauth_max:
-                self._audit("connect", "deny", reason="too much data before CONNACK",
-                            held=self._pending_bytes, limit=self._preauth_max)
-                self._refuse_connect(acts, Reason.QUOTA_EXCEEDED if self.protocol_level == MQTT_5 else
-                                     Reason.SERVER_UNAVAILABLE, "buffer_full", "")
+            if self._preauth_refused(acts, len(frame.raw) + HELD_PACKET_OVERHEAD):
                 return
-            self._pending_bytes += len(frame.raw)
+            self._pending_bytes += len(frame.raw) + HELD_PACKET_OVERHEAD
             self._pending.append(Frame(frame.type, frame.flags, memoryview(bytes(frame.raw)),
                                        frame.body_start, -1, -1))
+        self._preauth_refused(acts, 0)
+
+    def _preauth_refused(self, acts: Actions, more: int) -> bool:
+        """Would holding ``more`` bytes take what waits for authentication (held packets with
+        their overhead, plus the framer's partial packet) past the limit? Then refuse now."""
+        held = self._pending_bytes + self._client_framer.buffered
+        if held + more <= self._preauth_max:
+            return False
+        self._audit("connect", "deny", reason="too much data before CONNACK", held=held + more,
+                    limit=self._preauth_max)
+        self._refuse_connect(acts, Reason.QUOTA_EXCEEDED if self.protocol_level == MQTT_5 else
+                             Reason.SERVER_UNAVAILABLE, "buffer_full", "")
+        return True
 
     def _client_frame(self, acts: Actions, frame: Frame, data) -> None:
         t = frame.type

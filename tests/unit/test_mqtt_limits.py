@@ -111,6 +111,46 @@ def test_what_waits_for_authentication_is_bounded_by_the_preauth_limit():
     assert s._client_framer.buffered == 0
 
 
+def test_preauth_budget_counts_held_packet_overhead():
+    """Many tiny packets behind the CONNECT: each held one costs its bookkeeping too, so the
+    count of packets held stays at what the budget allows, not budget / 2 bytes (PINGREQs)."""
+    from proxy.mqtt.session import HELD_PACKET_OVERHEAD
+
+    s, _, _ = make(MQTT_5, limits=LIMITS)
+    assert s.client_data(connect_packet(MQTT_5)).auth is not None
+    acts = s.client_data(b"\xc0\x00" * 1000)  # 2 KB of PINGREQs: 1000 packets held at ~300 B each
+    assert acts.close is not None and acts.close.reason == "buffer_full"
+    assert codec.decode_connack(only(acts.to_client, T.CONNACK).body, MQTT_5).reason == Reason.QUOTA_EXCEEDED
+    assert len(s._pending) == 0  # dropped with the refusal
+    s, _, _ = make(MQTT_5, limits=LIMITS)
+    s.client_data(connect_packet(MQTT_5))
+    held = 0
+    for _ in range(1000):
+        acts = s.client_data(b"\xc0\x00")
+        if acts.close:
+            break
+        held += 1
+    assert held * (2 + HELD_PACKET_OVERHEAD) <= LIMITS.connect_max_bytes < (held + 1) * (2 + HELD_PACKET_OVERHEAD)
+
+
+def test_preauth_budget_counts_the_partial_packet():
+    """Held packets plus a partial one in the framer: together they may not pass the budget
+    (each alone is under it)."""
+    s, _, audit = make(MQTT_5, limits=LIMITS)
+    s.client_data(connect_packet(MQTT_5))
+    acts = s.client_data(pub("devices/thermo-1/t", b"x" * 3000, level=MQTT_5))
+    assert acts.close is None
+    partial = pub("devices/thermo-1/t", b"x" * 3000, level=MQTT_5)
+    acts = s.client_data(partial[:2000])  # 3 KB held + 2 KB partial > 4 KiB
+    assert acts.close is not None and acts.close.reason == "buffer_full"
+    assert codec.decode_connack(only(acts.to_client, T.CONNACK).body, MQTT_5).reason == Reason.QUOTA_EXCEEDED
+    assert denials(audit, "connect")[-1]["held"] > LIMITS.connect_max_bytes
+    # 3.1.1: CONNACK 3 (server unavailable), the code it has for it
+    s, _, _ = make(MQTT_311, limits=LIMITS)
+    s.client_data(connect_packet(MQTT_311) + pub("devices/thermo-1/t", b"x" * 3000) + partial[:2000])
+    assert s.closed
+
+
 def test_packets_up_to_max_packet_size_pass_once_authenticated():
     s, _, _ = open_session(MQTT_5, limits=LIMITS)
     raw = pub("devices/thermo-1/t", b"x" * 10_000, level=MQTT_5)
