@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
+from proxy.mqtt.wsguard import HEAD_MAX_BYTES, HEAD_REFUSAL, HEAD_TOO_LARGE, PreauthGuard, close_frame
+
 if TYPE_CHECKING:
     from proxy.mqtt.server import MqttGateway
 
@@ -56,6 +58,7 @@ class WebSocketTransport:
         self._reading.set()
         self._closing = False
         self._writing_paused = False
+        self.flush_raw = False  # closing before the upgrade: close raw (flushing a refusal), not abort
         self.protocol: Any = None  # the Connection's client side (pause_writing / resume_writing)
 
     def attach(self, ws: web.WebSocketResponse) -> None:
@@ -76,7 +79,7 @@ class WebSocketTransport:
         if not self._closing:
             self._closing = True
             if self._ws is None:  # not upgraded (yet): nothing to say, the socket goes
-                self._raw.abort()
+                self._raw.close() if self.flush_raw else self._raw.abort()
             self._wake.set()
             self._reading.set()
 
@@ -146,19 +149,50 @@ class _HttpSide:
     """What one accepted socket's plaintext goes to: aiohttp's HTTP protocol, made on the first
     bytes (after the TLS handshake). Ends the socket's Connection however the socket ends."""
 
-    __slots__ = ("listener", "transport", "ws_transport", "http")
+    __slots__ = ("listener", "transport", "ws_transport", "http", "guard")
 
     def __init__(self, listener: "WebSocketListener", transport: Any, ws_transport: WebSocketTransport):
         self.listener = listener
         self.transport = transport  # what aiohttp sees: the TLS side, or the plain socket
         self.ws_transport = ws_transport
         self.http: Any = None
+        # Until the CONNACK: the upgrade head and each WebSocket message bounded (wsguard).
+        self.guard: PreauthGuard | None = PreauthGuard(listener.preauth_message_max)
 
     def client_data(self, data: Any) -> None:
+        data = bytes(data)  # data may be a slice of the shared receive buffer
+        guard = self.guard
+        if guard is not None:
+            if self.ws_transport.protocol.session.established:
+                self.guard = None  # authenticated: aiohttp's max_msg_size (max_packet_size) from now on
+            else:
+                refused = guard.feed(data)
+                if refused is not None:
+                    self._refuse(refused)
+                    return
         if self.http is None:
             self.http = self.listener.http_protocol()
             self.http.connection_made(self.transport)
-        self.http.data_received(bytes(data))  # data may be a slice of the shared receive buffer
+        self.http.data_received(data)
+
+    def _refuse(self, why: str) -> None:
+        """Over a pre-authentication bound: say so (431, or close 1009) and close, the rest unread."""
+        self.guard = None
+        ws_transport = self.ws_transport
+        conn = ws_transport.protocol
+        upgraded = ws_transport._ws is not None
+        if not self.transport.is_closing() and (upgraded or why == HEAD_TOO_LARGE):
+            self.transport.write(close_frame(1009) if upgraded else HEAD_REFUSAL)
+        ws_transport.flush_raw = True
+        self.listener.gateway.services.audit.record(
+            protocol="mqtt", action="connect", decision="deny", reason=why, peer=conn.session.peer,
+            limit=self.guard_limit(why))
+        if upgraded:  # aiohttp's side is closed with the socket
+            self.transport.close()
+        conn.close(why)
+
+    def guard_limit(self, why: str) -> int:
+        return HEAD_MAX_BYTES if why == HEAD_TOO_LARGE else self.listener.preauth_message_max
 
     def client_lost(self, exc: Exception | None) -> None:
         self.listener.waiting.pop(self.transport, None)
@@ -221,6 +255,9 @@ class WebSocketListener:
         # Accepted, not yet upgraded: by the transport aiohttp sees (``request.transport``).
         self.waiting: dict[Any, WebSocketTransport] = {}
         self.http_protocol: Any = None
+        # Before authentication a WebSocket message may carry at most a CONNECT's worth.
+        mqtt = gateway.mqtt
+        self.preauth_message_max = min(mqtt.limits.connect_max_bytes, mqtt.max_packet_size)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
         from proxy.mqtt.server import _TlsClientSide
