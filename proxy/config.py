@@ -140,6 +140,11 @@ class MqttLimitsConfig:
     unauthenticated_per_address: int = 64  # connections not yet past CONNACK, per client IP
     unauthenticated_rate_per_address: float = 20.0  # new connections per second per IP (token bucket)
     unauthenticated_burst_per_address: int = 40
+    # A client closed for flooding (rate limit, QoS 2 quota) gets a back-off before it may connect
+    # again: its identity (after authentication) and, with per-address limits on, its address
+    # (at accept, before TLS). Doubles from the initial value to the maximum; 0 turns it off.
+    reconnect_penalty_initial_seconds: float = 1.0
+    reconnect_penalty_max_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -483,6 +488,9 @@ def _check(cfg: Config, filename: str) -> None:
                      "subscriptions_per_identity"):
             if getattr(cfg.mqtt.limits, name) < 1:
                 bad(f"mqtt.limits.{name}", "must be at least 1")
+        for name in ("reconnect_penalty_initial_seconds", "reconnect_penalty_max_seconds"):
+            if getattr(cfg.mqtt.limits, name) < 0:
+                bad(f"mqtt.limits.{name}", "must be 0 or more")
         if cfg.mqtt.limits.client_id_max_bytes < 23:  # [MQTT-3.1.3-5]: ids of 1 to 23 bytes must be accepted
             bad("mqtt.limits.client_id_max_bytes", "must be at least 23")
     if cfg.http is not None and not re.match(r"^https?://", cfg.http.upstream):

@@ -32,10 +32,14 @@ import ipaddress
 import time
 from typing import Callable
 
-__all__ = ["AddressLimiter", "address_key", "PER_ADDRESS", "RATE"]
+__all__ = ["AddressLimiter", "ReconnectPenalty", "address_key", "PENALIZED_CLOSES", "PER_ADDRESS", "RATE",
+           "RECONNECT_PENALTY"]
 
 PER_ADDRESS = "unauthenticated_per_address"
 RATE = "unauthenticated_rate_per_address"
+RECONNECT_PENALTY = "reconnect_penalty"
+# Closes that earn the identity (and address) a reconnect back-off: flooding, not mistakes.
+PENALIZED_CLOSES = frozenset({"rate_limited", "quota_exceeded"})
 
 
 def address_key(host: str) -> str:
@@ -174,3 +178,113 @@ class AddressLimiter:
             if entry.refused:
                 self._evicted.append((key, entry.refused))
             self._unreported.discard(key)
+
+
+class _Penalty:
+    __slots__ = ("delay", "until", "refused", "report_at")
+
+    def __init__(self) -> None:
+        self.delay = 0.0       # the back-off last given
+        self.until = 0.0       # new connections refused before this
+        self.refused = 0       # refusals not yet reported
+        self.report_at = 0.0
+
+
+class ReconnectPenalty:
+    """A rising back-off for keys (identities, addresses) closed for flooding.
+
+    A client closed by the rate limit that reconnects at once costs a TLS
+    handshake and a token check per round, for nothing. :meth:`penalize` gives
+    ``key`` a back-off of ``initial`` seconds, doubled at each penalty that comes
+    while the last one is still remembered (up to ``maximum``); a key not
+    penalized again for ``2 * maximum`` after its back-off ended starts again at
+    ``initial``. :meth:`refused` says whether a new connection of ``key`` is
+    refused now, with the AddressLimiter's folding of the audit (at most one line
+    per ``report_every`` seconds per key; :meth:`due_reports` hands out the rest).
+    ``maximum`` 0 turns it off. At most ``max_entries`` keys are remembered (the
+    oldest forgotten first).
+    """
+
+    def __init__(self, initial: float, maximum: float, *, max_entries: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic, report_every: float = 1.0):
+        self.initial = max(float(initial), 0.001)
+        self.maximum = max(float(maximum), 0.0)
+        self.max_entries = max(int(max_entries), 1)
+        self.clock = clock
+        self.report_every = report_every
+        self._entries: dict[str, _Penalty] = {}
+        self._unreported: set[str] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return self.maximum > 0
+
+    def penalize(self, key: str) -> float:
+        """``key`` was closed for flooding: its new back-off (seconds)."""
+        if not self.maximum:
+            return 0.0
+        now = self.clock()
+        entries = self._entries
+        entry = entries.pop(key, None)  # re-inserted last: the dict's order is the age
+        if entry is None:
+            if len(entries) >= self.max_entries:
+                self._prune(now)
+            entry = _Penalty()
+        if entry.delay and now < entry.until + 2 * self.maximum:
+            entry.delay = min(entry.delay * 2, self.maximum)
+        else:
+            entry.delay = min(self.initial, self.maximum)
+        entry.until = max(entry.until, now + entry.delay)
+        entries[key] = entry
+        return entry.delay
+
+    def refused(self, key: str) -> tuple[bool, int]:
+        """Is a new connection of ``key`` refused now? ``(True, count)``: count > 0 means audit
+        now for that many refusals, 0 that it was folded into a later report."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return False, 0
+        now = self.clock()
+        if now >= entry.until:
+            return False, 0
+        entry.refused += 1
+        if now >= entry.report_at:
+            count, entry.refused = entry.refused, 0
+            entry.report_at = now + self.report_every
+            self._unreported.discard(key)
+            return True, count
+        self._unreported.add(key)
+        return True, 0
+
+    def due_reports(self, *, everything: bool = False) -> list[tuple[str, int]]:
+        out = []
+        now = self.clock()
+        for key in list(self._unreported):
+            entry = self._entries.get(key)
+            if entry is None or not entry.refused:
+                self._unreported.discard(key)
+                continue
+            if everything or now >= entry.report_at:
+                out.append((key, entry.refused))
+                entry.refused = 0
+                entry.report_at = now + self.report_every
+                self._unreported.discard(key)
+        return out
+
+    @property
+    def reports_pending(self) -> bool:
+        return bool(self._unreported)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _prune(self, now: float) -> None:
+        entries = self._entries
+        for key in [k for k, e in entries.items() if now >= e.until + 2 * self.maximum and not e.refused]:
+            del entries[key]
+        target = self.max_entries - max(self.max_entries // 10, 1)
+        for key in list(entries):
+            if len(entries) <= target:
+                break
+            if key not in self._unreported:
+                del entries[key]

@@ -52,7 +52,9 @@ from prometheus_client import Counter, Gauge
 from proxy.config import Config, parse_hostport, read_secret
 from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY, Tally
-from proxy.mqtt.admission import PER_ADDRESS, RATE, AddressLimiter, address_key
+from proxy.mqtt.admission import (
+    PENALIZED_CLOSES, PER_ADDRESS, RATE, RECONNECT_PENALTY, AddressLimiter, ReconnectPenalty, address_key,
+)
 from proxy.mqtt.cleaner import clear_device
 from proxy.mqtt.session import Actions, AuthRequest, RateLimiter, Session, SubscriptionQuota, classify_credentials
 from proxy.services import Services
@@ -87,7 +89,7 @@ CONNECTIONS_CLOSED = Counter("keygate_mqtt_connections_closed", "MQTT connection
                              ["reason"], registry=REGISTRY)
 BYTES = Tally("keygate_mqtt_bytes", "Bytes read, by direction", ["direction"])  # per chunk: a plain integer
 
-_REFUSED_BY_ADDRESS = {why: CONNECTIONS_REFUSED.labels(why) for why in (PER_ADDRESS, RATE)}
+_REFUSED_BY_ADDRESS = {why: CONNECTIONS_REFUSED.labels(why) for why in (PER_ADDRESS, RATE, RECONNECT_PENALTY)}
 _BYTES_IN = BYTES.labels("client_to_broker")
 _BYTES_OUT = BYTES.labels("broker_to_client")
 
@@ -356,7 +358,7 @@ class Connection:
 
     __slots__ = ("gateway", "client", "session", "websocket", "upstream", "_pending_upstream", "_dialing",
                  "_auth_task", "_timer", "_timer_at", "_client_pauses", "_broker_paused", "closed",
-                 "close_reason", "_seen_inputs", "address", "__weakref__")
+                 "close_reason", "_seen_inputs", "address", "peer_key", "__weakref__")
 
     def __init__(self, gateway: "MqttGateway", transport: Any, session: Session, *, websocket: bool = False):
         self.gateway = gateway
@@ -376,6 +378,7 @@ class Connection:
         self._seen_inputs: tuple = ()
         # The address whose unauthenticated place this connection holds, until its CONNACK.
         self.address: str | None = None
+        self.peer_key: str | None = None  # the address key, kept for a reconnect penalty
 
     # -- events from the client side
     def client_data(self, data: Any) -> None:
@@ -471,7 +474,7 @@ class Connection:
                 log.exception("MQTT authentication failed unexpectedly")
                 actions = session.authentication_failed(AuthReason.ISSUER_UNREACHABLE, method=kind)
             else:
-                actions = session.authenticated(identity)
+                actions = self.gateway.refuse_penalized(session, identity) or session.authenticated(identity)
         finally:
             self._auth_task = None
         self.apply(actions)
@@ -565,6 +568,8 @@ class Connection:
             self.client.close()
         if self.address is not None:
             self.gateway.release_address(self)
+        if self.close_reason in PENALIZED_CLOSES:
+            self.gateway.penalize(self)
         self.gateway.forget(self)
 
 
@@ -614,6 +619,9 @@ class MqttGateway:
                                               limits.unauthenticated_burst_per_address,
                                               max_entries=2 * self.mqtt.max_connections + 1024)
         self._report_timer: asyncio.TimerHandle | None = None
+        self.penalty = ReconnectPenalty(limits.reconnect_penalty_initial_seconds,
+                                        limits.reconnect_penalty_max_seconds,
+                                        max_entries=2 * self.mqtt.max_connections + 1024)
         self.subscription_quota = SubscriptionQuota(self.mqtt.limits.subscriptions_per_identity)
         self.port: int | None = None
         self.ws_port: int | None = None
@@ -698,6 +706,15 @@ class MqttGateway:
         address = None
         if self.address_limiter.enabled and isinstance(peer, tuple):
             address = address_key(peer[0])
+            if self.penalty.enabled:  # closed for flooding a moment ago: refused before its TLS handshake
+                refused, count = self.penalty.refused("address " + address)
+                if refused:
+                    _REFUSED_BY_ADDRESS[RECONNECT_PENALTY].inc()
+                    transport.abort()
+                    if count:
+                        self._audit_refused(address, {RECONNECT_PENALTY: count})
+                    self._arm_report_timer()
+                    return None
             why, count = self.address_limiter.admit(address)
             if why is not None:
                 _REFUSED_BY_ADDRESS[why].inc()
@@ -715,7 +732,7 @@ class MqttGateway:
         session = session or self.new_session()
         session.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         conn = Connection(self, transport, session, websocket=websocket)
-        conn.address = address
+        conn.address = conn.peer_key = address
         self.connections.add(conn)
         CONNECTIONS_ACTIVE.inc()
         CONNECTIONS_TOTAL.labels("websocket" if websocket else "tcp").inc()
@@ -728,6 +745,30 @@ class MqttGateway:
         if address is not None:
             self.address_limiter.release(address)
 
+    def penalize(self, conn: Connection) -> None:
+        """``conn`` was closed for flooding: its identity and address wait before they connect again."""
+        if not self.penalty.enabled:
+            return
+        identity = conn.session.identity
+        if identity is not None:
+            self.penalty.penalize("identity " + identity.sub)
+        if conn.peer_key is not None:
+            self.penalty.penalize("address " + conn.peer_key)
+
+    def refuse_penalized(self, session: Session, identity: Identity) -> Actions | None:
+        """Right after authentication: the refusal of an identity in its reconnect back-off, or None."""
+        if not self.penalty.enabled or session.established:  # (a re-authentication is not a connect)
+            return None
+        refused, count = self.penalty.refused("identity " + identity.sub)
+        if not refused:
+            return None
+        _REFUSED_BY_ADDRESS[RECONNECT_PENALTY].inc()
+        if count:
+            self.services.audit.record(protocol="mqtt", action="connect", decision="deny", identity=identity,
+                                       reason=RECONNECT_PENALTY, count=count)
+        self._arm_report_timer()
+        return session.refuse_authenticated(RECONNECT_PENALTY, "reconnect back-off")
+
     def _audit_refused(self, address: str, counts: dict[str, int]) -> None:
         reasons = sorted(counts)
         self.services.audit.record(protocol="mqtt", action="connect", decision="deny", resource="",
@@ -737,7 +778,8 @@ class MqttGateway:
     def _arm_report_timer(self) -> None:
         """Refusals folded into a later line get that line even if the address stops trying."""
         limiter = self.address_limiter
-        if self._report_timer is None and limiter.reports_pending and self.loop is not None:
+        pending = limiter.reports_pending or self.penalty.reports_pending
+        if self._report_timer is None and pending and self.loop is not None:
             self._report_timer = self.loop.call_later(limiter.report_every, self._on_report_timer)
 
     def _on_report_timer(self) -> None:
@@ -749,6 +791,10 @@ class MqttGateway:
         for address, counts in self.address_limiter.due_reports(everything=everything):
             if counts:
                 self._audit_refused(address, counts)
+        for key, count in self.penalty.due_reports(everything=everything):
+            kind, _, name = key.partition(" ")
+            self.services.audit.record(protocol="mqtt", action="connect", decision="deny", reason=RECONNECT_PENALTY,
+                                       count=count, **({"peer": name} if kind == "address" else {"sub": name}))
 
     def forget(self, conn: Connection) -> None:
         if conn in self.connections:

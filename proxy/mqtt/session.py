@@ -788,6 +788,16 @@ class Session:
                     reason=reason_name, method=method or None)
         return self._refuse_connect(acts, code, "auth_failed", reason_name)
 
+    def refuse_authenticated(self, reason: str, detail: str) -> Actions:
+        """The shell refuses a CONNECT whose credentials were good, for a quota of its own (a
+        reconnect back-off, persistent sessions): v5 CONNACK 0x97, 3.1.1 CONNACK 3. The shell
+        audits (folded): this is what a flooding client meets on every retry."""
+        acts = Actions()
+        if self.closed or self._state != "auth" or self._reauth:
+            return acts
+        return self._refuse_connect(acts, Reason.QUOTA_EXCEEDED if self.protocol_level == MQTT_5 else
+                                    Reason.SERVER_UNAVAILABLE, reason, detail)
+
     def tick(self) -> Actions:
         acts = Actions()
         if self.closed:

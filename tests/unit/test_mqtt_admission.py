@@ -114,3 +114,45 @@ def test_address_keys():
     assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
     assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
     assert address_key("fe80::1%eth0") == "fe80::/64"
+
+
+# --------------------------------------------------------------------------- reconnect penalty
+
+
+def test_reconnect_penalty_doubles_to_its_maximum_and_starts_again_after_quiet():
+    from proxy.mqtt.admission import ReconnectPenalty
+
+    now = [100.0]
+    p = ReconnectPenalty(1.0, 8.0, clock=lambda: now[0])
+    assert p.refused("k") == (False, 0)
+    delays = []
+    for _ in range(6):
+        delays.append(p.penalize("k"))
+        now[0] += delays[-1]  # comes back as soon as it may, floods again
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    now[0] += 2 * 8.0 + 1  # quiet for twice the maximum after its back-off: forgiven
+    assert p.penalize("k") == 1.0
+
+
+def test_reconnect_penalty_refuses_within_the_back_off_and_folds_the_audit():
+    from proxy.mqtt.admission import ReconnectPenalty
+
+    now = [0.0]
+    p = ReconnectPenalty(10.0, 60.0, clock=lambda: now[0])
+    p.penalize("k")
+    assert p.refused("k") == (True, 1)  # the first is audited at once
+    assert [p.refused("k") for _ in range(99)] == [(True, 0)] * 99  # folded
+    assert p.reports_pending and p.due_reports(everything=True) == [("k", 99)]
+    now[0] = 10.0
+    assert p.refused("k") == (False, 0) and p.refused("other") == (False, 0)
+    assert ReconnectPenalty(1.0, 0.0).penalize("k") == 0.0  # 0: off
+
+
+def test_reconnect_penalty_table_is_bounded():
+    from proxy.mqtt.admission import ReconnectPenalty
+
+    p = ReconnectPenalty(1.0, 60.0, max_entries=100)
+    for i in range(1000):
+        p.penalize(f"k{i}")
+    assert len(p) <= 100
+    assert p.refused("k999")[0]  # the newest are kept
