@@ -145,6 +145,10 @@ class MqttLimitsConfig:
     # (at accept, before TLS). Doubles from the initial value to the maximum; 0 turns it off.
     reconnect_penalty_initial_seconds: float = 1.0
     reconnect_penalty_max_seconds: float = 60.0
+    # Persistent broker sessions (3.1.1 clean_session=0, v5 Session Expiry > 0) per identity, and
+    # how long one is taken to outlive its connection (v5: the client's value capped to this).
+    persistent_sessions_per_identity: int = 10
+    persistent_session_expiry_seconds: int = 604800
 
 
 @dataclass(frozen=True)
@@ -488,7 +492,8 @@ def _check(cfg: Config, filename: str) -> None:
                      "subscriptions_per_identity"):
             if getattr(cfg.mqtt.limits, name) < 1:
                 bad(f"mqtt.limits.{name}", "must be at least 1")
-        for name in ("reconnect_penalty_initial_seconds", "reconnect_penalty_max_seconds"):
+        for name in ("reconnect_penalty_initial_seconds", "reconnect_penalty_max_seconds",
+                     "persistent_sessions_per_identity", "persistent_session_expiry_seconds"):
             if getattr(cfg.mqtt.limits, name) < 0:
                 bad(f"mqtt.limits.{name}", "must be 0 or more")
         if cfg.mqtt.limits.client_id_max_bytes < 23:  # [MQTT-3.1.3-5]: ids of 1 to 23 bytes must be accepted

@@ -56,6 +56,7 @@ from proxy.mqtt.admission import (
     PENALIZED_CLOSES, PER_ADDRESS, RATE, RECONNECT_PENALTY, AddressLimiter, ReconnectPenalty, address_key,
 )
 from proxy.mqtt.cleaner import clear_device
+from proxy.mqtt.persistent import PERSISTENT_SESSIONS, PersistentSessions
 from proxy.mqtt.session import Actions, AuthRequest, RateLimiter, Session, SubscriptionQuota, classify_credentials
 from proxy.services import Services
 from proxy.tls import PeerCertificate, peer_certificate, server_context
@@ -555,6 +556,9 @@ class Connection:
             self.closed = True
             if not self.close_reason:
                 self.close_reason = "client_closed"
+            self.gateway.session_closed(self.session)
+            if self.close_reason in PENALIZED_CLOSES:
+                self.gateway.penalize(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -568,8 +572,6 @@ class Connection:
             self.client.close()
         if self.address is not None:
             self.gateway.release_address(self)
-        if self.close_reason in PENALIZED_CLOSES:
-            self.gateway.penalize(self)
         self.gateway.forget(self)
 
 
@@ -623,6 +625,8 @@ class MqttGateway:
                                         limits.reconnect_penalty_max_seconds,
                                         max_entries=2 * self.mqtt.max_connections + 1024)
         self.subscription_quota = SubscriptionQuota(self.mqtt.limits.subscriptions_per_identity)
+        self.persistent = PersistentSessions(limits.persistent_sessions_per_identity,
+                                             limits.persistent_session_expiry_seconds, self.subscription_quota)
         self.port: int | None = None
         self.ws_port: int | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -691,7 +695,7 @@ class MqttGateway:
                        rate_limiter=self.rate_limiter, token_leeway=self.config.oidc.leeway_seconds,
                        upstream_password=self._upstream_password,
                        credential_problem=self.services.ownership.credential_problem,
-                       subscription_quota=self.subscription_quota)
+                       subscription_quota=self.subscription_quota, admit_connect=self._admit_persistent)
 
     def accept_transport(self, transport: Any, session: Session | None = None, *,
                          websocket: bool = False) -> Connection | None:
@@ -754,6 +758,16 @@ class MqttGateway:
             self.penalty.penalize("identity " + identity.sub)
         if conn.peer_key is not None:
             self.penalty.penalize("address " + conn.peer_key)
+
+    def _admit_persistent(self, identity: Identity, client_id: str, clean_start: bool, expiry: float) -> str | None:
+        if self.persistent.admit(identity.sub, client_id, clean_start=clean_start, expiry=expiry):
+            return None
+        return PERSISTENT_SESSIONS
+
+    def session_closed(self, session: Session) -> None:
+        """A connection ended: a persistent session's filters stay charged while the broker keeps it."""
+        if session.identity is not None and session.upstream_client_id:
+            self.persistent.closed(session.upstream_client_id, session.subscribed_filters(), session.session_expiry)
 
     def refuse_penalized(self, session: Session, identity: Identity) -> Actions | None:
         """Right after authentication: the refusal of an identity in its reconnect back-off, or None."""
@@ -818,6 +832,7 @@ class MqttGateway:
             audit.record(protocol="mqtt", action="device.clear", decision="fail", resource=device_id,
                          reason=str(exc) or type(exc).__name__)
             raise
+        self.persistent.forget(device_id)  # its broker session is gone
         audit.record(protocol="mqtt", action="device.clear", decision="allow", resource=device_id,
                      retained_cleared=len(cleared))
 

@@ -461,8 +461,13 @@ class Session:
                  rate_limiter: RateLimiter | None = None, token_leeway: float = 0.0,
                  upstream_password: str | None = None, peer: str = "",
                  credential_problem: Callable[[Identity], str | None] | None = None,
-                 subscription_quota: SubscriptionQuota | None = None):
+                 subscription_quota: SubscriptionQuota | None = None,
+                 admit_connect: Callable[[Identity, str, bool, float], str | None] | None = None):
         self.config = config
+        # Asked once the credentials and client id are settled: (identity, broker client id, clean
+        # start, session expiry) -> the reason to refuse (a shell quota: persistent sessions), or None.
+        self.admit_connect = admit_connect
+        self.session_expiry = 0  # seconds the broker keeps the session after the close (capped)
         limits = config.limits
         # Before CONNACK nothing is known of the client: its packets (the CONNECT first) are
         # refused at their fixed header beyond this size, and held up to this many bytes.
@@ -744,12 +749,25 @@ class Session:
                 return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "not_authorized",
                                             "Will topic not allowed")
             _ALLOWED["will"].inc()
+        expiry_cap = self.config.limits.persistent_session_expiry_seconds
+        if level == MQTT_5:
+            self.session_expiry = min(get_prop(c.properties, Prop.SESSION_EXPIRY_INTERVAL) or 0, expiry_cap)
+        else:
+            self.session_expiry = 0 if c.clean_start else expiry_cap
+        if self.admit_connect is not None:
+            refusal = self.admit_connect(identity, self.upstream_client_id, c.clean_start, self.session_expiry)
+            if refusal:
+                return self._auth_refused(acts, identity, Reason.QUOTA_EXCEEDED if level == MQTT_5 else
+                                          Reason.SERVER_UNAVAILABLE, refusal, refusal)
         self.identity = identity
         self._audit("connect", "allow", identity=identity, resource=self.client_id,
                     protocol_level=level)
-        # The upstream CONNECT: our credentials, the bound client id, no auth or alias properties.
+        # The upstream CONNECT: our credentials, the bound client id, no auth or alias properties,
+        # the Session Expiry capped (the broker keeps the session no longer than the gateway counts it).
         props = without_props(c.properties, Prop.AUTHENTICATION_METHOD, Prop.AUTHENTICATION_DATA,
-                              Prop.TOPIC_ALIAS_MAXIMUM)
+                              Prop.TOPIC_ALIAS_MAXIMUM, Prop.SESSION_EXPIRY_INTERVAL)
+        if self.session_expiry:
+            props.append((Prop.SESSION_EXPIRY_INTERVAL, self.session_expiry))
         username = self.config.upstream_username or None
         password = self._upstream_password.encode() if username and self._upstream_password else None
         upstream = Connect(protocol_name=c.protocol_name, protocol_level=level, clean_start=c.clean_start,
@@ -787,6 +805,10 @@ class Session:
         self._audit("connect", "deny", resource=self._connect.client_id if self._connect else "",
                     reason=reason_name, method=method or None)
         return self._refuse_connect(acts, code, "auth_failed", reason_name)
+
+    def subscribed_filters(self) -> list[str]:
+        """The filters this connection holds at the broker (for the persistent-session count)."""
+        return [f for f, _ in self._subs]
 
     def refuse_authenticated(self, reason: str, detail: str) -> Actions:
         """The shell refuses a CONNECT whose credentials were good, for a quota of its own (a
@@ -1126,6 +1148,12 @@ class Session:
                 else:  # no longer allowed: a plain DISCONNECT discards it
                     self._end_run()
                     acts.to_broker.append(codec.encode_disconnect(level))
+            elif level == MQTT_5 and self._longer_expiry_at_disconnect(d):
+                self._will_armed = False  # (the DISCONNECT re-encoded: the Will is discarded as asked)
+                self._end_run()
+                acts.to_broker.append(codec.encode_disconnect(level, d.reason, [
+                    *without_props(d.properties, Prop.SESSION_EXPIRY_INTERVAL),
+                    (Prop.SESSION_EXPIRY_INTERVAL, self.session_expiry)]))
             else:
                 self._will_armed = False  # a normal DISCONNECT: the broker discards the Will
                 self._pass(acts.to_broker, frame, data)
@@ -1136,6 +1164,16 @@ class Session:
             raise ProtocolError(Reason.PROTOCOL_ERROR, "second CONNECT")
         else:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} is not sent by clients")
+
+    def _longer_expiry_at_disconnect(self, d) -> bool:
+        """A v5 DISCONNECT may set a new Session Expiry: kept within the cap (True: over it, so
+        the DISCONNECT must go upstream with the capped value, in ``session_expiry``)."""
+        asked = get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL)
+        if asked is None:
+            return False
+        cap = self.config.limits.persistent_session_expiry_seconds
+        self.session_expiry = min(asked, cap)
+        return asked > cap
 
     def _on_connect(self, acts: Actions, frame: Frame) -> None:
         # Field lengths are checked before anything is decoded or any credential looked at.

@@ -167,6 +167,12 @@ class SubscriptionQuota:
         self._held[key] = held + 1
         return True
 
+    def charge(self, key: str, n: int) -> None:
+        """``n`` slots for ``key`` whatever it holds: filters a persistent session keeps at the
+        broker after its connection closed (proxy.mqtt.persistent)."""
+        if n > 0:
+            self._held[key] = self._held.get(key, 0) + n
+
     def release(self, key: str, n: int = 1) -> None:
         left = self._held.get(key, 0) - n
         if left > 0:
