@@ -283,7 +283,7 @@ class _TlsClientSide(asyncio.BufferedProtocol):
             if self._out.pending and self._raw is not None and not self._raw.is_closing():
                 self._raw.write(self._out.read())
         if self._raw is not None:
-            self._raw.close()
+            _linger_close(self._raw, self._gateway.loop)
 
     def abort(self) -> None:
         self._closing = True
@@ -569,10 +569,37 @@ class Connection:
         if self.upstream is not None and not self.upstream.is_closing():
             _close_upstream(self.upstream, self.gateway.loop)
         if not self.client.is_closing():
-            self.client.close()
+            if self.websocket or isinstance(self.client, _TlsClientSide):
+                self.client.close()  # (the TLS side lingers itself, after its close_notify)
+            else:
+                _linger_close(self.client, self.gateway.loop)
         if self.address is not None:
             self.gateway.release_address(self)
         self.gateway.forget(self)
+
+
+LINGER_SECONDS = 2.0  # how long a closed client's socket still reads (and drops) what it sends
+
+
+def _linger_close(raw: Any, loop: Any) -> None:
+    """Close a client socket without losing our last bytes (a refusal) to a TCP reset.
+
+    A socket closed with unread input answers with a reset, and the client's
+    system then drops what it had not read yet, our CONNACK or DISCONNECT with
+    it. So: our bytes, then FIN (``write_eof``); what the client still sends is
+    read and dropped (its connection is closed), until it closes too (EOF: the
+    transport then closes) or ``LINGER_SECONDS`` pass (abort). The socket is no
+    longer counted as a connection meanwhile; new connections are still bounded
+    by the per-address rate, so lingering sockets are too.
+    """
+    if raw.is_closing():
+        return
+    if loop is None or not raw.can_write_eof():
+        raw.close()
+        return
+    raw.write_eof()
+    raw.resume_reading()
+    loop.call_later(LINGER_SECONDS, raw.abort)
 
 
 def _close_upstream(transport: asyncio.Transport, loop: Any) -> None:
