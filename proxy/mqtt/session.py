@@ -1095,7 +1095,7 @@ class Session:
         held = self._pending_bytes + self._client_framer.buffered
         if held + more <= self._preauth_max:
             return False
-        self._audit("connect", "deny", reason="too much data before CONNACK", held=held + more,
+        self._audit("connect", "deny", reason="too much data before CONNACK", held=held, more=more,
                     limit=self._preauth_max)
         self._refuse_connect(acts, Reason.QUOTA_EXCEEDED if self.protocol_level == MQTT_5 else
                              Reason.SERVER_UNAVAILABLE, "buffer_full", "")

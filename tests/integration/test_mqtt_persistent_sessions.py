@@ -1,6 +1,7 @@
-"""An identity cycling client ids with persistent sessions (3.1.1 clean_session=0; the admin, who may subscribe to anything) can no
-longer make Mosquitto hold without bound: the sessions are capped per identity, and their
-subscriptions stay charged to the identity's quota after the close, until a clean start."""
+"""An identity cycling client ids with persistent sessions (3.1.1 clean_session=0; the admin,
+who may subscribe to anything) can no longer make Mosquitto hold without bound: the sessions
+are capped per identity, and their subscriptions stay charged to the identity's quota after
+the close, until a clean start."""
 
 from __future__ import annotations
 
