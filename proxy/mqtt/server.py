@@ -569,7 +569,7 @@ class Connection:
         if self.upstream is not None and not self.upstream.is_closing():
             _close_upstream(self.upstream, self.gateway.loop)
         if not self.client.is_closing():
-            if self.websocket or isinstance(self.client, _TlsClientSide):
+            if self.websocket or isinstance(self.client, _TlsClientSide) or self.close_reason == "shutdown":
                 self.client.close()  # (the TLS side lingers itself, after its close_notify)
             else:
                 _linger_close(self.client, self.gateway.loop)

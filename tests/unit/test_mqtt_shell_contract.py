@@ -115,6 +115,8 @@ class FakeTransport:
     def write_eof(self) -> None:
         self.log.append((self.side, "write_eof"))
         self.eof = True
+        if self.side == "client":  # the gateway's lingering close: a client closes on our FIN
+            self._end()
 
     def can_write_eof(self) -> bool:
         return True
@@ -488,7 +490,7 @@ async def test_session_close_writes_both_sides_then_closes_both():
         await settle()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
         assert disc and disconnect_reason(disc[0][1], MQTT_5) == Reason.PROTOCOL_ERROR
-        client_end = r.first("client", "close", "abort")
+        client_end = r.first("client", "close", "abort", "write_eof")
         assert client_end is not None and disc[0][0] < client_end, r.log
         assert_upstream_ended(r)
         assert_no_write_after_close(r)
@@ -501,7 +503,7 @@ async def test_a_refused_connect_closes_without_opening_the_upstream():
         await settle()
         assert r.types("client") == [T.CONNACK]
         assert bytes(r.packets("client")[0][1].raw) == b"\x20\x02\x00\x05"
-        assert r.first("client", "close", "abort") > r.packets("client")[0][0]
+        assert r.first("client", "close", "abort", "write_eof") > r.packets("client")[0][0]
         assert r.first("gw", "dial") is None and not r.gateway.upstreams
 
 
@@ -554,7 +556,7 @@ async def test_revoked_will_is_discarded_on_shutdown():
         await settle()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
         assert disc and disconnect_reason(disc[0][1], MQTT_5) == Reason.SERVER_SHUTTING_DOWN
-        assert disc[0][0] < r.first("client", "close", "abort")
+        assert disc[0][0] < r.first("client", "close", "abort", "write_eof")
         assert_will_discarded_before_upstream_end(r, MQTT_5)
 
 
@@ -568,7 +570,7 @@ async def test_revoked_will_is_discarded_on_token_expiry():
         await settle()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
         assert disc and disconnect_reason(disc[0][1], MQTT_5) == Reason.MAXIMUM_CONNECT_TIME
-        assert disc[0][0] < r.first("client", "close", "abort")
+        assert disc[0][0] < r.first("client", "close", "abort", "write_eof")
         assert_will_discarded_before_upstream_end(r, MQTT_5)
 
 
@@ -614,7 +616,7 @@ async def test_connect_deadline_covers_a_hanging_authentication():
         client.feed(connect())
         await until(lambda: client.closing, 2.0, "the CONNECT deadline")
         assert [bytes(f.raw) for _, f in r.packets("client")] == [b"\x20\x02\x00\x03"]
-        assert r.packets("client")[0][0] < r.first("client", "close", "abort")
+        assert r.packets("client")[0][0] < r.first("client", "close", "abort", "write_eof")
         r.gateway.auth_gate.set()   # an answer after the close changes nothing
         await settle()
         assert not r.gateway.upstreams
@@ -659,7 +661,7 @@ async def test_unreachable_broker_is_reported_to_the_session(level, code):
             assert bytes(frame.raw) == code
         else:
             assert codec.decode_connack(frame.body, level).reason == Reason.SERVER_UNAVAILABLE
-        assert r.packets("client")[0][0] < r.first("client", "close", "abort")
+        assert r.packets("client")[0][0] < r.first("client", "close", "abort", "write_eof")
 
 
 async def test_lost_broker_is_reported_to_the_session():
@@ -669,7 +671,7 @@ async def test_lost_broker_is_reported_to_the_session():
         await settle()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
         assert disc and disconnect_reason(disc[0][1], MQTT_5) == Reason.UNSPECIFIED_ERROR
-        assert disc[0][0] < r.first("client", "close", "abort")
+        assert disc[0][0] < r.first("client", "close", "abort", "write_eof")
         assert not r.up.writes_after_close
         assert [op for op in r.ops("up") if op == "write"] == ["write"]  # the CONNECT, nothing after
 
@@ -691,7 +693,7 @@ async def test_shutdown_tells_v5_clients_then_closes():
         await r.gateway.stop()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
         assert disc and disconnect_reason(disc[0][1], MQTT_5) == Reason.SERVER_SHUTTING_DOWN
-        assert disc[0][0] < r.first("client", "close", "abort")
+        assert disc[0][0] < r.first("client", "close", "abort", "write_eof")
         assert_upstream_ended(r)
         assert_no_write_after_close(r)
 
@@ -719,7 +721,7 @@ async def test_invalidate_actions_are_carried_out():
         await settle()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
         assert disc and disconnect_reason(disc[0][1], MQTT_5) == Reason.ADMINISTRATIVE_ACTION, r.log
-        assert disc[0][0] < r.first("client", "close", "abort")
+        assert disc[0][0] < r.first("client", "close", "abort", "write_eof")
         assert_will_discarded_before_upstream_end(r, MQTT_5)
 
 
@@ -735,7 +737,7 @@ async def test_a_deleted_device_is_disconnected_at_once():
         await settle()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
         assert disc and disconnect_reason(disc[0][1], MQTT_5) == Reason.ADMINISTRATIVE_ACTION, r.ops("client")
-        assert disc[0][0] < r.first("client", "close", "abort")
+        assert disc[0][0] < r.first("client", "close", "abort", "write_eof")
         assert_upstream_ended(r)
 
 
@@ -822,7 +824,7 @@ async def test_revoked_will_ends_the_connection_at_once(level):
         r.facts.put(REVOKED)
         await settle()
         assert_will_discarded_before_upstream_end(r, level)
-        end = r.first("client", "close", "abort")
+        end = r.first("client", "close", "abort", "write_eof")
         assert end is not None, r.log
         if level == MQTT_5:
             disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]
