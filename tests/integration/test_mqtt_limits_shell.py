@@ -58,12 +58,17 @@ class Attack:
         # accepted it before that), and seconds from then to the gateway's close.
         self.opened: list[float] = []
         self.lifetimes: list[float] = []
+        self.lifetimes_from_dial: list[float] = []
         self.launch_seconds = 0.0
         self.refused = 0                   # closed during or right after the handshake
         self._writers: list[asyncio.StreamWriter] = []
         self._watchers: list[asyncio.Task] = []
 
     async def _one(self) -> None:
+        # The gateway's deadline runs from its accept, which falls between `dialled` and `start`:
+        # a lifetime from `dialled` is never shorter than the gateway's, one from `start` never
+        # longer, so each bound is checked against the measure that cannot flatter it.
+        dialled = time.monotonic()
         try:
             reader, writer = await asyncio.open_connection(
                 "127.0.0.1", self.port, ssl=_any_server() if self.tls else None, local_addr=(self.source, 0),
@@ -76,15 +81,17 @@ class Attack:
         start = time.monotonic()
         self._writers.append(writer)
         self.opened.append(start)
-        self._watchers.append(asyncio.ensure_future(self._watch(reader, start)))
+        self._watchers.append(asyncio.ensure_future(self._watch(reader, dialled, start)))
 
-    async def _watch(self, reader: asyncio.StreamReader, start: float) -> None:
+    async def _watch(self, reader: asyncio.StreamReader, dialled: float, start: float) -> None:
         try:
             while await reader.read(65536):
                 pass
         except (OSError, ssl.SSLError):
             pass
-        self.lifetimes.append(time.monotonic() - start)
+        now = time.monotonic()
+        self.lifetimes.append(now - start)
+        self.lifetimes_from_dial.append(now - dialled)
 
     async def launch(self, n: int, *, parallel: int = 50) -> None:
         gate = asyncio.Semaphore(parallel)
@@ -302,13 +309,13 @@ async def test_half_a_client_hello_is_closed_at_the_deadline(mqtt_rig_factory, l
     counted = len(rig.gateway.connections)
     closed = await attack.all_closed(deadline + 10)
     worst = max(attack.lifetimes, default=0.0)
-    best = min(attack.lifetimes, default=0.0)
+    best = min(attack.lifetimes_from_dial, default=0.0)
     print(f"\nMEASURED half ClientHello ({listener}): 50 sockets, {counted} counted, closed after "
           f"{best:.2f}..{worst:.2f} s (deadline {deadline} s)")
     await attack.stop()
     assert counted == 50
     assert closed
-    assert deadline - 0.3 <= best and worst <= deadline + 2.0
+    assert deadline - 0.05 <= best and worst <= deadline + 2.0
 
 
 # --------------------------------------------------------------------------- open files at start
