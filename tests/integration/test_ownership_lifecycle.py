@@ -130,6 +130,24 @@ async def test_the_next_owner_of_a_deleted_id_reads_nothing_of_the_old_one(rig):
     assert r.status == 404 and b"alice" not in r.body
 
 
+async def test_an_entity_written_under_another_service_path_is_deleted_too(rig):
+    """Issue 15, F1: Orion applies a DELETE without Fiware-ServicePath to "/" only, while the existence
+    check looks at "/#". An entity alice wrote under /hidden outlived her device and kept the id
+    unregistrable forever; under both paths at once, neither may survive."""
+    assert (await register(rig, "alice", id="lc-sp")).status == 201
+    for path in ("/hidden/deeper", "/"):
+        r = await rig.call("POST", "/v2/entities", "alice", headers={"Fiware-ServicePath": path}, json_body={
+            "id": "lc-sp", "type": "Thermometer", "secret": {"type": "Text", "value": f"alice's, under {path}"}})
+        assert r.status == 201, r.body
+    assert "lc-sp" in rig.standin.tenant("").paths["/hidden/deeper"]
+    assert (await rig.call("DELETE", f"{API}/devices/lc-sp", "alice")).status == 204
+    assert not [p for p, held in rig.standin.tenant("").paths.items() if "lc-sp" in held]
+    assert await rig.services.ownership.pending_removals() == []
+    assert (await register(rig, "bob", id="lc-sp")).status == 201
+    r = await rig.call("GET", "/v2/entities/lc-sp", "bob")
+    assert r.status == 404 and b"alice" not in r.body
+
+
 async def test_erasure_removes_the_users_entities_and_subscriptions_only(rig):
     mine = await alice_device_with_data(rig, "lc-e1")
     assert (await register(rig, "bob", id="lc-b1")).status == 201
@@ -301,8 +319,11 @@ async def test_entities_sharing_an_id_are_each_deleted_and_an_odd_answer_is_no_a
         return web.json_response({"id": eid, "type": next(iter(mine))[1]})
 
     async def listing(request: web.Request) -> web.Response:
-        assert request.query["idPattern"] == "^dup$"
-        return web.json_response([{"id": i, "type": t} for i, t in sorted(held)])
+        if request.query["idPattern"] != "^dup$":
+            return web.json_response({"error": "InternalError"}, status=500)
+        assert "servicePath" in request.query["attrs"].split(",")
+        return web.json_response([{"id": i, "type": t, "servicePath": {"type": "Text", "value": "/", "metadata": {}}}
+                                  for i, t in sorted(held)])
 
     app = web.Application()
     app.router.add_route("*", "/v2/entities/{id}", entity)
