@@ -46,6 +46,7 @@ class OrionUnavailable(Exception):
 class OrionClient:
     def __init__(self, base_url: str, *, timeout_seconds: float):
         self.base = base_url.rstrip("/")
+        self.timeout_seconds = timeout_seconds
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
 

@@ -380,3 +380,54 @@ async def test_broker_clean_up_that_fails_is_retried_and_the_id_blocked_meanwhil
     await wait_until_settled(rig)
     assert cleared == ["lc-mqtt"]
     assert (await register(rig, "bob", id="lc-mqtt")).status == 201
+
+
+# --------------------------------------------------------------------------- races with the deletion
+
+
+async def until(condition: Any) -> None:
+    """Wait (bounded) for a state the test cannot be told about by an event."""
+    deadline = time.monotonic() + BOUND
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_write_on_its_way_when_the_device_is_deleted_does_not_survive_the_deletion(rig):
+    """Issue 15, F2: a create already forwarded when the DELETE commits reached Orion after the
+    clean-up had looked: the entity was left behind and the id blocked. The clean-up now waits for
+    writes in flight on the id; new writes on it are refused once the deletion has begun."""
+    assert (await register(rig, "alice", id="lc-race")).status == 201
+    held = rig.standin.hold("POST", "/v2/entities")
+    write = asyncio.create_task(rig.call("POST", "/v2/entities", "alice", json_body={
+        "id": "lc-race", "type": "Thermometer", "secret": {"type": "Text", "value": "alice's, late"}}))
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    deletion = asyncio.create_task(rig.call("DELETE", f"{API}/devices/lc-race", "alice"))
+    await until(lambda: rig.services.ownership.writes.closed("lc-race"))
+    late = await rig.call("PATCH", "/v2/entities/lc-race/attrs", "alice",
+                          json_body={"secret": {"type": "Text", "value": "alice's, later"}})
+    assert late.status in (403, 404, 409), late
+    held.release.set()
+    assert (await write).status == 201
+    assert (await deletion).status == 204
+    assert not [p for p, ents in rig.standin.tenant("").paths.items() if "lc-race" in ents]
+    assert (await register(rig, "bob", id="lc-race")).status == 201
+
+
+async def test_a_subscription_made_while_its_device_is_deleted_is_withdrawn(rig):
+    """Issue 15, F3: a subscription Orion was still making when the device's deletion committed was
+    recorded after the clean-up; whoever registered the id next had their data notified to the old
+    owner. It is now checked again once recorded, and withdrawn at Orion when its device is going."""
+    assert (await register(rig, "alice", id="lc-subrace")).status == 201
+    held = rig.standin.hold("POST", "/v2/subscriptions")
+    making = asyncio.create_task(rig.call("POST", "/v2/subscriptions", "alice", json_body=subscription("lc-subrace")))
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    deletion = asyncio.create_task(rig.call("DELETE", f"{API}/devices/lc-subrace", "alice"))
+    await until(lambda: rig.services.ownership.writes.closed("lc-subrace"))
+    held.release.set()
+    made = await making
+    assert made.status == 409 and b"withdrawn" in made.body, made
+    assert (await deletion).status == 204
+    assert rig.standin.tenant("").subscriptions == {}
+    assert rig.services.ownership.subscriptions_of(await sub_of(rig, "alice"), "") == set()
+    assert (await register(rig, "bob", id="lc-subrace")).status == 201

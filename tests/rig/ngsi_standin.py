@@ -30,6 +30,7 @@ Run on its own for benchmarks: ``python -m tests.rig.ngsi_standin --port 1026``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import re
@@ -67,7 +68,16 @@ class Tenant:
         return self.paths.setdefault(path, {})
 
 
+@dataclass
+class Hold:
+    """A request the stand-in keeps waiting (a slow Orion): ``arrived`` is set when one comes, and it is
+    handled once ``release`` is set."""
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 RECORDED = web.AppKey("recorded", list)
+HOLDS = web.AppKey("holds", dict)            # (method, path) -> Hold
 NOTIFIED = web.AppKey("notified", list)       # (subscription id, method, url, status or error)
 _ENTITY_WRITE = re.compile(r"^/v2/entities/([^/]+)(/attrs(/[^/]+(/value)?)?)?$")
 TENANTS = web.AppKey("tenants", dict)
@@ -573,6 +583,10 @@ def _middleware(record: bool):
             request.app[RECORDED].append(Recorded(request.method, request.raw_path.split("?", 1)[0],
                                                   request.query_string, dict(request.headers), body))
         correlator = request.headers.get("Fiware-Correlator") or secrets.token_hex(16)
+        held = request.app[HOLDS].get((request.method, request.path))
+        if held is not None:
+            held.arrived.set()
+            await held.release.wait()
         try:
             response = await handler(request)
         except OrionError as exc:
@@ -631,6 +645,7 @@ def create_standin_app(*, record: bool = True) -> web.Application:
     app[RECORDED] = []
     app[NOTIFIED] = []
     app[TENANTS] = {}
+    app[HOLDS] = {}
     r = app.router
     r.add_get("/version", version)
     r.add_get("/v2", v2_root)
@@ -675,6 +690,10 @@ class NgsiStandin:
     @property
     def recorded(self) -> list[Recorded]:
         return self.app[RECORDED]
+
+    def hold(self, method: str, path: str) -> Hold:
+        """Keep the next requests with this method and (decoded) path waiting until released."""
+        return self.app[HOLDS].setdefault((method, path), Hold())
 
     def tenant(self, service: str = "") -> Tenant:
         return self.app[TENANTS].setdefault(service, Tenant())
