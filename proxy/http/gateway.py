@@ -243,17 +243,22 @@ class GatewayHandler:
         buffered: bytes | None = None
         has_body = bool(length) or request.headers.get("Transfer-Encoding", "").lower() == "chunked" \
             or (length is None and request.body_exists)
-        if ngsi.needs_json_body(method, path) or (has_body and length is None):
-            # Bodies the decision needs, and chunked bodies (whose size only their end tells),
-            # are read in full before anything goes upstream.
+        needed = ngsi.needs_json_body(method, path)
+        checked = has_body and ngsi.checks_json_body(method, path, request.headers.get("Content-Type", ""))
+        if needed or checked or (has_body and length is None):
+            # Bodies the decision needs, JSON attribute writes (checked, then forwarded as sent), and
+            # chunked bodies (whose size only their end tells) are read in full before anything goes upstream.
             try:
                 buffered = await self._read_capped(request)
             except BodyTooLarge:
                 return self._too_large(audit)
-            if ngsi.needs_json_body(method, path) and buffered:
-                body = ngsi.parse_json_body(buffered, self.config.max_json_depth)
-                if isinstance(body, ngsi.Reject):
-                    return self._deny(audit, body.status, body.error, body.description, f"json: {body.description}")
+            if (needed or checked) and buffered:
+                parsed = ngsi.parse_json_body(buffered, self.config.max_json_depth)
+                if isinstance(parsed, ngsi.Reject):
+                    return self._deny(audit, parsed.status, parsed.error, parsed.description,
+                                      f"json: {parsed.description}")
+                if needed:
+                    body = parsed
 
         req = ngsi.NgsiRequest(method, path, query, body)
         ctx = planning.Context(identity=identity, tenant=tenant, default_service=self.config.fiware_service.lower(),
