@@ -4,12 +4,17 @@ Per request: normalise the path, parse the query, fix the tenant, authenticate
 (:mod:`.auth`), read the body when the decision depends on it (capped at
 ``http.max_body_bytes``) and parse it strictly (:func:`.ngsi.parse_json_body`:
 nesting capped at ``http.max_json_depth`` before parsing; lone surrogates,
-non-finite and out-of-range numbers, duplicate keys refused 400 ``ParseError``),
+non-finite and out-of-range numbers, duplicate keys refused 400 ``ParseError``; the JSON
+attribute writes, which the decision does not read, are checked the same way and forwarded as sent),
 analyse (:mod:`.ngsi`), plan (:mod:`.plan`), check notification targets
 (:mod:`.ssrf`, with Orion's own address never a target), then forward to Orion
 over one pooled client session, and audit the outcome. Orion is only ever sent
 the canonical path, the re-encoded query, and (where the body was checked) the
-re-serialised body: what was checked is what Orion reads.
+re-serialised body: what was checked is what Orion reads. A forwarded write is
+counted on the entity ids it touches until Orion answers (``ownership.writes``):
+a device's deletion waits for those before its clean-up, and writes on an id
+whose deletion has begun are refused 409; a subscription is checked again once
+recorded and withdrawn if its device is being deleted meanwhile.
 
 Slow clients are cut off by the listener (:mod:`.listener`): a head within
 ``http.header_timeout_seconds``, a body within ``http.body_timeout_seconds``,
