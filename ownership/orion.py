@@ -7,8 +7,10 @@ it. Each answer is one of three: yes, no, or "Orion did not say"
 means neither. Callers never guess on the third.
 
 Entity ids are sent percent-encoded, the tenant as ``Fiware-Service`` (none
-for the default tenant). No ``Fiware-ServicePath`` is sent: for a query Orion
-then looks at every service path (``/#``); a deletion acts on the root path.
+for the default tenant). Queries send no ``Fiware-ServicePath``, so Orion looks
+at every service path (``/#``); a deletion, which without the header would act
+on ``/`` only, is sent once per entity under the path Orion reports for it
+(the ``servicePath`` builtin attribute).
 """
 
 from __future__ import annotations
@@ -22,7 +24,19 @@ import aiohttp
 from yarl import URL
 
 _SAFE = "!$*+,-.:@[]^_`{|}~"   # Orion's id characters that need no escaping in a path segment
-_MAX_TYPES = 100                # entities sharing one id under different types, deleted one by one
+_MAX_TYPES = 100                # entities sharing one id (types, service paths), deleted one by one
+# Orion's service path grammar: absolute, up to 10 levels of 1-50 alphanumerics or underscores.
+_SERVICE_PATH = re.compile(r"/|(/[A-Za-z0-9_]{1,50}){1,10}")
+
+
+def _service_path_of(entity: dict[str, Any]) -> str | None:
+    """The ``servicePath`` builtin of a listed entity (normalised form), None when it is not one."""
+    attr = entity.get("servicePath")
+    value = attr.get("value") if isinstance(attr, dict) else None
+    if not isinstance(value, str):
+        return None
+    value = value.rstrip("/") or "/"
+    return value if _SERVICE_PATH.fullmatch(value) else None
 
 
 class OrionUnavailable(Exception):
@@ -32,6 +46,7 @@ class OrionUnavailable(Exception):
 class OrionClient:
     def __init__(self, base_url: str, *, timeout_seconds: float):
         self.base = base_url.rstrip("/")
+        self.timeout_seconds = timeout_seconds
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
 
@@ -46,9 +61,12 @@ class OrionClient:
                                                   skip_auto_headers=("User-Agent",))
         return self._session
 
-    async def _call(self, method: str, path: str, tenant: str, query: str = "") -> tuple[int, Any]:
+    async def _call(self, method: str, path: str, tenant: str, query: str = "",
+                    service_path: str = "") -> tuple[int, Any]:
         url = URL(self.base + path + (f"?{query}" if query else ""), encoded=True)
         headers = {"Fiware-Service": tenant} if tenant else {}
+        if service_path:
+            headers["Fiware-ServicePath"] = service_path
         try:
             async with self._client().request(method, url, headers=headers, allow_redirects=False) as r:
                 body = await r.json(content_type=None) if method == "GET" and r.status == 200 else None
@@ -70,27 +88,29 @@ class OrionClient:
         raise OrionUnavailable(f"Orion answered {status} when asked for entity {entity_id!r}")
 
     async def delete_entity(self, entity_id: str, tenant: str) -> None:
-        """Remove every entity with this id in the tenant; returns once Orion has none left."""
-        status, _ = await self._call("DELETE", self._entity_path(entity_id), tenant)
-        if status in (200, 204, 404):
-            return
-        if status != 409:
-            raise OrionUnavailable(f"Orion answered {status} to deleting entity {entity_id!r}")
-        # Several types under one id: Orion wants the type named, so list them and delete each.
+        """Remove every entity with this id in the tenant, under every type and service path it lives
+        in; returns once Orion has none left, else raises (the removal is then owed and retried).
+
+        A deletion without ``Fiware-ServicePath`` acts on ``/`` only, while the existence check (a
+        query) looks at ``/#``: so the entities are listed first with the ``servicePath`` builtin
+        attribute, each is deleted under its own path and type, and the id is looked up again."""
         pattern = quote("^" + re.escape(entity_id) + "$", safe="")
         status, found = await self._call("GET", "/v2/entities", tenant,
-                                         f"idPattern={pattern}&attrs=dateCreated&limit={_MAX_TYPES}")
+                                         f"idPattern={pattern}&attrs=servicePath&limit={_MAX_TYPES}")
         if status != 200 or not isinstance(found, list):
-            raise OrionUnavailable(f"Orion answered {status} when listing the types of entity {entity_id!r}")
+            raise OrionUnavailable(f"Orion answered {status} when listing the entities with id {entity_id!r}")
         for entity in found:
             if not isinstance(entity, dict) or entity.get("id") != entity_id or \
                     not isinstance(entity.get("type"), str):
                 continue
-            etype = entity["type"]
+            etype, path = entity["type"], _service_path_of(entity)
+            if path is None:
+                raise OrionUnavailable(f"Orion gave entity {entity_id!r} no usable servicePath")
             status, _ = await self._call("DELETE", self._entity_path(entity_id), tenant,
-                                         "type=" + quote(etype, safe=_SAFE))
+                                         "type=" + quote(etype, safe=_SAFE), service_path=path)
             if status not in (200, 204, 404):
-                raise OrionUnavailable(f"Orion answered {status} to deleting entity {entity_id!r} ({etype})")
+                raise OrionUnavailable(f"Orion answered {status} to deleting entity {entity_id!r} ({etype}, {path})")
+        # Also what a write still on its way created meanwhile, or what lay past the listing's limit.
         if await self.entity_exists(entity_id, tenant):
             raise OrionUnavailable(f"entity {entity_id!r} is still in Orion after its deletion")
 

@@ -31,6 +31,7 @@ from ownership import enrollment
 from ownership import store as st
 from ownership.enrollment import CsrProblem, DeviceCA
 from ownership.facts import MemoryFacts, principal_of
+from ownership.inflight import WritesInFlight
 from ownership.orion import OrionClient, OrionUnavailable
 from ownership.validation import KEY_SLOTS, PERMISSIONS, orion_id_problem, parse_grantee
 from proxy.facts import PUBLIC, Principal
@@ -166,6 +167,9 @@ class OwnershipService:
         # owes it the removal of the entity and subscriptions (rows in the store's pending_removals,
         # struck off as Orion takes them). A device id with removals owed cannot be registered.
         self.orion = orion
+        # NGSI writes the gateway has forwarded and Orion not yet answered, per entity id: the
+        # clean-up of a deleted device waits for those on its id, and refuses new ones (F2, issue 15).
+        self.writes = WritesInFlight()
         self._in_flight: set[int] = set()        # rows being sent to Orion right now
         self._wake = asyncio.Event()
         self._backing_off = False
@@ -464,14 +468,18 @@ class OwnershipService:
     async def delete_device(self, actor: Identity, device_id: str) -> None:
         owed = self._owed_on_delete()
         queued_at = owed["queued_at"]
+        self.writes.close([device_id])   # from now on NGSI writes on the id are refused
         try:
-            await self._run(functools.partial(self._store.delete_device, device_id, **owed))
-        except st.NotFound:
-            raise NotFound(f"no device {device_id!r}") from None
-        self.facts.remove_device(device_id)
-        self.facts.changed({device_id})
-        self._audit("device.delete", actor, device_id)
-        await self._removed([device_id], queued_at)
+            try:
+                await self._run(functools.partial(self._store.delete_device, device_id, **owed))
+            except st.NotFound:
+                raise NotFound(f"no device {device_id!r}") from None
+            self.facts.remove_device(device_id)
+            self.facts.changed({device_id})
+            self._audit("device.delete", actor, device_id)
+            await self._removed([device_id], queued_at)
+        finally:
+            self.writes.reopen([device_id])
 
     async def _removed(self, device_ids: Iterable[str], queued_at: float | None = None) -> None:
         """Try the clean-up the deletion queued (at ``queued_at``) at once, before the call returns;
@@ -522,6 +530,10 @@ class OwnershipService:
         tenant = (row["service"] or self.default_tenant()).lower()
         try:
             if row["kind"] == "entity":
+                # A write forwarded before the deletion may still reach Orion: let it land first (bounded;
+                # past the bound the removal stays owed and is retried, the id blocked meanwhile).
+                if not await self.writes.drained(row["target"], self.orion.timeout_seconds):
+                    raise OrionUnavailable(f"writes on entity {row['target']!r} are still on their way to Orion")
                 await self.orion.delete_entity(row["target"], tenant)
             else:
                 await self.orion.delete_subscription(row["target"], tenant)
@@ -761,6 +773,14 @@ class OwnershipService:
     async def erase_user_data(self, identity: Identity) -> dict[str, int]:
         owed = self._owed_on_delete()
         queued_at = owed["queued_at"]
+        closing = sorted(self.facts.owned_by(identity.sub))
+        self.writes.close(closing)   # NGSI writes on the user's devices are refused from now on
+        try:
+            return await self._erase(identity, owed, queued_at)
+        finally:
+            self.writes.reopen(closing)
+
+    async def _erase(self, identity: Identity, owed: dict[str, Any], queued_at: float | None) -> dict[str, int]:
         result = await self._run(functools.partial(self._store.erase_user, identity.sub, **owed))
         for device_id in result["owned"]:
             self.facts.remove_device(device_id)

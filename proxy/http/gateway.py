@@ -4,12 +4,17 @@ Per request: normalise the path, parse the query, fix the tenant, authenticate
 (:mod:`.auth`), read the body when the decision depends on it (capped at
 ``http.max_body_bytes``) and parse it strictly (:func:`.ngsi.parse_json_body`:
 nesting capped at ``http.max_json_depth`` before parsing; lone surrogates,
-non-finite and out-of-range numbers, duplicate keys refused 400 ``ParseError``),
+non-finite and out-of-range numbers, duplicate keys refused 400 ``ParseError``; the JSON
+attribute writes, which the decision does not read, are checked the same way and forwarded as sent),
 analyse (:mod:`.ngsi`), plan (:mod:`.plan`), check notification targets
 (:mod:`.ssrf`, with Orion's own address never a target), then forward to Orion
 over one pooled client session, and audit the outcome. Orion is only ever sent
 the canonical path, the re-encoded query, and (where the body was checked) the
-re-serialised body: what was checked is what Orion reads.
+re-serialised body: what was checked is what Orion reads. A forwarded write is
+counted on the entity ids it touches until Orion answers (``ownership.writes``):
+a device's deletion waits for those before its clean-up, and writes on an id
+whose deletion has begun are refused 409; a subscription is checked again once
+recorded and withdrawn if its device is being deleted meanwhile.
 
 Slow clients are cut off by the listener (:mod:`.listener`): a head within
 ``http.header_timeout_seconds``, a body within ``http.body_timeout_seconds``,
@@ -243,17 +248,22 @@ class GatewayHandler:
         buffered: bytes | None = None
         has_body = bool(length) or request.headers.get("Transfer-Encoding", "").lower() == "chunked" \
             or (length is None and request.body_exists)
-        if ngsi.needs_json_body(method, path) or (has_body and length is None):
-            # Bodies the decision needs, and chunked bodies (whose size only their end tells),
-            # are read in full before anything goes upstream.
+        needed = ngsi.needs_json_body(method, path)
+        checked = has_body and ngsi.checks_json_body(method, path, request.headers.get("Content-Type", ""))
+        if needed or checked or (has_body and length is None):
+            # Bodies the decision needs, JSON attribute writes (checked, then forwarded as sent), and
+            # chunked bodies (whose size only their end tells) are read in full before anything goes upstream.
             try:
                 buffered = await self._read_capped(request)
             except BodyTooLarge:
                 return self._too_large(audit)
-            if ngsi.needs_json_body(method, path) and buffered:
-                body = ngsi.parse_json_body(buffered, self.config.max_json_depth)
-                if isinstance(body, ngsi.Reject):
-                    return self._deny(audit, body.status, body.error, body.description, f"json: {body.description}")
+            if (needed or checked) and buffered:
+                parsed = ngsi.parse_json_body(buffered, self.config.max_json_depth)
+                if isinstance(parsed, ngsi.Reject):
+                    return self._deny(audit, parsed.status, parsed.error, parsed.description,
+                                      f"json: {parsed.description}")
+                if needed:
+                    body = parsed
 
         req = ngsi.NgsiRequest(method, path, query, body)
         ctx = planning.Context(identity=identity, tenant=tenant, default_service=self.config.fiware_service.lower(),
@@ -281,7 +291,16 @@ class GatewayHandler:
             upstream_body = self._stream_capped(request)
         else:
             upstream_body = None
-        return await self._forward(request, decided, upstream_body, identity, tenant, audit)
+        # A write is counted on the ids it touches until Orion has answered, so that a device's
+        # deletion waits for it before its clean-up; a write on an id whose deletion has begun is refused.
+        writes = self.services.ownership.writes
+        counted = decided.devices if not is_query and decided.devices else ()
+        if counted and not writes.begin(counted):
+            return self._deny(audit, 409, "Conflict", "the device is being deleted", "write during deletion")
+        try:
+            return await self._forward(request, decided, upstream_body, identity, tenant, audit)
+        finally:
+            writes.end(counted)
 
     # ------------------------------------------------------------------ pieces
 
@@ -394,8 +413,9 @@ class GatewayHandler:
         audit["upstream_status"] = upstream.status
         try:
             if d.after == "record_subscription" and upstream.status == 201:
-                if not await self._record_subscription(upstream, d, identity, tenant, headers, audit):
-                    return orion_error(503, "ServiceUnavailable", "the subscription could not be recorded")
+                refusal = await self._record_subscription(upstream, d, identity, tenant, headers, audit)
+                if refusal is not None:
+                    return refusal
             elif d.after == "forget_subscription" and upstream.status in (200, 204):
                 sub_id = d.path.rsplit("/", 1)[-1]
                 await self.services.ownership.forget_subscription(sub_id, tenant)
@@ -408,15 +428,19 @@ class GatewayHandler:
             upstream.release()
 
     async def _record_subscription(self, upstream: aiohttp.ClientResponse, d: planning.Forward, identity: Identity,
-                                   tenant: str, headers: CIMultiDict[str], audit: dict[str, Any]) -> bool:
+                                   tenant: str, headers: CIMultiDict[str],
+                                   audit: dict[str, Any]) -> web.Response | None:
         """Tie the new subscription to its creator; if that fails, take it back out of Orion, so no
-        subscription runs that nobody owns."""
+        subscription runs that nobody owns. Then check again that its subject's devices stand and the
+        creator may still read them: a device deleted while Orion was making the subscription has had
+        its clean-up without it, and the subscription would notify the id's next owner's data to the
+        old one. Such a subscription is withdrawn at once. None: recorded; else the answer to send."""
         location = upstream.headers.get("Location", "")
         sub_id = location.rstrip("/").rsplit("/", 1)[-1]
         if not location.startswith("/v2/subscriptions/") or not ngsi.valid_subscription_id(sub_id):
             audit["reason"] = "subscription created without a usable Location"
             log.warning("Orion answered 201 to a subscription without a usable Location: %r", location)
-            return True
+            return None
         try:
             # What was checked is kept, so access can be re-checked later (subscription_guard).
             await self.services.ownership.record_subscription(sub_id, identity, tenant, entities=d.devices,
@@ -424,18 +448,41 @@ class GatewayHandler:
         except Exception:
             log.exception("recording subscription %s failed; deleting it from Orion", sub_id)
             audit["decision"], audit["reason"] = "error", "subscription not recorded, withdrawn"
-            headers = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in ("content-length",
-                                                                                           "content-type"))
-            try:
-                async with self.session.delete(self._url(f"/v2/subscriptions/{sub_id}", ()),  # type: ignore[union-attr]
-                                               headers=headers):
-                    pass
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                log.error("could not withdraw unrecorded subscription %s from Orion", sub_id)
-            return False
+            await self._withdraw(sub_id, headers)
+            return orion_error(503, "ServiceUnavailable", "the subscription could not be recorded")
+        gone = self._subject_gone(d, identity, tenant)
+        if gone is not None:
+            audit["decision"], audit["reason"] = "deny", f"subject {gone!r} deleted meanwhile, withdrawn"
+            await self._withdraw(sub_id, headers)
+            await self.services.ownership.forget_subscription(sub_id, tenant)
+            return orion_error(409, "Conflict", f"device {gone!r} was deleted while the subscription was being "
+                               "made; the subscription has been withdrawn")
         self.guard.recorded(sub_id, tenant)
         audit["subscription"] = sub_id
-        return True
+        return None
+
+    def _subject_gone(self, d: planning.Forward, identity: Identity, tenant: str) -> str | None:
+        """A subject id whose deletion has begun, or that the creator may no longer read (checked after
+        the subscription is recorded, so a deletion committing later finds it and removes it)."""
+        ownership = self.services.ownership
+        ctx = planning.Context(identity=identity, tenant=tenant, default_service=self.config.fiware_service.lower(),
+                               is_admin=identity.has_role(self.admin_role), facts=ownership.facts,
+                               policies=self.services.policies, ownership=ownership)
+        for entity_id in d.devices:
+            if ownership.writes.closed(entity_id) or not planning.may_read(ctx, entity_id).allowed:
+                return entity_id
+        return None
+
+    async def _withdraw(self, sub_id: str, headers: CIMultiDict[str]) -> None:
+        """Delete a just-made subscription from Orion (best effort: logged when Orion does not take it)."""
+        headers = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in ("content-length",
+                                                                                       "content-type"))
+        try:
+            async with self.session.delete(self._url(f"/v2/subscriptions/{sub_id}", ()),  # type: ignore[union-attr]
+                                           headers=headers):
+                pass
+        except (aiohttp.ClientError, TimeoutError):
+            log.error("could not withdraw subscription %s from Orion", sub_id)
 
     def _response_headers(self, upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
         connection_named = {t.strip().lower() for t in upstream.headers.get("Connection", "").split(",")}

@@ -251,6 +251,18 @@ def needs_json_body(method: str, path: str) -> bool:
     return method == "PATCH" and path.startswith("/v2/subscriptions/")
 
 
+_ATTRS_WRITE = re.compile(r"/v2/entities/[^/]+/attrs(/[^/]+(/value)?)?")
+
+
+def checks_json_body(method: str, path: str, content_type: str) -> bool:
+    """Whether a body the decision does not need is still read whole and checked (nesting depth,
+    non-finite numbers, lone surrogates, duplicate keys) before it is forwarded as sent: the JSON
+    attribute writes, which would otherwise stream to Orion unchecked. A ``text/plain`` value is not JSON."""
+    if method not in ("POST", "PATCH", "PUT") or not _ATTRS_WRITE.fullmatch(path):
+        return False
+    return content_type.split(";", 1)[0].strip().lower() != "text/plain"
+
+
 def analyse(req: NgsiRequest) -> Action:
     parts = req.path.split("/")[1:]  # the path is normalised: no empty segments, no dot segments
     if parts[:2] == ["v2", "entities"]:

@@ -10,8 +10,12 @@ its own neighbours (server-side request forgery). A target passes when:
   differentials behind ``http://good@evil`` style tricks);
 * with an empty ``http.notification_allowlist``: every address the host
   resolves to (through the event loop's ``getaddrinfo``) is globally routable:
-  no loopback, link-local, private, shared, multicast, reserved or
-  unspecified address, IPv4-mapped IPv6 included;
+  no address of the IANA IPv4/IPv6 special-purpose registries that is not
+  globally reachable (loopback, link-local, private, shared, benchmarking,
+  documentation, multicast, reserved, this-network, site-local, unique-local,
+  Teredo, ORCHID, local-use NAT64, ...), IPv6 outside 2000::/3 refused, and
+  the IPv4 address inside an IPv4-mapped, NAT64 (64:ff9b::/96) or 6to4
+  (2002::/16) address checked as itself;
 * with a non-empty allow-list: it matches a listed entry, which names one
   receiver by scheme, host and port, and for http(s) optionally a path
   prefix: ``http://10.0.0.5:8080/notify`` admits ``http://10.0.0.5:8080/notify``
@@ -158,7 +162,52 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
+# The IANA IPv4 and IPv6 Special-Purpose Address Registries (RFC 6890 and later), with every block
+# that is not "globally reachable" (or is deprecated), checked before Python's own flags, whose list
+# lags the registry (Python 3.11 passes 192.88.99.1, fec0::/10, 3fff::/20 and every 6to4 address).
+_SPECIAL_V4: tuple[tuple[ipaddress.IPv4Network, str], ...] = tuple(
+    (ipaddress.IPv4Network(net), name) for net, name in (
+        ("0.0.0.0/8", "this-network"), ("10.0.0.0/8", "private"), ("100.64.0.0/10", "shared"),
+        ("127.0.0.0/8", "loopback"), ("169.254.0.0/16", "link-local"), ("172.16.0.0/12", "private"),
+        ("192.0.0.0/24", "IETF-protocol"), ("192.0.2.0/24", "documentation"),
+        ("192.88.99.0/24", "6to4-relay"), ("192.168.0.0/16", "private"), ("198.18.0.0/15", "benchmarking"),
+        ("198.51.100.0/24", "documentation"), ("203.0.113.0/24", "documentation"),
+        ("224.0.0.0/4", "multicast"), ("240.0.0.0/4", "reserved"), ("255.255.255.255/32", "broadcast")))
+_SPECIAL_V6: tuple[tuple[ipaddress.IPv6Network, str], ...] = tuple(
+    (ipaddress.IPv6Network(net), name) for net, name in (
+        ("64:ff9b:1::/48", "local-NAT64"), ("100::/64", "discard"), ("100:0:0:1::/64", "dummy"),
+        ("2001::/23", "IETF-protocol"),           # Teredo 2001::/32, benchmarking, ORCHID(v2), AMT, ...
+        ("2001:db8::/32", "documentation"), ("3fff::/20", "documentation"), ("5f00::/16", "SRv6-SID"),
+        ("fc00::/7", "unique-local"), ("fe80::/10", "link-local"), ("fec0::/10", "site-local"),
+        ("ff00::/8", "multicast")))
+_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")   # all of IPv6 that is globally routed
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")        # well-known NAT64: the last 32 bits are an IPv4 address
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")     # 6to4: bits 16-48 are an IPv4 address
+
+
+def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries and is routed to (NAT64, 6to4), if any."""
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _SIX_TO_FOUR:
+        return ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF)
+    return None
+
+
 def _special(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why the address is no place to send a notification (None: a global unicast address)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = _embedded_v4(ip)
+        if inner is not None:
+            why = _special(inner)
+            return f"{why} (embedded in {'NAT64' if ip in _NAT64 else '6to4'})" if why else None
+        if ip not in _GLOBAL_UNICAST:   # ::/128, ::1, IPv4-compatible ::/96, 100::/64, ULA, ... all outside
+            return next((name for net, name in _SPECIAL_V6 if ip in net), "non-global")
+    table: Iterable[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = \
+        _SPECIAL_V4 if isinstance(ip, ipaddress.IPv4Address) else _SPECIAL_V6
+    for net, name in table:
+        if ip in net:
+            return name
     for name in ("loopback", "link_local", "multicast", "unspecified", "private", "reserved"):
         if getattr(ip, f"is_{name}"):
             return name.replace("_", "-")

@@ -139,6 +139,35 @@ async def test_values_orion_cannot_take_are_refused_in_its_shape(rig, raw, why):
     assert not rig.upstream_saw("POST", "/v2/entities")
 
 
+@pytest.mark.parametrize("method,path,raw", [
+    ("PATCH", "/v2/entities/a-1/attrs", '{"temperature": {"type": "Number", "value": %s}}'),
+    ("POST", "/v2/entities/a-1/attrs", '{"temperature": {"type": "Number", "value": %s}}'),
+    ("PUT", "/v2/entities/a-1/attrs", '{"temperature": {"type": "Number", "value": %s}}'),
+    ("PUT", "/v2/entities/a-1/attrs/temperature", '{"type": "Number", "value": %s}'),
+    ("PUT", "/v2/entities/a-1/attrs/temperature/value", '%s'),
+])
+@pytest.mark.parametrize("value,why", [("1e400", "out of range"), ("NaN", "not JSON"), ("[" * 40 + "]" * 40, "nested")])
+async def test_attribute_writes_are_checked_too_though_the_decision_does_not_read_them(rig, method, path, raw, value,
+                                                                                        why):
+    """Issue 15: the attribute writes' bodies streamed to Orion unchecked: 1e400 reached it as Infinity,
+    and nesting was not capped. They are now read and checked, then forwarded as sent."""
+    r = await rig.call(method, path, "alice", data=(raw % value).encode(), headers={"Content-Type": "application/json"})
+    assert r.status == 400, r.body
+    assert r.json()["error"] == "ParseError" and why in r.json()["description"]
+    assert not rig.upstream_saw(method, path)
+
+
+async def test_a_checked_attribute_write_is_forwarded_as_sent_and_a_text_value_is_not_parsed(rig):
+    sent = b'{ "temperature" : {"type": "Number", "value": 21.50} }'
+    r = await rig.call("PATCH", "/v2/entities/a-1/attrs", "alice", data=sent,
+                       headers={"Content-Type": "application/json"})
+    assert r.status == 204, r.body
+    assert rig.upstream_saw("PATCH", "/v2/entities/a-1/attrs")[-1].body == sent
+    r = await rig.call("PUT", "/v2/entities/a-1/attrs/temperature/value", "alice", data=b"NaN-ish text",
+                       headers={"Content-Type": "text/plain"})
+    assert r.status == 204, r.body
+
+
 async def test_a_valid_surrogate_pair_and_a_big_finite_number_pass(rig):
     body = b'{"actionType": "update", "entities": [{"id": "a-1", "type": "Thermometer", ' \
            b'"label": {"type": "Text", "value": "\\ud83d\\ude00"}, "big": {"type": "Number", "value": 1e308}}]}'

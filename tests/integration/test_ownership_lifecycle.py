@@ -130,6 +130,24 @@ async def test_the_next_owner_of_a_deleted_id_reads_nothing_of_the_old_one(rig):
     assert r.status == 404 and b"alice" not in r.body
 
 
+async def test_an_entity_written_under_another_service_path_is_deleted_too(rig):
+    """Issue 15, F1: Orion applies a DELETE without Fiware-ServicePath to "/" only, while the existence
+    check looks at "/#". An entity alice wrote under /hidden outlived her device and kept the id
+    unregistrable forever; under both paths at once, neither may survive."""
+    assert (await register(rig, "alice", id="lc-sp")).status == 201
+    for path in ("/hidden/deeper", "/"):
+        r = await rig.call("POST", "/v2/entities", "alice", headers={"Fiware-ServicePath": path}, json_body={
+            "id": "lc-sp", "type": "Thermometer", "secret": {"type": "Text", "value": f"alice's, under {path}"}})
+        assert r.status == 201, r.body
+    assert "lc-sp" in rig.standin.tenant("").paths["/hidden/deeper"]
+    assert (await rig.call("DELETE", f"{API}/devices/lc-sp", "alice")).status == 204
+    assert not [p for p, held in rig.standin.tenant("").paths.items() if "lc-sp" in held]
+    assert await rig.services.ownership.pending_removals() == []
+    assert (await register(rig, "bob", id="lc-sp")).status == 201
+    r = await rig.call("GET", "/v2/entities/lc-sp", "bob")
+    assert r.status == 404 and b"alice" not in r.body
+
+
 async def test_erasure_removes_the_users_entities_and_subscriptions_only(rig):
     mine = await alice_device_with_data(rig, "lc-e1")
     assert (await register(rig, "bob", id="lc-b1")).status == 201
@@ -301,8 +319,11 @@ async def test_entities_sharing_an_id_are_each_deleted_and_an_odd_answer_is_no_a
         return web.json_response({"id": eid, "type": next(iter(mine))[1]})
 
     async def listing(request: web.Request) -> web.Response:
-        assert request.query["idPattern"] == "^dup$"
-        return web.json_response([{"id": i, "type": t} for i, t in sorted(held)])
+        if request.query["idPattern"] != "^dup$":
+            return web.json_response({"error": "InternalError"}, status=500)
+        assert "servicePath" in request.query["attrs"].split(",")
+        return web.json_response([{"id": i, "type": t, "servicePath": {"type": "Text", "value": "/", "metadata": {}}}
+                                  for i, t in sorted(held)])
 
     app = web.Application()
     app.router.add_route("*", "/v2/entities/{id}", entity)
@@ -359,3 +380,54 @@ async def test_broker_clean_up_that_fails_is_retried_and_the_id_blocked_meanwhil
     await wait_until_settled(rig)
     assert cleared == ["lc-mqtt"]
     assert (await register(rig, "bob", id="lc-mqtt")).status == 201
+
+
+# --------------------------------------------------------------------------- races with the deletion
+
+
+async def until(condition: Any) -> None:
+    """Wait (bounded) for a state the test cannot be told about by an event."""
+    deadline = time.monotonic() + BOUND
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_write_on_its_way_when_the_device_is_deleted_does_not_survive_the_deletion(rig):
+    """Issue 15, F2: a create already forwarded when the DELETE commits reached Orion after the
+    clean-up had looked: the entity was left behind and the id blocked. The clean-up now waits for
+    writes in flight on the id; new writes on it are refused once the deletion has begun."""
+    assert (await register(rig, "alice", id="lc-race")).status == 201
+    held = rig.standin.hold("POST", "/v2/entities")
+    write = asyncio.create_task(rig.call("POST", "/v2/entities", "alice", json_body={
+        "id": "lc-race", "type": "Thermometer", "secret": {"type": "Text", "value": "alice's, late"}}))
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    deletion = asyncio.create_task(rig.call("DELETE", f"{API}/devices/lc-race", "alice"))
+    await until(lambda: rig.services.ownership.writes.closed("lc-race"))
+    late = await rig.call("PATCH", "/v2/entities/lc-race/attrs", "alice",
+                          json_body={"secret": {"type": "Text", "value": "alice's, later"}})
+    assert late.status in (403, 404, 409), late
+    held.release.set()
+    assert (await write).status == 201
+    assert (await deletion).status == 204
+    assert not [p for p, ents in rig.standin.tenant("").paths.items() if "lc-race" in ents]
+    assert (await register(rig, "bob", id="lc-race")).status == 201
+
+
+async def test_a_subscription_made_while_its_device_is_deleted_is_withdrawn(rig):
+    """Issue 15, F3: a subscription Orion was still making when the device's deletion committed was
+    recorded after the clean-up; whoever registered the id next had their data notified to the old
+    owner. It is now checked again once recorded, and withdrawn at Orion when its device is going."""
+    assert (await register(rig, "alice", id="lc-subrace")).status == 201
+    held = rig.standin.hold("POST", "/v2/subscriptions")
+    making = asyncio.create_task(rig.call("POST", "/v2/subscriptions", "alice", json_body=subscription("lc-subrace")))
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    deletion = asyncio.create_task(rig.call("DELETE", f"{API}/devices/lc-subrace", "alice"))
+    await until(lambda: rig.services.ownership.writes.closed("lc-subrace"))
+    held.release.set()
+    made = await making
+    assert made.status == 409 and b"withdrawn" in made.body, made
+    assert (await deletion).status == 204
+    assert rig.standin.tenant("").subscriptions == {}
+    assert rig.services.ownership.subscriptions_of(await sub_of(rig, "alice"), "") == set()
+    assert (await register(rig, "bob", id="lc-subrace")).status == 201

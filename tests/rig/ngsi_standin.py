@@ -5,8 +5,15 @@ the endpoints the gateway guards the way Orion does: status codes, error
 shapes (``{"error": "NotFound", "description": ...}``), ``Location`` on 201,
 ``Fiware-Total-Count`` with ``options=count``, ``id`` / ``idPattern`` /
 ``type`` / ``limit`` / ``offset`` / ``attrs`` / ``keyValues`` / ``upsert``,
-batch ``op/update`` and ``op/query``, subscriptions and registrations, and one
-tenant per lower-cased ``Fiware-Service`` header.
+batch ``op/update`` and ``op/query``, subscriptions and registrations, one
+tenant per lower-cased ``Fiware-Service`` header, and ``Fiware-ServicePath`` as
+Orion documents it: an entity lives in one service path (``/`` when written
+without the header); a query without the header looks at ``/#`` (every path), an
+update or deletion without it at ``/`` only; queries take up to ten
+comma-separated paths, ``/x/#`` for ``/x`` and below, updates exactly one plain
+path; the ``servicePath`` builtin attribute (asked for in ``attrs``) tells the
+path an entity lives in; several entities matching one id (types or paths) make
+a by-id request 409 ``TooManyResults``.
 
 It records every request it receives (``app[RECORDED]``), so tests can assert
 what reached the upstream and, as important, what did not.
@@ -23,6 +30,7 @@ Run on its own for benchmarks: ``python -m tests.rig.ngsi_standin --port 1026``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import re
@@ -47,12 +55,29 @@ class Recorded:
 
 @dataclass
 class Tenant:
-    entities: dict[str, dict[str, Any]] = field(default_factory=dict)   # id -> {"id", "type", attrs...}
+    entities: dict[str, dict[str, Any]] = field(default_factory=dict)   # id -> {"id", "type", attrs...} under "/"
+    paths: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)   # service path -> entities
     subscriptions: dict[str, dict[str, Any]] = field(default_factory=dict)
     registrations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.paths.setdefault("/", self.entities)
+
+    def under(self, path: str) -> dict[str, dict[str, Any]]:
+        """The entities living in exactly this service path."""
+        return self.paths.setdefault(path, {})
+
+
+@dataclass
+class Hold:
+    """A request the stand-in keeps waiting (a slow Orion): ``arrived`` is set when one comes, and it is
+    handled once ``release`` is set."""
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
 
 RECORDED = web.AppKey("recorded", list)
+HOLDS = web.AppKey("holds", dict)            # (method, path) -> Hold
 NOTIFIED = web.AppKey("notified", list)       # (subscription id, method, url, status or error)
 _ENTITY_WRITE = re.compile(r"^/v2/entities/([^/]+)(/attrs(/[^/]+(/value)?)?)?$")
 TENANTS = web.AppKey("tenants", dict)
@@ -112,7 +137,8 @@ def _attrs_of(body: Any, key_values: bool) -> dict[str, dict[str, Any]]:
     return {k: _norm_attr(v, key_values) for k, v in body.items() if k not in ("id", "type")}
 
 
-def _render(entity: dict[str, Any], options: set[str], attrs: list[str] | None, with_id: bool = True) -> Any:
+def _render(entity: dict[str, Any], options: set[str], attrs: list[str] | None, with_id: bool = True,
+            path: str = "/") -> Any:
     names = [k for k in entity if k not in ("id", "type")]
     if attrs:
         names = [n for n in names if n in attrs]
@@ -121,6 +147,8 @@ def _render(entity: dict[str, Any], options: set[str], attrs: list[str] | None, 
     out: dict[str, Any] = {"id": entity["id"], "type": entity["type"]} if with_id else {}
     for n in names:
         out[n] = entity[n]["value"] if "keyValues" in options else entity[n]
+    if attrs and "servicePath" in attrs and "servicePath" not in entity:   # the builtin, only when asked for
+        out["servicePath"] = path if "keyValues" in options else {"type": "Text", "value": path, "metadata": {}}
     return out
 
 
@@ -130,6 +158,36 @@ def _render(entity: dict[str, Any], options: set[str], attrs: list[str] | None, 
 def _tenant(request: web.Request) -> Tenant:
     name = request.headers.get("Fiware-Service", "").lower()
     return request.app[TENANTS].setdefault(name, Tenant())
+
+
+def _scopes(request: web.Request, query: bool) -> list[tuple[str, bool]]:
+    """The service paths a request acts on, each (path, with what lies below it)."""
+    raw = request.headers.get("Fiware-ServicePath", "").strip()
+    if not raw:
+        return [("/", query)]           # a query: "/#"; an update: "/"
+    parts = [p.strip() for p in raw.split(",")]
+    if not query and (len(parts) > 1 or any(p.endswith("#") for p in parts)):
+        raise _bad("a service path in an update is one plain scope, no '#' or list")
+    out = []
+    for part in parts:
+        if not part.startswith("/"):
+            raise _bad("Only /absolute/ Service Paths allowed [a service path must begin with /]")
+        below = part.endswith("/#")
+        out.append(((part[:-2] if below else part).rstrip("/") or "/", below))
+    return out
+
+
+def _scoped(request: web.Request, query: bool) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """(path, its entities) for every service path the request looks at (an update: exactly one)."""
+    tenant = _tenant(request)
+    scopes = _scopes(request, query)
+    if not query:
+        return [(scopes[0][0], tenant.under(scopes[0][0]))]
+
+    def inside(path: str) -> bool:
+        return any(path == base or (below and (base == "/" or path.startswith(base + "/"))) for base, below in scopes)
+
+    return [(p, c) for p, c in list(tenant.paths.items()) if inside(p)]
 
 
 def _options(request: web.Request) -> set[str]:
@@ -191,11 +249,11 @@ def _simple_q(entity: dict[str, Any], q: str) -> bool:
     return True
 
 
-def _select(tenant: Tenant, ids: list[str] | None, id_pattern: str | None, types: list[str] | None,
-            q: str | None) -> list[dict[str, Any]]:
+def _select(scoped: list[tuple[str, dict[str, dict[str, Any]]]], ids: list[str] | None, id_pattern: str | None,
+            types: list[str] | None, q: str | None) -> list[tuple[str, dict[str, Any]]]:
     pattern = re.compile(id_pattern) if id_pattern else None
     out = []
-    for e in tenant.entities.values():  # insertion order, like Orion's creation-date order
+    for path, e in ((p, e) for p, c in scoped for e in c.values()):  # insertion order, per path
         if ids is not None and e["id"] not in ids:
             continue
         if pattern is not None and not pattern.search(e["id"]):
@@ -204,7 +262,7 @@ def _select(tenant: Tenant, ids: list[str] | None, id_pattern: str | None, types
             continue
         if q and not _simple_q(e, q):
             continue
-        out.append(e)
+        out.append((path, e))
     return out
 
 
@@ -214,11 +272,21 @@ def _page(request: web.Request, items: list[Any], render) -> web.Response:
     return _json([render(x) for x in items[offset:offset + limit]], headers=headers)
 
 
-def _entity(tenant: Tenant, entity_id: str, etype: str | None = None) -> dict[str, Any]:
-    e = tenant.entities.get(entity_id)
-    if e is None or (etype and e["type"] != etype):
+def _located(request: web.Request, query: bool | None = None) -> tuple[str, dict[str, dict[str, Any]], dict[str, Any]]:
+    """The one entity a by-id request names: (its path, the entities of that path, it)."""
+    entity_id, etype = request.match_info["id"], request.query.get("type")
+    scoped = _scoped(request, request.method == "GET" if query is None else query)
+    found = [(p, c, c[entity_id]) for p, c in scoped
+             if entity_id in c and (not etype or c[entity_id]["type"] == etype)]
+    if not found:
         raise _not_found()
-    return e
+    if len(found) > 1:
+        raise OrionError(409, "TooManyResults", "More than one matching entity. Please refine your query")
+    return found[0]
+
+
+def _entity(request: web.Request) -> dict[str, Any]:
+    return _located(request)[2]
 
 
 # --------------------------------------------------------------------------- handlers: entities
@@ -233,10 +301,10 @@ async def list_entities(request: web.Request) -> web.Response:
             re.compile(id_pattern)
         except re.error:
             raise _bad("Invalid regex for entity id pattern") from None
-    found = _select(_tenant(request), _list_param(request, "id"), id_pattern, _list_param(request, "type"),
+    found = _select(_scoped(request, True), _list_param(request, "id"), id_pattern, _list_param(request, "type"),
                     request.query.get("q"))
     opts, attrs = _options(request), _list_param(request, "attrs")
-    return _page(request, found, lambda e: _render(e, opts, attrs))
+    return _page(request, found, lambda pe: _render(pe[1], opts, attrs, path=pe[0]))
 
 
 async def create_entity(request: web.Request) -> web.Response:
@@ -244,38 +312,37 @@ async def create_entity(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not body["id"]:
         raise _bad("entity id is missing")
     opts = _options(request)
-    tenant = _tenant(request)
+    [(_, container)] = _scoped(request, False)
     eid, etype = body["id"], body.get("type") or "Thing"
     attrs = _attrs_of(body, "keyValues" in opts)
-    existing = tenant.entities.get(eid)
+    existing = container.get(eid)
     if existing is not None:
         if "upsert" not in opts:
             raise OrionError(422, "Unprocessable", "Already Exists")
         existing.update(attrs)
         return web.Response(status=204)
-    tenant.entities[eid] = {"id": eid, "type": etype, **attrs}
+    container[eid] = {"id": eid, "type": etype, **attrs}
     return web.Response(status=201, headers={"Location": f"/v2/entities/{eid}?type={etype}"})
 
 
 async def get_entity(request: web.Request) -> web.Response:
-    e = _entity(_tenant(request), request.match_info["id"], request.query.get("type"))
-    return _json(_render(e, _options(request), _list_param(request, "attrs")))
+    path, _, e = _located(request)
+    return _json(_render(e, _options(request), _list_param(request, "attrs"), path=path))
 
 
 async def delete_entity(request: web.Request) -> web.Response:
-    tenant = _tenant(request)
-    _entity(tenant, request.match_info["id"], request.query.get("type"))
-    del tenant.entities[request.match_info["id"]]
+    _, container, _ = _located(request)
+    del container[request.match_info["id"]]
     return web.Response(status=204)
 
 
 async def get_attrs(request: web.Request) -> web.Response:
-    e = _entity(_tenant(request), request.match_info["id"], request.query.get("type"))
-    return _json(_render(e, _options(request), _list_param(request, "attrs"), with_id=False))
+    path, _, e = _located(request)
+    return _json(_render(e, _options(request), _list_param(request, "attrs"), with_id=False, path=path))
 
 
 async def append_attrs(request: web.Request) -> web.Response:
-    e = _entity(_tenant(request), request.match_info["id"], request.query.get("type"))
+    e = _entity(request)
     opts = _options(request)
     attrs = _attrs_of(await _body(request), "keyValues" in opts)
     if "append" in opts and any(k in e for k in attrs):
@@ -285,7 +352,7 @@ async def append_attrs(request: web.Request) -> web.Response:
 
 
 async def update_attrs(request: web.Request) -> web.Response:
-    e = _entity(_tenant(request), request.match_info["id"], request.query.get("type"))
+    e = _entity(request)
     attrs = _attrs_of(await _body(request), "keyValues" in _options(request))
     if any(k not in e for k in attrs):
         raise OrionError(422, "Unprocessable", "do not exist")
@@ -294,7 +361,7 @@ async def update_attrs(request: web.Request) -> web.Response:
 
 
 async def replace_attrs(request: web.Request) -> web.Response:
-    e = _entity(_tenant(request), request.match_info["id"], request.query.get("type"))
+    e = _entity(request)
     attrs = _attrs_of(await _body(request), "keyValues" in _options(request))
     for k in [k for k in e if k not in ("id", "type")]:
         del e[k]
@@ -303,7 +370,7 @@ async def replace_attrs(request: web.Request) -> web.Response:
 
 
 def _attr(request: web.Request) -> tuple[dict[str, Any], str]:
-    e = _entity(_tenant(request), request.match_info["id"], request.query.get("type"))
+    e = _entity(request)
     name = request.match_info["attr"]
     if name not in e or name in ("id", "type"):
         raise _not_found("attribute")
@@ -365,7 +432,7 @@ async def op_update(request: web.Request) -> web.Response:
     action = body.get("actionType")
     if action not in ("append", "appendStrict", "update", "replace", "delete"):
         raise _bad("invalid value for actionType")
-    tenant = _tenant(request)
+    [(_, container)] = _scoped(request, False)
     kv = "keyValues" in _options(request)
     for item in body["entities"]:
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
@@ -373,10 +440,10 @@ async def op_update(request: web.Request) -> web.Response:
     for item in body["entities"]:
         eid = item["id"]
         attrs = _attrs_of(item, kv)
-        e = tenant.entities.get(eid)
+        e = container.get(eid)
         if action in ("append", "appendStrict"):
             if e is None:
-                tenant.entities[eid] = {"id": eid, "type": item.get("type") or "Thing", **attrs}
+                container[eid] = {"id": eid, "type": item.get("type") or "Thing", **attrs}
             else:
                 if action == "appendStrict" and any(k in e for k in attrs):
                     raise OrionError(422, "Unprocessable", "one or more of the attributes already exist")
@@ -394,7 +461,7 @@ async def op_update(request: web.Request) -> web.Response:
                 for k in attrs:
                     e.pop(k, None)
             else:
-                del tenant.entities[eid]
+                del container[eid]
     return web.Response(status=204)
 
 
@@ -402,26 +469,26 @@ async def op_query(request: web.Request) -> web.Response:
     body = await _body(request)
     if not isinstance(body, dict):
         raise _bad("Parse Error")
-    tenant = _tenant(request)
+    scoped = _scoped(request, True)
     selectors = body.get("entities")
     expression = body.get("expression") or {}
     q = expression.get("q") if isinstance(expression, dict) else None
     if selectors is None:
-        found = _select(tenant, None, None, None, q)
+        found = _select(scoped, None, None, None, q)
     else:
         if not isinstance(selectors, list):
             raise _bad("entities must be an array")
-        seen: dict[str, dict[str, Any]] = {}
+        seen: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         for sel in selectors:
             if not isinstance(sel, dict) or ("id" in sel) == ("idPattern" in sel):
                 raise _bad("exactly one of id and idPattern per entity")
             ids = [sel["id"]] if "id" in sel else None
             types = [sel["type"]] if sel.get("type") else None
-            for e in _select(tenant, ids, sel.get("idPattern"), types, q):
-                seen[e["id"]] = e
+            for path, e in _select(scoped, ids, sel.get("idPattern"), types, q):
+                seen[(path, e["id"])] = (path, e)
         found = list(seen.values())
     opts, attrs = _options(request), body.get("attrs")
-    return _page(request, found, lambda e: _render(e, opts, attrs))
+    return _page(request, found, lambda pe: _render(pe[1], opts, attrs, path=pe[0]))
 
 
 # --------------------------------------------------------------------------- handlers: subscriptions etc.
@@ -483,7 +550,7 @@ def _collection(kind: str):
 
 async def list_types(request: web.Request) -> web.Response:
     types: dict[str, dict[str, Any]] = {}
-    for e in _tenant(request).entities.values():
+    for e in (e for c in _tenant(request).paths.values() for e in c.values()):
         t = types.setdefault(e["type"], {"type": e["type"], "attrs": {}, "count": 0})
         t["count"] += 1
         for k, v in e.items():
@@ -516,6 +583,10 @@ def _middleware(record: bool):
             request.app[RECORDED].append(Recorded(request.method, request.raw_path.split("?", 1)[0],
                                                   request.query_string, dict(request.headers), body))
         correlator = request.headers.get("Fiware-Correlator") or secrets.token_hex(16)
+        held = request.app[HOLDS].get((request.method, request.path))
+        if held is not None:
+            held.arrived.set()
+            await held.release.wait()
         try:
             response = await handler(request)
         except OrionError as exc:
@@ -538,7 +609,7 @@ async def _notify(request: web.Request, entity_id: str) -> None:
     import aiohttp
 
     tenant = _tenant(request)
-    entity = tenant.entities.get(entity_id)
+    entity = next((c[entity_id] for c in tenant.paths.values() if entity_id in c), None)
     for sub in list(tenant.subscriptions.values()):
         subject = sub.get("subject", {}).get("entities", [])
         if not any(isinstance(e, dict) and e.get("id") == entity_id for e in subject):
@@ -574,6 +645,7 @@ def create_standin_app(*, record: bool = True) -> web.Application:
     app[RECORDED] = []
     app[NOTIFIED] = []
     app[TENANTS] = {}
+    app[HOLDS] = {}
     r = app.router
     r.add_get("/version", version)
     r.add_get("/v2", v2_root)
@@ -618,6 +690,10 @@ class NgsiStandin:
     @property
     def recorded(self) -> list[Recorded]:
         return self.app[RECORDED]
+
+    def hold(self, method: str, path: str) -> Hold:
+        """Keep the next requests with this method and (decoded) path waiting until released."""
+        return self.app[HOLDS].setdefault((method, path), Hold())
 
     def tenant(self, service: str = "") -> Tenant:
         return self.app[TENANTS].setdefault(service, Tenant())

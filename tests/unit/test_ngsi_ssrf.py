@@ -134,3 +134,50 @@ def test_entry_defaults():
     assert (e.scheme, e.host, e.port, e.path) == ("http", "receiver.internal", 80, "")
     (e,) = Allowlist(["mqtts://10.0.0.5"]).entries
     assert (e.port, str(e.ip)) == (8883, "10.0.0.5")
+
+
+# --------------------------------------------------------------------------- the IANA special-purpose registries
+
+# One address per block of the IANA IPv4 and IPv6 Special-Purpose Address Registries that is not globally
+# reachable, and the IPv6 forms that carry a special IPv4 address. The first five passed before the table.
+SPECIAL_LITERALS = [
+    "[fec0::1]", "[2002:7f00:1::]", "[3fff::1]", "192.88.99.1", "[64:ff9b:1::a00:1]",
+    "0.1.2.3", "10.9.8.7", "100.64.0.1", "127.8.8.8", "169.254.1.1", "172.31.0.1", "192.0.0.8", "192.0.2.1",
+    "192.168.0.1", "198.18.0.1", "198.19.255.255", "198.51.100.1", "203.0.113.1", "224.0.0.251",
+    "239.255.255.250", "240.0.0.1", "255.255.255.255",
+    "[::]", "[::1]", "[::ffff:10.0.0.1]", "[::10.0.0.1]", "[64:ff9b::7f00:1]", "[64:ff9b::a9fe:a9fe]",
+    "[100::1]", "[2001::1]", "[2001:0:4136:e378:8000:63bf:3fff:fdd2]", "[2001:2::1]", "[2001:10::1]",
+    "[2001:20::1]", "[2001:db8::1]", "[2002:a00:1::1]", "[2002:c0a8:101::]", "[5f00::1]", "[fc00::1]",
+    "[fd12:3456::1]", "[fe80::1]", "[ff02::1]", "[ff0e::1]", "[4000::1]",
+]
+
+
+@pytest.mark.parametrize("host", SPECIAL_LITERALS)
+async def test_every_special_purpose_block_is_refused(host):
+    assert "address" in (await check(f"http://{host}/n") or ""), host
+
+
+@pytest.mark.parametrize("host", ["93.184.216.34", "[2606:2800:220:1:248:1893:25c8:1946]",
+                                  "[64:ff9b::5db8:d822]", "[2002:5db8:d822::1]"])
+async def test_global_unicast_passes_nat64_and_6to4_of_a_public_address_included(host):
+    assert await check(f"http://{host}/n") is None
+
+
+def test_the_embedded_ipv4_address_decides_for_nat64_and_6to4():
+    """Property: for any IPv4 address, its NAT64 and 6to4 forms are refused exactly when it is."""
+    import ipaddress
+    import random
+
+    from proxy.http.ssrf import _special
+
+    rng = random.Random(15)
+    samples = [ipaddress.IPv4Address(rng.getrandbits(32)) for _ in range(3000)]
+    samples += [net.network_address + 1 for net in map(ipaddress.IPv4Network, (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+        "192.0.0.0/24", "192.88.99.0/24", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4"))]
+    for v4 in samples:
+        refused = _special(v4) is not None
+        nat64 = ipaddress.IPv6Address((0x64FF9B << 96) | int(v4))
+        six_to_four = ipaddress.IPv6Address((0x2002 << 112) | (int(v4) << 80) | 1)
+        assert (_special(nat64) is not None) == refused, (v4, nat64)
+        assert (_special(six_to_four) is not None) == refused, (v4, six_to_four)
