@@ -94,7 +94,9 @@ def ensure_open_files(config: Config) -> None:
     limit = raise_open_file_limit()
     need = descriptors_needed(config)
     if need > limit:
-        parts, keys, rest = [], [], need
+        parts: list[str] = []
+        keys: list[str] = []
+        rest = need
         if config.mqtt is not None:
             parts.append(f"mqtt.max_connections {config.mqtt.max_connections} x 2")
             keys.append("mqtt.max_connections")

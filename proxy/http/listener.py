@@ -199,19 +199,27 @@ class _Refused(asyncio.Protocol):
     """A socket past ``http.max_connections``: aborted at accept (no TLS state, no answer)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()
+        if isinstance(transport, asyncio.Transport):
+            transport.abort()   # no FIN handshake, no lingering: the cheapest close
+        else:
+            transport.close()
 
 
 class _StartTls(asyncio.Protocol):
     """An admitted socket on a TLS listener: the handshake (under its deadline), then the HTTP handler."""
 
-    def __init__(self, site: DeadlineSite, handler: DeadlineRequestHandler, slot: ConnectionSlot):
+    def __init__(self, site: DeadlineSite, context: ssl.SSLContext, handler: DeadlineRequestHandler,
+                 slot: ConnectionSlot):
         self._site = site
+        self._context = context
         self._handler = handler
         self._slot = slot
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        if not isinstance(transport, asyncio.Transport):   # create_server gives a stream transport
+            transport.close()
+            self._slot.release()
+            return
         transport.pause_reading()   # the ClientHello waits in the kernel until start_tls reads it
         task = asyncio.get_running_loop().create_task(self._handshake(transport))
         self._site._handshakes.add(task)
@@ -223,9 +231,9 @@ class _StartTls(asyncio.Protocol):
     async def _handshake(self, transport: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
         try:
-            tls = await loop.start_tls(transport, self._handler, self._site._ssl_context, server_side=True,
+            tls = await loop.start_tls(transport, self._handler, self._context, server_side=True,
                                        ssl_handshake_timeout=self._site._header_timeout)
-        except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError, ssl.SSLError, asyncio.CancelledError):
+        except (OSError, TimeoutError, RuntimeError, asyncio.CancelledError):   # SSLError is an OSError
             transport.abort()
             self._slot.release()
             return
@@ -262,7 +270,8 @@ class DeadlineSite(web.TCPSite):
         await web.BaseSite.start(self)   # registers the site with its runner; the rest is TCPSite.start's
         loop = asyncio.get_running_loop()
         server = self._runner.server
-        assert server is not None
+        if server is None:   # BaseSite.start checks the runner was set up
+            raise RuntimeError("the runner is not set up")
         # The handler takes the server's own keyword arguments (access log, debug...), as aiohttp's would.
         handler_kwargs = {k: v for k, v in server._kwargs.items() if k != "keepalive_timeout"}
 
@@ -273,7 +282,7 @@ class DeadlineSite(web.TCPSite):
             handler = DeadlineRequestHandler(server, loop=loop, header_timeout=self._header_timeout,
                                              body_timeout=self._body_timeout, write_timeout=self._write_timeout,
                                              max_pipelined=self._max_pipelined, slot=slot, **handler_kwargs)
-            return handler if self._ssl_context is None else _StartTls(self, handler, slot)
+            return handler if self._ssl_context is None else _StartTls(self, self._ssl_context, handler, slot)
 
         self._server = await loop.create_server(
             protocol, self._host, self._port, backlog=self._backlog,

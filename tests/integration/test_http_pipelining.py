@@ -90,7 +90,7 @@ async def test_a_client_pipelining_without_reading_is_bounded_then_closed(gatewa
     gw, tokens, ctx = gateway
     request = (f"GET /v2/entities/a-1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tokens['alice']}\r\n\r\n"
                ).encode()
-    reader, writer = await _open(gw.port, ctx, rcvbuf=4096)
+    _, writer = await _open(gw.port, ctx, rcvbuf=4096)
     writer.write(request * N_PIPELINED)   # written as far as the gateway reads; never drained, never read
     started = time.monotonic()
     peak_queued = peak_buffered = 0
@@ -126,7 +126,7 @@ async def test_a_client_pipelining_without_reading_is_bounded_then_closed(gatewa
 async def test_connections_past_max_connections_are_aborted_at_accept(gateway):
     gw, tokens, ctx = gateway
     held = [await _open(gw.port, ctx) for _ in range(MAX_CONNECTIONS)]
-    for reader, writer in held:   # each one made it to the HTTP handler (TLS handshake done)
+    for _, writer in held:   # each one made it to the HTTP handler (TLS handshake done)
         writer.write(b"GET /v2/version")   # part of a head: held until header_timeout
     await asyncio.sleep(0)
     assert gw.site is not None and gw.site.open_connections == MAX_CONNECTIONS
