@@ -42,6 +42,11 @@ Connections are counted from accept (:class:`DeadlineSite`): past
 exists, so a flood of connections costs neither handshakes nor more open files
 than the budget ``keygate serve`` checks at start. TLS is therefore started by
 the site (``loop.start_tls``) on admitted sockets, not by ``create_server``.
+On uvloop (which ``keygate serve`` installs) a server-side ``start_tls`` does
+not complete its handshake (0.23), so there the loop does TLS and a TLS
+connection is counted once its handshake is done: a refused one costs its
+handshake (under ``header_timeout_seconds``) first. uvloop's TLS layer also
+keeps its own 512 KiB write buffer.
 """
 
 from __future__ import annotations
@@ -49,11 +54,14 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+
+_WRITE_HIGH_WATER = 64 * 1024
 
 
 class RequestTimeout(web.HTTPRequestTimeout):
@@ -87,11 +95,11 @@ class DeadlineRequestHandler(RequestHandler):
     """aiohttp's protocol, plus the 408 for a late head, the body and write deadlines and the pipelining cap."""
 
     __slots__ = ("_body_timeout", "_body_timer", "_body_payload", "_head_started", "_late_head_response",
-                 "_write_timeout", "_write_timer", "_slot", "_made", "_early", "peak_queued")
+                 "_write_timeout", "_write_timer", "_slot", "_admit", "_made", "_early", "peak_queued")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  write_timeout: float = 30.0, max_pipelined: int = 16, slot: ConnectionSlot | None = None,
-                 **kwargs: Any):
+                 admit: Callable[[], ConnectionSlot | None] | None = None, **kwargs: Any):
         super().__init__(manager, keepalive_timeout=header_timeout, **kwargs)
         self._body_timeout = body_timeout
         self._body_timer: asyncio.TimerHandle | None = None
@@ -101,6 +109,7 @@ class DeadlineRequestHandler(RequestHandler):
         self._write_timeout = write_timeout
         self._write_timer: asyncio.TimerHandle | None = None
         self._slot = slot
+        self._admit = admit   # counted once made (TLS done by the loop, see DeadlineSite), or refused
         self._made = False
         self._early: list[bytes] = []   # TLS data that came before connection_made (see DeadlineSite)
         self.peak_queued = 0            # most requests parsed ahead of their answers (tests and benchmarks)
@@ -114,7 +123,15 @@ class DeadlineRequestHandler(RequestHandler):
             max_msg_queue_size=max_pipelined)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._admit is not None:
+            self._slot = self._admit()
+            if self._slot is None:
+                _Refused().connection_made(transport)
+                return
         self._made = True
+        if isinstance(transport, asyncio.WriteTransport):
+            # The TLS layer buffers up to 512 KiB of answers by default before it pauses the writer; as the socket.
+            transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         super().connection_made(transport)
         early, self._early = self._early, []
         for data in early:
@@ -192,9 +209,6 @@ class DeadlineRequestHandler(RequestHandler):
             super().connection_lost(exc)
 
 
-_WRITE_HIGH_WATER = 64 * 1024
-
-
 class _Refused(asyncio.Protocol):
     """A socket past ``http.max_connections``: aborted at accept (no TLS state, no answer)."""
 
@@ -240,8 +254,6 @@ class _StartTls(asyncio.Protocol):
         if tls is None or tls.is_closing():
             self._slot.release()
             return
-        # The TLS layer buffers up to 512 KiB of answers by default before it pauses the writer; as the socket.
-        tls.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         self._handler.connection_made(tls)
 
 
@@ -275,17 +287,31 @@ class DeadlineSite(web.TCPSite):
         # The handler takes the server's own keyword arguments (access log, debug...), as aiohttp's would.
         handler_kwargs = {k: v for k, v in server._kwargs.items() if k != "keepalive_timeout"}
 
+        # TLS by start_tls on admitted sockets works on the stdlib loop; on uvloop (0.23) a server-side
+        # start_tls does not complete its handshake, so there the loop does TLS and connections are
+        # counted once their handshake is done (bounded by the handshake deadline).
+        site_tls = self._ssl_context if isinstance(loop, asyncio.BaseEventLoop) else None
+        loop_tls = None if site_tls is not None else self._ssl_context
+
+        def admit() -> ConnectionSlot | None:
+            return ConnectionSlot(self._count) if self._count[0] < self._max_connections else None
+
         def protocol() -> asyncio.Protocol:
-            if self._count[0] >= self._max_connections:
+            def handler(slot: ConnectionSlot | None) -> DeadlineRequestHandler:
+                return DeadlineRequestHandler(server, loop=loop, header_timeout=self._header_timeout,
+                                              body_timeout=self._body_timeout, write_timeout=self._write_timeout,
+                                              max_pipelined=self._max_pipelined, slot=slot,
+                                              admit=admit if slot is None else None, **handler_kwargs)
+            if loop_tls is not None:
+                return handler(None)
+            slot = admit()
+            if slot is None:
                 return _Refused()
-            slot = ConnectionSlot(self._count)
-            handler = DeadlineRequestHandler(server, loop=loop, header_timeout=self._header_timeout,
-                                             body_timeout=self._body_timeout, write_timeout=self._write_timeout,
-                                             max_pipelined=self._max_pipelined, slot=slot, **handler_kwargs)
-            return handler if self._ssl_context is None else _StartTls(self, self._ssl_context, handler, slot)
+            return handler(slot) if site_tls is None else _StartTls(self, site_tls, handler(slot), slot)
 
         self._server = await loop.create_server(
-            protocol, self._host, self._port, backlog=self._backlog,
+            protocol, self._host, self._port, backlog=self._backlog, ssl=loop_tls,
+            ssl_handshake_timeout=self._header_timeout if loop_tls is not None else None,
             reuse_address=self._reuse_address, reuse_port=self._reuse_port)
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
