@@ -53,7 +53,7 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 406: "not_acceptable", 413: "body_too_large",
+               405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout", 413: "body_too_large",
                415: "unsupported_media_type"}
 
 

@@ -30,10 +30,10 @@ log = logging.getLogger("keygate")
 
 # Descriptors set aside besides the MQTT connections: stdio, the store, the audit log, policy
 # files and their watch, the listening sockets, the token issuer's client (BASE); the HTTP
-# listener, which has no connection cap of its own, and its pool of 256 to Orion (HTTP); the
-# metrics listener (METRICS).
+# listener's pool of 256 connections to Orion (HTTP_UPSTREAM_DESCRIPTORS), plus one per
+# http.max_connections (counted from accept, TLS handshakes included); the metrics listener (METRICS).
 BASE_DESCRIPTORS = 64
-HTTP_DESCRIPTORS = 1024 + 256
+HTTP_UPSTREAM_DESCRIPTORS = 256
 METRICS_DESCRIPTORS = 16
 # Each MQTT connection can hold two: the client's socket and the broker's.
 DESCRIPTORS_PER_MQTT_CONNECTION = 2
@@ -59,7 +59,7 @@ def descriptors_needed(config: Config) -> int:
     if config.mqtt is not None:
         need += DESCRIPTORS_PER_MQTT_CONNECTION * config.mqtt.max_connections
     if config.http is not None:
-        need += HTTP_DESCRIPTORS
+        need += config.http.max_connections + HTTP_UPSTREAM_DESCRIPTORS
     if config.metrics is not None:
         need += METRICS_DESCRIPTORS
     return need
@@ -94,13 +94,21 @@ def ensure_open_files(config: Config) -> None:
     limit = raise_open_file_limit()
     need = descriptors_needed(config)
     if need > limit:
+        parts: list[str] = []
+        keys: list[str] = []
+        rest = need
         if config.mqtt is not None:
-            mqtt = DESCRIPTORS_PER_MQTT_CONNECTION * config.mqtt.max_connections
-            parts = f"mqtt.max_connections {config.mqtt.max_connections} x 2 + {need - mqtt} for the rest"
-        else:
-            parts = "for the listeners"
-        raise CommandError(f"the configuration needs {need} open files ({parts}), but the open-file limit "
-                           f"(RLIMIT_NOFILE) is {limit}: lower mqtt.max_connections or raise the hard limit "
+            parts.append(f"mqtt.max_connections {config.mqtt.max_connections} x 2")
+            keys.append("mqtt.max_connections")
+            rest -= DESCRIPTORS_PER_MQTT_CONNECTION * config.mqtt.max_connections
+        if config.http is not None:
+            parts.append(f"http.max_connections {config.http.max_connections}")
+            keys.append("http.max_connections")
+            rest -= config.http.max_connections
+        parts.append(f"{rest} for the rest")
+        lower = f"lower {' or '.join(keys)} or " if keys else ""
+        raise CommandError(f"the configuration needs {need} open files ({' + '.join(parts)}), but the open-file "
+                           f"limit (RLIMIT_NOFILE) is {limit}: {lower}raise the hard limit "
                            "(ulimit -Hn, systemd LimitNOFILE=)")
 
 

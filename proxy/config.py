@@ -186,6 +186,9 @@ class HttpConfig:
     api_prefix: str = "/api/v1"
     header_timeout_seconds: float = 10.0   # a request's head must arrive within this
     body_timeout_seconds: float = 30.0     # and its body within this
+    write_timeout_seconds: float = 30.0    # a client that reads none of its answer for this long is closed
+    max_pipelined_requests: int = 16       # requests read ahead of their answers on one connection
+    max_connections: int = 1000            # open HTTP connections, counted from accept
     max_json_depth: int = 32               # nesting of arrays and objects in a JSON body
     strip_request_headers: tuple[str, ...] = ()   # added to the identity headers never forwarded
 
@@ -508,9 +511,12 @@ def _check(cfg: Config, filename: str) -> None:
                 parse_entry(entry)
             except ValueError as exc:
                 bad(f"http.notification_allowlist[{i}]", str(exc))
-        for name in ("header_timeout_seconds", "body_timeout_seconds"):
+        for name in ("header_timeout_seconds", "body_timeout_seconds", "write_timeout_seconds"):
             if getattr(cfg.http, name) <= 0:
                 bad(f"http.{name}", "must be positive")
+        for name in ("max_pipelined_requests", "max_connections"):
+            if getattr(cfg.http, name) < 1:
+                bad(f"http.{name}", "must be at least 1")
         if cfg.http.max_json_depth < 1:
             bad("http.max_json_depth", "must be at least 1")
         for i, name in enumerate(cfg.http.strip_request_headers):

@@ -174,6 +174,10 @@ class GatewayHandler:
             audit["reason"] = audit["reason"] or "client went away"
             self._finish(request, audit, 499, started)
             raise
+        except ConnectionResetError:   # closed mid-answer (the write deadline, or the client): nobody to tell
+            audit["reason"] = audit["reason"] or "client went away"
+            self._finish(request, audit, 499, started)
+            raise
         except RequestTimeout as exc:   # the listener's body deadline
             response = self._timed_out(audit, exc)
         except Exception:  # the one place that turns an unforeseen error into an answer
@@ -616,6 +620,7 @@ class HttpGateway:
         self.app = create_gateway_app(services, api_app, resolver=resolver)
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
+        self.site: DeadlineSite | None = None
 
     async def start(self) -> None:
         config = self.services.config
@@ -631,8 +636,12 @@ class HttpGateway:
         # body_timeout_seconds (see proxy.http.listener).
         site = DeadlineSite(self._runner, host, port, ssl_context=ssl_context, backlog=1024,
                             header_timeout=config.http.header_timeout_seconds,
-                            body_timeout=config.http.body_timeout_seconds)
+                            body_timeout=config.http.body_timeout_seconds,
+                            write_timeout=config.http.write_timeout_seconds,
+                            max_pipelined=config.http.max_pipelined_requests,
+                            max_connections=config.http.max_connections)
         await site.start()
+        self.site = site
         self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:

@@ -23,16 +23,45 @@ What aiohttp (3.14) offers, and what it does not:
 A connection whose head is late is answered 408 (Orion's error shape) when it
 has sent part of a head, so a real but slow client learns why; one that sent
 nothing is closed without a word, as an idle keep-alive connection.
+
+Clients that send without reading (pipelining):
+
+* aiohttp parses at most a fixed 32 requests ahead of their answers, then
+  keeps the rest of what it read unparsed and stops reading the socket until
+  the queue is half empty. The number is fixed in its (C) parser, so the
+  handler builds its own parser with ``http.max_pipelined_requests``.
+* Answers are written into the transport's buffer; past its high-water mark
+  (64 KiB) aiohttp waits for it to drain before the next write. Nothing bounds
+  that wait: :class:`DeadlineRequestHandler` arms a timer when the transport
+  pauses writing and aborts the connection (a close would wait for the very
+  buffer that does not drain) if it has not resumed within
+  ``http.write_timeout_seconds``.
+
+Connections are counted from accept (:class:`DeadlineSite`): past
+``http.max_connections`` a socket is aborted at once, before any TLS state
+exists, so a flood of connections costs neither handshakes nor more open files
+than the budget ``keygate serve`` checks at start. TLS is therefore started by
+the site (``loop.start_tls``) on admitted sockets, not by ``create_server``.
+On uvloop (which ``keygate serve`` installs) a server-side ``start_tls`` does
+not complete its handshake (0.23), so there the loop does TLS and a TLS
+connection is counted once its handshake is done: a refused one costs its
+handshake (under ``header_timeout_seconds``) first. uvloop's TLS layer also
+keeps its own 512 KiB write buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_parser import HttpRequestParser
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+
+_WRITE_HIGH_WATER = 64 * 1024
 
 
 class RequestTimeout(web.HTTPRequestTimeout):
@@ -46,20 +75,72 @@ def _head_timeout_response(seconds: float) -> bytes:
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
+class ConnectionSlot:
+    """One place in ``http.max_connections``; given back once, however the connection ends."""
+
+    __slots__ = ("_count", "_held")
+
+    def __init__(self, count: list[int]):
+        self._count = count
+        self._held = True
+        count[0] += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._count[0] -= 1
+
+
 class DeadlineRequestHandler(RequestHandler):
-    """aiohttp's protocol, plus the 408 for a late head and the body deadline."""
+    """aiohttp's protocol, plus the 408 for a late head, the body and write deadlines and the pipelining cap."""
 
-    __slots__ = ("_body_timeout", "_body_timer", "_body_payload", "_head_started", "_late_head_response")
+    __slots__ = ("_body_timeout", "_body_timer", "_body_payload", "_head_started", "_late_head_response",
+                 "_write_timeout", "_write_timer", "_slot", "_admit", "_made", "_early", "peak_queued")
 
-    def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float, **kwargs: Any):
+    def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
+                 write_timeout: float = 30.0, max_pipelined: int = 16, slot: ConnectionSlot | None = None,
+                 admit: Callable[[], ConnectionSlot | None] | None = None, **kwargs: Any):
         super().__init__(manager, keepalive_timeout=header_timeout, **kwargs)
         self._body_timeout = body_timeout
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_payload: Any = None
         self._head_started = False
         self._late_head_response = _head_timeout_response(header_timeout)
+        self._write_timeout = write_timeout
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._slot = slot
+        self._admit = admit   # counted once made (TLS done by the loop, see DeadlineSite), or refused
+        self._made = False
+        self._early: list[bytes] = []   # TLS data that came before connection_made (see DeadlineSite)
+        self.peak_queued = 0            # most requests parsed ahead of their answers (tests and benchmarks)
+        # The pipelining cap: the parser stops emitting requests, and the protocol stops reading, at it.
+        self._max_msg_queue_size = max_pipelined
+        self._msg_queue_resume_size = max_pipelined // 2
+        self._parser = HttpRequestParser(
+            self, self._loop, self._read_bufsize, max_line_size=self.max_line_size,
+            max_field_size=self.max_field_size, max_headers=self.max_headers,
+            payload_exception=RequestPayloadError, auto_decompress=kwargs.get("auto_decompress", True),
+            max_msg_queue_size=max_pipelined)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._admit is not None:
+            self._slot = self._admit()
+            if self._slot is None:
+                _Refused().connection_made(transport)
+                return
+        self._made = True
+        if isinstance(transport, asyncio.WriteTransport):
+            # The TLS layer buffers up to 512 KiB of answers by default before it pauses the writer; as the socket.
+            transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        super().connection_made(transport)
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
+        if not self._made:
+            self._early.append(data)   # at most one read: the socket is not read again before connection_made
+            return
         heads = self._request_count
         super().data_received(data)
         if self._request_count != heads and self._messages:
@@ -70,6 +151,23 @@ class DeadlineRequestHandler(RequestHandler):
                 self._arm_body_timer(payload)
         elif data and (self._body_payload is None or self._body_payload.is_eof()):
             self._head_started = True   # part of a head, not of a body
+        self.peak_queued = max(self.peak_queued, len(self._messages))
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._write_timer = self._loop.call_later(self._write_timeout, self._write_late)
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        super().resume_writing()
+
+    def _write_late(self) -> None:
+        # The client has read nothing of its answers for write_timeout: what is buffered will not leave.
+        self._write_timer = None
+        if self.transport is not None:
+            self.transport.abort()
 
     def _arm_body_timer(self, payload: Any) -> None:
         # HTTP/1.1 reads one body at a time: a new head means the previous body is complete.
@@ -100,39 +198,125 @@ class DeadlineRequestHandler(RequestHandler):
         super()._process_keepalive()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
+        for timer in (self._body_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self._body_timer = self._write_timer = None
         self._body_payload = None
-        super().connection_lost(exc)
+        if self._slot is not None:
+            self._slot.release()
+        if self._made:   # a TLS connection can end between its handshake and connection_made
+            super().connection_lost(exc)
+
+
+class _Refused(asyncio.Protocol):
+    """A socket past ``http.max_connections``: aborted at accept (no TLS state, no answer)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if isinstance(transport, asyncio.Transport):
+            transport.abort()   # no FIN handshake, no lingering: the cheapest close
+        else:
+            transport.close()
+
+
+class _StartTls(asyncio.Protocol):
+    """An admitted socket on a TLS listener: the handshake (under its deadline), then the HTTP handler."""
+
+    def __init__(self, site: DeadlineSite, context: ssl.SSLContext, handler: DeadlineRequestHandler,
+                 slot: ConnectionSlot):
+        self._site = site
+        self._context = context
+        self._handler = handler
+        self._slot = slot
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not isinstance(transport, asyncio.Transport):   # create_server gives a stream transport
+            transport.close()
+            self._slot.release()
+            return
+        transport.pause_reading()   # the ClientHello waits in the kernel until start_tls reads it
+        task = asyncio.get_running_loop().create_task(self._handshake(transport))
+        self._site._handshakes.add(task)
+        task.add_done_callback(self._site._handshakes.discard)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._slot.release()   # gone before start_tls took the socket over
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(transport, self._handler, self._context, server_side=True,
+                                       ssl_handshake_timeout=self._site._header_timeout)
+        except (OSError, TimeoutError, RuntimeError, asyncio.CancelledError):   # SSLError is an OSError
+            transport.abort()
+            self._slot.release()
+            return
+        if tls is None or tls.is_closing():
+            self._slot.release()
+            return
+        self._handler.connection_made(tls)
 
 
 class DeadlineSite(web.TCPSite):
-    """A TCP(+TLS) site whose connections get :class:`DeadlineRequestHandler` and a handshake deadline."""
+    """A TCP(+TLS) site whose connections are counted from accept and get :class:`DeadlineRequestHandler`."""
 
-    __slots__ = ("_header_timeout", "_body_timeout")
+    __slots__ = ("_header_timeout", "_body_timeout", "_write_timeout", "_max_pipelined", "_max_connections",
+                 "_count", "_handshakes")
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *, header_timeout: float, body_timeout: float,
-                 **kwargs: Any):
+                 write_timeout: float = 30.0, max_pipelined: int = 16, max_connections: int = 1000, **kwargs: Any):
         super().__init__(runner, host, port, **kwargs)
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
+        self._write_timeout = write_timeout
+        self._max_pipelined = max_pipelined
+        self._max_connections = max_connections
+        self._count = [0]   # connections from accept to their end, TLS handshakes included
+        self._handshakes: set[asyncio.Task[None]] = set()
+
+    @property
+    def open_connections(self) -> int:
+        return self._count[0]
 
     async def start(self) -> None:
         await web.BaseSite.start(self)   # registers the site with its runner; the rest is TCPSite.start's
         loop = asyncio.get_running_loop()
         server = self._runner.server
-        assert server is not None
+        if server is None:   # BaseSite.start checks the runner was set up
+            raise RuntimeError("the runner is not set up")
         # The handler takes the server's own keyword arguments (access log, debug...), as aiohttp's would.
         handler_kwargs = {k: v for k, v in server._kwargs.items() if k != "keepalive_timeout"}
 
-        def protocol() -> DeadlineRequestHandler:
-            return DeadlineRequestHandler(server, loop=loop, header_timeout=self._header_timeout,
-                                          body_timeout=self._body_timeout, **handler_kwargs)
+        # TLS by start_tls on admitted sockets works on the stdlib loop; on uvloop (0.23) a server-side
+        # start_tls does not complete its handshake, so there the loop does TLS and connections are
+        # counted once their handshake is done (bounded by the handshake deadline).
+        site_tls = self._ssl_context if isinstance(loop, asyncio.BaseEventLoop) else None
+        loop_tls = None if site_tls is not None else self._ssl_context
+
+        def admit() -> ConnectionSlot | None:
+            return ConnectionSlot(self._count) if self._count[0] < self._max_connections else None
+
+        def protocol() -> asyncio.Protocol:
+            def handler(slot: ConnectionSlot | None) -> DeadlineRequestHandler:
+                return DeadlineRequestHandler(server, loop=loop, header_timeout=self._header_timeout,
+                                              body_timeout=self._body_timeout, write_timeout=self._write_timeout,
+                                              max_pipelined=self._max_pipelined, slot=slot,
+                                              admit=admit if slot is None else None, **handler_kwargs)
+            if loop_tls is not None:
+                return handler(None)
+            slot = admit()
+            if slot is None:
+                return _Refused()
+            return handler(slot) if site_tls is None else _StartTls(self, site_tls, handler(slot), slot)
 
         self._server = await loop.create_server(
-            protocol, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
-            ssl_handshake_timeout=self._header_timeout if self._ssl_context else None)
+            protocol, self._host, self._port, backlog=self._backlog, ssl=loop_tls,
+            ssl_handshake_timeout=self._header_timeout if loop_tls is not None else None,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+    async def stop(self) -> None:
+        for task in list(self._handshakes):
+            task.cancel()
+        await super().stop()

@@ -174,5 +174,6 @@ async def test_slow_body_on_the_ownership_api_is_answered_408_in_its_shape(tls_g
             "Content-Type: application/json\nContent-Length: 200")
     seconds, reply = await _slow_body(gateway.port, ctx, head)
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
-    assert "message" in json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+    error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "request_timeout" and "message" in error
     assert BODY_TIMEOUT * 0.9 <= seconds <= BODY_TIMEOUT + SLACK

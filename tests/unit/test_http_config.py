@@ -25,6 +25,7 @@ def test_defaults():
     http = load().http
     assert (http.header_timeout_seconds, http.body_timeout_seconds, http.max_json_depth) == (10.0, 30.0, 32)
     assert http.notification_allowlist == () and http.strip_request_headers == ()
+    assert (http.write_timeout_seconds, http.max_pipelined_requests, http.max_connections) == (30.0, 16, 1000)
 
 
 def test_receivers_are_accepted():
@@ -41,7 +42,8 @@ def test_the_old_per_host_form_is_refused_with_the_new_spelling(entry):
 
 @pytest.mark.parametrize("key,value,problem", [
     ("header_timeout_seconds", 0, "must be positive"), ("body_timeout_seconds", -1, "must be positive"),
-    ("max_json_depth", 0, "at least 1"), ("strip_request_headers", ["X-Ok", "bad header"], "not a header name"),
+    ("max_json_depth", 0, "at least 1"), ("write_timeout_seconds", 0, "must be positive"),
+    ("max_pipelined_requests", 0, "at least 1"), ("max_connections", -5, "at least 1"), ("strip_request_headers", ["X-Ok", "bad header"], "not a header name"),
 ])
 def test_bad_values_name_their_key(key, value, problem):
     message = error(**{key: value})
