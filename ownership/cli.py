@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from ownership import store as st
-from proxy.cli import CommandError
+from proxy.errors import CommandError
 from proxy.config import ConfigError, load_config, read_secret
 
 NEW_KEY_ENV = "KEYGATE_NEW_STORE_KEY"

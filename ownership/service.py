@@ -37,7 +37,7 @@ from ownership.validation import KEY_SLOTS, PERMISSIONS, orion_id_problem, parse
 from proxy.facts import PUBLIC, Principal
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, read_secret
-from proxy.identity.model import AuthError, AuthReason, Identity
+from proxy.identity.model import AuthError, AuthReason, Identity, identity_snapshot
 from proxy.metrics import REGISTRY, add_readiness_check, remove_readiness_check
 
 T = TypeVar("T")
@@ -97,27 +97,6 @@ class OrionUnreachable(OwnershipError):
 class EnrollmentUnavailable(OwnershipError):
     # 501, not 503: no device CA key is configured, and asking again will not change that.
     status, code = 501, "enrollment_unavailable"
-
-
-#: The identity attributes policies read, kept with a subscription to re-check it later.
-SNAPSHOT_FIELDS = ("kind", "sub", "username", "method", "roles", "client_roles", "scopes", "groups", "azp",
-                   "device_id", "owner_sub", "owner_username")
-
-
-def identity_snapshot(identity: Identity) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in SNAPSHOT_FIELDS:
-        value = getattr(identity, name)
-        out[name] = sorted(value) if isinstance(value, frozenset) else value
-    return out
-
-
-def identity_from_snapshot(snapshot: dict[str, Any]) -> Identity:
-    """The creator as recorded (no expiry: the subscription outlives the token, not the access)."""
-    fields = {name: snapshot[name] for name in SNAPSHOT_FIELDS if name in snapshot}
-    for name in ("roles", "client_roles", "scopes", "groups"):
-        fields[name] = frozenset(fields.get(name, ()))
-    return Identity(**fields)
 
 
 def principal_keys_of(identity: Identity) -> set[str]:

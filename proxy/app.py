@@ -24,6 +24,7 @@ from pathlib import Path
 
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, load_config
+from proxy.errors import CommandError
 from proxy.services import Services
 
 log = logging.getLogger("keygate")
@@ -89,8 +90,6 @@ def raise_open_file_limit() -> int:
 def ensure_open_files(config: Config) -> None:
     """Raise the open-file limit, and refuse (one line naming both numbers) when the
     configuration needs more descriptors than the limit allows."""
-    from proxy.cli import CommandError
-
     limit = raise_open_file_limit()
     need = descriptors_needed(config)
     if need > limit:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proxy.cli import CommandError
+from proxy.errors import CommandError
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 INIT_FILES = ("ca.crt", "ca.key", "server.crt", "server.key", "devices-ca.crt", "devices-ca.key")

@@ -5,7 +5,7 @@ names to modules and imports the one that runs, so ``keygate --help`` stays
 fast and a command's dependencies load only when it is used. A command module
 provides ``add_arguments(parser)`` and ``run(args) -> int``.
 
-Errors meant for the user are raised as :class:`CommandError` (or
+Errors meant for the user are raised as :class:`proxy.errors.CommandError` (or
 ``ConfigError``) and printed as one line, ``keygate: <reason>``, exit 1.
 """
 
@@ -16,6 +16,7 @@ import importlib
 import sys
 
 from proxy import __version__
+from proxy.errors import CommandError
 
 # name -> (module, one-line help). Groups ("policy", "store", ...) take their own sub-commands.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,10 +27,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "certs": ("proxy.certs", "make development certificates (certs init DIR)"),
     "keycloak": ("proxy.keycloak_bootstrap", "create or update the realm in a running Keycloak"),
 }
-
-
-class CommandError(Exception):
-    """A failure to report as one line and exit 1."""
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.cli import CommandError
+from proxy.errors import CommandError
 from proxy.dev_issuer import DevIssuer, SigningKey, subject_of, write_private
 
 log = logging.getLogger("keygate.dev")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from proxy.cli import CommandError
+from proxy.errors import CommandError
 
 DEFAULT_REALM_FILE = "keycloak-realm/iot-realm.json"
 # Parts of a realm representation that have their own admin endpoints.

@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterable
 import aiohttp
 from prometheus_client import Counter
 
-from ownership.service import identity_from_snapshot
 from proxy.http import plan as planning
+from proxy.identity.model import identity_from_snapshot
 from proxy.metrics import REGISTRY
 
 log = logging.getLogger("keygate.http.subscriptions")

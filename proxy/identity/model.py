@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 IdentityKind = Literal["user", "service", "device", "anonymous"]
 AuthMethod = Literal["token", "introspection", "device_key", "certificate", "none"]
@@ -80,3 +80,24 @@ class Identity:
 
 
 ANONYMOUS = Identity(kind="anonymous", sub="", username="", method="none")
+
+
+#: The identity attributes policies read, kept with a subscription to re-check it later.
+SNAPSHOT_FIELDS = ("kind", "sub", "username", "method", "roles", "client_roles", "scopes", "groups", "azp",
+                   "device_id", "owner_sub", "owner_username")
+
+
+def identity_snapshot(identity: Identity) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in SNAPSHOT_FIELDS:
+        value = getattr(identity, name)
+        out[name] = sorted(value) if isinstance(value, frozenset) else value
+    return out
+
+
+def identity_from_snapshot(snapshot: dict[str, Any]) -> Identity:
+    """The creator as recorded (no expiry: the subscription outlives the token, not the access)."""
+    fields = {name: snapshot[name] for name in SNAPSHOT_FIELDS if name in snapshot}
+    for name in ("roles", "client_roles", "scopes", "groups"):
+        fields[name] = frozenset(fields.get(name, ()))
+    return Identity(**fields)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from proxy.cli import CommandError
+from proxy.errors import CommandError
 from proxy.policy.decision import PolicyError
 
 __all__ = ["add_arguments", "run"]

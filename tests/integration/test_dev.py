@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import CommandError, main
+from proxy.cli import main
+from proxy.errors import CommandError
 from proxy.config import load_config
 from proxy.dev import pick_port, render_config, running_pid
 from proxy.dev_issuer import DevIssuer, SigningKey, subject_of

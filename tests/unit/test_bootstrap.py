@@ -23,7 +23,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy import keycloak_bootstrap as kb
-from proxy.cli import CommandError, main
+from proxy.cli import main
+from proxy.errors import CommandError
 
 ROOT = Path(__file__).resolve().parents[2]
 REALM = json.loads((ROOT / "keycloak-realm" / "iot-realm.json").read_text())

@@ -11,7 +11,8 @@ import pytest
 from ownership import cli as store_cli
 from ownership import store as st
 from ownership.migrations import APPLICATION_ID, LATEST
-from proxy.cli import CommandError, main as keygate_main
+from proxy.cli import main as keygate_main
+from proxy.errors import CommandError
 from proxy.config import ConfigError
 from proxy.facts import Principal
 from tests.rig.ownership import STORE_KEY, USERS, open_service, ownership_config
