@@ -129,7 +129,6 @@ class OwnershipService:
         self._store = store
         self._executor = executor
         self._clock = clock
-        self._pepper = pepper
         # Keyed once: each check copies the keyed state instead of re-deriving it.
         self._hmac = hmac.new(pepper, digestmod=hashlib.sha256)
         # A hash no key maps to, compared against when the device is unknown,
@@ -320,10 +319,6 @@ class OwnershipService:
         own = self.config.ownership
         overrides = [n for role, n in own.role_quotas.items() if role in identity.roles]
         return max(overrides) if overrides else own.max_devices_per_user
-
-    async def set_user_quota(self, actor: Identity, sub: str, max_devices: int | None) -> None:
-        await self._run(self._store.set_quota, sub, max_devices)
-        self._audit("quota.set", actor, sub, max_devices=max_devices)
 
     # ------------------------------------------------------------------ devices
 

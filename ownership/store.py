@@ -207,10 +207,6 @@ class Store:
             _DELEGATION_SELECT + " WHERE device_id = ? ORDER BY created_at, id", (device_id,))]
         return device
 
-    def quota_of(self, sub: str) -> int | None:
-        row = self._conn.execute("SELECT max_devices FROM quotas WHERE sub = ?", (sub,)).fetchone()
-        return None if row is None else int(row[0])
-
     def export_user(self, sub: str) -> dict[str, Any]:
         """Every row about the user ``sub``: selected by sub only, never by a user name (which
         another user, or a word such as "anonymous", may share)."""

@@ -146,8 +146,3 @@ def parse_grantee(value: Any) -> tuple[str, str] | str:
         problem = _name_problem(inner, f"to.{kind}")
         return problem or (kind, inner)
     return "to must be a user name or an object naming one principal"
-
-
-def grantee_problem(value: Any) -> str | None:
-    parsed = parse_grantee(value)
-    return parsed if isinstance(parsed, str) else None

@@ -126,7 +126,6 @@ class KeySet:
         self.loaded = False
         self.jwks_uri = ""
         self.last_error = ""
-        self.fetched_at: float | None = None
         self._last_attempt: float | None = None
         self._inflight: asyncio.Future[bool] | None = None
 
@@ -149,7 +148,7 @@ class KeySet:
             keys = parse_jwks(doc, self.algorithms)
             if not keys:
                 raise FetchError(f"jwks {self.jwks_uri}: no usable signing key for {', '.join(self.algorithms)}")
-            self.keys, self.loaded, self.fetched_at, self.last_error = keys, True, self.clock(), ""
+            self.keys, self.loaded, self.last_error = keys, True, ""
             JWKS_KEYS.set(len(keys))
             ok = True
         except FetchError as exc:

@@ -31,7 +31,6 @@ class AuthReason(str, enum.Enum):
     UNKNOWN_DEVICE_OR_KEY = "unknown_device_or_key"  # one reason for both: ids must not leak
     BAD_CERTIFICATE = "bad_certificate"
     NO_CREDENTIALS = "no_credentials"
-    SUBJECT_CHANGED = "subject_changed"  # re-authentication for another subject
 
 
 class AuthError(Exception):

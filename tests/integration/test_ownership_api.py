@@ -10,6 +10,7 @@ import pytest
 
 from proxy.facts import Principal
 from proxy.identity.model import AuthError
+from tests.rig.ownership import set_quota_override
 
 pytestmark = pytest.mark.integration
 
@@ -167,8 +168,7 @@ async def test_quota_per_user_and_role_override(ownership_api):
 
 
 async def test_per_user_quota_override_in_store(ownership_api):
-    admin = await ownership_api.identity("admin")
-    await ownership_api.ownership.set_user_quota(admin, await ownership_api.sub("carol"), 1)
+    await set_quota_override(ownership_api.ownership, await ownership_api.sub("carol"), 1)
     await ownership_api.register("carol", "c-1")
     r = await ownership_api.call("POST", "/devices", as_="carol", json={"id": "c-2", "type": "S"})
     assert await error_of(r) == (403, "quota_exceeded")
@@ -473,7 +473,7 @@ async def test_expired_delegation_grants_nothing(ownership_api):
 
 
 async def test_export_contains_everything_about_the_caller(ownership_api):
-    alice, admin = await ownership_api.identity("alice"), await ownership_api.identity("admin")
+    alice = await ownership_api.identity("alice")
     service = ownership_api.ownership
     await ownership_api.register("alice", "dev-a", name="Kitchen", location={"lat": 1, "lon": 2, "label": "home"})
     await ownership_api.register("bob", "dev-b")
@@ -482,7 +482,7 @@ async def test_export_contains_everything_about_the_caller(ownership_api):
     await ownership_api.call("POST", "/devices/dev-b/delegations", as_="bob", json={"to": "alice",
                                                                                       "permission": "write"})
     await service.record_subscription("sub-123", alice, "")
-    await service.set_user_quota(admin, alice.sub, 3)
+    await set_quota_override(service, alice.sub, 3)
     r = await ownership_api.call("GET", "/me/data", as_="alice")
     assert r.status == 200
     assert r.headers["Content-Disposition"] == 'attachment; filename="keygate-data-alice.json"'
@@ -501,7 +501,7 @@ async def test_export_contains_everything_about_the_caller(ownership_api):
 
 
 async def test_erasure_leaves_no_row_about_the_user(ownership_api):
-    alice, admin = await ownership_api.identity("alice"), await ownership_api.identity("admin")
+    alice = await ownership_api.identity("alice")
     service = ownership_api.ownership
     body = await ownership_api.register("alice", "dev-a")
     await ownership_api.register("bob", "dev-b")
@@ -512,7 +512,7 @@ async def test_erasure_leaves_no_row_about_the_user(ownership_api):
     await ownership_api.call("POST", "/devices/dev-b/delegations", as_="bob", json={"to": "carol",
                                                                                       "permission": "read"})
     await service.record_subscription("sub-1", alice, "")
-    await service.set_user_quota(admin, alice.sub, 3)
+    await set_quota_override(service, alice.sub, 3)
     assert await service.rows_about(alice.sub, "alice") > 0
 
     r = await ownership_api.call("DELETE", "/me/data", as_="alice")

@@ -147,6 +147,12 @@ async def open_service(config: Config, audit: MemoryAudit | None = None, *, sign
     return service
 
 
+async def set_quota_override(service: OwnershipService, sub: str, max_devices: int | None) -> None:
+    """A per-user device limit as the store keeps one. No route sets it (an operator writes the row), but
+    the limit, the export and the erasure all honour it, so tests put one in the store directly."""
+    await service._run(service._store.set_quota, sub, max_devices)
+
+
 async def sign_in(service: OwnershipService, identities: Any) -> None:
     """What an API call by each of ``identities`` records: the user name its sub goes by."""
     for identity in identities:
