@@ -27,7 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.progress import Progress
-from bench.scenarios import SCENARIOS, Row, Sizes, plan
+from bench.rows import Row
+from bench.scenarios import SCENARIOS, Sizes, plan
 from bench.stack import REPO, new_stack
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import resource
 import ssl
@@ -46,7 +45,7 @@ import struct
 import sys
 import time
 
-from bench.mqttload import _fixed, _str, _varint, connect_packet, raise_nofile
+from bench.mqttload import _fixed, _str, _varint, connect_packet, run_main
 
 PAUSE_AFTER_CLOSE_S = 0.2  # before a holding attacker reopens what keygate closed
 
@@ -354,24 +353,9 @@ async def run(spec: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    with open(argv[0], encoding="utf-8") as f:
-        spec = json.load(f)
-    raise_nofile()
     # Connections keygate resets are the point here, not news: asyncio would log each one, and
     # nobody reads this process's stderr while it runs.
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        result = asyncio.run(run(spec))
-    except Exception as exc:  # reported to the orchestrator as data, never a traceback
-        result = {"completed": False, "error": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(result), flush=True)
-    return 0
+    return run_main(run, argv, quiet_asyncio=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ import json
 import subprocess
 import sys
 
+from bench.rows import Row
+from bench.stack import PYTHON, REPO
+
 CASES = ["tokens", "ownership", "policy"]
 
 # What each module's measure() is called with, by mode.
@@ -62,9 +65,7 @@ def _measure(name: str, quick: bool) -> dict[str, float]:
 
 
 def run(stack, sizes, case: str, rep: int):
-    from bench.scenarios import PYTHON, REPO, Row
-
-    quick = sizes.quick
+    quick = sizes.quick_mode
     try:
         proc = subprocess.run([PYTHON, "-m", "bench.identity_suite", case, "quick" if quick else "full"],
                               cwd=REPO, capture_output=True, text=True, timeout=600)

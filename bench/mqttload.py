@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
+import logging
 import resource
 import socket
 import ssl
 import struct
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 # --------------------------------------------------------------------------- packets (MQTT 3.1.1)
 
@@ -728,22 +728,31 @@ MODES = {"sipmba": run_sipmba, "ingest": run_ingest, "fanout": run_fanout, "late
          "cpu": run_cpu, "storm": run_storm, "idle": run_idle, "legit": run_legit}
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_main(run: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]], argv: list[str] | None = None, *,
+             quiet_asyncio: bool = False) -> int:
+    """A load generator process: read the JSON spec named by ``argv[0]``, ``run`` it on uvloop (where
+    installed) with every descriptor the hard limit allows, print the result as one JSON line."""
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0], encoding="utf-8") as f:
         spec = json.load(f)
     raise_nofile()
+    if quiet_asyncio:
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
     try:
-        result = asyncio.run(MODES[spec["mode"]](spec))
+        result = asyncio.run(run(spec))
     except Exception as exc:  # reported to the orchestrator as data, never a traceback
         result = {"completed": False, "error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(result), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda spec: MODES[spec["mode"]](spec), argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.scenarios import LEGIT_RATE, SCENARIOS, Row, Sizes
+from bench.rows import Row
+from bench.scenarios import LEGIT_RATE, SCENARIOS, Sizes
 
 NAN = float("nan")
 

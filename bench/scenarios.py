@@ -24,9 +24,11 @@ import json
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
+from bench import identity_suite
+from bench.rows import Row
 from bench.stack import OWNER, PYTHON, REPO, STRANGER, Stack, proc_cpu_seconds, proc_rss_kib
 
 
@@ -34,18 +36,6 @@ from bench.stack import OWNER, PYTHON, REPO, STRANGER, Stack, proc_cpu_seconds, 
 ATTACK_LABEL = {"slowloris_tls": "slowloris, MQTT over TLS", "slowloris_ws": "slowloris, WebSocket upgrade",
                 "connect_flood": "pre-auth CONNECT flood", "unsubscribe_flood": "UNSUBSCRIBE flood",
                 "subscribe_flood": "long-filter SUBSCRIBE flood", "http_slow_headers": "HTTP slow headers"}
-
-
-@dataclass
-class Row:
-    scenario: str
-    case: str
-    mode: str
-    rep: int
-    metrics: dict[str, float]
-    ok: bool
-    detail: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -69,7 +59,7 @@ class Sizes:
     idle_counts: tuple[int, ...]
     http_connections: int
     http_seconds: float
-    quick: bool = False
+    quick_mode: bool = False  # True only from quick(); a field named `quick` would take the classmethod as default
     attack_seconds: float = 3.0   # the legitimate client's measurement, per case
     attack_ramp_s: float = 1.0    # attackers open their connections before it starts
     attack_cases: tuple[str, ...] = ("quiet", "all at once")  # full(): each attack alone as well
@@ -88,7 +78,7 @@ class Sizes:
                    fanout_subscribers=3, fanout_messages=300, latency_rates=(1000, 10000),
                    latency_seconds=0.3, cpu_clients=10, cpu_rate=2000, cpu_seconds=0.3, storm_workers=4,
                    storm_seconds=0.5, storm_tokens=400, idle_counts=(40, 100), http_connections=8,
-                   http_seconds=1.0, quick=True, attack_seconds=1.5, attack_ramp_s=1.0)
+                   http_seconds=1.0, quick_mode=True, attack_seconds=1.5, attack_ramp_s=1.0)
 
 
 # --------------------------------------------------------------------------- running a load generator
@@ -381,14 +371,10 @@ def stack_http_engine(stack: Stack) -> str:
 
 
 def identity(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> list[Row]:
-    from bench import identity_suite
-
     return identity_suite.run(stack, sz, case, rep)
 
 
 def _identity_cases(sz: Sizes) -> list[str]:
-    from bench import identity_suite
-
     return identity_suite.CASES
 
 
