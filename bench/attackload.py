@@ -92,7 +92,7 @@ class Attack:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(
                 self.spec["host"], port, ssl=self.ctx, server_hostname="localhost",
                 local_addr=(self.addrs[slot % len(self.addrs)], 0)), 5.0)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+        except (TimeoutError, OSError, ssl.SSLError):
             self.stats.refused += 1
             return None
         self.stats.opened()
@@ -103,7 +103,7 @@ class Attack:
         try:
             await asyncio.wait_for(self.stop.wait(), seconds)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def hold(self, slot: int, port: int, first: bytes, trickle: bytes) -> None:
@@ -226,7 +226,7 @@ async def connect_flood(a: Attack) -> None:
             data = await asyncio.wait_for(reader.read(16), 3.0)
             a.stats.answer(f"{what}: " + (f"CONNACK {data[3]:#04x}" if len(data) >= 4 and data[0] == 0x20 else
                                           "closed" if not data else "other"))
-        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
             a.stats.answer(f"{what}: {type(exc).__name__}")
         finally:
             a.stats.open -= 1
@@ -244,7 +244,7 @@ async def signed_in(a: Attack, slot: int):
     writer.write(connect_packet(f"{a.name}-{slot}-{a.stats.attempts}", "bench", tokens[slot % len(tokens)]))
     try:
         head = await asyncio.wait_for(reader.readexactly(4), 5.0)
-    except (OSError, ssl.SSLError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+    except (TimeoutError, OSError, ssl.SSLError, asyncio.IncompleteReadError):
         head = b""
     if len(head) < 4 or head[0] != 0x20 or head[3] != 0:
         a.stats.answer("CONNECT refused")
@@ -337,7 +337,7 @@ async def run(spec: dict) -> dict:
     line = loop.run_in_executor(None, sys.stdin.readline)
     try:
         await asyncio.wait_for(asyncio.shield(line), max(0.0, spec.get("max_seconds", 60) - (loop.time() - t0)))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     held = {a.name: a.stats.open for a in attacks}
     stop.set()

@@ -25,8 +25,9 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ownership.service import OwnershipService
 from proxy.audit import AuditLog

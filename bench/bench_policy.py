@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from proxy.facts import Delegation, Principal, DeviceFacts, StaticFacts
+from proxy.facts import Delegation, DeviceFacts, Principal, StaticFacts
 from proxy.identity.model import Identity
 from proxy.policy.engine import CompiledPolicies
 from proxy.policy.language import load_dir, load_text
@@ -88,7 +88,7 @@ def cases(engine: CompiledPolicies) -> dict[str, callable]:
 def linear_publish(engine: CompiledPolicies):
     rules = engine.source.rules
     vals = identity_values(DEVICE.sub, DEVICE.username, "")
-    levels = "devices/d1/telemetry".split("/")
+    levels = ["devices", "d1", "telemetry"]
 
     def scan():
         hits = []

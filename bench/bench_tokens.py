@@ -25,7 +25,8 @@ import statistics
 import sys
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import jwt
 import jwt.utils

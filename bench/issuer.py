@@ -65,7 +65,7 @@ class BenchIssuer:
         issuer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 body = docs.get(self.path.split("?", 1)[0])
                 if body is None:
                     self.send_response(404)

@@ -25,7 +25,8 @@ import ssl
 import struct
 import sys
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 # --------------------------------------------------------------------------- packets (MQTT 3.1.1)
 
@@ -424,7 +425,7 @@ async def run_ingest(spec: dict) -> dict:
     timed_out = False
     try:
         await asyncio.wait_for(asyncio.shield(done), spec.get("timeout", 60))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         timed_out = True
     end = state["last"] or time.perf_counter()
     if qos:
@@ -557,7 +558,7 @@ async def _connect_probe(target: dict, cred: dict, timeout: float) -> float | No
     t = time.perf_counter()
     try:
         c = await open_client(target, cred, timeout=timeout)
-    except (OSError, asyncio.TimeoutError, MqttError, ssl.SSLError):
+    except (TimeoutError, OSError, MqttError, ssl.SSLError):
         return None
     elapsed = time.perf_counter() - t
     c.disconnect()
@@ -574,7 +575,7 @@ async def _http_probe(http: dict, timeout: float) -> float | None:
                      "\r\nAccept: application/json\r\nConnection: close\r\n\r\n".encode())
         answer = await asyncio.wait_for(reader.read(-1), timeout)
         writer.close()
-    except (OSError, asyncio.TimeoutError, ssl.SSLError):
+    except (TimeoutError, OSError, ssl.SSLError):
         return None
     return time.perf_counter() - t if answer.startswith(b"HTTP/1.1 200") else None
 
@@ -596,7 +597,7 @@ async def run_legit(spec: dict) -> dict:
             k += 1
             try:
                 await asyncio.wait_for(stop.wait(), interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
     prefix = spec.get("probe_client_id", "legit-probe")
     tasks = [asyncio.ensure_future(probes(connects, lambda k: _connect_probe(

@@ -346,7 +346,7 @@ def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quic
     img.mkdir(parents=True, exist_ok=True)
     plots = plot(rows, img)
     failed = [r for r in rows if not r.ok]
-    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     md = [
         "# Benchmarks: keygate against the direct broker",
         "",

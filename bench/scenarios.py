@@ -24,13 +24,12 @@ import json
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from bench import identity_suite
 from bench.rows import Row
 from bench.stack import OWNER, PYTHON, REPO, STRANGER, Stack, proc_cpu_seconds, proc_rss_kib
-
 
 # The attacks of the "under attack" scenario (ATTACKS below), as its cases name them.
 ATTACK_LABEL = {"slowloris_tls": "slowloris, MQTT over TLS", "slowloris_ws": "slowloris, WebSocket upgrade",
@@ -65,7 +64,7 @@ class Sizes:
     attack_cases: tuple[str, ...] = ("quiet", "all at once")  # full(): each attack alone as well
 
     @classmethod
-    def full(cls, messages: int = 1_000_000, reps: int = 3) -> "Sizes":
+    def full(cls, messages: int = 1_000_000, reps: int = 3) -> Sizes:
         return cls(reps=reps, sipmba_messages=messages, ingest_publishers=20, ingest_per_publisher=10_000,
                    fanout_subscribers=10, fanout_messages=20_000, latency_rates=(1000, 10000),
                    latency_seconds=4.0, cpu_clients=100, cpu_rate=5000, cpu_seconds=5.0, storm_workers=16,
@@ -73,7 +72,7 @@ class Sizes:
                    http_seconds=3.0, attack_cases=("quiet", *ATTACK_LABEL.values(), "all at once"))
 
     @classmethod
-    def quick(cls, messages: int = 2000) -> "Sizes":
+    def quick(cls, messages: int = 2000) -> Sizes:
         return cls(reps=1, sipmba_messages=messages, ingest_publishers=4, ingest_per_publisher=250,
                    fanout_subscribers=3, fanout_messages=300, latency_rates=(1000, 10000),
                    latency_seconds=0.3, cpu_clients=10, cpu_rate=2000, cpu_seconds=0.3, storm_workers=4,

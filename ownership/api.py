@@ -12,16 +12,24 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from typing import Any, Awaitable, Callable
-
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 
 from ownership.openapi import build_openapi
 from ownership.service import OwnershipError
-from ownership.validation import (KEY_SLOTS, PERMISSIONS, is_device_id, json_problem, location_problem,
-                                  orion_id_problem, SERVICE_RE, text_problem)
+from ownership.validation import (
+    KEY_SLOTS,
+    PERMISSIONS,
+    SERVICE_RE,
+    is_device_id,
+    json_problem,
+    location_problem,
+    orion_id_problem,
+    text_problem,
+)
 from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.jsonlimits import too_deep
 from proxy.services import Services
@@ -210,7 +218,7 @@ def _check_device_fields(body: dict[str, Any]) -> None:
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _parse_time(value: Any, what: str) -> float:

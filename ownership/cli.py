@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from ownership import store as st
-from proxy.errors import CommandError
 from proxy.config import ConfigError, load_config, read_secret
+from proxy.errors import CommandError
 
 NEW_KEY_ENV = "KEYGATE_NEW_STORE_KEY"
 

@@ -141,7 +141,7 @@ class DeviceCA:
             self._hash = hashes.SHA256()
 
     @classmethod
-    def from_config(cls, config: Config) -> "DeviceCA | None":
+    def from_config(cls, config: Config) -> DeviceCA | None:
         """The CA of ``tls.client_ca`` with ``tls.client_ca_key``; None when no key is configured.
         ConfigError (one line, naming the key) when the files do not make a usable CA."""
         tls = config.tls
@@ -183,14 +183,14 @@ class DeviceCA:
             is_ca = False
         if not is_ca:
             raise ConfigError(f"tls.client_ca: the certificate of tls.client_ca_key in {ca_path} is not a CA")
-        if cert.not_valid_after_utc <= dt.datetime.now(dt.timezone.utc):
+        if cert.not_valid_after_utc <= dt.datetime.now(dt.UTC):
             raise ConfigError(f"tls.client_ca: the device CA in {ca_path} expired on "
                               f"{cert.not_valid_after_utc:%Y-%m-%d}")
         return cls(cert, key, days=tls.client_cert_days)
 
     def issue(self, csr: x509.CertificateSigningRequest, device_id: str, now: float) -> Issued:
         """A client certificate for ``device_id`` on the CSR's key (the CSR checked by :func:`check_csr`)."""
-        start = dt.datetime.fromtimestamp(int(now), dt.timezone.utc)
+        start = dt.datetime.fromtimestamp(int(now), dt.UTC)
         # Never past the CA's own expiry: a chain that cannot verify is of no use to the device.
         end = min(start + dt.timedelta(days=self.days), self.cert.not_valid_after_utc)
         public_key = csr.public_key()

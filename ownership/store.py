@@ -19,8 +19,9 @@ import contextlib
 import hashlib
 import json
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import quote
 
 from sqlcipher3 import dbapi2 as sqlite
@@ -80,7 +81,7 @@ class Store:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: Path, passphrase: str, *, label: str | None = None, busy_timeout: float = 5.0) -> "Store":
+    def open(cls, path: Path, passphrase: str, *, label: str | None = None, busy_timeout: float = 5.0) -> Store:
         """Open (or, only when no file exists, create) the store at ``path``.
 
         A wrong key, or a file that is not a keygate store, raises StoreError

@@ -30,8 +30,9 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from proxy.identity.model import Identity
 
@@ -202,7 +203,7 @@ class AuditLog:
         self._windows: OrderedDict[str, _Window] = OrderedDict()
 
     @classmethod
-    def open(cls, path: str, **options: Any) -> "AuditLog":
+    def open(cls, path: str, **options: Any) -> AuditLog:
         """``-`` for stdout, otherwise a file opened for appending (line buffered)."""
         if path == "-":
             return cls(sys.stdout, **options)
@@ -211,7 +212,7 @@ class AuditLog:
         return cls(open(p, "a", buffering=1, encoding="utf-8"), close=True, **options)
 
     @classmethod
-    def null(cls) -> "AuditLog":
+    def null(cls) -> AuditLog:
         return _NullAudit()
 
     def record(self, *, protocol: str, action: str, decision: str, resource: str = "",

@@ -35,7 +35,7 @@ INIT_FILES = ("ca.crt", "ca.key", "server.crt", "server.key", "devices-ca.crt", 
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _name(cn: str, org: str = "keygate development") -> x509.Name:

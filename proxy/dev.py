@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.errors import CommandError
 from proxy.dev_issuer import DevIssuer, SigningKey, subject_of, write_private
+from proxy.errors import CommandError
 
 log = logging.getLogger("keygate.dev")
 

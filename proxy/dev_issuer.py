@@ -19,9 +19,9 @@ import os
 import secrets
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import jwt
 from aiohttp import web
@@ -52,7 +52,7 @@ class SigningKey:
     issuer: str = ""
 
     @classmethod
-    def generate(cls) -> "SigningKey":
+    def generate(cls) -> SigningKey:
         return cls(ec.generate_private_key(ec.SECP256R1()), kid=secrets.token_hex(8))
 
     def jwk(self) -> dict:
@@ -94,7 +94,7 @@ class SigningKey:
         write_private(folder / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
 
     @classmethod
-    def load(cls, folder: Path) -> "SigningKey":
+    def load(cls, folder: Path) -> SigningKey:
         """The running stack's key; FileNotFoundError when no stack wrote one."""
         info = json.loads((folder / INFO_FILE).read_text(encoding="utf-8"))
         key = serialization.load_pem_private_key((folder / KEY_FILE).read_bytes(), password=None)

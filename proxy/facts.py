@@ -9,8 +9,9 @@ on every PUBLISH and every HTTP request.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Protocol
+from typing import Literal, Protocol
 
 Permission = Literal["read", "write", "readwrite"]
 PrincipalKind = Literal["user", "service", "group", "public"]
@@ -44,15 +45,15 @@ class Principal:
         return f"{self.kind}:{self.id}" if self.id else ""
 
     @classmethod
-    def user(cls, sub: str, name: str = "") -> "Principal":
+    def user(cls, sub: str, name: str = "") -> Principal:
         return cls("user", sub, name)
 
     @classmethod
-    def service(cls, client_id: str) -> "Principal":
+    def service(cls, client_id: str) -> Principal:
         return cls("service", client_id)
 
     @classmethod
-    def group(cls, name: str) -> "Principal":
+    def group(cls, name: str) -> Principal:
         return cls("group", name)
 
 

@@ -8,7 +8,7 @@ metrics listener serves ``/metrics``, ``/healthz`` and ``/readyz``.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily

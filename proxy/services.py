@@ -21,8 +21,8 @@ if TYPE_CHECKING:  # the concrete classes live in their own layers
 @dataclass
 class Services:
     config: Config
-    tokens: "TokenValidator"
-    ownership: "OwnershipService"
-    policies: "Policies"
+    tokens: TokenValidator
+    ownership: OwnershipService
+    policies: Policies
     audit: AuditLog
     extra: dict[str, Any] | None = None

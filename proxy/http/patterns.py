@@ -18,7 +18,8 @@ import re
 from typing import Any
 
 try:  # Python 3.11+
-    from re import _constants as _c, _parser as _sre_parse  # type: ignore[attr-defined]
+    from re import _constants as _c  # type: ignore[attr-defined]
+    from re import _parser as _sre_parse
 except ImportError:  # pragma: no cover - older Pythons
     import sre_constants as _c  # type: ignore[no-redef]
     import sre_parse as _sre_parse  # type: ignore[no-redef]

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from proxy.facts import OwnershipFacts
 from proxy.http import ngsi

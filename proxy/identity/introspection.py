@@ -16,7 +16,8 @@ import logging
 import time
 import urllib.parse
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from prometheus_client import Counter
@@ -97,7 +98,7 @@ class Introspector:
                                                   "authorization": self._authorization}) as resp:
                 status = resp.status
                 body = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             INTROSPECTIONS.labels("error").inc()
             raise AuthError(AuthReason.ISSUER_UNREACHABLE, f"introspection: {type(exc).__name__}") from None
         if status != 200:

@@ -13,8 +13,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm, get_default_algorithms
@@ -106,7 +107,7 @@ async def get_json(session: aiohttp.ClientSession, url: str, timeout: float, doc
     except FetchError:
         JWKS_FETCHES.labels(document, "error").inc()
         raise
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ValueError, OSError) as exc:
         JWKS_FETCHES.labels(document, "error").inc()
         raise FetchError(f"{document} {url}: {type(exc).__name__}: {exc}") from None
     JWKS_FETCHES.labels(document, "ok").inc()

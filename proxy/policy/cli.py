@@ -105,8 +105,8 @@ def _test(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from proxy.policy.engine import CompiledPolicies
     from proxy.policy.language import TestCase
-    from proxy.policy.patterns import identity_values, match, pattern_text
     from proxy.policy.paths import PathError, normalize_path, split_path
+    from proxy.policy.patterns import identity_values, match, pattern_text
     from proxy.policy.subjects import RELATIONS, identity_keys, partition_key, relations_hold
     from proxy.policy.testing import facts_for, identity_for
 

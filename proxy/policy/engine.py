@@ -47,15 +47,14 @@ import dataclasses
 import re
 import sys
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from proxy.facts import OwnershipFacts
 from proxy.identity.model import Identity
 from proxy.policy.decision import NO_RULE, Decision, SubscribeDecision, Verdict
 from proxy.policy.language import PolicySource, Rule
 from proxy.policy.paths import PathError, normalize_path, split_path
-from proxy.policy.patterns import (DEVICE, HASH, PLUS, Special, filter_problem, identity_values,
-                                   topic_problem)
+from proxy.policy.patterns import DEVICE, HASH, PLUS, Special, filter_problem, identity_values, topic_problem
 from proxy.policy.subjects import REL, could_hold, identity_keys, partition_key, relations_hold
 
 __all__ = ["CompiledPolicies", "READ_METHODS"]

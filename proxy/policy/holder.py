@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from prometheus_client import Counter, Gauge
 
@@ -60,7 +60,7 @@ class Policies:
         self._path = path
         self.generation = 1
         self.last_error: str | None = None
-        self._listeners: list[Callable[["Policies"], None]] = []
+        self._listeners: list[Callable[[Policies], None]] = []
         self._seen = _snapshot(path) if path is not None else None
         self._publish_metrics(None)
         if path is not None:
@@ -70,7 +70,7 @@ class Policies:
 
     @classmethod
     def from_dir(cls, path: str | Path, facts: OwnershipFacts, *, admin_role: str = "iot-admin",
-                 clock: Callable[[], float] = time.time, cache_max_bytes: int = CACHE_MAX_BYTES) -> "Policies":
+                 clock: Callable[[], float] = time.time, cache_max_bytes: int = CACHE_MAX_BYTES) -> Policies:
         """Load and compile every file under ``path``; :class:`PolicyError` on a broken set."""
         src = load_dir(path)
         return cls(CompiledPolicies(src, facts, admin_role=admin_role, clock=clock, cache_max_bytes=cache_max_bytes),
@@ -78,7 +78,7 @@ class Policies:
 
     @classmethod
     def from_text(cls, text: str, facts: OwnershipFacts, filename: str = "test.yaml", *,
-                  admin_role: str = "iot-admin", clock: Callable[[], float] = time.time) -> "Policies":
+                  admin_role: str = "iot-admin", clock: Callable[[], float] = time.time) -> Policies:
         return cls(CompiledPolicies(load_text(text, filename), facts, admin_role=admin_role, clock=clock))
 
     @property
@@ -111,7 +111,7 @@ class Policies:
 
     # ------------------------------------------------------------------ reload
 
-    def subscribe(self, callback: Callable[["Policies"], None]) -> Callable[[], None]:
+    def subscribe(self, callback: Callable[[Policies], None]) -> Callable[[], None]:
         """``callback(self)`` after every swap; returns a function that unsubscribes."""
         self._listeners.append(callback)
 

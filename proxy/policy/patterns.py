@@ -25,7 +25,7 @@ the checker.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 __all__ = ["Special", "PLUS", "HASH", "DEVICE", "PLACEHOLDERS", "parse_topic_pattern", "parse_path_pattern",
            "valid_value", "identity_values", "match", "contains", "topic_problem", "filter_problem"]
@@ -50,7 +50,7 @@ _BY_TEXT = {"{device}": DEVICE, **{p.name: p for p in PLACEHOLDERS.values()}}
 Pattern = tuple  # of str | Special
 
 
-def _placeholder(level: str) -> Special | None | str:
+def _placeholder(level: str) -> Special | str | None:
     """The Special for a ``{name}`` level; an error text for a malformed one; None for literals."""
     if "{" not in level and "}" not in level:
         return None

@@ -23,7 +23,8 @@ Two families:
 from __future__ import annotations
 
 import time
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 from proxy.facts import DeviceFacts, OwnershipFacts, Principal
 from proxy.identity.model import Identity

@@ -16,7 +16,7 @@ import pytest
 from proxy.audit import AuditLog
 from proxy.config import RateLimitConfig
 from proxy.mqtt.packets import MQTT_5
-from tests.integration.mqtt_helpers import raw_connect, subscribe_packet, suback_reasons
+from tests.integration.mqtt_helpers import raw_connect, suback_reasons, subscribe_packet
 from tests.rig.gateway import GatewayRig, build_services, gateway_config
 from tests.rig.mqtt_clients import V5
 from tests.rig.pki import make_pki

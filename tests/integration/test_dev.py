@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import main
-from proxy.errors import CommandError
 from proxy.config import load_config
 from proxy.dev import pick_port, render_config, running_pid
 from proxy.dev_issuer import DevIssuer, SigningKey, subject_of
+from proxy.errors import CommandError
 from proxy.identity.model import AuthError, AuthReason
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ class Stack:
     proc: subprocess.Popen
     data: Path
     lines: list[str] = field(default_factory=list)
-    _queue: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
+    _queue: queue.Queue[str | None] = field(default_factory=queue.Queue)
 
     def read_until(self, marker: str, timeout: float = START_TIMEOUT) -> str:
         deadline = time.monotonic() + timeout
@@ -260,8 +260,9 @@ def test_sigint_stops_everything_and_a_restart_keeps_the_device(tmp_path):
     assert not [p for p in children if alive(p)]
     assert not (stack.data / "dev.pid").exists()
     with pytest.raises(CommandError, match="keygate dev is not running"):
-        from proxy.dev import mint_token
         import argparse
+
+        from proxy.dev import mint_token
         mint_token(argparse.Namespace(token_data=str(stack.data), data="x", user="a", role=[], group=[],
                                       token_ttl=None))
 

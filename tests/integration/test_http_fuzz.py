@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from tests.integration.test_http_gateway import rig  # noqa: F401  (the fixture)
 

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.http.gateway import HttpGateway, create_gateway_app
+from proxy.http.gateway import HttpGateway
 from tests.integration.http_rig import HttpRig, build_services, close_services, gateway_config, gateway_with
 from tests.rig.ngsi_standin import NgsiStandin
 
@@ -490,11 +490,10 @@ async def test_configured_tenant_is_forced(tmp_path, oidc):
         alice = await services.tokens.validate(tokens["alice"])
         await services.ownership.register_device(alice, {"id": "c-1", "type": "Thermometer"})
         standin.tenant("city").entities["c-1"] = {"id": "c-1", "type": "Thermometer"}
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://127.0.0.1:{gateway.port}/v2/entities/c-1",
-                             headers={"Authorization": f"Bearer {tokens['alice']}",
-                                      "Fiware-Service": "other"}) as r:
-                assert r.status == 200
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{gateway.port}/v2/entities/c-1",
+                         headers={"Authorization": f"Bearer {tokens['alice']}",
+                                  "Fiware-Service": "other"}) as r:
+            assert r.status == 200
         assert standin.recorded[-1].headers["Fiware-Service"] == "city"
 
 

@@ -14,8 +14,8 @@ from aiohttp import web
 
 from ownership.api import create_api_app
 from proxy.http.gateway import HttpGateway
-from tests.integration.http_rig import HttpRig, build_services, close_services, gateway_config, gateway_with
 from tests.integration import test_http_gateway as base
+from tests.integration.http_rig import HttpRig, build_services, close_services, gateway_config, gateway_with
 from tests.integration.test_http_gateway import _subscribe, populate, subscription
 from tests.rig.ngsi_standin import NOTIFIED, NgsiStandin
 
@@ -68,11 +68,10 @@ async def test_configured_names_are_stripped_too(tmp_path, oidc):
     gateway = HttpGateway(services)
     await gateway.start()
     try:
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://127.0.0.1:{gateway.port}/version", headers={
-                    "Authorization": f"Bearer {tokens['admin']}", "X-Tenant-User": "bob", "X-ACL": "all",
-                    "X-Nick-Name": "bob", "X-Custom": "kept"}) as r:
-                assert r.status == 200
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{gateway.port}/version", headers={
+                "Authorization": f"Bearer {tokens['admin']}", "X-Tenant-User": "bob", "X-ACL": "all",
+                "X-Nick-Name": "bob", "X-Custom": "kept"}) as r:
+            assert r.status == 200
         seen = {k.lower() for k in standin.recorded[-1].headers}
         assert "x-tenant-user" not in seen and "x-acl" not in seen and "x-nick-name" not in seen
         assert "x-custom" in seen      # only identity headers go, the rest is the client's

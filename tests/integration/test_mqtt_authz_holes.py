@@ -89,7 +89,7 @@ async def delegate(api, rig, owner: str, dev: str, to: str, permission: str, exp
         await rig.identity(to)  # the delegate has signed in once: a user name resolves to their sub
     body = {"to": to, "permission": permission}
     if expires_at is not None:
-        body["expires_at"] = dt.datetime.fromtimestamp(expires_at, dt.timezone.utc).isoformat().replace(
+        body["expires_at"] = dt.datetime.fromtimestamp(expires_at, dt.UTC).isoformat().replace(
             "+00:00", "Z")
     r = await call(api, rig, "POST", f"/devices/{dev}/delegations", owner, body)
     assert r.status == 201, await r.text()
@@ -100,7 +100,7 @@ async def read_or_timeout(c: RawClient, timeout: float):
     """The next whole packet, None when the gateway closed the connection, TIMEOUT otherwise."""
     try:
         return await c.read_packet(timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return TIMEOUT
 
 

@@ -17,7 +17,12 @@ from proxy.config import MqttLimitsConfig, RateLimitConfig
 from proxy.mqtt import codec
 from proxy.mqtt.packets import MQTT_5, MQTT_311, Unsubscribe, Will
 from tests.integration.mqtt_helpers import (
-    connack_reason, connect_packet, publish_packet, raw_connect, subscribe_packet, suback_reasons,
+    connack_reason,
+    connect_packet,
+    publish_packet,
+    raw_connect,
+    suback_reasons,
+    subscribe_packet,
 )
 from tests.rig.mqtt_clients import V5, V311, RawClient
 

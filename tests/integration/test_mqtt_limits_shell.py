@@ -110,7 +110,7 @@ class Attack:
     async def all_closed(self, within: float) -> bool:
         try:
             await asyncio.wait_for(asyncio.gather(*self._watchers), within)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 

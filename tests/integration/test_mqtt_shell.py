@@ -15,7 +15,12 @@ from proxy.metrics import REGISTRY
 from proxy.mqtt.packets import MQTT_5, MQTT_311
 from proxy.mqtt.server import RECV_BUFFER_SIZE, WRITE_HIGH
 from tests.integration.mqtt_helpers import (
-    connect_packet, eventually, publish_packet, raw_connect, subscribe_packet, suback_reasons,
+    connect_packet,
+    eventually,
+    publish_packet,
+    raw_connect,
+    suback_reasons,
+    subscribe_packet,
 )
 from tests.rig.mqtt_clients import V5, V311, Paho, RawClient
 

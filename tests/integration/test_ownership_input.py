@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 async def post_raw(api, path: str, raw: str, *, as_: str = "alice", method: str = "POST"):

@@ -239,7 +239,7 @@ class MosquittoSub:
         while (left := end - time.monotonic()) > 0:
             try:
                 out.append(await self.line(left))
-            except (asyncio.TimeoutError, EOFError):
+            except (TimeoutError, EOFError):
                 break
         return out
 
@@ -292,7 +292,7 @@ class RawClient:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, rig, *, port: int | None = None, cert=None) -> "RawClient":
+    async def open(cls, rig, *, port: int | None = None, cert=None) -> RawClient:
         ctx = rig.client_ssl(cert)
         r, w = await asyncio.open_connection(rig.host, port or rig.port, ssl=ctx,
                                              server_hostname="localhost" if ctx else None)
@@ -329,7 +329,7 @@ class RawClient:
                     return True
         except (ConnectionError, ssl.SSLError):
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return False
 
@@ -337,5 +337,5 @@ class RawClient:
         self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 2)
-        except (asyncio.TimeoutError, ConnectionError, ssl.SSLError):
+        except (TimeoutError, ConnectionError, ssl.SSLError):
             pass

@@ -19,8 +19,9 @@ import dataclasses
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -240,7 +241,7 @@ class LiveApi:
         self._runner: web.AppRunner | None = None
         self.service: OwnershipService | None = None
 
-    def __enter__(self) -> "LiveApi":
+    def __enter__(self) -> LiveApi:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
         return self

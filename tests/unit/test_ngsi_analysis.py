@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.http import ngsi
 from proxy.http.ngsi import NO_BODY, NgsiRequest, analyse

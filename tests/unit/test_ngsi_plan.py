@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxy.facts import Delegation, DeviceFacts, Principal, StaticFacts
-from proxy.http import ngsi, plan as planning
+from proxy.http import ngsi
+from proxy.http import plan as planning
 from proxy.http.ngsi import NO_BODY, NgsiRequest
 from proxy.identity.model import ANONYMOUS, Identity
 from proxy.policy import Policies

@@ -18,9 +18,9 @@ from ownership import enrollment
 from ownership import store as st
 from ownership.migrations import LATEST
 from ownership.service import EnrollmentUnavailable, InvalidInput, NotFound
+from proxy.certs import init_dir
 from proxy.config import ConfigError, load_config_text
 from proxy.identity.model import AuthError, AuthReason
-from proxy.certs import init_dir
 from tests.rig.ownership import STORE_KEY, USERS, open_service, ownership_config
 from tests.rig.pki import make_csr, make_pki
 
@@ -72,7 +72,7 @@ async def test_the_issued_certificate(service, tmp_path):
     aki = ext.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     assert aki.key_identifier == ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     # A year by default; the chain is the leaf, then the CA.
-    days = (cert.not_valid_after_utc - dt.datetime.fromtimestamp(before, dt.timezone.utc)).days
+    days = (cert.not_valid_after_utc - dt.datetime.fromtimestamp(before, dt.UTC)).days
     assert days in (364, 365) and issued["not_after"] == cert.not_valid_after_utc.timestamp()
     assert issued["chain"] == issued["certificate"] + ca.public_bytes(serialization.Encoding.PEM).decode()
     assert issued["fingerprint"] == fingerprint(issued["certificate"])

@@ -12,8 +12,8 @@ from ownership import cli as store_cli
 from ownership import store as st
 from ownership.migrations import APPLICATION_ID, LATEST
 from proxy.cli import main as keygate_main
-from proxy.errors import CommandError
 from proxy.config import ConfigError
+from proxy.errors import CommandError
 from proxy.facts import Principal
 from tests.rig.ownership import STORE_KEY, USERS, open_service, ownership_config
 

@@ -8,8 +8,7 @@ import dataclasses
 
 from ownership import migrations
 from ownership import store as st
-from proxy.identity.model import identity_from_snapshot, identity_snapshot
-from proxy.identity.model import Identity
+from proxy.identity.model import Identity, identity_from_snapshot, identity_snapshot
 from tests.rig.ownership import STORE_KEY, USERS, open_service, ownership_config
 
 ALICE = USERS["alice"]

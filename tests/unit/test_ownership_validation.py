@@ -9,8 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ownership.openapi import DEVICE_ID_PATTERN
-from ownership.validation import (is_device_id, json_problem, location_problem, orion_id_problem,
-                                  parse_grantee, text_problem)
+from ownership.validation import (
+    is_device_id,
+    json_problem,
+    location_problem,
+    orion_id_problem,
+    parse_grantee,
+    text_problem,
+)
 
 ORION_FORBIDDEN = set("&?/#<>\"'=;()")
 # JSON Schema regexes are ECMA: "$" is the very end. Python's "$" also matches before a

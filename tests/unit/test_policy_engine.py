@@ -6,7 +6,7 @@ import pytest
 
 from proxy.facts import Delegation
 from proxy.policy import NO_RULE, Decision, Verdict
-from tests.unit.policy_helpers import to, anonymous, dev, device, facts, policies, service, user
+from tests.unit.policy_helpers import anonymous, dev, device, facts, policies, service, to, user
 
 SUBJECT_RULES = """
   - id: r-anyone

@@ -16,10 +16,10 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.policy_helpers import to
 from proxy.facts import Delegation, DeviceFacts, StaticFacts
 from proxy.identity.model import ANONYMOUS, Identity
 from proxy.policy import Policies, Verdict
+from tests.unit.policy_helpers import to
 
 LEVELS = ["a", "d1", "d2", "alice", "", "$s", "zz"]
 PATTERN_LEVELS = ["a", "d1", "alice", "", "$s", "+", "{device}", "{username}", "{client_id}"]
@@ -96,9 +96,7 @@ def ref_subject(subject, ident, device_id, facts, want):
         elif g.kind == "group":
             if g.id in ident.groups:
                 return True
-        elif g.kind == "user" and ident.kind == "user" and g.id and g.id == ident.sub:
-            return True
-        elif g.kind == "service" and ident.kind == "service" and g.id == ident.username:
+        elif (g.kind == "user" and ident.kind == "user" and g.id and g.id == ident.sub) or (g.kind == "service" and ident.kind == "service" and g.id == ident.username):
             return True
     return False
 

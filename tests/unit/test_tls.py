@@ -14,8 +14,8 @@ from cryptography.x509.oid import NameOID
 
 from proxy.certs import INIT_FILES, init_dir, issue_device_cert
 from proxy.cli import main
-from proxy.errors import CommandError
 from proxy.config import ConfigError, TlsConfig
+from proxy.errors import CommandError
 from proxy.tls import client_context, peer_common_name, server_context
 
 
