@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="repetitions per scenario (default 3; --quick: 1)")
     p.add_argument("--only", default="", help="comma-separated scenarios: " + ",".join(s.name for s in SCENARIOS))
     p.add_argument("--modes", default="", help="comma-separated modes (direct,direct-tls,keygate,nginx)")
-    p.add_argument("--out", default=None, help="folder for benchmarks.md and img/ (default: docs/; --quick: a temp dir)")
+    p.add_argument("--out", default=None,
+                   help="folder for benchmarks.md and img/ (default: docs/; --quick: a temp dir)")
     p.add_argument("--http-engine", choices=["auto", "wrk", "python"], default="auto",
                    help="HTTP load generator (auto: wrk when installed)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.quick:
         sizes = Sizes.quick(args.messages or 2000)

@@ -41,11 +41,11 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(spec: dict) -> dict:
-    lua = ["wrk.method = %s" % json.dumps(spec["method"])]
+    lua = [f"wrk.method = {json.dumps(spec['method'])}"]
     if spec.get("body"):
-        lua.append("wrk.body = %s" % json.dumps(spec["body"]))
+        lua.append(f"wrk.body = {json.dumps(spec['body'])}")
     for k, v in spec.get("headers", {}).items():
-        lua.append("wrk.headers[%s] = %s" % (json.dumps(k), json.dumps(v)))
+        lua.append(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write("\n".join(lua) + "\n")
         script = f.name
@@ -176,7 +176,8 @@ async def _run_python(spec: dict) -> dict:
     stop_at = start + spec["duration_s"]
     for _ in range(spec["connections"]):
         done = loop.create_future()
-        await loop.create_connection(lambda: _Conn(request, state, stop_at, done), url.hostname, port, ssl=ctx,
+        await loop.create_connection(lambda: _Conn(request, state, stop_at, done),  # noqa: B023 (called at once)
+                                     url.hostname, port, ssl=ctx,
                                      server_hostname="localhost" if tls else None)
         conns.append(done)
     await asyncio.wait_for(asyncio.gather(*conns), spec["duration_s"] + 30)

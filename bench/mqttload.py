@@ -193,9 +193,8 @@ class Client(asyncio.Protocol):
             elif kind == 9:
                 if not self.suback.done():
                     self.suback.set_result(bytes(buf[start + 2:end]))
-            elif kind == 13:
-                if self.pong is not None and not self.pong.done():
-                    self.pong.set_result(None)
+            elif kind == 13 and self.pong is not None and not self.pong.done():
+                self.pong.set_result(None)
             pos = end
         if pos:
             del buf[:pos]
@@ -421,7 +420,7 @@ async def run_ingest(spec: dict) -> dict:
     encoded = [chunks_for(p["topic"].encode()) for p in spec["publishers"]]  # before the clock starts
     t0 = time.perf_counter()
     await asyncio.gather(*(publish(c, p["topic"].encode(), e)
-                           for c, p, e in zip(pubs, spec["publishers"], encoded)))
+                           for c, p, e in zip(pubs, spec["publishers"], encoded, strict=True)))
     timed_out = False
     try:
         await asyncio.wait_for(asyncio.shield(done), spec.get("timeout", 60))

@@ -60,7 +60,7 @@ class _Client(_Side):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        asyncio.ensure_future(self._dial())
+        self._dialing = asyncio.ensure_future(self._dial())  # held: the loop keeps only a weak reference
 
     async def _dial(self) -> None:
         loop = asyncio.get_running_loop()
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cert", required=True)
     p.add_argument("--key", required=True)
     args = p.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         import uvloop

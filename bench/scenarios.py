@@ -563,7 +563,7 @@ def plan(sizes: Sizes, only: set[str] | None, modes: set[str] | None) -> list[tu
             for case in sc.cases(sizes):
                 order = list(sc.modes) if rep % 2 == 0 else list(reversed(sc.modes))
                 for mode in order:
-                    if modes and mode not in modes and not (sc.name == "identity"):
+                    if modes and mode not in modes and sc.name != "identity":
                         continue
                     steps.append((sc, case, mode, rep))
     return steps

@@ -279,11 +279,12 @@ class Store:
         sets.append("updated_at = ?")
         values.append(now)
         with self.transaction() as c:
-            cur = c.execute(f"UPDATE devices SET {', '.join(sets)} WHERE id = ?", (*values, device_id))
+            cur = c.execute(f"UPDATE devices SET {', '.join(sets)} WHERE id = ?",  # noqa: S608 (names: _PATCHABLE)
+                            (*values, device_id))
             if cur.rowcount != 1:
                 raise NotFound(device_id)
         device = self.get_device(device_id)
-        assert device is not None
+        assert device is not None  # noqa: S101 (narrowing: the UPDATE above found it, in this thread)
         return device
 
     def delete_device(self, device_id: str, *, queued_at: float | None = None, orion: bool = True,
@@ -402,16 +403,16 @@ class Store:
         """Every row about the user ``sub`` (by sub only, as :meth:`export_user`), in one
         transaction. Returns counts and touched device ids. ``queued_at``: also owe Orion the
         removal of the owned devices' entities and subscriptions and of the user's own subscriptions."""
-        to_user = "(grantee_kind = 'user' AND grantee_id = ?)"
+        to_user = "(grantee_kind = 'user' AND grantee_id = ?)"  # a constant: the f-strings below hold no input
         with self.transaction() as c:
             owned = [r[0] for r in c.execute("SELECT id FROM devices WHERE owner_sub = ?", (sub,))]
             if queued_at is not None:
                 self._queue_user_removal(c, sub, owned, queued_at, orion=orion, broker=broker)
             touched = set(owned) | {r[0] for r in c.execute(
-                f"SELECT device_id FROM delegations WHERE {to_user} OR granted_by = ?", (sub, sub))}
+                f"SELECT device_id FROM delegations WHERE {to_user} OR granted_by = ?", (sub, sub))}  # noqa: S608
             counts = {
                 "delegations": c.execute(
-                    f"DELETE FROM delegations WHERE {to_user} OR granted_by = ? OR device_id IN "
+                    f"DELETE FROM delegations WHERE {to_user} OR granted_by = ? OR device_id IN "  # noqa: S608
                     "(SELECT id FROM devices WHERE owner_sub = ?)", (sub, sub, sub)).rowcount,
                 "keys": c.execute("DELETE FROM device_keys WHERE device_id IN "
                                   "(SELECT id FROM devices WHERE owner_sub = ?)", (sub,)).rowcount,

@@ -255,13 +255,11 @@ async def start_mosquitto(folder: Path) -> Broker:
                     f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                     f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
                     f"log_dest stderr\nlog_type error\nlog_type warning\n")
-    logfile = open(folder / "mosquitto.log", "ab")
-    try:
+    # Blocking for a moment is fine here: the broker starts once, before anything is served.
+    with open(folder / "mosquitto.log", "ab") as logfile:  # noqa: ASYNC230
         # Its own session: Ctrl-C reaches keygate dev, which stops the broker after the gateway.
-        proc = subprocess.Popen([exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=logfile,
+        proc = subprocess.Popen([exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=logfile,  # noqa: ASYNC220
                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
-    finally:
-        logfile.close()
     broker = Broker(proc, port)
     for _ in range(100):
         if proc.poll() is not None:

@@ -134,10 +134,11 @@ def describe_failure(exc: Exception, url: str) -> str:
 
     if isinstance(exc, KeycloakAuthenticationError):
         return "Keycloak refused the admin login (check --admin-user, the password and --admin-realm)"
-    if isinstance(exc, KeycloakConnectionError) or isinstance(exc, OSError) or type(exc).__module__.startswith("httpx"):
+    if isinstance(exc, (KeycloakConnectionError, OSError)) or type(exc).__module__.startswith("httpx"):
         return f"cannot reach Keycloak at {url}: {exc}"
     if isinstance(exc, KeycloakError):
-        body = exc.response_body.decode("utf-8", "replace") if isinstance(exc.response_body, bytes) else exc.error_message
+        raw = exc.response_body
+        body = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else exc.error_message
         return f"Keycloak answered {exc.response_code}: {str(body)[:200]}"
     return f"bootstrap failed: {type(exc).__name__}: {exc}"
 

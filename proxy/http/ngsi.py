@@ -26,7 +26,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from proxy.jsonlimits import too_deep
 
@@ -154,8 +154,8 @@ class PolicyOnly:
     """Everything else (registrations, types, version, Orion's admin API...): closed unless a policy opens it."""
 
 
-Action = Union[Reject, EntityOp, CreateEntity, ListEntities, QueryEntities, BatchUpdate, CreateSubscription,
-               ListSubscriptions, SubscriptionOp, PolicyOnly]
+Action = (Reject | EntityOp | CreateEntity | ListEntities | QueryEntities | BatchUpdate | CreateSubscription
+          | ListSubscriptions | SubscriptionOp | PolicyOnly)
 
 
 def bad_request(description: str) -> Reject:

@@ -56,7 +56,7 @@ def _walk(items: Any, inside_repeat: bool) -> int:
         if op in _FORBIDDEN:
             raise UnsafePattern("idPattern with back-references or look-arounds")
         if op in _REPEATS:
-            low, high, sub = arg
+            _low, high, sub = arg
             if high != 1:
                 if inside_repeat:
                     raise UnsafePattern("idPattern with nested repetition")

@@ -415,7 +415,7 @@ def _subscriptions(req: ngsi.NgsiRequest, action: Any, ctx: Context) -> Plan:
             return Answer(200, [], _count_header(req), "no own subscriptions")
         return Forward("GET", req.path, (), None, (), None, "own subscriptions", (), "filter_subscriptions",
                        own, page)
-    assert isinstance(action, ngsi.SubscriptionOp)
+    assert isinstance(action, ngsi.SubscriptionOp)  # noqa: S101 (narrowing: the last kind left)
     owner = ctx.ownership.subscription_owner(action.subscription_id, ctx.tenant)
     if owner != ident.sub and not ctx.is_admin:
         # Someone else's and no subscription at all look the same from outside.

@@ -24,7 +24,7 @@ class AuthReason(str, enum.Enum):
     UNKNOWN_KID = "unknown_kid"
     WRONG_ISSUER = "wrong_issuer"
     WRONG_AUDIENCE = "wrong_audience"
-    NOT_AN_ACCESS_TOKEN = "not_an_access_token"
+    NOT_AN_ACCESS_TOKEN = "not_an_access_token"  # noqa: S105 (a reason code, not a secret)
     MISSING_CLAIM = "missing_claim"
     REVOKED = "revoked"  # introspection answered active: false
     ISSUER_UNREACHABLE = "issuer_unreachable"

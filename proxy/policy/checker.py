@@ -88,7 +88,8 @@ def _conditions_covered(allow: Rule, deny: Rule) -> bool:
     if allow.http:
         if not deny.http:
             return False
-        if deny.http.methods is not None and (allow.http.methods is None or not allow.http.methods <= deny.http.methods):
+        if deny.http.methods is not None and (allow.http.methods is None
+                                              or not allow.http.methods <= deny.http.methods):
             return False
     return True
 

@@ -231,8 +231,8 @@ def _parse_rule(doc: _Doc, node: yaml.Node, path: str) -> Rule:
     http = _parse_http(doc, m["http"][1], f"{path}.http") if "http" in m else None
     relations = [s for s in subjects if s in RELATIONS]
     if relations:
-        patterns = [(p, t) for p, t in zip(mqtt.topics, mqtt.topic_texts)] if mqtt else []
-        patterns += [(p, t) for p, t in zip(http.paths, http.path_texts)] if http else []
+        patterns = [(p, t) for p, t in zip(mqtt.topics, mqtt.topic_texts, strict=True)] if mqtt else []
+        patterns += [(p, t) for p, t in zip(http.paths, http.path_texts, strict=True)] if http else []
         for p, text in patterns:
             if DEVICE not in p:
                 doc.fail(m["subjects"][1], f"{path}.subjects",

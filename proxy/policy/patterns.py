@@ -44,7 +44,7 @@ class Special:
 PLUS = Special("+")
 HASH = Special("#")
 DEVICE = Special("{device}")
-PLACEHOLDERS = {name: Special("{%s}" % name) for name in ("sub", "username", "client_id")}
+PLACEHOLDERS = {name: Special(f"{{{name}}}") for name in ("sub", "username", "client_id")}
 _BY_TEXT = {"{device}": DEVICE, **{p.name: p for p in PLACEHOLDERS.values()}}
 
 Pattern = tuple  # of str | Special
@@ -166,9 +166,8 @@ def match(pattern: Pattern, levels: list[str], values: Mapping[Special, str], *,
             if not lv:
                 return False, None
             device = lv
-        elif p is not PLUS:
-            if values.get(p) != lv:
-                return False, None
+        elif p is not PLUS and values.get(p) != lv:
+            return False, None
     return len(pattern) == len(levels), device
 
 

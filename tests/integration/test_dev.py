@@ -97,7 +97,7 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError("keygate dev did not stop within 20 s of " + signal.Signals(sig).name)
+                raise AssertionError("keygate dev did not stop within 20 s of " + signal.Signals(sig).name) from None
         return self.proc.returncode
 
 

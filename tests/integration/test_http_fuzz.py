@@ -86,7 +86,7 @@ def requests(draw):
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=requests())
-async def test_no_request_makes_the_gateway_fail(rig, request):  # noqa: F811
+async def test_no_request_makes_the_gateway_fail(rig, request):
     method, target, who, headers, body = request
     if who == "garbage":
         headers["Authorization"] = "Bearer eyJ.garbage.x"

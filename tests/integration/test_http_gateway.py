@@ -472,7 +472,7 @@ async def test_tenant_must_match_the_devices_service(rig):
     assert seen.headers["Fiware-Service"] == "smartcity"
     assert (await rig.call("GET", "/v2/entities/s-1", "alice")).status == 403
     assert (await rig.call("GET", "/v2/entities/a-1", "alice", headers={"Fiware-Service": "smartcity"})).status == 403
-    status, ids, _ = await _listed(rig, "alice", headers={"Fiware-Service": "smartcity"})
+    _status, ids, _ = await _listed(rig, "alice", headers={"Fiware-Service": "smartcity"})
     assert ids == ["s-1"]
     assert (await rig.call("GET", "/v2/entities", "alice", headers={"Fiware-Service": "bad-name!"})).status == 400
 

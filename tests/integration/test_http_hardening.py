@@ -131,7 +131,7 @@ async def test_nesting_up_to_the_cap_passes_one_more_is_refused(rig):
     ('-Infinity', "not JSON"),
 ])
 async def test_values_orion_cannot_take_are_refused_in_its_shape(rig, raw, why):
-    body = ('{"id": "a-9", "type": "Thermometer", "temperature": {"type": "Number", "value": %s}}' % raw).encode()
+    body = ('{"id": "a-9", "type": "Thermometer", "temperature": {"type": "Number", "value": ' + raw + '}}').encode()
     r = await rig.call("POST", "/v2/entities", "alice", data=body, headers={"Content-Type": "application/json"})
     assert r.status == 400, r.body
     assert r.json()["error"] == "ParseError" and why in r.json()["description"]

@@ -75,7 +75,7 @@ async def test_topic_alias_games(mqtt_rig):
     """An alias set by a denied PUBLISH and an alias re-pointed at a forbidden topic do not
     leak: every publish is checked on its resolved topic and reaches the broker without aliases."""
     rig = mqtt_rig
-    mine, k1, _ = await rig.register_device("bob")
+    mine, _k1, _ = await rig.register_device("bob")
     theirs, _, _ = await rig.register_device("alice")
     watcher = Paho(rig, "admin-alias", username="admin", password=await rig.token("admin"))
     assert await watcher.connect() == 0
@@ -131,7 +131,7 @@ async def test_shared_subscription_is_checked_like_its_filter(mqtt_rig):
     assert await carol.connect() == 0
     # Granted with per-delivery checks, exactly as "#" would be.
     assert await carol.subscribe("$share/g/#", 1) == [1]
-    raw, code = await raw_connect(rig, V5, "carol-raw", "carol", await rig.token("carol"))
+    raw, _code = await raw_connect(rig, V5, "carol-raw", "carol", await rig.token("carol"))
     await raw.send(subscribe_packet(MQTT_5, 9, ("$share/g+/devices/#", 1)))
     assert await raw.read_packet() == b"\xe0\x01\x8f"  # DISCONNECT topic filter invalid
     assert await raw.closed_within(2)

@@ -88,7 +88,7 @@ async def test_certificate_from_an_untrusted_ca_is_refused(mqtt_rig):
     rig = mqtt_rig
     dev, _, _ = await rig.register_device("alice")
     rogue = rig.pki.device_cert(dev, signed_by_rogue=True)
-    status, err = await mosquitto_pub(rig, f"devices/{dev}/telemetry", "x", cert=rogue, client_id=dev)
+    status, _err = await mosquitto_pub(rig, f"devices/{dev}/telemetry", "x", cert=rogue, client_id=dev)
     assert status != 0
     assert not rig.audited(action="connect", decision="allow", resource=dev)
 
@@ -115,7 +115,7 @@ async def test_both_device_keys_work_and_a_wrong_one_is_refused(mqtt_rig, versio
 async def test_another_user_is_refused_with_reason_codes(mqtt_rig):
     """bob cannot read, command, or log in as alice's device."""
     rig = mqtt_rig
-    dev, k1, _ = await rig.register_device("alice")
+    dev, _k1, _ = await rig.register_device("alice")
     bob_token = await rig.token("bob")
     v5 = Paho(rig, "bob-1", username="bob", password=bob_token)
     v3 = Paho(rig, "bob-2", version=V311, username="bob", password=bob_token)

@@ -123,10 +123,9 @@ async def test_policy_file_edited_under_a_running_gateway(mqtt_rig_factory, tmp_
         generation = policies.generation
         text = (policy_dir / "devices.yaml").read_text()
         # Owners keep reading but lose the right to send commands.
-        edited = text.replace('    subjects: [owner, delegate]          # delegate on publish needs a write delegation\n'
-                              '    mqtt:\n      topics: ["devices/{device}/cmd/#"]',
-                              '    subjects: [owner, delegate]          # delegate on publish needs a write delegation\n'
-                              '    mqtt:\n      topics: ["devices/{device}/cmd/none-left"]')
+        rule = '    subjects: [owner, delegate]          # delegate on publish needs a write delegation\n'
+        edited = text.replace(rule + '    mqtt:\n      topics: ["devices/{device}/cmd/#"]',
+                              rule + '    mqtt:\n      topics: ["devices/{device}/cmd/none-left"]')
         assert edited != text
         (policy_dir / "devices.yaml").write_text(edited)
         assert await eventually(lambda: policies.generation > generation, timeout=5)

@@ -133,7 +133,7 @@ async def test_slow_subscriber_pauses_the_broker_side(mqtt_rig):
     assert code == 0
     payload = b"x" * 32768
     count = 200  # 6.5 MB, far beyond every buffer on the way
-    for i in range(count):
+    for _ in range(count):
         await pub.send(publish_packet(f"devices/{dev}/telemetry", payload, level=MQTT_311))
     assert await eventually(lambda: conn._broker_paused, timeout=5)
     # Bounded: the high-water mark plus at most one read of the broker side (and TLS framing).

@@ -66,7 +66,7 @@ def start_mosquitto(workdir: Path, extra: list[str] | None = None) -> Broker:
         wait_for_port(port, proc=proc)
     except Exception:
         proc.kill()
-        raise RuntimeError(f"mosquitto did not start: {log.read_text(errors='replace')}")
+        raise RuntimeError(f"mosquitto did not start: {log.read_text(errors='replace')}") from None
     return Broker("127.0.0.1", port, proc, log)
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import pytest
@@ -172,7 +172,7 @@ async def ownership_service(tmp_path):
 class RigTokens:
     """Access tokens from the OIDC rig, fetched once per user and reused while fresh."""
 
-    _cache: dict[tuple[str, str], tuple[float, str]] = {}
+    _cache: ClassVar[dict[tuple[str, str], tuple[float, str]]] = {}  # shared by every instance, on purpose
 
     def __init__(self, oidc: Any):
         self.oidc = oidc

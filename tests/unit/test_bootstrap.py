@@ -352,7 +352,7 @@ async def test_rotating_a_device_secret(keycloak):
     r = keycloak.realms["iot"]
     cid = next(c["id"] for c in r["clients"].values() if c["clientId"] == "thermo-1")
     old = r["secrets"][cid]
-    report, out = await run_bootstrap(keycloak, devices=["thermo-1"], rotate=True)
+    report, _out = await run_bootstrap(keycloak, devices=["thermo-1"], rotate=True)
     assert r["secrets"][cid] != old
     assert report.secrets == {"thermo-1": r["secrets"][cid]}
     assert ("POST", f"/admin/realms/iot/clients/{cid}/client-secret") in keycloak.requests

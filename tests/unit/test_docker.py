@@ -33,7 +33,8 @@ BACKENDS = ("mosquitto", "orion", "mongo", "keycloak", "keycloak-db")
 def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess:
     exe = shutil.which("docker-compose")
     if exe is None:
-        pytest.fail("docker-compose is not installed (apt-get install docker-compose); scripts/setup --test installs it")
+        pytest.fail("docker-compose is not installed (apt-get install docker-compose); "
+                    "scripts/setup --test installs it")
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **env}
     return subprocess.run([exe, "-f", str(COMPOSE_FILE), "config"], capture_output=True, text=True,
                           env=clean, timeout=60, cwd=ROOT)

@@ -44,7 +44,8 @@ def facts():
     return StaticFacts([
         DeviceFacts("a-1", "s-alice", "alice"),
         DeviceFacts("a-2", "s-alice", "alice", public=True),
-        DeviceFacts("b-1", "s-bob", "bob", delegations=(Delegation("d1", "b-1", Principal.user("s-alice", "alice"), "read"),)),
+        DeviceFacts("b-1", "s-bob", "bob",
+                    delegations=(Delegation("d1", "b-1", Principal.user("s-alice", "alice"), "read"),)),
         DeviceFacts("c-1", "s-alice", "alice", service="city"),
     ])
 

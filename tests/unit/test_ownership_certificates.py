@@ -379,7 +379,7 @@ async def test_an_encrypted_ca_key_with_its_password(tmp_path):
         serialization.BestAvailableEncryption(b"s3cret")))
     (tmp_path / "ca.pass").write_text("s3cret\n")
     base = "tls: {client_ca: pki/devices-ca.crt, client_ca_key: pki/enc.key"
-    with pytest.raises(ConfigError, match="is encrypted: set tls.client_ca_key_password"):
+    with pytest.raises(ConfigError, match=r"is encrypted: set tls\.client_ca_key_password"):
         await open_service(ownership_config(tmp_path, extra=base + "}\n"))
     s = await open_service(ownership_config(tmp_path, extra=base + ", client_ca_key_password_file: ca.pass}\n"))
     try:

@@ -252,7 +252,8 @@ async def test_reopen_restores_the_read_path(tmp_path):
     await service.close()
     service = await open_service(config)
     facts = service.facts.device("d1")
-    assert facts.public and facts.owner_username == "alice" and facts.delegations[0].grantee == Principal.user("sub-bob", "bob")
+    assert facts.public and facts.owner_username == "alice"
+    assert facts.delegations[0].grantee == Principal.user("sub-bob", "bob")
     assert (await service.authenticate_device_key("d1", k1)).owner_sub == "sub-alice"
     assert service.subscription_owner("s1", "tenant") == "sub-alice"
     assert service.subscriptions_of("sub-alice", "tenant") == {"s1"}

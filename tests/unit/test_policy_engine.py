@@ -59,7 +59,8 @@ def world():
     f = facts(dev("d1", "sub-alice"),
               dev("d2", "sub-bob", delegations=[("alice", "read"), ("group:lab", "write"), ("anonymous", "read")]),
               dev("d3", "sub-bob", public=True),
-              dev("d4", "sub-bob", delegations=[Delegation("x", "d4", to("alice"), "readwrite", expires_at=time.time() - 1)]))
+              dev("d4", "sub-bob",
+                  delegations=[Delegation("x", "d4", to("alice"), "readwrite", expires_at=time.time() - 1)]))
     return policies(SUBJECT_RULES, f)
 
 

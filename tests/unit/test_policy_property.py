@@ -48,7 +48,8 @@ def make_facts(d2_public: bool) -> StaticFacts:
         DeviceFacts("d1", "sub-alice", "alice"),
         DeviceFacts("d2", "sub-bob", "bob", public=d2_public, delegations=(
             Delegation("x", "d2", to("alice"), "read"), Delegation("y", "d2", to("group:g"), "write"),
-            Delegation("z", "d2", to("anonymous"), "read"), Delegation("old", "d2", to("root"), "readwrite", expires_at=1.0),
+            Delegation("z", "d2", to("anonymous"), "read"),
+            Delegation("old", "d2", to("root"), "readwrite", expires_at=1.0),
             Delegation("s", "d2", to("service:svc"), "read"))),
     ])
 
@@ -96,7 +97,8 @@ def ref_subject(subject, ident, device_id, facts, want):
         elif g.kind == "group":
             if g.id in ident.groups:
                 return True
-        elif (g.kind == "user" and ident.kind == "user" and g.id and g.id == ident.sub) or (g.kind == "service" and ident.kind == "service" and g.id == ident.username):
+        elif ((g.kind == "user" and ident.kind == "user" and g.id and g.id == ident.sub)
+              or (g.kind == "service" and ident.kind == "service" and g.id == ident.username)):
             return True
     return False
 
@@ -135,7 +137,7 @@ def ref_match(pattern, levels, ident, client_id, *, http=False):
 def ref_decide(rules, question, ident, levels, facts, *, method=None, http=False):
     want = "write" if question == "publish" or (http and method not in ("GET", "HEAD", "OPTIONS")) else "read"
     winners = {"allow": None, "deny": None}
-    for order, r in enumerate(rules):
+    for r in rules:
         if http:
             if "http" not in r or (r["http"]["methods"] != ["*"] and method not in r["http"]["methods"]):
                 continue
@@ -147,9 +149,9 @@ def ref_decide(rules, question, ident, levels, facts, *, method=None, http=False
         for pat in patterns:
             ok, dev = ref_match([s for s in pat.split("/") if s] if http else pat.split("/"), levels, ident, CLIENT_ID,
                                 http=http)
-            if ok and any(ref_subject(s, ident, dev, facts, want) for s in r["subjects"]):
-                if winners[r["effect"]] is None:
-                    winners[r["effect"]] = r["id"]
+            if (ok and any(ref_subject(s, ident, dev, facts, want) for s in r["subjects"])
+                    and winners[r["effect"]] is None):
+                winners[r["effect"]] = r["id"]
     if winners["deny"]:
         return False, winners["deny"]
     if winners["allow"]:
@@ -251,9 +253,9 @@ def test_subscribe_verdicts_are_sound(rules, flt, who, public):
     under = [t for t in UNIVERSE if filter_matches(flt, t)]
     allowed = [ref_decide(rules, "subscribe", who, t, facts)[0] for t in under]
     if s.verdict is Verdict.ALLOW:
-        assert all(allowed), (s, [t for t, a in zip(under, allowed) if not a][:3])
+        assert all(allowed), (s, [t for t, a in zip(under, allowed, strict=True) if not a][:3])
     elif s.verdict is Verdict.DENY:
-        assert not any(allowed), (s, [t for t, a in zip(under, allowed) if a][:3])
+        assert not any(allowed), (s, [t for t, a in zip(under, allowed, strict=True) if a][:3])
 
 
 HTTP_SEGMENTS = ["v2", "entities", "d1", "d2", "alice", "*", "**", "{device}", "{username}"]

@@ -20,7 +20,7 @@ def test_shipped_policies_check_clean(capsys):
 
 
 def test_shipped_policies_tests_pass(capsys):
-    rc, out, err = run(capsys, "test", SHIPPED)
+    rc, out, _err = run(capsys, "test", SHIPPED)
     assert rc == 0, out
     assert "FAIL" not in out
     assert out.splitlines()[-1].endswith(" passed, 0 failed")
@@ -37,7 +37,7 @@ def test_check_reports_every_broken_file_with_file_line(tmp_path, capsys):
                               "    mqtt: {topics: [a], actions: [publish]}\n")
     write(tmp_path, "b.yaml", "version: 1\nrules:\n  - id: y\n    subjects: [owner]\n"
                               "    mqtt: {topics: [a/b], actions: [publish]}\n")
-    rc, out, err = run(capsys, "check", str(tmp_path))
+    rc, _out, err = run(capsys, "check", str(tmp_path))
     assert rc == 1
     lines = err.strip().splitlines()
     assert lines[0].startswith(f"{tmp_path}/a.yaml:4:16: rules[0].subjects: unknown subject 'owenr'")
@@ -94,7 +94,7 @@ tests:
     mqtt: {action: publish, topic: d/x}
     expect: allow
 """)
-    rc, out, err = run(capsys, "check", str(tmp_path))
+    rc, _out, err = run(capsys, "check", str(tmp_path))
     assert rc == 0, err
 
 
@@ -121,7 +121,7 @@ tests:
     mqtt: {action: subscribe, topic: "devices/+/x"}
     expect: check-each
 """)
-    rc, out, err = run(capsys, "test", str(tmp_path))
+    rc, out, _err = run(capsys, "test", str(tmp_path))
     assert rc == 1
     lines = out.splitlines()
     assert lines[0].startswith(f"ok   {tmp_path}/a.yaml:7:5: user:alice mqtt subscribe devices/d1/x -> allow (r)")
@@ -135,7 +135,7 @@ tests:
 
 def test_test_command_on_a_broken_set_is_one_line(tmp_path, capsys):
     write(tmp_path, "a.yaml", "version: 1\nrules: {}\n")
-    rc, out, err = run(capsys, "test", str(tmp_path))
+    rc, _out, err = run(capsys, "test", str(tmp_path))
     assert rc == 1
     assert err.strip() == f"keygate: {tmp_path}/a.yaml:2:8: rules: expected a list, got a mapping"
 
@@ -184,7 +184,8 @@ def test_explain_rejects_bad_arguments(capsys):
 
 
 def test_explain_names_unmet_conditions(capsys):
-    rc, out, _ = run(capsys, "explain", SHIPPED, "--as", "device:thermo-1", "--http", "DELETE", "/v2/entities/thermo-1")
+    _rc, out, _ = run(capsys, "explain", SHIPPED, "--as", "device:thermo-1", "--http", "DELETE",
+                      "/v2/entities/thermo-1")
     assert "decision: deny" in out
     assert "device-updates-own-entity [/v2/entities/{device}] subjects hold: device; device thermo-1; " \
            "but DELETE is not among its methods" in out
@@ -208,7 +209,7 @@ rules:
     subjects: [owner, anonymous]
     mqtt: {topics: ["b/{device}/#"], actions: [publish]}
 """)
-    rc, out, err = run(capsys, "check", str(tmp_path))
+    rc, _out, err = run(capsys, "check", str(tmp_path))
     assert rc == 1
     assert "owners-of-the-second-level" not in err
     assert "rule 'same-level' is shadowed by deny rule 'deny-same-level'" in err
