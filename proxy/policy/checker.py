@@ -25,7 +25,7 @@ from pathlib import Path
 
 from proxy.policy.decision import PolicyError
 from proxy.policy.language import PolicySource, Rule, _finish, parse_file
-from proxy.policy.patterns import DEVICE, contains
+from proxy.policy.patterns import DEVICE, Pattern, contains
 from proxy.policy.subjects import RELATIONS
 from proxy.policy.testing import run_all
 
@@ -63,14 +63,14 @@ def _subjects_covered(allow: Rule, wider: Rule) -> tuple[bool, bool]:
     return True, via_relation
 
 
-def _pattern_covers(outer: tuple, inner: tuple, same_device: bool) -> bool:
+def _pattern_covers(outer: Pattern, inner: Pattern, same_device: bool) -> bool:
     if not contains(outer, inner):
         return False
     return not same_device or (DEVICE in outer and DEVICE in inner and outer.index(DEVICE) == inner.index(DEVICE))
 
 
-def _questions(rule: Rule) -> list[tuple[str, tuple]]:
-    out: list[tuple[str, tuple]] = []
+def _questions(rule: Rule) -> list[tuple[str, Pattern]]:
+    out: list[tuple[str, Pattern]] = []
     if rule.mqtt:
         for a in sorted(rule.mqtt.actions):
             out.extend((a, p) for p in rule.mqtt.topics)

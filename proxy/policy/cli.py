@@ -16,9 +16,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any
 
 from proxy.errors import CommandError
 from proxy.policy.decision import PolicyError
+
+if TYPE_CHECKING:  # the command's modules load only when it runs
+    from proxy.policy.language import PolicySource, Rule
+    from proxy.policy.subjects import Want
 
 __all__ = ["add_arguments", "run"]
 
@@ -72,7 +77,7 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: str):
+def _load(path: str) -> PolicySource:
     from proxy.policy.language import load_dir
 
     try:
@@ -113,7 +118,7 @@ def _explain(args: argparse.Namespace) -> int:
     src = _load(args.dir)
     who = args.as_
     if who == "anonymous":
-        as_ = {"kind": "anonymous", "name": ""}
+        as_: dict[str, Any] = {"kind": "anonymous", "name": ""}
     else:
         kind, sep, name = who.partition(":")
         if not sep or kind not in ("user", "service", "device") or not name:
@@ -127,7 +132,8 @@ def _explain(args: argparse.Namespace) -> int:
         if len(parts) not in (2, 3) or parts[1] not in ("read", "write", "readwrite"):
             raise CommandError(f"--delegated {text}: write DEVICE:read|write|readwrite[:GRANTEE]")
         delegated.append((parts[0], parts[1], parts[2] if len(parts) == 3 else None))
-    mqtt = http = None
+    mqtt: dict[str, Any] | None = None
+    http: dict[str, Any] | None = None
     if args.mqtt:
         action, topic = args.mqtt
         if action not in ("publish", "subscribe", "receive"):
@@ -142,6 +148,8 @@ def _explain(args: argparse.Namespace) -> int:
     engine = CompiledPolicies(src, facts, admin_role=args.admin_role)
     vals = identity_values(identity.sub, identity.username, args.client_id)
 
+    levels: list[str] | None
+    want: Want
     if mqtt:
         q = mqtt
         if q["action"] == "subscribe":
@@ -157,6 +165,7 @@ def _explain(args: argparse.Namespace) -> int:
         levels, dollar, want = q["topic"].split("/"), True, ("write" if question == "publish" else "read")
         print(f"{who} mqtt {q['action']} {q['topic']}")
     else:
+        assert http is not None  # noqa: S101 (narrowing: --mqtt or --http is required)
         d = engine.may_http(identity, http["method"], http["path"])
         verdict, rule, reason = ("allow" if d.allowed else "deny"), d.rule, d.reason
         question = "http"
@@ -203,11 +212,12 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unmet_condition(rule, question: str, mqtt: dict | None, http: dict | None) -> str:
+def _unmet_condition(rule: Rule, question: str, mqtt: dict[str, Any] | None, http: dict[str, Any] | None) -> str:
     """Why a rule whose pattern and subjects match still does not apply, or ''."""
-    if question == "http" and rule.http.methods is not None and http["method"].upper() not in rule.http.methods:
+    if (question == "http" and rule.http and http and rule.http.methods is not None
+            and http["method"].upper() not in rule.http.methods):
         return f"{http['method'].upper()} is not among its methods ({', '.join(sorted(rule.http.methods))})"
-    if question == "publish" and mqtt:
+    if question == "publish" and mqtt and rule.mqtt:
         if rule.mqtt.retain is not None and rule.mqtt.retain != mqtt["retain"]:
             return f"it applies to retain={str(rule.mqtt.retain).lower()} only"
         if rule.mqtt.qos is not None and mqtt["qos"] not in rule.mqtt.qos:

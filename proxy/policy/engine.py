@@ -44,18 +44,20 @@ strings it keeps: topics, filters, paths and client ids may be 65 KB each).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Final, TypeAlias, TypeVar, cast
 
 from proxy.facts import OwnershipFacts
 from proxy.identity.model import Identity
 from proxy.policy.decision import NO_RULE, Decision, SubscribeDecision, Verdict
 from proxy.policy.language import PolicySource, Rule
 from proxy.policy.paths import PathError, normalize_path, split_path
-from proxy.policy.patterns import DEVICE, HASH, PLUS, Special, filter_problem, identity_values, topic_problem
-from proxy.policy.subjects import REL, could_hold, identity_keys, partition_key, relations_hold
+from proxy.policy.patterns import DEVICE, HASH, PLUS, Pattern, Special, filter_problem, identity_values, topic_problem
+from proxy.policy.subjects import REL, Want, could_hold, identity_keys, partition_key, relations_hold
 
 __all__ = ["CompiledPolicies", "READ_METHODS"]
 
@@ -71,7 +73,19 @@ WALK_BUDGET = 512
 CACHE_SECONDS = 60.0
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _METHOD = re.compile(r"^[A-Za-z]{1,20}$")
-_ANY = object()  # {device} lined up with a filter wildcard: some device, unknown which
+
+
+class _Unbound(enum.Enum):
+    """{device} lined up with a filter wildcard: some device, unknown which."""
+
+    ANY = "any"
+
+
+_ANY: Final = _Unbound.ANY
+BoundDevice: TypeAlias = str | _Unbound | None  # the device a {device} level matched, if any
+Values: TypeAlias = dict[Special, str]  # the placeholders' values for the asking identity
+CacheKey: TypeAlias = tuple[object, ...]
+_D = TypeVar("_D", bound=Decision | SubscribeDecision)
 
 
 class _Entry:
@@ -100,7 +114,7 @@ class _Node:
         self.hash: list[_Entry] = []
         self.end: list[_Entry] = []
 
-    def insert(self, pattern: tuple, entry: _Entry) -> None:
+    def insert(self, pattern: Pattern, entry: _Entry) -> None:
         node = self
         for lv in pattern:
             if lv is HASH:
@@ -119,11 +133,12 @@ class _Node:
         node.end.append(entry)
 
 
-Match = tuple[_Entry, object]  # (entry, bound device: None | str | _ANY)
+Match: TypeAlias = tuple[_Entry, BoundDevice]
+Found: TypeAlias = tuple[_Entry, str | None]  # a match against concrete levels: the device, if bound
 
 
-def _walk(node: _Node, levels: list[str], i: int, device: str | None, vals: dict, dollar: bool,
-          out: list) -> None:
+def _walk(node: _Node, levels: list[str], i: int, device: str | None, vals: Values, dollar: bool,
+          out: list[Found]) -> None:
     """Every entry whose pattern matches the concrete ``levels``."""
     if node.hash and not (i == 0 and dollar):
         for e in node.hash:
@@ -147,8 +162,8 @@ def _walk(node: _Node, levels: list[str], i: int, device: str | None, vals: dict
             _walk(child, levels, i + 1, device, vals, dollar, out)
 
 
-def _cover(node: _Node, f: list[str], i: int, device: str | None, vals: dict, fdollar: bool,
-           out: list) -> None:
+def _cover(node: _Node, f: list[str], i: int, device: str | None, vals: Values, fdollar: bool,
+           out: list[Found]) -> None:
     """Every entry whose pattern contains the whole filter ``f`` (wildcards included)."""
     if node.hash and not (i == 0 and fdollar):
         for e in node.hash:
@@ -188,7 +203,7 @@ def _spend(budget: list[int]) -> None:
         raise _TooWide
 
 
-def _subtree(node: _Node, i: int, device: object, vals: dict, budget: list[int]) -> Iterator[Match]:
+def _subtree(node: _Node, i: int, device: BoundDevice, vals: Values, budget: list[int]) -> Iterator[Match]:
     """Every entry at or below ``node`` (the filter has '#' at level ``i``)."""
     _spend(budget)
     for e in node.hash:
@@ -196,7 +211,7 @@ def _subtree(node: _Node, i: int, device: object, vals: dict, budget: list[int])
     yield from _below(node, i, device, vals, budget)
 
 
-def _below(node: _Node, i: int, device: object, vals: dict, budget: list[int]) -> Iterator[Match]:
+def _below(node: _Node, i: int, device: BoundDevice, vals: Values, budget: list[int]) -> Iterator[Match]:
     """The entries ending at ``node`` and every entry in its children's subtrees."""
     for e in node.end:
         yield e, device
@@ -212,7 +227,7 @@ def _below(node: _Node, i: int, device: object, vals: dict, budget: list[int]) -
             yield from _subtree(child, i + 1, device, vals, budget)
 
 
-def _intersect(node: _Node, f: list[str], i: int, device: object, vals: dict, fdollar: bool,
+def _intersect(node: _Node, f: list[str], i: int, device: BoundDevice, vals: Values, fdollar: bool,
                budget: list[int]) -> Iterator[Match]:
     """Every entry whose pattern matches at least one topic the filter ``f`` matches."""
     _spend(budget)
@@ -239,9 +254,9 @@ def _intersect(node: _Node, f: list[str], i: int, device: object, vals: dict, fd
             if ph in vals and not (i == 0 and vals[ph].startswith("$")):
                 yield from _intersect(child, f, i + 1, device, vals, fdollar, budget)
         return
-    child = node.lit.get(lv)
-    if child is not None:
-        yield from _intersect(child, f, i + 1, device, vals, fdollar, budget)
+    exact = node.lit.get(lv)
+    if exact is not None:
+        yield from _intersect(exact, f, i + 1, device, vals, fdollar, budget)
     if i == 0 and fdollar:
         return
     if node.plus is not None:
@@ -253,7 +268,7 @@ def _intersect(node: _Node, f: list[str], i: int, device: object, vals: dict, fd
             yield from _intersect(child, f, i + 1, device, vals, fdollar, budget)
 
 
-def _entry_bytes(key: tuple, decision: Decision | SubscribeDecision) -> int:
+def _entry_bytes(key: CacheKey, decision: Decision | SubscribeDecision) -> int:
     """What caching ``decision`` under ``key`` holds: the strings of the request (the identity
     is shared with the connection that asked) and of the answer, plus the fixed overhead."""
     size = _ENTRY_BYTES
@@ -276,7 +291,7 @@ class _Horizon:
         self.devices: set[str] = set()  # whose facts were consulted
 
 
-def _with_horizon(decision, horizon: _Horizon):  # type: ignore[no-untyped-def]
+def _with_horizon(decision: _D, horizon: _Horizon) -> _D:
     """The decision with ``until`` (the earliest end of what it rested on; None: no end) and
     ``devices`` (whose facts it rested on: a change to another device cannot change it)."""
     if not horizon.ends and not horizon.devices:
@@ -298,7 +313,7 @@ class CompiledPolicies:
         self.facts = facts
         self.admin_role = admin_role
         self.rules = {r.id: r for r in source.rules}
-        self._cache: dict[tuple, tuple[object, float]] = {}
+        self._cache: dict[CacheKey, tuple[Decision | SubscribeDecision, float]] = {}
         self._identity_keys: dict[Identity, list[str]] = {}
         self._cache_size = cache_size  # 0: no cache (benchmarks of the index itself)
         self.cache_max_bytes = cache_max_bytes
@@ -310,7 +325,7 @@ class CompiledPolicies:
         for rule in source.rules:
             entry = _Entry(rule)
             keys = {partition_key(s, admin_role) for s in rule.subjects}
-            spaces: list[tuple[str, tuple]] = []
+            spaces: list[tuple[str, Pattern]] = []
             if rule.mqtt:
                 for action in rule.mqtt.actions:
                     spaces.extend((action, p) for p in rule.mqtt.topics)
@@ -348,7 +363,7 @@ class CompiledPolicies:
             keys = self._identity_keys[identity] = identity_keys(identity)
         return keys
 
-    def _cached(self, key: tuple, compute: Callable, *args):  # type: ignore[no-untyped-def]
+    def _cached(self, key: CacheKey, compute: Callable[..., _D], *args: object) -> _D:
         """Decisions are pure functions of (policy set, facts generation, identity, request, time).
 
         A swap builds a new :class:`CompiledPolicies` (a new, empty cache); a
@@ -370,7 +385,7 @@ class CompiledPolicies:
         hit = self._cache.get(key)
         if hit is not None:
             if hit[1] > now:
-                return hit[0]
+                return cast(_D, hit[0])  # the key's first item names the question, so the kind of answer
             del self._cache[key]
             self._cache_bytes -= _entry_bytes(key, hit[0])
         horizon = _Horizon(now)
@@ -411,7 +426,7 @@ class CompiledPolicies:
 
     # ------------------------------------------------------------------ concrete questions
 
-    def _decide(self, question: str, identity: Identity, levels: list[str], vals: dict, want: str,
+    def _decide(self, question: str, identity: Identity, levels: list[str], vals: Values, want: Want,
                 dollar: bool, fits: Callable[[_Entry], bool] | None, horizon: _Horizon) -> Decision:
         keys = self._keys_of(identity)
         for allow in (False, True):
@@ -422,7 +437,7 @@ class CompiledPolicies:
                 root = tries.get(key)
                 if root is None:
                     continue
-                found: list = []
+                found: list[Found] = []
                 _walk(root, levels, 0, None, vals, dollar, found)
                 for entry, dev in found:
                     if best is not None and entry.order >= best.order:
@@ -474,7 +489,7 @@ class CompiledPolicies:
             return e.methods is None or method in e.methods
 
         vals = identity_values(identity.sub, identity.username, "")
-        want = "read" if method in READ_METHODS else "write"
+        want: Want = "read" if method in READ_METHODS else "write"
         return self._decide("http", identity, split_path(norm), vals, want, False, fits, horizon)
 
     # ------------------------------------------------------------------ subscribe
@@ -496,29 +511,29 @@ class CompiledPolicies:
         deny_tries = self._tries[("subscribe", False)]
         allow_tries = self._tries[("subscribe", True)]
 
-        def holds(key: str, entry: _Entry, dev: object) -> bool:
+        def holds(key: str, entry: _Entry, dev: BoundDevice) -> bool:
             if key != REL:
                 return True
             if dev is _ANY:
                 return False  # "for every device" is never certain
-            return relations_hold(entry.relations, identity, dev, self.facts, "read",  # type: ignore[arg-type]
+            return relations_hold(entry.relations, identity, dev, self.facts, "read",
                                   horizon.ends, now=horizon.now, consulted=horizon.devices)
 
-        def maybe(key: str, entry: _Entry, dev: object) -> bool:
+        def maybe(key: str, entry: _Entry, dev: BoundDevice) -> bool:
             if key != REL:
                 return True
             if dev is _ANY:  # some device might be related
                 return any(could_hold(r, identity) for r in entry.relations)
-            return relations_hold(entry.relations, identity, dev, self.facts, "read",  # type: ignore[arg-type]
+            return relations_hold(entry.relations, identity, dev, self.facts, "read",
                                   horizon.ends, now=horizon.now, consulted=horizon.devices)
 
-        def covering(tries: dict[str, _Node]) -> tuple[_Entry, object] | None:
-            best = None
+        def covering(tries: dict[str, _Node]) -> Match | None:
+            best: Match | None = None
             for key in keys:
                 root = tries.get(key)
                 if root is None:
                     continue
-                found: list = []
+                found: list[Found] = []
                 _cover(root, f, 0, None, vals, fdollar, found)
                 for entry, dev in found:
                     if (best is None or entry.order < best[0].order) and holds(key, entry, dev):

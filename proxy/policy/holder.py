@@ -43,7 +43,7 @@ INFO = Gauge("keygate_policy_info", "The policy set in force (value 1), by conte
 RULES = Gauge("keygate_policy_rules", "Rules in the policy set in force", registry=REGISTRY)
 
 
-def _snapshot(path: Path) -> tuple | None:
+def _snapshot(path: Path) -> tuple[tuple[str, int, int, int], ...] | None:
     """What the files look like (name, inode, size, mtime), to notice changes a dead watch missed."""
     try:
         return tuple(sorted((str(p), st.st_ino, st.st_size, st.st_mtime_ns)

@@ -161,7 +161,8 @@ class _Doc:
     def string(self, node: yaml.Node, path: str) -> str:
         if not isinstance(node, yaml.ScalarNode) or (not node.style and node.tag == "tag:yaml.org,2002:null"):
             self.fail(node, path, f"expected a string, got {_kind(node)}")
-        return node.value
+        text: str = node.value  # a scalar's value is its text
+        return text
 
     def seq(self, node: yaml.Node, path: str, *, allow_scalar: bool = False, nonempty: bool = True
             ) -> list[yaml.Node]:
@@ -195,7 +196,7 @@ def _kind(node: yaml.Node) -> str:
         return "a mapping"
     if isinstance(node, yaml.SequenceNode):
         return "a list"
-    if node.tag == "tag:yaml.org,2002:null" and not node.style:
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null" and not node.style:
         return "nothing (null)"
     return f"{node.value!r}"
 

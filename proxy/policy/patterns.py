@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import TypeAlias
 
 __all__ = ["Special", "PLUS", "HASH", "DEVICE", "PLACEHOLDERS", "parse_topic_pattern", "parse_path_pattern",
            "valid_value", "identity_values", "match", "contains", "topic_problem", "filter_problem"]
@@ -47,7 +48,7 @@ DEVICE = Special("{device}")
 PLACEHOLDERS = {name: Special(f"{{{name}}}") for name in ("sub", "username", "client_id")}
 _BY_TEXT = {"{device}": DEVICE, **{p.name: p for p in PLACEHOLDERS.values()}}
 
-Pattern = tuple  # of str | Special
+Pattern: TypeAlias = tuple[str | Special, ...]
 
 
 def _placeholder(level: str) -> Special | str | None:

@@ -17,6 +17,7 @@ A delegation's ``to`` names a typed principal as the API stores it: a user name
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.facts import PUBLIC, Delegation, DeviceFacts, Principal, StaticFacts
 from proxy.identity.model import ANONYMOUS, Identity
@@ -49,20 +50,22 @@ class CaseResult:
         return "anonymous" if a["kind"] == "anonymous" else f"{a['kind']}:{a['name']}"
 
 
-def identity_for(as_: dict) -> Identity:
+def identity_for(as_: dict[str, Any]) -> Identity:
     kind = as_["kind"]
     if kind == "anonymous":
         return ANONYMOUS
     name = as_["name"]
-    common = dict(roles=frozenset(as_.get("roles", ())), groups=frozenset(as_.get("groups", ())),
-                  scopes=frozenset(as_.get("scopes", ())), client_roles=frozenset(as_.get("client_roles", ())))
+    roles, groups = frozenset(as_.get("roles", ())), frozenset(as_.get("groups", ()))
+    scopes, client_roles = frozenset(as_.get("scopes", ())), frozenset(as_.get("client_roles", ()))
     if kind == "device":
         return Identity(kind="device", sub=f"device:{name}", username=name, method="device_key",
-                        device_id=name, owner_sub=OTHER_OWNER, **common)
+                        device_id=name, owner_sub=OTHER_OWNER, roles=roles, groups=groups, scopes=scopes,
+                        client_roles=client_roles)
     if kind == "service":
         return Identity(kind="service", sub=f"sub-service-{name}", username=name, azp=name, method="token",
-                        **common)
-    return Identity(kind="user", sub=f"sub-{name}", username=name, method="token", **common)
+                        roles=roles, groups=groups, scopes=scopes, client_roles=client_roles)
+    return Identity(kind="user", sub=f"sub-{name}", username=name, method="token", roles=roles, groups=groups,
+                    scopes=scopes, client_roles=client_roles)
 
 
 def grantee_for(to: str | None, identity: Identity) -> Principal:
@@ -118,7 +121,8 @@ def run_case(source: PolicySource, case: TestCase, *, admin_role: str = "iot-adm
             s = engine.may_subscribe(identity, q["topic"], qos=q["qos"], client_id=client_id)
             got, rule, reason = s.verdict.value, s.rule, s.reason
     else:
-        h = case.http  # type: ignore[assignment]
+        h = case.http
+        assert h is not None  # noqa: S101 (narrowing: the loader requires mqtt or http)
         d = engine.may_http(identity, h["method"], h["path"])
         got, rule, reason = ("allow" if d.allowed else "deny"), d.rule, d.reason
     passed = got == case.expect and (case.rule is None or case.rule == rule)
