@@ -144,7 +144,7 @@ def _managed_device(request: web.Request) -> dict[str, Any]:
     return device
 
 
-async def _json_body(request: web.Request, *, allowed: set[str], required: set[str] = frozenset()
+async def _json_body(request: web.Request, *, allowed: set[str], required: frozenset[str] | set[str] = frozenset()
                      ) -> dict[str, Any]:
     if request.content_type not in JSON_TYPES:
         raise ApiError(415, "unsupported_media_type", "the body must be application/json")
@@ -281,7 +281,7 @@ _ADMIN_FIELDS = {"adopt", "owner", "owner_username"}
 _PATCH_FIELDS = {"type", "name", "model", "location", "public"}
 
 
-def _registration_tenant(request: web.Request, requested: Any) -> str:
+def _registration_tenant(request: web.Request, requested: str | None) -> str:
     """The tenant asked for (or the configured one), if the caller's roles allow it; 403 otherwise."""
     ownership = _services(request).ownership
     if requested is None or requested == "":
@@ -432,10 +432,11 @@ async def _csr_body(request: web.Request) -> bytes:
     if request.content_type not in JSON_TYPES:
         raise ApiError(415, "unsupported_media_type", "the body must be application/pkcs10 or application/json")
     body = await _json_body(request, allowed={"csr"}, required={"csr"})
-    if not isinstance(body["csr"], str):
-        _invalid("csr must be a PEM string")
+    csr = body["csr"]
+    if not isinstance(csr, str):
+        raise ApiError(400, "invalid_field", "csr must be a PEM string")
     try:
-        return body["csr"].encode("ascii")
+        return csr.encode("ascii")
     except UnicodeEncodeError:
         raise ApiError(400, "invalid_csr", "csr must be a PEM certificate signing request") from None
 

@@ -12,6 +12,8 @@ import argparse
 import os
 from pathlib import Path
 
+from sqlcipher3 import dbapi2 as sqlite
+
 from ownership import store as st
 from proxy.config import ConfigError, load_config, read_secret
 from proxy.errors import CommandError
@@ -62,7 +64,7 @@ def rekey(config_path: str, new_key_file: str | None, env: dict[str, str] | None
         raise CommandError(str(exc)) from None
     try:
         store.rekey(new)
-    except st.sqlite.Error as exc:
+    except sqlite.Error as exc:
         raise CommandError(f"store {config.store.path}: cannot rekey: {exc} (is keygate serve running?)") from None
     finally:
         store.close()

@@ -178,7 +178,7 @@ LATEST = MIGRATIONS[-1][0]
 
 def migrate(conn: Any) -> int:
     """Bring the schema up to :data:`LATEST`; returns the version found at open."""
-    found = conn.execute("PRAGMA user_version").fetchone()[0]
+    found: int = conn.execute("PRAGMA user_version").fetchone()[0]
     if found > LATEST:
         raise RuntimeError(f"schema version {found} is newer than this keygate ({LATEST})")
     for version, statements in MIGRATIONS:

@@ -20,12 +20,22 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, load_config
 from proxy.errors import CommandError
 from proxy.services import Services
+
+if TYPE_CHECKING:  # each listener's module loads only when the configuration asks for it
+    from proxy.http.gateway import HttpGateway
+    from proxy.metrics_server import MetricsServer
+    from proxy.mqtt.server import MqttGateway
+
+#: Called once every listener listens; may be a coroutine function.
+OnReady = Callable[[Services, "Listeners"], Awaitable[None] | None]
 
 log = logging.getLogger("keygate")
 
@@ -172,11 +182,11 @@ class Listeners:
 
     def __init__(self, services: Services):
         self.services = services
-        self.mqtt = None
-        self.http = None
-        self.metrics = None
-        self._watch: asyncio.Task | None = None
-        self._audit_flush: asyncio.Task | None = None
+        self.mqtt: MqttGateway | None = None
+        self.http: HttpGateway | None = None
+        self.metrics: MetricsServer | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._audit_flush: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         config = self.services.config
@@ -225,19 +235,19 @@ class Listeners:
 
 
 async def run_services(config: Config, *, stop: asyncio.Event, services: Services | None = None,
-                       on_ready=None) -> None:
+                       on_ready: OnReady | None = None) -> None:
     """Run until ``stop`` is set. ``on_ready(services, listeners)`` is called once listening."""
     own = services is None
     services = services or await build_services(config)
     listeners = Listeners(services)
     try:
         await listeners.start()
-        parts = []
-        if listeners.mqtt is not None:
+        parts: list[str] = []
+        if listeners.mqtt is not None and config.mqtt is not None:
             parts.append(f"mqtt on {config.mqtt.listen}")
-        if listeners.http is not None:
+        if listeners.http is not None and config.http is not None:
             parts.append(f"http on {config.http.listen}")
-        if listeners.metrics is not None:
+        if listeners.metrics is not None and config.metrics is not None:
             parts.append(f"metrics on {config.metrics.listen}")
         log.info("keygate ready: %s", ", ".join(parts) or "no listeners configured")
         if on_ready is not None:

@@ -127,7 +127,7 @@ def _bounded(value: Any, limit: int, depth: int) -> tuple[Any, Any]:
     return _cut(value, limit)
 
 
-def _bounded_dict(d: dict, limit: int, depth: int) -> dict:
+def _bounded_dict(d: dict[str, Any], limit: int, depth: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     short = limit // 4  # characters that cannot make more than limit bytes
     for key, value in d.items():

@@ -21,9 +21,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Section = TypeVar("_Section", bound="DataclassInstance")  # a configuration section's dataclass
 
 __all__ = [
     "ConfigError",
@@ -344,7 +349,7 @@ class _Loader:
             if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
                 return None
             return self.value(node, path, args[0], is_secret)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.section(node, path, tp)
         if origin is tuple:
             if not isinstance(node, yaml.SequenceNode):
@@ -362,7 +367,7 @@ class _Loader:
             return out
         return self.scalar(node, path, tp, is_secret)
 
-    def section(self, node: yaml.Node, path: str, cls: type) -> Any:
+    def section(self, node: yaml.Node, path: str, cls: type[_Section]) -> _Section:
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
             node = yaml.MappingNode("tag:yaml.org,2002:map", [], node.start_mark, node.end_mark)
         if not isinstance(node, yaml.MappingNode):

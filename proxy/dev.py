@@ -31,10 +31,14 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.dev_issuer import DevIssuer, SigningKey, subject_of, write_private
 from proxy.errors import CommandError
+
+if TYPE_CHECKING:  # the stack's modules load only when it starts
+    from proxy.app import Listeners
+    from proxy.services import Services
 
 log = logging.getLogger("keygate.dev")
 
@@ -160,7 +164,8 @@ def pick_port(preferred: int) -> int:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return s.getsockname()[1]
+            bound: int = s.getsockname()[1]
+            return bound
     raise CommandError("no free port on 127.0.0.1")
 
 
@@ -227,7 +232,7 @@ def _die_with_parent() -> None:
 
 @dataclass
 class Broker:
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     port: int
 
     async def stop(self) -> None:
@@ -354,14 +359,14 @@ class DevStack:
         try:
             k1 = await self.demo_device(services)
 
-            def on_ready(_services: Any, _listeners: Any) -> None:
+            def on_ready(_services: Services, _listeners: Listeners) -> None:
                 print(self.instructions(key, k1, upstream, **ports), flush=True)
 
             await run_services(config, stop=stop, services=services, on_ready=on_ready)
         finally:
             await close_services(services)
 
-    async def demo_device(self, services: Any) -> str:
+    async def demo_device(self, services: Services) -> str:
         """Register alice's demo device; on a reused folder, give it a fresh K1 (keys are shown once)."""
         from proxy.identity.model import Identity
 

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
 from aiohttp import web
@@ -55,7 +56,7 @@ class SigningKey:
     def generate(cls) -> SigningKey:
         return cls(ec.generate_private_key(ec.SECP256R1()), kid=secrets.token_hex(8))
 
-    def jwk(self) -> dict:
+    def jwk(self) -> dict[str, Any]:
         public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.private_key.public_key()))
         return {**public, "kid": self.kid, "use": "sig", "alg": "ES256"}
 

@@ -22,7 +22,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -180,12 +180,12 @@ def differs(desired: Any, existing: Any) -> bool:
         if not isinstance(existing, list):
             return True
         if all(isinstance(x, str) for x in desired):
-            return sorted(desired) != sorted(existing)
-        return desired != existing
-    return desired != existing
+            return bool(sorted(desired) != sorted(existing))
+        return bool(desired != existing)
+    return bool(desired != existing)
 
 
-async def bootstrap(admin: Any, realm: dict[str, Any], *, devices: list[str] = (),
+async def bootstrap(admin: Any, realm: dict[str, Any], *, devices: Sequence[str] = (),
                     rotate_device_secrets: bool = False, out: TextIO | None = None) -> Report:
     report = Report(out=out or sys.stdout)
     name = realm["realm"]
@@ -258,7 +258,8 @@ async def ensure_realm_roles(admin: Any, realm: dict[str, Any], report: Report) 
 
 
 async def ensure_mappers(desired: list[dict[str, Any]], existing: list[dict[str, Any]], what: str,
-                         add: Callable, update: Callable, report: Report) -> None:
+                         add: Callable[[dict[str, Any]], Awaitable[None]],
+                         update: Callable[[str, dict[str, Any]], Awaitable[None]], report: Report) -> None:
     by_name = {m["name"]: m for m in existing}
     for mapper in desired:
         have = by_name.get(mapper["name"])
@@ -291,10 +292,10 @@ async def ensure_client_scopes(admin: Any, realm: dict[str, Any], report: Report
                 report.same()
             mappers = await admin.a_get_mappers_from_client_scope(scope_id)
 
-        async def add(m: dict, sid: str = scope_id) -> None:
+        async def add(m: dict[str, Any], sid: str = scope_id) -> None:
             await admin.a_add_mapper_to_client_scope(sid, m)
 
-        async def update(mid: str, m: dict, sid: str = scope_id) -> None:
+        async def update(mid: str, m: dict[str, Any], sid: str = scope_id) -> None:
             await admin.a_update_mapper_in_client_scope(sid, mid, m)
 
         await ensure_mappers(scope.get("protocolMappers", []), mappers, f"client scope {scope['name']}",
@@ -334,8 +335,9 @@ async def ensure_scope_mappings(admin: Any, realm: dict[str, Any], scope_ids: di
         if not scope:
             continue
         path = f"admin/realms/{realm['realm']}/client-scopes/{scope_ids[scope]}/scope-mappings/realm"
-        current = raise_error_from_response(await conn.a_raw_get(path), KeycloakGetError)
-        have = {r["name"] for r in current or []}
+        answer = await conn.a_raw_get(path)
+        current = raise_error_from_response(answer, KeycloakGetError)  # a list of roles (JSON)
+        have = {r["name"] for r in current} if isinstance(current, list) else set()
         missing = [r for r in mapping.get("roles", []) if r not in have]
         if not missing:
             report.same()
@@ -350,7 +352,8 @@ async def ensure_scope_mappings(admin: Any, realm: dict[str, Any], scope_ids: di
 async def find_client(admin: Any, client_id: str) -> dict[str, Any] | None:
     for c in await admin.a_get_clients():
         if c.get("clientId") == client_id:
-            return c
+            found: dict[str, Any] = c
+            return found
     return None
 
 
@@ -359,7 +362,7 @@ async def ensure_client(admin: Any, client: dict[str, Any], scope_ids: dict[str,
     have = await find_client(admin, client["clientId"])
     what = f"client {client['clientId']}"
     if have is None:
-        uuid = await admin.a_create_client(settings)
+        uuid: str = await admin.a_create_client(settings)
         report.create(what)
         mappers: list[dict[str, Any]] = []
     else:
@@ -373,14 +376,14 @@ async def ensure_client(admin: Any, client: dict[str, Any], scope_ids: dict[str,
             report.same()
         mappers = await admin.a_get_mappers_from_client(uuid)
 
-    async def add(m: dict) -> None:
+    async def add(m: dict[str, Any]) -> None:
         await admin.a_add_mapper_to_client(uuid, m)
 
-    async def update(mid: str, m: dict) -> None:
+    async def update(mid: str, m: dict[str, Any]) -> None:
         await admin.a_update_client_mapper(uuid, mid, m)
 
     await ensure_mappers(client.get("protocolMappers", []), mappers, what, add, update, report)
-    for key, get, add, kind in (
+    for key, get, add_scope, kind in (
             ("defaultClientScopes", admin.a_get_client_default_client_scopes,
              admin.a_add_client_default_client_scope, "default"),
             ("optionalClientScopes", admin.a_get_client_optional_client_scopes,
@@ -390,7 +393,7 @@ async def ensure_client(admin: Any, client: dict[str, Any], scope_ids: dict[str,
         current = {s["name"] for s in await get(uuid)}
         for name in client[key]:
             if name not in current:
-                await add(uuid, scope_ids[name], {})
+                await add_scope(uuid, scope_ids[name], {})
                 report.update(f"{what} {kind} scopes (+{name})")
     return uuid
 

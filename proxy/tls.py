@@ -16,7 +16,7 @@ import hashlib
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from proxy.config import ConfigError, TlsConfig
 
@@ -87,7 +87,9 @@ def peer_common_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | 
     cert = ssl_object.getpeercert()
     if not cert:
         return None
-    names = [value for rdn in cert.get("subject", ()) for (attr, value) in rdn if attr == "commonName"]
+    # "subject" holds the relative distinguished names, each a tuple of (attribute, value) pairs.
+    subject = cast("tuple[tuple[tuple[str, str], ...], ...]", cert.get("subject", ()))
+    names = [value for rdn in subject for (attr, value) in rdn if attr == "commonName"]
     if len(names) != 1 or not names[0]:
         return None  # no CN, or several: ambiguous, refuse
     return names[0]
@@ -99,7 +101,7 @@ class PeerCertificate:
     fingerprint: str  # hex SHA-256 of the certificate's DER
 
 
-def peer_certificate(ssl_object: Any) -> PeerCertificate | None:
+def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> PeerCertificate | None:
     """The verified client certificate's CN and fingerprint, or None (see :func:`peer_common_name`)."""
     cn = peer_common_name(ssl_object)
     if cn is None:

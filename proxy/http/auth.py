@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+import ssl
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
+
+if TYPE_CHECKING:
+    from proxy.services import Services
+    from proxy.tls import PeerCertificate
 
 MAX_CREDENTIAL_LENGTH = 16384
 
 
-async def authenticate(headers: Any, ssl_object: Any, services: Any) -> Identity:
+async def authenticate(headers: Mapping[str, str], ssl_object: ssl.SSLObject | None, services: Services) -> Identity:
     header = headers.get("Authorization")
     if header is not None:
         return await _from_header(header, services)
@@ -30,7 +36,7 @@ async def authenticate(headers: Any, ssl_object: Any, services: Any) -> Identity
     return ANONYMOUS
 
 
-async def _from_header(header: str, services: Any) -> Identity:
+async def _from_header(header: str, services: Services) -> Identity:
     if len(header) > MAX_CREDENTIAL_LENGTH:
         raise AuthError(AuthReason.MALFORMED, "credential too long")
     scheme, _, credential = header.strip().partition(" ")
@@ -57,7 +63,7 @@ def _basic(credential: str) -> tuple[str, str]:
     return device_id, key
 
 
-def _peer_certificate(ssl_object: Any) -> Any:
+def _peer_certificate(ssl_object: ssl.SSLObject) -> PeerCertificate | None:
     """The verified client certificate's CN and fingerprint (TLS verified it against ``tls.client_ca``)."""
     from proxy.tls import peer_certificate
 

@@ -344,7 +344,7 @@ def _op_query(req: NgsiRequest) -> Action:
         return QueryEntities(None)
     if not isinstance(body["entities"], list):
         return bad_request("entities must be an array")
-    out = []
+    out: list[tuple[str | None, str | None, tuple[tuple[str, str], ...]]] = []
     for sel in body["entities"]:
         if not isinstance(sel, dict) or ("id" in sel) == ("idPattern" in sel):
             return bad_request("exactly one of id and idPattern per entity")

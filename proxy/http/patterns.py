@@ -15,14 +15,12 @@ Orion's ``idPattern`` is a POSIX extended regex searched anywhere in the id
 from __future__ import annotations
 
 import re
-from typing import Any
 
-try:  # Python 3.11+
-    from re import _constants as _c  # type: ignore[attr-defined]
-    from re import _parser as _sre_parse
-except ImportError:  # pragma: no cover - older Pythons
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+# The standard library's own regular-expression parser (keygate needs Python 3.11+, where it is
+# re._parser); private, so the type stubs do not describe it.
+from re import _constants as _c  # type: ignore[attr-defined]
+from re import _parser as _sre_parse  # type: ignore[attr-defined]
+from typing import Any
 
 MAX_PATTERN_LENGTH = 256
 MAX_REPEATS = 3

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm, get_default_algorithms
 from prometheus_client import Counter, Gauge
 
@@ -83,7 +85,7 @@ def parse_jwks(doc: Any, algorithms: tuple[str, ...]) -> dict[str | None, Signin
         except Exception as exc:  # a malformed key must not take the good ones with it
             log.warning("skipping unusable JWKS key %r: %s", kid, exc)
             continue
-        if hasattr(key, "private_numbers"):  # a leaked private JWK: use its public half only
+        if isinstance(key, (RSAPrivateKey, EllipticCurvePrivateKey)):  # a leaked private JWK: its public half only
             key = key.public_key()
         sk = SigningKey(kid, kty, jwk.get("crv"), alg, key)
         if any(sk.fits(a) for a in allowed):

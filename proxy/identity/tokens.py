@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +50,14 @@ class _ValidationCounts:
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str], int] = {("ok", ""): 0, ("ok", "cached"): 0}
 
-    def collect(self):
+    def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("keygate_token_validations", "Access-token validations by result and reason",
                                      labels=["result", "reason"])
         for (result, reason), n in list(self.counts.items()):
             family.add_metric([result, reason], n)
         yield family
 
-    def describe(self):
+    def describe(self) -> list[CounterMetricFamily]:
         return []
 
 
@@ -124,6 +124,12 @@ def looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2
 
 
+def _client_of(claims: dict[str, Any]) -> tuple[str, str]:
+    """The token's client_id (Keycloak also writes clientId) and azp claims, "" where not a string."""
+    claimed, azp = claims.get("client_id", claims.get("clientId")), claims.get("azp")
+    return (claimed if isinstance(claimed, str) else ""), (azp if isinstance(azp, str) else "")
+
+
 class TokenValidator:
     """Validates access tokens of one pinned issuer. See module docstring."""
 
@@ -139,7 +145,7 @@ class TokenValidator:
                              timeout=oidc.http_timeout_seconds, clock=clock)
         self.introspector: Introspector | None = None
         self._cache: OrderedDict[bytes, tuple[Identity, float, str | None]] = OrderedDict()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._discovered = False
         self._discovery: dict[str, Any] = {}
         self._client_secret = ""
@@ -191,14 +197,21 @@ class TokenValidator:
             return True, f"{len(self.keyset.keys)} signing keys{stale}"
         return False, self.keyset.last_error or "no signing keys loaded yet"
 
+    @property
+    def _http(self) -> aiohttp.ClientSession:
+        """The client session, from :meth:`start` (given or made there) until :meth:`stop`."""
+        if self._session is None:
+            raise RuntimeError("the token validator is not started")
+        return self._session
+
     async def _load(self) -> None:
         if not self._discovered:
             await self._discover()
-        if not await self.keyset.refresh(self._session):
+        if not await self.keyset.refresh(self._http):
             raise FetchError(self.keyset.last_error)
 
     async def _discover(self) -> None:
-        doc = await get_json(self._session, self.discovery_url, self.config.http_timeout_seconds, "discovery")
+        doc = await get_json(self._http, self.discovery_url, self.config.http_timeout_seconds, "discovery")
         if not isinstance(doc, dict) or not isinstance(doc.get("jwks_uri"), str):
             raise FetchError(f"discovery {self.discovery_url}: no jwks_uri")
         if doc.get("issuer") != self.config.issuer:
@@ -212,7 +225,7 @@ class TokenValidator:
             endpoint = intro.endpoint or doc.get("introspection_endpoint")
             if not isinstance(endpoint, str) or not endpoint:
                 raise FetchError("introspection enabled but the issuer advertises no introspection_endpoint")
-            self.introspector = Introspector(self._session, endpoint, intro.client_id, self._client_secret,
+            self.introspector = Introspector(self._http, endpoint, intro.client_id, self._client_secret,
                                              cache_seconds=intro.cache_seconds,
                                              cache_size=min(self.config.token_cache_size, 10000),
                                              timeout=self.config.http_timeout_seconds, clock=self.clock)
@@ -311,7 +324,7 @@ class TokenValidator:
             raise AuthError(AuthReason.ISSUER_UNREACHABLE, "no signing keys loaded")
         key = self.keyset.get(kid, alg)
         if key is None:
-            await self.keyset.refresh_for_unknown_kid(self._session)
+            await self.keyset.refresh_for_unknown_kid(self._http)
             key = self.keyset.get(kid, alg)
             if key is None:
                 raise AuthError(AuthReason.UNKNOWN_KID, "kid not in the issuer's key set")
@@ -386,10 +399,8 @@ class TokenValidator:
         What says so is configured (``oidc.service_accounts``); a ``client_id`` claim alone does
         not (RFC 9068 makes it a claim of every JWT access token, users' included)."""
         rules = self.config.service_accounts
-        client_id = claims.get("client_id", claims.get("clientId"))
-        client_id = client_id if isinstance(client_id, str) else ""
-        azp = claims.get("azp") if isinstance(claims.get("azp"), str) else ""
-        sub = claims["sub"]
+        client_id, azp = _client_of(claims)
+        sub: str = claims["sub"]  # checked to be a non-empty string before
         # Keycloak names a client's service-account user "service-account-<client id>" and gives its
         # tokens the client_id claim: both must agree, so a user who picked such a name is still a user.
         if rules.keycloak and client_id and username == SERVICE_ACCOUNT_PREFIX + client_id:
@@ -403,9 +414,7 @@ class TokenValidator:
 
     def _identity(self, claims: dict[str, Any], method: str) -> Identity:
         cfg = self.config
-        client_id = claims.get("client_id", claims.get("clientId"))
-        client_id = client_id if isinstance(client_id, str) else ""
-        azp = claims.get("azp") if isinstance(claims.get("azp"), str) else ""
+        client_id, azp = _client_of(claims)
         username = claims.get(cfg.username_claim)
         username = username if isinstance(username, str) else ""
         if _lone_surrogate(claims["sub"]) or _lone_surrogate(username):
