@@ -163,7 +163,8 @@ class Attack:
                     break
                 await sem.acquire()
                 task = asyncio.ensure_future(one(k))
-                task.add_done_callback(lambda t: (sem.release(), tasks.discard(t)))
+                task.add_done_callback(tasks.discard)
+                task.add_done_callback(lambda _: sem.release())
                 tasks.add(task)
                 k += 1
             await self.sleep_or_stop(0.005)

@@ -20,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from proxy.facts import Delegation, DeviceFacts, Principal, StaticFacts
@@ -68,7 +69,7 @@ DEVICE = Identity(kind="device", sub="device:d1", username="d1", method="device_
 U3 = Identity(kind="user", sub="sub-u3", username="u3", method="token")
 
 
-def cases(engine: CompiledPolicies) -> dict[str, callable]:
+def cases(engine: CompiledPolicies) -> dict[str, Callable[[], object]]:
     return {
         "publish (device telemetry)": lambda: engine.may_publish(DEVICE, "devices/d1/telemetry", qos=1),
         "publish (per-user rule)": lambda: engine.may_publish(U3, "tenants/t3/a/b"),

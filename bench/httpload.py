@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -74,17 +75,18 @@ def run_wrk(spec: dict) -> dict:
 class _Conn(asyncio.Protocol):
     """One keep-alive connection: send, read one full response, send again."""
 
-    def __init__(self, request: bytes, state: dict, stop_at: float, done: asyncio.Future):
+    transport: asyncio.Transport  # set by connection_made, before anything is sent
+
+    def __init__(self, request: bytes, state: dict[str, Any], stop_at: float, done: asyncio.Future[None]):
         self.request, self.state, self.stop_at, self.done = request, state, stop_at, done
         self.buf = bytearray()
         self.need: int | None = None    # body bytes still expected (content-length)
         self.chunked = False
         self.status = 0
         self.sent_at = 0.0
-        self.transport = None
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream connection's is an asyncio.Transport
         self._send()
 
     def _send(self) -> None:
@@ -134,6 +136,7 @@ class _Conn(asyncio.Protocol):
                 del buf[:pos]
                 self.chunked = False
             else:
+                assert self.need is not None  # the head set it, or chunked above
                 if len(buf) < self.need:
                     return
                 del buf[:self.need]
@@ -170,7 +173,7 @@ async def _run_python(spec: dict) -> dict:
                + "\r\n").encode() + body
     ctx = ssl.create_default_context(cafile=spec["ca"]) if tls else None
     loop = asyncio.get_running_loop()
-    state = {"requests": 0, "non_2xx": 0, "errors": 0, "latencies": []}
+    state: dict[str, Any] = {"requests": 0, "non_2xx": 0, "errors": 0, "latencies": []}
     conns = []
     start = time.perf_counter()
     stop_at = start + spec["duration_s"]

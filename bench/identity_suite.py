@@ -59,7 +59,7 @@ def _measure(name: str, quick: bool) -> dict[str, float]:
     params = inspect.signature(mod.measure).parameters
     kwargs = {k: v for k, v in wanted.items() if k in params}
     result = mod.measure(**kwargs)
-    if inspect.isawaitable(result):
+    if inspect.iscoroutine(result):  # the async measure()s (tokens, ownership)
         result = asyncio.run(result)
     return {k: f for k, v in result.items() if k != "devices" and (f := _figure(v)) is not None}
 

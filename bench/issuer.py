@@ -61,7 +61,7 @@ class BenchIssuer:
         return jwt.encode(claims, self.key, algorithm="ES256", headers={"kid": self.kid})
 
     def start(self) -> None:
-        docs = {}
+        docs: dict[str, bytes] = {}
         issuer = self
 
         class Handler(BaseHTTPRequestHandler):

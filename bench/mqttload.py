@@ -25,7 +25,7 @@ import ssl
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 # --------------------------------------------------------------------------- packets (MQTT 3.1.1)
@@ -93,9 +93,11 @@ class Client(asyncio.Protocol):
     deliveries are acknowledged here, batched into one write per chunk.
     """
 
+    # Set by connection_made: a Client is handed out (open_client) only once connected.
+    transport: asyncio.Transport
+
     def __init__(self) -> None:
         self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self.connack: asyncio.Future = loop.create_future()
         self.suback: asyncio.Future = loop.create_future()
@@ -219,7 +221,7 @@ class Client(asyncio.Protocol):
             raise MqttError(f"SUBSCRIBE {topic_filter!r} refused: {codes.hex()}")
 
     def disconnect(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if not self.transport.is_closing():
             self.transport.write(DISCONNECT)
             self.transport.close()
 
@@ -670,7 +672,7 @@ async def run_storm(spec: dict) -> dict:
     duration = spec["duration_s"]
     loop = asyncio.get_running_loop()
     stop_at = loop.time() + duration
-    state = {"ok": 0, "failed": 0, "next": 0, "errors": {}}
+    state: dict[str, Any] = {"ok": 0, "failed": 0, "next": 0, "errors": {}}
     times: list[float] = []
 
     async def worker(w: int) -> None:
@@ -728,7 +730,7 @@ MODES = {"sipmba": run_sipmba, "ingest": run_ingest, "fanout": run_fanout, "late
          "cpu": run_cpu, "storm": run_storm, "idle": run_idle, "legit": run_legit}
 
 
-def run_main(run: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]], argv: list[str] | None = None, *,
+def run_main(run: Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]], argv: list[str] | None = None, *,
              quiet_asyncio: bool = False) -> int:
     """A load generator process: read the JSON spec named by ``argv[0]``, ``run`` it on uvloop (where
     installed) with every descriptor the hard limit allows, print the result as one JSON line."""

@@ -22,12 +22,12 @@ import sys
 
 class _Side(asyncio.Protocol):
     def __init__(self) -> None:
-        self.transport = None
+        self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
         self.pending: list[bytes] = []
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream connection's is an asyncio.Transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -67,9 +67,11 @@ class _Client(_Side):
         try:
             _, broker = await loop.create_connection(_Side, *self.upstream)
         except OSError:
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()
             return
         broker.peer, self.peer = self, broker
+        assert broker.transport is not None  # create_connection returns once connection_made ran
         for data in self.pending:
             broker.transport.write(data)
         self.pending.clear()

@@ -18,6 +18,7 @@ import ssl
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.rows import Row
@@ -101,8 +102,10 @@ def machine() -> list[tuple[str, str]]:
         pass
     mem = ""
     try:
-        kb = int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read()).group(1))
-        mem = f"{kb / 1024 / 1024:.0f} GiB"
+        with open("/proc/meminfo") as f:
+            found = re.search(r"MemTotal:\s+(\d+)", f.read())
+        if found:
+            mem = f"{int(found.group(1)) / 1024 / 1024:.0f} GiB"
     except (OSError, AttributeError):
         pass
     mosq = _cmd(["mosquitto", "-h"]).splitlines()
@@ -111,7 +114,7 @@ def machine() -> list[tuple[str, str]]:
     commit = _cmd(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "--short", "HEAD"])
     try:
         import uvloop
-        loop = f"uvloop {uvloop.__version__}"
+        loop = f"uvloop {uvloop.__version__}"  # type: ignore[attr-defined]  # set by uvloop, not re-exported
     except ImportError:
         loop = "asyncio"
     return [
@@ -341,7 +344,7 @@ def scenario_table(rows: list[Row], name: str) -> str:
 
 
 def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quick: bool, elapsed: float,
-                 notes: list[str] = (), extra_sections: list[str] = ()) -> Path:
+                 notes: Sequence[str] = (), extra_sections: Sequence[str] = ()) -> Path:
     img = out / "img"
     img.mkdir(parents=True, exist_ok=True)
     plots = plot(rows, img)
@@ -619,12 +622,13 @@ def plot(rows: list[Row], img: Path) -> dict[str, str]:
         made["throughput"] = "bench-throughput.png"
 
     # Cost: CPU per message, connects/s, memory per connection.
-    cost = [("cpu", "us_per_msg", "CPU µs per message (TLS)"), ("storm", "rate", "TLS connects/s"),
-            ("memory", None, "KB per idle TLS connection")]
-    panels = [c for c in cost if any(r.scenario == c[0] for r in rows)]
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
-        for ax, (sc, metric, title) in zip(axes[0], panels, strict=True):
+    cost: list[tuple[str, str | None, str]] = [
+        ("cpu", "us_per_msg", "CPU µs per message (TLS)"), ("storm", "rate", "TLS connects/s"),
+        ("memory", None, "KB per idle TLS connection")]
+    cost_panels = [c for c in cost if any(r.scenario == c[0] for r in rows)]
+    if cost_panels:
+        fig, axes = plt.subplots(1, len(cost_panels), figsize=(4.2 * len(cost_panels), 4), squeeze=False)
+        for ax, (sc, cost_metric, title) in zip(axes[0], cost_panels, strict=True):
             mine = [r for r in rows if r.scenario == sc]
             modes = [m for m in next(s for s in SCENARIOS if s.name == sc).modes if any(r.mode == m for r in mine)]
             if sc == "memory":
@@ -632,7 +636,8 @@ def plot(rows: list[Row], img: Path) -> dict[str, str]:
                               key=lambda k: int(k.rsplit("_", 1)[1]))
                 labels = [f"{int(k.rsplit('_', 1)[1]):,}" for k in keys]
             else:
-                keys, labels = [metric], [""]
+                assert cost_metric is not None  # only "memory" has none
+                keys, labels = [cost_metric], [""]
             width = 0.8 / max(1, len(modes))
             for j, mode in enumerate(modes):
                 meds = []

@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from bench import identity_suite
 from bench.rows import Row
@@ -115,11 +116,13 @@ class Interactive:
         import selectors
 
         sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        out, err = self.proc.stdout, self.proc.stderr
+        assert out is not None and err is not None  # both are pipes (see __init__)
+        sel.register(out, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if sel.select(timeout=0.2):
-                line = self.proc.stdout.readline()
+                line = out.readline()
                 if not line:
                     break
                 return line.strip()
@@ -127,11 +130,13 @@ class Interactive:
                 break
         sel.close()
         raise RuntimeError(f"load generator silent or gone ({self.proc.poll()}): "
-                           f"{self.proc.stderr.read()[-400:] if self.proc.poll() is not None else ''}")
+                           f"{err.read()[-400:] if self.proc.poll() is not None else ''}")
 
     def send(self, text: str = "go") -> None:
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
+        stdin = self.proc.stdin
+        assert stdin is not None  # a pipe (see __init__)
+        stdin.write(text + "\n")
+        stdin.flush()
 
     def finish(self, timeout: float = 60) -> dict:
         self.send()
@@ -162,7 +167,7 @@ class Scenario:
     title: str
     modes: tuple[str, ...]
     cases: Callable[[Sizes], list[str]]
-    run: Callable[[Stack, Sizes, str, str, int], Row]
+    run: Callable[[Stack, Sizes, str, str, int], Row | list[Row]]
     reps: Callable[[Sizes], int] = lambda s: s.reps
     before: Callable[[Stack], None] | None = None  # e.g. a fresh keygate process
     after: Callable[[Stack], None] | None = None   # once its last run is done, e.g. keygate as it was
@@ -172,9 +177,10 @@ def sipmba(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
     qos = int(case[-1])
     target = stack.mqtt_target(mode).spec()
     topic = f"devices/{stack.device(0)}/telemetry"
-    spec = {"mode": "sipmba", "qos": qos, "messages": sz.sipmba_messages, "topic": topic, "target": target,
-            "pub": stack.device_cred(0), "sub": _cred(stack, f"sip-sub-{rep}"),
-            "window": 1000, "timeout": max(15, sz.sipmba_messages / 2000)}
+    spec: dict[str, Any] = {
+        "mode": "sipmba", "qos": qos, "messages": sz.sipmba_messages, "topic": topic, "target": target,
+        "pub": stack.device_cred(0), "sub": _cred(stack, f"sip-sub-{rep}"),
+        "window": 1000, "timeout": max(15, sz.sipmba_messages / 2000)}
     dropped_before = broker_dropped(stack)
     res = run_load("mqttload", spec, timeout=spec["timeout"] + 120)
     ok = bool(res.get("completed")) and res.get("lost") == 0 and res.get("out_of_order") == 0
@@ -193,7 +199,8 @@ def broker_dropped(stack: Stack) -> int:
     refreshed every second: the stack sets ``sys_interval 1``)."""
     time.sleep(1.2)
     try:
-        out = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(stack.broker.port), "-C", "1", "-W", "5",
+        port = str(stack.started_broker.port)
+        out = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-C", "1", "-W", "5",
                               "-t", "$SYS/broker/publish/messages/dropped"], capture_output=True, text=True,
                              timeout=10).stdout.strip()
         return int(out.split()[-1]) if out else -1
@@ -494,7 +501,7 @@ def under_attack(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row
         after = proc_rss_kib(pid)
         keygate_cpu = (proc_cpu_seconds(pid) - cpu_before) / (time.monotonic() - wall_before)
         audit_after = audit.stat().st_size if audit.exists() else 0
-        attackers = gen.finish(40) if gen is not None else {"completed": True, "attacks": {}}
+        attackers: dict[str, Any] = gen.finish(40) if gen is not None else {"completed": True, "attacks": {}}
     except Exception as exc:
         if gen is not None:
             gen.kill()

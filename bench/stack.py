@@ -25,8 +25,13 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.issuer import BenchIssuer
+
+if TYPE_CHECKING:  # the test rig loads when the stack starts
+    from tests.rig.mosquitto import Broker
+    from tests.rig.pki import Pki
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -100,7 +105,7 @@ class Stack:
     devices: int = 120
     keep: bool = False
     issuer: BenchIssuer = field(default_factory=BenchIssuer)
-    broker = None
+    broker: Broker | None = None
     broker_tls_port: int = 0
     standin: subprocess.Popen | None = None
     standin_port: int = 0
@@ -113,18 +118,35 @@ class Stack:
     keygate_http_port: int = 0
     keygate_ws_port: int = 0
     hardened: bool = False  # keygate runs with HARDENED_MQTT (the "under attack" scenario)
-    pki = None
+    pki: Pki | None = None
     keys: dict[str, str] = field(default_factory=dict)  # device id -> K1, from keygate's store
     log: list[str] = field(default_factory=list)
+    http_engine: str = "auto"  # httpload's engine: auto, wrk or python (python -m bench --http-engine)
+
+    # -- the parts start() made (every use below comes after it)
+    @property
+    def started_pki(self) -> Pki:
+        assert self.pki is not None, "Stack.start() makes the PKI"
+        return self.pki
+
+    @property
+    def started_broker(self) -> Broker:
+        assert self.broker is not None, "Stack.start() starts the broker"
+        return self.broker
+
+    @staticmethod
+    def _running(proc: subprocess.Popen[bytes] | None, what: str) -> subprocess.Popen[bytes]:
+        assert proc is not None, f"{what} is not running"
+        return proc
 
     # -- addresses
     @property
     def ca(self) -> str:
-        return str(self.pki.ca)
+        return str(self.started_pki.ca)
 
     def mqtt_target(self, mode: str) -> Target:
         if mode == "direct":
-            return Target("127.0.0.1", self.broker.port, False)
+            return Target("127.0.0.1", self.started_broker.port, False)
         if mode == "direct-tls":
             return Target("127.0.0.1", self.broker_tls_port, True, self.ca)
         if mode == "keygate":
@@ -139,7 +161,8 @@ class Stack:
                 "keygate": f"https://127.0.0.1:{self.keygate_http_port}"}[mode]
 
     def pid(self, what: str) -> int:
-        return {"broker": self.broker.proc.pid, "keygate": self.keygate.pid, "relay": self.relay.pid}[what]
+        procs = {"broker": self.started_broker.proc, "keygate": self.keygate, "relay": self.relay}
+        return self._running(procs[what], what).pid
 
     def device(self, k: int) -> str:
         return f"bench-{k}"
@@ -179,18 +202,19 @@ class Stack:
         # writes (a CONNACK behind a TLS session ticket, a lone PUBLISH) for a delayed ACK.
         # sys_interval 1: $SYS counters (messages dropped by the broker) fresh within a second.
         extra = ["set_tcp_nodelay true", "sys_interval 1", f"listener {self.broker_tls_port} 127.0.0.1",
-                 f"certfile {self.pki.server_cert}", f"keyfile {self.pki.server_key}"]
+                 f"certfile {self.started_pki.server_cert}", f"keyfile {self.started_pki.server_key}"]
         if os.geteuid() == 0:
             extra.append("user root")  # else Mosquitto drops to its own user and cannot read the key
         self.broker = start_mosquitto(self.workdir / "mosquitto", extra)
-        _wait_port(self.broker_tls_port, self.broker.proc)
+        _wait_port(self.broker_tls_port, self.started_broker.proc)
 
     def _start_relay(self) -> None:
         self.relay_port = _free_port()
         log = open(self.workdir / "relay.log", "wb")
+        pki = self.started_pki
         self.relay = subprocess.Popen([PYTHON, "-m", "bench.relay", "--listen", str(self.relay_port),
-                                       "--upstream", self.broker.address, "--cert", str(self.pki.server_cert),
-                                       "--key", str(self.pki.server_key)], cwd=REPO, stdout=log,
+                                       "--upstream", self.started_broker.address, "--cert", str(pki.server_cert),
+                                       "--key", str(pki.server_key)], cwd=REPO, stdout=log,
                                       stderr=subprocess.STDOUT)
         _wait_port(self.relay_port, self.relay)
 
@@ -232,8 +256,8 @@ http {{
     upstream standin {{ server 127.0.0.1:{self.standin_port}; keepalive 64; }}
     server {{
         listen 127.0.0.1:{self.nginx_port} ssl;
-        ssl_certificate {self.pki.server_cert};
-        ssl_certificate_key {self.pki.server_key};
+        ssl_certificate {self.started_pki.server_cert};
+        ssl_certificate_key {self.started_pki.server_key};
         ssl_protocols TLSv1.2 TLSv1.3;
         keepalive_requests 1000000;
         location / {{
@@ -271,11 +295,11 @@ oidc:
   roles: [realm_access.roles]
   token_cache_size: 100000
 tls:
-  cert: {self.pki.server_cert}
-  key: {self.pki.server_key}
+  cert: {self.started_pki.server_cert}
+  key: {self.started_pki.server_key}
 mqtt:
   listen: 127.0.0.1:{self.keygate_mqtt_port}
-  upstream: 127.0.0.1:{self.broker.port}
+  upstream: 127.0.0.1:{self.started_broker.port}
   connect_timeout_seconds: 60
   max_keepalive_seconds: 3600
   max_connections: 19000

@@ -84,7 +84,7 @@ class Pki:
     server_key: Path
     devices_ca: Path      # tls.client_ca: signs device certificates
     devices_ca_key: Path  # tls.client_ca_key: what enrollment signs with
-    _dev_key: object
+    _dev_key: ec.EllipticCurvePrivateKey
     _dev_cert: x509.Certificate
 
     def device_cert(self, device_id: str, *, signed_by_rogue: bool = False) -> tuple[Path, Path]:
