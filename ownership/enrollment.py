@@ -18,7 +18,6 @@ import binascii
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
-from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -71,7 +70,7 @@ def fingerprint_of(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def key_problem(key: Any) -> str | None:
+def key_problem(key: PublicKeyTypes) -> str | None:
     """Why a public key is too weak or of a kind keygate does not accept, or None."""
     if isinstance(key, rsa.RSAPublicKey):
         if not MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
@@ -121,10 +120,14 @@ def check_csr(data: bytes, device_id: str) -> x509.CertificateSigningRequest:
     return csr
 
 
+#: The kinds of key a device CA may have (from_config refuses any other).
+CAKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
 class DeviceCA:
     """The device CA's certificate and key: signs enrolled device certificates."""
 
-    def __init__(self, cert: x509.Certificate, key: Any, *, days: int):
+    def __init__(self, cert: x509.Certificate, key: CAKey, *, days: int):
         self.cert = cert
         self.key = key
         self.days = days
@@ -135,7 +138,7 @@ class DeviceCA:
         except x509.ExtensionNotFound:
             self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
         if isinstance(key, ed25519.Ed25519PrivateKey):
-            self._hash: Any = None
+            self._hash: hashes.SHA256 | hashes.SHA384 | None = None  # Ed25519 signs without a separate hash
         elif isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
             self._hash = hashes.SHA384()
         else:
