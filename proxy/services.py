@@ -7,21 +7,32 @@ The MQTT gateway, the HTTP gateway and the ownership API all take one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.audit import AuditLog
 from proxy.config import Config
 
 if TYPE_CHECKING:  # the concrete classes live in their own layers
     from ownership.service import OwnershipService
-    from proxy.identity.tokens import TokenValidator
+    from proxy.identity.model import Identity
     from proxy.policy import Policies
+
+
+class Tokens(Protocol):
+    """What the listeners ask of the access-token validator (:class:`proxy.identity.tokens.TokenValidator`;
+    tests stand in for it with tokens of their own)."""
+
+    async def validate(self, token: str) -> Identity:
+        """The token's identity, or :class:`proxy.identity.model.AuthError`."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass
 class Services:
     config: Config
-    tokens: TokenValidator
+    tokens: Tokens
     ownership: OwnershipService
     policies: Policies
     audit: AuditLog
