@@ -91,7 +91,7 @@ class HttpRig:
                 if (method is None or r.method == method) and (path is None or r.path == path)]
 
     def seed(self, entity_id: str, etype: str = "Thermometer", service: str = "", **attrs: Any) -> None:
-        ent = {"id": entity_id, "type": etype}
+        ent: dict[str, Any] = {"id": entity_id, "type": etype}
         for k, v in (attrs or {"temperature": 21.5}).items():
             ent[k] = {"type": "Number" if isinstance(v, (int, float)) else "Text", "value": v, "metadata": {}}
         self.standin.tenant(service).entities[entity_id] = ent

@@ -44,7 +44,7 @@ async def filed_rig(tmp_path, mosquitto):
     services = await build_services(config, audit, False)
     gateway = MqttGateway(services)
     await gateway.start()
-    rig = GatewayRig(gateway, services, pki, mosquitto.address, audit, config)  # type: ignore[arg-type]
+    rig = GatewayRig(gateway, services, pki, mosquitto.address, audit, config)
     try:
         yield rig, path
     finally:

@@ -112,6 +112,7 @@ def start_dev(data: Path, *extra: str, random_ports: bool = True) -> Stack:
     stack = Stack(proc, data)
 
     def pump() -> None:
+        assert proc.stdout is not None  # a pipe
         for line in proc.stdout:
             stack._queue.put(line)
         stack._queue.put(None)

@@ -186,7 +186,7 @@ def config_keys() -> list[str]:
             if typing.get_origin(tp) in (typing.Union, types.UnionType):
                 tp = next(a for a in typing.get_args(tp) if a is not type(None))
             path = prefix + f.name
-            if dataclasses.is_dataclass(tp):
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
                 walk(tp, path + ".")
             else:
                 out.append(path)

@@ -15,7 +15,7 @@ import pytest
 from proxy.facts import PUBLIC, Principal
 from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
 from proxy.identity.tokens import TokenValidator
-from proxy.policy.subjects import relation_holds
+from proxy.policy.subjects import Want, relation_holds
 from tests.rig.ownership import _harness, open_service, ownership_config
 
 
@@ -72,7 +72,7 @@ async def delegate(api, device: str, to, permission: str = "read", *, as_: str =
     return r.status, await r.json()
 
 
-def holds(api, device: str, who: Identity, want: str = "read") -> bool:
+def holds(api, device: str, who: Identity, want: Want = "read") -> bool:
     return relation_holds("delegate", who, api.ownership.facts.device(device), want, api.ownership.now())
 
 

@@ -76,6 +76,7 @@ class GatewayRig:
 
     @property
     def tls(self) -> bool:
+        assert self.config.mqtt is not None
         return self.config.mqtt.tls
 
     # -- who connects
@@ -89,6 +90,7 @@ class GatewayRig:
             return self.oidc.valid(preferred_username=username, sub=f"sub-{username}",
                                    realm_access={"roles": list(USERS[username]) or ["iot-user"]},
                                    resource_access=None, iat=now, exp=now + (ttl or 300))
+        assert isinstance(self.services.tokens, StandinTokens)  # neither the OIDC provider nor the factory
         return self.services.tokens.issue(username, roles=USERS[username], ttl=ttl or 300)
 
     async def identity(self, username: str) -> Identity:
@@ -141,16 +143,17 @@ def gateway_config(tmp: Path, broker_address: str, pki: Pki, *, oidc: OidcConfig
 async def build_services(config: Config, audit: MemoryAudit, real_tokens: bool) -> Services:
     """The real ownership service and policies; real token validation or the stand-in."""
     from ownership.service import OwnershipService
+    from proxy.identity.tokens import TokenValidator
     from proxy.policy import Policies
 
+    tokens: TokenValidator | StandinTokens
     if real_tokens:
-        from proxy.identity.tokens import TokenValidator
         tokens = TokenValidator(config.oidc)
         await tokens.start()
     else:
         tokens = StandinTokens()
     ownership = await OwnershipService.open(config, audit=audit)
-    if real_tokens:
+    if isinstance(tokens, TokenValidator):
         tokens.observers.append(ownership.saw_identity)  # as proxy/app.py wires them
     policies = Policies.from_dir(config.resolve(config.policies.dir), ownership.facts,
                                  admin_role=config.ownership.admin_role)

@@ -217,6 +217,7 @@ async def mosquitto_pub(rig, topic: str, message: str, *, qos: int = 1, retain: 
     proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None  # communicate() waits for the exit
     return proc.returncode, err.decode(errors="replace")
 
 
@@ -228,6 +229,7 @@ class MosquittoSub:
         self.lines: list[str] = []
 
     async def line(self, timeout: float = 5.0) -> str:
+        assert self.proc.stdout is not None and self.proc.stderr is not None  # started with pipes
         raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
         if not raw:
             raise EOFError((await self.proc.stderr.read()).decode(errors="replace"))

@@ -41,6 +41,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +286,7 @@ class OidcProvider:
 
 
 @pytest.fixture(scope="session")
-def oidc(tmp_path_factory) -> OidcProvider:
+def oidc(tmp_path_factory) -> Iterator[OidcProvider]:
     provider = OidcProvider(tmp_path_factory.mktemp("oidc"))
     provider.start()
     try:

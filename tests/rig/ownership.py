@@ -105,6 +105,7 @@ class ApiHarness:
         self.services = services
         self.client = client
         self.token_for = token_for
+        assert services.config.http is not None, "the ownership API is mounted under http"
         self.prefix = services.config.http.api_prefix
 
     async def identity(self, username: str) -> Identity:
@@ -263,6 +264,7 @@ class LiveApi:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        assert self.config.http is not None, "the ownership API is mounted under http"
         self.base_url = f"http://127.0.0.1:{port}{self.config.http.api_prefix}"
 
     async def _stop(self) -> None:

@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -353,7 +354,7 @@ def _token_issuer():
 
 
 @pytest.fixture
-def token_factory(_token_issuer) -> TokenFactory:
+def token_factory(_token_issuer) -> Iterator[TokenFactory]:
     global _keys
     if _keys is None:
         _keys = _Keys()

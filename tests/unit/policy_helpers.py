@@ -1,5 +1,7 @@
 """Shared builders for the policy unit tests."""
 
+from typing import Any
+
 from proxy.facts import Delegation, DeviceFacts, StaticFacts
 from proxy.identity.model import ANONYMOUS, Identity
 from proxy.policy import Policies
@@ -11,14 +13,15 @@ def to(text: str):
     return grantee_for(text, ANONYMOUS)
 
 
-def user(name="alice", **kw) -> Identity:
-    return Identity(kind="user", sub=kw.pop("sub", f"sub-{name}"), username=name, method="token",
-                    **{k: frozenset(v) if isinstance(v, (list, set, tuple)) else v for k, v in kw.items()})
+def user(name="alice", **kw: Any) -> Identity:
+    sub = kw.pop("sub", f"sub-{name}")
+    fields: dict[str, Any] = {k: frozenset(v) if isinstance(v, (list, set, tuple)) else v for k, v in kw.items()}
+    return Identity(kind="user", sub=sub, username=name, method="token", **fields)
 
 
-def service(name="svc", **kw) -> Identity:
-    return Identity(kind="service", sub=f"sub-{name}", username=name, method="token",
-                    **{k: frozenset(v) for k, v in kw.items()})
+def service(name="svc", **kw: Any) -> Identity:
+    fields: dict[str, Any] = {k: frozenset(v) for k, v in kw.items()}
+    return Identity(kind="service", sub=f"sub-{name}", username=name, method="token", **fields)
 
 
 def device(dev_id="d1", owner="sub-alice") -> Identity:

@@ -17,6 +17,7 @@ import json
 import re
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -37,12 +38,14 @@ class FakeKeycloak:
         self.realms: dict[str, dict] = {}
         self.requests: list[tuple[str, str]] = []
         self.tokens: set[str] = set()
+        self.url = ""  # set once it listens
 
     # -- state helpers
 
     def new_realm(self, settings: dict) -> dict:
         name = settings["realm"]
-        r = {"rep": {"id": name, **copy.deepcopy(settings)}, "roles": {}, "composites": {}, "scopes": {},
+        r: dict[str, Any] = {
+             "rep": {"id": name, **copy.deepcopy(settings)}, "roles": {}, "composites": {}, "scopes": {},
              "default_scopes": [], "optional_scopes": [], "scope_roles": {}, "clients": {}, "client_roles": {},
              "client_scopes": {}, "client_optional": {},
              "mappers": {}, "users": {}, "user_roles": {}, "secrets": {}}
@@ -99,7 +102,7 @@ class FakeKeycloak:
             return web.json_response({"access_token": token, "expires_in": 60, "token_type": "Bearer"})
         if request.headers.get("Authorization", "").removeprefix("Bearer ") not in self.tokens:
             return web.json_response({"error": "HTTP 401 Unauthorized"}, status=401)
-        body = await request.json() if request.can_read_body else None
+        body: Any = await request.json() if request.can_read_body else None
         m = re.fullmatch(r"/admin/realms(?:/([^/]+)(/.*)?)?", path)
         if not m:
             return web.json_response({"error": "unknown"}, status=404)
