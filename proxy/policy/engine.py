@@ -49,7 +49,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Final, TypeAlias, TypeVar, cast
+from typing import Any, Final, TypeAlias, TypeVar
 
 from proxy.facts import OwnershipFacts
 from proxy.identity.model import Identity
@@ -313,7 +313,8 @@ class CompiledPolicies:
         self.facts = facts
         self.admin_role = admin_role
         self.rules = {r.id: r for r in source.rules}
-        self._cache: dict[CacheKey, tuple[Decision | SubscribeDecision, float]] = {}
+        # (answer, until): a Decision, or a SubscribeDecision for a key whose first item is "s".
+        self._cache: dict[CacheKey, tuple[Any, float]] = {}
         self._identity_keys: dict[Identity, list[str]] = {}
         self._cache_size = cache_size  # 0: no cache (benchmarks of the index itself)
         self.cache_max_bytes = cache_max_bytes
@@ -385,7 +386,8 @@ class CompiledPolicies:
         hit = self._cache.get(key)
         if hit is not None:
             if hit[1] > now:
-                return cast(_D, hit[0])  # the key's first item names the question, so the kind of answer
+                answer: _D = hit[0]  # the key's first item names the question, so the kind of answer
+                return answer
             del self._cache[key]
             self._cache_bytes -= _entry_bytes(key, hit[0])
         horizon = _Horizon(now)
