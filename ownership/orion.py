@@ -15,7 +15,6 @@ on ``/`` only, is sent once per entity under the path Orion reports for it
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 from urllib.parse import quote
@@ -71,7 +70,7 @@ class OrionClient:
             async with self._client().request(method, url, headers=headers, allow_redirects=False) as r:
                 body = await r.json(content_type=None) if method == "GET" and r.status == 200 else None
                 return r.status, body
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             raise OrionUnavailable(f"Orion at {self.base} cannot be reached ({type(exc).__name__})") from None
 
     @staticmethod

@@ -22,10 +22,11 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, TypeVar
 
 from prometheus_client import Counter, Gauge
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from ownership import enrollment
 from ownership import store as st
@@ -34,9 +35,9 @@ from ownership.facts import MemoryFacts, principal_of
 from ownership.inflight import WritesInFlight
 from ownership.orion import OrionClient, OrionUnavailable
 from ownership.validation import KEY_SLOTS, PERMISSIONS, orion_id_problem, parse_grantee
-from proxy.facts import PUBLIC, Principal
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, read_secret
+from proxy.facts import PUBLIC, Principal
 from proxy.identity.model import AuthError, AuthReason, Identity, identity_snapshot
 from proxy.metrics import REGISTRY, add_readiness_check, remove_readiness_check
 
@@ -91,7 +92,7 @@ class QuotaExceeded(OwnershipError):
 class OrionUnreachable(OwnershipError):
     # Whether the id is free in Orion is unknown: refuse rather than guess.
     status, code = 503, "orion_unreachable"
-    headers = {"Retry-After": "5"}
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "5"}
 
 
 class EnrollmentUnavailable(OwnershipError):
@@ -136,7 +137,7 @@ class OwnershipService:
         self._dummy_hash = hmac.new(secrets.token_bytes(32), b"dummy", hashlib.sha256).digest()
         self.facts = MemoryFacts(clock=clock)
         # Device identities are immutable; built once per device and dropped when its facts change.
-        self._identities: dict[tuple[str, str], Identity] = {}
+        self._identities: dict[tuple[str, str, str], Identity] = {}  # (device id, method, credential)
         self.facts.subscribe(self._forget_identities)
         # Set by the MQTT gateway: clears a deleted device's retained messages and session at the
         # broker (raises when it cannot). Owed like Orion's clean-up: a pending_removals row.
@@ -151,15 +152,15 @@ class OwnershipService:
         self._in_flight: set[int] = set()        # rows being sent to Orion right now
         self._wake = asyncio.Event()
         self._backing_off = False
-        self._retry_task: asyncio.Task | None = None
+        self._retry_task: asyncio.Task[None] | None = None
         self._closed = False
-        self._remembering: set[asyncio.Task] = set()
+        self._remembering: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
     async def open(cls, config: Config, *, audit: AuditLog, clock: Callable[[], float] = time.time
-                   ) -> "OwnershipService":
+                   ) -> OwnershipService:
         passphrase = read_secret(config.store.key, config.store.key_file, config)
         if not passphrase:
             raise ConfigError(f"store {config.store.path}: no key configured (store.key or store.key_file)")
@@ -307,9 +308,9 @@ class OwnershipService:
             current = stored.get(kind)
             if current is None or not hmac.compare_digest(current.hex(), value):
                 return f"key {kind} rotated"
-        elif identity.method == "certificate":
-            if kind != "cert" or self.facts.certificate(identity.device_id, value) is None:
-                return "certificate revoked"
+        elif identity.method == "certificate" and (
+                kind != "cert" or self.facts.certificate(identity.device_id, value) is None):
+            return "certificate revoked"
         return None
 
     # ------------------------------------------------------------------ quotas
@@ -385,7 +386,7 @@ class OwnershipService:
                            "context broker; the id can be registered again once that is done") from None
         self.facts.put_device(device, hashes)
         self.facts.changed({device["id"]})
-        extra = {"adopted": True} if adopt else {}
+        extra: dict[str, Any] = {"adopted": True} if adopt else {}
         self._audit("device.register", actor, device["id"], owner=owner.sub, service=tenant, **extra)
         return dict(device), k1, k2
 
@@ -695,8 +696,8 @@ class OwnershipService:
     def display_name(self, row: dict[str, Any]) -> str:
         """A user grantee's name as last seen (names change), else the one recorded at grant time."""
         if row["grantee_kind"] == "user" and row["grantee_id"]:
-            return self.facts.known_username(row["grantee_id"]) or row["grantee_name"]
-        return row["grantee_name"]
+            return self.facts.known_username(row["grantee_id"]) or str(row["grantee_name"])
+        return str(row["grantee_name"])
 
     # ------------------------------------------------------------------ delegations
 
@@ -766,7 +767,8 @@ class OwnershipService:
         self.facts.changed(set(result["touched"]))
         self._audit("me.erase", identity, identity.sub, counts=result["counts"])
         await self._removed(result["owned"], queued_at)
-        return result["counts"]
+        counts: dict[str, int] = result["counts"]
+        return counts
 
     async def rows_about(self, sub: str, username: str) -> int:
         return await self._run(self._store.count_rows_mentioning, sub, username)

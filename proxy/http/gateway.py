@@ -49,7 +49,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import parse_qsl, quote
 
 import aiohttp
@@ -58,15 +59,17 @@ from multidict import CIMultiDict
 from prometheus_client import Counter, Histogram
 from yarl import URL
 
-from proxy.config import parse_hostport
-from proxy.http import ngsi, plan as planning
+from proxy.config import HttpConfig, parse_hostport
+from proxy.http import ngsi
+from proxy.http import plan as planning
 from proxy.http.auth import authenticate
 from proxy.http.listener import DeadlineSite, RequestTimeout
-from proxy.http.ssrf import Allowlist, check_target, default_resolver
+from proxy.http.ssrf import Allowlist, Resolver, check_target, default_resolver
 from proxy.http.subscription_guard import SubscriptionGuard
 from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY
 from proxy.policy.paths import PathError, normalize_path
+from proxy.services import Services
 
 log = logging.getLogger("keygate.http")
 
@@ -133,12 +136,19 @@ def _quote_query(query: tuple[tuple[str, str], ...]) -> str:
     return "&".join(f"{quote(k, safe='')}={quote(v, safe=',:')}" for k, v in query)
 
 
+def http_section(services: Services) -> HttpConfig:
+    """The configuration's http section: the HTTP gateway is built only when there is one."""
+    if services.config.http is None:
+        raise ValueError("the HTTP gateway needs the http section of the configuration")
+    return services.config.http
+
+
 class GatewayHandler:
     """The catch-all request handler; one per application."""
 
-    def __init__(self, services: Any, *, resolver=default_resolver):
+    def __init__(self, services: Services, *, resolver: Resolver = default_resolver):
         self.services = services
-        self.config = services.config.http
+        self.config = http_section(services)
         self.upstream = self.config.upstream.rstrip("/")
         self.admin_role = services.config.ownership.admin_role
         self.allowlist = Allowlist(self.config.notification_allowlist)
@@ -393,7 +403,7 @@ class GatewayHandler:
 
     async def _forward(self, request: web.Request, d: planning.Forward, body: Any, identity: Identity,
                        tenant: str, audit: dict[str, Any]) -> web.StreamResponse:
-        assert self.session is not None, "the gateway's client session is not open"
+        assert self.session is not None, "the gateway's client session is not open"  # noqa: S101 (narrowing)
         headers = self._upstream_headers(request, identity, tenant, rewritten=d.body is not None)
         if isinstance(body, bytes):
             headers["Content-Length"] = str(len(body))
@@ -405,7 +415,7 @@ class GatewayHandler:
                                                   data=body, allow_redirects=False)
         except BodyTooLarge:
             return self._too_large(audit)
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             audit["reason"] = "upstream timeout"
             return orion_error(504, "GatewayTimeout", "the context broker did not answer in time")
         except aiohttp.ClientError as exc:
@@ -532,7 +542,7 @@ class GatewayHandler:
                 for item in await asyncio.gather(*(self._one_subscription(sub_id, headers) for sub_id in batch)):
                     if item is not None:
                         found.append(item)
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             audit["reason"] = "upstream timeout"
             return orion_error(504, "GatewayTimeout", "the context broker did not answer in time")
         except aiohttp.ClientError as exc:
@@ -548,7 +558,7 @@ class GatewayHandler:
 
     async def _one_subscription(self, sub_id: str, headers: CIMultiDict[str]) -> Any:
         """Orion's subscription ``sub_id``, or None when it has none by that id."""
-        assert self.session is not None
+        assert self.session is not None  # noqa: S101 (narrowing: open from on_startup to on_cleanup)
         async with self.session.get(self._url(f"/v2/subscriptions/{sub_id}", ()), headers=headers,
                                     allow_redirects=False) as upstream:
             if upstream.status == 404:
@@ -593,11 +603,11 @@ class GatewayHandler:
 GATEWAY_KEY = web.AppKey("keygate_http_gateway", GatewayHandler)
 
 
-def create_gateway_app(services: Any, api_app: web.Application | None = None, *,
-                       resolver=default_resolver) -> web.Application:
+def create_gateway_app(services: Services, api_app: web.Application | None = None, *,
+                       resolver: Resolver = default_resolver) -> web.Application:
     """The NGSI gateway; ``api_app`` (the ownership API) is mounted at ``http.api_prefix``
     before the catch-all, so ``/api/v1/...`` never reaches Orion."""
-    http = services.config.http
+    http = http_section(services)
     # client_max_size: aiohttp's own cap for request.read(); our reader enforces ours.
     app = web.Application(client_max_size=http.max_body_bytes + 1)
     handler = GatewayHandler(services, resolver=resolver)
@@ -615,7 +625,8 @@ def create_gateway_app(services: Any, api_app: web.Application | None = None, *,
 class HttpGateway:
     """The listener: ``await start()``, ``.port``, ``await stop()``."""
 
-    def __init__(self, services: Any, api_app: web.Application | None = None, *, resolver=default_resolver):
+    def __init__(self, services: Services, api_app: web.Application | None = None, *,
+                 resolver: Resolver = default_resolver):
         self.services = services
         self.app = create_gateway_app(services, api_app, resolver=resolver)
         self.port: int | None = None
@@ -624,9 +635,10 @@ class HttpGateway:
 
     async def start(self) -> None:
         config = self.services.config
-        host, port = parse_hostport(config.http.listen)
+        http = http_section(self.services)
+        host, port = parse_hostport(http.listen)
         ssl_context = None
-        if config.http.tls:
+        if http.tls:
             from proxy.tls import server_context
 
             ssl_context = server_context(config.tls, config.base_dir)
@@ -635,11 +647,11 @@ class HttpGateway:
         # Slow clients: a head within header_timeout_seconds (TLS handshake included), a body within
         # body_timeout_seconds (see proxy.http.listener).
         site = DeadlineSite(self._runner, host, port, ssl_context=ssl_context, backlog=1024,
-                            header_timeout=config.http.header_timeout_seconds,
-                            body_timeout=config.http.body_timeout_seconds,
-                            write_timeout=config.http.write_timeout_seconds,
-                            max_pipelined=config.http.max_pipelined_requests,
-                            max_connections=config.http.max_connections)
+                            header_timeout=http.header_timeout_seconds,
+                            body_timeout=http.body_timeout_seconds,
+                            write_timeout=http.write_timeout_seconds,
+                            max_pipelined=http.max_pipelined_requests,
+                            max_connections=http.max_connections)
         await site.start()
         self.site = site
         self.port = self._runner.addresses[0][1]

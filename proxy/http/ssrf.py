@@ -49,8 +49,8 @@ import asyncio
 import ipaddress
 import re
 import socket
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -152,7 +152,7 @@ class Allowlist:
 async def default_resolver(host: str, port: int) -> list[str]:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [info[4][0] for info in infos]
+    return [str(info[4][0]) for info in infos]  # sockaddr: (host, port, ...), the host a string
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -22,14 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from prometheus_client import Counter
+from yarl import URL
 
 from proxy.http import plan as planning
 from proxy.identity.model import identity_from_snapshot
 from proxy.metrics import REGISTRY
+
+if TYPE_CHECKING:
+    from proxy.config import HttpConfig
+    from proxy.services import Services
 
 log = logging.getLogger("keygate.http.subscriptions")
 
@@ -64,8 +70,19 @@ def revocations(records: Iterable[dict[str, Any]], still_allowed: Callable[[dict
     return out
 
 
+class NgsiHandler(Protocol):
+    """What the guard uses of the gateway's handler: its settings, the admin role, the pooled
+    session to Orion (None while the gateway is stopped) and the URL of an Orion path."""
+
+    config: HttpConfig
+    admin_role: str
+    session: aiohttp.ClientSession | None
+
+    def _url(self, path: str, query: tuple[tuple[str, str], ...]) -> URL: ...
+
+
 class SubscriptionGuard:
-    def __init__(self, services: Any, handler: Any, *, debounce_seconds: float = 0.1,
+    def __init__(self, services: Services, handler: NgsiHandler, *, debounce_seconds: float = 0.1,
                  sweep_seconds: float = 30.0, retry_seconds: float = 1.0):
         self.services = services
         self.handler = handler              # the gateway's handler: its pooled session and upstream URL
@@ -77,7 +94,7 @@ class SubscriptionGuard:
         self._dirty: set[str] | None = set()
         self._wake = asyncio.Event()
         self._unsubscribe: list[Callable[[], None]] = []
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._last_sweep = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -130,7 +147,7 @@ class SubscriptionGuard:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
                 await asyncio.sleep(self.debounce)      # let a burst of changes land first
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             devices, self._dirty = self._dirty, set()
@@ -192,7 +209,7 @@ class SubscriptionGuard:
                     return True
                 log.warning("Orion answered %s to deleting withdrawn subscription %s; will retry",
                             r.status, record["id"])
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("could not delete withdrawn subscription %s: %s; will retry", record["id"],
                         type(exc).__name__)
         REVOKE_FAILURES.inc()

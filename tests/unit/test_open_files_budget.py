@@ -7,8 +7,8 @@ import json
 import pytest
 
 from proxy import app
-from proxy.cli import CommandError
 from proxy.config import load_config_text
+from proxy.errors import CommandError
 
 
 def _config(**http: int):
