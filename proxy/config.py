@@ -509,7 +509,7 @@ def _check(cfg: Config, filename: str) -> None:
     if cfg.http is not None and not re.match(r"^https?://", cfg.http.upstream):
         bad("http.upstream", "must be an http(s) URL")
     if cfg.http is not None:
-        from proxy.http.ssrf import parse_entry
+        from proxy.ssrf import parse_entry
 
         for i, entry in enumerate(cfg.http.notification_allowlist):
             try:

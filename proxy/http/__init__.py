@@ -6,5 +6,6 @@ slow clients), :mod:`.gateway` (the request handler and pooled client:
 key, device certificate, anonymous), :mod:`.ngsi` (sans-IO body parsing and
 request analysis),
 :mod:`.plan` (sans-IO authorization and query rewriting), :mod:`.patterns`
-(safe local ``idPattern`` evaluation), :mod:`.ssrf` (notification targets).
+(safe local ``idPattern`` evaluation). Notification targets are checked by
+:mod:`proxy.ssrf`, below this package: the configuration checks its allow-list too.
 """

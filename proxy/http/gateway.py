@@ -7,7 +7,7 @@ nesting capped at ``http.max_json_depth`` before parsing; lone surrogates,
 non-finite and out-of-range numbers, duplicate keys refused 400 ``ParseError``; the JSON
 attribute writes, which the decision does not read, are checked the same way and forwarded as sent),
 analyse (:mod:`.ngsi`), plan (:mod:`.plan`), check notification targets
-(:mod:`.ssrf`, with Orion's own address never a target), then forward to Orion
+(:mod:`proxy.ssrf`, with Orion's own address never a target), then forward to Orion
 over one pooled client session, and audit the outcome. Orion is only ever sent
 the canonical path, the re-encoded query, and (where the body was checked) the
 re-serialised body: what was checked is what Orion reads. A forwarded write is
@@ -64,12 +64,12 @@ from proxy.http import ngsi
 from proxy.http import plan as planning
 from proxy.http.auth import authenticate
 from proxy.http.listener import DeadlineSite, RequestTimeout
-from proxy.http.ssrf import Allowlist, Resolver, check_target, default_resolver
 from proxy.http.subscription_guard import SubscriptionGuard
 from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY
 from proxy.policy.paths import PathError, normalize_path
 from proxy.services import Services
+from proxy.ssrf import Allowlist, Resolver, check_target, default_resolver
 
 log = logging.getLogger("keygate.http")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.http.ssrf import Allowlist, check_target
+from proxy.ssrf import Allowlist, check_target
 
 DNS = {
     "public.example": ["93.184.216.34"],
