@@ -10,7 +10,7 @@ import pytest
 from proxy.config import MqttLimitsConfig
 from proxy.mqtt.codec import encode_connect
 from proxy.mqtt.packets import MQTT_311, Connect
-from tests.integration.mqtt_helpers import connack_reason, subscribe_packet, suback_reasons
+from tests.integration.mqtt_helpers import connack_reason, suback_reasons, subscribe_packet
 from tests.rig.mqtt_clients import RawClient
 
 pytestmark = pytest.mark.integration
@@ -28,7 +28,9 @@ async def _connect(rig, client_id: str, token: str, *, clean: bool) -> tuple[Raw
 
 async def _subscribe(c: RawClient, *filters: str) -> list[int]:
     await c.send(subscribe_packet(MQTT_311, 1, *((f, 0) for f in filters)))
-    return suback_reasons(await c.read_packet(), MQTT_311)
+    suback = await c.read_packet()
+    assert suback is not None, "closed instead of a SUBACK"
+    return suback_reasons(suback, MQTT_311)
 
 
 async def test_persistent_sessions_are_capped_and_keep_their_subscriptions_charged(mqtt_rig_factory):

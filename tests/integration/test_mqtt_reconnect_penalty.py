@@ -35,7 +35,8 @@ async def _client(rig, source: str) -> RawClient:
 async def _flood_until_closed(rig, source: str, dev: str, key: str) -> None:
     c = await _client(rig, source)
     await c.send(connect_packet(MQTT_5, dev, dev, key))
-    assert connack_reason(await c.read_packet()) == 0
+    connack = await c.read_packet()
+    assert connack is not None and connack_reason(connack) == 0
     await c.send(b"".join(publish_packet(f"devices/{dev}/telemetry", b"x") for _ in range(50)))
     while (pkt := await c.read_packet()) is not None and pkt[0] != 0xE0:
         pass
