@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 
 # The standard library's own regular-expression parser (keygate needs Python 3.11+, where it is
-# re._parser); private, so the type stubs do not describe it.
-from re import _constants as _c  # type: ignore[attr-defined]
-from re import _parser as _sre_parse  # type: ignore[attr-defined]
+# re._parser; private, but stable from 3.11 on).
+from re import _constants as _c
+from re import _parser as _sre_parse
 from typing import Any
 
 MAX_PATTERN_LENGTH = 256
