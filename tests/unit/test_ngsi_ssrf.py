@@ -168,7 +168,7 @@ def test_the_embedded_ipv4_address_decides_for_nat64_and_6to4():
     import ipaddress
     import random
 
-    from proxy.http.ssrf import _special
+    from proxy.ssrf import _special
 
     rng = random.Random(15)
     samples = [ipaddress.IPv4Address(rng.getrandbits(32)) for _ in range(3000)]
