@@ -43,7 +43,8 @@ def test_the_old_per_host_form_is_refused_with_the_new_spelling(entry):
 @pytest.mark.parametrize("key,value,problem", [
     ("header_timeout_seconds", 0, "must be positive"), ("body_timeout_seconds", -1, "must be positive"),
     ("max_json_depth", 0, "at least 1"), ("write_timeout_seconds", 0, "must be positive"),
-    ("max_pipelined_requests", 0, "at least 1"), ("max_connections", -5, "at least 1"), ("strip_request_headers", ["X-Ok", "bad header"], "not a header name"),
+    ("max_pipelined_requests", 0, "at least 1"), ("max_connections", -5, "at least 1"),
+    ("strip_request_headers", ["X-Ok", "bad header"], "not a header name"),
 ])
 def test_bad_values_name_their_key(key, value, problem):
     message = error(**{key: value})
