@@ -57,7 +57,17 @@ from proxy.mqtt.admission import (
 )
 from proxy.mqtt.cleaner import clear_device
 from proxy.mqtt.persistent import PERSISTENT_SESSIONS, PersistentSessions
-from proxy.mqtt.session import Actions, AuthRequest, RateLimiter, Session, SubscriptionQuota, classify_credentials
+from proxy.mqtt import events as ev
+from proxy.mqtt.audit_writer import AuditWriter
+from proxy.mqtt.commands import (
+    AuditRecords, Authenticate, AuthRequest, Close, Command, CountMetrics, Metric, OpenUpstream, SendToBroker,
+    SendToClient,
+)
+from proxy.mqtt.handshake import classify_credentials
+from proxy.mqtt.ratelimit import RateLimiter
+from proxy.mqtt.session import Session
+from proxy.mqtt.subscriptions import SubscriptionQuota
+from proxy.mqtt.transport import Transport
 from proxy.services import Services
 from proxy.tls import PeerCertificate, peer_certificate, server_context
 
@@ -78,7 +88,35 @@ WRITE_HIGH = 256 * 1024
 WRITE_LOW = 64 * 1024
 
 # --------------------------------------------------------------------------- metrics
-# Decisions, authentications and rate-limit hits are counted by the session itself.
+# Decisions, authentications and rate-limit hits are counted here, as the session's
+# CountMetrics commands say (the session itself touches no global).
+
+# Counted per message: tallies (plain integers read at scrape time), not locked counters.
+DECISIONS = Tally("keygate_mqtt_decisions", "MQTT authorization decisions", ["action", "result"])
+MESSAGES = Tally("keygate_mqtt_messages", "PUBLISH packets forwarded, by direction", ["direction"])
+AUTHENTICATIONS = Counter("keygate_mqtt_authentications", "MQTT authentications",
+                          ["method", "result"], registry=REGISTRY)
+RATE_LIMITED = Counter("keygate_mqtt_rate_limited", "MQTT messages over the per-identity rate limit",
+                       registry=REGISTRY)
+PROTOCOL_ERRORS = Counter("keygate_mqtt_protocol_errors", "MQTT protocol violations refused",
+                          ["side"], registry=REGISTRY)
+_SESSION_METRICS: dict[str, Any] = {"decisions": DECISIONS, "messages": MESSAGES, "authentications": AUTHENTICATIONS,
+                                    "rate_limited": RATE_LIMITED, "protocol_errors": PROTOCOL_ERRORS}
+_CHILDREN: dict[Metric, Any] = {}  # Metric -> its labelled child (a Tally's has .value, a Counter's .inc)
+
+
+def count_metrics(counts: Any) -> None:
+    """Carry out a CountMetrics command."""
+    for metric, n in counts:
+        child = _CHILDREN.get(metric)
+        if child is None:
+            parent = _SESSION_METRICS[metric.name]
+            child = _CHILDREN[metric] = parent.labels(*metric.labels) if metric.labels else parent
+        if hasattr(child, "value"):
+            child.value += n
+        else:
+            child.inc(n)
+
 
 CONNECTIONS_ACTIVE = Gauge("keygate_mqtt_connections_active", "Open MQTT client connections",
                            registry=REGISTRY)
@@ -386,7 +424,7 @@ class Connection:
         if self.closed:
             return
         _BYTES_IN.value += len(data)
-        self.apply(self.session.client_data(data))
+        self.apply(self.session.handle(ev.ClientData(data)))
 
     def client_lost(self, exc: Exception | None) -> None:
         self._teardown()  # tells the session first (its Will may have to be discarded)
@@ -396,12 +434,12 @@ class Connection:
         if self.closed:
             return
         _BYTES_OUT.value += len(data)
-        self.apply(self.session.broker_data(data))
+        self.apply(self.session.handle(ev.BrokerData(data)))
 
     def broker_lost(self, exc: Exception | None) -> None:
         self.upstream = None
         if not self.closed:
-            self.apply(self.session.broker_closed())
+            self.apply(self.session.handle(ev.BrokerClosed()))
             if not self.closed:  # the session had nothing to say: the pair is over anyway
                 self.close("broker_closed")
 
@@ -431,25 +469,33 @@ class Connection:
                 self.client.pause_reading()
             pauses.add(why)
 
-    # -- carrying out what the session decided (order from the session's contract)
-    def apply(self, actions: Actions) -> None:
+    # -- carrying out what the session decided, in the order of the list
+    def apply(self, commands: list[Command]) -> None:
         if self.closed:
             return
-        if actions.to_client and not self.client.is_closing():
-            self.client.write(_joined(actions.to_client))
-        if actions.open_upstream and self.upstream is None and self._dialing is None:
-            self._dialing = asyncio.ensure_future(self._dial())
-        if actions.to_broker:
-            data = _joined(actions.to_broker)
-            if self.upstream is not None:
-                self.upstream.write(data)
-            elif self._dialing is not None:
-                self._pending_upstream.append(data)
-        if actions.auth is not None:
-            self._auth_task = asyncio.ensure_future(self._authenticate(actions.auth))
-        if actions.close is not None:
-            self.close(actions.close.reason)
-            return
+        for cmd in commands:
+            kind = type(cmd)
+            if kind is SendToClient:
+                if not self.client.is_closing():
+                    self.client.write(_joined(cmd.items))  # type: ignore[attr-defined]
+            elif kind is SendToBroker:
+                data = _joined(cmd.items)  # type: ignore[attr-defined]
+                if self.upstream is not None:
+                    self.upstream.write(data)
+                elif self._dialing is not None:
+                    self._pending_upstream.append(data)
+            elif kind is CountMetrics:
+                count_metrics(cmd.counts)  # type: ignore[attr-defined]
+            elif kind is AuditRecords:
+                self.gateway.audit_writer.write(cmd.records)  # type: ignore[attr-defined]
+            elif kind is OpenUpstream:
+                if self.upstream is None and self._dialing is None:
+                    self._dialing = asyncio.ensure_future(self._dial())
+            elif kind is Authenticate:
+                self._auth_task = asyncio.ensure_future(self._authenticate(cmd.request))  # type: ignore[attr-defined]
+            elif kind is Close:
+                self.close(cmd.reason)  # type: ignore[attr-defined]
+                return
         inputs = self.session.deadline_inputs
         if inputs != self._seen_inputs or self._timer is None:
             # A state change: look at reading and deadlines again. Otherwise the timer
@@ -461,21 +507,21 @@ class Connection:
             self.schedule()
 
     # -- authentication, off the read path
-    async def _authenticate(self, request: Any) -> None:
+    async def _authenticate(self, request: AuthRequest) -> None:
         session = self.session
         try:
             kind = "token"
             try:
                 kind, identity = await self.gateway.authenticate(request, self.client)
             except AuthError as exc:
-                actions = session.authentication_failed(exc.reason, method=kind)
+                actions = session.handle(ev.AuthenticationFailed(exc.reason, kind))
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug or a broken store must not leave the client hanging
                 log.exception("MQTT authentication failed unexpectedly")
-                actions = session.authentication_failed(AuthReason.ISSUER_UNREACHABLE, method=kind)
+                actions = session.handle(ev.AuthenticationFailed(AuthReason.ISSUER_UNREACHABLE, kind))
             else:
-                actions = self.gateway.refuse_penalized(session, identity) or session.authenticated(identity)
+                actions = self.gateway.refuse_penalized(session, identity) or session.handle(ev.Authenticated(identity))
         finally:
             self._auth_task = None
         self.apply(actions)
@@ -489,7 +535,7 @@ class Connection:
             if not self.closed:
                 log.warning("MQTT broker unreachable at %s: %s", self.gateway.mqtt.upstream, exc)
                 self._pending_upstream.clear()
-                self.apply(self.session.broker_closed())
+                self.apply(self.session.handle(ev.BrokerClosed()))
             return
         self._dialing = None
         if self.closed:
@@ -524,17 +570,17 @@ class Connection:
     def _on_timer(self) -> None:
         self._timer = None
         if not self.closed:
-            self.apply(self.session.tick())
+            self.apply(self.session.handle(ev.Tick(time.monotonic())))
 
     # -- revocation and shutdown
     def invalidate(self, devices: set[str] | None = None) -> None:
         if not self.closed:
-            self.apply(self.session.invalidate(devices))
+            self.apply(self.session.handle(ev.Invalidated(None if devices is None else frozenset(devices))))
 
     def shutdown(self) -> None:
         """The server is going away: the session says so (v5 DISCONNECT 0x8B), then close."""
         if not self.closed:
-            self.apply(self.session.shutdown())
+            self.apply(self.session.handle(ev.Shutdown()))
             self.close("shutdown")
 
     def close(self, reason: str = "") -> None:
@@ -549,9 +595,14 @@ class Connection:
         if not self.session.closed:
             # However the connection ends, the session hears of it before the upstream closes:
             # a Will no longer allowed is discarded by the DISCONNECT it returns.
-            actions = self.session.client_closed()
-            if actions.to_broker and self.upstream is not None and not self.upstream.is_closing():
-                self.upstream.write(_joined(actions.to_broker))
+            for cmd in self.session.handle(ev.ClientClosed()):
+                if isinstance(cmd, SendToBroker):
+                    if self.upstream is not None and not self.upstream.is_closing():
+                        self.upstream.write(_joined(cmd.items))
+                elif isinstance(cmd, AuditRecords):
+                    self.gateway.audit_writer.write(cmd.records)
+                elif isinstance(cmd, CountMetrics):
+                    count_metrics(cmd.counts)
         if not self.closed:
             self.closed = True
             if not self.close_reason:
@@ -652,6 +703,8 @@ class MqttGateway:
                                         limits.reconnect_penalty_max_seconds,
                                         max_entries=2 * self.mqtt.max_connections + 1024)
         self.subscription_quota = SubscriptionQuota(self.mqtt.limits.subscriptions_per_identity)
+        # The sessions' audit lines, written off the event loop in batches.
+        self.audit_writer = AuditWriter(services.audit)
         self.persistent = PersistentSessions(limits.persistent_sessions_per_identity,
                                              limits.persistent_session_expiry_seconds, self.subscription_quota)
         self.port: int | None = None
@@ -668,6 +721,7 @@ class MqttGateway:
     # -- lifecycle
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.audit_writer.start(self.loop)
         self.ssl_context = server_ssl_context(self.config) if self.mqtt.tls else None
         host, port = parse_hostport(self.mqtt.listen)
         self._accepting = True
@@ -715,10 +769,11 @@ class MqttGateway:
             self._report_timer = None
         self._report_refusals(everything=True)
         await asyncio.sleep(0)  # let the closing transports flush their DISCONNECTs
+        await self.audit_writer.close()
 
     # -- connections
     def new_session(self) -> Session:
-        return Session(config=self.mqtt, policies=self.services.policies, audit=self.services.audit,
+        return Session(config=self.mqtt, policies=self.services.policies,
                        rate_limiter=self.rate_limiter, token_leeway=self.config.oidc.leeway_seconds,
                        upstream_password=self._upstream_password,
                        credential_problem=self.services.ownership.credential_problem,
@@ -796,7 +851,7 @@ class MqttGateway:
         if session.identity is not None and session.upstream_client_id:
             self.persistent.closed(session.upstream_client_id, session.subscribed_filters(), session.session_expiry)
 
-    def refuse_penalized(self, session: Session, identity: Identity) -> Actions | None:
+    def refuse_penalized(self, session: Session, identity: Identity) -> list[Command] | None:
         """Right after authentication: the refusal of an identity in its reconnect back-off, or None."""
         if not self.penalty.enabled or session.established:  # (a re-authentication is not a connect)
             return None
@@ -808,7 +863,7 @@ class MqttGateway:
             self.services.audit.record(protocol="mqtt", action="connect", decision="deny", identity=identity,
                                        reason=RECONNECT_PENALTY, count=count)
         self._arm_report_timer()
-        return session.refuse_authenticated(RECONNECT_PENALTY, "reconnect back-off")
+        return session.handle(ev.ConnectRefused(RECONNECT_PENALTY, "reconnect back-off"))
 
     def _audit_refused(self, address: str, counts: dict[str, int]) -> None:
         reasons = sorted(counts)

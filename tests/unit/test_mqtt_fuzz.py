@@ -20,7 +20,9 @@ from proxy.mqtt.codec import Framer, ProtocolError
 from proxy.mqtt.packets import (
     MQTT_5, MQTT_311, Connect, PacketType, Prop, Reason, Subscribe, Subscription, Unsubscribe, Will,
 )
-from proxy.mqtt.session import AUTH_METHOD, Session, topic_matches
+from proxy.mqtt.handshake import AUTH_METHOD
+from proxy.mqtt.session import Session
+from proxy.mqtt.subscriptions import filter_matches as topic_matches
 from tests.unit.test_mqtt_session import ALICE, THERMO, Clock, FakePolicies, connack, make
 
 T = PacketType

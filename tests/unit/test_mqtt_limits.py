@@ -15,7 +15,8 @@ from proxy.mqtt.codec import ProtocolError
 from proxy.mqtt.packets import (
     MQTT_5, MQTT_311, Connect, PacketType, Reason, Subscribe, Subscription, Unsubscribe, Will,
 )
-from proxy.mqtt.session import RateLimiter, SubscriptionQuota
+from proxy.mqtt.ratelimit import RateLimiter
+from proxy.mqtt.subscriptions import SubscriptionQuota
 from tests.unit.test_mqtt_session import (
     ALICE, BOB, Clock, FakePolicies, connack, connect_packet, denials, make, only, open_session, pub,
     suback_of,

@@ -52,7 +52,8 @@ from proxy.facts import Delegation, DeviceFacts, StaticFacts
 from proxy.identity.model import AuthReason, Identity
 from proxy.mqtt import codec
 from proxy.mqtt.packets import Connect, Prop, Subscribe, Subscription, Suback, Unsubscribe, Will
-from proxy.mqtt.session import Actions, Session
+from proxy.mqtt.session import Session
+from tests.unit.mqtt_driver import Driver, Outcome
 from proxy.policy import Policies
 
 # --------------------------------------------------------------------------- policy text and its oracle
@@ -395,7 +396,7 @@ class GatewayModel(RuleBasedStateMachine):
         """Check and carry out one Actions, as the shell does (client_closed() after a close)."""
         if acts is None:
             return
-        assert isinstance(acts, Actions), acts
+        assert isinstance(acts, Outcome), acts
         level = self.level
         to_client = parse(acts.to_client, level)
         to_broker = parse(acts.to_broker, level)
@@ -539,8 +540,8 @@ class GatewayModel(RuleBasedStateMachine):
         self.age = 0                               # steps since this connection began
         self.will_topic, self.will_upstream = will, False
         extra = {"credential_problem": self._credential_problem} if CREDENTIAL_KW else {}
-        self.s = Session(config=MqttConfig(tls=False, max_keepalive_seconds=60, connect_timeout_seconds=10.0),
-                         policies=self.policies, audit=MemoryAudit(), clock=self.mono, wallclock=self.wall, **extra)
+        self.s = Driver(Session(config=MqttConfig(tls=False, max_keepalive_seconds=60, connect_timeout_seconds=10.0),
+                                policies=self.policies, clock=self.mono, wallclock=self.wall, **extra), MemoryAudit())
         cid = ident.device_id if ident.is_device else "app"
         w = Will(will, b"gone", will_qos, False) if will else None
         acts = self.s.client_data(codec.encode_connect(Connect("MQTT", level, True, keepalive, cid, ident.username,
