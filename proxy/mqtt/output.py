@@ -31,8 +31,8 @@ class Output:
         self.open_upstream = False
         self.close: Close | None = None
 
-    def commands(self, records: list[Record], counts: dict[Metric, int]) -> list[Command]:
-        """The commands, in ORDER; takes (and empties) ``records`` and ``counts``."""
+    def commands(self, records: list[Record], counts: list[tuple[Metric, int]] | None) -> list[Command]:
+        """The commands, in ORDER; takes (and empties) ``records``."""
         out: list[Command] = []
         if self.to_client:
             out.append(SendToClient(self.to_client))
@@ -46,8 +46,7 @@ class Output:
             out.append(AuditRecords(records[:]))
             records.clear()
         if counts:
-            out.append(CountMetrics(tuple(counts.items())))
-            counts.clear()
+            out.append(CountMetrics(counts))
         if self.close is not None:
             out.append(self.close)
         return out

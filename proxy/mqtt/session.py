@@ -409,7 +409,10 @@ class Session:
         acts = Output()
         if not self.closed:
             _HANDLERS[type(event)](self, acts, event)
-        return acts.commands(self._records, self._counts)
+        counts = None
+        if self._published or self._forwarded or self._delivered or self._handed or self._counts:
+            counts = self._take_counts()
+        return acts.commands(self._records, counts)
 
     def _on_client_data(self, acts: Output, event: ClientData) -> None:
         data = event.data
@@ -435,7 +438,6 @@ class Session:
             if start:
                 self._last_rx = now
                 if start == len(view):  # the whole chunk: nothing left for the full path
-                    self._flush_counts()
                     return acts
                 # The full path goes on where the fast one stopped; a pass-through
                 # packet right after may still join the fast path's slice.
@@ -468,7 +470,6 @@ class Session:
             self._client_violation(acts, exc)
         finally:
             self._end_run()
-            self._flush_counts()
         return acts
 
     def _on_broker_data(self, acts: Output, event: BrokerData) -> None:
@@ -514,7 +515,6 @@ class Session:
                 self._close(acts, "protocol_error", f"broker: {exc.message}")
         finally:
             self._end_run()
-            self._flush_counts()
         return acts
 
     def _on_authenticated(self, acts: Output, event: Authenticated) -> Output:
@@ -1384,21 +1384,23 @@ class Session:
         self._pub_cache.clear()
         self._caches_until = now + _DECISION_TTL
 
-    def _flush_counts(self) -> None:
-        # Allowed messages are counted in bulk, once per chunk.
-        counts = self._counts
+    def _take_counts(self) -> list[tuple[Metric, int]]:
+        """What the call counted. Allowed messages are counted in plain integers, in bulk."""
+        out = list(self._counts.items())
+        self._counts.clear()
         if self._published:
-            counts[_ALLOWED_PUBLISH] = counts.get(_ALLOWED_PUBLISH, 0) + self._published
+            out.append((_ALLOWED_PUBLISH, self._published))
             self._published = 0
         if self._delivered:
-            counts[_ALLOWED_RECEIVE] = counts.get(_ALLOWED_RECEIVE, 0) + self._delivered
+            out.append((_ALLOWED_RECEIVE, self._delivered))
             self._delivered = 0
         if self._forwarded:
-            counts[_TO_BROKER] = counts.get(_TO_BROKER, 0) + self._forwarded
+            out.append((_TO_BROKER, self._forwarded))
             self._forwarded = 0
         if self._handed:
-            counts[_TO_CLIENT] = counts.get(_TO_CLIENT, 0) + self._handed
+            out.append((_TO_CLIENT, self._handed))
             self._handed = 0
+        return out
 
     def _count(self, metric: Metric, n: int = 1) -> None:
         self._counts[metric] = self._counts.get(metric, 0) + n
