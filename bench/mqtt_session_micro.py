@@ -59,8 +59,9 @@ def _driver(session: Any) -> tuple[Any, Any, Any]:
 
 
 def open_session(level: int) -> tuple[Any, Any]:
-    from proxy.mqtt.session import Session
     import inspect
+
+    from proxy.mqtt.session import Session
     kw: dict[str, Any] = {"audit": MemoryAudit()} if "audit" in inspect.signature(Session).parameters else {}
     s = Session(config=MqttConfig(tls=False), policies=_Policies(), **kw)  # type: ignore[arg-type]
     client, broker, auth = _driver(s)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from proxy.audit import AuditLog
 from proxy.mqtt.commands import Record

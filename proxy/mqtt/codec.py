@@ -20,9 +20,27 @@ from __future__ import annotations
 import struct
 
 from proxy.mqtt.packets import (
-    ALLOWED_PROPS, MQTT_5, MQTT_31, MQTT_311, PROP_TYPES, REPEATABLE_PROPS, REQUIRED_FLAGS, WILL,
-    Auth, Connack, Connect, Disconnect, PacketType, Properties, PropType, PublishInfo, Reason,
-    Suback, Subscribe, Subscription, Unsubscribe,
+    ALLOWED_PROPS,
+    MQTT_5,
+    MQTT_31,
+    MQTT_311,
+    PROP_TYPES,
+    REPEATABLE_PROPS,
+    REQUIRED_FLAGS,
+    WILL,
+    Auth,
+    Connack,
+    Connect,
+    Disconnect,
+    PacketType,
+    Properties,
+    PropType,
+    PublishInfo,
+    Reason,
+    Suback,
+    Subscribe,
+    Subscription,
+    Unsubscribe,
 )
 from proxy.mqtt.packets import Will as WillRecord
 
@@ -215,7 +233,8 @@ class Framer:
     def _cut(self, mv: memoryview, pos: int, out: list[Frame]) -> list[Frame]:
         end = len(mv)
         if self._pending:
-            assert not pos, "feed from an offset with a packet pending"
+            if pos:
+                raise RuntimeError("feed from an offset with a packet pending")
             pos = self._complete_pending(mv, out)
             if pos < 0:
                 return out
@@ -273,7 +292,7 @@ class Framer:
         raw = bytes(self._pending)
         self._pending.clear()
         self._need = 0
-        ptype, flags, hlen, total = parse_header(raw, 0, len(raw), self.max_packet_size)  # type: ignore[misc]
+        ptype, flags, hlen, _ = parse_header(raw, 0, len(raw), self.max_packet_size)  # type: ignore[misc]
         out.append(Frame(ptype, flags, memoryview(raw), hlen, -1, -1))
         return pos
 
@@ -498,9 +517,7 @@ def decode_connect(body: memoryview, *, max_client_id: int = 0, max_username: in
     r = _Reader(body)
     name = r.raw_string().tobytes()
     level = r.u8()
-    if name == b"MQTT" and level in (MQTT_311, MQTT_5):
-        pass
-    elif name == b"MQIsdp" and level == MQTT_31:
+    if (name == b"MQTT" and level in (MQTT_311, MQTT_5)) or (name == b"MQIsdp" and level == MQTT_31):
         pass
     elif name in (b"MQTT", b"MQIsdp"):
         raise ProtocolError(Reason.UNSUPPORTED_PROTOCOL_VERSION, f"protocol level {level} not supported",

@@ -24,8 +24,9 @@ switches to a fresh one whenever ``get_write_buffer_size()`` is non-zero after i
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple
 
 from proxy.identity.model import Identity
 from proxy.mqtt.events import Buffer

@@ -11,7 +11,6 @@ shell reuses (see :mod:`proxy.mqtt.commands` for how long it must stay unchanged
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from proxy.identity.model import AuthReason, Identity
 
@@ -19,7 +18,7 @@ __all__ = ["Authenticated", "AuthenticationFailed", "BrokerClosed", "BrokerData"
            "ClientData", "ConnectRefused", "Event", "Invalidated", "Shutdown", "Tick"]
 
 #: Bytes as the shell reads them (any split, down to one byte at a time).
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ Which credential a CONNECT carries (:func:`classify_credentials`):
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Callable
 
 from proxy.config import MqttConfig
 from proxy.identity.model import Identity
@@ -30,7 +30,7 @@ __all__ = ["AUTH_METHOD", "Binding", "bind_client_id", "classify_credentials", "
 #: The v5 enhanced-authentication method the gateway answers itself.
 AUTH_METHOD = "keygate-token"
 
-Credentials = Union[tuple[str], tuple[str, str], tuple[str, str, str]]
+Credentials = tuple[str] | tuple[str, str] | tuple[str, str, str]
 
 
 def classify_credentials(req: AuthRequest, cert_cn: str | None,

@@ -8,11 +8,20 @@ one chunk into one slice of the buffer they came in, made only when the run ends
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from proxy.mqtt.commands import (
-    AuditRecords, Authenticate, AuthRequest, Close, Command, CountMetrics, Metric, OpenUpstream, Record,
-    SendToBroker, SendToClient,
+    AuditRecords,
+    Authenticate,
+    AuthRequest,
+    Close,
+    Command,
+    CountMetrics,
+    Metric,
+    OpenUpstream,
+    Record,
+    SendToBroker,
+    SendToClient,
 )
 from proxy.mqtt.events import Buffer
 

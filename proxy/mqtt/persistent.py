@@ -27,7 +27,7 @@ keygate processes in front of one broker, each bounds what it let in.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 __all__ = ["PersistentSessions", "PERSISTENT_SESSIONS"]
 

@@ -8,7 +8,7 @@ gives back what it did not use, instead of one call per message.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from proxy.config import RateLimitConfig
 
@@ -27,7 +27,7 @@ class RateLimiter:
         self._buckets: dict[str, list[float]] = {}
 
     @classmethod
-    def from_config(cls, cfg: RateLimitConfig, *, clock: Callable[[], float] = time.monotonic) -> "RateLimiter":
+    def from_config(cls, cfg: RateLimitConfig, *, clock: Callable[[], float] = time.monotonic) -> RateLimiter:
         return cls(cfg.messages_per_second, cfg.burst, clock=clock)
 
     def allow(self, key: str, cost: float = 1.0) -> bool:

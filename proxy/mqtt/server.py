@@ -52,22 +52,35 @@ from prometheus_client import Counter, Gauge
 from proxy.config import Config, parse_hostport, read_secret
 from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY, Tally
-from proxy.mqtt.admission import (
-    PENALIZED_CLOSES, PER_ADDRESS, RATE, RECONNECT_PENALTY, AddressLimiter, ReconnectPenalty, address_key,
-)
-from proxy.mqtt.cleaner import clear_device
-from proxy.mqtt.persistent import PERSISTENT_SESSIONS, PersistentSessions
 from proxy.mqtt import events as ev
+from proxy.mqtt.admission import (
+    PENALIZED_CLOSES,
+    PER_ADDRESS,
+    RATE,
+    RECONNECT_PENALTY,
+    AddressLimiter,
+    ReconnectPenalty,
+    address_key,
+)
 from proxy.mqtt.audit_writer import AuditWriter
+from proxy.mqtt.cleaner import clear_device
 from proxy.mqtt.commands import (
-    AuditRecords, Authenticate, AuthRequest, Close, Command, CountMetrics, Metric, OpenUpstream, SendToBroker,
+    AuditRecords,
+    Authenticate,
+    AuthRequest,
+    Close,
+    Command,
+    CountMetrics,
+    Metric,
+    OpenUpstream,
+    SendToBroker,
     SendToClient,
 )
 from proxy.mqtt.handshake import classify_credentials
+from proxy.mqtt.persistent import PERSISTENT_SESSIONS, PersistentSessions
 from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.session import Session
 from proxy.mqtt.subscriptions import SubscriptionQuota
-from proxy.mqtt.transport import Transport
 from proxy.services import Services
 from proxy.tls import PeerCertificate, peer_certificate, server_context
 
@@ -159,7 +172,7 @@ class _ClientSide(asyncio.BufferedProtocol):
 
     __slots__ = ("conn", "_gateway", "_session")
 
-    def __init__(self, gateway: "MqttGateway"):
+    def __init__(self, gateway: MqttGateway):
         self._gateway = gateway
         self._session = gateway.new_session()
         self.conn: Connection | None = None
@@ -205,7 +218,7 @@ class _TlsClientSide(asyncio.BufferedProtocol):
 
     __slots__ = ("conn", "_gateway", "_accept", "_raw", "_in", "_out", "_tls", "_ready", "_closing")
 
-    def __init__(self, gateway: "MqttGateway", accept: Any = None):
+    def __init__(self, gateway: MqttGateway, accept: Any = None):
         self._gateway = gateway
         # accept(self) -> what receives the plaintext (a Connection, or the WebSocket listener's
         # HTTP side), or None when refused; by default an MQTT connection of the gateway.
@@ -362,7 +375,7 @@ class _BrokerSide(asyncio.BufferedProtocol):
 
     __slots__ = ("conn", "_buffer")
 
-    def __init__(self, conn: "Connection"):
+    def __init__(self, conn: Connection):
         self.conn = conn
         self._buffer = conn.gateway.recv_buffer
 
@@ -399,7 +412,7 @@ class Connection:
                  "_auth_task", "_timer", "_timer_at", "_client_pauses", "_broker_paused", "closed",
                  "close_reason", "_seen_inputs", "address", "peer_key", "__weakref__")
 
-    def __init__(self, gateway: "MqttGateway", transport: Any, session: Session, *, websocket: bool = False):
+    def __init__(self, gateway: MqttGateway, transport: Any, session: Session, *, websocket: bool = False):
         self.gateway = gateway
         self.client = transport
         self.session = session
@@ -530,7 +543,7 @@ class Connection:
     async def _dial(self) -> None:
         try:
             transport, _ = await self.gateway.connect_upstream(lambda: _BrokerSide(self))
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self._dialing = None
             if not self.closed:
                 log.warning("MQTT broker unreachable at %s: %s", self.gateway.mqtt.upstream, exc)
@@ -938,7 +951,8 @@ class MqttGateway:
     async def connect_upstream(self, factory: Any) -> tuple[asyncio.BaseTransport, Any]:
         upstream = self.mqtt.upstream
         timeout = self.mqtt.connect_timeout_seconds
-        assert self.loop is not None
+        if self.loop is None:
+            raise RuntimeError("self.loop is not set")
         if upstream.startswith("unix:"):
             return await asyncio.wait_for(self.loop.create_unix_connection(factory, upstream[5:]), timeout)
         host, port = parse_hostport(upstream)

@@ -198,7 +198,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from proxy.config import MqttConfig
 from proxy.identity.model import AuthReason, Identity
@@ -206,16 +207,39 @@ from proxy.mqtt import codec, fastpath
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
 from proxy.mqtt.commands import AuthRequest, Close, Command, Metric, Record
 from proxy.mqtt.events import (
-    Authenticated, AuthenticationFailed, BrokerClosed, BrokerData, Buffer, ClientClosed, ClientData,
-    ConnectRefused, Event, Invalidated, Shutdown, Tick,
+    Authenticated,
+    AuthenticationFailed,
+    BrokerClosed,
+    BrokerData,
+    ClientClosed,
+    ClientData,
+    ConnectRefused,
+    Event,
+    Invalidated,
+    Shutdown,
+    Tick,
 )
 from proxy.mqtt.handshake import AUTH_METHOD, bind_client_id, client_connack_props, escape_sub, upstream_connect
 from proxy.mqtt.output import Output, Run
-from proxy.mqtt.phase import AUTH, CLOSED, CONNECT, OPEN, UPSTREAM, Phase, advance
 from proxy.mqtt.packets import (
-    MQTT_5, V3_CONNACK_FOR, V3_SUBACK_FAILURE, Connect, Disconnect, PacketType, Prop, Reason, Suback,
-    Properties, Subscribe, Subscription, Unsubscribe, V3ConnackCode, get_prop, without_props,
+    MQTT_5,
+    V3_CONNACK_FOR,
+    V3_SUBACK_FAILURE,
+    Connect,
+    Disconnect,
+    PacketType,
+    Prop,
+    Properties,
+    Reason,
+    Suback,
+    Subscribe,
+    Subscription,
+    Unsubscribe,
+    V3ConnackCode,
+    get_prop,
+    without_props,
 )
+from proxy.mqtt.phase import AUTH, CLOSED, CONNECT, OPEN, UPSTREAM, Phase, advance
 from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.subscriptions import SubscriptionQuota, SubscriptionTable
 from proxy.policy.decision import Decision, SubscribeDecision, Verdict
@@ -917,14 +941,16 @@ class Session:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, "empty topic without a topic alias")
             key = (topic_b, qos, info.retain)
         ident = self.identity
-        assert ident is not None
+        if ident is None:
+            raise RuntimeError("ident is not set")
         # Decisions are cached per (topic, QoS, retain) until invalidate() or the cache's TTL;
         # only topics that passed the checks get an entry.
         entry = self._pub_cache.get(key)
         if entry is None:
             if not rewrite:
                 topic = codec.topic_from_bytes(topic_b)
-            d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id, now=self.wallclock())
+            d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id,
+                                          now=self.wallclock())
             cache = self._pub_cache
             if not cache:
                 self._pub_cache_bytes = 0  # emptied elsewhere since the last entry
@@ -1019,7 +1045,8 @@ class Session:
             packet, topic, retain = held
             self._qos2_held_bytes -= len(packet)
             ident = self.identity
-            assert ident is not None
+            if ident is None:
+                raise RuntimeError("ident is not set")
             problem = self._standing_problem(ident)
             d = None if problem else self.policies.may_publish(ident, topic, qos=2, retain=retain,
                                                                client_id=self.client_id, now=self.wallclock())
@@ -1077,7 +1104,8 @@ class Session:
         level = self.protocol_level
         sub = codec.decode_subscribe(frame.body, level, self._topic_max)
         ident = self.identity
-        assert ident is not None
+        if ident is None:
+            raise RuntimeError("ident is not set")
         v5 = level == MQTT_5
         if self._rate_refused(acts, "subscribe", ident, len(sub.subscriptions), sub.subscriptions[0].topic_filter):
             if not self.closed:  # drop: every filter refused, nothing reaches the broker
@@ -1133,7 +1161,7 @@ class Session:
                 slots.append(deny_code)
         self._table_changed()
         if len(keep) == len(slots) and all(k.topic_filter == s.topic_filter
-                                           for k, s in zip(keep, sub.subscriptions)):
+                                           for k, s in zip(keep, sub.subscriptions, strict=False)):
             self._pass(acts.to_broker, frame, data)
             return
         self._end_run()
@@ -1173,7 +1201,8 @@ class Session:
         level = self.protocol_level
         unsub = codec.decode_unsubscribe(frame.body, level, self._topic_max)
         ident = self.identity
-        assert ident is not None
+        if ident is None:
+            raise RuntimeError("ident is not set")
         if self._rate_refused(acts, "unsubscribe", ident, len(unsub.topic_filters), unsub.topic_filters[0]):
             if not self.closed:
                 if level == MQTT_5:  # drop: UNSUBACK has no quota code; the filters stay subscribed
@@ -1309,7 +1338,8 @@ class Session:
 
     def _client_connack_props(self, broker_props: Properties) -> Properties:
         c = self._connect
-        assert c is not None
+        if c is None:
+            raise RuntimeError("c is not set")
         props, self.keepalive = client_connack_props(
             broker_props, self.config, assigned_id=self.client_id if self._assigned_id else None,
             keepalive=self.keepalive, asked_keepalive=c.keepalive, enhanced_auth=self._enhanced_auth)
@@ -1414,7 +1444,8 @@ class Session:
         """Ask the policy again for the subscription grants (those resting on ``devices``, or all),
         for the identity in force now."""
         ident = self.identity
-        assert ident is not None
+        if ident is None:
+            raise RuntimeError("ident is not set")
 
         def decide(match: str, qos: int) -> tuple[Verdict, float | None, frozenset[str]]:
             d = self.policies.may_subscribe(ident, match, qos=qos, client_id=self.client_id, now=self.wallclock())

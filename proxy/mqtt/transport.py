@@ -4,7 +4,8 @@ provide as well (:mod:`proxy.mqtt.websocket`)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 __all__ = ["Transport"]
 

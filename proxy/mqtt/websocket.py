@@ -109,7 +109,8 @@ class WebSocketTransport:
     async def pump_out(self) -> None:
         """Send queued bytes as one binary frame per batch, until closed."""
         ws = self._ws
-        assert ws is not None
+        if ws is None:
+            raise RuntimeError("ws is not set")
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -131,7 +132,8 @@ class WebSocketTransport:
 
     async def pump_in(self, on_data) -> None:
         ws = self._ws
-        assert ws is not None
+        if ws is None:
+            raise RuntimeError("ws is not set")
         while not self._closing:
             await self._reading.wait()
             if self._closing:
@@ -151,7 +153,7 @@ class _HttpSide:
 
     __slots__ = ("listener", "transport", "ws_transport", "http", "guard")
 
-    def __init__(self, listener: "WebSocketListener", transport: Any, ws_transport: WebSocketTransport):
+    def __init__(self, listener: WebSocketListener, transport: Any, ws_transport: WebSocketTransport):
         self.listener = listener
         self.transport = transport  # what aiohttp sees: the TLS side, or the plain socket
         self.ws_transport = ws_transport
@@ -217,7 +219,7 @@ class _PlainSide(asyncio.Protocol):
 
     __slots__ = ("listener", "side")
 
-    def __init__(self, listener: "WebSocketListener"):
+    def __init__(self, listener: WebSocketListener):
         self.listener = listener
         self.side: _HttpSide | None = None
 
@@ -248,7 +250,7 @@ class WebSocketListener:
     """Accepts sockets itself (admission and deadline from accept) and lets aiohttp speak HTTP
     and WebSocket on them; each upgraded socket carries on as the Connection made at accept."""
 
-    def __init__(self, gateway: "MqttGateway"):
+    def __init__(self, gateway: MqttGateway):
         self.gateway = gateway
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None

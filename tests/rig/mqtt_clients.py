@@ -168,7 +168,8 @@ class Paho:
 
 async def gmqtt_client(rig, client_id: str, *, username: str | None, password: str | None, version: int = V5,
                        cert=None, clean: bool = True):
-    """A connected gmqtt client; ``client.received`` is an asyncio.Queue of Message."""
+    """A connected gmqtt client; ``client.received`` is an asyncio.Queue of Message,
+    ``client.subacks`` one of the SUBACKs it got."""
     import gmqtt
     from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
@@ -183,6 +184,12 @@ async def gmqtt_client(rig, client_id: str, *, username: str | None, password: s
         return 0
 
     client.on_message = on_message
+    client.subacks = asyncio.Queue()  # (mid, granted QoS) per SUBACK: wait for it, not a while
+
+    def on_subscribe(c, mid, qos, properties):
+        client.subacks.put_nowait((mid, qos))
+
+    client.on_subscribe = on_subscribe
     await client.connect(rig.host, rig.port, ssl=rig.client_ssl(cert) or False,
                          version=MQTTv50 if version == V5 else MQTTv311, keepalive=30)
     return client
@@ -239,7 +246,7 @@ class MosquittoSub:
         while (left := end - time.monotonic()) > 0:
             try:
                 out.append(await self.line(left))
-            except (asyncio.TimeoutError, EOFError):
+            except (TimeoutError, EOFError):
                 break
         return out
 
@@ -292,7 +299,7 @@ class RawClient:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, rig, *, port: int | None = None, cert=None) -> "RawClient":
+    async def open(cls, rig, *, port: int | None = None, cert=None) -> RawClient:
         ctx = rig.client_ssl(cert)
         r, w = await asyncio.open_connection(rig.host, port or rig.port, ssl=ctx,
                                              server_hostname="localhost" if ctx else None)
@@ -329,7 +336,7 @@ class RawClient:
                     return True
         except (ConnectionError, ssl.SSLError):
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return False
 
@@ -337,5 +344,5 @@ class RawClient:
         self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 2)
-        except (asyncio.TimeoutError, ConnectionError, ssl.SSLError):
+        except (TimeoutError, ConnectionError, ssl.SSLError):
             pass

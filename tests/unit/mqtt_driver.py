@@ -16,8 +16,18 @@ from proxy.audit import MemoryAudit
 from proxy.identity.model import AuthReason, Identity
 from proxy.mqtt import events as ev
 from proxy.mqtt.commands import (
-    ORDER, AuditRecords, Authenticate, AuthRequest, Close, Command, CountMetrics, Metric, OpenUpstream, Record,
-    SendToBroker, SendToClient,
+    ORDER,
+    AuditRecords,
+    Authenticate,
+    AuthRequest,
+    Close,
+    Command,
+    CountMetrics,
+    Metric,
+    OpenUpstream,
+    Record,
+    SendToBroker,
+    SendToClient,
 )
 from proxy.mqtt.session import Session
 

@@ -22,6 +22,7 @@ comparing the full path with itself.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import Counter
 
 from hypothesis import given
@@ -31,7 +32,13 @@ from proxy.mqtt import codec, fastpath
 from proxy.mqtt.packets import MQTT_5, MQTT_311, Prop, Subscribe, Subscription
 from proxy.mqtt.ratelimit import RateLimiter
 from tests.unit.test_mqtt_fuzz import (
-    POLICIES, SETTINGS, broker_packet, client_packet, connect_bytes, mutated, properties_for,
+    POLICIES,
+    SETTINGS,
+    broker_packet,
+    client_packet,
+    connect_bytes,
+    mutated,
+    properties_for,
 )
 from tests.unit.test_mqtt_session import ALICE, Clock, FakePolicies, connack, make, open_session, pub
 
@@ -152,7 +159,7 @@ def chunked(draw, distinct: list[bytes], others: list[bytes]) -> tuple[bytes, li
     elif how == "mutated":
         stream = draw(mutated(stream))
     bounds = [0] + sorted(c for c in cuts if 0 < c < len(stream)) + [len(stream)]
-    chunks = [stream[a:b] for a, b in zip(bounds, bounds[1:]) if a < b]
+    chunks = [stream[a:b] for a, b in itertools.pairwise(bounds) if a < b]
     return b"".join(dict.fromkeys(distinct)), chunks
 
 

@@ -8,7 +8,6 @@ policy engine when it is importable.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import pytest
 
@@ -17,12 +16,21 @@ from proxy.config import MqttConfig, MqttLimitsConfig, RateLimitConfig
 from proxy.identity.model import ANONYMOUS, AuthReason, Identity
 from proxy.mqtt import codec
 from proxy.mqtt.codec import Framer
-from proxy.mqtt.packets import (
-    MQTT_5, MQTT_311, Connect, PacketType, Prop, Reason, Subscribe, Subscription, Unsubscribe, Will,
-    get_prop,
-)
 from proxy.mqtt.commands import AuthRequest
 from proxy.mqtt.handshake import AUTH_METHOD, classify_credentials
+from proxy.mqtt.packets import (
+    MQTT_5,
+    MQTT_311,
+    Connect,
+    PacketType,
+    Prop,
+    Reason,
+    Subscribe,
+    Subscription,
+    Unsubscribe,
+    Will,
+    get_prop,
+)
 from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.session import Session
 from proxy.mqtt.subscriptions import filter_matches as topic_matches
@@ -87,7 +95,8 @@ class Clock:
         return self.t
 
 
-def make(level=MQTT_311, policies=None, *, clock=None, wallclock=None, **cfg) -> tuple[Driver, FakePolicies, MemoryAudit]:
+def make(level=MQTT_311, policies=None, *, clock=None, wallclock=None,
+         **cfg) -> tuple[Driver, FakePolicies, MemoryAudit]:
     policies = policies or FakePolicies(pub=["devices/thermo-1/#"], sub_allow=["devices/thermo-1/#"])
     audit = MemoryAudit()
     limiter = cfg.pop("rate_limiter", None)
@@ -428,7 +437,7 @@ def test_broker_refusal_is_forwarded():
 
 
 def test_packets_sent_before_connack_wait_and_are_then_checked():
-    s, p, _ = make()
+    s, _p, _ = make()
     data = connect_packet() + pub("devices/thermo-1/t", b"ok") + pub("devices/thermo-2/t", b"no")
     acts = s.client_data(data)
     assert acts.auth is not None and not acts.to_broker
@@ -642,7 +651,7 @@ def test_oversized_packet_refused_from_its_header():
 
 
 def test_topic_aliases_are_resolved_and_never_reach_the_broker():
-    s, p, _ = open_session(MQTT_5)
+    s, _p, _ = open_session(MQTT_5)
     acts = s.client_data(pub("devices/thermo-1/t", b"one", level=5, props=[(Prop.TOPIC_ALIAS, 1)]))
     f = only(acts.to_broker, T.PUBLISH)
     assert bytes(f.raw) == pub("devices/thermo-1/t", b"one", level=5)  # full topic, alias removed
@@ -886,7 +895,7 @@ def test_only_allow_subscriptions_need_no_delivery_checks():
 
 
 def test_revocation_stops_deliveries_on_invalidate():
-    s, p, audit = wildcard_session()
+    s, p, _audit = wildcard_session()
     raw = pub("devices/public-1/telemetry")
     assert s.broker_data(raw).to_client
     p.recv.remove("devices/public-1/#")  # the device is no longer public
@@ -1004,7 +1013,7 @@ rules:
     subjects: [owner]
     mqtt: {topics: ["devices/{device}/#"], actions: [publish, subscribe]}
 """, facts)
-    s, _, audit = open_session(MQTT_5, policies=policies)
+    s, _, _audit = open_session(MQTT_5, policies=policies)
     assert s.client_data(pub("devices/thermo-1/telemetry", level=5)).to_broker
     acts = s.client_data(pub("devices/thermo-2/cmd", qos=1, pid=2, level=5))
     assert not acts.to_broker and bytes(only(acts.to_client, T.PUBACK).body) == b"\x00\x02\x87"
@@ -1184,7 +1193,7 @@ def test_allowed_will_goes_out_on_every_way_out(how):
 
 def test_will_is_discarded_once_the_token_has_expired():
     clock, wall = Clock(), Clock(5000.0)
-    s, p, audit = make(MQTT_5, FakePolicies(pub=["devices/thermo-1/#"]), clock=clock, wallclock=wall)
+    s, _p, _audit = make(MQTT_5, FakePolicies(pub=["devices/thermo-1/#"]), clock=clock, wallclock=wall)
     s.client_data(connect_packet(MQTT_5, will=Will("devices/thermo-1/status", b"gone", 0, False)))
     s.authenticated(dataclasses.replace(ALICE, expires_at=5010.0))
     s.broker_data(connack(MQTT_5))

@@ -33,28 +33,36 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from proxy.audit import MemoryAudit
 from proxy.config import Config, MqttConfig, OidcConfig
-from tests.unit.policy_helpers import to
 from proxy.facts import Delegation, DeviceFacts, StaticFacts
 from proxy.identity.model import Identity
-from proxy.mqtt import codec
-from proxy.mqtt.codec import Framer
-from proxy.mqtt.packets import MQTT_5, MQTT_311, Connect, PacketType, Prop, Reason, Will
-from proxy.mqtt.server import MqttGateway
-from proxy.mqtt import events as ev
 from proxy.metrics import REGISTRY
+from proxy.mqtt import codec
+from proxy.mqtt import events as ev
+from proxy.mqtt.codec import Framer
 from proxy.mqtt.commands import (
-    AuditRecords, Close, CountMetrics, Metric, OpenUpstream, Record, SendToBroker, SendToClient,
+    AuditRecords,
+    Close,
+    CountMetrics,
+    Metric,
+    OpenUpstream,
+    Record,
+    SendToBroker,
+    SendToClient,
 )
 from proxy.mqtt.handshake import AUTH_METHOD
+from proxy.mqtt.packets import MQTT_5, MQTT_311, Connect, PacketType, Prop, Reason, Will
+from proxy.mqtt.server import MqttGateway
 from proxy.policy import Policies
 from proxy.services import Services
+from tests.unit.policy_helpers import to
 
 T = PacketType
 
@@ -368,7 +376,7 @@ async def open_pair(r: Rig, level: int = MQTT_311, *, will: Will | None = None, 
     return client
 
 
-def revoke_silently(r: "Rig") -> None:
+def revoke_silently(r: Rig) -> None:
     """The Will's grant ends without the session being told (as when a grant simply runs out and
     the timer has not fired yet): only the decision at close can stop the Will then. (A change
     the session is told about ends the connection at once: see
