@@ -22,7 +22,7 @@ __all__ = ["RATE_BATCH", "broker_deliveries", "client_publishes"]
 RATE_BATCH = 256
 
 #: The session's publish decisions: (topic bytes or str, QoS, retain) -> (topic, decision).
-PublishCache = dict[tuple[object, int, int], tuple[str, Decision]]
+PublishCache = dict[tuple[str | bytes, int, int], tuple[str, Decision]]
 
 
 def client_publishes(mv: memoryview, cache: PublishCache, max_size: int, v5: bool, answered: set[int],

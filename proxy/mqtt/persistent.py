@@ -29,6 +29,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from proxy.mqtt.subscriptions import SubscriptionQuota
+
 __all__ = ["PersistentSessions", "PERSISTENT_SESSIONS"]
 
 PERSISTENT_SESSIONS = "persistent_sessions_per_identity"
@@ -45,8 +47,8 @@ class _Record:
 
 
 class PersistentSessions:
-    def __init__(self, per_identity: int, expiry_seconds: float, quota, *,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, per_identity: int, expiry_seconds: float, quota: SubscriptionQuota, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.per_identity = per_identity
         self.expiry_seconds = expiry_seconds
         self.quota = quota  # a SubscriptionQuota (charge / release), or None

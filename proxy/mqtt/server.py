@@ -45,7 +45,8 @@ import logging
 import socket
 import ssl
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
 
@@ -76,6 +77,7 @@ from proxy.mqtt.commands import (
     SendToBroker,
     SendToClient,
 )
+from proxy.mqtt.events import Buffer
 from proxy.mqtt.handshake import classify_credentials
 from proxy.mqtt.persistent import PERSISTENT_SESSIONS, PersistentSessions
 from proxy.mqtt.ratelimit import RateLimiter
@@ -146,12 +148,14 @@ _BYTES_IN = BYTES.labels("client_to_broker")
 _BYTES_OUT = BYTES.labels("broker_to_client")
 
 
-def _joined(items: list) -> bytes:
+def _joined(items: Sequence[Buffer]) -> bytes:
     """One ``bytes`` for one write. Items may be slices of the shared receive buffer,
     which must not outlive this call: transports (uvloop's in particular) may keep a
     reference to what they are given, so they only ever get ``bytes``."""
-    if len(items) == 1 and type(items[0]) is bytes:
-        return items[0]
+    if len(items) == 1:
+        first = items[0]
+        if type(first) is bytes:
+            return first
     return b"".join(items)
 
 
@@ -236,7 +240,10 @@ class _TlsClientSide(asyncio.BufferedProtocol):
         self._raw = transport  # type: ignore[assignment]
         self.conn = self._accept(self)
         if self.conn is not None:  # refused connections cost no TLS state
-            self._tls = self._gateway.ssl_context.wrap_bio(self._in, self._out, server_side=True)
+            ctx = self._gateway.ssl_context
+            if ctx is None:
+                raise RuntimeError("a TLS client side without a TLS context")
+            self._tls = ctx.wrap_bio(self._in, self._out, server_side=True)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._gateway.tls_read_buffer
@@ -419,15 +426,15 @@ class Connection:
         self.websocket = websocket
         self.upstream: asyncio.Transport | None = None
         self._pending_upstream: list[bytes] = []  # CONNECT (and more) while the broker is dialled
-        self._dialing: asyncio.Task | None = None
-        self._auth_task: asyncio.Task | None = None
+        self._dialing: asyncio.Task[None] | None = None
+        self._auth_task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._client_pauses: set[str] = set()  # why the client's reading is paused
         self._broker_paused = False
         self.closed = False
         self.close_reason = ""
-        self._seen_inputs: tuple = ()
+        self._seen_inputs: tuple[object, ...] = ()
         # The address whose unauthenticated place this connection holds, until its CONNACK.
         self.address: str | None = None
         self.peer_key: str | None = None  # the address key, kept for a reconnect penalty
@@ -554,13 +561,13 @@ class Connection:
         if self.closed:
             transport.close()
             return
-        self.upstream = transport  # type: ignore[assignment]
+        self.upstream = cast(asyncio.Transport, transport)  # a stream connection's (create_connection)
         if self._pending_upstream:
             data = b"".join(self._pending_upstream)
             self._pending_upstream.clear()
-            transport.write(data)
+            self.upstream.write(data)
         if self._broker_paused:
-            transport.pause_reading()
+            self.upstream.pause_reading()
 
     # -- timers: one handle per connection, at the session's next deadline
     def schedule(self) -> None:
@@ -576,6 +583,8 @@ class Connection:
         if timer is not None:
             timer.cancel()
         loop = self.gateway.loop
+        if loop is None:
+            raise RuntimeError("the gateway is not started")
         self._timer_at = deadline
         # Session deadlines are time.monotonic() values; the loop's clock may have another origin.
         self._timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()) + 0.001, self._on_timer)
@@ -814,12 +823,12 @@ class MqttGateway:
                         self._audit_refused(address, {RECONNECT_PENALTY: count})
                     self._arm_report_timer()
                     return None
-            why, count = self.address_limiter.admit(address)
-            if why is not None:
-                _REFUSED_BY_ADDRESS[why].inc()
+            refusal, count = self.address_limiter.admit(address)
+            if refusal is not None:
+                _REFUSED_BY_ADDRESS[refusal].inc()
                 transport.abort()
                 if count:
-                    self._audit_refused(address, {why: count})
+                    self._audit_refused(address, {refusal: count})
                 self._arm_report_timer()
                 return None
         if not websocket:
@@ -880,9 +889,9 @@ class MqttGateway:
 
     def _audit_refused(self, address: str, counts: dict[str, int]) -> None:
         reasons = sorted(counts)
+        extra: dict[str, Any] = {"counts": counts} if len(reasons) > 1 else {}
         self.services.audit.record(protocol="mqtt", action="connect", decision="deny", resource="",
-                                   reason="+".join(reasons), peer=address, count=sum(counts.values()),
-                                   **({"counts": counts} if len(reasons) > 1 else {}))
+                                   reason="+".join(reasons), peer=address, count=sum(counts.values()), **extra)
 
     def _arm_report_timer(self) -> None:
         """Refusals folded into a later line get that line even if the address stops trying."""
@@ -902,8 +911,9 @@ class MqttGateway:
                 self._audit_refused(address, counts)
         for key, count in self.penalty.due_reports(everything=everything):
             kind, _, name = key.partition(" ")
+            who: dict[str, Any] = {"peer": name} if kind == "address" else {"sub": name}
             self.services.audit.record(protocol="mqtt", action="connect", decision="deny", reason=RECONNECT_PENALTY,
-                                       count=count, **({"peer": name} if kind == "address" else {"sub": name}))
+                                       count=count, **who)
 
     def forget(self, conn: Connection) -> None:
         if conn in self.connections:
@@ -939,11 +949,11 @@ class MqttGateway:
         cred = classify_credentials(request, peer.common_name if peer else None,
                                     lambda name: ownership.facts.device(name) is not None)
         method = cred[0]
-        if method == "token":
+        if method == "token" and len(cred) == 2:
             return method, await self.services.tokens.validate(cred[1])
-        if method == "device_key":
+        if method == "device_key" and len(cred) == 3:
             return method, await ownership.authenticate_device_key(cred[1], cred[2])
-        if method == "certificate" and peer is not None:
+        if method == "certificate" and len(cred) == 2 and peer is not None:
             # Only a certificate enrolled for the device's current registration counts.
             return method, ownership.device_identity(cred[1], peer.fingerprint)
         raise AuthError(AuthReason.NO_CREDENTIALS)

@@ -211,6 +211,7 @@ from proxy.mqtt.events import (
     AuthenticationFailed,
     BrokerClosed,
     BrokerData,
+    Buffer,
     ClientClosed,
     ClientData,
     ConnectRefused,
@@ -219,6 +220,7 @@ from proxy.mqtt.events import (
     Shutdown,
     Tick,
 )
+from proxy.mqtt.fastpath import PublishCache
 from proxy.mqtt.handshake import AUTH_METHOD, bind_client_id, client_connack_props, escape_sub, upstream_connect
 from proxy.mqtt.output import Output, Run
 from proxy.mqtt.packets import (
@@ -230,6 +232,7 @@ from proxy.mqtt.packets import (
     PacketType,
     Prop,
     Properties,
+    PublishInfo,
     Reason,
     Suback,
     Subscribe,
@@ -348,7 +351,7 @@ class Session:
         self._aliases: dict[int, str] = {}
         self._subs = SubscriptionTable()
         self._recv_cache: dict[bytes, bool] = {}
-        self._pub_cache: dict[tuple, tuple[str, Any]] = {}
+        self._pub_cache: PublishCache = {}
         self._recv_cache_bytes = 0     # topic bytes in each cache since it was last empty
         self._pub_cache_bytes = 0
         self._caches_until = 0.0       # clock() after which both caches are dropped (time-bound grants)
@@ -361,7 +364,7 @@ class Session:
         self._rate_audit_at = 0.0
         # Refusals audited one line per second at most: kind -> [refused since the last line,
         # clock() of the next line allowed, the fields of the last refusal].
-        self._folds: dict[str, list] = {}
+        self._folds: dict[str, list[Any]] = {}  # [refused since the last line, next line at, fields]
         self._forwarded = 0            # PUBLISH packets passed on, per direction, not yet counted
         self._handed = 0
         self._suback_slots: dict[int, list[int | None]] = {}
@@ -394,7 +397,7 @@ class Session:
         return self._phase is OPEN
 
     @property
-    def deadline_inputs(self) -> tuple:
+    def deadline_inputs(self) -> tuple[object, ...]:
         """What :meth:`next_deadline` and :attr:`reading_paused` depend on besides activity
         (which only moves the keepalive deadline later): a shell that keeps a timer at the
         last deadline needs to look again only when this changes, or when the timer fires."""
@@ -438,7 +441,7 @@ class Session:
             counts = self._take_counts()
         return acts.commands(self._records, counts)
 
-    def _on_client_data(self, acts: Output, event: ClientData) -> None:
+    def _on_client_data(self, acts: Output, event: ClientData) -> Output:
         data = event.data
         if self._run is not None:
             self._end_run()
@@ -496,7 +499,7 @@ class Session:
             self._end_run()
         return acts
 
-    def _on_broker_data(self, acts: Output, event: BrokerData) -> None:
+    def _on_broker_data(self, acts: Output, event: BrokerData) -> Output:
         data = event.data
         self._end_run()
         now = self.clock()
@@ -674,7 +677,7 @@ class Session:
         if self._will_armed and (devices is None or not devices.isdisjoint(self._will_devices)) \
                 and not self._will_still_allowed("revoked"):
             return self._will_revoked(acts)
-        self._redecide(devices)
+        self._redecide(None if devices is None else set(devices))
         return acts
 
     def _will_revoked(self, acts: Output) -> Output:
@@ -806,7 +809,7 @@ class Session:
                              Reason.SERVER_UNAVAILABLE, "buffer_full", "")
         return True
 
-    def _client_frame(self, acts: Output, frame: Frame, data) -> None:
+    def _client_frame(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         t = frame.type
         if self._phase is CONNECT:
             if t != T.CONNECT:
@@ -914,7 +917,7 @@ class Session:
         acts.auth = AuthRequest(kind="connect", username=c.username, password=c.password,
                                 auth_method=method, auth_data=data, client_id=c.client_id)  # type: ignore[arg-type]
 
-    def _client_publish(self, acts: Output, frame: Frame, data) -> None:
+    def _client_publish(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
         info = codec.decode_publish(frame, level, check_topic=False)  # checked below, once per topic
         topic_b = info.topic
@@ -935,7 +938,7 @@ class Session:
                 if not topic:
                     raise ProtocolError(Reason.PROTOCOL_ERROR, f"unknown topic alias {alias}")
             rewrite = True
-            key: tuple = (topic, qos, info.retain)
+            key: tuple[str | bytes, int, int] = (topic, qos, info.retain)
         else:
             if not topic_b:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, "empty topic without a topic alias")
@@ -1000,7 +1003,8 @@ class Session:
         self._end_run()
         acts.to_broker.extend(self._resolved(frame, data, info, topic))
 
-    def _resolved(self, frame: Frame, data, info, topic: str) -> list:
+    def _resolved(self, frame: Frame, data: memoryview | None, info: PublishInfo,
+                  topic: str) -> list[Buffer]:
         """The PUBLISH with its alias resolved: the broker gets the full topic and no alias, so it
         holds no alias state."""
         props = without_props(codec.read_publish_properties(frame, info), Prop.TOPIC_ALIAS)
@@ -1009,13 +1013,16 @@ class Session:
                                   level=self.protocol_level, properties=props, payload_len=len(payload))
         if not len(payload):
             return [head]
-        return [head, payload if frame.start < 0 else data[frame.start + info.payload_start:frame.end]]
+        return [head, payload if frame.start < 0 or data is None else data[frame.start + info.payload_start:frame.end]]
 
-    def _hold_qos2(self, acts: Output, frame: Frame, data, info, topic: str, rewrite: bool) -> None:
+    def _hold_qos2(self, acts: Output, frame: Frame, data: memoryview | None, info: PublishInfo, topic: str,
+                   rewrite: bool) -> None:
         """An allowed QoS 2 publish: the gateway answers PUBREC and keeps it until the PUBREL, when
         it is decided again (a grant revoked in between must not be released by the broker)."""
         self._end_run()
         pid = info.packet_id
+        if pid is None:
+            raise RuntimeError("a QoS 2 PUBLISH without a packet id")  # (the codec refuses one)
         level = self.protocol_level
         packet = b"".join(bytes(b) for b in self._resolved(frame, data, info, topic)) if rewrite else bytes(frame.raw)
         earlier = self._qos2_held.pop(pid, None)  # a retransmission (DUP) replaces it
@@ -1060,13 +1067,13 @@ class Session:
                 acts.to_broker.append(packet)
                 acts.to_broker.append(codec.encode_ack(T.PUBREL, pid, level))
                 return
-            rule, reason = (d.rule, d.reason) if d is not None else (None, problem)
+            rule, reason = (d.rule, d.reason) if d is not None else (None, problem or "")
         self._count(_DENIED["publish"])
         self._audit("publish", "deny", resource=topic, rule=rule, reason=reason, qos=2, when="release")
         acts.to_client.append(codec.encode_ack(
             T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
 
-    def _refuse_publish(self, acts: Output, info, code: int) -> None:
+    def _refuse_publish(self, acts: Output, info: PublishInfo, code: int) -> None:
         """Answer a publish the broker will never see, so the client's flow completes."""
         self._end_run()
         level = self.protocol_level
@@ -1100,7 +1107,7 @@ class Session:
             self._disconnect(acts, Reason.MESSAGE_RATE_TOO_HIGH, "rate_limited", action)
         return True
 
-    def _client_subscribe(self, acts: Output, frame: Frame, data) -> None:
+    def _client_subscribe(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
         sub = codec.decode_subscribe(frame.body, level, self._topic_max)
         ident = self.identity
@@ -1197,7 +1204,7 @@ class Session:
             self.subscription_quota.release(self._quota_key, n)
             self._quota_held -= n
 
-    def _client_unsubscribe(self, acts: Output, frame: Frame, data) -> None:
+    def _client_unsubscribe(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
         unsub = codec.decode_unsubscribe(frame.body, level, self._topic_max)
         ident = self.identity
@@ -1259,7 +1266,7 @@ class Session:
 
     # ----------------------------------------------------------------- broker side
 
-    def _broker_frame(self, acts: Output, frame: Frame, data) -> None:
+    def _broker_frame(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         t = frame.type
         level = self.protocol_level
         if self._phase is UPSTREAM:
@@ -1345,7 +1352,7 @@ class Session:
             keepalive=self.keepalive, asked_keepalive=c.keepalive, enhanced_auth=self._enhanced_auth)
         return props
 
-    def _broker_publish(self, acts: Output, frame: Frame, data) -> None:
+    def _broker_publish(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
         info = codec.decode_publish(frame, level, check_topic=False)  # checked on a cache miss
         if info.topic_alias is not None or not info.topic:
@@ -1375,7 +1382,10 @@ class Session:
         decision = None
         ok = self._subs.covers(topic)  # an ALLOW grant proves it
         if not ok:
-            decision = self.policies.may_receive(self.identity, topic, client_id=self.client_id, now=self.wallclock())
+            ident = self.identity
+            if ident is None:
+                raise RuntimeError("a delivery before authentication")
+            decision = self.policies.may_receive(ident, topic, client_id=self.client_id, now=self.wallclock())
             ok = bool(decision.allowed)
             self._cached_until(decision.until)
         cache = self._recv_cache
@@ -1392,10 +1402,11 @@ class Session:
         else:
             self._count(_DENIED["receive"])
             self._audit("receive", "deny", identity=self.identity, resource=topic,
-                        rule=decision.rule, reason=decision.reason)
+                        rule=decision.rule if decision is not None else None,
+                        reason=decision.reason if decision is not None else None)
         return ok
 
-    def _broker_suback(self, acts: Output, frame: Frame, data) -> None:
+    def _broker_suback(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
         sa = codec.decode_suback(frame.body, level)
         slots = self._suback_slots.pop(sa.packet_id, None)
@@ -1405,7 +1416,7 @@ class Session:
         codes = iter(sa.reasons)
         merged = [s if s is not None else next(codes, Reason.UNSPECIFIED_ERROR) for s in slots]
         self._end_run()
-        acts.to_client.append(codec.encode_suback(Suback(sa.packet_id, merged, sa.properties), level))  # type: ignore[arg-type]
+        acts.to_client.append(codec.encode_suback(Suback(sa.packet_id, merged, sa.properties), level))
 
     # ----------------------------------------------------------------- plumbing
 
@@ -1491,7 +1502,7 @@ class Session:
             if at is not None and at < self._caches_until:
                 self._caches_until = at
 
-    def _pass(self, out: list, frame: Frame, view) -> None:
+    def _pass(self, out: list[Buffer], frame: Frame, view: memoryview | None) -> None:
         """Forward a packet unchanged; neighbours from the same chunk join into one slice
         (made once the run ends, in _end_run)."""
         if frame.start < 0 or view is None:

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
@@ -130,7 +131,7 @@ class WebSocketTransport:
                     await ws.close()
                 return
 
-    async def pump_in(self, on_data) -> None:
+    async def pump_in(self, on_data: Callable[[bytes], None]) -> None:
         ws = self._ws
         if ws is None:
             raise RuntimeError("ws is not set")
@@ -282,7 +283,8 @@ class WebSocketListener:
             def factory() -> asyncio.BaseProtocol:
                 return _PlainSide(self)
         self._server = await loop.create_server(factory, sock=sock, backlog=1024)
-        return sock.getsockname()[1]
+        bound: int = sock.getsockname()[1]
+        return bound
 
     async def stop(self) -> None:
         if self._server is not None:
