@@ -83,6 +83,7 @@ from proxy.mqtt.persistent import PERSISTENT_SESSIONS, PersistentSessions
 from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.session import Session
 from proxy.mqtt.subscriptions import SubscriptionQuota
+from proxy.mqtt.transport import Transport
 from proxy.services import Services
 from proxy.tls import PeerCertificate, peer_certificate, server_context
 
@@ -182,7 +183,7 @@ class _ClientSide(asyncio.BufferedProtocol):
         self.conn: Connection | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.conn = self._gateway.accept_transport(transport, self._session)
+        self.conn = self._gateway.accept_transport(cast(Transport, transport), self._session)  # a stream socket's
         self._session = None  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -419,7 +420,7 @@ class Connection:
                  "_auth_task", "_timer", "_timer_at", "_client_pauses", "_broker_paused", "closed",
                  "close_reason", "_seen_inputs", "address", "peer_key", "__weakref__")
 
-    def __init__(self, gateway: MqttGateway, transport: Any, session: Session, *, websocket: bool = False):
+    def __init__(self, gateway: MqttGateway, transport: Transport, session: Session, *, websocket: bool = False):
         self.gateway = gateway
         self.client = transport
         self.session = session
@@ -645,7 +646,7 @@ class Connection:
             if self.websocket or isinstance(self.client, _TlsClientSide) or self.close_reason == "shutdown":
                 self.client.close()  # (the TLS side lingers itself, after its close_notify)
             else:
-                _linger_close(self.client, self.gateway.loop)
+                _linger_close(cast(asyncio.Transport, self.client), self.gateway.loop)  # a socket's
         if self.address is not None:
             self.gateway.release_address(self)
         self.gateway.forget(self)
@@ -654,7 +655,7 @@ class Connection:
 LINGER_SECONDS = 2.0  # how long a closed client's socket still reads (and drops) what it sends
 
 
-def _linger_close(raw: Any, loop: Any) -> None:
+def _linger_close(raw: asyncio.Transport, loop: asyncio.AbstractEventLoop | None) -> None:
     """Close a client socket without losing our last bytes (a refusal) to a TCP reset.
 
     A socket closed with unread input answers with a reset, and the client's
@@ -801,7 +802,7 @@ class MqttGateway:
                        credential_problem=self.services.ownership.credential_problem,
                        subscription_quota=self.subscription_quota, admit_connect=self._admit_persistent)
 
-    def accept_transport(self, transport: Any, session: Session | None = None, *,
+    def accept_transport(self, transport: Transport, session: Session | None = None, *,
                          websocket: bool = False) -> Connection | None:
         """A new client socket, at accept (before its TLS handshake or WebSocket upgrade):
         a Connection, counted and under its CONNECT deadline from now, or None (refused)."""
@@ -832,7 +833,7 @@ class MqttGateway:
                 self._arm_report_timer()
                 return None
         if not websocket:
-            transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+            cast(asyncio.Transport, transport).set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)  # a socket's
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 with contextlib.suppress(OSError):
@@ -942,7 +943,7 @@ class MqttGateway:
                      retained_cleared=len(cleared))
 
     # -- what connections ask of the gateway
-    async def authenticate(self, request: AuthRequest, transport: Any) -> tuple[str, Identity]:
+    async def authenticate(self, request: AuthRequest, transport: Transport) -> tuple[str, Identity]:
         """(method, identity) for the credentials of a CONNECT or AUTH; AuthError otherwise."""
         ownership = self.services.ownership
         peer = _peer_certificate(transport.get_extra_info("ssl_object")) if request.kind == "connect" else None

@@ -4,7 +4,6 @@ provide as well (:mod:`proxy.mqtt.websocket`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, Protocol
 
 __all__ = ["Transport"]
@@ -12,8 +11,6 @@ __all__ = ["Transport"]
 
 class Transport(Protocol):
     def write(self, data: bytes) -> None: ...
-
-    def writelines(self, items: Iterable[bytes]) -> None: ...
 
     def close(self) -> None: ...
 

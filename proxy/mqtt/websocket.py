@@ -28,10 +28,11 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import WSMsgType, web
 
+from proxy.mqtt.transport import Transport
 from proxy.mqtt.wsguard import HEAD_MAX_BYTES, HEAD_REFUSAL, HEAD_TOO_LARGE, PreauthGuard, close_frame
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class WebSocketTransport:
     :meth:`attach` gives it the upgraded WebSocket, closing aborts ``raw``.
     """
 
-    def __init__(self, raw: Any):
+    def __init__(self, raw: Transport):
         self._raw = raw
         self._ws: web.WebSocketResponse | None = None
         self._out: list[bytes] = []
@@ -225,7 +226,7 @@ class _PlainSide(asyncio.Protocol):
         self.side: _HttpSide | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.side = self.listener.accept(transport)
+        self.side = self.listener.accept(cast(Transport, transport))  # a stream socket's
 
     def data_received(self, data: bytes) -> None:
         if self.side is not None:
@@ -297,7 +298,7 @@ class WebSocketListener:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             self._server = None
 
-    def accept(self, transport: Any) -> _HttpSide | None:
+    def accept(self, transport: Transport) -> _HttpSide | None:
         """A socket, at accept: its Connection now (or refused: None, the socket aborted)."""
         ws_transport = WebSocketTransport(transport)
         conn = self.gateway.accept_transport(ws_transport, websocket=True)
