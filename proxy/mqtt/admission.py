@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["AddressLimiter", "ReconnectPenalty", "address_key", "PENALIZED_CLOSES", "PER_ADDRESS", "RATE",
            "RECONNECT_PENALTY"]

@@ -18,11 +18,31 @@ failure is a :class:`ProtocolError` carrying the MQTT 5 reason code.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from proxy.mqtt.packets import (
-    ALLOWED_PROPS, MQTT_5, MQTT_31, MQTT_311, PROP_TYPES, REPEATABLE_PROPS, REQUIRED_FLAGS, WILL,
-    Auth, Connack, Connect, Disconnect, PacketType, Properties, PropType, PublishInfo, Reason,
-    Suback, Subscribe, Subscription, Unsubscribe,
+    ALLOWED_PROPS,
+    MQTT_5,
+    MQTT_31,
+    MQTT_311,
+    PROP_TYPES,
+    REPEATABLE_PROPS,
+    REQUIRED_FLAGS,
+    WILL,
+    Auth,
+    Connack,
+    Connect,
+    Disconnect,
+    PacketType,
+    Properties,
+    PropType,
+    PropValue,
+    PublishInfo,
+    Reason,
+    Suback,
+    Subscribe,
+    Subscription,
+    Unsubscribe,
 )
 from proxy.mqtt.packets import Will as WillRecord
 
@@ -36,7 +56,7 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.reason_code = int(reason_code)
         self.message = message
-        self.frames: list = []  # set by Framer.feed: the packets complete before the error
+        self.frames: list[Frame] = []  # set by Framer.feed: the packets complete before the error
         # Set by decode_connect once the level byte was read: which CONNACK format to answer in.
         self.protocol_level = protocol_level
 
@@ -58,7 +78,7 @@ def _check_length(n: int, limit: int, what: str, reason_code: int, action: str) 
         raise LimitExceeded(reason_code, f"{what} of {n} bytes exceeds the limit of {limit}", action=action)
 
 
-def peek_connect_level(head) -> int | None:
+def peek_connect_level(head: bytes | bytearray | memoryview) -> int | None:
     """The protocol level of the CONNECT whose first bytes are ``head`` (fixed header included),
     0 if they are not a CONNECT of a known protocol name, None if more bytes are needed: lets a
     CONNECT refused at its fixed header be answered in its client's version."""
@@ -137,7 +157,8 @@ def check_fixed_header(byte1: int) -> tuple[int, int]:
     return ptype, flags
 
 
-def parse_header(buf, pos: int, end: int, max_size: int) -> tuple[int, int, int, int] | None:
+def parse_header(buf: bytes | bytearray | memoryview, pos: int, end: int,
+                 max_size: int) -> tuple[int, int, int, int] | None:
     """``(type, flags, header length, total length)`` of the packet at ``pos``, or None if
     the header is not complete yet. Raises as soon as the header shows a bad packet."""
     if pos >= end:
@@ -174,7 +195,7 @@ def parse_header(buf, pos: int, end: int, max_size: int) -> tuple[int, int, int,
 VALID_BYTE1 = bytes(_valid_first_byte(b) for b in range(256))
 
 
-def byte_view(data) -> memoryview:
+def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
     """``data`` as a flat memoryview of bytes (format ``B``), without copying."""
     mv = data if isinstance(data, memoryview) else memoryview(data)
     if mv.format != "B" or mv.ndim != 1:
@@ -199,7 +220,7 @@ class Framer:
     def buffered(self) -> int:
         return len(self._pending)
 
-    def feed(self, data, start: int = 0) -> list[Frame]:
+    def feed(self, data: bytes | bytearray | memoryview, start: int = 0) -> list[Frame]:
         """The packets in ``data`` from offset ``start`` (a caller that consumed the
         packets before ``start`` itself; only when nothing is pending)."""
         mv = byte_view(data)
@@ -215,7 +236,8 @@ class Framer:
     def _cut(self, mv: memoryview, pos: int, out: list[Frame]) -> list[Frame]:
         end = len(mv)
         if self._pending:
-            assert not pos, "feed from an offset with a packet pending"
+            if pos:
+                raise RuntimeError("feed from an offset with a packet pending")
             pos = self._complete_pending(mv, out)
             if pos < 0:
                 return out
@@ -273,7 +295,7 @@ class Framer:
         raw = bytes(self._pending)
         self._pending.clear()
         self._need = 0
-        ptype, flags, hlen, total = parse_header(raw, 0, len(raw), self.max_packet_size)  # type: ignore[misc]
+        ptype, flags, hlen, _ = parse_header(raw, 0, len(raw), self.max_packet_size)  # type: ignore[misc]
         out.append(Frame(ptype, flags, memoryview(raw), hlen, -1, -1))
         return pos
 
@@ -322,10 +344,10 @@ def has_forbidden_code_point(text: str, raw: bytes) -> bool:
     return False
 
 
-def decode_utf8(raw, what: str, *, strict: bool = False) -> str:
+def decode_utf8(raw: bytes | bytearray | memoryview, what: str, *, strict: bool = False) -> str:
     raw = bytes(raw)
     try:
-        text = raw.decode("utf-8")  # strict: refuses surrogates and overlong forms
+        text: str = raw.decode("utf-8")  # strict: refuses surrogates and overlong forms
     except UnicodeDecodeError:
         raise _malformed(f"{what} is not valid UTF-8") from None
     if "\x00" in text:
@@ -398,7 +420,8 @@ class _Reader:
         return (v[0] << 8) | v[1]
 
     def u32(self) -> int:
-        return struct.unpack(">I", self._take(4))[0]
+        value: int = struct.unpack(">I", self._take(4))[0]
+        return value
 
     def varint(self) -> int:
         value = shift = 0
@@ -452,7 +475,7 @@ class _Reader:
             self.end = saved_end
         return props
 
-    def _prop_value(self, pid: int, ptype: PropType):
+    def _prop_value(self, pid: int, ptype: PropType) -> PropValue:
         if ptype is PropType.BYTE:
             v = self.u8()
             if v > 1 and pid != 0x24:  # all byte properties are booleans except Maximum QoS
@@ -498,9 +521,7 @@ def decode_connect(body: memoryview, *, max_client_id: int = 0, max_username: in
     r = _Reader(body)
     name = r.raw_string().tobytes()
     level = r.u8()
-    if name == b"MQTT" and level in (MQTT_311, MQTT_5):
-        pass
-    elif name == b"MQIsdp" and level == MQTT_31:
+    if (name == b"MQTT" and level in (MQTT_311, MQTT_5)) or (name == b"MQIsdp" and level == MQTT_31):
         pass
     elif name in (b"MQTT", b"MQIsdp"):
         raise ProtocolError(Reason.UNSUPPORTED_PROTOCOL_VERSION, f"protocol level {level} not supported",
@@ -599,8 +620,8 @@ def decode_publish(frame: Frame, level: int, *, check_topic: bool = True) -> Pub
         else:
             r = _Reader(raw, pos)
             for pid, value in r.properties(PacketType.PUBLISH):
-                if pid == 0x23:
-                    alias = value  # type: ignore[assignment]
+                if pid == 0x23 and isinstance(value, int):
+                    alias = value
             pos = r.pos
     elif not topic:
         raise ProtocolError(Reason.TOPIC_NAME_INVALID, "empty topic")
@@ -644,7 +665,7 @@ def decode_subscribe(body: memoryview, level: int, max_filter_bytes: int = 0) ->
         if max_filter_bytes and n > max_filter_bytes:
             raw = r._take(n)
             options = r.u8()
-            _subscription_options(options, level, raw[:7] == b"$share/")
+            _subscription_options(options, level, bytes(raw[:7]) == b"$share/")
             subs.append(Subscription(bytes(raw[:64]).decode("utf-8", "replace"), options, too_long=n))
             continue
         topic_filter = decode_utf8(r._take(n), "topic filter", strict=True)
@@ -773,7 +794,7 @@ def encode_properties(props: Properties) -> bytes:
         elif ptype is PropType.BINARY:
             out += _bin(value)  # type: ignore[arg-type]
         else:
-            out += _str(value[0]) + _str(value[1])  # type: ignore[index]
+            out += _str(value[0]) + _str(value[1])  # type: ignore[index,arg-type]
     return encode_varint(len(out)) + bytes(out)
 
 
@@ -806,14 +827,16 @@ def encode_connect(c: Connect) -> bytes:
     return _packet(0x10, bytes(body))
 
 
-def encode_connack(session_present: bool, reason: int, level: int, properties: Properties = ()) -> bytes:
+def encode_connack(session_present: bool, reason: int, level: int,
+                   properties: Sequence[tuple[int, PropValue]] = ()) -> bytes:
     body = bytes((1 if session_present else 0, reason))
     if level == MQTT_5:
         body += encode_properties(list(properties))
     return _packet(0x20, body)
 
 
-def encode_ack(ptype: int, packet_id: int, level: int, reason: int = 0, properties: Properties = ()) -> bytes:
+def encode_ack(ptype: int, packet_id: int, level: int, reason: int = 0,
+               properties: Sequence[tuple[int, PropValue]] = ()) -> bytes:
     """PUBACK, PUBREC, PUBREL, PUBCOMP (and UNSUBACK without reasons in 3.1.1)."""
     byte1 = (ptype << 4) | (2 if ptype == PacketType.PUBREL else 0)
     body = struct.pack(">H", packet_id)
@@ -858,7 +881,7 @@ def encode_unsubscribe(u: Unsubscribe, level: int) -> bytes:
     return _packet(0xA2, bytes(body))
 
 
-def encode_disconnect(level: int, reason: int = 0, properties: Properties = ()) -> bytes:
+def encode_disconnect(level: int, reason: int = 0, properties: Sequence[tuple[int, PropValue]] = ()) -> bytes:
     if level != MQTT_5 or (reason == 0 and not properties):
         return b"\xe0\x00"
     body = bytes((reason,))
@@ -867,7 +890,7 @@ def encode_disconnect(level: int, reason: int = 0, properties: Properties = ()) 
     return _packet(0xE0, body)
 
 
-def encode_auth(reason: int = 0, properties: Properties = ()) -> bytes:
+def encode_auth(reason: int = 0, properties: Sequence[tuple[int, PropValue]] = ()) -> bytes:
     if reason == 0 and not properties:
         return b"\xf0\x00"
     return _packet(0xF0, bytes((reason,)) + encode_properties(list(properties)))
@@ -875,7 +898,7 @@ def encode_auth(reason: int = 0, properties: Properties = ()) -> bytes:
 
 def encode_publish(topic: str | bytes, payload: bytes, *, qos: int = 0, retain: bool = False,
                    dup: bool = False, packet_id: int | None = None, level: int = MQTT_311,
-                   properties: Properties = ()) -> bytes:
+                   properties: Sequence[tuple[int, PropValue]] = ()) -> bytes:
     """A whole PUBLISH (for tests and the gateway's own messages)."""
     head = publish_head(topic, qos=qos, retain=retain, dup=dup, packet_id=packet_id, level=level,
                         properties=properties, payload_len=len(payload))
@@ -883,7 +906,7 @@ def encode_publish(topic: str | bytes, payload: bytes, *, qos: int = 0, retain: 
 
 
 def publish_head(topic: str | bytes, *, qos: int, retain: bool, dup: bool, packet_id: int | None,
-                 level: int, properties: Properties, payload_len: int) -> bytes:
+                 level: int, properties: Sequence[tuple[int, PropValue]], payload_len: int) -> bytes:
     """Everything of a PUBLISH before its payload: lets the gateway rewrite the topic and
     properties and send the payload on as a slice of the original buffer."""
     tb = topic.encode("utf-8") if isinstance(topic, str) else topic

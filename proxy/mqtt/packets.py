@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Union
 
 # Protocol levels (the CONNECT "protocol level" byte).
 MQTT_31 = 3
 MQTT_311 = 4
 MQTT_5 = 5
 
-PropValue = Union[int, str, bytes, tuple[str, str]]
+PropValue = int | str | bytes | tuple[str, str]
 Properties = list[tuple[int, PropValue]]
 
 

@@ -27,7 +27,9 @@ keygate processes in front of one broker, each bounds what it let in.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+
+from proxy.mqtt.subscriptions import SubscriptionQuota
 
 __all__ = ["PersistentSessions", "PERSISTENT_SESSIONS"]
 
@@ -45,8 +47,8 @@ class _Record:
 
 
 class PersistentSessions:
-    def __init__(self, per_identity: int, expiry_seconds: float, quota, *,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, per_identity: int, expiry_seconds: float, quota: SubscriptionQuota, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.per_identity = per_identity
         self.expiry_seconds = expiry_seconds
         self.quota = quota  # a SubscriptionQuota (charge / release), or None

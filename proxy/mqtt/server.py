@@ -45,19 +45,45 @@ import logging
 import socket
 import ssl
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
 
 from proxy.config import Config, parse_hostport, read_secret
 from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY, Tally
+from proxy.mqtt import events as ev
 from proxy.mqtt.admission import (
-    PENALIZED_CLOSES, PER_ADDRESS, RATE, RECONNECT_PENALTY, AddressLimiter, ReconnectPenalty, address_key,
+    PENALIZED_CLOSES,
+    PER_ADDRESS,
+    RATE,
+    RECONNECT_PENALTY,
+    AddressLimiter,
+    ReconnectPenalty,
+    address_key,
 )
+from proxy.mqtt.audit_writer import AuditWriter
 from proxy.mqtt.cleaner import clear_device
+from proxy.mqtt.commands import (
+    AuditRecords,
+    Authenticate,
+    AuthRequest,
+    Close,
+    Command,
+    CountMetrics,
+    Metric,
+    OpenUpstream,
+    SendToBroker,
+    SendToClient,
+)
+from proxy.mqtt.events import Buffer
+from proxy.mqtt.handshake import classify_credentials
 from proxy.mqtt.persistent import PERSISTENT_SESSIONS, PersistentSessions
-from proxy.mqtt.session import Actions, AuthRequest, RateLimiter, Session, SubscriptionQuota, classify_credentials
+from proxy.mqtt.ratelimit import RateLimiter
+from proxy.mqtt.session import Session
+from proxy.mqtt.subscriptions import SubscriptionQuota
+from proxy.mqtt.transport import Transport
 from proxy.services import Services
 from proxy.tls import PeerCertificate, peer_certificate, server_context
 
@@ -78,7 +104,35 @@ WRITE_HIGH = 256 * 1024
 WRITE_LOW = 64 * 1024
 
 # --------------------------------------------------------------------------- metrics
-# Decisions, authentications and rate-limit hits are counted by the session itself.
+# Decisions, authentications and rate-limit hits are counted here, as the session's
+# CountMetrics commands say (the session itself touches no global).
+
+# Counted per message: tallies (plain integers read at scrape time), not locked counters.
+DECISIONS = Tally("keygate_mqtt_decisions", "MQTT authorization decisions", ["action", "result"])
+MESSAGES = Tally("keygate_mqtt_messages", "PUBLISH packets forwarded, by direction", ["direction"])
+AUTHENTICATIONS = Counter("keygate_mqtt_authentications", "MQTT authentications",
+                          ["method", "result"], registry=REGISTRY)
+RATE_LIMITED = Counter("keygate_mqtt_rate_limited", "MQTT messages over the per-identity rate limit",
+                       registry=REGISTRY)
+PROTOCOL_ERRORS = Counter("keygate_mqtt_protocol_errors", "MQTT protocol violations refused",
+                          ["side"], registry=REGISTRY)
+_SESSION_METRICS: dict[str, Any] = {"decisions": DECISIONS, "messages": MESSAGES, "authentications": AUTHENTICATIONS,
+                                    "rate_limited": RATE_LIMITED, "protocol_errors": PROTOCOL_ERRORS}
+_CHILDREN: dict[Metric, Any] = {}  # Metric -> its labelled child (a Tally's has .value, a Counter's .inc)
+
+
+def count_metrics(counts: Any) -> None:
+    """Carry out a CountMetrics command."""
+    for metric, n in counts:
+        child = _CHILDREN.get(metric)
+        if child is None:
+            parent = _SESSION_METRICS[metric.name]
+            child = _CHILDREN[metric] = parent.labels(*metric.labels) if metric.labels else parent
+        if hasattr(child, "value"):
+            child.value += n
+        else:
+            child.inc(n)
+
 
 CONNECTIONS_ACTIVE = Gauge("keygate_mqtt_connections_active", "Open MQTT client connections",
                            registry=REGISTRY)
@@ -95,12 +149,14 @@ _BYTES_IN = BYTES.labels("client_to_broker")
 _BYTES_OUT = BYTES.labels("broker_to_client")
 
 
-def _joined(items: list) -> bytes:
+def _joined(items: Sequence[Buffer]) -> bytes:
     """One ``bytes`` for one write. Items may be slices of the shared receive buffer,
     which must not outlive this call: transports (uvloop's in particular) may keep a
     reference to what they are given, so they only ever get ``bytes``."""
-    if len(items) == 1 and type(items[0]) is bytes:
-        return items[0]
+    if len(items) == 1:
+        first = items[0]
+        if type(first) is bytes:
+            return first
     return b"".join(items)
 
 
@@ -121,13 +177,13 @@ class _ClientSide(asyncio.BufferedProtocol):
 
     __slots__ = ("conn", "_gateway", "_session")
 
-    def __init__(self, gateway: "MqttGateway"):
+    def __init__(self, gateway: MqttGateway):
         self._gateway = gateway
         self._session = gateway.new_session()
         self.conn: Connection | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.conn = self._gateway.accept_transport(transport, self._session)
+        self.conn = self._gateway.accept_transport(cast(Transport, transport), self._session)  # a stream socket's
         self._session = None  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -167,7 +223,7 @@ class _TlsClientSide(asyncio.BufferedProtocol):
 
     __slots__ = ("conn", "_gateway", "_accept", "_raw", "_in", "_out", "_tls", "_ready", "_closing")
 
-    def __init__(self, gateway: "MqttGateway", accept: Any = None):
+    def __init__(self, gateway: MqttGateway, accept: Any = None):
         self._gateway = gateway
         # accept(self) -> what receives the plaintext (a Connection, or the WebSocket listener's
         # HTTP side), or None when refused; by default an MQTT connection of the gateway.
@@ -185,7 +241,10 @@ class _TlsClientSide(asyncio.BufferedProtocol):
         self._raw = transport  # type: ignore[assignment]
         self.conn = self._accept(self)
         if self.conn is not None:  # refused connections cost no TLS state
-            self._tls = self._gateway.ssl_context.wrap_bio(self._in, self._out, server_side=True)
+            ctx = self._gateway.ssl_context
+            if ctx is None:
+                raise RuntimeError("a TLS client side without a TLS context")
+            self._tls = ctx.wrap_bio(self._in, self._out, server_side=True)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._gateway.tls_read_buffer
@@ -324,7 +383,7 @@ class _BrokerSide(asyncio.BufferedProtocol):
 
     __slots__ = ("conn", "_buffer")
 
-    def __init__(self, conn: "Connection"):
+    def __init__(self, conn: Connection):
         self.conn = conn
         self._buffer = conn.gateway.recv_buffer
 
@@ -361,22 +420,22 @@ class Connection:
                  "_auth_task", "_timer", "_timer_at", "_client_pauses", "_broker_paused", "closed",
                  "close_reason", "_seen_inputs", "address", "peer_key", "__weakref__")
 
-    def __init__(self, gateway: "MqttGateway", transport: Any, session: Session, *, websocket: bool = False):
+    def __init__(self, gateway: MqttGateway, transport: Transport, session: Session, *, websocket: bool = False):
         self.gateway = gateway
         self.client = transport
         self.session = session
         self.websocket = websocket
         self.upstream: asyncio.Transport | None = None
         self._pending_upstream: list[bytes] = []  # CONNECT (and more) while the broker is dialled
-        self._dialing: asyncio.Task | None = None
-        self._auth_task: asyncio.Task | None = None
+        self._dialing: asyncio.Task[None] | None = None
+        self._auth_task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._client_pauses: set[str] = set()  # why the client's reading is paused
         self._broker_paused = False
         self.closed = False
         self.close_reason = ""
-        self._seen_inputs: tuple = ()
+        self._seen_inputs: tuple[object, ...] = ()
         # The address whose unauthenticated place this connection holds, until its CONNACK.
         self.address: str | None = None
         self.peer_key: str | None = None  # the address key, kept for a reconnect penalty
@@ -386,7 +445,7 @@ class Connection:
         if self.closed:
             return
         _BYTES_IN.value += len(data)
-        self.apply(self.session.client_data(data))
+        self.apply(self.session.handle(ev.ClientData(data)))
 
     def client_lost(self, exc: Exception | None) -> None:
         self._teardown()  # tells the session first (its Will may have to be discarded)
@@ -396,12 +455,12 @@ class Connection:
         if self.closed:
             return
         _BYTES_OUT.value += len(data)
-        self.apply(self.session.broker_data(data))
+        self.apply(self.session.handle(ev.BrokerData(data)))
 
     def broker_lost(self, exc: Exception | None) -> None:
         self.upstream = None
         if not self.closed:
-            self.apply(self.session.broker_closed())
+            self.apply(self.session.handle(ev.BrokerClosed()))
             if not self.closed:  # the session had nothing to say: the pair is over anyway
                 self.close("broker_closed")
 
@@ -431,25 +490,33 @@ class Connection:
                 self.client.pause_reading()
             pauses.add(why)
 
-    # -- carrying out what the session decided (order from the session's contract)
-    def apply(self, actions: Actions) -> None:
+    # -- carrying out what the session decided, in the order of the list
+    def apply(self, commands: list[Command]) -> None:
         if self.closed:
             return
-        if actions.to_client and not self.client.is_closing():
-            self.client.write(_joined(actions.to_client))
-        if actions.open_upstream and self.upstream is None and self._dialing is None:
-            self._dialing = asyncio.ensure_future(self._dial())
-        if actions.to_broker:
-            data = _joined(actions.to_broker)
-            if self.upstream is not None:
-                self.upstream.write(data)
-            elif self._dialing is not None:
-                self._pending_upstream.append(data)
-        if actions.auth is not None:
-            self._auth_task = asyncio.ensure_future(self._authenticate(actions.auth))
-        if actions.close is not None:
-            self.close(actions.close.reason)
-            return
+        for cmd in commands:
+            kind = type(cmd)
+            if kind is SendToClient:
+                if not self.client.is_closing():
+                    self.client.write(_joined(cmd.items))  # type: ignore[attr-defined]
+            elif kind is SendToBroker:
+                data = _joined(cmd.items)  # type: ignore[attr-defined]
+                if self.upstream is not None:
+                    self.upstream.write(data)
+                elif self._dialing is not None:
+                    self._pending_upstream.append(data)
+            elif kind is CountMetrics:
+                count_metrics(cmd.counts)  # type: ignore[attr-defined]
+            elif kind is AuditRecords:
+                self.gateway.audit_writer.write(cmd.records)  # type: ignore[attr-defined]
+            elif kind is OpenUpstream:
+                if self.upstream is None and self._dialing is None:
+                    self._dialing = asyncio.ensure_future(self._dial())
+            elif kind is Authenticate:
+                self._auth_task = asyncio.ensure_future(self._authenticate(cmd.request))  # type: ignore[attr-defined]
+            elif kind is Close:
+                self.close(cmd.reason)  # type: ignore[attr-defined]
+                return
         inputs = self.session.deadline_inputs
         if inputs != self._seen_inputs or self._timer is None:
             # A state change: look at reading and deadlines again. Otherwise the timer
@@ -461,21 +528,21 @@ class Connection:
             self.schedule()
 
     # -- authentication, off the read path
-    async def _authenticate(self, request: Any) -> None:
+    async def _authenticate(self, request: AuthRequest) -> None:
         session = self.session
         try:
             kind = "token"
             try:
                 kind, identity = await self.gateway.authenticate(request, self.client)
             except AuthError as exc:
-                actions = session.authentication_failed(exc.reason, method=kind)
+                actions = session.handle(ev.AuthenticationFailed(exc.reason, kind))
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug or a broken store must not leave the client hanging
                 log.exception("MQTT authentication failed unexpectedly")
-                actions = session.authentication_failed(AuthReason.ISSUER_UNREACHABLE, method=kind)
+                actions = session.handle(ev.AuthenticationFailed(AuthReason.ISSUER_UNREACHABLE, kind))
             else:
-                actions = self.gateway.refuse_penalized(session, identity) or session.authenticated(identity)
+                actions = self.gateway.refuse_penalized(session, identity) or session.handle(ev.Authenticated(identity))
         finally:
             self._auth_task = None
         self.apply(actions)
@@ -484,24 +551,24 @@ class Connection:
     async def _dial(self) -> None:
         try:
             transport, _ = await self.gateway.connect_upstream(lambda: _BrokerSide(self))
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self._dialing = None
             if not self.closed:
                 log.warning("MQTT broker unreachable at %s: %s", self.gateway.mqtt.upstream, exc)
                 self._pending_upstream.clear()
-                self.apply(self.session.broker_closed())
+                self.apply(self.session.handle(ev.BrokerClosed()))
             return
         self._dialing = None
         if self.closed:
             transport.close()
             return
-        self.upstream = transport  # type: ignore[assignment]
+        self.upstream = cast(asyncio.Transport, transport)  # a stream connection's (create_connection)
         if self._pending_upstream:
             data = b"".join(self._pending_upstream)
             self._pending_upstream.clear()
-            transport.write(data)
+            self.upstream.write(data)
         if self._broker_paused:
-            transport.pause_reading()
+            self.upstream.pause_reading()
 
     # -- timers: one handle per connection, at the session's next deadline
     def schedule(self) -> None:
@@ -517,6 +584,8 @@ class Connection:
         if timer is not None:
             timer.cancel()
         loop = self.gateway.loop
+        if loop is None:
+            raise RuntimeError("the gateway is not started")
         self._timer_at = deadline
         # Session deadlines are time.monotonic() values; the loop's clock may have another origin.
         self._timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()) + 0.001, self._on_timer)
@@ -524,17 +593,17 @@ class Connection:
     def _on_timer(self) -> None:
         self._timer = None
         if not self.closed:
-            self.apply(self.session.tick())
+            self.apply(self.session.handle(ev.Tick(time.monotonic())))
 
     # -- revocation and shutdown
     def invalidate(self, devices: set[str] | None = None) -> None:
         if not self.closed:
-            self.apply(self.session.invalidate(devices))
+            self.apply(self.session.handle(ev.Invalidated(None if devices is None else frozenset(devices))))
 
     def shutdown(self) -> None:
         """The server is going away: the session says so (v5 DISCONNECT 0x8B), then close."""
         if not self.closed:
-            self.apply(self.session.shutdown())
+            self.apply(self.session.handle(ev.Shutdown()))
             self.close("shutdown")
 
     def close(self, reason: str = "") -> None:
@@ -549,9 +618,14 @@ class Connection:
         if not self.session.closed:
             # However the connection ends, the session hears of it before the upstream closes:
             # a Will no longer allowed is discarded by the DISCONNECT it returns.
-            actions = self.session.client_closed()
-            if actions.to_broker and self.upstream is not None and not self.upstream.is_closing():
-                self.upstream.write(_joined(actions.to_broker))
+            for cmd in self.session.handle(ev.ClientClosed()):
+                if isinstance(cmd, SendToBroker):
+                    if self.upstream is not None and not self.upstream.is_closing():
+                        self.upstream.write(_joined(cmd.items))
+                elif isinstance(cmd, AuditRecords):
+                    self.gateway.audit_writer.write(cmd.records)
+                elif isinstance(cmd, CountMetrics):
+                    count_metrics(cmd.counts)
         if not self.closed:
             self.closed = True
             if not self.close_reason:
@@ -572,7 +646,7 @@ class Connection:
             if self.websocket or isinstance(self.client, _TlsClientSide) or self.close_reason == "shutdown":
                 self.client.close()  # (the TLS side lingers itself, after its close_notify)
             else:
-                _linger_close(self.client, self.gateway.loop)
+                _linger_close(cast(asyncio.Transport, self.client), self.gateway.loop)  # a socket's
         if self.address is not None:
             self.gateway.release_address(self)
         self.gateway.forget(self)
@@ -581,7 +655,7 @@ class Connection:
 LINGER_SECONDS = 2.0  # how long a closed client's socket still reads (and drops) what it sends
 
 
-def _linger_close(raw: Any, loop: Any) -> None:
+def _linger_close(raw: asyncio.Transport, loop: asyncio.AbstractEventLoop | None) -> None:
     """Close a client socket without losing our last bytes (a refusal) to a TCP reset.
 
     A socket closed with unread input answers with a reset, and the client's
@@ -652,6 +726,8 @@ class MqttGateway:
                                         limits.reconnect_penalty_max_seconds,
                                         max_entries=2 * self.mqtt.max_connections + 1024)
         self.subscription_quota = SubscriptionQuota(self.mqtt.limits.subscriptions_per_identity)
+        # The sessions' audit lines, written off the event loop in batches.
+        self.audit_writer = AuditWriter(services.audit)
         self.persistent = PersistentSessions(limits.persistent_sessions_per_identity,
                                              limits.persistent_session_expiry_seconds, self.subscription_quota)
         self.port: int | None = None
@@ -668,6 +744,7 @@ class MqttGateway:
     # -- lifecycle
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.audit_writer.start(self.loop)
         self.ssl_context = server_ssl_context(self.config) if self.mqtt.tls else None
         host, port = parse_hostport(self.mqtt.listen)
         self._accepting = True
@@ -715,16 +792,17 @@ class MqttGateway:
             self._report_timer = None
         self._report_refusals(everything=True)
         await asyncio.sleep(0)  # let the closing transports flush their DISCONNECTs
+        await self.audit_writer.close()
 
     # -- connections
     def new_session(self) -> Session:
-        return Session(config=self.mqtt, policies=self.services.policies, audit=self.services.audit,
+        return Session(config=self.mqtt, policies=self.services.policies,
                        rate_limiter=self.rate_limiter, token_leeway=self.config.oidc.leeway_seconds,
                        upstream_password=self._upstream_password,
                        credential_problem=self.services.ownership.credential_problem,
                        subscription_quota=self.subscription_quota, admit_connect=self._admit_persistent)
 
-    def accept_transport(self, transport: Any, session: Session | None = None, *,
+    def accept_transport(self, transport: Transport, session: Session | None = None, *,
                          websocket: bool = False) -> Connection | None:
         """A new client socket, at accept (before its TLS handshake or WebSocket upgrade):
         a Connection, counted and under its CONNECT deadline from now, or None (refused)."""
@@ -746,16 +824,16 @@ class MqttGateway:
                         self._audit_refused(address, {RECONNECT_PENALTY: count})
                     self._arm_report_timer()
                     return None
-            why, count = self.address_limiter.admit(address)
-            if why is not None:
-                _REFUSED_BY_ADDRESS[why].inc()
+            refusal, count = self.address_limiter.admit(address)
+            if refusal is not None:
+                _REFUSED_BY_ADDRESS[refusal].inc()
                 transport.abort()
                 if count:
-                    self._audit_refused(address, {why: count})
+                    self._audit_refused(address, {refusal: count})
                 self._arm_report_timer()
                 return None
         if not websocket:
-            transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+            cast(asyncio.Transport, transport).set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)  # a socket's
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 with contextlib.suppress(OSError):
@@ -796,7 +874,7 @@ class MqttGateway:
         if session.identity is not None and session.upstream_client_id:
             self.persistent.closed(session.upstream_client_id, session.subscribed_filters(), session.session_expiry)
 
-    def refuse_penalized(self, session: Session, identity: Identity) -> Actions | None:
+    def refuse_penalized(self, session: Session, identity: Identity) -> list[Command] | None:
         """Right after authentication: the refusal of an identity in its reconnect back-off, or None."""
         if not self.penalty.enabled or session.established:  # (a re-authentication is not a connect)
             return None
@@ -808,13 +886,13 @@ class MqttGateway:
             self.services.audit.record(protocol="mqtt", action="connect", decision="deny", identity=identity,
                                        reason=RECONNECT_PENALTY, count=count)
         self._arm_report_timer()
-        return session.refuse_authenticated(RECONNECT_PENALTY, "reconnect back-off")
+        return session.handle(ev.ConnectRefused(RECONNECT_PENALTY, "reconnect back-off"))
 
     def _audit_refused(self, address: str, counts: dict[str, int]) -> None:
         reasons = sorted(counts)
+        extra: dict[str, Any] = {"counts": counts} if len(reasons) > 1 else {}
         self.services.audit.record(protocol="mqtt", action="connect", decision="deny", resource="",
-                                   reason="+".join(reasons), peer=address, count=sum(counts.values()),
-                                   **({"counts": counts} if len(reasons) > 1 else {}))
+                                   reason="+".join(reasons), peer=address, count=sum(counts.values()), **extra)
 
     def _arm_report_timer(self) -> None:
         """Refusals folded into a later line get that line even if the address stops trying."""
@@ -834,8 +912,9 @@ class MqttGateway:
                 self._audit_refused(address, counts)
         for key, count in self.penalty.due_reports(everything=everything):
             kind, _, name = key.partition(" ")
+            who: dict[str, Any] = {"peer": name} if kind == "address" else {"sub": name}
             self.services.audit.record(protocol="mqtt", action="connect", decision="deny", reason=RECONNECT_PENALTY,
-                                       count=count, **({"peer": name} if kind == "address" else {"sub": name}))
+                                       count=count, **who)
 
     def forget(self, conn: Connection) -> None:
         if conn in self.connections:
@@ -864,18 +943,18 @@ class MqttGateway:
                      retained_cleared=len(cleared))
 
     # -- what connections ask of the gateway
-    async def authenticate(self, request: AuthRequest, transport: Any) -> tuple[str, Identity]:
+    async def authenticate(self, request: AuthRequest, transport: Transport) -> tuple[str, Identity]:
         """(method, identity) for the credentials of a CONNECT or AUTH; AuthError otherwise."""
         ownership = self.services.ownership
         peer = _peer_certificate(transport.get_extra_info("ssl_object")) if request.kind == "connect" else None
         cred = classify_credentials(request, peer.common_name if peer else None,
                                     lambda name: ownership.facts.device(name) is not None)
         method = cred[0]
-        if method == "token":
+        if method == "token" and len(cred) == 2:
             return method, await self.services.tokens.validate(cred[1])
-        if method == "device_key":
+        if method == "device_key" and len(cred) == 3:
             return method, await ownership.authenticate_device_key(cred[1], cred[2])
-        if method == "certificate" and peer is not None:
+        if method == "certificate" and len(cred) == 2 and peer is not None:
             # Only a certificate enrolled for the device's current registration counts.
             return method, ownership.device_identity(cred[1], peer.fingerprint)
         raise AuthError(AuthReason.NO_CREDENTIALS)
@@ -883,7 +962,8 @@ class MqttGateway:
     async def connect_upstream(self, factory: Any) -> tuple[asyncio.BaseTransport, Any]:
         upstream = self.mqtt.upstream
         timeout = self.mqtt.connect_timeout_seconds
-        assert self.loop is not None
+        if self.loop is None:
+            raise RuntimeError("self.loop is not set")
         if upstream.startswith("unix:"):
             return await asyncio.wait_for(self.loop.create_unix_connection(factory, upstream[5:]), timeout)
         host, port = parse_hostport(upstream)

@@ -1,8 +1,12 @@
 """The per-connection MQTT gateway state machine (sans-IO).
 
-One :class:`Session` per client connection. The asyncio shell feeds it bytes
-and timer ticks and carries out the :class:`Actions` it returns; the session
-never touches a socket, a clock it was not given, or the event loop.
+One :class:`Session` per client connection, with one entry point:
+``session.handle(event) -> list[Command]``. The asyncio shell feeds it the events of
+:mod:`proxy.mqtt.events` and carries out the commands of :mod:`proxy.mqtt.commands`
+(in the order of the list, :data:`~proxy.mqtt.commands.ORDER`); the session never
+touches a socket, the audit log, a metric, a clock it was not given, or the event loop.
+Every policy question is asked with ``now=`` the session's wall clock, so a test that
+sets the clock controls every decision.
 
 Contract for the shell (``proxy/mqtt/server.py``)
 -------------------------------------------------
@@ -11,62 +15,42 @@ Create the session when the TCP connection is accepted (before the TLS
 handshake, so the CONNECT deadline covers it)::
 
     session = Session(config=services.config.mqtt, policies=services.policies,
-                      audit=services.audit, rate_limiter=shared_limiter,
+                      rate_limiter=shared_limiter,
                       token_leeway=services.config.oidc.leeway_seconds,
                       upstream_password=read_secret(...),
                       credential_problem=services.ownership.credential_problem,
                       subscription_quota=shared_quota)
 
-``shared_limiter`` (:class:`RateLimiter`) and ``shared_quota``
+``shared_limiter`` (:class:`~proxy.mqtt.ratelimit.RateLimiter`) and ``shared_quota``
 (:class:`~proxy.mqtt.subscriptions.SubscriptionQuota`, made with
 ``mqtt.limits.subscriptions_per_identity``) are made once per gateway and shared
 by all its sessions: both count per identity ``sub``, across connections.
 
-Then, for every event, call one method and carry out the returned Actions:
+The events:
 
-* ``client_data(data)`` — bytes read from the client (``bytes``, ``bytearray``
+* ``ClientData(data)`` — bytes read from the client (``bytes``, ``bytearray``
   or ``memoryview``; any split, down to one byte at a time).
-* ``broker_data(data)`` — bytes read from the broker.
-* ``authenticated(identity)`` / ``authentication_failed(reason, method=...)``
-  — the answer to ``Actions.auth`` (see below).
-* ``tick()`` — when ``timeout()`` seconds have passed (``loop.call_later``;
-  ``next_deadline()`` gives the same moment as a ``clock()`` value, i.e.
-  ``time.monotonic`` unless injected, never a unix time). Re-read it after
+* ``BrokerData(data)`` — bytes read from the broker.
+* ``Authenticated(identity)`` / ``AuthenticationFailed(reason, method)``
+  — the answer to an ``Authenticate`` command (see below).
+* ``Tick(now)`` — when ``next_deadline()`` (a value of the session's ``clock``,
+  ``time.monotonic`` unless injected, never a unix time) has come. Re-read it after
   every call: it moves with traffic, CONNACK and re-authentication.
-* ``broker_closed()`` (alias ``upstream_failed()``) — the upstream connection
-  failed to open or was lost.
-* ``client_closed()`` — the client connection ended, however it ended (TCP
+* ``BrokerClosed()`` — the upstream connection failed to open or was lost.
+* ``ClientClosed()`` — the client connection ended, however it ended (TCP
   drop, or the shell closing it for a reason of its own), unless the session
-  already closed it through ``Actions.close``: write its ``to_broker`` (a
-  DISCONNECT that discards a Will no longer allowed) before closing the upstream.
-* ``shutdown()`` — graceful server shutdown (v5: DISCONNECT 0x8B).
-* ``invalidate()`` — policies were reloaded or ownership facts changed: drop
+  already closed it with ``Close``: write its ``SendToBroker`` (a DISCONNECT that
+  discards a Will no longer allowed) before closing the upstream.
+* ``Shutdown()`` — graceful server shutdown (v5: DISCONNECT 0x8B).
+* ``Invalidated(devices)`` — policies were reloaded or ownership facts changed: drop
   cached decisions, close the connection if ``credential_problem(identity)``
   now names a reason (device deleted, key rotated: v5 DISCONNECT 0x98), and
   re-decide every subscription grant (a revoked grant stops deliveries at
-  once). Carry out the Actions it returns.
+  once). Carry out the commands it returns.
 
-Carrying out :class:`Actions` — every field of every Actions, whichever call
-returned it (an ``auth`` can come out of ``broker_data``: a re-authentication
-the client sent before the CONNACK), in this order:
-
-1. ``to_client`` — write each item to the client (``transport.writelines``).
-2. ``open_upstream`` — connect to the broker now; write ``to_broker`` once connected
-   (if the connection fails, call ``broker_closed()``).
-3. ``to_broker`` — write each item to the broker.
-4. ``auth`` — an :class:`AuthRequest` to verify asynchronously; answer with
-   ``authenticated()`` or ``authentication_failed()``.
-5. ``close`` — flush both writes, then close the client and the upstream. The
-   :class:`CloseInfo` says why (for logs and metrics; it is already audited).
-
-Items in ``to_client`` / ``to_broker`` may be ``memoryview`` slices of the
-buffer passed to that ``client_data`` / ``broker_data`` call. Consecutive
-pass-through packets of one chunk come out as a single slice. The buffer must
-not be overwritten while a transport still holds unsent data from it: uvloop's
-``write()`` keeps the memoryview itself (no copy) when the socket does not take
-it all at once, so a shell that reuses one receive buffer must switch to a
-fresh buffer whenever ``transport.get_write_buffer_size()`` is non-zero after
-its writes (or write ``bytes(item)`` copies).
+Every command of every list is carried out, whichever event returned it (an
+``Authenticate`` can come out of ``BrokerData``: a re-authentication the client
+sent before the CONNACK); :mod:`proxy.mqtt.commands` says how.
 
 While ``session.reading_paused`` is true (authentication or the upstream
 CONNECT in progress) the shell should pause reading from the client; the
@@ -74,20 +58,7 @@ session holds at most ``mqtt.limits.connect_max_bytes`` of packets meanwhile
 (and a partial packet of at most that size) and refuses the connection beyond
 that (v5 CONNACK 0x97, 3.1.1 0x03).
 
-Which credential a CONNECT carries (:func:`classify_credentials`)
-------------------------------------------------------------------
-
-1. v5 enhanced authentication, method ``keygate-token`` (:data:`AUTH_METHOD`),
-   the access token as Authentication Data → token. Any other method is refused
-   at once with CONNACK 0x8C and never asked about.
-2. a password, and the user name is a registered device id → device key
-   (user name = device id, password = K1 or K2).
-3. any other password → access token (user name ignored).
-4. no password → the verified TLS client certificate's CN (device certificate),
-   if the shell has one.
-5. nothing → ``("none",)``: the shell decides whether anonymous access is
-   allowed (``authenticated(ANONYMOUS)``) or calls
-   ``authentication_failed(AuthReason.NO_CREDENTIALS)``.
+Which credential a CONNECT carries: :func:`proxy.mqtt.handshake.classify_credentials`.
 
 A v5 client re-authenticates with AUTH, reason 0x19 (Re-authenticate),
 Authentication Method ``keygate-token`` and the fresh access token as
@@ -192,7 +163,7 @@ Limits (``mqtt.limits``): what one connection can make the gateway hold
 
 Every length is in bytes of the UTF-8 encoding and is checked before the string
 is decoded, and, before CONNACK, before any credential is asked about
-(``Actions.auth`` is never returned for a refused CONNECT).
+(``Authenticate`` is never returned for a refused CONNECT).
 
 * Before the broker's CONNACK, a packet (the CONNECT first) larger than
   ``connect_max_bytes`` (at most ``max_packet_size``) is refused at its fixed
@@ -227,36 +198,61 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from prometheus_client import Counter
-
-from proxy.config import MqttConfig, RateLimitConfig
+from proxy.config import MqttConfig
 from proxy.identity.model import AuthReason, Identity
-from proxy.metrics import REGISTRY, Tally
-from proxy.mqtt import codec
+from proxy.mqtt import codec, fastpath
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
-from proxy.mqtt.packets import (
-    MQTT_5, V3_CONNACK_FOR, V3_SUBACK_FAILURE, Connect, PacketType, Prop, Reason, Suback,
-    Subscribe, Subscription, Unsubscribe, V3ConnackCode, Will, get_prop, without_props,
+from proxy.mqtt.commands import AuthRequest, Close, Command, Metric, Record
+from proxy.mqtt.events import (
+    Authenticated,
+    AuthenticationFailed,
+    BrokerClosed,
+    BrokerData,
+    Buffer,
+    ClientClosed,
+    ClientData,
+    ConnectRefused,
+    Event,
+    Invalidated,
+    Shutdown,
+    Tick,
 )
+from proxy.mqtt.fastpath import PublishCache
+from proxy.mqtt.handshake import AUTH_METHOD, bind_client_id, client_connack_props, escape_sub, upstream_connect
+from proxy.mqtt.output import Output, Run
+from proxy.mqtt.packets import (
+    MQTT_5,
+    V3_CONNACK_FOR,
+    V3_SUBACK_FAILURE,
+    Connect,
+    Disconnect,
+    PacketType,
+    Prop,
+    Properties,
+    PublishInfo,
+    Reason,
+    Suback,
+    Subscribe,
+    Subscription,
+    Unsubscribe,
+    V3ConnackCode,
+    get_prop,
+    without_props,
+)
+from proxy.mqtt.phase import AUTH, CLOSED, CONNECT, OPEN, UPSTREAM, Phase, advance
+from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.subscriptions import SubscriptionQuota, SubscriptionTable
-from proxy.mqtt.subscriptions import filter_matches as topic_matches
-from proxy.policy.decision import Verdict
+from proxy.policy.decision import Decision, SubscribeDecision, Verdict
 
-__all__ = ["AUTH_METHOD", "Actions", "AuthRequest", "CloseInfo", "RateLimiter", "Session",
-           "SubscriptionQuota", "classify_credentials", "topic_matches"]
-
-#: The v5 enhanced-authentication method the gateway answers itself.
-AUTH_METHOD = "keygate-token"
+__all__ = ["Policies", "Session"]
 
 # Per-connection decision caches: at most this many entries and this many bytes of topics
 # (keys; each value holds the topic once more). Topics from clients are at most topic_max_bytes.
 _CACHE_MAX = 4096
 _CACHE_MAX_BYTES = 64 * 1024
-# Rate-limit tokens the publish fast path takes per call (the rest is given back at the chunk's end).
-_RATE_BATCH = 256
 # Cached decisions expire after this long at the latest; a decision that rests on something
 # with an end (a delegation's expiry) is dropped at that end (Decision.until).
 _DECISION_TTL = 1.0
@@ -269,195 +265,37 @@ HELD_PACKET_OVERHEAD = 320
 
 T = PacketType
 
-# Counted per message: tallies (plain integers read at scrape time), not locked counters.
-DECISIONS = Tally("keygate_mqtt_decisions", "MQTT authorization decisions", ["action", "result"])
-AUTHENTICATIONS = Counter("keygate_mqtt_authentications", "MQTT authentications",
-                          ["method", "result"], registry=REGISTRY)
-RATE_LIMITED = Counter("keygate_mqtt_rate_limited", "MQTT messages over the per-identity rate limit",
-                       registry=REGISTRY)
-PROTOCOL_ERRORS = Counter("keygate_mqtt_protocol_errors", "MQTT protocol violations refused",
-                          ["side"], registry=REGISTRY)
-MESSAGES = Tally("keygate_mqtt_messages", "PUBLISH packets forwarded, by direction", ["direction"])
-_TO_BROKER = MESSAGES.labels("client_to_broker")
-_TO_CLIENT = MESSAGES.labels("broker_to_client")
-_ALLOWED = {a: DECISIONS.labels(a, "allow") for a in ("publish", "subscribe", "receive", "will")}
-_DENIED = {a: DECISIONS.labels(a, "deny") for a in ("publish", "subscribe", "receive", "will")}
+# The counters the session asks the shell to add to (proxy.mqtt.server holds them).
+_ALLOWED = {a: Metric("decisions", (a, "allow")) for a in ("publish", "subscribe", "receive", "will")}
+_DENIED = {a: Metric("decisions", (a, "deny")) for a in ("publish", "subscribe", "receive", "will")}
 _ALLOWED_PUBLISH = _ALLOWED["publish"]
 _ALLOWED_RECEIVE = _ALLOWED["receive"]
+_TO_BROKER = Metric("messages", ("client_to_broker",))
+_TO_CLIENT = Metric("messages", ("broker_to_client",))
+_RATE_LIMITED = Metric("rate_limited")
 
 
-# --------------------------------------------------------------------------- public records
+class Policies(Protocol):
+    """The policy questions the session asks (:class:`proxy.policy.Policies` answers them);
+    ``now`` is the wall clock (unix seconds) the answer is for."""
 
+    def may_publish(self, identity: Identity, topic: str, *, qos: int = 0, retain: bool = False,
+                    client_id: str = "", now: float | None = None) -> Decision: ...
 
-@dataclass
-class AuthRequest:
-    """Credentials for the shell to verify; it answers ``authenticated`` / ``authentication_failed``."""
-    kind: Literal["connect", "reauth"]
-    username: str | None
-    password: bytes | None
-    auth_method: str | None
-    auth_data: bytes | None
-    client_id: str
+    def may_receive(self, identity: Identity, topic: str, *, client_id: str = "",
+                    now: float | None = None) -> Decision: ...
 
-    def __repr__(self) -> str:  # never show a secret in a log line or a traceback
-        return (f"AuthRequest(kind={self.kind!r}, username={self.username!r}, "
-                f"password={'<set>' if self.password is not None else None}, "
-                f"auth_method={self.auth_method!r}, "
-                f"auth_data={'<set>' if self.auth_data is not None else None}, client_id={self.client_id!r})")
-
-
-@dataclass
-class CloseInfo:
-    # One word: protocol_error, connect_timeout, keepalive_timeout, auth_failed, not_authorized,
-    # client_id_rejected, token_expired, reauth_failed, rate_limited, denied_publish,
-    # client_disconnect, broker_disconnect, broker_refused, broker_closed, buffer_full, shutdown.
-    reason: str
-    detail: str = ""
-    reason_code: int | None = None  # the MQTT code sent to the client, if any
-
-
-class Actions:
-    """What the shell must do after one call, in this order: write ``to_client``, open the
-    broker connection, write ``to_broker``, run ``auth``, close.
-
-    A plain class, not a dataclass: one is made per chunk read, on the hot path."""
-
-    __slots__ = ("to_client", "to_broker", "auth", "open_upstream", "close")
-
-    def __init__(self) -> None:
-        self.to_client: list[Any] = []   # bytes | memoryview
-        self.to_broker: list[Any] = []
-        self.auth: AuthRequest | None = None
-        self.open_upstream = False
-        self.close: CloseInfo | None = None
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Actions):
-            return NotImplemented
-        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
-
-    def __repr__(self) -> str:
-        return (f"Actions(to_client={self.to_client!r}, to_broker={self.to_broker!r}, auth={self.auth!r}, "
-                f"open_upstream={self.open_upstream}, close={self.close!r})")
-
-
-def classify_credentials(req: AuthRequest, cert_cn: str | None,
-                         is_device: Callable[[str], bool]) -> tuple:
-    """Which verifier to ask, by the rule in the module docstring.
-
-    Returns ``("token", token)``, ``("device_key", device_id, key)``,
-    ``("certificate", cn)`` or ``("none",)``. ``is_device(name)`` says whether
-    a device with that id is registered (``ownership.facts.device(name) is not None``).
-    """
-    if req.auth_method == AUTH_METHOD and req.auth_data is not None:
-        return ("token", req.auth_data.decode("utf-8", "replace"))
-    if req.password is not None:
-        secret = req.password.decode("utf-8", "replace")
-        if req.username and is_device(req.username):
-            return ("device_key", req.username, secret)
-        return ("token", secret)
-    if cert_cn:
-        return ("certificate", cert_cn)
-    return ("none",)
-
-
-class RateLimiter:
-    """Token buckets keyed by identity ``sub``, shared by all of that identity's connections."""
-
-    def __init__(self, messages_per_second: float, burst: int, *, clock: Callable[[], float] = time.monotonic,
-                 max_keys: int = 100_000):
-        self.rate = float(messages_per_second)
-        self.burst = float(max(burst, 1))
-        self.clock = clock
-        self.max_keys = max_keys
-        self._buckets: dict[str, list[float]] = {}
-
-    @classmethod
-    def from_config(cls, cfg: RateLimitConfig, *, clock: Callable[[], float] = time.monotonic) -> "RateLimiter":
-        return cls(cfg.messages_per_second, cfg.burst, clock=clock)
-
-    def allow(self, key: str, cost: float = 1.0) -> bool:
-        now = self.clock()
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= self.max_keys:
-                self._prune(now)
-            bucket = self._buckets[key] = [self.burst, now]
-        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
-        if tokens < cost:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - cost
-        return True
-
-    def take(self, key: str, want: int) -> int:
-        """Up to ``want`` whole tokens at once (how many were granted): the fast path asks
-        for a batch per chunk instead of one call per message, and gives back the rest."""
-        now = self.clock()
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= self.max_keys:
-                self._prune(now)
-            bucket = self._buckets[key] = [self.burst, now]
-        tokens = bucket[0] + (now - bucket[1]) * self.rate
-        if tokens > self.burst:
-            tokens = self.burst
-        bucket[1] = now
-        granted = int(tokens)
-        if granted > want:
-            granted = want
-        bucket[0] = tokens - granted
-        return granted
-
-    def give_back(self, key: str, n: int) -> None:
-        bucket = self._buckets.get(key)
-        if bucket is not None and n > 0:
-            bucket[0] = min(self.burst, bucket[0] + n)
-
-    def _prune(self, now: float) -> None:
-        # A bucket that has refilled is the same as no bucket.
-        full = [k for k, (tok, last) in self._buckets.items() if tok + (now - last) * self.rate >= self.burst]
-        for k in full:
-            del self._buckets[k]
-        if len(self._buckets) >= self.max_keys:
-            self._buckets.clear()
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _escape_sub(sub: str) -> str:
-    """A subject with no "/" in it, so ``prefix + sub + "/" + client id`` splits one way only;
-    and no "~", so no subject can spell the gateway's own names (``~anonymous``)."""
-    return sub.replace("%", "%25").replace("/", "%2F").replace("~", "%7E")
-
-
-def _without_will_delay(will: Will | None) -> Will | None:
-    """The Will as the broker gets it: without a Will Delay Interval. A delayed Will would be
-    published after the connection ended, at an instant the gateway no longer sees; without the
-    delay it is decided at the instant the connection ends, and published then or never."""
-    if will is None or get_prop(will.properties, Prop.WILL_DELAY_INTERVAL) is None:
-        return will
-    return Will(will.topic, will.payload, will.qos, will.retain,
-                without_props(will.properties, Prop.WILL_DELAY_INTERVAL))
-
-
-def _verdict(decision: Any) -> Verdict:
-    v = getattr(decision, "verdict", None)
-    if v is None:
-        return Verdict.ALLOW if getattr(decision, "allowed", False) else Verdict.DENY
-    return v if isinstance(v, Verdict) else Verdict[str(getattr(v, "name", v)).upper()]
+    def may_subscribe(self, identity: Identity, topic_filter: str, *, qos: int = 0, client_id: str = "",
+                      now: float | None = None) -> SubscribeDecision: ...
 
 
 # --------------------------------------------------------------------------- the session
 
 
 class Session:
-    def __init__(self, *, config: MqttConfig, policies: Any, audit: Any,
+    def __init__(self, *, config: MqttConfig, policies: Policies,
                  clock: Callable[[], float] = time.monotonic, wallclock: Callable[[], float] = time.time,
+                 random_hex: Callable[[int], str] = secrets.token_hex, fast_paths: bool = True,
                  rate_limiter: RateLimiter | None = None, token_leeway: float = 0.0,
                  upstream_password: str | None = None, peer: str = "",
                  credential_problem: Callable[[Identity], str | None] | None = None,
@@ -481,9 +319,9 @@ class Session:
         # asked at authentication and on every invalidate().
         self.credential_problem = credential_problem
         self.policies = policies
-        self.audit = audit
-        self.clock = clock
-        self.wallclock = wallclock
+        self.clock = clock              # monotonic: deadlines, caches, audit folding
+        self.wallclock = wallclock      # unix time: token expiry, and the `now` of every policy question
+        self.random_hex = random_hex    # generated client ids
         self.rate_limiter = rate_limiter
         self.token_leeway = token_leeway
         self.peer = peer
@@ -496,7 +334,7 @@ class Session:
         self.upstream_client_id = ""   # as the broker knows it
         self.keepalive = 0             # enforced keepalive (seconds, 0 = none)
 
-        self._state = "connect"        # connect -> auth -> upstream -> open -> closed
+        self._phase = CONNECT          # see proxy.mqtt.phase: moved only by _enter()
         self._created = clock()
         self._last_rx = self._created
         self._client_framer = Framer(self._preauth_max)  # raised to max_packet_size at CONNACK
@@ -513,7 +351,7 @@ class Session:
         self._aliases: dict[int, str] = {}
         self._subs = SubscriptionTable()
         self._recv_cache: dict[bytes, bool] = {}
-        self._pub_cache: dict[tuple, tuple[str, Any]] = {}
+        self._pub_cache: PublishCache = {}
         self._recv_cache_bytes = 0     # topic bytes in each cache since it was last empty
         self._pub_cache_bytes = 0
         self._caches_until = 0.0       # clock() after which both caches are dropped (time-bound grants)
@@ -526,7 +364,7 @@ class Session:
         self._rate_audit_at = 0.0
         # Refusals audited one line per second at most: kind -> [refused since the last line,
         # clock() of the next line allowed, the fields of the last refusal].
-        self._folds: dict[str, list] = {}
+        self._folds: dict[str, list[Any]] = {}  # [refused since the last line, next line at, fields]
         self._forwarded = 0            # PUBLISH packets passed on, per direction, not yet counted
         self._handed = 0
         self._suback_slots: dict[int, list[int | None]] = {}
@@ -540,31 +378,35 @@ class Session:
         self._will_until: float | None = None   # when the Will's grant ends (session clock)
         self._will_devices: frozenset[str] = frozenset()
         # Pass-through run (see _pass): the output list, index of its last slice, start/end offsets.
-        self._run: list | None = None
-        self.fast_paths = True         # off only in tests that compare the fast paths with the full path
+        self._run: Run | None = None
+        # Off only to compare the fast paths with the full path (tests/unit/test_mqtt_fastpath.py).
+        self._fast_paths = fast_paths
+        # What the current handle() call has to say besides the writes: audit lines, counts.
+        self._records: list[Record] = []
+        self._counts: dict[Metric, int] = {}
 
     # ----------------------------------------------------------------- shell API
 
     @property
     def reading_paused(self) -> bool:
-        return self._state in ("auth", "upstream")
+        return self._phase in (AUTH, UPSTREAM)
 
     @property
     def established(self) -> bool:
         """True once the broker's CONNACK has been passed to the client (authenticated, open)."""
-        return self._state == "open"
+        return self._phase is OPEN
 
     @property
-    def deadline_inputs(self) -> tuple:
+    def deadline_inputs(self) -> tuple[object, ...]:
         """What :meth:`next_deadline` and :attr:`reading_paused` depend on besides activity
         (which only moves the keepalive deadline later): a shell that keeps a timer at the
         last deadline needs to look again only when this changes, or when the timer fires."""
-        return (self._state, self.identity, self.keepalive, self._grants_until)
+        return (self._phase, self.identity, self.keepalive, self._grants_until)
 
     def next_deadline(self) -> float | None:
         if self.closed:
             return None
-        if self._state != "open":
+        if self._phase is not OPEN:
             return self._created + self.config.connect_timeout_seconds
         deadlines = []
         if self.keepalive:
@@ -581,10 +423,26 @@ class Session:
         deadline = self.next_deadline()
         return None if deadline is None else max(0.0, deadline - self.clock())
 
-    def client_data(self, data) -> Actions:
-        acts = Actions()
-        if self.closed:
-            return acts
+    def _enter(self, phase: Phase) -> None:
+        self._phase = advance(self._phase, phase)
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def handle(self, event: Event) -> list[Command]:
+        """The one entry point: what happened → what the shell must do, in order
+        (:data:`proxy.mqtt.commands.ORDER`). After the session has closed, nothing."""
+        acts = Output()
+        if not self.closed:
+            _HANDLERS[type(event)](self, acts, event)
+        counts = None
+        if self._published or self._forwarded or self._delivered or self._handed or self._counts:
+            counts = self._take_counts()
+        return acts.commands(self._records, counts)
+
+    def _on_client_data(self, acts: Output, event: ClientData) -> Output:
+        data = event.data
         if self._run is not None:
             self._end_run()
         now = self.clock()
@@ -595,24 +453,23 @@ class Session:
         framer = self._client_framer
         view = codec.byte_view(data)
         start = 0
-        if self._state == "connect":
+        if self._phase is CONNECT:
             head = self._head
             if len(head) < codec.CONNECT_HEAD_BYTES:
                 head += view[:codec.CONNECT_HEAD_BYTES - len(head)]
             if self._oversized:  # nothing more is read: only the level byte was missing
                 self._refuse_oversized(acts)
                 return acts
-        if self._state == "open" and self.fast_paths and not framer.buffered:
+        if self._phase is OPEN and self._fast_paths and not framer.buffered:
             start = self._client_fast(acts, view)
             if start:
                 self._last_rx = now
                 if start == len(view):  # the whole chunk: nothing left for the full path
-                    self._flush_counts()
                     return acts
                 # The full path goes on where the fast one stopped; a pass-through
                 # packet right after may still join the fast path's slice.
                 out = acts.to_broker
-                self._run = [out, len(out) - 1, 0, start, view, False]
+                self._run = Run(out, 0, start, view)
         error: ProtocolError | None = None
         frames: list[Frame] = []
         if start < len(view):
@@ -628,25 +485,22 @@ class Session:
             for i, frame in enumerate(frames):
                 if self.closed:
                     break
-                if self._state != "open" and self._state != "connect":
+                if self._phase is not OPEN and self._phase is not CONNECT:
                     self._hold(acts, frames[i:])
                     break
                 self._client_frame(acts, frame, view)
             if error is not None and not self.closed:
                 raise error
-            if (self._state == "auth" or self._state == "upstream") and framer.buffered:
+            if (self._phase is AUTH or self._phase is UPSTREAM) and framer.buffered:
                 self._preauth_refused(acts, 0)  # a partial packet behind what is held counts too
         except ProtocolError as exc:
             self._client_violation(acts, exc)
         finally:
             self._end_run()
-            self._flush_counts()
         return acts
 
-    def broker_data(self, data) -> Actions:
-        acts = Actions()
-        if self.closed:
-            return acts
+    def _on_broker_data(self, acts: Output, event: BrokerData) -> Output:
+        data = event.data
         self._end_run()
         now = self.clock()
         if now >= self._caches_until or now >= self._grants_until:
@@ -657,11 +511,11 @@ class Session:
             framer = self._broker_framer
             view = codec.byte_view(data)
             start = 0
-            if self._state == "open" and self.fast_paths and not framer.buffered:
+            if self._phase is OPEN and self._fast_paths and not framer.buffered:
                 start = self._broker_fast(acts, view)
                 if start:
                     out = acts.to_client
-                    self._run = [out, len(out) - 1, 0, start, view, False]
+                    self._run = Run(out, 0, start, view)
             error: ProtocolError | None = None
             frames: list[Frame] = []
             if start < len(view):
@@ -675,12 +529,12 @@ class Session:
                 self._broker_frame(acts, frame, view)
             if error is not None and not self.closed:
                 raise error
-            if (self._state == "auth" or self._state == "upstream") and framer.buffered:
+            if (self._phase is AUTH or self._phase is UPSTREAM) and framer.buffered:
                 self._preauth_refused(acts, 0)  # a partial packet behind what is held counts too
         except ProtocolError as exc:
-            PROTOCOL_ERRORS.labels("broker").inc()
+            self._count(Metric("protocol_errors", ("broker",)))
             self._audit("broker", "protocol_error", reason=exc.message)
-            if self._state == "upstream":
+            if self._phase is UPSTREAM:
                 self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "broker_refused", exc.message)
             else:
                 if self.protocol_level == MQTT_5:
@@ -688,18 +542,15 @@ class Session:
                 self._close(acts, "protocol_error", f"broker: {exc.message}")
         finally:
             self._end_run()
-            self._flush_counts()
         return acts
 
-    def authenticated(self, identity: Identity) -> Actions:
-        acts = Actions()
-        if self.closed:
-            return acts
+    def _on_authenticated(self, acts: Output, event: Authenticated) -> Output:
+        identity = event.identity
         if self._reauth:
             return self._reauthenticated(acts, identity)
-        if self._state != "auth" or self._connect is None:
+        if self._phase is not AUTH or self._connect is None:
             return acts
-        AUTHENTICATIONS.labels(identity.method, "ok").inc()
+        self._count(Metric("authentications", (identity.method, "ok")))
         c = self._connect
         level = c.protocol_level
         if identity.expires_at is not None and self.wallclock() >= identity.expires_at + self.token_leeway:
@@ -709,49 +560,31 @@ class Session:
         if problem:
             return self._auth_refused(acts, identity, Reason.BAD_USER_NAME_OR_PASSWORD, "auth_failed", problem)
         # Bind the client id to the identity.
-        requested = c.client_id
-        if identity.is_device:
-            if not identity.device_id or identity.device_id.startswith(self.config.user_client_id_prefix):
-                # A device registered as "u/<someone's sub>/..." would own that user's broker session.
-                self._audit("connect", "deny", identity=identity, resource=identity.device_id,
-                            reason="device id inside the user client id namespace")
-                return self._refuse_connect(acts, Reason.CLIENT_IDENTIFIER_NOT_VALID, "client_id_rejected",
-                                            "device id inside the user namespace")
-            if requested and requested != identity.device_id:
-                self._audit("connect", "deny", identity=identity, resource=requested,
-                            reason="client id is not the device id")
-                return self._refuse_connect(acts, Reason.CLIENT_IDENTIFIER_NOT_VALID, "client_id_rejected",
-                                            "client id is not the device id")
-            if not requested:
-                self._assigned_id = True
-            self.client_id = identity.device_id
-            self.upstream_client_id = identity.device_id
-        elif identity.is_anonymous:
-            self.client_id = requested if requested else "kg-" + secrets.token_hex(8)
-            self._assigned_id = not requested
-            self.upstream_client_id = f"{self.config.user_client_id_prefix}~anonymous/{secrets.token_hex(12)}"
-        else:
-            if not requested:
-                requested = "kg-" + secrets.token_hex(8)
-                self._assigned_id = True
-            self.client_id = requested
-            self.upstream_client_id = f"{self.config.user_client_id_prefix}{_escape_sub(identity.sub)}/{requested}"
+        bound = bind_client_id(identity, c.client_id, self.config.user_client_id_prefix, self.random_hex)
+        if bound.refusal:
+            self._audit("connect", "deny", identity=identity, resource=identity.device_id or c.client_id,
+                        reason=bound.refusal)
+            return self._refuse_connect(acts, Reason.CLIENT_IDENTIFIER_NOT_VALID, "client_id_rejected",
+                                        bound.refusal)
+        self.client_id, self.upstream_client_id = bound.client_id, bound.upstream_client_id
+        self._assigned_id = bound.assigned
         # The Will is a publish that happens later: authorize it now.
         if c.will is not None:
             d = self.policies.may_publish(identity, c.will.topic, qos=c.will.qos, retain=c.will.retain,
-                                          client_id=self.client_id)
-            self._will_until = self._mono(getattr(d, "until", None))
-            self._will_devices = getattr(d, "devices", frozenset())
+                                          client_id=self.client_id, now=self.wallclock())
+            self._will_until = self._mono(d.until)
+            self._will_devices = d.devices
             if not d.allowed:
-                _DENIED["will"].inc()
+                self._count(_DENIED["will"])
                 self._audit("will", "deny", identity=identity, resource=c.will.topic, rule=d.rule,
                             reason=d.reason, qos=c.will.qos, retain=c.will.retain)
                 return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "not_authorized",
                                             "Will topic not allowed")
-            _ALLOWED["will"].inc()
+            self._count(_ALLOWED["will"])
         expiry_cap = self.config.limits.persistent_session_expiry_seconds
         if level == MQTT_5:
-            self.session_expiry = min(get_prop(c.properties, Prop.SESSION_EXPIRY_INTERVAL) or 0, expiry_cap)
+            asked = get_prop(c.properties, Prop.SESSION_EXPIRY_INTERVAL)
+            self.session_expiry = min(asked if isinstance(asked, int) else 0, expiry_cap)
         else:
             self.session_expiry = 0 if c.clean_start else expiry_cap
         if self.admit_connect is not None:
@@ -762,39 +595,25 @@ class Session:
         self.identity = identity
         self._audit("connect", "allow", identity=identity, resource=self.client_id,
                     protocol_level=level)
-        # The upstream CONNECT: our credentials, the bound client id, no auth or alias properties,
-        # the Session Expiry capped (the broker keeps the session no longer than the gateway counts it).
-        props = without_props(c.properties, Prop.AUTHENTICATION_METHOD, Prop.AUTHENTICATION_DATA,
-                              Prop.TOPIC_ALIAS_MAXIMUM, Prop.SESSION_EXPIRY_INTERVAL)
-        if self.session_expiry:
-            props.append((Prop.SESSION_EXPIRY_INTERVAL, self.session_expiry))
-        username = self.config.upstream_username or None
-        password = self._upstream_password.encode() if username and self._upstream_password else None
-        upstream = Connect(protocol_name=c.protocol_name, protocol_level=level, clean_start=c.clean_start,
-                           # Twice the enforced keepalive upstream: the gateway, not the broker, is the one
-                           # that times a silent client out, with its own reason code and audit record.
-                           keepalive=min(2 * self.keepalive, 65535), client_id=self.upstream_client_id,
-                           username=username,
-                           password=password, will=_without_will_delay(c.will), properties=props)
-        self._state = "upstream"
+        upstream = upstream_connect(c, self.config, self._upstream_password, self.upstream_client_id,
+                                    self.keepalive, self.session_expiry)
+        self._enter(UPSTREAM)
         self._will_armed = c.will is not None  # from now on the broker may hold it
         self._update_horizon()
         acts.open_upstream = True
         acts.to_broker.append(codec.encode_connect(upstream))
         return acts
 
-    def authentication_failed(self, reason: AuthReason, method: str = "") -> Actions:
-        acts = Actions()
-        if self.closed:
-            return acts
-        AUTHENTICATIONS.labels(method or "unknown", "fail").inc()
+    def _on_authentication_failed(self, acts: Output, event: AuthenticationFailed) -> Output:
+        reason, method = event.reason, event.method
+        self._count(Metric("authentications", (method or "unknown", "fail")))
         reason_name = getattr(reason, "value", str(reason))
         if self._reauth:
             self._reauth = False
             self._audit("reauth", "deny", identity=self.identity, reason=reason_name)
             acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.NOT_AUTHORIZED))
             return self._close(acts, "reauth_failed", reason_name, Reason.NOT_AUTHORIZED)
-        if self._state != "auth":
+        if self._phase is not AUTH:
             return acts
         if reason == AuthReason.NO_CREDENTIALS:
             code = Reason.NOT_AUTHORIZED
@@ -810,27 +629,23 @@ class Session:
         """The filters this connection holds at the broker (for the persistent-session count)."""
         return [f for f, _ in self._subs]
 
-    def refuse_authenticated(self, reason: str, detail: str) -> Actions:
+    def _on_connect_refused(self, acts: Output, event: ConnectRefused) -> Output:
         """The shell refuses a CONNECT whose credentials were good, for a quota of its own (a
         reconnect back-off, persistent sessions): v5 CONNACK 0x97, 3.1.1 CONNACK 3. The shell
         audits (folded): this is what a flooding client meets on every retry."""
-        acts = Actions()
-        if self.closed or self._state != "auth" or self._reauth:
+        if self._phase is not AUTH or self._reauth:
             return acts
         return self._refuse_connect(acts, Reason.QUOTA_EXCEEDED if self.protocol_level == MQTT_5 else
-                                    Reason.SERVER_UNAVAILABLE, reason, detail)
+                                    Reason.SERVER_UNAVAILABLE, event.reason, event.detail)
 
-    def tick(self) -> Actions:
-        acts = Actions()
-        if self.closed:
-            return acts
-        now = self.clock()
-        if self._state != "open":
+    def _on_tick(self, acts: Output, event: Tick) -> Output:
+        now = event.now
+        if self._phase is not OPEN:
             if now >= self._created + self.config.connect_timeout_seconds:
-                self._audit("connect", "deny", reason="connect timeout", state=self._state)
-                if self._state == "connect":
-                    return self._close(acts, "connect_timeout", self._state)
-                return self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "connect_timeout", self._state)
+                self._audit("connect", "deny", reason="connect timeout", state=self._phase.value)
+                if self._phase is CONNECT:
+                    return self._close(acts, "connect_timeout", self._phase.value)
+                return self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "connect_timeout", self._phase.value)
             return acts
         if self.keepalive and now - self._last_rx > 1.5 * self.keepalive:
             self._audit("keepalive", "close", identity=self.identity, reason="keepalive timeout")
@@ -840,15 +655,13 @@ class Session:
         self._expire(acts, now)
         return acts
 
-    def invalidate(self, devices: set[str] | None = None) -> Actions:
+    def _on_invalidated(self, acts: Output, event: Invalidated) -> Output:
         """Policies or ownership facts changed (``devices``: the ids an ownership write touched;
         None: anything may have changed): drop cached decisions, close the connection if its
         credential no longer stands (a deleted device, a rotated key) or its Will is no longer
         allowed, re-decide the subscription grants that rest on those devices. Carry out the
-        returned Actions like any other."""
-        acts = Actions()
-        if self.closed:
-            return acts
+        returned commands like any other."""
+        devices = event.devices
         self._recv_cache.clear()
         self._pub_cache.clear()
         ident = self.identity
@@ -858,16 +671,16 @@ class Session:
             problem = self.credential_problem(ident) if self.credential_problem is not None else None
             if problem:
                 self._audit("session", "close", identity=ident, reason=problem)
-                if self._state == "open":
+                if self._phase is OPEN:
                     return self._disconnect(acts, Reason.ADMINISTRATIVE_ACTION, "credential_revoked", problem)
                 return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "credential_revoked", problem)
         if self._will_armed and (devices is None or not devices.isdisjoint(self._will_devices)) \
                 and not self._will_still_allowed("revoked"):
             return self._will_revoked(acts)
-        self._redecide(devices)
+        self._redecide(None if devices is None else set(devices))
         return acts
 
-    def _will_revoked(self, acts: Actions) -> Actions:
+    def _will_revoked(self, acts: Output) -> Output:
         """The Will the broker holds is no longer allowed. It may not stay there a moment longer:
         the broker publishes it whenever it ends the connection itself (a session takeover, a
         protocol error it sees), so end the connection now, with a DISCONNECT that discards it."""
@@ -875,30 +688,22 @@ class Session:
         self._end_run()
         acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
         self._audit("session", "close", reason="Will no longer allowed")
-        if self._state == "open":
+        if self._phase is OPEN:
             return self._disconnect(acts, Reason.NOT_AUTHORIZED, "will_revoked", "")
         return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "will_revoked", "")
 
-    def broker_closed(self) -> Actions:
-        acts = Actions()
-        if self.closed:
-            return acts
-        if self._state in ("upstream", "auth"):
+    def _on_broker_closed(self, acts: Output, event: BrokerClosed) -> Output:
+        if self._phase in (UPSTREAM, AUTH):
             return self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "broker_closed", "")
-        if self.protocol_level == MQTT_5 and self._state == "open":
+        if self.protocol_level == MQTT_5 and self._phase is OPEN:
             acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.UNSPECIFIED_ERROR))
         return self._close(acts, "broker_closed", "")
 
-    upstream_failed = broker_closed
-
-    def client_closed(self) -> Actions:
+    def _on_client_closed(self, acts: Output, event: ClientClosed) -> Output:
         """The client's connection is gone (whoever closed it). Before the shell closes the
         upstream, the Will is checked again: if it is no longer allowed (a grant revoked since
         CONNECT), a normal DISCONNECT goes to the broker first, which discards the Will."""
-        acts = Actions()
-        if not self.closed:
-            self._close(acts, "client_closed", "")
-        return acts
+        return self._close(acts, "client_closed", "")
 
     def _will_still_allowed(self, when: str = "close") -> bool:
         """The Will is a publish the broker makes when the connection ends: it must be allowed at
@@ -912,14 +717,14 @@ class Session:
         reason = self._standing_problem(ident)
         if reason is None:
             d = self.policies.may_publish(ident, c.will.topic, qos=c.will.qos, retain=c.will.retain,
-                                          client_id=self.client_id)
+                                          client_id=self.client_id, now=self.wallclock())
             if d.allowed:
-                _ALLOWED["will"].inc()
-                self._will_until = self._mono(getattr(d, "until", None))
-                self._will_devices = getattr(d, "devices", frozenset())
+                self._count(_ALLOWED["will"])
+                self._will_until = self._mono(d.until)
+                self._will_devices = d.devices
                 return True
             rule, reason = d.rule, d.reason
-        _DENIED["will"].inc()
+        self._count(_DENIED["will"])
         self._audit("will", "deny", resource=c.will.topic, rule=rule, reason=reason,
                     qos=c.will.qos, retain=c.will.retain, when=when)
         return False
@@ -939,7 +744,7 @@ class Session:
             return "token expired"
         return self.credential_problem(ident) if self.credential_problem is not None else None
 
-    def _token_ended(self, acts: Actions) -> Actions:
+    def _token_ended(self, acts: Output) -> Output:
         self._audit("session", "close", identity=self.identity, reason="token expired")
         return self._disconnect(acts, Reason.MAXIMUM_CONNECT_TIME, "token_expired", "")
 
@@ -948,136 +753,39 @@ class Session:
         return ident is not None and ident.expires_at is not None and \
             self.wallclock() >= ident.expires_at + self.token_leeway
 
-    def shutdown(self) -> Actions:
-        acts = Actions()
-        if self.closed:
-            return acts
-        if self._state == "open":
+    def _on_shutdown(self, acts: Output, event: Shutdown) -> Output:
+        if self._phase is OPEN:
             return self._disconnect(acts, Reason.SERVER_SHUTTING_DOWN, "shutdown", "")
-        if self._state in ("auth", "upstream"):
+        if self._phase in (AUTH, UPSTREAM):
             return self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "shutdown", "")
         return self._close(acts, "shutdown", "")
 
     # ----------------------------------------------------------------- client side
 
-    # ----------------------------------------------------------------- fast paths
-    # The common case of a busy connection, a chunk full of PUBLISH packets whose
-    # decisions are cached, walked in one loop: no Frame, no PublishInfo, one
-    # rate-limiter call per batch, one slice for the whole run. Each stops at the
-    # first packet that needs anything more (another type, properties, a topic not
-    # cached or denied, a split packet, an empty bucket) and leaves the rest of the
-    # chunk to the full path, which decides exactly as if the fast path did not exist.
-    # The two loops share their header walk line for line on purpose: a helper called
-    # per packet would cost a sixth of the loop (tests/unit/test_mqtt_fastpath.py holds
-    # both to the full path).
+    # ----------------------------------------------------------------- fast paths (proxy.mqtt.fastpath)
 
-    def _client_fast(self, acts: Actions, mv: memoryview) -> int:
+    def _client_fast(self, acts: Output, mv: memoryview) -> int:
         """Allowed publishes from the start of ``mv``; the offset where it stopped."""
-        end = len(mv)
-        if end < 4:
-            return 0
-        cache = self._pub_cache
-        valid = codec.VALID_BYTE1
-        max_size = self._client_framer.max_packet_size
-        v5 = self.protocol_level == MQTT_5
-        answered = self._client_qos2_answered
-        limiter = self.rate_limiter
-        sub = self.identity.sub if self.identity is not None else ""
-        budget = 0
-        first = 0  # the first packet's size: tokens are asked for as if all were that size
-        pos = n = 0
-        while pos + 2 < end:
-            b1 = mv[pos]
-            if b1 & 0xF0 != 0x30 or not valid[b1]:
-                break
-            b = mv[pos + 1]
-            if b < 0x80:
-                body, total = pos + 2, 2 + b
-            else:
-                b2 = mv[pos + 2]
-                if b2 >= 0x80 or not b2:
-                    break
-                body, total = pos + 3, 3 + ((b & 0x7F) | (b2 << 7))
-            nxt = pos + total
-            if total > max_size or nxt > end or body + 2 > nxt:
-                break
-            tend = body + 2 + ((mv[body] << 8) | mv[body + 1])
-            qos = (b1 >> 1) & 3
-            if qos == 2:
-                break  # held until its PUBREL: the full path
-            after = tend + (2 if qos else 0) + (1 if v5 else 0)
-            if after > nxt:
-                break
-            if qos and not ((mv[tend] << 8) | mv[tend + 1]):
-                break  # packet id 0: the full path says what is wrong
-            if v5 and mv[after - 1]:
-                break  # properties (a Topic Alias, maybe): the full path reads them
-            entry = cache.get((mv[body + 2:tend].tobytes(), qos, b1 & 1))
-            if entry is None or not entry[1].allowed:
-                break
-            if limiter is not None:
-                if not budget:
-                    # As many as the rest of the chunk seems to hold (usually exact: nothing to give back).
-                    first = first or total
-                    want = 1 + (end - nxt) // first
-                    budget = limiter.take(sub, want if want < _RATE_BATCH else _RATE_BATCH)
-                    if not budget:
-                        break
-                budget -= 1
-            if qos and answered:
-                answered.discard((mv[tend] << 8) | mv[tend + 1])  # forwarded: the broker's to finish
-            n += 1
-            pos = nxt
-        if budget:
-            limiter.give_back(sub, budget)  # type: ignore[union-attr]
+        ident = self.identity
+        pos, n = fastpath.client_publishes(mv, self._pub_cache, self._client_framer.max_packet_size,
+                                           self.protocol_level == MQTT_5, self._client_qos2_answered,
+                                           self.rate_limiter, ident.sub if ident is not None else "")
         if n:
             self._published += n
             self._forwarded += n
             acts.to_broker.append(mv[:pos])  # one slice; the caller makes it a pass-through run
         return pos
 
-    def _broker_fast(self, acts: Actions, mv: memoryview) -> int:
-        """Deliveries from the start of ``mv`` whose topic an exact ALLOW grant proves or whose
-        decision is cached as allowed; the offset where it stopped."""
-        end = len(mv)
-        if end < 4:
-            return 0
-        exact = self._subs.exact
-        cache = self._recv_cache
-        valid = codec.VALID_BYTE1
-        v5 = self.protocol_level == MQTT_5
-        pos = n = 0
-        while pos + 2 < end:
-            b1 = mv[pos]
-            if b1 & 0xF0 != 0x30 or not valid[b1]:
-                break
-            b = mv[pos + 1]
-            if b < 0x80:
-                body, total = pos + 2, 2 + b
-            else:
-                b2 = mv[pos + 2]
-                if b2 >= 0x80 or not b2:
-                    break
-                body, total = pos + 3, 3 + ((b & 0x7F) | (b2 << 7))
-            nxt = pos + total
-            if nxt > end or body + 2 > nxt:
-                break
-            tend = body + 2 + ((mv[body] << 8) | mv[body + 1])
-            after = tend + (2 if b1 & 0x06 else 0) + (1 if v5 else 0)
-            if after > nxt or (v5 and mv[after - 1]):
-                break  # properties (maybe a Topic Alias the broker must not send): the full path
-            topic = mv[body + 2:tend].tobytes()
-            if cache.get(topic) is not True and topic not in exact:
-                break
-            n += 1
-            pos = nxt
+    def _broker_fast(self, acts: Output, mv: memoryview) -> int:
+        """Deliveries from the start of ``mv`` an exact ALLOW grant or a cached decision allows."""
+        pos, n = fastpath.broker_deliveries(mv, self._subs.exact, self._recv_cache, self.protocol_level == MQTT_5)
         if n:
             self._handed += n
             self._delivered += n
             acts.to_client.append(mv[:pos])  # one slice; the caller makes it a pass-through run
         return pos
 
-    def _hold(self, acts: Actions, frames: list[Frame]) -> None:
+    def _hold(self, acts: Output, frames: list[Frame]) -> None:
         """Packets that arrive while authentication runs wait (copied: the buffer is reused),
         at most the pre-authentication limit of bytes, counting everything held for them: each
         held packet's bookkeeping and the partial packet in the framer (see _preauth_held)."""
@@ -1089,7 +797,7 @@ class Session:
                                        frame.body_start, -1, -1))
         self._preauth_refused(acts, 0)
 
-    def _preauth_refused(self, acts: Actions, more: int) -> bool:
+    def _preauth_refused(self, acts: Output, more: int) -> bool:
         """Would holding ``more`` bytes take what waits for authentication (held packets with
         their overhead, plus the framer's partial packet) past the limit? Then refuse now."""
         held = self._pending_bytes + self._client_framer.buffered
@@ -1101,9 +809,9 @@ class Session:
                              Reason.SERVER_UNAVAILABLE, "buffer_full", "")
         return True
 
-    def _client_frame(self, acts: Actions, frame: Frame, data) -> None:
+    def _client_frame(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         t = frame.type
-        if self._state == "connect":
+        if self._phase is CONNECT:
             if t != T.CONNECT:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} before CONNECT")
             self._on_connect(acts, frame)
@@ -1165,17 +873,17 @@ class Session:
         else:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} is not sent by clients")
 
-    def _longer_expiry_at_disconnect(self, d) -> bool:
+    def _longer_expiry_at_disconnect(self, d: Disconnect) -> bool:
         """A v5 DISCONNECT may set a new Session Expiry: kept within the cap (True: over it, so
         the DISCONNECT must go upstream with the capped value, in ``session_expiry``)."""
         asked = get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL)
-        if asked is None:
+        if not isinstance(asked, int):
             return False
         cap = self.config.limits.persistent_session_expiry_seconds
         self.session_expiry = min(asked, cap)
         return asked > cap
 
-    def _on_connect(self, acts: Actions, frame: Frame) -> None:
+    def _on_connect(self, acts: Output, frame: Frame) -> None:
         # Field lengths are checked before anything is decoded or any credential looked at.
         limits = self.config.limits
         c = codec.decode_connect(frame.body, max_client_id=limits.client_id_max_bytes,
@@ -1199,17 +907,17 @@ class Session:
         data = get_prop(c.properties, Prop.AUTHENTICATION_DATA)
         if method is not None and method != AUTH_METHOD:
             self._audit("connect", "deny", resource=c.client_id, reason=f"authentication method {method!r}")
-            AUTHENTICATIONS.labels("unknown", "fail").inc()
+            self._count(Metric("authentications", ("unknown", "fail")))
             self._refuse_connect(acts, Reason.BAD_AUTHENTICATION_METHOD, "auth_failed", "bad method")
             return
         if data is not None and method is None:
             raise ProtocolError(Reason.PROTOCOL_ERROR, "Authentication Data without a method")
         self._enhanced_auth = method is not None
-        self._state = "auth"
+        self._enter(AUTH)
         acts.auth = AuthRequest(kind="connect", username=c.username, password=c.password,
                                 auth_method=method, auth_data=data, client_id=c.client_id)  # type: ignore[arg-type]
 
-    def _client_publish(self, acts: Actions, frame: Frame, data) -> None:
+    def _client_publish(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
         info = codec.decode_publish(frame, level, check_topic=False)  # checked below, once per topic
         topic_b = info.topic
@@ -1230,20 +938,22 @@ class Session:
                 if not topic:
                     raise ProtocolError(Reason.PROTOCOL_ERROR, f"unknown topic alias {alias}")
             rewrite = True
-            key: tuple = (topic, qos, info.retain)
+            key: tuple[str | bytes, int, int] = (topic, qos, info.retain)
         else:
             if not topic_b:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, "empty topic without a topic alias")
             key = (topic_b, qos, info.retain)
         ident = self.identity
-        assert ident is not None
+        if ident is None:
+            raise RuntimeError("ident is not set")
         # Decisions are cached per (topic, QoS, retain) until invalidate() or the cache's TTL;
         # only topics that passed the checks get an entry.
         entry = self._pub_cache.get(key)
         if entry is None:
             if not rewrite:
                 topic = codec.topic_from_bytes(topic_b)
-            d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id)
+            d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id,
+                                          now=self.wallclock())
             cache = self._pub_cache
             if not cache:
                 self._pub_cache_bytes = 0  # emptied elsewhere since the last entry
@@ -1253,10 +963,10 @@ class Session:
                 self._pub_cache_bytes = 0
             cache[key] = entry = (topic, d)
             self._pub_cache_bytes += size
-            self._cached_until(getattr(d, "until", None))
+            self._cached_until(d.until)
         topic, d = entry
         if self.rate_limiter is not None and not self.rate_limiter.allow(ident.sub):
-            RATE_LIMITED.inc()
+            self._count(_RATE_LIMITED)
             # One audit line per second at most, with the count: a flood must not flood the log.
             now = self.clock()
             self._rate_limited += 1
@@ -1271,7 +981,7 @@ class Session:
             self._refuse_publish(acts, info, Reason.QUOTA_EXCEEDED)
             return
         if not d.allowed:
-            _DENIED["publish"].inc()
+            self._count(_DENIED["publish"])
             self._audit("publish", "deny", identity=ident, resource=topic, rule=d.rule, reason=d.reason,
                         qos=qos, retain=info.retain)
             if level != MQTT_5 and self.config.denied_publish_v3 == "disconnect":
@@ -1293,7 +1003,8 @@ class Session:
         self._end_run()
         acts.to_broker.extend(self._resolved(frame, data, info, topic))
 
-    def _resolved(self, frame: Frame, data, info, topic: str) -> list:
+    def _resolved(self, frame: Frame, data: memoryview | None, info: PublishInfo,
+                  topic: str) -> list[Buffer]:
         """The PUBLISH with its alias resolved: the broker gets the full topic and no alias, so it
         holds no alias state."""
         props = without_props(codec.read_publish_properties(frame, info), Prop.TOPIC_ALIAS)
@@ -1302,13 +1013,16 @@ class Session:
                                   level=self.protocol_level, properties=props, payload_len=len(payload))
         if not len(payload):
             return [head]
-        return [head, payload if frame.start < 0 else data[frame.start + info.payload_start:frame.end]]
+        return [head, payload if frame.start < 0 or data is None else data[frame.start + info.payload_start:frame.end]]
 
-    def _hold_qos2(self, acts: Actions, frame: Frame, data, info, topic: str, rewrite: bool) -> None:
+    def _hold_qos2(self, acts: Output, frame: Frame, data: memoryview | None, info: PublishInfo, topic: str,
+                   rewrite: bool) -> None:
         """An allowed QoS 2 publish: the gateway answers PUBREC and keeps it until the PUBREL, when
         it is decided again (a grant revoked in between must not be released by the broker)."""
         self._end_run()
         pid = info.packet_id
+        if pid is None:
+            raise RuntimeError("a QoS 2 PUBLISH without a packet id")  # (the codec refuses one)
         level = self.protocol_level
         packet = b"".join(bytes(b) for b in self._resolved(frame, data, info, topic)) if rewrite else bytes(frame.raw)
         earlier = self._qos2_held.pop(pid, None)  # a retransmission (DUP) replaces it
@@ -1326,7 +1040,7 @@ class Session:
         self._qos2_held_bytes += len(packet)
         acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
 
-    def _release_qos2(self, acts: Actions, pid: int) -> None:
+    def _release_qos2(self, acts: Output, pid: int) -> None:
         """The client's PUBREL: forward the held publish if it is still allowed now."""
         self._end_run()
         level = self.protocol_level
@@ -1338,10 +1052,11 @@ class Session:
             packet, topic, retain = held
             self._qos2_held_bytes -= len(packet)
             ident = self.identity
-            assert ident is not None
+            if ident is None:
+                raise RuntimeError("ident is not set")
             problem = self._standing_problem(ident)
             d = None if problem else self.policies.may_publish(ident, topic, qos=2, retain=retain,
-                                                               client_id=self.client_id)
+                                                               client_id=self.client_id, now=self.wallclock())
             if d is not None and d.allowed:
                 # Released at this instant, in one write: the PUBLISH and its PUBREL, so the broker
                 # never holds it awaiting a release the gateway would have to decide again. (The
@@ -1352,13 +1067,13 @@ class Session:
                 acts.to_broker.append(packet)
                 acts.to_broker.append(codec.encode_ack(T.PUBREL, pid, level))
                 return
-            rule, reason = (d.rule, d.reason) if d is not None else (None, problem)
-        _DENIED["publish"].inc()
+            rule, reason = (d.rule, d.reason) if d is not None else (None, problem or "")
+        self._count(_DENIED["publish"])
         self._audit("publish", "deny", resource=topic, rule=rule, reason=reason, qos=2, when="release")
         acts.to_client.append(codec.encode_ack(
             T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
 
-    def _refuse_publish(self, acts: Actions, info, code: int) -> None:
+    def _refuse_publish(self, acts: Output, info: PublishInfo, code: int) -> None:
         """Answer a publish the broker will never see, so the client's flow completes."""
         self._end_run()
         level = self.protocol_level
@@ -1380,23 +1095,24 @@ class Session:
             acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
             self._client_qos2_answered.add(pid)
 
-    def _rate_refused(self, acts: Actions, action: str, ident: Identity, n: int, resource: str) -> bool:
+    def _rate_refused(self, acts: Output, action: str, ident: Identity, n: int, resource: str) -> bool:
         """Charge ``n`` filters of a SUBSCRIBE / UNSUBSCRIBE to the identity's rate limit, as
         publishes are: True (and audited, one line per second at most) when over it."""
         if self.rate_limiter is None or self.rate_limiter.allow(ident.sub, cost=n):
             return False
-        RATE_LIMITED.inc()
+        self._count(_RATE_LIMITED)
         self._audit_folded(f"{action}:rate", action, identity=ident, resource=resource, reason="rate limit",
                            filters=n)
         if self.config.rate_limit.action == "disconnect":
             self._disconnect(acts, Reason.MESSAGE_RATE_TOO_HIGH, "rate_limited", action)
         return True
 
-    def _client_subscribe(self, acts: Actions, frame: Frame, data) -> None:
+    def _client_subscribe(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
         sub = codec.decode_subscribe(frame.body, level, self._topic_max)
         ident = self.identity
-        assert ident is not None
+        if ident is None:
+            raise RuntimeError("ident is not set")
         v5 = level == MQTT_5
         if self._rate_refused(acts, "subscribe", ident, len(sub.subscriptions), sub.subscriptions[0].topic_filter):
             if not self.closed:  # drop: every filter refused, nothing reaches the broker
@@ -1415,7 +1131,7 @@ class Session:
             if s.too_long:
                 # Never decoded, never asked of the policy: the shared decision cache only ever
                 # holds filters of at most topic_max_bytes (its keys are bounded by that).
-                _DENIED["subscribe"].inc()
+                self._count(_DENIED["subscribe"])
                 self._audit_folded("subscribe:too_long", "subscribe", identity=ident, resource=s.topic_filter,
                                    reason=f"topic filter of {s.too_long} bytes exceeds the limit of "
                                           f"{self._topic_max}", qos=s.qos)
@@ -1425,34 +1141,34 @@ class Session:
             new = s.topic_filter not in self._subs
             if new and len(self._subs) >= per_connection:
                 # Bounded state per connection: each filter costs memory here and at the broker.
-                _DENIED["subscribe"].inc()
+                self._count(_DENIED["subscribe"])
                 self._audit_folded("subscribe:connection", "subscribe", identity=ident, resource=s.topic_filter,
                                    reason="too many subscriptions for the connection", qos=s.qos)
                 slots.append(quota_code)
                 continue
-            d = self.policies.may_subscribe(ident, inner, qos=s.qos, client_id=self.client_id)
-            verdict = _verdict(d)
+            d = self.policies.may_subscribe(ident, inner, qos=s.qos, client_id=self.client_id, now=self.wallclock())
+            verdict = d.verdict
             if verdict is not Verdict.DENY:
                 if new and quota is not None and not self._take_quota(quota, ident):
-                    _DENIED["subscribe"].inc()
+                    self._count(_DENIED["subscribe"])
                     self._audit_folded("subscribe:identity", "subscribe", identity=ident, resource=s.topic_filter,
                                        reason="too many subscriptions for the identity", qos=s.qos)
                     slots.append(quota_code)
                     continue
-                _ALLOWED["subscribe"].inc()
+                self._count(_ALLOWED["subscribe"])
                 self._subs.subscribed(s.topic_filter, inner, s.qos, verdict,
-                                      self._mono(getattr(d, "until", None)), getattr(d, "devices", frozenset()))
+                                      self._mono(d.until), d.devices)
                 keep.append(Subscription(self._upstream_filter(s.topic_filter), s.options))
                 slots.append(None)
             else:
-                _DENIED["subscribe"].inc()
+                self._count(_DENIED["subscribe"])
                 self._subs.refused(s.topic_filter)
                 self._audit("subscribe", "deny", identity=ident, resource=s.topic_filter,
-                            rule=getattr(d, "rule", None), reason=getattr(d, "reason", None), qos=s.qos)
+                            rule=d.rule, reason=d.reason, qos=s.qos)
                 slots.append(deny_code)
         self._table_changed()
         if len(keep) == len(slots) and all(k.topic_filter == s.topic_filter
-                                           for k, s in zip(keep, sub.subscriptions)):
+                                           for k, s in zip(keep, sub.subscriptions, strict=False)):
             self._pass(acts.to_broker, frame, data)
             return
         self._end_run()
@@ -1471,7 +1187,7 @@ class Session:
         if group is None:
             return topic_filter
         ident = self.identity
-        owner = _escape_sub(ident.sub if ident is not None else "").replace("+", "%2B").replace("#", "%23")
+        owner = escape_sub(ident.sub if ident is not None else "").replace("+", "%2B").replace("#", "%23")
         return f"$share/{owner}~{group}/{inner}"
 
     def _take_quota(self, quota: SubscriptionQuota, ident: Identity) -> bool:
@@ -1488,11 +1204,12 @@ class Session:
             self.subscription_quota.release(self._quota_key, n)
             self._quota_held -= n
 
-    def _client_unsubscribe(self, acts: Actions, frame: Frame, data) -> None:
+    def _client_unsubscribe(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
         unsub = codec.decode_unsubscribe(frame.body, level, self._topic_max)
         ident = self.identity
-        assert ident is not None
+        if ident is None:
+            raise RuntimeError("ident is not set")
         if self._rate_refused(acts, "unsubscribe", ident, len(unsub.topic_filters), unsub.topic_filters[0]):
             if not self.closed:
                 if level == MQTT_5:  # drop: UNSUBACK has no quota code; the filters stay subscribed
@@ -1514,7 +1231,7 @@ class Session:
             acts.to_broker.append(codec.encode_unsubscribe(
                 Unsubscribe(unsub.packet_id, upstream, unsub.properties), level))
 
-    def _client_auth(self, acts: Actions, frame: Frame) -> None:
+    def _client_auth(self, acts: Output, frame: Frame) -> None:
         a = codec.decode_auth(frame.body)
         method = get_prop(a.properties, Prop.AUTHENTICATION_METHOD)
         if a.reason != Reason.REAUTHENTICATE:
@@ -1529,15 +1246,15 @@ class Session:
         acts.auth = AuthRequest(kind="reauth", username=None, password=None, auth_method=AUTH_METHOD,
                                 auth_data=data, client_id=self.client_id)  # type: ignore[arg-type]
 
-    def _reauthenticated(self, acts: Actions, identity: Identity) -> Actions:
+    def _reauthenticated(self, acts: Output, identity: Identity) -> Output:
         self._reauth = False
         old = self.identity
         if old is None or identity.sub != old.sub:
-            AUTHENTICATIONS.labels(identity.method, "fail").inc()
+            self._count(Metric("authentications", (identity.method, "fail")))
             self._audit("reauth", "deny", identity=old, reason="subject changed", new_sub=identity.sub)
             acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.NOT_AUTHORIZED))
             return self._close(acts, "reauth_failed", "subject changed", Reason.NOT_AUTHORIZED)
-        AUTHENTICATIONS.labels(identity.method, "ok").inc()
+        self._count(Metric("authentications", (identity.method, "ok")))
         self.identity = identity
         self._audit("reauth", "allow", identity=identity)
         # Roles may have changed with the new token, and the expiry has.
@@ -1549,15 +1266,15 @@ class Session:
 
     # ----------------------------------------------------------------- broker side
 
-    def _broker_frame(self, acts: Actions, frame: Frame, data) -> None:
+    def _broker_frame(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         t = frame.type
         level = self.protocol_level
-        if self._state == "upstream":
+        if self._phase is UPSTREAM:
             if t != T.CONNACK:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} before CONNACK")
             self._broker_connack(acts, frame)
             return
-        if self._state != "open":
+        if self._phase is not OPEN:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} from the broker before CONNECT")
         if t == T.PUBLISH:
             self._broker_publish(acts, frame, data)
@@ -1594,7 +1311,7 @@ class Session:
         else:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} is not sent by brokers")
 
-    def _broker_connack(self, acts: Actions, frame: Frame) -> None:
+    def _broker_connack(self, acts: Output, frame: Frame) -> None:
         level = self.protocol_level
         ca = codec.decode_connack(frame.body, level)
         if ca.reason != 0:
@@ -1605,7 +1322,7 @@ class Session:
             self._will_armed = False  # refused: the broker holds no Will
             self._close(acts, "broker_refused", f"0x{ca.reason:02X}", ca.reason)
             return
-        self._state = "open"
+        self._enter(OPEN)
         self._client_framer.max_packet_size = self.config.max_packet_size  # authenticated now
         self._last_rx = self.clock()
         # A resumed session (session_present) holds filters the gateway never saw: nothing in
@@ -1626,31 +1343,16 @@ class Session:
                 self._client_violation(acts, exc)
                 break
 
-    def _client_connack_props(self, broker_props: list) -> list:
+    def _client_connack_props(self, broker_props: Properties) -> Properties:
         c = self._connect
-        assert c is not None
-        props = without_props(broker_props, Prop.ASSIGNED_CLIENT_IDENTIFIER, Prop.TOPIC_ALIAS_MAXIMUM,
-                              Prop.SERVER_KEEP_ALIVE, Prop.MAXIMUM_PACKET_SIZE, Prop.AUTHENTICATION_METHOD,
-                              Prop.AUTHENTICATION_DATA)
-        if self._assigned_id:
-            props.append((Prop.ASSIGNED_CLIENT_IDENTIFIER, self.client_id))
-        broker_ka = get_prop(broker_props, Prop.SERVER_KEEP_ALIVE)
-        if broker_ka is not None and (not self.keepalive or broker_ka < self.keepalive):
-            self.keepalive = int(broker_ka)  # type: ignore[arg-type]
-        if self.keepalive != c.keepalive:
-            props.append((Prop.SERVER_KEEP_ALIVE, self.keepalive))
-        if self.config.topic_alias_maximum:
-            props.append((Prop.TOPIC_ALIAS_MAXIMUM, self.config.topic_alias_maximum))
-        broker_max = get_prop(broker_props, Prop.MAXIMUM_PACKET_SIZE)
-        limit = self.config.max_packet_size
-        if broker_max is not None:
-            limit = min(limit, int(broker_max))  # type: ignore[arg-type]
-        props.append((Prop.MAXIMUM_PACKET_SIZE, limit))
-        if self._enhanced_auth:
-            props.append((Prop.AUTHENTICATION_METHOD, AUTH_METHOD))
+        if c is None:
+            raise RuntimeError("c is not set")
+        props, self.keepalive = client_connack_props(
+            broker_props, self.config, assigned_id=self.client_id if self._assigned_id else None,
+            keepalive=self.keepalive, asked_keepalive=c.keepalive, enhanced_auth=self._enhanced_auth)
         return props
 
-    def _broker_publish(self, acts: Actions, frame: Frame, data) -> None:
+    def _broker_publish(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
         info = codec.decode_publish(frame, level, check_topic=False)  # checked on a cache miss
         if info.topic_alias is not None or not info.topic:
@@ -1674,15 +1376,18 @@ class Session:
             if cached:
                 self._delivered += 1
             else:
-                _DENIED["receive"].inc()
+                self._count(_DENIED["receive"])
             return cached
         topic = codec.topic_from_bytes(topic_b)
         decision = None
         ok = self._subs.covers(topic)  # an ALLOW grant proves it
         if not ok:
-            decision = self.policies.may_receive(self.identity, topic, client_id=self.client_id)
+            ident = self.identity
+            if ident is None:
+                raise RuntimeError("a delivery before authentication")
+            decision = self.policies.may_receive(ident, topic, client_id=self.client_id, now=self.wallclock())
             ok = bool(decision.allowed)
-            self._cached_until(getattr(decision, "until", None))
+            self._cached_until(decision.until)
         cache = self._recv_cache
         if not cache:
             self._recv_cache_bytes = 0  # emptied elsewhere since the last entry
@@ -1695,12 +1400,13 @@ class Session:
         if ok:
             self._delivered += 1
         else:
-            _DENIED["receive"].inc()
+            self._count(_DENIED["receive"])
             self._audit("receive", "deny", identity=self.identity, resource=topic,
-                        rule=getattr(decision, "rule", None), reason=getattr(decision, "reason", None))
+                        rule=decision.rule if decision is not None else None,
+                        reason=decision.reason if decision is not None else None)
         return ok
 
-    def _broker_suback(self, acts: Actions, frame: Frame, data) -> None:
+    def _broker_suback(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
         sa = codec.decode_suback(frame.body, level)
         slots = self._suback_slots.pop(sa.packet_id, None)
@@ -1710,7 +1416,7 @@ class Session:
         codes = iter(sa.reasons)
         merged = [s if s is not None else next(codes, Reason.UNSPECIFIED_ERROR) for s in slots]
         self._end_run()
-        acts.to_client.append(codec.encode_suback(Suback(sa.packet_id, merged, sa.properties), level))  # type: ignore[arg-type]
+        acts.to_client.append(codec.encode_suback(Suback(sa.packet_id, merged, sa.properties), level))
 
     # ----------------------------------------------------------------- plumbing
 
@@ -1719,20 +1425,26 @@ class Session:
         self._pub_cache.clear()
         self._caches_until = now + _DECISION_TTL
 
-    def _flush_counts(self) -> None:
-        # Allowed messages are counted in bulk, once per chunk.
+    def _take_counts(self) -> list[tuple[Metric, int]]:
+        """What the call counted. Allowed messages are counted in plain integers, in bulk."""
+        out = list(self._counts.items())
+        self._counts.clear()
         if self._published:
-            _ALLOWED_PUBLISH.value += self._published
+            out.append((_ALLOWED_PUBLISH, self._published))
             self._published = 0
         if self._delivered:
-            _ALLOWED_RECEIVE.value += self._delivered
+            out.append((_ALLOWED_RECEIVE, self._delivered))
             self._delivered = 0
         if self._forwarded:
-            _TO_BROKER.value += self._forwarded
+            out.append((_TO_BROKER, self._forwarded))
             self._forwarded = 0
         if self._handed:
-            _TO_CLIENT.value += self._handed
+            out.append((_TO_CLIENT, self._handed))
             self._handed = 0
+        return out
+
+    def _count(self, metric: Metric, n: int = 1) -> None:
+        self._counts[metric] = self._counts.get(metric, 0) + n
 
     def _table_changed(self) -> None:
         # Cached deliveries may rest on a grant that just went: ask again.
@@ -1743,11 +1455,12 @@ class Session:
         """Ask the policy again for the subscription grants (those resting on ``devices``, or all),
         for the identity in force now."""
         ident = self.identity
-        assert ident is not None
+        if ident is None:
+            raise RuntimeError("ident is not set")
 
         def decide(match: str, qos: int) -> tuple[Verdict, float | None, frozenset[str]]:
-            d = self.policies.may_subscribe(ident, match, qos=qos, client_id=self.client_id)
-            return _verdict(d), self._mono(getattr(d, "until", None)), getattr(d, "devices", frozenset())
+            d = self.policies.may_subscribe(ident, match, qos=qos, client_id=self.client_id, now=self.wallclock())
+            return d.verdict, self._mono(d.until), d.devices
 
         self._subs.redecide(decide, devices)
         self._table_changed()
@@ -1763,11 +1476,11 @@ class Session:
             until = min(until, self.clock() + max(left, 0.0))
         self._grants_until = until
 
-    def _expire(self, acts: Actions, now: float) -> None:
+    def _expire(self, acts: Output, now: float) -> None:
         """Whatever ended by ``now``: cached decisions, the token, subscription grants."""
         if now >= self._caches_until:
             self._drop_caches(now)
-        if now < self._grants_until or self._state != "open":
+        if now < self._grants_until or self._phase is not OPEN:
             return
         if self._token_expired():
             self._token_ended(acts)
@@ -1789,7 +1502,7 @@ class Session:
             if at is not None and at < self._caches_until:
                 self._caches_until = at
 
-    def _pass(self, out: list, frame: Frame, view) -> None:
+    def _pass(self, out: list[Buffer], frame: Frame, view: memoryview | None) -> None:
         """Forward a packet unchanged; neighbours from the same chunk join into one slice
         (made once the run ends, in _end_run)."""
         if frame.start < 0 or view is None:
@@ -1797,20 +1510,19 @@ class Session:
             out.append(frame.raw)
             return
         run = self._run
-        if run is not None and run[0] is out and run[1] == len(out) - 1 and run[3] == frame.start:
-            run[3] = frame.end
-            run[5] = True
+        if run is not None and run.extends(out, frame.start):
+            run.end_at = frame.end
+            run.grown = True
             return
         self._end_run()
         out.append(frame.raw)
-        self._run = [out, len(out) - 1, frame.start, frame.end, view, False]
+        self._run = Run(out, frame.start, frame.end, view)
 
     def _end_run(self) -> None:
         run = self._run
         if run is not None:
             self._run = None
-            if run[5]:
-                run[0][run[1]] = run[4][run[2]:run[3]]
+            run.end()
 
     def _audit(self, action: str, decision: str, *, identity: Identity | None = None, resource: str = "",
                rule: str | None = None, reason: str | None = None, **extra: Any) -> None:
@@ -1819,9 +1531,8 @@ class Session:
             extra["peer"] = self.peer
         if self.client_id and "client_id" not in extra:
             extra["client_id"] = self.client_id
-        self.audit.record(protocol="mqtt", action=action, decision=decision, resource=resource,
-                          identity=identity if identity is not None else self.identity, rule=rule,
-                          reason=reason, **extra)
+        self._records.append(Record(action, decision, resource,
+                                    identity if identity is not None else self.identity, rule, reason, extra))
 
     def _audit_folded(self, kind: str, action: str, **fields: Any) -> None:
         """A refusal a client can repeat at will: one line per second at most per kind, with the
@@ -1846,7 +1557,7 @@ class Session:
                 fold[0] = 0
         self._folds.clear()
 
-    def _close(self, acts: Actions, reason: str, detail: str, code: int | None = None) -> Actions:
+    def _close(self, acts: Output, reason: str, detail: str, code: int | None = None) -> Output:
         """Every way a connection ends comes here. A Will the broker holds is decided now: if it
         is no longer allowed, a plain DISCONNECT upstream makes the broker discard it."""
         if self._will_armed:
@@ -1855,22 +1566,22 @@ class Session:
                 self._end_run()
                 acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
         self.closed = True
-        self._state = "closed"
+        self._enter(CLOSED)
         self._pending = []
         self._release_quota(self._quota_held)  # the identity's other connections may use them
         self._flush_folds()
         if acts.close is None:
-            acts.close = CloseInfo(reason, detail, code)
+            acts.close = Close(reason, detail, code)
         return acts
 
-    def _disconnect(self, acts: Actions, code: int, reason: str, detail: str) -> Actions:
+    def _disconnect(self, acts: Output, code: int, reason: str, detail: str) -> Output:
         """Close an open connection, telling a v5 client why."""
         if self.protocol_level == MQTT_5:
             acts.to_client.append(codec.encode_disconnect(MQTT_5, code))
             return self._close(acts, reason, detail, code)
         return self._close(acts, reason, detail)
 
-    def _refuse_connect(self, acts: Actions, code: int, reason: str, detail: str) -> Actions:
+    def _refuse_connect(self, acts: Output, code: int, reason: str, detail: str) -> Output:
         """CONNACK with a failure code in the client's protocol version, then close."""
         level = self.protocol_level
         if level == MQTT_5:
@@ -1882,11 +1593,11 @@ class Session:
             return self._close(acts, reason, detail, int(v3))
         return self._close(acts, reason, detail)
 
-    def _auth_refused(self, acts: Actions, identity: Identity, code: int, reason: str, detail: str) -> Actions:
+    def _auth_refused(self, acts: Output, identity: Identity, code: int, reason: str, detail: str) -> Output:
         self._audit("connect", "deny", identity=identity, reason=detail)
         return self._refuse_connect(acts, code, reason, detail)
 
-    def _refuse_oversized(self, acts: Actions) -> Actions:
+    def _refuse_oversized(self, acts: Output) -> Output:
         """A CONNECT over the pre-authentication size, refused at its fixed header, answered in
         its client's version: v5 CONNACK 0x95; 3.1.1 (no code for it) and anything else: a close.
         Only the few bytes up to the level byte are ever held for it."""
@@ -1901,10 +1612,10 @@ class Session:
             return self._close(acts, "protocol_error", detail, Reason.PACKET_TOO_LARGE)
         return self._close(acts, "protocol_error", detail)
 
-    def _client_violation(self, acts: Actions, exc: ProtocolError) -> Actions:
-        PROTOCOL_ERRORS.labels("client").inc()
-        state = self._state
-        if state == "connect" and exc.reason_code == Reason.PACKET_TOO_LARGE:
+    def _client_violation(self, acts: Output, exc: ProtocolError) -> Output:
+        self._count(Metric("protocol_errors", ("client",)))
+        state = self._phase
+        if state is CONNECT and exc.reason_code == Reason.PACKET_TOO_LARGE:
             # Only the Framer says this, at the CONNECT's fixed header: nothing of its body is held.
             self._audit("connect", "deny", reason=f"CONNECT over the pre-authentication limit: {exc.message}",
                         reason_code=exc.reason_code)
@@ -1914,7 +1625,7 @@ class Session:
             self._audit(exc.action, "deny", reason=exc.message, reason_code=exc.reason_code)
         else:
             self._audit("protocol_error", "deny", reason=exc.message, reason_code=exc.reason_code)
-        if state == "connect":
+        if state is CONNECT:
             level = exc.protocol_level
             if level is not None:
                 self.protocol_level = level
@@ -1923,6 +1634,20 @@ class Session:
                     return self._close(acts, "protocol_error", exc.message, V3ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION)
                 return self._refuse_connect(acts, exc.reason_code, "protocol_error", exc.message)
             return self._close(acts, "protocol_error", exc.message)
-        if state in ("auth", "upstream"):
+        if state is AUTH or state is UPSTREAM:
             return self._refuse_connect(acts, exc.reason_code, "protocol_error", exc.message)
         return self._disconnect(acts, exc.reason_code, "protocol_error", exc.message)
+
+
+_HANDLERS: dict[type[Event], Callable[[Session, Output, Any], object]] = {
+    ClientData: Session._on_client_data,
+    BrokerData: Session._on_broker_data,
+    Authenticated: Session._on_authenticated,
+    AuthenticationFailed: Session._on_authentication_failed,
+    Tick: Session._on_tick,
+    ClientClosed: Session._on_client_closed,
+    BrokerClosed: Session._on_broker_closed,
+    Invalidated: Session._on_invalidated,
+    Shutdown: Session._on_shutdown,
+    ConnectRefused: Session._on_connect_refused,
+}

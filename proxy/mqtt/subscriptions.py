@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from proxy.policy.decision import Verdict
 
@@ -87,7 +87,8 @@ class SubscriptionTable:
     def subscribed(self, topic_filter: str, match: str, qos: int, verdict: Verdict, until: float | None,
                    devices: frozenset[str] = frozenset()) -> None:
         """A SUBSCRIBE of this filter is being forwarded: it replaces any earlier one [MQTT-3.8.4-3]."""
-        assert verdict is not Verdict.DENY
+        if verdict is Verdict.DENY:
+            raise ValueError("a denied filter is not subscribed")
         self._grants[topic_filter] = Grant(match, qos, verdict, until, devices)
         self._derive()
 

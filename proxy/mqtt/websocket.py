@@ -27,10 +27,12 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import WSMsgType, web
 
+from proxy.mqtt.transport import Transport
 from proxy.mqtt.wsguard import HEAD_MAX_BYTES, HEAD_REFUSAL, HEAD_TOO_LARGE, PreauthGuard, close_frame
 
 if TYPE_CHECKING:
@@ -48,7 +50,7 @@ class WebSocketTransport:
     :meth:`attach` gives it the upgraded WebSocket, closing aborts ``raw``.
     """
 
-    def __init__(self, raw: Any):
+    def __init__(self, raw: Transport):
         self._raw = raw
         self._ws: web.WebSocketResponse | None = None
         self._out: list[bytes] = []
@@ -109,7 +111,8 @@ class WebSocketTransport:
     async def pump_out(self) -> None:
         """Send queued bytes as one binary frame per batch, until closed."""
         ws = self._ws
-        assert ws is not None
+        if ws is None:
+            raise RuntimeError("ws is not set")
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -129,9 +132,10 @@ class WebSocketTransport:
                     await ws.close()
                 return
 
-    async def pump_in(self, on_data) -> None:
+    async def pump_in(self, on_data: Callable[[bytes], None]) -> None:
         ws = self._ws
-        assert ws is not None
+        if ws is None:
+            raise RuntimeError("ws is not set")
         while not self._closing:
             await self._reading.wait()
             if self._closing:
@@ -151,7 +155,7 @@ class _HttpSide:
 
     __slots__ = ("listener", "transport", "ws_transport", "http", "guard")
 
-    def __init__(self, listener: "WebSocketListener", transport: Any, ws_transport: WebSocketTransport):
+    def __init__(self, listener: WebSocketListener, transport: Any, ws_transport: WebSocketTransport):
         self.listener = listener
         self.transport = transport  # what aiohttp sees: the TLS side, or the plain socket
         self.ws_transport = ws_transport
@@ -217,12 +221,12 @@ class _PlainSide(asyncio.Protocol):
 
     __slots__ = ("listener", "side")
 
-    def __init__(self, listener: "WebSocketListener"):
+    def __init__(self, listener: WebSocketListener):
         self.listener = listener
         self.side: _HttpSide | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.side = self.listener.accept(transport)
+        self.side = self.listener.accept(cast(Transport, transport))  # a stream socket's
 
     def data_received(self, data: bytes) -> None:
         if self.side is not None:
@@ -248,7 +252,7 @@ class WebSocketListener:
     """Accepts sockets itself (admission and deadline from accept) and lets aiohttp speak HTTP
     and WebSocket on them; each upgraded socket carries on as the Connection made at accept."""
 
-    def __init__(self, gateway: "MqttGateway"):
+    def __init__(self, gateway: MqttGateway):
         self.gateway = gateway
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -280,7 +284,8 @@ class WebSocketListener:
             def factory() -> asyncio.BaseProtocol:
                 return _PlainSide(self)
         self._server = await loop.create_server(factory, sock=sock, backlog=1024)
-        return sock.getsockname()[1]
+        bound: int = sock.getsockname()[1]
+        return bound
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -293,7 +298,7 @@ class WebSocketListener:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             self._server = None
 
-    def accept(self, transport: Any) -> _HttpSide | None:
+    def accept(self, transport: Transport) -> _HttpSide | None:
         """A socket, at accept: its Connection now (or refused: None, the socket aborted)."""
         ws_transport = WebSocketTransport(transport)
         conn = self.gateway.accept_transport(ws_transport, websocket=True)

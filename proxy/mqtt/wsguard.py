@@ -29,7 +29,8 @@ _OPCODE_CONTINUATION, _OPCODE_TEXT, _OPCODE_BINARY = 0, 1, 2
 HEAD_REFUSAL = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
                 b"Connection: close\r\nContent-Length: 86\r\n\r\n"
                 b'{"error":{"code":"header_too_large","message":"the upgrade request head is too long"}}')
-assert len(HEAD_REFUSAL.split(b"\r\n\r\n", 1)[1]) == 86
+if len(HEAD_REFUSAL.split(b"\r\n\r\n", 1)[1]) != 86:  # the Content-Length above
+    raise RuntimeError("HEAD_REFUSAL: Content-Length does not match its body")
 
 
 def _header_size(byte2: int) -> int:

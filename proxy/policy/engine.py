@@ -339,18 +339,21 @@ class CompiledPolicies:
 
     # ------------------------------------------------------------------ cached public questions
 
-    def may_publish(self, identity: Identity, topic: str, *, qos: int = 0, retain: bool = False,
-                    client_id: str = "") -> Decision:
-        return self._cached(("p", identity, topic, qos, retain, client_id), self._publish,
-                            identity, topic, qos, retain, client_id)
+    # ``now``: the wall-clock instant the answer is for (the caller's clock); None: ``self.clock()``.
 
-    def may_receive(self, identity: Identity, topic: str, *, client_id: str = "") -> Decision:
-        return self._cached(("r", identity, topic, client_id), self._receive, identity, topic, client_id)
+    def may_publish(self, identity: Identity, topic: str, *, qos: int = 0, retain: bool = False,
+                    client_id: str = "", now: float | None = None) -> Decision:
+        return self._cached(("p", identity, topic, qos, retain, client_id), self._publish,
+                            identity, topic, qos, retain, client_id, now=now)
+
+    def may_receive(self, identity: Identity, topic: str, *, client_id: str = "",
+                    now: float | None = None) -> Decision:
+        return self._cached(("r", identity, topic, client_id), self._receive, identity, topic, client_id, now=now)
 
     def may_subscribe(self, identity: Identity, topic_filter: str, *, qos: int = 0,
-                      client_id: str = "") -> SubscribeDecision:
+                      client_id: str = "", now: float | None = None) -> SubscribeDecision:
         return self._cached(("s", identity, topic_filter, qos, client_id), self._subscribe,
-                            identity, topic_filter, qos, client_id)
+                            identity, topic_filter, qos, client_id, now=now)
 
     def may_http(self, identity: Identity, method: str, path: str) -> Decision:
         return self._cached(("h", identity, method, path), self._http, identity, method, path)
@@ -364,7 +367,7 @@ class CompiledPolicies:
             keys = self._identity_keys[identity] = identity_keys(identity)
         return keys
 
-    def _cached(self, key: CacheKey, compute: Callable[..., _D], *args: object) -> _D:
+    def _cached(self, key: CacheKey, compute: Callable[..., _D], *args: object, now: float | None = None) -> _D:
         """Decisions are pure functions of (policy set, facts generation, identity, request, time).
 
         A swap builds a new :class:`CompiledPolicies` (a new, empty cache); a
@@ -375,7 +378,8 @@ class CompiledPolicies:
         full, in entries or in bytes (``cache_max_bytes``), the cache is simply
         dropped: a flood of long distinct filters costs recomputation, not memory.
         """
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         if not self._cache_size:
             h = _Horizon(now)
             return _with_horizon(compute(h, *args), h)

@@ -96,15 +96,16 @@ class Policies:
     # ------------------------------------------------------------------ questions
 
     def may_publish(self, identity: Identity, topic: str, *, qos: int = 0, retain: bool = False,
-                    client_id: str = "") -> Decision:
-        return self._compiled.may_publish(identity, topic, qos=qos, retain=retain, client_id=client_id)
+                    client_id: str = "", now: float | None = None) -> Decision:
+        return self._compiled.may_publish(identity, topic, qos=qos, retain=retain, client_id=client_id, now=now)
 
     def may_subscribe(self, identity: Identity, topic_filter: str, *, qos: int = 0,
-                      client_id: str = "") -> SubscribeDecision:
-        return self._compiled.may_subscribe(identity, topic_filter, qos=qos, client_id=client_id)
+                      client_id: str = "", now: float | None = None) -> SubscribeDecision:
+        return self._compiled.may_subscribe(identity, topic_filter, qos=qos, client_id=client_id, now=now)
 
-    def may_receive(self, identity: Identity, topic: str, *, client_id: str = "") -> Decision:
-        return self._compiled.may_receive(identity, topic, client_id=client_id)
+    def may_receive(self, identity: Identity, topic: str, *, client_id: str = "",
+                    now: float | None = None) -> Decision:
+        return self._compiled.may_receive(identity, topic, client_id=client_id, now=now)
 
     def may_http(self, identity: Identity, method: str, path: str) -> Decision:
         return self._compiled.may_http(identity, method, path)

@@ -49,12 +49,12 @@ async def test_owner_commands_device_gmqtt_v311_with_k2(mqtt_rig):
                                version=V311)
     try:
         device.subscribe(f"devices/{dev}/cmd/#", qos=1)
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(device.subacks.get(), 5)  # the SUBACK: the subscription is in place
         owner.publish(f"devices/{dev}/cmd/reboot", b"now", qos=1)
         msg = await asyncio.wait_for(device.received.get(), 5)
         assert (msg.topic, msg.payload) == (f"devices/{dev}/cmd/reboot", b"now")
         owner.subscribe(f"devices/{dev}/telemetry", qos=1)
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(owner.subacks.get(), 5)
         device.publish(f"devices/{dev}/telemetry", b"after-subscribe", qos=1)
         msg = await asyncio.wait_for(owner.received.get(), 5)
         assert msg.payload == b"after-subscribe"

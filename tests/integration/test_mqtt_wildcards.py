@@ -68,7 +68,7 @@ async def test_dropped_deliveries_do_not_disturb_the_broker_session(mqtt_rig, qo
     carol = await gmqtt_client(rig, "carol-persist", username="carol", password=await rig.token("carol"),
                                version=V5, clean=False)
     carol.subscribe("devices/+/telemetry", qos=qos)
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(carol.subacks.get(), 5)  # the SUBACK: the subscription is in place
     d = Paho(rig, private, username=private, password=kp)
     assert await d.connect() == 0
     for i in range(100):

@@ -121,6 +121,7 @@ class GatewayRig:
         return ctx
 
     def audited(self, **match: Any) -> list[dict]:
+        self.gateway.audit_writer.drain()  # the MQTT shell writes audit lines off the loop
         return [r for r in self.audit.records if all(r.get(k) == v for k, v in match.items())]
 
 

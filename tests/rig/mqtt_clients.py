@@ -168,7 +168,8 @@ class Paho:
 
 async def gmqtt_client(rig, client_id: str, *, username: str | None, password: str | None, version: int = V5,
                        cert=None, clean: bool = True):
-    """A connected gmqtt client; ``client.received`` is an asyncio.Queue of Message."""
+    """A connected gmqtt client; ``client.received`` is an asyncio.Queue of Message,
+    ``client.subacks`` one of the SUBACKs it got."""
     import gmqtt
     from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
@@ -183,6 +184,12 @@ async def gmqtt_client(rig, client_id: str, *, username: str | None, password: s
         return 0
 
     client.on_message = on_message
+    client.subacks = asyncio.Queue()  # (mid, granted QoS) per SUBACK: wait for it, not a while
+
+    def on_subscribe(c, mid, qos, properties):
+        client.subacks.put_nowait((mid, qos))
+
+    client.on_subscribe = on_subscribe
     await client.connect(rig.host, rig.port, ssl=rig.client_ssl(cert) or False,
                          version=MQTTv50 if version == V5 else MQTTv311, keepalive=30)
     return client

@@ -1,11 +1,11 @@
 """The session's fast paths decide exactly as the full path does.
 
 A chunk of PUBLISH packets whose decisions are cached skips the Frame and
-PublishInfo objects and the per-message rate-limiter call (Session._client_fast,
-Session._broker_fast). An attacker who could make the two paths disagree could
+PublishInfo objects and the per-message rate-limiter call
+(:mod:`proxy.mqtt.fastpath`). An attacker who could make the two paths disagree could
 get past a check, so every test here runs the same traffic through a session
 with the fast paths and one without, and requires the same bytes each way, the
-same audit lines and the same state.
+same audit lines, the same counts and the same deadlines.
 
 The traffic is built so that the fast paths really run: the CONNECT (and the
 broker's CONNACK, the SUBSCRIBE and its SUBACK) in chunks of their own, then a
@@ -21,16 +21,24 @@ comparing the full path with itself.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from collections import Counter
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.mqtt import codec
+from proxy.mqtt import codec, fastpath
 from proxy.mqtt.packets import MQTT_5, MQTT_311, Prop, Subscribe, Subscription
-from proxy.mqtt.session import Actions, RateLimiter
+from proxy.mqtt.ratelimit import RateLimiter
 from tests.unit.test_mqtt_fuzz import (
-    POLICIES, SETTINGS, broker_packet, client_packet, connect_bytes, mutated, properties_for,
+    POLICIES,
+    SETTINGS,
+    broker_packet,
+    client_packet,
+    connect_bytes,
+    mutated,
+    properties_for,
 )
 from tests.unit.test_mqtt_session import ALICE, Clock, FakePolicies, connack, make, open_session, pub
 
@@ -43,32 +51,41 @@ fast_topics = st.one_of(allowed_topics, st.sampled_from(["devices/thermo-2/cmd",
 MIN_FAST_SHARE = 1 / 3
 
 
-def _counting(method, hits: list):
-    """Wrap a fast path: remember every call that consumed bytes."""
-    def wrapper(acts, mv):
-        n = method(acts, mv)
-        if n > 0:
-            hits.append(n)
-        return n
-    return wrapper
+@contextlib.contextmanager
+def counting_fast_paths(hits: dict):
+    """Remember every fast-path call that consumed bytes (the session calls them through the
+    module, so the test can watch them without reaching into the session)."""
+    real = fastpath.client_publishes, fastpath.broker_deliveries
+
+    def wrap(fn, side):
+        def wrapper(mv, *args):
+            pos, n = fn(mv, *args)
+            if n:
+                hits.setdefault(side, []).append(pos)
+            return pos, n
+        return wrapper
+
+    fastpath.client_publishes, fastpath.broker_deliveries = wrap(real[0], "client"), wrap(real[1], "broker")
+    try:
+        yield
+    finally:
+        fastpath.client_publishes, fastpath.broker_deliveries = real
 
 
-def _run(level, events, *, fast: bool, burst: int | None, hits: dict | None = None):
+def _run(level, events, *, fast: bool, burst: int | None):
     """Feed ``events`` (("client" | "broker", chunk), in order), answering authentication as
     Alice and the broker's CONNACK as success, like the shell."""
     clock = Clock()
     limiter = RateLimiter(1.0, burst, clock=clock) if burst else None
-    s, _, audit = make(level, FakePolicies(**POLICIES), clock=clock, rate_limiter=limiter)
-    s.fast_paths = fast
-    if hits is not None:
-        s._client_fast = _counting(s._client_fast, hits.setdefault("client", []))
-        s._broker_fast = _counting(s._broker_fast, hits.setdefault("broker", []))
+    s, _, audit = make(level, FakePolicies(**POLICIES), clock=clock, rate_limiter=limiter, fast_paths=fast)
     to_broker: list = []
     to_client: list = []
+    deadlines: list = []
 
     def apply(acts):
         to_broker.append(b"".join(bytes(x) for x in acts.to_broker))
         to_client.append(b"".join(bytes(x) for x in acts.to_client))
+        deadlines.append((s.closed, s.next_deadline(), acts.close))
         if acts.auth is not None:
             apply(s.authenticated(ALICE))
         if acts.open_upstream:
@@ -76,15 +93,15 @@ def _run(level, events, *, fast: bool, burst: int | None, hits: dict | None = No
 
     for side, chunk in events:
         apply(s.client_data(chunk) if side == "client" else s.broker_data(chunk))
-    state = (s.closed, s._published, s._forwarded, s._delivered, s._handed, sorted(s._client_qos2_answered),
-             sorted(s._broker_qos2_dropped), s._last_rx)
+    state = (deadlines, s.counts)
     buckets = {k: tuple(v) for k, v in limiter._buckets.items()} if limiter else {}
     return to_broker, to_client, [dict(r, ts=None) for r in audit.records], state, buckets
 
 
 def assert_same(level, events, burst=None, stats: Counter | None = None):
     hits: dict = {}
-    fast = _run(level, events, fast=True, burst=burst, hits=hits)
+    with counting_fast_paths(hits):
+        fast = _run(level, events, fast=True, burst=burst)
     full = _run(level, events, fast=False, burst=burst)
     # Chunk by chunk, not only in total: the fast path must not delay or reorder anything.
     assert fast[0] == full[0]
@@ -142,7 +159,7 @@ def chunked(draw, distinct: list[bytes], others: list[bytes]) -> tuple[bytes, li
     elif how == "mutated":
         stream = draw(mutated(stream))
     bounds = [0] + sorted(c for c in cuts if 0 < c < len(stream)) + [len(stream)]
-    chunks = [stream[a:b] for a, b in zip(bounds, bounds[1:]) if a < b]
+    chunks = [stream[a:b] for a, b in itertools.pairwise(bounds) if a < b]
     return b"".join(dict.fromkeys(distinct)), chunks
 
 
@@ -204,7 +221,10 @@ def test_a_chunk_of_cached_publishes_is_one_slice_to_the_broker():
     assert [bytes(x) for x in acts.to_broker] == [packet * 100]
     assert len(policies.asked) == 1  # nothing asked again
     # ... and it was the fast path that walked it, to its end:
-    assert s._client_fast(Actions(), memoryview(packet * 100)) == len(packet) * 100
+    hits: dict = {}
+    with counting_fast_paths(hits):
+        s.client_data(packet * 100)
+    assert hits == {"client": [len(packet) * 100]}
 
 
 def test_fast_path_stops_at_a_denied_topic_and_the_full_path_refuses_it():

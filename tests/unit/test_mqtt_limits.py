@@ -13,11 +13,30 @@ from proxy.config import MqttLimitsConfig, RateLimitConfig
 from proxy.mqtt import codec
 from proxy.mqtt.codec import ProtocolError
 from proxy.mqtt.packets import (
-    MQTT_5, MQTT_311, Connect, PacketType, Reason, Subscribe, Subscription, Unsubscribe, Will,
+    MQTT_5,
+    MQTT_311,
+    Connect,
+    PacketType,
+    Reason,
+    Subscribe,
+    Subscription,
+    Unsubscribe,
+    Will,
 )
-from proxy.mqtt.session import RateLimiter, SubscriptionQuota
+from proxy.mqtt.ratelimit import RateLimiter
+from proxy.mqtt.subscriptions import SubscriptionQuota
 from tests.unit.test_mqtt_session import (
-    ALICE, BOB, Clock, FakePolicies, connack, connect_packet, denials, make, only, open_session, pub,
+    ALICE,
+    BOB,
+    Clock,
+    FakePolicies,
+    connack,
+    connect_packet,
+    denials,
+    make,
+    only,
+    open_session,
+    pub,
     suback_of,
 )
 
@@ -255,7 +274,7 @@ def test_long_unsubscribe_filter_ends_the_connection(level):
 
 def test_subscriptions_per_connection_come_from_the_config():
     p = FakePolicies(sub_allow=[f"a/{i}" for i in range(10)])
-    s, _, audit = open_session(MQTT_311, policies=p, limits=LIMITS)
+    s, _, _audit = open_session(MQTT_311, policies=p, limits=LIMITS)
     subs = [Subscription(f"a/{i}", 0) for i in range(7)]
     acts = s.client_data(codec.encode_subscribe(Subscribe(1, subs), MQTT_311))
     up = codec.decode_subscribe(only(acts.to_broker, T.SUBSCRIBE).body, MQTT_311)
@@ -268,7 +287,7 @@ def test_subscriptions_per_connection_come_from_the_config():
 
 
 def quota_session(quota, identity, level=MQTT_5, **kw):
-    s, p, audit = make(level, FakePolicies(sub_allow=[f"a/{i}" for i in range(20)]), limits=LIMITS, **kw)
+    s, _p, audit = make(level, FakePolicies(sub_allow=[f"a/{i}" for i in range(20)]), limits=LIMITS, **kw)
     s.subscription_quota = quota
     s.client_data(connect_packet(level))
     s.authenticated(identity)

@@ -42,18 +42,25 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
-                                 run_state_machine_as_test)
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from proxy.audit import MemoryAudit
 from proxy.config import MqttConfig
-from tests.unit.policy_helpers import to
 from proxy.facts import Delegation, DeviceFacts, StaticFacts
 from proxy.identity.model import AuthReason, Identity
 from proxy.mqtt import codec
-from proxy.mqtt.packets import Connect, Prop, Subscribe, Subscription, Suback, Unsubscribe, Will
-from proxy.mqtt.session import Actions, Session
+from proxy.mqtt.packets import Connect, Prop, Suback, Subscribe, Subscription, Unsubscribe, Will
+from proxy.mqtt.session import Session
 from proxy.policy import Policies
+from tests.unit.mqtt_driver import Driver, Outcome
+from tests.unit.policy_helpers import to
 
 # --------------------------------------------------------------------------- policy text and its oracle
 
@@ -395,7 +402,7 @@ class GatewayModel(RuleBasedStateMachine):
         """Check and carry out one Actions, as the shell does (client_closed() after a close)."""
         if acts is None:
             return
-        assert isinstance(acts, Actions), acts
+        assert isinstance(acts, Outcome), acts
         level = self.level
         to_client = parse(acts.to_client, level)
         to_broker = parse(acts.to_broker, level)
@@ -407,7 +414,7 @@ class GatewayModel(RuleBasedStateMachine):
                     f"not read; client filters held: {sorted(self.active)}; devices: {self.devs}")
                 _count("deliveries forwarded")
             elif p.type == 9:                                        # SUBACK: the filters granted
-                for (f, _), code in zip(self.sub_req.get(p.pid, ()), p.codes):
+                for (f, _), code in zip(self.sub_req.get(p.pid, ()), p.codes, strict=False):
                     if self.latest.get(f) == ("sub", p.pid) and code < 0x80:
                         self.active.add(f)
         for p in to_client:
@@ -497,7 +504,7 @@ class GatewayModel(RuleBasedStateMachine):
 
     # ------------------------------------------------------------- connecting
 
-    _connect_args = dict(
+    _connect_args = dict(  # noqa: RUF012  (read only)
         level=st.sampled_from([4, 5]), who=st.sampled_from(["alice", "bob", "root", "d1", "d2"]),
         will=st.sampled_from([None, "own", "own", "other"]), other=st.sampled_from(WILL_TOPICS),
         will_qos=st.sampled_from([0, 1]),
@@ -539,8 +546,8 @@ class GatewayModel(RuleBasedStateMachine):
         self.age = 0                               # steps since this connection began
         self.will_topic, self.will_upstream = will, False
         extra = {"credential_problem": self._credential_problem} if CREDENTIAL_KW else {}
-        self.s = Session(config=MqttConfig(tls=False, max_keepalive_seconds=60, connect_timeout_seconds=10.0),
-                         policies=self.policies, audit=MemoryAudit(), clock=self.mono, wallclock=self.wall, **extra)
+        self.s = Driver(Session(config=MqttConfig(tls=False, max_keepalive_seconds=60, connect_timeout_seconds=10.0),
+                                policies=self.policies, clock=self.mono, wallclock=self.wall, **extra), MemoryAudit())
         cid = ident.device_id if ident.is_device else "app"
         w = Will(will, b"gone", will_qos, False) if will else None
         acts = self.s.client_data(codec.encode_connect(Connect("MQTT", level, True, keepalive, cid, ident.username,

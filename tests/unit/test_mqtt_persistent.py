@@ -69,7 +69,7 @@ def test_session_caps_the_session_expiry_it_asks_the_broker_for():
 
 def test_session_refuses_a_connect_the_shell_does_not_admit():
     for level, code in ((MQTT_5, 0x97), (MQTT_311, 3)):
-        s, _, audit = make(level)
+        s, _, _audit = make(level)
         s.admit_connect = lambda *a: "persistent_sessions_per_identity"
         s.client_data(connect_packet(level, "c", clean=False))
         acts = s.authenticated(ALICE)

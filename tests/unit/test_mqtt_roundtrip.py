@@ -15,11 +15,15 @@ import paho.mqtt.client as paho
 import pytest
 from gmqtt import Message as GMessage
 from gmqtt import Subscription as GSubscription
+from gmqtt.mqtt.constants import MQTTCommands
 from gmqtt.mqtt.package import (
-    CommandWithMidPacket, DisconnectPacket, LoginPackageFactor, PublishPacket, SubscribePacket,
+    CommandWithMidPacket,
+    DisconnectPacket,
+    LoginPackageFactor,
+    PublishPacket,
+    SubscribePacket,
     UnsubscribePacket,
 )
-from gmqtt.mqtt.constants import MQTTCommands
 from gmqtt.mqtt.utils import IdGenerator
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -109,7 +113,8 @@ def test_paho_connect_is_read_exactly(level):
     client._send_connect(45)
     raw = client.take()
     c = codec.decode_connect(Framer(1 << 16).feed(raw)[0].body)
-    assert (c.protocol_level, c.client_id, c.username, c.password, c.keepalive) == (level, "app-1", "alice", b"TOKEN", 45)
+    assert (c.protocol_level, c.client_id, c.username, c.password, c.keepalive) == \
+        (level, "app-1", "alice", b"TOKEN", 45)
     assert (c.will.topic, c.will.payload, c.will.qos, c.will.retain) == ("devices/thermo-1/status", b"gone", 1, True)
     if level == MQTT_5:
         assert c.will.properties == [(Prop.WILL_DELAY_INTERVAL, 5)]
@@ -193,7 +198,7 @@ def test_paho_topic_alias_is_resolved():
     frames = decode_all(acts.to_broker)
     infos = [codec.decode_publish(f, MQTT_5) for f in frames]
     assert [(i.topic, i.topic_alias) for i in infos] == [(b"devices/thermo-1/telemetry", None)] * 2
-    assert [bytes(f.raw[i.payload_start:]) for f, i in zip(frames, infos)] == [b"1", b"2"]
+    assert [bytes(f.raw[i.payload_start:]) for f, i in zip(frames, infos, strict=True)] == [b"1", b"2"]
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -201,7 +206,7 @@ def test_paho_subscribe_rewritten_and_suback_merged(level):
     client = PahoWire(level)
     client.username_pw_set("alice", "TOKEN")
     client._send_connect(60)
-    s, _, audit, _ = paho_session(level, client)
+    s, _, _audit, _ = paho_session(level, client)
     opts = (lambda q: SubscribeOptions(qos=q)) if level == MQTT_5 else (lambda q: q)
     props = paho_props(PacketTypes.SUBSCRIBE, SubscriptionIdentifier=7) if level == MQTT_5 else None
     client._send_subscribe(False, [(b"$SYS/#", opts(0)), (b"devices/thermo-1/#", opts(1)),

@@ -8,7 +8,6 @@ policy engine when it is importable.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import pytest
 
@@ -17,13 +16,27 @@ from proxy.config import MqttConfig, MqttLimitsConfig, RateLimitConfig
 from proxy.identity.model import ANONYMOUS, AuthReason, Identity
 from proxy.mqtt import codec
 from proxy.mqtt.codec import Framer
+from proxy.mqtt.commands import AuthRequest
+from proxy.mqtt.handshake import AUTH_METHOD, classify_credentials
 from proxy.mqtt.packets import (
-    MQTT_5, MQTT_311, Connect, PacketType, Prop, Reason, Subscribe, Subscription, Unsubscribe, Will,
+    MQTT_5,
+    MQTT_311,
+    Connect,
+    PacketType,
+    Prop,
+    Reason,
+    Subscribe,
+    Subscription,
+    Unsubscribe,
+    Will,
     get_prop,
 )
-from proxy.mqtt.session import (
-    AUTH_METHOD, Actions, AuthRequest, RateLimiter, Session, classify_credentials, topic_matches,
-)
+from proxy.mqtt.ratelimit import RateLimiter
+from proxy.mqtt.session import Session
+from proxy.mqtt.subscriptions import filter_matches as topic_matches
+from proxy.policy.decision import Decision as _Decision
+from proxy.policy.decision import SubscribeDecision, Verdict
+from tests.unit.mqtt_driver import Driver, Outcome
 
 T = PacketType
 
@@ -36,21 +49,13 @@ THERMO = Identity(kind="device", sub="device:thermo-1", username="thermo-1", met
 # --------------------------------------------------------------------------- stand-ins
 
 
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    rule: str | None = "r"
-    reason: str = ""
-    until: float | None = None
+def Decision(allowed: bool, rule: str | None = "r", reason: str = "", until: float | None = None) -> _Decision:
+    return _Decision(allowed, rule, reason, until=until)
 
 
-@dataclass(frozen=True)
-class SubDecision:
-    verdict: str
-    rule: str | None = "r"
-    reason: str = ""
-    until: float | None = None
-    devices: frozenset = frozenset()
+def SubDecision(verdict: str, rule: str | None = "r", reason: str = "", until: float | None = None,
+                devices: frozenset = frozenset()) -> SubscribeDecision:
+    return SubscribeDecision(Verdict[verdict], rule, reason, until=until, devices=devices)
 
 
 class FakePolicies:
@@ -65,11 +70,11 @@ class FakePolicies:
         self.recv = list(recv)
         self.asked: list[tuple] = []
 
-    def may_publish(self, identity, topic, *, qos=0, retain=False, client_id=""):
+    def may_publish(self, identity, topic, *, qos=0, retain=False, client_id="", now=None):
         self.asked.append(("publish", topic, qos, retain, client_id))
         return Decision(any(topic_matches(f, topic) for f in self.pub), reason="test", until=self.until)
 
-    def may_subscribe(self, identity, topic_filter, *, qos=0, client_id=""):
+    def may_subscribe(self, identity, topic_filter, *, qos=0, client_id="", now=None):
         self.asked.append(("subscribe", topic_filter))
         if topic_filter in self.sub_allow:
             return SubDecision("ALLOW", until=self.until)
@@ -77,7 +82,7 @@ class FakePolicies:
             return SubDecision("CHECK_EACH")
         return SubDecision("DENY")
 
-    def may_receive(self, identity, topic, *, client_id=""):
+    def may_receive(self, identity, topic, *, client_id="", now=None):
         self.asked.append(("receive", topic))
         return Decision(any(topic_matches(f, topic) for f in self.recv), until=self.until)
 
@@ -90,14 +95,18 @@ class Clock:
         return self.t
 
 
-def make(level=MQTT_311, policies=None, *, clock=None, wallclock=None, **cfg) -> tuple[Session, FakePolicies, MemoryAudit]:
+def make(level=MQTT_311, policies=None, *, clock=None, wallclock=None,
+         **cfg) -> tuple[Driver, FakePolicies, MemoryAudit]:
     policies = policies or FakePolicies(pub=["devices/thermo-1/#"], sub_allow=["devices/thermo-1/#"])
     audit = MemoryAudit()
     limiter = cfg.pop("rate_limiter", None)
+    extra = {k: cfg.pop(k) for k in ("fast_paths", "random_hex", "credential_problem", "subscription_quota",
+                                     "upstream_password") if k in cfg}
     leeway = cfg.pop("token_leeway", 0.0)
     config = MqttConfig(**cfg)
-    s = Session(config=config, policies=policies, audit=audit, clock=clock or Clock(),
-                wallclock=wallclock or Clock(5000.0), rate_limiter=limiter, token_leeway=leeway)
+    s = Driver(Session(config=config, policies=policies, clock=clock or Clock(),
+                       wallclock=wallclock or Clock(5000.0), rate_limiter=limiter, token_leeway=leeway,
+                       **extra), audit)
     return s, policies, audit
 
 
@@ -126,7 +135,7 @@ def only(chunks, ptype) -> codec.Frame:
 
 
 def open_session(level=MQTT_311, identity=ALICE, policies=None, *, client_id="app-1", props=(),
-                 broker_props=(), session_present=False, **kw) -> tuple[Session, FakePolicies, MemoryAudit]:
+                 broker_props=(), session_present=False, **kw) -> tuple[Driver, FakePolicies, MemoryAudit]:
     s, p, a = make(level, policies, **kw)
     acts = s.client_data(connect_packet(level, client_id, props=props))
     assert acts.auth is not None and not acts.to_broker
@@ -305,7 +314,7 @@ def test_allowed_will_is_left_to_the_broker():
     s, _, _ = will_session(MQTT_311)
     acts = s.client_closed()
     assert not acts.to_broker and acts.close
-    assert s.client_closed() == Actions()  # idempotent
+    assert s.client_closed() == Outcome()  # idempotent
 
 
 def test_disconnect_with_will_is_checked_again():
@@ -316,7 +325,7 @@ def test_disconnect_with_will_is_checked_again():
     s, p, _ = will_session(MQTT_5)
     raw = codec.encode_disconnect(MQTT_5, 0x04)
     assert bytes(s.client_data(raw).to_broker[0]) == raw
-    assert s.client_closed() == Actions()
+    assert s.client_closed() == Outcome()
 
 
 @pytest.mark.parametrize("reason,v3,v5", [
@@ -407,14 +416,14 @@ def test_connect_deadline_also_covers_a_slow_authentication():
     clock.t = 1006
     acts = s.tick()
     assert codec.decode_connack(only(acts.to_client, T.CONNACK).body, MQTT_5).reason == 0x88
-    assert s.authenticated(ALICE) == Actions()  # a late answer does nothing
+    assert s.authenticated(ALICE) == Outcome()  # a late answer does nothing
 
 
 def test_broker_unreachable_answers_server_unavailable():
     s, _, _ = make()
     s.client_data(connect_packet())
     s.authenticated(ALICE)
-    acts = s.upstream_failed()
+    acts = s.broker_closed()
     assert bytes(acts.to_client[0]) == b"\x20\x02\x00\x03" and acts.close
 
 
@@ -428,7 +437,7 @@ def test_broker_refusal_is_forwarded():
 
 
 def test_packets_sent_before_connack_wait_and_are_then_checked():
-    s, p, _ = make()
+    s, _p, _ = make()
     data = connect_packet() + pub("devices/thermo-1/t", b"ok") + pub("devices/thermo-2/t", b"no")
     acts = s.client_data(data)
     assert acts.auth is not None and not acts.to_broker
@@ -565,7 +574,7 @@ def test_denied_publish_v5_gets_0x87(qos, ack):
 def test_denied_qos0_is_dropped_and_audited():
     s, _, audit = open_session(MQTT_5)
     acts = s.client_data(pub("devices/thermo-2/cmd", level=5))
-    assert acts == Actions() and denials(audit, "publish")
+    assert acts == Outcome() and denials(audit, "publish")
 
 
 def test_denied_publish_v3_is_acknowledged_and_dropped():
@@ -642,7 +651,7 @@ def test_oversized_packet_refused_from_its_header():
 
 
 def test_topic_aliases_are_resolved_and_never_reach_the_broker():
-    s, p, _ = open_session(MQTT_5)
+    s, _p, _ = open_session(MQTT_5)
     acts = s.client_data(pub("devices/thermo-1/t", b"one", level=5, props=[(Prop.TOPIC_ALIAS, 1)]))
     f = only(acts.to_broker, T.PUBLISH)
     assert bytes(f.raw) == pub("devices/thermo-1/t", b"one", level=5)  # full topic, alias removed
@@ -727,7 +736,7 @@ def test_rate_limiter_refills():
 # --------------------------------------------------------------------------- SUBSCRIBE
 
 
-def suback_of(acts: Actions, level) -> list[int]:
+def suback_of(acts: Outcome, level) -> list[int]:
     return codec.decode_suback(only(acts.to_client, T.SUBACK).body, level).reasons
 
 
@@ -886,7 +895,7 @@ def test_only_allow_subscriptions_need_no_delivery_checks():
 
 
 def test_revocation_stops_deliveries_on_invalidate():
-    s, p, audit = wildcard_session()
+    s, p, _audit = wildcard_session()
     raw = pub("devices/public-1/telemetry")
     assert s.broker_data(raw).to_client
     p.recv.remove("devices/public-1/#")  # the device is no longer public
@@ -1004,7 +1013,7 @@ rules:
     subjects: [owner]
     mqtt: {topics: ["devices/{device}/#"], actions: [publish, subscribe]}
 """, facts)
-    s, _, audit = open_session(MQTT_5, policies=policies)
+    s, _, _audit = open_session(MQTT_5, policies=policies)
     assert s.client_data(pub("devices/thermo-1/telemetry", level=5)).to_broker
     acts = s.client_data(pub("devices/thermo-2/cmd", qos=1, pid=2, level=5))
     assert not acts.to_broker and bytes(only(acts.to_client, T.PUBACK).body) == b"\x00\x02\x87"
@@ -1031,24 +1040,22 @@ def test_auth_continue_from_the_client_is_a_protocol_error():
     assert codec.decode_disconnect(only(acts.to_client, T.DISCONNECT).body, 5).reason == 0x82 and acts.close
 
 
-def test_metrics_count_decisions_and_messages():
+def test_metrics_are_counts_the_session_asks_for_not_globals_it_touches():
     from proxy.metrics import REGISTRY
+    from proxy.mqtt.commands import Metric
 
     def value(name, **labels):
         return REGISTRY.get_sample_value(name, labels) or 0.0
 
-    before = (value("keygate_mqtt_decisions_total", action="publish", result="allow"),
-              value("keygate_mqtt_decisions_total", action="publish", result="deny"),
-              value("keygate_mqtt_messages_total", direction="client_to_broker"),
-              value("keygate_mqtt_messages_total", direction="broker_to_client"))
+    before = value("keygate_mqtt_decisions_total", action="publish", result="allow")
     s, _, _ = open_session(policies=FakePolicies(pub=["devices/thermo-1/#"], recv=["devices/thermo-1/#"]))
+    s.counts.clear()
     s.client_data(pub("devices/thermo-1/t") * 3 + pub("devices/thermo-2/t"))
     s.broker_data(pub("devices/thermo-1/t") * 2)
-    after = (value("keygate_mqtt_decisions_total", action="publish", result="allow"),
-             value("keygate_mqtt_decisions_total", action="publish", result="deny"),
-             value("keygate_mqtt_messages_total", direction="client_to_broker"),
-             value("keygate_mqtt_messages_total", direction="broker_to_client"))
-    assert [a - b for a, b in zip(after, before)] == [3, 1, 3, 2]
+    assert s.counts == {Metric("decisions", ("publish", "allow")): 3, Metric("decisions", ("publish", "deny")): 1,
+                        Metric("messages", ("client_to_broker",)): 3, Metric("decisions", ("receive", "allow")): 2,
+                        Metric("messages", ("broker_to_client",)): 2}
+    assert value("keygate_mqtt_decisions_total", action="publish", result="allow") == before  # sans-IO
 
 
 def test_subscriptions_per_connection_are_bounded():
@@ -1121,7 +1128,7 @@ def test_invalidate_closes_a_connection_whose_credential_went(level):
     s.client_data(connect_packet(level, "thermo-1", username="thermo-1", password=b"K1"))
     s.authenticated(THERMO)
     s.broker_data(connack(level))
-    assert s.invalidate() == Actions()  # nothing changed for it
+    assert s.invalidate() == Outcome()  # nothing changed for it
     problems["thermo-1"] = "key k1 rotated"
     acts = s.invalidate()
     assert acts.close is not None and acts.close.reason == "credential_revoked"
@@ -1169,7 +1176,7 @@ def test_revoked_will_is_discarded_on_every_way_out(level, how):
     assert acts.close is not None
     assert acts.to_broker and bytes(acts.to_broker[-1]) == b"\xe0\x00", acts  # discards the Will
     assert denials(audit, "will")
-    assert s.client_closed() == Actions()
+    assert s.client_closed() == Outcome()
 
 
 @pytest.mark.parametrize("how", list(_will_closes()))
@@ -1186,7 +1193,7 @@ def test_allowed_will_goes_out_on_every_way_out(how):
 
 def test_will_is_discarded_once_the_token_has_expired():
     clock, wall = Clock(), Clock(5000.0)
-    s, p, audit = make(MQTT_5, FakePolicies(pub=["devices/thermo-1/#"]), clock=clock, wallclock=wall)
+    s, _p, _audit = make(MQTT_5, FakePolicies(pub=["devices/thermo-1/#"]), clock=clock, wallclock=wall)
     s.client_data(connect_packet(MQTT_5, will=Will("devices/thermo-1/status", b"gone", 0, False)))
     s.authenticated(dataclasses.replace(ALICE, expires_at=5010.0))
     s.broker_data(connack(MQTT_5))
@@ -1248,9 +1255,9 @@ def test_released_qos2_publish_completes_through_the_gateway(level):
     assert b"".join(bytes(b) for b in acts.to_broker) == raw + codec.encode_ack(T.PUBREL, 9, level)
     assert not acts.to_client
     # The broker's PUBREC needs no answer (the client had its PUBREC from the gateway).
-    assert s.broker_data(codec.encode_ack(T.PUBREC, 9, level)) == Actions()
+    assert s.broker_data(codec.encode_ack(T.PUBREC, 9, level)) == Outcome()
     # A repeated PUBREL meanwhile is the broker's PUBCOMP's to answer.
-    assert s.client_data(codec.encode_ack(T.PUBREL, 9, level)) == Actions()
+    assert s.client_data(codec.encode_ack(T.PUBREL, 9, level)) == Outcome()
     comp = codec.encode_ack(T.PUBCOMP, 9, level)
     acts = s.broker_data(comp)
     assert bytes(only(acts.to_client, T.PUBCOMP).raw) == comp and not acts.to_broker
@@ -1335,7 +1342,7 @@ def test_disconnect_held_before_the_connack_discards_the_will():
 
 
 class CountingPolicies(FakePolicies):
-    def may_subscribe(self, identity, topic_filter, *, qos=0, client_id=""):
+    def may_subscribe(self, identity, topic_filter, *, qos=0, client_id="", now=None):
         self.asked.append(("subscribe", topic_filter))
         device = topic_filter.split("/")[1]
         ok = topic_filter in self.sub_allow

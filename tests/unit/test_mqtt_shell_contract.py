@@ -1,22 +1,24 @@
 """The asyncio shell (``proxy.mqtt.server``) keeps the contract the sans-IO session states.
 
 :mod:`proxy.mqtt.session`'s module docstring tells the shell what to do with
-every event and every :class:`~proxy.mqtt.session.Actions`; the session's own
+every event and every command (:mod:`proxy.mqtt.commands`); the session's own
 tests cannot see whether the shell does it. Here a real
 :class:`~proxy.mqtt.server.MqttGateway` (real policy engine on in-memory
 ownership facts, a delegation to grant and revoke) runs with fake transports
 on both sides that write every call into ONE ordered log, so each test reads
 what went where, and in which order:
 
-* Actions are carried out field by field in the stated order (client bytes,
-  open the upstream, broker bytes once connected, authentication, close);
+* commands are carried out in the order of the list (client bytes, open the
+  upstream, broker bytes once connected, authentication, audit records, metric
+  counts, close): the audit records reach the audit log, off the event loop, and
+  the counts the gateway's metrics;
 * ``client_closed()`` is called whichever way the client connection ends, and
   its ``to_broker`` (the DISCONNECT that discards a Will no longer allowed)
   reaches the broker before the upstream is half-closed or closed;
 * the client's reading is paused while ``reading_paused`` (the broker's bytes
   still flow), the timer fires at ``next_deadline()``, a lost or unreachable
   broker is reported with ``broker_closed()``, shutdown tells v5 clients;
-* ``invalidate()``'s Actions are carried out (the session may close);
+* ``Invalidated``'s commands are carried out (the session may close);
 * backpressure crosses the pair, and a transport holding unsent data never
   sees the shared receive buffer change under it.
 
@@ -29,24 +31,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from proxy.audit import MemoryAudit
 from proxy.config import Config, MqttConfig, OidcConfig
-from tests.unit.policy_helpers import to
 from proxy.facts import Delegation, DeviceFacts, StaticFacts
 from proxy.identity.model import Identity
+from proxy.metrics import REGISTRY
 from proxy.mqtt import codec
+from proxy.mqtt import events as ev
 from proxy.mqtt.codec import Framer
+from proxy.mqtt.commands import (
+    AuditRecords,
+    Close,
+    CountMetrics,
+    Metric,
+    OpenUpstream,
+    Record,
+    SendToBroker,
+    SendToClient,
+)
+from proxy.mqtt.handshake import AUTH_METHOD
 from proxy.mqtt.packets import MQTT_5, MQTT_311, Connect, PacketType, Prop, Reason, Will
 from proxy.mqtt.server import MqttGateway
-from proxy.mqtt.session import AUTH_METHOD, Actions, CloseInfo
 from proxy.policy import Policies
 from proxy.services import Services
+from tests.unit.policy_helpers import to
 
 T = PacketType
 
@@ -360,7 +376,7 @@ async def open_pair(r: Rig, level: int = MQTT_311, *, will: Will | None = None, 
     return client
 
 
-def revoke_silently(r: "Rig") -> None:
+def revoke_silently(r: Rig) -> None:
     """The Will's grant ends without the session being told (as when a grant simply runs out and
     the timer has not fired yet): only the decision at close can stop the Will then. (A change
     the session is told about ends the connection at once: see
@@ -436,26 +452,66 @@ async def test_connect_flow_pauses_the_client_and_writes_the_connect_once_connec
         assert not client.closing
 
 
-async def test_every_field_of_an_actions_is_carried_out_in_order():
-    # to_client, open_upstream, to_broker, auth, from one call (here: authenticated()).
+async def test_every_command_of_a_list_is_carried_out_in_order():
+    # SendToClient, OpenUpstream, SendToBroker, AuditRecords, CountMetrics from one event
+    # (here: Authenticated), a recording session around the real one.
     async with rig() as r:
         client = await r.accept()
         s = r.session
-        real = s.authenticated
+        real = s.handle
+        returned: list = []
+        mark = Record("test.marker", "allow", "shell-contract")
+        metric = Metric("decisions", ("will", "allow"))
+        counter = "keygate_mqtt_decisions_total"
+        labels = {"action": "will", "result": "allow"}
+        before = REGISTRY.get_sample_value(counter, labels) or 0.0
+        audit = r.gateway.services.audit
+        writers: list = []
+        real_record = audit.record
 
-        def authenticated(identity):
-            acts = real(identity)
-            if acts.open_upstream:
-                acts.to_client.insert(0, b"\xd0\x00")   # a marker the shell cannot tell apart
-            return acts
+        def record(**kw):
+            writers.append(threading.current_thread())
+            real_record(**kw)
 
-        s.authenticated = authenticated
+        audit.record = record
+
+        def handle(event):
+            cmds = real(event)
+            if isinstance(event, ev.Authenticated):
+                assert [type(c) for c in cmds][:2] == [OpenUpstream, SendToBroker], cmds
+                # A marker the shell cannot tell apart, a record and a count of the test's own.
+                cmds = [SendToClient([b"\xd0\x00"]), *cmds[:2], AuditRecords([mark]), CountMetrics([(metric, 5)])]
+                returned.append(cmds)
+            return cmds
+
+        s.handle = handle
         client.feed(connect())
         await settle()
+        assert returned, r.log
         marker = r.first("client", "write")
         dial = r.first("gw", "dial")
         assert marker is not None and dial is not None and marker < dial, r.log
         assert r.packets("up")[0][0] > r.first("up", "connected")
+        # The audit line reaches the log, written off the event loop; the count, the metric.
+        r.gateway.audit_writer.drain()
+        assert [x for x in audit.records if x["action"] == "test.marker"], audit.records
+        assert writers and all(t is not threading.main_thread() for t in writers), writers
+        assert (REGISTRY.get_sample_value(counter, labels) or 0.0) - before == 5
+
+
+async def test_the_session_audit_lines_and_counts_reach_the_log_and_the_metrics():
+    # The real session's own commands: a denied PUBLISH is audited and counted by the shell.
+    async with rig() as r:
+        labels = {"action": "publish", "result": "deny"}
+        before = REGISTRY.get_sample_value("keygate_mqtt_decisions_total", labels) or 0.0
+        client = await open_pair(r)
+        client.feed(publish("devices/thermo-2/telemetry"))  # not alice's
+        await settle()
+        r.gateway.audit_writer.drain()
+        audit = r.gateway.services.audit
+        assert [x for x in audit.records if x["action"] == "publish" and x["decision"] == "deny"], audit.records
+        assert (REGISTRY.get_sample_value("keygate_mqtt_decisions_total", labels) or 0.0) - before == 1
+        assert r.types("up") == [T.CONNECT]  # and nothing went upstream
 
 
 async def test_an_auth_out_of_broker_data_is_run():
@@ -702,21 +758,22 @@ async def test_shutdown_tells_v5_clients_then_closes():
 
 
 async def test_invalidate_actions_are_carried_out():
-    # Session.invalidate() returns Actions; the shell must carry them out like any other.
+    # Invalidated returns commands; the shell must carry them out like any other.
     async with rig() as r:
         await open_pair(r, MQTT_5, will=WILL)
         s = r.session
-        real = s.invalidate
+        real = s.handle
 
-        def invalidate(*args):
-            real(*args)  # (drops what it returned: the Actions below stand in for it)
-            acts = Actions()
-            acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.ADMINISTRATIVE_ACTION))
-            acts.to_broker.append(codec.encode_disconnect(MQTT_5))
-            acts.close = CloseInfo("revoked", "test", Reason.ADMINISTRATIVE_ACTION)
-            return acts
+        def handle(event):
+            got = real(event)
+            if not isinstance(event, ev.Invalidated):
+                return got
+            # (drops what it returned: the commands below stand in for it)
+            return [SendToClient([codec.encode_disconnect(MQTT_5, Reason.ADMINISTRATIVE_ACTION)]),
+                    SendToBroker([codec.encode_disconnect(MQTT_5)]),
+                    Close("revoked", "test", Reason.ADMINISTRATIVE_ACTION)]
 
-        s.invalidate = invalidate
+        s.handle = handle
         r.facts.put(DELEGATED)   # a change reaches every connection through the gateway
         await settle()
         disc = [(i, f) for i, f in r.packets("client") if f.type == T.DISCONNECT]

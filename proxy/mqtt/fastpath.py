@@ -1,0 +1,119 @@
+"""The session's fast paths: a chunk full of PUBLISH packets whose decisions are known,
+walked in one loop.
+
+The common case of a busy connection: no Frame, no PublishInfo, one rate-limiter call
+per batch, one slice for the whole run. Each stops at the first packet that needs anything
+more (another type, properties, a topic not cached or denied, a split packet, an empty
+bucket) and leaves the rest of the chunk to the session's full path, which decides exactly
+as if the fast path did not exist. The two loops share their header walk line for line on
+purpose: a helper called per packet would cost a sixth of the loop.
+``tests/unit/test_mqtt_fastpath.py`` holds both to the full path.
+"""
+
+from __future__ import annotations
+
+from proxy.mqtt import codec
+from proxy.mqtt.ratelimit import RateLimiter
+from proxy.policy.decision import Decision
+
+__all__ = ["RATE_BATCH", "broker_deliveries", "client_publishes"]
+
+# Rate-limit tokens the publish fast path takes per call (the rest is given back at the chunk's end).
+RATE_BATCH = 256
+
+#: The session's publish decisions: (topic bytes or str, QoS, retain) -> (topic, decision).
+PublishCache = dict[tuple[str | bytes, int, int], tuple[str, Decision]]
+
+
+def client_publishes(mv: memoryview, cache: PublishCache, max_size: int, v5: bool, answered: set[int],
+                     limiter: RateLimiter | None, sub: str) -> tuple[int, int]:
+    """Allowed QoS 0/1 publishes from the start of ``mv``: (the offset where it stopped, how many).
+    Packet ids the gateway had refused before and now forwards are taken out of ``answered``."""
+    end = len(mv)
+    if end < 4:
+        return 0, 0
+    valid = codec.VALID_BYTE1
+    budget = 0
+    first = 0  # the first packet's size: tokens are asked for as if all were that size
+    pos = n = 0
+    while pos + 2 < end:
+        b1 = mv[pos]
+        if b1 & 0xF0 != 0x30 or not valid[b1]:
+            break
+        b = mv[pos + 1]
+        if b < 0x80:
+            body, total = pos + 2, 2 + b
+        else:
+            b2 = mv[pos + 2]
+            if b2 >= 0x80 or not b2:
+                break
+            body, total = pos + 3, 3 + ((b & 0x7F) | (b2 << 7))
+        nxt = pos + total
+        if total > max_size or nxt > end or body + 2 > nxt:
+            break
+        tend = body + 2 + ((mv[body] << 8) | mv[body + 1])
+        qos = (b1 >> 1) & 3
+        if qos == 2:
+            break  # held until its PUBREL: the full path
+        after = tend + (2 if qos else 0) + (1 if v5 else 0)
+        if after > nxt:
+            break
+        if qos and not ((mv[tend] << 8) | mv[tend + 1]):
+            break  # packet id 0: the full path says what is wrong
+        if v5 and mv[after - 1]:
+            break  # properties (a Topic Alias, maybe): the full path reads them
+        entry = cache.get((mv[body + 2:tend].tobytes(), qos, b1 & 1))
+        if entry is None or not entry[1].allowed:
+            break
+        if limiter is not None:
+            if not budget:
+                # As many as the rest of the chunk seems to hold (usually exact: nothing to give back).
+                first = first or total
+                want = 1 + (end - nxt) // first
+                budget = limiter.take(sub, want if want < RATE_BATCH else RATE_BATCH)
+                if not budget:
+                    break
+            budget -= 1
+        if qos and answered:
+            answered.discard((mv[tend] << 8) | mv[tend + 1])  # forwarded: the broker's to finish
+        n += 1
+        pos = nxt
+    if budget and limiter is not None:
+        limiter.give_back(sub, budget)
+    return pos, n
+
+
+def broker_deliveries(mv: memoryview, exact: frozenset[bytes],
+                      cache: dict[bytes, bool], v5: bool) -> tuple[int, int]:
+    """Deliveries from the start of ``mv`` whose topic an exact ALLOW grant proves (``exact``)
+    or whose decision is cached as allowed: (the offset where it stopped, how many)."""
+    end = len(mv)
+    if end < 4:
+        return 0, 0
+    valid = codec.VALID_BYTE1
+    pos = n = 0
+    while pos + 2 < end:
+        b1 = mv[pos]
+        if b1 & 0xF0 != 0x30 or not valid[b1]:
+            break
+        b = mv[pos + 1]
+        if b < 0x80:
+            body, total = pos + 2, 2 + b
+        else:
+            b2 = mv[pos + 2]
+            if b2 >= 0x80 or not b2:
+                break
+            body, total = pos + 3, 3 + ((b & 0x7F) | (b2 << 7))
+        nxt = pos + total
+        if nxt > end or body + 2 > nxt:
+            break
+        tend = body + 2 + ((mv[body] << 8) | mv[body + 1])
+        after = tend + (2 if b1 & 0x06 else 0) + (1 if v5 else 0)
+        if after > nxt or (v5 and mv[after - 1]):
+            break  # properties (maybe a Topic Alias the broker must not send): the full path
+        topic = mv[body + 2:tend].tobytes()
+        if cache.get(topic) is not True and topic not in exact:
+            break
+        n += 1
+        pos = nxt
+    return pos, n
