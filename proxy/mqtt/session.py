@@ -235,6 +235,7 @@ from prometheus_client import Counter
 from proxy.config import MqttConfig, RateLimitConfig
 from proxy.identity.model import AuthReason, Identity
 from proxy.metrics import REGISTRY, Tally
+from proxy.mqtt.audit_summary import ConnectionSummary
 from proxy.mqtt import codec
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
 from proxy.mqtt.packets import (
@@ -527,6 +528,7 @@ class Session:
         # Refusals audited one line per second at most: kind -> [refused since the last line,
         # clock() of the next line allowed, the fields of the last refusal].
         self._folds: dict[str, list] = {}
+        self._summary = ConnectionSummary()  # the close record's counts (audit_summary.py)
         self._forwarded = 0            # PUBLISH packets passed on, per direction, not yet counted
         self._handed = 0
         self._suback_slots: dict[int, list[int | None]] = {}
@@ -1244,6 +1246,7 @@ class Session:
             if not rewrite:
                 topic = codec.topic_from_bytes(topic_b)
             d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id)
+            self._summary.decided("publish", topic, d)
             cache = self._pub_cache
             if not cache:
                 self._pub_cache_bytes = 0  # emptied elsewhere since the last entry
@@ -1431,6 +1434,7 @@ class Session:
                 slots.append(quota_code)
                 continue
             d = self.policies.may_subscribe(ident, inner, qos=s.qos, client_id=self.client_id)
+            self._summary.decided("subscribe", s.topic_filter, d)
             verdict = _verdict(d)
             if verdict is not Verdict.DENY:
                 if new and quota is not None and not self._take_quota(quota, ident):
@@ -1683,6 +1687,7 @@ class Session:
             decision = self.policies.may_receive(self.identity, topic, client_id=self.client_id)
             ok = bool(decision.allowed)
             self._cached_until(getattr(decision, "until", None))
+        self._summary.decided("receive", topic, decision)
         cache = self._recv_cache
         if not cache:
             self._recv_cache_bytes = 0  # emptied elsewhere since the last entry
@@ -1721,6 +1726,7 @@ class Session:
 
     def _flush_counts(self) -> None:
         # Allowed messages are counted in bulk, once per chunk.
+        self._summary.add_messages(self._published, self._delivered)
         if self._published:
             _ALLOWED_PUBLISH.value += self._published
             self._published = 0
@@ -1854,11 +1860,15 @@ class Session:
             if self._asked_to_discard_will() or not self._will_still_allowed():
                 self._end_run()
                 acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
+        first = self._state != "closed"
         self.closed = True
         self._state = "closed"
         self._pending = []
         self._release_quota(self._quota_held)  # the identity's other connections may use them
         self._flush_folds()
+        if first and self.identity is not None:  # one summary per connection past authentication
+            self._flush_counts()
+            self._audit("session", "summary", reason=reason, **self._summary.fields())
         if acts.close is None:
             acts.close = CloseInfo(reason, detail, code)
         return acts
