@@ -71,16 +71,15 @@ async def preflight(config: Config):
 
 
 def refuse_on_failure(results) -> None:
-    """Log the warnings of the preflight; on a failure, refuse the start: one line per failed check
-    (each names its file, key or port), before anything is opened or created."""
-    from proxy.errors import CommandError
+    """On a failure, refuse the start: one line per failed check (each names its file, key or port),
+    before anything is opened or created; else log the warnings and go on."""
 
-    for r in results:
-        if r.status == "warn":
-            log.warning("check %s: %s", r.name, r.detail)
     failed = [r.detail for r in results if r.status == "fail"]
     if failed:
         raise CommandError("\nkeygate: ".join(failed))
+    for r in results:
+        if r.status == "warn":
+            log.warning("check %s: %s", r.name, r.detail)
 
 
 def files_made_by_start(config: Config) -> list[Path]:

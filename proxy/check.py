@@ -360,7 +360,8 @@ async def check_issuer(config: Config) -> Result:
         return fail("issuer", f"{oidc.issuer}: none of its {len(every)} signing keys fits oidc.algorithms "
                               f"{list(oidc.algorithms)} (it offers {offered or 'none'})")
     agreed = [a for a in oidc.algorithms if a in offered]
-    return ok("issuer", f"{oidc.issuer}: {len(usable)} signing keys, algorithms {agreed or offered} "
+    keys = f"{len(usable)} signing key" + ("s" if len(usable) != 1 else "")
+    return ok("issuer", f"{oidc.issuer}: {keys}, algorithms {agreed or offered} "
                         f"(oidc.algorithms {list(oidc.algorithms)})")
 
 
@@ -456,6 +457,9 @@ async def check_orion(config: Config) -> Result | None:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
+    os_error = getattr(exc, "os_error", None)  # aiohttp's ClientConnectorError wraps the OSError
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return os_error.strerror.lower()
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     text = str(exc)
