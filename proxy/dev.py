@@ -277,6 +277,7 @@ async def start_mosquitto(folder: Path) -> Broker:
         raise CommandError("mosquitto is not installed (apt-get install mosquitto), or pass --upstream HOST:PORT")
     port = pick_port(0)
     conf = folder / "mosquitto.conf"
+    (folder / "mosquitto-data").mkdir(mode=0o700, exist_ok=True)  # Mosquitto does not make it
     # "user" = whoever runs keygate dev: started as root, Mosquitto would otherwise switch
     # to the mosquitto user, and changing credentials clears the parent-death signal.
     conf.write_text(f"# Written by keygate dev: reachable on loopback only, behind keygate.\n"
