@@ -20,7 +20,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ from proxy.errors import CommandError
 from proxy.services import Services
 
 if TYPE_CHECKING:  # each listener's module loads only when the configuration asks for it
+    from proxy.check import Result
     from proxy.http.gateway import HttpGateway
     from proxy.metrics_server import MetricsServer
     from proxy.mqtt.server import MqttGateway
@@ -64,16 +65,15 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_serve_until_signal(config))
 
 
-async def preflight(config: Config):
+async def preflight(config: Config) -> list[Result]:
     from proxy.check import preflight as checks
 
     return await checks(config)
 
 
-def refuse_on_failure(results) -> None:
+def refuse_on_failure(results: list[Result]) -> None:
     """On a failure, refuse the start: one line per failed check (each names its file, key or port),
     before anything is opened or created; else log the warnings and go on."""
-
     failed = [r.detail for r in results if r.status == "fail"]
     if failed:
         raise CommandError("\nkeygate: ".join(failed))
@@ -218,7 +218,7 @@ async def close_services(services: Services) -> None:
 
 
 @contextlib.contextmanager
-def listening(key: str, listen: str):
+def listening(key: str, listen: str) -> Iterator[None]:
     """A listener that cannot bind (the port taken since the preflight): one line naming key and port."""
     try:
         yield
