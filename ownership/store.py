@@ -147,6 +147,42 @@ class Store:
             conn.close()
             raise
 
+    @classmethod
+    def inspect(cls, path: Path, passphrase: str, *, label: str | None = None) -> int:
+        """The schema version of the existing store at ``path``, opened read-only with the key
+        (``keygate check``): nothing is created or migrated. StoreError (one line) as :meth:`open`."""
+        label = label or str(path)
+        failure = f"store {label}: wrong key or not a keygate store"
+        if not path.is_file():
+            raise StoreError(f"store {label}: no such file" if not path.exists() else f"store {label}: not a file")
+        try:
+            with open(path, "rb") as f:
+                salt = f.read(SALT_BYTES)
+        except OSError as exc:
+            raise StoreError(f"store {label}: cannot read: {exc.strerror}") from None
+        if len(salt) != SALT_BYTES:
+            raise StoreError(failure)
+        key_pragma = _key_pragma("key", derive_key(passphrase, salt), salt)
+        try:
+            conn = sqlite.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, isolation_level=None,
+                                  timeout=1.0)
+        except sqlite.Error as exc:
+            raise StoreError(f"store {label}: cannot open: {exc}") from None
+        try:
+            conn.execute("PRAGMA cipher_log_level = NONE")
+            conn.execute(key_pragma)
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite.DatabaseError:
+                raise StoreError(failure) from None
+            if app_id != APPLICATION_ID:
+                raise StoreError(failure)
+            return int(version)
+        finally:
+            conn.close()
+
     def close(self) -> None:
         with contextlib.suppress(sqlite.Error):
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ from proxy.errors import CommandError
 from proxy.services import Services
 
 if TYPE_CHECKING:  # each listener's module loads only when the configuration asks for it
+    from proxy.check import Result
     from proxy.http.gateway import HttpGateway
     from proxy.metrics_server import MetricsServer
     from proxy.mqtt.server import MqttGateway
@@ -59,9 +60,36 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config)
-    ensure_open_files(config)
+    refuse_on_failure(asyncio.run(preflight(config)))
     install_uvloop()
     return asyncio.run(_serve_until_signal(config))
+
+
+async def preflight(config: Config) -> list[Result]:
+    from proxy.check import preflight as checks
+
+    return await checks(config)
+
+
+def refuse_on_failure(results: list[Result]) -> None:
+    """On a failure, refuse the start: one line per failed check (each names its file, key or port),
+    before anything is opened or created; else log the warnings and go on."""
+    failed = [r.detail for r in results if r.status == "fail"]
+    if failed:
+        raise CommandError("\nkeygate: ".join(failed))
+    for r in results:
+        if r.status == "warn":
+            log.warning("check %s: %s", r.name, r.detail)
+
+
+def files_made_by_start(config: Config) -> list[Path]:
+    """The files a start may create (the store and its journal, the audit log) that do not exist
+    yet: a start that fails removes them again, so it leaves nothing half-made behind."""
+    store = config.resolve(config.store.path)
+    candidates = [store, Path(f"{store}-wal"), Path(f"{store}-shm")]
+    if config.audit.path != "-":
+        candidates.append(config.resolve(config.audit.path))
+    return [p for p in candidates if not p.exists()]
 
 
 def descriptors_needed(config: Config) -> int:
@@ -97,7 +125,7 @@ def raise_open_file_limit() -> int:
     return target
 
 
-def ensure_open_files(config: Config) -> None:
+def ensure_open_files(config: Config) -> int:
     """Raise the open-file limit, and refuse (one line naming both numbers) when the
     configuration needs more descriptors than the limit allows."""
     limit = raise_open_file_limit()
@@ -119,6 +147,7 @@ def ensure_open_files(config: Config) -> None:
         raise CommandError(f"the configuration needs {need} open files ({' + '.join(parts)}), but the open-file "
                            f"limit (RLIMIT_NOFILE) is {limit}: {lower}raise the hard limit "
                            "(ulimit -Hn, systemd LimitNOFILE=)")
+    return limit
 
 
 def install_uvloop() -> None:
@@ -136,9 +165,20 @@ async def _serve_until_signal(config: Config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    fresh = files_made_by_start(config)
+    ready = False
+
+    def on_ready(_services: Services, _listeners: Listeners) -> None:
+        nonlocal ready
+        ready = True
+
     try:
-        await run_services(config, stop=stop)
-    except ConfigError:
+        await run_services(config, stop=stop, on_ready=on_ready)
+    except BaseException:
+        if not ready:
+            for path in fresh:
+                with contextlib.suppress(OSError):
+                    path.unlink()
         raise
     return 0
 
@@ -177,6 +217,15 @@ async def close_services(services: Services) -> None:
     services.audit.close()
 
 
+@contextlib.contextmanager
+def listening(key: str, listen: str) -> Iterator[None]:
+    """A listener that cannot bind (the port taken since the preflight): one line naming key and port."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(f"{key} {listen}: cannot listen: {(exc.strerror or str(exc)).lower()}") from None
+
+
 class Listeners:
     """Every listener the configuration asks for, started and stopped together."""
 
@@ -199,18 +248,23 @@ class Listeners:
             from proxy.metrics_server import MetricsServer
 
             self.metrics = MetricsServer()
-            await self.metrics.start(*parse_hostport(config.metrics.listen))
+            with listening("metrics.listen", config.metrics.listen):
+                await self.metrics.start(*parse_hostport(config.metrics.listen))
         if config.http is not None:
             from ownership.api import create_api_app
             from proxy.http.gateway import HttpGateway
 
             self.http = HttpGateway(self.services, create_api_app(self.services))
-            await self.http.start()
+            with listening("http.listen", config.http.listen):
+                await self.http.start()
         if config.mqtt is not None:
             from proxy.mqtt.server import MqttGateway
 
             self.mqtt = MqttGateway(self.services)
-            await self.mqtt.start()
+            where = ", ".join(filter(None, (config.mqtt.listen, config.mqtt.websocket_listen)))
+            with listening("mqtt.listen/mqtt.websocket_listen" if config.mqtt.websocket_listen else "mqtt.listen",
+                           where):
+                await self.mqtt.start()
 
     async def stop(self) -> None:
         # Listeners first, so nothing new arrives while the rest shuts down.

@@ -21,6 +21,7 @@ from proxy.errors import CommandError
 # name -> (module, one-line help). Groups ("policy", "store", ...) take their own sub-commands.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("proxy.app", "run every configured listener (MQTT, HTTP gateway, ownership API, metrics)"),
+    "check": ("proxy.check", "preflight: configuration, TLS, issuer, store, broker, Orion, policies, ports"),
     "dev": ("proxy.dev", "one-command local stack on throwaway keys (NOT for production)"),
     "policy": ("proxy.policy.cli", "check, test and explain YAML access policies"),
     "store": ("ownership.cli", "manage the encrypted ownership store (rekey)"),

@@ -9,6 +9,11 @@ code as ``keygate serve`` (so tokens go through the same validator as
 Keycloak's). It registers the demo device ``demo-thermo`` for ``alice`` and
 prints commands to paste. Ctrl-C (or SIGTERM) stops everything it started.
 
+A port that is taken is refused, naming the flag that changes it (the tour's
+commands name the defaults). What a restart on the same folder keeps: the CA,
+the store, the issuer's key and address (tokens printed earlier still work)
+and the broker's retained messages (Mosquitto persists into the folder).
+
 ``keygate dev token --user NAME [--role ROLE]`` mints a token for the running
 stack from another shell.
 """
@@ -58,11 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=DEFAULT_DATA, metavar="DIR",
                         help=f"data folder (default: ./{DEFAULT_DATA}); made if missing, reused if present")
     parser.add_argument("--mqtt-port", type=int, default=8883,
-                        help="MQTT over TLS port on 127.0.0.1 (default 8883; a free one if taken)")
+                        help="MQTT over TLS port on 127.0.0.1 (default 8883; 0: any free one)")
     parser.add_argument("--http-port", type=int, default=8443,
-                        help="HTTPS port (ownership API, NGSI-v2) on 127.0.0.1 (default 8443; a free one if taken)")
+                        help="HTTPS port (ownership API, NGSI-v2) on 127.0.0.1 (default 8443; 0: any free one)")
     parser.add_argument("--metrics-port", type=int, default=9100,
-                        help="metrics, /healthz and /readyz on 127.0.0.1 (default 9100; a free one if taken)")
+                        help="metrics, /healthz and /readyz on 127.0.0.1 (default 9100; 0: any free one)")
     parser.add_argument("--upstream", metavar="HOST:PORT",
                         help="use this MQTT broker instead of starting Mosquitto")
     parser.add_argument("--orion", default="http://127.0.0.1:1026", metavar="URL",
@@ -152,6 +157,24 @@ def find_policies(given: str | None) -> Path:
     if given:
         raise CommandError(f"{given}: no policy files (*.yaml) there")
     raise CommandError("no policies found: run from the keygate source folder, or pass --policies DIR")
+
+
+def claim_ports(args: argparse.Namespace) -> dict[str, int]:
+    """The three listener ports: each as asked, or a refusal naming the port and the flag that changes it.
+    (Never another port in silence: the tour's commands name 8883 and 8443.) 0 asks for any free port."""
+    from proxy.check import port_problem
+
+    ports = {}
+    for name in ("mqtt_port", "http_port", "metrics_port"):
+        asked = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if asked:
+            problem = port_problem("127.0.0.1", asked)
+            if problem:
+                raise CommandError(f"port {asked} on 127.0.0.1 is taken ({problem.lower()}): stop what listens "
+                                   f"there, or choose another port with {flag} PORT")
+        ports[name] = asked or pick_port(0)
+    return ports
 
 
 def pick_port(preferred: int) -> int:
@@ -254,10 +277,13 @@ async def start_mosquitto(folder: Path) -> Broker:
         raise CommandError("mosquitto is not installed (apt-get install mosquitto), or pass --upstream HOST:PORT")
     port = pick_port(0)
     conf = folder / "mosquitto.conf"
+    (folder / "mosquitto-data").mkdir(mode=0o700, exist_ok=True)  # Mosquitto does not make it
     # "user" = whoever runs keygate dev: started as root, Mosquitto would otherwise switch
     # to the mosquitto user, and changing credentials clears the parent-death signal.
     conf.write_text(f"# Written by keygate dev: reachable on loopback only, behind keygate.\n"
-                    f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                    # Retained messages survive a restart of keygate dev, as with a real broker.
+                    f"persistence true\npersistence_location {folder / 'mosquitto-data'}/\n"
                     f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
                     f"log_dest stderr\nlog_type error\nlog_type warning\n")
     # Blocking for a moment is fine here: the broker starts once, before anything is served.
@@ -286,6 +312,7 @@ class DevStack:
     args: argparse.Namespace
     folder: Path = field(init=False)
     issuer: DevIssuer | None = None
+    issuer_moved: bool = False
     broker: Broker | None = None
     _lock_fd: int | None = None
 
@@ -336,10 +363,8 @@ class DevStack:
         from proxy.app import build_services, close_services, ensure_open_files, run_services
         from proxy.config import load_config
 
-        key = SigningKey.generate()
-        self.issuer = DevIssuer(key)
-        await self.issuer.start()
-        key.save(self.folder)
+        ports = claim_ports(self.args)
+        key = await self.start_issuer()
         log.warning("development token issuer on %s: NOT FOR PRODUCTION", key.issuer)
 
         if self.args.upstream:
@@ -347,8 +372,6 @@ class DevStack:
         else:
             self.broker = await start_mosquitto(self.folder)
             upstream = f"127.0.0.1:{self.broker.port}"
-        ports = {"mqtt_port": pick_port(self.args.mqtt_port), "http_port": pick_port(self.args.http_port),
-                 "metrics_port": pick_port(self.args.metrics_port)}
         config_path = self.folder / "proxy.yaml"
         config_path.write_text(render_config(folder=self.folder, issuer=key.issuer, upstream=upstream,
                                              orion=self.args.orion, **ports))
@@ -365,6 +388,27 @@ class DevStack:
             await run_services(config, stop=stop, services=services, on_ready=on_ready)
         finally:
             await close_services(services)
+
+    async def start_issuer(self) -> SigningKey:
+        """The issuer with the key and address of the last start, when there was one: tokens printed
+        before a restart keep working. Only when its old port is taken does it move (and say so)."""
+        from urllib.parse import urlsplit
+
+        try:
+            key = SigningKey.load(self.folder)
+            port = urlsplit(key.issuer).port or 0
+        except (OSError, ValueError, KeyError):
+            key, port = SigningKey.generate(), 0
+        self.issuer = DevIssuer(key, port=port)
+        try:
+            await self.issuer.start()
+        except OSError:
+            await self.issuer.stop()
+            self.issuer = DevIssuer(key, port=0)
+            await self.issuer.start()
+            self.issuer_moved = True
+        key.save(self.folder)
+        return key
 
     async def demo_device(self, services: Services) -> str:
         """Register alice's demo device; on a reused folder, give it a fresh K1 (keys are shown once)."""
@@ -398,6 +442,8 @@ class DevStack:
         topic = f"devices/{DEMO_DEVICE}/telemetry"
         tls = f"--cafile {ca} -h localhost -p {mqtt_port}"
         data_opt = "" if self.args.data == DEFAULT_DATA else f" --data {q(self.args.data)}"
+        moved = ("\nThe issuer's old port was taken, so it moved: tokens printed before this start no longer "
+                 "work." if self.issuer_moved else "")
         broker = (f"mosquitto (pid {self.broker.proc.pid}) on {upstream}" if self.broker
                   else f"your broker at {upstream}")
         return f"""
@@ -409,7 +455,9 @@ keygate dev is ready (NOT FOR PRODUCTION)
   data folder     {self.folder}  (CA: certs/ca.crt, config: proxy.yaml, audit: audit.log)
 
 User {DEMO_USER} owns device {DEMO_DEVICE}; its key K1 is shown once, here: {k1}
-Tokens below expire in {self.args.ttl} s; mint more with: keygate dev token --user NAME{data_opt}
+Tokens below expire in {self.args.ttl} s and survive a restart of keygate dev (the issuer's key is kept
+in {self.folder / "issuer.key"}; delete the folder to start afresh); mint more with:
+keygate dev token --user NAME{data_opt}{moved}
 
 # 1. {DEMO_USER}, the owner, subscribes to the device's telemetry:
 mosquitto_sub {tls} -u {DEMO_USER} -P {alice} -t {topic} -v

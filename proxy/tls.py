@@ -44,6 +44,10 @@ def server_context(tls: TlsConfig, base_dir: str | Path = ".", *, alpn: list[str
 
     if not tls.cert or not tls.key:
         raise ConfigError("tls.cert: required when a listener uses TLS")
+    # ssl names no file when one is missing: say which key and which path.
+    for key, value in (("tls.cert", tls.cert), ("tls.key", tls.key)):
+        if not Path(path(value)).is_file():
+            raise ConfigError(f"{key}: no such file: {path(value)}")
     ctx = _hardened(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), tls.min_version)
     try:
         ctx.load_cert_chain(path(tls.cert), path(tls.key))

@@ -204,6 +204,7 @@ from typing import Any, Protocol
 from proxy.config import MqttConfig
 from proxy.identity.model import AuthReason, Identity
 from proxy.mqtt import codec, fastpath
+from proxy.mqtt.audit_summary import ConnectionSummary
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
 from proxy.mqtt.commands import AuthRequest, Close, Command, Metric, Record
 from proxy.mqtt.events import (
@@ -365,6 +366,7 @@ class Session:
         # Refusals audited one line per second at most: kind -> [refused since the last line,
         # clock() of the next line allowed, the fields of the last refusal].
         self._folds: dict[str, list[Any]] = {}  # [refused since the last line, next line at, fields]
+        self._summary = ConnectionSummary()  # the close record's counts (audit_summary.py)
         self._forwarded = 0            # PUBLISH packets passed on, per direction, not yet counted
         self._handed = 0
         self._suback_slots: dict[int, list[int | None]] = {}
@@ -954,6 +956,7 @@ class Session:
                 topic = codec.topic_from_bytes(topic_b)
             d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id,
                                           now=self.wallclock())
+            self._summary.decided("publish", topic, d)
             cache = self._pub_cache
             if not cache:
                 self._pub_cache_bytes = 0  # emptied elsewhere since the last entry
@@ -1147,6 +1150,7 @@ class Session:
                 slots.append(quota_code)
                 continue
             d = self.policies.may_subscribe(ident, inner, qos=s.qos, client_id=self.client_id, now=self.wallclock())
+            self._summary.decided("subscribe", s.topic_filter, d)
             verdict = d.verdict
             if verdict is not Verdict.DENY:
                 if new and quota is not None and not self._take_quota(quota, ident):
@@ -1388,6 +1392,7 @@ class Session:
             decision = self.policies.may_receive(ident, topic, client_id=self.client_id, now=self.wallclock())
             ok = bool(decision.allowed)
             self._cached_until(decision.until)
+        self._summary.decided("receive", topic, decision)
         cache = self._recv_cache
         if not cache:
             self._recv_cache_bytes = 0  # emptied elsewhere since the last entry
@@ -1429,6 +1434,7 @@ class Session:
         """What the call counted. Allowed messages are counted in plain integers, in bulk."""
         out = list(self._counts.items())
         self._counts.clear()
+        self._summary.add_messages(self._published, self._delivered)
         if self._published:
             out.append((_ALLOWED_PUBLISH, self._published))
             self._published = 0
@@ -1565,11 +1571,16 @@ class Session:
             if self._asked_to_discard_will() or not self._will_still_allowed():
                 self._end_run()
                 acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
+        first = self._phase is not CLOSED
         self.closed = True
         self._enter(CLOSED)
         self._pending = []
         self._release_quota(self._quota_held)  # the identity's other connections may use them
         self._flush_folds()
+        if first and self.identity is not None:  # one summary per connection past authentication
+            # The counts of this call go to the metrics at its end: move them into the record now.
+            self._counts.update(self._take_counts())
+            self._audit("session", "summary", reason=reason, **self._summary.fields())
         if acts.close is None:
             acts.close = Close(reason, detail, code)
         return acts

@@ -385,3 +385,50 @@ def test_upstream_broker_is_used_instead_of_starting_one(tmp_path, mosquitto):
 def test_bad_options_are_one_line(argv, message, capsys):
     assert main(argv) == 1
     assert capsys.readouterr().err == message
+
+
+# --------------------------------------------------------------------------- the operator's first hour
+
+
+def test_taken_port_is_refused_naming_it_and_the_flag(tmp_path):
+    """Was: a random port in silence, while the tour's commands name 8883 (someone else's server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "proxy", "dev", "--data", str(tmp_path / "keygate-dev"),
+               "--policies", str(ROOT / "policies"), "--mqtt-port", str(pick_port(0)),
+               "--http-port", str(taken), "--metrics-port", str(pick_port(0))]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=dev_env())
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"keygate: port {taken} on 127.0.0.1 is taken (address already in use): stop what listens there, "
+        "or choose another port with --http-port PORT"]
+
+
+@pytest.mark.integration
+def test_restart_keeps_tokens_and_the_retained_reading(tmp_path):
+    """Was: every start made a new issuer key (tokens printed earlier refused, nothing said why)
+    and the broker was throwaway (the tour's retained reading gone, its read block timed out)."""
+    need("mosquitto_sub")
+    stack = start_dev(tmp_path / "keygate-dev")
+    try:
+        assert any("survive a restart of keygate dev" in line for line in stack.lines)
+        alice_sub = stack.printed("mosquitto_sub")[0]
+        old_token = alice_sub[alice_sub.index("-P") + 1]
+        pub = stack.printed("mosquitto_pub")[0]
+        message = pub[pub.index("-m") + 1]
+        published = run(pub + ["-r"])
+        assert published.returncode == 0, published.stderr
+    finally:
+        assert stack.stop(signal.SIGINT) == 0
+    again = start_dev(tmp_path / "keygate-dev")
+    try:
+        assert not any("no longer work" in line for line in again.lines)
+        sub = again.printed("mosquitto_sub")[0]
+        sub[sub.index("-P") + 1] = old_token  # the token printed before the restart
+        result = run(sub + ["-C", "1", "-W", "10"])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.strip() == f"devices/demo-thermo/telemetry {message}"
+    finally:
+        assert again.stop(signal.SIGTERM) == 0

@@ -210,3 +210,55 @@ def test_serve_refuses_a_wrong_store_key(stack, tmp_path):
     assert r.returncode == 1
     assert "wrong key" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_serve_with_the_metrics_port_taken_is_one_line_and_leaves_no_store(tmp_path, oidc, mosquitto):
+    """Was a raw OSError traceback, after data/ownership.db had been created (so the next try with
+    another key said "wrong key")."""
+    import socket
+
+    s = Stack(tmp_path, oidc, mosquitto)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", s.metrics_port))
+        taken.listen()
+        r = subprocess.run([*KEYGATE, "serve", "-c", str(s.config)], cwd=ROOT, env=s.env, capture_output=True,
+                           text=True, timeout=60)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"keygate: cannot listen: metrics.listen 127.0.0.1:{s.metrics_port}: address already in use")
+    assert [line for line in r.stderr.splitlines() if line.startswith("keygate:")] == \
+        r.stderr.strip().splitlines()[-1:]
+    assert not (tmp_path / "data" / "ownership.db").exists()
+    assert not (tmp_path / "audit.log").exists()
+
+
+def test_serve_with_a_missing_certificate_names_key_and_path(tmp_path, oidc, mosquitto):
+    """Was "tls.cert/tls.key: no such file: None"."""
+    s = Stack(tmp_path, oidc, mosquitto)
+    (s.certs / "server.crt").unlink()
+    r = subprocess.run([*KEYGATE, "serve", "-c", str(s.config)], cwd=ROOT, env=s.env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"keygate: tls.cert: no such file: {s.certs / 'server.crt'}"
+    assert not (tmp_path / "data").exists()
+
+
+async def test_a_start_that_fails_after_the_store_was_made_removes_it(tmp_path, oidc, mosquitto, monkeypatch):
+    """The port taken between the preflight and the listener (a race): one line naming key and
+    port, and the store this start created is gone again."""
+    import socket
+
+    from proxy import app
+    from proxy.config import ConfigError, load_config
+
+    s = Stack(tmp_path, oidc, mosquitto)
+    monkeypatch.setenv("KEYGATE_STORE_KEY", s.env["KEYGATE_STORE_KEY"])
+    config = load_config(s.config)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", s.http_port))
+        taken.listen()
+        with pytest.raises(ConfigError, match=f"^http.listen 127.0.0.1:{s.http_port}: cannot listen: "):
+            await app._serve_until_signal(config)
+    assert not (tmp_path / "data" / "ownership.db").exists()
+    assert not (tmp_path / "audit.log").exists()
