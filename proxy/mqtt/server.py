@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -79,7 +80,7 @@ from proxy.mqtt.commands import (
 )
 from proxy.mqtt.events import Buffer
 from proxy.mqtt.handshake import classify_credentials
-from proxy.mqtt.persistent import PERSISTENT_SESSIONS, PersistentSessions
+from proxy.mqtt.persistent import PERSISTENT_SESSIONS, Handle, PersistentSessions
 from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.session import Session
 from proxy.mqtt.subscriptions import SubscriptionQuota
@@ -522,8 +523,8 @@ class Connection:
             # A state change: look at reading and deadlines again. Otherwise the timer
             # already stands at the earliest deadline there can be (it reschedules itself).
             self._seen_inputs = inputs
-            if self.address is not None and self.session.established:
-                self.gateway.release_address(self)
+            if self.session.established:
+                self.gateway.session_established(self)
             self.client_reading(not self.session.reading_paused, "session")
             self.schedule()
 
@@ -730,6 +731,7 @@ class MqttGateway:
         self.audit_writer = AuditWriter(services.audit)
         self.persistent = PersistentSessions(limits.persistent_sessions_per_identity,
                                              limits.persistent_session_expiry_seconds, self.subscription_quota)
+        self._persistent_handles: dict[Session, Handle] = {}  # an authenticated session -> its admission
         self.port: int | None = None
         self.ws_port: int | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -796,11 +798,14 @@ class MqttGateway:
 
     # -- connections
     def new_session(self) -> Session:
-        return Session(config=self.mqtt, policies=self.services.policies,
-                       rate_limiter=self.rate_limiter, token_leeway=self.config.oidc.leeway_seconds,
-                       upstream_password=self._upstream_password,
-                       credential_problem=self.services.ownership.credential_problem,
-                       subscription_quota=self.subscription_quota, admit_connect=self._admit_persistent)
+        session = Session(config=self.mqtt, policies=self.services.policies,
+                          rate_limiter=self.rate_limiter, token_leeway=self.config.oidc.leeway_seconds,
+                          upstream_password=self._upstream_password,
+                          credential_problem=self.services.ownership.credential_problem,
+                          subscription_quota=self.subscription_quota, admit_connect=None)
+        # Per session, so that its close is counted against its own admission (a generation).
+        session.admit_connect = functools.partial(self._admit_persistent, session)
+        return session
 
     def accept_transport(self, transport: Transport, session: Session | None = None, *,
                          websocket: bool = False) -> Connection | None:
@@ -848,6 +853,14 @@ class MqttGateway:
         conn.schedule()  # the CONNECT deadline runs from accept
         return conn
 
+    def session_established(self, conn: Connection) -> None:
+        """The broker's CONNACK went out (seen once per state change, not per packet)."""
+        if conn.address is not None:
+            self.release_address(conn)
+        handle = self._persistent_handles.get(conn.session)
+        if handle is not None:
+            self.persistent.reached(handle)
+
     def release_address(self, conn: Connection) -> None:
         """The connection authenticated (its CONNACK went out) or ended: its address's place is free."""
         address, conn.address = conn.address, None
@@ -864,15 +877,19 @@ class MqttGateway:
         if conn.peer_key is not None:
             self.penalty.penalize("address " + conn.peer_key)
 
-    def _admit_persistent(self, identity: Identity, client_id: str, clean_start: bool, expiry: float) -> str | None:
-        if self.persistent.admit(identity.sub, client_id, clean_start=clean_start, expiry=expiry):
-            return None
-        return PERSISTENT_SESSIONS
+    def _admit_persistent(self, session: Session, identity: Identity, client_id: str, clean_start: bool,
+                          expiry: float) -> str | None:
+        handle = self.persistent.admit(identity.sub, client_id, clean_start=clean_start, expiry=expiry)
+        if handle is None:
+            return PERSISTENT_SESSIONS
+        self._persistent_handles[session] = handle
+        return None
 
     def session_closed(self, session: Session) -> None:
         """A connection ended: a persistent session's filters stay charged while the broker keeps it."""
-        if session.identity is not None and session.upstream_client_id:
-            self.persistent.closed(session.upstream_client_id, session.subscribed_filters(), session.session_expiry)
+        handle = self._persistent_handles.pop(session, None)
+        if handle is not None:
+            self.persistent.closed(handle, session.subscribed_filters(), session.session_expiry)
 
     def refuse_penalized(self, session: Session, identity: Identity) -> list[Command] | None:
         """Right after authentication: the refusal of an identity in its reconnect back-off, or None."""
@@ -887,6 +904,11 @@ class MqttGateway:
                                        reason=RECONNECT_PENALTY, count=count)
         self._arm_report_timer()
         return session.handle(ev.ConnectRefused(RECONNECT_PENALTY, "reconnect back-off"))
+
+    def audit_preauth_refusal(self, conn: Connection, why: str, **detail: Any) -> None:
+        """A connection refused before authentication by the WebSocket guard."""
+        self.services.audit.record(protocol="mqtt", action="connect", decision="deny", reason=why,
+                                   peer=conn.session.peer, **detail)
 
     def _audit_refused(self, address: str, counts: dict[str, int]) -> None:
         reasons = sorted(counts)

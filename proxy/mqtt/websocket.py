@@ -33,7 +33,16 @@ from typing import TYPE_CHECKING, Any, cast
 from aiohttp import WSMsgType, web
 
 from proxy.mqtt.transport import Transport
-from proxy.mqtt.wsguard import HEAD_MAX_BYTES, HEAD_REFUSAL, HEAD_TOO_LARGE, PreauthGuard, close_frame
+from proxy.mqtt.wsguard import (
+    HEAD_MAX_BYTES,
+    HEAD_REFUSAL,
+    HEAD_TOO_LARGE,
+    INVALID_REFUSAL,
+    MESSAGE_TOO_BIG,
+    UPGRADE_INVALID,
+    PreauthGuard,
+    close_frame,
+)
 
 if TYPE_CHECKING:
     from proxy.mqtt.server import MqttGateway
@@ -62,6 +71,7 @@ class WebSocketTransport:
         self._writing_paused = False
         self.flush_raw = False  # closing before the upgrade: close raw (flushing a refusal), not abort
         self.protocol: Any = None  # the Connection's client side (pause_writing / resume_writing)
+        self.guard: PreauthGuard | None = None  # told when the 101 goes out (wsguard: one request only)
 
     def attach(self, ws: web.WebSocketResponse) -> None:
         self._ws = ws
@@ -161,7 +171,8 @@ class _HttpSide:
         self.ws_transport = ws_transport
         self.http: Any = None
         # Until the CONNACK: the upgrade head and each WebSocket message bounded (wsguard).
-        self.guard: PreauthGuard | None = PreauthGuard(listener.preauth_message_max)
+        self.guard: PreauthGuard | None = PreauthGuard(listener.preauth_message_max, paths=PATHS)
+        ws_transport.guard = self.guard
 
     def client_data(self, data: Any) -> None:
         data = bytes(data)  # data may be a slice of the shared receive buffer
@@ -170,10 +181,15 @@ class _HttpSide:
             if self.ws_transport.protocol.session.established:
                 self.guard = None  # authenticated: aiohttp's max_msg_size (max_packet_size) from now on
             else:
+                held = not guard.head_done
                 refused = guard.feed(data)
                 if refused is not None:
                     self._refuse(refused)
                     return
+                if held:  # aiohttp gets the head only whole and checked
+                    if not guard.head_done:
+                        return
+                    data = guard.take_head()
         if self.http is None:
             self.http = self.listener.http_protocol()
             self.http.connection_made(self.transport)
@@ -185,18 +201,25 @@ class _HttpSide:
         ws_transport = self.ws_transport
         conn = ws_transport.protocol
         upgraded = ws_transport._ws is not None
-        if not self.transport.is_closing() and (upgraded or why == HEAD_TOO_LARGE):
-            self.transport.write(close_frame(1009) if upgraded else HEAD_REFUSAL)
+        if not self.transport.is_closing():
+            if upgraded:
+                self.transport.write(close_frame(1009))
+            elif why in (HEAD_TOO_LARGE, UPGRADE_INVALID):  # (a pipelined one: aiohttp may be answering)
+                self.transport.write(HEAD_REFUSAL if why == HEAD_TOO_LARGE else INVALID_REFUSAL)
         ws_transport.flush_raw = True
-        self.listener.gateway.services.audit.record(
-            protocol="mqtt", action="connect", decision="deny", reason=why, peer=conn.session.peer,
-            limit=self.guard_limit(why))
+        self.listener.gateway.audit_preauth_refusal(conn, why, **self.guard_detail(why))
         if upgraded:  # aiohttp's side is closed with the socket
             self.transport.close()
         conn.close(why)
 
-    def guard_limit(self, why: str) -> int:
-        return HEAD_MAX_BYTES if why == HEAD_TOO_LARGE else self.listener.preauth_message_max
+    def guard_detail(self, why: str) -> dict[str, Any]:
+        if why == HEAD_TOO_LARGE:
+            return {"limit": HEAD_MAX_BYTES}
+        if why == MESSAGE_TOO_BIG:
+            return {"limit": self.listener.preauth_message_max}
+        if why == UPGRADE_INVALID and self.ws_transport.guard is not None:
+            return {"problem": self.ws_transport.guard.problem}
+        return {}
 
     def client_lost(self, exc: Exception | None) -> None:
         self.listener.waiting.pop(self.transport, None)
@@ -318,10 +341,14 @@ class WebSocketListener:
         ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), max_msg_size=self.gateway.max_packet_size + 65536,
                                    autoping=True, compress=False)
         if not ws.can_prepare(request).ok:
-            return web.json_response({"error": {"code": "websocket_required",
-                                                "message": "MQTT over WebSocket: upgrade with subprotocol mqtt"}},
-                                     status=400)
+            response = web.json_response({"error": {"code": "websocket_required",
+                                                    "message": "MQTT over WebSocket: upgrade with subprotocol mqtt"}},
+                                         status=400)
+            response.force_close()  # one request per connection before the upgrade (wsguard)
+            return response
         del self.waiting[request.transport]
+        if ws_transport.guard is not None:
+            ws_transport.guard.upgraded()  # the 101 goes out: what follows are frames
         await ws.prepare(request)
         if ws.ws_protocol != SUBPROTOCOL:
             # [MQTT-6.0.0-3]/[MQTT-6.0.0-4]: the client must offer "mqtt"; close otherwise.
