@@ -177,23 +177,37 @@ class _HttpSide:
     def client_data(self, data: Any) -> None:
         data = bytes(data)  # data may be a slice of the shared receive buffer
         guard = self.guard
+        authenticated = False
         if guard is not None:
-            if self.ws_transport.protocol.session.established:
-                self.guard = None  # authenticated: aiohttp's max_msg_size (max_packet_size) from now on
-            else:
-                held = not guard.head_done
-                refused = guard.feed(data)
-                if refused is not None:
-                    self._refuse(refused)
+            authenticated = self.ws_transport.protocol.session.established
+            if authenticated:  # (a message pipelined behind the CONNECT may be a full-size one)
+                guard.message_max = self.listener.message_max
+                if guard.at_message_boundary:
+                    self._widen()
+                    guard = None
+        if guard is not None:
+            held = not guard.head_done
+            refused = guard.feed(data)
+            if refused is not None:
+                self._refuse(refused)
+                return
+            if held:  # aiohttp gets the head only whole and checked
+                if not guard.head_done:
                     return
-                if held:  # aiohttp gets the head only whole and checked
-                    if not guard.head_done:
-                        return
-                    data = guard.take_head()
+                data = guard.take_head()
         if self.http is None:
             self.http = self.listener.http_protocol()
             self.http.connection_made(self.transport)
         self.http.data_received(data)
+        if authenticated and guard is not None and guard.at_message_boundary:
+            self._widen()
+
+    def _widen(self) -> None:
+        """Authenticated, and aiohttp's reader holds nothing: one of max_packet_size, no guard."""
+        self.guard = self.ws_transport.guard = None
+        ws = self.ws_transport._ws
+        if ws is not None and self.http is not None:
+            _widen_reader(ws, self.http, self.listener.message_max)
 
     def _refuse(self, why: str) -> None:
         """Over a pre-authentication bound: say so (431, or close 1009) and close, the rest unread."""
@@ -237,6 +251,20 @@ class _HttpSide:
     def resume_writing(self) -> None:
         if self.http is not None:
             self.http.resume_writing()
+
+
+def _widen_reader(ws: web.WebSocketResponse, http: Any, max_msg_size: int) -> None:
+    """Give an upgraded connection's aiohttp a WebSocket reader with a larger message limit.
+    Only at a message boundary (the old reader holds no partial frame). aiohttp's C reader keeps
+    its limit out of reach, so the reader is replaced (private names, aiohttp pinned)."""
+    from aiohttp._websocket.reader import WebSocketReader
+
+    old, queue = ws._parser, ws._reader
+    if old is None or queue is None or http._payload_parser is not old:  # (closing: leave it)
+        return
+    parser = WebSocketReader(queue, max_msg_size, compress=False, decode_text=ws._decode_text)
+    ws._parser = parser
+    http._payload_parser = parser
 
 
 class _PlainSide(asyncio.Protocol):
@@ -285,6 +313,9 @@ class WebSocketListener:
         # Before authentication a WebSocket message may carry at most a CONNECT's worth.
         mqtt = gateway.mqtt
         self.preauth_message_max = min(mqtt.limits.connect_max_bytes, mqtt.max_packet_size)
+        # After the CONNACK: a frame may join several packets, so one maximum-size packet plus
+        # slack per message; the session bounds what it buffers across frames.
+        self.message_max = mqtt.max_packet_size + 65536
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
         from proxy.mqtt.server import _TlsClientSide
@@ -336,9 +367,9 @@ class WebSocketListener:
         if ws_transport is None or ws_transport.is_closing():  # upgraded once already, or closed
             return web.json_response({"error": {"code": "connection_closing",
                                                 "message": "this connection is closing"}}, status=503)
-        # A frame may join several packets: allow one maximum-size packet plus slack per frame;
-        # the session bounds what it buffers across frames.
-        ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), max_msg_size=self.gateway.max_packet_size + 65536,
+        # aiohttp's own reader refuses at the frame header what the guard refuses, until the CONNACK
+        # (aiohttp refuses a message of max_msg_size itself: hence + 1); then it is widened.
+        ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), max_msg_size=self.preauth_message_max + 1,
                                    autoping=True, compress=False)
         if not ws.can_prepare(request).ok:
             response = web.json_response({"error": {"code": "websocket_required",

@@ -19,9 +19,12 @@ bytes are looked at before aiohttp sees them, by :class:`PreauthGuard`:
   frame header where the length is announced, before its payload is read:
   close 1009 (message too big).
 
-The shell stops feeding the guard once the broker's CONNACK went out: from
-then on aiohttp's ``max_msg_size`` (``max_packet_size`` + 64 KiB) applies and
-nothing here costs anything per frame.
+Safety does not rest on this parser alone: aiohttp's own WebSocket reader is
+made with ``max_msg_size`` of ``message_max`` (it too refuses at the frame
+header). Once the broker's CONNACK went out, the shell waits for the first
+chunk that ends at a message boundary (:attr:`PreauthGuard.at_message_boundary`),
+gives aiohttp a reader of ``max_packet_size`` + 64 KiB, and stops feeding the
+guard: from then on nothing here costs anything per frame.
 """
 
 from __future__ import annotations
@@ -146,6 +149,11 @@ class PreauthGuard:
         """The checked head, to pass on (once)."""
         head, self._head = bytes(self._head), bytearray()
         return head
+
+    @property
+    def at_message_boundary(self) -> bool:
+        """Upgraded, and the bytes so far end where a frame and a data message end."""
+        return self._upgraded and not self._skip and not self._header and not self._message
 
     def upgraded(self) -> None:
         """The shell accepted the upgrade (the 101 is going out): from now on, frames."""

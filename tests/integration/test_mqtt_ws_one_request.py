@@ -64,3 +64,21 @@ async def test_a_malformed_head_is_answered_400_without_a_traceback(mqtt_rig_fac
     assert len(rig.audited(action="connect", reason="upgrade_request_invalid")) == 3
     bad = [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
     assert not bad, [rec.getMessage() for rec in bad]
+
+
+async def test_aiohttp_itself_refuses_a_large_message_before_the_connack(mqtt_rig_factory, monkeypatch):
+    """The second layer: with the guard's frame check switched off, aiohttp's own reader (made
+    with the pre-authentication limit) still refuses the message at its header (close 1009)."""
+    from proxy.mqtt.wsguard import PreauthGuard
+
+    monkeypatch.setattr(PreauthGuard, "_frame_header", lambda self, header: None)
+    rig = await mqtt_rig_factory(websocket=True, tls=False, limits=OPEN)
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.ws_port)
+    writer.write(upgrade())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    size = rig.config.mqtt.limits.connect_max_bytes + 1
+    writer.write(b"\x82\xff" + size.to_bytes(8, "big") + b"\0\0\0\0" + b"\x10" * 100)
+    answer = await asyncio.wait_for(reader.read(), 10)  # closed, the payload unread
+    writer.close()
+    assert answer.startswith(b"\x88\x02\x03\xf1"), answer[:16]  # close 1009 (message too big)
