@@ -46,7 +46,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
@@ -56,12 +56,14 @@ from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY, Tally
 from proxy.mqtt import events as ev
 from proxy.mqtt.admission import (
+    CONNECTIONS_PER_IDENTITY,
     PENALIZED_CLOSES,
     PER_ADDRESS,
     RATE,
     RECONNECT_PENALTY,
     AddressLimiter,
     ReconnectPenalty,
+    RefusalFolder,
     address_key,
 )
 from proxy.mqtt.audit_writer import AuditWriter
@@ -145,7 +147,11 @@ CONNECTIONS_CLOSED = Counter("keygate_mqtt_connections_closed", "MQTT connection
                              ["reason"], registry=REGISTRY)
 BYTES = Tally("keygate_mqtt_bytes", "Bytes read, by direction", ["direction"])  # per chunk: a plain integer
 
-_REFUSED_BY_ADDRESS = {why: CONNECTIONS_REFUSED.labels(why) for why in (PER_ADDRESS, RATE, RECONNECT_PENALTY)}
+LINGER_REFUSED = Counter("keygate_mqtt_linger_aborted",
+                         "Closed sockets aborted instead of lingering (lingering_sockets_max reached)",
+                         registry=REGISTRY)
+_REFUSED_BY_ADDRESS = {why: CONNECTIONS_REFUSED.labels(why)
+                       for why in (PER_ADDRESS, RATE, RECONNECT_PENALTY, CONNECTIONS_PER_IDENTITY)}
 _BYTES_IN = BYTES.labels("client_to_broker")
 _BYTES_OUT = BYTES.labels("broker_to_client")
 
@@ -343,7 +349,7 @@ class _TlsClientSide(asyncio.BufferedProtocol):
             if self._out.pending and self._raw is not None and not self._raw.is_closing():
                 self._raw.write(self._out.read())
         if self._raw is not None:
-            _linger_close(self._raw, self._gateway.loop)
+            self._gateway.linger_close(self._raw)
 
     def abort(self) -> None:
         self._closing = True
@@ -647,7 +653,7 @@ class Connection:
             if self.websocket or isinstance(self.client, _TlsClientSide) or self.close_reason == "shutdown":
                 self.client.close()  # (the TLS side lingers itself, after its close_notify)
             else:
-                _linger_close(cast(asyncio.Transport, self.client), self.gateway.loop)  # a socket's
+                self.gateway.linger_close(cast(asyncio.Transport, self.client))  # a socket's
         if self.address is not None:
             self.gateway.release_address(self)
         self.gateway.forget(self)
@@ -656,7 +662,8 @@ class Connection:
 LINGER_SECONDS = 2.0  # how long a closed client's socket still reads (and drops) what it sends
 
 
-def _linger_close(raw: asyncio.Transport, loop: asyncio.AbstractEventLoop | None) -> None:
+def _linger_close(raw: asyncio.Transport, loop: asyncio.AbstractEventLoop | None,
+                  done: Callable[[], None] | None = None) -> bool:
     """Close a client socket without losing our last bytes (a refusal) to a TCP reset.
 
     A socket closed with unread input answers with a reset, and the client's
@@ -665,16 +672,25 @@ def _linger_close(raw: asyncio.Transport, loop: asyncio.AbstractEventLoop | None
     read and dropped (its connection is closed), until it closes too (EOF: the
     transport then closes) or ``LINGER_SECONDS`` pass (abort). The socket is no
     longer counted as a connection meanwhile; new connections are still bounded
-    by the per-address rate, so lingering sockets are too.
+    by the per-address rate, and by the gateway's ``lingering_sockets_max``
+    (:meth:`MqttGateway.linger_close`). True: lingering (``done`` is called when
+    its time is up).
     """
     if raw.is_closing():
-        return
+        return False
     if loop is None or not raw.can_write_eof():
         raw.close()
-        return
+        return False
     raw.write_eof()
     raw.resume_reading()
-    loop.call_later(LINGER_SECONDS, raw.abort)
+
+    def end() -> None:
+        raw.abort()
+        if done is not None:
+            done()
+
+    loop.call_later(LINGER_SECONDS, end)
+    return True
 
 
 def _close_upstream(transport: asyncio.Transport, loop: Any) -> None:
@@ -732,6 +748,10 @@ class MqttGateway:
         self.persistent = PersistentSessions(limits.persistent_sessions_per_identity,
                                              limits.persistent_session_expiry_seconds, self.subscription_quota)
         self._persistent_handles: dict[Session, Handle] = {}  # an authenticated session -> its admission
+        self._connections_of: dict[str, int] = {}  # identity -> its authenticated connections
+        # Refusals folded per address / identity (one audit line per key and second, with counts).
+        self.refusals = RefusalFolder(max_entries=2 * self.mqtt.max_connections + 1024)
+        self.lingering = 0  # sockets in a lingering close (bounded by limits.lingering_sockets_max)
         self.port: int | None = None
         self.ws_port: int | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -853,6 +873,19 @@ class MqttGateway:
         conn.schedule()  # the CONNECT deadline runs from accept
         return conn
 
+    def linger_close(self, raw: asyncio.Transport) -> None:
+        """Close a client socket with a lingering close, or abort it when ``lingering_sockets_max``
+        sockets linger already (each holds a descriptor outside every connection count)."""
+        if self.lingering >= self.mqtt.limits.lingering_sockets_max:
+            LINGER_REFUSED.inc()
+            raw.abort()
+            return
+        if _linger_close(raw, self.loop, self._linger_done):
+            self.lingering += 1
+
+    def _linger_done(self) -> None:
+        self.lingering -= 1
+
     def session_established(self, conn: Connection) -> None:
         """The broker's CONNACK went out (seen once per state change, not per packet)."""
         if conn.address is not None:
@@ -883,17 +916,34 @@ class MqttGateway:
         if handle is None:
             return PERSISTENT_SESSIONS
         self._persistent_handles[session] = handle
+        self._connections_of[identity.sub] = self._connections_of.get(identity.sub, 0) + 1
         return None
 
     def session_closed(self, session: Session) -> None:
         """A connection ended: a persistent session's filters stay charged while the broker keeps it."""
         handle = self._persistent_handles.pop(session, None)
         if handle is not None:
+            left = self._connections_of.get(handle.sub, 0) - 1
+            if left > 0:
+                self._connections_of[handle.sub] = left
+            else:
+                self._connections_of.pop(handle.sub, None)
             self.persistent.closed(handle, session.subscribed_filters(), session.session_expiry)
 
     def refuse_penalized(self, session: Session, identity: Identity) -> list[Command] | None:
-        """Right after authentication: the refusal of an identity in its reconnect back-off, or None."""
-        if not self.penalty.enabled or session.established:  # (a re-authentication is not a connect)
+        """Right after authentication: the refusal of an identity in its reconnect back-off or with
+        ``connections_per_identity`` open already, or None."""
+        if session.established:  # (a re-authentication is not a connect)
+            return None
+        limit = self.mqtt.limits.connections_per_identity
+        if limit and self._connections_of.get(identity.sub, 0) >= limit:
+            _REFUSED_BY_ADDRESS[CONNECTIONS_PER_IDENTITY].inc()
+            counts = self.refusals.note("identity " + identity.sub, CONNECTIONS_PER_IDENTITY)
+            if counts:
+                self._audit_folded("identity " + identity.sub, counts)
+            self._arm_report_timer()
+            return session.handle(ev.ConnectRefused(CONNECTIONS_PER_IDENTITY, "connections per identity"))
+        if not self.penalty.enabled:
             return None
         refused, count = self.penalty.refused("identity " + identity.sub)
         if not refused:
@@ -906,9 +956,22 @@ class MqttGateway:
         return session.handle(ev.ConnectRefused(RECONNECT_PENALTY, "reconnect back-off"))
 
     def audit_preauth_refusal(self, conn: Connection, why: str, **detail: Any) -> None:
-        """A connection refused before authentication by the WebSocket guard."""
-        self.services.audit.record(protocol="mqtt", action="connect", decision="deny", reason=why,
-                                   peer=conn.session.peer, **detail)
+        """A connection refused before authentication (the WebSocket guard): folded per address,
+        so a stranger opening connection after connection writes one line a second, with counts."""
+        key = "address " + (conn.peer_key or address_key(conn.session.peer.rpartition(":")[0]))
+        counts = self.refusals.note(key, why)
+        if counts:
+            self._audit_folded(key, counts, **detail)
+        self._arm_report_timer()
+
+    def _audit_folded(self, key: str, counts: dict[str, int], **detail: Any) -> None:
+        kind, _, name = key.partition(" ")
+        reasons = sorted(counts)
+        fields: dict[str, Any] = {"peer" if kind == "address" else "sub": name, **detail}
+        if len(reasons) > 1:
+            fields["counts"] = counts
+        self.services.audit.record(protocol="mqtt", action="connect", decision="deny", reason="+".join(reasons),
+                                   count=sum(counts.values()), **fields)
 
     def _audit_refused(self, address: str, counts: dict[str, int]) -> None:
         reasons = sorted(counts)
@@ -919,7 +982,7 @@ class MqttGateway:
     def _arm_report_timer(self) -> None:
         """Refusals folded into a later line get that line even if the address stops trying."""
         limiter = self.address_limiter
-        pending = limiter.reports_pending or self.penalty.reports_pending
+        pending = limiter.reports_pending or self.penalty.reports_pending or self.refusals.reports_pending
         if self._report_timer is None and pending and self.loop is not None:
             self._report_timer = self.loop.call_later(limiter.report_every, self._on_report_timer)
 
@@ -932,6 +995,8 @@ class MqttGateway:
         for address, counts in self.address_limiter.due_reports(everything=everything):
             if counts:
                 self._audit_refused(address, counts)
+        for key, counts in self.refusals.due_reports(everything=everything):
+            self._audit_folded(key, counts)
         for key, count in self.penalty.due_reports(everything=everything):
             kind, _, name = key.partition(" ")
             who: dict[str, Any] = {"peer": name} if kind == "address" else {"sub": name}
