@@ -743,6 +743,7 @@ class MqttGateway:
                                         limits.reconnect_penalty_max_seconds,
                                         max_entries=2 * self.mqtt.max_connections + 1024)
         self.subscription_quota = SubscriptionQuota(self.mqtt.limits.subscriptions_per_identity)
+        self.qos2_budget = SubscriptionQuota(self.mqtt.limits.qos2_hold_bytes_per_identity)  # (bytes)
         # The sessions' audit lines, written off the event loop in batches.
         self.audit_writer = AuditWriter(services.audit)
         self.persistent = PersistentSessions(limits.persistent_sessions_per_identity,
@@ -822,7 +823,8 @@ class MqttGateway:
                           rate_limiter=self.rate_limiter, token_leeway=self.config.oidc.leeway_seconds,
                           upstream_password=self._upstream_password,
                           credential_problem=self.services.ownership.credential_problem,
-                          subscription_quota=self.subscription_quota, admit_connect=None)
+                          subscription_quota=self.subscription_quota, qos2_budget=self.qos2_budget,
+                          admit_connect=None)
         # Per session, so that its close is counted against its own admission (a generation).
         session.admit_connect = functools.partial(self._admit_persistent, session)
         return session

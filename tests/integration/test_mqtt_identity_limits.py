@@ -18,7 +18,7 @@ from proxy.config import MqttLimitsConfig
 from proxy.mqtt.codec import encode_connect
 from proxy.mqtt.packets import MQTT_5, MQTT_311, Connect
 from proxy.mqtt.server import LINGER_REFUSED
-from tests.integration.mqtt_helpers import connack_reason
+from tests.integration.mqtt_helpers import connack_reason, eventually
 from tests.rig.mqtt_clients import RawClient
 
 pytestmark = pytest.mark.integration
@@ -50,11 +50,9 @@ async def test_connections_per_identity_are_capped_and_refusals_folded(mqtt_rig_
     print(f"\nMEASURED connections_per_identity: 3 held, {refused} refused, {len(lines)} audit lines")
     assert sum(line["count"] for line in lines) == refused and len(lines) < refused
     await held.pop().close()  # a place comes free
-    for _ in range(100):  # (its close is seen by the gateway a moment after ours)
-        c, pkt = await _connect(rig, "again", token)
-        if connack_reason(pkt) == 0:
-            break
-        await c.closed_within(3)
+    sub = (await rig.identity("admin")).sub
+    assert await eventually(lambda: rig.gateway._connections_of.get(sub) == 2)  # (its close reaches the gateway)
+    c, pkt = await _connect(rig, "again", token)
     assert connack_reason(pkt) == 0
     for client in [*held, c]:
         await client.close()
@@ -80,3 +78,36 @@ async def test_lingering_sockets_are_capped(mqtt_rig_factory):
     assert peak <= 5 and aborted >= 1
     for writer in writers:
         writer.close()
+
+
+async def test_qos2_holds_are_bounded_per_identity_across_connections(mqtt_rig_factory):
+    """The attack parked a 1 MiB QoS 2 publish on each of 60 connections of one identity (62 MB).
+    With qos2_hold_bytes_per_identity of one packet, a second connection's hold is refused
+    (PUBREC 0x97) until the first is released."""
+    from tests.integration.mqtt_helpers import connect_packet, publish_packet
+
+    budget = 1_048_576
+    rig = await mqtt_rig_factory(limits=MqttLimitsConfig(qos2_hold_bytes_per_identity=budget, **LB))
+    dev, _, _ = await rig.register_device("alice")
+    token = await rig.token("alice")
+    payload = b"x" * 700_000
+    clients = []
+    for i in range(2):
+        c = await RawClient.open(rig)
+        await c.send(connect_packet(MQTT_5, f"a{i}", "alice", token))
+        assert connack_reason(await c.read_packet()) == 0
+        clients.append(c)
+    a, b = clients
+    await a.send(publish_packet(f"devices/{dev}/cmd/x", payload, qos=2, packet_id=1))
+    assert (await a.read_packet())[:4] == b"\x50\x02\x00\x01"  # PUBREC, held
+    await b.send(publish_packet(f"devices/{dev}/cmd/x", payload, qos=2, packet_id=1))
+    rec = await b.read_packet()
+    assert rec[0] == 0x50 and rec[4] == 0x97, rec  # over the identity's budget
+    held = sum(conn.session._qos2_held_bytes for conn in rig.gateway.connections)
+    print(f"\nMEASURED qos2 per identity: {held} B held across 2 connections, budget {budget}")
+    assert held <= budget and rig.gateway.qos2_budget.held(rig_sub := (await rig.identity("alice")).sub) == held
+    await a.close()  # its hold is dropped with it
+    assert await eventually(lambda: not rig.gateway.qos2_budget.held(rig_sub))  # (its close reaches the gateway)
+    await b.send(publish_packet(f"devices/{dev}/cmd/x", payload, qos=2, packet_id=2))
+    assert (await b.read_packet())[:4] == b"\x50\x02\x00\x02"
+    await b.close()
