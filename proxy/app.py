@@ -97,6 +97,7 @@ def descriptors_needed(config: Config) -> int:
     need = BASE_DESCRIPTORS
     if config.mqtt is not None:
         need += DESCRIPTORS_PER_MQTT_CONNECTION * config.mqtt.max_connections
+        need += config.mqtt.limits.lingering_sockets_max  # closed, lingering: a descriptor each
     if config.http is not None:
         need += config.http.max_connections + HTTP_UPSTREAM_DESCRIPTORS
     if config.metrics is not None:
@@ -138,6 +139,9 @@ def ensure_open_files(config: Config) -> int:
             parts.append(f"mqtt.max_connections {config.mqtt.max_connections} x 2")
             keys.append("mqtt.max_connections")
             rest -= DESCRIPTORS_PER_MQTT_CONNECTION * config.mqtt.max_connections
+            linger = config.mqtt.limits.lingering_sockets_max
+            parts.append(f"mqtt.limits.lingering_sockets_max {linger}")
+            rest -= linger
         if config.http is not None:
             parts.append(f"http.max_connections {config.http.max_connections}")
             keys.append("http.max_connections")

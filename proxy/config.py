@@ -154,6 +154,13 @@ class MqttLimitsConfig:
     # how long one is taken to outlive its connection (v5: the client's value capped to this).
     persistent_sessions_per_identity: int = 10
     persistent_session_expiry_seconds: int = 604800
+    # Connections of one identity at once (after authentication; more: v5 CONNACK 0x97 / 3.1.1 3).
+    connections_per_identity: int = 100
+    # Bytes of QoS 2 publishes held awaiting PUBREL, across all of one identity's connections.
+    qos2_hold_bytes_per_identity: int = 4194304
+    # Sockets closed with a lingering close (FIN, input drained for up to 2 s) at once; beyond it a
+    # closed socket is aborted (a reset) instead. They hold a file descriptor each.
+    lingering_sockets_max: int = 1024
 
 
 @dataclass(frozen=True)
@@ -501,9 +508,12 @@ def _check(cfg: Config, filename: str) -> None:
             if getattr(cfg.mqtt.limits, name) < 1:
                 bad(f"mqtt.limits.{name}", "must be at least 1")
         for name in ("reconnect_penalty_initial_seconds", "reconnect_penalty_max_seconds",
-                     "persistent_sessions_per_identity", "persistent_session_expiry_seconds"):
+                     "persistent_sessions_per_identity", "persistent_session_expiry_seconds",
+                     "connections_per_identity", "lingering_sockets_max"):
             if getattr(cfg.mqtt.limits, name) < 0:
                 bad(f"mqtt.limits.{name}", "must be 0 or more")
+        if cfg.mqtt.limits.qos2_hold_bytes_per_identity < cfg.mqtt.max_packet_size:
+            bad("mqtt.limits.qos2_hold_bytes_per_identity", "must be at least mqtt.max_packet_size")
         if cfg.mqtt.limits.client_id_max_bytes < 23:  # [MQTT-3.1.3-5]: ids of 1 to 23 bytes must be accepted
             bad("mqtt.limits.client_id_max_bytes", "must be at least 23")
     if cfg.http is not None and not re.match(r"^https?://", cfg.http.upstream):

@@ -32,12 +32,13 @@ import ipaddress
 import time
 from collections.abc import Callable
 
-__all__ = ["AddressLimiter", "ReconnectPenalty", "address_key", "PENALIZED_CLOSES", "PER_ADDRESS", "RATE",
-           "RECONNECT_PENALTY"]
+__all__ = ["AddressLimiter", "ReconnectPenalty", "RefusalFolder", "address_key", "PENALIZED_CLOSES", "PER_ADDRESS",
+           "RATE", "RECONNECT_PENALTY", "CONNECTIONS_PER_IDENTITY"]
 
 PER_ADDRESS = "unauthenticated_per_address"
 RATE = "unauthenticated_rate_per_address"
 RECONNECT_PENALTY = "reconnect_penalty"
+CONNECTIONS_PER_IDENTITY = "connections_per_identity"
 # Closes that earn the identity (and address) a reconnect back-off: flooding, not mistakes.
 PENALIZED_CLOSES = frozenset({"rate_limited", "quota_exceeded"})
 
@@ -288,3 +289,51 @@ class ReconnectPenalty:
                 break
             if key not in self._unreported:
                 del entries[key]
+
+
+class RefusalFolder:
+    """Refusals folded into at most one audit line per key (an address, an identity) and
+    ``report_every`` seconds, with per-reason counts: nothing is lost from the record, and the
+    lines per key per second are bounded. At most ``max_entries`` keys owe a report; past that
+    the oldest are handed out early (:meth:`due_reports`), so memory stays bounded too."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, report_every: float = 1.0,
+                 max_entries: int = 100_000):
+        self.clock = clock
+        self.report_every = report_every
+        self.max_entries = max_entries
+        self._next_report: dict[str, float] = {}       # key -> when its next line may be written
+        self._owed: dict[str, dict[str, int]] = {}      # key -> reason -> refusals not yet written
+        self._evicted: list[tuple[str, dict[str, int]]] = []
+
+    def note(self, key: str, reason: str) -> dict[str, int] | None:
+        """One refusal: the counts to audit now, or None (folded into a later line)."""
+        now = self.clock()
+        if len(self._next_report) > self.max_entries:
+            for k in [k for k, at in self._next_report.items() if at <= now and k not in self._owed]:
+                del self._next_report[k]
+        owed = self._owed.pop(key, {})
+        owed[reason] = owed.get(reason, 0) + 1
+        if now >= self._next_report.get(key, float("-inf")):
+            self._next_report[key] = now + self.report_every
+            return owed
+        if len(self._owed) >= self.max_entries:
+            oldest = next(iter(self._owed))
+            self._evicted.append((oldest, self._owed.pop(oldest)))
+        self._owed[key] = owed
+        return None
+
+    def due_reports(self, *, everything: bool = False) -> list[tuple[str, dict[str, int]]]:
+        out, self._evicted = self._evicted, []
+        now = self.clock()
+        for key in list(self._owed):
+            if everything or now >= self._next_report.get(key, float("-inf")):
+                out.append((key, self._owed.pop(key)))
+                self._next_report[key] = now + self.report_every
+        for key in [k for k, at in self._next_report.items() if at <= now and k not in self._owed]:
+            del self._next_report[key]  # (a quiet key: its next refusal is written at once)
+        return out
+
+    @property
+    def reports_pending(self) -> bool:
+        return bool(self._owed or self._evicted)

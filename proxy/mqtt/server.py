@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
@@ -55,12 +56,14 @@ from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY, Tally
 from proxy.mqtt import events as ev
 from proxy.mqtt.admission import (
+    CONNECTIONS_PER_IDENTITY,
     PENALIZED_CLOSES,
     PER_ADDRESS,
     RATE,
     RECONNECT_PENALTY,
     AddressLimiter,
     ReconnectPenalty,
+    RefusalFolder,
     address_key,
 )
 from proxy.mqtt.audit_writer import AuditWriter
@@ -79,7 +82,7 @@ from proxy.mqtt.commands import (
 )
 from proxy.mqtt.events import Buffer
 from proxy.mqtt.handshake import classify_credentials
-from proxy.mqtt.persistent import PERSISTENT_SESSIONS, PersistentSessions
+from proxy.mqtt.persistent import PERSISTENT_SESSIONS, Handle, PersistentSessions
 from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.session import Session
 from proxy.mqtt.subscriptions import SubscriptionQuota
@@ -144,7 +147,11 @@ CONNECTIONS_CLOSED = Counter("keygate_mqtt_connections_closed", "MQTT connection
                              ["reason"], registry=REGISTRY)
 BYTES = Tally("keygate_mqtt_bytes", "Bytes read, by direction", ["direction"])  # per chunk: a plain integer
 
-_REFUSED_BY_ADDRESS = {why: CONNECTIONS_REFUSED.labels(why) for why in (PER_ADDRESS, RATE, RECONNECT_PENALTY)}
+LINGER_REFUSED = Counter("keygate_mqtt_linger_aborted",
+                         "Closed sockets aborted instead of lingering (lingering_sockets_max reached)",
+                         registry=REGISTRY)
+_REFUSED_BY_ADDRESS = {why: CONNECTIONS_REFUSED.labels(why)
+                       for why in (PER_ADDRESS, RATE, RECONNECT_PENALTY, CONNECTIONS_PER_IDENTITY)}
 _BYTES_IN = BYTES.labels("client_to_broker")
 _BYTES_OUT = BYTES.labels("broker_to_client")
 
@@ -342,7 +349,7 @@ class _TlsClientSide(asyncio.BufferedProtocol):
             if self._out.pending and self._raw is not None and not self._raw.is_closing():
                 self._raw.write(self._out.read())
         if self._raw is not None:
-            _linger_close(self._raw, self._gateway.loop)
+            self._gateway.linger_close(self._raw)
 
     def abort(self) -> None:
         self._closing = True
@@ -522,8 +529,8 @@ class Connection:
             # A state change: look at reading and deadlines again. Otherwise the timer
             # already stands at the earliest deadline there can be (it reschedules itself).
             self._seen_inputs = inputs
-            if self.address is not None and self.session.established:
-                self.gateway.release_address(self)
+            if self.session.established:
+                self.gateway.session_established(self)
             self.client_reading(not self.session.reading_paused, "session")
             self.schedule()
 
@@ -646,7 +653,7 @@ class Connection:
             if self.websocket or isinstance(self.client, _TlsClientSide) or self.close_reason == "shutdown":
                 self.client.close()  # (the TLS side lingers itself, after its close_notify)
             else:
-                _linger_close(cast(asyncio.Transport, self.client), self.gateway.loop)  # a socket's
+                self.gateway.linger_close(cast(asyncio.Transport, self.client))  # a socket's
         if self.address is not None:
             self.gateway.release_address(self)
         self.gateway.forget(self)
@@ -655,7 +662,8 @@ class Connection:
 LINGER_SECONDS = 2.0  # how long a closed client's socket still reads (and drops) what it sends
 
 
-def _linger_close(raw: asyncio.Transport, loop: asyncio.AbstractEventLoop | None) -> None:
+def _linger_close(raw: asyncio.Transport, loop: asyncio.AbstractEventLoop | None,
+                  done: Callable[[], None] | None = None) -> bool:
     """Close a client socket without losing our last bytes (a refusal) to a TCP reset.
 
     A socket closed with unread input answers with a reset, and the client's
@@ -664,16 +672,25 @@ def _linger_close(raw: asyncio.Transport, loop: asyncio.AbstractEventLoop | None
     read and dropped (its connection is closed), until it closes too (EOF: the
     transport then closes) or ``LINGER_SECONDS`` pass (abort). The socket is no
     longer counted as a connection meanwhile; new connections are still bounded
-    by the per-address rate, so lingering sockets are too.
+    by the per-address rate, and by the gateway's ``lingering_sockets_max``
+    (:meth:`MqttGateway.linger_close`). True: lingering (``done`` is called when
+    its time is up).
     """
     if raw.is_closing():
-        return
+        return False
     if loop is None or not raw.can_write_eof():
         raw.close()
-        return
+        return False
     raw.write_eof()
     raw.resume_reading()
-    loop.call_later(LINGER_SECONDS, raw.abort)
+
+    def end() -> None:
+        raw.abort()
+        if done is not None:
+            done()
+
+    loop.call_later(LINGER_SECONDS, end)
+    return True
 
 
 def _close_upstream(transport: asyncio.Transport, loop: Any) -> None:
@@ -726,10 +743,16 @@ class MqttGateway:
                                         limits.reconnect_penalty_max_seconds,
                                         max_entries=2 * self.mqtt.max_connections + 1024)
         self.subscription_quota = SubscriptionQuota(self.mqtt.limits.subscriptions_per_identity)
+        self.qos2_budget = SubscriptionQuota(self.mqtt.limits.qos2_hold_bytes_per_identity)  # (bytes)
         # The sessions' audit lines, written off the event loop in batches.
         self.audit_writer = AuditWriter(services.audit)
         self.persistent = PersistentSessions(limits.persistent_sessions_per_identity,
                                              limits.persistent_session_expiry_seconds, self.subscription_quota)
+        self._persistent_handles: dict[Session, Handle] = {}  # an authenticated session -> its admission
+        self._connections_of: dict[str, int] = {}  # identity -> its authenticated connections
+        # Refusals folded per address / identity (one audit line per key and second, with counts).
+        self.refusals = RefusalFolder(max_entries=2 * self.mqtt.max_connections + 1024)
+        self.lingering = 0  # sockets in a lingering close (bounded by limits.lingering_sockets_max)
         self.port: int | None = None
         self.ws_port: int | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -796,11 +819,15 @@ class MqttGateway:
 
     # -- connections
     def new_session(self) -> Session:
-        return Session(config=self.mqtt, policies=self.services.policies,
-                       rate_limiter=self.rate_limiter, token_leeway=self.config.oidc.leeway_seconds,
-                       upstream_password=self._upstream_password,
-                       credential_problem=self.services.ownership.credential_problem,
-                       subscription_quota=self.subscription_quota, admit_connect=self._admit_persistent)
+        session = Session(config=self.mqtt, policies=self.services.policies,
+                          rate_limiter=self.rate_limiter, token_leeway=self.config.oidc.leeway_seconds,
+                          upstream_password=self._upstream_password,
+                          credential_problem=self.services.ownership.credential_problem,
+                          subscription_quota=self.subscription_quota, qos2_budget=self.qos2_budget,
+                          admit_connect=None)
+        # Per session, so that its close is counted against its own admission (a generation).
+        session.admit_connect = functools.partial(self._admit_persistent, session)
+        return session
 
     def accept_transport(self, transport: Transport, session: Session | None = None, *,
                          websocket: bool = False) -> Connection | None:
@@ -848,6 +875,27 @@ class MqttGateway:
         conn.schedule()  # the CONNECT deadline runs from accept
         return conn
 
+    def linger_close(self, raw: asyncio.Transport) -> None:
+        """Close a client socket with a lingering close, or abort it when ``lingering_sockets_max``
+        sockets linger already (each holds a descriptor outside every connection count)."""
+        if self.lingering >= self.mqtt.limits.lingering_sockets_max:
+            LINGER_REFUSED.inc()
+            raw.abort()
+            return
+        if _linger_close(raw, self.loop, self._linger_done):
+            self.lingering += 1
+
+    def _linger_done(self) -> None:
+        self.lingering -= 1
+
+    def session_established(self, conn: Connection) -> None:
+        """The broker's CONNACK went out (seen once per state change, not per packet)."""
+        if conn.address is not None:
+            self.release_address(conn)
+        handle = self._persistent_handles.get(conn.session)
+        if handle is not None:
+            self.persistent.reached(handle)
+
     def release_address(self, conn: Connection) -> None:
         """The connection authenticated (its CONNACK went out) or ended: its address's place is free."""
         address, conn.address = conn.address, None
@@ -864,19 +912,40 @@ class MqttGateway:
         if conn.peer_key is not None:
             self.penalty.penalize("address " + conn.peer_key)
 
-    def _admit_persistent(self, identity: Identity, client_id: str, clean_start: bool, expiry: float) -> str | None:
-        if self.persistent.admit(identity.sub, client_id, clean_start=clean_start, expiry=expiry):
-            return None
-        return PERSISTENT_SESSIONS
+    def _admit_persistent(self, session: Session, identity: Identity, client_id: str, clean_start: bool,
+                          expiry: float) -> str | None:
+        handle = self.persistent.admit(identity.sub, client_id, clean_start=clean_start, expiry=expiry)
+        if handle is None:
+            return PERSISTENT_SESSIONS
+        self._persistent_handles[session] = handle
+        self._connections_of[identity.sub] = self._connections_of.get(identity.sub, 0) + 1
+        return None
 
     def session_closed(self, session: Session) -> None:
         """A connection ended: a persistent session's filters stay charged while the broker keeps it."""
-        if session.identity is not None and session.upstream_client_id:
-            self.persistent.closed(session.upstream_client_id, session.subscribed_filters(), session.session_expiry)
+        handle = self._persistent_handles.pop(session, None)
+        if handle is not None:
+            left = self._connections_of.get(handle.sub, 0) - 1
+            if left > 0:
+                self._connections_of[handle.sub] = left
+            else:
+                self._connections_of.pop(handle.sub, None)
+            self.persistent.closed(handle, session.subscribed_filters(), session.session_expiry)
 
     def refuse_penalized(self, session: Session, identity: Identity) -> list[Command] | None:
-        """Right after authentication: the refusal of an identity in its reconnect back-off, or None."""
-        if not self.penalty.enabled or session.established:  # (a re-authentication is not a connect)
+        """Right after authentication: the refusal of an identity in its reconnect back-off or with
+        ``connections_per_identity`` open already, or None."""
+        if session.established:  # (a re-authentication is not a connect)
+            return None
+        limit = self.mqtt.limits.connections_per_identity
+        if limit and self._connections_of.get(identity.sub, 0) >= limit:
+            _REFUSED_BY_ADDRESS[CONNECTIONS_PER_IDENTITY].inc()
+            counts = self.refusals.note("identity " + identity.sub, CONNECTIONS_PER_IDENTITY)
+            if counts:
+                self._audit_folded("identity " + identity.sub, counts)
+            self._arm_report_timer()
+            return session.handle(ev.ConnectRefused(CONNECTIONS_PER_IDENTITY, "connections per identity"))
+        if not self.penalty.enabled:
             return None
         refused, count = self.penalty.refused("identity " + identity.sub)
         if not refused:
@@ -888,6 +957,24 @@ class MqttGateway:
         self._arm_report_timer()
         return session.handle(ev.ConnectRefused(RECONNECT_PENALTY, "reconnect back-off"))
 
+    def audit_preauth_refusal(self, conn: Connection, why: str, **detail: Any) -> None:
+        """A connection refused before authentication (the WebSocket guard): folded per address,
+        so a stranger opening connection after connection writes one line a second, with counts."""
+        key = "address " + (conn.peer_key or address_key(conn.session.peer.rpartition(":")[0]))
+        counts = self.refusals.note(key, why)
+        if counts:
+            self._audit_folded(key, counts, **detail)
+        self._arm_report_timer()
+
+    def _audit_folded(self, key: str, counts: dict[str, int], **detail: Any) -> None:
+        kind, _, name = key.partition(" ")
+        reasons = sorted(counts)
+        fields: dict[str, Any] = {"peer" if kind == "address" else "sub": name, **detail}
+        if len(reasons) > 1:
+            fields["counts"] = counts
+        self.services.audit.record(protocol="mqtt", action="connect", decision="deny", reason="+".join(reasons),
+                                   count=sum(counts.values()), **fields)
+
     def _audit_refused(self, address: str, counts: dict[str, int]) -> None:
         reasons = sorted(counts)
         extra: dict[str, Any] = {"counts": counts} if len(reasons) > 1 else {}
@@ -897,7 +984,7 @@ class MqttGateway:
     def _arm_report_timer(self) -> None:
         """Refusals folded into a later line get that line even if the address stops trying."""
         limiter = self.address_limiter
-        pending = limiter.reports_pending or self.penalty.reports_pending
+        pending = limiter.reports_pending or self.penalty.reports_pending or self.refusals.reports_pending
         if self._report_timer is None and pending and self.loop is not None:
             self._report_timer = self.loop.call_later(limiter.report_every, self._on_report_timer)
 
@@ -910,6 +997,8 @@ class MqttGateway:
         for address, counts in self.address_limiter.due_reports(everything=everything):
             if counts:
                 self._audit_refused(address, counts)
+        for key, counts in self.refusals.due_reports(everything=everything):
+            self._audit_folded(key, counts)
         for key, count in self.penalty.due_reports(everything=everything):
             kind, _, name = key.partition(" ")
             who: dict[str, Any] = {"peer": name} if kind == "address" else {"sub": name}

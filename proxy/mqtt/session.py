@@ -301,6 +301,7 @@ class Session:
                  upstream_password: str | None = None, peer: str = "",
                  credential_problem: Callable[[Identity], str | None] | None = None,
                  subscription_quota: SubscriptionQuota | None = None,
+                 qos2_budget: SubscriptionQuota | None = None,
                  admit_connect: Callable[[Identity, str, bool, float], str | None] | None = None):
         self.config = config
         # Asked once the credentials and client id are settled: (identity, broker client id, clean
@@ -315,6 +316,9 @@ class Session:
         # Shared by all of an identity's connections (the shell makes one per gateway); None: no cap.
         self.subscription_quota = subscription_quota
         self._quota_key: str | None = None  # the identity sub the held slots are counted under
+        # Bytes of QoS 2 publishes awaiting PUBREL, shared by the identity's connections (a quota
+        # of bytes: mqtt.limits.qos2_hold_bytes_per_identity); this session's part: _qos2_held_bytes.
+        self.qos2_budget = qos2_budget
         self._quota_held = 0
         # Why the identity's credential no longer stands (device deleted, key rotated), or None:
         # asked at authentication and on every invalidate().
@@ -1030,8 +1034,9 @@ class Session:
         packet = b"".join(bytes(b) for b in self._resolved(frame, data, info, topic)) if rewrite else bytes(frame.raw)
         earlier = self._qos2_held.pop(pid, None)  # a retransmission (DUP) replaces it
         if earlier is not None:
-            self._qos2_held_bytes -= len(earlier[0])
-        if self._qos2_held_bytes + len(packet) > max(_QOS2_HOLD_BYTES, self.config.max_packet_size):
+            self._qos2_give_back(len(earlier[0]))
+        if self._qos2_held_bytes + len(packet) > max(_QOS2_HOLD_BYTES, self.config.max_packet_size) or (
+                not self._qos2_take(len(packet))):
             self._audit("publish", "deny", resource=topic, reason="too many QoS 2 publishes awaiting PUBREL",
                         qos=2)
             if level == MQTT_5:
@@ -1043,6 +1048,16 @@ class Session:
         self._qos2_held_bytes += len(packet)
         acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
 
+    def _qos2_take(self, n: int) -> bool:
+        """``n`` bytes of the identity's QoS 2 budget (the caller adds them to _qos2_held_bytes)."""
+        budget, ident = self.qos2_budget, self.identity
+        return budget is None or ident is None or budget.take(ident.sub, n)
+
+    def _qos2_give_back(self, n: int) -> None:
+        self._qos2_held_bytes -= n
+        if self.qos2_budget is not None and self.identity is not None:
+            self.qos2_budget.release(self.identity.sub, n)
+
     def _release_qos2(self, acts: Output, pid: int) -> None:
         """The client's PUBREL: forward the held publish if it is still allowed now."""
         self._end_run()
@@ -1053,7 +1068,7 @@ class Session:
             topic, reason = "", "PUBREL for a QoS 2 publish not held on this connection"
         else:
             packet, topic, retain = held
-            self._qos2_held_bytes -= len(packet)
+            self._qos2_give_back(len(packet))
             ident = self.identity
             if ident is None:
                 raise RuntimeError("ident is not set")
@@ -1085,7 +1100,7 @@ class Session:
             return
         held = self._qos2_held.pop(pid, None)  # a retransmission now refused: nothing to release
         if held is not None:
-            self._qos2_held_bytes -= len(held[0])
+            self._qos2_give_back(len(held[0]))
         if level == MQTT_5:
             acts.to_client.append(codec.encode_ack(T.PUBACK if info.qos == 1 else T.PUBREC, pid, level, code))
             if info.qos == 2:
@@ -1576,6 +1591,8 @@ class Session:
         self._enter(CLOSED)
         self._pending = []
         self._release_quota(self._quota_held)  # the identity's other connections may use them
+        if self._qos2_held_bytes:  # (the held publishes are dropped with the connection)
+            self._qos2_give_back(self._qos2_held_bytes)
         self._flush_folds()
         if first and self.identity is not None:  # one summary per connection past authentication
             # The counts of this call go to the metrics at its end: move them into the record now.

@@ -168,6 +168,15 @@ class SubscriptionQuota:
         self._held[key] = held + 1
         return True
 
+    def take(self, key: str, n: int) -> bool:
+        """``n`` units for ``key`` if all of them fit (a byte budget: QoS 2 publishes held)."""
+        held = self._held.get(key, 0)
+        if held + n > self.per_identity:
+            return False
+        if n > 0:
+            self._held[key] = held + n
+        return True
+
     def charge(self, key: str, n: int) -> None:
         """``n`` slots for ``key`` whatever it holds: filters a persistent session keeps at the
         broker after its connection closed (proxy.mqtt.persistent)."""

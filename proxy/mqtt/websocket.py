@@ -33,7 +33,16 @@ from typing import TYPE_CHECKING, Any, cast
 from aiohttp import WSMsgType, web
 
 from proxy.mqtt.transport import Transport
-from proxy.mqtt.wsguard import HEAD_MAX_BYTES, HEAD_REFUSAL, HEAD_TOO_LARGE, PreauthGuard, close_frame
+from proxy.mqtt.wsguard import (
+    HEAD_MAX_BYTES,
+    HEAD_REFUSAL,
+    HEAD_TOO_LARGE,
+    INVALID_REFUSAL,
+    MESSAGE_TOO_BIG,
+    UPGRADE_INVALID,
+    PreauthGuard,
+    close_frame,
+)
 
 if TYPE_CHECKING:
     from proxy.mqtt.server import MqttGateway
@@ -62,6 +71,7 @@ class WebSocketTransport:
         self._writing_paused = False
         self.flush_raw = False  # closing before the upgrade: close raw (flushing a refusal), not abort
         self.protocol: Any = None  # the Connection's client side (pause_writing / resume_writing)
+        self.guard: PreauthGuard | None = None  # told when the 101 goes out (wsguard: one request only)
 
     def attach(self, ws: web.WebSocketResponse) -> None:
         self._ws = ws
@@ -161,23 +171,43 @@ class _HttpSide:
         self.ws_transport = ws_transport
         self.http: Any = None
         # Until the CONNACK: the upgrade head and each WebSocket message bounded (wsguard).
-        self.guard: PreauthGuard | None = PreauthGuard(listener.preauth_message_max)
+        self.guard: PreauthGuard | None = PreauthGuard(listener.preauth_message_max, paths=PATHS)
+        ws_transport.guard = self.guard
 
     def client_data(self, data: Any) -> None:
         data = bytes(data)  # data may be a slice of the shared receive buffer
         guard = self.guard
+        authenticated = False
         if guard is not None:
-            if self.ws_transport.protocol.session.established:
-                self.guard = None  # authenticated: aiohttp's max_msg_size (max_packet_size) from now on
-            else:
-                refused = guard.feed(data)
-                if refused is not None:
-                    self._refuse(refused)
+            authenticated = self.ws_transport.protocol.session.established
+            if authenticated:  # (a message pipelined behind the CONNECT may be a full-size one)
+                guard.message_max = self.listener.message_max
+                if guard.at_message_boundary:
+                    self._widen()
+                    guard = None
+        if guard is not None:
+            held = not guard.head_done
+            refused = guard.feed(data)
+            if refused is not None:
+                self._refuse(refused)
+                return
+            if held:  # aiohttp gets the head only whole and checked
+                if not guard.head_done:
                     return
+                data = guard.take_head()
         if self.http is None:
             self.http = self.listener.http_protocol()
             self.http.connection_made(self.transport)
         self.http.data_received(data)
+        if authenticated and guard is not None and guard.at_message_boundary:
+            self._widen()
+
+    def _widen(self) -> None:
+        """Authenticated, and aiohttp's reader holds nothing: one of max_packet_size, no guard."""
+        self.guard = self.ws_transport.guard = None
+        ws = self.ws_transport._ws
+        if ws is not None and self.http is not None:
+            _widen_reader(ws, self.http, self.listener.message_max)
 
     def _refuse(self, why: str) -> None:
         """Over a pre-authentication bound: say so (431, or close 1009) and close, the rest unread."""
@@ -185,18 +215,25 @@ class _HttpSide:
         ws_transport = self.ws_transport
         conn = ws_transport.protocol
         upgraded = ws_transport._ws is not None
-        if not self.transport.is_closing() and (upgraded or why == HEAD_TOO_LARGE):
-            self.transport.write(close_frame(1009) if upgraded else HEAD_REFUSAL)
+        if not self.transport.is_closing():
+            if upgraded:
+                self.transport.write(close_frame(1009))
+            elif why in (HEAD_TOO_LARGE, UPGRADE_INVALID):  # (a pipelined one: aiohttp may be answering)
+                self.transport.write(HEAD_REFUSAL if why == HEAD_TOO_LARGE else INVALID_REFUSAL)
         ws_transport.flush_raw = True
-        self.listener.gateway.services.audit.record(
-            protocol="mqtt", action="connect", decision="deny", reason=why, peer=conn.session.peer,
-            limit=self.guard_limit(why))
+        self.listener.gateway.audit_preauth_refusal(conn, why, **self.guard_detail(why))
         if upgraded:  # aiohttp's side is closed with the socket
             self.transport.close()
         conn.close(why)
 
-    def guard_limit(self, why: str) -> int:
-        return HEAD_MAX_BYTES if why == HEAD_TOO_LARGE else self.listener.preauth_message_max
+    def guard_detail(self, why: str) -> dict[str, Any]:
+        if why == HEAD_TOO_LARGE:
+            return {"limit": HEAD_MAX_BYTES}
+        if why == MESSAGE_TOO_BIG:
+            return {"limit": self.listener.preauth_message_max}
+        if why == UPGRADE_INVALID and self.ws_transport.guard is not None:
+            return {"problem": self.ws_transport.guard.problem}
+        return {}
 
     def client_lost(self, exc: Exception | None) -> None:
         self.listener.waiting.pop(self.transport, None)
@@ -214,6 +251,20 @@ class _HttpSide:
     def resume_writing(self) -> None:
         if self.http is not None:
             self.http.resume_writing()
+
+
+def _widen_reader(ws: web.WebSocketResponse, http: Any, max_msg_size: int) -> None:
+    """Give an upgraded connection's aiohttp a WebSocket reader with a larger message limit.
+    Only at a message boundary (the old reader holds no partial frame). aiohttp's C reader keeps
+    its limit out of reach, so the reader is replaced (private names, aiohttp pinned)."""
+    from aiohttp._websocket.reader import WebSocketReader
+
+    old, queue = ws._parser, ws._reader
+    if old is None or queue is None or http._payload_parser is not old:  # (closing: leave it)
+        return
+    parser = WebSocketReader(queue, max_msg_size, compress=False, decode_text=ws._decode_text)
+    ws._parser = parser
+    http._payload_parser = parser
 
 
 class _PlainSide(asyncio.Protocol):
@@ -262,6 +313,9 @@ class WebSocketListener:
         # Before authentication a WebSocket message may carry at most a CONNECT's worth.
         mqtt = gateway.mqtt
         self.preauth_message_max = min(mqtt.limits.connect_max_bytes, mqtt.max_packet_size)
+        # After the CONNACK: a frame may join several packets, so one maximum-size packet plus
+        # slack per message; the session bounds what it buffers across frames.
+        self.message_max = mqtt.max_packet_size + 65536
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
         from proxy.mqtt.server import _TlsClientSide
@@ -313,15 +367,19 @@ class WebSocketListener:
         if ws_transport is None or ws_transport.is_closing():  # upgraded once already, or closed
             return web.json_response({"error": {"code": "connection_closing",
                                                 "message": "this connection is closing"}}, status=503)
-        # A frame may join several packets: allow one maximum-size packet plus slack per frame;
-        # the session bounds what it buffers across frames.
-        ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), max_msg_size=self.gateway.max_packet_size + 65536,
+        # aiohttp's own reader refuses at the frame header what the guard refuses, until the CONNACK
+        # (aiohttp refuses a message of max_msg_size itself: hence + 1); then it is widened.
+        ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), max_msg_size=self.preauth_message_max + 1,
                                    autoping=True, compress=False)
         if not ws.can_prepare(request).ok:
-            return web.json_response({"error": {"code": "websocket_required",
-                                                "message": "MQTT over WebSocket: upgrade with subprotocol mqtt"}},
-                                     status=400)
+            response = web.json_response({"error": {"code": "websocket_required",
+                                                    "message": "MQTT over WebSocket: upgrade with subprotocol mqtt"}},
+                                         status=400)
+            response.force_close()  # one request per connection before the upgrade (wsguard)
+            return response
         del self.waiting[request.transport]
+        if ws_transport.guard is not None:
+            ws_transport.guard.upgraded()  # the 101 goes out: what follows are frames
         await ws.prepare(request)
         if ws.ws_protocol != SUBPROTOCOL:
             # [MQTT-6.0.0-3]/[MQTT-6.0.0-4]: the client must offer "mqtt"; close otherwise.

@@ -7,23 +7,37 @@ bytes are looked at before aiohttp sees them, by :class:`PreauthGuard`:
 
 * the upgrade request's head (request line and headers, up to the blank line)
   may be at most ``HEAD_MAX_BYTES``; longer: ``431`` and close;
-* after the head, every data message (the sum of its fragments) may be at most
+* exactly one request before the upgrade (aiohttp would keep a connection
+  after a 404 or 400 and parse the next pipelined request, which this guard
+  would read as frames): the head must be a ``GET`` of an MQTT path over
+  HTTP/1.1 with CRLF line endings, an ``Upgrade: websocket`` header and no
+  body (no ``Content-Length`` / ``Transfer-Encoding``), else ``400`` and close
+  (``UPGRADE_INVALID``); a byte after the head before the shell says the 101
+  is going out (:meth:`PreauthGuard.upgraded`) closes (``UPGRADE_PIPELINED``);
+* after the upgrade, every data message (the sum of its fragments) may be at most
   ``message_max`` bytes (``mqtt.limits.connect_max_bytes``), refused at the
   frame header where the length is announced, before its payload is read:
   close 1009 (message too big).
 
-The shell stops feeding the guard once the broker's CONNACK went out: from
-then on aiohttp's ``max_msg_size`` (``max_packet_size`` + 64 KiB) applies and
-nothing here costs anything per frame.
+Safety does not rest on this parser alone: aiohttp's own WebSocket reader is
+made with ``max_msg_size`` of ``message_max`` (it too refuses at the frame
+header). Once the broker's CONNACK went out, the shell waits for the first
+chunk that ends at a message boundary (:attr:`PreauthGuard.at_message_boundary`),
+gives aiohttp a reader of ``max_packet_size`` + 64 KiB, and stops feeding the
+guard: from then on nothing here costs anything per frame.
 """
 
 from __future__ import annotations
 
-__all__ = ["HEAD_MAX_BYTES", "HEAD_TOO_LARGE", "MESSAGE_TOO_BIG", "PreauthGuard", "close_frame"]
+__all__ = ["HEAD_MAX_BYTES", "HEAD_TOO_LARGE", "MESSAGE_TOO_BIG", "UPGRADE_INVALID", "UPGRADE_PIPELINED",
+           "PreauthGuard", "close_frame", "refusal_response"]
 
 HEAD_MAX_BYTES = 16384  # a browser's upgrade request is well under 2 KiB; cookies may add a few
 HEAD_TOO_LARGE = "upgrade_head_too_large"
 MESSAGE_TOO_BIG = "websocket_message_too_big"
+UPGRADE_INVALID = "upgrade_request_invalid"
+UPGRADE_PIPELINED = "upgrade_request_pipelined"
+_FORBIDDEN_HEADERS = (b"content-length", b"transfer-encoding")
 _OPCODE_CONTINUATION, _OPCODE_TEXT, _OPCODE_BINARY = 0, 1, 2
 
 HEAD_REFUSAL = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
@@ -31,6 +45,40 @@ HEAD_REFUSAL = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: 
                 b'{"error":{"code":"header_too_large","message":"the upgrade request head is too long"}}')
 if len(HEAD_REFUSAL.split(b"\r\n\r\n", 1)[1]) != 86:  # the Content-Length above
     raise RuntimeError("HEAD_REFUSAL: Content-Length does not match its body")
+
+
+def refusal_response(status: str, code: str, message: str) -> bytes:
+    """A complete HTTP/1.1 JSON error response that closes the connection."""
+    body = b'{"error":{"code":"%s","message":"%s"}}' % (code.encode(), message.encode())
+    return (b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+            % (status.encode(), len(body))) + body
+
+
+INVALID_REFUSAL = refusal_response("400 Bad Request", "websocket_required",
+                                   "MQTT over WebSocket: one GET upgrade request with subprotocol mqtt")
+
+
+def upgrade_head_problem(head: bytes, paths: tuple[str, ...]) -> str | None:
+    """Why ``head`` (up to and including its blank line) is not the one upgrade request allowed."""
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+        return "line endings other than CRLF"
+    lines = head[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1":
+        return "not a GET over HTTP/1.1"
+    if parts[1].split(b"?", 1)[0].decode("latin-1") not in paths:
+        return "not an MQTT path"
+    upgrade = False
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        name = name.lower()
+        if not sep or name != name.strip() or not name:
+            return "a malformed header line"
+        if name in _FORBIDDEN_HEADERS:
+            return "a request body"
+        if name == b"upgrade" and b"websocket" in value.lower():
+            upgrade = True
+    return None if upgrade else "not a WebSocket upgrade"
 
 
 def _header_size(byte2: int) -> int:
@@ -48,36 +96,68 @@ class PreauthGuard:
     """Watches one connection's incoming plaintext until authentication; :meth:`feed` returns
     None while it is within bounds, else the refusal (``HEAD_TOO_LARGE`` / ``MESSAGE_TOO_BIG``)."""
 
-    __slots__ = ("message_max", "head_max", "_head_seen", "_tail", "_head_done", "_header", "_skip", "_message")
+    __slots__ = ("message_max", "head_max", "paths", "problem", "_head", "_head_done", "_upgraded", "_header",
+                 "_skip", "_message")
 
-    def __init__(self, message_max: int, head_max: int = HEAD_MAX_BYTES):
+    def __init__(self, message_max: int, head_max: int = HEAD_MAX_BYTES, paths: tuple[str, ...] = ("/mqtt", "/")):
         self.message_max = message_max
         self.head_max = head_max
-        self._head_seen = 0        # bytes of the HTTP head so far
-        self._tail = b""           # its last 3 bytes: the blank line may straddle two chunks
+        self.paths = paths
+        self.problem = ""          # what was wrong with the head (for the audit line)
+        self._head = bytearray()   # the HTTP head so far (at most head_max bytes)
         self._head_done = False
+        self._upgraded = False     # the shell is answering 101: what follows is WebSocket frames
         self._header = bytearray()  # a WebSocket frame header split across chunks (at most 14 bytes)
         self._skip = 0             # payload bytes of the current frame still to pass
         self._message = 0          # payload bytes of the current data message so far
 
+    @property
+    def head_done(self) -> bool:
+        return self._head_done
+
     def feed(self, data: bytes) -> str | None:
-        pos = 0
-        if not self._head_done:
-            window = self._tail + data
-            end = window.find(b"\r\n\r\n")
-            if end < 0:
-                self._head_seen += len(data)
-                if self._head_seen > self.head_max:
-                    return HEAD_TOO_LARGE
-                self._tail = window[-3:]
-                return None
-            pos = end + 4 - len(self._tail)  # offset in data just after the blank line
-            self._head_seen += pos
-            if self._head_seen > self.head_max:
-                return HEAD_TOO_LARGE
+        """None: within bounds (until :attr:`head_done` the bytes are held here, not passed on:
+        aiohttp sees only a head that was checked, via :meth:`take_head`)."""
+        if self._upgraded:
+            return self._frames(data, 0)
+        if self._head_done:
+            return UPGRADE_PIPELINED if data else None  # a second request, or frames before the 101
+        head = self._head
+        old = len(head)
+        head += data
+        # A bare LF (or CR) anywhere: not the CRLF head asked for, refused before aiohttp parses it.
+        region = head[max(0, old - 1):]  # (a CR last time may pair with an LF now)
+        pairs = region.count(b"\r\n")
+        if data.count(b"\n") != pairs or region.count(b"\r") - pairs > (1 if region.endswith(b"\r") else 0):
             self._head_done = True
-            self._tail = b""
-        return self._frames(data, pos)
+            self.problem = "line endings other than CRLF"
+            return UPGRADE_INVALID
+        end = head.find(b"\r\n\r\n", max(0, old - 3))
+        if end < 0:
+            return HEAD_TOO_LARGE if len(head) > self.head_max else None
+        end += 4
+        if end > self.head_max:
+            return HEAD_TOO_LARGE
+        self._head_done = True
+        problem = upgrade_head_problem(bytes(head[:end]), self.paths)
+        if problem is not None:
+            self.problem = problem
+            return UPGRADE_INVALID
+        return UPGRADE_PIPELINED if len(head) > end else None
+
+    def take_head(self) -> bytes:
+        """The checked head, to pass on (once)."""
+        head, self._head = bytes(self._head), bytearray()
+        return head
+
+    @property
+    def at_message_boundary(self) -> bool:
+        """Upgraded, and the bytes so far end where a frame and a data message end."""
+        return self._upgraded and not self._skip and not self._header and not self._message
+
+    def upgraded(self) -> None:
+        """The shell accepted the upgrade (the 101 is going out): from now on, frames."""
+        self._upgraded = True
 
     def _frames(self, data: bytes, pos: int) -> str | None:
         end = len(data)

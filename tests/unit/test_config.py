@@ -219,3 +219,16 @@ def test_shipped_proxy_yaml_loads():
 def test_shipped_proxy_yaml_needs_the_store_key():
     with pytest.raises(ConfigError, match=r"proxy\.yaml:\d+: store\.key: environment variable KEYGATE_STORE_KEY"):
         load_config(REPO / "proxy.yaml", env={})
+
+
+def test_the_identity_limits_of_issue_14_are_checked():
+    base = MINIMAL + "mqtt:\n  tls: false\n  limits:\n"
+    assert error(base + "    qos2_hold_bytes_per_identity: 1000\n") == \
+        "proxy.yaml: mqtt.limits.qos2_hold_bytes_per_identity: must be at least mqtt.max_packet_size"
+    assert error(base + "    connections_per_identity: -1\n") == \
+        "proxy.yaml: mqtt.limits.connections_per_identity: must be 0 or more"
+    assert error(base + "    lingering_sockets_max: -1\n") == \
+        "proxy.yaml: mqtt.limits.lingering_sockets_max: must be 0 or more"
+    limits = load(base + "    connections_per_identity: 5\n").mqtt.limits
+    assert (limits.connections_per_identity, limits.qos2_hold_bytes_per_identity, limits.lingering_sockets_max) == \
+        (5, 4194304, 1024)

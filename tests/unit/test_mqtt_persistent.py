@@ -16,11 +16,19 @@ def registry(per_identity=3, expiry=100.0):
     return PersistentSessions(per_identity, expiry, quota, clock=lambda: now[0]), quota, now
 
 
+def closing(reg, sub, cid, filters, expiry, *, clean=False, admit_expiry=None):
+    """One whole connection: admitted, reaches the broker, closes."""
+    h = reg.admit(sub, cid, clean_start=clean, expiry=expiry if admit_expiry is None else admit_expiry)
+    assert h is not None
+    reg.reached(h)
+    reg.closed(h, filters, expiry)
+    return h
+
+
 def test_cycling_client_ids_is_capped_per_identity():
     reg, _, _ = registry()
     for i in range(3):
-        assert reg.admit("alice", f"c{i}", clean_start=False, expiry=100)
-        reg.closed(f"c{i}", [], 100)
+        closing(reg, "alice", f"c{i}", [], 100)
     assert not reg.admit("alice", "c3", clean_start=False, expiry=100)  # a fourth: refused
     assert reg.admit("alice", "c0", clean_start=False, expiry=100)  # resuming one: fine
     assert reg.admit("alice", "c9", clean_start=True, expiry=0)  # not persistent: not counted
@@ -30,28 +38,30 @@ def test_cycling_client_ids_is_capped_per_identity():
 
 def test_parked_filters_stay_charged_until_expiry_or_clean_start():
     reg, quota, now = registry()
-    assert reg.admit("alice", "c0", clean_start=False, expiry=100)
-    reg.closed("c0", ["a", "b", "c"], 100)
+    closing(reg, "alice", "c0", ["a", "b", "c"], 100)
     assert quota.held("alice") == 3  # the broker keeps them: so does the count
-    assert reg.admit("alice", "c0", clean_start=False, expiry=100)
-    reg.closed("c0", ["c", "d"], 100)  # the union: a, b, c, d
+    closing(reg, "alice", "c0", ["c", "d"], 100)  # the union: a, b, c, d
     assert quota.held("alice") == 4
-    assert reg.admit("alice", "c0", clean_start=True, expiry=100)  # the broker starts afresh
+    h = reg.admit("alice", "c0", clean_start=True, expiry=100)  # the broker starts afresh once it gets it
+    assert h is not None and quota.held("alice") == 4
+    reg.reached(h)  # it reached the broker, alone: what was parked is gone
     assert quota.held("alice") == 0
-    reg.closed("c0", ["x"], 100)
+    reg.closed(h, ["x"], 100)
+    assert quota.held("alice") == 1
+    h = reg.admit("alice", "c0", clean_start=True, expiry=100)
+    assert h is not None
+    reg.closed(h, [], 100)  # it never reached the broker (the dial was aborted): x is still there
     assert quota.held("alice") == 1
     now[0] = 101.0  # expired at the broker
     assert reg.of("alice") == 0 and quota.held("alice") == 0
-    assert reg.admit("alice", "c1", clean_start=False, expiry=100)
-    reg.closed("c1", ["y"], 100)
+    closing(reg, "alice", "c1", ["y"], 100)
     reg.forget("c1")  # the gateway cleared it
     assert quota.held("alice") == 0 and len(reg) == 0
 
 
 def test_a_charge_may_exceed_the_quota_and_blocks_new_subscriptions():
     reg, quota, _ = registry()
-    reg.admit("alice", "c0", clean_start=False, expiry=100)
-    reg.closed("c0", [str(i) for i in range(12)], 100)
+    closing(reg, "alice", "c0", [str(i) for i in range(12)], 100)
     assert quota.held("alice") == 12 and not quota.acquire("alice")
 
 
@@ -89,3 +99,118 @@ def test_a_longer_expiry_at_disconnect_is_capped_upstream():
     raw = codec.encode_disconnect(MQTT_5, 0, [(Prop.SESSION_EXPIRY_INTERVAL, 30)])
     acts = s.client_data(raw)
     assert b"".join(bytes(x) for x in acts.to_broker) == raw and s.session_expiry == 30
+
+
+def test_a_clean_start_takeover_keeps_the_session_counted():
+    """The attack: c1 (expiry 1 s) taken over by c2 (clean start, long expiry); c1's late close
+    must not start the record's expiry while c2 is live, nor c2's close find nothing to charge."""
+    reg, quota, now = registry(per_identity=1)
+    h1 = reg.admit("alice", "z", clean_start=False, expiry=1)
+    h2 = reg.admit("alice", "z", clean_start=True, expiry=100)
+    assert h1 is not None and h2 is not None
+    reg.reached(h2)
+    reg.closed(h1, [], 1)  # kicked by the broker
+    now[0] = 2.0
+    assert reg.of("alice") == 1  # c2 is live: its session exists
+    assert reg.admit("alice", "other", clean_start=False, expiry=100) is None
+    reg.closed(h2, ["t/1", "t/2"], 100)
+    assert reg.of("alice") == 1 and quota.held("alice") == 2
+    reg.closed(h2, ["t/1", "t/2"], 100)  # a second report of the same close: counted once
+    assert quota.held("alice") == 2
+    now[0] = 103.0
+    assert reg.of("alice") == 0 and quota.held("alice") == 0
+
+
+def test_a_close_whose_record_is_gone_is_charged_anyway():
+    reg, quota, _ = registry()
+    h1 = reg.admit("alice", "z", clean_start=False, expiry=100)
+    assert h1 is not None
+    reg.forget("z")  # (a clear racing the connection)
+    reg.closed(h1, ["a"], 100)
+    assert reg.of("alice") == 1 and quota.held("alice") == 1
+
+
+class _Broker:
+    """What Mosquitto keeps: one session per client id, taken over by each CONNECT it processes."""
+
+    def __init__(self):
+        self.sessions = {}  # cid -> dict(filters=set, owner=conn or None, until=float)
+
+    def live(self, now):
+        for cid, s in list(self.sessions.items()):
+            if s["owner"] is None and s["until"] <= now:
+                del self.sessions[cid]
+        return self.sessions
+
+
+def _run_interleaving(rng, per_identity):
+    reg, quota, clock = registry(per_identity=per_identity, expiry=50.0)
+    broker = _Broker()
+    conns = []  # dicts: cid, handle, expiry, reached, closed, kicked, filters
+    for _ in range(40):
+        now = clock[0]
+        step = rng.random()
+        open_conns = [c for c in conns if not c["closed"]]
+        if step < 0.3 or not open_conns:
+            cid, clean = rng.choice("abc"), rng.random() < 0.5
+            expiry = rng.choice((0, 1, 10, 50))
+            h = reg.admit("alice", cid, clean_start=clean, expiry=expiry)
+            if h is not None:
+                conns.append({"cid": cid, "h": h, "clean": clean, "expiry": expiry, "reached": False,
+                              "closed": False, "kicked": False, "filters": []})
+        elif step < 0.5:  # the broker processes one pending CONNECT (in any order)
+            pending = [c for c in open_conns if not c["reached"]]
+            if pending:
+                c = rng.choice(pending)
+                c["reached"] = True
+                s = broker.live(now).get(c["cid"])
+                if s is not None and s["owner"] is not None:
+                    s["owner"]["kicked"] = True
+                if s is None or c["clean"]:
+                    s = broker.sessions[c["cid"]] = {"filters": set(), "owner": None, "until": 0.0}
+                s["owner"] = c
+                reg.reached(c["h"])  # (the shell, at the CONNACK)
+        elif step < 0.7:
+            c = rng.choice(open_conns)
+            if c["reached"] and not c["kicked"]:
+                f = rng.choice("wxyz")
+                c["filters"].append(f)
+                broker.sessions[c["cid"]]["filters"].add(f)
+        elif step < 0.9:
+            c = rng.choice(open_conns)
+            c["closed"] = True
+            expiry = rng.choice((0, c["expiry"])) if c["expiry"] else 0  # v5: 0 at CONNECT stays 0
+            reg.closed(c["h"], c["filters"], expiry)
+            s = broker.sessions.get(c["cid"])
+            if s is not None and s["owner"] is c:
+                s["owner"] = None
+                s["until"] = now + expiry
+                if expiry == 0:
+                    del broker.sessions[c["cid"]]
+        else:
+            clock[0] += rng.choice((0.5, 1, 5, 20, 60))
+        # The oracle: every session the broker may hold past its connection is counted, with
+        # the filters it keeps (the live owner's own are charged by its connection).
+        now = clock[0]
+        counted = reg._by_sub.get("alice", set())
+        reg.of("alice")
+        for cid, s in broker.live(now).items():
+            owner = s["owner"]
+            # (filters of the id's connections still open at the gateway are charged by them)
+            open_filters = {f for c in conns if c["cid"] == cid and not c["closed"] for f in c["filters"]}
+            parked = s["filters"] - open_filters
+            if owner is None or owner["expiry"] > 0 or parked:
+                assert cid in reg._by_sub.get("alice", set()), (cid, s, counted)
+                assert parked <= reg._records[cid].filters, (cid, s)
+        assert quota.held("alice") == sum(len(r.filters) for r in reg._records.values())
+
+
+def test_random_admit_close_interleavings_never_undercount_the_broker():
+    import random
+
+    for seed in range(400):
+        _run_interleaving(random.Random(seed), per_identity=rng_cap(seed))
+
+
+def rng_cap(seed):
+    return 1 + seed % 3

@@ -23,7 +23,8 @@ def test_each_http_connection_counts_one_open_file():
     small, large = app.descriptors_needed(_config(max_connections=10)), app.descriptors_needed(
         _config(max_connections=5010))
     assert large - small == 5000
-    assert small == app.BASE_DESCRIPTORS + 2 * 100 + 10 + app.HTTP_UPSTREAM_DESCRIPTORS
+    lingering = 1024  # mqtt.limits.lingering_sockets_max: closed sockets still held a moment
+    assert small == app.BASE_DESCRIPTORS + 2 * 100 + lingering + 10 + app.HTTP_UPSTREAM_DESCRIPTORS
 
 
 def test_the_refusal_names_both_numbers_and_both_caps(monkeypatch):
@@ -35,4 +36,5 @@ def test_the_refusal_names_both_numbers_and_both_caps(monkeypatch):
     need = app.descriptors_needed(config)
     assert f"needs {need} open files" in message and "is 4096" in message
     assert "http.max_connections 5000" in message and "mqtt.max_connections 100 x 2" in message
-    app.ensure_open_files(_config(max_connections=1000))   # 64 + 200 + 1000 + 256 fits
+    assert "mqtt.limits.lingering_sockets_max 1024" in message
+    app.ensure_open_files(_config(max_connections=1000))   # 64 + 200 + 1024 + 1000 + 256 fits
