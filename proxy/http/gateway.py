@@ -435,8 +435,9 @@ class GatewayHandler:
                 await self.services.ownership.forget_subscription(sub_id, tenant)
                 self.guard.forgotten(sub_id, tenant)
             elif d.after == "update_subscription" and upstream.status in (200, 204):
-                await self.services.ownership.set_subscription_subject(
-                    d.path.rsplit("/", 1)[-1], tenant, entities=d.devices, unrestricted=d.unrestricted)
+                refusal = await self._record_subject(d, identity, tenant, headers, audit)
+                if refusal is not None:
+                    return refusal
             return await self._relay(request, upstream)
         finally:
             upstream.release()
@@ -474,6 +475,25 @@ class GatewayHandler:
         self.guard.recorded(sub_id, tenant)
         audit["subscription"] = sub_id
         return None
+
+    async def _record_subject(self, d: planning.Forward, identity: Identity, tenant: str,
+                              headers: CIMultiDict[str], audit: dict[str, Any]) -> web.Response | None:
+        """Record a PATCHed subscription's new subject, then check it again as a new subscription is
+        (:meth:`_record_subscription`): a device deleted while Orion was taking the PATCH has had its
+        clean-up without this subscription, which would notify the id's next owner's data to the old one.
+        Such a subscription is withdrawn and forgotten. None: recorded; else the answer to send."""
+        sub_id = d.path.rsplit("/", 1)[-1]
+        await self.services.ownership.set_subscription_subject(sub_id, tenant, entities=d.devices,
+                                                               unrestricted=d.unrestricted)
+        gone = self._subject_gone(d, identity, tenant)
+        if gone is None:
+            return None
+        audit["decision"], audit["reason"] = "deny", f"subject {gone!r} deleted meanwhile, withdrawn"
+        await self._withdraw(sub_id, headers)
+        await self.services.ownership.forget_subscription(sub_id, tenant)
+        self.guard.forgotten(sub_id, tenant)
+        return orion_error(409, "Conflict", f"device {gone!r} was deleted while the subscription was being "
+                           "changed; the subscription has been withdrawn")
 
     def _subject_gone(self, d: planning.Forward, identity: Identity, tenant: str) -> str | None:
         """A subject id whose deletion has begun, or that the creator may no longer read (checked after

@@ -24,7 +24,7 @@ from aiohttp import web
 from ownership.api import create_api_app
 from ownership.orion import OrionClient, OrionUnavailable
 from proxy.config import ConfigError, load_config_text
-from proxy.http.gateway import HttpGateway
+from proxy.http.gateway import GATEWAY_KEY, HttpGateway
 from tests.integration.http_rig import HttpRig, build_services, close_services
 from tests.integration.test_http_gateway import _subscribe, subscription
 from tests.rig.ngsi_standin import TENANTS, NgsiStandin
@@ -431,3 +431,26 @@ async def test_a_subscription_made_while_its_device_is_deleted_is_withdrawn(rig)
     assert rig.standin.tenant("").subscriptions == {}
     assert rig.services.ownership.subscriptions_of(await sub_of(rig, "alice"), "") == set()
     assert (await register(rig, "bob", id="lc-subrace")).status == 201
+
+
+async def test_a_subscription_moved_onto_a_device_being_deleted_is_withdrawn(rig):
+    """Issue 15 (attack15): a PATCH moving a subscription's subject onto a device, in flight while
+    that device is deleted, was recorded after the clean-up; the next owner of the id had their data
+    notified to the old one. The new subject is now checked again once recorded, as a new one is."""
+    assert (await register(rig, "alice", id="lc-px")).status == 201
+    assert (await register(rig, "alice", id="lc-py")).status == 201
+    sub = await _subscribe(rig, "alice", subscription("lc-py"))
+    # The subscription guard's later round would also catch it; this is about the gateway's own check.
+    await rig.gateway.app[GATEWAY_KEY].guard.stop()
+    held = rig.standin.hold("PATCH", f"/v2/subscriptions/{sub}")
+    patch = asyncio.create_task(rig.call("PATCH", f"/v2/subscriptions/{sub}", "alice", json_body={
+        "subject": {"entities": [{"id": "lc-px", "type": "Thermometer"}]}}))
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    deletion = asyncio.create_task(rig.call("DELETE", f"{API}/devices/lc-px", "alice"))
+    await until(lambda: rig.services.ownership.writes.closed("lc-px"))
+    held.release.set()
+    moved = await patch
+    assert (await deletion).status == 204
+    assert moved.status == 409 and b"withdrawn" in moved.body, moved
+    assert rig.standin.tenant("").subscriptions == {}
+    assert rig.services.ownership.subscriptions_of(await sub_of(rig, "alice"), "") == set()
