@@ -148,7 +148,7 @@ class OwnershipService:
         self.orion = orion
         # NGSI writes the gateway has forwarded and Orion not yet answered, per entity id: the
         # clean-up of a deleted device waits for those on its id, and refuses new ones (F2, issue 15).
-        self.writes = WritesInFlight()
+        self.writes = WritesInFlight(config.ownership.unsettled_write_grace_seconds)
         self._in_flight: set[int] = set()        # rows being sent to Orion right now
         self._wake = asyncio.Event()
         self._backing_off = False

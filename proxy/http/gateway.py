@@ -46,6 +46,7 @@ policy.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -309,12 +310,24 @@ class GatewayHandler:
         # deletion waits for it before its clean-up; a write on an id whose deletion has begun is refused.
         writes = self.services.ownership.writes
         counted = decided.devices if not is_query and decided.devices else ()
-        if counted and not writes.begin(counted):
-            return self._deny(audit, 409, "Conflict", "the device is being deleted", "write during deletion")
-        try:
+        if not counted:
             return await self._forward(request, decided, upstream_body, identity, tenant, audit)
-        finally:
-            writes.end(counted)
+        if not writes.begin(counted):
+            return self._deny(audit, 409, "Conflict", "the device is being deleted", "write during deletion")
+        # Orion takes the write whether or not the client waits for the answer: the exchange with Orion
+        # runs to its end even if the client leaves (shielded), and the count ends only then.
+        forwarding = asyncio.ensure_future(self._forward(request, decided, upstream_body, identity, tenant, audit))
+        forwarding.add_done_callback(functools.partial(self._write_done, counted, audit))
+        return await asyncio.shield(forwarding)
+
+    def _write_done(self, counted: tuple[str, ...], audit: dict[str, Any], forwarding: asyncio.Future[Any]) -> None:
+        """A counted write is over at the gateway. Without Orion's answer (timed out, connection lost) its
+        outcome is unknown and it may still land: its ids stay unsettled for the grace period."""
+        writes = self.services.ownership.writes
+        failed = forwarding.cancelled() or forwarding.exception() is not None   # (retrieves it)
+        if failed or audit.get("outcome_unknown"):
+            writes.unsettled(counted)
+        writes.end(counted)
 
     # ------------------------------------------------------------------ pieces
 
@@ -416,12 +429,12 @@ class GatewayHandler:
         except BodyTooLarge:
             return self._too_large(audit)
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            audit["reason"] = "upstream timeout"
+            audit["reason"], audit["outcome_unknown"] = "upstream timeout", True   # Orion may yet apply it
             return orion_error(504, "GatewayTimeout", "the context broker did not answer in time")
         except aiohttp.ClientError as exc:
             if isinstance(exc.__cause__, RequestTimeout):   # the client's body, streamed, stopped coming
                 return self._timed_out(audit, exc.__cause__)
-            audit["reason"] = f"upstream unreachable: {type(exc).__name__}"
+            audit["reason"], audit["outcome_unknown"] = f"upstream unreachable: {type(exc).__name__}", True
             return orion_error(502, "BadGateway", "the context broker is unreachable")
         UPSTREAM_LATENCY.observe(time.perf_counter() - t0)
         audit["upstream_status"] = upstream.status

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
 API = "/api/v1"
 RETRY = 0.1          # ownership.removal_retry_seconds here (default 1)
 RETRY_MAX = 0.4      # ownership.removal_retry_max_seconds here (default 60)
+GRACE = 2.0          # ownership.unsettled_write_grace_seconds here (default 120)
 BOUND = 10.0         # bounds every wait; no timing assertion rests on it
 
 
@@ -43,7 +44,8 @@ def lifecycle_config(upstream: str, tmp: Path) -> Any:
         "http": {"listen": "127.0.0.1:0", "tls": False, "upstream": upstream, "upstream_timeout_seconds": 2},
         "store": {"path": str(tmp / "ownership.db"), "key": "${KEYGATE_TEST_STORE_KEY}"},
         "ownership": {"tenants_by_role": {"iot-admin": ["Plant"]},
-                      "removal_retry_seconds": RETRY, "removal_retry_max_seconds": RETRY_MAX},
+                      "removal_retry_seconds": RETRY, "removal_retry_max_seconds": RETRY_MAX,
+                      "unsettled_write_grace_seconds": GRACE},
     })
     return load_config_text(text, env={"KEYGATE_TEST_STORE_KEY": "lifecycle-test-key"})
 
@@ -350,6 +352,7 @@ async def test_entities_sharing_an_id_are_each_deleted_and_an_odd_answer_is_no_a
     ({"tenants_by_role": {"r": ["bad tenant"]}}, "ownership.tenants_by_role.r[0]: a tenant is 1 to 50"),
     ({"removal_retry_seconds": 0}, "ownership.removal_retry_seconds: must be above 0"),
     ({"removal_retry_seconds": 5, "removal_retry_max_seconds": 1}, "at most ownership.removal_retry_max_seconds"),
+    ({"unsettled_write_grace_seconds": 0}, "ownership.unsettled_write_grace_seconds: must be above 0"),
 ])
 def test_bad_lifecycle_settings_are_refused_at_load(ownership, message):
     text = json.dumps({"oidc": {"issuer": "http://127.0.0.1:1/realms/iot"}, "ownership": ownership})
@@ -454,3 +457,51 @@ async def test_a_subscription_moved_onto_a_device_being_deleted_is_withdrawn(rig
     assert moved.status == 409 and b"withdrawn" in moved.body, moved
     assert rig.standin.tenant("").subscriptions == {}
     assert rig.services.ownership.subscriptions_of(await sub_of(rig, "alice"), "") == set()
+
+
+async def test_a_write_that_timed_out_at_the_gateway_does_not_land_after_the_clean_up(rig):
+    """Issue 15 (attack15): a write Orion was slower to answer than http.upstream_timeout_seconds was
+    answered 504 and no longer counted, but Orion still applied it after the deletion's clean-up had
+    looked: the entity stayed for the id's next owner. Its id now stays unsettled for
+    ownership.unsettled_write_grace_seconds: the clean-up stays owed (the id blocked) and runs after."""
+    assert (await register(rig, "alice", id="lc-slow")).status == 201
+    held = rig.standin.hold("POST", "/v2/entities")
+    write = await rig.call("POST", "/v2/entities", "alice", json_body={
+        "id": "lc-slow", "type": "Thermometer", "secret": {"type": "Text", "value": "alice's, slow"}})
+    assert write.status == 504
+    assert (await rig.call("DELETE", f"{API}/devices/lc-slow", "alice")).status == 204
+    held.release.set()
+    await until(lambda: "lc-slow" in entities(rig))           # Orion applies the write after all
+    assert (await register(rig, "bob", id="lc-slow")).status == 409   # the clean-up is still owed
+    await wait_until_settled(rig)
+    assert "lc-slow" not in entities(rig)
+    assert (await register(rig, "bob", id="lc-slow")).status == 201
+
+
+async def test_a_write_whose_client_hung_up_does_not_land_after_the_clean_up(rig):
+    """Issue 15 (attack15): bob, with a delegated write, sends a write and hangs up while Orion is slow;
+    the gateway stopped counting it when it stopped waiting for Orion, though Orion still took it,
+    after alice's deletion of the device had cleaned up. The id now stays unsettled: the clean-up
+    stays owed and runs once the write can no longer land."""
+    assert (await register(rig, "alice", id="lc-hup")).status == 201
+    grant = await rig.call("POST", f"{API}/devices/lc-hup/delegations", "alice",
+                           json_body={"to": "bob", "permission": "write"})
+    assert grant.status == 201, grant
+    held = rig.standin.hold("POST", "/v2/entities")
+    body = b'{"id": "lc-hup", "type": "Thermometer", "bobs": {"type": "Text", "value": "bob was here"}}'
+    _reader, writer = await asyncio.open_connection("127.0.0.1", rig.gateway.port)
+    writer.write((f"POST /v2/entities HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {rig.tokens['bob']}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    await writer.drain()
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    writer.close()
+    await writer.wait_closed()
+    # the gateway is done with bob's request (it gave up on Orion), not Orion
+    await until(lambda: any(r.get("protocol") == "http" and r.get("resource") == "/v2/entities"
+                            and r.get("action") == "POST" for r in rig.audit.records))
+    assert (await rig.call("DELETE", f"{API}/devices/lc-hup", "alice")).status == 204
+    held.release.set()
+    await until(lambda: "lc-hup" in entities(rig))            # Orion applies the write after all
+    await wait_until_settled(rig)
+    assert "lc-hup" not in entities(rig)
+    assert (await register(rig, "carol", id="lc-hup")).status == 201
