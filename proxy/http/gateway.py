@@ -422,6 +422,9 @@ class GatewayHandler:
             headers["Content-Length"] = str(len(body))
         if d.after == "filter_subscriptions":
             return await self._own_subscriptions(request, d, headers, tenant, audit)
+        # Taken before Orion is asked: an erasure of the caller's data from here on finds no row
+        # this request records later, and what it records is then taken back (_record_subscription).
+        erasure_mark = self.services.ownership.erasure_mark(identity.sub)
         t0 = time.perf_counter()
         try:
             upstream = await self.session.request(d.method, self._url(d.path, d.query), headers=headers,
@@ -440,7 +443,8 @@ class GatewayHandler:
         audit["upstream_status"] = upstream.status
         try:
             if d.after == "record_subscription" and upstream.status == 201:
-                refusal = await self._record_subscription(upstream, d, identity, tenant, headers, audit)
+                refusal = await self._record_subscription(upstream, d, identity, tenant, headers, audit,
+                                                          erasure_mark)
                 if refusal is not None:
                     return refusal
             elif d.after == "forget_subscription" and upstream.status in (200, 204):
@@ -456,8 +460,8 @@ class GatewayHandler:
             upstream.release()
 
     async def _record_subscription(self, upstream: aiohttp.ClientResponse, d: planning.Forward, identity: Identity,
-                                   tenant: str, headers: CIMultiDict[str],
-                                   audit: dict[str, Any]) -> web.Response | None:
+                                   tenant: str, headers: CIMultiDict[str], audit: dict[str, Any],
+                                   erasure_mark: int) -> web.Response | None:
         """Tie the new subscription to its creator; if that fails, take it back out of Orion, so no
         subscription runs that nobody owns. Then check again that its subject's devices stand and the
         creator may still read them: a device deleted while Orion was making the subscription has had
@@ -478,6 +482,13 @@ class GatewayHandler:
             audit["decision"], audit["reason"] = "error", "subscription not recorded, withdrawn"
             await self._withdraw(sub_id, headers)
             return orion_error(503, "ServiceUnavailable", "the subscription could not be recorded")
+        if self.services.ownership.erased_since(identity.sub, erasure_mark):
+            # The creator's erasure ran while Orion was making it, and may have looked before the row was in.
+            audit["decision"], audit["reason"] = "deny", "creator's data erased meanwhile, withdrawn"
+            await self._withdraw(sub_id, headers)
+            await self.services.ownership.forget_subscription(sub_id, tenant)
+            return orion_error(409, "Conflict", "your data was erased while the subscription was being made; "
+                               "the subscription has been withdrawn")
         gone = self._subject_gone(d, identity, tenant)
         if gone is not None:
             audit["decision"], audit["reason"] = "deny", f"subject {gone!r} deleted meanwhile, withdrawn"

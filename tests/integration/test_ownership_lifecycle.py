@@ -505,3 +505,37 @@ async def test_a_write_whose_client_hung_up_does_not_land_after_the_clean_up(rig
     await wait_until_settled(rig)
     assert "lc-hup" not in entities(rig)
     assert (await register(rig, "carol", id="lc-hup")).status == 201
+
+
+async def test_a_subscription_made_while_its_creator_erases_their_data_is_withdrawn(rig):
+    """Issue 15 (attack15): carol subscribes to bob's public device, Orion is slow, and carol erases her
+    data meanwhile: the subscription was recorded after the erasure and kept notifying her. A row
+    tied to a user whose erasure ran since the request began is now taken back."""
+    assert (await register(rig, "bob", id="lc-pub", public=True)).status == 201
+    held = rig.standin.hold("POST", "/v2/subscriptions")
+    making = asyncio.create_task(rig.call("POST", "/v2/subscriptions", "carol", json_body=subscription("lc-pub")))
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    assert (await rig.call("DELETE", f"{API}/me/data", "carol")).status == 200
+    held.release.set()
+    made = await making
+    assert made.status == 409 and b"erased" in made.body, made
+    carol = await rig.services.tokens.validate(rig.tokens["carol"])
+    assert await rig.services.ownership.rows_about(carol.sub, carol.username) == 0
+    assert rig.standin.tenant("").subscriptions == {}
+
+
+async def test_a_registration_on_its_way_during_its_owners_erasure_is_not_kept(rig):
+    """Issue 15 (attack15): carol registers a device while Orion is slow to say whether the id is free,
+    and erases her data meanwhile: the device was inserted after the erasure. It is now taken back
+    out (and a registration while her erasure runs is refused)."""
+    held = rig.standin.hold("GET", "/v2/entities/lc-era")
+    registering = asyncio.create_task(register(rig, "carol", id="lc-era"))
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    assert (await rig.call("DELETE", f"{API}/me/data", "carol")).status == 200
+    held.release.set()
+    registered = await registering
+    assert registered.status == 409 and b"erased" in registered.body, registered
+    carol = await rig.services.tokens.validate(rig.tokens["carol"])
+    assert await rig.services.ownership.rows_about(carol.sub, carol.username) == 0
+    await wait_until_settled(rig)
+    assert (await register(rig, "carol", id="lc-era")).status == 201   # afterwards, a new start
