@@ -521,7 +521,8 @@ class OwnershipService:
                 # A write forwarded before the deletion may still reach Orion: let it land first (bounded;
                 # past the bound the removal stays owed and is retried, the id blocked meanwhile).
                 if not await self.writes.drained(row["target"], self.orion.timeout_seconds):
-                    raise OrionUnavailable(f"writes on entity {row['target']!r} are still on their way to Orion")
+                    raise OrionUnavailable(f"writes on entity {row['target']!r} may still reach Orion "
+                                           "(in flight, or of unknown outcome)")
                 await self.orion.delete_entity(row["target"], tenant)
             else:
                 await self.orion.delete_subscription(row["target"], tenant)
