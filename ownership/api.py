@@ -138,7 +138,7 @@ def _is_admin(request: web.Request) -> bool:
 def _managed_device(request: web.Request) -> dict[str, Any]:
     """The device in the path if the caller owns it or is an admin; 404 otherwise."""
     device_id = request.match_info["id"]
-    device = _services(request).ownership.get_device(device_id) if is_device_id(device_id) else None
+    device = _services(request).ownership.get_device(device_id) if is_device_id(device_id, new=False) else None
     if device is None or (device["owner_sub"] != _caller(request).sub and not _is_admin(request)):
         raise ApiError(404, "not_found", "no such device")
     return device

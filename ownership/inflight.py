@@ -7,6 +7,12 @@ blocked. So the gateway counts each forwarded write on the ids it touches
 deletion marks its ids closed before it commits (:meth:`close`; writes on them
 are then refused), and the clean-up waits, bounded, until no write on the id is
 in flight (:meth:`drained`) before it deletes the entity and checks again.
+A write counts until Orion has answered it, even when its client has left. One
+whose outcome the gateway cannot know (it timed out waiting for Orion, or lost
+the connection) may still land later: its ids are marked unsettled
+(:meth:`unsettled`) for a grace period, during which :meth:`drained` says no,
+so the deletion's clean-up stays owed (the id unregistrable) and is re-checked
+once the grace has passed.
 One process's view: each gateway worker counts its own writes.
 """
 
@@ -14,12 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class WritesInFlight:
-    def __init__(self) -> None:
+    def __init__(self, grace_seconds: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.grace = grace_seconds
+        self._clock = clock
+        self._unsettled: dict[str, float] = {}   # id -> until when a write of unknown outcome may land
         self._count: Counter[str] = Counter()
         self._closed: Counter[str] = Counter()    # ids whose deletion has begun (nested deletions counted)
         self._idle: dict[str, asyncio.Event] = {}
@@ -41,6 +51,22 @@ class WritesInFlight:
                 del self._count[i]
                 self._idle.pop(i, asyncio.Event()).set()
 
+    def unsettled(self, ids: Iterable[str]) -> None:
+        """A write on these ids ended without Orion's answer: it may still land, for the grace period."""
+        until = self._clock() + self.grace
+        for i in ids:
+            self._unsettled[i] = max(until, self._unsettled.get(i, 0.0))
+
+    def settled(self, entity_id: str) -> bool:
+        """No write of unknown outcome on this id may still land."""
+        until = self._unsettled.get(entity_id)
+        if until is None:
+            return True
+        if self._clock() < until:
+            return False
+        del self._unsettled[entity_id]
+        return True
+
     def in_flight(self, entity_id: str) -> int:
         return self._count[entity_id]
 
@@ -59,10 +85,10 @@ class WritesInFlight:
                 del self._closed[i]
 
     async def drained(self, entity_id: str, bound: float) -> bool:
-        """Wait until no write on this id is in flight (at most ``bound`` seconds); whether it is so."""
+        """Wait until no write on this id is in flight (at most ``bound`` seconds); whether it is so and
+        no write of unknown outcome on it may still land."""
         idle = self._idle.get(entity_id)
-        if idle is None:
-            return True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(idle.wait(), bound)
-        return entity_id not in self._count
+        if idle is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(idle.wait(), bound)
+        return entity_id not in self._count and self.settled(entity_id)

@@ -7,7 +7,7 @@ from typing import Any
 from proxy.config import Config
 
 # Printable ASCII minus whitespace and Orion's forbidden characters.
-DEVICE_ID_PATTERN = r"^[!$%*+,\-.0-9:@A-Z\[\\\]^_`a-z{|}~]{1,256}$"
+DEVICE_ID_PATTERN = r"^(?!\.\.?$)[!$*+,\-.0-9:@A-Z\[\]^_`a-z{|}~]{1,256}$"
 TEXT_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"
 
 

@@ -13,6 +13,7 @@ caller and records every change in the audit log with the actor's identity.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -148,7 +149,10 @@ class OwnershipService:
         self.orion = orion
         # NGSI writes the gateway has forwarded and Orion not yet answered, per entity id: the
         # clean-up of a deleted device waits for those on its id, and refuses new ones (F2, issue 15).
-        self.writes = WritesInFlight()
+        self.writes = WritesInFlight(config.ownership.unsettled_write_grace_seconds)
+        # Erasures of a user's data running now, and begun so far, per sub (erased_since).
+        self._erasing: collections.Counter[str] = collections.Counter()
+        self._erasures: collections.Counter[str] = collections.Counter()
         self._in_flight: set[int] = set()        # rows being sent to Orion right now
         self._wake = asyncio.Event()
         self._backing_off = False
@@ -345,6 +349,9 @@ class OwnershipService:
         if problem:
             raise InvalidInput(problem)
         device_id = fields["id"]
+        began = self.erasure_mark(owner.sub)
+        if self.erased_since(owner.sub, began):
+            raise Conflict("your data is being erased; try again once that is done")
         if await self.removals_owed(device_id):
             self._audit("device.register", actor, device_id, decision="deny", reason="removal_pending")
             raise Conflict(f"device {device_id!r} was deleted and its data is still being removed (from the "
@@ -388,6 +395,12 @@ class OwnershipService:
         self.facts.changed({device["id"]})
         extra: dict[str, Any] = {"adopted": True} if adopt else {}
         self._audit("device.register", actor, device["id"], owner=owner.sub, service=tenant, **extra)
+        if self.erased_since(owner.sub, began):
+            # The owner's erasure began while this was on its way (Orion asked): it may have looked
+            # before the row was in, so the device is taken back out, as a deletion would.
+            with contextlib.suppress(NotFound):
+                await self.delete_device(actor, device_id)
+            raise Conflict("your data was erased while the device was being registered; it has not been kept")
         return dict(device), k1, k2
 
     def get_device(self, device_id: str) -> dict[str, Any] | None:
@@ -508,7 +521,8 @@ class OwnershipService:
                 # A write forwarded before the deletion may still reach Orion: let it land first (bounded;
                 # past the bound the removal stays owed and is retried, the id blocked meanwhile).
                 if not await self.writes.drained(row["target"], self.orion.timeout_seconds):
-                    raise OrionUnavailable(f"writes on entity {row['target']!r} are still on their way to Orion")
+                    raise OrionUnavailable(f"writes on entity {row['target']!r} may still reach Orion "
+                                           "(in flight, or of unknown outcome)")
                 await self.orion.delete_entity(row["target"], tenant)
             else:
                 await self.orion.delete_subscription(row["target"], tenant)
@@ -745,15 +759,30 @@ class OwnershipService:
         self._audit("me.export", identity, identity.sub)
         return {"user": {"sub": identity.sub, "username": identity.username}, **data}
 
+    def erasure_mark(self, sub: str) -> int:
+        """Taken when a request that may add rows tied to ``sub`` begins: see :meth:`erased_since`."""
+        return self._erasures[sub]
+
+    def erased_since(self, sub: str, mark: int) -> bool:
+        """Whether an erasure of ``sub``'s data is running, or began since ``mark`` was taken: a row
+        tied to ``sub`` made by that request may have been added after the erasure looked, and
+        must not be kept (one process's view, as :class:`WritesInFlight`)."""
+        return self._erasing[sub] > 0 or self._erasures[sub] != mark
+
     async def erase_user_data(self, identity: Identity) -> dict[str, int]:
         owed = self._owed_on_delete()
         queued_at = owed["queued_at"]
         closing = sorted(self.facts.owned_by(identity.sub))
         self.writes.close(closing)   # NGSI writes on the user's devices are refused from now on
+        self._erasing[identity.sub] += 1   # and new rows tied to the user (devices, subscriptions)
+        self._erasures[identity.sub] += 1
         try:
             return await self._erase(identity, owed, queued_at)
         finally:
             self.writes.reopen(closing)
+            self._erasing[identity.sub] -= 1
+            if self._erasing[identity.sub] <= 0:
+                del self._erasing[identity.sub]
 
     async def _erase(self, identity: Identity, owed: dict[str, Any], queued_at: float | None) -> dict[str, int]:
         result = await self._run(functools.partial(self._store.erase_user, identity.sub, **owed))

@@ -2,7 +2,9 @@
 
 Device ids and types follow Orion's entity id rules, since a device's id is
 its NGSI entity id: printable ASCII, 1-256 characters, no whitespace and none
-of ``&?/#<>"'=;()``. Each check returns a reason for the client or None.
+of ``&?/#<>"'=;()``; nor ``%`` or ``\\``, and not ``.`` or ``..``, which the NGSI
+gateway refuses (or cannot address) in an entity's path, so such a device's entity
+could never be used. Each check returns a reason for the client or None.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from typing import Any
 
 ORION_FORBIDDEN = frozenset("&?/#<>\"'=;()")
+GATEWAY_FORBIDDEN = frozenset("%\\")   # the NGSI gateway's identifier rule (proxy.http.ngsi) refuses these too
 MAX_ID = 256
 MAX_TEXT = 256
 MAX_GRANTEE = 255
@@ -20,7 +23,9 @@ PERMISSIONS = ("read", "write", "readwrite")
 KEY_SLOTS = ("k1", "k2")
 
 
-def orion_id_problem(value: Any, what: str = "id") -> str | None:
+def orion_id_problem(value: Any, what: str = "id", *, new: bool = True) -> str | None:
+    """Why ``value`` is no id (``new=False``: to look up a device, possibly registered before the
+    gateway's own rule was applied here, so one with % or \\ can still be read and deleted)."""
     if not isinstance(value, str):
         return f"{what} must be a string"
     if not 1 <= len(value) <= MAX_ID:
@@ -30,11 +35,15 @@ def orion_id_problem(value: Any, what: str = "id") -> str | None:
             return f"{what} may contain only printable ASCII without spaces"
         if ch in ORION_FORBIDDEN:
             return f"{what} may not contain any of & ? / # < > \" ' = ; ( )"
+        if new and ch in GATEWAY_FORBIDDEN:
+            return f"{what} may not contain % or \\ (the NGSI gateway refuses them in entity ids)"
+    if new and value in (".", ".."):
+        return f"{what} may not be . or .. (a path cannot name it)"
     return None
 
 
-def is_device_id(value: str) -> bool:
-    return orion_id_problem(value) is None
+def is_device_id(value: str, *, new: bool = True) -> bool:
+    return orion_id_problem(value, new=new) is None
 
 
 def text_problem(value: Any, what: str, *, nullable: bool = True) -> str | None:

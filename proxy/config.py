@@ -228,6 +228,9 @@ class OwnershipConfig:
     # Clean-up Orion did not take is retried: first after this, doubling up to the maximum.
     removal_retry_seconds: float = 1.0
     removal_retry_max_seconds: float = 60.0
+    # A write whose outcome at Orion is unknown (the gateway stopped waiting for it) may still land for
+    # this long: the clean-up of its id is re-checked until then. Above anything Orion takes to finish.
+    unsettled_write_grace_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -543,6 +546,8 @@ def _check(cfg: Config, filename: str) -> None:
                 bad(f"ownership.tenants_by_role.{role}[{i}]", "a tenant is 1 to 50 letters, digits or underscores")
     if not 0 < cfg.ownership.removal_retry_seconds <= cfg.ownership.removal_retry_max_seconds:
         bad("ownership.removal_retry_seconds", "must be above 0 and at most ownership.removal_retry_max_seconds")
+    if not cfg.ownership.unsettled_write_grace_seconds > 0:
+        bad("ownership.unsettled_write_grace_seconds", "must be above 0")
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

@@ -221,6 +221,12 @@ async def check_target(url: str, kind: str, allowlist: Allowlist, *, resolve: Re
     """Why Orion must not notify ``url``, or None when it may. ``upstream`` is Orion's own URL."""
     if _BAD_CHARS.search(url):
         return "URL contains whitespace, control characters or backslashes"
+    # Anywhere, not only in the authority: parsers differ on where the authority ends
+    # (``http://good.example?@127.0.0.1/`` is 127.0.0.1 to some), and a fragment is never sent.
+    if "@" in url:
+        return "URL must not contain '@' (user information, or a character parsers split differently)"
+    if "#" in url:
+        return "URL must not contain '#' (a fragment)"
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -46,6 +46,7 @@ policy.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -309,12 +310,24 @@ class GatewayHandler:
         # deletion waits for it before its clean-up; a write on an id whose deletion has begun is refused.
         writes = self.services.ownership.writes
         counted = decided.devices if not is_query and decided.devices else ()
-        if counted and not writes.begin(counted):
-            return self._deny(audit, 409, "Conflict", "the device is being deleted", "write during deletion")
-        try:
+        if not counted:
             return await self._forward(request, decided, upstream_body, identity, tenant, audit)
-        finally:
-            writes.end(counted)
+        if not writes.begin(counted):
+            return self._deny(audit, 409, "Conflict", "the device is being deleted", "write during deletion")
+        # Orion takes the write whether or not the client waits for the answer: the exchange with Orion
+        # runs to its end even if the client leaves (shielded), and the count ends only then.
+        forwarding = asyncio.ensure_future(self._forward(request, decided, upstream_body, identity, tenant, audit))
+        forwarding.add_done_callback(functools.partial(self._write_done, counted, audit))
+        return await asyncio.shield(forwarding)
+
+    def _write_done(self, counted: tuple[str, ...], audit: dict[str, Any], forwarding: asyncio.Future[Any]) -> None:
+        """A counted write is over at the gateway. Without Orion's answer (timed out, connection lost) its
+        outcome is unknown and it may still land: its ids stay unsettled for the grace period."""
+        writes = self.services.ownership.writes
+        failed = forwarding.cancelled() or forwarding.exception() is not None   # (retrieves it)
+        if failed or audit.get("outcome_unknown"):
+            writes.unsettled(counted)
+        writes.end(counted)
 
     # ------------------------------------------------------------------ pieces
 
@@ -409,6 +422,9 @@ class GatewayHandler:
             headers["Content-Length"] = str(len(body))
         if d.after == "filter_subscriptions":
             return await self._own_subscriptions(request, d, headers, tenant, audit)
+        # Taken before Orion is asked: an erasure of the caller's data from here on finds no row
+        # this request records later, and what it records is then taken back (_record_subscription).
+        erasure_mark = self.services.ownership.erasure_mark(identity.sub)
         t0 = time.perf_counter()
         try:
             upstream = await self.session.request(d.method, self._url(d.path, d.query), headers=headers,
@@ -416,18 +432,19 @@ class GatewayHandler:
         except BodyTooLarge:
             return self._too_large(audit)
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            audit["reason"] = "upstream timeout"
+            audit["reason"], audit["outcome_unknown"] = "upstream timeout", True   # Orion may yet apply it
             return orion_error(504, "GatewayTimeout", "the context broker did not answer in time")
         except aiohttp.ClientError as exc:
             if isinstance(exc.__cause__, RequestTimeout):   # the client's body, streamed, stopped coming
                 return self._timed_out(audit, exc.__cause__)
-            audit["reason"] = f"upstream unreachable: {type(exc).__name__}"
+            audit["reason"], audit["outcome_unknown"] = f"upstream unreachable: {type(exc).__name__}", True
             return orion_error(502, "BadGateway", "the context broker is unreachable")
         UPSTREAM_LATENCY.observe(time.perf_counter() - t0)
         audit["upstream_status"] = upstream.status
         try:
             if d.after == "record_subscription" and upstream.status == 201:
-                refusal = await self._record_subscription(upstream, d, identity, tenant, headers, audit)
+                refusal = await self._record_subscription(upstream, d, identity, tenant, headers, audit,
+                                                          erasure_mark)
                 if refusal is not None:
                     return refusal
             elif d.after == "forget_subscription" and upstream.status in (200, 204):
@@ -435,15 +452,16 @@ class GatewayHandler:
                 await self.services.ownership.forget_subscription(sub_id, tenant)
                 self.guard.forgotten(sub_id, tenant)
             elif d.after == "update_subscription" and upstream.status in (200, 204):
-                await self.services.ownership.set_subscription_subject(
-                    d.path.rsplit("/", 1)[-1], tenant, entities=d.devices, unrestricted=d.unrestricted)
+                refusal = await self._record_subject(d, identity, tenant, headers, audit)
+                if refusal is not None:
+                    return refusal
             return await self._relay(request, upstream)
         finally:
             upstream.release()
 
     async def _record_subscription(self, upstream: aiohttp.ClientResponse, d: planning.Forward, identity: Identity,
-                                   tenant: str, headers: CIMultiDict[str],
-                                   audit: dict[str, Any]) -> web.Response | None:
+                                   tenant: str, headers: CIMultiDict[str], audit: dict[str, Any],
+                                   erasure_mark: int) -> web.Response | None:
         """Tie the new subscription to its creator; if that fails, take it back out of Orion, so no
         subscription runs that nobody owns. Then check again that its subject's devices stand and the
         creator may still read them: a device deleted while Orion was making the subscription has had
@@ -464,6 +482,13 @@ class GatewayHandler:
             audit["decision"], audit["reason"] = "error", "subscription not recorded, withdrawn"
             await self._withdraw(sub_id, headers)
             return orion_error(503, "ServiceUnavailable", "the subscription could not be recorded")
+        if self.services.ownership.erased_since(identity.sub, erasure_mark):
+            # The creator's erasure ran while Orion was making it, and may have looked before the row was in.
+            audit["decision"], audit["reason"] = "deny", "creator's data erased meanwhile, withdrawn"
+            await self._withdraw(sub_id, headers)
+            await self.services.ownership.forget_subscription(sub_id, tenant)
+            return orion_error(409, "Conflict", "your data was erased while the subscription was being made; "
+                               "the subscription has been withdrawn")
         gone = self._subject_gone(d, identity, tenant)
         if gone is not None:
             audit["decision"], audit["reason"] = "deny", f"subject {gone!r} deleted meanwhile, withdrawn"
@@ -474,6 +499,25 @@ class GatewayHandler:
         self.guard.recorded(sub_id, tenant)
         audit["subscription"] = sub_id
         return None
+
+    async def _record_subject(self, d: planning.Forward, identity: Identity, tenant: str,
+                              headers: CIMultiDict[str], audit: dict[str, Any]) -> web.Response | None:
+        """Record a PATCHed subscription's new subject, then check it again as a new subscription is
+        (:meth:`_record_subscription`): a device deleted while Orion was taking the PATCH has had its
+        clean-up without this subscription, which would notify the id's next owner's data to the old one.
+        Such a subscription is withdrawn and forgotten. None: recorded; else the answer to send."""
+        sub_id = d.path.rsplit("/", 1)[-1]
+        await self.services.ownership.set_subscription_subject(sub_id, tenant, entities=d.devices,
+                                                               unrestricted=d.unrestricted)
+        gone = self._subject_gone(d, identity, tenant)
+        if gone is None:
+            return None
+        audit["decision"], audit["reason"] = "deny", f"subject {gone!r} deleted meanwhile, withdrawn"
+        await self._withdraw(sub_id, headers)
+        await self.services.ownership.forget_subscription(sub_id, tenant)
+        self.guard.forgotten(sub_id, tenant)
+        return orion_error(409, "Conflict", f"device {gone!r} was deleted while the subscription was being "
+                           "changed; the subscription has been withdrawn")
 
     def _subject_gone(self, d: planning.Forward, identity: Identity, tenant: str) -> str | None:
         """A subject id whose deletion has begun, or that the creator may no longer read (checked after

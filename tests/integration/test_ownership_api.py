@@ -86,7 +86,14 @@ async def test_sql_in_fields_is_data(ownership_api):
 
 async def test_register_accepts_an_id_of_256_characters_and_orion_punctuation(ownership_api):
     await ownership_api.register("alice", "x" * 256)
-    await ownership_api.register("alice", "urn:a.b-c_d@e{f}[g]|~!$%*+,^`")
+    await ownership_api.register("alice", "urn:a.b-c_d@e{f}[g]|~!$*+,^`")
+
+
+@pytest.mark.parametrize("device_id", ["\\d+", "a\\", "a%2e", ".", ".."])
+async def test_register_refuses_an_id_the_ngsi_gateway_refuses(ownership_api, device_id):
+    """Issue 15 (attack15): these registered (201) but their entity was refused by the NGSI side (403)."""
+    r = await ownership_api.call("POST", "/devices", as_="alice", json={"id": device_id, "type": "Sensor"})
+    assert await error_of(r) == (400, "invalid_field")
 
 
 @pytest.mark.parametrize("body, code", [

@@ -24,7 +24,7 @@ from aiohttp import web
 from ownership.api import create_api_app
 from ownership.orion import OrionClient, OrionUnavailable
 from proxy.config import ConfigError, load_config_text
-from proxy.http.gateway import HttpGateway
+from proxy.http.gateway import GATEWAY_KEY, HttpGateway
 from tests.integration.http_rig import HttpRig, build_services, close_services
 from tests.integration.test_http_gateway import _subscribe, subscription
 from tests.rig.ngsi_standin import TENANTS, NgsiStandin
@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
 API = "/api/v1"
 RETRY = 0.1          # ownership.removal_retry_seconds here (default 1)
 RETRY_MAX = 0.4      # ownership.removal_retry_max_seconds here (default 60)
+GRACE = 2.0          # ownership.unsettled_write_grace_seconds here (default 120)
 BOUND = 10.0         # bounds every wait; no timing assertion rests on it
 
 
@@ -43,7 +44,8 @@ def lifecycle_config(upstream: str, tmp: Path) -> Any:
         "http": {"listen": "127.0.0.1:0", "tls": False, "upstream": upstream, "upstream_timeout_seconds": 2},
         "store": {"path": str(tmp / "ownership.db"), "key": "${KEYGATE_TEST_STORE_KEY}"},
         "ownership": {"tenants_by_role": {"iot-admin": ["Plant"]},
-                      "removal_retry_seconds": RETRY, "removal_retry_max_seconds": RETRY_MAX},
+                      "removal_retry_seconds": RETRY, "removal_retry_max_seconds": RETRY_MAX,
+                      "unsettled_write_grace_seconds": GRACE},
     })
     return load_config_text(text, env={"KEYGATE_TEST_STORE_KEY": "lifecycle-test-key"})
 
@@ -350,6 +352,7 @@ async def test_entities_sharing_an_id_are_each_deleted_and_an_odd_answer_is_no_a
     ({"tenants_by_role": {"r": ["bad tenant"]}}, "ownership.tenants_by_role.r[0]: a tenant is 1 to 50"),
     ({"removal_retry_seconds": 0}, "ownership.removal_retry_seconds: must be above 0"),
     ({"removal_retry_seconds": 5, "removal_retry_max_seconds": 1}, "at most ownership.removal_retry_max_seconds"),
+    ({"unsettled_write_grace_seconds": 0}, "ownership.unsettled_write_grace_seconds: must be above 0"),
 ])
 def test_bad_lifecycle_settings_are_refused_at_load(ownership, message):
     text = json.dumps({"oidc": {"issuer": "http://127.0.0.1:1/realms/iot"}, "ownership": ownership})
@@ -431,3 +434,108 @@ async def test_a_subscription_made_while_its_device_is_deleted_is_withdrawn(rig)
     assert rig.standin.tenant("").subscriptions == {}
     assert rig.services.ownership.subscriptions_of(await sub_of(rig, "alice"), "") == set()
     assert (await register(rig, "bob", id="lc-subrace")).status == 201
+
+
+async def test_a_subscription_moved_onto_a_device_being_deleted_is_withdrawn(rig):
+    """Issue 15 (attack15): a PATCH moving a subscription's subject onto a device, in flight while
+    that device is deleted, was recorded after the clean-up; the next owner of the id had their data
+    notified to the old one. The new subject is now checked again once recorded, as a new one is."""
+    assert (await register(rig, "alice", id="lc-px")).status == 201
+    assert (await register(rig, "alice", id="lc-py")).status == 201
+    sub = await _subscribe(rig, "alice", subscription("lc-py"))
+    # The subscription guard's later round would also catch it; this is about the gateway's own check.
+    await rig.gateway.app[GATEWAY_KEY].guard.stop()
+    held = rig.standin.hold("PATCH", f"/v2/subscriptions/{sub}")
+    patch = asyncio.create_task(rig.call("PATCH", f"/v2/subscriptions/{sub}", "alice", json_body={
+        "subject": {"entities": [{"id": "lc-px", "type": "Thermometer"}]}}))
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    deletion = asyncio.create_task(rig.call("DELETE", f"{API}/devices/lc-px", "alice"))
+    await until(lambda: rig.services.ownership.writes.closed("lc-px"))
+    held.release.set()
+    moved = await patch
+    assert (await deletion).status == 204
+    assert moved.status == 409 and b"withdrawn" in moved.body, moved
+    assert rig.standin.tenant("").subscriptions == {}
+    assert rig.services.ownership.subscriptions_of(await sub_of(rig, "alice"), "") == set()
+
+
+async def test_a_write_that_timed_out_at_the_gateway_does_not_land_after_the_clean_up(rig):
+    """Issue 15 (attack15): a write Orion was slower to answer than http.upstream_timeout_seconds was
+    answered 504 and no longer counted, but Orion still applied it after the deletion's clean-up had
+    looked: the entity stayed for the id's next owner. Its id now stays unsettled for
+    ownership.unsettled_write_grace_seconds: the clean-up stays owed (the id blocked) and runs after."""
+    assert (await register(rig, "alice", id="lc-slow")).status == 201
+    held = rig.standin.hold("POST", "/v2/entities")
+    write = await rig.call("POST", "/v2/entities", "alice", json_body={
+        "id": "lc-slow", "type": "Thermometer", "secret": {"type": "Text", "value": "alice's, slow"}})
+    assert write.status == 504
+    assert (await rig.call("DELETE", f"{API}/devices/lc-slow", "alice")).status == 204
+    held.release.set()
+    await until(lambda: "lc-slow" in entities(rig))           # Orion applies the write after all
+    assert (await register(rig, "bob", id="lc-slow")).status == 409   # the clean-up is still owed
+    await wait_until_settled(rig)
+    assert "lc-slow" not in entities(rig)
+    assert (await register(rig, "bob", id="lc-slow")).status == 201
+
+
+async def test_a_write_whose_client_hung_up_does_not_land_after_the_clean_up(rig):
+    """Issue 15 (attack15): bob, with a delegated write, sends a write and hangs up while Orion is slow;
+    the gateway stopped counting it when it stopped waiting for Orion, though Orion still took it,
+    after alice's deletion of the device had cleaned up. The id now stays unsettled: the clean-up
+    stays owed and runs once the write can no longer land."""
+    assert (await register(rig, "alice", id="lc-hup")).status == 201
+    grant = await rig.call("POST", f"{API}/devices/lc-hup/delegations", "alice",
+                           json_body={"to": "bob", "permission": "write"})
+    assert grant.status == 201, grant
+    held = rig.standin.hold("POST", "/v2/entities")
+    body = b'{"id": "lc-hup", "type": "Thermometer", "bobs": {"type": "Text", "value": "bob was here"}}'
+    _reader, writer = await asyncio.open_connection("127.0.0.1", rig.gateway.port)
+    writer.write((f"POST /v2/entities HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {rig.tokens['bob']}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    await writer.drain()
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    writer.close()
+    await writer.wait_closed()
+    # the gateway is done with bob's request (it gave up on Orion), not Orion
+    await until(lambda: any(r.get("protocol") == "http" and r.get("resource") == "/v2/entities"
+                            and r.get("action") == "POST" for r in rig.audit.records))
+    assert (await rig.call("DELETE", f"{API}/devices/lc-hup", "alice")).status == 204
+    held.release.set()
+    await until(lambda: "lc-hup" in entities(rig))            # Orion applies the write after all
+    await wait_until_settled(rig)
+    assert "lc-hup" not in entities(rig)
+    assert (await register(rig, "carol", id="lc-hup")).status == 201
+
+
+async def test_a_subscription_made_while_its_creator_erases_their_data_is_withdrawn(rig):
+    """Issue 15 (attack15): carol subscribes to bob's public device, Orion is slow, and carol erases her
+    data meanwhile: the subscription was recorded after the erasure and kept notifying her. A row
+    tied to a user whose erasure ran since the request began is now taken back."""
+    assert (await register(rig, "bob", id="lc-pub", public=True)).status == 201
+    held = rig.standin.hold("POST", "/v2/subscriptions")
+    making = asyncio.create_task(rig.call("POST", "/v2/subscriptions", "carol", json_body=subscription("lc-pub")))
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    assert (await rig.call("DELETE", f"{API}/me/data", "carol")).status == 200
+    held.release.set()
+    made = await making
+    assert made.status == 409 and b"erased" in made.body, made
+    carol = await rig.services.tokens.validate(rig.tokens["carol"])
+    assert await rig.services.ownership.rows_about(carol.sub, carol.username) == 0
+    assert rig.standin.tenant("").subscriptions == {}
+
+
+async def test_a_registration_on_its_way_during_its_owners_erasure_is_not_kept(rig):
+    """Issue 15 (attack15): carol registers a device while Orion is slow to say whether the id is free,
+    and erases her data meanwhile: the device was inserted after the erasure. It is now taken back
+    out (and a registration while her erasure runs is refused)."""
+    held = rig.standin.hold("GET", "/v2/entities/lc-era")
+    registering = asyncio.create_task(register(rig, "carol", id="lc-era"))
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    assert (await rig.call("DELETE", f"{API}/me/data", "carol")).status == 200
+    held.release.set()
+    registered = await registering
+    assert registered.status == 409 and b"erased" in registered.body, registered
+    carol = await rig.services.tokens.validate(rig.tokens["carol"])
+    assert await rig.services.ownership.rows_about(carol.sub, carol.username) == 0
+    await wait_until_settled(rig)
+    assert (await register(rig, "carol", id="lc-era")).status == 201   # afterwards, a new start

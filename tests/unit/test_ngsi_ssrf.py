@@ -62,6 +62,17 @@ async def test_tricks_and_bad_urls_are_refused(url):
     assert await check(url) is not None
 
 
+@pytest.mark.parametrize("url", [
+    "http://public.example?@127.0.0.1/", "http://public.example#@127.0.0.1/", "http://public.example/?a=@b",
+    "http://public.example/p@q", "http://public.example/#frag", "http://public.example#", "mqtt://public.example#x",
+])
+async def test_an_at_sign_or_a_fragment_anywhere_is_refused(url):
+    """Issue 15 (attack15): an '@' after '?' or '#' passed, read by urlsplit as query or fragment;
+    other parsers (Orion's among them, by the authority's end they choose) may take 127.0.0.1 as the host."""
+    why = await check(url, "mqtt" if url.startswith("mqtt") else "http")
+    assert why is not None and ("'@'" in why or "'#'" in why), why
+
+
 async def test_scheme_must_fit_the_kind():
     assert await check("mqtt://public.example", "http") is not None
     assert await check("http://public.example", "mqtt") is not None

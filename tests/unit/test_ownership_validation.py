@@ -17,8 +17,10 @@ from ownership.validation import (
     parse_grantee,
     text_problem,
 )
+from proxy.http.ngsi import valid_ident
 
 ORION_FORBIDDEN = set("&?/#<>\"'=;()")
+GATEWAY_FORBIDDEN = set("%\\")
 # JSON Schema regexes are ECMA: "$" is the very end. Python's "$" also matches before a
 # final newline, so compare with fullmatch on the unanchored body.
 ID_BODY = re.compile(DEVICE_ID_PATTERN.removeprefix("^").removesuffix("$"))
@@ -27,7 +29,10 @@ ID_BODY = re.compile(DEVICE_ID_PATTERN.removeprefix("^").removesuffix("$"))
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.characters(max_codepoint=300), max_size=300))
 def test_device_id_rule_matches_orion_and_the_openapi_pattern(text):
-    expected = 1 <= len(text) <= 256 and all(33 <= ord(c) <= 126 and c not in ORION_FORBIDDEN for c in text)
+    expected = (1 <= len(text) <= 256 and text not in (".", "..")
+                and all(33 <= ord(c) <= 126 and c not in ORION_FORBIDDEN | GATEWAY_FORBIDDEN for c in text))
+    if expected:   # what registers is what the NGSI gateway takes as an entity id
+        assert valid_ident(text)
     assert is_device_id(text) == expected
     assert bool(ID_BODY.fullmatch(text)) == expected
 
@@ -39,6 +44,11 @@ def test_device_id_edges():
         assert not is_device_id(bad) and not ID_BODY.fullmatch(bad)
     for ch in ORION_FORBIDDEN:
         assert not is_device_id(f"a{ch}b")
+    # Issue 15 (attack15): ids the NGSI gateway refuses registered, and their entity could never be used.
+    for bad in ("\\d+", "a\\", "%2e", "a%b", ".", ".."):
+        assert not is_device_id(bad) and not ID_BODY.fullmatch(bad), bad
+    assert "NGSI gateway" in orion_id_problem("a\\") and "path" in orion_id_problem("..")
+    assert is_device_id("...") and is_device_id(".a")
     assert orion_id_problem(12) == "id must be a string"
 
 
