@@ -32,6 +32,32 @@ _KDF_LABEL = b"keygate/ownership-store/v1/"  # domain separation from any other 
 SALT_BYTES = 16  # SQLCipher's file salt
 
 
+
+def _read_salt(path: Path, label: str, failure: str) -> bytes:
+    """The salt an existing store file begins with (its first SALT_BYTES, stored in the clear)."""
+    try:
+        with open(path, "rb") as f:
+            salt = f.read(SALT_BYTES)
+    except OSError as exc:
+        raise StoreError(f"store {label}: cannot read: {exc.strerror}") from None
+    if len(salt) != SALT_BYTES:
+        raise StoreError(failure)
+    return salt
+
+
+def _unlock(conn: Any, key_pragma: str, failure: str) -> int:
+    """Apply the key and read page 1: the store's application id, or StoreError(failure) when
+    the key is wrong or the file is not a database (open and inspect share this)."""
+    # SQLCipher writes its own diagnostics to stderr; we report failures as one line.
+    conn.execute("PRAGMA cipher_log_level = NONE")
+    conn.execute(key_pragma)
+    try:
+        # The first read decrypts page 1: this is where a wrong key shows.
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return int(conn.execute("PRAGMA application_id").fetchone()[0])
+    except sqlite.DatabaseError:
+        raise StoreError(failure) from None
+
 class StoreError(Exception):
     """A problem with the store file, phrased as the one line to print."""
 
@@ -93,13 +119,7 @@ class Store:
         if exists and not path.is_file():
             raise StoreError(f"store {label}: not a file")
         if exists:
-            try:
-                with open(path, "rb") as f:
-                    salt = f.read(SALT_BYTES)
-            except OSError as exc:
-                raise StoreError(f"store {label}: cannot read: {exc.strerror}") from None
-            if len(salt) != SALT_BYTES:
-                raise StoreError(failure)
+            salt = _read_salt(path, label, failure)
         else:
             salt = secrets.token_bytes(SALT_BYTES)
             try:
@@ -114,15 +134,7 @@ class Store:
         except sqlite.Error as exc:
             raise StoreError(f"store {label}: cannot open: {exc}") from None
         try:
-            # SQLCipher writes its own diagnostics to stderr; we report failures as one line.
-            conn.execute("PRAGMA cipher_log_level = NONE")
-            conn.execute(key_pragma)
-            try:
-                # The first read decrypts page 1: this is where a wrong key shows.
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            except sqlite.DatabaseError:
-                raise StoreError(failure) from None
+            app_id = _unlock(conn, key_pragma, failure)
             if exists and app_id != APPLICATION_ID:  # also an empty file: never adopt it silently
                 raise StoreError(failure)
             conn.execute("PRAGMA journal_mode = WAL")
@@ -155,13 +167,7 @@ class Store:
         failure = f"store {label}: wrong key or not a keygate store"
         if not path.is_file():
             raise StoreError(f"store {label}: no such file" if not path.exists() else f"store {label}: not a file")
-        try:
-            with open(path, "rb") as f:
-                salt = f.read(SALT_BYTES)
-        except OSError as exc:
-            raise StoreError(f"store {label}: cannot read: {exc.strerror}") from None
-        if len(salt) != SALT_BYTES:
-            raise StoreError(failure)
+        salt = _read_salt(path, label, failure)
         key_pragma = _key_pragma("key", derive_key(passphrase, salt), salt)
         try:
             conn = sqlite.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, isolation_level=None,
@@ -169,17 +175,9 @@ class Store:
         except sqlite.Error as exc:
             raise StoreError(f"store {label}: cannot open: {exc}") from None
         try:
-            conn.execute("PRAGMA cipher_log_level = NONE")
-            conn.execute(key_pragma)
-            try:
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-            except sqlite.DatabaseError:
-                raise StoreError(failure) from None
-            if app_id != APPLICATION_ID:
+            if _unlock(conn, key_pragma, failure) != APPLICATION_ID:
                 raise StoreError(failure)
-            return int(version)
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
         finally:
             conn.close()
 
