@@ -4,8 +4,8 @@ The gateway checks a write against the facts and forwards it; Orion may take it
 after the deletion's clean-up has looked, and the entity is back, the id
 blocked. So the gateway counts each forwarded write on the ids it touches
 (:meth:`WritesInFlight.begin`, :meth:`end` once Orion has answered), a
-deletion marks its ids closed before it commits (:meth:`close`; writes on them
-are then refused), and the clean-up waits, bounded, until no write on the id is
+deletion holds its ids closed from before it commits until its clean-up has run
+(:meth:`closing`; writes on them are then refused), and the clean-up waits, bounded, until no write on the id is
 in flight (:meth:`drained`) before it deletes the entity and checks again.
 A write counts until Orion has answered it, even when its client has left. One
 whose outcome the gateway cannot know (it timed out waiting for Orion, or lost
@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 
 class WritesInFlight:
@@ -32,7 +32,7 @@ class WritesInFlight:
         self._unsettled: dict[str, float] = {}   # id -> until when a write of unknown outcome may land
         self._count: Counter[str] = Counter()
         self._closed: Counter[str] = Counter()    # ids whose deletion has begun (nested deletions counted)
-        self._idle: dict[str, asyncio.Event] = {}
+        self._idle: dict[str, asyncio.Event] = {}  # made by drained() only, for ids with writes in flight
 
     def begin(self, ids: Iterable[str]) -> bool:
         """Count a write on these ids; False (nothing counted) when one of them is being deleted."""
@@ -41,7 +41,6 @@ class WritesInFlight:
             return False
         for i in ids:
             self._count[i] += 1
-            self._idle.setdefault(i, asyncio.Event()).clear()
         return True
 
     def end(self, ids: Iterable[str]) -> None:
@@ -49,7 +48,9 @@ class WritesInFlight:
             self._count[i] -= 1
             if self._count[i] <= 0:
                 del self._count[i]
-                self._idle.pop(i, asyncio.Event()).set()
+                waiter = self._idle.pop(i, None)
+                if waiter is not None:
+                    waiter.set()
 
     def unsettled(self, ids: Iterable[str]) -> None:
         """A write on these ids ended without Orion's answer: it may still land, for the grace period."""
@@ -67,28 +68,28 @@ class WritesInFlight:
         del self._unsettled[entity_id]
         return True
 
-    def in_flight(self, entity_id: str) -> int:
-        return self._count[entity_id]
-
     def closed(self, entity_id: str) -> bool:
         return self._closed[entity_id] > 0
 
-    def close(self, ids: Iterable[str]) -> None:
-        """A deletion of these ids has begun: writes on them are refused until :meth:`reopen`."""
+    @contextlib.contextmanager
+    def closing(self, ids: Iterable[str]) -> Iterator[None]:
+        """A deletion of these ids runs inside: writes on them are refused until it has ended."""
+        ids = tuple(ids)
         for i in ids:
             self._closed[i] += 1
-
-    def reopen(self, ids: Iterable[str]) -> None:
-        for i in ids:
-            self._closed[i] -= 1
-            if self._closed[i] <= 0:
-                del self._closed[i]
+        try:
+            yield
+        finally:
+            for i in ids:
+                self._closed[i] -= 1
+                if self._closed[i] <= 0:
+                    del self._closed[i]
 
     async def drained(self, entity_id: str, bound: float) -> bool:
         """Wait until no write on this id is in flight (at most ``bound`` seconds); whether it is so and
         no write of unknown outcome on it may still land."""
-        idle = self._idle.get(entity_id)
-        if idle is not None:
+        if entity_id in self._count:
+            idle = self._idle.setdefault(entity_id, asyncio.Event())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(idle.wait(), bound)
         return entity_id not in self._count and self.settled(entity_id)

@@ -456,8 +456,7 @@ class OwnershipService:
     async def delete_device(self, actor: Identity, device_id: str) -> None:
         owed = self._owed_on_delete()
         queued_at = owed["queued_at"]
-        self.writes.close([device_id])   # from now on NGSI writes on the id are refused
-        try:
+        with self.writes.closing([device_id]):   # from now on NGSI writes on the id are refused
             try:
                 await self._run(functools.partial(self._store.delete_device, device_id, **owed))
             except st.NotFound:
@@ -466,8 +465,6 @@ class OwnershipService:
             self.facts.changed({device_id})
             self._audit("device.delete", actor, device_id)
             await self._removed([device_id], queued_at)
-        finally:
-            self.writes.reopen([device_id])
 
     async def _removed(self, device_ids: Iterable[str], queued_at: float | None = None) -> None:
         """Try the clean-up the deletion queued (at ``queued_at``) at once, before the call returns;
@@ -773,13 +770,12 @@ class OwnershipService:
         owed = self._owed_on_delete()
         queued_at = owed["queued_at"]
         closing = sorted(self.facts.owned_by(identity.sub))
-        self.writes.close(closing)   # NGSI writes on the user's devices are refused from now on
-        self._erasing[identity.sub] += 1   # and new rows tied to the user (devices, subscriptions)
+        self._erasing[identity.sub] += 1   # new rows tied to the user (devices, subscriptions) refused
         self._erasures[identity.sub] += 1
         try:
-            return await self._erase(identity, owed, queued_at)
+            with self.writes.closing(closing):   # and NGSI writes on the user's devices
+                return await self._erase(identity, owed, queued_at)
         finally:
-            self.writes.reopen(closing)
             self._erasing[identity.sub] -= 1
             if self._erasing[identity.sub] <= 0:
                 del self._erasing[identity.sub]
