@@ -424,7 +424,7 @@ class GatewayHandler:
             return await self._own_subscriptions(request, d, headers, tenant, audit)
         # Taken before Orion is asked: an erasure of the caller's data from here on finds no row
         # this request records later, and what it records is then taken back (_record_subscription).
-        erasure_mark = self.services.ownership.erasure_mark(identity.sub)
+        erasure_mark = self.services.ownership.erasure_mark(identity.sub) if d.after == "record_subscription" else 0
         t0 = time.perf_counter()
         try:
             upstream = await self.session.request(d.method, self._url(d.path, d.query), headers=headers,
@@ -484,18 +484,12 @@ class GatewayHandler:
             return orion_error(503, "ServiceUnavailable", "the subscription could not be recorded")
         if self.services.ownership.erased_since(identity.sub, erasure_mark):
             # The creator's erasure ran while Orion was making it, and may have looked before the row was in.
-            audit["decision"], audit["reason"] = "deny", "creator's data erased meanwhile, withdrawn"
-            await self._withdraw(sub_id, headers)
-            await self.services.ownership.forget_subscription(sub_id, tenant)
-            return orion_error(409, "Conflict", "your data was erased while the subscription was being made; "
-                               "the subscription has been withdrawn")
+            return await self._take_back(sub_id, tenant, headers, audit, "creator's data erased meanwhile",
+                                         "your data was erased while the subscription was being made")
         gone = self._subject_gone(d, identity, tenant)
         if gone is not None:
-            audit["decision"], audit["reason"] = "deny", f"subject {gone!r} deleted meanwhile, withdrawn"
-            await self._withdraw(sub_id, headers)
-            await self.services.ownership.forget_subscription(sub_id, tenant)
-            return orion_error(409, "Conflict", f"device {gone!r} was deleted while the subscription was being "
-                               "made; the subscription has been withdrawn")
+            return await self._take_back(sub_id, tenant, headers, audit, f"subject {gone!r} deleted meanwhile",
+                                         f"device {gone!r} was deleted while the subscription was being made")
         self.guard.recorded(sub_id, tenant)
         audit["subscription"] = sub_id
         return None
@@ -512,12 +506,18 @@ class GatewayHandler:
         gone = self._subject_gone(d, identity, tenant)
         if gone is None:
             return None
-        audit["decision"], audit["reason"] = "deny", f"subject {gone!r} deleted meanwhile, withdrawn"
+        return await self._take_back(sub_id, tenant, headers, audit, f"subject {gone!r} deleted meanwhile",
+                                     f"device {gone!r} was deleted while the subscription was being changed")
+
+    async def _take_back(self, sub_id: str, tenant: str, headers: CIMultiDict[str], audit: dict[str, Any],
+                         reason: str, why: str) -> web.Response:
+        """Withdraw a subscription just made or changed from Orion and forget it (the guard too): a
+        409 saying ``why``."""
+        audit["decision"], audit["reason"] = "deny", f"{reason}, withdrawn"
         await self._withdraw(sub_id, headers)
         await self.services.ownership.forget_subscription(sub_id, tenant)
         self.guard.forgotten(sub_id, tenant)
-        return orion_error(409, "Conflict", f"device {gone!r} was deleted while the subscription was being "
-                           "changed; the subscription has been withdrawn")
+        return orion_error(409, "Conflict", f"{why}; the subscription has been withdrawn")
 
     def _subject_gone(self, d: planning.Forward, identity: Identity, tenant: str) -> str | None:
         """A subject id whose deletion has begun, or that the creator may no longer read (checked after
