@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlcipher3 import dbapi2 as sqlite
 
 from ownership import store as st
-from proxy.config import ConfigError, load_config, read_secret
+from proxy.config import load_config, store_key
 from proxy.errors import CommandError
 
 NEW_KEY_ENV = "KEYGATE_NEW_STORE_KEY"
@@ -39,9 +39,7 @@ def run(args: argparse.Namespace) -> int:
 def rekey(config_path: str, new_key_file: str | None, env: dict[str, str] | None = None) -> int:
     env = dict(os.environ) if env is None else env
     config = load_config(config_path, env=env)
-    current = read_secret(config.store.key, config.store.key_file, config)
-    if not current:
-        raise ConfigError(f"store {config.store.path}: no key configured (store.key or store.key_file)")
+    current = store_key(config)
     if new_key_file:
         try:
             new = Path(new_key_file).read_text(encoding="utf-8").rstrip("\r\n")

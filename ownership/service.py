@@ -37,7 +37,7 @@ from ownership.inflight import WritesInFlight
 from ownership.orion import OrionClient, OrionUnavailable
 from ownership.validation import KEY_SLOTS, PERMISSIONS, orion_id_problem, parse_grantee
 from proxy.audit import AuditLog
-from proxy.config import Config, ConfigError, read_secret
+from proxy.config import Config, ConfigError, store_key
 from proxy.facts import PUBLIC, Principal
 from proxy.identity.model import AuthError, AuthReason, Identity, identity_snapshot
 from proxy.metrics import REGISTRY, add_readiness_check, remove_readiness_check
@@ -165,9 +165,7 @@ class OwnershipService:
     @classmethod
     async def open(cls, config: Config, *, audit: AuditLog, clock: Callable[[], float] = time.time
                    ) -> OwnershipService:
-        passphrase = read_secret(config.store.key, config.store.key_file, config)
-        if not passphrase:
-            raise ConfigError(f"store {config.store.path}: no key configured (store.key or store.key_file)")
+        passphrase = store_key(config)
         device_ca = DeviceCA.from_config(config)  # before the store: a bad CA key fails the start cleanly
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keygate-store")
         loop = asyncio.get_running_loop()

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from proxy.config import Config, ConfigError, load_config, parse_hostport, read_secret
+from proxy.config import Config, ConfigError, load_config, parse_hostport, read_secret, store_key
 
 # A certificate that expires within this is a warning: time to renew.
 EXPIRY_WARNING_DAYS = 30
@@ -211,11 +211,9 @@ def check_store(config: Config) -> Result:
 
     label = config.store.path
     try:
-        passphrase = read_secret(config.store.key, config.store.key_file, config)
+        passphrase = store_key(config)
     except ConfigError as exc:
         return fail("store", str(exc))
-    if not passphrase:
-        return fail("store", f"store {label}: no key configured (store.key or store.key_file)")
     path = config.resolve(config.store.path)
     if not path.exists():
         return warn("store", f"store {label}: does not exist yet (serve creates it at the first start)")

@@ -570,3 +570,11 @@ def read_secret(value: str, file: str, cfg: Config | None = None) -> str:
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read secret: {exc.strerror}") from None
     return ""
+
+
+def store_key(cfg: Config) -> str:
+    """The store's key, from ``store.key`` or ``store.key_file``; ConfigError when neither gives one."""
+    key = read_secret(cfg.store.key, cfg.store.key_file, cfg)
+    if not key:
+        raise ConfigError(f"store {cfg.store.path}: no key configured (store.key or store.key_file)")
+    return key
