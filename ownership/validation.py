@@ -14,7 +14,9 @@ import re
 from typing import Any
 
 ORION_FORBIDDEN = frozenset("&?/#<>\"'=;()")
-GATEWAY_FORBIDDEN = frozenset("%\\")   # the NGSI gateway's identifier rule (proxy.http.ngsi) refuses these too
+# The NGSI gateway never reaches an id with these: its identifier rule (proxy.http.ngsi) refuses %,
+# its path normaliser (proxy.policy.paths) a backslash.
+GATEWAY_FORBIDDEN = frozenset("%\\")
 MAX_ID = 256
 MAX_TEXT = 256
 MAX_GRANTEE = 255
