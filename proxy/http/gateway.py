@@ -281,10 +281,7 @@ class GatewayHandler:
                     body = parsed
 
         req = ngsi.NgsiRequest(method, path, query, body)
-        ctx = planning.Context(identity=identity, tenant=tenant, default_service=self.config.fiware_service.lower(),
-                               is_admin=identity.has_role(self.admin_role), facts=self.services.ownership.facts,
-                               policies=self.services.policies, ownership=self.services.ownership)
-        decided = planning.plan(req, ngsi.analyse(req), ctx)
+        decided = planning.plan(req, ngsi.analyse(req), self.context(identity, tenant))
         audit["rule"], audit["devices"] = decided.rule, decided.devices
         if isinstance(decided, planning.Deny):
             return self._refuse(audit, decided, identity)
@@ -519,15 +516,19 @@ class GatewayHandler:
         self.guard.forgotten(sub_id, tenant)
         return orion_error(409, "Conflict", f"{why}; the subscription has been withdrawn")
 
+    def context(self, identity: Identity, tenant: str) -> planning.Context:
+        """What a request of ``identity`` in ``tenant`` is planned against (also the guard's re-checks)."""
+        ownership = self.services.ownership
+        return planning.Context(identity=identity, tenant=tenant, default_service=self.config.fiware_service.lower(),
+                                is_admin=identity.has_role(self.admin_role), facts=ownership.facts,
+                                policies=self.services.policies, ownership=ownership)
+
     def _subject_gone(self, d: planning.Forward, identity: Identity, tenant: str) -> str | None:
         """A subject id whose deletion has begun, or that the creator may no longer read (checked after
         the subscription is recorded, so a deletion committing later finds it and removes it)."""
-        ownership = self.services.ownership
-        ctx = planning.Context(identity=identity, tenant=tenant, default_service=self.config.fiware_service.lower(),
-                               is_admin=identity.has_role(self.admin_role), facts=ownership.facts,
-                               policies=self.services.policies, ownership=ownership)
+        ctx = self.context(identity, tenant)
         for entity_id in d.devices:
-            if ownership.writes.closed(entity_id) or not planning.may_read(ctx, entity_id).allowed:
+            if self.services.ownership.writes.closed(entity_id) or not planning.may_read(ctx, entity_id).allowed:
                 return entity_id
         return None
 

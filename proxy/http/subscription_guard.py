@@ -34,7 +34,7 @@ from proxy.identity.model import identity_from_snapshot
 from proxy.metrics import REGISTRY
 
 if TYPE_CHECKING:
-    from proxy.config import HttpConfig
+    from proxy.identity.model import Identity
     from proxy.services import Services
 
 log = logging.getLogger("keygate.http.subscriptions")
@@ -71,14 +71,14 @@ def revocations(records: Iterable[dict[str, Any]], still_allowed: Callable[[dict
 
 
 class NgsiHandler(Protocol):
-    """What the guard uses of the gateway's handler: its settings, the admin role, the pooled
-    session to Orion (None while the gateway is stopped) and the URL of an Orion path."""
+    """What the guard uses of the gateway's handler: the pooled session to Orion (None while the
+    gateway is stopped), the URL of an Orion path and the context a request is planned against."""
 
-    config: HttpConfig
-    admin_role: str
     session: aiohttp.ClientSession | None
 
     def _url(self, path: str, query: tuple[tuple[str, str], ...]) -> URL: ...
+
+    def context(self, identity: Identity, tenant: str) -> planning.Context: ...
 
 
 class SubscriptionGuard:
@@ -188,12 +188,7 @@ class SubscriptionGuard:
 
     def _still_allowed(self, record: dict[str, Any], entity: str) -> bool:
         # The same check as at creation (tenant, then policy), for the identity recorded then.
-        identity = identity_from_snapshot(record["identity"])
-        ownership = self.services.ownership
-        ctx = planning.Context(identity=identity, tenant=record["service"],
-                               default_service=self.handler.config.fiware_service.lower(),
-                               is_admin=identity.has_role(self.handler.admin_role), facts=ownership.facts,
-                               policies=self.services.policies, ownership=ownership)
+        ctx = self.handler.context(identity_from_snapshot(record["identity"]), record["service"])
         return planning.may_read(ctx, entity).allowed
 
     async def _delete_upstream(self, record: dict[str, Any]) -> bool:
