@@ -92,17 +92,30 @@ def files_made_by_start(config: Config) -> list[Path]:
     return [p for p in candidates if not p.exists()]
 
 
-def descriptors_needed(config: Config) -> int:
-    """Open files the configuration can make the process hold at once (see the constants above)."""
-    need = BASE_DESCRIPTORS
+def _descriptor_shares(config: Config) -> tuple[list[tuple[str, int, str | None]], int]:
+    """The shares of :func:`descriptors_needed` a setting sizes, as (what, open files, the setting to
+    lower, if any), and the open files for the rest (see the constants above)."""
+    shares: list[tuple[str, int, str | None]] = []
+    rest = BASE_DESCRIPTORS
     if config.mqtt is not None:
-        need += DESCRIPTORS_PER_MQTT_CONNECTION * config.mqtt.max_connections
-        need += config.mqtt.limits.lingering_sockets_max  # closed, lingering: a descriptor each
+        mqtt = config.mqtt
+        shares.append((f"mqtt.max_connections {mqtt.max_connections} x {DESCRIPTORS_PER_MQTT_CONNECTION}",
+                       DESCRIPTORS_PER_MQTT_CONNECTION * mqtt.max_connections, "mqtt.max_connections"))
+        linger = mqtt.limits.lingering_sockets_max  # closed, lingering: a descriptor each
+        shares.append((f"mqtt.limits.lingering_sockets_max {linger}", linger, None))
     if config.http is not None:
-        need += config.http.max_connections + HTTP_UPSTREAM_DESCRIPTORS
+        shares.append((f"http.max_connections {config.http.max_connections}", config.http.max_connections,
+                       "http.max_connections"))
+        rest += HTTP_UPSTREAM_DESCRIPTORS
     if config.metrics is not None:
-        need += METRICS_DESCRIPTORS
-    return need
+        rest += METRICS_DESCRIPTORS
+    return shares, rest
+
+
+def descriptors_needed(config: Config) -> int:
+    """Open files the configuration can make the process hold at once."""
+    shares, rest = _descriptor_shares(config)
+    return rest + sum(n for _, n, _ in shares)
 
 
 def raise_open_file_limit() -> int:
@@ -130,23 +143,11 @@ def ensure_open_files(config: Config) -> int:
     """Raise the open-file limit, and refuse (one line naming both numbers) when the
     configuration needs more descriptors than the limit allows."""
     limit = raise_open_file_limit()
-    need = descriptors_needed(config)
+    shares, rest = _descriptor_shares(config)
+    need = rest + sum(n for _, n, _ in shares)
     if need > limit:
-        parts: list[str] = []
-        keys: list[str] = []
-        rest = need
-        if config.mqtt is not None:
-            parts.append(f"mqtt.max_connections {config.mqtt.max_connections} x 2")
-            keys.append("mqtt.max_connections")
-            rest -= DESCRIPTORS_PER_MQTT_CONNECTION * config.mqtt.max_connections
-            linger = config.mqtt.limits.lingering_sockets_max
-            parts.append(f"mqtt.limits.lingering_sockets_max {linger}")
-            rest -= linger
-        if config.http is not None:
-            parts.append(f"http.max_connections {config.http.max_connections}")
-            keys.append("http.max_connections")
-            rest -= config.http.max_connections
-        parts.append(f"{rest} for the rest")
+        parts = [*(what for what, _, _ in shares), f"{rest} for the rest"]
+        keys = [key for _, _, key in shares if key]
         lower = f"lower {' or '.join(keys)} or " if keys else ""
         raise CommandError(f"the configuration needs {need} open files ({' + '.join(parts)}), but the open-file "
                            f"limit (RLIMIT_NOFILE) is {limit}: {lower}raise the hard limit "
