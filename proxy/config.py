@@ -182,6 +182,11 @@ class MqttConfig:
     max_connections: int = 10000
     limits: MqttLimitsConfig = field(default_factory=MqttLimitsConfig)
 
+    @property
+    def preauth_max_bytes(self) -> int:
+        """What a connection may make the gateway hold before its CONNACK (session and WebSocket alike)."""
+        return min(self.limits.connect_max_bytes, self.max_packet_size)
+
 
 @dataclass(frozen=True)
 class HttpConfig:

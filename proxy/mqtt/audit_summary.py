@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.policy.decision import Decision, SubscribeDecision
+
 MAX_KEYS = 32            # distinct (kind, topic, decision, rule) kept per connection
 MAX_TOPIC_CHARS = 256    # a longer topic or filter is kept cut (the audit log bounds lines too)
 
@@ -33,11 +35,10 @@ class ConnectionSummary:
         self.published = 0   # publishes forwarded to the broker
         self.delivered = 0   # deliveries handed to the client
 
-    def decided(self, kind: str, topic: str, decision: Any) -> None:
-        """One policy decision (``decision`` has ``allowed`` and ``rule``; None: allowed by a
-        subscription grant, no rule asked)."""
-        allowed = True if decision is None else bool(getattr(decision, "allowed", False))
-        rule = (getattr(decision, "rule", None) or "") if decision is not None else "subscription"
+    def decided(self, kind: str, topic: str, decision: Decision | SubscribeDecision | None) -> None:
+        """One policy decision (None: allowed by a subscription grant, no rule asked)."""
+        allowed = True if decision is None else decision.allowed
+        rule = (decision.rule or "") if decision is not None else "subscription"
         key = (kind, topic[:MAX_TOPIC_CHARS], "allow" if allowed else "deny", rule)
         counts = self.counts
         if key in counts:
@@ -50,10 +51,6 @@ class ConnectionSummary:
     def add_messages(self, published: int, delivered: int) -> None:
         self.published += published
         self.delivered += delivered
-
-    @property
-    def empty(self) -> bool:
-        return not (self.counts or self.other or self.published or self.delivered)
 
     def fields(self) -> dict[str, Any]:
         """The extra fields of the close record."""

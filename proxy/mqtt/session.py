@@ -311,7 +311,7 @@ class Session:
         limits = config.limits
         # Before CONNACK nothing is known of the client: its packets (the CONNECT first) are
         # refused at their fixed header beyond this size, and held up to this many bytes.
-        self._preauth_max = min(limits.connect_max_bytes, config.max_packet_size)
+        self._preauth_max = config.preauth_max_bytes
         self._topic_max = limits.topic_max_bytes
         # Shared by all of an identity's connections (the shell makes one per gateway); None: no cap.
         self.subscription_quota = subscription_quota
@@ -425,16 +425,12 @@ class Session:
         return min(deadlines) if deadlines else None
 
     def timeout(self) -> float | None:
-        """Seconds from now until ``tick()`` is due (``loop.call_later``), or None."""
+        """Seconds from now until a :class:`Tick` is due (``loop.call_later``), or None."""
         deadline = self.next_deadline()
         return None if deadline is None else max(0.0, deadline - self.clock())
 
     def _enter(self, phase: Phase) -> None:
         self._phase = advance(self._phase, phase)
-
-    @property
-    def phase(self) -> Phase:
-        return self._phase
 
     def handle(self, event: Event) -> list[Command]:
         """The one entry point: what happened → what the shell must do, in order
@@ -535,8 +531,6 @@ class Session:
                 self._broker_frame(acts, frame, view)
             if error is not None and not self.closed:
                 raise error
-            if (self._phase is AUTH or self._phase is UPSTREAM) and framer.buffered:
-                self._preauth_refused(acts, 0)  # a partial packet behind what is held counts too
         except ProtocolError as exc:
             self._count(Metric("protocol_errors", ("broker",)))
             self._audit("broker", "protocol_error", reason=exc.message)
@@ -1586,7 +1580,6 @@ class Session:
             if self._asked_to_discard_will() or not self._will_still_allowed():
                 self._end_run()
                 acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
-        first = self._phase is not CLOSED
         self.closed = True
         self._enter(CLOSED)
         self._pending = []
@@ -1594,7 +1587,7 @@ class Session:
         if self._qos2_held_bytes:  # (the held publishes are dropped with the connection)
             self._qos2_give_back(self._qos2_held_bytes)
         self._flush_folds()
-        if first and self.identity is not None:  # one summary per connection past authentication
+        if self.identity is not None:  # one summary per connection past authentication (_enter refuses a 2nd close)
             # The counts of this call go to the metrics at its end: move them into the record now.
             self._counts.update(self._take_counts())
             self._audit("session", "summary", reason=reason, **self._summary.fields())

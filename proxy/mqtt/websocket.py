@@ -312,7 +312,7 @@ class WebSocketListener:
         self.http_protocol: Any = None
         # Before authentication a WebSocket message may carry at most a CONNECT's worth.
         mqtt = gateway.mqtt
-        self.preauth_message_max = min(mqtt.limits.connect_max_bytes, mqtt.max_packet_size)
+        self.preauth_message_max = mqtt.preauth_max_bytes
         # After the CONNACK: a frame may join several packets, so one maximum-size packet plus
         # slack per message; the session bounds what it buffers across frames.
         self.message_max = mqtt.max_packet_size + 65536

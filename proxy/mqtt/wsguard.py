@@ -40,13 +40,6 @@ UPGRADE_PIPELINED = "upgrade_request_pipelined"
 _FORBIDDEN_HEADERS = (b"content-length", b"transfer-encoding")
 _OPCODE_CONTINUATION, _OPCODE_TEXT, _OPCODE_BINARY = 0, 1, 2
 
-HEAD_REFUSAL = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
-                b"Connection: close\r\nContent-Length: 86\r\n\r\n"
-                b'{"error":{"code":"header_too_large","message":"the upgrade request head is too long"}}')
-if len(HEAD_REFUSAL.split(b"\r\n\r\n", 1)[1]) != 86:  # the Content-Length above
-    raise RuntimeError("HEAD_REFUSAL: Content-Length does not match its body")
-
-
 def refusal_response(status: str, code: str, message: str) -> bytes:
     """A complete HTTP/1.1 JSON error response that closes the connection."""
     body = b'{"error":{"code":"%s","message":"%s"}}' % (code.encode(), message.encode())
@@ -54,6 +47,8 @@ def refusal_response(status: str, code: str, message: str) -> bytes:
             % (status.encode(), len(body))) + body
 
 
+HEAD_REFUSAL = refusal_response("431 Request Header Fields Too Large", "header_too_large",
+                                "the upgrade request head is too long")
 INVALID_REFUSAL = refusal_response("400 Bad Request", "websocket_required",
                                    "MQTT over WebSocket: one GET upgrade request with subprotocol mqtt")
 
