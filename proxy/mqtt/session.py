@@ -1443,7 +1443,7 @@ class Session:
         """What the call counted. Allowed messages are counted in plain integers, in bulk."""
         out = list(self._counts.items())
         self._counts.clear()
-        self._summary.add_messages(self._published, self._delivered)
+        self._summary.add_messages(self._forwarded, self._delivered)  # forwarded: a held QoS 2 at its release
         if self._published:
             out.append((_ALLOWED_PUBLISH, self._published))
             self._published = 0

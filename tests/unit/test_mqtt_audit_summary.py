@@ -52,3 +52,21 @@ def test_a_long_topic_is_kept_cut():
     summary.decided("subscribe", "x" * 10000, SimpleNamespace(allowed=False, rule=None))
     [d] = summary.fields()["decisions"]
     assert len(d["topic"]) == 256 and d["decision"] == "deny" and "rule" not in d
+
+
+def test_a_qos2_publish_refused_at_its_release_is_not_counted_as_published():
+    """A QoS 2 publish is held until its PUBREL and decided again then: 'published' counts what
+    went to the broker, so one refused at its release is not in it, one released is."""
+    from proxy.mqtt import codec
+    from proxy.mqtt.packets import PacketType as T
+
+    s, p, audit = open_session()
+    s.client_data(pub("devices/thermo-1/cmd", qos=2, pid=9))
+    s.client_data(codec.encode_ack(T.PUBREL, 9, 4))           # released: forwarded
+    s.client_data(pub("devices/thermo-1/cmd", qos=2, pid=10))
+    p.pub.clear()                                              # the grant ends before the PUBREL
+    s.invalidate()
+    s.client_data(codec.encode_ack(T.PUBREL, 10, 4))          # refused at release
+    s.client_closed()
+    [record] = summaries(audit)
+    assert record["messages"] == {"published": 1, "delivered": 0}
