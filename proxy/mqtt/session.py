@@ -849,19 +849,23 @@ class Session:
                 # [MQTT-3.14.2-2]. Forwarded, the broker would take it for a protocol error and
                 # publish the Will on its own; refused here, the Will is decided by _close().
                 raise ProtocolError(Reason.PROTOCOL_ERROR, "Session Expiry Interval on DISCONNECT after 0 at CONNECT")
+            # A new Session Expiry on a v5 DISCONNECT, whatever its reason, reaches the broker capped,
+            # and session_expiry (what the persistent-session count rests on) follows it.
+            asked = level == MQTT_5 and isinstance(get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL), int)
+            over = asked and self._longer_expiry_at_disconnect(d)
             if d.reason == Reason.DISCONNECT_WITH_WILL and self._will_armed:
                 self._will_armed = False
-                if self._will_still_allowed():  # published as the client asks
-                    self._pass(acts.to_broker, frame, data)
-                else:  # no longer allowed: a plain DISCONNECT discards it
+                if not self._will_still_allowed():  # no longer allowed: a plain DISCONNECT discards it
                     self._end_run()
-                    acts.to_broker.append(codec.encode_disconnect(level))
-            elif level == MQTT_5 and self._longer_expiry_at_disconnect(d):
+                    acts.to_broker.append(codec.encode_disconnect(level, 0, [
+                        (Prop.SESSION_EXPIRY_INTERVAL, self.session_expiry)] if asked else []))
+                elif over:  # published as the client asks, the session kept no longer than the cap
+                    self._disconnect_capped(acts, level, d)
+                else:
+                    self._pass(acts.to_broker, frame, data)
+            elif over:
                 self._will_armed = False  # (the DISCONNECT re-encoded: the Will is discarded as asked)
-                self._end_run()
-                acts.to_broker.append(codec.encode_disconnect(level, d.reason, [
-                    *without_props(d.properties, Prop.SESSION_EXPIRY_INTERVAL),
-                    (Prop.SESSION_EXPIRY_INTERVAL, self.session_expiry)]))
+                self._disconnect_capped(acts, level, d)
             else:
                 self._will_armed = False  # a normal DISCONNECT: the broker discards the Will
                 self._pass(acts.to_broker, frame, data)
@@ -872,6 +876,13 @@ class Session:
             raise ProtocolError(Reason.PROTOCOL_ERROR, "second CONNECT")
         else:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} is not sent by clients")
+
+    def _disconnect_capped(self, acts: Output, level: int, d: Disconnect) -> None:
+        """The client's DISCONNECT upstream, its Session Expiry replaced by the capped ``session_expiry``."""
+        self._end_run()
+        acts.to_broker.append(codec.encode_disconnect(level, d.reason, [
+            *without_props(d.properties, Prop.SESSION_EXPIRY_INTERVAL),
+            (Prop.SESSION_EXPIRY_INTERVAL, self.session_expiry)]))
 
     def _longer_expiry_at_disconnect(self, d: Disconnect) -> bool:
         """A v5 DISCONNECT may set a new Session Expiry: kept within the cap (True: over it, so

@@ -214,3 +214,28 @@ def test_random_admit_close_interleavings_never_undercount_the_broker():
 
 def rng_cap(seed):
     return 1 + seed % 3
+
+
+def test_a_disconnect_with_will_gets_its_expiry_capped_too():
+    """Attack (final review): a v5 DISCONNECT 0x04 (publish the Will) passed through unchanged, so a
+    Session Expiry of 0xFFFFFFFF on it reached the broker uncapped while the gateway went on
+    counting the CONNECT's 1 s: never-expiring sessions beyond the cap. Now it is capped like any
+    DISCONNECT; the Will is still published (0x04 kept) when allowed, and discarded when not."""
+    from proxy.mqtt.packets import Reason, Will
+    from tests.unit.test_mqtt_session import FakePolicies
+
+    limits = MqttLimitsConfig(persistent_session_expiry_seconds=60)
+    will = Will("devices/thermo-1/status", b"gone", 0, False)
+    for allowed, reason in ((["devices/thermo-1/#"], Reason.DISCONNECT_WITH_WILL), ([], 0)):
+        p = FakePolicies(pub=["devices/thermo-1/#"])
+        s, _, _ = make(MQTT_5, p, limits=limits)
+        s.client_data(connect_packet(MQTT_5, "c", will=will, clean=False,
+                                     props=[(Prop.SESSION_EXPIRY_INTERVAL, 1)]))
+        s.authenticated(ALICE)
+        s.broker_data(codec.encode_connack(False, 0, MQTT_5))
+        p.pub = list(allowed)  # asked again at the DISCONNECT (an invalidate would end the connection first)
+        acts = s.client_data(codec.encode_disconnect(MQTT_5, Reason.DISCONNECT_WITH_WILL,
+                                                     [(Prop.SESSION_EXPIRY_INTERVAL, 0xFFFFFFFF)]))
+        d = codec.decode_disconnect(only(acts.to_broker, codec.PacketType.DISCONNECT).body, MQTT_5)
+        assert d.reason == reason
+        assert get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL) == 60 and s.session_expiry == 60
