@@ -46,6 +46,7 @@ policy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -159,6 +160,8 @@ class GatewayHandler:
         self.resolver = resolver
         self.session: aiohttp.ClientSession | None = None
         self.guard = SubscriptionGuard(services, self)
+        # (tenant, subscription id) -> [its lock, requests holding or waiting for it]
+        self._subscription_turns: dict[tuple[str, str], list[Any]] = {}
 
     async def open(self, _app: web.Application | None = None) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.upstream_timeout_seconds,
@@ -419,6 +422,32 @@ class GatewayHandler:
             headers["Content-Length"] = str(len(body))
         if d.after == "filter_subscriptions":
             return await self._own_subscriptions(request, d, headers, tenant, audit)
+        if d.after in ("update_subscription", "forget_subscription"):
+            # Orion applies a subscription's changes in the order it gets them, and the store must end
+            # with the subject Orion holds: one change of a subscription at a time, from sending it to
+            # recording it (two PATCHes answered in the other order left the store naming a device
+            # Orion no longer watched, so that device's deletion missed the subscription).
+            async with self._subscription_turn((tenant, d.path.rsplit("/", 1)[-1])):
+                return await self._exchange(request, d, body, identity, tenant, headers, audit)
+        return await self._exchange(request, d, body, identity, tenant, headers, audit)
+
+    @contextlib.asynccontextmanager
+    async def _subscription_turn(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        turn = self._subscription_turns.get(key)
+        if turn is None:
+            turn = self._subscription_turns[key] = [asyncio.Lock(), 0]
+        turn[1] += 1
+        try:
+            async with turn[0]:
+                yield
+        finally:
+            turn[1] -= 1
+            if not turn[1]:
+                del self._subscription_turns[key]
+
+    async def _exchange(self, request: web.Request, d: planning.Forward, body: Any, identity: Identity,
+                        tenant: str, headers: CIMultiDict[str], audit: dict[str, Any]) -> web.StreamResponse:
+        assert self.session is not None, "the gateway's client session is not open"  # noqa: S101 (narrowing)
         # Taken before Orion is asked: an erasure of the caller's data from here on finds no row
         # this request records later, and what it records is then taken back (_record_subscription).
         erasure_mark = self.services.ownership.erasure_mark(identity.sub) if d.after == "record_subscription" else 0
