@@ -61,7 +61,7 @@ class Handle:
     """One admitted connection of a client id: :meth:`PersistentSessions.closed` counts its close
     against its own generation only (a kicked connection's late close cannot end its successor's)."""
 
-    __slots__ = ("client_id", "sub", "generation", "sole", "clean", "reached", "open")
+    __slots__ = ("client_id", "sub", "generation", "sole", "clean", "sent", "reached", "open")
 
     def __init__(self, client_id: str, sub: str, generation: int) -> None:
         self.client_id = client_id
@@ -69,6 +69,7 @@ class Handle:
         self.generation = generation
         self.sole = True  # no other connection of the id was open when it was admitted
         self.clean = False
+        self.sent = False  # its CONNECT went to a connected broker (set by the shell): before, none of it is there
         self.reached = False  # the broker accepted its CONNECT (set by the shell at the CONNACK)
         self.open = True
 
@@ -123,7 +124,7 @@ class PersistentSessions:
         alone and is still the last admitted has replaced whatever was parked: released now."""
         if handle.reached or not handle.open:
             return
-        handle.reached = True
+        handle.reached = handle.sent = True
         record = self._records.get(handle.client_id)
         if (record is not None and handle.clean and handle.sole and record.latest == handle.generation
                 and record.live == {handle.generation}):
@@ -140,6 +141,8 @@ class PersistentSessions:
         if not handle.open:
             return
         handle.open = False
+        if not handle.sent:  # the upstream dial failed or never happened: nothing of it is at the broker
+            filters, expiry = (), 0
         client_id = handle.client_id
         record = self._records.get(client_id)
         if record is not None:

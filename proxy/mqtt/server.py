@@ -570,6 +570,7 @@ class Connection:
             transport.close()
             return
         self.upstream = cast(asyncio.Transport, transport)  # a stream connection's (create_connection)
+        self.gateway.upstream_opened(self.session)
         if self._pending_upstream:
             data = b"".join(self._pending_upstream)
             self._pending_upstream.clear()
@@ -895,6 +896,12 @@ class MqttGateway:
         handle = self._persistent_handles.get(conn.session)
         if handle is not None:
             self.persistent.reached(handle)
+
+    def upstream_opened(self, session: Session) -> None:
+        """The broker connection is up: the session's CONNECT goes to the broker now."""
+        handle = self._persistent_handles.get(session)
+        if handle is not None:
+            handle.sent = True
 
     def release_address(self, conn: Connection) -> None:
         """The connection authenticated (its CONNACK went out) or ended: its address's place is free."""

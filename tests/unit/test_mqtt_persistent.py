@@ -125,6 +125,7 @@ def test_a_close_whose_record_is_gone_is_charged_anyway():
     reg, quota, _ = registry()
     h1 = reg.admit("alice", "z", clean_start=False, expiry=100)
     assert h1 is not None
+    h1.sent = True  # (its CONNECT went to the broker: the shell says so once the broker connection is up)
     reg.forget("z")  # (a clear racing the connection)
     reg.closed(h1, ["a"], 100)
     assert reg.of("alice") == 1 and quota.held("alice") == 1
@@ -239,3 +240,20 @@ def test_a_disconnect_with_will_gets_its_expiry_capped_too():
         d = codec.decode_disconnect(only(acts.to_broker, codec.PacketType.DISCONNECT).body, MQTT_5)
         assert d.reason == reason
         assert get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL) == 60 and s.session_expiry == 60
+
+
+def test_a_connection_whose_broker_dial_failed_leaves_nothing_counted():
+    """Attack (final review): with the broker down, persistent CONNECTs answered 0x88 were still
+    counted for the whole expiry, so after an outage the identity's new persistent client ids were
+    refused 0x97 for up to persistent_session_expiry_seconds. The broker never saw them."""
+    reg, quota, _ = registry(per_identity=2)
+    for cid in ("p0", "p1"):
+        h = reg.admit("alice", cid, clean_start=False, expiry=100)
+        assert h is not None
+        reg.closed(h, [], 100)  # the dial failed: never sent
+    assert reg.of("alice") == 0 and quota.held("alice") == 0
+    h = reg.admit("alice", "p2", clean_start=False, expiry=100)
+    assert h is not None
+    h.sent = True  # this one's CONNECT went to the broker: counted, reached or not
+    reg.closed(h, [], 100)
+    assert reg.of("alice") == 1
