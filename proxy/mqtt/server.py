@@ -77,6 +77,7 @@ from proxy.mqtt.commands import (
     CountMetrics,
     Metric,
     OpenUpstream,
+    Record,
     SendToBroker,
     SendToClient,
 )
@@ -849,7 +850,7 @@ class MqttGateway:
                     _REFUSED_BY_ADDRESS[RECONNECT_PENALTY].inc()
                     transport.abort()
                     if count:
-                        self._audit_refused(address, {RECONNECT_PENALTY: count})
+                        self._audit_folded("address " + address, {RECONNECT_PENALTY: count})
                     self._arm_report_timer()
                     return None
             refusal, count = self.address_limiter.admit(address)
@@ -857,7 +858,7 @@ class MqttGateway:
                 _REFUSED_BY_ADDRESS[refusal].inc()
                 transport.abort()
                 if count:
-                    self._audit_refused(address, {refusal: count})
+                    self._audit_folded("address " + address, {refusal: count})
                 self._arm_report_timer()
                 return None
         if not websocket:
@@ -959,8 +960,7 @@ class MqttGateway:
             return None
         _REFUSED_BY_ADDRESS[RECONNECT_PENALTY].inc()
         if count:
-            self.services.audit.record(protocol="mqtt", action="connect", decision="deny", identity=identity,
-                                       reason=RECONNECT_PENALTY, count=count)
+            self._audit_refusal(RECONNECT_PENALTY, identity=identity, count=count)
         self._arm_report_timer()
         return session.handle(ev.ConnectRefused(RECONNECT_PENALTY, "reconnect back-off"))
 
@@ -979,14 +979,12 @@ class MqttGateway:
         fields: dict[str, Any] = {"peer" if kind == "address" else "sub": name, **detail}
         if len(reasons) > 1:
             fields["counts"] = counts
-        self.services.audit.record(protocol="mqtt", action="connect", decision="deny", reason="+".join(reasons),
-                                   count=sum(counts.values()), **fields)
+        self._audit_refusal("+".join(reasons), count=sum(counts.values()), **fields)
 
-    def _audit_refused(self, address: str, counts: dict[str, int]) -> None:
-        reasons = sorted(counts)
-        extra: dict[str, Any] = {"counts": counts} if len(reasons) > 1 else {}
-        self.services.audit.record(protocol="mqtt", action="connect", decision="deny", resource="",
-                                   reason="+".join(reasons), peer=address, count=sum(counts.values()), **extra)
+    def _audit_refusal(self, reason: str, *, identity: Identity | None = None, **extra: Any) -> None:
+        """A refused connect, written by the audit writer like the sessions' lines: off the event loop,
+        where a flood of refusals is written."""
+        self.audit_writer.write([Record("connect", "deny", identity=identity, reason=reason, extra=extra)])
 
     def _arm_report_timer(self) -> None:
         """Refusals folded into a later line get that line even if the address stops trying."""
@@ -1003,14 +1001,13 @@ class MqttGateway:
     def _report_refusals(self, *, everything: bool = False) -> None:
         for address, counts in self.address_limiter.due_reports(everything=everything):
             if counts:
-                self._audit_refused(address, counts)
+                self._audit_folded("address " + address, counts)
         for key, counts in self.refusals.due_reports(everything=everything):
             self._audit_folded(key, counts)
         for key, count in self.penalty.due_reports(everything=everything):
             kind, _, name = key.partition(" ")
             who: dict[str, Any] = {"peer": name} if kind == "address" else {"sub": name}
-            self.services.audit.record(protocol="mqtt", action="connect", decision="deny", reason=RECONNECT_PENALTY,
-                                       count=count, **who)
+            self._audit_refusal(RECONNECT_PENALTY, count=count, **who)
 
     def forget(self, conn: Connection) -> None:
         if conn in self.connections:
