@@ -130,6 +130,27 @@ def _client_of(claims: dict[str, Any]) -> tuple[str, str]:
     return (claimed if isinstance(claimed, str) else ""), (azp if isinstance(azp, str) else "")
 
 
+def discovery_url(oidc: OidcConfig) -> str:
+    return oidc.discovery_url or oidc.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
+def check_discovery(doc: Any, oidc: OidcConfig, url: str) -> str | None:
+    """What the gateway needs of the issuer's discovery document (``keygate check`` asks the same):
+    FetchError when it lacks it; the warning to give when it names another issuer, else None."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("jwks_uri"), str):
+        raise FetchError(f"discovery {url}: no jwks_uri")
+    intro = oidc.introspection
+    if intro.enabled:
+        endpoint = intro.endpoint or doc.get("introspection_endpoint")
+        if not isinstance(endpoint, str) or not endpoint:
+            raise FetchError("introspection enabled but the issuer advertises no introspection_endpoint")
+    if doc.get("issuer") != oidc.issuer:
+        # Behind a split-horizon setup the internal document may name the public issuer;
+        # iss stays pinned to the configured value either way.
+        return f"discovery document names issuer {doc.get('issuer')!r}, configured {oidc.issuer!r}"
+    return None
+
+
 class TokenValidator:
     """Validates access tokens of one pinned issuer. See module docstring."""
 
@@ -161,7 +182,7 @@ class TokenValidator:
 
     @property
     def discovery_url(self) -> str:
-        return self.config.discovery_url or self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        return discovery_url(self.config)
 
     async def start(self) -> None:
         """Discovery and the first JWKS fetch; when the issuer is down, keeps retrying in the background."""
@@ -212,19 +233,14 @@ class TokenValidator:
 
     async def _discover(self) -> None:
         doc = await get_json(self._http, self.discovery_url, self.config.http_timeout_seconds, "discovery")
-        if not isinstance(doc, dict) or not isinstance(doc.get("jwks_uri"), str):
-            raise FetchError(f"discovery {self.discovery_url}: no jwks_uri")
-        if doc.get("issuer") != self.config.issuer:
-            # Behind a split-horizon setup the internal document may name the public issuer;
-            # iss stays pinned to the configured value either way.
-            log.warning("discovery document names issuer %r, configured %r", doc.get("issuer"), self.config.issuer)
+        warning = check_discovery(doc, self.config, self.discovery_url)
+        if warning:
+            log.warning("%s", warning)
         self._discovery = doc
         self.keyset.jwks_uri = doc["jwks_uri"]
         intro = self.config.introspection
         if intro.enabled:
-            endpoint = intro.endpoint or doc.get("introspection_endpoint")
-            if not isinstance(endpoint, str) or not endpoint:
-                raise FetchError("introspection enabled but the issuer advertises no introspection_endpoint")
+            endpoint = intro.endpoint or doc["introspection_endpoint"]  # (check_discovery: there is one)
             self.introspector = Introspector(self._http, endpoint, intro.client_id, self._client_secret,
                                              cache_seconds=intro.cache_seconds,
                                              cache_size=min(self.config.token_cache_size, 10000),

@@ -89,6 +89,16 @@ def test_algorithms_the_issuer_does_not_offer(healthy):
     assert status == "fail" and "fits oidc.algorithms ['ES512']" in detail
 
 
+def test_a_discovery_document_naming_another_issuer_warns_as_serve_does(healthy, oidc):
+    """Split horizon: the gateway reads discovery at an internal address whose document names the
+    public issuer. serve only warns (iss stays pinned to oidc.issuer), so check must not fail it."""
+    public = "https://id.example.org/realms/iot"
+    edit(healthy, oidc.issuer, public)
+    edit(healthy, "oidc:\n", f"oidc:\n  discovery_url: {oidc.issuer}/.well-known/openid-configuration\n")
+    status, detail = check(healthy)["issuer"]
+    assert status == "warn" and f"names issuer {oidc.issuer!r}" in detail and public in detail, detail
+
+
 def test_wrong_store_key(healthy, monkeypatch):
     monkeypatch.setenv("KEYGATE_STORE_KEY", "not-the-key")
     assert check(healthy)["store"] == ("fail", "store data/ownership.db: wrong key or not a keygate store")
