@@ -30,7 +30,6 @@ import json
 import os
 import secrets
 import socket
-import struct
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -367,34 +366,16 @@ async def check_issuer(config: Config) -> Result:
 # --------------------------------------------------------------------------- broker and Orion
 
 
-def connect_packet(client_id: str, username: str, password: str) -> bytes:
-    """An MQTT 3.1.1 CONNECT (clean session, keepalive 10 s)."""
-
-    def s(text: str) -> bytes:
-        raw = text.encode()
-        return struct.pack("!H", len(raw)) + raw
-
-    flags = 0x02 | (0x80 if username else 0) | (0x40 if username and password else 0)
-    body = s("MQTT") + bytes([4, flags]) + struct.pack("!H", 10) + s(client_id)
-    if username:
-        body += s(username)
-        if password:
-            body += s(password)
-    length, n = b"", len(body)
-    while True:
-        n, digit = divmod(n, 128)
-        length += bytes([digit | (0x80 if n else 0)])
-        if not n:
-            break
-    return b"\x10" + length + body
-
-
 CONNACK_REASONS = {1: "unacceptable protocol version", 2: "client id rejected", 3: "server unavailable",
                    4: "bad user name or password (mqtt.upstream_username / upstream_password)",
                    5: "not authorized (mqtt.upstream_username / upstream_password)"}
 
 
 async def check_broker(config: Config) -> Result | None:
+    from proxy.mqtt import codec
+    from proxy.mqtt.cleaner import dial_broker
+    from proxy.mqtt.packets import MQTT_311, Connect
+
     mqtt = config.mqtt
     if mqtt is None:
         return None
@@ -405,14 +386,14 @@ async def check_broker(config: Config) -> Result | None:
         return fail("broker", str(exc))
     timeout = mqtt.connect_timeout_seconds or 10.0
     try:
-        if where.startswith("unix:"):
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(where[5:]), timeout)
-        else:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(*parse_hostport(where)), timeout)
+        reader, writer = await asyncio.wait_for(dial_broker(where), timeout)
     except (TimeoutError, OSError) as exc:
         return fail("broker", f"mqtt.upstream {where}: cannot connect: {_reason(exc)}")
     try:
-        writer.write(connect_packet(f"keygate-check-{secrets.token_hex(4)}", mqtt.upstream_username, password))
+        username = mqtt.upstream_username or None
+        writer.write(codec.encode_connect(Connect("MQTT", MQTT_311, True, 10, f"keygate-check-{secrets.token_hex(4)}",
+                                                  username, password.encode() if username and password else None,
+                                                  None, [])))
         await writer.drain()
         connack = await asyncio.wait_for(reader.readexactly(4), timeout)
         if connack[0] != 0x20:

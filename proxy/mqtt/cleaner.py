@@ -43,12 +43,15 @@ async def clear_device(mqtt: MqttConfig, device_id: str, filters: list[str], *,
     return await asyncio.wait_for(_clear(mqtt, device_id, filters, upstream_password), timeout)
 
 
+async def dial_broker(upstream: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream connection to ``mqtt.upstream`` (``host:port`` or ``unix:/path``), as the gateway's own."""
+    if upstream.startswith("unix:"):
+        return await asyncio.open_unix_connection(upstream[5:])
+    return await asyncio.open_connection(*parse_hostport(upstream))
+
+
 async def _clear(mqtt: MqttConfig, device_id: str, filters: list[str], password: str) -> list[str]:
-    if mqtt.upstream.startswith("unix:"):
-        reader, writer = await asyncio.open_unix_connection(mqtt.upstream[5:])
-    else:
-        host, port = parse_hostport(mqtt.upstream)
-        reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await dial_broker(mqtt.upstream)
     try:
         packets = _Packets(reader)
         username = mqtt.upstream_username or None
