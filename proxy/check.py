@@ -293,25 +293,23 @@ def check_ports(config: Config, *, running: bool = False) -> list[Result]:
 
 
 def check_policies(config: Config) -> Result:
-    from proxy.policy.checker import check_dir
+    """The set as ``serve`` and a reload load it: what that loader refuses is a failure; what
+    ``keygate policy check`` adds (shadowed, unreachable, untested rules) is a warning here,
+    because a reload of the same set would be accepted and the start must not be stricter."""
+    from proxy.policy.checker import check_source
     from proxy.policy.decision import PolicyError
     from proxy.policy.language import load_dir
 
     where = config.resolve(config.policies.dir)
     try:
-        findings = check_dir(str(where))
+        src = load_dir(str(where))
     except (PolicyError, OSError) as exc:
-        return fail("policies", f"{where}: {exc}")
-    errors = [f for f in findings if f.error]
-    if errors:
-        more = f" (and {len(errors) - 1} more: keygate policy check {where})" if len(errors) > 1 else ""
-        return fail("policies", f"{errors[0]}{more}")
-    src = load_dir(str(where))
+        return fail("policies", str(exc) if str(where) in str(exc) else f"{where}: {exc}")
     summary = f"{where}: {len(src.rules)} rules in {len(src.files)} files"
-    warnings = [f for f in findings if not f.error]
-    if warnings:
-        return warn("policies", f"{summary}; {warnings[0]}" + (f" (and {len(warnings) - 1} more)"
-                                                              if len(warnings) > 1 else ""))
+    findings = check_source(src)
+    if findings:
+        more = f" (and {len(findings) - 1} more: keygate policy check {where})" if len(findings) > 1 else ""
+        return warn("policies", f"{summary}; {findings[0].where}: {findings[0].message}{more}")
     return ok("policies", summary)
 
 
