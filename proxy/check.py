@@ -41,6 +41,8 @@ from proxy.config import Config, ConfigError, load_config, parse_hostport, read_
 EXPIRY_WARNING_DAYS = 30
 # Checks of services reached over the network: warnings when ``serve`` starts (retried there).
 REMOTE = ("issuer", "broker", "orion")
+# How long serve waits for the remote checks: they only warn there, so they must not hold a start.
+PREFLIGHT_REMOTE_BUDGET = 3.0
 
 
 @dataclass(frozen=True)
@@ -106,15 +108,28 @@ def check_local_last(config: Config) -> list[Result]:
     return [check_policies(config), check_open_files(config)]
 
 
-async def check_remote(config: Config) -> list[Result]:
-    found = await asyncio.gather(check_issuer(config), check_broker(config), check_orion(config))
+async def check_remote(config: Config, *, budget: float | None = None) -> list[Result]:
+    """The issuer, broker and Orion checks side by side; with a ``budget`` (seconds), a check
+    still waiting when it runs out is a warning saying so, instead of holding the caller."""
+    names = dict(zip(REMOTE, (check_issuer(config), check_broker(config), check_orion(config)), strict=True))
+    tasks = {name: asyncio.ensure_future(c) for name, c in names.items()}
+    await asyncio.wait(tasks.values(), timeout=budget)
+    found: list[Result | None] = []
+    for name, task in tasks.items():
+        if task.done():
+            found.append(task.result())
+        else:
+            task.cancel()
+            found.append(warn(name, f"no answer within {budget:g} s; keygate check waits longer"))
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
     return [r for r in found if r is not None]
 
 
 async def preflight(config: Config) -> list[Result]:
     """What ``serve`` runs before it creates anything: every failure refuses the start, except the
     remote services', which come back as warnings (with the rest of the warnings)."""
-    results = [*check_local_first(config), *await check_remote(config), *check_local_last(config)]
+    results = [*check_local_first(config), *await check_remote(config, budget=PREFLIGHT_REMOTE_BUDGET),
+               *check_local_last(config)]
     return [warn(r.name, r.detail) if r.status == "fail" and r.name in REMOTE else r for r in results]
 
 

@@ -193,6 +193,24 @@ def test_shadowed_rule_warns_as_a_reload_would_accept_it(healthy):
     assert status == "warn" and "'lab-sensor' is shadowed by deny rule 'no-lab'" in detail, detail
 
 
+def test_serve_does_not_wait_on_a_silent_broker(healthy, mosquitto, monkeypatch):
+    # A broker that accepts and never answers: `keygate check` waits for it (mqtt connect timeout),
+    # serve's preflight gives the remote checks a budget and goes on with a warning.
+    import proxy.check as check_module
+    from proxy.config import load_config
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        edit(healthy, f"upstream: {mosquitto.address}", f"upstream: 127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setattr(check_module, "PREFLIGHT_REMOTE_BUDGET", 0.5)
+        found = asyncio.run(check_module.preflight(load_config(healthy.config)))
+        results = {r.name: (r.status, r.detail) for r in found}
+        assert results["broker"] == ("warn", "no answer within 0.5 s; keygate check waits longer")
+        assert results["issuer"][0] == "ok" and results["policies"][0] == "ok"
+    finally:
+        silent.close()
+
+
 def test_bad_config_is_the_only_line(tmp_path):
     bad = tmp_path / "proxy.yaml"
     bad.write_text("oidc:\n  issuer: https://id.example.org/realms/iot\n  audiance: iot-proxy\n")
