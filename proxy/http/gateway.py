@@ -66,6 +66,7 @@ from proxy.http import ngsi
 from proxy.http import plan as planning
 from proxy.http.auth import authenticate
 from proxy.http.listener import DeadlineSite, RequestTimeout
+from proxy.http.outcomes import Outcomes
 from proxy.http.subscription_guard import SubscriptionGuard
 from proxy.http.upstream import UpstreamError, UpstreamPool, UpstreamResponse, pool_for
 from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
@@ -167,6 +168,7 @@ class GatewayHandler:
         self.resolver = resolver
         self.session: aiohttp.ClientSession | None = None
         self.guard = SubscriptionGuard(services, self)
+        self.outcomes = Outcomes(services.audit, REQUESTS, LATENCY)
         # (tenant, subscription id) -> [its lock, requests holding or waiting for it]
         self._subscription_turns: dict[tuple[str, str], list[Any]] = {}
 
@@ -181,6 +183,7 @@ class GatewayHandler:
             self.pool = pool_for(self.upstream, timeout=self.config.upstream_timeout_seconds)
 
     async def close(self, _app: web.Application | None = None) -> None:
+        self.outcomes.flush()
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -215,14 +218,14 @@ class GatewayHandler:
 
     def _finish(self, request: web.Request, audit: dict[str, Any], status: int, started: float) -> None:
         elapsed = time.perf_counter() - started
-        REQUESTS.labels(audit["decision"], str(status)).inc()
-        LATENCY.labels(audit["decision"]).observe(elapsed)
-        self.services.audit.record(
-            protocol="http", action=request.method, resource=audit["path"], decision=audit["decision"],
-            identity=audit["identity"], rule=audit["rule"], reason=audit["reason"] or None,
-            devices=list(audit["devices"]), status=status, upstream_status=audit["upstream_status"],
-            latency_ms=round(elapsed * 1000, 3), remote=request.remote,
-            **({"subscription": audit["subscription"]} if "subscription" in audit else {}))
+        record = {"protocol": "http", "action": request.method, "resource": audit["path"],
+                  "decision": audit["decision"], "identity": audit["identity"], "rule": audit["rule"],
+                  "reason": audit["reason"] or None, "devices": list(audit["devices"]), "status": status,
+                  "upstream_status": audit["upstream_status"], "latency_ms": round(elapsed * 1000, 3),
+                  "remote": request.remote}
+        if "subscription" in audit:
+            record["subscription"] = audit["subscription"]
+        self.outcomes.add(audit["decision"], status, elapsed, record)
 
     def _deny(self, audit: dict[str, Any], status: int, error: str, description: str, reason: str,
               headers: dict[str, str] | None = None) -> web.Response:
