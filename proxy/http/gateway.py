@@ -725,13 +725,13 @@ GATEWAY_KEY = web.AppKey("keygate_http_gateway", GatewayHandler)
 
 
 def create_gateway_app(services: Services, api_app: web.Application | None = None, *,
-                       resolver: Resolver = default_resolver) -> web.Application:
+                       resolver: Resolver = default_resolver, client: str = "lean") -> web.Application:
     """The NGSI gateway; ``api_app`` (the ownership API) is mounted at ``http.api_prefix``
     before the catch-all, so ``/api/v1/...`` never reaches Orion."""
     http = http_section(services)
     # client_max_size: aiohttp's own cap for request.read(); our reader enforces ours.
     app = web.Application(client_max_size=http.max_body_bytes + 1)
-    handler = GatewayHandler(services, resolver=resolver)
+    handler = GatewayHandler(services, resolver=resolver, client=client)
     app[GATEWAY_KEY] = handler
     app.on_startup.append(handler.open)
     app.on_startup.append(handler.guard.start)
@@ -747,9 +747,9 @@ class HttpGateway:
     """The listener: ``await start()``, ``.port``, ``await stop()``."""
 
     def __init__(self, services: Services, api_app: web.Application | None = None, *,
-                 resolver: Resolver = default_resolver):
+                 resolver: Resolver = default_resolver, client: str = "lean"):
         self.services = services
-        self.app = create_gateway_app(services, api_app, resolver=resolver)
+        self.app = create_gateway_app(services, api_app, resolver=resolver, client=client)
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self.site: DeadlineSite | None = None

@@ -138,8 +138,8 @@ class _Connection(asyncio.Protocol):
         self.head: asyncio.Future[None] | None = None
         self.reusable = False   # the last response ended cleanly and keeps the connection alive
         self.closed = False
-        self._name = b""
         self._head_only = False
+        self._began = False
 
     # -- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -163,12 +163,22 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            self._fail(exc.__context__ if isinstance(exc.__context__, UpstreamError) else UpstreamError(str(exc)))
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("the upstream answered with a protocol upgrade"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"the upstream's answer does not parse: {exc}"))
 
     # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        # One answer per request: bytes past it (a second answer in the same segment, which llhttp
+        # would parse into this response) mean the upstream and the pool disagree on where answers
+        # end, and the next request could read this one's. The connection is dropped.
+        if self._began:
+            raise UpstreamError("the upstream sent more than one answer to one request")
+        self._began = True
+
     def on_status(self, status: bytes) -> None:
         assert self.response is not None  # noqa: S101 (data_received checked it)
         self.response.reason += status.decode("latin-1")
@@ -224,6 +234,7 @@ class _Connection(asyncio.Protocol):
         response = self.response = UpstreamResponse(self)
         self.reusable = False
         self._head_only = method == "HEAD"
+        self._began = False
         self.parser = httptools.HttpResponseParser(self)
         self.head = self.loop.create_future()
         if body is None or isinstance(body, bytes):
