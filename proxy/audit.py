@@ -99,6 +99,14 @@ def _scalar(v: Any) -> Any:
     return str(v)
 
 
+def _number(v: int | float) -> str:
+    """A volatile number as JSON writes it (``repr`` of a finite float: what the encoder does),
+    without an encoder call per record."""
+    if type(v) is float and math.isfinite(v):
+        return repr(v)
+    return _DUMPS(_scalar(v))
+
+
 _CONTAINERS = (dict, list, tuple, set, frozenset)
 
 
@@ -262,7 +270,7 @@ class AuditLog:
         entry.update(extra)
         body = self._body(entry)
         folds = self.fold_seconds > 0 and decision == "deny" and bool(extra.get("peer") or extra.get("remote"))
-        tail = "".join(f',"{k}":{_DUMPS(_scalar(v))}' for k, v in volatile.items())
+        tail = "".join(f',"{k}":{_number(v)}' for k, v in volatile.items())
         return wall, body, folds, tail
 
     def _add(self, line: tuple[float, str, bool, str], out: list[str]) -> None:

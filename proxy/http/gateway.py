@@ -111,6 +111,7 @@ _CORS_EXPOSE = "Location, Fiware-Total-Count, Fiware-Correlator"
 _MAX_QUERY_FIELDS = 64
 _CHUNK = 65536
 _SUBSCRIPTION_FETCH_CONCURRENCY = 16
+_IDENTITY_BLOCKS = 4096
 
 
 def orion_error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -169,6 +170,8 @@ class GatewayHandler:
         self.session: aiohttp.ClientSession | None = None
         self.guard = SubscriptionGuard(services, self)
         self.outcomes = Outcomes(services.audit, REQUESTS, LATENCY)
+        # identity -> its X-Keygate-* headers (Identity compares every field that says who it is)
+        self._identity_blocks: dict[Identity, tuple[tuple[str, str], ...]] = {}
         # (tenant, subscription id) -> [its lock, requests holding or waiting for it]
         self._subscription_turns: dict[tuple[str, str], list[Any]] = {}
 
@@ -413,15 +416,25 @@ class GatewayHandler:
         out["X-Forwarded-Proto"] = request.scheme
         if request.host:
             out["X-Forwarded-Host"] = _header_value(request.host)
-        out["X-Keygate-Kind"] = identity.kind
-        if not identity.is_anonymous:
-            out["X-Keygate-Sub"] = _header_value(identity.sub)
-            out["X-Keygate-User"] = _header_value(identity.username)
-            if identity.roles:
-                out["X-Keygate-Roles"] = _header_value(",".join(sorted(identity.roles)))
-            if identity.device_id:
-                out["X-Keygate-Device"] = _header_value(identity.device_id)
+        out.extend(self._identity_headers(identity))
         return out
+
+    def _identity_headers(self, identity: Identity) -> tuple[tuple[str, str], ...]:
+        """The X-Keygate-* headers of ``identity``, built once per identity (quoting is not free)."""
+        block = self._identity_blocks.get(identity)
+        if block is None:
+            pairs: list[tuple[str, str]] = [("X-Keygate-Kind", identity.kind)]
+            if not identity.is_anonymous:
+                pairs.append(("X-Keygate-Sub", _header_value(identity.sub)))
+                pairs.append(("X-Keygate-User", _header_value(identity.username)))
+                if identity.roles:
+                    pairs.append(("X-Keygate-Roles", _header_value(",".join(sorted(identity.roles)))))
+                if identity.device_id:
+                    pairs.append(("X-Keygate-Device", _header_value(identity.device_id)))
+            if len(self._identity_blocks) >= _IDENTITY_BLOCKS:
+                self._identity_blocks.clear()
+            block = self._identity_blocks[identity] = tuple(pairs)
+        return block
 
     def _url(self, path: str, query: tuple[tuple[str, str], ...]) -> URL:
         text = self.upstream + _quote_path(path)

@@ -106,13 +106,15 @@ class UpstreamResponse:
                 raise self._error
             if self._done:
                 return
-            self._waiter = self._conn.loop.create_future()
+            waiter = self._waiter = self._conn.loop.create_future()
+            timer = self._conn.loop.call_later(self._conn.pool.timeout, self._conn._late, waiter)
             try:
-                await asyncio.wait_for(self._waiter, self._conn.pool.timeout)
-            except TimeoutError:
+                await waiter
+            except BaseException:
                 self._conn.abort()
-                raise UpstreamTimeout("the upstream stopped sending its body") from None
+                raise
             finally:
+                timer.cancel()
                 self._waiter = None
 
     async def read(self) -> bytes:
@@ -249,17 +251,21 @@ class _Connection(asyncio.Protocol):
             except BaseException:
                 self.abort()   # a body cut short leaves the upstream waiting for the rest
                 raise
+        # A timer rather than asyncio.wait_for, which costs a task switch per request.
+        timer = self.loop.call_later(self.pool.timeout, self._late, self.head)
         try:
-            await asyncio.wait_for(self.head, self.pool.timeout)
-        except TimeoutError:
-            self.abort()
-            raise UpstreamTimeout("the upstream did not answer in time") from None
+            await self.head
         except BaseException:
             self.abort()
             raise
         finally:
+            timer.cancel()
             self.head = None
         return response
+
+    def _late(self, waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            waiter.set_exception(UpstreamTimeout("the upstream did not answer in time"))
 
     def finished(self, response: UpstreamResponse) -> None:
         if response is not self.response:
