@@ -194,8 +194,18 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str, str]]:
 
 def syscall_cost(rows: list[Row]) -> str:
     """The machine's loopback ping-pong round trip (bench/syscost.py), as the report states it."""
-    rtt = median(rows, "machine", "loopback round trip", "direct", "rtt_us")
-    return f"{rtt:,.1f} µs" if rtt == rtt else "not measured"
+    def m(metric: str) -> float:
+        return median(rows, "machine", "loopback round trip", "direct", metric)
+
+    rtt, same, cross = m("rtt_us"), m("same_cpu_rtt_us"), m("cross_cpu_rtt_us")
+    if rtt != rtt:
+        return "not measured"
+    text = f"{rtt:,.1f} µs unpinned"
+    if same == same:
+        text += f", {same:,.1f} µs on one CPU"
+    if cross == cross:
+        text += f", {cross:,.1f} µs across two"
+    return text
 
 
 def _verdict(ok: bool, rows: list[Row], scenario: str) -> str:
@@ -383,7 +393,9 @@ def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quic
         "The round trip (`python -m bench.syscost`: two processes echoing one byte over loopback TCP, two",
         "`send`, two `recv` and two wake-ups) is the kind of work each proxied request or relayed message",
         "costs any gateway: where it is dear, every ratio against a C server moves, so it is stated here",
-        "to tell a slower machine from a slower keygate.",
+        "to tell a slower machine from a slower keygate. Across CPUs each wake-up is an inter-processor",
+        "interrupt, which a virtual machine makes dear; unpinned, the scheduler decides, as it does for",
+        "the benchmark's own processes.",
         "",
         "All processes share the same cores: the load generators (separate processes, raw asyncio",
         "sockets with pre-encoded packets, `wrk` for HTTP), Mosquitto, keygate and nginx. Mosquitto is",
