@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -32,7 +33,7 @@ import httptools
 # POST_METHODS a Content-Type when none is set.
 _GET_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _POST_METHODS = frozenset({"PATCH", "POST", "PUT"})
-_FORBIDDEN = frozenset("\r\n\0")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")   # what aiohttp's header writer refuses (tab is allowed)
 
 
 class UpstreamError(Exception):
@@ -43,27 +44,25 @@ class UpstreamTimeout(UpstreamError, TimeoutError):
     """No connection, or no bytes, within the timeout."""
 
 
-def _check(text: str, what: str) -> str:
-    # Header names and values come from parsed requests and quoted identities: a CR, LF or NUL
-    # here would be a bug elsewhere, and would split the upstream request (smuggling).
-    if not _FORBIDDEN.isdisjoint(text):
-        raise ValueError(f"{what} contains a line break or NUL")
-    return text
-
-
 def request_head(method: str, target: str, host: str, headers: list[tuple[str, str]],
                  body: bytes | AsyncIterator[bytes] | None) -> bytes:
     """The request head as the old path (aiohttp's client) wrote it for the same call."""
     names = {name.lower() for name, _ in headers}
-    lines = [f"{_check(method, 'method')} {_check(target, 'target')} HTTP/1.1", f"Host: {host}"]
-    lines += [f"{_check(n, 'header name')}: {_check(v, 'header value')}" for n, v in headers]
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{n}: {v}" for n, v in headers]
     if "accept" not in names:
         lines.append("Accept: */*")
     if body is None and method not in _GET_METHODS and "content-length" not in names:
         lines.append("Content-Length: 0")
     if "content-type" not in names and (method in _POST_METHODS or body is not None):
         lines.append("Content-Type: application/octet-stream")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    # Header names and values come from parsed requests and quoted identities: a control
+    # character (CR, LF, NUL...) in one would be a bug elsewhere, and a CR/LF would split the
+    # upstream request (smuggling). Refused as aiohttp's writer refuses them, all lines at once.
+    if _CONTROL.search("".join(lines)):
+        raise ValueError("a request line or header contains a control character")
+    # UTF-8 as aiohttp wrote it; what its parser read as surrogate escapes goes out as it came in.
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
 class UpstreamResponse:

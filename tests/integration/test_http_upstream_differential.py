@@ -155,6 +155,8 @@ def _requests(token: str) -> list[tuple[str, bytes]]:
          f"GET /v2/./entities/x/../a%2D1 HTTP/1.1\r\n{common}\r\n".encode()),
         ("HEAD", f"HEAD /v2/entities/a-1 HTTP/1.1\r\n{common}\r\n".encode()),
         ("CORS read", f"GET /v2/entities/a-1 HTTP/1.1\r\n{common}Origin: https://app.example\r\n\r\n".encode()),
+        ("UTF-8 and a tab in a header value",
+         f"GET /v2/entities/a-1 HTTP/1.1\r\n{common}X-Name: caf\u00e9\t\u20ac\r\n\r\n".encode()),
         ("list, chunked answer", f"GET /v2/entities?type=Thermometer&limit=5 HTTP/1.1\r\n{common}\r\n".encode()),
         ("upstream 404", f"GET /v2/entities/a-2 HTTP/1.1\r\n{common}\r\n".encode()),
         ("attribute write",
@@ -232,7 +234,8 @@ async def test_the_lean_client_sends_orion_the_same_bytes_and_answers_the_same(p
 def test_a_line_break_in_a_header_cannot_split_the_upstream_request():
     # The gateway never builds such a value (aiohttp's parser refuses it, identities are quoted);
     # the head builder refuses it all the same.
-    for headers in ([("X-A", "1\r\nX-Keygate-Sub: admin")], [("X-A\r\nEvil", "1")], [("X-A", "1\0")]):
+    for headers in ([("X-A", "1\r\nX-Keygate-Sub: admin")], [("X-A\r\nEvil", "1")], [("X-A", "1\0")],
+                    [("X-A", "1\nX-B: 2")], [("X-A", "1\rX-B: 2")], [("X-A", "\x7f")]):
         with pytest.raises(ValueError):
             request_head("GET", "/v2/entities/a-1", "orion:1026", headers, None)
     with pytest.raises(ValueError):
