@@ -112,6 +112,8 @@ _MAX_QUERY_FIELDS = 64
 _CHUNK = 65536
 _SUBSCRIPTION_FETCH_CONCURRENCY = 16
 _IDENTITY_BLOCKS = 4096
+_UPSTREAM_CONNECTIONS = 256   # to Orion at most, both clients together (proxy.app.HTTP_UPSTREAM_DESCRIPTORS)
+_SIDE_CONNECTIONS = 32        # of which the aiohttp client's, beside the lean pool
 
 
 def orion_error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -178,12 +180,16 @@ class GatewayHandler:
     async def open(self, _app: web.Application | None = None) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.upstream_timeout_seconds,
                                         sock_read=self.config.upstream_timeout_seconds)
-        connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=60)
+        if self.client == "lean":
+            # The two clients share the connections proxy.app budgets for (HTTP_UPSTREAM_DESCRIPTORS):
+            # the old one keeps a few for the subscription reads and withdrawals.
+            self.pool = pool_for(self.upstream, timeout=self.config.upstream_timeout_seconds,
+                                 limit=_UPSTREAM_CONNECTIONS - _SIDE_CONNECTIONS)
+        limit = _SIDE_CONNECTIONS if self.pool is not None else _UPSTREAM_CONNECTIONS
+        connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=60)
         # auto_decompress off: bodies pass through as Orion sent them.
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
                                              skip_auto_headers=("User-Agent", "Accept-Encoding"))
-        if self.client == "lean":
-            self.pool = pool_for(self.upstream, timeout=self.config.upstream_timeout_seconds)
 
     async def close(self, _app: web.Application | None = None) -> None:
         self.outcomes.flush()
