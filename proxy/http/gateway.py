@@ -8,7 +8,9 @@ non-finite and out-of-range numbers, duplicate keys refused 400 ``ParseError``; 
 attribute writes, which the decision does not read, are checked the same way and forwarded as sent),
 analyse (:mod:`.ngsi`), plan (:mod:`.plan`), check notification targets
 (:mod:`proxy.ssrf`, with Orion's own address never a target), then forward to Orion
-over one pooled client session, and audit the outcome. Orion is only ever sent
+over the lean upstream client's keep-alive pool (:mod:`.upstream`; aiohttp's client for an
+``https://`` upstream, and for the subscription reads and withdrawals), and audit the outcome
+(batched per turn of the event loop, :mod:`.outcomes`). Orion is only ever sent
 the canonical path, the re-encoded query, and (where the body was checked) the
 re-serialised body: what was checked is what Orion reads. A forwarded write is
 counted on the entity ids it touches until Orion answers (``ownership.writes``):
