@@ -33,6 +33,7 @@ import httptools
 # POST_METHODS a Content-Type when none is set.
 _GET_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _POST_METHODS = frozenset({"PATCH", "POST", "PUT"})
+_HIGH_WATER = 256 * 1024   # answer bytes held for a client before reading Orion pauses
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")   # what aiohttp's header writer refuses (tab is allowed)
 
 
@@ -69,7 +70,7 @@ class UpstreamResponse:
     """One response: ``status``, ``reason``, ``headers`` as sent; the body read with :meth:`read`
     or :meth:`chunks`. :meth:`release` gives the connection back (or closes it)."""
 
-    __slots__ = ("_conn", "_done", "_error", "_parts", "_waiter", "headers", "reason", "status")
+    __slots__ = ("_buffered", "_conn", "_done", "_error", "_parts", "_waiter", "headers", "reason", "status")
 
     def __init__(self, conn: _Connection):
         self._conn = conn
@@ -77,6 +78,7 @@ class UpstreamResponse:
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
         self._parts: collections.deque[bytes] = collections.deque()
+        self._buffered = 0   # bytes in _parts
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -100,7 +102,11 @@ class UpstreamResponse:
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
             while self._parts:
-                yield self._parts.popleft()
+                part = self._parts.popleft()
+                self._buffered -= len(part)
+                if self._buffered < _HIGH_WATER:
+                    self._conn.resume()
+                yield part
             if self._error is not None:
                 raise self._error
             if self._done:
@@ -120,6 +126,8 @@ class UpstreamResponse:
         if self._done and self._error is None:
             body = b"".join(self._parts)
             self._parts.clear()
+            self._buffered = 0
+            self._conn.resume()
             return body
         return b"".join([chunk async for chunk in self.chunks()])
 
@@ -141,6 +149,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self._head_only = False
         self._began = False
+        self._paused = False
 
     # -- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -206,6 +215,11 @@ class _Connection(asyncio.Protocol):
         assert response is not None  # noqa: S101
         if not self._head_only:
             response._parts.append(body)
+            response._buffered += len(body)
+            if response._buffered >= _HIGH_WATER and self.transport is not None and not self._paused:
+                # A large answer to a slow client: stop reading Orion until the client has taken some.
+                self._paused = True
+                self.transport.pause_reading()
             response._wake()
 
     def on_message_complete(self) -> None:
@@ -224,6 +238,11 @@ class _Connection(asyncio.Protocol):
             self.response._done = True
             self.response._wake()
         self.abort()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
 
     def abort(self) -> None:
         self.reusable = False
@@ -271,6 +290,7 @@ class _Connection(asyncio.Protocol):
             return
         self.response = None
         if self.reusable and response._done and not self.closed:
+            self.resume()
             self.pool.put_back(self)
         else:
             self.abort()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from proxy.http.upstream import UpstreamError, UpstreamPool, UpstreamTimeout, pool_for
+from proxy.http.upstream import _HIGH_WATER, UpstreamError, UpstreamPool, UpstreamTimeout, pool_for
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -96,6 +96,30 @@ async def test_a_second_answer_in_the_same_segment_is_not_read_as_the_next_reque
         assert (status, body) == (200, b"ok") and ("X-Planted", "1") not in headers
         assert await _get(pool) == (200, [("Content-Length", "6")], b"second")
         assert up.connections == 2   # the connection that carried the planted answer was dropped
+        await pool.close()
+
+
+async def test_a_large_answer_is_relayed_in_pieces_and_the_connection_stays_usable():
+    # More than the client is given at once: reading Orion pauses while the bytes wait (a slow
+    # client cannot make the gateway hold all of a large answer), and resumes as they are taken.
+    big = bytes(range(256)) * 8192   # 2 MiB
+    answers = {1: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big), 2: OK}
+    async with Scripted(lambda n: answers[n]) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=5)
+        response = await pool.request("GET", "/", [], None)
+        # Nobody reads for a while: what is held stops near the high-water mark, not at 2 MiB.
+        while response._buffered < _HIGH_WATER:
+            await asyncio.sleep(0.005)
+        for _ in range(20):   # room for the reader to overfill, if it did not pause
+            await asyncio.sleep(0.005)
+        assert response._buffered < 2 * _HIGH_WATER
+        got = []
+        async for chunk in response.chunks():
+            got.append(chunk)
+        response.release()
+        assert b"".join(got) == big
+        assert await _get(pool) == (200, [("Content-Length", "2")], b"ok")
+        assert up.connections == 1
         await pool.close()
 
 
