@@ -22,7 +22,8 @@ __all__ = ["RATE_BATCH", "broker_deliveries", "client_publishes"]
 RATE_BATCH = 256
 
 #: The session's publish decisions: (topic bytes or str, QoS, retain) -> (topic, decision).
-PublishCache = dict[tuple[str | bytes, int, int], tuple[str, Decision]]
+PublishEntry = tuple[str, Decision]  # the topic as text and what the policy said
+PublishCache = dict[tuple[str | bytes, int, int], PublishEntry]
 
 
 def client_publishes(mv: memoryview, cache: PublishCache, max_size: int, v5: bool, answered: set[int],

@@ -207,6 +207,7 @@ from proxy.mqtt import codec, fastpath
 from proxy.mqtt.audit_summary import ConnectionSummary
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
 from proxy.mqtt.commands import AuthRequest, Close, Command, Metric, Record
+from proxy.mqtt.decisions import DecisionCaches
 from proxy.mqtt.events import (
     Authenticated,
     AuthenticationFailed,
@@ -221,7 +222,6 @@ from proxy.mqtt.events import (
     Shutdown,
     Tick,
 )
-from proxy.mqtt.fastpath import PublishCache
 from proxy.mqtt.handshake import AUTH_METHOD, bind_client_id, client_connack_props, escape_sub, upstream_connect
 from proxy.mqtt.output import Output, Run
 from proxy.mqtt.packets import (
@@ -244,22 +244,14 @@ from proxy.mqtt.packets import (
     without_props,
 )
 from proxy.mqtt.phase import AUTH, CLOSED, CONNECT, OPEN, UPSTREAM, Phase, advance
+from proxy.mqtt.qos2 import Qos2Flows
 from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.subscriptions import SubscriptionQuota, SubscriptionTable
 from proxy.policy.decision import Decision, SubscribeDecision, Verdict
 
 __all__ = ["Policies", "Session"]
 
-# Per-connection decision caches: at most this many entries and this many bytes of topics
-# (keys; each value holds the topic once more). Topics from clients are at most topic_max_bytes.
-_CACHE_MAX = 4096
-_CACHE_MAX_BYTES = 64 * 1024
-# Cached decisions expire after this long at the latest; a decision that rests on something
-# with an end (a delegation's expiry) is dropped at that end (Decision.until).
-_DECISION_TTL = 1.0
 _NEVER = float("inf")
-# Bytes of QoS 2 publishes a connection may have awaiting their PUBREL (at least one packet).
-_QOS2_HOLD_BYTES = 256 * 1024
 # What holding one packet until CONNACK costs beside its bytes (measured on CPython 3.11: the Frame
 # 80, its memoryview 184, the bytes header 33, the list slot 8): counted in the pre-auth budget.
 HELD_PACKET_OVERHEAD = 320
@@ -316,9 +308,6 @@ class Session:
         # Shared by all of an identity's connections (the shell makes one per gateway); None: no cap.
         self.subscription_quota = subscription_quota
         self._quota_key: str | None = None  # the identity sub the held slots are counted under
-        # Bytes of QoS 2 publishes awaiting PUBREL, shared by the identity's connections (a quota
-        # of bytes: mqtt.limits.qos2_hold_bytes_per_identity); this session's part: _qos2_held_bytes.
-        self.qos2_budget = qos2_budget
         self._quota_held = 0
         # Why the identity's credential no longer stands (device deleted, key rotated), or None:
         # asked at authentication and on every invalidate().
@@ -355,11 +344,7 @@ class Session:
         self._will_armed = False       # the broker holds this connection's Will
         self._aliases: dict[int, str] = {}
         self._subs = SubscriptionTable()
-        self._recv_cache: dict[bytes, bool] = {}
-        self._pub_cache: PublishCache = {}
-        self._recv_cache_bytes = 0     # topic bytes in each cache since it was last empty
-        self._pub_cache_bytes = 0
-        self._caches_until = 0.0       # clock() after which both caches are dropped (time-bound grants)
+        self._decisions = DecisionCaches()  # publish and delivery decisions (decisions.py)
         # clock() at which the subscription grants or the token end: checked on every chunk as
         # well as by the timer, so a late timer lets nothing through after the end.
         self._grants_until = _NEVER
@@ -374,13 +359,9 @@ class Session:
         self._forwarded = 0            # PUBLISH packets passed on, per direction, not yet counted
         self._handed = 0
         self._suback_slots: dict[int, list[int | None]] = {}
-        self._client_qos2_answered: set[int] = set()
-        self._broker_qos2_dropped: set[int] = set()
-        # QoS 2 publishes from the client, held here until their PUBREL and decided again then: the
-        # broker releases a QoS 2 message at PUBREL, so it must not hold one that is no longer allowed.
-        self._qos2_held: dict[int, tuple[bytes, str, bool]] = {}  # packet id -> (packet, topic, retain)
-        self._qos2_held_bytes = 0
-        self._qos2_releasing: set[int] = set()  # released to the broker: its PUBREC is answered here
+        # The QoS 2 flows the gateway is part of, and the client publishes it holds until their
+        # PUBREL (qos2.py); the bytes held are shared with the identity's connections (qos2_budget).
+        self._qos2 = Qos2Flows(qos2_budget, config.max_packet_size)
         self._will_until: float | None = None   # when the Will's grant ends (session clock)
         self._will_devices: frozenset[str] = frozenset()
         # Pass-through run (see _pass): the output list, index of its last slice, start/end offsets.
@@ -448,7 +429,7 @@ class Session:
         if self._run is not None:
             self._end_run()
         now = self.clock()
-        if now >= self._caches_until or now >= self._grants_until:
+        if now >= self._decisions.until or now >= self._grants_until:
             self._expire(acts, now)
             if self.closed:
                 return acts
@@ -481,8 +462,8 @@ class Session:
                 frames, error = exc.frames, exc
         if frames:
             self._last_rx = now = self.clock()
-            if now >= self._caches_until:
-                self._drop_caches(now)
+            if now >= self._decisions.until:
+                self._decisions.drop(now)
         try:
             for i, frame in enumerate(frames):
                 if self.closed:
@@ -505,7 +486,7 @@ class Session:
         data = event.data
         self._end_run()
         now = self.clock()
-        if now >= self._caches_until or now >= self._grants_until:
+        if now >= self._decisions.until or now >= self._grants_until:
             self._expire(acts, now)
             if self.closed:
                 return acts
@@ -662,8 +643,7 @@ class Session:
         allowed, re-decide the subscription grants that rest on those devices. Carry out the
         returned commands like any other."""
         devices = event.devices
-        self._recv_cache.clear()
-        self._pub_cache.clear()
+        self._decisions.clear()
         ident = self.identity
         if ident is None:
             return acts
@@ -767,8 +747,8 @@ class Session:
     def _client_fast(self, acts: Output, mv: memoryview) -> int:
         """Allowed publishes from the start of ``mv``; the offset where it stopped."""
         ident = self.identity
-        pos, n = fastpath.client_publishes(mv, self._pub_cache, self._client_framer.max_packet_size,
-                                           self.protocol_level == MQTT_5, self._client_qos2_answered,
+        pos, n = fastpath.client_publishes(mv, self._decisions.publish, self._client_framer.max_packet_size,
+                                           self.protocol_level == MQTT_5, self._qos2.answered,
                                            self.rate_limiter, ident.sub if ident is not None else "")
         if n:
             self._published += n
@@ -778,7 +758,8 @@ class Session:
 
     def _broker_fast(self, acts: Output, mv: memoryview) -> int:
         """Deliveries from the start of ``mv`` an exact ALLOW grant or a cached decision allows."""
-        pos, n = fastpath.broker_deliveries(mv, self._subs.exact, self._recv_cache, self.protocol_level == MQTT_5)
+        pos, n = fastpath.broker_deliveries(mv, self._subs.exact, self._decisions.receive,
+                                            self.protocol_level == MQTT_5)
         if n:
             self._handed += n
             self._delivered += n
@@ -824,14 +805,14 @@ class Session:
             self._pass(acts.to_broker, frame, data)
         elif t == T.PUBREL:
             pid = codec.packet_id_of(frame, level)
-            if pid in self._client_qos2_answered:
+            if pid in self._qos2.answered:
                 # The gateway acknowledged (and dropped) this QoS 2 publish: finish it here.
-                self._client_qos2_answered.discard(pid)
+                self._qos2.answered.discard(pid)
                 # 3.1.1: the faked flow ends. v5: the flow already ended with PUBREC 0x87.
                 acts.to_client.append(codec.encode_ack(
                     T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
                 self._end_run()
-            elif pid not in self._qos2_releasing:  # (a repeated PUBREL: the broker's PUBCOMP answers it)
+            elif pid not in self._qos2.releasing:  # (a repeated PUBREL: the broker's PUBCOMP answers it)
                 self._release_qos2(acts, pid)
         elif t == T.SUBSCRIBE:
             self._client_subscribe(acts, frame, data)
@@ -959,23 +940,16 @@ class Session:
             raise RuntimeError("ident is not set")
         # Decisions are cached per (topic, QoS, retain) until invalidate() or the cache's TTL;
         # only topics that passed the checks get an entry.
-        entry = self._pub_cache.get(key)
+        entry = self._decisions.publish.get(key)
         if entry is None:
             if not rewrite:
                 topic = codec.topic_from_bytes(topic_b)
             d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id,
                                           now=self.wallclock())
             self._summary.decided("publish", topic, d)
-            cache = self._pub_cache
-            if not cache:
-                self._pub_cache_bytes = 0  # emptied elsewhere since the last entry
-            size = len(key[0])
-            if len(cache) >= _CACHE_MAX or self._pub_cache_bytes + size > _CACHE_MAX_BYTES:
-                cache.clear()
-                self._pub_cache_bytes = 0
-            cache[key] = entry = (topic, d)
-            self._pub_cache_bytes += size
-            self._cached_until(d.until)
+            entry = (topic, d)
+            self._decisions.put_publish(key, entry)
+            self._decisions.ends_at(self._mono(d.until))
         topic, d = entry
         if self.rate_limiter is not None and not self.rate_limiter.allow(ident.sub):
             self._count(_RATE_LIMITED)
@@ -1004,7 +978,7 @@ class Session:
         self._published += 1
         if info.packet_id is not None:
             # An allowed id is no longer one the gateway refused.
-            self._client_qos2_answered.discard(info.packet_id)
+            self._qos2.answered.discard(info.packet_id)
         if qos == 2:
             self._hold_qos2(acts, frame, data, info, topic, rewrite)
             return
@@ -1037,11 +1011,7 @@ class Session:
             raise RuntimeError("a QoS 2 PUBLISH without a packet id")  # (the codec refuses one)
         level = self.protocol_level
         packet = b"".join(bytes(b) for b in self._resolved(frame, data, info, topic)) if rewrite else bytes(frame.raw)
-        earlier = self._qos2_held.pop(pid, None)  # a retransmission (DUP) replaces it
-        if earlier is not None:
-            self._qos2_give_back(len(earlier[0]))
-        if self._qos2_held_bytes + len(packet) > max(_QOS2_HOLD_BYTES, self.config.max_packet_size) or (
-                not self._qos2_take(len(packet))):
+        if not self._qos2.hold(self._sub, pid, packet, topic, info.retain):  # (a DUP replaces the earlier)
             self._audit("publish", "deny", resource=topic, reason="too many QoS 2 publishes awaiting PUBREL",
                         qos=2)
             if level == MQTT_5:
@@ -1049,31 +1019,22 @@ class Session:
             else:
                 self._close(acts, "quota_exceeded", "QoS 2 publishes awaiting PUBREL")
             return
-        self._qos2_held[pid] = (packet, topic, info.retain)
-        self._qos2_held_bytes += len(packet)
         acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
 
-    def _qos2_take(self, n: int) -> bool:
-        """``n`` bytes of the identity's QoS 2 budget (the caller adds them to _qos2_held_bytes)."""
-        budget, ident = self.qos2_budget, self.identity
-        return budget is None or ident is None or budget.take(ident.sub, n)
-
-    def _qos2_give_back(self, n: int) -> None:
-        self._qos2_held_bytes -= n
-        if self.qos2_budget is not None and self.identity is not None:
-            self.qos2_budget.release(self.identity.sub, n)
+    @property
+    def _sub(self) -> str | None:
+        return self.identity.sub if self.identity is not None else None
 
     def _release_qos2(self, acts: Output, pid: int) -> None:
         """The client's PUBREL: forward the held publish if it is still allowed now."""
         self._end_run()
         level = self.protocol_level
-        held = self._qos2_held.pop(pid, None)
+        held = self._qos2.take(self._sub, pid)
         rule = None
         if held is None:
             topic, reason = "", "PUBREL for a QoS 2 publish not held on this connection"
         else:
             packet, topic, retain = held
-            self._qos2_give_back(len(packet))
             ident = self.identity
             if ident is None:
                 raise RuntimeError("ident is not set")
@@ -1085,7 +1046,7 @@ class Session:
                 # never holds it awaiting a release the gateway would have to decide again. (The
                 # broker handles them in order; its PUBREC then needs no answer, its PUBCOMP answers
                 # the client's PUBREL.)
-                self._qos2_releasing.add(pid)
+                self._qos2.releasing.add(pid)
                 self._forwarded += 1
                 acts.to_broker.append(packet)
                 acts.to_broker.append(codec.encode_ack(T.PUBREL, pid, level))
@@ -1103,20 +1064,18 @@ class Session:
         pid = info.packet_id
         if info.qos == 0 or pid is None:
             return
-        held = self._qos2_held.pop(pid, None)  # a retransmission now refused: nothing to release
-        if held is not None:
-            self._qos2_give_back(len(held[0]))
+        self._qos2.take(self._sub, pid)  # a retransmission now refused: nothing to release
         if level == MQTT_5:
             acts.to_client.append(codec.encode_ack(T.PUBACK if info.qos == 1 else T.PUBREC, pid, level, code))
             if info.qos == 2:
                 # A refused PUBREC ends the flow, but some clients (paho 2.x) send PUBREL anyway:
                 # the gateway answers it, so the broker never sees an id it does not know.
-                self._client_qos2_answered.add(pid)
+                self._qos2.answered.add(pid)
         elif info.qos == 1:
             acts.to_client.append(codec.encode_ack(T.PUBACK, pid, level))
         else:
             acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
-            self._client_qos2_answered.add(pid)
+            self._qos2.answered.add(pid)
 
     def _rate_refused(self, acts: Output, action: str, ident: Identity, n: int, resource: str) -> bool:
         """Charge ``n`` filters of a SUBSCRIBE / UNSUBSCRIBE to the identity's rate limit, as
@@ -1282,8 +1241,7 @@ class Session:
         self.identity = identity
         self._audit("reauth", "allow", identity=identity)
         # Roles may have changed with the new token, and the expiry has.
-        self._recv_cache.clear()
-        self._pub_cache.clear()
+        self._decisions.clear()
         self._redecide()
         acts.to_client.append(codec.encode_auth(Reason.SUCCESS, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD)]))
         return acts
@@ -1304,22 +1262,22 @@ class Session:
             self._broker_publish(acts, frame, data)
         elif t == T.PUBREL:
             pid = codec.packet_id_of(frame, level)
-            if pid in self._broker_qos2_dropped:
-                self._broker_qos2_dropped.discard(pid)
+            if pid in self._qos2.dropped:
+                self._qos2.dropped.discard(pid)
                 self._end_run()
                 acts.to_broker.append(codec.encode_ack(T.PUBCOMP, pid, level))
             else:
                 self._pass(acts.to_client, frame, data)
-        elif t == T.PUBREC and self._qos2_releasing:
+        elif t == T.PUBREC and self._qos2.releasing:
             pid = codec.packet_id_of(frame, level)
-            if pid in self._qos2_releasing:
+            if pid in self._qos2.releasing:
                 self._end_run()  # released already (PUBREL went with the PUBLISH); the client had its PUBREC
             else:
                 self._pass(acts.to_client, frame, data)
         elif t in (T.PUBACK, T.PUBREC, T.PUBCOMP):
             pid = codec.packet_id_of(frame, level)
             if t == T.PUBCOMP:
-                self._qos2_releasing.discard(pid)  # the answer to the client's PUBREL
+                self._qos2.releasing.discard(pid)  # the answer to the client's PUBREL
             self._pass(acts.to_client, frame, data)
         elif t == T.UNSUBACK:
             codec.packet_id_of(frame, level)  # the table changed when the UNSUBSCRIBE went by
@@ -1392,10 +1350,10 @@ class Session:
             acts.to_broker.append(codec.encode_ack(T.PUBACK, pid, level))
         elif info.qos == 2 and pid is not None:
             acts.to_broker.append(codec.encode_ack(T.PUBREC, pid, level))
-            self._broker_qos2_dropped.add(pid)
+            self._qos2.dropped.add(pid)
 
     def _may_receive(self, topic_b: bytes) -> bool:
-        cached = self._recv_cache.get(topic_b)
+        cached = self._decisions.receive.get(topic_b)
         if cached is not None:
             if cached:
                 self._delivered += 1
@@ -1411,17 +1369,9 @@ class Session:
                 raise RuntimeError("a delivery before authentication")
             decision = self.policies.may_receive(ident, topic, client_id=self.client_id, now=self.wallclock())
             ok = bool(decision.allowed)
-            self._cached_until(decision.until)
+            self._decisions.ends_at(self._mono(decision.until))
         self._summary.decided("receive", topic, decision)
-        cache = self._recv_cache
-        if not cache:
-            self._recv_cache_bytes = 0  # emptied elsewhere since the last entry
-        size = len(topic_b)
-        if len(cache) >= _CACHE_MAX or self._recv_cache_bytes + size > _CACHE_MAX_BYTES:
-            cache.clear()
-            self._recv_cache_bytes = 0
-        cache[topic_b] = ok  # a topic is at most 65,535 bytes: always fits the budget
-        self._recv_cache_bytes += size
+        self._decisions.put_receive(topic_b, ok)
         if ok:
             self._delivered += 1
         else:
@@ -1444,11 +1394,6 @@ class Session:
         acts.to_client.append(codec.encode_suback(Suback(sa.packet_id, merged, sa.properties), level))
 
     # ----------------------------------------------------------------- plumbing
-
-    def _drop_caches(self, now: float) -> None:
-        self._recv_cache.clear()
-        self._pub_cache.clear()
-        self._caches_until = now + _DECISION_TTL
 
     def _take_counts(self) -> list[tuple[Metric, int]]:
         """What the call counted. Allowed messages are counted in plain integers, in bulk."""
@@ -1474,7 +1419,7 @@ class Session:
 
     def _table_changed(self) -> None:
         # Cached deliveries may rest on a grant that just went: ask again.
-        self._recv_cache.clear()
+        self._decisions.clear_receive()
         self._update_horizon()
 
     def _redecide(self, devices: set[str] | None = None) -> None:
@@ -1504,8 +1449,8 @@ class Session:
 
     def _expire(self, acts: Output, now: float) -> None:
         """Whatever ended by ``now``: cached decisions, the token, subscription grants."""
-        if now >= self._caches_until:
-            self._drop_caches(now)
+        if now >= self._decisions.until:
+            self._decisions.drop(now)
         if now < self._grants_until or self._phase is not OPEN:
             return
         if self._token_expired():
@@ -1520,13 +1465,6 @@ class Session:
     def _mono(self, until: float | None) -> float | None:
         """A unix time (a delegation's expiry) on the session's clock."""
         return None if until is None else self.clock() + (until - self.wallclock())
-
-    def _cached_until(self, until: float | None) -> None:
-        """A cached decision rests on something that ends at ``until``: drop the caches then."""
-        if until is not None:
-            at = self._mono(until)
-            if at is not None and at < self._caches_until:
-                self._caches_until = at
 
     def _pass(self, out: list[Buffer], frame: Frame, view: memoryview | None) -> None:
         """Forward a packet unchanged; neighbours from the same chunk join into one slice
@@ -1595,8 +1533,7 @@ class Session:
         self._enter(CLOSED)
         self._pending = []
         self._release_quota(self._quota_held)  # the identity's other connections may use them
-        if self._qos2_held_bytes:  # (the held publishes are dropped with the connection)
-            self._qos2_give_back(self._qos2_held_bytes)
+        self._qos2.drop_all(self._sub)  # the held publishes go with the connection
         self._flush_folds()
         if self.identity is not None:  # one summary per connection past authentication (_enter refuses a 2nd close)
             # The counts of this call go to the metrics at its end: move them into the record now.

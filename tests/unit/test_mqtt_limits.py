@@ -232,7 +232,7 @@ def test_long_publish_topic_ends_the_connection_before_the_policy(level):
         assert bytes(acts.to_client[0]) == b"\xe0\x01\x90"  # DISCONNECT topic name invalid
     else:
         assert acts.to_client == []
-    assert len(p.asked) == asked and not s._pub_cache
+    assert len(p.asked) == asked and not s._decisions.publish
     assert denials(audit, "publish")[0]["reason_code"] == Reason.TOPIC_NAME_INVALID
     s, _, _ = open_session(level, policies=p, limits=LIMITS)
     assert s.client_data(pub("t" * LIMITS.topic_max_bytes, level=level)).to_broker
@@ -413,17 +413,17 @@ def test_publish_cache_is_bounded_in_bytes():
     s, _, _ = open_session(MQTT_311, policies=FakePolicies(pub=["#"]), limits=limits)
     for i in range(200):
         s.client_data(pub(f"{i:04d}" + "t" * 3000))
-        keys = sum(len(k[0]) for k in s._pub_cache)
+        keys = sum(len(k[0]) for k in s._decisions.publish)
         assert keys <= 64 * 1024
-    assert len(s._pub_cache) < 30
+    assert len(s._decisions.publish) < 30
 
 
 def test_delivery_cache_is_bounded_in_bytes():
     s, _, _ = open_session(MQTT_311, policies=FakePolicies(recv=["#"]))
     for i in range(200):
         s.broker_data(pub(f"{i:04d}" + "t" * 3000))
-        assert sum(len(k) for k in s._recv_cache) <= 64 * 1024
-    assert len(s._recv_cache) < 30
+        assert sum(len(k) for k in s._decisions.receive) <= 64 * 1024
+    assert len(s._decisions.receive) < 30
 
 
 # --------------------------------------------------------------------------- the UTF-8 rule

@@ -1274,7 +1274,7 @@ def test_held_qos2_publishes_are_bounded():
         acts = s.client_data(pub("devices/thermo-1/cmd", payload=big, qos=2, pid=pid, level=MQTT_5))
         codes.append(only(acts.to_client, T.PUBREC).raw[4] if len(only(acts.to_client, T.PUBREC).raw) > 4 else 0)
     assert 0 in codes and Reason.QUOTA_EXCEEDED in codes
-    assert s._qos2_held_bytes <= 256 * 1024
+    assert s._qos2.held_bytes <= 256 * 1024
     assert [r for r in audit.records if r.get("reason") == "too many QoS 2 publishes awaiting PUBREL"]
 
 
