@@ -246,7 +246,7 @@ from proxy.mqtt.packets import (
 from proxy.mqtt.phase import AUTH, CLOSED, CONNECT, OPEN, UPSTREAM, Phase, advance
 from proxy.mqtt.qos2 import Qos2Flows
 from proxy.mqtt.ratelimit import RateLimiter
-from proxy.mqtt.subscriptions import SubscriptionQuota, SubscriptionTable
+from proxy.mqtt.subscriptions import HeldSlots, SubscriptionQuota, SubscriptionTable
 from proxy.policy.decision import Decision, SubscribeDecision, Verdict
 
 __all__ = ["Policies", "Session"]
@@ -306,9 +306,7 @@ class Session:
         self._preauth_max = config.preauth_max_bytes
         self._topic_max = limits.topic_max_bytes
         # Shared by all of an identity's connections (the shell makes one per gateway); None: no cap.
-        self.subscription_quota = subscription_quota
-        self._quota_key: str | None = None  # the identity sub the held slots are counted under
-        self._quota_held = 0
+        self._slots = HeldSlots(subscription_quota)  # this connection's share of it
         # Why the identity's credential no longer stands (device deleted, key rotated), or None:
         # asked at authentication and on every invalidate().
         self.credential_problem = credential_problem
@@ -1108,7 +1106,6 @@ class Session:
         deny_code = Reason.NOT_AUTHORIZED if v5 else V3_SUBACK_FAILURE
         quota_code = Reason.QUOTA_EXCEEDED if v5 else V3_SUBACK_FAILURE
         per_connection = self.config.limits.subscriptions_per_connection
-        quota = self.subscription_quota
         for s in sub.subscriptions:
             if s.too_long:
                 # Never decoded, never asked of the policy: the shared decision cache only ever
@@ -1132,7 +1129,7 @@ class Session:
             self._summary.decided("subscribe", s.topic_filter, d)
             verdict = d.verdict
             if verdict is not Verdict.DENY:
-                if new and quota is not None and not self._take_quota(quota, ident):
+                if new and not self._slots.take(ident.sub):
                     self._count(_DENIED["subscribe"])
                     self._audit_folded("subscribe:identity", "subscribe", identity=ident, resource=s.topic_filter,
                                        reason="too many subscriptions for the identity", qos=s.qos)
@@ -1173,19 +1170,10 @@ class Session:
         owner = escape_sub(ident.sub if ident is not None else "").replace("+", "%2B").replace("#", "%23")
         return f"$share/{owner}~{group}/{inner}"
 
-    def _take_quota(self, quota: SubscriptionQuota, ident: Identity) -> bool:
-        if self._quota_key is None:
-            self._quota_key = ident.sub  # re-authentication keeps the subject: one key per session
-        if not quota.acquire(self._quota_key):
-            return False
-        self._quota_held += 1
-        return True
-
-    def _release_quota(self, n: int) -> None:
-        n = min(n, self._quota_held)
-        if n and self.subscription_quota is not None and self._quota_key is not None:
-            self.subscription_quota.release(self._quota_key, n)
-            self._quota_held -= n
+    @property
+    def subscription_quota(self) -> SubscriptionQuota | None:
+        """The identity's shared subscription quota (the shell makes one per gateway)."""
+        return self._slots.quota
 
     def _client_unsubscribe(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
@@ -1204,7 +1192,7 @@ class Session:
             return
         # The table changes now, in stream order, as the broker's will; what it still
         # delivers under these filters is checked like anything the table cannot prove.
-        self._release_quota(self._subs.unsubscribed(unsub.topic_filters))
+        self._slots.give_back(self._subs.unsubscribed(unsub.topic_filters))
         self._table_changed()
         upstream = [self._upstream_filter(f) for f in unsub.topic_filters]
         if upstream == unsub.topic_filters:
@@ -1532,7 +1520,7 @@ class Session:
         self.closed = True
         self._enter(CLOSED)
         self._pending = []
-        self._release_quota(self._quota_held)  # the identity's other connections may use them
+        self._slots.give_back_all()  # the identity's other connections may use them
         self._qos2.drop_all(self._sub)  # the held publishes go with the connection
         self._flush_folds()
         if self.identity is not None:  # one summary per connection past authentication (_enter refuses a 2nd close)

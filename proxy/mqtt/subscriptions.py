@@ -192,3 +192,35 @@ class SubscriptionQuota:
 
     def held(self, key: str) -> int:
         return self._held.get(key, 0)
+
+
+class HeldSlots:
+    """The slots one connection holds in its identity's shared :class:`SubscriptionQuota`: taken
+    one per filter added to its table, given back on UNSUBSCRIBE and, all of them, at the close.
+    Counted under the subject of the first slot (a re-authentication keeps the subject)."""
+
+    __slots__ = ("held", "key", "quota")
+
+    def __init__(self, quota: SubscriptionQuota | None):
+        self.quota = quota          # None: no per-identity cap
+        self.key: str | None = None
+        self.held = 0
+
+    def take(self, sub: str) -> bool:
+        if self.quota is None:
+            return True
+        if self.key is None:
+            self.key = sub
+        if not self.quota.acquire(self.key):
+            return False
+        self.held += 1
+        return True
+
+    def give_back(self, n: int) -> None:
+        n = min(n, self.held)
+        if n and self.quota is not None and self.key is not None:
+            self.quota.release(self.key, n)
+            self.held -= n
+
+    def give_back_all(self) -> None:
+        self.give_back(self.held)

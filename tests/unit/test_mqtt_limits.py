@@ -287,8 +287,8 @@ def test_subscriptions_per_connection_come_from_the_config():
 
 
 def quota_session(quota, identity, level=MQTT_5, **kw):
-    s, _p, audit = make(level, FakePolicies(sub_allow=[f"a/{i}" for i in range(20)]), limits=LIMITS, **kw)
-    s.subscription_quota = quota
+    s, _p, audit = make(level, FakePolicies(sub_allow=[f"a/{i}" for i in range(20)]), limits=LIMITS,
+                        subscription_quota=quota, **kw)
     s.client_data(connect_packet(level))
     s.authenticated(identity)
     s.broker_data(connack(level))
