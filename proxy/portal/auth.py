@@ -32,6 +32,9 @@ def _set_cookie(response: web.StreamResponse, portal: Portal, session: Session) 
 
 async def login(request: web.Request) -> web.StreamResponse:
     portal = _portal(request)
+    current = session_of(request)
+    if current is not None and current.signed_in:
+        raise web.HTTPFound(f"{portal.base}devices")
     session = portal.sessions.new()
     session.state, session.nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     from proxy.portal.oidc import pkce_pair
@@ -118,6 +121,10 @@ async def require_form(request: web.Request) -> tuple[Session, dict[str, str]]:
 
 async def logout(request: web.Request) -> web.StreamResponse:
     portal = _portal(request)
+    if session_of(request) is None:   # ended already (expired): nothing to sign out of
+        response = web.HTTPFound(portal.base)
+        response.del_cookie(COOKIE, path=portal.base)
+        return response
     session, _ = await require_form(request)
     portal.sessions.end(session)
     tokens = session.tokens

@@ -27,7 +27,11 @@ MAX_PACKET = 256 * 1024
 
 
 class LiveError(Exception):
-    """The feed could not start or ended; the message is for a person."""
+    """The feed could not start or ended; the message is for a person. The browser tries again."""
+
+
+class LiveRefused(LiveError):
+    """The gateway refused the feed (sign-in or subscription): trying again would not help."""
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,9 @@ class LiveFeeds:
                 raise LiveError("the live feed got a malformed packet") from exc
             for frame in frames:
                 if frame.type == PacketType.CONNACK and bytes(frame.body[1:2]) != b"\x00":
-                    raise LiveError("the gateway refused the live feed's sign-in")
+                    raise LiveRefused("the gateway refused the live feed's sign-in")
                 if frame.type == PacketType.SUBACK and bytes(frame.body[2:3]) == b"\x80":
-                    raise LiveError("you may not read this device's data")
+                    raise LiveRefused("you may not read this device's data")
                 if frame.type == PacketType.PUBLISH:
                     info = codec.decode_publish(frame, MQTT_311)
                     payload = bytes(frame.raw[info.payload_start:]).decode("utf-8", errors="replace")

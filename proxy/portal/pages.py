@@ -8,6 +8,8 @@ in no other page.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
 from typing import Any
@@ -18,7 +20,7 @@ from aiohttp import web
 
 from proxy.portal.api_client import ApiAnswer
 from proxy.portal.auth import access_token, require_form, require_session, session_of
-from proxy.portal.live import LiveError
+from proxy.portal.live import LiveError, LiveRefused, Reading
 from proxy.portal.sessions import Session
 from proxy.portal.state import PORTAL, Portal
 
@@ -320,28 +322,61 @@ async def shared_device(request: web.Request) -> web.Response:
         "title": device_id, "device": record, "live_url": f"{_portal(request).base}shared/{_q(device_id)}/live"})
 
 
+# A comment line this often: a browser that went away is noticed (the write fails) and its feed closed.
+HEARTBEAT_SECONDS = 15.0
+
+
 async def live(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: the device's telemetry, as the gateway delivers it to this person."""
     session = session_of(request)
     if session is None or not session.signed_in:
         raise web.HTTPUnauthorized()
     portal = _portal(request)
-    device_id = request.match_info["id"]
-    token = await access_token(request, session)
+    try:
+        token = await access_token(request, session)
+    except web.HTTPFound:
+        raise web.HTTPUnauthorized() from None   # an event stream does not follow a sign-in
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no", **portal.headers})
     await response.prepare(request)
-    await response.write(b": connected\n\nevent: ready\ndata: {}\n\n")
+    await response.write(b"retry: 3000\nevent: ready\ndata: {}\n\n")
+    readings: asyncio.Queue[Reading | LiveError] = asyncio.Queue(maxsize=100)
+
+    async def pump() -> None:
+        try:
+            async for reading in portal.live.readings(token, request.match_info["id"]):
+                if readings.full():
+                    readings.get_nowait()   # a slow browser gets the latest readings, not all
+                readings.put_nowait(reading)
+        except LiveError as exc:
+            readings.put_nowait(exc)
+
+    task = asyncio.create_task(pump())
     try:
-        async for reading in portal.live.readings(token, device_id):
-            data = json.dumps({"topic": reading.topic, "payload": reading.payload, "at": when(portal.services.
-                                                                                               ownership.now())})
+        while True:
+            try:
+                item = await asyncio.wait_for(readings.get(), HEARTBEAT_SECONDS)
+            except TimeoutError:
+                await response.write(b": heartbeat\n\n")
+                continue
+            if isinstance(item, LiveRefused):
+                await response.write(f"event: ended\ndata: {json.dumps(str(item))}\n\n".encode())
+                break
+            if isinstance(item, LiveError):
+                break   # the connection ended (a token expired, the gateway restarted): the browser reconnects
+            data = json.dumps({"topic": item.topic, "payload": item.payload, "at": when(time_now(portal))})
             await response.write(f"event: reading\ndata: {data}\n\n".encode())
-    except LiveError as exc:
-        await response.write(f"event: ended\ndata: {json.dumps(str(exc))}\n\n".encode())
     except (ConnectionResetError, OSError):
-        pass
+        pass   # the browser went away
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
     return response
+
+
+def time_now(portal: Portal) -> float:
+    return portal.services.ownership.now()
 
 
 async def data(request: web.Request) -> web.Response:

@@ -5,7 +5,9 @@ and nonce) and replaced by a new id when the sign-in completes, so an id seen
 before login (session fixation) is worth nothing after it. It holds the
 person's tokens and a CSRF token, and ends when the refresh token does (or the
 provider refuses a refresh), at logout, or when ``portal.max_sessions`` pushes
-out the least recently used one.
+out the least recently used one. Sign-ins under way are held apart, under
+the same bound: anyone can start one, so a flood of them pushes out only other
+unfinished sign-ins, never a signed-in session.
 """
 
 from __future__ import annotations
@@ -64,34 +66,48 @@ class Session:
 class SessionStore:
     def __init__(self, max_sessions: int):
         self._max = max_sessions
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sessions: OrderedDict[str, Session] = OrderedDict()   # signed in
+        self._pending: OrderedDict[str, Session] = OrderedDict()    # signing in
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return len(self._sessions) + len(self._pending)
+
+    @staticmethod
+    def _made() -> Session:
+        return Session(id=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), created_at=time.time())
+
+    @staticmethod
+    def _add(held: OrderedDict[str, Session], session: Session, bound: int) -> None:
+        held[session.id] = session
+        while len(held) > bound:
+            held.popitem(last=False)
 
     def new(self) -> Session:
-        session = Session(id=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), created_at=time.time())
-        self._sessions[session.id] = session
-        while len(self._sessions) > self._max:
-            self._sessions.popitem(last=False)
+        """A sign-in under way."""
+        session = self._made()
+        self._add(self._pending, session, self._max)
         return session
 
     def get(self, session_id: str) -> Session | None:
-        session = self._sessions.get(session_id)
-        if session is None:
-            return None
-        if session.expired(time.time()):
-            del self._sessions[session_id]
-            return None
-        self._sessions.move_to_end(session_id)
-        return session
+        for held in (self._sessions, self._pending):
+            session = held.get(session_id)
+            if session is None:
+                continue
+            if session.expired(time.time()):
+                del held[session_id]
+                return None
+            held.move_to_end(session_id)
+            return session
+        return None
 
     def rotate(self, old: Session, tokens: Tokens, username: str, sub: str) -> Session:
         """The signed-in session, under a new id and a new CSRF token; the old id stops working."""
-        self._sessions.pop(old.id, None)
-        session = self.new()
+        self.end(old)
+        session = self._made()
         session.tokens, session.username, session.sub = tokens, username, sub
+        self._add(self._sessions, session, self._max)
         return session
 
     def end(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
+        self._pending.pop(session.id, None)

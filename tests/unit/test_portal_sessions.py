@@ -51,10 +51,18 @@ def test_a_sign_in_not_completed_in_time_is_gone():
 
 def test_the_least_recently_used_session_goes_first_past_the_bound():
     store = SessionStore(2)
-    a, b = store.new(), store.new()
+    a, b = (store.rotate(store.new(), tokens(), name, name) for name in ("a", "b"))
     store.get(a.id)
-    store.new()
-    assert store.get(b.id) is None and store.get(a.id) is a and len(store) == 2
+    store.rotate(store.new(), tokens(), "c", "c")
+    assert store.get(b.id) is None and store.get(a.id) is a
+
+
+def test_a_flood_of_sign_ins_started_never_pushes_out_a_signed_in_session():
+    store = SessionStore(2)
+    signed_in = store.rotate(store.new(), tokens(), "alice", "sub-a")
+    started = [store.new() for _ in range(10)]
+    assert store.get(signed_in.id) is signed_in
+    assert store.get(started[0].id) is None and store.get(started[-1].id) is started[-1]
 
 
 def test_csrf_check_is_exact():
