@@ -224,8 +224,14 @@ def test_portal_walk(stack, browser):
     shoot(bob, "07-shared-with-bob")
     bob.get_by_role("link", name="thermo-portal-1").click()
     bob.get_by_text("Connected: readings appear here").wait_for()
-    for content in (bob.content(),):
-        assert k1 not in content and k2 not in content
+    # Bob's live view gets the device's readings through his delegation (the gateway's delivery check).
+    subprocess.run([MOSQUITTO_PUB, "-h", "127.0.0.1", "-p", str(stack.mqtt_port), "-i", "thermo-portal-1",
+                    "-u", "thermo-portal-1", "-P", k2, "-t", "devices/thermo-portal-1/telemetry",
+                    "-m", '{"temperature": 22.0}', "-q", "1"], check=True, timeout=20)
+    bob.locator(".readings li").filter(has_text='{"temperature": 22.0}').wait_for()
+    content = bob.content()
+    assert k1 not in content and k2 not in content
+    assert "Replace K1" not in content and "Delete this device" not in content   # read only: nothing to manage
     shoot(bob, "08-shared-device")
     bob.goto(f"{stack.base}shared")
 
