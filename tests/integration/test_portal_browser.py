@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "tests" / "artifacts" / "portal"
 MOSQUITTO_PUB = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
+MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DESKTOP = {"width": 1280, "height": 800}
@@ -251,8 +252,26 @@ def test_portal_walk(stack, browser):
 
     # My personal data: download, then erase (typed confirmation).
     alice.goto(f"{stack.base}devices")
-    assert "connected" in alice.locator("table.devices").inner_text()
-    shoot(alice, "11-devices-list")
+    row = alice.locator("table.devices").inner_text()
+    assert "not connected" in row and "never" not in row   # seen when it published
+    # Connected now: the device holds a connection (its SUBACK is the sentinel), the list says so.
+    # stdbuf: mosquitto_sub's debug lines unbuffered into the pipe, so the SUBACK line arrives as it happens.
+    holder = subprocess.Popen(["stdbuf", "-oL", MOSQUITTO_SUB, "-d", "-h", "127.0.0.1", "-p", str(stack.mqtt_port),
+                               "-i", "thermo-portal-1", "-u", "thermo-portal-1", "-P", k1,
+                               "-t", "devices/thermo-portal-1/cmd/#"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        for line in holder.stdout:
+            if "SUBACK" in line:
+                break
+        else:
+            raise AssertionError("the device's mosquitto_sub ended before its SUBACK")
+        alice.goto(f"{stack.base}devices")
+        assert "connected now" in alice.locator("table.devices").inner_text()
+        shoot(alice, "11-devices-list")
+    finally:
+        holder.terminate()
+        holder.wait(10)
     alice.get_by_role("link", name="My personal data").click()
     shoot(alice, "12-personal-data")
     with alice.expect_download() as download_info:
