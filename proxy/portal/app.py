@@ -42,10 +42,11 @@ async def headers_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        if exc.status < 400:
-            response = exc
-        else:
-            response = pages.error_page(request, exc.status, pages.HTTP_MESSAGES.get(exc.status, exc.reason))
+        if exc.status < 400:   # a redirect: raised on, with the headers
+            for name, value in portal.headers.items():
+                exc.headers.setdefault(name, value)
+            raise
+        response = pages.error_page(request, exc.status, pages.HTTP_MESSAGES.get(exc.status, exc.reason))
     except Exception:
         log.exception("portal: unexpected error on %s %s", request.method, request.path)
         response = pages.error_page(request, 500, "Something went wrong on our side. Please try again.")

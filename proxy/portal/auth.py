@@ -49,7 +49,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         return error_page(request, 503, str(exc))
     response = web.HTTPFound(url)
     _set_cookie(response, portal, session)
-    return response
+    raise response
 
 
 async def callback(request: web.Request) -> web.StreamResponse:
@@ -79,7 +79,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     session = portal.sessions.rotate(pending, tokens, identity.username, identity.sub)
     response = web.HTTPFound(f"{portal.base}devices")
     _set_cookie(response, portal, session)
-    return response
+    raise response
 
 
 async def access_token(request: web.Request, session: Session) -> str:
@@ -124,7 +124,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     if session_of(request) is None:   # ended already (expired): nothing to sign out of
         response = web.HTTPFound(portal.base)
         response.del_cookie(COOKIE, path=portal.base)
-        return response
+        raise response
     session, _ = await require_form(request)
     portal.sessions.end(session)
     tokens = session.tokens
@@ -133,4 +133,4 @@ async def logout(request: web.Request) -> web.StreamResponse:
         await portal.oidc.revoke(tokens.refresh_token)
     response = web.HTTPFound(url or portal.base)
     response.del_cookie(COOKIE, path=portal.base)
-    return response
+    raise response

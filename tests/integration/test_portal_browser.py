@@ -83,8 +83,9 @@ audit:
   path: audit.log
 """)
         env = {**os.environ, "KEYGATE_STORE_KEY": "portal-test-store-key"}
-        gateway = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "-c", str(config)], cwd=ROOT, env=env,
-                                   stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        with open(self.log, "wb") as log:   # the child keeps its own descriptor
+            gateway = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "-c", str(config)], cwd=ROOT,
+                                       env=env, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(gateway)
         for port in (self.http_port, self.mqtt_port):
             wait_for_port(port, proc=gateway, timeout=30)
