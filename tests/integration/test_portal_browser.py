@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.rig.oidc import OidcProvider, password_of
+from tests.rig.pki import make_csr
 from tests.rig.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -59,8 +60,13 @@ class PortalStack:
                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(orion)
         wait_for_port(self.orion_port, proc=orion)
+        subprocess.run([sys.executable, "-m", "proxy", "certs", "init", str(self.workdir / "certs")], check=True,
+                       cwd=ROOT, capture_output=True)
         config = self.workdir / "proxy.yaml"
         config.write_text(self.oidc.config_yaml() + f"""
+tls:
+  client_ca: certs/devices-ca.crt
+  client_ca_key: certs/devices-ca.key   # certificate enrollment (the device page's CSR upload)
 mqtt:
   listen: 127.0.0.1:{self.mqtt_port}
   upstream: {self.mosquitto.address}
@@ -242,10 +248,24 @@ def test_portal_walk(stack, browser):
     alice.get_by_text("Sharing withdrawn.").wait_for()
     bob.get_by_text("Nothing is shared with you.").wait_for()
 
-    # Rotation and deletion confirmations say what they do.
+    # A certificate from a CSR pasted into the device page.
+    alice.goto(f"{stack.base}devices/thermo-portal-1")
+    _, csr = make_csr("thermo-portal-1")
+    alice.get_by_label(re.compile("Certificate signing request")).fill(csr.decode())
+    alice.get_by_role("button", name="Get a certificate").click()
+    alice.get_by_text("-----BEGIN CERTIFICATE-----").wait_for()
+    shoot(alice, "09-certificate")
+    alice.get_by_role("link", name="Back to the device").click()
+    assert "serial" in alice.locator("#cert-h + ul").inner_text()
+
+    # Rotation and deletion confirmations say what they do; a rotation shows the new key once.
     alice.goto(f"{stack.base}devices/thermo-portal-1/rotate/k2")
     assert "disconnected" in alice.locator("main").inner_text()
     shoot(alice, "09-rotate-confirm")
+    alice.get_by_role("button", name="Replace K2").click()
+    alice.get_by_text("Copy this key now.").wait_for()
+    new_k2 = alice.locator("#key-k2").inner_text()
+    assert new_k2 != k2 and alice.locator("#key-k1").count() == 0
     alice.goto(f"{stack.base}devices/thermo-portal-1/delete")
     text = alice.locator("main").inner_text()
     assert "entity" in text and "retained" in text and "certificates" in text
@@ -403,5 +423,14 @@ def test_portal_security(stack, browser):
     assert "event: ended" in stream.text() and "may not read" in stream.text()
     alice.goto(f"{stack.base}devices/thermo-secure-1")
     assert alice.locator("h1").inner_text() == "thermo-secure-1"   # bob's posts did nothing
+    # Alice deletes it herself: the typed confirmation, then it is gone.
+    alice.get_by_role("link", name="Delete this device").click()
+    alice.get_by_label(re.compile("Type the device id")).fill("thermo-secure")
+    alice.get_by_role("button", name="Delete the device").click()
+    assert "Type the device id" in alice.locator(".error").inner_text()
+    alice.get_by_label(re.compile("Type the device id")).fill("thermo-secure-1")
+    alice.get_by_role("button", name="Delete the device").click()
+    alice.get_by_text("Device thermo-secure-1 was deleted.").wait_for()
+    assert alice_ctx.request.get(f"{stack.base}devices/thermo-secure-1", max_redirects=0).status == 404
     bob_ctx.close()
     alice_ctx.close()
