@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.note(f"bench: the stack did not start: {exc}")
             return 2
         progress.done_one()
+        rows.append(_syscall_cost())
         current = None
         for sc, case, mode, rep in steps:
             if sc is not current:
@@ -141,6 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     for r in failed:
         print(f"  failed: {r.scenario} {r.case} {r.mode}: {r.detail[:300]}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _syscall_cost() -> Row:
+    """The machine's loopback ping-pong round trip (bench/syscost.py), in its own processes."""
+    import subprocess
+
+    from bench.stack import PYTHON
+
+    try:
+        out = subprocess.run([PYTHON, "-m", "bench.syscost"], cwd=REPO, capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+        return Row("machine", "loopback round trip", "direct", 0, json.loads(out), True)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        return Row("machine", "loopback round trip", "direct", 0, {}, False, f"syscost: {exc}")
 
 
 def _http_available() -> bool:

@@ -30,7 +30,7 @@ from typing import Any
 
 from bench import identity_suite
 from bench.rows import Row
-from bench.stack import OWNER, PYTHON, REPO, STRANGER, Stack, proc_cpu_seconds, proc_rss_kib
+from bench.stack import OWNER, PYTHON, REPO, STRANGER, Stack, proc_cpu_seconds, proc_rss_kib, proc_tree_cpu_seconds
 
 # The attacks of the "under attack" scenario (ATTACKS below), as its cases name them.
 ATTACK_LABEL = {"slowloris_tls": "slowloris, MQTT over TLS", "slowloris_ws": "slowloris, WebSocket upgrade",
@@ -365,9 +365,20 @@ def http(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
         headers["Content-Type"] = "application/json"
     spec = {"url": url, "method": method, "headers": headers, "body": body, "connections": sz.http_connections,
             "duration_s": sz.http_seconds, "ca": stack.ca, "engine": stack_http_engine(stack)}
+    # CPU per request of each process on the path (user + system from /proc/<pid>/stat, children
+    # included: nginx's worker): unlike requests/s, not capped by whichever process saturates a core first.
+    pids = {"upstream": stack.pid("standin")}
+    if mode in ("nginx", "keygate"):
+        pids["proxy"] = stack.pid(mode)
+    before = {k: proc_tree_cpu_seconds(p) for k, p in pids.items()}
     res = run_load("httpload", spec, timeout=sz.http_seconds + 90)
+    after = {k: proc_tree_cpu_seconds(p) for k, p in pids.items()}
     ok = bool(res.get("completed")) and res.get("non_2xx") == 0 and res.get("errors") == 0
     metrics = {k: res[k] for k in ("rate", "requests", "non_2xx", "errors", "p50_ms", "p99_ms") if k in res}
+    if res.get("requests"):
+        # The load generator's own start and end fall inside the window: over a run of seconds, noise.
+        for k in pids:
+            metrics[f"{k}_us_per_req"] = 1e6 * (after[k] - before[k]) / res["requests"]
     return Row("http", case, mode, rep, metrics, ok, _error(res) or res.get("raw", ""),
                {"engine": res.get("engine", "")})
 

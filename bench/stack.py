@@ -52,6 +52,22 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def proc_tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its live children (nginx: the master and its worker)."""
+    total = proc_cpu_seconds(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            total += proc_tree_cpu_seconds(child)
+        except OSError:   # exited meanwhile
+            pass
+    return total
+
+
 def proc_rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -161,7 +177,8 @@ class Stack:
                 "keygate": f"https://127.0.0.1:{self.keygate_http_port}"}[mode]
 
     def pid(self, what: str) -> int:
-        procs = {"broker": self.started_broker.proc, "keygate": self.keygate, "relay": self.relay}
+        procs = {"broker": self.started_broker.proc, "keygate": self.keygate, "relay": self.relay,
+                 "nginx": self.nginx, "standin": self.standin}
         return self._running(procs[what], what).pid
 
     def device(self, k: int) -> str:

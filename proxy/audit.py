@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -97,6 +97,14 @@ def _scalar(v: Any) -> Any:
     if isinstance(v, float):
         return v if math.isfinite(v) else str(v)
     return str(v)
+
+
+def _number(v: int | float) -> str:
+    """A volatile number as JSON writes it (``repr`` of a finite float: what the encoder does),
+    without an encoder call per record."""
+    if type(v) is float and math.isfinite(v):
+        return repr(v)
+    return _DUMPS(_scalar(v))
 
 
 _CONTAINERS = (dict, list, tuple, set, frozenset)
@@ -218,6 +226,29 @@ class AuditLog:
     def record(self, *, protocol: str, action: str, decision: str, resource: str = "",
                identity: Identity | None = None, rule: str | None = None, reason: str | None = None,
                **extra: Any) -> None:
+        line = self._prepare(protocol=protocol, action=action, decision=decision, resource=resource,
+                             identity=identity, rule=rule, reason=reason, **extra)
+        with self._lock:
+            out = self._ended(self._monotonic())
+            self._add(line, out)
+            if out:
+                self._stream.write("".join(out))
+
+    def record_many(self, entries: Iterable[dict[str, Any]]) -> None:
+        """Several records (each the keyword arguments of :meth:`record`) in one write: the HTTP
+        gateway hands over the records of one turn of the event loop together."""
+        lines = [self._prepare(**kw) for kw in entries]
+        with self._lock:
+            out = self._ended(self._monotonic())
+            for line in lines:
+                self._add(line, out)
+            if out:
+                self._stream.write("".join(out))
+
+    def _prepare(self, *, protocol: str, action: str, decision: str, resource: str = "",
+                 identity: Identity | None = None, rule: str | None = None, reason: str | None = None,
+                 **extra: Any) -> tuple[float, str, bool, str]:
+        """(wall time, bounded body, whether it may fold, the volatile tail) of one record."""
         wall = self._clock()
         entry: dict[str, Any] = {
             "protocol": protocol,
@@ -239,23 +270,22 @@ class AuditLog:
         entry.update(extra)
         body = self._body(entry)
         folds = self.fold_seconds > 0 and decision == "deny" and bool(extra.get("peer") or extra.get("remote"))
-        tail = "".join(f',"{k}":{_DUMPS(_scalar(v))}' for k, v in volatile.items())
-        with self._lock:
-            now = self._monotonic()
-            out = self._ended(now)
-            if folds:
-                window = self._windows.get(body)
-                if window is not None:
-                    window.count += 1
-                    window.last = wall
-                    if out:
-                        self._stream.write("".join(out))
-                    return
-                if len(self._windows) >= MAX_FOLD_WINDOWS:
-                    self._end(self._windows.popitem(last=False)[1], out)
-                self._windows[body] = _Window(now + self.fold_seconds, wall, body)
-            out.append(f'{{"time":{_time(wall)},{body[1:-1]}{tail}}}\n')
-            self._stream.write("".join(out))
+        tail = "".join(f',"{k}":{_number(v)}' for k, v in volatile.items())
+        return wall, body, folds, tail
+
+    def _add(self, line: tuple[float, str, bool, str], out: list[str]) -> None:
+        """Fold or append one prepared record to ``out`` (the lock held)."""
+        wall, body, folds, tail = line
+        if folds:
+            window = self._windows.get(body)
+            if window is not None:
+                window.count += 1
+                window.last = wall
+                return
+            if len(self._windows) >= MAX_FOLD_WINDOWS:
+                self._end(self._windows.popitem(last=False)[1], out)
+            self._windows[body] = _Window(self._monotonic() + self.fold_seconds, wall, body)
+        out.append(f'{{"time":{_time(wall)},{body[1:-1]}{tail}}}\n')
 
     def flush(self) -> None:
         """Write the lines of the folding windows that have ended (``keygate serve`` calls this
@@ -345,6 +375,9 @@ class _NullAudit(AuditLog):
     def record(self, **kw: Any) -> None:
         pass
 
+    def record_many(self, entries: Iterable[dict[str, Any]]) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -364,6 +397,10 @@ class MemoryAudit(AuditLog):
             kw["identity"] = {"kind": ident.kind, "sub": ident.sub, "username": ident.username,
                               "method": ident.method}
         self.records.append(kw)
+
+    def record_many(self, entries: Iterable[dict[str, Any]]) -> None:
+        for kw in entries:
+            self.record(**kw)
 
     def flush(self) -> None:
         pass

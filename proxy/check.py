@@ -41,6 +41,8 @@ from proxy.config import Config, ConfigError, load_config, parse_hostport, read_
 EXPIRY_WARNING_DAYS = 30
 # Checks of services reached over the network: warnings when ``serve`` starts (retried there).
 REMOTE = ("issuer", "broker", "orion")
+# How long serve waits for the remote checks: they only warn there, so they must not hold a start.
+PREFLIGHT_REMOTE_BUDGET = 3.0
 
 
 @dataclass(frozen=True)
@@ -106,15 +108,28 @@ def check_local_last(config: Config) -> list[Result]:
     return [check_policies(config), check_open_files(config)]
 
 
-async def check_remote(config: Config) -> list[Result]:
-    found = await asyncio.gather(check_issuer(config), check_broker(config), check_orion(config))
+async def check_remote(config: Config, *, budget: float | None = None) -> list[Result]:
+    """The issuer, broker and Orion checks side by side; with a ``budget`` (seconds), a check
+    still waiting when it runs out is a warning saying so, instead of holding the caller."""
+    names = dict(zip(REMOTE, (check_issuer(config), check_broker(config), check_orion(config)), strict=True))
+    tasks = {name: asyncio.ensure_future(c) for name, c in names.items()}
+    await asyncio.wait(tasks.values(), timeout=budget)
+    found: list[Result | None] = []
+    for name, task in tasks.items():
+        if task.done():
+            found.append(task.result())
+        else:
+            task.cancel()
+            found.append(warn(name, f"no answer within {budget:g} s; keygate check waits longer"))
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
     return [r for r in found if r is not None]
 
 
 async def preflight(config: Config) -> list[Result]:
     """What ``serve`` runs before it creates anything: every failure refuses the start, except the
     remote services', which come back as warnings (with the rest of the warnings)."""
-    results = [*check_local_first(config), *await check_remote(config), *check_local_last(config)]
+    results = [*check_local_first(config), *await check_remote(config, budget=PREFLIGHT_REMOTE_BUDGET),
+               *check_local_last(config)]
     return [warn(r.name, r.detail) if r.status == "fail" and r.name in REMOTE else r for r in results]
 
 
@@ -293,25 +308,23 @@ def check_ports(config: Config, *, running: bool = False) -> list[Result]:
 
 
 def check_policies(config: Config) -> Result:
-    from proxy.policy.checker import check_dir
+    """The set as ``serve`` and a reload load it: what that loader refuses is a failure; what
+    ``keygate policy check`` adds (shadowed, unreachable, untested rules) is a warning here,
+    because a reload of the same set would be accepted and the start must not be stricter."""
+    from proxy.policy.checker import check_source
     from proxy.policy.decision import PolicyError
     from proxy.policy.language import load_dir
 
     where = config.resolve(config.policies.dir)
     try:
-        findings = check_dir(str(where))
+        src = load_dir(str(where))
     except (PolicyError, OSError) as exc:
-        return fail("policies", f"{where}: {exc}")
-    errors = [f for f in findings if f.error]
-    if errors:
-        more = f" (and {len(errors) - 1} more: keygate policy check {where})" if len(errors) > 1 else ""
-        return fail("policies", f"{errors[0]}{more}")
-    src = load_dir(str(where))
+        return fail("policies", str(exc) if str(where) in str(exc) else f"{where}: {exc}")
     summary = f"{where}: {len(src.rules)} rules in {len(src.files)} files"
-    warnings = [f for f in findings if not f.error]
-    if warnings:
-        return warn("policies", f"{summary}; {warnings[0]}" + (f" (and {len(warnings) - 1} more)"
-                                                              if len(warnings) > 1 else ""))
+    findings = check_source(src)
+    if findings:
+        more = f" (and {len(findings) - 1} more: keygate policy check {where})" if len(findings) > 1 else ""
+        return warn("policies", f"{summary}; {findings[0].where}: {findings[0].message}{more}")
     return ok("policies", summary)
 
 

@@ -8,7 +8,9 @@ non-finite and out-of-range numbers, duplicate keys refused 400 ``ParseError``; 
 attribute writes, which the decision does not read, are checked the same way and forwarded as sent),
 analyse (:mod:`.ngsi`), plan (:mod:`.plan`), check notification targets
 (:mod:`proxy.ssrf`, with Orion's own address never a target), then forward to Orion
-over one pooled client session, and audit the outcome. Orion is only ever sent
+over the lean upstream client's keep-alive pool (:mod:`.upstream`; aiohttp's client for an
+``https://`` upstream, and for the subscription reads and withdrawals), and audit the outcome
+(batched per turn of the event loop, :mod:`.outcomes`). Orion is only ever sent
 the canonical path, the re-encoded query, and (where the body was checked) the
 re-serialised body: what was checked is what Orion reads. A forwarded write is
 counted on the entity ids it touches until Orion answers (``ownership.writes``):
@@ -51,7 +53,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
@@ -66,7 +68,9 @@ from proxy.http import ngsi
 from proxy.http import plan as planning
 from proxy.http.auth import authenticate
 from proxy.http.listener import DeadlineSite, RequestTimeout
+from proxy.http.outcomes import Outcomes
 from proxy.http.subscription_guard import SubscriptionGuard
+from proxy.http.upstream import UpstreamError, UpstreamPool, UpstreamResponse, pool_for
 from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY
 from proxy.policy.paths import PathError, normalize_path
@@ -109,6 +113,9 @@ _CORS_EXPOSE = "Location, Fiware-Total-Count, Fiware-Correlator"
 _MAX_QUERY_FIELDS = 64
 _CHUNK = 65536
 _SUBSCRIPTION_FETCH_CONCURRENCY = 16
+_IDENTITY_BLOCKS = 4096
+_UPSTREAM_CONNECTIONS = 256   # to Orion at most, both clients together (proxy.app.HTTP_UPSTREAM_DESCRIPTORS)
+_SIDE_CONNECTIONS = 32        # of which the aiohttp client's, beside the lean pool
 
 
 def orion_error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -148,8 +155,14 @@ def http_section(services: Services) -> HttpConfig:
 class GatewayHandler:
     """The catch-all request handler; one per application."""
 
-    def __init__(self, services: Services, *, resolver: Resolver = default_resolver):
+    def __init__(self, services: Services, *, resolver: Resolver = default_resolver, client: str = "lean"):
         self.services = services
+        # "lean": forwarded requests go over proxy.http.upstream's pool (for an http:// upstream);
+        # "aiohttp": over the old aiohttp client session, kept for the differential test and https://.
+        if client not in ("lean", "aiohttp"):
+            raise ValueError(f"unknown upstream client {client!r}")
+        self.client = client
+        self.pool: UpstreamPool | None = None
         self.config = http_section(services)
         self.upstream = self.config.upstream.rstrip("/")
         self.admin_role = services.config.ownership.admin_role
@@ -160,21 +173,34 @@ class GatewayHandler:
         self.resolver = resolver
         self.session: aiohttp.ClientSession | None = None
         self.guard = SubscriptionGuard(services, self)
+        self.outcomes = Outcomes(services.audit, REQUESTS, LATENCY)
+        # identity -> its X-Keygate-* headers (Identity compares every field that says who it is)
+        self._identity_blocks: dict[Identity, tuple[tuple[str, str], ...]] = {}
         # (tenant, subscription id) -> [its lock, requests holding or waiting for it]
         self._subscription_turns: dict[tuple[str, str], list[Any]] = {}
 
     async def open(self, _app: web.Application | None = None) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.upstream_timeout_seconds,
                                         sock_read=self.config.upstream_timeout_seconds)
-        connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=60)
+        if self.client == "lean":
+            # The two clients share the connections proxy.app budgets for (HTTP_UPSTREAM_DESCRIPTORS):
+            # the old one keeps a few for the subscription reads and withdrawals.
+            self.pool = pool_for(self.upstream, timeout=self.config.upstream_timeout_seconds,
+                                 limit=_UPSTREAM_CONNECTIONS - _SIDE_CONNECTIONS)
+        limit = _SIDE_CONNECTIONS if self.pool is not None else _UPSTREAM_CONNECTIONS
+        connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=60)
         # auto_decompress off: bodies pass through as Orion sent them.
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
                                              skip_auto_headers=("User-Agent", "Accept-Encoding"))
 
     async def close(self, _app: web.Application | None = None) -> None:
+        self.outcomes.flush()
         if self.session is not None:
             await self.session.close()
             self.session = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
 
     # ------------------------------------------------------------------ entry point
 
@@ -203,14 +229,14 @@ class GatewayHandler:
 
     def _finish(self, request: web.Request, audit: dict[str, Any], status: int, started: float) -> None:
         elapsed = time.perf_counter() - started
-        REQUESTS.labels(audit["decision"], str(status)).inc()
-        LATENCY.labels(audit["decision"]).observe(elapsed)
-        self.services.audit.record(
-            protocol="http", action=request.method, resource=audit["path"], decision=audit["decision"],
-            identity=audit["identity"], rule=audit["rule"], reason=audit["reason"] or None,
-            devices=list(audit["devices"]), status=status, upstream_status=audit["upstream_status"],
-            latency_ms=round(elapsed * 1000, 3), remote=request.remote,
-            **({"subscription": audit["subscription"]} if "subscription" in audit else {}))
+        record = {"protocol": "http", "action": request.method, "resource": audit["path"],
+                  "decision": audit["decision"], "identity": audit["identity"], "rule": audit["rule"],
+                  "reason": audit["reason"] or None, "devices": list(audit["devices"]), "status": status,
+                  "upstream_status": audit["upstream_status"], "latency_ms": round(elapsed * 1000, 3),
+                  "remote": request.remote}
+        if "subscription" in audit:
+            record["subscription"] = audit["subscription"]
+        self.outcomes.add(audit["decision"], status, elapsed, record)
 
     def _deny(self, audit: dict[str, Any], status: int, error: str, description: str, reason: str,
               headers: dict[str, str] | None = None) -> web.Response:
@@ -398,15 +424,25 @@ class GatewayHandler:
         out["X-Forwarded-Proto"] = request.scheme
         if request.host:
             out["X-Forwarded-Host"] = _header_value(request.host)
-        out["X-Keygate-Kind"] = identity.kind
-        if not identity.is_anonymous:
-            out["X-Keygate-Sub"] = _header_value(identity.sub)
-            out["X-Keygate-User"] = _header_value(identity.username)
-            if identity.roles:
-                out["X-Keygate-Roles"] = _header_value(",".join(sorted(identity.roles)))
-            if identity.device_id:
-                out["X-Keygate-Device"] = _header_value(identity.device_id)
+        out.extend(self._identity_headers(identity))
         return out
+
+    def _identity_headers(self, identity: Identity) -> tuple[tuple[str, str], ...]:
+        """The X-Keygate-* headers of ``identity``, built once per identity (quoting is not free)."""
+        block = self._identity_blocks.get(identity)
+        if block is None:
+            pairs: list[tuple[str, str]] = [("X-Keygate-Kind", identity.kind)]
+            if not identity.is_anonymous:
+                pairs.append(("X-Keygate-Sub", _header_value(identity.sub)))
+                pairs.append(("X-Keygate-User", _header_value(identity.username)))
+                if identity.roles:
+                    pairs.append(("X-Keygate-Roles", _header_value(",".join(sorted(identity.roles)))))
+                if identity.device_id:
+                    pairs.append(("X-Keygate-Device", _header_value(identity.device_id)))
+            if len(self._identity_blocks) >= _IDENTITY_BLOCKS:
+                self._identity_blocks.clear()
+            block = self._identity_blocks[identity] = tuple(pairs)
+        return block
 
     def _url(self, path: str, query: tuple[tuple[str, str], ...]) -> URL:
         text = self.upstream + _quote_path(path)
@@ -452,15 +488,22 @@ class GatewayHandler:
         # this request records later, and what it records is then taken back (_record_subscription).
         erasure_mark = self.services.ownership.erasure_mark(identity.sub) if d.after == "record_subscription" else 0
         t0 = time.perf_counter()
+        upstream: aiohttp.ClientResponse | UpstreamResponse
         try:
-            upstream = await self.session.request(d.method, self._url(d.path, d.query), headers=headers,
-                                                  data=body, allow_redirects=False)
+            if self.pool is not None:
+                upstream = await self.pool.request(d.method, _quote_path(d.path) + (
+                    "?" + _quote_query(d.query) if d.query else ""), list(headers.items()), body)
+            else:
+                upstream = await self.session.request(d.method, self._url(d.path, d.query), headers=headers,
+                                                      data=body, allow_redirects=False)
         except BodyTooLarge:
             return self._too_large(audit)
+        except RequestTimeout as exc:   # the client's body, streamed to the lean client, stopped coming
+            return self._timed_out(audit, exc)
         except (TimeoutError, aiohttp.ServerTimeoutError):
             audit["reason"], audit["outcome_unknown"] = "upstream timeout", True   # Orion may yet apply it
             return orion_error(504, "GatewayTimeout", "the context broker did not answer in time")
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, UpstreamError) as exc:
             if isinstance(exc.__cause__, RequestTimeout):   # the client's body, streamed, stopped coming
                 return self._timed_out(audit, exc.__cause__)
             audit["reason"], audit["outcome_unknown"] = f"upstream unreachable: {type(exc).__name__}", True
@@ -469,7 +512,9 @@ class GatewayHandler:
         audit["upstream_status"] = upstream.status
         try:
             if d.after == "record_subscription" and upstream.status == 201:
-                refusal = await self._record_subscription(upstream, d, identity, tenant, headers, audit,
+                location = upstream.headers.get("Location", "") if isinstance(upstream, aiohttp.ClientResponse) \
+                    else upstream.header("Location") or ""
+                refusal = await self._record_subscription(location, d, identity, tenant, headers, audit,
                                                           erasure_mark)
                 if refusal is not None:
                     return refusal
@@ -481,11 +526,13 @@ class GatewayHandler:
                 refusal = await self._record_subject(d, identity, tenant, headers, audit)
                 if refusal is not None:
                     return refusal
+            if isinstance(upstream, UpstreamResponse):
+                return await self._relay_lean(request, upstream)
             return await self._relay(request, upstream)
         finally:
             upstream.release()
 
-    async def _record_subscription(self, upstream: aiohttp.ClientResponse, d: planning.Forward, identity: Identity,
+    async def _record_subscription(self, location: str, d: planning.Forward, identity: Identity,
                                    tenant: str, headers: CIMultiDict[str], audit: dict[str, Any],
                                    erasure_mark: int) -> web.Response | None:
         """Tie the new subscription to its creator; if that fails, take it back out of Orion, so no
@@ -493,7 +540,6 @@ class GatewayHandler:
         creator may still read them: a device deleted while Orion was making the subscription has had
         its clean-up without it, and the subscription would notify the id's next owner's data to the
         old one. Such a subscription is withdrawn at once. None: recorded; else the answer to send."""
-        location = upstream.headers.get("Location", "")
         sub_id = location.rstrip("/").rsplit("/", 1)[-1]
         if not location.startswith("/v2/subscriptions/") or not ngsi.valid_subscription_id(sub_id):
             audit["reason"] = "subscription created without a usable Location"
@@ -572,10 +618,12 @@ class GatewayHandler:
         except (aiohttp.ClientError, TimeoutError):
             log.error("could not withdraw subscription %s from Orion", sub_id)
 
-    def _response_headers(self, upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-        connection_named = {t.strip().lower() for t in upstream.headers.get("Connection", "").split(",")}
+    def _response_headers(self, pairs: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+        pairs = list(pairs)
+        connection_named = {t.strip().lower() for name, value in pairs if name.lower() == "connection"
+                            for t in value.split(",")}
         out: CIMultiDict[str] = CIMultiDict()
-        for name, value in upstream.headers.items():
+        for name, value in pairs:
             low = name.lower()
             if low in HOP_BY_HOP or low in connection_named or low == "content-length" \
                     or low.startswith("access-control-"):
@@ -585,7 +633,7 @@ class GatewayHandler:
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=self._response_headers(upstream))
+                                      headers=self._response_headers(upstream.headers.items()))
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         self._cors(request, response)
@@ -594,6 +642,26 @@ class GatewayHandler:
             async for chunk in upstream.content.iter_chunked(_CHUNK):
                 await response.write(chunk)
         await response.write_eof()
+        return response
+
+    async def _relay_lean(self, request: web.Request, upstream: UpstreamResponse) -> web.StreamResponse:
+        """As :meth:`_relay`, for the lean client's answer: a body already in whole (Orion's usual
+        small answer) goes out with the head in one write."""
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers=self._response_headers(upstream.headers))
+        length = upstream.header("Content-Length")
+        if length is not None and length.isdigit():   # llhttp has checked it: one plain decimal
+            response.content_length = int(length)
+        self._cors(request, response)
+        await response.prepare(request)
+        if request.method == "HEAD":
+            await response.write_eof()
+        elif upstream.complete:
+            await response.write_eof(await upstream.read())
+        else:
+            async for chunk in upstream.chunks():
+                await response.write(chunk)
+            await response.write_eof()
         return response
 
     async def _own_subscriptions(self, request: web.Request, d: planning.Forward, headers: CIMultiDict[str],
@@ -678,14 +746,14 @@ GATEWAY_KEY = web.AppKey("keygate_http_gateway", GatewayHandler)
 
 
 def create_gateway_app(services: Services, api_app: web.Application | None = None, *,
-                       resolver: Resolver = default_resolver,
+                       resolver: Resolver = default_resolver, client: str = "lean",
                        portal_app: web.Application | None = None) -> web.Application:
     """The NGSI gateway; ``api_app`` (the ownership API) is mounted at ``http.api_prefix`` and
     ``portal_app`` at ``portal.path``, both before the catch-all, so neither path reaches Orion."""
     http = http_section(services)
     # client_max_size: aiohttp's own cap for request.read(); our reader enforces ours.
     app = web.Application(client_max_size=http.max_body_bytes + 1)
-    handler = GatewayHandler(services, resolver=resolver)
+    handler = GatewayHandler(services, resolver=resolver, client=client)
     app[GATEWAY_KEY] = handler
     app.on_startup.append(handler.open)
     app.on_startup.append(handler.guard.start)
@@ -703,9 +771,10 @@ class HttpGateway:
     """The listener: ``await start()``, ``.port``, ``await stop()``."""
 
     def __init__(self, services: Services, api_app: web.Application | None = None, *,
-                 resolver: Resolver = default_resolver, portal_app: web.Application | None = None):
+                 resolver: Resolver = default_resolver, client: str = "lean",
+                 portal_app: web.Application | None = None):
         self.services = services
-        self.app = create_gateway_app(services, api_app, resolver=resolver, portal_app=portal_app)
+        self.app = create_gateway_app(services, api_app, resolver=resolver, client=client, portal_app=portal_app)
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self.site: DeadlineSite | None = None

@@ -179,6 +179,38 @@ def test_broken_policy(healthy):
     assert status == "fail" and "broken.yaml:" in detail and "\n" not in detail
 
 
+def test_shadowed_rule_warns_as_a_reload_would_accept_it(healthy):
+    # A deny covering an allow: `keygate policy check` fails on it, but the loader that serve and
+    # a reload share accepts the set, so the start is not stricter than a reload (a warning).
+    (healthy.policies / "shadowed.yaml").write_text(
+        "version: 1\nrules:\n"
+        "  - id: no-lab\n    effect: deny\n    subjects: [anyone]\n    mqtt: {topics: ['lab/#'], actions: [publish]}\n"
+        "  - id: lab-sensor\n    subjects: [anyone]\n    mqtt: {topics: ['lab/x'], actions: [publish]}\n")
+    from proxy.policy.checker import check_dir
+
+    assert any("shadowed" in str(f) and f.error for f in check_dir(healthy.policies))
+    status, detail = check(healthy)["policies"]
+    assert status == "warn" and "'lab-sensor' is shadowed by deny rule 'no-lab'" in detail, detail
+
+
+def test_serve_does_not_wait_on_a_silent_broker(healthy, mosquitto, monkeypatch):
+    # A broker that accepts and never answers: `keygate check` waits for it (mqtt connect timeout),
+    # serve's preflight gives the remote checks a budget and goes on with a warning.
+    import proxy.check as check_module
+    from proxy.config import load_config
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        edit(healthy, f"upstream: {mosquitto.address}", f"upstream: 127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setattr(check_module, "PREFLIGHT_REMOTE_BUDGET", 0.5)
+        found = asyncio.run(check_module.preflight(load_config(healthy.config)))
+        results = {r.name: (r.status, r.detail) for r in found}
+        assert results["broker"] == ("warn", "no answer within 0.5 s; keygate check waits longer")
+        assert results["issuer"][0] == "ok" and results["policies"][0] == "ok"
+    finally:
+        silent.close()
+
+
 def test_bad_config_is_the_only_line(tmp_path):
     bad = tmp_path / "proxy.yaml"
     bad.write_text("oidc:\n  issuer: https://id.example.org/realms/iot\n  audiance: iot-proxy\n")

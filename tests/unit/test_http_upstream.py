@@ -1,0 +1,172 @@
+"""The lean upstream client (proxy.http.upstream) against a scripted upstream on a real socket:
+keep-alive reuse, and the answers that must never put a pooled connection out of step."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from proxy.http.upstream import _HIGH_WATER, UpstreamError, UpstreamPool, UpstreamTimeout, pool_for
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Scripted:
+    """Answers each request head with ``answer(n)`` (n counts requests); counts connections."""
+
+    def __init__(self, answer: Callable[[int], bytes | None]):
+        self.answer = answer
+        self.connections = 0
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Scripted:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                self.requests += 1
+                data = self.answer(self.requests)
+                if data is None:   # hang: say nothing
+                    await reader.read()
+                    return
+                writer.write(data)
+                await writer.drain()
+                if data.endswith(b"<close>"):
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _get(pool: UpstreamPool, path: str = "/v2/entities/a-1") -> tuple[int, list[tuple[str, str]], bytes]:
+    response = await pool.request("GET", path, [], None)
+    try:
+        return response.status, response.headers, await response.read()
+    finally:
+        response.release()
+
+
+async def test_keep_alive_connections_are_reused():
+    async with Scripted(lambda n: OK) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=5)
+        for _ in range(3):
+            assert await _get(pool) == (200, [("Content-Length", "2")], b"ok")
+        assert up.connections == 1
+        await pool.close()
+
+
+async def test_an_answer_that_closes_is_not_reused():
+    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    async with Scripted(lambda n: answer) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=5)
+        await _get(pool)
+        await _get(pool)
+        assert up.connections == 2
+        await pool.close()
+
+
+async def test_a_second_answer_in_the_same_segment_is_not_read_as_the_next_requests():
+    # Response splitting / desync: an upstream (or something injected into its answer) sends two
+    # answers to one request. Pooled as it is, the next caller would read the planted one.
+    planted = b"HTTP/1.1 200 OK\r\nX-Planted: 1\r\nContent-Length: 7\r\n\r\nplanted"
+
+    def answer(n: int) -> bytes:
+        return OK + planted if n == 1 else b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond"
+
+    async with Scripted(answer) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=5)
+        status, headers, body = await _get(pool)
+        assert (status, body) == (200, b"ok") and ("X-Planted", "1") not in headers
+        assert await _get(pool) == (200, [("Content-Length", "6")], b"second")
+        assert up.connections == 2   # the connection that carried the planted answer was dropped
+        await pool.close()
+
+
+async def test_a_large_answer_is_relayed_in_pieces_and_the_connection_stays_usable():
+    # More than the client is given at once: reading Orion pauses while the bytes wait (a slow
+    # client cannot make the gateway hold all of a large answer), and resumes as they are taken.
+    big = bytes(range(256)) * 8192   # 2 MiB
+    answers = {1: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big), 2: OK}
+    async with Scripted(lambda n: answers[n]) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=5)
+        response = await pool.request("GET", "/", [], None)
+        # Nobody reads for a while: what is held stops near the high-water mark, not at 2 MiB.
+        while response._buffered < _HIGH_WATER:
+            await asyncio.sleep(0.005)
+        for _ in range(20):   # room for the reader to overfill, if it did not pause
+            await asyncio.sleep(0.005)
+        assert response._buffered < 2 * _HIGH_WATER
+        got = []
+        async for chunk in response.chunks():
+            got.append(chunk)
+        response.release()
+        assert b"".join(got) == big
+        assert await _get(pool) == (200, [("Content-Length", "2")], b"ok")
+        assert up.connections == 1
+        await pool.close()
+
+
+async def test_an_answer_cut_short_is_an_error_not_a_short_body():
+    # ten bytes of the promised twenty, then the upstream closes
+    async with Scripted(lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nabc<close>") as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=5)
+        response = await pool.request("GET", "/", [], None)
+        with pytest.raises(UpstreamError):
+            await response.read()
+        response.release()
+        await pool.close()
+
+
+async def test_a_garbled_answer_is_an_upstream_error():
+    async with Scripted(lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"2\r\nok\r\n0\r\n\r\n") as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=5)
+        with pytest.raises(UpstreamError):
+            await pool.request("GET", "/", [], None)
+        await pool.close()
+
+
+async def test_an_upstream_that_never_answers_times_out():
+    async with Scripted(lambda n: None) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=0.2)
+        with pytest.raises(UpstreamTimeout):
+            await pool.request("GET", "/", [], None)
+        await pool.close()
+
+
+async def test_a_refused_connection_is_an_upstream_error():
+    async with Scripted(lambda n: OK) as up:
+        port = up.port
+    pool = UpstreamPool("127.0.0.1", port, timeout=2)
+    with pytest.raises(UpstreamError):
+        await pool.request("GET", "/", [], None)
+    await pool.close()
+
+
+@pytest.mark.parametrize("upstream,host", [("http://orion:1026", "orion:1026"), ("http://orion", "orion"),
+                                           ("http://[::1]:1026", "[::1]:1026")])
+async def test_the_host_header_is_written_as_the_old_client_wrote_it(upstream, host):
+    pool = pool_for(upstream, timeout=1)
+    assert pool is not None and pool.host_header == host
+
+
+@pytest.mark.parametrize("upstream", ["https://orion:1026", "http://orion:1026/prefix", "http://u@orion:1026"])
+async def test_what_the_lean_client_does_not_speak_stays_on_the_old_one(upstream):
+    assert pool_for(upstream, timeout=1) is None
