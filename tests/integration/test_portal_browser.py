@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -199,6 +200,15 @@ def test_portal_walk(stack, browser):
     alice.get_by_role("button", name="Copy K1").click()
     copied = alice.evaluate("navigator.clipboard.readText()")
     assert copied == k1
+    # The curl line, copied and run as shown: the device creates its entity with its key.
+    alice.get_by_role("button", name="Copy the curl line").click()
+    curl = shlex.split(alice.evaluate("navigator.clipboard.readText()"))
+    answer = subprocess.run([*curl, "-s", "-o", "/dev/null", "-w", "%{http_code}"], capture_output=True, text=True,
+                            timeout=20)
+    assert answer.stdout == "201", answer
+    alice.get_by_role("button", name="Copy the mosquitto_pub line").click()
+    mosquitto_pub = shlex.split(alice.evaluate("navigator.clipboard.readText()"))
+    assert mosquitto_pub[0] == "mosquitto_pub"
     shoot(alice, "04-keys-once")
 
     # Same id again: a sentence, not JSON.
@@ -211,9 +221,7 @@ def test_portal_walk(stack, browser):
     # The device page: live view, then a device connects with the copied K1 and publishes.
     alice.goto(f"{stack.base}devices/thermo-portal-1")
     alice.get_by_text("Connected: readings appear here").wait_for()
-    subprocess.run([MOSQUITTO_PUB, "-h", "127.0.0.1", "-p", str(stack.mqtt_port), "-i", "thermo-portal-1",
-                    "-u", "thermo-portal-1", "-P", copied, "-t", "devices/thermo-portal-1/telemetry",
-                    "-m", '{"temperature": 21.5}', "-q", "1"], check=True, timeout=20)
+    subprocess.run([MOSQUITTO_PUB, *mosquitto_pub[1:], "-q", "1"], check=True, timeout=20)   # as copied
     alice.locator(".readings li").filter(has_text='{"temperature": 21.5}').wait_for()
     shoot(alice, "05-device-live")
 
