@@ -259,7 +259,13 @@ class Listeners:
             from ownership.api import create_api_app
             from proxy.http.gateway import HttpGateway
 
-            self.http = HttpGateway(self.services, create_api_app(self.services))
+            portal_app = None
+            if config.portal.enabled:
+                from proxy.portal.app import create_portal_app
+
+                # The MQTT listener starts after this one: its presence is looked up when asked.
+                portal_app = create_portal_app(self.services, lambda: self.mqtt.presence if self.mqtt else None)
+            self.http = HttpGateway(self.services, create_api_app(self.services), portal_app=portal_app)
             with listening("http.listen", config.http.listen):
                 await self.http.start()
         if config.mqtt is not None:

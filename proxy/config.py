@@ -46,6 +46,7 @@ __all__ = [
     "PoliciesConfig",
     "AuditConfig",
     "MetricsConfig",
+    "PortalConfig",
     "load_config",
     "load_config_text",
     "parse_hostport",
@@ -258,6 +259,22 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class PortalConfig:
+    """The "My devices" web portal on the HTTP listener (proxy/portal)."""
+    enabled: bool = True
+    path: str = "/portal/"
+    # The OpenID Connect client the portal logs people in with (authorization code + PKCE).
+    client_id: str = "iot-portal"
+    client_secret: str = secret()   # empty for a public client
+    client_secret_file: str = ""
+    scope: str = "openid profile email"
+    # The address people reach the portal at, for the redirect URI (default: ownership.advertise_http).
+    public_url: str = ""
+    # Sessions held at once (each the tokens of one signed-in browser); the oldest go first past it.
+    max_sessions: int = 10000
+
+
+@dataclass(frozen=True)
 class Config:
     oidc: OidcConfig
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -268,6 +285,7 @@ class Config:
     policies: PoliciesConfig = field(default_factory=PoliciesConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     metrics: MetricsConfig | None = None
+    portal: PortalConfig = field(default_factory=PortalConfig)
     # Where the file was loaded from; relative paths in it resolve against its folder.
     base_dir: str = field(default=".", metadata={"internal": True})
 
@@ -545,6 +563,14 @@ def _check(cfg: Config, filename: str) -> None:
         for i, name in enumerate(cfg.http.strip_request_headers):
             if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
                 bad(f"http.strip_request_headers[{i}]", f"{name!r} is not a header name")
+    if not re.fullmatch(r"/(?:[A-Za-z0-9_.~-]+/)+", cfg.portal.path):
+        bad("portal.path", "must be a path of letters, digits and -._~ that starts and ends with / (e.g. /portal/)")
+    if cfg.http is not None and cfg.portal.path.startswith(cfg.http.api_prefix.rstrip("/") + "/"):
+        bad("portal.path", f"must not lie under http.api_prefix {cfg.http.api_prefix}")
+    if cfg.portal.public_url and not re.match(r"^https?://[^/?#]+(/[^?#]*)?$", cfg.portal.public_url):
+        bad("portal.public_url", "must be an http(s) URL")
+    if cfg.portal.max_sessions < 1:
+        bad("portal.max_sessions", "must be at least 1")
     for role, tenants in cfg.ownership.tenants_by_role.items():
         for i, tenant in enumerate(tenants):
             if not re.fullmatch(r"[A-Za-z0-9_]{1,50}", tenant):

@@ -450,6 +450,7 @@ class DevStack:
 keygate dev is ready (NOT FOR PRODUCTION)
   MQTT over TLS   localhost:{mqtt_port}  -> {broker}
   HTTPS           https://localhost:{http_port}  (ownership API under /api/v1; NGSI-v2 -> {self.args.orion})
+  portal          https://localhost:{http_port}/portal/  (sign in with any user name, e.g. {DEMO_USER})
   metrics         http://127.0.0.1:{metrics_port}/metrics
   token issuer    {key.issuer}
   data folder     {self.folder}  (CA: certs/ca.crt, config: proxy.yaml, audit: audit.log)

@@ -125,6 +125,9 @@ class DevIssuer:
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None
+        from proxy.dev_login import DevLogin  # (it imports this module)
+
+        self.login = DevLogin(key, self.base)   # the portal's sign-in (a user name, no password)
 
     @property
     def base(self) -> str:
@@ -134,6 +137,7 @@ class DevIssuer:
         app = web.Application()
         app.router.add_get(f"{self.base}/.well-known/openid-configuration", self._discovery)
         app.router.add_get(f"{self.base}/protocol/openid-connect/certs", self._jwks)
+        self.login.add_routes(app)
         return app
 
     async def start(self) -> str:
@@ -155,6 +159,8 @@ class DevIssuer:
         return web.json_response({
             "issuer": issuer,
             "jwks_uri": f"{issuer}/protocol/openid-connect/certs",
+            **self.login.endpoints(issuer),
+            "code_challenge_methods_supported": ["S256"],
             "id_token_signing_alg_values_supported": ["ES256"],
             "response_types_supported": ["code"],
             "subject_types_supported": ["public"],

@@ -746,9 +746,10 @@ GATEWAY_KEY = web.AppKey("keygate_http_gateway", GatewayHandler)
 
 
 def create_gateway_app(services: Services, api_app: web.Application | None = None, *,
-                       resolver: Resolver = default_resolver, client: str = "lean") -> web.Application:
-    """The NGSI gateway; ``api_app`` (the ownership API) is mounted at ``http.api_prefix``
-    before the catch-all, so ``/api/v1/...`` never reaches Orion."""
+                       resolver: Resolver = default_resolver, client: str = "lean",
+                       portal_app: web.Application | None = None) -> web.Application:
+    """The NGSI gateway; ``api_app`` (the ownership API) is mounted at ``http.api_prefix`` and
+    ``portal_app`` at ``portal.path``, both before the catch-all, so neither path reaches Orion."""
     http = http_section(services)
     # client_max_size: aiohttp's own cap for request.read(); our reader enforces ours.
     app = web.Application(client_max_size=http.max_body_bytes + 1)
@@ -760,6 +761,8 @@ def create_gateway_app(services: Services, api_app: web.Application | None = Non
     app.on_cleanup.append(handler.close)
     if api_app is not None:
         app.add_subapp(http.api_prefix.rstrip("/"), api_app)
+    if portal_app is not None:
+        app.add_subapp(services.config.portal.path.rstrip("/"), portal_app)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
     return app
 
@@ -768,9 +771,10 @@ class HttpGateway:
     """The listener: ``await start()``, ``.port``, ``await stop()``."""
 
     def __init__(self, services: Services, api_app: web.Application | None = None, *,
-                 resolver: Resolver = default_resolver, client: str = "lean"):
+                 resolver: Resolver = default_resolver, client: str = "lean",
+                 portal_app: web.Application | None = None):
         self.services = services
-        self.app = create_gateway_app(services, api_app, resolver=resolver, client=client)
+        self.app = create_gateway_app(services, api_app, resolver=resolver, client=client, portal_app=portal_app)
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self.site: DeadlineSite | None = None

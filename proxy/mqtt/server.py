@@ -84,6 +84,7 @@ from proxy.mqtt.commands import (
 from proxy.mqtt.events import Buffer
 from proxy.mqtt.handshake import classify_credentials
 from proxy.mqtt.persistent import PERSISTENT_SESSIONS, Handle, PersistentSessions
+from proxy.mqtt.presence import DevicePresence
 from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.session import Session
 from proxy.mqtt.subscriptions import SubscriptionQuota
@@ -752,6 +753,7 @@ class MqttGateway:
                                              limits.persistent_session_expiry_seconds, self.subscription_quota)
         self._persistent_handles: dict[Session, Handle] = {}  # an authenticated session -> its admission
         self._connections_of: dict[str, int] = {}  # identity -> its authenticated connections
+        self.presence = DevicePresence()  # devices connected now, and when last seen (the portal shows it)
         # Refusals folded per address / identity (one audit line per key and second, with counts).
         self.refusals = RefusalFolder(max_entries=2 * self.mqtt.max_connections + 1024)
         self.lingering = 0  # sockets in a lingering close (bounded by limits.lingering_sockets_max)
@@ -894,6 +896,9 @@ class MqttGateway:
         """The broker's CONNACK went out (seen once per state change, not per packet)."""
         if conn.address is not None:
             self.release_address(conn)
+        identity = conn.session.identity
+        if identity is not None and identity.is_device:
+            self.presence.up(identity.device_id, id(conn.session))
         handle = self._persistent_handles.get(conn.session)
         if handle is not None:
             self.persistent.reached(handle)
@@ -931,6 +936,9 @@ class MqttGateway:
 
     def session_closed(self, session: Session) -> None:
         """A connection ended: a persistent session's filters stay charged while the broker keeps it."""
+        identity = session.identity
+        if identity is not None and identity.is_device:
+            self.presence.down(identity.device_id, id(session))
         handle = self._persistent_handles.pop(session, None)
         if handle is not None:
             left = self._connections_of.get(handle.sub, 0) - 1

@@ -432,3 +432,41 @@ def test_restart_keeps_tokens_and_the_retained_reading(tmp_path):
         assert result.stdout.strip() == f"devices/demo-thermo/telemetry {message}"
     finally:
         assert again.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.integration
+def test_portal_signs_in_through_the_dev_issuer(stack):
+    """The one-minute path: the portal's real sign-in (code + PKCE) against the dev issuer's login page."""
+    import re
+    import urllib.parse
+
+    import requests
+
+    portal = next(line for line in stack.lines if line.strip().startswith("portal ")).split()[1]
+    ca = str(stack.data / "certs" / "ca.crt")
+    http = requests.Session()
+    start = http.get(f"{portal}login", verify=ca, allow_redirects=False, timeout=10)
+    assert start.status_code == 302
+    login = http.get(start.headers["Location"], timeout=10)
+    assert "NOT FOR PRODUCTION" in login.text
+    form = dict(re.findall(r'<input type="hidden" name="([a-z_]+)" value="([^"]*)">', login.text))
+    assert form["code_challenge"] and form["redirect_uri"] == f"{portal}callback"
+    back = http.post(start.headers["Location"].split("?")[0], data={**form, "username": "alice"},
+                     allow_redirects=False, timeout=10)
+    assert back.status_code == 302 and back.headers["Location"].startswith(f"{portal}callback?")
+    # A tampered PKCE challenge: the code is refused at the token endpoint, so the sign-in fails.
+    bad = http.post(start.headers["Location"].split("?")[0],
+                    data={**form, "code_challenge": "A" * 43, "username": "alice"}, allow_redirects=False, timeout=10)
+    callback = http.get(bad.headers["Location"], verify=ca, allow_redirects=False, timeout=10)
+    assert callback.status_code == 400 and "sign in again" in callback.text
+    # The real one (the pending session was ended by the failure: start again).
+    start = http.get(f"{portal}login", verify=ca, allow_redirects=False, timeout=10)
+    login = http.get(start.headers["Location"], timeout=10)
+    form = dict(re.findall(r'<input type="hidden" name="([a-z_]+)" value="([^"]*)">', login.text))
+    back = http.post(start.headers["Location"].split("?")[0], data={**form, "username": "alice"},
+                     allow_redirects=False, timeout=10)
+    signed_in = http.get(back.headers["Location"], verify=ca, allow_redirects=False, timeout=10)
+    assert signed_in.status_code == 302 and signed_in.headers["Location"] == urllib.parse.urlsplit(
+        f"{portal}devices").path
+    devices = http.get(f"{portal}devices", verify=ca, timeout=10)
+    assert devices.status_code == 200 and "demo-thermo" in devices.text and "alice" in devices.text

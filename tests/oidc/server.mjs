@@ -10,7 +10,10 @@
 //   introspects opaque ones, and this provider issues none): revoked jti are
 //   remembered in memory;
 // * key rotation: keys come from a JWKS file, the first key signs, the others
-//   are still published, so a restart with [new, old] is Keycloak's rotation.
+//   are still published, so a restart with [new, old] is Keycloak's rotation;
+// * a login page (user name and password form) for the authorization code flow
+//   of a client given redirect_uris (the portal's), which also gets refresh
+//   tokens as Keycloak's clients do, and logout through end_session.
 //
 // Usage: node server.mjs CONFIG.json   (or KEYGATE_OIDC_CONFIG=CONFIG.json)
 // CONFIG: {"port": 0, "realm": "iot", "audience": "iot-proxy", "keys_file": "...",
@@ -86,6 +89,17 @@ function serviceClaims(clientId) {
 
 function clientMetadata(c) {
   const confidential = Boolean(c.secret);
+  if (c.redirect_uris) {  // a browser client: authorization code (PKCE: required for public clients)
+    return {
+      client_id: c.client_id,
+      ...(confidential ? { client_secret: c.secret, token_endpoint_auth_method: 'client_secret_basic' }
+        : { token_endpoint_auth_method: 'none' }),
+      grant_types: ['authorization_code', 'refresh_token', 'password'],
+      response_types: ['code'],
+      redirect_uris: c.redirect_uris,
+      post_logout_redirect_uris: c.post_logout_redirect_uris || [],
+    };
+  }
   return {
     client_id: c.client_id,
     ...(confidential ? { client_secret: c.secret, token_endpoint_auth_method: 'client_secret_basic' }
@@ -134,7 +148,11 @@ const provider = new Provider(issuer, {
   jwks: keys,
   cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
   scopes: ['openid', 'profile', 'email', 'roles', 'offline_access'],
-  ttl: { AccessToken: accessTokenTTL, ClientCredentials: accessTokenTTL },
+  interactions: { url: (ctx, interaction) => `${prefix}/interaction/${interaction.uid}` },
+  // Keycloak gives a code-flow client a refresh token without offline_access.
+  issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
+  ttl: { AccessToken: accessTokenTTL, ClientCredentials: accessTokenTTL, RefreshToken: config.refresh_token_ttl || 1800,
+    Session: 3600, Grant: 3600, Interaction: 600 },
   routes: {
     authorization: '/protocol/openid-connect/auth',
     jwks: '/protocol/openid-connect/certs',
@@ -292,6 +310,52 @@ async function jwtEndpoints(req, res, path) {
   return true;
 }
 
+// ---------------------------------------------------------------- the login page
+
+function escapeHtml(text) {
+  return String(text).replace(/[&<>"']/g, (ch) => `&#${ch.charCodeAt(0)};`);
+}
+
+function loginPage(res, uid, message) {
+  res.writeHead(message ? 401 : 200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
+  res.end(`<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head><body>
+<main><h1>Sign in to ${escapeHtml(realm)}</h1>${message ? `<p role="alert">${escapeHtml(message)}</p>` : ''}
+<form method="post" action="${prefix}/interaction/${escapeHtml(uid)}/login">
+<p><label for="username">User name</label> <input id="username" name="username" autocomplete="username" required></p>
+<p><label for="password">Password</label> <input id="password" name="password" type="password"
+ autocomplete="current-password" required></p>
+<p><button type="submit">Sign in</button></p></form></main></body></html>`);
+}
+
+async function interactionRoutes(req, res, path) {
+  const match = path.match(/^\/interaction\/([^/]+)(\/login)?$/);
+  if (!match) return false;
+  const details = await provider.interactionDetails(req, res);
+  if (details.uid !== match[1]) throw new errors.InvalidRequest('interaction mismatch');
+  if (req.method === 'GET' && !match[2]) {
+    loginPage(res, details.uid, '');
+    return true;
+  }
+  if (req.method !== 'POST' || !match[2]) {
+    json(res, 405, { error: 'method not allowed' });
+    return true;
+  }
+  const form = new URLSearchParams((await readBody(req)).toString('utf8'));
+  const user = users.get(form.get('username') || '');
+  if (!user || user.password !== form.get('password')) {
+    loginPage(res, details.uid, 'Invalid user name or password.');
+    return true;
+  }
+  const grant = new provider.Grant({ accountId: user.sub, clientId: details.params.client_id });
+  grant.addOIDCScope(String(details.params.scope || 'openid'));
+  grant.addResourceScope(resourceIndicator, 'openid profile email');
+  const grantId = await grant.save();
+  await provider.interactionFinished(req, res, { login: { accountId: user.sub }, consent: { grantId } },
+    { mergeWithLastSubmission: false });
+  return true;
+}
+
 const callback = provider.callback();
 handler = async (req, res) => {
   const url = new URL(req.url, 'http://127.0.0.1');
@@ -301,6 +365,7 @@ handler = async (req, res) => {
   }
   const path = url.pathname.slice(prefix.length);
   if (await jwtEndpoints(req, res, path)) return;
+  if (await interactionRoutes(req, res, path)) return;
   req.originalUrl = req.url;
   req.url = req.url.slice(prefix.length);
   await callback(req, res);

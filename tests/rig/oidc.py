@@ -92,9 +92,13 @@ class OidcProviderError(RuntimeError):
 class OidcProvider:
     """One running provider process; restartable with rotated keys on the same port."""
 
-    def __init__(self, workdir: Path, *, rfc9068: bool = False):
+    def __init__(self, workdir: Path, *, rfc9068: bool = False, portal_url: str = "", port: int = 0,
+                 access_token_ttl: int = 300):
         """``rfc9068``: user tokens keep the client_id claim (RFC 9068) instead of dropping it as
-        Keycloak does."""
+        Keycloak does. ``portal_url`` (the portal's base URL, e.g. ``http://127.0.0.1:PORT/portal/``):
+        ``iot-portal`` also does the authorization code flow, back to ``PORTAL_URL``callback."""
+        self.portal_url = portal_url
+        self.access_token_ttl = access_token_ttl
         self.workdir = workdir
         self.rfc9068 = rfc9068
         self.realm = REALM
@@ -102,7 +106,7 @@ class OidcProvider:
         self.log_path = workdir / "oidc-provider.log"
         self.keys_path = workdir / "keys.json"
         self.config_path = workdir / "config.json"
-        self.port = 0
+        self.port = port
         self.issuer = ""
         self.keys: list[dict[str, Any]] = [new_signing_key()]
         self.restarts = 0
@@ -159,14 +163,18 @@ class OidcProvider:
         self.keys_path.chmod(0o600)
         users = [{"username": name, "password": password_of(name), "sub": user_sub(name), **spec}
                  for name, spec in USERS.items()]
+        portal: dict[str, Any] = {"client_id": PUBLIC_CLIENT}
+        if self.portal_url:
+            portal.update(redirect_uris=[f"{self.portal_url}callback"], post_logout_redirect_uris=[self.portal_url])
         clients = [
-            {"client_id": PUBLIC_CLIENT},
+            portal,
             {"client_id": PROXY_CLIENT, "secret": PROXY_SECRET},
             {"client_id": BACKEND_CLIENT, "secret": BACKEND_SECRET, "service_roles": ["iot-service"]},
         ]
         self.config_path.write_text(json.dumps({
             "port": self.port, "realm": self.realm, "audience": self.audience,
             "keys_file": str(self.keys_path), "users": users, "clients": clients, "rfc9068": self.rfc9068,
+            "access_token_ttl": self.access_token_ttl,
         }))
 
     def start(self, timeout: float = 20.0) -> None:

@@ -29,9 +29,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("services", ("proxy.services",)),
     # The fronts: each speaks one protocol, on top of the services.
     ("protocols", ("proxy.mqtt", "proxy.http", "ownership.api", "proxy.metrics_server")),
+    # The web portal: pages for people over the ownership API and the MQTT listener.
+    ("portal", ("proxy.portal",)),
     # What starts and wires everything: the command line and its commands that build a stack.
     ("entry", ("proxy.app", "proxy.check", "proxy.cli", "proxy.__main__", "proxy.dev", "proxy.dev_issuer",
-               "proxy.certs", "proxy.keycloak_bootstrap")),
+               "proxy.dev_login", "proxy.certs", "proxy.keycloak_bootstrap")),
 )
 
 #: Fronts of one layer that must not lean on each other (each could be deployed alone).
