@@ -436,9 +436,11 @@ _SPECIAL = st.sampled_from([*"\x00\x1f\x7f\x80\x9f\xa0\ufdcf\ufdd0\ufdef\ufdf0\u
                             "\U0001fffe", "\U0001ffff", "\U0001fffd", "\U0010fffe", "\U0010ffff", "\U0001ffbe",
                             "\u3fff", "\u0fff", "é", "a", "/"])
 
+_NOT_SURROGATES = st.characters(exclude_categories=["Cs"])  # UTF-8 cannot encode a lone surrogate
+
 
 @settings(max_examples=500, deadline=None)
-@given(st.lists(st.one_of(_SPECIAL, st.characters(blacklist_categories=("Cs",))), max_size=12).map("".join))
+@given(st.lists(st.one_of(_SPECIAL, _NOT_SURROGATES), max_size=12).map("".join))
 def test_strict_check_matches_the_reference_rule(text):
     raw = text.encode("utf-8")
     assert codec.has_forbidden_code_point(text, raw) == bool(_REFERENCE.search(text))
