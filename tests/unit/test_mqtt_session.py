@@ -8,6 +8,7 @@ policy engine when it is importable.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,16 @@ from proxy.config import MqttConfig, MqttLimitsConfig, RateLimitConfig
 from proxy.identity.model import ANONYMOUS, AuthReason, Identity
 from proxy.mqtt import codec
 from proxy.mqtt.codec import Framer
-from proxy.mqtt.commands import AuthRequest
+from proxy.mqtt.commands import Authenticate, AuthRequest, OpenUpstream
+from proxy.mqtt.events import (
+    Authenticated,
+    AuthenticationFailed,
+    BrokerClosed,
+    BrokerData,
+    ClientClosed,
+    ClientData,
+    Tick,
+)
 from proxy.mqtt.handshake import AUTH_METHOD, classify_credentials
 from proxy.mqtt.packets import (
     MQTT_5,
@@ -37,6 +47,17 @@ from proxy.mqtt.subscriptions import filter_matches as topic_matches
 from proxy.policy.decision import Decision as _Decision
 from proxy.policy.decision import SubscribeDecision, Verdict
 from tests.unit.mqtt_driver import Driver, Outcome
+from tests.unit.mqtt_playbook import (
+    Audit,
+    Authenticates,
+    Closes,
+    Packet,
+    Playbook,
+    ToBroker,
+    ToClient,
+    connack_code,
+    disconnect_code,
+)
 
 T = PacketType
 
@@ -158,102 +179,154 @@ def denials(audit: MemoryAudit, action: str) -> list[dict]:
     return [r for r in audit.records if r["action"] == action and r["decision"] == "deny"]
 
 
+def upstream(**fields: Any) -> Packet:
+    """The CONNECT the gateway sends the broker, with these fields as decoded."""
+    def check(frame: codec.Frame) -> bool:
+        up = codec.decode_connect(frame.body)
+        return all(getattr(up, k) == v for k, v in fields.items())
+    return Packet(T.CONNECT, ", ".join(f"{k}={v!r}" for k, v in fields.items()), check)
+
+
+def connack_with(level: int, *props: Any) -> Packet:
+    """A successful CONNACK carrying these (property, value) pairs, given flat."""
+    want = dict(zip(props[::2], props[1::2], strict=True))
+
+    def check(frame: codec.Frame) -> bool:
+        ca = codec.decode_connack(frame.body, level)
+        return ca.reason == 0 and all(get_prop(ca.properties, k) == v for k, v in want.items())
+    return Packet(T.CONNACK, f"success, {want!r}", check)
+
+
 # --------------------------------------------------------------------------- CONNECT
 
 
 def test_connect_asks_for_authentication_and_sends_nothing_upstream():
     s, _, _ = make()
-    acts = s.client_data(connect_packet(password=b"TOKEN"))
-    assert acts.auth == AuthRequest(kind="connect", username="alice", password=b"TOKEN", auth_method=None,
-                                    auth_data=None, client_id="app-1")
-    assert not acts.to_broker and not acts.open_upstream and not acts.to_client
-    assert "TOKEN" not in repr(acts.auth)  # secrets stay out of logs
+    pb = Playbook(s.session)
+    assert (pb
+            >> ClientData(connect_packet(password=b"TOKEN"))
+            << Authenticate(AuthRequest(kind="connect", username="alice", password=b"TOKEN", auth_method=None,
+                                        auth_data=None, client_id="app-1")))
+    assert "TOKEN" not in repr(pb.taken[-1])  # secrets stay out of logs
     assert s.reading_paused
 
 
 def test_upstream_connect_is_stripped_and_namespaced():
-    s, _, audit = make()
-    s.client_data(connect_packet(password=b"SECRET-TOKEN"))
-    acts = s.authenticated(ALICE)
-    assert acts.open_upstream
-    up = codec.decode_connect(only(acts.to_broker, T.CONNECT).body)
-    assert up.client_id == "u/sub-alice/app-1"
-    assert up.username is None and up.password is None
-    assert b"SECRET-TOKEN" not in b"".join(bytes(x) for x in acts.to_broker)
+    s, _, _ = make()
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(password=b"SECRET-TOKEN"))
+            << Authenticates(kind="connect", password=b"SECRET-TOKEN")
+            >> Authenticated(ALICE)
+            << OpenUpstream()
+            << ToBroker(upstream(client_id="u/sub-alice/app-1", username=None, password=None))
+            << Audit(action="connect", decision="allow", resource="app-1", identity=ALICE))
     assert s.client_id == "app-1" and s.upstream_client_id == "u/sub-alice/app-1"
-    assert any(r["action"] == "connect" and r["decision"] == "allow" for r in audit.records)
 
 
 def test_gateway_credentials_replace_the_clients():
     s, _, _ = make(upstream_username="keygate", upstream_password="broker-pw")
-    s.client_data(connect_packet())
-    up = codec.decode_connect(only(s.authenticated(ALICE).to_broker, T.CONNECT).body)
-    assert (up.username, up.password) == ("keygate", b"broker-pw")
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet())
+            << Authenticates(kind="connect")
+            >> Authenticated(ALICE)
+            << OpenUpstream()
+            << ToBroker(upstream(username="keygate", password=b"broker-pw"))
+            << Audit(action="connect", decision="allow"))
+
+
+def connects_upstream_as(identity: Identity, client_id: str, **connect) -> Playbook:
+    """A CONNECT with ``client_id``, authenticated as ``identity``, up to the upstream CONNECT
+    (whose client id the test expects next)."""
+    s, _, _ = make(**connect.pop("make", {}))
+    return (Playbook(s.session)
+            >> ClientData(connect_packet(client_id=client_id, **connect))
+            << Authenticates(kind="connect", client_id=client_id)
+            >> Authenticated(identity)
+            << OpenUpstream())
 
 
 def test_client_id_takeover_is_impossible():
     # Bob asks for the client id Alice uses: at the broker they are different sessions.
-    s, _, _ = make()
-    s.client_data(connect_packet(client_id="app-1"))
-    up_bob = codec.decode_connect(only(s.authenticated(BOB).to_broker, T.CONNECT).body)
-    assert up_bob.client_id == "u/sub-bob/app-1"
+    assert (connects_upstream_as(BOB, "app-1")
+            << ToBroker(upstream(client_id="u/sub-bob/app-1"))
+            << Audit(action="connect", decision="allow", identity=BOB))
     # Bob cannot spell Alice's namespaced id either: it is namespaced again.
-    s, _, _ = make()
-    s.client_data(connect_packet(client_id="u/sub-alice/app-1"))
-    up = codec.decode_connect(only(s.authenticated(BOB).to_broker, T.CONNECT).body)
-    assert up.client_id == "u/sub-bob/u/sub-alice/app-1"
+    assert (connects_upstream_as(BOB, "u/sub-alice/app-1")
+            << ToBroker(upstream(client_id="u/sub-bob/u/sub-alice/app-1"))
+            << Audit(action="connect", decision="allow", identity=BOB))
 
 
 def test_subjects_cannot_collide_in_the_namespace():
     # sub "x" + client id "y/z" and sub "x/y" + client id "z" must be different broker sessions.
-    ids = []
-    for sub, cid in (("x", "y/z"), ("x/y", "z")):
-        s, _, _ = make()
-        s.client_data(connect_packet(client_id=cid))
-        ident = dataclasses.replace(ALICE, sub=sub)
-        ids.append(codec.decode_connect(only(s.authenticated(ident).to_broker, T.CONNECT).body).client_id)
-    assert ids == ["u/x/y/z", "u/x%2Fy/z"]
+    assert (connects_upstream_as(dataclasses.replace(ALICE, sub="x"), "y/z")
+            << ToBroker(upstream(client_id="u/x/y/z"))
+            << Audit(action="connect", decision="allow"))
+    assert (connects_upstream_as(dataclasses.replace(ALICE, sub="x/y"), "z")
+            << ToBroker(upstream(client_id="u/x%2Fy/z"))
+            << Audit(action="connect", decision="allow"))
 
 
 def test_device_id_inside_the_user_namespace_is_refused():
     evil = dataclasses.replace(THERMO, device_id="u/sub-bob/app-1", username="u/sub-bob/app-1")
-    s, _, audit = make()
-    s.client_data(connect_packet(client_id="u/sub-bob/app-1"))
-    acts = s.authenticated(evil)
-    assert bytes(acts.to_client[0]) == b"\x20\x02\x00\x02" and not acts.to_broker and denials(audit, "connect")
+    s, _, _ = make()
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(client_id="u/sub-bob/app-1"))
+            << Authenticates(kind="connect")
+            >> Authenticated(evil)
+            << ToClient(b"\x20\x02\x00\x02")
+            << Audit(action="connect", decision="deny", identity=evil)
+            << Closes("client_id_rejected"))
 
 
 @pytest.mark.parametrize("level,code", [(MQTT_311, 0x02), (MQTT_5, 0x85)])
 def test_device_must_use_its_own_client_id(level, code):
-    s, _, audit = make(level)
-    s.client_data(connect_packet(level, client_id="thermo-2", username="thermo-1"))
-    acts = s.authenticated(THERMO)
-    assert not acts.to_broker and not acts.open_upstream
-    assert codec.decode_connack(only(acts.to_client, T.CONNACK).body, level).reason == code
-    assert acts.close is not None and s.closed
-    assert denials(audit, "connect")
+    s, _, _ = make(level)
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(level, client_id="thermo-2", username="thermo-1"))
+            << Authenticates(kind="connect", client_id="thermo-2")
+            >> Authenticated(THERMO)
+            << ToClient(connack_code(code, level))
+            << Audit(action="connect", decision="deny", reason="client id is not the device id")
+            << Closes("client_id_rejected"))
+    assert s.closed
 
 
 def test_device_with_empty_client_id_gets_its_id():
     s, _, _ = make(MQTT_5)
-    s.client_data(connect_packet(MQTT_5, client_id="", username="thermo-1"))
-    up = codec.decode_connect(only(s.authenticated(THERMO).to_broker, T.CONNECT).body)
-    assert up.client_id == "thermo-1"
-    acts = s.broker_data(connack(MQTT_5))
-    ca = codec.decode_connack(only(acts.to_client, T.CONNACK).body, MQTT_5)
-    assert get_prop(ca.properties, Prop.ASSIGNED_CLIENT_IDENTIFIER) == "thermo-1"
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(MQTT_5, client_id="", username="thermo-1"))
+            << Authenticates(kind="connect", client_id="")
+            >> Authenticated(THERMO)
+            << OpenUpstream()
+            << ToBroker(upstream(client_id="thermo-1"))
+            << Audit(action="connect", decision="allow")
+            >> BrokerData(connack(MQTT_5))
+            << ToClient(connack_with(MQTT_5, Prop.ASSIGNED_CLIENT_IDENTIFIER, "thermo-1")))
 
 
 def test_user_with_empty_client_id_gets_a_generated_namespaced_one():
-    s, _, _ = make(MQTT_5)
-    s.client_data(connect_packet(MQTT_5, client_id=""))
-    up = codec.decode_connect(only(s.authenticated(ALICE).to_broker, T.CONNECT).body)
-    assert up.client_id.startswith("u/sub-alice/kg-")
-    acts = s.broker_data(connack(MQTT_5, props=[(Prop.ASSIGNED_CLIENT_IDENTIFIER, "broker-made")]))
-    ca = codec.decode_connack(only(acts.to_client, T.CONNACK).body, MQTT_5)
-    assigned = get_prop(ca.properties, Prop.ASSIGNED_CLIENT_IDENTIFIER)
-    assert assigned == s.client_id and up.client_id == "u/sub-alice/" + assigned
-    assert "broker-made" not in repr(ca.properties)
+    s, _, _ = make(MQTT_5, random_hex=lambda n: "ab" * n)
+    generated = "kg-" + "ab" * 8
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(MQTT_5, client_id=""))
+            << Authenticates(kind="connect", client_id="")
+            >> Authenticated(ALICE)
+            << OpenUpstream()
+            << ToBroker(upstream(client_id="u/sub-alice/" + generated))
+            << Audit(action="connect", decision="allow")
+            # The broker's own assignment is not passed on: the client is told the gateway's.
+            >> BrokerData(connack(MQTT_5, props=[(Prop.ASSIGNED_CLIENT_IDENTIFIER, "broker-made")]))
+            << ToClient(connack_with(MQTT_5, Prop.ASSIGNED_CLIENT_IDENTIFIER, generated)))
+    assert s.client_id == generated
+
+
+def test_generated_client_ids_are_random_by_default():
+    ids = set()
+    for _ in range(2):
+        s, _, _ = make(MQTT_5)
+        s.client_data(connect_packet(MQTT_5, client_id=""))
+        ids.add(codec.decode_connect(only(s.authenticated(ALICE).to_broker, T.CONNECT).body).client_id)
+    assert len(ids) == 2 and all(i.startswith("u/sub-alice/kg-") for i in ids)
 
 
 def test_anonymous_clients_never_share_a_broker_session():
@@ -267,29 +340,37 @@ def test_anonymous_clients_never_share_a_broker_session():
 
 def test_empty_client_id_needs_clean_session_in_311():
     s, _, _ = make()
-    acts = s.client_data(connect_packet(client_id="", clean=False))
-    assert acts.auth is None
-    assert codec.decode_connack(only(acts.to_client, T.CONNACK).body, MQTT_311).reason == 0x02
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(client_id="", clean=False))
+            << ToClient(connack_code(0x02, MQTT_311))
+            << Audit(action="connect", decision="deny")
+            << Closes("client_id_rejected"))
 
 
 @pytest.mark.parametrize("level,code", [(MQTT_311, 0x05), (MQTT_5, 0x87)])
 def test_will_on_a_forbidden_topic_is_refused(level, code):
     will = Will("devices/thermo-2/cmd", b"bye", 1, True)
-    s, p, audit = make(level)
-    s.client_data(connect_packet(level, will=will))
-    acts = s.authenticated(ALICE)
-    assert not acts.open_upstream and not acts.to_broker
-    assert codec.decode_connack(only(acts.to_client, T.CONNACK).body, level).reason == code
+    s, p, _ = make(level)
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(level, will=will))
+            << Authenticates(kind="connect")
+            >> Authenticated(ALICE)
+            << ToClient(connack_code(code, level))
+            << Audit(action="will", decision="deny", resource="devices/thermo-2/cmd")
+            << Closes("not_authorized"))
     assert ("publish", "devices/thermo-2/cmd", 1, True, "app-1") in p.asked  # its QoS and retain flag
-    assert denials(audit, "will")
 
 
 def test_allowed_will_goes_upstream():
     will = Will("devices/thermo-1/status", b"offline", 0, True)
     s, _, _ = make()
-    s.client_data(connect_packet(will=will))
-    up = codec.decode_connect(only(s.authenticated(ALICE).to_broker, T.CONNECT).body)
-    assert up.will == will
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(will=will))
+            << Authenticates(kind="connect")
+            >> Authenticated(ALICE)
+            << OpenUpstream()
+            << ToBroker(upstream(will=will))
+            << Audit(action="connect", decision="allow"))
 
 
 def will_session(level):
@@ -302,29 +383,40 @@ def will_session(level):
 
 
 def test_will_revoked_mid_session_is_discarded_when_the_client_drops():
-    s, p, audit = will_session(MQTT_311)
+    s, p, _ = will_session(MQTT_311)
     p.pub.clear()  # e.g. the device was given away
-    acts = s.client_closed()
-    assert bytes(acts.to_broker[0]) == b"\xe0\x00" and acts.close.reason == "client_closed"
-    assert denials(audit, "will")
+    assert (Playbook(s.session)
+            >> ClientClosed()
+            << ToBroker(b"\xe0\x00")  # a normal DISCONNECT: the broker discards the Will
+            << Audit(dict(action="will", decision="deny"), dict(action="session", decision="summary"))
+            << Closes("client_closed"))
 
 
 def test_allowed_will_is_left_to_the_broker():
     s, _, _ = will_session(MQTT_311)
-    acts = s.client_closed()
-    assert not acts.to_broker and acts.close
-    assert s.client_closed() == Outcome()  # idempotent
+    assert (Playbook(s.session)
+            >> ClientClosed()
+            << Audit(action="session", decision="summary", reason="client_closed")
+            << Closes("client_closed")
+            >> ClientClosed())  # idempotent: nothing more
 
 
 def test_disconnect_with_will_is_checked_again():
     s, p, _ = will_session(MQTT_5)
     p.pub.clear()
-    acts = s.client_data(codec.encode_disconnect(MQTT_5, 0x04))
-    assert bytes(acts.to_broker[0]) == b"\xe0\x00" and acts.close
+    assert (Playbook(s.session)
+            >> ClientData(codec.encode_disconnect(MQTT_5, 0x04))
+            << ToBroker(b"\xe0\x00")
+            << Audit(dict(action="will", decision="deny"), dict(action="session", decision="summary"))
+            << Closes("client_disconnect"))
     s, p, _ = will_session(MQTT_5)
     raw = codec.encode_disconnect(MQTT_5, 0x04)
-    assert bytes(s.client_data(raw).to_broker[0]) == raw
-    assert s.client_closed() == Outcome()
+    assert (Playbook(s.session)
+            >> ClientData(raw)
+            << ToBroker(raw)
+            << Audit(action="session", decision="summary")
+            << Closes("client_disconnect")
+            >> ClientClosed())
 
 
 @pytest.mark.parametrize("reason,v3,v5", [
@@ -333,127 +425,171 @@ def test_disconnect_with_will_is_checked_again():
     (AuthReason.ISSUER_UNREACHABLE, 0x03, 0x88)])
 @pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
 def test_authentication_failures_answer_with_the_versions_code(reason, v3, v5, level):
-    s, _, audit = make(level)
-    s.client_data(connect_packet(level))
-    acts = s.authentication_failed(reason)
-    assert codec.decode_connack(only(acts.to_client, T.CONNACK).body, level).reason == (v5 if level == 5 else v3)
-    assert acts.close is not None and not acts.to_broker and not acts.open_upstream
-    assert denials(audit, "connect")[0]["reason"] == reason.value
+    s, _, _ = make(level)
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(level))
+            << Authenticates(kind="connect")
+            >> AuthenticationFailed(reason)
+            << ToClient(connack_code(v5 if level == 5 else v3, level))
+            << Audit(action="connect", decision="deny", reason=reason.value)
+            << Closes("auth_failed"))
 
 
 def test_v5_enhanced_auth_is_answered_by_the_gateway_and_never_reaches_the_broker():
     props = [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD), (Prop.AUTHENTICATION_DATA, b"TOKEN"),
              (Prop.TOPIC_ALIAS_MAXIMUM, 20), (Prop.USER_PROPERTY, ("k", "v"))]
     s, _, _ = make(MQTT_5)
-    acts = s.client_data(connect_packet(MQTT_5, username=None, password=None, props=props))
-    assert acts.auth.auth_method == AUTH_METHOD and acts.auth.auth_data == b"TOKEN"
-    up = codec.decode_connect(only(s.authenticated(ALICE).to_broker, T.CONNECT).body)
-    # No auth method/data, and no Topic Alias Maximum: the broker never sends aliases.
-    assert up.properties == [(Prop.USER_PROPERTY, ("k", "v"))]
-    acts = s.broker_data(connack(MQTT_5, props=[(Prop.TOPIC_ALIAS_MAXIMUM, 65535)]))
-    ca = codec.decode_connack(only(acts.to_client, T.CONNACK).body, MQTT_5)
-    assert get_prop(ca.properties, Prop.AUTHENTICATION_METHOD) == AUTH_METHOD
-    assert get_prop(ca.properties, Prop.TOPIC_ALIAS_MAXIMUM) == 10
-    assert get_prop(ca.properties, Prop.MAXIMUM_PACKET_SIZE) == 1048576
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(MQTT_5, username=None, password=None, props=props))
+            << Authenticates(kind="connect", auth_method=AUTH_METHOD, auth_data=b"TOKEN")
+            >> Authenticated(ALICE)
+            << OpenUpstream()
+            # No auth method/data, and no Topic Alias Maximum: the broker never sends aliases.
+            << ToBroker(upstream(properties=[(Prop.USER_PROPERTY, ("k", "v"))]))
+            << Audit(action="connect", decision="allow")
+            >> BrokerData(connack(MQTT_5, props=[(Prop.TOPIC_ALIAS_MAXIMUM, 65535)]))
+            << ToClient(connack_with(MQTT_5, Prop.AUTHENTICATION_METHOD, AUTH_METHOD,
+                                     Prop.TOPIC_ALIAS_MAXIMUM, 10, Prop.MAXIMUM_PACKET_SIZE, 1048576)))
 
 
 def test_unknown_auth_method_is_refused_without_asking():
-    s, _, audit = make(MQTT_5)
-    acts = s.client_data(connect_packet(MQTT_5, props=[(Prop.AUTHENTICATION_METHOD, "SCRAM-SHA-1")]))
-    assert acts.auth is None
-    assert codec.decode_connack(only(acts.to_client, T.CONNACK).body, MQTT_5).reason == 0x8C
-    assert denials(audit, "connect")
+    s, _, _ = make(MQTT_5)
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(MQTT_5, props=[(Prop.AUTHENTICATION_METHOD, "SCRAM-SHA-1")]))
+            << ToClient(connack_code(0x8C, MQTT_5))
+            << Audit(action="connect", decision="deny")
+            << Closes("auth_failed"))
 
 
 def test_packets_before_connect_close_the_connection():
-    s, _, audit = make()
-    acts = s.client_data(b"\xc0\x00")  # PINGREQ
-    assert acts.close is not None and not acts.to_broker
-    acts = make()[0].client_data(pub("devices/thermo-1/t"))
-    assert acts.close is not None and not acts.to_broker
-    assert audit.records[0]["action"] == "protocol_error"
+    s, _, _ = make()
+    assert (Playbook(s.session)
+            >> ClientData(b"\xc0\x00")  # PINGREQ
+            << Audit(action="protocol_error", decision="deny", reason="PINGREQ before CONNECT")
+            << Closes("protocol_error"))
+    s, _, _ = make()
+    assert (Playbook(s.session)
+            >> ClientData(pub("devices/thermo-1/t"))
+            << Audit(action="protocol_error", decision="deny", reason="PUBLISH before CONNECT")
+            << Closes("protocol_error"))
 
 
 def test_second_connect_is_a_protocol_error():
     s, _, _ = open_session(MQTT_5)
-    acts = s.client_data(connect_packet(MQTT_5))
-    d = codec.decode_disconnect(only(acts.to_client, T.DISCONNECT).body, MQTT_5)
-    assert d.reason == Reason.PROTOCOL_ERROR and acts.close and not acts.to_broker
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(MQTT_5))
+            << ToClient(disconnect_code(Reason.PROTOCOL_ERROR))
+            << Audit(dict(action="protocol_error", decision="deny"), dict(action="session", decision="summary"))
+            << Closes("protocol_error"))
 
 
 def test_unsupported_protocol_level_gets_the_v3_code():
     raw = bytearray(connect_packet(MQTT_311))
     raw[8] = 6  # level byte
-    acts = make()[0].client_data(bytes(raw))
-    assert bytes(acts.to_client[0]) == b"\x20\x02\x00\x01" and acts.close
+    s, _, _ = make()
+    assert (Playbook(s.session)
+            >> ClientData(bytes(raw))
+            << ToClient(b"\x20\x02\x00\x01")
+            << Audit(action="protocol_error", decision="deny", reason="protocol level 6 not supported")
+            << Closes("protocol_error"))
 
 
 def test_connect_split_into_single_bytes():
     s, _, _ = make(MQTT_5)
     data = connect_packet(MQTT_5, props=[(Prop.USER_PROPERTY, ("a", "b"))])
-    results = [s.client_data(data[i:i + 1]) for i in range(len(data))]
-    assert all(r.auth is None for r in results[:-1]) and results[-1].auth is not None
+    pb = Playbook(s.session)
+    for i in range(len(data) - 1):
+        assert pb >> ClientData(data[i:i + 1])  # nothing until the last byte
+    assert pb >> ClientData(data[-1:]) << Authenticates(kind="connect", username="alice")
 
 
 def test_connect_deadline():
     clock = Clock()
-    s, _, audit = make(clock=clock, connect_timeout_seconds=5)
+    s, _, _ = make(clock=clock, connect_timeout_seconds=5)
     assert s.next_deadline() == 1005.0 and s.timeout() == 5.0
-    s.client_data(connect_packet()[:10])  # a slowloris dribble does not extend it
+    pb = Playbook(s.session)
+    assert pb >> ClientData(connect_packet()[:10])  # a slowloris dribble does not extend it
     clock.t = 1004.9
-    assert s.tick().close is None
+    assert pb >> Tick(clock.t)
     clock.t = 1005.0
-    acts = s.tick()
-    assert acts.close.reason == "connect_timeout" and s.closed
-    assert denials(audit, "connect")
+    assert (pb
+            >> Tick(clock.t)
+            << Audit(action="connect", decision="deny")
+            << Closes("connect_timeout"))
+    assert s.closed
 
 
 def test_connect_deadline_also_covers_a_slow_authentication():
     clock = Clock()
     s, _, _ = make(MQTT_5, clock=clock, connect_timeout_seconds=5)
-    s.client_data(connect_packet(MQTT_5))
+    pb = Playbook(s.session) >> ClientData(connect_packet(MQTT_5)) << Authenticates(kind="connect")
     clock.t = 1006
-    acts = s.tick()
-    assert codec.decode_connack(only(acts.to_client, T.CONNACK).body, MQTT_5).reason == 0x88
-    assert s.authenticated(ALICE) == Outcome()  # a late answer does nothing
+    assert (pb
+            >> Tick(clock.t)
+            << ToClient(connack_code(0x88, MQTT_5))
+            << Audit(action="connect", decision="deny")
+            << Closes("connect_timeout")
+            >> Authenticated(ALICE))  # a late answer does nothing
+
+
+def upstream_playbook(level=MQTT_311, **kw) -> tuple[Playbook, Driver]:
+    """A session whose CONNECT was authenticated as Alice and sent to the broker."""
+    s, _, _ = make(level, **kw)
+    return (Playbook(s.session)
+            >> ClientData(connect_packet(level))
+            << Authenticates(kind="connect")
+            >> Authenticated(ALICE)
+            << OpenUpstream()
+            << ToBroker(upstream(client_id="u/sub-alice/app-1"))
+            << Audit(action="connect", decision="allow")), s
 
 
 def test_broker_unreachable_answers_server_unavailable():
-    s, _, _ = make()
-    s.client_data(connect_packet())
-    s.authenticated(ALICE)
-    acts = s.broker_closed()
-    assert bytes(acts.to_client[0]) == b"\x20\x02\x00\x03" and acts.close
+    pb, _ = upstream_playbook()
+    assert (pb
+            >> BrokerClosed()
+            << ToClient(b"\x20\x02\x00\x03")
+            << Audit(action="session", decision="summary")
+            << Closes("broker_closed"))
 
 
 def test_broker_refusal_is_forwarded():
-    s, _, _ = make(MQTT_5)
-    s.client_data(connect_packet(MQTT_5))
-    s.authenticated(ALICE)
-    acts = s.broker_data(connack(MQTT_5, reason=0x8A))
-    assert codec.decode_connack(only(acts.to_client, T.CONNACK).body, MQTT_5).reason == 0x8A
-    assert acts.close.reason == "broker_refused"
+    pb, _ = upstream_playbook(MQTT_5)
+    assert (pb
+            >> BrokerData(connack(MQTT_5, reason=0x8A))
+            << ToClient(connack_code(0x8A, MQTT_5))
+            << Audit(dict(action="connect", decision="deny", reason="broker refused 0x8A"),
+                     dict(action="session", decision="summary", reason="broker_refused"))
+            << Closes("broker_refused"))
 
 
 def test_packets_sent_before_connack_wait_and_are_then_checked():
-    s, _p, _ = make()
-    data = connect_packet() + pub("devices/thermo-1/t", b"ok") + pub("devices/thermo-2/t", b"no")
-    acts = s.client_data(data)
-    assert acts.auth is not None and not acts.to_broker
-    s.authenticated(ALICE)
-    acts = s.broker_data(connack())
-    frames = decode_all(acts.to_broker)
-    assert [codec.decode_publish(f, 4).topic for f in frames] == [b"devices/thermo-1/t"]
+    s, _, _ = make()
+    ok, no = pub("devices/thermo-1/t", b"ok"), pub("devices/thermo-2/t", b"no")
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet() + ok + no)
+            << Authenticates(kind="connect")
+            >> Authenticated(ALICE)
+            << OpenUpstream()
+            << ToBroker(upstream())
+            << Audit(action="connect", decision="allow")
+            >> BrokerData(connack())
+            << ToClient(connack_code(0, MQTT_311))
+            << ToBroker(ok)
+            << Audit(action="publish", decision="deny", resource="devices/thermo-2/t"))
 
 
 def test_too_much_data_before_connack_closes():
     s, _, _ = make(max_packet_size=1000)
-    s.client_data(connect_packet())
+    pb = Playbook(s.session) >> ClientData(connect_packet()) << Authenticates(kind="connect")
     for _ in range(80):
-        acts = s.client_data(pub("devices/thermo-1/t", b"x" * 900))
-        if acts.close:
+        pb >> ClientData(pub("devices/thermo-1/t", b"x" * 900))
+        if pb.pending:
             break
-    assert acts.close is not None and acts.close.reason == "buffer_full"
+    assert (pb
+            << ToClient(connack_code(0x03, MQTT_311))
+            << Audit(action="connect", decision="deny", reason="too much data before CONNACK")
+            << Closes("buffer_full"))
 
 
 # --------------------------------------------------------------------------- keepalive and expiry
