@@ -594,94 +594,140 @@ def test_too_much_data_before_connack_closes():
 
 # --------------------------------------------------------------------------- keepalive and expiry
 
+PINGREQ = b"\xc0\x00"
+SUMMARY = dict(action="session", decision="summary")
+
 
 def test_keepalive_enforced_at_one_and_a_half_times():
     clock = Clock()
-    s, _, _ = open_session(MQTT_5, clock=clock)
-    assert s.keepalive == 60
+    s, _, _ = open_session(MQTT_5, clock=clock)  # keepalive 60
+    pb = Playbook(s.session)
     clock.t += 89
-    assert s.tick().close is None
-    s.client_data(b"\xc0\x00")
+    assert pb >> Tick(clock.t)
+    assert pb >> ClientData(PINGREQ) << ToBroker(PINGREQ)  # activity moves the deadline
     clock.t += 89
-    assert s.tick().close is None
+    assert pb >> Tick(clock.t)
     clock.t += 2
-    acts = s.tick()
-    assert codec.decode_disconnect(only(acts.to_client, T.DISCONNECT).body, 5).reason == 0x8D
-    assert acts.close.reason == "keepalive_timeout"
+    assert (pb
+            >> Tick(clock.t)
+            << ToClient(disconnect_code(0x8D))
+            << Audit(dict(action="keepalive", decision="close", reason="keepalive timeout"), SUMMARY)
+            << Closes("keepalive_timeout"))
 
 
 def test_keepalive_zero_is_capped_and_v5_clients_are_told():
     s, _, _ = make(MQTT_5, max_keepalive_seconds=100)
-    s.client_data(connect_packet(MQTT_5, keepalive=0))
-    up = codec.decode_connect(only(s.authenticated(ALICE).to_broker, T.CONNECT).body)
-    # The gateway enforces 100 s; the broker is given twice that, so the gateway times out first.
-    assert s.keepalive == 100 and up.keepalive == 200
-    ca = codec.decode_connack(only(s.broker_data(connack(MQTT_5)).to_client, T.CONNACK).body, 5)
-    assert get_prop(ca.properties, Prop.SERVER_KEEP_ALIVE) == 100
-    s, _, _ = make(MQTT_311, max_keepalive_seconds=100)
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(MQTT_5, keepalive=0))
+            << Authenticates(kind="connect")
+            >> Authenticated(ALICE)
+            << OpenUpstream()
+            # The gateway enforces 100 s; the broker is given twice that, so the gateway times out first.
+            << ToBroker(upstream(keepalive=200))
+            << Audit(action="connect", decision="allow")
+            >> BrokerData(connack(MQTT_5))
+            << ToClient(connack_with(MQTT_5, Prop.SERVER_KEEP_ALIVE, 100)))
+    clock = Clock()
+    s, _, _ = make(MQTT_311, clock=clock, max_keepalive_seconds=100)
     s.client_data(connect_packet(MQTT_311, keepalive=0))
-    assert s.keepalive == 100
+    s.authenticated(ALICE)
+    pb = Playbook(s.session) >> BrokerData(connack()) << ToClient(connack_code(0, MQTT_311))
+    clock.t += 149
+    assert pb >> Tick(clock.t)
+    clock.t += 2
+    assert (pb
+            >> Tick(clock.t)
+            << Audit(dict(action="keepalive", decision="close"), SUMMARY)
+            << Closes("keepalive_timeout"))
 
 
 def test_token_expiry_disconnects_at_expiry_plus_leeway():
     clock, wall = Clock(), Clock(9_000.0)
-    s, _, audit = open_session(MQTT_5, clock=clock, wallclock=wall, token_leeway=30, max_keepalive_seconds=60)
+    s, _, _ = open_session(MQTT_5, clock=clock, wallclock=wall, token_leeway=30, max_keepalive_seconds=60)
     assert s.next_deadline() == pytest.approx(1000 + 90)  # keepalive first
+    pb = Playbook(s.session)
     wall.t = 10_029.0
-    s.client_data(b"\xc0\x00")
-    assert s.tick().close is None
+    assert pb >> ClientData(PINGREQ) << ToBroker(PINGREQ)
+    assert pb >> Tick(clock.t)
     wall.t = 10_030.0
-    acts = s.tick()
-    assert codec.decode_disconnect(only(acts.to_client, T.DISCONNECT).body, 5).reason == 0xA0
-    assert acts.close.reason == "token_expired"
-    assert any(r["reason"] == "token expired" for r in audit.records)
+    assert (pb
+            >> Tick(clock.t)
+            << ToClient(disconnect_code(0xA0))
+            << Audit(dict(action="session", decision="close", reason="token expired"), SUMMARY)
+            << Closes("token_expired"))
 
 
 def test_already_expired_identity_is_refused():
     s, _, _ = make(wallclock=Clock(20_000.0))
-    s.client_data(connect_packet())
-    acts = s.authenticated(ALICE)
-    assert bytes(acts.to_client[0]) == b"\x20\x02\x00\x05" and not acts.open_upstream
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet())
+            << Authenticates(kind="connect")
+            >> Authenticated(ALICE)
+            << ToClient(b"\x20\x02\x00\x05")
+            << Audit(action="connect", decision="deny")
+            << Closes("token_expired"))
+
+
+def reauth(data: bytes = b"FRESH", method: str = AUTH_METHOD) -> bytes:
+    return codec.encode_auth(Reason.REAUTHENTICATE, [(Prop.AUTHENTICATION_METHOD, method),
+                                                     (Prop.AUTHENTICATION_DATA, data)])
 
 
 def test_reauthentication_same_subject_keeps_the_connection():
-    wall = Clock(9_000.0)
-    s, _, _ = open_session(MQTT_5, wallclock=wall)
-    auth = codec.encode_auth(Reason.REAUTHENTICATE, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD),
-                                                     (Prop.AUTHENTICATION_DATA, b"FRESH")])
-    acts = s.client_data(auth)
-    assert acts.auth.kind == "reauth" and acts.auth.auth_data == b"FRESH" and not acts.to_broker
-    assert classify_credentials(acts.auth, None, lambda _: False) == ("token", "FRESH")
+    clock, wall = Clock(), Clock(9_000.0)
+    s, _, _ = open_session(MQTT_5, clock=clock, wallclock=wall)
+    pb = Playbook(s.session)
+    assert pb >> ClientData(reauth(b"FRESH")) << Authenticates(kind="reauth", auth_data=b"FRESH")
+    request = pb.taken[-1].request
+    assert classify_credentials(request, None, lambda _: False) == ("token", "FRESH")
     fresh = dataclasses.replace(ALICE, expires_at=20_000.0)
-    acts = s.authenticated(fresh)
-    a = codec.decode_auth(only(acts.to_client, T.AUTH).body)
-    assert a.reason == 0 and get_prop(a.properties, Prop.AUTHENTICATION_METHOD) == AUTH_METHOD
+    ok = Packet(T.AUTH, "success, method " + AUTH_METHOD,
+                lambda f: (a := codec.decode_auth(f.body)).reason == 0
+                and get_prop(a.properties, Prop.AUTHENTICATION_METHOD) == AUTH_METHOD)
+    assert pb >> Authenticated(fresh) << ToClient(ok) << Audit(action="reauth", decision="allow", identity=fresh)
+    # The connection lives on the fresh token: past the old expiry, up to the new one.
     wall.t = 15_000.0
-    assert s.tick().close is None and s.identity.expires_at == 20_000.0
+    assert pb >> Tick(clock.t)
+    wall.t = 20_000.0
+    assert (pb
+            >> Tick(clock.t)
+            << ToClient(disconnect_code(0xA0))
+            << Audit(dict(action="session", decision="close", reason="token expired"), SUMMARY)
+            << Closes("token_expired"))
 
 
 def test_reauthentication_as_someone_else_disconnects():
-    s, _, audit = open_session(MQTT_5)
-    s.client_data(codec.encode_auth(Reason.REAUTHENTICATE, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD),
-                                                            (Prop.AUTHENTICATION_DATA, b"BOBS")]))
-    acts = s.authenticated(BOB)
-    assert codec.decode_disconnect(only(acts.to_client, T.DISCONNECT).body, 5).reason == 0x87
-    assert acts.close and s.identity == ALICE and denials(audit, "reauth")
+    s, _, _ = open_session(MQTT_5)
+    assert (Playbook(s.session)
+            >> ClientData(reauth(b"BOBS"))
+            << Authenticates(kind="reauth", auth_data=b"BOBS")
+            >> Authenticated(BOB)
+            << ToClient(disconnect_code(0x87))
+            # Still Alice's connection to the end: the summary is hers.
+            << Audit(dict(action="reauth", decision="deny", reason="subject changed", identity=ALICE),
+                     dict(SUMMARY, identity=ALICE))
+            << Closes("reauth_failed"))
 
 
 def test_failed_reauthentication_disconnects():
     s, _, _ = open_session(MQTT_5)
-    s.client_data(codec.encode_auth(Reason.REAUTHENTICATE, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD),
-                                                            (Prop.AUTHENTICATION_DATA, b"FORGED")]))
-    acts = s.authentication_failed(AuthReason.BAD_SIGNATURE)
-    assert codec.decode_disconnect(only(acts.to_client, T.DISCONNECT).body, 5).reason == 0x87 and acts.close
+    assert (Playbook(s.session)
+            >> ClientData(reauth(b"FORGED"))
+            << Authenticates(kind="reauth", auth_data=b"FORGED")
+            >> AuthenticationFailed(AuthReason.BAD_SIGNATURE)
+            << ToClient(disconnect_code(0x87))
+            << Audit(dict(action="reauth", decision="deny"), SUMMARY)
+            << Closes("reauth_failed"))
 
 
 def test_reauth_with_another_method_is_refused():
     s, _, _ = open_session(MQTT_5)
-    acts = s.client_data(codec.encode_auth(Reason.REAUTHENTICATE, [(Prop.AUTHENTICATION_METHOD, "PLAIN")]))
-    assert acts.auth is None and acts.close
-    assert codec.decode_disconnect(only(acts.to_client, T.DISCONNECT).body, 5).reason == 0x8C
+    assert (Playbook(s.session)
+            >> ClientData(codec.encode_auth(Reason.REAUTHENTICATE, [(Prop.AUTHENTICATION_METHOD, "PLAIN")]))
+            << ToClient(disconnect_code(0x8C))
+            << Audit(dict(action="protocol_error", decision="deny", reason="authentication method 'PLAIN'"),
+                     SUMMARY)
+            << Closes("protocol_error", reason_code=Reason.BAD_AUTHENTICATION_METHOD))
 
 
 # --------------------------------------------------------------------------- PUBLISH
