@@ -916,10 +916,10 @@ def test_broker_topic_alias_is_a_broker_protocol_error():
 def test_rate_limit_disconnect(level):
     limiter = RateLimiter(1, 3, clock=Clock())
     s, _, _ = open_session(level, rate_limiter=limiter)
-    pb = Playbook(s.session)
+    pb, t = Playbook(s.session), pub("devices/thermo-1/t", level=level)
     for _ in range(3):
-        assert pb >> ClientData(pub("devices/thermo-1/t", level=level)) << ToBroker(pub("devices/thermo-1/t", level=level))
-    pb >> ClientData(pub("devices/thermo-1/t", level=level))
+        assert pb >> ClientData(t) << ToBroker(t)
+    pb >> ClientData(t)
     if level == MQTT_5:
         pb << ToClient(disconnect_code(0x96))
     assert (pb
