@@ -25,6 +25,8 @@ from proxy.mqtt.events import (
     BrokerData,
     ClientClosed,
     ClientData,
+    Invalidated,
+    Shutdown,
     Tick,
 )
 from proxy.mqtt.handshake import AUTH_METHOD, classify_credentials
@@ -35,6 +37,7 @@ from proxy.mqtt.packets import (
     PacketType,
     Prop,
     Reason,
+    Suback,
     Subscribe,
     Subscription,
     Unsubscribe,
@@ -962,69 +965,87 @@ def suback_of(acts: Outcome, level) -> list[int]:
     return codec.decode_suback(only(acts.to_client, T.SUBACK).body, level).reasons
 
 
+def suback(pid: int, codes: list[int], level: int) -> bytes:
+    return codec.encode_suback(Suback(pid, codes), level)
+
+
+def subscribe(pid: int, level: int, *filters: tuple[str, int], props=()) -> bytes:
+    return codec.encode_subscribe(Subscribe(pid, [Subscription(f, q) for f, q in filters], list(props)), level)
+
+
+def sub_denied(flt: str) -> dict[str, Any]:
+    return dict(action="subscribe", decision="deny", resource=flt)
+
+
 def test_allowed_subscribe_passes_unchanged():
     s, _, _ = open_session()
-    raw = codec.encode_subscribe(Subscribe(3, [Subscription("devices/thermo-1/#", 1)]), 4)
-    acts = s.client_data(raw)
-    assert bytes(acts.to_broker[0]) == raw and not acts.to_client
+    raw = subscribe(3, 4, ("devices/thermo-1/#", 1))
+    assert Playbook(s.session) >> ClientData(raw) << ToBroker(raw)
 
 
 @pytest.mark.parametrize("level,code", [(MQTT_311, 0x80), (MQTT_5, 0x87)])
 def test_partly_denied_subscribe_is_rewritten_and_the_suback_merged(level, code):
     p = FakePolicies(sub_allow=["devices/thermo-1/#"], sub_check=["devices/+/telemetry"])
-    s, _, audit = open_session(level, policies=p)
+    s, _, _ = open_session(level, policies=p)
     props = [(Prop.SUBSCRIPTION_IDENTIFIER, 4)] if level == 5 else []
-    subs = [Subscription("$SYS/#", 0), Subscription("devices/thermo-1/#", 1), Subscription("secret/#", 2),
-            Subscription("devices/+/telemetry", 2)]
-    acts = s.client_data(codec.encode_subscribe(Subscribe(12, subs, props), level))
-    assert not acts.to_client
-    up = codec.decode_subscribe(only(acts.to_broker, T.SUBSCRIBE).body, level)
-    assert up.packet_id == 12 and [x.topic_filter for x in up.subscriptions] == ["devices/thermo-1/#",
-                                                                               "devices/+/telemetry"]
-    assert up.properties == props
-    acts = s.broker_data(codec.encode_suback(codec.Suback(12, [1, 2]), level))
-    assert suback_of(acts, level) == [code, 1, code, 2]
-    assert [r["resource"] for r in denials(audit, "subscribe")] == ["$SYS/#", "secret/#"]
+    assert (Playbook(s.session)
+            >> ClientData(subscribe(12, level, ("$SYS/#", 0), ("devices/thermo-1/#", 1), ("secret/#", 2),
+                                    ("devices/+/telemetry", 2), props=props))
+            # Only the granted filters go up, under the same packet id and properties.
+            << ToBroker(subscribe(12, level, ("devices/thermo-1/#", 1), ("devices/+/telemetry", 2), props=props))
+            << Audit(sub_denied("$SYS/#"), sub_denied("secret/#"))
+            >> BrokerData(suback(12, [1, 2], level))
+            << ToClient(suback(12, [code, 1, code, 2], level)))
 
 
 def test_fully_denied_subscribe_is_answered_by_the_gateway_alone():
     s, _, _ = open_session(MQTT_5)
-    subs = [Subscription("$SYS/#", 0), Subscription("$CONTROL/#", 0), Subscription("#", 0)]
-    acts = s.client_data(codec.encode_subscribe(Subscribe(5, subs), 5))
-    assert not acts.to_broker and suback_of(acts, 5) == [0x87] * 3
-    # A SUBACK the broker sends for another id passes untouched.
-    other = codec.encode_suback(codec.Suback(6, [0]), 5)
-    assert bytes(s.broker_data(other).to_client[0]) == other
+    other = suback(6, [0], 5)
+    assert (Playbook(s.session)
+            >> ClientData(subscribe(5, 5, ("$SYS/#", 0), ("$CONTROL/#", 0), ("#", 0)))
+            << ToClient(suback(5, [0x87] * 3, 5))
+            << Audit(sub_denied("$SYS/#"), sub_denied("$CONTROL/#"), sub_denied("#"))
+            # A SUBACK the broker sends for another id passes untouched.
+            >> BrokerData(other)
+            << ToClient(other))
 
 
 def test_shared_subscription_group_is_stripped_before_the_check():
     s, p, _ = open_session(MQTT_5)
-    acts = s.client_data(codec.encode_subscribe(Subscribe(5, [Subscription("$share/g/#", 0)]), 5))
-    assert ("subscribe", "#") in p.asked and suback_of(acts, 5) == [0x87]
-    acts = s.client_data(codec.encode_subscribe(Subscribe(6, [Subscription("$share/g/devices/thermo-1/#", 0)]), 5))
-    assert acts.to_broker and ("subscribe", "devices/thermo-1/#") in p.asked
+    ok = subscribe(6, 5, ("$share/g/devices/thermo-1/#", 0))
+    assert (Playbook(s.session)
+            >> ClientData(subscribe(5, 5, ("$share/g/#", 0)))
+            << ToClient(suback(5, [0x87], 5))
+            << Audit(sub_denied("$share/g/#"))
+            >> ClientData(ok)
+            # Granted on the filter; the group goes up as the identity's own.
+            << ToBroker(subscribe(6, 5, ("$share/sub-alice~g/devices/thermo-1/#", 0))))
+    assert ("subscribe", "#") in p.asked and ("subscribe", "devices/thermo-1/#") in p.asked
 
 
 @pytest.mark.parametrize("flt", ["$share/g+/x", "$share//x", "$share/g", "$share/g/", "a/#/b", "a+/b", ""])
 def test_malformed_filters_are_refused(flt):
     s, _, _ = open_session(MQTT_5)
     raw = b"\x00\x05\x00" + len(flt.encode()).to_bytes(2, "big") + flt.encode() + b"\x00"
-    acts = s.client_data(b"\x82" + bytes([len(raw)]) + raw)
-    assert acts.close and not acts.to_broker
+    pb = Playbook(s.session) >> ClientData(b"\x82" + bytes([len(raw)]) + raw)
+    assert pb << ToClient(Packet(T.DISCONNECT)) << Audit(PROTOCOL_ERROR, SUMMARY) << Closes("protocol_error")
 
 
 def test_unsubscribe_is_forwarded_and_what_follows_it_is_still_checked():
     p = FakePolicies(sub_check=["devices/+/telemetry"], recv=[])
     s, _, _ = open_session(MQTT_311, policies=p)
-    s.client_data(codec.encode_subscribe(Subscribe(1, [Subscription("devices/+/telemetry", 0)]), 4))
-    raw = codec.encode_unsubscribe(Unsubscribe(2, ["devices/+/telemetry"]), 4)
-    assert bytes(s.client_data(raw).to_broker[0]) == raw
-    # A delivery already on its way before the broker's UNSUBACK is still checked.
-    assert not s.broker_data(pub("devices/thermo-9/telemetry")).to_client
+    sub = subscribe(1, 4, ("devices/+/telemetry", 0))
+    unsub = codec.encode_unsubscribe(Unsubscribe(2, ["devices/+/telemetry"]), 4)
     unsuback = codec.encode_ack(T.UNSUBACK, 2, 4)
-    assert bytes(s.broker_data(unsuback).to_client[0]) == unsuback
-    # And after it: the broker may still send what it had buffered [MQTT-3.10.4-3].
-    assert not s.broker_data(pub("devices/thermo-9/telemetry")).to_client
+    hidden = dict(action="receive", decision="deny", resource="devices/thermo-9/telemetry")
+    assert (Playbook(s.session)
+            >> ClientData(sub) << ToBroker(sub)
+            >> ClientData(unsub) << ToBroker(unsub)
+            # A delivery already on its way before the broker's UNSUBACK is still checked.
+            >> BrokerData(pub("devices/thermo-9/telemetry")) << Audit(hidden)
+            >> BrokerData(unsuback) << ToClient(unsuback)
+            # And after it: the broker may still send what it had buffered [MQTT-3.10.4-3].
+            >> BrokerData(pub("devices/thermo-9/telemetry")))
 
 
 @pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
@@ -1033,30 +1054,41 @@ def test_unsubscribe_then_subscribe_in_one_write_keeps_deliveries_checked(level)
     delivery checks went off, and every device's data reached a user who owns none."""
     p = FakePolicies(sub_check=["#"], recv=["devices/mine/#"])
     s, _, _ = open_session(level, policies=p)
-    both = (codec.encode_unsubscribe(Unsubscribe(1, ["#"]), level)
-            + codec.encode_subscribe(Subscribe(2, [Subscription("#", 0)]), level))
-    assert b"".join(bytes(b) for b in s.client_data(both).to_broker) == both
-    s.broker_data(codec.encode_ack(T.UNSUBACK, 1, level) + codec.encode_suback(codec.Suback(2, [0]), level))
-    assert not s.broker_data(pub("devices/theirs/telemetry", level=level)).to_client
-    assert s.broker_data(pub("devices/mine/telemetry", level=level)).to_client
+    both = codec.encode_unsubscribe(Unsubscribe(1, ["#"]), level) + subscribe(2, level, ("#", 0))
+    unsuback, granted = codec.encode_ack(T.UNSUBACK, 1, level), suback(2, [0], level)
+    mine = pub("devices/mine/telemetry", level=level)
+    assert (Playbook(s.session)
+            >> ClientData(both)
+            << ToBroker(codec.encode_unsubscribe(Unsubscribe(1, ["#"]), level), subscribe(2, level, ("#", 0)))
+            >> BrokerData(unsuback + granted) << ToClient(unsuback, granted)
+            >> BrokerData(pub("devices/theirs/telemetry", level=level))
+            << Audit(action="receive", decision="deny", resource="devices/theirs/telemetry")
+            >> BrokerData(mine) << ToClient(mine))
 
 
 def test_denied_resubscribe_does_not_keep_the_earlier_grant_unchecked():
     p = FakePolicies(sub_allow=["devices/thermo-1/#"], recv=["devices/thermo-1/#"])
     s, _, _ = open_session(MQTT_311, policies=p)
-    s.client_data(codec.encode_subscribe(Subscribe(1, [Subscription("devices/thermo-1/#", 0)]), 4))
+    first = subscribe(1, 4, ("devices/thermo-1/#", 0))
+    pb = Playbook(s.session) >> ClientData(first) << ToBroker(first)
     p.sub_allow.clear()
     p.recv.clear()
-    acts = s.client_data(codec.encode_subscribe(Subscribe(2, [Subscription("devices/thermo-1/#", 0)]), 4))
-    assert suback_of(acts, 4) == [0x80]
-    assert not s.broker_data(pub("devices/thermo-1/t")).to_client
+    assert (pb
+            >> ClientData(subscribe(2, 4, ("devices/thermo-1/#", 0)))
+            << ToClient(suback(2, [0x80], 4))
+            << Audit(sub_denied("devices/thermo-1/#"))
+            >> BrokerData(pub("devices/thermo-1/t"))
+            << Audit(action="receive", decision="deny", resource="devices/thermo-1/t"))
 
 
 def test_v5_pubrel_after_a_refused_pubrec_is_answered_not_forwarded():
     s, _, _ = open_session(MQTT_5)
-    s.client_data(pub("devices/thermo-2/cmd", qos=2, pid=9, level=5))
-    acts = s.client_data(codec.encode_ack(T.PUBREL, 9, 5))
-    assert not acts.to_broker and bytes(only(acts.to_client, T.PUBCOMP).body) == b"\x00\x09\x92"
+    assert (Playbook(s.session)
+            >> ClientData(pub("devices/thermo-2/cmd", qos=2, pid=9, level=5))
+            << ToClient(b"\x50\x03\x00\x09\x87")
+            << Audit(denied("devices/thermo-2/cmd"))
+            >> ClientData(codec.encode_ack(T.PUBREL, 9, 5))
+            << ToClient(b"\x70\x03\x00\x09\x92"))  # PUBCOMP: packet identifier not found
 
 
 # --------------------------------------------------------------------------- deliveries
@@ -1070,60 +1102,70 @@ def wildcard_session(level=MQTT_311, **kw):
     return s, p, audit
 
 
+def not_received(topic: str) -> dict[str, Any]:
+    return dict(action="receive", decision="deny", resource=topic)
+
+
 def test_wildcard_subscriber_receives_only_what_it_may_read():
-    s, p, audit = wildcard_session()
+    s, p, _ = wildcard_session()
     ok = pub("devices/public-1/telemetry", b"21")
-    acts = s.broker_data(ok + pub("devices/thermo-9/telemetry", b"secret") + ok)
-    assert b"".join(bytes(x) for x in acts.to_client) == ok + ok
-    assert not acts.to_broker
-    assert [r["resource"] for r in denials(audit, "receive")] == ["devices/thermo-9/telemetry"]
+    assert (Playbook(s.session)
+            >> BrokerData(ok + pub("devices/thermo-9/telemetry", b"secret") + ok)
+            << ToClient(ok, ok)
+            << Audit(not_received("devices/thermo-9/telemetry"))
+            >> BrokerData(ok) << ToClient(ok))
     # Decisions are cached per topic.
-    s.broker_data(ok)
     assert p.asked.count(("receive", "devices/public-1/telemetry")) == 1
 
 
 def test_dropped_qos1_delivery_is_acknowledged_to_the_broker():
     s, _, _ = wildcard_session()
-    acts = s.broker_data(pub("devices/thermo-9/telemetry", qos=1, pid=40))
-    assert not acts.to_client and bytes(acts.to_broker[0]) == b"\x40\x02\x00\x28"
+    assert (Playbook(s.session)
+            >> BrokerData(pub("devices/thermo-9/telemetry", qos=1, pid=40))
+            << ToBroker(b"\x40\x02\x00\x28")
+            << Audit(not_received("devices/thermo-9/telemetry")))
 
 
 def test_dropped_qos2_delivery_is_completed_with_the_broker():
     s, _, _ = wildcard_session(MQTT_5)
-    acts = s.broker_data(pub("devices/thermo-9/telemetry", qos=2, pid=41, level=5))
-    assert not acts.to_client and bytes(acts.to_broker[0]) == b"\x50\x02\x00\x29"
-    acts = s.broker_data(codec.encode_ack(T.PUBREL, 41, 5))
-    assert not acts.to_client and bytes(acts.to_broker[0]) == b"\x70\x02\x00\x29"
-    # A PUBREL for a delivery the client did get passes.
-    acts = s.broker_data(codec.encode_ack(T.PUBREL, 42, 5))
-    assert acts.to_client and not acts.to_broker
+    pubrel = codec.encode_ack(T.PUBREL, 42, 5)
+    assert (Playbook(s.session)
+            >> BrokerData(pub("devices/thermo-9/telemetry", qos=2, pid=41, level=5))
+            << ToBroker(b"\x50\x02\x00\x29")
+            << Audit(not_received("devices/thermo-9/telemetry"))
+            >> BrokerData(codec.encode_ack(T.PUBREL, 41, 5))
+            << ToBroker(b"\x70\x02\x00\x29")
+            # A PUBREL for a delivery the client did get passes.
+            >> BrokerData(pubrel)
+            << ToClient(pubrel))
 
 
 def test_allow_filters_cover_deliveries_without_asking():
     p = FakePolicies(sub_allow=["devices/thermo-1/#"], sub_check=["devices/+/telemetry"], recv=[])
     s, _, _ = open_session(MQTT_311, policies=p)
-    s.client_data(codec.encode_subscribe(Subscribe(1, [Subscription("devices/thermo-1/#", 0),
-                                                       Subscription("devices/+/telemetry", 0)]), 4))
-    assert s.broker_data(pub("devices/thermo-1/telemetry")).to_client
+    both = subscribe(1, 4, ("devices/thermo-1/#", 0), ("devices/+/telemetry", 0))
+    raw = pub("devices/thermo-1/telemetry")
+    assert Playbook(s.session) >> ClientData(both) << ToBroker(both) >> BrokerData(raw) << ToClient(raw)
     assert ("receive", "devices/thermo-1/telemetry") not in p.asked
 
 
 def test_only_allow_subscriptions_need_no_delivery_checks():
     s, p, _ = open_session()
-    s.client_data(codec.encode_subscribe(Subscribe(1, [Subscription("devices/thermo-1/#", 0)]), 4))
+    sub = subscribe(1, 4, ("devices/thermo-1/#", 0))
     raw = pub("devices/thermo-1/t")
-    assert bytes(s.broker_data(raw).to_client[0]) == raw
+    assert Playbook(s.session) >> ClientData(sub) << ToBroker(sub) >> BrokerData(raw) << ToClient(raw)
     assert not [a for a in p.asked if a[0] == "receive"]
 
 
 def test_revocation_stops_deliveries_on_invalidate():
-    s, p, _audit = wildcard_session()
+    s, p, _ = wildcard_session()
     raw = pub("devices/public-1/telemetry")
-    assert s.broker_data(raw).to_client
+    pb = Playbook(s.session) >> BrokerData(raw) << ToClient(raw)
     p.recv.remove("devices/public-1/#")  # the device is no longer public
-    assert s.broker_data(raw).to_client  # cached until told
-    s.invalidate()
-    assert not s.broker_data(raw).to_client
+    assert (pb
+            >> BrokerData(raw) << ToClient(raw)  # cached until told
+            >> Invalidated()
+            >> BrokerData(raw) << Audit(not_received("devices/public-1/telemetry")))
 
 
 def test_cached_decisions_expire_without_invalidate():
@@ -1131,70 +1173,77 @@ def test_cached_decisions_expire_without_invalidate():
     clock = Clock()
     s, p, _ = wildcard_session(clock=clock)
     p.pub.append("devices/public-1/cmd")
-    raw = pub("devices/public-1/telemetry")
-    assert s.broker_data(raw).to_client and s.client_data(pub("devices/public-1/cmd")).to_broker
+    raw, cmd = pub("devices/public-1/telemetry"), pub("devices/public-1/cmd")
+    pb = Playbook(s.session) >> BrokerData(raw) << ToClient(raw) >> ClientData(cmd) << ToBroker(cmd)
     p.recv.remove("devices/public-1/#")
     p.pub.remove("devices/public-1/cmd")
     clock.t += 0.5
-    assert s.broker_data(raw).to_client and s.client_data(pub("devices/public-1/cmd")).to_broker
+    assert pb >> BrokerData(raw) << ToClient(raw) >> ClientData(cmd) << ToBroker(cmd)
     clock.t += 0.6
-    assert not s.broker_data(raw).to_client
-    assert not s.client_data(pub("devices/public-1/cmd")).to_broker
+    assert (pb
+            >> BrokerData(raw) << Audit(not_received("devices/public-1/telemetry"))
+            >> ClientData(cmd) << Audit(denied("devices/public-1/cmd")))
 
 
 def test_publish_decisions_are_cached_per_topic():
     s, p, _ = open_session()
-    s.client_data(pub("devices/thermo-1/t") * 3 + pub("devices/thermo-1/t", qos=1))
+    data = pub("devices/thermo-1/t") * 3 + pub("devices/thermo-1/t", qos=1)
+    pb = Playbook(s.session) >> ClientData(data) << ToBroker(*[pub("devices/thermo-1/t")] * 3,
+                                                              pub("devices/thermo-1/t", qos=1))
     assert [a[:3] for a in p.asked if a[0] == "publish"] == [("publish", "devices/thermo-1/t", 0),
                                                              ("publish", "devices/thermo-1/t", 1)]
-    s.invalidate()
-    s.client_data(pub("devices/thermo-1/t"))
+    assert pb >> Invalidated() >> ClientData(pub("devices/thermo-1/t")) << ToBroker(pub("devices/thermo-1/t"))
     assert len([a for a in p.asked if a[0] == "publish"]) == 3
 
 
 def test_revoked_allow_grant_falls_back_to_per_delivery_checks():
     p = FakePolicies(sub_allow=["devices/thermo-1/#"], recv=["devices/thermo-1/#"])
     s, _, _ = open_session(MQTT_311, policies=p)
-    s.client_data(codec.encode_subscribe(Subscribe(1, [Subscription("devices/thermo-1/#", 0)]), 4))
+    sub = subscribe(1, 4, ("devices/thermo-1/#", 0))
+    pb = Playbook(s.session) >> ClientData(sub) << ToBroker(sub)
     p.sub_allow.clear()
     p.recv.clear()  # delegation revoked
-    s.invalidate()
-    assert not s.broker_data(pub("devices/thermo-1/t")).to_client
+    assert (pb
+            >> Invalidated()
+            >> BrokerData(pub("devices/thermo-1/t")) << Audit(not_received("devices/thermo-1/t")))
 
 
 def test_resumed_session_deliveries_are_checked():
     # Subscriptions made on an earlier connection are unknown here: check everything.
     p = FakePolicies(recv=["devices/thermo-1/#"])
     s, _, _ = open_session(MQTT_311, policies=p, session_present=True)
-    assert not s.broker_data(pub("devices/thermo-2/t")).to_client
-    assert s.broker_data(pub("devices/thermo-1/t")).to_client
+    mine = pub("devices/thermo-1/t")
+    assert (Playbook(s.session)
+            >> BrokerData(pub("devices/thermo-2/t")) << Audit(not_received("devices/thermo-2/t"))
+            >> BrokerData(mine) << ToClient(mine))
 
 
 def test_broker_pass_through_keeps_runs_together():
     s, _, _ = open_session(policies=FakePolicies(recv=["a/b"]))
     data = bytearray(b"\xd0\x00" + codec.encode_ack(T.PUBACK, 3, 4) + pub("a/b"))
-    acts = s.broker_data(data)
-    assert len(acts.to_client) == 1 and bytes(acts.to_client[0]) == bytes(data)
+    pb = Playbook(s.session)
+    assert pb >> BrokerData(data) << ToClient(b"\xd0\x00", codec.encode_ack(T.PUBACK, 3, 4), pub("a/b"))
+    assert len(pb.taken[-1].items) == 1  # one slice
 
 
 def test_broker_disconnect_is_forwarded_and_closes():
     s, _, _ = open_session(MQTT_5)
     raw = codec.encode_disconnect(5, 0x8E)
-    acts = s.broker_data(raw)
-    assert bytes(acts.to_client[0]) == raw and acts.close.reason == "broker_disconnect"
+    assert (Playbook(s.session)
+            >> BrokerData(raw) << ToClient(raw) << Audit(SUMMARY) << Closes("broker_disconnect"))
 
 
 def test_client_disconnect_is_forwarded_and_closes():
     s, _, _ = open_session(MQTT_5)
     raw = codec.encode_disconnect(5, 0x04)
-    acts = s.client_data(raw)
-    assert bytes(acts.to_broker[0]) == raw and acts.close.reason == "client_disconnect"
+    assert (Playbook(s.session)
+            >> ClientData(raw) << ToBroker(raw) << Audit(SUMMARY) << Closes("client_disconnect"))
 
 
 def test_shutdown_tells_v5_clients():
     s, _, _ = open_session(MQTT_5)
-    acts = s.shutdown()
-    assert codec.decode_disconnect(only(acts.to_client, T.DISCONNECT).body, 5).reason == 0x8B and acts.close
+    assert (Playbook(s.session)
+            >> Shutdown() << ToClient(disconnect_code(0x8B)) << Audit(SUMMARY) << Closes("shutdown"))
 
 
 # --------------------------------------------------------------------------- credentials
