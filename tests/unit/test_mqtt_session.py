@@ -54,6 +54,7 @@ from tests.unit.mqtt_playbook import (
     Audit,
     Authenticates,
     Closes,
+    Counts,
     Packet,
     Playbook,
     ToBroker,
@@ -1296,19 +1297,28 @@ rules:
 
 def test_mqtt_31_clients_are_served_too():
     s, _, _ = make(3)
-    acts = s.client_data(connect_packet(3, client_id="old-1"))
-    assert acts.auth is not None and s.protocol_level == 3
-    up = codec.decode_connect(only(s.authenticated(ALICE).to_broker, T.CONNECT).body)
-    assert (up.protocol_name, up.protocol_level, up.client_id) == ("MQIsdp", 3, "u/sub-alice/old-1")
-    assert bytes(s.broker_data(connack(3)).to_client[0]) == b"\x20\x02\x00\x00"
-    acts = s.client_data(pub("devices/thermo-2/cmd", qos=1, pid=2, level=3))
-    assert bytes(acts.to_client[0]) == b"\x40\x02\x00\x02" and not acts.to_broker
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(3, client_id="old-1"))
+            << Authenticates(kind="connect", client_id="old-1")
+            >> Authenticated(ALICE)
+            << OpenUpstream()
+            << ToBroker(upstream(protocol_name="MQIsdp", protocol_level=3, client_id="u/sub-alice/old-1"))
+            << Audit(action="connect", decision="allow", protocol_level=3)
+            >> BrokerData(connack(3))
+            << ToClient(b"\x20\x02\x00\x00")
+            >> ClientData(pub("devices/thermo-2/cmd", qos=1, pid=2, level=3))
+            << ToClient(b"\x40\x02\x00\x02")
+            << Audit(denied("devices/thermo-2/cmd")))
 
 
 def test_auth_continue_from_the_client_is_a_protocol_error():
     s, _, _ = open_session(MQTT_5)
-    acts = s.client_data(codec.encode_auth(Reason.CONTINUE_AUTHENTICATION, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD)]))
-    assert codec.decode_disconnect(only(acts.to_client, T.DISCONNECT).body, 5).reason == 0x82 and acts.close
+    auth = codec.encode_auth(Reason.CONTINUE_AUTHENTICATION, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD)])
+    assert (Playbook(s.session)
+            >> ClientData(auth)
+            << ToClient(disconnect_code(0x82))
+            << Audit(PROTOCOL_ERROR, SUMMARY)
+            << Closes("protocol_error"))
 
 
 def test_metrics_are_counts_the_session_asks_for_not_globals_it_touches():
@@ -1320,24 +1330,28 @@ def test_metrics_are_counts_the_session_asks_for_not_globals_it_touches():
 
     before = value("keygate_mqtt_decisions_total", action="publish", result="allow")
     s, _, _ = open_session(policies=FakePolicies(pub=["devices/thermo-1/#"], recv=["devices/thermo-1/#"]))
-    s.counts.clear()
-    s.client_data(pub("devices/thermo-1/t") * 3 + pub("devices/thermo-2/t"))
-    s.broker_data(pub("devices/thermo-1/t") * 2)
-    assert s.counts == {Metric("decisions", ("publish", "allow")): 3, Metric("decisions", ("publish", "deny")): 1,
-                        Metric("messages", ("client_to_broker",)): 3, Metric("decisions", ("receive", "allow")): 2,
-                        Metric("messages", ("broker_to_client",)): 2}
+    ok = pub("devices/thermo-1/t")
+    assert (Playbook(s.session, counts=True)
+            >> ClientData(ok * 3 + pub("devices/thermo-2/t"))
+            << ToBroker(ok, ok, ok)
+            << Audit(denied("devices/thermo-2/t"))
+            << Counts({Metric("decisions", ("publish", "allow")): 3, Metric("decisions", ("publish", "deny")): 1,
+                       Metric("messages", ("client_to_broker",)): 3})
+            >> BrokerData(ok * 2)
+            << ToClient(ok, ok)
+            << Counts({Metric("decisions", ("receive", "allow")): 2, Metric("messages", ("broker_to_client",)): 2}))
     assert value("keygate_mqtt_decisions_total", action="publish", result="allow") == before  # sans-IO
 
 
 def test_subscriptions_per_connection_are_bounded():
     p = FakePolicies(sub_allow=["a/1", "a/2", "a/3"])
-    s, _, audit = open_session(MQTT_5, policies=p, limits=MqttLimitsConfig(subscriptions_per_connection=2))
-    subs = [Subscription(f"a/{i}", 0) for i in (1, 2, 3)]
-    acts = s.client_data(codec.encode_subscribe(Subscribe(1, subs), 5))
-    up = codec.decode_subscribe(only(acts.to_broker, T.SUBSCRIBE).body, 5)
-    assert [x.topic_filter for x in up.subscriptions] == ["a/1", "a/2"]
-    assert suback_of(s.broker_data(codec.encode_suback(codec.Suback(1, [0, 0]), 5)), 5) == [0, 0, 0x97]
-    assert denials(audit, "subscribe")[0]["reason"] == "too many subscriptions for the connection"
+    s, _, _ = open_session(MQTT_5, policies=p, limits=MqttLimitsConfig(subscriptions_per_connection=2))
+    assert (Playbook(s.session)
+            >> ClientData(subscribe(1, 5, ("a/1", 0), ("a/2", 0), ("a/3", 0)))
+            << ToBroker(subscribe(1, 5, ("a/1", 0), ("a/2", 0)))
+            << Audit(dict(sub_denied("a/3"), reason="too many subscriptions for the connection"))
+            >> BrokerData(suback(1, [0, 0], 5))
+            << ToClient(suback(1, [0, 0, 0x97], 5)))
 
 
 # --------------------------------------------------------------------------- grants with a horizon
@@ -1348,40 +1362,42 @@ def test_exact_grant_ends_at_its_horizon_without_any_write():
     the expiry, with no invalidate() (nothing was written) and no wait for a cache to age."""
     clock, wall = Clock(1000.0), Clock(5000.0)
     p = FakePolicies(sub_allow=["devices/d/telemetry"], recv=["devices/d/telemetry"], until=5030.0)
-    s, _, audit = open_session(MQTT_5, policies=p, clock=clock, wallclock=wall)
-    s.client_data(codec.encode_subscribe(Subscribe(1, [Subscription("devices/d/telemetry", 1)]), 5))
+    s, _, _ = open_session(MQTT_5, policies=p, clock=clock, wallclock=wall)
+    sub = subscribe(1, 5, ("devices/d/telemetry", 1))
     raw = pub("devices/d/telemetry", level=MQTT_5)
-    assert s.broker_data(raw).to_client
+    pb = Playbook(s.session) >> ClientData(sub) << ToBroker(sub) >> BrokerData(raw) << ToClient(raw)
     assert s.next_deadline() == pytest.approx(1030.0)  # the timer is set at the grant's end
     p.sub_allow.clear()
     p.recv.clear()  # what the policy says once the delegation has expired
     clock.t, wall.t = 1029.9, 5029.9
-    assert s.broker_data(raw).to_client
+    assert pb >> BrokerData(raw) << ToClient(raw)
     clock.t, wall.t = 1030.0, 5030.0
-    assert not s.tick().close
-    assert not s.broker_data(raw).to_client
-    assert denials(audit, "receive")
+    assert (pb
+            >> Tick(clock.t)  # re-decided: the connection stays
+            >> BrokerData(raw) << Audit(not_received("devices/d/telemetry")))
 
 
 def test_horizon_is_checked_on_data_even_when_the_timer_is_late():
     clock, wall = Clock(1000.0), Clock(5000.0)
     p = FakePolicies(sub_allow=["devices/d/telemetry"], recv=["devices/d/telemetry"], until=5010.0)
     s, _, _ = open_session(MQTT_311, policies=p, clock=clock, wallclock=wall)
-    s.client_data(codec.encode_subscribe(Subscribe(1, [Subscription("devices/d/telemetry", 0)]), 4))
+    sub = subscribe(1, 4, ("devices/d/telemetry", 0))
+    pb = Playbook(s.session) >> ClientData(sub) << ToBroker(sub)
     p.sub_allow.clear()
     p.recv.clear()
-    clock.t, wall.t = 1010.5, 5010.5  # no tick() yet
-    assert not s.broker_data(pub("devices/d/telemetry")).to_client
+    clock.t, wall.t = 1010.5, 5010.5  # no Tick yet
+    assert pb >> BrokerData(pub("devices/d/telemetry")) << Audit(not_received("devices/d/telemetry"))
 
 
 def test_cached_publish_decision_ends_at_its_horizon():
     clock, wall = Clock(1000.0), Clock(5000.0)
     p = FakePolicies(pub=["devices/d/cmd/#"], until=5000.2)
     s, _, _ = open_session(MQTT_311, policies=p, clock=clock, wallclock=wall)
-    assert s.client_data(pub("devices/d/cmd/x")).to_broker
+    raw = pub("devices/d/cmd/x")
+    pb = Playbook(s.session) >> ClientData(raw) << ToBroker(raw)
     p.pub.clear()
     clock.t, wall.t = 1000.25, 5000.25  # before the 1 s cache bound, after the grant's end
-    assert not s.client_data(pub("devices/d/cmd/x")).to_broker
+    assert pb >> ClientData(raw) << Audit(denied("devices/d/cmd/x"))
 
 
 # --------------------------------------------------------------------------- credentials that end
@@ -1391,30 +1407,36 @@ def gone(identity):
     return "device deleted"
 
 
+def device_connect(level: int) -> bytes:
+    return connect_packet(level, "thermo-1", username="thermo-1", password=b"K1")
+
+
 @pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
 def test_invalidate_closes_a_connection_whose_credential_went(level):
-    problems = {}
-    s, _, audit = make(level, credential_problem=lambda ident: problems.get(ident.device_id))
-    s.client_data(connect_packet(level, "thermo-1", username="thermo-1", password=b"K1"))
+    problems: dict[str, str] = {}
+    s, _, _ = make(level, credential_problem=lambda ident: problems.get(ident.device_id))
+    s.client_data(device_connect(level))
     s.authenticated(THERMO)
     s.broker_data(connack(level))
-    assert s.invalidate() == Outcome()  # nothing changed for it
+    pb = Playbook(s.session) >> Invalidated()  # nothing changed for it
     problems["thermo-1"] = "key k1 rotated"
-    acts = s.invalidate()
-    assert acts.close is not None and acts.close.reason == "credential_revoked"
+    pb >> Invalidated()
     if level == MQTT_5:
-        assert only(acts.to_client, T.DISCONNECT).raw[2] == Reason.ADMINISTRATIVE_ACTION
-    else:
-        assert not acts.to_client
-    assert [r for r in audit.records if r["action"] == "session" and r["reason"] == "key k1 rotated"]
+        pb << ToClient(disconnect_code(Reason.ADMINISTRATIVE_ACTION))
+    assert (pb
+            << Audit(dict(action="session", reason="key k1 rotated"), SUMMARY)
+            << Closes("credential_revoked"))
 
 
 def test_credential_gone_while_authentication_ran_is_refused():
     s, _, _ = make(MQTT_5, credential_problem=gone)
-    s.client_data(connect_packet(MQTT_5, "thermo-1", username="thermo-1", password=b"K1"))
-    acts = s.authenticated(THERMO)
-    assert not acts.open_upstream and acts.close is not None
-    assert codec.decode_connack(only(acts.to_client, T.CONNACK).body, MQTT_5).reason == 0x86
+    assert (Playbook(s.session)
+            >> ClientData(device_connect(MQTT_5))
+            << Authenticates(kind="connect")
+            >> Authenticated(THERMO)
+            << ToClient(connack_code(0x86, MQTT_5))
+            << Audit(action="connect", decision="deny", reason="device deleted")
+            << Closes("auth_failed"))
 
 
 # --------------------------------------------------------------------------- the Will on every way out
