@@ -1484,15 +1484,19 @@ def test_allowed_will_goes_out_on_every_way_out(how):
 
 def test_will_is_discarded_once_the_token_has_expired():
     clock, wall = Clock(), Clock(5000.0)
-    s, _p, _audit = make(MQTT_5, FakePolicies(pub=["devices/thermo-1/#"]), clock=clock, wallclock=wall)
+    s, _, _ = make(MQTT_5, FakePolicies(pub=["devices/thermo-1/#"]), clock=clock, wallclock=wall)
     s.client_data(connect_packet(MQTT_5, will=Will("devices/thermo-1/status", b"gone", 0, False)))
     s.authenticated(dataclasses.replace(ALICE, expires_at=5010.0))
     s.broker_data(connack(MQTT_5))
     clock.t += 10
     wall.t += 10
-    acts = s.tick()
-    assert acts.close is not None and acts.close.reason == "token_expired"
-    assert bytes(acts.to_broker[-1]) == b"\xe0\x00"
+    assert (Playbook(s.session)
+            >> Tick(clock.t)
+            << ToClient(disconnect_code(0xA0))
+            << ToBroker(b"\xe0\x00")
+            << Audit(dict(action="session", decision="close", reason="token expired"),
+                     dict(action="will", decision="deny"), SUMMARY)
+            << Closes("token_expired"))
 
 
 def test_will_is_decided_while_the_broker_still_has_to_answer():
@@ -1502,8 +1506,11 @@ def test_will_is_decided_while_the_broker_still_has_to_answer():
     s.client_data(connect_packet(MQTT_311, will=Will("devices/thermo-1/status", b"gone", 0, False)))
     s.authenticated(ALICE)
     p.pub.clear()
-    acts = s.client_closed()
-    assert bytes(acts.to_broker[-1]) == b"\xe0\x00"
+    assert (Playbook(s.session)
+            >> ClientClosed()
+            << ToBroker(b"\xe0\x00")
+            << Audit(dict(action="will", decision="deny"), SUMMARY)
+            << Closes("client_closed"))
 
 
 def test_topic_alias_zero_is_topic_alias_invalid():
@@ -1511,8 +1518,11 @@ def test_topic_alias_zero_is_topic_alias_invalid():
     raw = bytearray(codec.encode_publish("devices/thermo-1/t", b"", level=MQTT_5,
                                          properties=[(Prop.TOPIC_ALIAS, 1)]))
     raw[-1] = 0  # alias 1 -> 0 (the last byte of the property; the payload is empty)
-    acts = s.client_data(bytes(raw))
-    assert only(acts.to_client, T.DISCONNECT).raw[2] == Reason.TOPIC_ALIAS_INVALID and acts.close
+    assert (Playbook(s.session)
+            >> ClientData(bytes(raw))
+            << ToClient(disconnect_code(Reason.TOPIC_ALIAS_INVALID))
+            << Audit(PROTOCOL_ERROR, SUMMARY)
+            << Closes("protocol_error", reason_code=Reason.TOPIC_ALIAS_INVALID))
 
 
 # --------------------------------------------------------------------------- QoS 2: decided at release
@@ -1522,39 +1532,36 @@ def test_topic_alias_zero_is_topic_alias_invalid():
 def test_qos2_publish_is_held_and_decided_again_at_pubrel(level):
     """The broker releases a QoS 2 message at PUBREL: a publish parked before a revocation must
     not be released after it (the gateway holds it, not the broker)."""
-    s, p, audit = open_session(level)
+    s, p, _ = open_session(level)
     raw = pub("devices/thermo-1/cmd", qos=2, pid=9, level=level)
-    acts = s.client_data(raw)
-    assert not acts.to_broker and bytes(only(acts.to_client, T.PUBREC).raw)[:4] == b"\x50\x02\x00\x09"
+    pb = Playbook(s.session) >> ClientData(raw) << ToClient(codec.encode_ack(T.PUBREC, 9, level))
     p.pub.clear()  # the grant is revoked before the PUBREL
-    s.invalidate()
-    acts = s.client_data(codec.encode_ack(T.PUBREL, 9, level))
-    assert not acts.to_broker
-    f = only(acts.to_client, T.PUBCOMP)
-    if level == MQTT_5:
-        assert f.raw[4] == Reason.PACKET_IDENTIFIER_NOT_FOUND
-    assert denials(audit, "publish")[-1]["when"] == "release"
+    refused = codec.encode_ack(T.PUBCOMP, 9, level, Reason.PACKET_IDENTIFIER_NOT_FOUND) if level == MQTT_5 else \
+        codec.encode_ack(T.PUBCOMP, 9, level)
+    assert (pb
+            >> Invalidated()
+            >> ClientData(codec.encode_ack(T.PUBREL, 9, level))
+            << ToClient(refused)
+            << Audit(denied("devices/thermo-1/cmd", when="release")))
 
 
 @pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
 def test_released_qos2_publish_completes_through_the_gateway(level):
     s, _, _ = open_session(level)
     raw = pub("devices/thermo-1/cmd", qos=2, pid=9, level=level)
-    s.client_data(raw)
-    acts = s.client_data(codec.encode_ack(T.PUBREL, 9, level))
-    # Released in one write with its PUBREL: the broker never holds it awaiting a release.
-    assert b"".join(bytes(b) for b in acts.to_broker) == raw + codec.encode_ack(T.PUBREL, 9, level)
-    assert not acts.to_client
-    # The broker's PUBREC needs no answer (the client had its PUBREC from the gateway).
-    assert s.broker_data(codec.encode_ack(T.PUBREC, 9, level)) == Outcome()
-    # A repeated PUBREL meanwhile is the broker's PUBCOMP's to answer.
-    assert s.client_data(codec.encode_ack(T.PUBREL, 9, level)) == Outcome()
-    comp = codec.encode_ack(T.PUBCOMP, 9, level)
-    acts = s.broker_data(comp)
-    assert bytes(only(acts.to_client, T.PUBCOMP).raw) == comp and not acts.to_broker
-    # The id is free again: a PUBREC for it from the broker is the client's business.
+    pubrel, comp = codec.encode_ack(T.PUBREL, 9, level), codec.encode_ack(T.PUBCOMP, 9, level)
     other = codec.encode_ack(T.PUBREC, 9, level)
-    assert bytes(s.broker_data(other).to_client[0]) == other
+    assert (Playbook(s.session)
+            >> ClientData(raw) << ToClient(codec.encode_ack(T.PUBREC, 9, level))
+            # Released in one write with its PUBREL: the broker never holds it awaiting a release.
+            >> ClientData(pubrel) << ToBroker(raw, pubrel)
+            # The broker's PUBREC needs no answer (the client had its PUBREC from the gateway).
+            >> BrokerData(codec.encode_ack(T.PUBREC, 9, level))
+            # A repeated PUBREL meanwhile is the broker's PUBCOMP's to answer.
+            >> ClientData(pubrel)
+            >> BrokerData(comp) << ToClient(comp)
+            # The id is free again: a PUBREC for it from the broker is the client's business.
+            >> BrokerData(other) << ToClient(other))
 
 
 def test_held_qos2_publishes_are_bounded():
@@ -1580,18 +1587,22 @@ def test_held_qos2_publishes_are_bounded():
 # --------------------------------------------------------------------------- the Will while the broker holds it
 
 
+WILL_GONE = dict(action="session", decision="close", reason="Will no longer allowed")
+
+
 @pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
 def test_will_revoked_while_connected_ends_the_connection(level):
     """The broker publishes a Will it holds whenever it ends the connection itself (a takeover,
     a protocol error it sees): a Will no longer allowed must not stay there."""
-    s, p, audit = will_session(level)
+    s, p, _ = will_session(level)
     p.pub.clear()
-    acts = s.invalidate()
-    assert acts.close is not None and acts.close.reason == "will_revoked"
-    assert bytes(acts.to_broker[-1]) == b"\xe0\x00"
+    pb = Playbook(s.session) >> Invalidated()
     if level == MQTT_5:
-        assert only(acts.to_client, T.DISCONNECT).raw[2] == Reason.NOT_AUTHORIZED
-    assert denials(audit, "will")
+        pb << ToClient(disconnect_code(Reason.NOT_AUTHORIZED))
+    assert (pb
+            << ToBroker(b"\xe0\x00")
+            << Audit(dict(action="will", decision="deny", when="revoked"), WILL_GONE, SUMMARY)
+            << Closes("will_revoked"))
 
 
 def test_will_grant_that_expires_ends_the_connection_at_its_end():
@@ -1604,8 +1615,12 @@ def test_will_grant_that_expires_ends_the_connection_at_its_end():
     assert s.next_deadline() == pytest.approx(1020.0)
     p.pub.clear()
     clock.t, wall.t = 1020.0, 5020.0
-    acts = s.tick()
-    assert acts.close is not None and bytes(acts.to_broker[-1]) == b"\xe0\x00"
+    assert (Playbook(s.session)
+            >> Tick(clock.t)
+            << ToClient(disconnect_code(Reason.NOT_AUTHORIZED))
+            << ToBroker(b"\xe0\x00")
+            << Audit(dict(action="will", decision="deny", when="expired"), WILL_GONE, SUMMARY)
+            << Closes("will_revoked"))
 
 
 def test_disconnect_setting_a_session_expiry_after_0_is_refused_here():
@@ -1614,27 +1629,39 @@ def test_disconnect_setting_a_session_expiry_after_0_is_refused_here():
     s, p, _ = will_session(MQTT_5)
     p.pub.clear()
     bad = codec.encode_disconnect(MQTT_5, 0, [(Prop.SESSION_EXPIRY_INTERVAL, 10)])
-    acts = s.client_data(bad)
-    assert acts.close is not None and acts.close.reason == "protocol_error"
-    assert bad not in [bytes(b) for b in acts.to_broker]
-    assert bytes(acts.to_broker[-1]) == b"\xe0\x00"  # the revoked Will discarded
+    assert (Playbook(s.session)
+            >> ClientData(bad)
+            << ToClient(disconnect_code(Reason.PROTOCOL_ERROR))
+            << ToBroker(b"\xe0\x00")  # not the client's DISCONNECT: the revoked Will discarded
+            << Audit(PROTOCOL_ERROR, dict(action="will", decision="deny"), SUMMARY)
+            << Closes("protocol_error"))
 
 
 def test_will_delay_is_not_passed_to_the_broker():
     s, _, _ = make(MQTT_5, FakePolicies(pub=["devices/thermo-1/#"]))
-    s.client_data(connect_packet(MQTT_5, will=Will("devices/thermo-1/status", b"gone", 0, False,
-                                                   [(Prop.WILL_DELAY_INTERVAL, 30)])))
-    up = codec.decode_connect(only(s.authenticated(ALICE).to_broker, T.CONNECT).body)
-    assert up.will is not None and get_prop(up.will.properties, Prop.WILL_DELAY_INTERVAL) is None
+    no_delay = Packet(T.CONNECT, "a Will without a delay",
+                      lambda f: (w := codec.decode_connect(f.body).will) is not None
+                      and get_prop(w.properties, Prop.WILL_DELAY_INTERVAL) is None)
+    assert (Playbook(s.session)
+            >> ClientData(connect_packet(MQTT_5, will=Will("devices/thermo-1/status", b"gone", 0, False,
+                                                           [(Prop.WILL_DELAY_INTERVAL, 30)])))
+            << Authenticates(kind="connect")
+            >> Authenticated(ALICE)
+            << OpenUpstream()
+            << ToBroker(no_delay)
+            << Audit(action="connect", decision="allow"))
 
 
 def test_disconnect_held_before_the_connack_discards_the_will():
     s, _, _ = make(MQTT_311, FakePolicies(pub=["devices/thermo-1/#"]))
     s.client_data(connect_packet(MQTT_311, will=Will("devices/thermo-1/status", b"gone", 0, False)))
     s.authenticated(ALICE)
-    s.client_data(codec.encode_disconnect(MQTT_311))  # held: the broker has not answered yet
-    acts = s.client_closed()
-    assert bytes(acts.to_broker[-1]) == b"\xe0\x00"
+    assert (Playbook(s.session)
+            >> ClientData(codec.encode_disconnect(MQTT_311))  # held: the broker has not answered yet
+            >> ClientClosed()
+            << ToBroker(b"\xe0\x00")
+            << Audit(SUMMARY)
+            << Closes("client_closed"))
 
 
 # --------------------------------------------------------------------------- invalidation by device
@@ -1652,17 +1679,19 @@ def test_a_change_to_one_device_re_decides_only_the_grants_resting_on_it():
     p = CountingPolicies(sub_allow=["devices/a/telemetry", "devices/b/telemetry"],
                          recv=["devices/a/telemetry", "devices/b/telemetry"])
     s, _, _ = open_session(MQTT_311, policies=p)
-    s.client_data(codec.encode_subscribe(Subscribe(1, [Subscription("devices/a/telemetry", 0),
-                                                       Subscription("devices/b/telemetry", 0)]), 4))
+    sub = subscribe(1, 4, ("devices/a/telemetry", 0), ("devices/b/telemetry", 0))
+    pb = Playbook(s.session) >> ClientData(sub) << ToBroker(sub)
     p.asked.clear()
-    s.invalidate({"c"})
+    assert pb >> Invalidated(frozenset({"c"}))
     assert not [a for a in p.asked if a[0] == "subscribe"]
     p.sub_allow.remove("devices/a/telemetry")
     p.recv.remove("devices/a/telemetry")
-    s.invalidate({"a"})
+    b = pub("devices/b/telemetry")
+    assert (pb
+            >> Invalidated(frozenset({"a"}))
+            >> BrokerData(pub("devices/a/telemetry")) << Audit(not_received("devices/a/telemetry"))
+            >> BrokerData(b) << ToClient(b))
     assert [a[1] for a in p.asked if a[0] == "subscribe"] == ["devices/a/telemetry"]
-    assert not s.broker_data(pub("devices/a/telemetry")).to_client
-    assert s.broker_data(pub("devices/b/telemetry")).to_client
 
 
 # --------------------------------------------------------------------------- shared subscriptions
