@@ -170,13 +170,21 @@ def abort(c: RawClient) -> None:
     c.writer.transport.abort()
 
 
-async def retained_under(rig, username: str, topic_filter: str, seconds: float = 1.0) -> list:
-    """The retained messages a fresh subscription of ``username`` to ``topic_filter`` receives."""
+async def retained_under(rig, username: str, topic_filter: str, sentinel_topic: str = "telemetry") -> list:
+    """The retained messages a fresh subscription of ``username`` to ``topic_filter`` (a filter
+    ending in ``#``) receives: those the broker queued at the SUBSCRIBE, ahead of a sentinel an
+    admin publishes (not retained) on ``sentinel_topic`` under the filter, one ``username`` may
+    read, once the SUBACK is in."""
     w = Paho(rig, f"{username}-ret-{secrets.token_hex(3)}", username=username, password=await rig.token(username))
     assert await w.connect() == 0
     codes = await w.subscribe(topic_filter, 1)
     assert codes and codes[0] < 0x80, codes
-    got = [m for m in await w.received_within(seconds) if m.retain]
+    sentinel = f"sentinel-{secrets.token_hex(3)}".encode()
+    admin = Paho(rig, f"admin-sentinel-{secrets.token_hex(3)}", username="admin", password=await rig.token("admin"))
+    assert await admin.connect() == 0
+    assert await admin.publish(topic_filter.removesuffix("#") + sentinel_topic, sentinel, qos=1) == 0
+    await admin.close()
+    got = [m for m in await w.received_before(sentinel) if m.retain]
     await w.close()
     return got
 
@@ -242,7 +250,7 @@ async def test_will_of_a_revoked_write_delegate_is_not_published(mqtt_rig, api, 
 
     live = [m for m in await watcher.received_within(1.5) if m.topic == f"devices/{dev}/cmd/x"]
     await watcher.close()
-    retained = await retained_under(rig, "admin", f"devices/{dev}/cmd/#")
+    retained = await retained_under(rig, "admin", f"devices/{dev}/cmd/#", "sentinel")
     if revoke:
         assert live == [], f"the revoked delegate's Will was published: {live}"
         assert retained == [], f"the revoked delegate's Will was left retained: {retained}"
@@ -322,14 +330,14 @@ async def test_deleting_a_device_clears_its_retained_messages(mqtt_rig, api):
     dev, k1, _ = await register(api, rig, "alice")
     await device_publishes(rig, dev, k1, f"devices/{dev}/telemetry", b"old-telemetry", retain=True)
     await device_publishes(rig, dev, k1, f"devices/{dev}/attrs/x", b"old-attr", retain=True)
-    assert len(await retained_under(rig, "alice", f"devices/{dev}/#", 0.5)) == 2  # there before
+    assert len(await retained_under(rig, "alice", f"devices/{dev}/#")) == 2  # there before
 
     r = await call(api, rig, "DELETE", f"/devices/{dev}", "alice")
     assert r.status == 204, await r.text()
     deadline = time.monotonic() + 2.5
     await register(api, rig, "bob", dev)
     while True:
-        left = await retained_under(rig, "bob", f"devices/{dev}/#", 0.5)
+        left = await retained_under(rig, "bob", f"devices/{dev}/#")
         if not left or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)
