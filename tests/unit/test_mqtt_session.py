@@ -8,6 +8,7 @@ policy engine when it is importable.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from proxy.mqtt.events import (
     BrokerData,
     ClientClosed,
     ClientData,
+    Event,
     Invalidated,
     Shutdown,
     Tick,
@@ -1442,44 +1444,57 @@ def test_credential_gone_while_authentication_ran_is_refused():
 # --------------------------------------------------------------------------- the Will on every way out
 
 
-def _will_closes():
-    """Each way an open connection ends, as a function of the session."""
-    return {
-        "tcp drop": lambda s, clock: s.client_closed(),
-        "keepalive timeout": lambda s, clock: (setattr(clock, "t", clock.t + 1000), s.tick())[1],
-        "protocol error": lambda s, clock: s.client_data(b"\x20\x02\x00\x00"),  # CONNACK from a client
-        "shutdown": lambda s, clock: s.shutdown(),
-        "broker gone": lambda s, clock: s.broker_closed(),
-    }
+# Each way an open connection ends: (the event, the DISCONNECT a v5 client gets, the audit line of
+# the close itself, the close reason).
+WAYS_OUT: dict[str, tuple[Callable[[Clock], Event], int | None, dict[str, Any] | None, str]] = {
+    "tcp drop": (lambda clock: ClientClosed(), None, None, "client_closed"),
+    "keepalive timeout": (lambda clock: Tick(clock.t), 0x8D, dict(action="keepalive", decision="close"),
+                          "keepalive_timeout"),
+    "protocol error": (lambda clock: ClientData(b"\x20\x02\x00\x00"), 0x82, PROTOCOL_ERROR,  # CONNACK from a client
+                       "protocol_error"),
+    "shutdown": (lambda clock: Shutdown(), 0x8B, None, "shutdown"),
+    "broker gone": (lambda clock: BrokerClosed(), 0x80, None, "broker_closed"),
+}
 
 
-@pytest.mark.parametrize("how", list(_will_closes()))
-@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
-def test_revoked_will_is_discarded_on_every_way_out(level, how):
+def way_out(level: int, how: str, *, revoked: bool) -> tuple[Playbook, dict[str, Any] | None, str]:
+    """A connection with a retained Will (revoked or not) ended ``how``, up to its audit lines;
+    with the close's own audit line and its reason."""
     clock = Clock()
     p = FakePolicies(pub=["devices/thermo-1/#"])
-    s, _, audit = make(level, p, clock=clock)
+    s, _, _ = make(level, p, clock=clock)
     s.client_data(connect_packet(level, will=Will("devices/thermo-1/status", b"gone", 0, True)))
     s.authenticated(ALICE)
     s.broker_data(connack(level))
-    p.pub.clear()  # the delegation that allowed it was revoked
-    acts = _will_closes()[how](s, clock)
-    assert acts.close is not None
-    assert acts.to_broker and bytes(acts.to_broker[-1]) == b"\xe0\x00", acts  # discards the Will
-    assert denials(audit, "will")
-    assert s.client_closed() == Outcome()
+    if revoked:
+        p.pub.clear()  # the delegation that allowed it was revoked
+    event, code, line, reason = WAYS_OUT[how]
+    if how == "keepalive timeout":
+        clock.t += 1000
+    pb = Playbook(s.session) >> event(clock)
+    if level == MQTT_5 and code is not None:
+        pb << ToClient(disconnect_code(code))
+    return pb, line, reason
 
 
-@pytest.mark.parametrize("how", list(_will_closes()))
+@pytest.mark.parametrize("how", list(WAYS_OUT))
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+def test_revoked_will_is_discarded_on_every_way_out(level, how):
+    pb, line, reason = way_out(level, how, revoked=True)
+    records = [r for r in (line, dict(action="will", decision="deny"), SUMMARY) if r is not None]
+    assert (pb
+            << ToBroker(b"\xe0\x00")  # a normal DISCONNECT: the broker discards the Will
+            << Audit(*records)
+            << Closes(reason)
+            >> ClientClosed())
+
+
+@pytest.mark.parametrize("how", list(WAYS_OUT))
 def test_allowed_will_goes_out_on_every_way_out(how):
-    clock = Clock()
-    s, _, _ = make(MQTT_5, FakePolicies(pub=["devices/thermo-1/#"]), clock=clock)
-    s.client_data(connect_packet(MQTT_5, will=Will("devices/thermo-1/status", b"gone", 0, True)))
-    s.authenticated(ALICE)
-    s.broker_data(connack(MQTT_5))
-    acts = _will_closes()[how](s, clock)
-    assert acts.close is not None
-    assert not any(bytes(b)[:1] == b"\xe0" for b in acts.to_broker)  # the broker publishes it
+    pb, line, reason = way_out(MQTT_5, how, revoked=False)
+    records = [r for r in (line, SUMMARY) if r is not None]
+    # No DISCONNECT upstream: the broker publishes the Will.
+    assert pb << Audit(*records) << Closes(reason)
 
 
 def test_will_is_discarded_once_the_token_has_expired():
