@@ -39,7 +39,14 @@ from cryptography.x509.oid import NameOID
 
 from proxy.mqtt.codec import encode_subscribe, encode_unsubscribe
 from proxy.mqtt.packets import MQTT_5, MQTT_311, Prop, Subscribe, Subscription, Unsubscribe, Will
-from tests.integration.mqtt_helpers import Sentinel, connack_reason, connect_packet, publish_packet, raw_connect
+from tests.integration.mqtt_helpers import (
+    Sentinel,
+    connack_reason,
+    connect_packet,
+    eventually,
+    publish_packet,
+    raw_connect,
+)
 from tests.rig.mqtt_clients import V5, V311, Paho, RawClient
 from tests.rig.ownership import mount
 
@@ -245,7 +252,8 @@ async def test_will_of_a_revoked_write_delegate_is_not_published(mqtt_rig, api, 
     if revoke:
         r = await call(api, rig, "DELETE", f"/devices/{dev}/delegations/{grant['id']}", "alice")
         assert r.status == 204, await r.text()
-        await asyncio.sleep(0.3)
+        # The revocation reached bob's session (its Will decided again), not a pause.
+        assert await eventually(lambda: rig.audited(action="will", decision="deny", resource=f"devices/{dev}/cmd/x"))
     abort(bob)
 
     live = [m for m in await watcher.received_within(1.5) if m.topic == f"devices/{dev}/cmd/x"]
