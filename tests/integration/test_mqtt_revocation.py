@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 
 import pytest
 
@@ -81,11 +80,11 @@ async def test_token_expiring_mid_session_disconnects(mqtt_rig):
     assert code == 0
     v3, code = await raw_connect(rig, V311, "alice-short3", "alice", await rig.token("alice", ttl=2))
     assert code == 0
-    started = time.monotonic()
+    # Cut for the token (its reason code and audit line), not by anything later: the keepalive is
+    # 30 s, beyond these waits (which only bound a failure; no wall-clock assertion).
     pkt = await v5.read_packet(timeout=6)
     assert pkt == bytes([0xE0, 1, Reason.MAXIMUM_CONNECT_TIME])
     assert await v3.closed_within(2)
-    assert time.monotonic() - started < 5
     assert rig.audited(action="session", decision="close", reason="token expired")
     await v5.close()
     await v3.close()
