@@ -7,7 +7,6 @@ instead of what the broker alone would have done.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -334,9 +333,9 @@ async def test_tls_handshake_that_never_finishes_and_garbage_instead_of_tls(mqtt
     garbage_r, garbage_w = await asyncio.open_connection(rig.host, rig.port)
     garbage_w.write(connect_packet(MQTT_311, "plain", "alice", "x"))
     assert await asyncio.wait_for(garbage_r.read(), 2) == b""
-    started = time.monotonic()
+    # Cut by the 1 s CONNECT deadline: nothing else would end it (the gateway does TLS itself,
+    # with no timer of its own); the wait only bounds a failure (no wall-clock assertion).
     assert await asyncio.wait_for(stalled_r.read(), 3) == b""
-    assert time.monotonic() - started < 2
     for w in (stalled_w, garbage_w):
         w.close()
     assert await eventually(lambda: not rig.gateway.connections)
