@@ -7,7 +7,7 @@ import time
 
 from proxy.mqtt.codec import encode_connect, encode_publish, encode_subscribe
 from proxy.mqtt.packets import MQTT_5, Connect, Subscribe, Subscription, Will
-from tests.rig.mqtt_clients import RawClient
+from tests.rig.mqtt_clients import Message, Paho, RawClient
 
 
 def connect_packet(level: int, client_id: str, username: str | None, password: str | None, *,
@@ -72,3 +72,29 @@ async def eventually(check, timeout: float = 3.0, interval: float = 0.05):
         await asyncio.sleep(interval)
         value = check()
     return value
+
+
+class Sentinel:
+    """A device of the subscriber's own owner, whose telemetry the subscriber reads: published
+    after what must (or must not) arrive, its arrival ends the wait for what came before it,
+    instead of a wait of some seconds that passes when delivery is merely slow."""
+
+    def __init__(self, rig, subscriber: Paho, dev: str, key: str):
+        self.rig, self.subscriber, self.dev, self.key = rig, subscriber, dev, key
+        self.sent = 0
+
+    @classmethod
+    async def of(cls, rig, subscriber: Paho, owner: str) -> Sentinel:
+        dev, key, _ = await rig.register_device(owner)
+        assert await subscriber.subscribe(f"devices/{dev}/telemetry", 1) == [1]  # the SUBACK: in place
+        return cls(rig, subscriber, dev, key)
+
+    async def received(self) -> list[Message]:
+        """Publish the next sentinel (QoS 1, acknowledged); what the subscriber got before it."""
+        self.sent += 1
+        payload = f"sentinel-{self.sent}".encode()
+        d = Paho(self.rig, self.dev, username=self.dev, password=self.key)
+        assert await d.connect() == 0
+        assert await d.publish(f"devices/{self.dev}/telemetry", payload, qos=1) == 0
+        await d.close()
+        return await self.subscriber.received_before(payload)

@@ -39,7 +39,14 @@ from cryptography.x509.oid import NameOID
 
 from proxy.mqtt.codec import encode_subscribe, encode_unsubscribe
 from proxy.mqtt.packets import MQTT_5, MQTT_311, Prop, Subscribe, Subscription, Unsubscribe, Will
-from tests.integration.mqtt_helpers import connack_reason, connect_packet, publish_packet, raw_connect
+from tests.integration.mqtt_helpers import (
+    Sentinel,
+    connack_reason,
+    connect_packet,
+    eventually,
+    publish_packet,
+    raw_connect,
+)
 from tests.rig.mqtt_clients import V5, V311, Paho, RawClient
 from tests.rig.ownership import mount
 
@@ -141,6 +148,23 @@ async def collect_publishes(c: RawClient, level: int, seconds: float) -> list[tu
     return out
 
 
+async def publishes_until(c: RawClient, level: int, *, suback: int | None = None, sentinel: bytes | None = None,
+                          timeout: float = 5.0) -> list[tuple[str, bytes, bool]]:
+    """Every PUBLISH the raw client receives before the SUBACK with id ``suback`` or the PUBLISH
+    whose payload is ``sentinel`` (no wait on the clock: ``timeout`` only bounds a failure)."""
+    out: list[tuple[str, bytes, bool]] = []
+    while True:
+        pkt = await read_or_timeout(c, timeout)
+        assert pkt is not TIMEOUT and pkt is not None, f"no {suback=} / {sentinel=} ({pkt}); before it: {out}"
+        if pkt[0] >> 4 == 9 and suback is not None and int.from_bytes(pkt[2:4], "big") == suback:
+            return out
+        if pkt[0] >> 4 == 3:
+            fields = publish_fields(pkt, level)
+            if fields[1] == sentinel:
+                return out
+            out.append(fields)
+
+
 async def device_publishes(rig, dev: str, key: str, topic: str, payload: bytes, *, retain: bool = False) -> None:
     d = Paho(rig, dev, username=dev, password=key)
     assert await d.connect() == 0
@@ -153,13 +177,21 @@ def abort(c: RawClient) -> None:
     c.writer.transport.abort()
 
 
-async def retained_under(rig, username: str, topic_filter: str, seconds: float = 1.0) -> list:
-    """The retained messages a fresh subscription of ``username`` to ``topic_filter`` receives."""
+async def retained_under(rig, username: str, topic_filter: str, sentinel_topic: str = "telemetry") -> list:
+    """The retained messages a fresh subscription of ``username`` to ``topic_filter`` (a filter
+    ending in ``#``) receives: those the broker queued at the SUBSCRIBE, ahead of a sentinel an
+    admin publishes (not retained) on ``sentinel_topic`` under the filter, one ``username`` may
+    read, once the SUBACK is in."""
     w = Paho(rig, f"{username}-ret-{secrets.token_hex(3)}", username=username, password=await rig.token(username))
     assert await w.connect() == 0
     codes = await w.subscribe(topic_filter, 1)
     assert codes and codes[0] < 0x80, codes
-    got = [m for m in await w.received_within(seconds) if m.retain]
+    sentinel = f"sentinel-{secrets.token_hex(3)}".encode()
+    admin = Paho(rig, f"admin-sentinel-{secrets.token_hex(3)}", username="admin", password=await rig.token("admin"))
+    assert await admin.connect() == 0
+    assert await admin.publish(topic_filter.removesuffix("#") + sentinel_topic, sentinel, qos=1) == 0
+    await admin.close()
+    got = [m for m in await w.received_before(sentinel) if m.retain]
     await w.close()
     return got
 
@@ -185,16 +217,17 @@ async def test_unsubscribe_then_subscribe_in_one_write_keeps_checking_deliveries
     unsub = encode_unsubscribe(Unsubscribe(1, ["#"]), level)
     sub = encode_subscribe(Subscribe(2, [Subscription("#", 0)]), level)
     await raw.send(unsub + sub)  # one write
-    got = await collect_publishes(raw, level, 1.0)
+    got = await publishes_until(raw, level, suback=2)  # the SUBACK: the "#" is in place
     await device_publishes(rig, victim, vk1, f"devices/{victim}/telemetry", b"victim-live")
+    # carol's own device's message, published after alice's, is the sentinel: once it is here the
+    # retained messages and alice's live one would be too. Its arrival is the liveness check.
     await device_publishes(rig, mine, mk1, f"devices/{mine}/telemetry", b"mine-live")
-    got += await collect_publishes(raw, level, 1.0)
+    got += await publishes_until(raw, level, sentinel=b"mine-live")
     await raw.close()
 
     leaked = [(t, p) for t, p, _ in got if t.startswith(f"devices/{victim}/")]
     assert leaked == [], f"carol received alice's device data through '#': {leaked}"
-    # Liveness: the subscription works for what carol may read.
-    assert (f"devices/{mine}/telemetry", b"mine-live") in [(t, p) for t, p, _ in got], got
+    assert (f"devices/{mine}/telemetry", b"mine-retained", True) in got, got
 
 
 # --------------------------------------------------------------------------- 2. revoked Will
@@ -219,12 +252,13 @@ async def test_will_of_a_revoked_write_delegate_is_not_published(mqtt_rig, api, 
     if revoke:
         r = await call(api, rig, "DELETE", f"/devices/{dev}/delegations/{grant['id']}", "alice")
         assert r.status == 204, await r.text()
-        await asyncio.sleep(0.3)
+        # The revocation reached bob's session (its Will decided again), not a pause.
+        assert await eventually(lambda: rig.audited(action="will", decision="deny", resource=f"devices/{dev}/cmd/x"))
     abort(bob)
 
     live = [m for m in await watcher.received_within(1.5) if m.topic == f"devices/{dev}/cmd/x"]
     await watcher.close()
-    retained = await retained_under(rig, "admin", f"devices/{dev}/cmd/#")
+    retained = await retained_under(rig, "admin", f"devices/{dev}/cmd/#", "sentinel")
     if revoke:
         assert live == [], f"the revoked delegate's Will was published: {live}"
         assert retained == [], f"the revoked delegate's Will was left retained: {retained}"
@@ -254,12 +288,15 @@ async def test_expired_delegation_stops_deliveries_on_an_exact_subscription(mqtt
     expires_at = time.time() + 2.5
     await delegate(api, rig, "alice", dev, "bob", "read", expires_at=expires_at)
     assert await bob.subscribe(f"devices/{dev}/telemetry", 0) == [0]
-    while time.time() < expires_at + 3.0:
+    sentinel = await Sentinel.of(rig, bob, "bob")
+    while time.time() < expires_at + 3.0:  # about time: publishing across the expiry
         await device.publish(f"devices/{dev}/telemetry", repr(time.time()).encode(), qos=0)
         await asyncio.sleep(0.2)
-    await asyncio.sleep(0.3)
+    # QoS 0 has no acknowledgement: a last QoS 1 publish, acknowledged, puts every one before it
+    # at the broker ahead of the sentinel.
+    assert await device.publish(f"devices/{dev}/telemetry", repr(time.time()).encode(), qos=1) in (0, 0x10)
     await device.close()
-    got = [float(m.payload) for m in await bob.received_within(0.2)]
+    got = [float(m.payload) for m in await sentinel.received()]
     await bob.close()
     assert any(t < expires_at - 0.5 for t in got), f"the delegation never worked: {got}"
     late = [round(t - expires_at, 2) for t in got if t > expires_at + 1.0]
@@ -301,14 +338,14 @@ async def test_deleting_a_device_clears_its_retained_messages(mqtt_rig, api):
     dev, k1, _ = await register(api, rig, "alice")
     await device_publishes(rig, dev, k1, f"devices/{dev}/telemetry", b"old-telemetry", retain=True)
     await device_publishes(rig, dev, k1, f"devices/{dev}/attrs/x", b"old-attr", retain=True)
-    assert len(await retained_under(rig, "alice", f"devices/{dev}/#", 0.5)) == 2  # there before
+    assert len(await retained_under(rig, "alice", f"devices/{dev}/#")) == 2  # there before
 
     r = await call(api, rig, "DELETE", f"/devices/{dev}", "alice")
     assert r.status == 204, await r.text()
     deadline = time.monotonic() + 2.5
     await register(api, rig, "bob", dev)
     while True:
-        left = await retained_under(rig, "bob", f"devices/{dev}/#", 0.5)
+        left = await retained_under(rig, "bob", f"devices/{dev}/#")
         if not left or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)
@@ -333,7 +370,9 @@ async def test_rotating_k1_closes_connections_that_used_it_not_those_on_k2(mqtt_
     assert await on_k1.closed_within(3.0), "a connection on the rotated K1 stays open"
     await on_k1.close()
 
-    # On K2, then K1 rotated again: stays open and keeps publishing.
+    # On K2, then K1 rotated again: stays open and keeps publishing. (A pause, not a sentinel:
+    # the only connection the rotation would close is another of this device, which would take
+    # this one over at the broker.)
     on_k2 = Paho(rig, dev, username=dev, password=k2)
     assert await on_k2.connect() == 0
     r = await call(api, rig, "POST", f"/devices/{dev}/keys/k1", "alice")

@@ -72,7 +72,7 @@ class RawSubscriber:
                         p.payload = p.payload[i + plen:]
                     self.messages.append(p)
                     if p.qos == 1:
-                        await self.client.send(encode_ack(4, p.pid, self.level))
+                        await self.client.send(encode_ack(4, p.packet_id, self.level))
                 elif p.type == 9 and p.pid in self.subacks:
                     self.subacks.pop(p.pid).set_result(p.codes)
 

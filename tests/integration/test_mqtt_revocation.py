@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 
 import pytest
 
 from proxy.mqtt import AUTH_METHOD
 from proxy.mqtt.codec import encode_auth
 from proxy.mqtt.packets import Prop, Reason
-from tests.integration.mqtt_helpers import eventually, raw_connect
+from tests.integration.mqtt_helpers import Sentinel, eventually, raw_connect
 from tests.rig.gateway import POLICY_DIR
 from tests.rig.mqtt_clients import V5, V311, Paho
 
@@ -26,14 +25,14 @@ pytestmark = pytest.mark.integration
 PINGREQ, PINGRESP = b"\xc0\x00", b"\xd0\x00"
 
 
-async def _telemetry_flows(rig, subscriber: Paho, dev: str, key: str, payload: bytes) -> bool:
-    """Publishes one QoS 1 message as the device; whether the subscriber gets it within a second."""
+async def _telemetry_flows(rig, sentinel: Sentinel, dev: str, key: str, payload: bytes) -> bool:
+    """Publishes one QoS 1 message as the device; whether the subscriber gets it before the
+    sentinel published after it."""
     d = Paho(rig, dev, username=dev, password=key)
     assert await d.connect() == 0
     await d.publish(f"devices/{dev}/telemetry", payload, qos=1)
     await d.close()
-    got = await subscriber.received_within(1.0)
-    return any(m.payload == payload for m in got)
+    return any(m.payload == payload for m in await sentinel.received())
 
 
 async def test_revoked_delegation_stops_deliveries_at_once(mqtt_rig):
@@ -45,9 +44,10 @@ async def test_revoked_delegation_stops_deliveries_at_once(mqtt_rig):
     bob = Paho(rig, "bob-live", username="bob", password=await rig.token("bob"))
     assert await bob.connect() == 0
     assert await bob.subscribe(f"devices/{dev}/telemetry", 1) == [1]
-    assert await _telemetry_flows(rig, bob, dev, k1, b"before")
+    sentinel = await Sentinel.of(rig, bob, "bob")
+    assert await _telemetry_flows(rig, sentinel, dev, k1, b"before")
     await rig.services.ownership.revoke_delegation(alice, dev, grant["id"])
-    assert not await _telemetry_flows(rig, bob, dev, k1, b"after")
+    assert not await _telemetry_flows(rig, sentinel, dev, k1, b"after")
     assert bob.is_connected()
     await bob.close()
 
@@ -58,14 +58,15 @@ async def test_deleted_device_stops_deliveries_at_once(mqtt_rig):
     alice_sub = Paho(rig, "alice-live", version=V311, username="alice", password=await rig.token("alice"))
     assert await alice_sub.connect() == 0
     assert await alice_sub.subscribe(f"devices/{dev}/telemetry", 1) == [1]
-    assert await _telemetry_flows(rig, alice_sub, dev, k1, b"before")
+    sentinel = await Sentinel.of(rig, alice_sub, "alice")
+    assert await _telemetry_flows(rig, sentinel, dev, k1, b"before")
     await rig.services.ownership.delete_device(await rig.identity("alice"), dev)
     # The device's keys are gone with it; an admin still publishes on its old topic.
     admin = Paho(rig, "admin-ghost", username="admin", password=await rig.token("admin"))
     assert await admin.connect() == 0
     assert await admin.publish(f"devices/{dev}/telemetry", b"ghost", qos=1) in (0, 0x10)
     await admin.close()
-    assert await alice_sub.received_within(1.0) == []
+    assert await sentinel.received() == []
     raw, code = await raw_connect(rig, V5, dev, dev, k1)
     assert code == 0x86
     await raw.close()
@@ -79,11 +80,11 @@ async def test_token_expiring_mid_session_disconnects(mqtt_rig):
     assert code == 0
     v3, code = await raw_connect(rig, V311, "alice-short3", "alice", await rig.token("alice", ttl=2))
     assert code == 0
-    started = time.monotonic()
+    # Cut for the token (its reason code and audit line), not by anything later: the keepalive is
+    # 30 s, beyond these waits (which only bound a failure; no wall-clock assertion).
     pkt = await v5.read_packet(timeout=6)
     assert pkt == bytes([0xE0, 1, Reason.MAXIMUM_CONNECT_TIME])
     assert await v3.closed_within(2)
-    assert time.monotonic() - started < 5
     assert rig.audited(action="session", decision="close", reason="token expired")
     await v5.close()
     await v3.close()

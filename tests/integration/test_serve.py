@@ -17,7 +17,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KEYGATE = [sys.executable, "-m", "proxy"]
 MOSQUITTO_PUB = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
 MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+STDBUF = shutil.which("stdbuf") or "/usr/bin/stdbuf"
 
 
 class Stack:
@@ -148,14 +148,24 @@ def test_serve_wires_api_mqtt_ngsi_metrics_and_audit(stack, oidc):
     assert created["mqtt"] == f"mqtts://127.0.0.1:{stack.mqtt_port}"
 
     # The owner subscribes with her token; the device publishes with K1.
-    sub = subprocess.Popen([MOSQUITTO_SUB, *stack.mqtt_args("alice", alice), "-t", "devices/serve-thermo/telemetry",
-                            "-C", "1", "-W", "15"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.0)  # let the SUBSCRIBE reach the broker before the PUBLISH
+    # Line-buffered (stdbuf): mosquitto_sub's stdout to a pipe is otherwise written only at its exit.
+    sub = subprocess.Popen([STDBUF, "-oL", MOSQUITTO_SUB, *stack.mqtt_args("alice", alice),
+                            "-t", "devices/serve-thermo/telemetry", "-C", "1", "-W", "15", "-d"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert sub.stdout is not None
+    # The SUBACK (-d prints "Subscribed (mid: 1): <granted QoS>"), not a pause: the subscription is in place.
+    debug: list[bytes] = []
+    for line in iter(sub.stdout.readline, b""):
+        debug.append(line)
+        if line.startswith(b"Subscribed (mid: 1): "):
+            break
+    assert debug and debug[-1].strip() == b"Subscribed (mid: 1): 0", debug
     pub = subprocess.run([MOSQUITTO_PUB, *stack.mqtt_args("serve-thermo", k1), "-t", "devices/serve-thermo/telemetry",
                           "-m", '{"t": 21.5}', "-q", "1"], capture_output=True, timeout=15)
     assert pub.returncode == 0, pub.stderr
     out, err = sub.communicate(timeout=20)
-    assert out.strip() == b'{"t": 21.5}', err
+    payloads = [line for line in out.splitlines() if not line.startswith(b"Client ")]  # -d's lines
+    assert payloads == [b'{"t": 21.5}'], (out, err)
 
     # Another user cannot read it: the subscription is refused (SUBACK 0x80) and nothing arrives.
     bob_sub = subprocess.run([MOSQUITTO_SUB, *stack.mqtt_args("bob", bob), "-t", "devices/serve-thermo/telemetry",

@@ -135,6 +135,25 @@ class Paho:
     async def receive(self, timeout: float = 3.0) -> Message:
         return await asyncio.to_thread(self.messages.get, True, timeout)
 
+    async def received_before(self, sentinel: bytes, timeout: float = 5.0) -> list[Message]:
+        """Every message that arrives before the one whose payload is ``sentinel``.
+
+        Publish the sentinel after whatever must not arrive, on a topic this client may read,
+        once the broker has acknowledged what went before it: the broker queues a QoS 1/2
+        message to its subscribers before it acknowledges it, and keeps one subscriber's
+        deliveries in order, so when the sentinel is here whatever was published before it
+        would be too. No wait on the clock decides the test (``timeout`` only bounds a failure)."""
+        out: list[Message] = []
+        while True:
+            try:
+                m = await self.receive(timeout)
+            except queue.Empty:
+                raise AssertionError(f"the sentinel {sentinel!r} did not arrive within {timeout} s; "
+                                     f"before it: {out}") from None
+            if m.payload == sentinel:
+                return out
+            out.append(m)
+
     async def received_within(self, seconds: float) -> list[Message]:
         await asyncio.sleep(seconds)
         out = []

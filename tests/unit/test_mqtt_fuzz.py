@@ -26,6 +26,7 @@ from proxy.mqtt.packets import (
     PacketType,
     Prop,
     Reason,
+    Suback,
     Subscribe,
     Subscription,
     Unsubscribe,
@@ -117,7 +118,7 @@ def broker_packet(draw, level: int) -> bytes:
         return codec.encode_publish(topic, draw(st.binary(max_size=20)), qos=qos, packet_id=pid if qos else None,
                                     level=level)
     if kind == "suback":
-        return codec.encode_suback(codec.Suback(pid, draw(st.lists(st.sampled_from([0, 1, 2, 0x80]),
+        return codec.encode_suback(Suback(pid, draw(st.lists(st.sampled_from([0, 1, 2, 0x80]),
                                                                    min_size=1, max_size=4))), level)
     if kind == "pubrel":
         return codec.encode_ack(T.PUBREL, pid, level)
@@ -210,16 +211,17 @@ POLICIES = dict(pub=["devices/thermo-1/#"], sub_allow=["devices/thermo-1/#"], su
 def run_session(level, client_chunks, broker_chunks=(), *, order=None):
     """Feed client and broker chunks (``order``: ("client" | "broker", chunk) pairs; by default
     all client chunks, then the broker's), answering authentication as Alice and the broker's
-    CONNACK as success; return what went to the broker."""
+    CONNACK as success; return the session, the policies, what went to the broker and what
+    went to the client."""
     p = FakePolicies(**POLICIES)
     s, _, _ = make(level, p, clock=Clock())
-    s.sent_to_client = []  # type: ignore[attr-defined]
     to_broker: list = []
+    to_client: list = []
 
     def apply(acts):
         # Like the shell: every command of every list is carried out, whichever event returned it.
         to_broker.extend(acts.to_broker)
-        s.sent_to_client.extend(acts.to_client)
+        to_client.extend(acts.to_client)
         if acts.auth is not None:
             apply(s.authenticated(ALICE))
         if acts.open_upstream:
@@ -229,7 +231,7 @@ def run_session(level, client_chunks, broker_chunks=(), *, order=None):
         order = [("client", c) for c in client_chunks] + [("broker", b) for b in broker_chunks]
     for side, chunk in order:
         apply(s.client_data(chunk) if side == "client" else s.broker_data(chunk))
-    return s, p, to_broker
+    return s, p, to_broker, to_client
 
 
 def forwarded(chunks, ptype: int) -> int:
@@ -264,7 +266,7 @@ def test_session_survives_mutated_client_traffic():
         # The CONNECT in its own chunk, valid: the mutations hit what comes after it.
         packets = data.draw(st.lists(client_packet(level), min_size=3, max_size=10))
         chunks = [connect_bytes(level)] + data.draw(chunked(data.draw(mutated_packets(packets))))
-        s, p, to_broker = run_session(level, chunks)
+        s, p, to_broker, _ = run_session(level, chunks)
         assert_forwarded_publishes_allowed(s, p, to_broker, level)
         reached["examples"] += 1
         reached["publish forwarded"] += forwarded(to_broker, T.PUBLISH) > 0
@@ -289,15 +291,15 @@ def test_session_survives_mutated_broker_traffic_interleaved_with_the_client():
         broker_chunks = data.draw(chunked(data.draw(mutated_packets(broker))))
         # The CONNECT first (nothing comes from the broker before its CONNACK); the rest in any order.
         order = [("client", client_chunks[0])] + data.draw(interleaved(client_chunks[1:], broker_chunks))
-        s, p, to_broker = run_session(level, client_chunks, broker_chunks, order=order)
+        s, p, to_broker, to_client = run_session(level, client_chunks, broker_chunks, order=order)
         assert_forwarded_publishes_allowed(s, p, to_broker, level)
         # Whatever the broker sends, the client gets only deliveries it may read.
-        for frame in check_stream(s.sent_to_client):
+        for frame in check_stream(to_client):
             if frame.type == T.PUBLISH:
                 topic = codec.decode_publish(frame, level).topic.decode()
                 assert any(topic_matches(f, topic) for f in p.recv), topic
         reached["examples"] += 1
-        reached["delivery handed"] += forwarded(s.sent_to_client, T.PUBLISH) > 0
+        reached["delivery handed"] += forwarded(to_client, T.PUBLISH) > 0
         sides = [side for side, _ in order]
         reached["interleaved"] += "client" in sides[sides.index("broker"):] if "broker" in sides else False
 
@@ -318,8 +320,8 @@ def test_valid_traffic_split_anywhere_gives_the_same_result(data, level):
     assume(sum(p[:1] == b"\xf0" for p in packets) <= 1)
     stream = b"".join(packets)
     chunks = data.draw(st.one_of(splits(stream), chunked(packets)))
-    whole_s, _, whole = run_session(level, [stream])
-    split_s, _, split = run_session(level, chunks)
+    whole_s, _, whole, _ = run_session(level, [stream])
+    split_s, _, split, _ = run_session(level, chunks)
     assert b"".join(bytes(x) for x in whole) == b"".join(bytes(x) for x in split)
     assert whole_s.closed == split_s.closed
 

@@ -38,6 +38,7 @@ import dataclasses
 import inspect
 import types
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -53,7 +54,7 @@ from hypothesis.stateful import (
 
 from proxy.audit import MemoryAudit
 from proxy.config import MqttConfig
-from proxy.facts import Delegation, DeviceFacts, StaticFacts
+from proxy.facts import Delegation, DeviceFacts, Permission, StaticFacts
 from proxy.identity.model import AuthReason, Identity
 from proxy.mqtt import codec
 from proxy.mqtt.packets import Connect, Prop, Suback, Subscribe, Subscription, Unsubscribe, Will
@@ -131,7 +132,7 @@ class Dev:
     """The oracle's own model of one registered device."""
     owner: str                                        # owner sub
     public: bool = False
-    grants: dict[str, tuple[str, str, float | None]] = field(default_factory=dict)  # id -> grantee, perm, expiry
+    grants: dict[str, tuple[str, Permission, float | None]] = field(default_factory=dict)  # id -> grantee, perm, expiry
 
     def delegated(self, who: Identity, want: str, t: float) -> bool:
         for grantee, perm, exp in self.grants.values():
@@ -207,6 +208,13 @@ class Pkt:
     codes: list = field(default_factory=list)
     filters: list = field(default_factory=list)   # (filter, qos) for SUBSCRIBE, filter for UNSUBSCRIBE
     will: bool = False
+    payload: bytes = b""                          # a PUBLISH's payload (filled in by the live test's reader)
+
+    @property
+    def packet_id(self) -> int:
+        """The id of a packet that has one (a QoS 1/2 PUBLISH, an ack, SUBSCRIBE, SUBACK...)."""
+        assert self.pid is not None, f"{self} has no packet id"
+        return self.pid
 
 
 def _varint(b: bytes, i: int) -> tuple[int, int]:
@@ -360,13 +368,14 @@ class GatewayModel(RuleBasedStateMachine):
         self.policies = self._compile("base")
         self.retained: dict[str, int] = {}
         self.grant_seq = 0
-        self.s: Session | None = None
+        self.cpid = 0                        # the last packet id the client used (reset per connection)
+        self.s: Driver | None = None
         self.state = "none"                  # none | upstream | open | closed
 
     # ------------------------------------------------------------- helpers
 
     def _compile(self, variant: str) -> Policies:
-        kw = {"clock": self.wall} if CLOCK_KW else {}
+        kw: dict[str, Any] = {"clock": self.wall} if CLOCK_KW else {}
         return Policies.from_text(POLICY[variant], self.facts, **kw)
 
     def _device_facts(self, d: str) -> DeviceFacts:
@@ -381,6 +390,12 @@ class GatewayModel(RuleBasedStateMachine):
         if m is None:
             return "device deleted"
         return None if m.owner == ident.owner_sub else "device registered again"
+
+    @property
+    def drv(self) -> Driver:
+        """The connection's driver (a step that needs one runs only while there is one)."""
+        assert self.s is not None
+        return self.s
 
     @property
     def live(self) -> bool:
@@ -414,17 +429,17 @@ class GatewayModel(RuleBasedStateMachine):
                     f"not read; client filters held: {sorted(self.active)}; devices: {self.devs}")
                 _count("deliveries forwarded")
             elif p.type == 9:                                        # SUBACK: the filters granted
-                for (f, _), code in zip(self.sub_req.get(p.pid, ()), p.codes, strict=False):
+                for (f, _), code in zip(self.sub_req.get(p.packet_id, ()), p.codes, strict=False):
                     if self.latest.get(f) == ("sub", p.pid) and code < 0x80:
                         self.active.add(f)
         for p in to_client:
             if p.type == 3 and p.qos == 1:
-                self.unacked.append(p.pid)
+                self.unacked.append(p.packet_id)
         # (4) and every PUBLISH passed to the broker was the client's to send now.
         # A QoS 2 message is published by the broker when it gets the PUBREL: that is the instant.
         for p in to_broker:
             if p.type == 3 and p.qos == 2:
-                self.broker_qos2[p.pid] = p.topic
+                self.broker_qos2[p.packet_id] = p.topic
             elif p.type == 3:
                 assert self._writes(p.topic), (
                     f"{self.ident.username}'s PUBLISH on {p.topic!r} went to the broker at wall {self.wall()}, "
@@ -445,7 +460,7 @@ class GatewayModel(RuleBasedStateMachine):
             if pid in handed:
                 continue
             _count("deliveries dropped")
-            if self.s.closed:
+            if self.drv.closed:
                 continue
             assert pid in acked, f"QoS 1 delivery {topic!r} pid {pid} dropped without a PUBACK to the broker"
             held = [f for f in self.active if ref_match(f, topic)]
@@ -456,7 +471,7 @@ class GatewayModel(RuleBasedStateMachine):
             self.reauth_pending = True
         self.broker.inbox += b"".join(bytes(x) for x in acts.to_broker)
         if acts.close is not None and not from_close:
-            cc = self.s.client_closed()                             # the shell, after Actions.close
+            cc = self.drv.client_closed()                             # the shell, after Actions.close
             to_broker = to_broker + parse(cc.to_broker, level)
             self.broker.inbox += b"".join(bytes(x) for x in cc.to_broker)
             self._closed(to_broker, client_normal_disconnect)
@@ -491,20 +506,21 @@ class GatewayModel(RuleBasedStateMachine):
         if self.s is None or self.state in ("none", "closed"):
             return
         was_device = self.ident.is_device
-        self._process(self.s.invalidate())
+        self._process(self.drv.invalidate())
         if CREDENTIAL_KW and was_device and self.state != "closed" and self._credential_problem(self.ident):
             raise AssertionError(f"device {self.ident.device_id} deleted or re-registered, connection still open")
 
     def _client(self, data: bytes, **kw) -> None:
-        self._process(self.s.client_data(data), **kw)
+        self._process(self.drv.client_data(data), **kw)
 
     def _broker_send(self, items: list[tuple[bytes, tuple | None]]) -> None:
-        self._process(self.s.broker_data(b"".join(raw for raw, _ in items)),
+        self._process(self.drv.broker_data(b"".join(raw for raw, _ in items)),
                       deliveries=[meta for _, meta in items if meta is not None])
 
     # ------------------------------------------------------------- connecting
 
-    _connect_args = dict(  # noqa: RUF012  (read only)
+    # Any: unpacked from a dict, hypothesis's overloads cannot tell these strategies from a `target`.
+    _connect_args: Any = dict(  # noqa: RUF012  (read only)
         level=st.sampled_from([4, 5]), who=st.sampled_from(["alice", "bob", "root", "d1", "d2"]),
         will=st.sampled_from([None, "own", "own", "other"]), other=st.sampled_from(WILL_TOPICS),
         will_qos=st.sampled_from([0, 1]),
@@ -550,11 +566,11 @@ class GatewayModel(RuleBasedStateMachine):
                                 policies=self.policies, clock=self.mono, wallclock=self.wall, **extra), MemoryAudit())
         cid = ident.device_id if ident.is_device else "app"
         w = Will(will, b"gone", will_qos, False) if will else None
-        acts = self.s.client_data(codec.encode_connect(Connect("MQTT", level, True, keepalive, cid, ident.username,
+        acts = self.drv.client_data(codec.encode_connect(Connect("MQTT", level, True, keepalive, cid, ident.username,
                                                                b"secret", w)))
         assert acts.auth is not None and acts.auth.kind == "connect", acts
         will_ok = will is None or self._writes(will)
-        acts = self.s.authenticated(ident)
+        acts = self.drv.authenticated(ident)
         assert bool(acts.open_upstream) == will_ok, f"Will {will!r} allowed={will_ok}, but the session said {acts}"
         self.state = "upstream"
         up = parse(acts.to_broker, level)
@@ -573,7 +589,7 @@ class GatewayModel(RuleBasedStateMachine):
     def broker_connack(self):
         self.broker_reads()
         self.state = "open"
-        self._process(self.s.broker_data(codec.encode_connack(False, 0, self.level)))
+        self._process(self.drv.broker_data(codec.encode_connack(False, 0, self.level)))
 
     # ------------------------------------------------------------- the client
 
@@ -638,7 +654,7 @@ class GatewayModel(RuleBasedStateMachine):
         data = b"".join(codec.encode_publish(topic, b"c", qos=qos, packet_id=pid, level=self.level, retain=retain,
                                              properties=props) for pid in pids)
         if qos == 2:
-            self.qos2_unreleased.extend(pids)  # type: ignore[arg-type]
+            self.qos2_unreleased.extend(pids)
         self._client(data)
 
     @precondition(lambda self: self.live and self.qos2_unreleased)
@@ -772,10 +788,10 @@ class GatewayModel(RuleBasedStateMachine):
         now = self.wall()
         ident = dataclasses.replace(self.ident, expires_at=now + ttl)
         if answer == "fail":
-            self._process(self.s.authentication_failed(AuthReason.EXPIRED, method="token"))
+            self._process(self.drv.authentication_failed(AuthReason.EXPIRED, method="token"))
             return
         if answer == "other-sub":
-            self._process(self.s.authenticated(dataclasses.replace(ident, sub="sub-mallory")))
+            self._process(self.drv.authenticated(dataclasses.replace(ident, sub="sub-mallory")))
             assert self.state == "closed"
             return
         if answer == "admin":
@@ -786,7 +802,7 @@ class GatewayModel(RuleBasedStateMachine):
             ident = dataclasses.replace(ident, groups=frozenset())
         elif answer == "ops":
             ident = dataclasses.replace(ident, groups=ident.groups | {"ops"})
-        acts = self.s.authenticated(ident)
+        acts = self.drv.authenticated(ident)
         self.ident = ident                  # the identity in force from now on
         self._process(acts)
 
@@ -797,12 +813,12 @@ class GatewayModel(RuleBasedStateMachine):
         for _ in range(1000):
             if not self.live:
                 break
-            d = self.s.next_deadline()
+            d = self.drv.next_deadline()
             if d is None or d > target:
                 break
             self.mono.t = max(self.mono.t, d)
-            self._process(self.s.tick())
-            nd = self.s.next_deadline() if self.live else None
+            self._process(self.drv.tick())
+            nd = self.drv.next_deadline() if self.live else None
             if nd is not None and nd <= self.mono.t:
                 self.mono.t += 0.001                      # a timer fires at or after its deadline
                 target = max(target, self.mono.t)
@@ -818,17 +834,17 @@ class GatewayModel(RuleBasedStateMachine):
         # Will to be discarded.
         normal = how == "disconnect" or self.level != 5
         if how == "tcp-drop":
-            self._process(self.s.client_closed(), from_close=True)
+            self._process(self.drv.client_closed(), from_close=True)
         elif how == "shutdown":
-            self._process(self.s.shutdown())
+            self._process(self.drv.shutdown())
             if self.state != "closed":       # shutdown before CONNACK may not close by itself
-                self._process(self.s.client_closed(), from_close=True)
+                self._process(self.drv.client_closed(), from_close=True)
         elif how == "disconnect" or self.level != 5:
             self._client(b"\xe0\x00", client_normal_disconnect=normal)
         else:
             self._client(b"\xe0\x01\x04")
         if self.state != "closed":            # the client went away after its DISCONNECT
-            self._process(self.s.client_closed(), from_close=True, client_normal_disconnect=normal)
+            self._process(self.drv.client_closed(), from_close=True, client_normal_disconnect=normal)
 
     @invariant()
     def count_steps(self):

@@ -25,6 +25,7 @@ from gmqtt.mqtt.package import (
     UnsubscribePacket,
 )
 from gmqtt.mqtt.utils import IdGenerator
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -47,7 +48,7 @@ class PahoWire(paho.Client):
     """A paho client whose socket is two byte buffers: what it sends, what it reads."""
 
     def __init__(self, level: int, client_id: str = "app-1"):
-        super().__init__(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+        super().__init__(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=paho.MQTTv5 if level == MQTT_5 else paho.MQTTv311)
         self._sock = SimpleNamespace(fileno=lambda: -1, close=lambda: None)  # the methods below replace it
         self.sent: list[bytes] = []
@@ -61,7 +62,7 @@ class PahoWire(paho.Client):
 
     def _packet_queue(self, command, packet, mid, qos, info=None):
         self.sent.append(bytes(packet))
-        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if not self.inbox:
@@ -80,7 +81,7 @@ class PahoWire(paho.Client):
         self.inbox += b"".join(bytes(c) for c in chunks)
         while self.inbox:
             rc = self._packet_read()
-            assert rc == paho.MQTTErrorCode.MQTT_ERR_SUCCESS, rc
+            assert rc == MQTTErrorCode.MQTT_ERR_SUCCESS, rc
 
 
 def paho_props(ptype, **values) -> Properties:

@@ -322,7 +322,8 @@ async def rig(**mqtt: Any):
         factories.append(factory)
         return await real_create_server(factory, *args, **kw)
 
-    loop.create_server = create_server  # type: ignore[method-assign]
+    # An instance attribute over the method, removed below (mypy sees the overloaded method).
+    loop.create_server = create_server  # type: ignore[method-assign, assignment]
     try:
         await gw.start()
     finally:
