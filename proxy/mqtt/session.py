@@ -626,7 +626,7 @@ class Session:
                     return self._close(acts, "connect_timeout", self._phase.value)
                 return self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "connect_timeout", self._phase.value)
             return acts
-        if self.keepalive and now - self._last_rx > 1.5 * self.keepalive:
+        if self.keepalive and now - self._last_rx >= 1.5 * self.keepalive:  # (>=: as next_deadline says)
             self._audit("keepalive", "close", identity=self.identity, reason="keepalive timeout")
             return self._disconnect(acts, Reason.KEEP_ALIVE_TIMEOUT, "keepalive_timeout", "")
         if self._token_expired():

@@ -621,6 +621,20 @@ def test_keepalive_enforced_at_one_and_a_half_times():
             << Closes("keepalive_timeout"))
 
 
+def test_a_tick_at_the_keepalive_deadline_closes():
+    # The shell wakes at next_deadline(): the tick at that instant must act, or the shell would
+    # re-arm a timer for the same instant again and again until the clock moves past it.
+    clock = Clock()
+    s, _, _ = open_session(MQTT_5, clock=clock)  # keepalive 60
+    pb = Playbook(s.session)
+    clock.t = s.session.next_deadline()
+    assert (pb
+            >> Tick(clock.t)
+            << ToClient(disconnect_code(0x8D))
+            << Audit(dict(action="keepalive", decision="close", reason="keepalive timeout"), SUMMARY)
+            << Closes("keepalive_timeout"))
+
+
 def test_keepalive_zero_is_capped_and_v5_clients_are_told():
     s, _, _ = make(MQTT_5, max_keepalive_seconds=100)
     assert (Playbook(s.session)
