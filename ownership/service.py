@@ -35,6 +35,7 @@ from ownership.enrollment import CsrProblem, DeviceCA
 from ownership.facts import MemoryFacts, principal_of
 from ownership.inflight import WritesInFlight
 from ownership.orion import OrionClient, OrionUnavailable
+from ownership.store_api import OwnershipStore
 from ownership.validation import KEY_SLOTS, PERMISSIONS, orion_id_problem, parse_grantee
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, store_key
@@ -120,8 +121,17 @@ def new_device_key() -> str:
     return secrets.token_urlsafe(32)
 
 
+def open_store(config: Config, passphrase: str) -> OwnershipStore:
+    """The configured backend's store, open (blocking: run it on the store thread)."""
+    if config.store.backend == "postgres":
+        from ownership.pg_store import PgStore  # psycopg is only loaded when configured
+
+        return PgStore.open(config.store.dsn, passphrase, label="postgres", pool_size=config.store.pool_size)
+    return st.Store.open(config.resolve(config.store.path), passphrase, label=config.store.path)
+
+
 class OwnershipService:
-    def __init__(self, config: Config, store: st.Store, executor: ThreadPoolExecutor, *, pepper: bytes,
+    def __init__(self, config: Config, store: OwnershipStore, executor: ThreadPoolExecutor, *, pepper: bytes,
                  audit: AuditLog, clock: Callable[[], float] = time.time, device_ca: DeviceCA | None = None,
                  orion: OrionClient | None = None):
         self.config = config
@@ -169,10 +179,8 @@ class OwnershipService:
         device_ca = DeviceCA.from_config(config)  # before the store: a bad CA key fails the start cleanly
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keygate-store")
         loop = asyncio.get_running_loop()
-        path = config.resolve(config.store.path)
         try:
-            store = await loop.run_in_executor(
-                executor, functools.partial(st.Store.open, path, passphrase, label=config.store.path))
+            store = await loop.run_in_executor(executor, functools.partial(open_store, config, passphrase))
         except st.StoreError as exc:
             executor.shutdown(wait=False)
             raise ConfigError(str(exc)) from None
@@ -182,6 +190,10 @@ class OwnershipService:
         try:
             pepper = await loop.run_in_executor(executor, store.pepper)
             snapshot = await loop.run_in_executor(executor, store.load_all)
+        except st.StoreError as exc:  # e.g. a sealed value that does not open (ownership/sealing.py)
+            await loop.run_in_executor(executor, store.close)
+            executor.shutdown(wait=False)
+            raise ConfigError(str(exc) if str(exc).startswith("store ") else f"store postgres: {exc}") from None
         except BaseException:
             await loop.run_in_executor(executor, store.close)
             executor.shutdown(wait=False)
