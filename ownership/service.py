@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from prometheus_client import Counter, Gauge
 
@@ -35,7 +35,11 @@ from ownership.enrollment import CsrProblem, DeviceCA
 from ownership.facts import MemoryFacts, principal_of
 from ownership.inflight import WritesInFlight
 from ownership.orion import OrionClient, OrionUnavailable
+from ownership.pg_store import PgStore
 from ownership.store_api import OwnershipStore
+
+if TYPE_CHECKING:
+    from ownership.feed import ChangeFeed
 from ownership.validation import KEY_SLOTS, PERMISSIONS, orion_id_problem, parse_grantee
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, store_key
@@ -124,8 +128,6 @@ def new_device_key() -> str:
 def open_store(config: Config, passphrase: str) -> OwnershipStore:
     """The configured backend's store, open (blocking: run it on the store thread)."""
     if config.store.backend == "postgres":
-        from ownership.pg_store import PgStore  # psycopg is only loaded when configured
-
         return PgStore.open(config.store.dsn, passphrase, label="postgres", pool_size=config.store.pool_size)
     return st.Store.open(config.resolve(config.store.path), passphrase, label=config.store.path)
 
@@ -169,6 +171,8 @@ class OwnershipService:
         self._retry_task: asyncio.Task[None] | None = None
         self._closed = False
         self._remembering: set[asyncio.Task[None]] = set()
+        # The postgres backend's change feed: writes made by other processes (ownership/feed.py).
+        self.feed: ChangeFeed | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -189,7 +193,10 @@ class OwnershipService:
             raise
         try:
             pepper = await loop.run_in_executor(executor, store.pepper)
-            snapshot = await loop.run_in_executor(executor, store.load_all)
+            if isinstance(store, PgStore):  # the snapshot and the change it includes, for the feed
+                applied, snapshot = await loop.run_in_executor(executor, store.load_all_at)
+            else:
+                snapshot = await loop.run_in_executor(executor, store.load_all)
         except st.StoreError as exc:  # e.g. a sealed value that does not open (ownership/sealing.py)
             await loop.run_in_executor(executor, store.close)
             executor.shutdown(wait=False)
@@ -204,6 +211,13 @@ class OwnershipService:
         service = cls(config, store, executor, pepper=pepper, audit=audit, clock=clock, device_ca=device_ca,
                       orion=orion)
         service.facts.load(snapshot)
+        if isinstance(store, PgStore):
+            from ownership.feed import ChangeFeed
+
+            service.feed = ChangeFeed(config.store.dsn, store, service._run, service.facts, applied=applied,
+                                      max_silence=config.store.feed_max_silence_seconds)
+            service.feed.start()
+            add_readiness_check("change feed", service.feed.readiness)
         if orion is not None:
             # Clean-up owed from before a restart (or by another worker) is finished from here on.
             service._retry_task = asyncio.create_task(service._retry_removals(), name="keygate-orion-removals")
@@ -219,6 +233,9 @@ class OwnershipService:
             return
         self._closed = True
         remove_readiness_check("ownership")
+        if self.feed is not None:
+            remove_readiness_check("change feed")
+            await self.feed.close()
         if self._remembering:
             await asyncio.gather(*self._remembering, return_exceptions=True)
         if self._retry_task is not None:

@@ -8,6 +8,7 @@ and started again on the same port and data folder (:meth:`Cluster.restart`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pwd
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,21 +61,34 @@ class Cluster:
 
     def start(self) -> None:
         self._run(_bin("pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log), "-w", "-t", "30", "-o",
-                  f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} "
-                  "-c fsync=off -c full_page_writes=off -c max_connections=200", "start")
+                  f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
+                  "-c fsync=off -c full_page_writes=off -c max_connections=200", "start", check=False)
+        if not (self.data_dir / "postmaster.pid").exists():
+            raise RuntimeError(f"postgres did not start: {self.log.read_text()[-2000:]}")
         wait_for_port(self.port)
 
     def stop(self, mode: str = "fast") -> None:
         self._run(_bin("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop", check=False)
 
     def kill(self) -> None:
-        """SIGKILL the postmaster (and so, at once, every backend): a crash, not a shutdown."""
+        """SIGKILL the postmaster and its backends at once: a crash, not a shutdown (the next start
+        recovers from the WAL). Waits until they are gone, so the next start finds the folder free."""
         pid_file = self.data_dir / "postmaster.pid"
-        if pid_file.exists():
-            pid = int(pid_file.read_text().split()[0])
-            os.kill(pid, signal.SIGKILL)
-            # The backends notice the postmaster is gone and exit; the next start recovers from the WAL.
-            self._run(_bin("pg_ctl"), "-D", str(self.data_dir), "status", check=False)
+        if not pid_file.exists():
+            return
+        postmaster = int(pid_file.read_text().split()[0])
+        pids = [postmaster, *_children(postmaster)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in pids):
+            if time.monotonic() > deadline:
+                raise TimeoutError("postgres did not die")
+            time.sleep(0.02)
+        # A killed postmaster may linger as a zombie (its parent, pid 1 here, need not reap it), which
+        # the next start would take for a live one: the lock file of a dead server is stale.
+        pid_file.unlink()
 
     def restart(self) -> None:
         self.stop()
@@ -89,6 +104,23 @@ class Cluster:
                                "-v", "ON_ERROR_STOP=1", "-At", "-c", sql], capture_output=True, text=True, timeout=30,
                               check=True)
         return done.stdout
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
 
 
 def start_cluster() -> Cluster:
