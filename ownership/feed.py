@@ -97,7 +97,10 @@ class ChangeFeed:
         """Apply everything after :attr:`applied`: read the devices the changes touched and a snapshot."""
         devices: set[str] | None = None
         if not self.failed_closed:
-            _, devices = await self._run(self._store.changes_since, self.applied)
+            last, devices, foreign = await self._run(self._store.changes_since, self.applied)
+            if not foreign:  # only this process's own writes, applied when they committed
+                self.applied = max(self.applied, last)
+                return
         seq, snapshot = await self._run(self._store.load_all_at)
         if seq < self.applied:  # never step back (the snapshot is of an older state)
             return

@@ -49,6 +49,8 @@ class PgStore:
         self._kek = kek
         self._ring = ring
         self.label = label
+        # Changes this process made (and so holds in its facts), until its feed has passed them.
+        self._own: set[int] = set()
 
     # ------------------------------------------------------------------ opening
 
@@ -161,6 +163,7 @@ class PgStore:
         kid, blob = self._seal("changes", int(seq), value)
         conn.execute("INSERT INTO changes (seq, at, kid, data) VALUES (%s, %s, %s, %s)", (seq, time.time(), kid, blob))
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
+        self._own.add(int(seq))  # never seen if the transaction rolls back: harmless
 
     # ------------------------------------------------------------------ the pepper
 
@@ -182,20 +185,27 @@ class PgStore:
         with self.transaction(write=False) as c:
             return int(c.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
 
-    def changes_since(self, seq: int) -> tuple[int, set[str] | None]:
-        """(the newest seq, the device ids changed after ``seq``, or None: reload everything)."""
+    def changes_since(self, seq: int) -> tuple[int, set[str] | None, bool]:
+        """(the newest seq, the device ids changed after ``seq`` or None for everything, whether any
+        of those changes was made by another process: this one's own are in its facts already)."""
         with self.transaction(write=False) as c:
             rows = c.execute("SELECT seq, kid, data FROM changes WHERE seq > %s ORDER BY seq", (seq,)).fetchall()
             devices: set[str] | None = set()
             last = seq
+            foreign = False
             for r in rows:
                 last = int(r[0])
+                if last in self._own:
+                    self._own.discard(last)
+                    continue
+                foreign = True
                 touched = self._open(c, "changes", last, r[1], r[2])["devices"]
                 if touched is None or devices is None:
                     devices = None
                 else:
                     devices |= set(touched)
-            return last, devices
+            self._own = {n for n in self._own if n > last}
+            return last, devices, foreign
 
     def load_all(self) -> dict[str, list[dict[str, Any]]]:
         with self.transaction(write=False) as c:
