@@ -21,7 +21,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ownership.pg_migrations import SEALED_TABLES, WRITE_LOCK, migrate
 from ownership.sealing import KeyRing, SealError, derive_kek, kek_id
-from ownership.store import DeviceBeingRemoved, DeviceExists, NotFound, QuotaExceeded, StoreError
+from ownership.store import DeviceBeingRemoved, DeviceExists, NotFound, QuotaExceeded, StoreError, StoreUnavailable
 
 CHANNEL = "keygate_changes"
 SALT_BYTES = 16
@@ -87,6 +87,35 @@ class PgStore:
             raise
 
     @staticmethod
+    def inspect(dsn: str, passphrase: str, *, label: str = "postgres", connect_timeout: float = 5.0) -> int | None:
+        """The schema version of the keygate store at ``dsn`` once its key ring opens with the key, or
+        None when the database holds no store yet (``keygate check``: nothing is created or migrated)."""
+        failure = f"store {label}: wrong key or not a keygate store"
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, int(connect_timeout))) as conn:
+                found = conn.execute("SELECT to_regclass('keygate_schema')").fetchone()
+                if found is None or found[0] is None:
+                    return None
+                row = conn.execute("SELECT version FROM keygate_schema").fetchone()
+                if row is None:
+                    return None
+                version = int(row[0])
+                salt = conn.execute("SELECT value FROM meta WHERE name = 'salt'").fetchone()
+                if salt is None:
+                    return None
+                kek = derive_kek(passphrase, bytes(salt[0]))
+                ring = conn.execute("SELECT value FROM meta WHERE name = %s", (f"ring:{kek_id(kek)}",)).fetchone()
+                if ring is None:
+                    raise StoreError(failure)
+                KeyRing.open_with(kek, bytes(ring[0]))
+                return version
+        except SealError:
+            raise StoreError(failure) from None
+        except psycopg.Error as exc:
+            raise StoreError(f"store {label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                             ) from None
+
+    @staticmethod
     def _unlock(conn: Any, passphrase: str, failure: str) -> tuple[bytes, KeyRing]:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
@@ -113,6 +142,16 @@ class PgStore:
 
     @contextlib.contextmanager
     def transaction(self, *, write: bool = True) -> Iterator[Any]:
+        """One transaction (``write``: under the write lock). A connection lost on the way, or none to be
+        had, is StoreUnavailable: the transaction did not commit (the caller's change is not made)."""
+        try:
+            with self._transaction(write) as conn:
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+    @contextlib.contextmanager
+    def _transaction(self, write: bool) -> Iterator[Any]:
         with self._pool.connection() as conn, conn.transaction():
             if write:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))

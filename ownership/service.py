@@ -101,6 +101,13 @@ class OrionUnreachable(OwnershipError):
     headers: ClassVar[dict[str, str]] = {"Retry-After": "5"}
 
 
+class StoreUnreachable(OwnershipError):
+    # The postgres store cannot be reached: the change is not confirmed (a lost COMMIT may still have
+    # landed: every write is safe to ask again, or answers 409 and the caller reads what is there).
+    status, code = 503, "store_unavailable"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "2"}
+
+
 class EnrollmentUnavailable(OwnershipError):
     # 501, not 503: no device CA key is configured, and asking again will not change that.
     status, code = 501, "enrollment_unavailable"
@@ -254,7 +261,11 @@ class OwnershipService:
     async def _run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run a store call on the store thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kw))
+        try:
+            return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kw))
+        except st.StoreUnavailable as exc:
+            log.warning("store unavailable: %s", exc)
+            raise StoreUnreachable("the store cannot be reached; the change is not confirmed (try again)") from None
 
     # ------------------------------------------------------------------ device keys
 

@@ -160,3 +160,20 @@ async def test_rekey_rotates_the_data_key_while_a_gateway_runs(tmp_path, postgre
     with pytest.raises(ConfigError, match="wrong key"):
         await open_service(ownership_config(tmp_path, dsn=pg_dsn))
     await (await open_service(ownership_config(tmp_path, key="a new key", dsn=pg_dsn))).close()
+
+
+# ---------------------------------------------------------------- keygate check
+
+
+def test_check_reports_the_postgres_store(tmp_path, pg_dsn, monkeypatch):
+    from proxy.check import check_store
+    from proxy.config import load_config
+    path = write_config(tmp_path)
+    env = {"KEYGATE_STORE_KEY": STORE_KEY, "KEYGATE_STORE_DSN": pg_dsn}
+    first = check_store(load_config(path, env=env))
+    assert first.status == "warn" and "no keygate store there yet" in first.detail
+    PgStore.open(pg_dsn, STORE_KEY).close()
+    done = check_store(load_config(path, env=env))
+    assert done.status == "ok" and f"schema version {LATEST}" in done.detail
+    wrong = check_store(load_config(path, env={**env, "KEYGATE_STORE_KEY": "wrong"}))
+    assert wrong.status == "fail" and wrong.detail == "store postgres: wrong key or not a keygate store"

@@ -222,6 +222,9 @@ async def test_kill9_of_a_gateway_and_of_postgres_lose_nothing_and_let_nothing_t
         refused = Paho(gw1, "crash-thermo", username="crash-thermo", password=created["k1"], version=V311)
         assert await refused.connect() != 0
         await refused.close()
+        # A write meanwhile is refused in the API's own shape, not a 500.
+        status, body = gw1.api("POST", "/devices", alice, {"id": "during-outage", "type": "Thermometer"})
+        assert (status, body["error"]["code"]) == (503, "store_unavailable"), body
     finally:
         cluster.postgres.start()
     deadline = time.monotonic() + 20
