@@ -716,6 +716,8 @@ class OwnershipService:
     async def _remember_quietly(self, identity: Identity) -> None:
         try:
             await self.remember_user(identity)
+        except StoreUnreachable:
+            pass  # logged by _run; the name is recorded at this user's next sign-in
         except Exception:
             log.exception("recording the user name of %s failed", identity.sub)
 
