@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -110,6 +111,7 @@ async def measure(revocations: int, followers: int) -> dict[str, Any]:
         for p in procs:
             await p.wait()
         cluster.stop("immediate")
+        shutil.rmtree(cluster.root, ignore_errors=True)
     times.sort()
     return {"gateways": followers + 1, "revocations": revocations,
             "p50_ms": statistics.median(times), "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))],
