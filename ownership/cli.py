@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlcipher3 import dbapi2 as sqlite
 
 from ownership import store as st
-from proxy.config import load_config, store_key
+from proxy.config import Config, load_config, store_key
 from proxy.errors import CommandError
+
+if TYPE_CHECKING:
+    from ownership.pg_store import PgStore
 
 NEW_KEY_ENV = "KEYGATE_NEW_STORE_KEY"
 
@@ -28,18 +32,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "or --new-key-file (never from the command line).")
     rekey.add_argument("-c", "--config", default="proxy.yaml", help="configuration file (default: proxy.yaml)")
     rekey.add_argument("--new-key-file", help=f"file holding the new key (default: ${NEW_KEY_ENV})")
+    rekey.add_argument("--finish", action="store_true",
+                       help="postgres: once every gateway runs with the new key, make the old one open nothing")
 
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "store_command", None) != "rekey":
         raise CommandError("store: expected a sub-command: rekey")
-    return rekey(args.config, args.new_key_file)
+    return rekey(args.config, args.new_key_file, finish=args.finish)
 
 
-def rekey(config_path: str, new_key_file: str | None, env: dict[str, str] | None = None) -> int:
+def rekey(config_path: str, new_key_file: str | None, env: dict[str, str] | None = None, *,
+          finish: bool = False) -> int:
     env = dict(os.environ) if env is None else env
     config = load_config(config_path, env=env)
     current = store_key(config)
+    if config.store.backend == "postgres" and finish:
+        return _finish_postgres(config, current)
     if new_key_file:
         try:
             new = Path(new_key_file).read_text(encoding="utf-8").rstrip("\r\n")
@@ -53,6 +62,8 @@ def rekey(config_path: str, new_key_file: str | None, env: dict[str, str] | None
         raise CommandError(f"no new key: set {NEW_KEY_ENV} or pass --new-key-file")
     if new == current:
         raise CommandError(f"the new key ({source}) is the current key")
+    if config.store.backend == "postgres":
+        return _rekey_postgres(config, current, new, source)
     path = config.resolve(config.store.path)
     if not path.exists():
         raise CommandError(f"store {config.store.path}: no such file")
@@ -68,4 +79,42 @@ def rekey(config_path: str, new_key_file: str | None, env: dict[str, str] | None
         store.close()
     print(f"store {config.store.path}: re-encrypted under the key from {source}; "
           "update store.key / store.key_file before the next start")
+    return 0
+
+
+def _open_postgres(config: Config, key: str) -> PgStore:
+    from ownership.pg_store import PgStore
+
+    try:
+        return PgStore.open(config.store.dsn, key, label="postgres", pool_size=1)
+    except st.StoreError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _rekey_postgres(config: Config, current: str, new: str, source: str) -> int:
+    """With the gateways running: a new data key, every row re-sealed under it, the key ring moved to
+    the new key (and still opening with the old one until --finish)."""
+    import psycopg
+
+    store = _open_postgres(config, current)
+    try:
+        moved = store.rekey(new)
+    except psycopg.Error as exc:
+        raise CommandError(f"store postgres: cannot rekey: {type(exc).__name__} (nothing half-done is lost: "
+                           "run it again)") from None
+    finally:
+        store.close()
+    print(f"store postgres: {moved} values re-sealed under a new data key; the key ring opens with the key "
+          f"from {source} (and the old key until: keygate store rekey --finish, run with the new key as "
+          "store.key once every gateway uses it)")
+    return 0
+
+
+def _finish_postgres(config: Config, current: str) -> int:
+    store = _open_postgres(config, current)
+    try:
+        dropped = store.finish_rekey()
+    finally:
+        store.close()
+    print(f"store postgres: {dropped} key ring(s) under other keys dropped; only store.key opens the store")
     return 0

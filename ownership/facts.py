@@ -29,6 +29,10 @@ def delegation_from_row(row: dict[str, Any]) -> Delegation:
                       permission=row["permission"], expires_at=row["expires_at"], granted_by=row["granted_by"])
 
 
+EMPTY: dict[str, list[dict[str, Any]]] = {"devices": [], "keys": [], "delegations": [], "subscriptions": [],
+                                          "certificates": [], "known_users": []}
+
+
 class MemoryFacts:
     """Implements :class:`proxy.facts.OwnershipFacts` from a snapshot of the store."""
 
@@ -168,6 +172,16 @@ class MemoryFacts:
         for device_id in self._records:
             self._rebuild(device_id)
         self.changed(None)
+
+    def replace(self, snapshot: dict[str, list[dict[str, Any]]], device_ids: set[str] | None) -> None:
+        """Everything is now ``snapshot`` (the change feed caught up, or failed closed with an empty
+        one); the subscribers re-check ``device_ids`` (None: every device)."""
+        fresh = MemoryFacts(clock=self._clock)
+        fresh.load(snapshot)
+        for name, value in vars(fresh).items():
+            if name not in ("_listeners", "generation"):
+                setattr(self, name, value)
+        self.changed(device_ids)
 
     def put_device(self, row: dict[str, Any], keys: dict[str, bytes] | None = None) -> None:
         self._put_record(row)

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from prometheus_client import Counter, Gauge
 
@@ -35,6 +35,11 @@ from ownership.enrollment import CsrProblem, DeviceCA
 from ownership.facts import MemoryFacts, principal_of
 from ownership.inflight import WritesInFlight
 from ownership.orion import OrionClient, OrionUnavailable
+from ownership.pg_store import PgStore
+from ownership.store_api import OwnershipStore
+
+if TYPE_CHECKING:
+    from ownership.feed import ChangeFeed
 from ownership.validation import KEY_SLOTS, PERMISSIONS, orion_id_problem, parse_grantee
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, store_key
@@ -96,6 +101,13 @@ class OrionUnreachable(OwnershipError):
     headers: ClassVar[dict[str, str]] = {"Retry-After": "5"}
 
 
+class StoreUnreachable(OwnershipError):
+    # The postgres store cannot be reached: the change is not confirmed (a lost COMMIT may still have
+    # landed: every write is safe to ask again, or answers 409 and the caller reads what is there).
+    status, code = 503, "store_unavailable"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "2"}
+
+
 class EnrollmentUnavailable(OwnershipError):
     # 501, not 503: no device CA key is configured, and asking again will not change that.
     status, code = 501, "enrollment_unavailable"
@@ -120,8 +132,15 @@ def new_device_key() -> str:
     return secrets.token_urlsafe(32)
 
 
+def open_store(config: Config, passphrase: str) -> OwnershipStore:
+    """The configured backend's store, open (blocking: run it on the store thread)."""
+    if config.store.backend == "postgres":
+        return PgStore.open(config.store.dsn, passphrase, label="postgres", pool_size=config.store.pool_size)
+    return st.Store.open(config.resolve(config.store.path), passphrase, label=config.store.path)
+
+
 class OwnershipService:
-    def __init__(self, config: Config, store: st.Store, executor: ThreadPoolExecutor, *, pepper: bytes,
+    def __init__(self, config: Config, store: OwnershipStore, executor: ThreadPoolExecutor, *, pepper: bytes,
                  audit: AuditLog, clock: Callable[[], float] = time.time, device_ca: DeviceCA | None = None,
                  orion: OrionClient | None = None):
         self.config = config
@@ -159,6 +178,8 @@ class OwnershipService:
         self._retry_task: asyncio.Task[None] | None = None
         self._closed = False
         self._remembering: set[asyncio.Task[None]] = set()
+        # The postgres backend's change feed: writes made by other processes (ownership/feed.py).
+        self.feed: ChangeFeed | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -169,10 +190,8 @@ class OwnershipService:
         device_ca = DeviceCA.from_config(config)  # before the store: a bad CA key fails the start cleanly
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keygate-store")
         loop = asyncio.get_running_loop()
-        path = config.resolve(config.store.path)
         try:
-            store = await loop.run_in_executor(
-                executor, functools.partial(st.Store.open, path, passphrase, label=config.store.path))
+            store = await loop.run_in_executor(executor, functools.partial(open_store, config, passphrase))
         except st.StoreError as exc:
             executor.shutdown(wait=False)
             raise ConfigError(str(exc)) from None
@@ -181,7 +200,14 @@ class OwnershipService:
             raise
         try:
             pepper = await loop.run_in_executor(executor, store.pepper)
-            snapshot = await loop.run_in_executor(executor, store.load_all)
+            if isinstance(store, PgStore):  # the snapshot and the change it includes, for the feed
+                applied, snapshot = await loop.run_in_executor(executor, store.load_all_at)
+            else:
+                snapshot = await loop.run_in_executor(executor, store.load_all)
+        except st.StoreError as exc:  # e.g. a sealed value that does not open (ownership/sealing.py)
+            await loop.run_in_executor(executor, store.close)
+            executor.shutdown(wait=False)
+            raise ConfigError(str(exc) if str(exc).startswith("store ") else f"store postgres: {exc}") from None
         except BaseException:
             await loop.run_in_executor(executor, store.close)
             executor.shutdown(wait=False)
@@ -192,6 +218,13 @@ class OwnershipService:
         service = cls(config, store, executor, pepper=pepper, audit=audit, clock=clock, device_ca=device_ca,
                       orion=orion)
         service.facts.load(snapshot)
+        if isinstance(store, PgStore):
+            from ownership.feed import ChangeFeed
+
+            service.feed = ChangeFeed(config.store.dsn, store, service._run, service.facts, applied=applied,
+                                      max_silence=config.store.feed_max_silence_seconds)
+            service.feed.start()
+            add_readiness_check("change feed", service.feed.readiness)
         if orion is not None:
             # Clean-up owed from before a restart (or by another worker) is finished from here on.
             service._retry_task = asyncio.create_task(service._retry_removals(), name="keygate-orion-removals")
@@ -207,6 +240,9 @@ class OwnershipService:
             return
         self._closed = True
         remove_readiness_check("ownership")
+        if self.feed is not None:
+            remove_readiness_check("change feed")
+            await self.feed.close()
         if self._remembering:
             await asyncio.gather(*self._remembering, return_exceptions=True)
         if self._retry_task is not None:
@@ -225,7 +261,11 @@ class OwnershipService:
     async def _run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run a store call on the store thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kw))
+        try:
+            return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kw))
+        except st.StoreUnavailable as exc:
+            log.warning("store unavailable: %s", exc)
+            raise StoreUnreachable("the store cannot be reached; the change is not confirmed (try again)") from None
 
     # ------------------------------------------------------------------ device keys
 
@@ -676,6 +716,8 @@ class OwnershipService:
     async def _remember_quietly(self, identity: Identity) -> None:
         try:
             await self.remember_user(identity)
+        except StoreUnreachable:
+            pass  # logged by _run; the name is recorded at this user's next sign-in
         except Exception:
             log.exception("recording the user name of %s failed", identity.sub)
 

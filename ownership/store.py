@@ -62,6 +62,10 @@ class StoreError(Exception):
     """A problem with the store file, phrased as the one line to print."""
 
 
+class StoreUnavailable(Exception):
+    """The database cannot be reached just now (postgres backend): nothing was written."""
+
+
 class DeviceExists(Exception):
     pass
 

@@ -228,6 +228,8 @@ def check_store(config: Config) -> Result:
         passphrase = store_key(config)
     except ConfigError as exc:
         return fail("store", str(exc))
+    if config.store.backend == "postgres":
+        return check_postgres_store(config, passphrase)
     path = config.resolve(config.store.path)
     if not path.exists():
         return warn("store", f"store {label}: does not exist yet (serve creates it at the first start)")
@@ -241,6 +243,23 @@ def check_store(config: Config) -> Result:
         return ok("store", f"store {label}: opened with the key, schema version {version} "
                            f"(serve migrates it to {LATEST})")
     return ok("store", f"store {label}: opened with the key, schema version {version}")
+
+
+def check_postgres_store(config: Config, passphrase: str) -> Result:
+    from ownership import store as st
+    from ownership.pg_migrations import LATEST
+    from ownership.pg_store import PgStore
+
+    try:
+        version = PgStore.inspect(config.store.dsn, passphrase, connect_timeout=3.0)
+    except st.StoreError as exc:
+        return fail("store", str(exc))
+    if version is None:
+        return warn("store", "store postgres: reached; no keygate store there yet (serve creates it at first start)")
+    if version > LATEST:
+        return fail("store", f"store postgres: schema version {version} is newer than this keygate ({LATEST})")
+    return ok("store", f"store postgres: opened with the key, schema version {version}"
+                       + (f" (serve migrates it to {LATEST})" if version < LATEST else ""))
 
 
 # --------------------------------------------------------------------------- listener ports

@@ -213,9 +213,17 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
+    # sqlcipher: the embedded encrypted file at ``path`` (the default, and keygate dev's);
+    # postgres: a PostgreSQL database at ``dsn`` shared by many gateway processes (docs/scale-out.md).
+    backend: str = "sqlcipher"
     path: str = "data/ownership.db"
     key: str = secret()
     key_file: str = ""
+    dsn: str = secret()
+    # Connections the postgres backend keeps open (one more listens for the change feed).
+    pool_size: int = 4
+    # The postgres change feed unreachable for longer than this: grants that rest on the store fail closed.
+    feed_max_silence_seconds: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -575,6 +583,14 @@ def _check(cfg: Config, filename: str) -> None:
         for i, tenant in enumerate(tenants):
             if not re.fullmatch(r"[A-Za-z0-9_]{1,50}", tenant):
                 bad(f"ownership.tenants_by_role.{role}[{i}]", "a tenant is 1 to 50 letters, digits or underscores")
+    if cfg.store.backend not in ("sqlcipher", "postgres"):
+        bad("store.backend", "must be sqlcipher or postgres")
+    if cfg.store.backend == "postgres" and not cfg.store.dsn:
+        bad("store.dsn", "is required for the postgres backend")
+    if cfg.store.pool_size < 1:
+        bad("store.pool_size", "must be at least 1")
+    if not cfg.store.feed_max_silence_seconds > 0:
+        bad("store.feed_max_silence_seconds", "must be above 0")
     if not 0 < cfg.ownership.removal_retry_seconds <= cfg.ownership.removal_retry_max_seconds:
         bad("ownership.removal_retry_seconds", "must be above 0 and at most ownership.removal_retry_max_seconds")
     if not cfg.ownership.unsettled_write_grace_seconds > 0:

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.rig.token_factory",
     "tests.rig.ownership",
     "tests.rig.gateway",
+    "tests.rig.postgres",
 ]

@@ -47,12 +47,14 @@ USERS: dict[str, Identity] = {
 
 
 def ownership_config(tmp_path: Path, *, key: str = STORE_KEY, store: str = "data/ownership.db",
-                     extra: str = "") -> Config:
-    """A config whose store lives under ``tmp_path``; the key comes in through ${KEYGATE_STORE_KEY}."""
+                     extra: str = "", dsn: str | None = None) -> Config:
+    """A config whose store lives under ``tmp_path``; the key comes in through ${KEYGATE_STORE_KEY}.
+    With ``dsn``: the postgres backend on that database (tests/rig/postgres.py) instead."""
+    backend = "" if dsn is None else ", backend: postgres, dsn: '${KEYGATE_STORE_DSN}'"
     text = (
         "oidc: {issuer: 'https://issuer.test/realms/iot'}\n"
         "http: {listen: '127.0.0.1:0', tls: false}\n"
-        f"store: {{path: '{store}', key: '${{KEYGATE_STORE_KEY}}'}}\n"
+        f"store: {{path: '{store}', key: '${{KEYGATE_STORE_KEY}}'{backend}}}\n"
         "ownership:\n"
         "  advertise_mqtt: mqtts://gw.test:8883\n"
         "  advertise_http: https://gw.test:8443\n"
@@ -61,7 +63,8 @@ def ownership_config(tmp_path: Path, *, key: str = STORE_KEY, store: str = "data
         "  orion_lifecycle: false\n"   # no Orion behind this rig's http.upstream
         f"{extra}"
     )
-    return load_config_text(text, "proxy.yaml", env={"KEYGATE_STORE_KEY": key}, base_dir=str(tmp_path))
+    env = {"KEYGATE_STORE_KEY": key, **({} if dsn is None else {"KEYGATE_STORE_DSN": dsn})}
+    return load_config_text(text, "proxy.yaml", env=env, base_dir=str(tmp_path))
 
 
 class TableTokens:
@@ -161,9 +164,18 @@ async def sign_in(service: OwnershipService, identities: Any) -> None:
         await service.remember_user(identity)
 
 
+@pytest.fixture(params=["sqlcipher", "postgres"])
+def store_backend(request) -> str | None:
+    """Each backend in turn, for the tests that hold for both: None (SQLCipher, in tmp_path) or
+    the dsn of a fresh PostgreSQL database (tests/rig/postgres.py)."""
+    if request.param == "sqlcipher":
+        return None
+    return request.getfixturevalue("pg_dsn")
+
+
 @pytest.fixture
-async def ownership_service(tmp_path):
-    service = await open_service(ownership_config(tmp_path))
+async def ownership_service(tmp_path, store_backend):
+    service = await open_service(ownership_config(tmp_path, dsn=store_backend))
     try:
         yield service
     finally:

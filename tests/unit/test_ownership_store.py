@@ -243,8 +243,8 @@ async def test_erasure_is_one_transaction(tmp_path, monkeypatch):
     await service.close()
 
 
-async def test_reopen_restores_the_read_path(tmp_path):
-    config = ownership_config(tmp_path)
+async def test_reopen_restores_the_read_path(tmp_path, store_backend):
+    config = ownership_config(tmp_path, dsn=store_backend)
     service = await open_service(config)
     _, k1, _ = await service.register_device(ALICE, {"id": "d1", "type": "T", "public": True})
     await service.create_delegation(ALICE, "d1", "bob", "write")

@@ -1,0 +1,124 @@
+"""The change feed of the postgres backend: every gateway process applies every committed write.
+
+Each write appends a row to ``changes`` and sends ``NOTIFY keygate_changes`` in its own
+transaction (ownership/pg_store.py). Here one connection LISTENs; on a notification, and at least
+every heartbeat, it asks the store for its newest sequence number. Anything newer than what this
+process applied (a notification, one it missed, or everything written while it was away) is
+caught up from the store: the facts are replaced by a snapshot read at that sequence number, and
+the devices the changes touched go to the subscribers (the gateways re-check open connections on
+them, exactly as after a write made here).
+
+When the feed has not answered for ``store.feed_max_silence_seconds``, this process can no longer
+know what was revoked elsewhere: it fails closed (the facts are emptied, so every grant that rests
+on the store is refused), says so in /readyz and the log, and catches up in full once back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import psycopg
+
+from ownership.facts import EMPTY, MemoryFacts
+from ownership.pg_store import CHANNEL, PgStore
+
+log = logging.getLogger("keygate.ownership.feed")
+
+T = TypeVar("T")
+Runner = Callable[..., Awaitable[Any]]
+
+
+class ChangeFeed:
+    def __init__(self, dsn: str, store: PgStore, run: Runner, facts: MemoryFacts, *, applied: int,
+                 max_silence: float, clock: Callable[[], float] = time.monotonic):
+        self._dsn = dsn
+        self._store = store
+        self._run = run
+        self._facts = facts
+        self.applied = applied                 # the last change this process's facts include
+        self._max_silence = max_silence
+        self._beat = max(0.05, max_silence / 4)
+        self._clock = clock
+        self._last_heard = clock()
+        self.failed_closed = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._listen(), name="keygate-change-feed"),
+                       asyncio.create_task(self._watch(), name="keygate-change-feed-watch")]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            # A connection to a database that vanished may take its time to close: do not wait on it.
+            await asyncio.wait(self._tasks, timeout=2.0)
+        self._tasks = []
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.failed_closed:
+            return False, (f"change feed silent for more than {self._max_silence:g}s: failing closed for "
+                           "grants that rest on the store")
+        return True, f"change feed at {self.applied}"
+
+    # ------------------------------------------------------------------ listening
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                conn = await asyncio.wait_for(psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True, connect_timeout=max(1, int(self._max_silence))), self._max_silence)
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    while True:
+                        newest = await asyncio.wait_for(self._newest(conn), self._max_silence)
+                        if newest > self.applied or self.failed_closed:
+                            await self._catch_up()
+                        self._last_heard = self._clock()
+                        async for _ in conn.notifies(timeout=self._beat, stop_after=1):
+                            pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database or the network went away: retry, the watch fails closed
+                log.warning("change feed: %s; reconnecting", type(exc).__name__)
+                await asyncio.sleep(min(self._beat, 0.5))
+
+    @staticmethod
+    async def _newest(conn: Any) -> int:
+        cur = await conn.execute("SELECT coalesce(max(seq), 0) FROM changes")
+        row = await cur.fetchone()
+        return int(row[0])
+
+    async def _catch_up(self) -> None:
+        """Apply everything after :attr:`applied`: read the devices the changes touched and a snapshot."""
+        devices: set[str] | None = None
+        if not self.failed_closed:
+            last, devices, foreign = await self._run(self._store.changes_since, self.applied)
+            if not foreign:  # only this process's own writes, applied when they committed
+                self.applied = max(self.applied, last)
+                return
+        seq, snapshot = await self._run(self._store.load_all_at)
+        if seq < self.applied:  # never step back (the snapshot is of an older state)
+            return
+        self._facts.replace(snapshot, devices)
+        self.applied = seq
+        if self.failed_closed:
+            self.failed_closed = False
+            log.warning("change feed back: caught up to change %d; grants that rest on the store are served again",
+                        seq)
+
+    # ------------------------------------------------------------------ failing closed
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._beat)
+            silent = self._clock() - self._last_heard
+            if silent > self._max_silence and not self.failed_closed:
+                self.failed_closed = True
+                self._facts.replace(EMPTY, None)
+                log.error("change feed silent for %.1fs (store.feed_max_silence_seconds is %g): failing closed "
+                          "for grants that rest on the store until it is back", silent, self._max_silence)

@@ -1,0 +1,245 @@
+"""Several ``keygate serve`` processes over one PostgreSQL store (issue 17).
+
+Two gateway processes, each with its own listeners, in front of one Mosquitto, over one database:
+a device registered through one is usable through the other; a delegation revoked through one
+stops deliveries on a connection the other holds; a gateway killed with SIGKILL right after a
+write loses nothing committed; PostgreSQL killed makes the other gateway fail closed (/readyz
+503, the device's key refused), and once it is back everything is served again as committed.
+
+"In force" is waited for on a sentinel, not a clock: a gateway's /readyz names the last change
+its facts include ("change feed at N"), compared with the newest change in the database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.rig.mqtt_clients import V311, Paho
+from tests.rig.ports import free_port, wait_for_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYGATE = [sys.executable, "-m", "proxy"]
+
+
+class Gateway:
+    """One ``keygate serve`` process of the cluster (what Paho needs of a rig: port, client_ssl)."""
+
+    def __init__(self, cluster: Cluster, index: int):
+        self.cluster = cluster
+        self.name = f"gw{index}"
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.http_port = free_port()
+        self.metrics_port = free_port()
+        self.log = cluster.workdir / f"{self.name}.log"
+        self.config = cluster.workdir / f"{self.name}.yaml"
+        self.config.write_text(cluster.oidc.config_yaml() + f"""
+tls:
+  cert: certs/server.crt
+  key: certs/server.key
+  client_ca: certs/devices-ca.crt
+mqtt:
+  listen: 127.0.0.1:{self.port}
+  upstream: {cluster.mosquitto.address}
+  max_connections: 500
+http:
+  listen: 127.0.0.1:{self.http_port}
+  upstream: http://127.0.0.1:{cluster.orion_port}
+store:
+  backend: postgres
+  dsn: ${{KEYGATE_STORE_DSN}}
+  key: ${{KEYGATE_STORE_KEY}}
+  feed_max_silence_seconds: 1.0
+ownership:
+  advertise_mqtt: mqtts://127.0.0.1:{self.port}
+  advertise_http: https://127.0.0.1:{self.http_port}
+policies:
+  dir: policies/
+audit:
+  path: {self.name}-audit.log
+metrics:
+  listen: 127.0.0.1:{self.metrics_port}
+""")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([*KEYGATE, "serve", "-c", str(self.config)], cwd=ROOT, env=self.cluster.env,
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        for port in (self.metrics_port, self.http_port, self.port):
+            wait_for_port(port, proc=self.proc, timeout=30)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def client_ssl(self, cert=None) -> ssl.SSLContext:
+        return self.cluster.ssl
+
+    def api(self, method: str, path: str, token: str, body: dict | None = None) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"https://127.0.0.1:{self.http_port}/api/v1{path}", data=data, method=method,
+                                     headers={"Authorization": f"Bearer {token}",
+                                              **({"Content-Type": "application/json"} if data else {})})
+        try:
+            with urllib.request.urlopen(req, context=self.cluster.ssl, timeout=10) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def readyz(self) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def feed_at(self) -> int:
+        _, body = self.readyz()
+        m = re.search(r"change feed at (\d+)", body["checks"].get("change feed", ""))
+        return int(m.group(1)) if m else -1
+
+
+class Cluster:
+    def __init__(self, workdir: Path, oidc, mosquitto, postgres, dsn: str, n: int):
+        self.workdir, self.oidc, self.mosquitto, self.postgres, self.dsn = workdir, oidc, mosquitto, postgres, dsn
+        self.certs = workdir / "certs"
+        shutil.copytree(ROOT / "policies", workdir / "policies")
+        subprocess.run([*KEYGATE, "certs", "init", str(self.certs)], check=True, cwd=ROOT, capture_output=True)
+        self.ssl = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
+        self.env = {**os.environ, "KEYGATE_STORE_KEY": "scale-out-store-key", "KEYGATE_STORE_DSN": dsn}
+        self.orion_port = free_port()
+        self.orion = subprocess.Popen([sys.executable, "-m", "tests.rig.ngsi_standin", "--port", str(self.orion_port)],
+                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.orion_port, proc=self.orion)
+        self.gateways = [Gateway(self, i) for i in range(n)]
+        for gw in self.gateways:  # one at a time: the first creates the schema
+            gw.start()
+
+    def newest_change(self) -> int:
+        name = self.dsn.split("dbname=")[1].split()[0]
+        return int(self.postgres.psql("SELECT coalesce(max(seq), 0) FROM changes", name).strip())
+
+    def in_force_everywhere(self, timeout: float = 10.0) -> None:
+        """Wait until every running gateway's facts include the newest committed change."""
+        target = self.newest_change()
+        deadline = time.monotonic() + timeout
+        for gw in self.gateways:
+            if gw.proc is None or gw.proc.poll() is not None:
+                continue
+            while gw.feed_at() < target:
+                assert time.monotonic() < deadline, f"{gw.name} did not catch up to change {target}"
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        for gw in self.gateways:
+            gw.stop()
+        self.orion.terminate()
+        self.orion.wait(10)
+
+
+@pytest.fixture
+def cluster(tmp_path, oidc, mosquitto, postgres, pg_dsn):
+    c = Cluster(tmp_path, oidc, mosquitto, postgres, pg_dsn, 2)
+    yield c
+    c.stop()
+    for gw in c.gateways:
+        text = gw.log.read_text(errors="replace")
+        assert "Traceback" not in text, text
+
+
+async def _flows(gw_pub: Gateway, subscriber: Paho, dev: str, key: str, payload: bytes) -> bool:
+    d = Paho(gw_pub, dev, username=dev, password=key, version=V311)
+    assert await d.connect() == 0
+    await d.publish(f"devices/{dev}/telemetry", payload, qos=1)
+    await d.close()
+    return any(m.payload == payload for m in await subscriber.received_within(1.0))
+
+
+async def test_registered_through_one_usable_through_all_and_revoked_through_one_stops_on_the_other(cluster, oidc):
+    gw0, gw1 = cluster.gateways
+    alice, bob = oidc.password_token("alice"), oidc.password_token("bob")
+    assert gw0.api("GET", "/devices", bob)[0] == 200  # bob has signed in once (his name resolves)
+    status, created = gw0.api("POST", "/devices", alice, {"id": "scale-thermo", "type": "Thermometer"})
+    assert status == 201, created
+    status, grant = gw0.api("POST", "/devices/scale-thermo/delegations", alice, {"to": "bob", "permission": "read"})
+    assert status == 201, grant
+    cluster.in_force_everywhere()
+    # Bob holds a connection on gw1; the device, registered through gw0, publishes through gw1 and gw0.
+    sub = Paho(gw1, "bob-on-gw1", username="bob", password=bob, version=V311)
+    assert await sub.connect() == 0
+    assert await sub.subscribe("devices/scale-thermo/telemetry", 1) == [1]
+    assert await _flows(gw1, sub, "scale-thermo", created["k1"], b"through gw1")
+    assert await _flows(gw0, sub, "scale-thermo", created["k1"], b"through gw0")
+    # Revoked through gw0: once gw1 holds the change, bob's open connection on gw1 gets nothing more.
+    assert gw0.api("DELETE", f"/devices/scale-thermo/delegations/{grant['id']}", alice)[0] == 204
+    cluster.in_force_everywhere()
+    assert not await _flows(gw0, sub, "scale-thermo", created["k1"], b"after the revocation")
+    await sub.close()
+
+
+async def test_kill9_of_a_gateway_and_of_postgres_lose_nothing_and_let_nothing_through(cluster, oidc):
+    gw0, gw1 = cluster.gateways
+    alice = oidc.password_token("alice")
+    status, created = gw0.api("POST", "/devices", alice, {"id": "crash-thermo", "type": "Thermometer"})
+    assert status == 201, created
+    gw0.kill9()  # right after its answer: what it committed is in the database, not in its memory only
+    cluster.in_force_everywhere()
+    dev = Paho(gw1, "crash-thermo", username="crash-thermo", password=created["k1"], version=V311)
+    assert await dev.connect() == 0
+    await dev.close()
+    # PostgreSQL killed: gw1 cannot hear the feed, so it fails closed and says so.
+    cluster.postgres.kill()
+    try:
+        deadline = time.monotonic() + 15
+        while gw1.readyz()[0] != 503:
+            assert time.monotonic() < deadline, "gw1 did not fail closed"
+            time.sleep(0.05)
+        assert "change feed silent" in gw1.readyz()[1]["checks"]["change feed"]
+        refused = Paho(gw1, "crash-thermo", username="crash-thermo", password=created["k1"], version=V311)
+        assert await refused.connect() != 0
+        await refused.close()
+        # A write meanwhile is refused in the API's own shape, not a 500.
+        status, body = gw1.api("POST", "/devices", alice, {"id": "during-outage", "type": "Thermometer"})
+        assert (status, body["error"]["code"]) == (503, "store_unavailable"), body
+    finally:
+        cluster.postgres.start()
+    deadline = time.monotonic() + 20
+    while gw1.readyz()[0] != 200:
+        assert time.monotonic() < deadline, f"gw1 did not come back: {gw1.readyz()}"
+        time.sleep(0.05)
+    assert "failing closed" in gw1.log.read_text() and "change feed back" in gw1.log.read_text()
+    # Back, caught up: the device registered before both crashes is served again; a deletion through
+    # gw1 holds after gw0 restarts (gw0 loads it from the store, never from what it held before).
+    back = Paho(gw1, "crash-thermo", username="crash-thermo", password=created["k1"], version=V311)
+    assert await back.connect() == 0
+    await back.close()
+    assert gw1.api("DELETE", "/devices/crash-thermo", alice)[0] == 204
+    gw0.start()
+    cluster.in_force_everywhere()
+    gone = Paho(gw0, "crash-thermo", username="crash-thermo", password=created["k1"], version=V311)
+    assert await gone.connect() != 0
+    await gone.close()
