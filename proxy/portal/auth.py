@@ -11,6 +11,7 @@ from proxy.identity.model import AuthError
 from proxy.portal.oidc import LoginError
 from proxy.portal.security import COOKIE
 from proxy.portal.sessions import Session
+from proxy.portal.signin import LOGIN_SECONDS, SIGNIN_COOKIE
 from proxy.portal.state import PORTAL, Portal
 
 # Refresh the access token when it has less than this left, so an API call never carries an expired one.
@@ -30,25 +31,29 @@ def _set_cookie(response: web.StreamResponse, portal: Portal, session: Session) 
     response.set_cookie(COOKIE, session.id, path=portal.base, httponly=True, secure=True, samesite="Lax")
 
 
+def _signin_cookie(response: web.StreamResponse, portal: Portal, sealed: str) -> None:
+    response.set_cookie(SIGNIN_COOKIE, sealed, path=portal.base, max_age=int(LOGIN_SECONDS), httponly=True,
+                        secure=True, samesite="Lax")
+
+
 async def login(request: web.Request) -> web.StreamResponse:
+    """Start a sign-in: nothing is kept here (a sealed cookie holds the state and the PKCE verifier),
+    so no number of these, from anyone, touches anyone else's sign-in or session."""
     portal = _portal(request)
-    current = session_of(request)
-    if current is not None and current.signed_in:
+    if session_of(request) is not None:
         raise web.HTTPFound(f"{portal.base}devices")
-    session = portal.sessions.new()
-    session.state, session.nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     from proxy.portal.oidc import pkce_pair
 
-    session.verifier, challenge = pkce_pair()
+    state = secrets.token_urlsafe(24)
+    verifier, challenge = pkce_pair()
     try:
-        url = await portal.oidc.authorization_url(session.state, session.nonce, challenge)
+        url = await portal.oidc.authorization_url(state, challenge)
     except LoginError as exc:
-        portal.sessions.end(session)
         from proxy.portal.pages import error_page
 
         return error_page(request, 503, str(exc))
     response = web.HTTPFound(url)
-    _set_cookie(response, portal, session)
+    _signin_cookie(response, portal, portal.signins.seal(state, verifier))
     raise response
 
 
@@ -56,29 +61,33 @@ async def callback(request: web.Request) -> web.StreamResponse:
     from proxy.portal.pages import error_page
 
     portal = _portal(request)
-    pending = session_of(request)
+
+    def refused(status: int, message: str) -> web.StreamResponse:
+        answer = error_page(request, status, message, sign_in=True)
+        answer.del_cookie(SIGNIN_COOKIE, path=portal.base)   # a sign-in ends with its callback
+        return answer
+
     if request.query.get("error"):
-        return error_page(request, 400, "The sign-in was cancelled or refused. You can try again.", sign_in=True)
-    state, code = request.query.get("state", ""), request.query.get("code", "")
-    if pending is None or pending.signed_in or not pending.state or not code or \
-            not secrets.compare_digest(state.encode(), pending.state.encode()):
-        return error_page(request, 400, "This sign-in link is not valid any more. Please sign in again.",
-                          sign_in=True)
-    verifier = pending.verifier
-    pending.state = pending.verifier = ""   # a code is redeemed once
+        return refused(400, "The sign-in was cancelled or refused. You can try again.")
+    code = request.query.get("code", "")
+    verifier = portal.signins.open(request.cookies.get(SIGNIN_COOKIE, ""), request.query.get("state", ""))
+    if verifier is None or not code:
+        return refused(400, "This sign-in link is not valid any more. Please sign in again.")
     try:
         tokens = await portal.oidc.exchange_code(code, verifier)
         identity = await portal.services.tokens.validate(tokens.access_token)
     except (LoginError, AuthError) as exc:
-        portal.sessions.end(pending)
-        message = str(exc) if isinstance(exc, LoginError) else "The sign-in service gave a token keygate refuses."
-        return error_page(request, 400, message, sign_in=True)
+        return refused(400, str(exc) if isinstance(exc, LoginError) else
+                       "The sign-in service gave a token keygate refuses.")
     if identity.kind != "user":
-        portal.sessions.end(pending)
-        return error_page(request, 403, "Only people can use this portal.", sign_in=True)
-    session = portal.sessions.rotate(pending, tokens, identity.username, identity.sub)
+        return refused(403, "Only people can use this portal.")
+    earlier = session_of(request)
+    if earlier is not None:   # this browser's earlier session is replaced, not kept beside it
+        portal.sessions.end(earlier)
+    session = portal.sessions.start(tokens, identity.username, identity.sub)
     response = web.HTTPFound(f"{portal.base}devices")
     _set_cookie(response, portal, session)
+    response.del_cookie(SIGNIN_COOKIE, path=portal.base)
     raise response
 
 
@@ -104,7 +113,7 @@ async def access_token(request: web.Request, session: Session) -> str:
 
 def require_session(request: web.Request) -> Session:
     session = session_of(request)
-    if session is None or not session.signed_in:
+    if session is None:
         raise web.HTTPFound(f"{_portal(request).base}login")
     return session
 
@@ -114,7 +123,7 @@ async def require_form(request: web.Request) -> tuple[Session, dict[str, str]]:
     session = session_of(request)
     form = await request.post()
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
-    if session is None or not session.signed_in or not session.csrf_ok(fields.get("csrf", "")):
+    if session is None or not session.csrf_ok(fields.get("csrf", "")):
         raise web.HTTPForbidden(reason="csrf")
     return session, fields
 

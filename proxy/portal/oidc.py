@@ -98,10 +98,14 @@ class OidcClient:
             raise RuntimeError("the portal's OIDC client is not started")
         return self._session
 
-    async def authorization_url(self, state: str, nonce: str, challenge: str) -> str:
+    async def authorization_url(self, state: str, challenge: str) -> str:
+        """The provider's authorization request. No ``nonce``: the code flow with PKCE S256 and a
+        state bound to the browser (proxy.portal.signin) is what protects the code, and who the
+        person is comes from the access token, checked by the gateway's validator; the ID token is
+        only handed back as ``id_token_hint`` at sign-out, so a nonce would guard nothing."""
         doc = await self._endpoints()
         query = urlencode({"response_type": "code", "client_id": self.client_id, "redirect_uri": self.redirect_uri,
-                           "scope": self._config.portal.scope, "state": state, "nonce": nonce,
+                           "scope": self._config.portal.scope, "state": state,
                            "code_challenge": challenge, "code_challenge_method": "S256"})
         return f"{doc['authorization_endpoint']}?{query}"
 

@@ -18,6 +18,7 @@ from urllib.parse import quote
 import aiohttp_jinja2
 from aiohttp import web
 
+from ownership.validation import is_device_id
 from proxy.portal.api_client import ApiAnswer
 from proxy.portal.auth import access_token, require_form, require_session, session_of
 from proxy.portal.live import LiveError, LiveRefused, Reading
@@ -324,6 +325,8 @@ async def shared_device(request: web.Request) -> web.Response:
 
 # A comment line this often: a browser that went away is noticed (the write fails) and its feed closed.
 HEARTBEAT_SECONDS = 15.0
+# Live views one signed-in browser may hold open at once (each is an MQTT connection of the person).
+LIVE_STREAMS_PER_SESSION = 4
 
 
 async def live(request: web.Request) -> web.StreamResponse:
@@ -332,10 +335,26 @@ async def live(request: web.Request) -> web.StreamResponse:
     if session is None or not session.signed_in:
         raise web.HTTPUnauthorized()
     portal = _portal(request)
+    device_id = request.match_info["id"]
+    if not is_device_id(device_id, new=False) or "+" in device_id:
+        # Before anything is subscribed: the id goes into a topic filter, where + would be a wildcard.
+        raise web.HTTPNotFound()
+    if session.live_streams >= LIVE_STREAMS_PER_SESSION:
+        # Each stream is an MQTT connection of the person's: a page left open in many tabs, or a
+        # script, gets a few, not the per-identity connection limit's worth.
+        raise web.HTTPTooManyRequests()
     try:
         token = await access_token(request, session)
     except web.HTTPFound:
         raise web.HTTPUnauthorized() from None   # an event stream does not follow a sign-in
+    session.live_streams += 1
+    try:
+        return await _stream(request, portal, token, device_id)
+    finally:
+        session.live_streams -= 1
+
+
+async def _stream(request: web.Request, portal: Portal, token: str, device_id: str) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no", **portal.headers})
     await response.prepare(request)
@@ -344,7 +363,7 @@ async def live(request: web.Request) -> web.StreamResponse:
 
     async def pump() -> None:
         try:
-            async for reading in portal.live.readings(token, request.match_info["id"]):
+            async for reading in portal.live.readings(token, device_id):
                 if readings.full():
                     readings.get_nowait()   # a slow browser gets the latest readings, not all
                 readings.put_nowait(reading)

@@ -6,7 +6,9 @@
   data; the one-time key page above all), no MIME sniffing.
 * The session cookie: ``HttpOnly`` (no script reads it), ``Secure``,
   ``SameSite=Lax`` (a cross-site POST carries no cookie), scoped to the portal's
-  path, and only ever a random id (the tokens stay in the server's memory).
+  path, and only ever a random id (the tokens stay in the server's memory), set
+  when a sign-in completes. A sign-in under way is a second cookie, sealed
+  (:mod:`proxy.portal.signin`), so starting one keeps nothing on the server.
 * CSRF: every POST carries the session's token in a hidden field, compared in
   constant time; a POST without it (a cross-site form) is refused 403 before
   anything is done.

@@ -1,13 +1,11 @@
 """The portal's server-side sessions: the browser holds only a random id.
 
-A session is made when a sign-in starts (it holds the PKCE verifier, state
-and nonce) and replaced by a new id when the sign-in completes, so an id seen
-before login (session fixation) is worth nothing after it. It holds the
-person's tokens and a CSRF token, and ends when the refresh token does (or the
-provider refuses a refresh), at logout, or when ``portal.max_sessions`` pushes
-out the least recently used one. Sign-ins under way are held apart, under
-the same bound: anyone can start one, so a flood of them pushes out only other
-unfinished sign-ins, never a signed-in session.
+A session is made when a sign-in completes (the sign-in under way lives in a sealed cookie:
+:mod:`proxy.portal.signin`), under a fresh id, so nothing a browser held before login
+(session fixation) is worth anything after it; anyone can start a sign-in, and none of that
+reaches this store. A session holds the person's tokens and a CSRF token, and ends when the
+refresh token does (or the provider refuses a refresh), at logout, or when
+``portal.max_sessions`` pushes out the least recently used one.
 """
 
 from __future__ import annotations
@@ -20,23 +18,16 @@ from dataclasses import dataclass, field
 
 from proxy.portal.oidc import Tokens
 
-# A sign-in must come back from the provider within this.
-LOGIN_SECONDS = 600.0
-
 
 @dataclass
 class Session:
     id: str
     csrf: str
     created_at: float
-    # While signing in:
-    state: str = ""
-    nonce: str = ""
-    verifier: str = ""
-    # Once signed in:
-    tokens: Tokens | None = None
+    tokens: Tokens | None = None   # None once ended (a refresh refused)
     username: str = ""
     sub: str = ""
+    live_streams: int = 0          # live views open now (pages.live caps them)
     # A message for the next page (what was done, or why not), shown once.
     notices: list[tuple[str, str]] = field(default_factory=list)
 
@@ -49,7 +40,7 @@ class Session:
 
     def expired(self, now: float) -> bool:
         if self.tokens is None:
-            return now - self.created_at > LOGIN_SECONDS
+            return True
         ends = self.tokens.refresh_expires_at
         if not self.tokens.refresh_token:
             ends = self.tokens.access_expires_at
@@ -66,48 +57,29 @@ class Session:
 class SessionStore:
     def __init__(self, max_sessions: int):
         self._max = max_sessions
-        self._sessions: OrderedDict[str, Session] = OrderedDict()   # signed in
-        self._pending: OrderedDict[str, Session] = OrderedDict()    # signing in
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._sessions) + len(self._pending)
+        return len(self._sessions)
 
-    @staticmethod
-    def _made() -> Session:
-        return Session(id=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), created_at=time.time())
-
-    @staticmethod
-    def _add(held: OrderedDict[str, Session], session: Session, bound: int) -> None:
-        held[session.id] = session
-        while len(held) > bound:
-            held.popitem(last=False)
-
-    def new(self) -> Session:
-        """A sign-in under way."""
-        session = self._made()
-        self._add(self._pending, session, self._max)
+    def start(self, tokens: Tokens, username: str, sub: str) -> Session:
+        """A signed-in session under a new id and CSRF token (the least recently used one goes past the bound)."""
+        session = Session(id=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), created_at=time.time(),
+                          tokens=tokens, username=username, sub=sub)
+        self._sessions[session.id] = session
+        while len(self._sessions) > self._max:
+            self._sessions.popitem(last=False)
         return session
 
     def get(self, session_id: str) -> Session | None:
-        for held in (self._sessions, self._pending):
-            session = held.get(session_id)
-            if session is None:
-                continue
-            if session.expired(time.time()):
-                del held[session_id]
-                return None
-            held.move_to_end(session_id)
-            return session
-        return None
-
-    def rotate(self, old: Session, tokens: Tokens, username: str, sub: str) -> Session:
-        """The signed-in session, under a new id and a new CSRF token; the old id stops working."""
-        self.end(old)
-        session = self._made()
-        session.tokens, session.username, session.sub = tokens, username, sub
-        self._add(self._sessions, session, self._max)
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        if session.expired(time.time()):
+            del self._sessions[session_id]
+            return None
+        self._sessions.move_to_end(session_id)
         return session
 
     def end(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
-        self._pending.pop(session.id, None)

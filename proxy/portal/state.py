@@ -12,6 +12,7 @@ from proxy.portal.api_client import ApiClient
 from proxy.portal.live import LiveFeeds
 from proxy.portal.oidc import OidcClient
 from proxy.portal.sessions import SessionStore
+from proxy.portal.signin import SignInSealer
 from proxy.services import Services
 
 
@@ -35,6 +36,7 @@ class Portal:
     sessions: SessionStore
     headers: dict[str, str]
     presence: Presence | None = None
+    signins: SignInSealer = field(default_factory=SignInSealer)
     live: LiveFeeds = field(init=False)
 
     def __post_init__(self) -> None:

@@ -9,6 +9,8 @@ at desktop and phone widths, go to tests/artifacts/portal/.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import os
 import re
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.portal.pages import LIVE_STREAMS_PER_SESSION
 from tests.rig.oidc import OidcProvider, password_of
 from tests.rig.pki import make_csr
 from tests.rig.ports import free_port, wait_for_port
@@ -332,6 +335,37 @@ def test_portal_walk(stack, browser):
     bob_ctx.close()
 
 
+async def live_streams_until_refused(url: str, cookie: str) -> int:
+    """Open live views one after another, each held open (its ``ready`` read), until one is refused
+    429; then close one and check a new one is let in again. The number held when refused."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(headers={"Cookie": f"keygate_portal={cookie}"}) as http:
+        held = []
+        try:
+            for _ in range(LIVE_STREAMS_PER_SESSION + 2):
+                answer = await http.get(url, timeout=aiohttp.ClientTimeout(total=30))
+                if answer.status == 429:
+                    answer.release()
+                    break
+                assert answer.status == 200
+                assert b"event: ready" in await answer.content.readuntil(b"\n\n")
+                held.append(answer)
+            count = len(held)
+            held.pop().close()
+            for _ in range(150):   # the server notices a closed stream at its next write (a heartbeat: 15 s)
+                again = await http.get(url, timeout=aiohttp.ClientTimeout(total=30))
+                if again.status == 200:
+                    again.close()
+                    return count
+                again.release()
+                await asyncio.sleep(0.2)
+            raise AssertionError("a closed live view was never given back")
+        finally:
+            for answer in held:
+                answer.close()
+
+
 def test_portal_security(stack, browser):
     """CSRF refused, cookie flags, no token or key in any page after the one-time display, bob
     cannot reach alice's device pages by URL."""
@@ -342,19 +376,23 @@ def test_portal_security(stack, browser):
     assert cookie["path"] == "/portal/"
     assert alice.evaluate("document.cookie") == ""   # no script reads it
 
-    # The session id is replaced at login: the one the sign-in started with no longer works.
+    # No session exists before the sign-in completes: starting one sets only the sealed sign-in
+    # cookie (same flags), which is worth nothing as a session id, and is gone after the callback.
     pre_ctx, pre = new_page(browser, stack)
     pre.goto(f"{stack.base}login")
     pre.wait_for_url(re.compile(r".*/interaction/.*"))
-    before = next(c for c in pre_ctx.cookies() if c["name"] == "keygate_portal")["value"]
+    before = {c["name"]: c for c in pre_ctx.cookies()}
+    assert "keygate_portal" not in before
+    signin = before["keygate_portal_signin"]
+    assert signin["httpOnly"] and signin["secure"] and signin["path"] == "/portal/"
     pre.get_by_label("User name").fill("carol")
     pre.get_by_label("Password").fill(password_of("carol"))
     pre.get_by_role("button", name="Sign in").click()
     pre.wait_for_url(f"{stack.base}devices")
-    after = next(c for c in pre_ctx.cookies() if c["name"] == "keygate_portal")["value"]
-    assert before != after
-    fixated = pre_ctx.request.get(f"{stack.base}devices", headers={"Cookie": f"keygate_portal={before}"},
-                                  max_redirects=0)
+    after = {c["name"]: c["value"] for c in pre_ctx.cookies()}
+    assert "keygate_portal_signin" not in after and after["keygate_portal"] != signin["value"]
+    fixated = pre_ctx.request.get(f"{stack.base}devices",
+                                  headers={"Cookie": f"keygate_portal={signin['value']}"}, max_redirects=0)
     assert fixated.status == 302 and "/login" in fixated.headers["location"]
     pre_ctx.close()
 
@@ -429,6 +467,20 @@ def test_portal_security(stack, browser):
     # Bob's live feed of alice's device: the MQTT listener refuses the subscription.
     stream = bob_ctx.request.get(f"{stack.base}devices/thermo-secure-1/live", timeout=TIMEOUT_MS)
     assert "event: ended" in stream.text() and "may not read" in stream.text()
+    # A wildcard for an id is refused before anything is subscribed (it would be a filter there).
+    for wild in ("%2B", "a%2Bb", "%23"):
+        assert bob_ctx.request.get(f"{stack.base}devices/{wild}/live", max_redirects=0).status == 404, wild
+    # Live views per signed-in browser are capped: each is an MQTT connection of the person's.
+    bob.goto(f"{stack.base}devices")
+    bob.get_by_label("Device id").fill("bob-live-1")
+    bob.get_by_label("Type").fill("Thermometer")
+    bob.get_by_role("button", name="Register").click()
+    bob.get_by_text("Copy these keys now.").wait_for()
+    bob_cookie = next(c["value"] for c in bob_ctx.cookies() if c["name"] == "keygate_portal")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:   # (Playwright's loop runs in this thread)
+        held = pool.submit(asyncio.run, live_streams_until_refused(f"{stack.base}devices/bob-live-1/live",
+                                                                   bob_cookie)).result()
+    assert held == LIVE_STREAMS_PER_SESSION
     alice.goto(f"{stack.base}devices/thermo-secure-1")
     assert alice.locator("h1").inner_text() == "thermo-secure-1"   # bob's posts did nothing
     # Alice deletes it herself: the typed confirmation, then it is gone.

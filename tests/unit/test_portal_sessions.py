@@ -11,7 +11,8 @@ import pytest
 
 from proxy.config import ConfigError, load_config_text
 from proxy.portal.oidc import Tokens, _tokens, pkce_pair
-from proxy.portal.sessions import LOGIN_SECONDS, SessionStore
+from proxy.portal.sessions import SessionStore
+from proxy.portal.signin import LOGIN_SECONDS, SignInSealer
 
 BASE = "oidc:\n  issuer: https://idp.example/realms/iot\n"
 
@@ -21,54 +22,84 @@ def tokens(*, access_in: float = 300, refresh_in: float = 1800, refresh: str = "
     return Tokens("a", now + access_in, refresh, now + refresh_in if refresh_in else 0.0, "i")
 
 
-def test_rotation_at_login_gives_a_new_id_and_csrf_token_and_ends_the_old_one():
+def test_a_session_starts_signed_in_under_fresh_random_ids():
     store = SessionStore(10)
-    pending = store.new()
-    session = store.rotate(pending, tokens(), "alice", "sub-a")
-    assert session.id != pending.id and session.csrf != pending.csrf
-    assert store.get(pending.id) is None
-    assert store.get(session.id) is session and session.signed_in
+    a, b = store.start(tokens(), "alice", "sub-a"), store.start(tokens(), "alice", "sub-a")
+    assert a.id != b.id and a.csrf != b.csrf and len(a.id) >= 43
+    assert store.get(a.id) is a and a.signed_in
+    store.end(a)
+    assert store.get(a.id) is None and store.get(b.id) is b
 
 
 def test_session_ends_with_its_refresh_token():
     store = SessionStore(10)
-    session = store.rotate(store.new(), tokens(refresh_in=-1), "alice", "sub-a")
+    session = store.start(tokens(refresh_in=-1), "alice", "sub-a")
     assert store.get(session.id) is None
 
 
 def test_without_a_refresh_token_the_access_token_ends_the_session():
     store = SessionStore(10)
-    session = store.rotate(store.new(), tokens(access_in=-1, refresh=""), "alice", "sub-a")
+    session = store.start(tokens(access_in=-1, refresh=""), "alice", "sub-a")
     assert store.get(session.id) is None
-
-
-def test_a_sign_in_not_completed_in_time_is_gone():
-    store = SessionStore(10)
-    pending = store.new()
-    pending.created_at -= LOGIN_SECONDS + 1
-    assert store.get(pending.id) is None
 
 
 def test_the_least_recently_used_session_goes_first_past_the_bound():
     store = SessionStore(2)
-    a, b = (store.rotate(store.new(), tokens(), name, name) for name in ("a", "b"))
+    a, b = (store.start(tokens(), name, name) for name in ("a", "b"))
     store.get(a.id)
-    store.rotate(store.new(), tokens(), "c", "c")
+    store.start(tokens(), "c", "c")
     assert store.get(b.id) is None and store.get(a.id) is a
 
 
-def test_a_flood_of_sign_ins_started_never_pushes_out_a_signed_in_session():
-    store = SessionStore(2)
-    signed_in = store.rotate(store.new(), tokens(), "alice", "sub-a")
-    started = [store.new() for _ in range(10)]
-    assert store.get(signed_in.id) is signed_in
-    assert store.get(started[0].id) is None and store.get(started[-1].id) is started[-1]
-
-
 def test_csrf_check_is_exact():
-    session = SessionStore(1).new()
+    session = SessionStore(1).start(tokens(), "alice", "sub-a")
     assert session.csrf_ok(session.csrf)
     assert not session.csrf_ok("") and not session.csrf_ok(session.csrf + "x") and not session.csrf_ok("forged")
+
+
+# --------------------------------------------------------------------------- sign-ins under way (sealed cookie)
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_sealed_sign_in_opens_only_with_its_own_state():
+    sealer = SignInSealer()
+    sealed = sealer.seal("state-1", "verifier-1")
+    assert "verifier-1" not in sealed and "state-1" not in sealed   # the browser cannot read it
+    assert sealer.open(sealed, "state-1") == "verifier-1"
+    assert sealer.open(sealed, "state-2") is None                  # someone else's callback (login CSRF)
+    assert sealer.open(sealed, "") is None
+
+
+def test_a_sealed_sign_in_cannot_be_forged_moved_or_kept():
+    clock = Clock()
+    sealer = SignInSealer(clock=clock)
+    sealed = sealer.seal("s", "v")
+    flipped = sealed[:20] + ("A" if sealed[20] != "A" else "B") + sealed[21:]
+    assert sealer.open(flipped, "s") is None                       # tampered
+    assert SignInSealer().open(sealed, "s") is None                # another process's key (or a restart)
+    assert sealer.open("not-base64!!", "s") is None and sealer.open("", "s") is None
+    clock.t += LOGIN_SECONDS + 1
+    assert sealer.open(sealed, "s") is None                        # too old
+
+
+def test_starting_sign_ins_keeps_nothing_a_flood_could_push_out():
+    # The attack this replaces: GET /portal/login without an account made a server-side pending
+    # session, and max_sessions of them pushed out a person's sign-in under way. Now a sign-in
+    # is only its sealed cookie: a flood of them leaves the person's still opening, and the store
+    # of signed-in sessions untouched.
+    sealer, store = SignInSealer(), SessionStore(2)
+    signed_in = store.start(tokens(), "bob", "sub-b")
+    person = sealer.seal("state-of-the-person", "verifier")
+    for i in range(10_000):
+        sealer.seal(f"s{i}", "v")
+    assert sealer.open(person, "state-of-the-person") == "verifier"
+    assert len(store) == 1 and store.get(signed_in.id) is signed_in
 
 
 def test_pkce_challenge_is_the_s256_of_the_verifier():
