@@ -150,6 +150,10 @@ class _Connection(asyncio.Protocol):
         self._head_only = False
         self._began = False
         self._paused = False
+        # The answer began while the request body was still going out: the upstream may not have
+        # read the rest, which would then be read as the next request (smuggling). Not pooled.
+        self._sending_body = False
+        self._answered_early = False
 
     # -- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -188,6 +192,8 @@ class _Connection(asyncio.Protocol):
         if self._began:
             raise UpstreamError("the upstream sent more than one answer to one request")
         self._began = True
+        if self._sending_body:
+            self._answered_early = True
 
     def on_status(self, status: bytes) -> None:
         assert self.response is not None  # noqa: S101 (data_received checked it)
@@ -255,12 +261,14 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         self._head_only = method == "HEAD"
         self._began = False
+        self._answered_early = False
         self.parser = httptools.HttpResponseParser(self)
         self.head = self.loop.create_future()
         if body is None or isinstance(body, bytes):
             self.transport.write(head + body if body else head)
         else:
             self.transport.write(head)
+            self._sending_body = True
             try:
                 async for chunk in body:
                     if self.closed:
@@ -269,6 +277,8 @@ class _Connection(asyncio.Protocol):
             except BaseException:
                 self.abort()   # a body cut short leaves the upstream waiting for the rest
                 raise
+            finally:
+                self._sending_body = False
         # A timer rather than asyncio.wait_for, which costs a task switch per request.
         timer = self.loop.call_later(self.pool.timeout, self._late, self.head)
         try:
@@ -289,7 +299,7 @@ class _Connection(asyncio.Protocol):
         if response is not self.response:
             return
         self.response = None
-        if self.reusable and response._done and not self.closed:
+        if self.reusable and response._done and not self.closed and not self._answered_early:
             self.resume()
             self.pool.put_back(self)
         else:

@@ -99,6 +99,32 @@ async def test_a_second_answer_in_the_same_segment_is_not_read_as_the_next_reque
         await pool.close()
 
 
+async def test_an_answer_before_the_streamed_body_is_sent_does_not_pool_the_connection():
+    # An upstream that answers at the head and does not read the body (an early 413, a broken
+    # server): the rest of the body is still on that connection, and pooled, its bytes would be
+    # read as the next caller's request. The connection is dropped instead.
+    answered = asyncio.Event()
+
+    def answer(n: int) -> bytes:
+        answered.set()
+        return OK
+
+    async def body():
+        yield b"first part;"
+        await answered.wait()
+        await asyncio.sleep(0.5)   # (ordering only: the answer reaches the client before the rest)
+        yield b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    async with Scripted(answer) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=5)
+        response = await pool.request("PATCH", "/v2/entities/a-1/attrs", [("Content-Length", "49")], body())
+        assert response.status == 200 and await response.read() == b"ok"
+        response.release()
+        assert await _get(pool) == (200, [("Content-Length", "2")], b"ok")
+        assert up.connections == 2   # the second request went on a fresh connection
+        await pool.close()
+
+
 async def test_a_large_answer_is_relayed_in_pieces_and_the_connection_stays_usable():
     # More than the client is given at once: reading Orion pauses while the bytes wait (a slow
     # client cannot make the gateway hold all of a large answer), and resumes as they are taken.
