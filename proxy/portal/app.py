@@ -100,6 +100,7 @@ def create_portal_app(services: Services, presence: Presence | None = None) -> w
     r.add_get("/shared/list", pages.shared_list)
     r.add_get("/shared/{id}", pages.shared_device)
     r.add_get("/shared/{id}/live", pages.live)
+    r.add_post("/shared/{id}/command", pages.command)
     r.add_get("/data", pages.data)
     r.add_get("/data/export", pages.export)
     r.add_post("/data/erase", pages.erase)

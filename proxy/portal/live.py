@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from proxy.config import Config, parse_hostport
 from proxy.mqtt import codec
-from proxy.mqtt.packets import MQTT_311, Connect, PacketType, Subscribe, Subscription
+from proxy.mqtt.packets import MQTT_5, MQTT_311, Connect, PacketType, Subscribe, Subscription
 
 KEEPALIVE_SECONDS = 30
 MAX_PACKET = 256 * 1024
@@ -42,6 +42,10 @@ class Reading:
 
 def telemetry_topic(device_id: str) -> str:
     return f"devices/{device_id}/telemetry"
+
+
+def command_topic(device_id: str, name: str) -> str:
+    return f"devices/{device_id}/cmd/{name}"
 
 
 class LiveFeeds:
@@ -108,6 +112,43 @@ class LiveFeeds:
                     info = codec.decode_publish(frame, MQTT_311)
                     payload = bytes(frame.raw[info.payload_start:]).decode("utf-8", errors="replace")
                     yield Reading(codec.topic_from_bytes(info.topic), payload)
+
+    async def send_command(self, token: str, device_id: str, name: str, payload: bytes) -> None:
+        """Publish ``payload`` to ``devices/ID/cmd/NAME`` as the person, through the gateway's own
+        MQTT listener (v5, QoS 1), so the same policy decides it as any client's publish; returns
+        once the gateway accepted it, raises :class:`LiveRefused` when it refused."""
+        host, port, context = self._address()
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=context), 10)
+        except (OSError, TimeoutError) as exc:
+            raise LiveError("keygate cannot reach its MQTT listener just now") from exc
+        try:
+            writer.write(codec.encode_connect(Connect("MQTT", MQTT_5, True, KEEPALIVE_SECONDS,
+                                                      f"portal-{secrets.token_hex(6)}", "portal", token.encode())))
+            writer.write(codec.encode_publish(command_topic(device_id, name), payload, qos=1, packet_id=1,
+                                              level=MQTT_5))
+            await writer.drain()
+            framer = codec.Framer(MAX_PACKET)
+            async with asyncio.timeout(10):
+                while True:
+                    data = await reader.read(65536)
+                    if not data:
+                        raise LiveError("the gateway ended the connection before it answered")
+                    for frame in framer.feed(data):
+                        if frame.type == PacketType.CONNACK and bytes(frame.body[1:2]) != b"\x00":
+                            raise LiveRefused("the gateway refused the sign-in for this command")
+                        if frame.type == PacketType.PUBACK:
+                            reason = bytes(frame.body[2:3])   # absent: success
+                            if reason and reason[0] >= 0x80:
+                                raise LiveRefused("you may not send this device commands")
+                            writer.write(codec.encode_disconnect(MQTT_5))
+                            return
+        except (codec.ProtocolError, TimeoutError) as exc:
+            raise LiveError("the gateway did not answer the command") from exc
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
 
     @staticmethod
     async def _ping(writer: asyncio.StreamWriter) -> None:

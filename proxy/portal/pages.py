@@ -320,7 +320,49 @@ async def shared_device(request: web.Request) -> web.Response:
     if record is None:
         raise web.HTTPNotFound()
     return render(request, "shared_device.html", {
-        "title": device_id, "device": record, "live_url": f"{_portal(request).base}shared/{_q(device_id)}/live"})
+        "title": device_id, "device": record, "live_url": f"{_portal(request).base}shared/{_q(device_id)}/live",
+        "can_write": any("write" in p for p in record.get("permissions", []))})
+
+
+# A command's name is one topic level (devices/ID/cmd/NAME); its payload a short text.
+COMMAND_NAME_MAX = 64
+COMMAND_PAYLOAD_MAX = 4096
+
+
+def _command_problem(name: str, payload: str) -> str | None:
+    if not name or len(name) > COMMAND_NAME_MAX or any(c in name for c in "/+#") or \
+            not all(33 <= ord(c) <= 126 for c in name):
+        return f"A command name is 1 to {COMMAND_NAME_MAX} letters, digits or signs, without spaces, / + or #."
+    if len(payload.encode()) > COMMAND_PAYLOAD_MAX:
+        return f"A command may hold at most {COMMAND_PAYLOAD_MAX} bytes."
+    return None
+
+
+async def command(request: web.Request) -> web.StreamResponse:
+    """A write delegate (or the owner) sends the device a command: published as the person through
+    the gateway's MQTT listener, which decides it (the portal checks only the form)."""
+    session, fields = await require_form(request)
+    device_id = request.match_info["id"]
+    if not is_device_id(device_id, new=False) or "+" in device_id:
+        raise web.HTTPNotFound()
+    record = next((d for d in await _shared_rows(request, session) if d["id"] == device_id), None)
+    if record is None:
+        raise web.HTTPNotFound()
+    name, payload = fields.get("name", "").strip(), fields.get("payload", "")
+    problem_text = _command_problem(name, payload)
+    if problem_text is None:
+        try:
+            await _portal(request).live.send_command(await access_token(request, session), device_id, name,
+                                                     payload.encode())
+        except LiveRefused as exc:
+            problem_text = f"Not sent: {exc}."
+        except LiveError as exc:
+            problem_text = f"Not sent: {exc}. Try again."
+    if problem_text is not None:
+        session.notify("error", problem_text)
+    else:
+        session.notify("ok", f"Command {name} sent.")
+    raise _see(request, f"shared/{_q(device_id)}")
 
 
 # A comment line this often: a browser that went away is noticed (the write fails) and its feed closed.

@@ -251,6 +251,12 @@ def test_portal_walk(stack, browser):
     content = bob.content()
     assert k1 not in content and k2 not in content
     assert "Replace K1" not in content and "Delete this device" not in content   # read only: nothing to manage
+    assert "Send a command" not in content   # a read delegate cannot command the device
+    # ... and posting the form anyway, the gateway (not the page) refuses the publish.
+    bob_csrf = bob.locator("input[name=csrf]").first.get_attribute("value")
+    refused = bob.request.post(f"{stack.base}shared/thermo-portal-1/command",
+                               form={"csrf": bob_csrf, "name": "setpoint", "payload": "1"})
+    assert "Not sent: you may not send this device commands." in refused.text()
     shoot(bob, "08-shared-device")
     bob.goto(f"{stack.base}shared")
 
@@ -258,6 +264,41 @@ def test_portal_walk(stack, browser):
     alice.get_by_role("button", name="Withdraw").click()
     alice.get_by_text("Sharing withdrawn.").wait_for()
     bob.get_by_text("Nothing is shared with you.").wait_for()
+
+    # Shared for writing, bob sends the device a command: published as bob through the gateway,
+    # which the device (subscribed to its command topics with K2) receives.
+    alice.goto(f"{stack.base}devices/thermo-portal-1")
+    alice.get_by_label("Share with").select_option("user")
+    alice.get_by_label("User or group name").fill("bob")
+    alice.get_by_label("Permission").select_option("write")
+    alice.get_by_role("button", name="Share").click()
+    alice.get_by_text("Shared.").wait_for()
+    device = subprocess.Popen(["stdbuf", "-oL", MOSQUITTO_SUB, "-d",
+                               "-h", "127.0.0.1", "-p", str(stack.mqtt_port), "-i", "thermo-portal-1",
+                               "-u", "thermo-portal-1", "-P", k2, "-t", "devices/thermo-portal-1/cmd/#",
+                               "-q", "1", "-C", "1", "-v"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert device.stdout is not None
+        for line in device.stdout:   # subscribed (its SUBACK) before anything is sent
+            if "SUBACK" in line:
+                break
+        bob.locator("#shared").get_by_role("link", name="thermo-portal-1").click()
+        bob.get_by_label("Command name").fill("setpoint")
+        bob.get_by_label("Payload").fill('{"target": 19}')
+        bob.get_by_role("button", name="Send").click()
+        bob.get_by_text("Command setpoint sent.").wait_for()
+        received = [line for line in device.stdout if line.startswith("devices/")]
+        assert received == ['devices/thermo-portal-1/cmd/setpoint {"target": 19}\n'], received
+        assert device.wait(timeout=20) == 0
+    finally:
+        device.kill()
+    # A name that is no topic level is refused in words, before anything is published.
+    bob.get_by_label("Command name").fill("a/#")
+    bob.get_by_role("button", name="Send").click()
+    bob.get_by_text("A command name is 1 to").wait_for()
+    alice.goto(f"{stack.base}devices/thermo-portal-1")
+    alice.get_by_role("button", name="Withdraw").click()
+    alice.get_by_text("Sharing withdrawn.").wait_for()
 
     # A certificate from a CSR pasted into the device page.
     alice.goto(f"{stack.base}devices/thermo-portal-1")
