@@ -208,6 +208,7 @@ from proxy.mqtt.audit_summary import ConnectionSummary
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
 from proxy.mqtt.commands import AuthRequest, Close, Command, Metric, Record
 from proxy.mqtt.decisions import DecisionCaches
+from proxy.mqtt.delivery_gate import DeliveryGate
 from proxy.mqtt.events import (
     Authenticated,
     AuthenticationFailed,
@@ -343,6 +344,8 @@ class Session:
         self._aliases: dict[int, str] = {}
         self._subs = SubscriptionTable()
         self._decisions = DecisionCaches()  # publish and delivery decisions (decisions.py)
+        self._delivery = DeliveryGate(policies=policies, subscriptions=self._subs, decisions=self._decisions,
+                                      wallclock=wallclock, mono=self._mono)  # broker -> client PUBLISH
         # clock() at which the subscription grants or the token end: checked on every chunk as
         # well as by the timer, so a late timer lets nothing through after the end.
         self._grants_until = _NEVER
@@ -756,8 +759,7 @@ class Session:
 
     def _broker_fast(self, acts: Output, mv: memoryview) -> int:
         """Deliveries from the start of ``mv`` an exact ALLOW grant or a cached decision allows."""
-        pos, n = fastpath.broker_deliveries(mv, self._subs.exact, self._decisions.receive,
-                                            self.protocol_level == MQTT_5)
+        pos, n = self._delivery.allowed_run(mv, self.protocol_level == MQTT_5)
         if n:
             self._handed += n
             self._delivered += n
@@ -1341,32 +1343,23 @@ class Session:
             self._qos2.dropped.add(pid)
 
     def _may_receive(self, topic_b: bytes) -> bool:
-        cached = self._decisions.receive.get(topic_b)
-        if cached is not None:
-            if cached:
-                self._delivered += 1
-            else:
+        """The delivery gate's answer (delivery_gate.py), counted; a refusal decided now is audited."""
+        ok = self._delivery.cached(topic_b)
+        if ok is None:
+            d = self._delivery.decide(topic_b, self.identity, self.client_id)
+            self._summary.decided("receive", d.topic, d.decision)
+            ok = d.allowed
+            if not ok:
                 self._count(_DENIED["receive"])
-            return cached
-        topic = codec.topic_from_bytes(topic_b)
-        decision = None
-        ok = self._subs.covers(topic)  # an ALLOW grant proves it
-        if not ok:
-            ident = self.identity
-            if ident is None:
-                raise RuntimeError("a delivery before authentication")
-            decision = self.policies.may_receive(ident, topic, client_id=self.client_id, now=self.wallclock())
-            ok = bool(decision.allowed)
-            self._decisions.ends_at(self._mono(decision.until))
-        self._summary.decided("receive", topic, decision)
-        self._decisions.put_receive(topic_b, ok)
+                decision = d.decision
+                self._audit("receive", "deny", identity=self.identity, resource=d.topic,
+                            rule=decision.rule if decision is not None else None,
+                            reason=decision.reason if decision is not None else None)
+                return False
         if ok:
             self._delivered += 1
         else:
             self._count(_DENIED["receive"])
-            self._audit("receive", "deny", identity=self.identity, resource=topic,
-                        rule=decision.rule if decision is not None else None,
-                        reason=decision.reason if decision is not None else None)
         return ok
 
     def _broker_suback(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
