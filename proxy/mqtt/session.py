@@ -759,7 +759,10 @@ class Session:
 
     def _broker_fast(self, acts: Output, mv: memoryview) -> int:
         """Deliveries from the start of ``mv`` an exact ALLOW grant or a cached decision allows."""
-        pos, n = self._delivery.allowed_run(mv, self.protocol_level == MQTT_5)
+        # The delivery gate's checks inline (delivery_gate.py: the table's exact grants, the
+        # receive cache): called per chunk read, where one more Python call is measurable.
+        pos, n = fastpath.broker_deliveries(mv, self._subs.exact, self._decisions.receive,
+                                            self.protocol_level == MQTT_5)
         if n:
             self._handed += n
             self._delivered += n
@@ -1378,9 +1381,14 @@ class Session:
 
     def _take_counts(self) -> list[tuple[Metric, int]]:
         """What the call counted. Allowed messages are counted in plain integers, in bulk."""
-        out = list(self._counts.items())
-        self._counts.clear()
-        self._summary.add_messages(self._forwarded, self._delivered)  # forwarded: a held QoS 2 at its release
+        counts = self._counts
+        if counts:
+            out = list(counts.items())
+            counts.clear()
+        else:
+            out = []
+        if self._forwarded or self._delivered:  # forwarded: a held QoS 2 at its release
+            self._summary.add_messages(self._forwarded, self._delivered)
         if self._published:
             out.append((_ALLOWED_PUBLISH, self._published))
             self._published = 0
