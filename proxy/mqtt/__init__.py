@@ -7,7 +7,10 @@
 * the session's pieces: :mod:`~proxy.mqtt.phase` (the connection phase and its transitions),
   :mod:`~proxy.mqtt.handshake` (credentials, client id, upstream CONNECT),
   :mod:`~proxy.mqtt.ratelimit`, :mod:`~proxy.mqtt.subscriptions` (the table and the quota),
-  :mod:`~proxy.mqtt.fastpath`, :mod:`~proxy.mqtt.output` (the command list, pass-through runs).
+  :mod:`~proxy.mqtt.fastpath`, :mod:`~proxy.mqtt.output` (the command list, pass-through runs),
+  :mod:`~proxy.mqtt.decisions` (the decision caches), :mod:`~proxy.mqtt.qos2` (QoS 2 books),
+  :mod:`~proxy.mqtt.subscribe_gate` (SUBSCRIBE / UNSUBSCRIBE: the one writer of the table),
+  :mod:`~proxy.mqtt.delivery_gate` (broker → client PUBLISH checks).
 * :mod:`proxy.mqtt.session` — :class:`Session`, ``handle(event) -> list[Command]``.
 * the shell: :mod:`proxy.mqtt.server` (asyncio), :mod:`proxy.mqtt.websocket`,
   :mod:`proxy.mqtt.admission`, :mod:`proxy.mqtt.cleaner`.

@@ -208,6 +208,7 @@ from proxy.mqtt.audit_summary import ConnectionSummary
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
 from proxy.mqtt.commands import AuthRequest, Close, Command, Metric, Record
 from proxy.mqtt.decisions import DecisionCaches
+from proxy.mqtt.delivery_gate import DeliveryGate
 from proxy.mqtt.events import (
     Authenticated,
     AuthenticationFailed,
@@ -222,7 +223,7 @@ from proxy.mqtt.events import (
     Shutdown,
     Tick,
 )
-from proxy.mqtt.handshake import AUTH_METHOD, bind_client_id, client_connack_props, escape_sub, upstream_connect
+from proxy.mqtt.handshake import AUTH_METHOD, bind_client_id, client_connack_props, upstream_connect
 from proxy.mqtt.output import Output, Run
 from proxy.mqtt.packets import (
     MQTT_5,
@@ -237,7 +238,6 @@ from proxy.mqtt.packets import (
     Reason,
     Suback,
     Subscribe,
-    Subscription,
     Unsubscribe,
     V3ConnackCode,
     get_prop,
@@ -246,7 +246,8 @@ from proxy.mqtt.packets import (
 from proxy.mqtt.phase import AUTH, CLOSED, CONNECT, OPEN, UPSTREAM, Phase, advance
 from proxy.mqtt.qos2 import Qos2Flows
 from proxy.mqtt.ratelimit import RateLimiter
-from proxy.mqtt.subscriptions import HeldSlots, SubscriptionQuota, SubscriptionTable
+from proxy.mqtt.subscribe_gate import ALLOWED, DENIED, TOO_LONG, SubscribeGate
+from proxy.mqtt.subscriptions import SubscriptionQuota, SubscriptionTable
 from proxy.policy.decision import Decision, SubscribeDecision, Verdict
 
 __all__ = ["Policies", "Session"]
@@ -266,6 +267,9 @@ _ALLOWED_RECEIVE = _ALLOWED["receive"]
 _TO_BROKER = Metric("messages", ("client_to_broker",))
 _TO_CLIENT = Metric("messages", ("broker_to_client",))
 _RATE_LIMITED = Metric("rate_limited")
+# The audit reason of a filter refused over a cap (subscribe_gate.py).
+_SUBSCRIBE_REFUSED = {"connection": "too many subscriptions for the connection",
+                      "identity": "too many subscriptions for the identity"}
 
 
 class Policies(Protocol):
@@ -305,8 +309,6 @@ class Session:
         # refused at their fixed header beyond this size, and held up to this many bytes.
         self._preauth_max = config.preauth_max_bytes
         self._topic_max = limits.topic_max_bytes
-        # Shared by all of an identity's connections (the shell makes one per gateway); None: no cap.
-        self._slots = HeldSlots(subscription_quota)  # this connection's share of it
         # Why the identity's credential no longer stands (device deleted, key rotated), or None:
         # asked at authentication and on every invalidate().
         self.credential_problem = credential_problem
@@ -341,8 +343,15 @@ class Session:
         self._reauth = False
         self._will_armed = False       # the broker holds this connection's Will
         self._aliases: dict[int, str] = {}
-        self._subs = SubscriptionTable()
+        self._subs = SubscriptionTable()  # written by the subscribe gate alone, read by the rest
+        # SUBSCRIBE / UNSUBSCRIBE (subscribe_gate.py); the quota is shared by all of an
+        # identity's connections (the shell makes one per gateway); None: no cap.
+        self._subscribing = SubscribeGate(policies=policies, subscriptions=self._subs, quota=subscription_quota,
+                                          per_connection=limits.subscriptions_per_connection,
+                                          wallclock=wallclock, mono=self._mono)
         self._decisions = DecisionCaches()  # publish and delivery decisions (decisions.py)
+        self._delivery = DeliveryGate(policies=policies, subscriptions=self._subs, decisions=self._decisions,
+                                      wallclock=wallclock, mono=self._mono)  # broker -> client PUBLISH
         # clock() at which the subscription grants or the token end: checked on every chunk as
         # well as by the timer, so a late timer lets nothing through after the end.
         self._grants_until = _NEVER
@@ -356,7 +365,6 @@ class Session:
         self._summary = ConnectionSummary()  # the close record's counts (audit_summary.py)
         self._forwarded = 0            # PUBLISH packets passed on, per direction, not yet counted
         self._handed = 0
-        self._suback_slots: dict[int, list[int | None]] = {}
         # The QoS 2 flows the gateway is part of, and the client publishes it holds until their
         # PUBREL (qos2.py); the bytes held are shared with the identity's connections (qos2_budget).
         self._qos2 = Qos2Flows(qos2_budget, config.max_packet_size)
@@ -756,6 +764,8 @@ class Session:
 
     def _broker_fast(self, acts: Output, mv: memoryview) -> int:
         """Deliveries from the start of ``mv`` an exact ALLOW grant or a cached decision allows."""
+        # The delivery gate's checks inline (delivery_gate.py: the table's exact grants, the
+        # receive cache): called per chunk read, where one more Python call is measurable.
         pos, n = fastpath.broker_deliveries(mv, self._subs.exact, self._decisions.receive,
                                             self.protocol_level == MQTT_5)
         if n:
@@ -1101,79 +1111,37 @@ class Session:
                 acts.to_client.append(codec.encode_suback(Suback(sub.packet_id, [code] * len(sub.subscriptions)),
                                                           level))
             return
-        slots: list[int | None] = []
-        keep = []
-        deny_code = Reason.NOT_AUTHORIZED if v5 else V3_SUBACK_FAILURE
-        quota_code = Reason.QUOTA_EXCEEDED if v5 else V3_SUBACK_FAILURE
-        per_connection = self.config.limits.subscriptions_per_connection
-        for s in sub.subscriptions:
-            if s.too_long:
-                # Never decoded, never asked of the policy: the shared decision cache only ever
-                # holds filters of at most topic_max_bytes (its keys are bounded by that).
-                self._count(_DENIED["subscribe"])
-                self._audit_folded("subscribe:too_long", "subscribe", identity=ident, resource=s.topic_filter,
-                                   reason=f"topic filter of {s.too_long} bytes exceeds the limit of "
-                                          f"{self._topic_max}", qos=s.qos)
-                slots.append(Reason.TOPIC_FILTER_INVALID if v5 else V3_SUBACK_FAILURE)
-                continue
-            _, inner = codec.split_shared(s.topic_filter)
-            new = s.topic_filter not in self._subs
-            if new and len(self._subs) >= per_connection:
-                # Bounded state per connection: each filter costs memory here and at the broker.
-                self._count(_DENIED["subscribe"])
-                self._audit_folded("subscribe:connection", "subscribe", identity=ident, resource=s.topic_filter,
-                                   reason="too many subscriptions for the connection", qos=s.qos)
-                slots.append(quota_code)
-                continue
-            d = self.policies.may_subscribe(ident, inner, qos=s.qos, client_id=self.client_id, now=self.wallclock())
-            self._summary.decided("subscribe", s.topic_filter, d)
-            verdict = d.verdict
-            if verdict is not Verdict.DENY:
-                if new and not self._slots.take(ident.sub):
-                    self._count(_DENIED["subscribe"])
-                    self._audit_folded("subscribe:identity", "subscribe", identity=ident, resource=s.topic_filter,
-                                       reason="too many subscriptions for the identity", qos=s.qos)
-                    slots.append(quota_code)
-                    continue
+        plan = self._subscribing.subscribe(sub, ident, self.client_id, v5)
+        for o in plan.outcomes:
+            s, d = o.subscription, o.decision
+            if d is not None:
+                self._summary.decided("subscribe", s.topic_filter, d)
+            if o.kind is ALLOWED:
                 self._count(_ALLOWED["subscribe"])
-                self._subs.subscribed(s.topic_filter, inner, s.qos, verdict,
-                                      self._mono(d.until), d.devices)
-                keep.append(Subscription(self._upstream_filter(s.topic_filter), s.options))
-                slots.append(None)
-            else:
-                self._count(_DENIED["subscribe"])
-                self._subs.refused(s.topic_filter)
+                continue
+            self._count(_DENIED["subscribe"])
+            if o.kind is DENIED and d is not None:
                 self._audit("subscribe", "deny", identity=ident, resource=s.topic_filter,
                             rule=d.rule, reason=d.reason, qos=s.qos)
-                slots.append(deny_code)
+            else:
+                self._audit_folded(f"subscribe:{o.kind}", "subscribe", identity=ident, resource=s.topic_filter,
+                                   reason=_SUBSCRIBE_REFUSED[o.kind] if o.kind is not TOO_LONG else
+                                   f"topic filter of {s.too_long} bytes exceeds the limit of {self._topic_max}",
+                                   qos=s.qos)
         self._table_changed()
-        if len(keep) == len(slots) and all(k.topic_filter == s.topic_filter
-                                           for k, s in zip(keep, sub.subscriptions, strict=False)):
+        if plan.forward_unchanged:
             self._pass(acts.to_broker, frame, data)
             return
         self._end_run()
-        if not keep:
-            acts.to_client.append(codec.encode_suback(Suback(sub.packet_id, slots), level))  # type: ignore[arg-type]
+        if not plan.keep:
+            acts.to_client.append(codec.encode_suback(Suback(sub.packet_id, plan.slots), level))  # type: ignore[arg-type]
             return
-        self._suback_slots[sub.packet_id] = slots
-        acts.to_broker.append(codec.encode_subscribe(Subscribe(sub.packet_id, keep, sub.properties), level))
-
-    def _upstream_filter(self, topic_filter: str) -> str:
-        """The filter as the broker gets it. A shared subscription's group is made the identity's
-        own: otherwise anyone could join another's ``$share/<group>/...`` and take a share of its
-        deliveries (the broker hands each message to one member; the gateway would drop the
-        stranger's copies, and the rightful member would never see them)."""
-        group, inner = codec.split_shared(topic_filter)
-        if group is None:
-            return topic_filter
-        ident = self.identity
-        owner = escape_sub(ident.sub if ident is not None else "").replace("+", "%2B").replace("#", "%23")
-        return f"$share/{owner}~{group}/{inner}"
+        acts.to_broker.append(codec.encode_subscribe(Subscribe(sub.packet_id, plan.keep, sub.properties), level))
 
     @property
     def subscription_quota(self) -> SubscriptionQuota | None:
         """The identity's shared subscription quota (the shell makes one per gateway)."""
-        return self._slots.quota
+        return self._subscribing.quota
 
     def _client_unsubscribe(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
@@ -1190,11 +1158,10 @@ class Session:
                 else:  # a 3.1.1 UNSUBACK can only say yes
                     self._close(acts, "rate_limited", "unsubscribe")
             return
-        # The table changes now, in stream order, as the broker's will; what it still
-        # delivers under these filters is checked like anything the table cannot prove.
-        self._slots.give_back(self._subs.unsubscribed(unsub.topic_filters))
+        # What the broker still delivers under these filters is checked like anything the
+        # table cannot prove.
+        upstream = self._subscribing.unsubscribe(unsub.topic_filters, ident)
         self._table_changed()
-        upstream = [self._upstream_filter(f) for f in unsub.topic_filters]
         if upstream == unsub.topic_filters:
             self._pass(acts.to_broker, frame, data)
         else:
@@ -1341,53 +1308,47 @@ class Session:
             self._qos2.dropped.add(pid)
 
     def _may_receive(self, topic_b: bytes) -> bool:
-        cached = self._decisions.receive.get(topic_b)
-        if cached is not None:
-            if cached:
-                self._delivered += 1
-            else:
+        """The delivery gate's answer (delivery_gate.py), counted; a refusal decided now is audited."""
+        ok = self._delivery.cached(topic_b)
+        if ok is None:
+            d = self._delivery.decide(topic_b, self.identity, self.client_id)
+            self._summary.decided("receive", d.topic, d.decision)
+            ok = d.allowed
+            if not ok:
                 self._count(_DENIED["receive"])
-            return cached
-        topic = codec.topic_from_bytes(topic_b)
-        decision = None
-        ok = self._subs.covers(topic)  # an ALLOW grant proves it
-        if not ok:
-            ident = self.identity
-            if ident is None:
-                raise RuntimeError("a delivery before authentication")
-            decision = self.policies.may_receive(ident, topic, client_id=self.client_id, now=self.wallclock())
-            ok = bool(decision.allowed)
-            self._decisions.ends_at(self._mono(decision.until))
-        self._summary.decided("receive", topic, decision)
-        self._decisions.put_receive(topic_b, ok)
+                decision = d.decision
+                self._audit("receive", "deny", identity=self.identity, resource=d.topic,
+                            rule=decision.rule if decision is not None else None,
+                            reason=decision.reason if decision is not None else None)
+                return False
         if ok:
             self._delivered += 1
         else:
             self._count(_DENIED["receive"])
-            self._audit("receive", "deny", identity=self.identity, resource=topic,
-                        rule=decision.rule if decision is not None else None,
-                        reason=decision.reason if decision is not None else None)
         return ok
 
     def _broker_suback(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
         sa = codec.decode_suback(frame.body, level)
-        slots = self._suback_slots.pop(sa.packet_id, None)
-        if slots is None:
+        merged = self._subscribing.merged_suback(sa)
+        if merged is None:
             self._pass(acts.to_client, frame, data)
             return
-        codes = iter(sa.reasons)
-        merged = [s if s is not None else next(codes, Reason.UNSPECIFIED_ERROR) for s in slots]
         self._end_run()
-        acts.to_client.append(codec.encode_suback(Suback(sa.packet_id, merged, sa.properties), level))
+        acts.to_client.append(codec.encode_suback(merged, level))
 
     # ----------------------------------------------------------------- plumbing
 
     def _take_counts(self) -> list[tuple[Metric, int]]:
         """What the call counted. Allowed messages are counted in plain integers, in bulk."""
-        out = list(self._counts.items())
-        self._counts.clear()
-        self._summary.add_messages(self._forwarded, self._delivered)  # forwarded: a held QoS 2 at its release
+        counts = self._counts
+        if counts:
+            out = list(counts.items())
+            counts.clear()
+        else:
+            out = []
+        if self._forwarded or self._delivered:  # forwarded: a held QoS 2 at its release
+            self._summary.add_messages(self._forwarded, self._delivered)
         if self._published:
             out.append((_ALLOWED_PUBLISH, self._published))
             self._published = 0
@@ -1520,7 +1481,7 @@ class Session:
         self.closed = True
         self._enter(CLOSED)
         self._pending = []
-        self._slots.give_back_all()  # the identity's other connections may use them
+        self._subscribing.close()  # the identity's other connections may use them
         self._qos2.drop_all(self._sub)  # the held publishes go with the connection
         self._flush_folds()
         if self.identity is not None:  # one summary per connection past authentication (_enter refuses a 2nd close)
