@@ -42,15 +42,7 @@ class Output:
 
     def commands(self, records: list[Record], counts: list[tuple[Metric, int]] | None) -> list[Command]:
         """The commands, in ORDER; takes (and empties) ``records``."""
-        if not records and self.auth is None and self.close is None and not self.open_upstream:
-            # The common case, one chunk passed on: at most a write each way and the counts.
-            out: list[Command] = [SendToClient(self.to_client)] if self.to_client else []
-            if self.to_broker:
-                out.append(SendToBroker(self.to_broker))
-            if counts:
-                out.append(CountMetrics(counts))
-            return out
-        out = []
+        out: list[Command] = []
         if self.to_client:
             out.append(SendToClient(self.to_client))
         if self.open_upstream:

@@ -206,7 +206,7 @@ from proxy.identity.model import AuthReason, Identity
 from proxy.mqtt import codec, fastpath
 from proxy.mqtt.audit_summary import ConnectionSummary
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
-from proxy.mqtt.commands import AuthRequest, Close, Command, Metric, Record
+from proxy.mqtt.commands import AuthRequest, Close, Command, CountMetrics, Metric, Record, SendToBroker, SendToClient
 from proxy.mqtt.decisions import DecisionCaches
 from proxy.mqtt.events import (
     Authenticated,
@@ -420,7 +420,16 @@ class Session:
         counts = None
         if self._published or self._forwarded or self._delivered or self._handed or self._counts:
             counts = self._take_counts()
-        return acts.commands(self._records, counts)
+        if self._records or acts.auth is not None or acts.close is not None or acts.open_upstream:
+            return acts.commands(self._records, counts)
+        # The common case, a chunk passed on (one call per read, so built here, in ORDER): at most
+        # a write each way and the counts.
+        out: list[Command] = [SendToClient(acts.to_client)] if acts.to_client else []
+        if acts.to_broker:
+            out.append(SendToBroker(acts.to_broker))
+        if counts:
+            out.append(CountMetrics(counts))
+        return out
 
     def _on_client_data(self, acts: Output, event: ClientData) -> Output:
         data = event.data
