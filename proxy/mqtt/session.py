@@ -206,7 +206,7 @@ from proxy.identity.model import AuthReason, Identity
 from proxy.mqtt import codec, fastpath
 from proxy.mqtt.audit_summary import ConnectionSummary
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
-from proxy.mqtt.commands import AuthRequest, Close, Command, Metric, Record
+from proxy.mqtt.commands import AuthRequest, Close, Command, CountMetrics, Metric, Record, SendToBroker, SendToClient
 from proxy.mqtt.decisions import DecisionCaches
 from proxy.mqtt.delivery_gate import DeliveryGate
 from proxy.mqtt.events import (
@@ -428,7 +428,16 @@ class Session:
         counts = None
         if self._published or self._forwarded or self._delivered or self._handed or self._counts:
             counts = self._take_counts()
-        return acts.commands(self._records, counts)
+        if self._records or acts.auth is not None or acts.close is not None or acts.open_upstream:
+            return acts.commands(self._records, counts)
+        # The common case, a chunk passed on (one call per read, so built here, in ORDER): at most
+        # a write each way and the counts.
+        out: list[Command] = [SendToClient(acts.to_client)] if acts.to_client else []
+        if acts.to_broker:
+            out.append(SendToBroker(acts.to_broker))
+        if counts:
+            out.append(CountMetrics(counts))
+        return out
 
     def _on_client_data(self, acts: Output, event: ClientData) -> Output:
         data = event.data
@@ -1340,26 +1349,32 @@ class Session:
     # ----------------------------------------------------------------- plumbing
 
     def _take_counts(self) -> list[tuple[Metric, int]]:
-        """What the call counted. Allowed messages are counted in plain integers, in bulk."""
+        """What the call counted. Allowed messages are counted in plain integers, in bulk.
+        (On the hot path: one call per chunk read, so no helper calls here.)"""
         counts = self._counts
         if counts:
             out = list(counts.items())
             counts.clear()
         else:
             out = []
-        if self._forwarded or self._delivered:  # forwarded: a held QoS 2 at its release
-            self._summary.add_messages(self._forwarded, self._delivered)
-        if self._published:
-            out.append((_ALLOWED_PUBLISH, self._published))
+        summary = self._summary
+        n = self._published
+        if n:
+            out.append((_ALLOWED_PUBLISH, n))
             self._published = 0
-        if self._delivered:
-            out.append((_ALLOWED_RECEIVE, self._delivered))
+        n = self._delivered
+        if n:
+            out.append((_ALLOWED_RECEIVE, n))
+            summary.delivered += n
             self._delivered = 0
-        if self._forwarded:
-            out.append((_TO_BROKER, self._forwarded))
+        n = self._forwarded
+        if n:
+            out.append((_TO_BROKER, n))
+            summary.published += n  # forwarded: a held QoS 2 counts at its release
             self._forwarded = 0
-        if self._handed:
-            out.append((_TO_CLIENT, self._handed))
+        n = self._handed
+        if n:
+            out.append((_TO_CLIENT, n))
             self._handed = 0
         return out
 
