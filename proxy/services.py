@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # the concrete classes live in their own layers
     from ownership.service import OwnershipService
     from proxy.identity.model import Identity
     from proxy.policy import Policies
+    from proxy.policy.store_source import StorePolicies
 
 
 class Tokens(Protocol):
@@ -37,3 +38,5 @@ class Services:
     policies: Policies
     audit: AuditLog
     extra: dict[str, Any] | None = None
+    # policies.source: store: what keeps ``policies`` on the store's newest set (else None).
+    policy_store: StorePolicies | None = None

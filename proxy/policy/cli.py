@@ -6,6 +6,8 @@
 * ``test DIR`` -- run every YAML test case; prints each decision with the
   rule that made it, failing ones marked ``FAIL`` with what was expected;
   exit 1 on any failure.
+* ``push DIR -c proxy.yaml`` -- validate the set as a reload would and put it
+  in the store as a new version (``policies.source: store``; see :mod:`.push`).
 * ``explain DIR --as user:alice [--role R] [--owns D] [--delegated D:read]
   [--public D] (--mqtt ACTION TOPIC | --http METHOD PATH)`` -- prints the
   decision, the rule that made it, and every rule whose pattern matched the
@@ -37,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("dir")
     p.add_argument("-q", "--quiet", action="store_true", help="print failing cases only")
     p.add_argument("--admin-role", default="iot-admin")
+    p = sub.add_parser("push", help="validate a policy set as a reload would and put it in the store "
+                                    "(policies.source: store)")
+    p.add_argument("dir")
+    p.add_argument("-c", "--config", default="proxy.yaml", help="configuration file (default: proxy.yaml)")
     p = sub.add_parser("explain", help="explain one decision")
     p.add_argument("dir")
     p.add_argument("--as", dest="as_", required=True, metavar="WHO",
@@ -58,7 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"check": _check, "test": _test, "explain": _explain}[args.policy_command](args)
+    return {"check": _check, "test": _test, "explain": _explain, "push": _push}[args.policy_command](args)
+
+
+def _push(args: argparse.Namespace) -> int:
+    from proxy.policy.push import push
+
+    return push(args.dir, args.config)
 
 
 def _check(args: argparse.Namespace) -> int:
