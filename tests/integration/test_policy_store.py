@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from ownership.pg_store import POLICY_SETS_KEPT, PgStore
 from tests.integration.test_scale_out import Cluster, Gateway
 from tests.rig.mqtt_clients import V311, Paho
+from tests.rig.ownership import STORE_KEY
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -124,7 +126,8 @@ async def test_a_push_through_the_store_reaches_every_process_and_a_broken_one_c
 
     # A broken set (a rule id used twice) is refused with file:line; the store and both processes keep theirs.
     before = versions(cluster)
-    broken = policy_set(tmp_path, "broken", SENTINEL_GRANT, extra={"more.yaml": "version: 1\nrules:\n" + SENTINEL_GRANT})
+    broken = policy_set(tmp_path, "broken", SENTINEL_GRANT,
+                        extra={"more.yaml": "version: 1\nrules:\n" + SENTINEL_GRANT})
     done = cluster.push(broken)
     assert done.returncode == 1
     assert re.search(r"more\.yaml:\d+:\d+: rule id 'bob-reads-sentinel' is already used at .*grants\.yaml:\d+:\d+",
@@ -137,3 +140,35 @@ async def test_a_push_through_the_store_reaches_every_process_and_a_broken_one_c
         assert body["policies"]["digest"] == revoked
     await dev.close()
     await sub.close()
+
+
+def test_the_postgres_table_is_sealed_versioned_and_each_push_is_a_change(postgres, pg_dsn):
+    """The files are sealed (a rule may name a user), each push is one change of the feed (seq and
+    NOTIFY, like an ownership write), and the newest POLICY_SETS_KEPT versions are kept."""
+    store = PgStore.open(pg_dsn, STORE_KEY)
+    name = pg_dsn.split("dbname=")[1].split()[0]
+    try:
+        assert store.policy_set() is None and store.policy_set_version() == 0
+        text = 'version: 1\nrules:\n  - id: r\n    subjects: ["user:PlatypusPolicyUser"]\n'
+        before = store.last_change()
+        for i in range(1, POLICY_SETS_KEPT + 3):
+            assert store.put_policy_set([("a.yaml", text), ("b.yaml", f"# {i}")], f"d{i}", 1.0) == i
+            assert store.last_change() == before + i
+        newest = POLICY_SETS_KEPT + 2
+        assert store.policy_set() == (newest, f"d{newest}", [("a.yaml", text), ("b.yaml", f"# {newest}")])
+        assert postgres.psql("SELECT min(version), count(*) FROM policy_sets", name).strip() == \
+            f"{newest - POLICY_SETS_KEPT + 1}|{POLICY_SETS_KEPT}"
+        # Another process's store reads it (and sees the pushes as foreign changes, touching no device).
+        other = PgStore.open(pg_dsn, STORE_KEY)
+        try:
+            assert other.policy_set_version() == newest
+            last, devices, foreign = other.changes_since(before)
+            assert (last, devices, foreign) == (before + newest, set(), True)
+        finally:
+            other.close()
+    finally:
+        store.close()
+    postgres.psql("CHECKPOINT")
+    for p in postgres.data_dir.rglob("*"):
+        if p.is_file():
+            assert b"PlatypusPolicyUser" not in p.read_bytes(), str(p)
