@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,13 @@ async def test_a_push_through_the_store_reaches_every_process_and_a_broken_one_c
     # The push that removes bob's telemetry grant, made through neither process.
     revoked = pushed(cluster, policy_set(tmp_path, "revoked", SENTINEL_GRANT))
     wait_for_digest(cluster, revoked)
+    for gw in (gw0, gw1):  # the same hash in the metrics, and each load logged with it
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        assert f'keygate_policy_info{{hash="{revoked}"}} 1.0' in metrics
+        assert "keygate_policy_loaded_timestamp_seconds " in metrics
+        assert re.search(rf"policies reloaded from the store \(version \d+\): .* hash {revoked}",
+                         gw.log.read_text())
     await dev.publish(f"devices/{DEVICE}/telemetry", b"after the push", qos=1)
     await dev.publish(f"devices/{DEVICE}/attrs/sentinel", b"s2", qos=1)
     assert await sub.received_before(b"s2") == []  # the sentinel came, the revoked telemetry did not
