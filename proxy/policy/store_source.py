@@ -73,6 +73,8 @@ class StorePolicies:
         feed = self._ownership.feed
         if feed is not None:
             feed.after_catch_up.append(self.follow)
+            # A push between the load at start and this hook: the feed may have caught up on it already.
+            self._task = asyncio.create_task(self._follow_logged(), name="keygate-policy-store-first-follow")
         else:
             self._task = asyncio.create_task(self._poll(), name="keygate-policy-store-poll")
 
@@ -101,7 +103,10 @@ class StorePolicies:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self._poll_seconds)
-            try:
-                await self.follow()
-            except Exception as exc:  # the store busy or gone for a moment: the next poll tries again
-                log.warning("policy set: cannot read the store: %s", exc)
+            await self._follow_logged()
+
+    async def _follow_logged(self) -> None:
+        try:
+            await self.follow()
+        except Exception as exc:  # the store busy or gone for a moment: the next change or poll tries again
+            log.warning("policy set: cannot read the store: %s", exc)

@@ -218,3 +218,29 @@ async def test_a_process_follows_the_file_and_swaps_as_a_reload_does(tmp_path, s
         assert [r.id for r in policies.source.rules if r.id == "lab-reads-board"] == ["lab-reads-board"]
     finally:
         await service.close()
+
+
+async def test_a_push_between_the_load_at_start_and_the_feed_hook_is_not_missed(tmp_path, store_env):
+    """The feed may catch up on a push before the follower hangs on it: start() follows once."""
+    import types
+
+    config_path = write_config(tmp_path)
+    config = ownership_config(tmp_path, extra="policies: {source: store}\n")
+    service = await open_service(config)
+    try:
+        assert push(str(policy_dir(tmp_path, "first")), config_path) == 0
+        policies = await load_from_store(config, service)
+        second = policy_dir(tmp_path, "second", **{"extra.yaml": EXTRA})
+        assert push(str(second), config_path) == 0   # ...and the feed caught up on it, with no hook yet
+        service.feed = types.SimpleNamespace(after_catch_up=[])  # a stand-in: only the hook list is used
+        following = StorePolicies(policies, service)
+        following.start()
+        assert service.feed.after_catch_up == [following.follow]
+        assert following._task is not None
+        await following._task
+        assert policies.version == 2 and policies.digest == load_dir(second).digest
+        await following.close()
+        assert service.feed.after_catch_up == []
+    finally:
+        service.feed = None
+        await service.close()
