@@ -47,7 +47,7 @@ class ChangeFeed:
         self.failed_closed = False
         self._tasks: list[asyncio.Task[None]] = []
         # Run after each catch-up, before the feed listens again: other state that follows the store
-        # (the policy set of policies.source: store, proxy/policy/store_source.py).
+        # (the policy set of policies.source: store, ownership/policy_store.py).
         self.after_catch_up: list[Callable[[], Awaitable[None]]] = []
 
     def start(self) -> None:

@@ -207,7 +207,7 @@ async def build_services(config: Config, *, audit: AuditLog | None = None) -> Se
     following = None
     try:
         if config.policies.source == "store":  # pushed with keygate policy push, followed through the store
-            from proxy.policy.store_source import StorePolicies, load_from_store
+            from ownership.policy_store import StorePolicies, load_from_store
 
             policies = await load_from_store(config, ownership)
             following = StorePolicies(policies, ownership)

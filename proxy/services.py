@@ -13,10 +13,10 @@ from proxy.audit import AuditLog
 from proxy.config import Config
 
 if TYPE_CHECKING:  # the concrete classes live in their own layers
+    from ownership.policy_store import StorePolicies
     from ownership.service import OwnershipService
     from proxy.identity.model import Identity
     from proxy.policy import Policies
-    from proxy.policy.store_source import StorePolicies
 
 
 class Tokens(Protocol):

@@ -12,7 +12,7 @@ Callbacks registered with :meth:`Policies.subscribe` run after every swap
 (gateways drop their decision caches and re-check open subscriptions).
 
 With ``policies.source: store`` the set comes from the store instead of a
-directory (proxy/policy/store_source.py feeds :meth:`Policies.load_source`);
+directory (ownership/policy_store.py feeds :meth:`Policies.load_source`);
 the swap, its callbacks and a refusal are the same. Every load is logged with
 the set's hash, and /readyz (field ``policies``) and the metrics carry it, so
 an operator sees when two processes serve different sets.

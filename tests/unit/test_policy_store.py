@@ -14,14 +14,14 @@ import pytest
 
 from ownership import store as st
 from ownership.facts import EMPTY, MemoryFacts
+from ownership.policy_push import push
+from ownership.policy_store import StorePolicies, load_from_store
 from proxy.config import ConfigError
 from proxy.errors import CommandError
 from proxy.metrics_server import MetricsServer
 from proxy.policy import Policies
 from proxy.policy.decision import PolicyError
 from proxy.policy.language import load_dir, load_files
-from proxy.policy.push import push
-from proxy.policy.store_source import StorePolicies, load_from_store
 from tests.rig.ownership import STORE_KEY, open_service, ownership_config
 
 SHIPPED = Path(__file__).resolve().parents[2] / "policies"

@@ -3,12 +3,13 @@
 The set is loaded and compiled exactly as a reload of the directory would be (the same loader);
 a set a reload would refuse is refused here with its ``file:line:column: message``, and the store
 is left as it was. A good set becomes a new version in the store; every process following the
-store loads it (proxy/policy/store_source.py). Prints the new version and the set's digest: the
+store loads it (ownership/policy_store.py). Prints the new version and the set's digest: the
 one each process then shows in /readyz and ``keygate_policy_info``.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -16,7 +17,26 @@ from proxy.config import load_config, store_key
 from proxy.errors import CommandError
 from proxy.policy.decision import PolicyError
 
-__all__ = ["push"]
+__all__ = ["add_arguments", "run", "push"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``keygate policy``: the policy layer's sub-commands (proxy/policy/cli.py) and ``push``."""
+    from proxy.policy import cli
+
+    sub = cli.add_arguments(parser)
+    p = sub.add_parser("push", help="validate a policy set as a reload would and put it in the store "
+                                    "(policies.source: store)")
+    p.add_argument("dir")
+    p.add_argument("-c", "--config", default="proxy.yaml", help="configuration file (default: proxy.yaml)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.policy_command == "push":
+        return push(args.dir, args.config)
+    from proxy.policy import cli
+
+    return cli.run(args)
 
 
 def push(directory: str, config_path: str) -> int:

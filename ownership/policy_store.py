@@ -1,6 +1,6 @@
 """``policies.source: store``: the policy set pushed to the store, followed by every process.
 
-``keygate policy push DIR`` (proxy/policy/push.py) writes a new version of the set to the store.
+``keygate policy push DIR`` (ownership/policy_push.py) writes a new version of the set to the store.
 Each process loads the newest version at start, and follows it: with the postgres backend through
 the change feed (a push is one change with its sequence number and NOTIFY, like an ownership
 write; after each catch-up the feed asks this module whether the set's version moved), with the
