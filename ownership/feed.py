@@ -46,6 +46,9 @@ class ChangeFeed:
         self._last_heard = clock()
         self.failed_closed = False
         self._tasks: list[asyncio.Task[None]] = []
+        # Run after each catch-up, before the feed listens again: other state that follows the store
+        # (the policy set of policies.source: store, ownership/policy_store.py).
+        self.after_catch_up: list[Callable[[], Awaitable[None]]] = []
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._listen(), name="keygate-change-feed"),
@@ -78,6 +81,7 @@ class ChangeFeed:
                         newest = await asyncio.wait_for(self._newest(conn), self._max_silence)
                         if newest > self.applied or self.failed_closed:
                             await self._catch_up()
+                            await self._after_catch_up()
                         self._last_heard = self._clock()
                         async for _ in conn.notifies(timeout=self._beat, stop_after=1):
                             pass
@@ -86,6 +90,15 @@ class ChangeFeed:
             except Exception as exc:  # the database or the network went away: retry, the watch fails closed
                 log.warning("change feed: %s; reconnecting", type(exc).__name__)
                 await asyncio.sleep(min(self._beat, 0.5))
+
+    async def _after_catch_up(self) -> None:
+        for follow in list(self.after_catch_up):
+            try:
+                await follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one follower failing must not stop the feed (it says why itself)
+                log.exception("change feed: a follower of the store failed")
 
     @staticmethod
     async def _newest(conn: Any) -> int:

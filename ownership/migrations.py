@@ -173,6 +173,17 @@ _PENDING_REMOVALS = (
 )
 MIGRATIONS.append((5, _PENDING_REMOVALS))
 
+# The policy set when policies.source is store (keygate policy push): one row per push, the newest
+# in force. files: JSON [[relative name, text], ...]; digest: the set's hash (see /readyz).
+MIGRATIONS.append((6, (
+    """CREATE TABLE policy_sets (
+        version INTEGER PRIMARY KEY AUTOINCREMENT,
+        at      REAL NOT NULL,
+        digest  TEXT NOT NULL,
+        files   TEXT NOT NULL
+    )""",
+)))
+
 LATEST = MIGRATIONS[-1][0]
 
 

@@ -96,13 +96,25 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             data BYTEA NOT NULL
         )""",
     )),
+    (2, (
+        # The policy set when policies.source is store (keygate policy push): one row per push, the
+        # newest in force. data: the sealed files, [[relative name, text], ...] (a rule may name a
+        # user); digest: the set's hash, in the clear, for an operator to compare with /readyz.
+        """CREATE TABLE policy_sets (
+            version   BIGSERIAL PRIMARY KEY,
+            at        DOUBLE PRECISION NOT NULL,
+            digest    TEXT NOT NULL,
+            kid       INTEGER NOT NULL,
+            data      BYTEA NOT NULL
+        )""",
+    )),
 ]
 
 LATEST = MIGRATIONS[-1][0]
 
 #: The tables whose rows are sealed, for re-sealing under a new data key (``keygate store rekey``).
 SEALED_TABLES = ("meta", "devices", "device_keys", "delegations", "quotas", "subscriptions",
-                 "device_certificates", "known_users", "pending_removals", "changes")
+                 "device_certificates", "known_users", "pending_removals", "changes", "policy_sets")
 
 
 def migrate(conn: Any) -> int:

@@ -28,7 +28,9 @@ SALT_BYTES = 16
 RESEAL_BATCH = 200
 
 #: Each sealed table's record-key column: what a sealed value is bound to (associated data).
-_RECORD_KEY = {"meta": "name", "pending_removals": "uniq", "changes": "seq"}
+_RECORD_KEY = {"meta": "name", "pending_removals": "uniq", "changes": "seq", "policy_sets": "version"}
+#: Pushed policy sets kept besides the one in force (older ones are deleted at each push).
+POLICY_SETS_KEPT = 10
 
 
 def _record_key(table: str, value: Any) -> bytes:
@@ -603,6 +605,34 @@ class PgStore:
     def removal_failed(self, row_id: int) -> None:
         with self.transaction() as c:
             c.execute("UPDATE pending_removals SET attempts = attempts + 1 WHERE id = %s", (row_id,))
+
+    # ------------------------------------------------------------------ the policy set (policies.source: store)
+
+    def put_policy_set(self, texts: list[tuple[str, str]], digest: str, now: float) -> int:
+        """Store a new version of the policy set and announce it on the change feed; its version."""
+        with self.transaction() as c:
+            version = int(c.execute("SELECT nextval(pg_get_serial_sequence('policy_sets', 'version'))").fetchone()[0])
+            kid, blob = self._seal("policy_sets", version, {"files": [list(t) for t in texts]})
+            c.execute("INSERT INTO policy_sets (version, at, digest, kid, data) VALUES (%s, %s, %s, %s, %s)",
+                      (version, now, digest, kid, blob))
+            c.execute("DELETE FROM policy_sets WHERE version <= %s", (version - POLICY_SETS_KEPT,))
+            self._changed(c, set())  # no device changed; every process re-reads the policy set
+            return version
+
+    def policy_set_version(self) -> int:
+        """The newest policy set's version, 0 when none was pushed."""
+        with self.transaction(write=False) as c:
+            return int(c.execute("SELECT coalesce(max(version), 0) FROM policy_sets").fetchone()[0])
+
+    def policy_set(self) -> tuple[int, str, list[tuple[str, str]]] | None:
+        """The newest policy set: (version, digest, [(relative name, text), ...]), or None."""
+        with self.transaction(write=False) as c:
+            row = c.execute("SELECT version, digest, kid, data FROM policy_sets ORDER BY version DESC LIMIT 1"
+                            ).fetchone()
+            if row is None:
+                return None
+            files = self._open(c, "policy_sets", int(row[0]), row[2], row[3])["files"]
+            return int(row[0]), str(row[1]), [(str(n), str(t)) for n, t in files]
 
     # ------------------------------------------------------------------ key rotation
 

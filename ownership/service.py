@@ -235,6 +235,15 @@ class OwnershipService:
     def _readiness(self) -> tuple[bool, str]:
         return (not self._closed, "store closed" if self._closed else "")
 
+    # ------------------------------------------------------------------ the policy set (policies.source: store)
+
+    async def policy_set(self) -> tuple[int, str, list[tuple[str, str]]] | None:
+        """The newest pushed policy set (version, digest, files), or None."""
+        return await self._run(self._store.policy_set)
+
+    async def policy_set_version(self) -> int:
+        return await self._run(self._store.policy_set_version)
+
     async def close(self) -> None:
         if self._closed:
             return

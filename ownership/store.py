@@ -28,6 +28,9 @@ from sqlcipher3 import dbapi2 as sqlite
 
 from ownership.migrations import APPLICATION_ID, migrate
 
+#: Pushed policy sets kept besides the one in force (older ones are deleted at each push).
+POLICY_SETS_KEPT = 10
+
 _KDF_LABEL = b"keygate/ownership-store/v1/"  # domain separation from any other use of the passphrase
 SALT_BYTES = 16  # SQLCipher's file salt
 
@@ -462,6 +465,29 @@ class Store:
                 "known_users": c.execute("DELETE FROM known_users WHERE sub = ?", (sub,)).rowcount,
             }
         return {"counts": counts, "owned": owned, "touched": touched}
+
+    # ------------------------------------------------------------------ the policy set (policies.source: store)
+
+    def put_policy_set(self, texts: list[tuple[str, str]], digest: str, now: float) -> int:
+        """Store a new version of the policy set; its version."""
+        with self.transaction() as c:
+            cur = c.execute("INSERT INTO policy_sets (at, digest, files) VALUES (?, ?, ?)",
+                            (now, digest, json.dumps([list(t) for t in texts])))
+            version = int(cur.lastrowid)
+            c.execute("DELETE FROM policy_sets WHERE version <= ?", (version - POLICY_SETS_KEPT,))
+            return version
+
+    def policy_set_version(self) -> int:
+        """The newest policy set's version, 0 when none was pushed."""
+        return int(self._conn.execute("SELECT coalesce(max(version), 0) FROM policy_sets").fetchone()[0])
+
+    def policy_set(self) -> tuple[int, str, list[tuple[str, str]]] | None:
+        """The newest policy set: (version, digest, [(relative name, text), ...]), or None."""
+        row = self._conn.execute("SELECT version, digest, files FROM policy_sets ORDER BY version DESC LIMIT 1"
+                                 ).fetchone()
+        if row is None:
+            return None
+        return int(row[0]), str(row[1]), [(str(n), str(t)) for n, t in json.loads(row[2])]
 
     # ------------------------------------------------------------------ clean-up owed to Orion
 

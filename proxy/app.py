@@ -204,19 +204,30 @@ async def build_services(config: Config, *, audit: AuditLog | None = None) -> Se
     except BaseException:
         await tokens.close()
         raise
+    following = None
     try:
-        policies = Policies.from_dir(config.resolve(config.policies.dir), ownership.facts,
-                                     admin_role=config.ownership.admin_role,
-                                     cache_max_bytes=config.policies.cache_max_bytes)
+        if config.policies.source == "store":  # pushed with keygate policy push, followed through the store
+            from ownership.policy_store import StorePolicies, load_from_store
+
+            policies = await load_from_store(config, ownership)
+            following = StorePolicies(policies, ownership)
+            following.start()
+        else:
+            policies = Policies.from_dir(config.resolve(config.policies.dir), ownership.facts,
+                                         admin_role=config.ownership.admin_role,
+                                         cache_max_bytes=config.policies.cache_max_bytes)
     except Exception as exc:
         await ownership.close()
         await tokens.close()
         raise ConfigError(str(exc)) from None
     tokens.observers.append(ownership.saw_identity)  # user names seen, for delegations by name
-    return Services(config=config, tokens=tokens, ownership=ownership, policies=policies, audit=audit)
+    return Services(config=config, tokens=tokens, ownership=ownership, policies=policies, audit=audit,
+                    policy_store=following)
 
 
 async def close_services(services: Services) -> None:
+    if services.policy_store is not None:
+        await services.policy_store.close()
     await services.ownership.close()
     await services.tokens.close()
     services.audit.close()
@@ -244,7 +255,7 @@ class Listeners:
 
     async def start(self) -> None:
         config = self.services.config
-        if config.policies.watch:
+        if config.policies.watch and config.policies.source == "dir":
             self._watch = asyncio.create_task(self.services.policies.watch(), name="policy-watch")
         if config.audit.fold_seconds > 0:
             self._audit_flush = asyncio.create_task(self._flush_audit(config.audit.fold_seconds), name="audit-flush")

@@ -334,6 +334,8 @@ def check_policies(config: Config) -> Result:
     from proxy.policy.decision import PolicyError
     from proxy.policy.language import load_dir
 
+    if config.policies.source == "store":  # checked by keygate policy push; loaded at start from the store
+        return ok("policies", "policies.source is store: the set pushed with keygate policy push")
     where = config.resolve(config.policies.dir)
     try:
         src = load_dir(str(where))

@@ -23,7 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("proxy.app", "run every configured listener (MQTT, HTTP gateway, ownership API, metrics)"),
     "check": ("proxy.check", "preflight: configuration, TLS, issuer, store, broker, Orion, policies, ports"),
     "dev": ("proxy.dev", "one-command local stack on throwaway keys (NOT for production)"),
-    "policy": ("proxy.policy.cli", "check, test and explain YAML access policies"),
+    # proxy.policy.cli's check, test and explain, and push (which needs the store).
+    "policy": ("ownership.policy_push", "check, test, explain and push YAML access policies"),
     "store": ("ownership.cli", "manage the encrypted ownership store (rekey)"),
     "certs": ("proxy.certs", "make development certificates (certs init DIR)"),
     "keycloak": ("proxy.keycloak_bootstrap", "create or update the realm in a running Keycloak"),

@@ -249,6 +249,9 @@ class OwnershipConfig:
 
 @dataclass(frozen=True)
 class PoliciesConfig:
+    # dir: the files under policies.dir (watched when policies.watch); store: the set pushed to the
+    # store with keygate policy push, followed through the store (docs/policies.md).
+    source: str = "dir"
     dir: str = "policies/"
     watch: bool = True
     cache_max_bytes: int = 32 * 1024 * 1024  # the shared decision cache is dropped when it holds more
@@ -511,6 +514,8 @@ def _check(cfg: Config, filename: str) -> None:
         bad("tls.client_ca_key", "needs tls.client_ca (the certificate of the same CA)")
     if not 1 <= cfg.tls.client_cert_days <= 3650:
         bad("tls.client_cert_days", "must be between 1 and 3650")
+    if cfg.policies.source not in ("dir", "store"):
+        bad("policies.source", "must be dir or store")
     if cfg.policies.cache_max_bytes < 0:
         bad("policies.cache_max_bytes", "must not be negative")
     if cfg.audit.max_field_bytes < 64:

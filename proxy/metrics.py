@@ -70,6 +70,18 @@ def remove_readiness_check(name: str) -> None:
     _readiness.pop(name, None)
 
 
+# name -> what /readyz reports beside the checks (a JSON object), e.g. the policy set's digest
+_readiness_info: dict[str, Callable[[], dict[str, object]]] = {}
+
+
+def add_readiness_info(name: str, info: Callable[[], dict[str, object]]) -> None:
+    _readiness_info[name] = info
+
+
+def readiness_info() -> dict[str, dict[str, object]]:
+    return {name: info() for name, info in list(_readiness_info.items())}
+
+
 def readiness() -> tuple[bool, dict[str, str]]:
     results = {}
     ready = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.metrics import REGISTRY, readiness
+from proxy.metrics import REGISTRY, readiness, readiness_info
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -26,7 +26,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     ready, checks = readiness()
-    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
+    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks, **readiness_info()},
                              status=200 if ready else 503)
 
 

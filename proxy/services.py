@@ -13,6 +13,7 @@ from proxy.audit import AuditLog
 from proxy.config import Config
 
 if TYPE_CHECKING:  # the concrete classes live in their own layers
+    from ownership.policy_store import StorePolicies
     from ownership.service import OwnershipService
     from proxy.identity.model import Identity
     from proxy.policy import Policies
@@ -37,3 +38,5 @@ class Services:
     policies: Policies
     audit: AuditLog
     extra: dict[str, Any] | None = None
+    # policies.source: store: what keeps ``policies`` on the store's newest set (else None).
+    policy_store: StorePolicies | None = None

@@ -6,6 +6,8 @@
 * ``test DIR`` -- run every YAML test case; prints each decision with the
   rule that made it, failing ones marked ``FAIL`` with what was expected;
   exit 1 on any failure.
+* ``push DIR -c proxy.yaml`` -- added by :mod:`ownership.policy_push` (it needs the
+  store, a layer above this one): validate as a reload would, put it in the store.
 * ``explain DIR --as user:alice [--role R] [--owns D] [--delegated D:read]
   [--public D] (--mqtt ACTION TOPIC | --http METHOD PATH)`` -- prints the
   decision, the rule that made it, and every rule whose pattern matched the
@@ -28,7 +30,8 @@ if TYPE_CHECKING:  # the command's modules load only when it runs
 __all__ = ["add_arguments", "run"]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """The sub-commands; returns them, so a layer above can add its own (``push``)."""
     sub = parser.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
     p = sub.add_parser("check", help="validate every policy file: schema, subjects, shadowed/unreachable rules")
     p.add_argument("dir")
@@ -55,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--mqtt", nargs=2, metavar=("ACTION", "TOPIC"), help="publish|subscribe|receive TOPIC")
     q.add_argument("--http", nargs=2, metavar=("METHOD", "PATH"))
+    return sub
 
 
 def run(args: argparse.Namespace) -> int:

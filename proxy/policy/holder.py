@@ -10,6 +10,12 @@ check to not-ready with the error, until a good edit lands.
 
 Callbacks registered with :meth:`Policies.subscribe` run after every swap
 (gateways drop their decision caches and re-check open subscriptions).
+
+With ``policies.source: store`` the set comes from the store instead of a
+directory (ownership/policy_store.py feeds :meth:`Policies.load_source`);
+the swap, its callbacks and a refusal are the same. Every load is logged with
+the set's hash, and /readyz (field ``policies``) and the metrics carry it, so
+an operator sees when two processes serve different sets.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from prometheus_client import Counter, Gauge
 
 from proxy.facts import OwnershipFacts
 from proxy.identity.model import Identity
-from proxy.metrics import REGISTRY, add_readiness_check
+from proxy.metrics import REGISTRY, add_readiness_check, add_readiness_info
 from proxy.policy.decision import Decision, PolicyError, SubscribeDecision
 from proxy.policy.engine import CACHE_MAX_BYTES, CompiledPolicies
 from proxy.policy.language import PolicySource, load_dir, load_text
@@ -41,6 +47,8 @@ GENERATION = Gauge("keygate_policy_generation", "Generation of the policy set in
 INFO = Gauge("keygate_policy_info", "The policy set in force (value 1), by content hash", ["hash"],
              registry=REGISTRY)
 RULES = Gauge("keygate_policy_rules", "Rules in the policy set in force", registry=REGISTRY)
+LOADED_AT = Gauge("keygate_policy_loaded_timestamp_seconds", "When the policy set in force was loaded (Unix time)",
+                  registry=REGISTRY)
 
 
 def _snapshot(path: Path) -> tuple[tuple[str, int, int, int], ...] | None:
@@ -55,16 +63,26 @@ def _snapshot(path: Path) -> tuple[tuple[str, int, int, int], ...] | None:
 class Policies:
     """Holder of the current compiled policy set (hot reload swaps it)."""
 
-    def __init__(self, compiled: CompiledPolicies, *, path: Path | None = None):
+    def __init__(self, compiled: CompiledPolicies, *, path: Path | None = None, version: int | None = None,
+                 served: bool | None = None):
         self._compiled = compiled
         self._path = path
+        # The store's version of the set in force (policies.source: store), else None.
+        self.version = version
+        self.origin = "store" if version is not None else "dir"
         self.generation = 1
+        self.loaded_at = time.time()
         self.last_error: str | None = None
         self._listeners: list[Callable[[Policies], None]] = []
         self._seen = _snapshot(path) if path is not None else None
+        # Sets built from text (tests, tools) are not the one being served: no metrics, no readiness.
+        self._served = path is not None if served is None else served
         self._publish_metrics(None)
-        if path is not None:
+        if self._served:
             add_readiness_check("policies", self._readiness)
+            add_readiness_info("policies", self.info)
+            log.info("policies loaded from %s: generation %d, %d rules, hash %s", self._where(), self.generation,
+                     len(compiled.source.rules), self.digest)
 
     # ------------------------------------------------------------------ building
 
@@ -122,10 +140,13 @@ class Policies:
 
         return unsubscribe
 
-    def swap(self, compiled: CompiledPolicies) -> None:
+    def swap(self, compiled: CompiledPolicies, *, version: int | None = None) -> None:
         """Put ``compiled`` in force and tell the subscribers."""
         self._compiled = compiled
         self.generation += 1
+        self.loaded_at = time.time()
+        if version is not None:
+            self.version = version
         self.last_error = None
         RELOADS.inc()
         self._publish_metrics(None)
@@ -148,22 +169,44 @@ class Policies:
         if self._path is None:
             raise PolicyError("these policies were not loaded from a directory")
         self._seen = _snapshot(self._path)
-        src = load_dir(self._path)
+        return self.compile(load_dir(self._path))
+
+    def compile(self, src: PolicySource) -> CompiledPolicies:
+        """``src`` compiled as the set in force is (same facts, admin role, clock, cache bound)."""
         return CompiledPolicies(src, self._compiled.facts, admin_role=self._compiled.admin_role,
                                 clock=self._compiled.clock, cache_max_bytes=self._compiled.cache_max_bytes)
+
+    async def load_source(self, build: Callable[[], PolicySource], *, version: int) -> bool:
+        """Load a set from elsewhere (the store): ``build`` and the compilation run off the loop,
+        the swap on it; a set that does not load is refused as a broken reload is (the last good
+        set stays, logged, /readyz not ready). Returns whether the set is good."""
+        try:
+            compiled = await asyncio.to_thread(lambda: self.compile(build()))
+        except PolicyError as exc:
+            self._refuse(PolicyError(f"store version {version}: {exc}"))
+            return False
+        self._apply(compiled, version=version)
+        return True
 
     def _refuse(self, exc: PolicyError) -> None:
         self.last_error = str(exc)
         RELOAD_ERRORS.inc()
-        log.error("policy reload refused, keeping generation %d: %s", self.generation, exc)
+        log.error("policy reload refused, keeping generation %d (hash %s): %s", self.generation, self.digest, exc)
 
-    def _apply(self, compiled: CompiledPolicies) -> bool:
+    def _apply(self, compiled: CompiledPolicies, *, version: int | None = None) -> bool:
         if compiled.source.digest == self.digest and self.last_error is None:
+            if version is not None:
+                self.version = version  # the same files pushed again
             return False  # touched, not changed
-        self.swap(compiled)
-        log.info("policies reloaded: generation %d, %d rules, hash %s", self.generation,
+        self.swap(compiled, version=version)
+        log.info("policies reloaded from %s: generation %d, %d rules, hash %s", self._where(), self.generation,
                  len(compiled.source.rules), compiled.source.digest)
         return True
+
+    def _where(self) -> str:
+        if self.origin == "store":
+            return f"the store (version {self.version})"
+        return str(self._path) if self._path is not None else "text"
 
     async def watch(self, *, debounce_ms: int = 200) -> None:
         """Hot reload loop; run it as a task and cancel it on shutdown.
@@ -214,10 +257,17 @@ class Policies:
             return False, f"reload refused, generation {self.generation} still in force: {self.last_error}"
         return True, f"generation {self.generation}, hash {self.digest}"
 
+    def info(self) -> dict[str, object]:
+        """The set in force, for /readyz: compare ``digest`` across processes and hosts."""
+        return {"digest": self.digest, "source": self.origin, "version": self.version,
+                "generation": self.generation, "rules": len(self._compiled.source.rules),
+                "loaded_at": self.loaded_at, "error": self.last_error}
+
     def _publish_metrics(self, _: object) -> None:
-        if self._path is None:
-            return  # sets built from text (tests, tools) are not the one being served
+        if not self._served:
+            return
         GENERATION.set(self.generation)
         INFO.clear()
         INFO.labels(hash=self.digest).set(1)
         RULES.set(len(self._compiled.source.rules))
+        LOADED_AT.set(self.loaded_at)

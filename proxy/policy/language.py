@@ -47,7 +47,8 @@ from proxy.policy.decision import PolicyError
 from proxy.policy.patterns import DEVICE, PLACEHOLDERS, Pattern, parse_path_pattern, parse_topic_pattern
 from proxy.policy.subjects import IDENTITY_WORDS, PREFIXES, RELATIONS, subject_problem
 
-__all__ = ["Rule", "MqttSpec", "HttpSpec", "TestCase", "PolicySource", "load_dir", "load_text", "parse_file"]
+__all__ = ["Rule", "MqttSpec", "HttpSpec", "TestCase", "PolicySource", "load_dir", "load_files", "load_text",
+           "parse_file"]
 
 # libyaml's composer keeps the same marks and is ~10x faster on big rule sets.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -124,6 +125,9 @@ class PolicySource:
     tests: list[TestCase] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     digest: str = ""
+    # (name relative to the set's root, text) per file, in load order: what ``keygate policy push``
+    # stores, and what the digest covers (so the same files hash the same wherever they live).
+    texts: list[tuple[str, str]] = field(default_factory=list)
 
 
 class _Doc:
@@ -403,13 +407,17 @@ def parse_file(text: str, filename: str, *, tests_only: bool = False) -> tuple[l
     return rules, tests
 
 
-def _finish(files: list[tuple[str, str, bool]]) -> PolicySource:
-    """Parse (name, text, tests_only) in order; check ids across files; number the rules."""
+def _finish(files: list[tuple[str, str, bool]], relative: list[str] | None = None) -> PolicySource:
+    """Parse (name, text, tests_only) in order; check ids across files; number the rules.
+
+    ``relative`` names the files for the digest (default: their names as given)."""
     src = PolicySource()
     digest = hashlib.sha256()
     seen: dict[str, Rule] = {}
-    for name, text, tests_only in files:
-        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+    for i, (name, text, tests_only) in enumerate(files):
+        rel = relative[i] if relative is not None else name
+        src.texts.append((rel, text))
+        digest.update(rel.encode() + b"\0" + text.encode() + b"\0")
         rules, tests = parse_file(text, name, tests_only=tests_only)
         for r in rules:
             if r.id in seen:
@@ -437,6 +445,7 @@ def load_dir(path: str | Path) -> PolicySource:
     names = sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     files = []
+    relative = [p.relative_to(root).as_posix() for p in names]
     for p in names:
         try:
             text = p.read_text(encoding="utf-8")
@@ -445,4 +454,19 @@ def load_dir(path: str | Path) -> PolicySource:
         files.append((str(p), text, p.name.endswith((".test.yaml", ".test.yml"))))
     if not any(not t for _, _, t in files):
         raise PolicyError(f"{root}: no policy files (*.yaml) found")
-    return _finish(files)
+    return _finish(files, relative)
+
+
+def load_files(texts: list[tuple[str, str]], where: str) -> PolicySource:
+    """A set held as (relative name, text) pairs, e.g. in the store (``policies.source: store``);
+    messages name each file as ``where/name``. The same parser and checks as :func:`load_dir`,
+    and the same digest for the same files."""
+    names = sorted(name for name, _ in texts)
+    by_name = dict(texts)
+    if len(by_name) != len(texts):
+        raise PolicyError(f"{where}: a file name is used twice")
+    files = [(f"{where}/{n}", by_name[n], n.rsplit("/", 1)[-1].endswith((".test.yaml", ".test.yml")))
+             for n in names]
+    if not any(not t for _, _, t in files):
+        raise PolicyError(f"{where}: no policy files (*.yaml) found")
+    return _finish(files, names)

@@ -69,6 +69,7 @@ ownership:
   advertise_mqtt: mqtts://127.0.0.1:{self.port}
   advertise_http: https://127.0.0.1:{self.http_port}
 policies:
+  source: {cluster.policies_source}
   dir: policies/
 audit:
   path: {self.name}-audit.log
@@ -124,8 +125,9 @@ metrics:
 
 
 class Cluster:
-    def __init__(self, workdir: Path, oidc, mosquitto, postgres, dsn: str, n: int):
+    def __init__(self, workdir: Path, oidc, mosquitto, postgres, dsn: str, n: int, *, policies_source: str = "dir"):
         self.workdir, self.oidc, self.mosquitto, self.postgres, self.dsn = workdir, oidc, mosquitto, postgres, dsn
+        self.policies_source = policies_source  # store: workdir/policies is pushed before the first start
         self.certs = workdir / "certs"
         shutil.copytree(ROOT / "policies", workdir / "policies")
         subprocess.run([*KEYGATE, "certs", "init", str(self.certs)], check=True, cwd=ROOT, capture_output=True)
@@ -136,8 +138,15 @@ class Cluster:
                                       cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.orion_port, proc=self.orion)
         self.gateways = [Gateway(self, i) for i in range(n)]
+        if policies_source == "store":
+            self.push(workdir / "policies")
         for gw in self.gateways:  # one at a time: the first creates the schema
             gw.start()
+
+    def push(self, directory: Path) -> subprocess.CompletedProcess[str]:
+        """``keygate policy push DIR`` with the first gateway's configuration."""
+        return subprocess.run([*KEYGATE, "policy", "push", str(directory), "-c", str(self.gateways[0].config)],
+                              cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=60)
 
     def newest_change(self) -> int:
         name = self.dsn.split("dbname=")[1].split()[0]
