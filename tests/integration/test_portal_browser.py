@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import playwright.sync_api as playwright_sync
 import pytest
 
 from proxy.portal.pages import LIVE_STREAMS_PER_SESSION
@@ -41,9 +42,8 @@ PHONE = {"width": 390, "height": 844}
 TIMEOUT_MS = 15000
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.")
 
-playwright_sync = pytest.importorskip("playwright.sync_api")
-if not os.path.exists(CHROMIUM):
-    pytest.skip("chromium is not installed (scripts/setup --test installs it)", allow_module_level=True)
+# No skip: a missing browser must fail the run, not pass it quietly (scripts/setup --test installs it).
+assert os.path.exists(CHROMIUM), f"{CHROMIUM} is not installed: run scripts/setup --test"
 
 
 class PortalStack:

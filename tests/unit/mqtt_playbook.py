@@ -29,6 +29,7 @@ are the point), as mitmproxy's playbooks leave out log lines unless asked.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -79,12 +80,12 @@ class Packet:
 PacketSpec = bytes | Packet
 
 
-class Expectation:
+class Expectation(abc.ABC):
     """What one ``<<`` line says of the next command."""
 
+    @abc.abstractmethod
     def mismatch(self, command: Command) -> str | None:
         """None if ``command`` is the one meant, else why not."""
-        raise NotImplementedError
 
 
 def _packets_mismatch(kind: type[Command], specs: tuple[PacketSpec, ...], command: Command) -> str | None:
