@@ -68,16 +68,29 @@ class LiveFeeds:
             context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN   # its certificate itself is the anchor
         return host, port, context
 
-    async def readings(self, token: str, device_id: str) -> AsyncIterator[Reading]:
+    @contextlib.asynccontextmanager
+    async def _connected(self, token: str, level: int) -> AsyncIterator[tuple[asyncio.StreamReader,
+                                                                             asyncio.StreamWriter]]:
+        """A connection to the gateway's own MQTT listener, its CONNECT (as the person, with their
+        token) written; closed on the way out, and by :meth:`stop`."""
         host, port, context = self._address()
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=context), 10)
         except (OSError, TimeoutError) as exc:
-            raise LiveError("the live feed cannot reach the MQTT listener") from exc
+            raise LiveError("keygate cannot reach its MQTT listener just now") from exc
         self._open.add(writer)
         try:
-            writer.write(codec.encode_connect(Connect("MQTT", MQTT_311, True, KEEPALIVE_SECONDS,
+            writer.write(codec.encode_connect(Connect("MQTT", level, True, KEEPALIVE_SECONDS,
                                                       f"portal-{secrets.token_hex(6)}", "portal", token.encode())))
+            yield reader, writer
+        finally:
+            self._open.discard(writer)
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def readings(self, token: str, device_id: str) -> AsyncIterator[Reading]:
+        async with self._connected(token, MQTT_311) as (reader, writer):
             writer.write(codec.encode_subscribe(Subscribe(1, [Subscription(telemetry_topic(device_id), 0)]),
                                                 MQTT_311))
             await writer.drain()
@@ -88,11 +101,6 @@ class LiveFeeds:
                     yield reading
             finally:
                 pinger.cancel()
-        finally:
-            self._open.discard(writer)
-            writer.close()
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                await writer.wait_closed()
 
     async def _read(self, reader: asyncio.StreamReader, framer: codec.Framer) -> AsyncIterator[Reading]:
         while True:
@@ -117,38 +125,28 @@ class LiveFeeds:
         """Publish ``payload`` to ``devices/ID/cmd/NAME`` as the person, through the gateway's own
         MQTT listener (v5, QoS 1), so the same policy decides it as any client's publish; returns
         once the gateway accepted it, raises :class:`LiveRefused` when it refused."""
-        host, port, context = self._address()
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=context), 10)
-        except (OSError, TimeoutError) as exc:
-            raise LiveError("keygate cannot reach its MQTT listener just now") from exc
-        try:
-            writer.write(codec.encode_connect(Connect("MQTT", MQTT_5, True, KEEPALIVE_SECONDS,
-                                                      f"portal-{secrets.token_hex(6)}", "portal", token.encode())))
+        async with self._connected(token, MQTT_5) as (reader, writer):
             writer.write(codec.encode_publish(command_topic(device_id, name), payload, qos=1, packet_id=1,
                                               level=MQTT_5))
-            await writer.drain()
-            framer = codec.Framer(MAX_PACKET)
-            async with asyncio.timeout(10):
-                while True:
-                    data = await reader.read(65536)
-                    if not data:
-                        raise LiveError("the gateway ended the connection before it answered")
-                    for frame in framer.feed(data):
-                        if frame.type == PacketType.CONNACK and bytes(frame.body[1:2]) != b"\x00":
-                            raise LiveRefused("the gateway refused the sign-in for this command")
-                        if frame.type == PacketType.PUBACK:
-                            reason = bytes(frame.body[2:3])   # absent: success
-                            if reason and reason[0] >= 0x80:
-                                raise LiveRefused("you may not send this device commands")
-                            writer.write(codec.encode_disconnect(MQTT_5))
-                            return
-        except (codec.ProtocolError, TimeoutError) as exc:
-            raise LiveError("the gateway did not answer the command") from exc
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                await writer.wait_closed()
+            try:
+                await writer.drain()
+                framer = codec.Framer(MAX_PACKET)
+                async with asyncio.timeout(10):
+                    while True:
+                        data = await reader.read(65536)
+                        if not data:
+                            raise LiveError("the gateway ended the connection before it answered")
+                        for frame in framer.feed(data):
+                            if frame.type == PacketType.CONNACK and bytes(frame.body[1:2]) != b"\x00":
+                                raise LiveRefused("the gateway refused the sign-in for this command")
+                            if frame.type == PacketType.PUBACK:
+                                reason = bytes(frame.body[2:3])   # absent: success
+                                if reason and reason[0] >= 0x80:
+                                    raise LiveRefused("you may not send this device commands")
+                                writer.write(codec.encode_disconnect(MQTT_5))
+                                return
+            except (codec.ProtocolError, TimeoutError) as exc:
+                raise LiveError("the gateway did not answer the command") from exc
 
     @staticmethod
     async def _ping(writer: asyncio.StreamWriter) -> None:
