@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.sharing import WORKER_ENV
@@ -54,10 +55,12 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, argv: list[str], count: int, *, first_backoff: float = FIRST_BACKOFF_SECONDS):
+    def __init__(self, argv: list[str], count: int, *, first_backoff: float = FIRST_BACKOFF_SECONDS,
+                 on_ready: Callable[[], None] | None = None):
         self._argv = argv            # the worker's command line (keygate serve without --workers)
         self._count = count
         self._first_backoff = first_backoff
+        self._on_ready = on_ready    # called once, when every worker first says it is ready
         self._workers = [Worker(i + 1) for i in range(count)]
         self._stopping = False
         self.failure: str | None = None   # why the supervisor gave up, one line
@@ -89,6 +92,8 @@ class Supervisor:
         await self._all_ready.wait()
         pids = ", ".join(str(w.proc.pid) for w in self._workers if w.proc is not None)
         log.info("keygate ready: %d workers (pids %s)", self._count, pids)
+        if self._on_ready is not None:
+            self._on_ready()
 
     async def _keep(self, w: Worker) -> None:
         """Run worker ``w``, and again each time it dies, until stopping."""
