@@ -74,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
     config = load_config(args.config)
-    if me is None:  # a worker's supervisor ran the preflight (its ports are now shared: bound)
+    if me is None:
         refuse_on_failure(asyncio.run(preflight(config)))
+    else:  # the supervisor ran the preflight (the ports are the workers' now); the limit is per process
+        raise_open_file_limit()
     if args.workers > 1 and me is None:
         return _supervise(config, args)
     install_uvloop()
