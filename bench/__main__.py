@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="folder for benchmarks.md and img/ (default: docs/; --quick: a temp dir)")
     p.add_argument("--http-engine", choices=["auto", "wrk", "python"], default="auto",
                    help="HTTP load generator (auto: wrk when installed)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="keygate as keygate serve --workers N (a supervisor and N worker processes; default 1)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="sample keygate with py-spy during its runs; collapsed stacks and a summary in DIR")
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(len(steps) + 1)
     stack = new_stack(keep=args.keep)
     stack.http_engine = args.http_engine
+    stack.workers = args.workers
     rows: list[Row] = []
     profiles: list[Path | None] = []
     started = time.time()

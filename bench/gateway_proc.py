@@ -51,6 +51,8 @@ async def _main(args: argparse.Namespace) -> int:
     services = await build_services(config)
     devices = json.loads(Path(args.devices).read_text()) if args.devices else []
     keys = await _register(services, devices)
+    if args.workers > 1:
+        return await _supervise(args, config, services, keys)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -72,11 +74,33 @@ async def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _supervise(args: argparse.Namespace, config, services, keys: dict[str, str]) -> int:
+    """``keygate serve --workers N`` after the registration: each worker loads the devices from the store."""
+    from proxy.app import close_services
+    from proxy.config import parse_hostport
+    from proxy.workers import Supervisor, worker_argv
+
+    await close_services(services)
+    ready = {"pid": os.getpid(), "workers": args.workers, "keys": keys,
+             "mqtt_port": parse_hostport(config.mqtt.listen)[1] if config.mqtt else None,
+             "http_port": parse_hostport(config.http.listen)[1] if config.http else None}
+
+    def on_ready() -> None:
+        tmp = Path(args.ready + ".tmp")
+        tmp.write_text(json.dumps(ready))
+        tmp.replace(args.ready)
+
+    supervisor = Supervisor(worker_argv(str(Path(args.config).resolve()), "WARNING"), args.workers,
+                            on_ready=on_ready)
+    return await supervisor.run()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--devices", default="")
     parser.add_argument("--ready", required=True)
+    parser.add_argument("--workers", type=int, default=1, help="keygate serve --workers N (default 1: in-process)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

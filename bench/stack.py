@@ -138,6 +138,7 @@ class Stack:
     keys: dict[str, str] = field(default_factory=dict)  # device id -> K1, from keygate's store
     log: list[str] = field(default_factory=list)
     http_engine: str = "auto"  # httpload's engine: auto, wrk or python (python -m bench --http-engine)
+    workers: int = 1  # keygate serve --workers N (python -m bench --workers); CPU figures then cover the tree
 
     # -- the parts start() made (every use below comes after it)
     @property
@@ -355,7 +356,8 @@ audit:
         ready = config.parent / "ready.json"
         log = open(config.parent / "keygate.log", "ab")
         self.keygate = subprocess.Popen([PYTHON, "-m", "bench.gateway_proc", "-c", str(config),
-                                         "--devices", str(config.parent / "devices.json"), "--ready", str(ready)],
+                                         "--devices", str(config.parent / "devices.json"), "--ready", str(ready),
+                                         "--workers", str(self.workers)],
                                         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while not ready.exists():

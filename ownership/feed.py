@@ -1,8 +1,18 @@
-"""The change feed of the postgres backend: every gateway process applies every committed write.
+"""The change feed: every gateway process applies every write committed by another.
 
-Each write appends a row to ``changes`` and sends ``NOTIFY keygate_changes`` in its own
-transaction (ownership/pg_store.py). Here one connection LISTENs; on a notification, and at least
-every heartbeat, it asks the store for its newest sequence number. Anything newer than what this
+Each write appends a row to the store's ``changes`` table in its own transaction. Two ways of
+hearing of it, one logic after that:
+
+- postgres (ownership/pg_store.py): the write also sends ``NOTIFY keygate_changes``; one
+  connection LISTENs (:class:`PgListen`) and, on a notification and at least every heartbeat,
+  asks for the newest sequence number.
+- SQLCipher with ``keygate serve --workers N`` (ownership/store.py, proxy/workers.py): the
+  workers share one file, so each polls ``max(seq)`` of its change table every
+  :data:`LOCAL_POLL_SECONDS` (:class:`LocalPoll`): an index lookup in a WAL read snapshot, no
+  lock taken, and nothing to run or lose between the processes (no socket, no supervisor in
+  the path: a worker restarted by the supervisor catches up from the file like any other).
+
+ Anything newer than what this
 process applied (a notification, one it missed, or everything written while it was away) is
 caught up from the store: the facts are replaced by a snapshot read at that sequence number, and
 the devices the changes touched go to the subscribers (the gateways re-check open connections on
@@ -16,26 +26,97 @@ on the store is refused), says so in /readyz and the log, and catches up in full
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-
-import psycopg
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 from ownership.facts import EMPTY, MemoryFacts
-from ownership.pg_store import CHANNEL, PgStore
 
 log = logging.getLogger("keygate.ownership.feed")
 
 T = TypeVar("T")
 Runner = Callable[..., Awaitable[Any]]
 
+#: How often a worker over a SQLCipher file looks for changes made by the others.
+LOCAL_POLL_SECONDS = 0.1
+
+
+class FeedStore(Protocol):
+    """What the feed reads of a store (both backends provide it)."""
+
+    def changes_since(self, seq: int) -> tuple[int, set[str] | None, bool]: ...
+    def load_all_at(self) -> tuple[int, dict[str, list[dict[str, Any]]]]: ...
+
+
+class Heard(Protocol):
+    """One connected spell of a signal: the newest sequence number, and a wait for the next change."""
+
+    async def newest(self) -> int: ...
+    async def wait(self, timeout: float) -> None: ...
+
+
+class Signal(Protocol):
+    def connect(self, timeout: float) -> contextlib.AbstractAsyncContextManager[Heard]: ...
+
+
+class PgListen:
+    """LISTEN keygate_changes on a connection of its own (the postgres backend)."""
+
+    def __init__(self, dsn: str):
+        self._dsn = dsn
+
+    @contextlib.asynccontextmanager
+    async def connect(self, timeout: float) -> AsyncIterator[Heard]:
+        import psycopg
+
+        from ownership.pg_store import CHANNEL
+
+        conn = await asyncio.wait_for(psycopg.AsyncConnection.connect(
+            self._dsn, autocommit=True, connect_timeout=max(1, int(timeout))), timeout)
+        async with conn:
+            await conn.execute(f"LISTEN {CHANNEL}")
+            yield _PgHeard(conn)
+
+
+class _PgHeard:
+    def __init__(self, conn: Any):
+        self._conn = conn
+
+    async def newest(self) -> int:
+        cur = await self._conn.execute("SELECT coalesce(max(seq), 0) FROM changes")
+        row = await cur.fetchone()
+        return int(row[0])
+
+    async def wait(self, timeout: float) -> None:
+        async for _ in self._conn.notifies(timeout=timeout, stop_after=1):
+            pass
+
+
+class LocalPoll:
+    """The store file's own change table, polled on the store thread (SQCipher, several workers)."""
+
+    def __init__(self, last_change: Callable[[], int], run: Runner, every: float = LOCAL_POLL_SECONDS):
+        self._last_change = last_change
+        self._run = run
+        self._every = every
+
+    @contextlib.asynccontextmanager
+    async def connect(self, timeout: float) -> AsyncIterator[Heard]:
+        yield self
+
+    async def newest(self) -> int:
+        return int(await self._run(self._last_change))
+
+    async def wait(self, timeout: float) -> None:
+        await asyncio.sleep(min(timeout, self._every))
+
 
 class ChangeFeed:
-    def __init__(self, dsn: str, store: PgStore, run: Runner, facts: MemoryFacts, *, applied: int,
+    def __init__(self, signal: Signal, store: FeedStore, run: Runner, facts: MemoryFacts, *, applied: int,
                  max_silence: float, clock: Callable[[], float] = time.monotonic):
-        self._dsn = dsn
+        self._signal = signal
         self._store = store
         self._run = run
         self._facts = facts
@@ -73,18 +154,14 @@ class ChangeFeed:
     async def _listen(self) -> None:
         while True:
             try:
-                conn = await asyncio.wait_for(psycopg.AsyncConnection.connect(
-                    self._dsn, autocommit=True, connect_timeout=max(1, int(self._max_silence))), self._max_silence)
-                async with conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                async with self._signal.connect(self._max_silence) as heard:
                     while True:
-                        newest = await asyncio.wait_for(self._newest(conn), self._max_silence)
+                        newest = await asyncio.wait_for(heard.newest(), self._max_silence)
                         if newest > self.applied or self.failed_closed:
                             await self._catch_up()
                             await self._after_catch_up()
                         self._last_heard = self._clock()
-                        async for _ in conn.notifies(timeout=self._beat, stop_after=1):
-                            pass
+                        await heard.wait(self._beat)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database or the network went away: retry, the watch fails closed
@@ -99,12 +176,6 @@ class ChangeFeed:
                 raise
             except Exception:  # one follower failing must not stop the feed (it says why itself)
                 log.exception("change feed: a follower of the store failed")
-
-    @staticmethod
-    async def _newest(conn: Any) -> int:
-        cur = await conn.execute("SELECT coalesce(max(seq), 0) FROM changes")
-        row = await cur.fetchone()
-        return int(row[0])
 
     async def _catch_up(self) -> None:
         """Apply everything after :attr:`applied`: read the devices the changes touched and a snapshot."""

@@ -184,6 +184,17 @@ MIGRATIONS.append((6, (
     )""",
 )))
 
+# The local change feed (keygate serve --workers N over one store file, ownership/feed.py): one row
+# per committed write, in commit order (writes take the file's write lock: BEGIN IMMEDIATE), naming
+# the devices it touched (NULL = everything). Other processes on the file poll max(seq) and catch up.
+MIGRATIONS.append((7, (
+    """CREATE TABLE changes (
+        seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+        at      REAL NOT NULL,
+        devices TEXT                      -- JSON list of device ids; NULL = every device
+    )""",
+)))
+
 LATEST = MIGRATIONS[-1][0]
 
 

@@ -39,7 +39,7 @@ from ownership.pg_store import PgStore
 from ownership.store_api import OwnershipStore
 
 if TYPE_CHECKING:
-    from ownership.feed import ChangeFeed
+    from ownership.feed import ChangeFeed, Signal
 from ownership.validation import KEY_SLOTS, PERMISSIONS, orion_id_problem, parse_grantee
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, store_key
@@ -139,6 +139,20 @@ def open_store(config: Config, passphrase: str) -> OwnershipStore:
     return st.Store.open(config.resolve(config.store.path), passphrase, label=config.store.path)
 
 
+def change_signal(config: Config, store: OwnershipStore, run: Callable[..., Awaitable[Any]]) -> Signal | None:
+    """How this process hears of writes made by others: postgres NOTIFY, or, for a worker of
+    ``keygate serve --workers N`` over a SQLCipher file, polling the file's change table. None
+    for the single process that owns its file (every write is its own)."""
+    from ownership.feed import LocalPoll, PgListen
+    from proxy.sharing import is_worker
+
+    if isinstance(store, PgStore):
+        return PgListen(config.store.dsn)
+    if is_worker() and isinstance(store, st.Store):
+        return LocalPoll(store.last_change, run)
+    return None
+
+
 class OwnershipService:
     def __init__(self, config: Config, store: OwnershipStore, executor: ThreadPoolExecutor, *, pepper: bytes,
                  audit: AuditLog, clock: Callable[[], float] = time.time, device_ca: DeviceCA | None = None,
@@ -200,10 +214,8 @@ class OwnershipService:
             raise
         try:
             pepper = await loop.run_in_executor(executor, store.pepper)
-            if isinstance(store, PgStore):  # the snapshot and the change it includes, for the feed
-                applied, snapshot = await loop.run_in_executor(executor, store.load_all_at)
-            else:
-                snapshot = await loop.run_in_executor(executor, store.load_all)
+            # The snapshot and the change it includes, for the feed (postgres, or several workers on one file).
+            applied, snapshot = await loop.run_in_executor(executor, store.load_all_at)
         except st.StoreError as exc:  # e.g. a sealed value that does not open (ownership/sealing.py)
             await loop.run_in_executor(executor, store.close)
             executor.shutdown(wait=False)
@@ -218,10 +230,11 @@ class OwnershipService:
         service = cls(config, store, executor, pepper=pepper, audit=audit, clock=clock, device_ca=device_ca,
                       orion=orion)
         service.facts.load(snapshot)
-        if isinstance(store, PgStore):
+        signal = change_signal(config, store, service._run)
+        if signal is not None:
             from ownership.feed import ChangeFeed
 
-            service.feed = ChangeFeed(config.store.dsn, store, service._run, service.facts, applied=applied,
+            service.feed = ChangeFeed(signal, store, service._run, service.facts, applied=applied,
                                       max_silence=config.store.feed_max_silence_seconds)
             service.feed.start()
             add_readiness_check("change feed", service.feed.readiness)

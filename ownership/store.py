@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,10 +107,14 @@ def _key_pragma(verb: str, hex_key: str, salt: bytes) -> str:
 class Store:
     """One open, keyed, migrated SQLCipher database."""
 
+    backend = "sqlcipher"
+
     def __init__(self, conn: Any, path: Path, salt: bytes):
         self._conn = conn
         self.path = path
         self._salt = salt
+        # Changes this process made (and so holds in its facts), until its feed has passed them.
+        self._own: set[int] = set()
 
     # ------------------------------------------------------------------ opening
 
@@ -223,21 +228,65 @@ class Store:
     def pepper(self) -> bytes:
         return bytes(self._conn.execute("SELECT value FROM meta WHERE name = 'key_pepper'").fetchone()[0])
 
+    # ------------------------------------------------------------------ the change feed
+
+    def _changed(self, c: Any, devices: set[str] | None) -> None:
+        """Append to the change table, in the write's own transaction (ownership/feed.py)."""
+        cur = c.execute("INSERT INTO changes (at, devices) VALUES (?, ?)",
+                        (time.time(), None if devices is None else json.dumps(sorted(devices))))
+        self._own.add(int(cur.lastrowid))  # never seen if the transaction rolls back: harmless
+
+    def last_change(self) -> int:
+        return int(self._conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
+
+    def changes_since(self, seq: int) -> tuple[int, set[str] | None, bool]:
+        """(the newest seq, the device ids changed after ``seq`` or None for everything, whether any
+        of those changes was made by another process: this one's own are in its facts already)."""
+        devices: set[str] | None = set()
+        last = seq
+        foreign = False
+        for n, touched in self._conn.execute("SELECT seq, devices FROM changes WHERE seq > ? ORDER BY seq",
+                                             (seq,)).fetchall():
+            last = int(n)
+            if last in self._own:
+                self._own.discard(last)
+                continue
+            foreign = True
+            if touched is None or devices is None:
+                devices = None
+            else:
+                devices |= set(json.loads(touched))
+        self._own = {n for n in self._own if n > last}
+        return last, devices, foreign
+
+    def load_all_at(self) -> tuple[int, dict[str, list[dict[str, Any]]]]:
+        """The snapshot and the last change it includes (one transaction: nothing falls between)."""
+        self._conn.execute("BEGIN")  # a read transaction: one WAL snapshot, no write lock
+        try:
+            seq = int(self._conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
+            return seq, self._snapshot(self._conn)
+        finally:
+            self._conn.execute("COMMIT")
+
     # ------------------------------------------------------------------ reads
 
     def load_all(self) -> dict[str, list[dict[str, Any]]]:
         """Every row the in-memory read path needs, read in one snapshot."""
         with self.transaction() as c:
-            return {
-                "devices": [_device(r) for r in c.execute(_DEVICE_SELECT)],
-                "keys": [{"device_id": r[0], "slot": r[1], "hash": bytes(r[2])}
-                         for r in c.execute("SELECT device_id, slot, hash FROM device_keys")],
-                "delegations": [_delegation(r) for r in c.execute(_DELEGATION_SELECT)],
-                "subscriptions": [_subscription(r) for r in c.execute(_SUBSCRIPTION_SELECT)],
-                "certificates": [_certificate(r) for r in c.execute(_CERTIFICATE_SELECT)],
-                "known_users": [{"sub": r[0], "username": r[1], "seen_at": r[2]}
-                                for r in c.execute("SELECT sub, username, seen_at FROM known_users")],
-            }
+            return self._snapshot(c)
+
+    @staticmethod
+    def _snapshot(c: Any) -> dict[str, list[dict[str, Any]]]:
+        return {
+            "devices": [_device(r) for r in c.execute(_DEVICE_SELECT)],
+            "keys": [{"device_id": r[0], "slot": r[1], "hash": bytes(r[2])}
+                     for r in c.execute("SELECT device_id, slot, hash FROM device_keys")],
+            "delegations": [_delegation(r) for r in c.execute(_DELEGATION_SELECT)],
+            "subscriptions": [_subscription(r) for r in c.execute(_SUBSCRIPTION_SELECT)],
+            "certificates": [_certificate(r) for r in c.execute(_CERTIFICATE_SELECT)],
+            "known_users": [{"sub": r[0], "username": r[1], "seen_at": r[2]}
+                            for r in c.execute("SELECT sub, username, seen_at FROM known_users")],
+        }
 
     def get_device(self, device_id: str) -> dict[str, Any] | None:
         """One device with its delegations, straight from the database (uncached)."""
@@ -289,6 +338,7 @@ class Store:
                 raise DeviceBeingRemoved(device["id"])
             self._insert_device_row(c, device)
             self._insert_keys(c, device["id"], key_hashes, device["created_at"])
+            self._changed(c, {device["id"]})
 
     def _insert_device_row(self, c: Any, d: dict[str, Any]) -> None:
         c.execute(
@@ -324,6 +374,7 @@ class Store:
                             (*values, device_id))
             if cur.rowcount != 1:
                 raise NotFound(device_id)
+            self._changed(c, {device_id})
         device = self.get_device(device_id)
         assert device is not None  # noqa: S101 (narrowing: the UPDATE above found it, in this thread)
         return device
@@ -340,6 +391,7 @@ class Store:
             c.execute("DELETE FROM device_certificates WHERE device_id = ?", (device_id,))
             if c.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount != 1:
                 raise NotFound(device_id)
+            self._changed(c, {device_id})
 
     def set_key(self, device_id: str, slot: str, digest: bytes, now: float) -> None:
         with self.transaction() as c:
@@ -348,6 +400,7 @@ class Store:
             if cur.rowcount != 1:
                 raise NotFound(device_id)
             c.execute("UPDATE devices SET updated_at = ? WHERE id = ?", (now, device_id))
+            self._changed(c, {device_id})
 
     def insert_certificate(self, row: dict[str, Any], *, owner_sub: str, keep: int) -> list[dict[str, Any]]:
         """Enroll a certificate on a device ``owner_sub`` still owns, keeping only the newest ``keep``;
@@ -365,6 +418,7 @@ class Store:
             c.execute("DELETE FROM device_certificates WHERE device_id = ? AND serial NOT IN (SELECT serial FROM "
                       "device_certificates WHERE device_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?)",
                       (device_id, device_id, keep))
+            self._changed(c, {device_id})
             return self._certificates(c, device_id)
 
     def delete_certificates(self, device_id: str, serial: str | None = None) -> list[str]:
@@ -375,10 +429,12 @@ class Store:
                 gone = [r[0] for r in c.execute("SELECT serial FROM device_certificates WHERE device_id = ?",
                                                 (device_id,))]
                 c.execute("DELETE FROM device_certificates WHERE device_id = ?", (device_id,))
+                self._changed(c, {device_id})
                 return gone
             if c.execute("DELETE FROM device_certificates WHERE device_id = ? AND serial = ?",
                          (device_id, serial)).rowcount != 1:
                 raise NotFound(serial)
+            self._changed(c, {device_id})
             return [serial]
 
     @staticmethod
@@ -395,6 +451,7 @@ class Store:
                 " expires_at, granted_by, granted_by_username, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (d["id"], d["device_id"], d["grantee_kind"], d["grantee_id"], d["grantee_name"], d["permission"],
                  d["expires_at"], d["granted_by"], d["granted_by_username"], d["created_at"]))
+            self._changed(c, {d["device_id"]})
 
     def remember_user(self, sub: str, username: str, now: float) -> None:
         """The user name last seen for ``sub`` (what resolves ``{"to": NAME}``)."""
@@ -402,12 +459,14 @@ class Store:
             c.execute("INSERT INTO known_users (sub, username, seen_at) VALUES (?, ?, ?) ON CONFLICT (sub) "
                       "DO UPDATE SET username = excluded.username, seen_at = excluded.seen_at",
                       (sub, username, now))
+            self._changed(c, set())
 
     def delete_delegation(self, device_id: str, delegation_id: str) -> None:
         with self.transaction() as c:
             cur = c.execute("DELETE FROM delegations WHERE id = ? AND device_id = ?", (delegation_id, device_id))
             if cur.rowcount != 1:
                 raise NotFound(delegation_id)
+            self._changed(c, {device_id})
 
     def set_quota(self, sub: str, max_devices: int | None) -> None:
         with self.transaction() as c:
@@ -428,16 +487,19 @@ class Store:
                       "unrestricted = excluded.unrestricted",
                       (sub_id, service, owner_sub, owner_username, now, json.dumps(list(entities)),
                        None if identity is None else json.dumps(identity, sort_keys=True), int(unrestricted)))
+            self._changed(c, set())
 
     def set_subscription_subject(self, sub_id: str, service: str, entities: tuple[str, ...],
                                  unrestricted: bool) -> None:
         with self.transaction() as c:
-            c.execute("UPDATE subscriptions SET entities = ?, unrestricted = ? WHERE id = ? AND service = ?",
-                      (json.dumps(list(entities)), int(unrestricted), sub_id, service))
+            if c.execute("UPDATE subscriptions SET entities = ?, unrestricted = ? WHERE id = ? AND service = ?",
+                         (json.dumps(list(entities)), int(unrestricted), sub_id, service)).rowcount:
+                self._changed(c, set())
 
     def delete_subscription(self, sub_id: str, service: str) -> None:
         with self.transaction() as c:
             c.execute("DELETE FROM subscriptions WHERE id = ? AND service = ?", (sub_id, service))
+            self._changed(c, set())
 
     def erase_user(self, sub: str, *, queued_at: float | None = None, orion: bool = True,
                    broker: bool = False) -> dict[str, Any]:
@@ -464,6 +526,7 @@ class Store:
                 "quotas": c.execute("DELETE FROM quotas WHERE sub = ?", (sub,)).rowcount,
                 "known_users": c.execute("DELETE FROM known_users WHERE sub = ?", (sub,)).rowcount,
             }
+            self._changed(c, None)  # known users and subscriptions too: every process reloads
         return {"counts": counts, "owned": owned, "touched": touched}
 
     # ------------------------------------------------------------------ the policy set (policies.source: store)
@@ -475,6 +538,7 @@ class Store:
                             (now, digest, json.dumps([list(t) for t in texts])))
             version = int(cur.lastrowid)
             c.execute("DELETE FROM policy_sets WHERE version <= ?", (version - POLICY_SETS_KEPT,))
+            self._changed(c, set())  # no device changed; the workers on this file re-read the policy set
             return version
 
     def policy_set_version(self) -> int:
@@ -538,6 +602,7 @@ class Store:
             c.execute("DELETE FROM pending_removals WHERE id = ?", (row_id,))
             if row[0] == "subscription":
                 c.execute("DELETE FROM subscriptions WHERE id = ? AND service = ?", (row[1], row[2]))
+                self._changed(c, set())
 
     def removal_failed(self, row_id: int) -> None:
         with self.transaction() as c:

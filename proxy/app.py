@@ -54,15 +54,57 @@ DESCRIPTORS_PER_MQTT_CONNECTION = 2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default="proxy.yaml", help="configuration file (default: proxy.yaml)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--workers", type=_worker_count, default=1, metavar="N",
+                        help="worker processes sharing every listener (SO_REUSEPORT) under one supervisor "
+                             "(default 1: this process serves; see docs/scale-out.md)")
+
+
+def _worker_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 256, got {text!r}")
+    return int(text)
 
 
 def run(args: argparse.Namespace) -> int:
+    from proxy.sharing import worker
+
+    me = worker()
+    tag = f" worker {me[0]}/{me[1]} pid %(process)d" if me else (" supervisor pid %(process)d"
+                                                                 if args.workers > 1 else "")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
     config = load_config(args.config)
-    refuse_on_failure(asyncio.run(preflight(config)))
+    if me is None:
+        refuse_on_failure(asyncio.run(preflight(config)))
+    else:  # the supervisor ran the preflight (the ports are the workers' now); the limit is per process
+        raise_open_file_limit()
+    if args.workers > 1 and me is None:
+        return _supervise(config, args)
     install_uvloop()
-    return asyncio.run(_serve_until_signal(config))
+    return asyncio.run(_serve_until_signal(config, worker=me is not None))
+
+
+def _supervise(config: Config, args: argparse.Namespace) -> int:
+    """Open the store once (its migrations run here, before any worker), then run the workers."""
+    from ownership.service import open_store
+    from ownership.store import StoreError
+    from proxy.config import store_key
+    from proxy.workers import Supervisor, worker_argv
+
+    fresh = files_made_by_start(config)
+    try:
+        open_store(config, store_key(config)).close()
+    except StoreError as exc:
+        raise ConfigError(str(exc)) from None
+    supervisor = Supervisor(worker_argv(str(Path(args.config).resolve()), args.log_level), args.workers)
+    code = asyncio.run(supervisor.run())
+    if code and not supervisor.ever_ready:  # as a single process does: a failed start leaves nothing
+        for path in fresh:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    if code:
+        raise CommandError(supervisor.failure or "workers failed")
+    return 0
 
 
 async def preflight(config: Config) -> list[Result]:
@@ -164,18 +206,25 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve_until_signal(config: Config) -> int:
+async def _serve_until_signal(config: Config, *, worker: bool = False) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    fresh = files_made_by_start(config)
+    # A worker's store was made by its supervisor: the clean-up of a failed start is the supervisor's.
+    fresh = [] if worker else files_made_by_start(config)
     ready = False
+    orphan_watch: asyncio.Task[None] | None = None
 
     def on_ready(_services: Services, _listeners: Listeners) -> None:
-        nonlocal ready
+        nonlocal ready, orphan_watch
         ready = True
+        if worker:
+            from proxy.workers import stop_when_orphaned, tell_supervisor_ready
+
+            tell_supervisor_ready()
+            orphan_watch = asyncio.create_task(stop_when_orphaned(stop), name="keygate-orphan-watch")
 
     try:
         await run_services(config, stop=stop, on_ready=on_ready)
@@ -185,6 +234,9 @@ async def _serve_until_signal(config: Config) -> int:
                 with contextlib.suppress(OSError):
                     path.unlink()
         raise
+    finally:
+        if orphan_watch is not None:
+            orphan_watch.cancel()
     return 0
 
 

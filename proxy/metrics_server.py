@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.metrics import REGISTRY, readiness, readiness_info
+from proxy.sharing import reuse_port
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -48,7 +49,8 @@ class MetricsServer:
     async def start(self, host: str, port: int) -> None:
         runner = web.AppRunner(create_app(), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        # With several workers each serves its own registry on the shared port (docs/scale-out.md).
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port() or None)
         try:
             await site.start()
         except OSError:

@@ -75,6 +75,7 @@ from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY
 from proxy.policy.paths import PathError, normalize_path
 from proxy.services import Services
+from proxy.sharing import reuse_port
 from proxy.ssrf import Allowlist, Resolver, check_target, default_resolver
 
 log = logging.getLogger("keygate.http")
@@ -797,7 +798,7 @@ class HttpGateway:
                             body_timeout=http.body_timeout_seconds,
                             write_timeout=http.write_timeout_seconds,
                             max_pipelined=http.max_pipelined_requests,
-                            max_connections=http.max_connections)
+                            max_connections=http.max_connections, reuse_port=reuse_port() or None)
         await site.start()
         self.site = site
         self.port = self._runner.addresses[0][1]

@@ -90,6 +90,7 @@ from proxy.mqtt.session import Session
 from proxy.mqtt.subscriptions import SubscriptionQuota
 from proxy.mqtt.transport import Transport
 from proxy.services import Services
+from proxy.sharing import reuse_port
 from proxy.tls import PeerCertificate, peer_certificate, server_context
 
 log = logging.getLogger("keygate.mqtt")
@@ -777,7 +778,7 @@ class MqttGateway:
         self._accepting = True
         side = _TlsClientSide if self.ssl_context is not None else _ClientSide
         self._server = await self.loop.create_server(lambda: side(self), host, port, backlog=1024,
-                                                     reuse_address=True)
+                                                     reuse_address=True, reuse_port=reuse_port() or None)
         self.port = self._server.sockets[0].getsockname()[1]
         if self.mqtt.websocket_listen:
             from proxy.mqtt.websocket import WebSocketListener

@@ -43,6 +43,7 @@ from proxy.mqtt.wsguard import (
     PreauthGuard,
     close_frame,
 )
+from proxy.sharing import reuse_port
 
 if TYPE_CHECKING:
     from proxy.mqtt.server import MqttGateway
@@ -329,7 +330,7 @@ class WebSocketListener:
         self.http_protocol = self._runner.server  # a factory of aiohttp's HTTP protocol
         # Bind the socket ourselves: the real port is then known for "port 0".
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=1024)
+        sock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=reuse_port())
         loop = asyncio.get_running_loop()
         if ssl_context is not None:
             def factory() -> asyncio.BaseProtocol:

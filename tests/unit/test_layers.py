@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # What every part reads: errors, configuration, metrics, facts, limits, TLS contexts, and the
     # notification-target rules (pure; the configuration checks its allow-list entries with them).
     ("base", ("proxy", "proxy.errors", "proxy.config", "proxy.ssrf", "proxy.tls", "proxy.metrics",
-              "proxy.facts", "proxy.jsonlimits")),
+              "proxy.facts", "proxy.jsonlimits", "proxy.sharing")),
     ("identity", ("proxy.identity",)),
     ("policy", ("proxy.policy",)),
     ("audit", ("proxy.audit",)),
@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("portal", ("proxy.portal",)),
     # What starts and wires everything: the command line and its commands that build a stack.
     ("entry", ("proxy.app", "proxy.check", "proxy.cli", "proxy.__main__", "proxy.dev", "proxy.dev_issuer",
-               "proxy.dev_login", "proxy.certs", "proxy.keycloak_bootstrap")),
+               "proxy.dev_login", "proxy.certs", "proxy.keycloak_bootstrap", "proxy.workers")),
 )
 
 #: Fronts of one layer that must not lean on each other (each could be deployed alone).

@@ -1,0 +1,57 @@
+"""The SQLCipher store's change table (the local feed of ``keygate serve --workers N``).
+
+Two connections to one file stand for two workers: a write through one is a foreign change for
+the other, with the devices it touched; a process's own writes are not (its facts hold them).
+"""
+
+from __future__ import annotations
+
+from ownership import store as st
+
+KEY = "changes-store-key"
+
+
+def _device(device_id: str) -> dict:
+    return {"id": device_id, "type": "Thermometer", "owner_sub": "alice-sub", "owner_username": "alice",
+            "created_at": 1.0, "updated_at": 1.0}
+
+
+def test_a_write_through_one_process_is_a_foreign_change_for_the_other(tmp_path):
+    path = tmp_path / "ownership.db"
+    one = st.Store.open(path, KEY)
+    other = st.Store.open(path, KEY)
+    try:
+        start = other.last_change()
+        one.insert_device(_device("d1"), {"k1": b"\x01" * 32, "k2": b"\x02" * 32}, max_devices=10)
+        one.insert_delegation({"id": "g1", "device_id": "d1", "grantee_kind": "user", "grantee_id": "bob-sub",
+                               "grantee_name": "bob", "permission": "read", "expires_at": None,
+                               "granted_by": "alice-sub", "granted_by_username": "alice", "created_at": 2.0})
+        one.delete_delegation("d1", "g1")
+        last, devices, foreign = other.changes_since(start)
+        assert (last, devices, foreign) == (start + 3, {"d1"}, True)
+        assert one.changes_since(start) == (start + 3, set(), False)  # its own: nothing to apply
+        seq, snapshot = other.load_all_at()
+        assert seq == last and [d["id"] for d in snapshot["devices"]] == ["d1"]
+        assert snapshot["delegations"] == []
+    finally:
+        one.close()
+        other.close()
+
+
+def test_an_erasure_changes_everything_and_a_rolled_back_write_nothing(tmp_path):
+    path = tmp_path / "ownership.db"
+    one = st.Store.open(path, KEY)
+    other = st.Store.open(path, KEY)
+    try:
+        one.insert_device(_device("d1"), {"k1": b"\x01" * 32, "k2": b"\x02" * 32}, max_devices=10)
+        mark = other.last_change()
+        try:
+            one.insert_device(_device("d1"), {"k1": b"\x03" * 32, "k2": b"\x04" * 32}, max_devices=10)
+        except st.DeviceExists:
+            pass
+        assert other.last_change() == mark  # the refused write left no change behind
+        one.erase_user("alice-sub")
+        assert other.changes_since(mark) == (mark + 1, None, True)
+    finally:
+        one.close()
+        other.close()
