@@ -55,3 +55,19 @@ def test_an_erasure_changes_everything_and_a_rolled_back_write_nothing(tmp_path)
     finally:
         one.close()
         other.close()
+
+
+def test_a_policy_push_is_a_change_that_touches_no_device(tmp_path):
+    # keygate policy push writes the file from its own process: the workers' poll must see it, or a
+    # set pushed to withdraw a grant would wait for the next ownership write to be read.
+    path = tmp_path / "ownership.db"
+    pusher = st.Store.open(path, KEY)
+    worker = st.Store.open(path, KEY)
+    try:
+        mark = worker.last_change()
+        version = pusher.put_policy_set([("grants.yaml", "version: 1\nrules: []\n")], "0123456789abcdef", 3.0)
+        assert worker.changes_since(mark) == (mark + 1, set(), True)
+        assert worker.policy_set_version() == version
+    finally:
+        pusher.close()
+        worker.close()
