@@ -252,3 +252,51 @@ async def test_kill9_of_a_gateway_and_of_postgres_lose_nothing_and_let_nothing_t
     gone = Paho(gw0, "crash-thermo", username="crash-thermo", password=created["k1"], version=V311)
     assert await gone.connect() != 0
     await gone.close()
+
+
+async def test_a_persistent_session_resumes_through_another_gateway_and_holds_nothing_revoked(cluster, oidc):
+    # The broker names the session by the person and the client id, not by the gateway that carried
+    # it: bob subscribes through gw0, goes away, and comes back through gw1 to what was queued. What was
+    # queued after the delegation ended is not delivered there (the delivery is checked, not the queue).
+    gw0, gw1 = cluster.gateways
+    alice, bob = oidc.password_token("alice"), oidc.password_token("bob")
+    assert gw0.api("GET", "/devices", bob)[0] == 200  # bob has signed in once (his name resolves)
+    status, created = gw0.api("POST", "/devices", alice, {"id": "roam-thermo", "type": "Thermometer"})
+    assert status == 201, created
+    status, own = gw0.api("POST", "/devices", bob, {"id": "roam-bob", "type": "Thermometer"})
+    assert status == 201, own
+    status, grant = gw0.api("POST", "/devices/roam-thermo/delegations", alice, {"to": "bob", "permission": "read"})
+    assert status == 201, grant
+    cluster.in_force_everywhere()
+
+    away = Paho(gw0, "bob-roaming", username="bob", password=bob, version=V311, clean=False)
+    assert await away.connect() == 0
+    assert await away.subscribe("devices/roam-thermo/telemetry", 1) == [1]
+    assert await away.subscribe("devices/roam-bob/telemetry", 1) == [1]  # the sentinel's topic: his own
+    await away.close()
+    dev = Paho(gw0, "roam-thermo", username="roam-thermo", password=created["k1"], version=V311)
+    assert await dev.connect() == 0
+    await dev.publish("devices/roam-thermo/telemetry", b"queued while away", qos=1)
+    sentinel = Paho(gw0, "roam-bob", username="roam-bob", password=own["k1"], version=V311)
+    assert await sentinel.connect() == 0
+    await sentinel.publish("devices/roam-bob/telemetry", b"s1", qos=1)
+
+    back = Paho(gw1, "bob-roaming", username="bob", password=bob, version=V311, clean=False)
+    assert await back.connect() == 0
+    assert back.session_present is True
+    assert [m.payload for m in await back.received_before(b"s1")] == [b"queued while away"]
+    await back.close()
+
+    # Revoked through gw0 while bob is away: the broker may still hold what the device sends next, but
+    # gw1 does not deliver it when bob resumes there.
+    assert gw0.api("DELETE", f"/devices/roam-thermo/delegations/{grant['id']}", alice)[0] == 204
+    await dev.publish("devices/roam-thermo/telemetry", b"queued after the revocation", qos=1)
+    await sentinel.publish("devices/roam-bob/telemetry", b"s2", qos=1)
+    cluster.in_force_everywhere()
+    again = Paho(gw1, "bob-roaming", username="bob", password=bob, version=V311, clean=False)
+    assert await again.connect() == 0
+    assert again.session_present is True
+    assert await again.received_before(b"s2") == []
+    await again.close()
+    await dev.close()
+    await sentinel.close()

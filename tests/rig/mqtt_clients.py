@@ -59,6 +59,7 @@ class Paho:
         self.port = port or rig.port
         self.connack = threading.Event()
         self.connect_rc: Any = None
+        self.session_present: bool | None = None  # the CONNACK's flag
         self.disconnected = threading.Event()
         self.disconnect_rc: Any = None
         self.messages: queue.Queue[Message] = queue.Queue()
@@ -74,6 +75,7 @@ class Paho:
     # -- callbacks (paho's thread)
     def _on_connect(self, c, u, flags, rc, props):
         self.connect_rc = rc
+        self.session_present = bool(flags.session_present)
         self.connack.set()
 
     def _on_disconnect(self, c, u, flags, rc, props):
