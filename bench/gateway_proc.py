@@ -91,7 +91,8 @@ async def _supervise(args: argparse.Namespace, config, services, keys: dict[str,
         tmp.replace(args.ready)
 
     supervisor = Supervisor(worker_argv(str(Path(args.config).resolve()), "WARNING"), args.workers,
-                            on_ready=on_ready)
+                            on_ready=on_ready,
+                            metrics_listen=parse_hostport(config.metrics.listen) if config.metrics else None)
     return await supervisor.run()
 
 

@@ -96,7 +96,11 @@ def _supervise(config: Config, args: argparse.Namespace) -> int:
         open_store(config, store_key(config)).close()
     except StoreError as exc:
         raise ConfigError(str(exc)) from None
-    supervisor = Supervisor(worker_argv(str(Path(args.config).resolve()), args.log_level), args.workers)
+    from proxy.config import parse_hostport
+
+    metrics = parse_hostport(config.metrics.listen) if config.metrics is not None else None
+    supervisor = Supervisor(worker_argv(str(Path(args.config).resolve()), args.log_level), args.workers,
+                            metrics_listen=metrics)
     code = asyncio.run(supervisor.run())
     if code and not supervisor.ever_ready:  # as a single process does: a failed start leaves nothing
         for path in fresh:

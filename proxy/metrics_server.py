@@ -8,11 +8,14 @@ as JSON either way, so an orchestrator and a human read the same answer.
 
 from __future__ import annotations
 
+import os
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.metrics import REGISTRY, readiness, readiness_info
-from proxy.sharing import reuse_port
+from proxy.sharing import reuse_port, worker
+from proxy.worker_metrics import METRICS_DIR_ENV, socket_path
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -49,15 +52,20 @@ class MetricsServer:
     async def start(self, host: str, port: int) -> None:
         runner = web.AppRunner(create_app(), access_log=None, handle_signals=False)
         await runner.setup()
-        # With several workers each serves its own registry on the shared port (docs/scale-out.md).
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port() or None)
+        me, folder = worker(), os.environ.get(METRICS_DIR_ENV, "")
+        site: web.BaseSite
+        if me is not None and folder:  # a worker: the supervisor serves the port for all (proxy/worker_metrics.py)
+            site = web.UnixSite(runner, str(socket_path(folder, me[0])))
+        else:
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port() or None)
         try:
             await site.start()
         except OSError:
             await runner.cleanup()
             raise
         self._runner = runner
-        self.port = runner.addresses[0][1] if runner.addresses else port
+        address = runner.addresses[0] if runner.addresses else None
+        self.port = address[1] if isinstance(address, tuple) else port
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -16,6 +16,8 @@ the supervisor holds.
 - SIGTERM/SIGINT: forwarded to every worker as SIGTERM (each closes its listeners and drains as
   ``keygate serve`` does); a worker still running after :data:`STOP_GRACE_SECONDS` is killed.
 - A worker whose supervisor is gone (killed with -9) stops by itself: it watches its parent.
+- ``metrics.listen`` is the supervisor's: it answers for the host from every worker's registry,
+  each served on a Unix socket in a private folder (proxy/worker_metrics.py).
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.sharing import WORKER_ENV
+from proxy.worker_metrics import METRICS_DIR_ENV, WorkerMetrics
 
 log = logging.getLogger("keygate.workers")
 
@@ -56,7 +61,7 @@ class Worker:
 
 class Supervisor:
     def __init__(self, argv: list[str], count: int, *, first_backoff: float = FIRST_BACKOFF_SECONDS,
-                 on_ready: Callable[[], None] | None = None):
+                 on_ready: Callable[[], None] | None = None, metrics_listen: tuple[str, int] | None = None):
         self._argv = argv            # the worker's command line (keygate serve without --workers)
         self._count = count
         self._first_backoff = first_backoff
@@ -67,12 +72,38 @@ class Supervisor:
         self.ever_ready = False
         self._all_ready = asyncio.Event()
         self._done = asyncio.Event()
+        self._metrics_listen = metrics_listen
+        self._metrics: WorkerMetrics | None = None
+        self._metrics_dir: str | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, self.stop)
+        if self._metrics_listen is not None:
+            self._metrics_dir = tempfile.mkdtemp(prefix="keygate-worker-metrics-")  # 0700: only this user
+            self._metrics = WorkerMetrics(self._metrics_dir, self._count, self._metrics_state)
+            try:
+                await self._metrics.start(*self._metrics_listen)
+            except OSError as exc:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
+                host, port = self._metrics_listen
+                self.failure = f"metrics.listen {host}:{port}: {exc.strerror or exc}"
+                return 1
+        try:
+            return await self._run_workers()
+        finally:
+            if self._metrics is not None:
+                await self._metrics.stop()
+            if self._metrics_dir is not None:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def _metrics_state(self) -> tuple[int, dict[int, int]]:
+        alive = [w for w in self._workers if w.ready and w.proc is not None and w.proc.returncode is None]
+        return len(alive), {w.index: w.restarts for w in self._workers}
+
+    async def _run_workers(self) -> int:
         watchers = [asyncio.create_task(self._keep(w), name=f"keygate-worker-{w.index}") for w in self._workers]
         ready = asyncio.create_task(self._announce())
         await self._done.wait()
@@ -127,6 +158,8 @@ class Supervisor:
     async def _start(self, w: Worker) -> None:
         read_fd, write_fd = os.pipe()
         env = {**os.environ, WORKER_ENV: f"{w.index}/{self._count}", READY_FD_ENV: str(write_fd)}
+        if self._metrics_dir is not None:
+            env[METRICS_DIR_ENV] = self._metrics_dir
         try:
             w.proc = await asyncio.create_subprocess_exec(*self._argv, env=env, pass_fds=(write_fd,))
         finally:
