@@ -6,9 +6,21 @@ the other, with the devices it touched; a process's own writes are not (its fact
 
 from __future__ import annotations
 
+import pytest
+
 from ownership import store as st
 
 KEY = "changes-store-key"
+
+
+@pytest.fixture
+def two(tmp_path):
+    """Two processes' stores on one file."""
+    path = tmp_path / "ownership.db"
+    one, other = st.Store.open(path, KEY), st.Store.open(path, KEY)
+    yield one, other
+    one.close()
+    other.close()
 
 
 def _device(device_id: str) -> dict:
@@ -16,58 +28,40 @@ def _device(device_id: str) -> dict:
             "created_at": 1.0, "updated_at": 1.0}
 
 
-def test_a_write_through_one_process_is_a_foreign_change_for_the_other(tmp_path):
-    path = tmp_path / "ownership.db"
-    one = st.Store.open(path, KEY)
-    other = st.Store.open(path, KEY)
+def test_a_write_through_one_process_is_a_foreign_change_for_the_other(two):
+    one, other = two
+    start = other.last_change()
+    one.insert_device(_device("d1"), {"k1": b"\x01" * 32, "k2": b"\x02" * 32}, max_devices=10)
+    one.insert_delegation({"id": "g1", "device_id": "d1", "grantee_kind": "user", "grantee_id": "bob-sub",
+                           "grantee_name": "bob", "permission": "read", "expires_at": None,
+                           "granted_by": "alice-sub", "granted_by_username": "alice", "created_at": 2.0})
+    one.delete_delegation("d1", "g1")
+    last, devices, foreign = other.changes_since(start)
+    assert (last, devices, foreign) == (start + 3, {"d1"}, True)
+    assert one.changes_since(start) == (start + 3, set(), False)  # its own: nothing to apply
+    seq, snapshot = other.load_all_at()
+    assert seq == last and [d["id"] for d in snapshot["devices"]] == ["d1"]
+    assert snapshot["delegations"] == []
+
+
+def test_an_erasure_changes_everything_and_a_rolled_back_write_nothing(two):
+    one, other = two
+    one.insert_device(_device("d1"), {"k1": b"\x01" * 32, "k2": b"\x02" * 32}, max_devices=10)
+    mark = other.last_change()
     try:
-        start = other.last_change()
-        one.insert_device(_device("d1"), {"k1": b"\x01" * 32, "k2": b"\x02" * 32}, max_devices=10)
-        one.insert_delegation({"id": "g1", "device_id": "d1", "grantee_kind": "user", "grantee_id": "bob-sub",
-                               "grantee_name": "bob", "permission": "read", "expires_at": None,
-                               "granted_by": "alice-sub", "granted_by_username": "alice", "created_at": 2.0})
-        one.delete_delegation("d1", "g1")
-        last, devices, foreign = other.changes_since(start)
-        assert (last, devices, foreign) == (start + 3, {"d1"}, True)
-        assert one.changes_since(start) == (start + 3, set(), False)  # its own: nothing to apply
-        seq, snapshot = other.load_all_at()
-        assert seq == last and [d["id"] for d in snapshot["devices"]] == ["d1"]
-        assert snapshot["delegations"] == []
-    finally:
-        one.close()
-        other.close()
+        one.insert_device(_device("d1"), {"k1": b"\x03" * 32, "k2": b"\x04" * 32}, max_devices=10)
+    except st.DeviceExists:
+        pass
+    assert other.last_change() == mark  # the refused write left no change behind
+    one.erase_user("alice-sub")
+    assert other.changes_since(mark) == (mark + 1, None, True)
 
 
-def test_an_erasure_changes_everything_and_a_rolled_back_write_nothing(tmp_path):
-    path = tmp_path / "ownership.db"
-    one = st.Store.open(path, KEY)
-    other = st.Store.open(path, KEY)
-    try:
-        one.insert_device(_device("d1"), {"k1": b"\x01" * 32, "k2": b"\x02" * 32}, max_devices=10)
-        mark = other.last_change()
-        try:
-            one.insert_device(_device("d1"), {"k1": b"\x03" * 32, "k2": b"\x04" * 32}, max_devices=10)
-        except st.DeviceExists:
-            pass
-        assert other.last_change() == mark  # the refused write left no change behind
-        one.erase_user("alice-sub")
-        assert other.changes_since(mark) == (mark + 1, None, True)
-    finally:
-        one.close()
-        other.close()
-
-
-def test_a_policy_push_is_a_change_that_touches_no_device(tmp_path):
+def test_a_policy_push_is_a_change_that_touches_no_device(two):
+    pusher, worker = two
     # keygate policy push writes the file from its own process: the workers' poll must see it, or a
     # set pushed to withdraw a grant would wait for the next ownership write to be read.
-    path = tmp_path / "ownership.db"
-    pusher = st.Store.open(path, KEY)
-    worker = st.Store.open(path, KEY)
-    try:
-        mark = worker.last_change()
-        version = pusher.put_policy_set([("grants.yaml", "version: 1\nrules: []\n")], "0123456789abcdef", 3.0)
-        assert worker.changes_since(mark) == (mark + 1, set(), True)
-        assert worker.policy_set_version() == version
-    finally:
-        pusher.close()
-        worker.close()
+    mark = worker.last_change()
+    version = pusher.put_policy_set([("grants.yaml", "version: 1\nrules: []\n")], "0123456789abcdef", 3.0)
+    assert worker.changes_since(mark) == (mark + 1, set(), True)
+    assert worker.policy_set_version() == version
