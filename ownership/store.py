@@ -263,8 +263,7 @@ class Store:
         """The snapshot and the last change it includes (one transaction: nothing falls between)."""
         self._conn.execute("BEGIN")  # a read transaction: one WAL snapshot, no write lock
         try:
-            seq = int(self._conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
-            return seq, self._snapshot(self._conn)
+            return self.last_change(), self._snapshot(self._conn)
         finally:
             self._conn.execute("COMMIT")
 
