@@ -12,11 +12,10 @@ hearing of it, one logic after that:
   lock taken, and nothing to run or lose between the processes (no socket, no supervisor in
   the path: a worker restarted by the supervisor catches up from the file like any other).
 
- Anything newer than what this
-process applied (a notification, one it missed, or everything written while it was away) is
-caught up from the store: the facts are replaced by a snapshot read at that sequence number, and
-the devices the changes touched go to the subscribers (the gateways re-check open connections on
-them, exactly as after a write made here).
+Anything newer than what this process applied (a notification, one it missed, or everything
+written while it was away) is caught up from the store: the facts are replaced by a snapshot
+read at that sequence number, and the devices the changes touched go to the subscribers (the
+gateways re-check open connections on them, exactly as after a write made here).
 
 When the feed has not answered for ``store.feed_max_silence_seconds``, this process can no longer
 know what was revoked elsewhere: it fails closed (the facts are emptied, so every grant that rests
