@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.metrics import REGISTRY, readiness, readiness_info
-from proxy.sharing import reuse_port, worker
+from proxy.sharing import worker
 from proxy.worker_metrics import METRICS_DIR_ENV, socket_path
 
 
@@ -57,7 +57,7 @@ class MetricsServer:
         if me is not None and folder:  # a worker: the supervisor serves the port for all (proxy/worker_metrics.py)
             site = web.UnixSite(runner, str(socket_path(folder, me[0])))
         else:
-            site = web.TCPSite(runner, host, port, reuse_port=reuse_port() or None)
+            site = web.TCPSite(runner, host, port)  # workers never get here: the supervisor binds the port
         try:
             await site.start()
         except OSError:
