@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.rig.api import api_call
 from tests.rig.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -100,15 +101,7 @@ metrics:
                     p.kill()
 
     def api(self, method: str, path: str, token: str, body: dict | None = None) -> tuple[int, dict]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"https://127.0.0.1:{self.http_port}/api/v1{path}", data=data, method=method,
-                                     headers={"Authorization": f"Bearer {token}",
-                                              **({"Content-Type": "application/json"} if data else {})})
-        try:
-            with urllib.request.urlopen(req, context=self.ssl, timeout=10) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+        return api_call(self.http_port, self.ssl, method, path, token, body)
 
     def ngsi(self, method: str, path: str, token: str, body: dict | list | None = None) -> tuple[int, bytes]:
         data = json.dumps(body).encode() if body is not None else None
