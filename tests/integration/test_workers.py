@@ -256,23 +256,26 @@ async def test_a_worker_killed_is_started_again_and_the_listener_keeps_answering
     await _let_in_by_every_worker(gw, "k-thermo", created["k1"])
     before = gw.workers()
     os.kill(before[0], signal.SIGKILL)
-    # Once it is gone (its listening socket with it: a connection the kernel queued on the dying
-    # socket is reset, SO_REUSEPORT's known limit), the other worker answers every connection.
-    deadline = time.monotonic() + 10
-    while _alive(before[0]):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    # TLS handshakes one after another once the worker is back: all answered. (While the new worker
-    # is starting, a connection the kernel hands its listener can be reset: seen in about one run of
-    # three, an open defect of issue 17, so this waits for "ready again" first.)
-    gw.wait_for_log("ready again")
-    answered = []
-    for _ in range(25):
+    # Once it is gone, the other worker answers every connection: TLS handshakes one after another
+    # from then until the new worker is ready, and a few after, are all answered. "Gone" is the
+    # supervisor's "died" line, not /proc: a killed process's main thread shows as a zombie while
+    # its other threads still exit and its descriptors (the listening socket) are still open, and
+    # a connection the kernel queues on that socket then is reset (SO_REUSEPORT's known limit;
+    # net.ipv4.tcp_migrate_req=1 moves them, docs/scale-out.md). The supervisor hears of the death
+    # only once every thread has exited.
+    gw.wait_for_log("died (signal 9)")
+    assert not _alive(before[0])
+    answered = after_ready = 0
+    deadline = time.monotonic() + 30
+    while after_ready < 10:
+        assert time.monotonic() < deadline, gw.log_text()
+        ready = "ready again" in gw.log_text()
         with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as raw, \
                 gw.ssl.wrap_socket(raw, server_hostname="127.0.0.1"):
-            answered.append(True)
-        time.sleep(0.02)
-    assert len(answered) == 25
+            answered += 1
+            after_ready += ready
+        time.sleep(0.01)
+    assert answered > after_ready  # some of them while the worker was being started again
     for _ in range(5):
         d = Paho(gw, "k-thermo", username="k-thermo", password=created["k1"], version=V311)
         assert await d.connect() == 0
