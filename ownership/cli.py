@@ -102,6 +102,8 @@ def _rekey_postgres(config: Config, current: str, new: str, source: str) -> int:
     except psycopg.Error as exc:
         raise CommandError(f"store postgres: cannot rekey: {type(exc).__name__} (nothing half-done is lost: "
                            "run it again)") from None
+    except st.StoreError as exc:
+        raise CommandError(str(exc)) from None
     finally:
         store.close()
     print(f"store postgres: {moved} values re-sealed under a new data key; the key ring opens with the key "

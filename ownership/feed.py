@@ -47,6 +47,7 @@ class FeedStore(Protocol):
 
     def changes_since(self, seq: int) -> tuple[int, set[str] | None, bool]: ...
     def load_all_at(self) -> tuple[int, dict[str, list[dict[str, Any]]]]: ...
+    def forget_own(self) -> None: ...
 
 
 class Heard(Protocol):
@@ -69,11 +70,12 @@ class PgListen:
     @contextlib.asynccontextmanager
     async def connect(self, timeout: float) -> AsyncIterator[Heard]:
         import psycopg
+        from psycopg.conninfo import make_conninfo
 
-        from ownership.pg_store import CHANNEL
+        from ownership.pg_store import CHANNEL, LIVENESS
 
         conn = await asyncio.wait_for(psycopg.AsyncConnection.connect(
-            self._dsn, autocommit=True, connect_timeout=max(1, int(timeout))), timeout)
+            make_conninfo(self._dsn, **LIVENESS), autocommit=True, connect_timeout=max(1, int(timeout))), timeout)
         async with conn:
             await conn.execute(f"LISTEN {CHANNEL}")
             yield _PgHeard(conn)
@@ -129,6 +131,9 @@ class ChangeFeed:
         # Run after each catch-up, before the feed listens again: other state that follows the store
         # (the policy set of policies.source: store, ownership/policy_store.py).
         self.after_catch_up: list[Callable[[], Awaitable[None]]] = []
+        self._followers_behind = False
+        # Told when this process fails closed (the policy set of policies.source: store).
+        self.on_fail_closed: list[Callable[[], None]] = []
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._listen(), name="keygate-change-feed"),
@@ -146,6 +151,8 @@ class ChangeFeed:
         if self.failed_closed:
             return False, (f"change feed silent for more than {self._max_silence:g}s: failing closed for "
                            "grants that rest on the store")
+        if self._followers_behind:
+            return False, f"change feed at {self.applied}, but a follower of the store (the policy set) is behind"
         return True, f"change feed at {self.applied}"
 
     # ------------------------------------------------------------------ listening
@@ -156,25 +163,36 @@ class ChangeFeed:
                 async with self._signal.connect(self._max_silence) as heard:
                     while True:
                         newest = await asyncio.wait_for(heard.newest(), self._max_silence)
-                        if newest > self.applied or self.failed_closed:
+                        if newest < self.applied:  # the store went back: a restore, a lagging standby
+                            await self._rewound(newest)
+                            await self._after_catch_up()
+                        elif newest > self.applied or self.failed_closed:
                             await self._catch_up()
+                            await self._after_catch_up()
+                        elif self._followers_behind:  # one failed after an earlier catch-up: again
                             await self._after_catch_up()
                         self._last_heard = self._clock()
                         await heard.wait(self._beat)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database or the network went away: retry, the watch fails closed
-                log.warning("change feed: %s; reconnecting", type(exc).__name__)
+                log.warning("change feed: %s%s; reconnecting", type(exc).__name__, f": {exc}" if str(exc) else "")
                 await asyncio.sleep(min(self._beat, 0.5))
 
     async def _after_catch_up(self) -> None:
+        behind = False
         for follow in list(self.after_catch_up):
             try:
                 await follow()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # one follower failing must not stop the feed (it says why itself)
-                log.exception("change feed: a follower of the store failed")
+            except Exception as exc:  # one follower failing must not stop the feed
+                behind = True
+                log.warning("change feed: a follower of the store failed (%s: %s); trying again at the next beat",
+                            type(exc).__name__, exc)
+        # ``applied`` is past the change already: without this, a policy push whose read failed once
+        # would wait for the next unrelated change to be loaded.
+        self._followers_behind = behind
 
     async def _catch_up(self) -> None:
         """Apply everything after :attr:`applied`: read the devices the changes touched and a snapshot."""
@@ -187,12 +205,30 @@ class ChangeFeed:
         seq, snapshot = await self._run(self._store.load_all_at)
         if seq < self.applied:  # never step back (the snapshot is of an older state)
             return
+        if devices is not None and seq > last:
+            # Changes committed between the two reads are in the snapshot: their devices are re-checked
+            # too (read again from ``last``: a superset, since more may have committed since).
+            _, later, _ = await self._run(self._store.changes_since, last)
+            devices = None if later is None else devices | later
         self._facts.replace(snapshot, devices)
         self.applied = seq
         if self.failed_closed:
             self.failed_closed = False
             log.warning("change feed back: caught up to change %d; grants that rest on the store are served again",
                         seq)
+
+    async def _rewound(self, newest: int) -> None:
+        """The store's newest change is older than what this process applied: what it holds is not
+        what the store says (changes it applied are gone, and their numbers will be given out again).
+        Forget this process's own numbers and take the store's state as it is, in full."""
+        log.error("change feed: the store's newest change is %d but this process applied %d (restored from a "
+                  "backup, or failed over to a standby that lagged): reloading everything from the store",
+                  newest, self.applied)
+        await self._run(self._store.forget_own)
+        seq, snapshot = await self._run(self._store.load_all_at)
+        self._facts.replace(snapshot, None)
+        self.applied = seq
+        self.failed_closed = False
 
     # ------------------------------------------------------------------ failing closed
 
@@ -203,5 +239,10 @@ class ChangeFeed:
             if silent > self._max_silence and not self.failed_closed:
                 self.failed_closed = True
                 self._facts.replace(EMPTY, None)
+                for tell in list(self.on_fail_closed):
+                    try:
+                        tell()
+                    except Exception:  # one failing must not keep the others from failing closed
+                        log.exception("change feed: failing closed: a follower of the store failed")
                 log.error("change feed silent for %.1fs (store.feed_max_silence_seconds is %g): failing closed "
                           "for grants that rest on the store until it is back", silent, self._max_silence)

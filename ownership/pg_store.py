@@ -41,6 +41,14 @@ def _record_key(table: str, value: Any) -> bytes:
     return bytes(value)
 
 
+#: libpq settings that end a connection to a database that went away without a word (a host down, a
+#: partition): keepalive probes on an idle connection, and a bound on data sent but not acknowledged.
+#: Without them a query waits on a half-open connection for as long as the kernel retransmits
+#: (about 15 minutes), and the store thread with it. Seconds, except tcp_user_timeout (ms).
+LIVENESS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+            "tcp_user_timeout": 10_000}
+
+
 class PgStore:
     """One pool of connections to a keyed, migrated keygate database."""
 
@@ -53,6 +61,7 @@ class PgStore:
         self.label = label
         # Changes this process made (and so holds in its facts), until its feed has passed them.
         self._own: set[int] = set()
+        self._pending: list[int] = []  # this transaction's changes (one store thread)
 
     # ------------------------------------------------------------------ opening
 
@@ -64,7 +73,7 @@ class PgStore:
         failure = f"store {label}: wrong key or not a keygate store"
         pool: ConnectionPool[Any] = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
-            kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout))},
+            kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout)), **LIVENESS},
             check=ConnectionPool.check_connection, name="keygate-store")
         try:
             pool.open(wait=True, timeout=connect_timeout)
@@ -146,11 +155,21 @@ class PgStore:
     def transaction(self, *, write: bool = True) -> Iterator[Any]:
         """One transaction (``write``: under the write lock). A connection lost on the way, or none to be
         had, is StoreUnavailable: the transaction did not commit (the caller's change is not made)."""
+        start = len(self._pending)  # > 0 only for a read opened inside a write
         try:
             with self._transaction(write) as conn:
                 yield conn
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        except BaseException as exc:
+            del self._pending[start:]
+            if isinstance(exc, (psycopg.OperationalError, PoolTimeout)):
+                raise StoreUnavailable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
+                    from None
+            raise
+        if start == 0:
+            # Own only once the COMMIT is answered: one whose answer was lost is read back by the feed
+            # as another's change (it may well have committed), not skipped as already applied here.
+            self._own.update(self._pending)
+            self._pending.clear()
 
     @contextlib.contextmanager
     def _transaction(self, write: bool) -> Iterator[Any]:
@@ -204,7 +223,7 @@ class PgStore:
         kid, blob = self._seal("changes", int(seq), value)
         conn.execute("INSERT INTO changes (seq, at, kid, data) VALUES (%s, %s, %s, %s)", (seq, time.time(), kid, blob))
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
-        self._own.add(int(seq))  # never seen if the transaction rolls back: harmless
+        self._pending.append(int(seq))  # this process's own once committed (transaction())
 
     # ------------------------------------------------------------------ the pepper
 
@@ -225,6 +244,10 @@ class PgStore:
     def last_change(self) -> int:
         with self.transaction(write=False) as c:
             return int(c.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
+
+    def forget_own(self) -> None:
+        """The store went back (ownership/feed.py): this process's change numbers may be given out again."""
+        self._own.clear()
 
     def changes_since(self, seq: int) -> tuple[int, set[str] | None, bool]:
         """(the newest seq, the device ids changed after ``seq`` or None for everything, whether any
@@ -651,6 +674,14 @@ class PgStore:
             self._reload_ring(conn)
             salt = bytes(conn.execute("SELECT value FROM meta WHERE name = 'salt'").fetchone()[0])
             new_kek = derive_kek(new_passphrase, salt)
+            # A ring under a third key (a rekey not finished) would keep an old data key current for the
+            # gateways still started with it, and every other gateway could not open what they write.
+            rings = {r[0] for r in conn.execute("SELECT name FROM meta WHERE name LIKE 'ring:%%'").fetchall()}
+            others = rings - {f"ring:{kek_id(self._kek)}", f"ring:{kek_id(new_kek)}"}
+            if others:
+                raise StoreError(f"store {self.label}: a rekey is not finished (the key ring opens with {len(others)} "
+                                 "other key(s)): once every gateway runs with the current key, run keygate store "
+                                 "rekey --finish, then rekey again")
             ring = self._ring.with_new_data_key()
             self._write_ring(conn, ring, new_kek)
             self._ring = ring

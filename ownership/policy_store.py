@@ -7,6 +7,10 @@ write; after each catch-up the feed asks this module whether the set's version m
 SQLCipher file by asking it every :data:`POLL_SECONDS`. A new version is loaded with the same
 loader as a directory and swapped in exactly as a reload is (gateways drop their caches and
 re-check open connections); one that does not load keeps the set in force, logged and in /readyz.
+
+When the change feed fails closed, a set pushed meanwhile (one that withdraws a grant, say) could
+not be heard either: the set in force is then replaced by one with no rule, so nothing a policy
+grants is served until the feed is back and the store's newest set is loaded again.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ POLL_SECONDS = 1.0
 def where(version: int) -> str:
     """How messages name a stored set's files: ``store@VERSION/NAME:line:column``."""
     return f"store@{version}"
+
+
+def _no_rule() -> PolicySource:
+    return load_files([("failed-closed.yaml", "version: 1\nrules: []\n")], "failed-closed")
 
 
 def source_of(row: tuple[int, str, list[tuple[str, str]]]) -> PolicySource:
@@ -73,6 +81,7 @@ class StorePolicies:
         feed = self._ownership.feed
         if feed is not None:
             feed.after_catch_up.append(self.follow)
+            feed.on_fail_closed.append(self.fail_closed)
             # A push between the load at start and this hook: the feed may have caught up on it already.
             self._task = asyncio.create_task(self._follow_logged(), name="keygate-policy-store-first-follow")
         else:
@@ -82,6 +91,8 @@ class StorePolicies:
         feed = self._ownership.feed
         if feed is not None and self.follow in feed.after_catch_up:
             feed.after_catch_up.remove(self.follow)
+        if feed is not None and self.fail_closed in feed.on_fail_closed:
+            feed.on_fail_closed.remove(self.fail_closed)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -99,6 +110,14 @@ class StorePolicies:
                 return
             self._tried = row[0]
             await self.policies.load_source(lambda: source_of(row), version=row[0])
+
+    def fail_closed(self) -> None:
+        """The feed cannot hear the store: serve a set with no rule until it is caught up again (the
+        next catch-up's :meth:`follow` loads the store's newest set, whatever its version)."""
+        self.policies.swap(self.policies.compile(_no_rule()))
+        self.policies.version = None
+        self._tried = None
+        log.error("policy set: the change feed is silent; no policy rule is served until it is back")
 
     async def _poll(self) -> None:
         while True:

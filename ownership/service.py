@@ -257,6 +257,11 @@ class OwnershipService:
     async def policy_set_version(self) -> int:
         return await self._run(self._store.policy_set_version)
 
+    @property
+    def failed_closed(self) -> bool:
+        """The change feed has been silent too long: the facts are emptied, not the store's state."""
+        return self.feed is not None and self.feed.failed_closed
+
     async def close(self) -> None:
         if self._closed:
             return

@@ -115,6 +115,7 @@ class Store:
         self._salt = salt
         # Changes this process made (and so holds in its facts), until its feed has passed them.
         self._own: set[int] = set()
+        self._pending: list[int] = []  # this transaction's changes (one store thread)
 
     # ------------------------------------------------------------------ opening
 
@@ -210,12 +211,24 @@ class Store:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
         self._conn.execute("BEGIN IMMEDIATE")
+        self._pending.clear()
         try:
             yield self._conn
         except BaseException:
+            self._pending.clear()
             self._conn.execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
+        try:
+            self._conn.execute("COMMIT")
+        except BaseException:
+            # Not committed (or not known to be): the change is no one's own, the feed reads it if it is
+            # there; and the write lock is not kept.
+            self._pending.clear()
+            with contextlib.suppress(Exception):
+                self._conn.execute("ROLLBACK")
+            raise
+        self._own.update(self._pending)
+        self._pending.clear()
 
     def _ensure_pepper(self) -> None:
         if self._conn.execute("SELECT 1 FROM meta WHERE name = 'key_pepper'").fetchone():
@@ -234,10 +247,16 @@ class Store:
         """Append to the change table, in the write's own transaction (ownership/feed.py)."""
         cur = c.execute("INSERT INTO changes (at, devices) VALUES (?, ?)",
                         (time.time(), None if devices is None else json.dumps(sorted(devices))))
-        self._own.add(int(cur.lastrowid))  # never seen if the transaction rolls back: harmless
+        # Own once committed (Store.transaction): a seq rolled back is given out again by SQLite, and must
+        # then be another worker's change, not this process's.
+        self._pending.append(int(cur.lastrowid))
 
     def last_change(self) -> int:
         return int(self._conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
+
+    def forget_own(self) -> None:
+        """The store went back (ownership/feed.py): this process's change numbers may be given out again."""
+        self._own.clear()
 
     def changes_since(self, seq: int) -> tuple[int, set[str] | None, bool]:
         """(the newest seq, the device ids changed after ``seq`` or None for everything, whether any

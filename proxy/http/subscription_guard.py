@@ -166,6 +166,11 @@ class SubscriptionGuard:
     # ------------------------------------------------------------------ one round
 
     async def run_once(self, devices: set[str] | None = None) -> None:
+        if self.services.ownership.failed_closed:
+            # The facts are emptied because the feed is silent, not because anything was revoked or
+            # erased: withdrawing now would delete every user's subscription at the shared Orion. The
+            # catch-up once the feed is back replaces every fact and wakes a full round.
+            return
         current = {key_of(r): r for r in self.services.ownership.subscription_records()}
         for key in self._known.keys() - current.keys():
             self._pending[key] = (self._known[key], "owner data erased")

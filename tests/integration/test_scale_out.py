@@ -293,3 +293,70 @@ async def test_a_persistent_session_resumes_through_another_gateway_and_holds_no
     await again.close()
     await dev.close()
     await sentinel.close()
+
+
+def _ngsi(gw: Gateway, method: str, path: str, token: str, body: dict | None = None) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"https://127.0.0.1:{gw.http_port}{path}", data=data, method=method,
+                                 headers={"Authorization": f"Bearer {token}",
+                                          **({"Content-Type": "application/json"} if data else {})})
+    try:
+        with urllib.request.urlopen(req, context=gw.cluster.ssl, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _orion_subscriptions(cluster: Cluster) -> set[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.orion_port}/v2/subscriptions", timeout=5) as r:
+        return {s["id"] for s in json.loads(r.read())}
+
+
+def _subscribe_in_orion(gw: Gateway, token: str, entity: str) -> str:
+    body = {"subject": {"entities": [{"id": entity, "type": "Thermometer"}]},
+            "notification": {"http": {"url": "http://93.184.216.34:8080/notify"}, "attrs": ["temperature"]}}
+    status, text = _ngsi(gw, "POST", "/v2/subscriptions", token, body)
+    assert status == 201, text
+    return _newest_subscription(gw.cluster, entity)
+
+
+def _newest_subscription(cluster: Cluster, entity: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.orion_port}/v2/subscriptions", timeout=5) as r:
+        ids = [s["id"] for s in json.loads(r.read()) if s["subject"]["entities"][0]["id"] == entity]
+    assert len(ids) == 1, ids
+    return ids[0]
+
+
+async def test_a_gateway_failing_closed_withdraws_no_subscription_at_orion(cluster, oidc):
+    # Failing closed empties a gateway's facts because it cannot hear the store, not because anything
+    # was revoked or erased: its subscription guard must not take that for an erasure and delete every
+    # user's subscription at the shared Orion (an outside review found it did).
+    gw0, gw1 = cluster.gateways
+    alice = oidc.password_token("alice")
+    for device in ("kept-thermo", "sentinel-thermo"):
+        assert gw0.api("POST", "/devices", alice, {"id": device, "type": "Thermometer"})[0] == 201
+    cluster.in_force_everywhere()
+    kept = _subscribe_in_orion(gw0, alice, "kept-thermo")
+    sentinel = _subscribe_in_orion(gw0, alice, "sentinel-thermo")
+    cluster.in_force_everywhere()
+    cluster.postgres.kill()
+    try:
+        deadline = time.monotonic() + 15
+        while gw0.readyz()[0] != 503 or gw1.readyz()[0] != 503:
+            assert time.monotonic() < deadline, "the gateways did not fail closed"
+            time.sleep(0.05)
+        time.sleep(2.0)   # several rounds of each guard while failed closed
+    finally:
+        cluster.postgres.start()
+    deadline = time.monotonic() + 20
+    while gw0.readyz()[0] != 200 or gw1.readyz()[0] != 200:
+        assert time.monotonic() < deadline, "the gateways did not come back"
+        time.sleep(0.1)
+    # The sentinel: a real withdrawal after the outage (the device deleted) is carried out; by then the
+    # guards have run on the caught-up facts, and the other subscription is still there.
+    assert gw1.api("DELETE", "/devices/sentinel-thermo", alice)[0] == 204
+    deadline = time.monotonic() + 20
+    while sentinel in _orion_subscriptions(cluster):
+        assert time.monotonic() < deadline, "the guard did not withdraw the deleted device's subscription"
+        time.sleep(0.1)
+    assert kept in _orion_subscriptions(cluster)

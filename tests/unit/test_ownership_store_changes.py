@@ -65,3 +65,17 @@ def test_a_policy_push_is_a_change_that_touches_no_device(two):
     version = pusher.put_policy_set([("grants.yaml", "version: 1\nrules: []\n")], "0123456789abcdef", 3.0)
     assert worker.changes_since(mark) == (mark + 1, set(), True)
     assert worker.policy_set_version() == version
+
+
+def test_a_change_number_rolled_back_and_given_out_again_is_the_other_process_s(two):
+    # SQLite gives a rolled-back AUTOINCREMENT number out again: if the process whose write rolled back
+    # kept it as "its own", it would skip the other worker's change that got it (a revocation, say).
+    one, other = two
+    one.insert_device(_device("d1"), {"k1": b"\x01" * 32, "k2": b"\x02" * 32}, max_devices=10)
+    mark = one.last_change()
+    with pytest.raises(RuntimeError), one.transaction() as c:
+        one._changed(c, {"d1"})   # a write's change, then the write fails
+        raise RuntimeError("the write failed after its change was numbered")
+    other.insert_device(_device("d2"), {"k1": b"\x03" * 32, "k2": b"\x04" * 32}, max_devices=10)
+    assert other.last_change() == mark + 1   # the same number again
+    assert one.changes_since(mark) == (mark + 1, {"d2"}, True)

@@ -232,15 +232,16 @@ async def test_a_push_between_the_load_at_start_and_the_feed_hook_is_not_missed(
         policies = await load_from_store(config, service)
         second = policy_dir(tmp_path, "second", **{"extra.yaml": EXTRA})
         assert push(str(second), config_path) == 0   # ...and the feed caught up on it, with no hook yet
-        service.feed = types.SimpleNamespace(after_catch_up=[])  # a stand-in: only the hook list is used
+        service.feed = types.SimpleNamespace(after_catch_up=[], on_fail_closed=[])  # a stand-in: only the hook lists
         following = StorePolicies(policies, service)
         following.start()
         assert service.feed.after_catch_up == [following.follow]
+        assert service.feed.on_fail_closed == [following.fail_closed]
         assert following._task is not None
         await following._task
         assert policies.version == 2 and policies.digest == load_dir(second).digest
         await following.close()
-        assert service.feed.after_catch_up == []
+        assert service.feed.after_catch_up == [] and service.feed.on_fail_closed == []
     finally:
         service.feed = None
         await service.close()
