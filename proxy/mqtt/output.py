@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from proxy.mqtt.codec import Frame
 from proxy.mqtt.commands import (
     AuditRecords,
     Authenticate,
@@ -29,9 +30,10 @@ __all__ = ["Output", "Run"]
 
 
 class Output:
-    """A plain slotted class, not a dataclass: one is made per chunk read, on the hot path."""
+    """The writes of one call, each side in order, and what else it asks (authenticate, open the
+    upstream, close). A plain slotted class, not a dataclass: one is made per chunk read, on the hot path."""
 
-    __slots__ = ("to_client", "to_broker", "auth", "open_upstream", "close")
+    __slots__ = ("to_client", "to_broker", "auth", "open_upstream", "close", "run")
 
     def __init__(self) -> None:
         self.to_client: list[Buffer] = []
@@ -39,6 +41,30 @@ class Output:
         self.auth: AuthRequest | None = None
         self.open_upstream = False
         self.close: Close | None = None
+        self.run: Run | None = None  # the pass-through run of this call's chunk, if one is open
+
+    def forward(self, out: list[Buffer], frame: Frame, view: memoryview | None) -> None:
+        """Forward a packet unchanged to ``out`` (``to_client`` or ``to_broker``); neighbours from
+        the same chunk join into one slice (made once the run ends, in :meth:`end_run`)."""
+        if frame.start < 0 or view is None:
+            self.end_run()
+            out.append(frame.raw)
+            return
+        run = self.run
+        if run is not None and run.extends(out, frame.start):
+            run.end_at = frame.end
+            run.grown = True
+            return
+        self.end_run()
+        out.append(frame.raw)
+        self.run = Run(out, frame.start, frame.end, view)
+
+    def end_run(self) -> None:
+        """End the pass-through run: whatever is written next comes after it."""
+        run = self.run
+        if run is not None:
+            self.run = None
+            run.end()
 
     def commands(self, records: list[Record], counts: list[tuple[Metric, int]] | None) -> list[Command]:
         """The commands, in ORDER; takes (and empties) ``records``."""

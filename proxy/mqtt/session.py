@@ -204,9 +204,9 @@ from typing import Any, Protocol
 from proxy.config import MqttConfig
 from proxy.identity.model import AuthReason, Identity
 from proxy.mqtt import codec, fastpath
-from proxy.mqtt.audit_summary import ConnectionSummary
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
-from proxy.mqtt.commands import AuthRequest, Close, Command, CountMetrics, Metric, Record, SendToBroker, SendToClient
+from proxy.mqtt.commands import AuthRequest, Close, Command, CountMetrics, Metric, SendToBroker, SendToClient
+from proxy.mqtt.context import ALLOW_COUNT, DENY_COUNT, RATE_LIMITED, Context
 from proxy.mqtt.decisions import DecisionCaches
 from proxy.mqtt.delivery_gate import DeliveryGate
 from proxy.mqtt.events import (
@@ -259,14 +259,6 @@ HELD_PACKET_OVERHEAD = 320
 
 T = PacketType
 
-# The counters the session asks the shell to add to (proxy.mqtt.server holds them).
-_ALLOWED = {a: Metric("decisions", (a, "allow")) for a in ("publish", "subscribe", "receive", "will")}
-_DENIED = {a: Metric("decisions", (a, "deny")) for a in ("publish", "subscribe", "receive", "will")}
-_ALLOWED_PUBLISH = _ALLOWED["publish"]
-_ALLOWED_RECEIVE = _ALLOWED["receive"]
-_TO_BROKER = Metric("messages", ("client_to_broker",))
-_TO_CLIENT = Metric("messages", ("broker_to_client",))
-_RATE_LIMITED = Metric("rate_limited")
 # The audit reason of a filter refused over a cap (subscribe_gate.py).
 _SUBSCRIBE_REFUSED = {"connection": "too many subscriptions for the connection",
                       "identity": "too many subscriptions for the identity"}
@@ -318,13 +310,12 @@ class Session:
         self.random_hex = random_hex    # generated client ids
         self.rate_limiter = rate_limiter
         self.token_leeway = token_leeway
-        self.peer = peer
         self._upstream_password = config.upstream_password if upstream_password is None else upstream_password
 
-        self.identity: Identity | None = None
+        # Who the connection is, and what each call says besides its writes (context.py).
+        self._cx = Context(clock, peer)
         self.protocol_level = 0
         self.closed = False
-        self.client_id = ""            # as the client knows it
         self.upstream_client_id = ""   # as the broker knows it
         self.keepalive = 0             # enforced keepalive (seconds, 0 = none)
 
@@ -355,30 +346,36 @@ class Session:
         # clock() at which the subscription grants or the token end: checked on every chunk as
         # well as by the timer, so a late timer lets nothing through after the end.
         self._grants_until = _NEVER
-        self._published = 0            # allowed publishes / deliveries not yet added to the metrics
-        self._delivered = 0
         self._rate_limited = 0         # publishes over the rate limit since the last audit line
         self._rate_audit_at = 0.0
-        # Refusals audited one line per second at most: kind -> [refused since the last line,
-        # clock() of the next line allowed, the fields of the last refusal].
-        self._folds: dict[str, list[Any]] = {}  # [refused since the last line, next line at, fields]
-        self._summary = ConnectionSummary()  # the close record's counts (audit_summary.py)
-        self._forwarded = 0            # PUBLISH packets passed on, per direction, not yet counted
-        self._handed = 0
         # The QoS 2 flows the gateway is part of, and the client publishes it holds until their
         # PUBREL (qos2.py); the bytes held are shared with the identity's connections (qos2_budget).
         self._qos2 = Qos2Flows(qos2_budget, config.max_packet_size)
         self._will_until: float | None = None   # when the Will's grant ends (session clock)
         self._will_devices: frozenset[str] = frozenset()
-        # Pass-through run (see _pass): the output list, index of its last slice, start/end offsets.
-        self._run: Run | None = None
         # Off only to compare the fast paths with the full path (tests/unit/test_mqtt_fastpath.py).
         self._fast_paths = fast_paths
-        # What the current handle() call has to say besides the writes: audit lines, counts.
-        self._records: list[Record] = []
-        self._counts: dict[Metric, int] = {}
 
     # ----------------------------------------------------------------- shell API
+
+    @property
+    def identity(self) -> Identity | None:
+        """Who is connected (None until authenticated)."""
+        return self._cx.identity
+
+    @property
+    def client_id(self) -> str:
+        """The client id as the client knows it."""
+        return self._cx.client_id
+
+    @property
+    def peer(self) -> str:
+        """The client's address, as the audit lines name it (the shell sets it once known)."""
+        return self._cx.peer
+
+    @peer.setter
+    def peer(self, peer: str) -> None:
+        self._cx.peer = peer
 
     @property
     def reading_paused(self) -> bool:
@@ -426,10 +423,10 @@ class Session:
         if not self.closed:
             _HANDLERS[type(event)](self, acts, event)
         counts = None
-        if self._published or self._forwarded or self._delivered or self._handed or self._counts:
-            counts = self._take_counts()
-        if self._records or acts.auth is not None or acts.close is not None or acts.open_upstream:
-            return acts.commands(self._records, counts)
+        if self._cx.published or self._cx.forwarded or self._cx.delivered or self._cx.handed or self._cx.counts:
+            counts = self._cx.take_counts()
+        if self._cx.records or acts.auth is not None or acts.close is not None or acts.open_upstream:
+            return acts.commands(self._cx.records, counts)
         # The common case, a chunk passed on (one call per read, so built here, in ORDER): at most
         # a write each way and the counts.
         out: list[Command] = [SendToClient(acts.to_client)] if acts.to_client else []
@@ -441,8 +438,6 @@ class Session:
 
     def _on_client_data(self, acts: Output, event: ClientData) -> Output:
         data = event.data
-        if self._run is not None:
-            self._end_run()
         now = self.clock()
         if now >= self._decisions.until or now >= self._grants_until:
             self._expire(acts, now)
@@ -467,7 +462,7 @@ class Session:
                 # The full path goes on where the fast one stopped; a pass-through
                 # packet right after may still join the fast path's slice.
                 out = acts.to_broker
-                self._run = Run(out, 0, start, view)
+                acts.run = Run(out, 0, start, view)
         error: ProtocolError | None = None
         frames: list[Frame] = []
         if start < len(view):
@@ -494,12 +489,12 @@ class Session:
         except ProtocolError as exc:
             self._client_violation(acts, exc)
         finally:
-            self._end_run()
+            acts.end_run()
         return acts
 
     def _on_broker_data(self, acts: Output, event: BrokerData) -> Output:
         data = event.data
-        self._end_run()
+        acts.end_run()
         now = self.clock()
         if now >= self._decisions.until or now >= self._grants_until:
             self._expire(acts, now)
@@ -513,7 +508,7 @@ class Session:
                 start = self._broker_fast(acts, view)
                 if start:
                     out = acts.to_client
-                    self._run = Run(out, 0, start, view)
+                    acts.run = Run(out, 0, start, view)
             error: ProtocolError | None = None
             frames: list[Frame] = []
             if start < len(view):
@@ -528,8 +523,8 @@ class Session:
             if error is not None and not self.closed:
                 raise error
         except ProtocolError as exc:
-            self._count(Metric("protocol_errors", ("broker",)))
-            self._audit("broker", "protocol_error", reason=exc.message)
+            self._cx.count(Metric("protocol_errors", ("broker",)))
+            self._cx.audit("broker", "protocol_error", reason=exc.message)
             if self._phase is UPSTREAM:
                 self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "broker_refused", exc.message)
             else:
@@ -537,7 +532,7 @@ class Session:
                     acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.UNSPECIFIED_ERROR))
                 self._close(acts, "protocol_error", f"broker: {exc.message}")
         finally:
-            self._end_run()
+            acts.end_run()
         return acts
 
     def _on_authenticated(self, acts: Output, event: Authenticated) -> Output:
@@ -546,7 +541,7 @@ class Session:
             return self._reauthenticated(acts, identity)
         if self._phase is not AUTH or self._connect is None:
             return acts
-        self._count(Metric("authentications", (identity.method, "ok")))
+        self._cx.count(Metric("authentications", (identity.method, "ok")))
         c = self._connect
         level = c.protocol_level
         if identity.expires_at is not None and self.wallclock() >= identity.expires_at + self.token_leeway:
@@ -558,11 +553,11 @@ class Session:
         # Bind the client id to the identity.
         bound = bind_client_id(identity, c.client_id, self.config.user_client_id_prefix, self.random_hex)
         if bound.refusal:
-            self._audit("connect", "deny", identity=identity, resource=identity.device_id or c.client_id,
+            self._cx.audit("connect", "deny", identity=identity, resource=identity.device_id or c.client_id,
                         reason=bound.refusal)
             return self._refuse_connect(acts, Reason.CLIENT_IDENTIFIER_NOT_VALID, "client_id_rejected",
                                         bound.refusal)
-        self.client_id, self.upstream_client_id = bound.client_id, bound.upstream_client_id
+        self._cx.client_id, self.upstream_client_id = bound.client_id, bound.upstream_client_id
         self._assigned_id = bound.assigned
         # The Will is a publish that happens later: authorize it now.
         if c.will is not None:
@@ -571,12 +566,12 @@ class Session:
             self._will_until = self._mono(d.until)
             self._will_devices = d.devices
             if not d.allowed:
-                self._count(_DENIED["will"])
-                self._audit("will", "deny", identity=identity, resource=c.will.topic, rule=d.rule,
+                self._cx.count(DENY_COUNT["will"])
+                self._cx.audit("will", "deny", identity=identity, resource=c.will.topic, rule=d.rule,
                             reason=d.reason, qos=c.will.qos, retain=c.will.retain)
                 return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "not_authorized",
                                             "Will topic not allowed")
-            self._count(_ALLOWED["will"])
+            self._cx.count(ALLOW_COUNT["will"])
         expiry_cap = self.config.limits.persistent_session_expiry_seconds
         if level == MQTT_5:
             asked = get_prop(c.properties, Prop.SESSION_EXPIRY_INTERVAL)
@@ -588,8 +583,8 @@ class Session:
             if refusal:
                 return self._auth_refused(acts, identity, Reason.QUOTA_EXCEEDED if level == MQTT_5 else
                                           Reason.SERVER_UNAVAILABLE, refusal, refusal)
-        self.identity = identity
-        self._audit("connect", "allow", identity=identity, resource=self.client_id,
+        self._cx.identity = identity
+        self._cx.audit("connect", "allow", identity=identity, resource=self.client_id,
                     protocol_level=level)
         upstream = upstream_connect(c, self.config, self._upstream_password, self.upstream_client_id,
                                     self.keepalive, self.session_expiry)
@@ -602,11 +597,11 @@ class Session:
 
     def _on_authentication_failed(self, acts: Output, event: AuthenticationFailed) -> Output:
         reason, method = event.reason, event.method
-        self._count(Metric("authentications", (method or "unknown", "fail")))
+        self._cx.count(Metric("authentications", (method or "unknown", "fail")))
         reason_name = getattr(reason, "value", str(reason))
         if self._reauth:
             self._reauth = False
-            self._audit("reauth", "deny", identity=self.identity, reason=reason_name)
+            self._cx.audit("reauth", "deny", identity=self.identity, reason=reason_name)
             acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.NOT_AUTHORIZED))
             return self._close(acts, "reauth_failed", reason_name, Reason.NOT_AUTHORIZED)
         if self._phase is not AUTH:
@@ -617,7 +612,7 @@ class Session:
             code = Reason.SERVER_UNAVAILABLE
         else:
             code = Reason.BAD_USER_NAME_OR_PASSWORD
-        self._audit("connect", "deny", resource=self._connect.client_id if self._connect else "",
+        self._cx.audit("connect", "deny", resource=self._connect.client_id if self._connect else "",
                     reason=reason_name, method=method or None)
         return self._refuse_connect(acts, code, "auth_failed", reason_name)
 
@@ -638,13 +633,13 @@ class Session:
         now = event.now
         if self._phase is not OPEN:
             if now >= self._created + self.config.connect_timeout_seconds:
-                self._audit("connect", "deny", reason="connect timeout", state=self._phase.value)
+                self._cx.audit("connect", "deny", reason="connect timeout", state=self._phase.value)
                 if self._phase is CONNECT:
                     return self._close(acts, "connect_timeout", self._phase.value)
                 return self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "connect_timeout", self._phase.value)
             return acts
         if self.keepalive and now - self._last_rx >= 1.5 * self.keepalive:  # (>=: as next_deadline says)
-            self._audit("keepalive", "close", identity=self.identity, reason="keepalive timeout")
+            self._cx.audit("keepalive", "close", identity=self.identity, reason="keepalive timeout")
             return self._disconnect(acts, Reason.KEEP_ALIVE_TIMEOUT, "keepalive_timeout", "")
         if self._token_expired():
             return self._token_ended(acts)
@@ -665,7 +660,7 @@ class Session:
         if devices is None or ident.device_id in devices:
             problem = self.credential_problem(ident) if self.credential_problem is not None else None
             if problem:
-                self._audit("session", "close", identity=ident, reason=problem)
+                self._cx.audit("session", "close", identity=ident, reason=problem)
                 if self._phase is OPEN:
                     return self._disconnect(acts, Reason.ADMINISTRATIVE_ACTION, "credential_revoked", problem)
                 return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "credential_revoked", problem)
@@ -680,9 +675,9 @@ class Session:
         the broker publishes it whenever it ends the connection itself (a session takeover, a
         protocol error it sees), so end the connection now, with a DISCONNECT that discards it."""
         self._will_armed = False
-        self._end_run()
+        acts.end_run()
         acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
-        self._audit("session", "close", reason="Will no longer allowed")
+        self._cx.audit("session", "close", reason="Will no longer allowed")
         if self._phase is OPEN:
             return self._disconnect(acts, Reason.NOT_AUTHORIZED, "will_revoked", "")
         return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "will_revoked", "")
@@ -714,13 +709,13 @@ class Session:
             d = self.policies.may_publish(ident, c.will.topic, qos=c.will.qos, retain=c.will.retain,
                                           client_id=self.client_id, now=self.wallclock())
             if d.allowed:
-                self._count(_ALLOWED["will"])
+                self._cx.count(ALLOW_COUNT["will"])
                 self._will_until = self._mono(d.until)
                 self._will_devices = d.devices
                 return True
             rule, reason = d.rule, d.reason
-        self._count(_DENIED["will"])
-        self._audit("will", "deny", resource=c.will.topic, rule=rule, reason=reason,
+        self._cx.count(DENY_COUNT["will"])
+        self._cx.audit("will", "deny", resource=c.will.topic, rule=rule, reason=reason,
                     qos=c.will.qos, retain=c.will.retain, when=when)
         return False
 
@@ -740,7 +735,7 @@ class Session:
         return self.credential_problem(ident) if self.credential_problem is not None else None
 
     def _token_ended(self, acts: Output) -> Output:
-        self._audit("session", "close", identity=self.identity, reason="token expired")
+        self._cx.audit("session", "close", identity=self.identity, reason="token expired")
         return self._disconnect(acts, Reason.MAXIMUM_CONNECT_TIME, "token_expired", "")
 
     def _token_expired(self) -> bool:
@@ -766,8 +761,8 @@ class Session:
                                            self.protocol_level == MQTT_5, self._qos2.answered,
                                            self.rate_limiter, ident.sub if ident is not None else "")
         if n:
-            self._published += n
-            self._forwarded += n
+            self._cx.published += n
+            self._cx.forwarded += n
             acts.to_broker.append(mv[:pos])  # one slice; the caller makes it a pass-through run
         return pos
 
@@ -778,8 +773,8 @@ class Session:
         pos, n = fastpath.broker_deliveries(mv, self._subs.exact, self._decisions.receive,
                                             self.protocol_level == MQTT_5)
         if n:
-            self._handed += n
-            self._delivered += n
+            self._cx.handed += n
+            self._cx.delivered += n
             acts.to_client.append(mv[:pos])  # one slice; the caller makes it a pass-through run
         return pos
 
@@ -801,7 +796,7 @@ class Session:
         held = self._pending_bytes + self._client_framer.buffered
         if held + more <= self._preauth_max:
             return False
-        self._audit("connect", "deny", reason="too much data before CONNACK", held=held, more=more,
+        self._cx.audit("connect", "deny", reason="too much data before CONNACK", held=held, more=more,
                     limit=self._preauth_max)
         self._refuse_connect(acts, Reason.QUOTA_EXCEEDED if self.protocol_level == MQTT_5 else
                              Reason.SERVER_UNAVAILABLE, "buffer_full", "")
@@ -819,7 +814,7 @@ class Session:
             self._client_publish(acts, frame, data)
         elif t in (T.PUBACK, T.PUBREC, T.PUBCOMP):
             codec.packet_id_of(frame, level)
-            self._pass(acts.to_broker, frame, data)
+            acts.forward(acts.to_broker, frame, data)
         elif t == T.PUBREL:
             pid = codec.packet_id_of(frame, level)
             if pid in self._qos2.answered:
@@ -828,7 +823,7 @@ class Session:
                 # 3.1.1: the faked flow ends. v5: the flow already ended with PUBREC 0x87.
                 acts.to_client.append(codec.encode_ack(
                     T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
-                self._end_run()
+                acts.end_run()
             elif pid not in self._qos2.releasing:  # (a repeated PUBREL: the broker's PUBCOMP answers it)
                 self._release_qos2(acts, pid)
         elif t == T.SUBSCRIBE:
@@ -838,7 +833,7 @@ class Session:
         elif t == T.PINGREQ:
             if len(frame.body):
                 raise ProtocolError(Reason.MALFORMED_PACKET, "PINGREQ with a body")
-            self._pass(acts.to_broker, frame, data)
+            acts.forward(acts.to_broker, frame, data)
         elif t == T.DISCONNECT:
             d = codec.decode_disconnect(frame.body, level)
             c = self._connect
@@ -854,19 +849,19 @@ class Session:
             if d.reason == Reason.DISCONNECT_WITH_WILL and self._will_armed:
                 self._will_armed = False
                 if not self._will_still_allowed():  # no longer allowed: a plain DISCONNECT discards it
-                    self._end_run()
+                    acts.end_run()
                     acts.to_broker.append(codec.encode_disconnect(level, 0, [
                         (Prop.SESSION_EXPIRY_INTERVAL, self.session_expiry)] if asked else []))
                 elif over:  # published as the client asks, the session kept no longer than the cap
                     self._disconnect_capped(acts, level, d)
                 else:
-                    self._pass(acts.to_broker, frame, data)
+                    acts.forward(acts.to_broker, frame, data)
             elif over:
                 self._will_armed = False  # (the DISCONNECT re-encoded: the Will is discarded as asked)
                 self._disconnect_capped(acts, level, d)
             else:
                 self._will_armed = False  # a normal DISCONNECT: the broker discards the Will
-                self._pass(acts.to_broker, frame, data)
+                acts.forward(acts.to_broker, frame, data)
             self._close(acts, "client_disconnect", f"reason 0x{d.reason:02X}" if d.reason else "")
         elif t == T.AUTH and level == MQTT_5:
             self._client_auth(acts, frame)
@@ -877,7 +872,7 @@ class Session:
 
     def _disconnect_capped(self, acts: Output, level: int, d: Disconnect) -> None:
         """The client's DISCONNECT upstream, its Session Expiry replaced by the capped ``session_expiry``."""
-        self._end_run()
+        acts.end_run()
         acts.to_broker.append(codec.encode_disconnect(level, d.reason, [
             *without_props(d.properties, Prop.SESSION_EXPIRY_INTERVAL),
             (Prop.SESSION_EXPIRY_INTERVAL, self.session_expiry)]))
@@ -903,7 +898,7 @@ class Session:
         v5 = level == MQTT_5
         if level == 4 and not c.client_id and not c.clean_start:
             # [MQTT-3.1.3-8]: an empty client id needs a clean session in 3.1.1.
-            self._audit("connect", "deny", reason="empty client id without clean session")
+            self._cx.audit("connect", "deny", reason="empty client id without clean session")
             self._refuse_connect(acts, Reason.CLIENT_IDENTIFIER_NOT_VALID, "client_id_rejected",
                                  "empty client id without clean session")
             return
@@ -915,8 +910,8 @@ class Session:
         method = get_prop(c.properties, Prop.AUTHENTICATION_METHOD)
         data = get_prop(c.properties, Prop.AUTHENTICATION_DATA)
         if method is not None and method != AUTH_METHOD:
-            self._audit("connect", "deny", resource=c.client_id, reason=f"authentication method {method!r}")
-            self._count(Metric("authentications", ("unknown", "fail")))
+            self._cx.audit("connect", "deny", resource=c.client_id, reason=f"authentication method {method!r}")
+            self._cx.count(Metric("authentications", ("unknown", "fail")))
             self._refuse_connect(acts, Reason.BAD_AUTHENTICATION_METHOD, "auth_failed", "bad method")
             return
         if data is not None and method is None:
@@ -963,19 +958,19 @@ class Session:
                 topic = codec.topic_from_bytes(topic_b)
             d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id,
                                           now=self.wallclock())
-            self._summary.decided("publish", topic, d)
+            self._cx.summary.decided("publish", topic, d)
             entry = (topic, d)
             self._decisions.put_publish(key, entry)
             self._decisions.ends_at(self._mono(d.until))
         topic, d = entry
         if self.rate_limiter is not None and not self.rate_limiter.allow(ident.sub):
-            self._count(_RATE_LIMITED)
+            self._cx.count(RATE_LIMITED)
             # One audit line per second at most, with the count: a flood must not flood the log.
             now = self.clock()
             self._rate_limited += 1
             if now >= self._rate_audit_at:
                 self._rate_audit_at = now + 1.0
-                self._audit("publish", "deny", identity=ident, resource=topic, reason="rate limit", qos=qos,
+                self._cx.audit("publish", "deny", identity=ident, resource=topic, reason="rate limit", qos=qos,
                             dropped=self._rate_limited)
                 self._rate_limited = 0
             if self.config.rate_limit.action == "disconnect":
@@ -984,26 +979,26 @@ class Session:
             self._refuse_publish(acts, info, Reason.QUOTA_EXCEEDED)
             return
         if not d.allowed:
-            self._count(_DENIED["publish"])
-            self._audit("publish", "deny", identity=ident, resource=topic, rule=d.rule, reason=d.reason,
+            self._cx.count(DENY_COUNT["publish"])
+            self._cx.audit("publish", "deny", identity=ident, resource=topic, rule=d.rule, reason=d.reason,
                         qos=qos, retain=info.retain)
             if level != MQTT_5 and self.config.denied_publish_v3 == "disconnect":
                 self._close(acts, "denied_publish", topic)
                 return
             self._refuse_publish(acts, info, Reason.NOT_AUTHORIZED)
             return
-        self._published += 1
+        self._cx.published += 1
         if info.packet_id is not None:
             # An allowed id is no longer one the gateway refused.
             self._qos2.answered.discard(info.packet_id)
         if qos == 2:
             self._hold_qos2(acts, frame, data, info, topic, rewrite)
             return
-        self._forwarded += 1
+        self._cx.forwarded += 1
         if not rewrite:
-            self._pass(acts.to_broker, frame, data)
+            acts.forward(acts.to_broker, frame, data)
             return
-        self._end_run()
+        acts.end_run()
         acts.to_broker.extend(self._resolved(frame, data, info, topic))
 
     def _resolved(self, frame: Frame, data: memoryview | None, info: PublishInfo,
@@ -1022,14 +1017,14 @@ class Session:
                    rewrite: bool) -> None:
         """An allowed QoS 2 publish: the gateway answers PUBREC and keeps it until the PUBREL, when
         it is decided again (a grant revoked in between must not be released by the broker)."""
-        self._end_run()
+        acts.end_run()
         pid = info.packet_id
         if pid is None:
             raise RuntimeError("a QoS 2 PUBLISH without a packet id")  # (the codec refuses one)
         level = self.protocol_level
         packet = b"".join(bytes(b) for b in self._resolved(frame, data, info, topic)) if rewrite else bytes(frame.raw)
-        if not self._qos2.hold(self._sub, pid, packet, topic, info.retain):  # (a DUP replaces the earlier)
-            self._audit("publish", "deny", resource=topic, reason="too many QoS 2 publishes awaiting PUBREL",
+        if not self._qos2.hold(self._cx.sub, pid, packet, topic, info.retain):  # (a DUP replaces the earlier)
+            self._cx.audit("publish", "deny", resource=topic, reason="too many QoS 2 publishes awaiting PUBREL",
                         qos=2)
             if level == MQTT_5:
                 acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level, Reason.QUOTA_EXCEEDED))
@@ -1038,15 +1033,11 @@ class Session:
             return
         acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
 
-    @property
-    def _sub(self) -> str | None:
-        return self.identity.sub if self.identity is not None else None
-
     def _release_qos2(self, acts: Output, pid: int) -> None:
         """The client's PUBREL: forward the held publish if it is still allowed now."""
-        self._end_run()
+        acts.end_run()
         level = self.protocol_level
-        held = self._qos2.take(self._sub, pid)
+        held = self._qos2.take(self._cx.sub, pid)
         rule = None
         if held is None:
             topic, reason = "", "PUBREL for a QoS 2 publish not held on this connection"
@@ -1064,24 +1055,24 @@ class Session:
                 # broker handles them in order; its PUBREC then needs no answer, its PUBCOMP answers
                 # the client's PUBREL.)
                 self._qos2.releasing.add(pid)
-                self._forwarded += 1
+                self._cx.forwarded += 1
                 acts.to_broker.append(packet)
                 acts.to_broker.append(codec.encode_ack(T.PUBREL, pid, level))
                 return
             rule, reason = (d.rule, d.reason) if d is not None else (None, problem or "")
-        self._count(_DENIED["publish"])
-        self._audit("publish", "deny", resource=topic, rule=rule, reason=reason, qos=2, when="release")
+        self._cx.count(DENY_COUNT["publish"])
+        self._cx.audit("publish", "deny", resource=topic, rule=rule, reason=reason, qos=2, when="release")
         acts.to_client.append(codec.encode_ack(
             T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
 
     def _refuse_publish(self, acts: Output, info: PublishInfo, code: int) -> None:
         """Answer a publish the broker will never see, so the client's flow completes."""
-        self._end_run()
+        acts.end_run()
         level = self.protocol_level
         pid = info.packet_id
         if info.qos == 0 or pid is None:
             return
-        self._qos2.take(self._sub, pid)  # a retransmission now refused: nothing to release
+        self._qos2.take(self._cx.sub, pid)  # a retransmission now refused: nothing to release
         if level == MQTT_5:
             acts.to_client.append(codec.encode_ack(T.PUBACK if info.qos == 1 else T.PUBREC, pid, level, code))
             if info.qos == 2:
@@ -1099,8 +1090,8 @@ class Session:
         publishes are: True (and audited, one line per second at most) when over it."""
         if self.rate_limiter is None or self.rate_limiter.allow(ident.sub, cost=n):
             return False
-        self._count(_RATE_LIMITED)
-        self._audit_folded(f"{action}:rate", action, identity=ident, resource=resource, reason="rate limit",
+        self._cx.count(RATE_LIMITED)
+        self._cx.audit_folded(f"{action}:rate", action, identity=ident, resource=resource, reason="rate limit",
                            filters=n)
         if self.config.rate_limit.action == "disconnect":
             self._disconnect(acts, Reason.MESSAGE_RATE_TOO_HIGH, "rate_limited", action)
@@ -1115,7 +1106,7 @@ class Session:
         v5 = level == MQTT_5
         if self._rate_refused(acts, "subscribe", ident, len(sub.subscriptions), sub.subscriptions[0].topic_filter):
             if not self.closed:  # drop: every filter refused, nothing reaches the broker
-                self._end_run()
+                acts.end_run()
                 code = Reason.QUOTA_EXCEEDED if v5 else V3_SUBACK_FAILURE
                 acts.to_client.append(codec.encode_suback(Suback(sub.packet_id, [code] * len(sub.subscriptions)),
                                                           level))
@@ -1124,24 +1115,24 @@ class Session:
         for o in plan.outcomes:
             s, d = o.subscription, o.decision
             if d is not None:
-                self._summary.decided("subscribe", s.topic_filter, d)
+                self._cx.summary.decided("subscribe", s.topic_filter, d)
             if o.kind is ALLOWED:
-                self._count(_ALLOWED["subscribe"])
+                self._cx.count(ALLOW_COUNT["subscribe"])
                 continue
-            self._count(_DENIED["subscribe"])
+            self._cx.count(DENY_COUNT["subscribe"])
             if o.kind is DENIED and d is not None:
-                self._audit("subscribe", "deny", identity=ident, resource=s.topic_filter,
+                self._cx.audit("subscribe", "deny", identity=ident, resource=s.topic_filter,
                             rule=d.rule, reason=d.reason, qos=s.qos)
             else:
-                self._audit_folded(f"subscribe:{o.kind}", "subscribe", identity=ident, resource=s.topic_filter,
+                self._cx.audit_folded(f"subscribe:{o.kind}", "subscribe", identity=ident, resource=s.topic_filter,
                                    reason=_SUBSCRIBE_REFUSED[o.kind] if o.kind is not TOO_LONG else
                                    f"topic filter of {s.too_long} bytes exceeds the limit of {self._topic_max}",
                                    qos=s.qos)
         self._table_changed()
         if plan.forward_unchanged:
-            self._pass(acts.to_broker, frame, data)
+            acts.forward(acts.to_broker, frame, data)
             return
-        self._end_run()
+        acts.end_run()
         if not plan.keep:
             acts.to_client.append(codec.encode_suback(Suback(sub.packet_id, plan.slots), level))  # type: ignore[arg-type]
             return
@@ -1161,7 +1152,7 @@ class Session:
         if self._rate_refused(acts, "unsubscribe", ident, len(unsub.topic_filters), unsub.topic_filters[0]):
             if not self.closed:
                 if level == MQTT_5:  # drop: UNSUBACK has no quota code; the filters stay subscribed
-                    self._end_run()
+                    acts.end_run()
                     acts.to_client.append(codec.encode_unsuback(
                         unsub.packet_id, [Reason.UNSPECIFIED_ERROR] * len(unsub.topic_filters), level))
                 else:  # a 3.1.1 UNSUBACK can only say yes
@@ -1172,9 +1163,9 @@ class Session:
         upstream = self._subscribing.unsubscribe(unsub.topic_filters, ident)
         self._table_changed()
         if upstream == unsub.topic_filters:
-            self._pass(acts.to_broker, frame, data)
+            acts.forward(acts.to_broker, frame, data)
         else:
-            self._end_run()
+            acts.end_run()
             acts.to_broker.append(codec.encode_unsubscribe(
                 Unsubscribe(unsub.packet_id, upstream, unsub.properties), level))
 
@@ -1189,7 +1180,7 @@ class Session:
             raise ProtocolError(Reason.PROTOCOL_ERROR, "re-authentication already in progress")
         data = get_prop(a.properties, Prop.AUTHENTICATION_DATA)
         self._reauth = True
-        self._end_run()
+        acts.end_run()
         acts.auth = AuthRequest(kind="reauth", username=None, password=None, auth_method=AUTH_METHOD,
                                 auth_data=data, client_id=self.client_id)  # type: ignore[arg-type]
 
@@ -1197,13 +1188,13 @@ class Session:
         self._reauth = False
         old = self.identity
         if old is None or identity.sub != old.sub:
-            self._count(Metric("authentications", (identity.method, "fail")))
-            self._audit("reauth", "deny", identity=old, reason="subject changed", new_sub=identity.sub)
+            self._cx.count(Metric("authentications", (identity.method, "fail")))
+            self._cx.audit("reauth", "deny", identity=old, reason="subject changed", new_sub=identity.sub)
             acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.NOT_AUTHORIZED))
             return self._close(acts, "reauth_failed", "subject changed", Reason.NOT_AUTHORIZED)
-        self._count(Metric("authentications", (identity.method, "ok")))
-        self.identity = identity
-        self._audit("reauth", "allow", identity=identity)
+        self._cx.count(Metric("authentications", (identity.method, "ok")))
+        self._cx.identity = identity
+        self._cx.audit("reauth", "allow", identity=identity)
         # Roles may have changed with the new token, and the expiry has.
         self._decisions.clear()
         self._redecide()
@@ -1228,31 +1219,31 @@ class Session:
             pid = codec.packet_id_of(frame, level)
             if pid in self._qos2.dropped:
                 self._qos2.dropped.discard(pid)
-                self._end_run()
+                acts.end_run()
                 acts.to_broker.append(codec.encode_ack(T.PUBCOMP, pid, level))
             else:
-                self._pass(acts.to_client, frame, data)
+                acts.forward(acts.to_client, frame, data)
         elif t == T.PUBREC and self._qos2.releasing:
             pid = codec.packet_id_of(frame, level)
             if pid in self._qos2.releasing:
-                self._end_run()  # released already (PUBREL went with the PUBLISH); the client had its PUBREC
+                acts.end_run()  # released already (PUBREL went with the PUBLISH); the client had its PUBREC
             else:
-                self._pass(acts.to_client, frame, data)
+                acts.forward(acts.to_client, frame, data)
         elif t in (T.PUBACK, T.PUBREC, T.PUBCOMP):
             pid = codec.packet_id_of(frame, level)
             if t == T.PUBCOMP:
                 self._qos2.releasing.discard(pid)  # the answer to the client's PUBREL
-            self._pass(acts.to_client, frame, data)
+            acts.forward(acts.to_client, frame, data)
         elif t == T.UNSUBACK:
             codec.packet_id_of(frame, level)  # the table changed when the UNSUBSCRIBE went by
-            self._pass(acts.to_client, frame, data)
+            acts.forward(acts.to_client, frame, data)
         elif t == T.SUBACK:
             self._broker_suback(acts, frame, data)
         elif t == T.PINGRESP:
-            self._pass(acts.to_client, frame, data)
+            acts.forward(acts.to_client, frame, data)
         elif t == T.DISCONNECT:
             d = codec.decode_disconnect(frame.body, level)
-            self._pass(acts.to_client, frame, data)
+            acts.forward(acts.to_client, frame, data)
             self._close(acts, "broker_disconnect", f"reason 0x{d.reason:02X}", d.reason)
         else:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} is not sent by brokers")
@@ -1261,7 +1252,7 @@ class Session:
         level = self.protocol_level
         ca = codec.decode_connack(frame.body, level)
         if ca.reason != 0:
-            self._audit("connect", "deny", identity=self.identity, reason=f"broker refused 0x{ca.reason:02X}")
+            self._cx.audit("connect", "deny", identity=self.identity, reason=f"broker refused 0x{ca.reason:02X}")
             acts.to_client.append(bytes(frame.raw) if level != MQTT_5 else
                                   codec.encode_connack(False, ca.reason, level, without_props(
                                       ca.properties, Prop.ASSIGNED_CLIENT_IDENTIFIER)))
@@ -1305,10 +1296,10 @@ class Session:
             # We told the broker Topic Alias Maximum 0.
             raise ProtocolError(Reason.TOPIC_ALIAS_INVALID, "topic alias from the broker")
         if self._may_receive(info.topic):
-            self._handed += 1
-            self._pass(acts.to_client, frame, data)
+            self._cx.handed += 1
+            acts.forward(acts.to_client, frame, data)
             return
-        self._end_run()
+        acts.end_run()
         pid = info.packet_id
         if info.qos == 1 and pid is not None:
             acts.to_broker.append(codec.encode_ack(T.PUBACK, pid, level))
@@ -1321,19 +1312,19 @@ class Session:
         ok = self._delivery.cached(topic_b)
         if ok is None:
             d = self._delivery.decide(topic_b, self.identity, self.client_id)
-            self._summary.decided("receive", d.topic, d.decision)
+            self._cx.summary.decided("receive", d.topic, d.decision)
             ok = d.allowed
             if not ok:
-                self._count(_DENIED["receive"])
+                self._cx.count(DENY_COUNT["receive"])
                 decision = d.decision
-                self._audit("receive", "deny", identity=self.identity, resource=d.topic,
+                self._cx.audit("receive", "deny", identity=self.identity, resource=d.topic,
                             rule=decision.rule if decision is not None else None,
                             reason=decision.reason if decision is not None else None)
                 return False
         if ok:
-            self._delivered += 1
+            self._cx.delivered += 1
         else:
-            self._count(_DENIED["receive"])
+            self._cx.count(DENY_COUNT["receive"])
         return ok
 
     def _broker_suback(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
@@ -1341,45 +1332,12 @@ class Session:
         sa = codec.decode_suback(frame.body, level)
         merged = self._subscribing.merged_suback(sa)
         if merged is None:
-            self._pass(acts.to_client, frame, data)
+            acts.forward(acts.to_client, frame, data)
             return
-        self._end_run()
+        acts.end_run()
         acts.to_client.append(codec.encode_suback(merged, level))
 
     # ----------------------------------------------------------------- plumbing
-
-    def _take_counts(self) -> list[tuple[Metric, int]]:
-        """What the call counted. Allowed messages are counted in plain integers, in bulk.
-        (On the hot path: one call per chunk read, so no helper calls here.)"""
-        counts = self._counts
-        if counts:
-            out = list(counts.items())
-            counts.clear()
-        else:
-            out = []
-        summary = self._summary
-        n = self._published
-        if n:
-            out.append((_ALLOWED_PUBLISH, n))
-            self._published = 0
-        n = self._delivered
-        if n:
-            out.append((_ALLOWED_RECEIVE, n))
-            summary.delivered += n
-            self._delivered = 0
-        n = self._forwarded
-        if n:
-            out.append((_TO_BROKER, n))
-            summary.published += n  # forwarded: a held QoS 2 counts at its release
-            self._forwarded = 0
-        n = self._handed
-        if n:
-            out.append((_TO_CLIENT, n))
-            self._handed = 0
-        return out
-
-    def _count(self, metric: Metric, n: int = 1) -> None:
-        self._counts[metric] = self._counts.get(metric, 0) + n
 
     def _table_changed(self) -> None:
         # Cached deliveries may rest on a grant that just went: ask again.
@@ -1430,79 +1388,24 @@ class Session:
         """A unix time (a delegation's expiry) on the session's clock."""
         return None if until is None else self.clock() + (until - self.wallclock())
 
-    def _pass(self, out: list[Buffer], frame: Frame, view: memoryview | None) -> None:
-        """Forward a packet unchanged; neighbours from the same chunk join into one slice
-        (made once the run ends, in _end_run)."""
-        if frame.start < 0 or view is None:
-            self._end_run()
-            out.append(frame.raw)
-            return
-        run = self._run
-        if run is not None and run.extends(out, frame.start):
-            run.end_at = frame.end
-            run.grown = True
-            return
-        self._end_run()
-        out.append(frame.raw)
-        self._run = Run(out, frame.start, frame.end, view)
-
-    def _end_run(self) -> None:
-        run = self._run
-        if run is not None:
-            self._run = None
-            run.end()
-
-    def _audit(self, action: str, decision: str, *, identity: Identity | None = None, resource: str = "",
-               rule: str | None = None, reason: str | None = None, **extra: Any) -> None:
-        extra = {k: v for k, v in extra.items() if v is not None}
-        if self.peer:
-            extra["peer"] = self.peer
-        if self.client_id and "client_id" not in extra:
-            extra["client_id"] = self.client_id
-        self._records.append(Record(action, decision, resource,
-                                    identity if identity is not None else self.identity, rule, reason, extra))
-
-    def _audit_folded(self, kind: str, action: str, **fields: Any) -> None:
-        """A refusal a client can repeat at will: one line per second at most per kind, with the
-        number refused since the last line (``count``); what is left is written at close."""
-        now = self.clock()
-        fold = self._folds.get(kind)
-        if fold is None:
-            fold = self._folds[kind] = [0, 0.0, None]
-        fold[0] += 1
-        if now >= fold[1]:
-            fold[1] = now + 1.0
-            self._audit(action, "deny", count=fold[0], **fields)
-            fold[0] = 0
-        else:
-            fold[2] = (action, fields)
-
-    def _flush_folds(self) -> None:
-        for fold in self._folds.values():
-            if fold[0] and fold[2] is not None:
-                action, fields = fold[2]
-                self._audit(action, "deny", count=fold[0], **fields)
-                fold[0] = 0
-        self._folds.clear()
-
     def _close(self, acts: Output, reason: str, detail: str, code: int | None = None) -> Output:
         """Every way a connection ends comes here. A Will the broker holds is decided now: if it
         is no longer allowed, a plain DISCONNECT upstream makes the broker discard it."""
         if self._will_armed:
             self._will_armed = False
             if self._asked_to_discard_will() or not self._will_still_allowed():
-                self._end_run()
+                acts.end_run()
                 acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
         self.closed = True
         self._enter(CLOSED)
         self._pending = []
         self._subscribing.close()  # the identity's other connections may use them
-        self._qos2.drop_all(self._sub)  # the held publishes go with the connection
-        self._flush_folds()
+        self._qos2.drop_all(self._cx.sub)  # the held publishes go with the connection
+        self._cx.flush_folds()
         if self.identity is not None:  # one summary per connection past authentication (_enter refuses a 2nd close)
             # The counts of this call go to the metrics at its end: move them into the record now.
-            self._counts.update(self._take_counts())
-            self._audit("session", "summary", reason=reason, **self._summary.fields())
+            self._cx.counts.update(self._cx.take_counts())
+            self._cx.audit("session", "summary", reason=reason, **self._cx.summary.fields())
         if acts.close is None:
             acts.close = Close(reason, detail, code)
         return acts
@@ -1527,7 +1430,7 @@ class Session:
         return self._close(acts, reason, detail)
 
     def _auth_refused(self, acts: Output, identity: Identity, code: int, reason: str, detail: str) -> Output:
-        self._audit("connect", "deny", identity=identity, reason=detail)
+        self._cx.audit("connect", "deny", identity=identity, reason=detail)
         return self._refuse_connect(acts, code, reason, detail)
 
     def _refuse_oversized(self, acts: Output) -> Output:
@@ -1546,18 +1449,18 @@ class Session:
         return self._close(acts, "protocol_error", detail)
 
     def _client_violation(self, acts: Output, exc: ProtocolError) -> Output:
-        self._count(Metric("protocol_errors", ("client",)))
+        self._cx.count(Metric("protocol_errors", ("client",)))
         state = self._phase
         if state is CONNECT and exc.reason_code == Reason.PACKET_TOO_LARGE:
             # Only the Framer says this, at the CONNECT's fixed header: nothing of its body is held.
-            self._audit("connect", "deny", reason=f"CONNECT over the pre-authentication limit: {exc.message}",
+            self._cx.audit("connect", "deny", reason=f"CONNECT over the pre-authentication limit: {exc.message}",
                         reason_code=exc.reason_code)
             self._oversized = exc.message
             return self._refuse_oversized(acts)
         if isinstance(exc, LimitExceeded):  # a configured limit, not a broken protocol
-            self._audit(exc.action, "deny", reason=exc.message, reason_code=exc.reason_code)
+            self._cx.audit(exc.action, "deny", reason=exc.message, reason_code=exc.reason_code)
         else:
-            self._audit("protocol_error", "deny", reason=exc.message, reason_code=exc.reason_code)
+            self._cx.audit("protocol_error", "deny", reason=exc.message, reason_code=exc.reason_code)
         if state is CONNECT:
             level = exc.protocol_level
             if level is not None:
