@@ -1,8 +1,8 @@
 """Who one MQTT connection is, and what it says besides its writes.
 
 One :class:`Context` per session, shared by the session's pieces (the publish gate, the
-delivery gate, the subscribe gate, the Will): the facts every audit line carries (identity,
-client id, peer), and what a :meth:`~proxy.mqtt.session.Session.handle` call gathers for the
+delivery gate, the subscribe gate, the Will): the facts every piece reads (identity, client id,
+protocol level, peer), and what a :meth:`~proxy.mqtt.session.Session.handle` call gathers for the
 shell besides the writes: audit records, refusals folded to one line per second, metric counts
 and the allowed messages counted in plain integers. The session is the one writer of the
 facts; it takes the records and counts at the end of every call (:meth:`take_counts`), so each
@@ -32,12 +32,13 @@ _TO_CLIENT = Metric("messages", ("broker_to_client",))
 
 class Context:
     __slots__ = ("_clock", "_folds", "client_id", "counts", "delivered", "forwarded", "handed", "identity",
-                 "peer", "published", "records", "summary")
+                 "level", "peer", "published", "records", "summary")
 
     def __init__(self, clock: Callable[[], float], peer: str = "") -> None:
         self._clock = clock             # monotonic: when a folded refusal may have its next line
         self.identity: Identity | None = None
         self.client_id = ""             # as the client knows it
+        self.level = 0                  # the protocol level of its CONNECT (MQTT_5, 4, 3), 0 before
         self.peer = peer
         self.records: list[Record] = []  # this call's audit lines
         self.counts: dict[Metric, int] = {}  # this call's counts, besides the messages below

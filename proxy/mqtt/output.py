@@ -2,13 +2,15 @@
 
 :class:`Output` collects the writes of one :meth:`Session.handle` call per side and turns
 them, with the audit records and counts, into the ordered command list
-(:data:`proxy.mqtt.commands.ORDER`). :class:`Run` joins consecutive pass-through packets of
+(:data:`proxy.mqtt.commands.ORDER`). :class:`End` is how a piece of the session says the
+connection ends. :class:`Run` joins consecutive pass-through packets of
 one chunk into one slice of the buffer they came in, made only when the run ends.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from proxy.mqtt.codec import Frame
 from proxy.mqtt.commands import (
@@ -26,7 +28,7 @@ from proxy.mqtt.commands import (
 )
 from proxy.mqtt.events import Buffer
 
-__all__ = ["Output", "Run"]
+__all__ = ["End", "Output", "Run"]
 
 
 class Output:
@@ -85,6 +87,14 @@ class Output:
         if self.close is not None:
             out.append(self.close)
         return out
+
+
+class End(NamedTuple):
+    """A piece of the session says the connection ends: the session carries it out (the Will
+    decided, the connection's holdings given back), as :class:`~proxy.mqtt.commands.Close`."""
+    reason: str
+    detail: str = ""
+    disconnect: int | None = None  # v5: the DISCONNECT reason code the client is told first
 
 
 class Run:

@@ -214,7 +214,6 @@ from proxy.mqtt.events import (
     AuthenticationFailed,
     BrokerClosed,
     BrokerData,
-    Buffer,
     ClientClosed,
     ClientData,
     ConnectRefused,
@@ -224,7 +223,7 @@ from proxy.mqtt.events import (
     Tick,
 )
 from proxy.mqtt.handshake import AUTH_METHOD, bind_client_id, client_connack_props, upstream_connect
-from proxy.mqtt.output import Output, Run
+from proxy.mqtt.output import End, Output, Run
 from proxy.mqtt.packets import (
     MQTT_5,
     V3_CONNACK_FOR,
@@ -234,7 +233,6 @@ from proxy.mqtt.packets import (
     PacketType,
     Prop,
     Properties,
-    PublishInfo,
     Reason,
     Suback,
     Subscribe,
@@ -244,6 +242,7 @@ from proxy.mqtt.packets import (
     without_props,
 )
 from proxy.mqtt.phase import AUTH, CLOSED, CONNECT, OPEN, UPSTREAM, Phase, advance
+from proxy.mqtt.publish_gate import PublishGate
 from proxy.mqtt.qos2 import Qos2Flows
 from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.subscribe_gate import ALLOWED, DENIED, TOO_LONG, SubscribeGate
@@ -314,7 +313,6 @@ class Session:
 
         # Who the connection is, and what each call says besides its writes (context.py).
         self._cx = Context(clock, peer)
-        self.protocol_level = 0
         self.closed = False
         self.upstream_client_id = ""   # as the broker knows it
         self.keepalive = 0             # enforced keepalive (seconds, 0 = none)
@@ -333,7 +331,6 @@ class Session:
         self._pending_bytes = 0
         self._reauth = False
         self._will_armed = False       # the broker holds this connection's Will
-        self._aliases: dict[int, str] = {}
         self._subs = SubscriptionTable()  # written by the subscribe gate alone, read by the rest
         # SUBSCRIBE / UNSUBSCRIBE (subscribe_gate.py); the quota is shared by all of an
         # identity's connections (the shell makes one per gateway); None: no cap.
@@ -346,11 +343,13 @@ class Session:
         # clock() at which the subscription grants or the token end: checked on every chunk as
         # well as by the timer, so a late timer lets nothing through after the end.
         self._grants_until = _NEVER
-        self._rate_limited = 0         # publishes over the rate limit since the last audit line
-        self._rate_audit_at = 0.0
         # The QoS 2 flows the gateway is part of, and the client publishes it holds until their
         # PUBREL (qos2.py); the bytes held are shared with the identity's connections (qos2_budget).
         self._qos2 = Qos2Flows(qos2_budget, config.max_packet_size)
+        # Client -> broker PUBLISH and PUBREL (publish_gate.py).
+        self._publishing = PublishGate(config=config, policies=policies, context=self._cx, decisions=self._decisions,
+                                       qos2=self._qos2, rate_limiter=rate_limiter, clock=clock, wallclock=wallclock,
+                                       mono=self._mono, standing_problem=self._standing_problem)
         self._will_until: float | None = None   # when the Will's grant ends (session clock)
         self._will_devices: frozenset[str] = frozenset()
         # Off only to compare the fast paths with the full path (tests/unit/test_mqtt_fastpath.py).
@@ -367,6 +366,11 @@ class Session:
     def client_id(self) -> str:
         """The client id as the client knows it."""
         return self._cx.client_id
+
+    @property
+    def protocol_level(self) -> int:
+        """The protocol level of the client's CONNECT (MQTT_5, 4 or 3; 0 before it)."""
+        return self._cx.level
 
     @property
     def peer(self) -> str:
@@ -811,21 +815,14 @@ class Session:
             return
         level = self.protocol_level
         if t == T.PUBLISH:
-            self._client_publish(acts, frame, data)
+            end = self._publishing.publish(acts, frame, data)
+            if end is not None:
+                self._end(acts, end)
         elif t in (T.PUBACK, T.PUBREC, T.PUBCOMP):
             codec.packet_id_of(frame, level)
             acts.forward(acts.to_broker, frame, data)
         elif t == T.PUBREL:
-            pid = codec.packet_id_of(frame, level)
-            if pid in self._qos2.answered:
-                # The gateway acknowledged (and dropped) this QoS 2 publish: finish it here.
-                self._qos2.answered.discard(pid)
-                # 3.1.1: the faked flow ends. v5: the flow already ended with PUBREC 0x87.
-                acts.to_client.append(codec.encode_ack(
-                    T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
-                acts.end_run()
-            elif pid not in self._qos2.releasing:  # (a repeated PUBREL: the broker's PUBCOMP answers it)
-                self._release_qos2(acts, pid)
+            self._publishing.release(acts, frame, data)
         elif t == T.SUBSCRIBE:
             self._client_subscribe(acts, frame, data)
         elif t == T.UNSUBSCRIBE:
@@ -894,7 +891,7 @@ class Session:
                                  max_username=limits.username_max_bytes, max_will_topic=self._topic_max)
         self._head = bytearray()
         self._connect = c
-        self.protocol_level = level = c.protocol_level
+        self._cx.level = level = c.protocol_level
         v5 = level == MQTT_5
         if level == 4 and not c.client_id and not c.clean_start:
             # [MQTT-3.1.3-8]: an empty client id needs a clean session in 3.1.1.
@@ -920,170 +917,6 @@ class Session:
         self._enter(AUTH)
         acts.auth = AuthRequest(kind="connect", username=c.username, password=c.password,
                                 auth_method=method, auth_data=data, client_id=c.client_id)  # type: ignore[arg-type]
-
-    def _client_publish(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
-        level = self.protocol_level
-        info = codec.decode_publish(frame, level, check_topic=False)  # checked below, once per topic
-        topic_b = info.topic
-        if len(topic_b) > self._topic_max:
-            # Before the cache or the policy: neither ever holds a longer topic.
-            raise LimitExceeded(Reason.TOPIC_NAME_INVALID, f"topic of {len(topic_b)} bytes exceeds the limit of "
-                                f"{self._topic_max}", action="publish")
-        qos = info.qos
-        rewrite = False
-        if info.topic_alias is not None:
-            alias = info.topic_alias
-            if not 0 < alias <= self.config.topic_alias_maximum:
-                raise ProtocolError(Reason.TOPIC_ALIAS_INVALID, f"topic alias {alias} out of range")
-            if topic_b:
-                topic = self._aliases[alias] = codec.topic_from_bytes(topic_b)
-            else:
-                topic = self._aliases.get(alias, "")
-                if not topic:
-                    raise ProtocolError(Reason.PROTOCOL_ERROR, f"unknown topic alias {alias}")
-            rewrite = True
-            key: tuple[str | bytes, int, int] = (topic, qos, info.retain)
-        else:
-            if not topic_b:
-                raise ProtocolError(Reason.PROTOCOL_ERROR, "empty topic without a topic alias")
-            key = (topic_b, qos, info.retain)
-        ident = self.identity
-        if ident is None:
-            raise RuntimeError("ident is not set")
-        # Decisions are cached per (topic, QoS, retain) until invalidate() or the cache's TTL;
-        # only topics that passed the checks get an entry.
-        entry = self._decisions.publish.get(key)
-        if entry is None:
-            if not rewrite:
-                topic = codec.topic_from_bytes(topic_b)
-            d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id,
-                                          now=self.wallclock())
-            self._cx.summary.decided("publish", topic, d)
-            entry = (topic, d)
-            self._decisions.put_publish(key, entry)
-            self._decisions.ends_at(self._mono(d.until))
-        topic, d = entry
-        if self.rate_limiter is not None and not self.rate_limiter.allow(ident.sub):
-            self._cx.count(RATE_LIMITED)
-            # One audit line per second at most, with the count: a flood must not flood the log.
-            now = self.clock()
-            self._rate_limited += 1
-            if now >= self._rate_audit_at:
-                self._rate_audit_at = now + 1.0
-                self._cx.audit("publish", "deny", identity=ident, resource=topic, reason="rate limit", qos=qos,
-                            dropped=self._rate_limited)
-                self._rate_limited = 0
-            if self.config.rate_limit.action == "disconnect":
-                self._disconnect(acts, Reason.MESSAGE_RATE_TOO_HIGH, "rate_limited", topic)
-                return
-            self._refuse_publish(acts, info, Reason.QUOTA_EXCEEDED)
-            return
-        if not d.allowed:
-            self._cx.count(DENY_COUNT["publish"])
-            self._cx.audit("publish", "deny", identity=ident, resource=topic, rule=d.rule, reason=d.reason,
-                        qos=qos, retain=info.retain)
-            if level != MQTT_5 and self.config.denied_publish_v3 == "disconnect":
-                self._close(acts, "denied_publish", topic)
-                return
-            self._refuse_publish(acts, info, Reason.NOT_AUTHORIZED)
-            return
-        self._cx.published += 1
-        if info.packet_id is not None:
-            # An allowed id is no longer one the gateway refused.
-            self._qos2.answered.discard(info.packet_id)
-        if qos == 2:
-            self._hold_qos2(acts, frame, data, info, topic, rewrite)
-            return
-        self._cx.forwarded += 1
-        if not rewrite:
-            acts.forward(acts.to_broker, frame, data)
-            return
-        acts.end_run()
-        acts.to_broker.extend(self._resolved(frame, data, info, topic))
-
-    def _resolved(self, frame: Frame, data: memoryview | None, info: PublishInfo,
-                  topic: str) -> list[Buffer]:
-        """The PUBLISH with its alias resolved: the broker gets the full topic and no alias, so it
-        holds no alias state."""
-        props = without_props(codec.read_publish_properties(frame, info), Prop.TOPIC_ALIAS)
-        payload = frame.raw[info.payload_start:]
-        head = codec.publish_head(topic, qos=info.qos, retain=info.retain, dup=info.dup, packet_id=info.packet_id,
-                                  level=self.protocol_level, properties=props, payload_len=len(payload))
-        if not len(payload):
-            return [head]
-        return [head, payload if frame.start < 0 or data is None else data[frame.start + info.payload_start:frame.end]]
-
-    def _hold_qos2(self, acts: Output, frame: Frame, data: memoryview | None, info: PublishInfo, topic: str,
-                   rewrite: bool) -> None:
-        """An allowed QoS 2 publish: the gateway answers PUBREC and keeps it until the PUBREL, when
-        it is decided again (a grant revoked in between must not be released by the broker)."""
-        acts.end_run()
-        pid = info.packet_id
-        if pid is None:
-            raise RuntimeError("a QoS 2 PUBLISH without a packet id")  # (the codec refuses one)
-        level = self.protocol_level
-        packet = b"".join(bytes(b) for b in self._resolved(frame, data, info, topic)) if rewrite else bytes(frame.raw)
-        if not self._qos2.hold(self._cx.sub, pid, packet, topic, info.retain):  # (a DUP replaces the earlier)
-            self._cx.audit("publish", "deny", resource=topic, reason="too many QoS 2 publishes awaiting PUBREL",
-                        qos=2)
-            if level == MQTT_5:
-                acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level, Reason.QUOTA_EXCEEDED))
-            else:
-                self._close(acts, "quota_exceeded", "QoS 2 publishes awaiting PUBREL")
-            return
-        acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
-
-    def _release_qos2(self, acts: Output, pid: int) -> None:
-        """The client's PUBREL: forward the held publish if it is still allowed now."""
-        acts.end_run()
-        level = self.protocol_level
-        held = self._qos2.take(self._cx.sub, pid)
-        rule = None
-        if held is None:
-            topic, reason = "", "PUBREL for a QoS 2 publish not held on this connection"
-        else:
-            packet, topic, retain = held
-            ident = self.identity
-            if ident is None:
-                raise RuntimeError("ident is not set")
-            problem = self._standing_problem(ident)
-            d = None if problem else self.policies.may_publish(ident, topic, qos=2, retain=retain,
-                                                               client_id=self.client_id, now=self.wallclock())
-            if d is not None and d.allowed:
-                # Released at this instant, in one write: the PUBLISH and its PUBREL, so the broker
-                # never holds it awaiting a release the gateway would have to decide again. (The
-                # broker handles them in order; its PUBREC then needs no answer, its PUBCOMP answers
-                # the client's PUBREL.)
-                self._qos2.releasing.add(pid)
-                self._cx.forwarded += 1
-                acts.to_broker.append(packet)
-                acts.to_broker.append(codec.encode_ack(T.PUBREL, pid, level))
-                return
-            rule, reason = (d.rule, d.reason) if d is not None else (None, problem or "")
-        self._cx.count(DENY_COUNT["publish"])
-        self._cx.audit("publish", "deny", resource=topic, rule=rule, reason=reason, qos=2, when="release")
-        acts.to_client.append(codec.encode_ack(
-            T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
-
-    def _refuse_publish(self, acts: Output, info: PublishInfo, code: int) -> None:
-        """Answer a publish the broker will never see, so the client's flow completes."""
-        acts.end_run()
-        level = self.protocol_level
-        pid = info.packet_id
-        if info.qos == 0 or pid is None:
-            return
-        self._qos2.take(self._cx.sub, pid)  # a retransmission now refused: nothing to release
-        if level == MQTT_5:
-            acts.to_client.append(codec.encode_ack(T.PUBACK if info.qos == 1 else T.PUBREC, pid, level, code))
-            if info.qos == 2:
-                # A refused PUBREC ends the flow, but some clients (paho 2.x) send PUBREL anyway:
-                # the gateway answers it, so the broker never sees an id it does not know.
-                self._qos2.answered.add(pid)
-        elif info.qos == 1:
-            acts.to_client.append(codec.encode_ack(T.PUBACK, pid, level))
-        else:
-            acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
-            self._qos2.answered.add(pid)
 
     def _rate_refused(self, acts: Output, action: str, ident: Identity, n: int, resource: str) -> bool:
         """Charge ``n`` filters of a SUBSCRIBE / UNSUBSCRIBE to the identity's rate limit, as
@@ -1410,6 +1243,12 @@ class Session:
             acts.close = Close(reason, detail, code)
         return acts
 
+    def _end(self, acts: Output, end: End) -> Output:
+        """A piece of the session ends the connection."""
+        if end.disconnect is not None:
+            return self._disconnect(acts, end.disconnect, end.reason, end.detail)
+        return self._close(acts, end.reason, end.detail)
+
     def _disconnect(self, acts: Output, code: int, reason: str, detail: str) -> Output:
         """Close an open connection, telling a v5 client why."""
         if self.protocol_level == MQTT_5:
@@ -1443,7 +1282,7 @@ class Session:
         detail, self._oversized = self._oversized, ""
         self._head = bytearray()
         if level == MQTT_5:
-            self.protocol_level = MQTT_5
+            self._cx.level = MQTT_5
             acts.to_client.append(codec.encode_connack(False, Reason.PACKET_TOO_LARGE, MQTT_5))
             return self._close(acts, "protocol_error", detail, Reason.PACKET_TOO_LARGE)
         return self._close(acts, "protocol_error", detail)
@@ -1464,7 +1303,7 @@ class Session:
         if state is CONNECT:
             level = exc.protocol_level
             if level is not None:
-                self.protocol_level = level
+                self._cx.level = level
                 if exc.reason_code == Reason.UNSUPPORTED_PROTOCOL_VERSION and level != MQTT_5:
                     acts.to_client.append(codec.encode_connack(False, V3ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION, 4))
                     return self._close(acts, "protocol_error", exc.message, V3ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION)
