@@ -247,6 +247,7 @@ from proxy.mqtt.qos2 import Qos2Flows
 from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.subscribe_gate import ALLOWED, DENIED, TOO_LONG, SubscribeGate
 from proxy.mqtt.subscriptions import SubscriptionQuota, SubscriptionTable
+from proxy.mqtt.will import WillGuard
 from proxy.policy.decision import Decision, SubscribeDecision, Verdict
 
 __all__ = ["Policies", "Session"]
@@ -330,7 +331,6 @@ class Session:
         self._pending: list[Frame] = []
         self._pending_bytes = 0
         self._reauth = False
-        self._will_armed = False       # the broker holds this connection's Will
         self._subs = SubscriptionTable()  # written by the subscribe gate alone, read by the rest
         # SUBSCRIBE / UNSUBSCRIBE (subscribe_gate.py); the quota is shared by all of an
         # identity's connections (the shell makes one per gateway); None: no cap.
@@ -350,8 +350,8 @@ class Session:
         self._publishing = PublishGate(config=config, policies=policies, context=self._cx, decisions=self._decisions,
                                        qos2=self._qos2, rate_limiter=rate_limiter, clock=clock, wallclock=wallclock,
                                        mono=self._mono, standing_problem=self._standing_problem)
-        self._will_until: float | None = None   # when the Will's grant ends (session clock)
-        self._will_devices: frozenset[str] = frozenset()
+        self._will = WillGuard(policies=policies, context=self._cx, wallclock=wallclock, mono=self._mono,
+                               standing_problem=self._standing_problem)  # will.py
         # Off only to compare the fast paths with the full path (tests/unit/test_mqtt_fastpath.py).
         self._fast_paths = fast_paths
 
@@ -564,18 +564,8 @@ class Session:
         self._cx.client_id, self.upstream_client_id = bound.client_id, bound.upstream_client_id
         self._assigned_id = bound.assigned
         # The Will is a publish that happens later: authorize it now.
-        if c.will is not None:
-            d = self.policies.may_publish(identity, c.will.topic, qos=c.will.qos, retain=c.will.retain,
-                                          client_id=self.client_id, now=self.wallclock())
-            self._will_until = self._mono(d.until)
-            self._will_devices = d.devices
-            if not d.allowed:
-                self._cx.count(DENY_COUNT["will"])
-                self._cx.audit("will", "deny", identity=identity, resource=c.will.topic, rule=d.rule,
-                            reason=d.reason, qos=c.will.qos, retain=c.will.retain)
-                return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "not_authorized",
-                                            "Will topic not allowed")
-            self._cx.count(ALLOW_COUNT["will"])
+        if not self._will.authorize(identity, c.will):
+            return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "not_authorized", "Will topic not allowed")
         expiry_cap = self.config.limits.persistent_session_expiry_seconds
         if level == MQTT_5:
             asked = get_prop(c.properties, Prop.SESSION_EXPIRY_INTERVAL)
@@ -593,7 +583,7 @@ class Session:
         upstream = upstream_connect(c, self.config, self._upstream_password, self.upstream_client_id,
                                     self.keepalive, self.session_expiry)
         self._enter(UPSTREAM)
-        self._will_armed = c.will is not None  # from now on the broker may hold it
+        self._will.arm()  # from now on the broker may hold it
         self._update_horizon()
         acts.open_upstream = True
         acts.to_broker.append(codec.encode_connect(upstream))
@@ -668,8 +658,7 @@ class Session:
                 if self._phase is OPEN:
                     return self._disconnect(acts, Reason.ADMINISTRATIVE_ACTION, "credential_revoked", problem)
                 return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "credential_revoked", problem)
-        if self._will_armed and (devices is None or not devices.isdisjoint(self._will_devices)) \
-                and not self._will_still_allowed("revoked"):
+        if self._will.armed and self._will.rests_on(devices) and not self._will.still_allowed("revoked"):
             return self._will_revoked(acts)
         self._redecide(None if devices is None else set(devices))
         return acts
@@ -678,7 +667,7 @@ class Session:
         """The Will the broker holds is no longer allowed. It may not stay there a moment longer:
         the broker publishes it whenever it ends the connection itself (a session takeover, a
         protocol error it sees), so end the connection now, with a DISCONNECT that discards it."""
-        self._will_armed = False
+        self._will.disarm()
         acts.end_run()
         acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
         self._cx.audit("session", "close", reason="Will no longer allowed")
@@ -698,30 +687,6 @@ class Session:
         upstream, the Will is checked again: if it is no longer allowed (a grant revoked since
         CONNECT), a normal DISCONNECT goes to the broker first, which discards the Will."""
         return self._close(acts, "client_closed", "")
-
-    def _will_still_allowed(self, when: str = "close") -> bool:
-        """The Will is a publish the broker makes when the connection ends: it must be allowed at
-        that instant, on a credential that still stands (and, while the broker holds it, at every
-        instant: see invalidate())."""
-        c = self._connect
-        ident = self.identity
-        if c is None or c.will is None or ident is None:
-            return True
-        rule = None
-        reason = self._standing_problem(ident)
-        if reason is None:
-            d = self.policies.may_publish(ident, c.will.topic, qos=c.will.qos, retain=c.will.retain,
-                                          client_id=self.client_id, now=self.wallclock())
-            if d.allowed:
-                self._cx.count(ALLOW_COUNT["will"])
-                self._will_until = self._mono(d.until)
-                self._will_devices = d.devices
-                return True
-            rule, reason = d.rule, d.reason
-        self._cx.count(DENY_COUNT["will"])
-        self._cx.audit("will", "deny", resource=c.will.topic, rule=rule, reason=reason,
-                    qos=c.will.qos, retain=c.will.retain, when=when)
-        return False
 
     def _asked_to_discard_will(self) -> bool:
         """A normal DISCONNECT the client sent before the broker's CONNACK, still held here."""
@@ -843,9 +808,9 @@ class Session:
             # and session_expiry (what the persistent-session count rests on) follows it.
             asked = level == MQTT_5 and isinstance(get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL), int)
             over = asked and self._longer_expiry_at_disconnect(d)
-            if d.reason == Reason.DISCONNECT_WITH_WILL and self._will_armed:
-                self._will_armed = False
-                if not self._will_still_allowed():  # no longer allowed: a plain DISCONNECT discards it
+            if d.reason == Reason.DISCONNECT_WITH_WILL and self._will.armed:
+                self._will.disarm()
+                if not self._will.still_allowed():  # no longer allowed: a plain DISCONNECT discards it
                     acts.end_run()
                     acts.to_broker.append(codec.encode_disconnect(level, 0, [
                         (Prop.SESSION_EXPIRY_INTERVAL, self.session_expiry)] if asked else []))
@@ -854,10 +819,10 @@ class Session:
                 else:
                     acts.forward(acts.to_broker, frame, data)
             elif over:
-                self._will_armed = False  # (the DISCONNECT re-encoded: the Will is discarded as asked)
+                self._will.disarm()  # (the DISCONNECT re-encoded: the Will is discarded as asked)
                 self._disconnect_capped(acts, level, d)
             else:
-                self._will_armed = False  # a normal DISCONNECT: the broker discards the Will
+                self._will.disarm()  # a normal DISCONNECT: the broker discards the Will
                 acts.forward(acts.to_broker, frame, data)
             self._close(acts, "client_disconnect", f"reason 0x{d.reason:02X}" if d.reason else "")
         elif t == T.AUTH and level == MQTT_5:
@@ -1089,7 +1054,7 @@ class Session:
             acts.to_client.append(bytes(frame.raw) if level != MQTT_5 else
                                   codec.encode_connack(False, ca.reason, level, without_props(
                                       ca.properties, Prop.ASSIGNED_CLIENT_IDENTIFIER)))
-            self._will_armed = False  # refused: the broker holds no Will
+            self._will.disarm()  # refused: the broker holds no Will
             self._close(acts, "broker_refused", f"0x{ca.reason:02X}", ca.reason)
             return
         self._enter(OPEN)
@@ -1194,8 +1159,8 @@ class Session:
     def _update_horizon(self) -> None:
         """The next instant something the session relies on ends: a grant or the token."""
         until = self._subs.horizon if self._subs.horizon is not None else _NEVER
-        if self._will_armed and self._will_until is not None:
-            until = min(until, self._will_until)
+        if self._will.armed and self._will.until is not None:
+            until = min(until, self._will.until)
         ident = self.identity
         if ident is not None and ident.expires_at is not None:
             left = ident.expires_at + self.token_leeway - self.wallclock()
@@ -1211,8 +1176,8 @@ class Session:
         if self._token_expired():
             self._token_ended(acts)
             return
-        if self._will_armed and self._will_until is not None and now >= self._will_until \
-                and not self._will_still_allowed("expired"):
+        if self._will.armed and self._will.until is not None and now >= self._will.until \
+                and not self._will.still_allowed("expired"):
             self._will_revoked(acts)
             return
         self._redecide()
@@ -1224,9 +1189,9 @@ class Session:
     def _close(self, acts: Output, reason: str, detail: str, code: int | None = None) -> Output:
         """Every way a connection ends comes here. A Will the broker holds is decided now: if it
         is no longer allowed, a plain DISCONNECT upstream makes the broker discard it."""
-        if self._will_armed:
-            self._will_armed = False
-            if self._asked_to_discard_will() or not self._will_still_allowed():
+        if self._will.armed:
+            self._will.disarm()
+            if self._asked_to_discard_will() or not self._will.still_allowed():
                 acts.end_run()
                 acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
         self.closed = True
