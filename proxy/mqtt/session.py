@@ -338,14 +338,15 @@ class Session:
                                           per_connection=limits.subscriptions_per_connection,
                                           wallclock=wallclock, mono=self._mono)
         self._decisions = DecisionCaches()  # publish and delivery decisions (decisions.py)
-        self._delivery = DeliveryGate(policies=policies, subscriptions=self._subs, decisions=self._decisions,
-                                      wallclock=wallclock, mono=self._mono)  # broker -> client PUBLISH
         # clock() at which the subscription grants or the token end: checked on every chunk as
         # well as by the timer, so a late timer lets nothing through after the end.
         self._grants_until = _NEVER
         # The QoS 2 flows the gateway is part of, and the client publishes it holds until their
         # PUBREL (qos2.py); the bytes held are shared with the identity's connections (qos2_budget).
         self._qos2 = Qos2Flows(qos2_budget, config.max_packet_size)
+        # Broker -> client PUBLISH and the broker's acknowledgements (delivery_gate.py).
+        self._delivery = DeliveryGate(policies=policies, context=self._cx, subscriptions=self._subs,
+                                      decisions=self._decisions, qos2=self._qos2, wallclock=wallclock, mono=self._mono)
         # Client -> broker PUBLISH and PUBREL (publish_gate.py).
         self._publishing = PublishGate(config=config, policies=policies, context=self._cx, decisions=self._decisions,
                                        qos2=self._qos2, rate_limiter=rate_limiter, clock=clock, wallclock=wallclock,
@@ -1012,26 +1013,9 @@ class Session:
         if self._phase is not OPEN:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} from the broker before CONNECT")
         if t == T.PUBLISH:
-            self._broker_publish(acts, frame, data)
-        elif t == T.PUBREL:
-            pid = codec.packet_id_of(frame, level)
-            if pid in self._qos2.dropped:
-                self._qos2.dropped.discard(pid)
-                acts.end_run()
-                acts.to_broker.append(codec.encode_ack(T.PUBCOMP, pid, level))
-            else:
-                acts.forward(acts.to_client, frame, data)
-        elif t == T.PUBREC and self._qos2.releasing:
-            pid = codec.packet_id_of(frame, level)
-            if pid in self._qos2.releasing:
-                acts.end_run()  # released already (PUBREL went with the PUBLISH); the client had its PUBREC
-            else:
-                acts.forward(acts.to_client, frame, data)
-        elif t in (T.PUBACK, T.PUBREC, T.PUBCOMP):
-            pid = codec.packet_id_of(frame, level)
-            if t == T.PUBCOMP:
-                self._qos2.releasing.discard(pid)  # the answer to the client's PUBREL
-            acts.forward(acts.to_client, frame, data)
+            self._delivery.publish(acts, frame, data)
+        elif t == T.PUBACK or t == T.PUBREC or t == T.PUBREL or t == T.PUBCOMP:
+            self._delivery.ack(acts, frame, data)
         elif t == T.UNSUBACK:
             codec.packet_id_of(frame, level)  # the table changed when the UNSUBSCRIBE went by
             acts.forward(acts.to_client, frame, data)
@@ -1086,44 +1070,6 @@ class Session:
             broker_props, self.config, assigned_id=self.client_id if self._assigned_id else None,
             keepalive=self.keepalive, asked_keepalive=c.keepalive, enhanced_auth=self._enhanced_auth)
         return props
-
-    def _broker_publish(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
-        level = self.protocol_level
-        info = codec.decode_publish(frame, level, check_topic=False)  # checked on a cache miss
-        if info.topic_alias is not None or not info.topic:
-            # We told the broker Topic Alias Maximum 0.
-            raise ProtocolError(Reason.TOPIC_ALIAS_INVALID, "topic alias from the broker")
-        if self._may_receive(info.topic):
-            self._cx.handed += 1
-            acts.forward(acts.to_client, frame, data)
-            return
-        acts.end_run()
-        pid = info.packet_id
-        if info.qos == 1 and pid is not None:
-            acts.to_broker.append(codec.encode_ack(T.PUBACK, pid, level))
-        elif info.qos == 2 and pid is not None:
-            acts.to_broker.append(codec.encode_ack(T.PUBREC, pid, level))
-            self._qos2.dropped.add(pid)
-
-    def _may_receive(self, topic_b: bytes) -> bool:
-        """The delivery gate's answer (delivery_gate.py), counted; a refusal decided now is audited."""
-        ok = self._delivery.cached(topic_b)
-        if ok is None:
-            d = self._delivery.decide(topic_b, self.identity, self.client_id)
-            self._cx.summary.decided("receive", d.topic, d.decision)
-            ok = d.allowed
-            if not ok:
-                self._cx.count(DENY_COUNT["receive"])
-                decision = d.decision
-                self._cx.audit("receive", "deny", identity=self.identity, resource=d.topic,
-                            rule=decision.rule if decision is not None else None,
-                            reason=decision.reason if decision is not None else None)
-                return False
-        if ok:
-            self._cx.delivered += 1
-        else:
-            self._cx.count(DENY_COUNT["receive"])
-        return ok
 
     def _broker_suback(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         level = self.protocol_level
