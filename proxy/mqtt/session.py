@@ -206,7 +206,7 @@ from proxy.identity.model import AuthReason, Identity
 from proxy.mqtt import codec, fastpath
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
 from proxy.mqtt.commands import AuthRequest, Close, Command, CountMetrics, Metric, SendToBroker, SendToClient
-from proxy.mqtt.context import ALLOW_COUNT, DENY_COUNT, RATE_LIMITED, Context
+from proxy.mqtt.context import Context
 from proxy.mqtt.decisions import DecisionCaches
 from proxy.mqtt.delivery_gate import DeliveryGate
 from proxy.mqtt.events import (
@@ -227,16 +227,12 @@ from proxy.mqtt.output import End, Output, Run
 from proxy.mqtt.packets import (
     MQTT_5,
     V3_CONNACK_FOR,
-    V3_SUBACK_FAILURE,
     Connect,
     Disconnect,
     PacketType,
     Prop,
     Properties,
     Reason,
-    Suback,
-    Subscribe,
-    Unsubscribe,
     V3ConnackCode,
     get_prop,
     without_props,
@@ -245,10 +241,10 @@ from proxy.mqtt.phase import AUTH, CLOSED, CONNECT, OPEN, UPSTREAM, Phase, advan
 from proxy.mqtt.publish_gate import PublishGate
 from proxy.mqtt.qos2 import Qos2Flows
 from proxy.mqtt.ratelimit import RateLimiter
-from proxy.mqtt.subscribe_gate import ALLOWED, DENIED, TOO_LONG, SubscribeGate
+from proxy.mqtt.subscribe_gate import SubscribeGate
 from proxy.mqtt.subscriptions import SubscriptionQuota, SubscriptionTable
 from proxy.mqtt.will import WillGuard
-from proxy.policy.decision import Decision, SubscribeDecision, Verdict
+from proxy.policy.decision import Decision, SubscribeDecision
 
 __all__ = ["Policies", "Session"]
 
@@ -258,11 +254,6 @@ _NEVER = float("inf")
 HELD_PACKET_OVERHEAD = 320
 
 T = PacketType
-
-# The audit reason of a filter refused over a cap (subscribe_gate.py).
-_SUBSCRIBE_REFUSED = {"connection": "too many subscriptions for the connection",
-                      "identity": "too many subscriptions for the identity"}
-
 
 class Policies(Protocol):
     """The policy questions the session asks (:class:`proxy.policy.Policies` answers them);
@@ -332,12 +323,12 @@ class Session:
         self._pending_bytes = 0
         self._reauth = False
         self._subs = SubscriptionTable()  # written by the subscribe gate alone, read by the rest
+        self._decisions = DecisionCaches()  # publish and delivery decisions (decisions.py)
         # SUBSCRIBE / UNSUBSCRIBE (subscribe_gate.py); the quota is shared by all of an
         # identity's connections (the shell makes one per gateway); None: no cap.
-        self._subscribing = SubscribeGate(policies=policies, subscriptions=self._subs, quota=subscription_quota,
-                                          per_connection=limits.subscriptions_per_connection,
-                                          wallclock=wallclock, mono=self._mono)
-        self._decisions = DecisionCaches()  # publish and delivery decisions (decisions.py)
+        self._subscribing = SubscribeGate(config=config, policies=policies, context=self._cx, subscriptions=self._subs,
+                                          decisions=self._decisions, quota=subscription_quota,
+                                          rate_limiter=rate_limiter, wallclock=wallclock, mono=self._mono)
         # clock() at which the subscription grants or the token end: checked on every chunk as
         # well as by the timer, so a late timer lets nothing through after the end.
         self._grants_until = _NEVER
@@ -661,7 +652,7 @@ class Session:
                 return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "credential_revoked", problem)
         if self._will.armed and self._will.rests_on(devices) and not self._will.still_allowed("revoked"):
             return self._will_revoked(acts)
-        self._redecide(None if devices is None else set(devices))
+        self._redecide(devices)
         return acts
 
     def _will_revoked(self, acts: Output) -> Output:
@@ -790,9 +781,15 @@ class Session:
         elif t == T.PUBREL:
             self._publishing.release(acts, frame, data)
         elif t == T.SUBSCRIBE:
-            self._client_subscribe(acts, frame, data)
+            end = self._subscribing.subscribe(acts, frame, data)
+            if end is not None:
+                self._end(acts, end)
+            self._update_horizon()
         elif t == T.UNSUBSCRIBE:
-            self._client_unsubscribe(acts, frame, data)
+            end = self._subscribing.unsubscribe(acts, frame, data)
+            if end is not None:
+                self._end(acts, end)
+            self._update_horizon()
         elif t == T.PINGREQ:
             if len(frame.body):
                 raise ProtocolError(Reason.MALFORMED_PACKET, "PINGREQ with a body")
@@ -884,89 +881,10 @@ class Session:
         acts.auth = AuthRequest(kind="connect", username=c.username, password=c.password,
                                 auth_method=method, auth_data=data, client_id=c.client_id)  # type: ignore[arg-type]
 
-    def _rate_refused(self, acts: Output, action: str, ident: Identity, n: int, resource: str) -> bool:
-        """Charge ``n`` filters of a SUBSCRIBE / UNSUBSCRIBE to the identity's rate limit, as
-        publishes are: True (and audited, one line per second at most) when over it."""
-        if self.rate_limiter is None or self.rate_limiter.allow(ident.sub, cost=n):
-            return False
-        self._cx.count(RATE_LIMITED)
-        self._cx.audit_folded(f"{action}:rate", action, identity=ident, resource=resource, reason="rate limit",
-                           filters=n)
-        if self.config.rate_limit.action == "disconnect":
-            self._disconnect(acts, Reason.MESSAGE_RATE_TOO_HIGH, "rate_limited", action)
-        return True
-
-    def _client_subscribe(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
-        level = self.protocol_level
-        sub = codec.decode_subscribe(frame.body, level, self._topic_max)
-        ident = self.identity
-        if ident is None:
-            raise RuntimeError("ident is not set")
-        v5 = level == MQTT_5
-        if self._rate_refused(acts, "subscribe", ident, len(sub.subscriptions), sub.subscriptions[0].topic_filter):
-            if not self.closed:  # drop: every filter refused, nothing reaches the broker
-                acts.end_run()
-                code = Reason.QUOTA_EXCEEDED if v5 else V3_SUBACK_FAILURE
-                acts.to_client.append(codec.encode_suback(Suback(sub.packet_id, [code] * len(sub.subscriptions)),
-                                                          level))
-            return
-        plan = self._subscribing.subscribe(sub, ident, self.client_id, v5)
-        for o in plan.outcomes:
-            s, d = o.subscription, o.decision
-            if d is not None:
-                self._cx.summary.decided("subscribe", s.topic_filter, d)
-            if o.kind is ALLOWED:
-                self._cx.count(ALLOW_COUNT["subscribe"])
-                continue
-            self._cx.count(DENY_COUNT["subscribe"])
-            if o.kind is DENIED and d is not None:
-                self._cx.audit("subscribe", "deny", identity=ident, resource=s.topic_filter,
-                            rule=d.rule, reason=d.reason, qos=s.qos)
-            else:
-                self._cx.audit_folded(f"subscribe:{o.kind}", "subscribe", identity=ident, resource=s.topic_filter,
-                                   reason=_SUBSCRIBE_REFUSED[o.kind] if o.kind is not TOO_LONG else
-                                   f"topic filter of {s.too_long} bytes exceeds the limit of {self._topic_max}",
-                                   qos=s.qos)
-        self._table_changed()
-        if plan.forward_unchanged:
-            acts.forward(acts.to_broker, frame, data)
-            return
-        acts.end_run()
-        if not plan.keep:
-            acts.to_client.append(codec.encode_suback(Suback(sub.packet_id, plan.slots), level))  # type: ignore[arg-type]
-            return
-        acts.to_broker.append(codec.encode_subscribe(Subscribe(sub.packet_id, plan.keep, sub.properties), level))
-
     @property
     def subscription_quota(self) -> SubscriptionQuota | None:
         """The identity's shared subscription quota (the shell makes one per gateway)."""
         return self._subscribing.quota
-
-    def _client_unsubscribe(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
-        level = self.protocol_level
-        unsub = codec.decode_unsubscribe(frame.body, level, self._topic_max)
-        ident = self.identity
-        if ident is None:
-            raise RuntimeError("ident is not set")
-        if self._rate_refused(acts, "unsubscribe", ident, len(unsub.topic_filters), unsub.topic_filters[0]):
-            if not self.closed:
-                if level == MQTT_5:  # drop: UNSUBACK has no quota code; the filters stay subscribed
-                    acts.end_run()
-                    acts.to_client.append(codec.encode_unsuback(
-                        unsub.packet_id, [Reason.UNSPECIFIED_ERROR] * len(unsub.topic_filters), level))
-                else:  # a 3.1.1 UNSUBACK can only say yes
-                    self._close(acts, "rate_limited", "unsubscribe")
-            return
-        # What the broker still delivers under these filters is checked like anything the
-        # table cannot prove.
-        upstream = self._subscribing.unsubscribe(unsub.topic_filters, ident)
-        self._table_changed()
-        if upstream == unsub.topic_filters:
-            acts.forward(acts.to_broker, frame, data)
-        else:
-            acts.end_run()
-            acts.to_broker.append(codec.encode_unsubscribe(
-                Unsubscribe(unsub.packet_id, upstream, unsub.properties), level))
 
     def _client_auth(self, acts: Output, frame: Frame) -> None:
         a = codec.decode_auth(frame.body)
@@ -1020,7 +938,7 @@ class Session:
             codec.packet_id_of(frame, level)  # the table changed when the UNSUBSCRIBE went by
             acts.forward(acts.to_client, frame, data)
         elif t == T.SUBACK:
-            self._broker_suback(acts, frame, data)
+            self._subscribing.suback(acts, frame, data)
         elif t == T.PINGRESP:
             acts.forward(acts.to_client, frame, data)
         elif t == T.DISCONNECT:
@@ -1071,36 +989,9 @@ class Session:
             keepalive=self.keepalive, asked_keepalive=c.keepalive, enhanced_auth=self._enhanced_auth)
         return props
 
-    def _broker_suback(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
-        level = self.protocol_level
-        sa = codec.decode_suback(frame.body, level)
-        merged = self._subscribing.merged_suback(sa)
-        if merged is None:
-            acts.forward(acts.to_client, frame, data)
-            return
-        acts.end_run()
-        acts.to_client.append(codec.encode_suback(merged, level))
-
-    # ----------------------------------------------------------------- plumbing
-
-    def _table_changed(self) -> None:
-        # Cached deliveries may rest on a grant that just went: ask again.
-        self._decisions.clear_receive()
+    def _redecide(self, devices: frozenset[str] | None = None) -> None:
+        self._subscribing.redecide(devices)
         self._update_horizon()
-
-    def _redecide(self, devices: set[str] | None = None) -> None:
-        """Ask the policy again for the subscription grants (those resting on ``devices``, or all),
-        for the identity in force now."""
-        ident = self.identity
-        if ident is None:
-            raise RuntimeError("ident is not set")
-
-        def decide(match: str, qos: int) -> tuple[Verdict, float | None, frozenset[str]]:
-            d = self.policies.may_subscribe(ident, match, qos=qos, client_id=self.client_id, now=self.wallclock())
-            return d.verdict, self._mono(d.until), d.devices
-
-        self._subs.redecide(decide, devices)
-        self._table_changed()
 
     def _update_horizon(self) -> None:
         """The next instant something the session relies on ends: a grant or the token."""
