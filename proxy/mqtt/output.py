@@ -95,6 +95,8 @@ class End(NamedTuple):
     reason: str
     detail: str = ""
     disconnect: int | None = None  # v5: the DISCONNECT reason code the client is told first
+    connack: int | None = None     # before CONNACK: refuse with this code (v5; the 3.1.1 one for it)
+    code: int | None = None        # the code the client was already sent (Close.reason_code)
 
 
 class Run:

@@ -202,10 +202,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from proxy.config import MqttConfig
-from proxy.identity.model import AuthReason, Identity
+from proxy.identity.model import Identity
 from proxy.mqtt import codec, fastpath
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
-from proxy.mqtt.commands import AuthRequest, Close, Command, CountMetrics, Metric, SendToBroker, SendToClient
+from proxy.mqtt.commands import Close, Command, CountMetrics, Metric, SendToBroker, SendToClient
 from proxy.mqtt.context import Context
 from proxy.mqtt.decisions import DecisionCaches
 from proxy.mqtt.delivery_gate import DeliveryGate
@@ -222,20 +222,14 @@ from proxy.mqtt.events import (
     Shutdown,
     Tick,
 )
-from proxy.mqtt.handshake import AUTH_METHOD, bind_client_id, client_connack_props, upstream_connect
+from proxy.mqtt.handshake import HELD_PACKET_OVERHEAD, Handshake
 from proxy.mqtt.output import End, Output, Run
 from proxy.mqtt.packets import (
     MQTT_5,
     V3_CONNACK_FOR,
-    Connect,
-    Disconnect,
     PacketType,
-    Prop,
-    Properties,
     Reason,
     V3ConnackCode,
-    get_prop,
-    without_props,
 )
 from proxy.mqtt.phase import AUTH, CLOSED, CONNECT, OPEN, UPSTREAM, Phase, advance
 from proxy.mqtt.publish_gate import PublishGate
@@ -246,12 +240,9 @@ from proxy.mqtt.subscriptions import SubscriptionQuota, SubscriptionTable
 from proxy.mqtt.will import WillGuard
 from proxy.policy.decision import Decision, SubscribeDecision
 
-__all__ = ["Policies", "Session"]
+__all__ = ["HELD_PACKET_OVERHEAD", "Policies", "Session"]
 
 _NEVER = float("inf")
-# What holding one packet until CONNACK costs beside its bytes (measured on CPython 3.11: the Frame
-# 80, its memoryview 184, the bytes header 33, the list slot 8): counted in the pre-auth budget.
-HELD_PACKET_OVERHEAD = 320
 
 T = PacketType
 
@@ -283,15 +274,6 @@ class Session:
                  qos2_budget: SubscriptionQuota | None = None,
                  admit_connect: Callable[[Identity, str, bool, float], str | None] | None = None):
         self.config = config
-        # Asked once the credentials and client id are settled: (identity, broker client id, clean
-        # start, session expiry) -> the reason to refuse (a shell quota: persistent sessions), or None.
-        self.admit_connect = admit_connect
-        self.session_expiry = 0  # seconds the broker keeps the session after the close (capped)
-        limits = config.limits
-        # Before CONNACK nothing is known of the client: its packets (the CONNECT first) are
-        # refused at their fixed header beyond this size, and held up to this many bytes.
-        self._preauth_max = config.preauth_max_bytes
-        self._topic_max = limits.topic_max_bytes
         # Why the identity's credential no longer stands (device deleted, key rotated), or None:
         # asked at authentication and on every invalidate().
         self.credential_problem = credential_problem
@@ -301,27 +283,16 @@ class Session:
         self.random_hex = random_hex    # generated client ids
         self.rate_limiter = rate_limiter
         self.token_leeway = token_leeway
-        self._upstream_password = config.upstream_password if upstream_password is None else upstream_password
 
         # Who the connection is, and what each call says besides its writes (context.py).
         self._cx = Context(clock, peer)
         self.closed = False
-        self.upstream_client_id = ""   # as the broker knows it
-        self.keepalive = 0             # enforced keepalive (seconds, 0 = none)
 
         self._phase = CONNECT          # see proxy.mqtt.phase: moved only by _enter()
         self._created = clock()
         self._last_rx = self._created
-        self._client_framer = Framer(self._preauth_max)  # raised to max_packet_size at CONNACK
-        self._head = bytearray()       # the stream's first bytes, until CONNECT: its protocol level
-        self._oversized = ""           # a CONNECT refused at its header, waiting for its level byte
+        self._client_framer = Framer(config.preauth_max_bytes)  # raised to max_packet_size at CONNACK
         self._broker_framer = Framer(codec.MAX_REMAINING_LENGTH + 5)
-        self._connect: Connect | None = None
-        self._assigned_id = False      # the gateway chose the client id: tell a v5 client
-        self._enhanced_auth = False    # the client used AUTH_METHOD in CONNECT
-        self._pending: list[Frame] = []
-        self._pending_bytes = 0
-        self._reauth = False
         self._subs = SubscriptionTable()  # written by the subscribe gate alone, read by the rest
         self._decisions = DecisionCaches()  # publish and delivery decisions (decisions.py)
         # SUBSCRIBE / UNSUBSCRIBE (subscribe_gate.py); the quota is shared by all of an
@@ -344,6 +315,11 @@ class Session:
                                        mono=self._mono, standing_problem=self._standing_problem)
         self._will = WillGuard(policies=policies, context=self._cx, wallclock=wallclock, mono=self._mono,
                                standing_problem=self._standing_problem)  # will.py
+        # CONNECT, authentication, the upstream CONNECT and the CONNACK; re-authentication (handshake.py).
+        self._handshake = Handshake(
+            config=config, context=self._cx, will=self._will, wallclock=wallclock, random_hex=random_hex,
+            token_leeway=token_leeway, credential_problem=credential_problem, admit_connect=admit_connect,
+            upstream_password=config.upstream_password if upstream_password is None else upstream_password)
         # Off only to compare the fast paths with the full path (tests/unit/test_mqtt_fastpath.py).
         self._fast_paths = fast_paths
 
@@ -372,6 +348,31 @@ class Session:
     @peer.setter
     def peer(self, peer: str) -> None:
         self._cx.peer = peer
+
+    @property
+    def admit_connect(self) -> Callable[[Identity, str, bool, float], str | None] | None:
+        """Asked once the credentials and client id are settled: (identity, broker client id, clean
+        start, session expiry) -> the reason to refuse (a shell quota: persistent sessions), or None."""
+        return self._handshake.admit_connect
+
+    @admit_connect.setter
+    def admit_connect(self, admit: Callable[[Identity, str, bool, float], str | None] | None) -> None:
+        self._handshake.admit_connect = admit
+
+    @property
+    def keepalive(self) -> int:
+        """The enforced keepalive (seconds, 0 = none)."""
+        return self._handshake.keepalive
+
+    @property
+    def session_expiry(self) -> int:
+        """Seconds the broker keeps the session after the close (capped)."""
+        return self._handshake.session_expiry
+
+    @property
+    def upstream_client_id(self) -> str:
+        """The client id as the broker knows it."""
+        return self._handshake.upstream_client_id
 
     @property
     def reading_paused(self) -> bool:
@@ -443,11 +444,10 @@ class Session:
         view = codec.byte_view(data)
         start = 0
         if self._phase is CONNECT:
-            head = self._head
-            if len(head) < codec.CONNECT_HEAD_BYTES:
-                head += view[:codec.CONNECT_HEAD_BYTES - len(head)]
-            if self._oversized:  # nothing more is read: only the level byte was missing
-                self._refuse_oversized(acts)
+            end = self._handshake.head(acts, view)
+            if end is not None or self._handshake.oversized:  # nothing more is read
+                if end is not None:
+                    self._end(acts, end)
                 return acts
         if self._phase is OPEN and self._fast_paths and not framer.buffered:
             start = self._client_fast(acts, view)
@@ -475,13 +475,18 @@ class Session:
                 if self.closed:
                     break
                 if self._phase is not OPEN and self._phase is not CONNECT:
-                    self._hold(acts, frames[i:])
+                    end = self._handshake.hold(frames[i:], framer.buffered)
+                    if end is not None:
+                        self._end(acts, end)
                     break
                 self._client_frame(acts, frame, view)
             if error is not None and not self.closed:
                 raise error
             if (self._phase is AUTH or self._phase is UPSTREAM) and framer.buffered:
-                self._preauth_refused(acts, 0)  # a partial packet behind what is held counts too
+                # A partial packet behind what is held counts too.
+                end = self._handshake.over_preauth(0, framer.buffered)
+                if end is not None:
+                    self._end(acts, end)
         except ProtocolError as exc:
             self._client_violation(acts, exc)
         finally:
@@ -532,75 +537,28 @@ class Session:
         return acts
 
     def _on_authenticated(self, acts: Output, event: Authenticated) -> Output:
-        identity = event.identity
-        if self._reauth:
-            return self._reauthenticated(acts, identity)
-        if self._phase is not AUTH or self._connect is None:
+        hs = self._handshake
+        if hs.reauthenticating:
+            end = hs.reauthenticated(acts, event.identity)
+            if end is not None:
+                return self._end(acts, end)
+            # Roles may have changed with the new token, and the expiry has.
+            self._decisions.clear()
+            self._redecide()
             return acts
-        self._cx.count(Metric("authentications", (identity.method, "ok")))
-        c = self._connect
-        level = c.protocol_level
-        if identity.expires_at is not None and self.wallclock() >= identity.expires_at + self.token_leeway:
-            return self._auth_refused(acts, identity, Reason.NOT_AUTHORIZED, "token_expired", "expired")
-        # The credential was checked before an await: a deletion or rotation since then wins.
-        problem = self.credential_problem(identity) if self.credential_problem is not None else None
-        if problem:
-            return self._auth_refused(acts, identity, Reason.BAD_USER_NAME_OR_PASSWORD, "auth_failed", problem)
-        # Bind the client id to the identity.
-        bound = bind_client_id(identity, c.client_id, self.config.user_client_id_prefix, self.random_hex)
-        if bound.refusal:
-            self._cx.audit("connect", "deny", identity=identity, resource=identity.device_id or c.client_id,
-                        reason=bound.refusal)
-            return self._refuse_connect(acts, Reason.CLIENT_IDENTIFIER_NOT_VALID, "client_id_rejected",
-                                        bound.refusal)
-        self._cx.client_id, self.upstream_client_id = bound.client_id, bound.upstream_client_id
-        self._assigned_id = bound.assigned
-        # The Will is a publish that happens later: authorize it now.
-        if not self._will.authorize(identity, c.will):
-            return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "not_authorized", "Will topic not allowed")
-        expiry_cap = self.config.limits.persistent_session_expiry_seconds
-        if level == MQTT_5:
-            asked = get_prop(c.properties, Prop.SESSION_EXPIRY_INTERVAL)
-            self.session_expiry = min(asked if isinstance(asked, int) else 0, expiry_cap)
-        else:
-            self.session_expiry = 0 if c.clean_start else expiry_cap
-        if self.admit_connect is not None:
-            refusal = self.admit_connect(identity, self.upstream_client_id, c.clean_start, self.session_expiry)
-            if refusal:
-                return self._auth_refused(acts, identity, Reason.QUOTA_EXCEEDED if level == MQTT_5 else
-                                          Reason.SERVER_UNAVAILABLE, refusal, refusal)
-        self._cx.identity = identity
-        self._cx.audit("connect", "allow", identity=identity, resource=self.client_id,
-                    protocol_level=level)
-        upstream = upstream_connect(c, self.config, self._upstream_password, self.upstream_client_id,
-                                    self.keepalive, self.session_expiry)
+        if self._phase is not AUTH or hs.connect is None:
+            return acts
+        end = hs.authenticated(acts, event.identity)
+        if end is not None:
+            return self._end(acts, end)
         self._enter(UPSTREAM)
         self._will.arm()  # from now on the broker may hold it
         self._update_horizon()
-        acts.open_upstream = True
-        acts.to_broker.append(codec.encode_connect(upstream))
         return acts
 
     def _on_authentication_failed(self, acts: Output, event: AuthenticationFailed) -> Output:
-        reason, method = event.reason, event.method
-        self._cx.count(Metric("authentications", (method or "unknown", "fail")))
-        reason_name = getattr(reason, "value", str(reason))
-        if self._reauth:
-            self._reauth = False
-            self._cx.audit("reauth", "deny", identity=self.identity, reason=reason_name)
-            acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.NOT_AUTHORIZED))
-            return self._close(acts, "reauth_failed", reason_name, Reason.NOT_AUTHORIZED)
-        if self._phase is not AUTH:
-            return acts
-        if reason == AuthReason.NO_CREDENTIALS:
-            code = Reason.NOT_AUTHORIZED
-        elif reason == AuthReason.ISSUER_UNREACHABLE:
-            code = Reason.SERVER_UNAVAILABLE
-        else:
-            code = Reason.BAD_USER_NAME_OR_PASSWORD
-        self._cx.audit("connect", "deny", resource=self._connect.client_id if self._connect else "",
-                    reason=reason_name, method=method or None)
-        return self._refuse_connect(acts, code, "auth_failed", reason_name)
+        end = self._handshake.failed(event.reason, event.method, self._phase is AUTH)
+        return acts if end is None else self._end(acts, end)
 
     def subscribed_filters(self) -> list[str]:
         """The filters this connection holds at the broker (for the persistent-session count)."""
@@ -610,7 +568,7 @@ class Session:
         """The shell refuses a CONNECT whose credentials were good, for a quota of its own (a
         reconnect back-off, persistent sessions): v5 CONNACK 0x97, 3.1.1 CONNACK 3. The shell
         audits (folded): this is what a flooding client meets on every retry."""
-        if self._phase is not AUTH or self._reauth:
+        if self._phase is not AUTH or self._handshake.reauthenticating:
             return acts
         return self._refuse_connect(acts, Reason.QUOTA_EXCEEDED if self.protocol_level == MQTT_5 else
                                     Reason.SERVER_UNAVAILABLE, event.reason, event.detail)
@@ -680,14 +638,6 @@ class Session:
         CONNECT), a normal DISCONNECT goes to the broker first, which discards the Will."""
         return self._close(acts, "client_closed", "")
 
-    def _asked_to_discard_will(self) -> bool:
-        """A normal DISCONNECT the client sent before the broker's CONNACK, still held here."""
-        for f in self._pending:
-            if f.type == T.DISCONNECT:
-                body = f.body
-                return not (len(body) and body[0] == Reason.DISCONNECT_WITH_WILL)
-        return False
-
     def _standing_problem(self, ident: Identity) -> str | None:
         """Why the identity no longer stands at this instant (its token expired, its credential
         gone), or None: asked before anything is published on its behalf."""
@@ -739,36 +689,16 @@ class Session:
             acts.to_client.append(mv[:pos])  # one slice; the caller makes it a pass-through run
         return pos
 
-    def _hold(self, acts: Output, frames: list[Frame]) -> None:
-        """Packets that arrive while authentication runs wait (copied: the buffer is reused),
-        at most the pre-authentication limit of bytes, counting everything held for them: each
-        held packet's bookkeeping and the partial packet in the framer (see _preauth_held)."""
-        for frame in frames:
-            if self._preauth_refused(acts, len(frame.raw) + HELD_PACKET_OVERHEAD):
-                return
-            self._pending_bytes += len(frame.raw) + HELD_PACKET_OVERHEAD
-            self._pending.append(Frame(frame.type, frame.flags, memoryview(bytes(frame.raw)),
-                                       frame.body_start, -1, -1))
-        self._preauth_refused(acts, 0)
-
-    def _preauth_refused(self, acts: Output, more: int) -> bool:
-        """Would holding ``more`` bytes take what waits for authentication (held packets with
-        their overhead, plus the framer's partial packet) past the limit? Then refuse now."""
-        held = self._pending_bytes + self._client_framer.buffered
-        if held + more <= self._preauth_max:
-            return False
-        self._cx.audit("connect", "deny", reason="too much data before CONNACK", held=held, more=more,
-                    limit=self._preauth_max)
-        self._refuse_connect(acts, Reason.QUOTA_EXCEEDED if self.protocol_level == MQTT_5 else
-                             Reason.SERVER_UNAVAILABLE, "buffer_full", "")
-        return True
-
     def _client_frame(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         t = frame.type
         if self._phase is CONNECT:
             if t != T.CONNECT:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} before CONNECT")
-            self._on_connect(acts, frame)
+            end = self._handshake.connected(acts, frame)
+            if end is not None:
+                self._end(acts, end)
+            else:
+                self._enter(AUTH)
             return
         level = self.protocol_level
         if t == T.PUBLISH:
@@ -795,128 +725,18 @@ class Session:
                 raise ProtocolError(Reason.MALFORMED_PACKET, "PINGREQ with a body")
             acts.forward(acts.to_broker, frame, data)
         elif t == T.DISCONNECT:
-            d = codec.decode_disconnect(frame.body, level)
-            c = self._connect
-            if level == MQTT_5 and c is not None and not get_prop(c.properties, Prop.SESSION_EXPIRY_INTERVAL) \
-                    and get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL):
-                # [MQTT-3.14.2-2]. Forwarded, the broker would take it for a protocol error and
-                # publish the Will on its own; refused here, the Will is decided by _close().
-                raise ProtocolError(Reason.PROTOCOL_ERROR, "Session Expiry Interval on DISCONNECT after 0 at CONNECT")
-            # A new Session Expiry on a v5 DISCONNECT, whatever its reason, reaches the broker capped,
-            # and session_expiry (what the persistent-session count rests on) follows it.
-            asked = level == MQTT_5 and isinstance(get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL), int)
-            over = asked and self._longer_expiry_at_disconnect(d)
-            if d.reason == Reason.DISCONNECT_WITH_WILL and self._will.armed:
-                self._will.disarm()
-                if not self._will.still_allowed():  # no longer allowed: a plain DISCONNECT discards it
-                    acts.end_run()
-                    acts.to_broker.append(codec.encode_disconnect(level, 0, [
-                        (Prop.SESSION_EXPIRY_INTERVAL, self.session_expiry)] if asked else []))
-                elif over:  # published as the client asks, the session kept no longer than the cap
-                    self._disconnect_capped(acts, level, d)
-                else:
-                    acts.forward(acts.to_broker, frame, data)
-            elif over:
-                self._will.disarm()  # (the DISCONNECT re-encoded: the Will is discarded as asked)
-                self._disconnect_capped(acts, level, d)
-            else:
-                self._will.disarm()  # a normal DISCONNECT: the broker discards the Will
-                acts.forward(acts.to_broker, frame, data)
-            self._close(acts, "client_disconnect", f"reason 0x{d.reason:02X}" if d.reason else "")
+            self._end(acts, self._handshake.disconnected(acts, frame, data))
         elif t == T.AUTH and level == MQTT_5:
-            self._client_auth(acts, frame)
+            self._handshake.reauth(acts, frame)
         elif t == T.CONNECT:
             raise ProtocolError(Reason.PROTOCOL_ERROR, "second CONNECT")
         else:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} is not sent by clients")
 
-    def _disconnect_capped(self, acts: Output, level: int, d: Disconnect) -> None:
-        """The client's DISCONNECT upstream, its Session Expiry replaced by the capped ``session_expiry``."""
-        acts.end_run()
-        acts.to_broker.append(codec.encode_disconnect(level, d.reason, [
-            *without_props(d.properties, Prop.SESSION_EXPIRY_INTERVAL),
-            (Prop.SESSION_EXPIRY_INTERVAL, self.session_expiry)]))
-
-    def _longer_expiry_at_disconnect(self, d: Disconnect) -> bool:
-        """A v5 DISCONNECT may set a new Session Expiry: kept within the cap (True: over it, so
-        the DISCONNECT must go upstream with the capped value, in ``session_expiry``)."""
-        asked = get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL)
-        if not isinstance(asked, int):
-            return False
-        cap = self.config.limits.persistent_session_expiry_seconds
-        self.session_expiry = min(asked, cap)
-        return asked > cap
-
-    def _on_connect(self, acts: Output, frame: Frame) -> None:
-        # Field lengths are checked before anything is decoded or any credential looked at.
-        limits = self.config.limits
-        c = codec.decode_connect(frame.body, max_client_id=limits.client_id_max_bytes,
-                                 max_username=limits.username_max_bytes, max_will_topic=self._topic_max)
-        self._head = bytearray()
-        self._connect = c
-        self._cx.level = level = c.protocol_level
-        v5 = level == MQTT_5
-        if level == 4 and not c.client_id and not c.clean_start:
-            # [MQTT-3.1.3-8]: an empty client id needs a clean session in 3.1.1.
-            self._cx.audit("connect", "deny", reason="empty client id without clean session")
-            self._refuse_connect(acts, Reason.CLIENT_IDENTIFIER_NOT_VALID, "client_id_rejected",
-                                 "empty client id without clean session")
-            return
-        cap = self.config.max_keepalive_seconds
-        if v5:
-            self.keepalive = min(c.keepalive or cap, cap)
-        else:
-            self.keepalive = c.keepalive or cap
-        method = get_prop(c.properties, Prop.AUTHENTICATION_METHOD)
-        data = get_prop(c.properties, Prop.AUTHENTICATION_DATA)
-        if method is not None and method != AUTH_METHOD:
-            self._cx.audit("connect", "deny", resource=c.client_id, reason=f"authentication method {method!r}")
-            self._cx.count(Metric("authentications", ("unknown", "fail")))
-            self._refuse_connect(acts, Reason.BAD_AUTHENTICATION_METHOD, "auth_failed", "bad method")
-            return
-        if data is not None and method is None:
-            raise ProtocolError(Reason.PROTOCOL_ERROR, "Authentication Data without a method")
-        self._enhanced_auth = method is not None
-        self._enter(AUTH)
-        acts.auth = AuthRequest(kind="connect", username=c.username, password=c.password,
-                                auth_method=method, auth_data=data, client_id=c.client_id)  # type: ignore[arg-type]
-
     @property
     def subscription_quota(self) -> SubscriptionQuota | None:
         """The identity's shared subscription quota (the shell makes one per gateway)."""
         return self._subscribing.quota
-
-    def _client_auth(self, acts: Output, frame: Frame) -> None:
-        a = codec.decode_auth(frame.body)
-        method = get_prop(a.properties, Prop.AUTHENTICATION_METHOD)
-        if a.reason != Reason.REAUTHENTICATE:
-            raise ProtocolError(Reason.PROTOCOL_ERROR, f"AUTH reason 0x{a.reason:02X} from the client")
-        if method != AUTH_METHOD:
-            raise ProtocolError(Reason.BAD_AUTHENTICATION_METHOD, f"authentication method {method!r}")
-        if self._reauth:
-            raise ProtocolError(Reason.PROTOCOL_ERROR, "re-authentication already in progress")
-        data = get_prop(a.properties, Prop.AUTHENTICATION_DATA)
-        self._reauth = True
-        acts.end_run()
-        acts.auth = AuthRequest(kind="reauth", username=None, password=None, auth_method=AUTH_METHOD,
-                                auth_data=data, client_id=self.client_id)  # type: ignore[arg-type]
-
-    def _reauthenticated(self, acts: Output, identity: Identity) -> Output:
-        self._reauth = False
-        old = self.identity
-        if old is None or identity.sub != old.sub:
-            self._cx.count(Metric("authentications", (identity.method, "fail")))
-            self._cx.audit("reauth", "deny", identity=old, reason="subject changed", new_sub=identity.sub)
-            acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.NOT_AUTHORIZED))
-            return self._close(acts, "reauth_failed", "subject changed", Reason.NOT_AUTHORIZED)
-        self._cx.count(Metric("authentications", (identity.method, "ok")))
-        self._cx.identity = identity
-        self._cx.audit("reauth", "allow", identity=identity)
-        # Roles may have changed with the new token, and the expiry has.
-        self._decisions.clear()
-        self._redecide()
-        acts.to_client.append(codec.encode_auth(Reason.SUCCESS, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD)]))
-        return acts
 
     # ----------------------------------------------------------------- broker side
 
@@ -949,29 +769,14 @@ class Session:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} is not sent by brokers")
 
     def _broker_connack(self, acts: Output, frame: Frame) -> None:
-        level = self.protocol_level
-        ca = codec.decode_connack(frame.body, level)
-        if ca.reason != 0:
-            self._cx.audit("connect", "deny", identity=self.identity, reason=f"broker refused 0x{ca.reason:02X}")
-            acts.to_client.append(bytes(frame.raw) if level != MQTT_5 else
-                                  codec.encode_connack(False, ca.reason, level, without_props(
-                                      ca.properties, Prop.ASSIGNED_CLIENT_IDENTIFIER)))
-            self._will.disarm()  # refused: the broker holds no Will
-            self._close(acts, "broker_refused", f"0x{ca.reason:02X}", ca.reason)
+        end = self._handshake.connack(acts, frame)
+        if end is not None:
+            self._end(acts, end)
             return
         self._enter(OPEN)
         self._client_framer.max_packet_size = self.config.max_packet_size  # authenticated now
         self._last_rx = self.clock()
-        # A resumed session (session_present) holds filters the gateway never saw: nothing in
-        # the table proves their deliveries, so each is asked of the policy.
-        if level == MQTT_5:
-            acts.to_client.append(codec.encode_connack(ca.session_present, 0, level,
-                                                       self._client_connack_props(ca.properties)))
-        else:
-            acts.to_client.append(bytes(frame.raw))
-        # Packets the client sent meanwhile.
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
-        for f in pending:
+        for f in self._handshake.take_pending():  # packets the client sent meanwhile
             if self.closed:
                 break
             try:
@@ -979,15 +784,6 @@ class Session:
             except ProtocolError as exc:
                 self._client_violation(acts, exc)
                 break
-
-    def _client_connack_props(self, broker_props: Properties) -> Properties:
-        c = self._connect
-        if c is None:
-            raise RuntimeError("c is not set")
-        props, self.keepalive = client_connack_props(
-            broker_props, self.config, assigned_id=self.client_id if self._assigned_id else None,
-            keepalive=self.keepalive, asked_keepalive=c.keepalive, enhanced_auth=self._enhanced_auth)
-        return props
 
     def _redecide(self, devices: frozenset[str] | None = None) -> None:
         self._subscribing.redecide(devices)
@@ -1028,12 +824,12 @@ class Session:
         is no longer allowed, a plain DISCONNECT upstream makes the broker discard it."""
         if self._will.armed:
             self._will.disarm()
-            if self._asked_to_discard_will() or not self._will.still_allowed():
+            if self._handshake.asked_to_discard_will() or not self._will.still_allowed():
                 acts.end_run()
                 acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
         self.closed = True
         self._enter(CLOSED)
-        self._pending = []
+        self._handshake.take_pending()
         self._subscribing.close()  # the identity's other connections may use them
         self._qos2.drop_all(self._cx.sub)  # the held publishes go with the connection
         self._cx.flush_folds()
@@ -1047,9 +843,11 @@ class Session:
 
     def _end(self, acts: Output, end: End) -> Output:
         """A piece of the session ends the connection."""
+        if end.connack is not None:
+            return self._refuse_connect(acts, end.connack, end.reason, end.detail)
         if end.disconnect is not None:
             return self._disconnect(acts, end.disconnect, end.reason, end.detail)
-        return self._close(acts, end.reason, end.detail)
+        return self._close(acts, end.reason, end.detail, end.code)
 
     def _disconnect(self, acts: Output, code: int, reason: str, detail: str) -> Output:
         """Close an open connection, telling a v5 client why."""
@@ -1070,34 +868,13 @@ class Session:
             return self._close(acts, reason, detail, int(v3))
         return self._close(acts, reason, detail)
 
-    def _auth_refused(self, acts: Output, identity: Identity, code: int, reason: str, detail: str) -> Output:
-        self._cx.audit("connect", "deny", identity=identity, reason=detail)
-        return self._refuse_connect(acts, code, reason, detail)
-
-    def _refuse_oversized(self, acts: Output) -> Output:
-        """A CONNECT over the pre-authentication size, refused at its fixed header, answered in
-        its client's version: v5 CONNACK 0x95; 3.1.1 (no code for it) and anything else: a close.
-        Only the few bytes up to the level byte are ever held for it."""
-        level = codec.peek_connect_level(self._head)
-        if level is None:
-            return acts  # the level byte has not arrived yet (the connect deadline still runs)
-        detail, self._oversized = self._oversized, ""
-        self._head = bytearray()
-        if level == MQTT_5:
-            self._cx.level = MQTT_5
-            acts.to_client.append(codec.encode_connack(False, Reason.PACKET_TOO_LARGE, MQTT_5))
-            return self._close(acts, "protocol_error", detail, Reason.PACKET_TOO_LARGE)
-        return self._close(acts, "protocol_error", detail)
-
     def _client_violation(self, acts: Output, exc: ProtocolError) -> Output:
         self._cx.count(Metric("protocol_errors", ("client",)))
         state = self._phase
         if state is CONNECT and exc.reason_code == Reason.PACKET_TOO_LARGE:
             # Only the Framer says this, at the CONNECT's fixed header: nothing of its body is held.
-            self._cx.audit("connect", "deny", reason=f"CONNECT over the pre-authentication limit: {exc.message}",
-                        reason_code=exc.reason_code)
-            self._oversized = exc.message
-            return self._refuse_oversized(acts)
+            end = self._handshake.oversized_connect(acts, exc.message)
+            return acts if end is None else self._end(acts, end)
         if isinstance(exc, LimitExceeded):  # a configured limit, not a broken protocol
             self._cx.audit(exc.action, "deny", reason=exc.message, reason_code=exc.reason_code)
         else:
