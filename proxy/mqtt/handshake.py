@@ -2,6 +2,43 @@
 the upstream CONNECT, the CONNACK properties the client gets, and :class:`Handshake`, the
 flow itself (CONNECT → authentication → upstream CONNECT → CONNACK; re-authentication).
 
+Rules (every length in bytes of the UTF-8 encoding, checked before the string is decoded and
+before any credential is asked about: ``Authenticate`` is never returned for a refused CONNECT):
+
+* Before the broker's CONNACK, a packet (the CONNECT first) larger than ``connect_max_bytes``
+  (at most ``max_packet_size``) is refused at its fixed header: nothing of its body is read. A
+  CONNECT so refused is answered in its client's version once its level byte is in (the first
+  14 bytes at most are held for that): v5 CONNACK 0x95; 3.1.1 and 3.1 a plain close. Packets
+  sent meanwhile are held, at most ``connect_max_bytes`` with their bookkeeping
+  (:data:`HELD_PACKET_OVERHEAD` each) and the partial packet behind them; beyond → v5 CONNACK
+  0x97, 3.1.1 0x03.
+* CONNECT fields: client id over ``client_id_max_bytes`` → CONNACK 0x85 / 0x02; user name over
+  ``username_max_bytes`` → 0x86 / 0x04; Will topic over ``topic_max_bytes`` → v5 0x90, 3.1.1 a
+  plain close. Audited as ``connect`` denials. 3.1.1: an empty client id needs a clean session
+  [MQTT-3.1.3-8] (0x02).
+* Keepalive 0 (and, for v5, anything above ``max_keepalive_seconds``) is capped at
+  ``max_keepalive_seconds`` and v5 clients are told so (Server Keep Alive); 3.1.1 clients
+  cannot be told, so a larger keepalive is kept as asked.
+* Client id (:func:`bind_client_id`): a device must use its own device id (empty → its id;
+  another id → CONNACK 0x85 / 0x02). A user's id is forwarded as ``user_client_id_prefix + sub
+  + "/" + client_id`` (``%`` and ``/`` in the sub percent-encoded, so two identities can never
+  spell the same id; a device id starting with the prefix is refused, 0x85 / 0x02); an empty
+  one is replaced by a generated ``kg-<random>`` (v5: returned as Assigned Client Identifier).
+  An anonymous client always gets a fresh random id, so no one can resume or wipe another's
+  session. The broker's Assigned Client Identifier never reaches the client.
+* The upstream CONNECT (:func:`upstream_connect`) carries no client user name, password,
+  Authentication Method/Data or Topic Alias Maximum (absent = 0: the broker never sends
+  aliases); ``upstream_username`` / password go in their place if configured.
+* Authentication failures: CONNACK 0x86 / 0x04 (bad credentials), 0x87 / 0x05 (none given),
+  0x88 / 0x03 (issuer unreachable), 0x8C (unknown method, v5). A token already expired, a
+  credential gone since it was checked, or the shell's ``admit_connect`` refusing (v5 0x97,
+  3.1.1 0x03) refuse it too.
+* Re-authentication (v5): AUTH 0x19 with ``keygate-token`` and a fresh token; the same subject
+  → AUTH 0x00 (identity and expiry replaced); another subject or a failure → DISCONNECT 0x87.
+* The client's DISCONNECT: a Session Expiry Interval on it reaches the broker capped at
+  ``persistent_session_expiry_seconds``; one set after 0 at CONNECT [MQTT-3.14.2-2] is a
+  protocol error here, never forwarded (the broker would publish the Will on its own).
+
 Which credential a CONNECT carries (:func:`classify_credentials`):
 
 1. v5 enhanced authentication, method ``keygate-token`` (:data:`AUTH_METHOD`),

@@ -12,8 +12,9 @@
   with the number dropped.
 * Denied: v5 QoS 1/2 → PUBACK/PUBREC 0x87, QoS 0 dropped; 3.1.1 ``denied_publish_v3: drop``
   acknowledges (PUBACK, or PUBREC and PUBCOMP on the PUBREL), ``disconnect`` closes. Audited.
-* QoS 2: an allowed PUBLISH is held (:class:`~proxy.mqtt.qos2.Qos2Flows`) and answered
-  PUBREC; decided again at the client's PUBREL: still allowed → PUBLISH and PUBREL upstream
+* QoS 2: an allowed PUBLISH is held (:class:`~proxy.mqtt.qos2.Qos2Flows`: at most 256 KiB or
+  one packet per connection, and the identity's share; more → v5 PUBREC 0x97 / close) and
+  answered PUBREC; decided again at the client's PUBREL: still allowed → PUBLISH and PUBREL upstream
   in one write; not → PUBCOMP 0x92 (v5) / PUBCOMP, audited. A PUBREL for an id the gateway
   answered or holds nothing for is completed here, never forwarded.
 

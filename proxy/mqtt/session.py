@@ -68,130 +68,49 @@ or with the token as password. The session asks the shell with
 identity and expiry and is answered AUTH 0x00; another subject or a failure
 ends the connection with DISCONNECT 0x87.
 
-Rules the session enforces
---------------------------
+Rules the session enforces, and where each is kept
+--------------------------------------------------
 
-* CONNECT deadline (``connect_timeout_seconds``) from creation until the
-  broker's CONNACK; keepalive enforced at 1.5x; keepalive 0 (and, for v5,
-  anything above ``max_keepalive_seconds``) is capped at
-  ``max_keepalive_seconds`` and v5 clients are told so (Server Keep Alive).
-  3.1.1 clients cannot be told, so a larger keepalive is kept as asked.
-* Client id: a device must use its own device id (empty → its id; another id →
-  CONNACK 0x85 / 0x02). A user's id is forwarded as
-  ``user_client_id_prefix + sub + "/" + client_id`` (``%`` and ``/`` in the sub
-  percent-encoded, so two identities can never spell the same id; a device id
-  starting with the prefix is refused, 0x85 / 0x02); an empty one is replaced by
-  a generated ``kg-<random>`` (v5: returned as Assigned Client Identifier). An
-  anonymous client always gets a fresh random id, so no one can resume or wipe
-  another's session. The broker's Assigned Client Identifier never reaches the client.
-* The upstream CONNECT carries no client user name, password, Authentication
-  Method/Data or Topic Alias Maximum (absent = 0: the broker never sends
-  aliases); ``upstream_username`` / password go in their place if configured.
-* The Will is authorized as a publish (its topic, QoS and retain flag);
-  refused → CONNACK 0x87 / 0x05. It is a publish the broker makes later, so it
-  is decided again at the instant the connection ends, on every way it ends
-  (TCP drop, keepalive or token expiry, rate limit, protocol error, shutdown,
-  revoked credential, v5 DISCONNECT 0x04): if it is no longer allowed (a grant
-  revoked, the token expired, the credential gone) a plain DISCONNECT goes
-  upstream so the broker discards it; if it is, it goes out as the client asked.
-  While the broker holds it, it is re-decided on every ``invalidate()`` and at
-  the end of its grant: the broker publishes a Will it holds whenever it ends
-  the connection itself (a session takeover, a protocol error it sees), so one
-  no longer allowed ends the connection at once (plain DISCONNECT upstream; v5
-  DISCONNECT 0x87 to the client). Its Will Delay Interval is not passed on: a
-  delayed Will would be published at an instant the gateway no longer sees. A
-  v5 DISCONNECT that sets a Session Expiry Interval after 0 at CONNECT
-  [MQTT-3.14.2-2] is refused here (a protocol error), never forwarded.
-* Authentication failures: CONNACK 0x86 / 0x04 (bad credentials), 0x87 / 0x05
-  (none given), 0x88 / 0x03 (issuer unreachable), 0x8C (unknown method, v5).
-* Topic aliases (client → gateway, v5): tracked by the gateway itself up to
-  ``topic_alias_maximum`` (advertised in CONNACK, replacing the broker's value;
-  0 = aliases refused with DISCONNECT 0x94). Every PUBLISH is checked on its
-  resolved topic and forwarded with the full topic and no alias, so a denied
-  alias-setting PUBLISH cannot leave the broker with a stale mapping.
-* Denied PUBLISH: v5 QoS 1/2 → PUBACK/PUBREC 0x87, QoS 0 dropped. 3.1.1:
-  ``denied_publish_v3: drop`` acknowledges and drops (PUBACK, or PUBREC and
-  PUBCOMP on the client's PUBREL), ``disconnect`` closes. Always audited. A
-  PUBREL for a QoS 2 id the gateway answered is completed by the gateway (also
-  in v5, where paho 2.x sends one after a refused PUBREC), never forwarded.
-* QoS 2 from the client: the broker publishes a QoS 2 message when it gets the
-  PUBREL, so an allowed QoS 2 PUBLISH is held by the gateway (answered PUBREC;
-  at most 256 KiB or one packet per connection, more → v5 PUBREC 0x97 / close)
-  and decided again at the client's PUBREL: still allowed → the PUBLISH and a
-  PUBREL go upstream in one write (the broker's PUBREC needs no answer, its
-  PUBCOMP answers the client); not → PUBCOMP 0x92 (v5) / PUBCOMP, audited. A
-  PUBREL for an id the gateway holds nothing for (e.g. sent on a later
-  connection) is answered the same way and never forwarded.
-* SUBSCRIBE: each filter checked (``$share/<group>/`` stripped first); denied
-  filters answered 0x80 (3.1.1) / 0x87 (v5); the rest go upstream under the
-  original packet id and the broker's SUBACK is merged back in order; all
-  denied → the gateway answers alone. Subscriptions are capped (see Limits). A
-  shared subscription's group goes upstream as ``<escaped sub>~<group>``: the
-  identity's own, so no stranger can join it and take a share of its messages.
-* Subscriptions: :class:`~proxy.mqtt.subscriptions.SubscriptionTable` is the one
-  record of what the client holds at the broker; it changes when a SUBSCRIBE
-  or UNSUBSCRIBE is forwarded (the broker's order), never on the acks.
-* Deliveries: every delivery is checked. A topic an ALLOW grant proves (an
-  exact filter by a set lookup, a wildcard one by matching) passes; otherwise
-  ``policies.may_receive`` decides. Dropped QoS 1 → PUBACK to the broker; QoS 2
-  → PUBREC, then PUBCOMP on the broker's PUBREL; the client sees none of it.
-  A dropped delivery is audited once per topic per cache lifetime.
-* Grants end on time: a decision that rests on something with an end (a
-  delegation's ``expires_at``: ``Decision.until``) is kept only until then; the
-  subscription grants are re-decided at their earliest end (``next_deadline()``
-  includes it, and every chunk checks it too, so a late timer lets nothing
-  through), and the token's expiry closes the connection. Publish and delivery
-  decisions are also cached for at most one second and dropped on ``invalidate()``.
+The session is the coordinator: it moves the phase (:mod:`proxy.mqtt.phase`), keeps the
+timers, runs the fast paths and ends the connection; every rule of a packet lives in the piece
+that handles it, with its module docstring saying it in full:
+
+* :mod:`proxy.mqtt.handshake` — the CONNECT (field limits, keepalive, authentication
+  method), the client id bound to the identity, the upstream CONNECT, authentication
+  failures (CONNACK 0x86 / 0x04, 0x87 / 0x05, 0x88 / 0x03, 0x8C), the packets held before
+  CONNACK (at most ``connect_max_bytes``), the client's CONNACK, re-authentication, the
+  client's DISCONNECT (a Session Expiry set on it capped; one after 0 at CONNECT
+  [MQTT-3.14.2-2] refused here, never forwarded).
+* :mod:`proxy.mqtt.will` — the Will, decided at CONNECT and again at every instant the
+  broker could publish it; its Will Delay Interval is not passed on.
+* :mod:`proxy.mqtt.publish_gate` — client PUBLISH and PUBREL: topic limit, aliases,
+  decision cache, rate limit, denials, QoS 2 held until PUBREL (:mod:`proxy.mqtt.qos2`).
+* :mod:`proxy.mqtt.subscribe_gate` — SUBSCRIBE / UNSUBSCRIBE / SUBACK: filter limit, caps
+  (:mod:`proxy.mqtt.subscriptions`), shared groups made the identity's own, rate limit,
+  the grants re-decided.
+* :mod:`proxy.mqtt.delivery_gate` — broker PUBLISH and acknowledgements: every delivery
+  checked, a dropped one completed by the gateway.
+* :mod:`proxy.mqtt.decisions` — the decision caches and their bounds;
+  :mod:`proxy.mqtt.context` — audit lines, refusals folded to one line per second, counts.
+
+What the session itself enforces:
+
+* CONNECT deadline (``connect_timeout_seconds``) from creation until the broker's CONNACK;
+  keepalive enforced at 1.5x (v5: DISCONNECT 0x8D).
+* Grants end on time: a decision that rests on something with an end (a delegation's
+  ``expires_at``: ``Decision.until``) is kept only until then; the subscription grants are
+  re-decided at their earliest end (``next_deadline()`` includes it, and every chunk checks it
+  too, so a late timer lets nothing through), the Will likewise. Publish and delivery
+  decisions are also cached for at most one second and dropped on ``Invalidated``.
 * Token expiry: closed at ``expires_at + token_leeway`` (v5: DISCONNECT 0xA0 first).
-* Rate limit (:class:`RateLimiter`, per identity ``sub``, shared across
-  connections): each PUBLISH costs one token, each filter of a SUBSCRIBE or
-  UNSUBSCRIBE one (the packet is refused whole, before the policy is asked).
-  ``disconnect`` → v5 DISCONNECT 0x96 / close; ``drop`` → the message is
-  dropped (v5 QoS 1/2 answered 0x97, 3.1.1 acknowledged), a SUBSCRIBE answered
-  0x97 / 0x80 for every filter, an UNSUBSCRIBE answered v5 UNSUBACK 0x80 for
-  every filter (UNSUBACK has no quota code) or, in 3.1.1 (whose UNSUBACK cannot
-  refuse), the connection closed. Audited one line per second per connection at
-  most, with the number refused (publishes: ``dropped``; filters: ``count``).
-* Protocol violations (see :mod:`proxy.mqtt.codec`) → v5 CONNACK or DISCONNECT
-  with the codec's reason code, 3.1.1 a plain close; audited.
-* Decision caches per connection (publish decisions, deliveries): at most 4096
-  entries and 64 KiB of topic bytes each (the values hold the topic once more),
-  dropped whole when either is reached.
-
-Limits (``mqtt.limits``): what one connection can make the gateway hold
------------------------------------------------------------------------
-
-Every length is in bytes of the UTF-8 encoding and is checked before the string
-is decoded, and, before CONNACK, before any credential is asked about
-(``Authenticate`` is never returned for a refused CONNECT).
-
-* Before the broker's CONNACK, a packet (the CONNECT first) larger than
-  ``connect_max_bytes`` (at most ``max_packet_size``) is refused at its fixed
-  header: nothing of its body is read. A CONNECT so refused is answered in its
-  client's version once its level byte is in (the first 14 bytes at most are
-  held for that): v5 CONNACK 0x95; 3.1.1 and 3.1, which have no code for it, a
-  plain close. After CONNACK the limit is ``max_packet_size``.
-* CONNECT fields: client id over ``client_id_max_bytes`` → CONNACK 0x85 / 0x02;
-  user name over ``username_max_bytes`` → 0x86 / 0x04; Will topic over
-  ``topic_max_bytes`` → v5 0x90, 3.1.1 a plain close (as for any invalid Will
-  topic: no 3.1.1 code names a topic). Audited as ``connect`` denials.
-* PUBLISH topic over ``topic_max_bytes`` → v5 DISCONNECT 0x90 (Topic Name
-  invalid), 3.1.1 a plain close, before the decision cache or the policy sees it.
-* SUBSCRIBE filter over ``topic_max_bytes`` → that filter alone answered 0x8F
-  (v5, Topic Filter invalid) / 0x80, never decoded nor asked of the policy; so
-  the shared decision cache only holds filters within the limit. UNSUBSCRIBE
-  filter over it → v5 DISCONNECT 0x8F, 3.1.1 a plain close.
-* Subscriptions: at most ``subscriptions_per_connection`` filters per connection
-  and ``subscriptions_per_identity`` per identity ``sub`` across its connections
-  (the shared ``subscription_quota``; none without one); more → 0x97 / 0x80. A
-  filter takes a slot when it is forwarded (a denied one takes none; a held one
-  re-subscribed takes no second); its slot is given back when an UNSUBSCRIBE of
-  it is forwarded and, for all of them, when the connection closes (every close
-  comes through the session, ``client_closed()`` included).
-* Refusals a client can repeat at will (an over-long filter, a subscription over
-  a cap, filters over the rate) are audited one line per second per kind at
-  most, with ``count``, the number refused since the previous line; what is left
-  is written when the connection closes, so no refusal goes unrecorded.
+* ``Invalidated``: a credential that no longer stands closes the connection (v5 DISCONNECT
+  0x98), a Will no longer allowed too (0x87), the grants resting on the devices re-decided.
+* Protocol violations (see :mod:`proxy.mqtt.codec`) → v5 CONNACK or DISCONNECT with the
+  codec's reason code, 3.1.1 a plain close; audited. A limit exceeded
+  (:class:`~proxy.mqtt.codec.LimitExceeded`) is audited as a denial of its action.
+* Every close comes through the session: the Will decided, the subscription slots and the
+  held QoS 2 bytes given back to the identity, the folded refusals written, one summary
+  record per connection past authentication (:mod:`proxy.mqtt.audit_summary`).
 """
 
 from __future__ import annotations

@@ -5,14 +5,19 @@ One :class:`SubscribeGate` per session (sans-IO). It is the one writer of the co
 re-decisions read it) and owns its share of the identity's quota
 (:class:`~proxy.mqtt.subscriptions.HeldSlots`) and the SUBACKs it waits for to merge.
 
-Each filter of a SUBSCRIBE, in order: over ``topic_max_bytes`` → refused, never decoded nor
-asked of the policy; a new filter over ``subscriptions_per_connection`` → refused; else the
-policy decides (``$share/<group>/`` stripped first); allowed but over the identity's quota →
-refused; allowed → the table records it and it goes upstream, a shared group made the
-identity's own (:meth:`upstream_filter`). Refused filters are answered in the SUBACK (0x80 /
-0x87, 0x8F, 0x97); all refused → the gateway answers alone; the broker's SUBACK is merged back
-in order. Each refusal is counted and audited (those a client can repeat at will folded to a
-line per second, :meth:`~proxy.mqtt.context.Context.audit_folded`).
+Each filter of a SUBSCRIBE, in order: over ``topic_max_bytes`` → refused (v5 0x8F, 3.1.1
+0x80), never decoded nor asked of the policy, so the shared decision cache only holds filters
+within the limit (an UNSUBSCRIBE filter over it: v5 DISCONNECT 0x8F, 3.1.1 a close); a new
+filter over ``subscriptions_per_connection`` → refused; else the policy decides
+(``$share/<group>/`` stripped first); allowed but over the identity's quota → refused;
+allowed → the table records it and it goes upstream, a shared group made the identity's own
+(:meth:`upstream_filter`). A filter takes a slot of the quota when it is forwarded (a denied
+one takes none; a held one re-subscribed takes no second); its slot is given back when an
+UNSUBSCRIBE of it is forwarded and, for all, when the connection closes. Refused filters are
+answered in the SUBACK (0x80 / 0x87, 0x8F, 0x97); all refused → the gateway answers alone;
+the broker's SUBACK is merged back in order. Each refusal is counted and audited (those a
+client can repeat at will folded to a line per second,
+:meth:`~proxy.mqtt.context.Context.audit_folded`).
 
 Rate limit: each filter of a SUBSCRIBE or UNSUBSCRIBE costs one token, the packet refused whole
 before the policy is asked: ``disconnect`` → v5 DISCONNECT 0x96 / close; ``drop`` → SUBACK
