@@ -241,6 +241,7 @@ class Session:
             upstream_password=config.upstream_password if upstream_password is None else upstream_password)
         # Off only to compare the fast paths with the full path (tests/unit/test_mqtt_fastpath.py).
         self._fast_paths = fast_paths
+        self._fast_chunks = 0  # chunks the fast paths passed packets of (fast_path_chunks)
 
     # ----------------------------------------------------------------- shell API
 
@@ -292,6 +293,21 @@ class Session:
     def upstream_client_id(self) -> str:
         """The client id as the broker knows it."""
         return self._handshake.upstream_client_id
+
+    @property
+    def partial_packet_bytes(self) -> int:
+        """Bytes of a client packet not yet whole, held until the rest arrives."""
+        return self._client_framer.buffered
+
+    @property
+    def dropped_qos2_awaiting_pubrel(self) -> int:
+        """Broker QoS 2 deliveries the gateway dropped (answered PUBREC), awaiting the broker's PUBREL."""
+        return len(self._qos2.dropped)
+
+    @property
+    def fast_path_chunks(self) -> int:
+        """Chunks the fast paths passed at least one packet of (for the tests that say they reach them)."""
+        return self._fast_chunks
 
     @property
     def reading_paused(self) -> bool:
@@ -591,6 +607,7 @@ class Session:
                                            self.protocol_level == MQTT_5, self._qos2.answered,
                                            self.rate_limiter, ident.sub if ident is not None else "")
         if n:
+            self._fast_chunks += 1
             self._cx.published += n
             self._cx.forwarded += n
             acts.to_broker.append(mv[:pos])  # one slice; the caller makes it a pass-through run
@@ -603,6 +620,7 @@ class Session:
         pos, n = fastpath.broker_deliveries(mv, self._subs.exact, self._decisions.receive,
                                             self.protocol_level == MQTT_5)
         if n:
+            self._fast_chunks += 1
             self._cx.handed += n
             self._cx.delivered += n
             acts.to_client.append(mv[:pos])  # one slice; the caller makes it a pass-through run
