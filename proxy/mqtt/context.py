@@ -18,16 +18,17 @@ from proxy.identity.model import Identity
 from proxy.mqtt.audit_summary import ConnectionSummary
 from proxy.mqtt.commands import Metric, Record
 
-__all__ = ["ALLOW_COUNT", "DENY_COUNT", "RATE_LIMITED", "Context"]
+__all__ = ["ALLOWED_PUBLISH", "ALLOWED_RECEIVE", "ALLOW_COUNT", "DENY_COUNT", "RATE_LIMITED", "TO_BROKER", "TO_CLIENT",
+           "Context"]
 
 # The counters the session asks the shell to add to (proxy.mqtt.server holds them).
 ALLOW_COUNT = {a: Metric("decisions", (a, "allow")) for a in ("publish", "subscribe", "receive", "will")}
 DENY_COUNT = {a: Metric("decisions", (a, "deny")) for a in ("publish", "subscribe", "receive", "will")}
 RATE_LIMITED = Metric("rate_limited")
-_ALLOWED_PUBLISH = ALLOW_COUNT["publish"]
-_ALLOWED_RECEIVE = ALLOW_COUNT["receive"]
-_TO_BROKER = Metric("messages", ("client_to_broker",))
-_TO_CLIENT = Metric("messages", ("broker_to_client",))
+ALLOWED_PUBLISH = ALLOW_COUNT["publish"]
+ALLOWED_RECEIVE = ALLOW_COUNT["receive"]
+TO_BROKER = Metric("messages", ("client_to_broker",))
+TO_CLIENT = Metric("messages", ("broker_to_client",))
 
 
 class Context:
@@ -71,21 +72,21 @@ class Context:
         summary = self.summary
         n = self.published
         if n:
-            out.append((_ALLOWED_PUBLISH, n))
+            out.append((ALLOWED_PUBLISH, n))
             self.published = 0
         n = self.delivered
         if n:
-            out.append((_ALLOWED_RECEIVE, n))
+            out.append((ALLOWED_RECEIVE, n))
             summary.delivered += n
             self.delivered = 0
         n = self.forwarded
         if n:
-            out.append((_TO_BROKER, n))
+            out.append((TO_BROKER, n))
             summary.published += n  # forwarded: a held QoS 2 counts at its release
             self.forwarded = 0
         n = self.handed
         if n:
-            out.append((_TO_CLIENT, n))
+            out.append((TO_CLIENT, n))
             self.handed = 0
         return out
 

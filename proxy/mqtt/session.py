@@ -125,7 +125,7 @@ from proxy.identity.model import Identity
 from proxy.mqtt import codec, fastpath
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
 from proxy.mqtt.commands import Close, Command, CountMetrics, Metric, SendToBroker, SendToClient
-from proxy.mqtt.context import Context
+from proxy.mqtt.context import ALLOWED_PUBLISH, ALLOWED_RECEIVE, TO_BROKER, TO_CLIENT, Context
 from proxy.mqtt.decisions import DecisionCaches
 from proxy.mqtt.delivery_gate import DeliveryGate
 from proxy.mqtt.events import (
@@ -133,6 +133,7 @@ from proxy.mqtt.events import (
     AuthenticationFailed,
     BrokerClosed,
     BrokerData,
+    Buffer,
     ClientClosed,
     ClientData,
     ConnectRefused,
@@ -162,6 +163,14 @@ from proxy.policy.decision import Decision, SubscribeDecision
 __all__ = ["HELD_PACKET_OVERHEAD", "Policies", "Session"]
 
 _NEVER = float("inf")
+
+# The arguments of fastpath.client_publishes after the chunk (cache, max size, v5, answered, limiter, sub).
+ClientLane = tuple[fastpath.PublishCache, int, bool, set[int], RateLimiter | None, str]
+# The common call's commands, made as the dataclass __init__ would, less its frame (see _client_chunk_open).
+_NEW = object.__new__
+_SET_CLIENT_ITEMS = SendToClient.__dict__["items"].__set__
+_SET_BROKER_ITEMS = SendToBroker.__dict__["items"].__set__
+_SET_COUNTS = CountMetrics.__dict__["counts"].__set__
 
 T = PacketType
 
@@ -242,6 +251,11 @@ class Session:
         # Off only to compare the fast paths with the full path (tests/unit/test_mqtt_fastpath.py).
         self._fast_paths = fast_paths
         self._fast_chunks = 0  # chunks the fast paths passed packets of (fast_path_chunks)
+        # Set once OPEN with the fast paths on (see _client_chunk_open): the publish fast path's
+        # arguments, fixed for the connection's life; whether the delivery one runs, and for v5.
+        self._client_lane: ClientLane | None = None
+        self._broker_lane = False
+        self._v5 = False
 
     # ----------------------------------------------------------------- shell API
 
@@ -351,16 +365,26 @@ class Session:
     def handle(self, event: Event) -> list[Command]:
         """The one entry point: what happened → what the shell must do, in order
         (:data:`proxy.mqtt.commands.ORDER`). After the session has closed, nothing."""
+        if type(event) is ClientData:
+            lane = self._client_lane
+            if lane is not None:
+                return self._client_chunk_open(event.data, lane)
+        elif type(event) is BrokerData and self._broker_lane:
+            return self._broker_chunk_open(event.data)
         acts = Output()
         if not self.closed:
             _HANDLERS[type(event)](self, acts, event)
+        return self._commands(acts)
+
+    def _commands(self, acts: Output) -> list[Command]:
+        """The call's commands, in ORDER."""
         counts = None
         if self._cx.published or self._cx.forwarded or self._cx.delivered or self._cx.handed or self._cx.counts:
             counts = self._cx.take_counts()
         if self._cx.records or acts.auth is not None or acts.close is not None or acts.open_upstream:
             return acts.commands(self._cx.records, counts)
-        # The common case, a chunk passed on (one call per read, so built here, in ORDER): at most
-        # a write each way and the counts.
+        # A chunk passed on (one call per read, so built here, in ORDER): at most a write each
+        # way and the counts.
         out: list[Command] = [SendToClient(acts.to_client)] if acts.to_client else []
         if acts.to_broker:
             out.append(SendToBroker(acts.to_broker))
@@ -368,8 +392,69 @@ class Session:
             out.append(CountMetrics(counts))
         return out
 
+    # ----------------------------------------------------------------- an open connection's chunks
+
+    # The common call, a chunk read on an open connection, on its own: no Output, no handler
+    # lookup, its commands built without the dataclass __init__ (a Python frame and an
+    # object.__setattr__ per field). The checks are the full path's, in the same order: the
+    # deadlines first (a decision or a grant that ended sends the chunk to the full path, which
+    # expires them), then the fast path's walk (fastpath.py), then the full path from where it
+    # stopped. At a call's start no record or count is pending (every call takes them).
+
+    def _client_chunk_open(self, data: Buffer, lane: ClientLane) -> list[Command]:
+        now = self.clock()
+        if now >= self._decisions.until or now >= self._grants_until or self._client_framer.buffered:
+            return self._commands(self._client_data(Output(), data))
+        view = data if type(data) is memoryview and data.format == "B" and data.ndim == 1 else codec.byte_view(data)
+        cache, max_size, v5, answered, limiter, sub = lane
+        pos, n = fastpath.client_publishes(view, cache, max_size, v5, answered, limiter, sub)
+        if n:
+            self._fast_chunks += 1
+            self._last_rx = now
+            if pos == len(view):
+                self._cx.summary.published += n
+                send = _NEW(SendToBroker)
+                _SET_BROKER_ITEMS(send, [view[:pos]])
+                counts = _NEW(CountMetrics)
+                _SET_COUNTS(counts, [(ALLOWED_PUBLISH, n), (TO_BROKER, n)])
+                return [send, counts]
+            self._cx.published += n
+            self._cx.forwarded += n
+        acts = Output()
+        if n:
+            acts.to_broker.append(view[:pos])
+            acts.run = Run(acts.to_broker, 0, pos, view)  # a pass-through packet after may join it
+        self._client_chunk(acts, view, pos, now)
+        return self._commands(acts)
+
+    def _broker_chunk_open(self, data: Buffer) -> list[Command]:
+        now = self.clock()
+        if now >= self._decisions.until or now >= self._grants_until or self._broker_framer.buffered:
+            return self._commands(self._broker_data(Output(), data))
+        view = data if type(data) is memoryview and data.format == "B" and data.ndim == 1 else codec.byte_view(data)
+        pos, n = fastpath.broker_deliveries(view, self._subs.exact, self._decisions.receive, self._v5)
+        if n:
+            self._fast_chunks += 1
+            if pos == len(view):
+                self._cx.summary.delivered += n
+                send = _NEW(SendToClient)
+                _SET_CLIENT_ITEMS(send, [view[:pos]])
+                counts = _NEW(CountMetrics)
+                _SET_COUNTS(counts, [(ALLOWED_RECEIVE, n), (TO_CLIENT, n)])
+                return [send, counts]
+            self._cx.delivered += n
+            self._cx.handed += n
+        acts = Output()
+        if n:
+            acts.to_client.append(view[:pos])
+            acts.run = Run(acts.to_client, 0, pos, view)
+        self._broker_chunk(acts, view, pos)
+        return self._commands(acts)
+
     def _on_client_data(self, acts: Output, event: ClientData) -> Output:
-        data = event.data
+        return self._client_data(acts, event.data)
+
+    def _client_data(self, acts: Output, data: Buffer) -> Output:
         now = self.clock()
         if now >= self._decisions.until or now >= self._grants_until:
             self._expire(acts, now)
@@ -394,6 +479,11 @@ class Session:
                 # packet right after may still join the fast path's slice.
                 out = acts.to_broker
                 acts.run = Run(out, 0, start, view)
+        return self._client_chunk(acts, view, start, now)
+
+    def _client_chunk(self, acts: Output, view: memoryview, start: int, now: float) -> Output:
+        """The full path: the packets of ``view`` from ``start`` (the fast path took those before)."""
+        framer = self._client_framer
         error: ProtocolError | None = None
         frames: list[Frame] = []
         if start < len(view):
@@ -429,22 +519,26 @@ class Session:
         return acts
 
     def _on_broker_data(self, acts: Output, event: BrokerData) -> Output:
-        data = event.data
-        acts.end_run()
+        return self._broker_data(acts, event.data)
+
+    def _broker_data(self, acts: Output, data: Buffer) -> Output:
         now = self.clock()
         if now >= self._decisions.until or now >= self._grants_until:
             self._expire(acts, now)
             if self.closed:
                 return acts
+        view = codec.byte_view(data)
+        start = 0
+        if self._phase is OPEN and self._fast_paths and not self._broker_framer.buffered:
+            start = self._broker_fast(acts, view)
+            if start:
+                acts.run = Run(acts.to_client, 0, start, view)
+        return self._broker_chunk(acts, view, start)
+
+    def _broker_chunk(self, acts: Output, view: memoryview, start: int) -> Output:
+        """The full path: the packets of ``view`` from ``start`` (the fast path took those before)."""
+        framer = self._broker_framer
         try:
-            framer = self._broker_framer
-            view = codec.byte_view(data)
-            start = 0
-            if self._phase is OPEN and self._fast_paths and not framer.buffered:
-                start = self._broker_fast(acts, view)
-                if start:
-                    out = acts.to_client
-                    acts.run = Run(out, 0, start, view)
             error: ProtocolError | None = None
             frames: list[Frame] = []
             if start < len(view):
@@ -712,6 +806,12 @@ class Session:
             return
         self._enter(OPEN)
         self._client_framer.max_packet_size = self.config.max_packet_size  # authenticated now
+        self._v5 = self.protocol_level == MQTT_5
+        if self._fast_paths:
+            ident = self.identity
+            self._client_lane = (self._decisions.publish, self.config.max_packet_size, self._v5,
+                                 self._qos2.answered, self.rate_limiter, ident.sub if ident is not None else "")
+            self._broker_lane = True
         self._last_rx = self.clock()
         for f in self._handshake.take_pending():  # packets the client sent meanwhile
             if self.closed:
@@ -766,6 +866,7 @@ class Session:
                 acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
         self.closed = True
         self._enter(CLOSED)
+        self._client_lane, self._broker_lane = None, False
         self._handshake.take_pending()
         self._subscribing.close()  # the identity's other connections may use them
         self._qos2.drop_all(self._cx.sub)  # the held publishes go with the connection
