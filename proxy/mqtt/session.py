@@ -460,26 +460,14 @@ class Session:
             self._expire(acts, now)
             if self.closed:
                 return acts
-        framer = self._client_framer
         view = codec.byte_view(data)
-        start = 0
         if self._phase is CONNECT:
             end = self._handshake.head(acts, view)
             if end is not None or self._handshake.oversized:  # nothing more is read
                 if end is not None:
                     self._end(acts, end)
                 return acts
-        if self._phase is OPEN and self._fast_paths and not framer.buffered:
-            start = self._client_fast(acts, view)
-            if start:
-                self._last_rx = now
-                if start == len(view):  # the whole chunk: nothing left for the full path
-                    return acts
-                # The full path goes on where the fast one stopped; a pass-through
-                # packet right after may still join the fast path's slice.
-                out = acts.to_broker
-                acts.run = Run(out, 0, start, view)
-        return self._client_chunk(acts, view, start, now)
+        return self._client_chunk(acts, view, 0, now)
 
     def _client_chunk(self, acts: Output, view: memoryview, start: int, now: float) -> Output:
         """The full path: the packets of ``view`` from ``start`` (the fast path took those before)."""
@@ -527,13 +515,7 @@ class Session:
             self._expire(acts, now)
             if self.closed:
                 return acts
-        view = codec.byte_view(data)
-        start = 0
-        if self._phase is OPEN and self._fast_paths and not self._broker_framer.buffered:
-            start = self._broker_fast(acts, view)
-            if start:
-                acts.run = Run(acts.to_client, 0, start, view)
-        return self._broker_chunk(acts, view, start)
+        return self._broker_chunk(acts, codec.byte_view(data), 0)
 
     def _broker_chunk(self, acts: Output, view: memoryview, start: int) -> Output:
         """The full path: the packets of ``view`` from ``start`` (the fast path took those before)."""
@@ -691,34 +673,6 @@ class Session:
         return self._close(acts, "shutdown", "")
 
     # ----------------------------------------------------------------- client side
-
-    # ----------------------------------------------------------------- fast paths (proxy.mqtt.fastpath)
-
-    def _client_fast(self, acts: Output, mv: memoryview) -> int:
-        """Allowed publishes from the start of ``mv``; the offset where it stopped."""
-        ident = self.identity
-        pos, n = fastpath.client_publishes(mv, self._decisions.publish, self._client_framer.max_packet_size,
-                                           self.protocol_level == MQTT_5, self._qos2.answered,
-                                           self.rate_limiter, ident.sub if ident is not None else "")
-        if n:
-            self._fast_chunks += 1
-            self._cx.published += n
-            self._cx.forwarded += n
-            acts.to_broker.append(mv[:pos])  # one slice; the caller makes it a pass-through run
-        return pos
-
-    def _broker_fast(self, acts: Output, mv: memoryview) -> int:
-        """Deliveries from the start of ``mv`` an exact ALLOW grant or a cached decision allows."""
-        # The delivery gate's checks inline (delivery_gate.py: the table's exact grants, the
-        # receive cache): called per chunk read, where one more Python call is measurable.
-        pos, n = fastpath.broker_deliveries(mv, self._subs.exact, self._decisions.receive,
-                                            self.protocol_level == MQTT_5)
-        if n:
-            self._fast_chunks += 1
-            self._cx.handed += n
-            self._cx.delivered += n
-            acts.to_client.append(mv[:pos])  # one slice; the caller makes it a pass-through run
-        return pos
 
     def _client_frame(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         t = frame.type
