@@ -22,7 +22,6 @@ subscribe gate, the caches to :mod:`proxy.mqtt.decisions`, the QoS 2 books to
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from proxy.identity.model import Identity
 from proxy.mqtt import codec
@@ -31,12 +30,10 @@ from proxy.mqtt.context import DENY_COUNT, Context
 from proxy.mqtt.decisions import DecisionCaches
 from proxy.mqtt.output import Output
 from proxy.mqtt.packets import PacketType, Reason
+from proxy.mqtt.policies import Policies
 from proxy.mqtt.qos2 import Qos2Flows
 from proxy.mqtt.subscriptions import SubscriptionTable
 from proxy.policy.decision import Decision
-
-if TYPE_CHECKING:
-    from proxy.mqtt.session import Policies
 
 __all__ = ["DeliveryGate"]
 

@@ -26,7 +26,6 @@ to carry out (it decides the Will and tears down); everything else goes into the
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from proxy.config import MqttConfig
 from proxy.identity.model import Identity
@@ -37,11 +36,9 @@ from proxy.mqtt.decisions import DecisionCaches
 from proxy.mqtt.events import Buffer
 from proxy.mqtt.output import End, Output
 from proxy.mqtt.packets import MQTT_5, PacketType, Prop, PublishInfo, Reason, without_props
+from proxy.mqtt.policies import Policies
 from proxy.mqtt.qos2 import Qos2Flows
 from proxy.mqtt.ratelimit import RateLimiter
-
-if TYPE_CHECKING:
-    from proxy.mqtt.session import Policies
 
 __all__ = ["PublishGate"]
 

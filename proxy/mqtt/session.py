@@ -118,7 +118,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from proxy.config import MqttConfig
 from proxy.identity.model import Identity
@@ -152,13 +152,13 @@ from proxy.mqtt.packets import (
     V3ConnackCode,
 )
 from proxy.mqtt.phase import AUTH, CLOSED, CONNECT, OPEN, UPSTREAM, Phase, advance
+from proxy.mqtt.policies import Policies
 from proxy.mqtt.publish_gate import PublishGate
 from proxy.mqtt.qos2 import Qos2Flows
 from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.subscribe_gate import SubscribeGate
 from proxy.mqtt.subscriptions import SubscriptionQuota, SubscriptionTable
 from proxy.mqtt.will import WillGuard
-from proxy.policy.decision import Decision, SubscribeDecision
 
 __all__ = ["HELD_PACKET_OVERHEAD", "Policies", "Session"]
 
@@ -173,20 +173,6 @@ _SET_BROKER_ITEMS = SendToBroker.__dict__["items"].__set__
 _SET_COUNTS = CountMetrics.__dict__["counts"].__set__
 
 T = PacketType
-
-class Policies(Protocol):
-    """The policy questions the session asks (:class:`proxy.policy.Policies` answers them);
-    ``now`` is the wall clock (unix seconds) the answer is for."""
-
-    def may_publish(self, identity: Identity, topic: str, *, qos: int = 0, retain: bool = False,
-                    client_id: str = "", now: float | None = None) -> Decision: ...
-
-    def may_receive(self, identity: Identity, topic: str, *, client_id: str = "",
-                    now: float | None = None) -> Decision: ...
-
-    def may_subscribe(self, identity: Identity, topic_filter: str, *, qos: int = 0, client_id: str = "",
-                      now: float | None = None) -> SubscribeDecision: ...
-
 
 # --------------------------------------------------------------------------- the session
 

@@ -33,7 +33,6 @@ may rest on a grant that just went.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from proxy.config import MqttConfig
 from proxy.identity.model import Identity
@@ -44,12 +43,10 @@ from proxy.mqtt.decisions import DecisionCaches
 from proxy.mqtt.handshake import escape_sub
 from proxy.mqtt.output import End, Output
 from proxy.mqtt.packets import MQTT_5, V3_SUBACK_FAILURE, Reason, Suback, Subscribe, Subscription, Unsubscribe
+from proxy.mqtt.policies import Policies
 from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.subscriptions import HeldSlots, SubscriptionQuota, SubscriptionTable
 from proxy.policy.decision import SubscribeDecision, Verdict
-
-if TYPE_CHECKING:
-    from proxy.mqtt.session import Policies
 
 __all__ = ["ALLOWED", "DENIED", "OVER_CONNECTION", "OVER_IDENTITY", "TOO_LONG", "FilterOutcome",
            "SubscribeGate", "SubscribePlan"]

@@ -20,14 +20,11 @@ This module decides and keeps the books (counted and audited in the connection's
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from proxy.identity.model import Identity
 from proxy.mqtt.context import ALLOW_COUNT, DENY_COUNT, Context
 from proxy.mqtt.packets import Will
-
-if TYPE_CHECKING:
-    from proxy.mqtt.session import Policies
+from proxy.mqtt.policies import Policies
 
 __all__ = ["WillGuard"]
 
