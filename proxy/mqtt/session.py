@@ -26,47 +26,27 @@ handshake, so the CONNECT deadline covers it)::
 ``mqtt.limits.subscriptions_per_identity``) are made once per gateway and shared
 by all its sessions: both count per identity ``sub``, across connections.
 
-The events:
+The events (:mod:`proxy.mqtt.events`) and what the shell owes for each:
 
-* ``ClientData(data)`` — bytes read from the client (``bytes``, ``bytearray``
-  or ``memoryview``; any split, down to one byte at a time).
-* ``BrokerData(data)`` — bytes read from the broker.
-* ``Authenticated(identity)`` / ``AuthenticationFailed(reason, method)``
-  — the answer to an ``Authenticate`` command (see below).
+* ``ClientData`` / ``BrokerData`` — bytes read (any split, down to one byte at a time).
+* ``Authenticated`` / ``AuthenticationFailed`` — the answer to an ``Authenticate``
+  (which verifier to ask: :func:`proxy.mqtt.handshake.classify_credentials`). An
+  ``Authenticate`` can come out of any event, ``BrokerData`` included (a re-authentication
+  the client sent before the CONNACK): every command of every list is carried out.
 * ``Tick(now)`` — when ``next_deadline()`` (a value of the session's ``clock``,
-  ``time.monotonic`` unless injected, never a unix time) has come. Re-read it after
-  every call: it moves with traffic, CONNACK and re-authentication.
-* ``BrokerClosed()`` — the upstream connection failed to open or was lost.
-* ``ClientClosed()`` — the client connection ended, however it ended (TCP
-  drop, or the shell closing it for a reason of its own), unless the session
-  already closed it with ``Close``: write its ``SendToBroker`` (a DISCONNECT that
-  discards a Will no longer allowed) before closing the upstream.
-* ``Shutdown()`` — graceful server shutdown (v5: DISCONNECT 0x8B).
-* ``Invalidated(devices)`` — policies were reloaded or ownership facts changed: drop
-  cached decisions, close the connection if ``credential_problem(identity)``
-  now names a reason (device deleted, key rotated: v5 DISCONNECT 0x98), and
-  re-decide every subscription grant (a revoked grant stops deliveries at
-  once). Carry out the commands it returns.
+  ``time.monotonic`` unless injected, never a unix time) has come. Re-read it after every
+  call (or when ``deadline_inputs`` changes): it moves with traffic, CONNACK and
+  re-authentication.
+* ``ClientClosed`` — the client connection ended, however it ended, unless the session
+  already closed it with ``Close``: write its ``SendToBroker`` (a DISCONNECT that discards a
+  Will no longer allowed) before closing the upstream. ``BrokerClosed`` — the upstream
+  failed to open or was lost. ``Shutdown`` — graceful shutdown (v5: DISCONNECT 0x8B).
+* ``Invalidated(devices)`` — policies reloaded or ownership facts changed.
+* ``ConnectRefused`` — the shell's own quota refuses a CONNECT whose credentials were good.
 
-Every command of every list is carried out, whichever event returned it (an
-``Authenticate`` can come out of ``BrokerData``: a re-authentication the client
-sent before the CONNACK); :mod:`proxy.mqtt.commands` says how.
-
-While ``session.reading_paused`` is true (authentication or the upstream
-CONNECT in progress) the shell should pause reading from the client; the
-session holds at most ``mqtt.limits.connect_max_bytes`` of packets meanwhile
-(and a partial packet of at most that size) and refuses the connection beyond
-that (v5 CONNACK 0x97, 3.1.1 0x03).
-
-Which credential a CONNECT carries: :func:`proxy.mqtt.handshake.classify_credentials`.
-
-A v5 client re-authenticates with AUTH, reason 0x19 (Re-authenticate),
-Authentication Method ``keygate-token`` and the fresh access token as
-Authentication Data, whether it first connected with enhanced authentication
-or with the token as password. The session asks the shell with
-``AuthRequest(kind="reauth")``; a new identity for the same subject resets
-identity and expiry and is answered AUTH 0x00; another subject or a failure
-ends the connection with DISCONNECT 0x87.
+While ``session.reading_paused`` is true (authentication or the upstream CONNECT in
+progress) the shell should pause reading from the client; the session holds at most
+``mqtt.limits.connect_max_bytes`` meanwhile and refuses the connection beyond that.
 
 Rules the session enforces, and where each is kept
 --------------------------------------------------
@@ -158,11 +138,11 @@ from proxy.mqtt.qos2 import Qos2Flows
 from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.subscribe_gate import SubscribeGate
 from proxy.mqtt.subscriptions import SubscriptionQuota, SubscriptionTable
+from proxy.mqtt.timers import NEVER, Timers
 from proxy.mqtt.will import WillGuard
 
 __all__ = ["HELD_PACKET_OVERHEAD", "Policies", "Session"]
 
-_NEVER = float("inf")
 
 # The arguments of fastpath.client_publishes after the chunk (cache, max size, v5, answered, limiter, sub).
 ClientLane = tuple[fastpath.PublishCache, int, bool, set[int], RateLimiter | None, str]
@@ -192,7 +172,7 @@ class Session:
         # asked at authentication and on every invalidate().
         self.credential_problem = credential_problem
         self.policies = policies
-        self.clock = clock              # monotonic: deadlines, caches, audit folding
+        self.clock = clock              # monotonic: deadlines, caches, audit folding (timers.py)
         self.wallclock = wallclock      # unix time: token expiry, and the `now` of every policy question
         self.random_hex = random_hex    # generated client ids
         self.rate_limiter = rate_limiter
@@ -203,8 +183,7 @@ class Session:
         self.closed = False
 
         self._phase = CONNECT          # see proxy.mqtt.phase: moved only by _enter()
-        self._created = clock()
-        self._last_rx = self._created
+        self._timers = Timers(clock, wallclock, token_leeway, config.connect_timeout_seconds)
         self._client_framer = Framer(config.preauth_max_bytes)  # raised to max_packet_size at CONNACK
         self._broker_framer = Framer(codec.MAX_REMAINING_LENGTH + 5)
         self._subs = SubscriptionTable()  # written by the subscribe gate alone, read by the rest
@@ -213,21 +192,19 @@ class Session:
         # identity's connections (the shell makes one per gateway); None: no cap.
         self._subscribing = SubscribeGate(config=config, policies=policies, context=self._cx, subscriptions=self._subs,
                                           decisions=self._decisions, quota=subscription_quota,
-                                          rate_limiter=rate_limiter, wallclock=wallclock, mono=self._mono)
-        # clock() at which the subscription grants or the token end: checked on every chunk as
-        # well as by the timer, so a late timer lets nothing through after the end.
-        self._grants_until = _NEVER
+                                          rate_limiter=rate_limiter, wallclock=wallclock, mono=self._timers.mono)
         # The QoS 2 flows the gateway is part of, and the client publishes it holds until their
         # PUBREL (qos2.py); the bytes held are shared with the identity's connections (qos2_budget).
         self._qos2 = Qos2Flows(qos2_budget, config.max_packet_size)
         # Broker -> client PUBLISH and the broker's acknowledgements (delivery_gate.py).
         self._delivery = DeliveryGate(policies=policies, context=self._cx, subscriptions=self._subs,
-                                      decisions=self._decisions, qos2=self._qos2, wallclock=wallclock, mono=self._mono)
+                                      decisions=self._decisions, qos2=self._qos2, wallclock=wallclock,
+                                      mono=self._timers.mono)
         # Client -> broker PUBLISH and PUBREL (publish_gate.py).
         self._publishing = PublishGate(config=config, policies=policies, context=self._cx, decisions=self._decisions,
                                        qos2=self._qos2, rate_limiter=rate_limiter, clock=clock, wallclock=wallclock,
-                                       mono=self._mono, standing_problem=self._standing_problem)
-        self._will = WillGuard(policies=policies, context=self._cx, wallclock=wallclock, mono=self._mono,
+                                       mono=self._timers.mono, standing_problem=self._standing_problem)
+        self._will = WillGuard(policies=policies, context=self._cx, wallclock=wallclock, mono=self._timers.mono,
                                standing_problem=self._standing_problem)  # will.py
         # CONNECT, authentication, the upstream CONNECT and the CONNACK; re-authentication (handshake.py).
         self._handshake = Handshake(
@@ -323,22 +300,13 @@ class Session:
         """What :meth:`next_deadline` and :attr:`reading_paused` depend on besides activity
         (which only moves the keepalive deadline later): a shell that keeps a timer at the
         last deadline needs to look again only when this changes, or when the timer fires."""
-        return (self._phase, self.identity, self.keepalive, self._grants_until)
+        return (self._phase, self.identity, self.keepalive, self._timers.horizon)
 
     def next_deadline(self) -> float | None:
         if self.closed:
             return None
-        if self._phase is not OPEN:
-            return self._created + self.config.connect_timeout_seconds
-        deadlines = []
-        if self.keepalive:
-            deadlines.append(self._last_rx + 1.5 * self.keepalive)
-        if self.identity is not None and self.identity.expires_at is not None:
-            left = self.identity.expires_at + self.token_leeway - self.wallclock()
-            deadlines.append(self.clock() + max(left, 0.0))
-        if self._grants_until != _NEVER:
-            deadlines.append(self._grants_until)
-        return min(deadlines) if deadlines else None
+        deadline = self._timers.next_deadline(self._phase is OPEN, self.keepalive, self.identity)
+        return None if deadline == NEVER else deadline
 
     def timeout(self) -> float | None:
         """Seconds from now until a :class:`Tick` is due (``loop.call_later``), or None."""
@@ -389,14 +357,14 @@ class Session:
 
     def _client_chunk_open(self, data: Buffer, lane: ClientLane) -> list[Command]:
         now = self.clock()
-        if now >= self._decisions.until or now >= self._grants_until or self._client_framer.buffered:
+        if now >= self._decisions.until or now >= self._timers.horizon or self._client_framer.buffered:
             return self._commands(self._client_data(Output(), data))
         view = data if type(data) is memoryview and data.format == "B" and data.ndim == 1 else codec.byte_view(data)
         cache, max_size, v5, answered, limiter, sub = lane
         pos, n = fastpath.client_publishes(view, cache, max_size, v5, answered, limiter, sub)
         if n:
             self._fast_chunks += 1
-            self._last_rx = now
+            self._timers.last_rx = now
             if pos == len(view):
                 self._cx.summary.published += n
                 send = _NEW(SendToBroker)
@@ -415,7 +383,7 @@ class Session:
 
     def _broker_chunk_open(self, data: Buffer) -> list[Command]:
         now = self.clock()
-        if now >= self._decisions.until or now >= self._grants_until or self._broker_framer.buffered:
+        if now >= self._decisions.until or now >= self._timers.horizon or self._broker_framer.buffered:
             return self._commands(self._broker_data(Output(), data))
         view = data if type(data) is memoryview and data.format == "B" and data.ndim == 1 else codec.byte_view(data)
         pos, n = fastpath.broker_deliveries(view, self._subs.exact, self._decisions.receive, self._v5)
@@ -442,7 +410,7 @@ class Session:
 
     def _client_data(self, acts: Output, data: Buffer) -> Output:
         now = self.clock()
-        if now >= self._decisions.until or now >= self._grants_until:
+        if now >= self._decisions.until or now >= self._timers.horizon:
             self._expire(acts, now)
             if self.closed:
                 return acts
@@ -466,7 +434,7 @@ class Session:
             except ProtocolError as exc:
                 frames, error = exc.frames, exc
         if frames:
-            self._last_rx = now = self.clock()
+            self._timers.last_rx = now = self.clock()
             if now >= self._decisions.until:
                 self._decisions.drop(now)
         try:
@@ -497,7 +465,7 @@ class Session:
 
     def _broker_data(self, acts: Output, data: Buffer) -> Output:
         now = self.clock()
-        if now >= self._decisions.until or now >= self._grants_until:
+        if now >= self._decisions.until or now >= self._timers.horizon:
             self._expire(acts, now)
             if self.closed:
                 return acts
@@ -573,16 +541,16 @@ class Session:
     def _on_tick(self, acts: Output, event: Tick) -> Output:
         now = event.now
         if self._phase is not OPEN:
-            if now >= self._created + self.config.connect_timeout_seconds:
+            if self._timers.connect_overdue(now):
                 self._cx.audit("connect", "deny", reason="connect timeout", state=self._phase.value)
                 if self._phase is CONNECT:
                     return self._close(acts, "connect_timeout", self._phase.value)
                 return self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "connect_timeout", self._phase.value)
             return acts
-        if self.keepalive and now - self._last_rx >= 1.5 * self.keepalive:  # (>=: as next_deadline says)
+        if self._timers.keepalive_overdue(now, self.keepalive):
             self._cx.audit("keepalive", "close", identity=self.identity, reason="keepalive timeout")
             return self._disconnect(acts, Reason.KEEP_ALIVE_TIMEOUT, "keepalive_timeout", "")
-        if self._token_expired():
+        if self._timers.token_expired(self.identity):
             return self._token_ended(acts)
         self._expire(acts, now)
         return acts
@@ -638,18 +606,13 @@ class Session:
     def _standing_problem(self, ident: Identity) -> str | None:
         """Why the identity no longer stands at this instant (its token expired, its credential
         gone), or None: asked before anything is published on its behalf."""
-        if self._token_expired():
+        if self._timers.token_expired(self.identity):
             return "token expired"
         return self.credential_problem(ident) if self.credential_problem is not None else None
 
     def _token_ended(self, acts: Output) -> Output:
         self._cx.audit("session", "close", identity=self.identity, reason="token expired")
         return self._disconnect(acts, Reason.MAXIMUM_CONNECT_TIME, "token_expired", "")
-
-    def _token_expired(self) -> bool:
-        ident = self.identity
-        return ident is not None and ident.expires_at is not None and \
-            self.wallclock() >= ident.expires_at + self.token_leeway
 
     def _on_shutdown(self, acts: Output, event: Shutdown) -> Output:
         if self._phase is OPEN:
@@ -752,7 +715,7 @@ class Session:
             self._client_lane = (self._decisions.publish, self.config.max_packet_size, self._v5,
                                  self._qos2.answered, self.rate_limiter, ident.sub if ident is not None else "")
             self._broker_lane = True
-        self._last_rx = self.clock()
+        self._timers.last_rx = self.clock()
         for f in self._handshake.take_pending():  # packets the client sent meanwhile
             if self.closed:
                 break
@@ -767,23 +730,16 @@ class Session:
         self._update_horizon()
 
     def _update_horizon(self) -> None:
-        """The next instant something the session relies on ends: a grant or the token."""
-        until = self._subs.horizon if self._subs.horizon is not None else _NEVER
-        if self._will.armed and self._will.until is not None:
-            until = min(until, self._will.until)
-        ident = self.identity
-        if ident is not None and ident.expires_at is not None:
-            left = ident.expires_at + self.token_leeway - self.wallclock()
-            until = min(until, self.clock() + max(left, 0.0))
-        self._grants_until = until
+        will = self._will
+        self._timers.set_horizon(self._subs.horizon, will.until if will.armed else None, self.identity)
 
     def _expire(self, acts: Output, now: float) -> None:
         """Whatever ended by ``now``: cached decisions, the token, subscription grants."""
         if now >= self._decisions.until:
             self._decisions.drop(now)
-        if now < self._grants_until or self._phase is not OPEN:
+        if now < self._timers.horizon or self._phase is not OPEN:
             return
-        if self._token_expired():
+        if self._timers.token_expired(self.identity):
             self._token_ended(acts)
             return
         if self._will.armed and self._will.until is not None and now >= self._will.until \
@@ -791,10 +747,6 @@ class Session:
             self._will_revoked(acts)
             return
         self._redecide()
-
-    def _mono(self, until: float | None) -> float | None:
-        """A unix time (a delegation's expiry) on the session's clock."""
-        return None if until is None else self.clock() + (until - self.wallclock())
 
     def _close(self, acts: Output, reason: str, detail: str, code: int | None = None) -> Output:
         """Every way a connection ends comes here. A Will the broker holds is decided now: if it
