@@ -418,9 +418,7 @@ class Session:
         if self._phase is CONNECT:
             end = self._handshake.head(acts, view)
             if end is not None or self._handshake.oversized:  # nothing more is read
-                if end is not None:
-                    self._end(acts, end)
-                return acts
+                return self._end(acts, end)
         return self._client_chunk(acts, view, 0, now)
 
     def _client_chunk(self, acts: Output, view: memoryview, start: int, now: float) -> Output:
@@ -442,18 +440,14 @@ class Session:
                 if self.closed:
                     break
                 if self._phase is not OPEN and self._phase is not CONNECT:
-                    end = self._handshake.hold(frames[i:], framer.buffered)
-                    if end is not None:
-                        self._end(acts, end)
+                    self._end(acts, self._handshake.hold(frames[i:], framer.buffered))
                     break
                 self._client_frame(acts, frame, view)
             if error is not None and not self.closed:
                 raise error
             if (self._phase is AUTH or self._phase is UPSTREAM) and framer.buffered:
                 # A partial packet behind what is held counts too.
-                end = self._handshake.over_preauth(0, framer.buffered)
-                if end is not None:
-                    self._end(acts, end)
+                self._end(acts, self._handshake.over_preauth(0, framer.buffered))
         except ProtocolError as exc:
             self._client_violation(acts, exc)
         finally:
@@ -522,8 +516,7 @@ class Session:
         return acts
 
     def _on_authentication_failed(self, acts: Output, event: AuthenticationFailed) -> Output:
-        end = self._handshake.failed(event.reason, event.method, self._phase is AUTH)
-        return acts if end is None else self._end(acts, end)
+        return self._end(acts, self._handshake.failed(event.reason, event.method, self._phase is AUTH))
 
     def subscribed_filters(self) -> list[str]:
         """The filters this connection holds at the broker (for the persistent-session count)."""
@@ -629,30 +622,23 @@ class Session:
             if t != T.CONNECT:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} before CONNECT")
             end = self._handshake.connected(acts, frame)
-            if end is not None:
-                self._end(acts, end)
-            else:
+            if end is None:
                 self._enter(AUTH)
+            self._end(acts, end)
             return
         level = self.protocol_level
         if t == T.PUBLISH:
-            end = self._publishing.publish(acts, frame, data)
-            if end is not None:
-                self._end(acts, end)
+            self._end(acts, self._publishing.publish(acts, frame, data))
         elif t in (T.PUBACK, T.PUBREC, T.PUBCOMP):
             codec.packet_id_of(frame, level)
             acts.forward(acts.to_broker, frame, data)
         elif t == T.PUBREL:
             self._publishing.release(acts, frame, data)
         elif t == T.SUBSCRIBE:
-            end = self._subscribing.subscribe(acts, frame, data)
-            if end is not None:
-                self._end(acts, end)
+            self._end(acts, self._subscribing.subscribe(acts, frame, data))
             self._update_horizon()
         elif t == T.UNSUBSCRIBE:
-            end = self._subscribing.unsubscribe(acts, frame, data)
-            if end is not None:
-                self._end(acts, end)
+            self._end(acts, self._subscribing.unsubscribe(acts, frame, data))
             self._update_horizon()
         elif t == T.PINGREQ:
             if len(frame.body):
@@ -771,8 +757,10 @@ class Session:
             acts.close = Close(reason, detail, code)
         return acts
 
-    def _end(self, acts: Output, end: End) -> Output:
-        """A piece of the session ends the connection."""
+    def _end(self, acts: Output, end: End | None) -> Output:
+        """A piece of the session ends the connection (None: it does not)."""
+        if end is None:
+            return acts
         if end.connack is not None:
             return self._refuse_connect(acts, end.connack, end.reason, end.detail)
         if end.disconnect is not None:
@@ -803,8 +791,7 @@ class Session:
         state = self._phase
         if state is CONNECT and exc.reason_code == Reason.PACKET_TOO_LARGE:
             # Only the Framer says this, at the CONNECT's fixed header: nothing of its body is held.
-            end = self._handshake.oversized_connect(acts, exc.message)
-            return acts if end is None else self._end(acts, end)
+            return self._end(acts, self._handshake.oversized_connect(acts, exc.message))
         if isinstance(exc, LimitExceeded):  # a configured limit, not a broken protocol
             self._cx.audit(exc.action, "deny", reason=exc.message, reason_code=exc.reason_code)
         else:
