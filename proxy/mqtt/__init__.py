@@ -1,8 +1,8 @@
 """The sans-IO MQTT gateway layer (3.1, 3.1.1, 5.0), in the order the data goes through it.
 
-* :mod:`~proxy.mqtt.packets` — packet types, reason codes, property ids, decoded records.
-* :mod:`~proxy.mqtt.codec` — framing (:class:`Framer`), decoding, encoding, :class:`ProtocolError`.
-* :mod:`~proxy.mqtt.events` / :mod:`~proxy.mqtt.commands` — what the shell tells the session
+* :mod:`proxy.mqtt.packets` — packet types, reason codes, property ids, decoded records.
+* :mod:`proxy.mqtt.codec` — framing (:class:`Framer`), decoding, encoding, :class:`ProtocolError`.
+* :mod:`proxy.mqtt.events` / :mod:`proxy.mqtt.commands` — what the shell tells the session
   and what the session asks of the shell.
 * the session's pieces:
 
@@ -18,16 +18,14 @@
   * :mod:`~proxy.mqtt.qos2` — the QoS 2 books (held publishes, answered, releasing, dropped);
   * :mod:`~proxy.mqtt.publish_gate` — client → broker PUBLISH and PUBREL;
   * :mod:`~proxy.mqtt.subscriptions` — the subscription table and the identity quota;
-  * :mod:`~proxy.mqtt.subscribe_gate` — SUBSCRIBE / UNSUBSCRIBE / SUBACK, the one writer of the table;
+  * :mod:`~proxy.mqtt.subscribe_gate` — SUBSCRIBE / UNSUBSCRIBE / SUBACK (the one writer of the table);
   * :mod:`~proxy.mqtt.delivery_gate` — broker → client PUBLISH and the broker's acks;
   * :mod:`~proxy.mqtt.fastpath` — the two loops over chunks of PUBLISH whose decisions are known;
-  * :mod:`~proxy.mqtt.audit_summary` — the per-connection summary record.
-* :mod:`~proxy.mqtt.session` — :class:`Session`, ``handle(event) -> list[Command]``: the
-  coordinator (phase, timers, the open-connection lane, the close).
-* the shell: :mod:`~proxy.mqtt.server` (asyncio), :mod:`~proxy.mqtt.websocket`,
-  :mod:`~proxy.mqtt.wsguard`, :mod:`~proxy.mqtt.transport`, :mod:`~proxy.mqtt.admission`,
-  :mod:`~proxy.mqtt.presence`, :mod:`~proxy.mqtt.persistent`, :mod:`~proxy.mqtt.audit_writer`,
-  :mod:`~proxy.mqtt.cleaner`.
+  * :mod:`~proxy.mqtt.audit_summary` — the per-connection summary record;
+  * the coordinator, below: the phase, the timers, the open-connection lane, the close.
+* :mod:`proxy.mqtt.session` — :class:`Session`, ``handle(event) -> list[Command]``.
+* the shell: :mod:`proxy.mqtt.server` (asyncio), :mod:`proxy.mqtt.websocket`,
+  :mod:`proxy.mqtt.admission`, :mod:`proxy.mqtt.cleaner`.
 """
 
 from proxy.mqtt.codec import ProtocolError
