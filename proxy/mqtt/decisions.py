@@ -29,6 +29,7 @@ class DecisionCaches:
     __slots__ = ("_publish_bytes", "_receive_bytes", "publish", "receive", "until")
 
     def __init__(self) -> None:
+        # Both maps are emptied in place, never rebound: the session's open-connection lane holds them.
         self.publish: PublishCache = {}          # (topic, qos, retain) -> (topic, decision)
         self.receive: dict[bytes, bool] = {}     # topic -> delivered
         self._publish_bytes = 0                  # topic bytes in each map since it was last empty

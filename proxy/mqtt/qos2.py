@@ -34,7 +34,7 @@ class Qos2Flows:
         self._cap = max(QOS2_HOLD_BYTES, max_packet_size)
         self._held: dict[int, tuple[bytes, str, bool]] = {}
         self.held_bytes = 0
-        self.answered: set[int] = set()
+        self.answered: set[int] = set()  # changed in place, never rebound (the session's lane holds it)
         self.releasing: set[int] = set()
         self.dropped: set[int] = set()
 

@@ -26,172 +26,71 @@ handshake, so the CONNECT deadline covers it)::
 ``mqtt.limits.subscriptions_per_identity``) are made once per gateway and shared
 by all its sessions: both count per identity ``sub``, across connections.
 
-The events:
+The events (:mod:`proxy.mqtt.events`) and what the shell owes for each:
 
-* ``ClientData(data)`` — bytes read from the client (``bytes``, ``bytearray``
-  or ``memoryview``; any split, down to one byte at a time).
-* ``BrokerData(data)`` — bytes read from the broker.
-* ``Authenticated(identity)`` / ``AuthenticationFailed(reason, method)``
-  — the answer to an ``Authenticate`` command (see below).
+* ``ClientData`` / ``BrokerData`` — bytes read (any split, down to one byte at a time).
+* ``Authenticated`` / ``AuthenticationFailed`` — the answer to an ``Authenticate``
+  (which verifier to ask: :func:`proxy.mqtt.handshake.classify_credentials`). An
+  ``Authenticate`` can come out of any event, ``BrokerData`` included (a re-authentication
+  the client sent before the CONNACK): every command of every list is carried out.
 * ``Tick(now)`` — when ``next_deadline()`` (a value of the session's ``clock``,
-  ``time.monotonic`` unless injected, never a unix time) has come. Re-read it after
-  every call: it moves with traffic, CONNACK and re-authentication.
-* ``BrokerClosed()`` — the upstream connection failed to open or was lost.
-* ``ClientClosed()`` — the client connection ended, however it ended (TCP
-  drop, or the shell closing it for a reason of its own), unless the session
-  already closed it with ``Close``: write its ``SendToBroker`` (a DISCONNECT that
-  discards a Will no longer allowed) before closing the upstream.
-* ``Shutdown()`` — graceful server shutdown (v5: DISCONNECT 0x8B).
-* ``Invalidated(devices)`` — policies were reloaded or ownership facts changed: drop
-  cached decisions, close the connection if ``credential_problem(identity)``
-  now names a reason (device deleted, key rotated: v5 DISCONNECT 0x98), and
-  re-decide every subscription grant (a revoked grant stops deliveries at
-  once). Carry out the commands it returns.
+  ``time.monotonic`` unless injected, never a unix time) has come. Re-read it after every
+  call (or when ``deadline_inputs`` changes): it moves with traffic, CONNACK and
+  re-authentication.
+* ``ClientClosed`` — the client connection ended, however it ended, unless the session
+  already closed it with ``Close``: write its ``SendToBroker`` (a DISCONNECT that discards a
+  Will no longer allowed) before closing the upstream. ``BrokerClosed`` — the upstream
+  failed to open or was lost. ``Shutdown`` — graceful shutdown (v5: DISCONNECT 0x8B).
+* ``Invalidated(devices)`` — policies reloaded or ownership facts changed.
+* ``ConnectRefused`` — the shell's own quota refuses a CONNECT whose credentials were good.
 
-Every command of every list is carried out, whichever event returned it (an
-``Authenticate`` can come out of ``BrokerData``: a re-authentication the client
-sent before the CONNACK); :mod:`proxy.mqtt.commands` says how.
+While ``session.reading_paused`` is true (authentication or the upstream CONNECT in
+progress) the shell should pause reading from the client; the session holds at most
+``mqtt.limits.connect_max_bytes`` meanwhile and refuses the connection beyond that.
 
-While ``session.reading_paused`` is true (authentication or the upstream
-CONNECT in progress) the shell should pause reading from the client; the
-session holds at most ``mqtt.limits.connect_max_bytes`` of packets meanwhile
-(and a partial packet of at most that size) and refuses the connection beyond
-that (v5 CONNACK 0x97, 3.1.1 0x03).
+Rules the session enforces, and where each is kept
+--------------------------------------------------
 
-Which credential a CONNECT carries: :func:`proxy.mqtt.handshake.classify_credentials`.
+The session is the coordinator: it moves the phase (:mod:`proxy.mqtt.phase`), keeps the
+timers, runs the fast paths and ends the connection; every rule of a packet lives in the piece
+that handles it, with its module docstring saying it in full:
 
-A v5 client re-authenticates with AUTH, reason 0x19 (Re-authenticate),
-Authentication Method ``keygate-token`` and the fresh access token as
-Authentication Data, whether it first connected with enhanced authentication
-or with the token as password. The session asks the shell with
-``AuthRequest(kind="reauth")``; a new identity for the same subject resets
-identity and expiry and is answered AUTH 0x00; another subject or a failure
-ends the connection with DISCONNECT 0x87.
+* :mod:`proxy.mqtt.handshake` — the CONNECT (field limits, keepalive, authentication
+  method), the client id bound to the identity, the upstream CONNECT, authentication
+  failures (CONNACK 0x86 / 0x04, 0x87 / 0x05, 0x88 / 0x03, 0x8C), the packets held before
+  CONNACK (at most ``connect_max_bytes``), the client's CONNACK, re-authentication, the
+  client's DISCONNECT (a Session Expiry set on it capped; one after 0 at CONNECT
+  [MQTT-3.14.2-2] refused here, never forwarded).
+* :mod:`proxy.mqtt.will` — the Will, decided at CONNECT and again at every instant the
+  broker could publish it; its Will Delay Interval is not passed on.
+* :mod:`proxy.mqtt.publish_gate` — client PUBLISH and PUBREL: topic limit, aliases,
+  decision cache, rate limit, denials, QoS 2 held until PUBREL (:mod:`proxy.mqtt.qos2`).
+* :mod:`proxy.mqtt.subscribe_gate` — SUBSCRIBE / UNSUBSCRIBE / SUBACK: filter limit, caps
+  (:mod:`proxy.mqtt.subscriptions`), shared groups made the identity's own, rate limit,
+  the grants re-decided.
+* :mod:`proxy.mqtt.delivery_gate` — broker PUBLISH and acknowledgements: every delivery
+  checked, a dropped one completed by the gateway.
+* :mod:`proxy.mqtt.decisions` — the decision caches and their bounds;
+  :mod:`proxy.mqtt.context` — audit lines, refusals folded to one line per second, counts.
 
-Rules the session enforces
---------------------------
+What the session itself enforces:
 
-* CONNECT deadline (``connect_timeout_seconds``) from creation until the
-  broker's CONNACK; keepalive enforced at 1.5x; keepalive 0 (and, for v5,
-  anything above ``max_keepalive_seconds``) is capped at
-  ``max_keepalive_seconds`` and v5 clients are told so (Server Keep Alive).
-  3.1.1 clients cannot be told, so a larger keepalive is kept as asked.
-* Client id: a device must use its own device id (empty → its id; another id →
-  CONNACK 0x85 / 0x02). A user's id is forwarded as
-  ``user_client_id_prefix + sub + "/" + client_id`` (``%`` and ``/`` in the sub
-  percent-encoded, so two identities can never spell the same id; a device id
-  starting with the prefix is refused, 0x85 / 0x02); an empty one is replaced by
-  a generated ``kg-<random>`` (v5: returned as Assigned Client Identifier). An
-  anonymous client always gets a fresh random id, so no one can resume or wipe
-  another's session. The broker's Assigned Client Identifier never reaches the client.
-* The upstream CONNECT carries no client user name, password, Authentication
-  Method/Data or Topic Alias Maximum (absent = 0: the broker never sends
-  aliases); ``upstream_username`` / password go in their place if configured.
-* The Will is authorized as a publish (its topic, QoS and retain flag);
-  refused → CONNACK 0x87 / 0x05. It is a publish the broker makes later, so it
-  is decided again at the instant the connection ends, on every way it ends
-  (TCP drop, keepalive or token expiry, rate limit, protocol error, shutdown,
-  revoked credential, v5 DISCONNECT 0x04): if it is no longer allowed (a grant
-  revoked, the token expired, the credential gone) a plain DISCONNECT goes
-  upstream so the broker discards it; if it is, it goes out as the client asked.
-  While the broker holds it, it is re-decided on every ``invalidate()`` and at
-  the end of its grant: the broker publishes a Will it holds whenever it ends
-  the connection itself (a session takeover, a protocol error it sees), so one
-  no longer allowed ends the connection at once (plain DISCONNECT upstream; v5
-  DISCONNECT 0x87 to the client). Its Will Delay Interval is not passed on: a
-  delayed Will would be published at an instant the gateway no longer sees. A
-  v5 DISCONNECT that sets a Session Expiry Interval after 0 at CONNECT
-  [MQTT-3.14.2-2] is refused here (a protocol error), never forwarded.
-* Authentication failures: CONNACK 0x86 / 0x04 (bad credentials), 0x87 / 0x05
-  (none given), 0x88 / 0x03 (issuer unreachable), 0x8C (unknown method, v5).
-* Topic aliases (client → gateway, v5): tracked by the gateway itself up to
-  ``topic_alias_maximum`` (advertised in CONNACK, replacing the broker's value;
-  0 = aliases refused with DISCONNECT 0x94). Every PUBLISH is checked on its
-  resolved topic and forwarded with the full topic and no alias, so a denied
-  alias-setting PUBLISH cannot leave the broker with a stale mapping.
-* Denied PUBLISH: v5 QoS 1/2 → PUBACK/PUBREC 0x87, QoS 0 dropped. 3.1.1:
-  ``denied_publish_v3: drop`` acknowledges and drops (PUBACK, or PUBREC and
-  PUBCOMP on the client's PUBREL), ``disconnect`` closes. Always audited. A
-  PUBREL for a QoS 2 id the gateway answered is completed by the gateway (also
-  in v5, where paho 2.x sends one after a refused PUBREC), never forwarded.
-* QoS 2 from the client: the broker publishes a QoS 2 message when it gets the
-  PUBREL, so an allowed QoS 2 PUBLISH is held by the gateway (answered PUBREC;
-  at most 256 KiB or one packet per connection, more → v5 PUBREC 0x97 / close)
-  and decided again at the client's PUBREL: still allowed → the PUBLISH and a
-  PUBREL go upstream in one write (the broker's PUBREC needs no answer, its
-  PUBCOMP answers the client); not → PUBCOMP 0x92 (v5) / PUBCOMP, audited. A
-  PUBREL for an id the gateway holds nothing for (e.g. sent on a later
-  connection) is answered the same way and never forwarded.
-* SUBSCRIBE: each filter checked (``$share/<group>/`` stripped first); denied
-  filters answered 0x80 (3.1.1) / 0x87 (v5); the rest go upstream under the
-  original packet id and the broker's SUBACK is merged back in order; all
-  denied → the gateway answers alone. Subscriptions are capped (see Limits). A
-  shared subscription's group goes upstream as ``<escaped sub>~<group>``: the
-  identity's own, so no stranger can join it and take a share of its messages.
-* Subscriptions: :class:`~proxy.mqtt.subscriptions.SubscriptionTable` is the one
-  record of what the client holds at the broker; it changes when a SUBSCRIBE
-  or UNSUBSCRIBE is forwarded (the broker's order), never on the acks.
-* Deliveries: every delivery is checked. A topic an ALLOW grant proves (an
-  exact filter by a set lookup, a wildcard one by matching) passes; otherwise
-  ``policies.may_receive`` decides. Dropped QoS 1 → PUBACK to the broker; QoS 2
-  → PUBREC, then PUBCOMP on the broker's PUBREL; the client sees none of it.
-  A dropped delivery is audited once per topic per cache lifetime.
-* Grants end on time: a decision that rests on something with an end (a
-  delegation's ``expires_at``: ``Decision.until``) is kept only until then; the
-  subscription grants are re-decided at their earliest end (``next_deadline()``
-  includes it, and every chunk checks it too, so a late timer lets nothing
-  through), and the token's expiry closes the connection. Publish and delivery
-  decisions are also cached for at most one second and dropped on ``invalidate()``.
+* CONNECT deadline (``connect_timeout_seconds``) from creation until the broker's CONNACK;
+  keepalive enforced at 1.5x (v5: DISCONNECT 0x8D).
+* Grants end on time: a decision that rests on something with an end (a delegation's
+  ``expires_at``: ``Decision.until``) is kept only until then; the subscription grants are
+  re-decided at their earliest end (``next_deadline()`` includes it, and every chunk checks it
+  too, so a late timer lets nothing through), the Will likewise. Publish and delivery
+  decisions are also cached for at most one second and dropped on ``Invalidated``.
 * Token expiry: closed at ``expires_at + token_leeway`` (v5: DISCONNECT 0xA0 first).
-* Rate limit (:class:`RateLimiter`, per identity ``sub``, shared across
-  connections): each PUBLISH costs one token, each filter of a SUBSCRIBE or
-  UNSUBSCRIBE one (the packet is refused whole, before the policy is asked).
-  ``disconnect`` → v5 DISCONNECT 0x96 / close; ``drop`` → the message is
-  dropped (v5 QoS 1/2 answered 0x97, 3.1.1 acknowledged), a SUBSCRIBE answered
-  0x97 / 0x80 for every filter, an UNSUBSCRIBE answered v5 UNSUBACK 0x80 for
-  every filter (UNSUBACK has no quota code) or, in 3.1.1 (whose UNSUBACK cannot
-  refuse), the connection closed. Audited one line per second per connection at
-  most, with the number refused (publishes: ``dropped``; filters: ``count``).
-* Protocol violations (see :mod:`proxy.mqtt.codec`) → v5 CONNACK or DISCONNECT
-  with the codec's reason code, 3.1.1 a plain close; audited.
-* Decision caches per connection (publish decisions, deliveries): at most 4096
-  entries and 64 KiB of topic bytes each (the values hold the topic once more),
-  dropped whole when either is reached.
-
-Limits (``mqtt.limits``): what one connection can make the gateway hold
------------------------------------------------------------------------
-
-Every length is in bytes of the UTF-8 encoding and is checked before the string
-is decoded, and, before CONNACK, before any credential is asked about
-(``Authenticate`` is never returned for a refused CONNECT).
-
-* Before the broker's CONNACK, a packet (the CONNECT first) larger than
-  ``connect_max_bytes`` (at most ``max_packet_size``) is refused at its fixed
-  header: nothing of its body is read. A CONNECT so refused is answered in its
-  client's version once its level byte is in (the first 14 bytes at most are
-  held for that): v5 CONNACK 0x95; 3.1.1 and 3.1, which have no code for it, a
-  plain close. After CONNACK the limit is ``max_packet_size``.
-* CONNECT fields: client id over ``client_id_max_bytes`` → CONNACK 0x85 / 0x02;
-  user name over ``username_max_bytes`` → 0x86 / 0x04; Will topic over
-  ``topic_max_bytes`` → v5 0x90, 3.1.1 a plain close (as for any invalid Will
-  topic: no 3.1.1 code names a topic). Audited as ``connect`` denials.
-* PUBLISH topic over ``topic_max_bytes`` → v5 DISCONNECT 0x90 (Topic Name
-  invalid), 3.1.1 a plain close, before the decision cache or the policy sees it.
-* SUBSCRIBE filter over ``topic_max_bytes`` → that filter alone answered 0x8F
-  (v5, Topic Filter invalid) / 0x80, never decoded nor asked of the policy; so
-  the shared decision cache only holds filters within the limit. UNSUBSCRIBE
-  filter over it → v5 DISCONNECT 0x8F, 3.1.1 a plain close.
-* Subscriptions: at most ``subscriptions_per_connection`` filters per connection
-  and ``subscriptions_per_identity`` per identity ``sub`` across its connections
-  (the shared ``subscription_quota``; none without one); more → 0x97 / 0x80. A
-  filter takes a slot when it is forwarded (a denied one takes none; a held one
-  re-subscribed takes no second); its slot is given back when an UNSUBSCRIBE of
-  it is forwarded and, for all of them, when the connection closes (every close
-  comes through the session, ``client_closed()`` included).
-* Refusals a client can repeat at will (an over-long filter, a subscription over
-  a cap, filters over the rate) are audited one line per second per kind at
-  most, with ``count``, the number refused since the previous line; what is left
-  is written when the connection closes, so no refusal goes unrecorded.
+* ``Invalidated``: a credential that no longer stands closes the connection (v5 DISCONNECT
+  0x98), a Will no longer allowed too (0x87), the grants resting on the devices re-decided.
+* Protocol violations (see :mod:`proxy.mqtt.codec`) → v5 CONNACK or DISCONNECT with the
+  codec's reason code, 3.1.1 a plain close; audited. A limit exceeded
+  (:class:`~proxy.mqtt.codec.LimitExceeded`) is audited as a denial of its action.
+* Every close comes through the session: the Will decided, the subscription slots and the
+  held QoS 2 bytes given back to the identity, the folded refusals written, one summary
+  record per connection past authentication (:mod:`proxy.mqtt.audit_summary`).
 """
 
 from __future__ import annotations
@@ -199,14 +98,14 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from proxy.config import MqttConfig
-from proxy.identity.model import AuthReason, Identity
+from proxy.identity.model import Identity
 from proxy.mqtt import codec, fastpath
-from proxy.mqtt.audit_summary import ConnectionSummary
 from proxy.mqtt.codec import Frame, Framer, LimitExceeded, ProtocolError
-from proxy.mqtt.commands import AuthRequest, Close, Command, CountMetrics, Metric, Record, SendToBroker, SendToClient
+from proxy.mqtt.commands import Close, Command, CountMetrics, Metric, SendToBroker, SendToClient
+from proxy.mqtt.context import ALLOWED_PUBLISH, ALLOWED_RECEIVE, TO_BROKER, TO_CLIENT, Context
 from proxy.mqtt.decisions import DecisionCaches
 from proxy.mqtt.delivery_gate import DeliveryGate
 from proxy.mqtt.events import (
@@ -223,68 +122,37 @@ from proxy.mqtt.events import (
     Shutdown,
     Tick,
 )
-from proxy.mqtt.handshake import AUTH_METHOD, bind_client_id, client_connack_props, upstream_connect
-from proxy.mqtt.output import Output, Run
+from proxy.mqtt.handshake import HELD_PACKET_OVERHEAD, Handshake
+from proxy.mqtt.output import End, Output, Run
 from proxy.mqtt.packets import (
     MQTT_5,
     V3_CONNACK_FOR,
-    V3_SUBACK_FAILURE,
-    Connect,
-    Disconnect,
     PacketType,
-    Prop,
-    Properties,
-    PublishInfo,
     Reason,
-    Suback,
-    Subscribe,
-    Unsubscribe,
     V3ConnackCode,
-    get_prop,
-    without_props,
 )
 from proxy.mqtt.phase import AUTH, CLOSED, CONNECT, OPEN, UPSTREAM, Phase, advance
+from proxy.mqtt.policies import Policies
+from proxy.mqtt.publish_gate import PublishGate
 from proxy.mqtt.qos2 import Qos2Flows
 from proxy.mqtt.ratelimit import RateLimiter
-from proxy.mqtt.subscribe_gate import ALLOWED, DENIED, TOO_LONG, SubscribeGate
+from proxy.mqtt.subscribe_gate import SubscribeGate
 from proxy.mqtt.subscriptions import SubscriptionQuota, SubscriptionTable
-from proxy.policy.decision import Decision, SubscribeDecision, Verdict
+from proxy.mqtt.timers import NEVER, Timers
+from proxy.mqtt.will import WillGuard
 
-__all__ = ["Policies", "Session"]
+__all__ = ["HELD_PACKET_OVERHEAD", "Policies", "Session"]
 
-_NEVER = float("inf")
-# What holding one packet until CONNACK costs beside its bytes (measured on CPython 3.11: the Frame
-# 80, its memoryview 184, the bytes header 33, the list slot 8): counted in the pre-auth budget.
-HELD_PACKET_OVERHEAD = 320
+
+# The arguments of fastpath.client_publishes after the chunk (cache, max size, v5, answered, limiter, sub).
+ClientLane = tuple[fastpath.PublishCache, int, bool, set[int], RateLimiter | None, str]
+# The common call's commands, made as the dataclass __init__ would, less its frame (see _client_chunk_open).
+_NEW = object.__new__
+_SET_CLIENT_ITEMS = SendToClient.__dict__["items"].__set__
+_SET_BROKER_ITEMS = SendToBroker.__dict__["items"].__set__
+_SET_COUNTS = CountMetrics.__dict__["counts"].__set__
 
 T = PacketType
-
-# The counters the session asks the shell to add to (proxy.mqtt.server holds them).
-_ALLOWED = {a: Metric("decisions", (a, "allow")) for a in ("publish", "subscribe", "receive", "will")}
-_DENIED = {a: Metric("decisions", (a, "deny")) for a in ("publish", "subscribe", "receive", "will")}
-_ALLOWED_PUBLISH = _ALLOWED["publish"]
-_ALLOWED_RECEIVE = _ALLOWED["receive"]
-_TO_BROKER = Metric("messages", ("client_to_broker",))
-_TO_CLIENT = Metric("messages", ("broker_to_client",))
-_RATE_LIMITED = Metric("rate_limited")
-# The audit reason of a filter refused over a cap (subscribe_gate.py).
-_SUBSCRIBE_REFUSED = {"connection": "too many subscriptions for the connection",
-                      "identity": "too many subscriptions for the identity"}
-
-
-class Policies(Protocol):
-    """The policy questions the session asks (:class:`proxy.policy.Policies` answers them);
-    ``now`` is the wall clock (unix seconds) the answer is for."""
-
-    def may_publish(self, identity: Identity, topic: str, *, qos: int = 0, retain: bool = False,
-                    client_id: str = "", now: float | None = None) -> Decision: ...
-
-    def may_receive(self, identity: Identity, topic: str, *, client_id: str = "",
-                    now: float | None = None) -> Decision: ...
-
-    def may_subscribe(self, identity: Identity, topic_filter: str, *, qos: int = 0, client_id: str = "",
-                      now: float | None = None) -> SubscribeDecision: ...
-
 
 # --------------------------------------------------------------------------- the session
 
@@ -300,85 +168,123 @@ class Session:
                  qos2_budget: SubscriptionQuota | None = None,
                  admit_connect: Callable[[Identity, str, bool, float], str | None] | None = None):
         self.config = config
-        # Asked once the credentials and client id are settled: (identity, broker client id, clean
-        # start, session expiry) -> the reason to refuse (a shell quota: persistent sessions), or None.
-        self.admit_connect = admit_connect
-        self.session_expiry = 0  # seconds the broker keeps the session after the close (capped)
-        limits = config.limits
-        # Before CONNACK nothing is known of the client: its packets (the CONNECT first) are
-        # refused at their fixed header beyond this size, and held up to this many bytes.
-        self._preauth_max = config.preauth_max_bytes
-        self._topic_max = limits.topic_max_bytes
         # Why the identity's credential no longer stands (device deleted, key rotated), or None:
         # asked at authentication and on every invalidate().
         self.credential_problem = credential_problem
         self.policies = policies
-        self.clock = clock              # monotonic: deadlines, caches, audit folding
+        self.clock = clock              # monotonic: deadlines, caches, audit folding (timers.py)
         self.wallclock = wallclock      # unix time: token expiry, and the `now` of every policy question
         self.random_hex = random_hex    # generated client ids
         self.rate_limiter = rate_limiter
         self.token_leeway = token_leeway
-        self.peer = peer
-        self._upstream_password = config.upstream_password if upstream_password is None else upstream_password
 
-        self.identity: Identity | None = None
-        self.protocol_level = 0
+        # Who the connection is, and what each call says besides its writes (context.py).
+        self._cx = Context(clock, peer)
         self.closed = False
-        self.client_id = ""            # as the client knows it
-        self.upstream_client_id = ""   # as the broker knows it
-        self.keepalive = 0             # enforced keepalive (seconds, 0 = none)
 
         self._phase = CONNECT          # see proxy.mqtt.phase: moved only by _enter()
-        self._created = clock()
-        self._last_rx = self._created
-        self._client_framer = Framer(self._preauth_max)  # raised to max_packet_size at CONNACK
-        self._head = bytearray()       # the stream's first bytes, until CONNECT: its protocol level
-        self._oversized = ""           # a CONNECT refused at its header, waiting for its level byte
+        self._timers = Timers(clock, wallclock, token_leeway, config.connect_timeout_seconds)
+        self._client_framer = Framer(config.preauth_max_bytes)  # raised to max_packet_size at CONNACK
         self._broker_framer = Framer(codec.MAX_REMAINING_LENGTH + 5)
-        self._connect: Connect | None = None
-        self._assigned_id = False      # the gateway chose the client id: tell a v5 client
-        self._enhanced_auth = False    # the client used AUTH_METHOD in CONNECT
-        self._pending: list[Frame] = []
-        self._pending_bytes = 0
-        self._reauth = False
-        self._will_armed = False       # the broker holds this connection's Will
-        self._aliases: dict[int, str] = {}
         self._subs = SubscriptionTable()  # written by the subscribe gate alone, read by the rest
+        self._decisions = DecisionCaches()  # publish and delivery decisions (decisions.py)
         # SUBSCRIBE / UNSUBSCRIBE (subscribe_gate.py); the quota is shared by all of an
         # identity's connections (the shell makes one per gateway); None: no cap.
-        self._subscribing = SubscribeGate(policies=policies, subscriptions=self._subs, quota=subscription_quota,
-                                          per_connection=limits.subscriptions_per_connection,
-                                          wallclock=wallclock, mono=self._mono)
-        self._decisions = DecisionCaches()  # publish and delivery decisions (decisions.py)
-        self._delivery = DeliveryGate(policies=policies, subscriptions=self._subs, decisions=self._decisions,
-                                      wallclock=wallclock, mono=self._mono)  # broker -> client PUBLISH
-        # clock() at which the subscription grants or the token end: checked on every chunk as
-        # well as by the timer, so a late timer lets nothing through after the end.
-        self._grants_until = _NEVER
-        self._published = 0            # allowed publishes / deliveries not yet added to the metrics
-        self._delivered = 0
-        self._rate_limited = 0         # publishes over the rate limit since the last audit line
-        self._rate_audit_at = 0.0
-        # Refusals audited one line per second at most: kind -> [refused since the last line,
-        # clock() of the next line allowed, the fields of the last refusal].
-        self._folds: dict[str, list[Any]] = {}  # [refused since the last line, next line at, fields]
-        self._summary = ConnectionSummary()  # the close record's counts (audit_summary.py)
-        self._forwarded = 0            # PUBLISH packets passed on, per direction, not yet counted
-        self._handed = 0
+        self._subscribing = SubscribeGate(config=config, policies=policies, context=self._cx, subscriptions=self._subs,
+                                          decisions=self._decisions, quota=subscription_quota,
+                                          rate_limiter=rate_limiter, wallclock=wallclock, mono=self._timers.mono)
         # The QoS 2 flows the gateway is part of, and the client publishes it holds until their
         # PUBREL (qos2.py); the bytes held are shared with the identity's connections (qos2_budget).
         self._qos2 = Qos2Flows(qos2_budget, config.max_packet_size)
-        self._will_until: float | None = None   # when the Will's grant ends (session clock)
-        self._will_devices: frozenset[str] = frozenset()
-        # Pass-through run (see _pass): the output list, index of its last slice, start/end offsets.
-        self._run: Run | None = None
+        # Broker -> client PUBLISH and the broker's acknowledgements (delivery_gate.py).
+        self._delivery = DeliveryGate(policies=policies, context=self._cx, subscriptions=self._subs,
+                                      decisions=self._decisions, qos2=self._qos2, wallclock=wallclock,
+                                      mono=self._timers.mono)
+        # Client -> broker PUBLISH and PUBREL (publish_gate.py).
+        self._publishing = PublishGate(config=config, policies=policies, context=self._cx, decisions=self._decisions,
+                                       qos2=self._qos2, rate_limiter=rate_limiter, clock=clock, wallclock=wallclock,
+                                       mono=self._timers.mono, standing_problem=self._standing_problem)
+        self._will = WillGuard(policies=policies, context=self._cx, wallclock=wallclock, mono=self._timers.mono,
+                               standing_problem=self._standing_problem)  # will.py
+        # CONNECT, authentication, the upstream CONNECT and the CONNACK; re-authentication (handshake.py).
+        self._handshake = Handshake(
+            config=config, context=self._cx, will=self._will, wallclock=wallclock, random_hex=random_hex,
+            token_leeway=token_leeway, credential_problem=credential_problem, admit_connect=admit_connect,
+            upstream_password=config.upstream_password if upstream_password is None else upstream_password)
         # Off only to compare the fast paths with the full path (tests/unit/test_mqtt_fastpath.py).
         self._fast_paths = fast_paths
-        # What the current handle() call has to say besides the writes: audit lines, counts.
-        self._records: list[Record] = []
-        self._counts: dict[Metric, int] = {}
+        self._fast_chunks = 0  # chunks the fast paths passed packets of (fast_path_chunks)
+        # Set once OPEN with the fast paths on (see _client_chunk_open): the publish fast path's
+        # arguments, fixed for the connection's life; whether the delivery one runs, and for v5.
+        self._client_lane: ClientLane | None = None
+        self._broker_lane = False
+        self._v5 = False
 
     # ----------------------------------------------------------------- shell API
+
+    @property
+    def identity(self) -> Identity | None:
+        """Who is connected (None until authenticated)."""
+        return self._cx.identity
+
+    @property
+    def client_id(self) -> str:
+        """The client id as the client knows it."""
+        return self._cx.client_id
+
+    @property
+    def protocol_level(self) -> int:
+        """The protocol level of the client's CONNECT (MQTT_5, 4 or 3; 0 before it)."""
+        return self._cx.level
+
+    @property
+    def peer(self) -> str:
+        """The client's address, as the audit lines name it (the shell sets it once known)."""
+        return self._cx.peer
+
+    @peer.setter
+    def peer(self, peer: str) -> None:
+        self._cx.peer = peer
+
+    @property
+    def admit_connect(self) -> Callable[[Identity, str, bool, float], str | None] | None:
+        """Asked once the credentials and client id are settled: (identity, broker client id, clean
+        start, session expiry) -> the reason to refuse (a shell quota: persistent sessions), or None."""
+        return self._handshake.admit_connect
+
+    @admit_connect.setter
+    def admit_connect(self, admit: Callable[[Identity, str, bool, float], str | None] | None) -> None:
+        self._handshake.admit_connect = admit
+
+    @property
+    def keepalive(self) -> int:
+        """The enforced keepalive (seconds, 0 = none)."""
+        return self._handshake.keepalive
+
+    @property
+    def session_expiry(self) -> int:
+        """Seconds the broker keeps the session after the close (capped)."""
+        return self._handshake.session_expiry
+
+    @property
+    def upstream_client_id(self) -> str:
+        """The client id as the broker knows it."""
+        return self._handshake.upstream_client_id
+
+    @property
+    def partial_packet_bytes(self) -> int:
+        """Bytes of a client packet not yet whole, held until the rest arrives."""
+        return self._client_framer.buffered
+
+    @property
+    def dropped_qos2_awaiting_pubrel(self) -> int:
+        """Broker QoS 2 deliveries the gateway dropped (answered PUBREC), awaiting the broker's PUBREL."""
+        return len(self._qos2.dropped)
+
+    @property
+    def fast_path_chunks(self) -> int:
+        """Chunks the fast paths passed at least one packet of (for the tests that say they reach them)."""
+        return self._fast_chunks
 
     @property
     def reading_paused(self) -> bool:
@@ -394,22 +300,13 @@ class Session:
         """What :meth:`next_deadline` and :attr:`reading_paused` depend on besides activity
         (which only moves the keepalive deadline later): a shell that keeps a timer at the
         last deadline needs to look again only when this changes, or when the timer fires."""
-        return (self._phase, self.identity, self.keepalive, self._grants_until)
+        return (self._phase, self.identity, self.keepalive, self._timers.horizon)
 
     def next_deadline(self) -> float | None:
         if self.closed:
             return None
-        if self._phase is not OPEN:
-            return self._created + self.config.connect_timeout_seconds
-        deadlines = []
-        if self.keepalive:
-            deadlines.append(self._last_rx + 1.5 * self.keepalive)
-        if self.identity is not None and self.identity.expires_at is not None:
-            left = self.identity.expires_at + self.token_leeway - self.wallclock()
-            deadlines.append(self.clock() + max(left, 0.0))
-        if self._grants_until != _NEVER:
-            deadlines.append(self._grants_until)
-        return min(deadlines) if deadlines else None
+        deadline = self._timers.next_deadline(self._phase is OPEN, self.keepalive, self.identity)
+        return None if deadline == NEVER else deadline
 
     def timeout(self) -> float | None:
         """Seconds from now until a :class:`Tick` is due (``loop.call_later``), or None."""
@@ -422,16 +319,26 @@ class Session:
     def handle(self, event: Event) -> list[Command]:
         """The one entry point: what happened → what the shell must do, in order
         (:data:`proxy.mqtt.commands.ORDER`). After the session has closed, nothing."""
+        if type(event) is ClientData:
+            lane = self._client_lane
+            if lane is not None:
+                return self._client_chunk_open(event.data, lane)
+        elif type(event) is BrokerData and self._broker_lane:
+            return self._broker_chunk_open(event.data)
         acts = Output()
         if not self.closed:
             _HANDLERS[type(event)](self, acts, event)
+        return self._commands(acts)
+
+    def _commands(self, acts: Output) -> list[Command]:
+        """The call's commands, in ORDER."""
         counts = None
-        if self._published or self._forwarded or self._delivered or self._handed or self._counts:
-            counts = self._take_counts()
-        if self._records or acts.auth is not None or acts.close is not None or acts.open_upstream:
-            return acts.commands(self._records, counts)
-        # The common case, a chunk passed on (one call per read, so built here, in ORDER): at most
-        # a write each way and the counts.
+        if self._cx.published or self._cx.forwarded or self._cx.delivered or self._cx.handed or self._cx.counts:
+            counts = self._cx.take_counts()
+        if self._cx.records or acts.auth is not None or acts.close is not None or acts.open_upstream:
+            return acts.commands(self._cx.records, counts)
+        # A chunk passed on (one call per read, so built here, in ORDER): at most a write each
+        # way and the counts.
         out: list[Command] = [SendToClient(acts.to_client)] if acts.to_client else []
         if acts.to_broker:
             out.append(SendToBroker(acts.to_broker))
@@ -439,35 +346,84 @@ class Session:
             out.append(CountMetrics(counts))
         return out
 
-    def _on_client_data(self, acts: Output, event: ClientData) -> Output:
-        data = event.data
-        if self._run is not None:
-            self._end_run()
+    # ----------------------------------------------------------------- an open connection's chunks
+
+    # The common call, a chunk read on an open connection, on its own: no Output, no handler
+    # lookup, its commands built without the dataclass __init__ (a Python frame and an
+    # object.__setattr__ per field). The checks are the full path's, in the same order: the
+    # deadlines first (a decision or a grant that ended sends the chunk to the full path, which
+    # expires them), then the fast path's walk (fastpath.py), then the full path from where it
+    # stopped. At a call's start no record or count is pending (every call takes them).
+
+    def _client_chunk_open(self, data: Buffer, lane: ClientLane) -> list[Command]:
         now = self.clock()
-        if now >= self._decisions.until or now >= self._grants_until:
+        if now >= self._decisions.until or now >= self._timers.horizon or self._client_framer.buffered:
+            return self._commands(self._client_data(Output(), data))
+        view = data if type(data) is memoryview and data.format == "B" and data.ndim == 1 else codec.byte_view(data)
+        cache, max_size, v5, answered, limiter, sub = lane
+        pos, n = fastpath.client_publishes(view, cache, max_size, v5, answered, limiter, sub)
+        if n:
+            self._fast_chunks += 1
+            self._timers.last_rx = now
+            if pos == len(view):
+                self._cx.summary.published += n
+                send = _NEW(SendToBroker)
+                _SET_BROKER_ITEMS(send, [view[:pos]])
+                counts = _NEW(CountMetrics)
+                _SET_COUNTS(counts, [(ALLOWED_PUBLISH, n), (TO_BROKER, n)])
+                return [send, counts]
+            self._cx.published += n
+            self._cx.forwarded += n
+        acts = Output()
+        if n:
+            acts.to_broker.append(view[:pos])
+            acts.run = Run(acts.to_broker, 0, pos, view)  # a pass-through packet after may join it
+        self._client_chunk(acts, view, pos, now)
+        return self._commands(acts)
+
+    def _broker_chunk_open(self, data: Buffer) -> list[Command]:
+        now = self.clock()
+        if now >= self._decisions.until or now >= self._timers.horizon or self._broker_framer.buffered:
+            return self._commands(self._broker_data(Output(), data))
+        view = data if type(data) is memoryview and data.format == "B" and data.ndim == 1 else codec.byte_view(data)
+        pos, n = fastpath.broker_deliveries(view, self._subs.exact, self._decisions.receive, self._v5)
+        if n:
+            self._fast_chunks += 1
+            if pos == len(view):
+                self._cx.summary.delivered += n
+                send = _NEW(SendToClient)
+                _SET_CLIENT_ITEMS(send, [view[:pos]])
+                counts = _NEW(CountMetrics)
+                _SET_COUNTS(counts, [(ALLOWED_RECEIVE, n), (TO_CLIENT, n)])
+                return [send, counts]
+            self._cx.delivered += n
+            self._cx.handed += n
+        acts = Output()
+        if n:
+            acts.to_client.append(view[:pos])
+            acts.run = Run(acts.to_client, 0, pos, view)
+        self._broker_chunk(acts, view, pos)
+        return self._commands(acts)
+
+    def _on_client_data(self, acts: Output, event: ClientData) -> Output:
+        return self._client_data(acts, event.data)
+
+    def _client_data(self, acts: Output, data: Buffer) -> Output:
+        now = self.clock()
+        if now >= self._decisions.until or now >= self._timers.horizon:
             self._expire(acts, now)
             if self.closed:
                 return acts
-        framer = self._client_framer
         view = codec.byte_view(data)
-        start = 0
         if self._phase is CONNECT:
-            head = self._head
-            if len(head) < codec.CONNECT_HEAD_BYTES:
-                head += view[:codec.CONNECT_HEAD_BYTES - len(head)]
-            if self._oversized:  # nothing more is read: only the level byte was missing
-                self._refuse_oversized(acts)
-                return acts
-        if self._phase is OPEN and self._fast_paths and not framer.buffered:
-            start = self._client_fast(acts, view)
-            if start:
-                self._last_rx = now
-                if start == len(view):  # the whole chunk: nothing left for the full path
-                    return acts
-                # The full path goes on where the fast one stopped; a pass-through
-                # packet right after may still join the fast path's slice.
-                out = acts.to_broker
-                self._run = Run(out, 0, start, view)
+            end = self._handshake.head(acts, view)
+            if end is not None or self._handshake.oversized:  # nothing more is read
+                return self._end(acts, end)
+        return self._client_chunk(acts, view, 0, now)
+
+    def _client_chunk(self, acts: Output, view: memoryview, start: int, now: float) -> Output:
+        """The full path: the packets of ``view`` from ``start`` (the fast path took those before)."""
+        framer = self._client_framer
         error: ProtocolError | None = None
         frames: list[Frame] = []
         if start < len(view):
@@ -476,7 +432,7 @@ class Session:
             except ProtocolError as exc:
                 frames, error = exc.frames, exc
         if frames:
-            self._last_rx = now = self.clock()
+            self._timers.last_rx = now = self.clock()
             if now >= self._decisions.until:
                 self._decisions.drop(now)
         try:
@@ -484,36 +440,35 @@ class Session:
                 if self.closed:
                     break
                 if self._phase is not OPEN and self._phase is not CONNECT:
-                    self._hold(acts, frames[i:])
+                    self._end(acts, self._handshake.hold(frames[i:], framer.buffered))
                     break
                 self._client_frame(acts, frame, view)
             if error is not None and not self.closed:
                 raise error
             if (self._phase is AUTH or self._phase is UPSTREAM) and framer.buffered:
-                self._preauth_refused(acts, 0)  # a partial packet behind what is held counts too
+                # A partial packet behind what is held counts too.
+                self._end(acts, self._handshake.over_preauth(0, framer.buffered))
         except ProtocolError as exc:
             self._client_violation(acts, exc)
         finally:
-            self._end_run()
+            acts.end_run()
         return acts
 
     def _on_broker_data(self, acts: Output, event: BrokerData) -> Output:
-        data = event.data
-        self._end_run()
+        return self._broker_data(acts, event.data)
+
+    def _broker_data(self, acts: Output, data: Buffer) -> Output:
         now = self.clock()
-        if now >= self._decisions.until or now >= self._grants_until:
+        if now >= self._decisions.until or now >= self._timers.horizon:
             self._expire(acts, now)
             if self.closed:
                 return acts
+        return self._broker_chunk(acts, codec.byte_view(data), 0)
+
+    def _broker_chunk(self, acts: Output, view: memoryview, start: int) -> Output:
+        """The full path: the packets of ``view`` from ``start`` (the fast path took those before)."""
+        framer = self._broker_framer
         try:
-            framer = self._broker_framer
-            view = codec.byte_view(data)
-            start = 0
-            if self._phase is OPEN and self._fast_paths and not framer.buffered:
-                start = self._broker_fast(acts, view)
-                if start:
-                    out = acts.to_client
-                    self._run = Run(out, 0, start, view)
             error: ProtocolError | None = None
             frames: list[Frame] = []
             if start < len(view):
@@ -528,8 +483,8 @@ class Session:
             if error is not None and not self.closed:
                 raise error
         except ProtocolError as exc:
-            self._count(Metric("protocol_errors", ("broker",)))
-            self._audit("broker", "protocol_error", reason=exc.message)
+            self._cx.count(Metric("protocol_errors", ("broker",)))
+            self._cx.audit("broker", "protocol_error", reason=exc.message)
             if self._phase is UPSTREAM:
                 self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "broker_refused", exc.message)
             else:
@@ -537,89 +492,31 @@ class Session:
                     acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.UNSPECIFIED_ERROR))
                 self._close(acts, "protocol_error", f"broker: {exc.message}")
         finally:
-            self._end_run()
+            acts.end_run()
         return acts
 
     def _on_authenticated(self, acts: Output, event: Authenticated) -> Output:
-        identity = event.identity
-        if self._reauth:
-            return self._reauthenticated(acts, identity)
-        if self._phase is not AUTH or self._connect is None:
+        hs = self._handshake
+        if hs.reauthenticating:
+            end = hs.reauthenticated(acts, event.identity)
+            if end is not None:
+                return self._end(acts, end)
+            # Roles may have changed with the new token, and the expiry has.
+            self._decisions.clear()
+            self._redecide()
             return acts
-        self._count(Metric("authentications", (identity.method, "ok")))
-        c = self._connect
-        level = c.protocol_level
-        if identity.expires_at is not None and self.wallclock() >= identity.expires_at + self.token_leeway:
-            return self._auth_refused(acts, identity, Reason.NOT_AUTHORIZED, "token_expired", "expired")
-        # The credential was checked before an await: a deletion or rotation since then wins.
-        problem = self.credential_problem(identity) if self.credential_problem is not None else None
-        if problem:
-            return self._auth_refused(acts, identity, Reason.BAD_USER_NAME_OR_PASSWORD, "auth_failed", problem)
-        # Bind the client id to the identity.
-        bound = bind_client_id(identity, c.client_id, self.config.user_client_id_prefix, self.random_hex)
-        if bound.refusal:
-            self._audit("connect", "deny", identity=identity, resource=identity.device_id or c.client_id,
-                        reason=bound.refusal)
-            return self._refuse_connect(acts, Reason.CLIENT_IDENTIFIER_NOT_VALID, "client_id_rejected",
-                                        bound.refusal)
-        self.client_id, self.upstream_client_id = bound.client_id, bound.upstream_client_id
-        self._assigned_id = bound.assigned
-        # The Will is a publish that happens later: authorize it now.
-        if c.will is not None:
-            d = self.policies.may_publish(identity, c.will.topic, qos=c.will.qos, retain=c.will.retain,
-                                          client_id=self.client_id, now=self.wallclock())
-            self._will_until = self._mono(d.until)
-            self._will_devices = d.devices
-            if not d.allowed:
-                self._count(_DENIED["will"])
-                self._audit("will", "deny", identity=identity, resource=c.will.topic, rule=d.rule,
-                            reason=d.reason, qos=c.will.qos, retain=c.will.retain)
-                return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "not_authorized",
-                                            "Will topic not allowed")
-            self._count(_ALLOWED["will"])
-        expiry_cap = self.config.limits.persistent_session_expiry_seconds
-        if level == MQTT_5:
-            asked = get_prop(c.properties, Prop.SESSION_EXPIRY_INTERVAL)
-            self.session_expiry = min(asked if isinstance(asked, int) else 0, expiry_cap)
-        else:
-            self.session_expiry = 0 if c.clean_start else expiry_cap
-        if self.admit_connect is not None:
-            refusal = self.admit_connect(identity, self.upstream_client_id, c.clean_start, self.session_expiry)
-            if refusal:
-                return self._auth_refused(acts, identity, Reason.QUOTA_EXCEEDED if level == MQTT_5 else
-                                          Reason.SERVER_UNAVAILABLE, refusal, refusal)
-        self.identity = identity
-        self._audit("connect", "allow", identity=identity, resource=self.client_id,
-                    protocol_level=level)
-        upstream = upstream_connect(c, self.config, self._upstream_password, self.upstream_client_id,
-                                    self.keepalive, self.session_expiry)
+        if self._phase is not AUTH or hs.connect is None:
+            return acts
+        end = hs.authenticated(acts, event.identity)
+        if end is not None:
+            return self._end(acts, end)
         self._enter(UPSTREAM)
-        self._will_armed = c.will is not None  # from now on the broker may hold it
+        self._will.arm()  # from now on the broker may hold it
         self._update_horizon()
-        acts.open_upstream = True
-        acts.to_broker.append(codec.encode_connect(upstream))
         return acts
 
     def _on_authentication_failed(self, acts: Output, event: AuthenticationFailed) -> Output:
-        reason, method = event.reason, event.method
-        self._count(Metric("authentications", (method or "unknown", "fail")))
-        reason_name = getattr(reason, "value", str(reason))
-        if self._reauth:
-            self._reauth = False
-            self._audit("reauth", "deny", identity=self.identity, reason=reason_name)
-            acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.NOT_AUTHORIZED))
-            return self._close(acts, "reauth_failed", reason_name, Reason.NOT_AUTHORIZED)
-        if self._phase is not AUTH:
-            return acts
-        if reason == AuthReason.NO_CREDENTIALS:
-            code = Reason.NOT_AUTHORIZED
-        elif reason == AuthReason.ISSUER_UNREACHABLE:
-            code = Reason.SERVER_UNAVAILABLE
-        else:
-            code = Reason.BAD_USER_NAME_OR_PASSWORD
-        self._audit("connect", "deny", resource=self._connect.client_id if self._connect else "",
-                    reason=reason_name, method=method or None)
-        return self._refuse_connect(acts, code, "auth_failed", reason_name)
+        return self._end(acts, self._handshake.failed(event.reason, event.method, self._phase is AUTH))
 
     def subscribed_filters(self) -> list[str]:
         """The filters this connection holds at the broker (for the persistent-session count)."""
@@ -629,7 +526,7 @@ class Session:
         """The shell refuses a CONNECT whose credentials were good, for a quota of its own (a
         reconnect back-off, persistent sessions): v5 CONNACK 0x97, 3.1.1 CONNACK 3. The shell
         audits (folded): this is what a flooding client meets on every retry."""
-        if self._phase is not AUTH or self._reauth:
+        if self._phase is not AUTH or self._handshake.reauthenticating:
             return acts
         return self._refuse_connect(acts, Reason.QUOTA_EXCEEDED if self.protocol_level == MQTT_5 else
                                     Reason.SERVER_UNAVAILABLE, event.reason, event.detail)
@@ -637,16 +534,16 @@ class Session:
     def _on_tick(self, acts: Output, event: Tick) -> Output:
         now = event.now
         if self._phase is not OPEN:
-            if now >= self._created + self.config.connect_timeout_seconds:
-                self._audit("connect", "deny", reason="connect timeout", state=self._phase.value)
+            if self._timers.connect_overdue(now):
+                self._cx.audit("connect", "deny", reason="connect timeout", state=self._phase.value)
                 if self._phase is CONNECT:
                     return self._close(acts, "connect_timeout", self._phase.value)
                 return self._refuse_connect(acts, Reason.SERVER_UNAVAILABLE, "connect_timeout", self._phase.value)
             return acts
-        if self.keepalive and now - self._last_rx >= 1.5 * self.keepalive:  # (>=: as next_deadline says)
-            self._audit("keepalive", "close", identity=self.identity, reason="keepalive timeout")
+        if self._timers.keepalive_overdue(now, self.keepalive):
+            self._cx.audit("keepalive", "close", identity=self.identity, reason="keepalive timeout")
             return self._disconnect(acts, Reason.KEEP_ALIVE_TIMEOUT, "keepalive_timeout", "")
-        if self._token_expired():
+        if self._timers.token_expired(self.identity):
             return self._token_ended(acts)
         self._expire(acts, now)
         return acts
@@ -665,24 +562,23 @@ class Session:
         if devices is None or ident.device_id in devices:
             problem = self.credential_problem(ident) if self.credential_problem is not None else None
             if problem:
-                self._audit("session", "close", identity=ident, reason=problem)
+                self._cx.audit("session", "close", identity=ident, reason=problem)
                 if self._phase is OPEN:
                     return self._disconnect(acts, Reason.ADMINISTRATIVE_ACTION, "credential_revoked", problem)
                 return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "credential_revoked", problem)
-        if self._will_armed and (devices is None or not devices.isdisjoint(self._will_devices)) \
-                and not self._will_still_allowed("revoked"):
+        if self._will.armed and self._will.rests_on(devices) and not self._will.still_allowed("revoked"):
             return self._will_revoked(acts)
-        self._redecide(None if devices is None else set(devices))
+        self._redecide(devices)
         return acts
 
     def _will_revoked(self, acts: Output) -> Output:
         """The Will the broker holds is no longer allowed. It may not stay there a moment longer:
         the broker publishes it whenever it ends the connection itself (a session takeover, a
         protocol error it sees), so end the connection now, with a DISCONNECT that discards it."""
-        self._will_armed = False
-        self._end_run()
+        self._will.disarm()
+        acts.end_run()
         acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
-        self._audit("session", "close", reason="Will no longer allowed")
+        self._cx.audit("session", "close", reason="Will no longer allowed")
         if self._phase is OPEN:
             return self._disconnect(acts, Reason.NOT_AUTHORIZED, "will_revoked", "")
         return self._refuse_connect(acts, Reason.NOT_AUTHORIZED, "will_revoked", "")
@@ -700,53 +596,16 @@ class Session:
         CONNECT), a normal DISCONNECT goes to the broker first, which discards the Will."""
         return self._close(acts, "client_closed", "")
 
-    def _will_still_allowed(self, when: str = "close") -> bool:
-        """The Will is a publish the broker makes when the connection ends: it must be allowed at
-        that instant, on a credential that still stands (and, while the broker holds it, at every
-        instant: see invalidate())."""
-        c = self._connect
-        ident = self.identity
-        if c is None or c.will is None or ident is None:
-            return True
-        rule = None
-        reason = self._standing_problem(ident)
-        if reason is None:
-            d = self.policies.may_publish(ident, c.will.topic, qos=c.will.qos, retain=c.will.retain,
-                                          client_id=self.client_id, now=self.wallclock())
-            if d.allowed:
-                self._count(_ALLOWED["will"])
-                self._will_until = self._mono(d.until)
-                self._will_devices = d.devices
-                return True
-            rule, reason = d.rule, d.reason
-        self._count(_DENIED["will"])
-        self._audit("will", "deny", resource=c.will.topic, rule=rule, reason=reason,
-                    qos=c.will.qos, retain=c.will.retain, when=when)
-        return False
-
-    def _asked_to_discard_will(self) -> bool:
-        """A normal DISCONNECT the client sent before the broker's CONNACK, still held here."""
-        for f in self._pending:
-            if f.type == T.DISCONNECT:
-                body = f.body
-                return not (len(body) and body[0] == Reason.DISCONNECT_WITH_WILL)
-        return False
-
     def _standing_problem(self, ident: Identity) -> str | None:
         """Why the identity no longer stands at this instant (its token expired, its credential
         gone), or None: asked before anything is published on its behalf."""
-        if self._token_expired():
+        if self._timers.token_expired(self.identity):
             return "token expired"
         return self.credential_problem(ident) if self.credential_problem is not None else None
 
     def _token_ended(self, acts: Output) -> Output:
-        self._audit("session", "close", identity=self.identity, reason="token expired")
+        self._cx.audit("session", "close", identity=self.identity, reason="token expired")
         return self._disconnect(acts, Reason.MAXIMUM_CONNECT_TIME, "token_expired", "")
-
-    def _token_expired(self) -> bool:
-        ident = self.identity
-        return ident is not None and ident.expires_at is not None and \
-            self.wallclock() >= ident.expires_at + self.token_leeway
 
     def _on_shutdown(self, acts: Output, event: Shutdown) -> Output:
         if self._phase is OPEN:
@@ -757,458 +616,47 @@ class Session:
 
     # ----------------------------------------------------------------- client side
 
-    # ----------------------------------------------------------------- fast paths (proxy.mqtt.fastpath)
-
-    def _client_fast(self, acts: Output, mv: memoryview) -> int:
-        """Allowed publishes from the start of ``mv``; the offset where it stopped."""
-        ident = self.identity
-        pos, n = fastpath.client_publishes(mv, self._decisions.publish, self._client_framer.max_packet_size,
-                                           self.protocol_level == MQTT_5, self._qos2.answered,
-                                           self.rate_limiter, ident.sub if ident is not None else "")
-        if n:
-            self._published += n
-            self._forwarded += n
-            acts.to_broker.append(mv[:pos])  # one slice; the caller makes it a pass-through run
-        return pos
-
-    def _broker_fast(self, acts: Output, mv: memoryview) -> int:
-        """Deliveries from the start of ``mv`` an exact ALLOW grant or a cached decision allows."""
-        # The delivery gate's checks inline (delivery_gate.py: the table's exact grants, the
-        # receive cache): called per chunk read, where one more Python call is measurable.
-        pos, n = fastpath.broker_deliveries(mv, self._subs.exact, self._decisions.receive,
-                                            self.protocol_level == MQTT_5)
-        if n:
-            self._handed += n
-            self._delivered += n
-            acts.to_client.append(mv[:pos])  # one slice; the caller makes it a pass-through run
-        return pos
-
-    def _hold(self, acts: Output, frames: list[Frame]) -> None:
-        """Packets that arrive while authentication runs wait (copied: the buffer is reused),
-        at most the pre-authentication limit of bytes, counting everything held for them: each
-        held packet's bookkeeping and the partial packet in the framer (see _preauth_held)."""
-        for frame in frames:
-            if self._preauth_refused(acts, len(frame.raw) + HELD_PACKET_OVERHEAD):
-                return
-            self._pending_bytes += len(frame.raw) + HELD_PACKET_OVERHEAD
-            self._pending.append(Frame(frame.type, frame.flags, memoryview(bytes(frame.raw)),
-                                       frame.body_start, -1, -1))
-        self._preauth_refused(acts, 0)
-
-    def _preauth_refused(self, acts: Output, more: int) -> bool:
-        """Would holding ``more`` bytes take what waits for authentication (held packets with
-        their overhead, plus the framer's partial packet) past the limit? Then refuse now."""
-        held = self._pending_bytes + self._client_framer.buffered
-        if held + more <= self._preauth_max:
-            return False
-        self._audit("connect", "deny", reason="too much data before CONNACK", held=held, more=more,
-                    limit=self._preauth_max)
-        self._refuse_connect(acts, Reason.QUOTA_EXCEEDED if self.protocol_level == MQTT_5 else
-                             Reason.SERVER_UNAVAILABLE, "buffer_full", "")
-        return True
-
     def _client_frame(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
         t = frame.type
         if self._phase is CONNECT:
             if t != T.CONNECT:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} before CONNECT")
-            self._on_connect(acts, frame)
+            end = self._handshake.connected(acts, frame)
+            if end is None:
+                self._enter(AUTH)
+            self._end(acts, end)
             return
         level = self.protocol_level
         if t == T.PUBLISH:
-            self._client_publish(acts, frame, data)
+            self._end(acts, self._publishing.publish(acts, frame, data))
         elif t in (T.PUBACK, T.PUBREC, T.PUBCOMP):
             codec.packet_id_of(frame, level)
-            self._pass(acts.to_broker, frame, data)
+            acts.forward(acts.to_broker, frame, data)
         elif t == T.PUBREL:
-            pid = codec.packet_id_of(frame, level)
-            if pid in self._qos2.answered:
-                # The gateway acknowledged (and dropped) this QoS 2 publish: finish it here.
-                self._qos2.answered.discard(pid)
-                # 3.1.1: the faked flow ends. v5: the flow already ended with PUBREC 0x87.
-                acts.to_client.append(codec.encode_ack(
-                    T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
-                self._end_run()
-            elif pid not in self._qos2.releasing:  # (a repeated PUBREL: the broker's PUBCOMP answers it)
-                self._release_qos2(acts, pid)
+            self._publishing.release(acts, frame, data)
         elif t == T.SUBSCRIBE:
-            self._client_subscribe(acts, frame, data)
+            self._end(acts, self._subscribing.subscribe(acts, frame, data))
+            self._update_horizon()
         elif t == T.UNSUBSCRIBE:
-            self._client_unsubscribe(acts, frame, data)
+            self._end(acts, self._subscribing.unsubscribe(acts, frame, data))
+            self._update_horizon()
         elif t == T.PINGREQ:
             if len(frame.body):
                 raise ProtocolError(Reason.MALFORMED_PACKET, "PINGREQ with a body")
-            self._pass(acts.to_broker, frame, data)
+            acts.forward(acts.to_broker, frame, data)
         elif t == T.DISCONNECT:
-            d = codec.decode_disconnect(frame.body, level)
-            c = self._connect
-            if level == MQTT_5 and c is not None and not get_prop(c.properties, Prop.SESSION_EXPIRY_INTERVAL) \
-                    and get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL):
-                # [MQTT-3.14.2-2]. Forwarded, the broker would take it for a protocol error and
-                # publish the Will on its own; refused here, the Will is decided by _close().
-                raise ProtocolError(Reason.PROTOCOL_ERROR, "Session Expiry Interval on DISCONNECT after 0 at CONNECT")
-            # A new Session Expiry on a v5 DISCONNECT, whatever its reason, reaches the broker capped,
-            # and session_expiry (what the persistent-session count rests on) follows it.
-            asked = level == MQTT_5 and isinstance(get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL), int)
-            over = asked and self._longer_expiry_at_disconnect(d)
-            if d.reason == Reason.DISCONNECT_WITH_WILL and self._will_armed:
-                self._will_armed = False
-                if not self._will_still_allowed():  # no longer allowed: a plain DISCONNECT discards it
-                    self._end_run()
-                    acts.to_broker.append(codec.encode_disconnect(level, 0, [
-                        (Prop.SESSION_EXPIRY_INTERVAL, self.session_expiry)] if asked else []))
-                elif over:  # published as the client asks, the session kept no longer than the cap
-                    self._disconnect_capped(acts, level, d)
-                else:
-                    self._pass(acts.to_broker, frame, data)
-            elif over:
-                self._will_armed = False  # (the DISCONNECT re-encoded: the Will is discarded as asked)
-                self._disconnect_capped(acts, level, d)
-            else:
-                self._will_armed = False  # a normal DISCONNECT: the broker discards the Will
-                self._pass(acts.to_broker, frame, data)
-            self._close(acts, "client_disconnect", f"reason 0x{d.reason:02X}" if d.reason else "")
+            self._end(acts, self._handshake.disconnected(acts, frame, data))
         elif t == T.AUTH and level == MQTT_5:
-            self._client_auth(acts, frame)
+            self._handshake.reauth(acts, frame)
         elif t == T.CONNECT:
             raise ProtocolError(Reason.PROTOCOL_ERROR, "second CONNECT")
         else:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} is not sent by clients")
 
-    def _disconnect_capped(self, acts: Output, level: int, d: Disconnect) -> None:
-        """The client's DISCONNECT upstream, its Session Expiry replaced by the capped ``session_expiry``."""
-        self._end_run()
-        acts.to_broker.append(codec.encode_disconnect(level, d.reason, [
-            *without_props(d.properties, Prop.SESSION_EXPIRY_INTERVAL),
-            (Prop.SESSION_EXPIRY_INTERVAL, self.session_expiry)]))
-
-    def _longer_expiry_at_disconnect(self, d: Disconnect) -> bool:
-        """A v5 DISCONNECT may set a new Session Expiry: kept within the cap (True: over it, so
-        the DISCONNECT must go upstream with the capped value, in ``session_expiry``)."""
-        asked = get_prop(d.properties, Prop.SESSION_EXPIRY_INTERVAL)
-        if not isinstance(asked, int):
-            return False
-        cap = self.config.limits.persistent_session_expiry_seconds
-        self.session_expiry = min(asked, cap)
-        return asked > cap
-
-    def _on_connect(self, acts: Output, frame: Frame) -> None:
-        # Field lengths are checked before anything is decoded or any credential looked at.
-        limits = self.config.limits
-        c = codec.decode_connect(frame.body, max_client_id=limits.client_id_max_bytes,
-                                 max_username=limits.username_max_bytes, max_will_topic=self._topic_max)
-        self._head = bytearray()
-        self._connect = c
-        self.protocol_level = level = c.protocol_level
-        v5 = level == MQTT_5
-        if level == 4 and not c.client_id and not c.clean_start:
-            # [MQTT-3.1.3-8]: an empty client id needs a clean session in 3.1.1.
-            self._audit("connect", "deny", reason="empty client id without clean session")
-            self._refuse_connect(acts, Reason.CLIENT_IDENTIFIER_NOT_VALID, "client_id_rejected",
-                                 "empty client id without clean session")
-            return
-        cap = self.config.max_keepalive_seconds
-        if v5:
-            self.keepalive = min(c.keepalive or cap, cap)
-        else:
-            self.keepalive = c.keepalive or cap
-        method = get_prop(c.properties, Prop.AUTHENTICATION_METHOD)
-        data = get_prop(c.properties, Prop.AUTHENTICATION_DATA)
-        if method is not None and method != AUTH_METHOD:
-            self._audit("connect", "deny", resource=c.client_id, reason=f"authentication method {method!r}")
-            self._count(Metric("authentications", ("unknown", "fail")))
-            self._refuse_connect(acts, Reason.BAD_AUTHENTICATION_METHOD, "auth_failed", "bad method")
-            return
-        if data is not None and method is None:
-            raise ProtocolError(Reason.PROTOCOL_ERROR, "Authentication Data without a method")
-        self._enhanced_auth = method is not None
-        self._enter(AUTH)
-        acts.auth = AuthRequest(kind="connect", username=c.username, password=c.password,
-                                auth_method=method, auth_data=data, client_id=c.client_id)  # type: ignore[arg-type]
-
-    def _client_publish(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
-        level = self.protocol_level
-        info = codec.decode_publish(frame, level, check_topic=False)  # checked below, once per topic
-        topic_b = info.topic
-        if len(topic_b) > self._topic_max:
-            # Before the cache or the policy: neither ever holds a longer topic.
-            raise LimitExceeded(Reason.TOPIC_NAME_INVALID, f"topic of {len(topic_b)} bytes exceeds the limit of "
-                                f"{self._topic_max}", action="publish")
-        qos = info.qos
-        rewrite = False
-        if info.topic_alias is not None:
-            alias = info.topic_alias
-            if not 0 < alias <= self.config.topic_alias_maximum:
-                raise ProtocolError(Reason.TOPIC_ALIAS_INVALID, f"topic alias {alias} out of range")
-            if topic_b:
-                topic = self._aliases[alias] = codec.topic_from_bytes(topic_b)
-            else:
-                topic = self._aliases.get(alias, "")
-                if not topic:
-                    raise ProtocolError(Reason.PROTOCOL_ERROR, f"unknown topic alias {alias}")
-            rewrite = True
-            key: tuple[str | bytes, int, int] = (topic, qos, info.retain)
-        else:
-            if not topic_b:
-                raise ProtocolError(Reason.PROTOCOL_ERROR, "empty topic without a topic alias")
-            key = (topic_b, qos, info.retain)
-        ident = self.identity
-        if ident is None:
-            raise RuntimeError("ident is not set")
-        # Decisions are cached per (topic, QoS, retain) until invalidate() or the cache's TTL;
-        # only topics that passed the checks get an entry.
-        entry = self._decisions.publish.get(key)
-        if entry is None:
-            if not rewrite:
-                topic = codec.topic_from_bytes(topic_b)
-            d = self.policies.may_publish(ident, topic, qos=qos, retain=info.retain, client_id=self.client_id,
-                                          now=self.wallclock())
-            self._summary.decided("publish", topic, d)
-            entry = (topic, d)
-            self._decisions.put_publish(key, entry)
-            self._decisions.ends_at(self._mono(d.until))
-        topic, d = entry
-        if self.rate_limiter is not None and not self.rate_limiter.allow(ident.sub):
-            self._count(_RATE_LIMITED)
-            # One audit line per second at most, with the count: a flood must not flood the log.
-            now = self.clock()
-            self._rate_limited += 1
-            if now >= self._rate_audit_at:
-                self._rate_audit_at = now + 1.0
-                self._audit("publish", "deny", identity=ident, resource=topic, reason="rate limit", qos=qos,
-                            dropped=self._rate_limited)
-                self._rate_limited = 0
-            if self.config.rate_limit.action == "disconnect":
-                self._disconnect(acts, Reason.MESSAGE_RATE_TOO_HIGH, "rate_limited", topic)
-                return
-            self._refuse_publish(acts, info, Reason.QUOTA_EXCEEDED)
-            return
-        if not d.allowed:
-            self._count(_DENIED["publish"])
-            self._audit("publish", "deny", identity=ident, resource=topic, rule=d.rule, reason=d.reason,
-                        qos=qos, retain=info.retain)
-            if level != MQTT_5 and self.config.denied_publish_v3 == "disconnect":
-                self._close(acts, "denied_publish", topic)
-                return
-            self._refuse_publish(acts, info, Reason.NOT_AUTHORIZED)
-            return
-        self._published += 1
-        if info.packet_id is not None:
-            # An allowed id is no longer one the gateway refused.
-            self._qos2.answered.discard(info.packet_id)
-        if qos == 2:
-            self._hold_qos2(acts, frame, data, info, topic, rewrite)
-            return
-        self._forwarded += 1
-        if not rewrite:
-            self._pass(acts.to_broker, frame, data)
-            return
-        self._end_run()
-        acts.to_broker.extend(self._resolved(frame, data, info, topic))
-
-    def _resolved(self, frame: Frame, data: memoryview | None, info: PublishInfo,
-                  topic: str) -> list[Buffer]:
-        """The PUBLISH with its alias resolved: the broker gets the full topic and no alias, so it
-        holds no alias state."""
-        props = without_props(codec.read_publish_properties(frame, info), Prop.TOPIC_ALIAS)
-        payload = frame.raw[info.payload_start:]
-        head = codec.publish_head(topic, qos=info.qos, retain=info.retain, dup=info.dup, packet_id=info.packet_id,
-                                  level=self.protocol_level, properties=props, payload_len=len(payload))
-        if not len(payload):
-            return [head]
-        return [head, payload if frame.start < 0 or data is None else data[frame.start + info.payload_start:frame.end]]
-
-    def _hold_qos2(self, acts: Output, frame: Frame, data: memoryview | None, info: PublishInfo, topic: str,
-                   rewrite: bool) -> None:
-        """An allowed QoS 2 publish: the gateway answers PUBREC and keeps it until the PUBREL, when
-        it is decided again (a grant revoked in between must not be released by the broker)."""
-        self._end_run()
-        pid = info.packet_id
-        if pid is None:
-            raise RuntimeError("a QoS 2 PUBLISH without a packet id")  # (the codec refuses one)
-        level = self.protocol_level
-        packet = b"".join(bytes(b) for b in self._resolved(frame, data, info, topic)) if rewrite else bytes(frame.raw)
-        if not self._qos2.hold(self._sub, pid, packet, topic, info.retain):  # (a DUP replaces the earlier)
-            self._audit("publish", "deny", resource=topic, reason="too many QoS 2 publishes awaiting PUBREL",
-                        qos=2)
-            if level == MQTT_5:
-                acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level, Reason.QUOTA_EXCEEDED))
-            else:
-                self._close(acts, "quota_exceeded", "QoS 2 publishes awaiting PUBREL")
-            return
-        acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
-
-    @property
-    def _sub(self) -> str | None:
-        return self.identity.sub if self.identity is not None else None
-
-    def _release_qos2(self, acts: Output, pid: int) -> None:
-        """The client's PUBREL: forward the held publish if it is still allowed now."""
-        self._end_run()
-        level = self.protocol_level
-        held = self._qos2.take(self._sub, pid)
-        rule = None
-        if held is None:
-            topic, reason = "", "PUBREL for a QoS 2 publish not held on this connection"
-        else:
-            packet, topic, retain = held
-            ident = self.identity
-            if ident is None:
-                raise RuntimeError("ident is not set")
-            problem = self._standing_problem(ident)
-            d = None if problem else self.policies.may_publish(ident, topic, qos=2, retain=retain,
-                                                               client_id=self.client_id, now=self.wallclock())
-            if d is not None and d.allowed:
-                # Released at this instant, in one write: the PUBLISH and its PUBREL, so the broker
-                # never holds it awaiting a release the gateway would have to decide again. (The
-                # broker handles them in order; its PUBREC then needs no answer, its PUBCOMP answers
-                # the client's PUBREL.)
-                self._qos2.releasing.add(pid)
-                self._forwarded += 1
-                acts.to_broker.append(packet)
-                acts.to_broker.append(codec.encode_ack(T.PUBREL, pid, level))
-                return
-            rule, reason = (d.rule, d.reason) if d is not None else (None, problem or "")
-        self._count(_DENIED["publish"])
-        self._audit("publish", "deny", resource=topic, rule=rule, reason=reason, qos=2, when="release")
-        acts.to_client.append(codec.encode_ack(
-            T.PUBCOMP, pid, level, Reason.PACKET_IDENTIFIER_NOT_FOUND if level == MQTT_5 else 0))
-
-    def _refuse_publish(self, acts: Output, info: PublishInfo, code: int) -> None:
-        """Answer a publish the broker will never see, so the client's flow completes."""
-        self._end_run()
-        level = self.protocol_level
-        pid = info.packet_id
-        if info.qos == 0 or pid is None:
-            return
-        self._qos2.take(self._sub, pid)  # a retransmission now refused: nothing to release
-        if level == MQTT_5:
-            acts.to_client.append(codec.encode_ack(T.PUBACK if info.qos == 1 else T.PUBREC, pid, level, code))
-            if info.qos == 2:
-                # A refused PUBREC ends the flow, but some clients (paho 2.x) send PUBREL anyway:
-                # the gateway answers it, so the broker never sees an id it does not know.
-                self._qos2.answered.add(pid)
-        elif info.qos == 1:
-            acts.to_client.append(codec.encode_ack(T.PUBACK, pid, level))
-        else:
-            acts.to_client.append(codec.encode_ack(T.PUBREC, pid, level))
-            self._qos2.answered.add(pid)
-
-    def _rate_refused(self, acts: Output, action: str, ident: Identity, n: int, resource: str) -> bool:
-        """Charge ``n`` filters of a SUBSCRIBE / UNSUBSCRIBE to the identity's rate limit, as
-        publishes are: True (and audited, one line per second at most) when over it."""
-        if self.rate_limiter is None or self.rate_limiter.allow(ident.sub, cost=n):
-            return False
-        self._count(_RATE_LIMITED)
-        self._audit_folded(f"{action}:rate", action, identity=ident, resource=resource, reason="rate limit",
-                           filters=n)
-        if self.config.rate_limit.action == "disconnect":
-            self._disconnect(acts, Reason.MESSAGE_RATE_TOO_HIGH, "rate_limited", action)
-        return True
-
-    def _client_subscribe(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
-        level = self.protocol_level
-        sub = codec.decode_subscribe(frame.body, level, self._topic_max)
-        ident = self.identity
-        if ident is None:
-            raise RuntimeError("ident is not set")
-        v5 = level == MQTT_5
-        if self._rate_refused(acts, "subscribe", ident, len(sub.subscriptions), sub.subscriptions[0].topic_filter):
-            if not self.closed:  # drop: every filter refused, nothing reaches the broker
-                self._end_run()
-                code = Reason.QUOTA_EXCEEDED if v5 else V3_SUBACK_FAILURE
-                acts.to_client.append(codec.encode_suback(Suback(sub.packet_id, [code] * len(sub.subscriptions)),
-                                                          level))
-            return
-        plan = self._subscribing.subscribe(sub, ident, self.client_id, v5)
-        for o in plan.outcomes:
-            s, d = o.subscription, o.decision
-            if d is not None:
-                self._summary.decided("subscribe", s.topic_filter, d)
-            if o.kind is ALLOWED:
-                self._count(_ALLOWED["subscribe"])
-                continue
-            self._count(_DENIED["subscribe"])
-            if o.kind is DENIED and d is not None:
-                self._audit("subscribe", "deny", identity=ident, resource=s.topic_filter,
-                            rule=d.rule, reason=d.reason, qos=s.qos)
-            else:
-                self._audit_folded(f"subscribe:{o.kind}", "subscribe", identity=ident, resource=s.topic_filter,
-                                   reason=_SUBSCRIBE_REFUSED[o.kind] if o.kind is not TOO_LONG else
-                                   f"topic filter of {s.too_long} bytes exceeds the limit of {self._topic_max}",
-                                   qos=s.qos)
-        self._table_changed()
-        if plan.forward_unchanged:
-            self._pass(acts.to_broker, frame, data)
-            return
-        self._end_run()
-        if not plan.keep:
-            acts.to_client.append(codec.encode_suback(Suback(sub.packet_id, plan.slots), level))  # type: ignore[arg-type]
-            return
-        acts.to_broker.append(codec.encode_subscribe(Subscribe(sub.packet_id, plan.keep, sub.properties), level))
-
     @property
     def subscription_quota(self) -> SubscriptionQuota | None:
         """The identity's shared subscription quota (the shell makes one per gateway)."""
         return self._subscribing.quota
-
-    def _client_unsubscribe(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
-        level = self.protocol_level
-        unsub = codec.decode_unsubscribe(frame.body, level, self._topic_max)
-        ident = self.identity
-        if ident is None:
-            raise RuntimeError("ident is not set")
-        if self._rate_refused(acts, "unsubscribe", ident, len(unsub.topic_filters), unsub.topic_filters[0]):
-            if not self.closed:
-                if level == MQTT_5:  # drop: UNSUBACK has no quota code; the filters stay subscribed
-                    self._end_run()
-                    acts.to_client.append(codec.encode_unsuback(
-                        unsub.packet_id, [Reason.UNSPECIFIED_ERROR] * len(unsub.topic_filters), level))
-                else:  # a 3.1.1 UNSUBACK can only say yes
-                    self._close(acts, "rate_limited", "unsubscribe")
-            return
-        # What the broker still delivers under these filters is checked like anything the
-        # table cannot prove.
-        upstream = self._subscribing.unsubscribe(unsub.topic_filters, ident)
-        self._table_changed()
-        if upstream == unsub.topic_filters:
-            self._pass(acts.to_broker, frame, data)
-        else:
-            self._end_run()
-            acts.to_broker.append(codec.encode_unsubscribe(
-                Unsubscribe(unsub.packet_id, upstream, unsub.properties), level))
-
-    def _client_auth(self, acts: Output, frame: Frame) -> None:
-        a = codec.decode_auth(frame.body)
-        method = get_prop(a.properties, Prop.AUTHENTICATION_METHOD)
-        if a.reason != Reason.REAUTHENTICATE:
-            raise ProtocolError(Reason.PROTOCOL_ERROR, f"AUTH reason 0x{a.reason:02X} from the client")
-        if method != AUTH_METHOD:
-            raise ProtocolError(Reason.BAD_AUTHENTICATION_METHOD, f"authentication method {method!r}")
-        if self._reauth:
-            raise ProtocolError(Reason.PROTOCOL_ERROR, "re-authentication already in progress")
-        data = get_prop(a.properties, Prop.AUTHENTICATION_DATA)
-        self._reauth = True
-        self._end_run()
-        acts.auth = AuthRequest(kind="reauth", username=None, password=None, auth_method=AUTH_METHOD,
-                                auth_data=data, client_id=self.client_id)  # type: ignore[arg-type]
-
-    def _reauthenticated(self, acts: Output, identity: Identity) -> Output:
-        self._reauth = False
-        old = self.identity
-        if old is None or identity.sub != old.sub:
-            self._count(Metric("authentications", (identity.method, "fail")))
-            self._audit("reauth", "deny", identity=old, reason="subject changed", new_sub=identity.sub)
-            acts.to_client.append(codec.encode_disconnect(MQTT_5, Reason.NOT_AUTHORIZED))
-            return self._close(acts, "reauth_failed", "subject changed", Reason.NOT_AUTHORIZED)
-        self._count(Metric("authentications", (identity.method, "ok")))
-        self.identity = identity
-        self._audit("reauth", "allow", identity=identity)
-        # Roles may have changed with the new token, and the expiry has.
-        self._decisions.clear()
-        self._redecide()
-        acts.to_client.append(codec.encode_auth(Reason.SUCCESS, [(Prop.AUTHENTICATION_METHOD, AUTH_METHOD)]))
-        return acts
 
     # ----------------------------------------------------------------- broker side
 
@@ -1223,64 +671,38 @@ class Session:
         if self._phase is not OPEN:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} from the broker before CONNECT")
         if t == T.PUBLISH:
-            self._broker_publish(acts, frame, data)
-        elif t == T.PUBREL:
-            pid = codec.packet_id_of(frame, level)
-            if pid in self._qos2.dropped:
-                self._qos2.dropped.discard(pid)
-                self._end_run()
-                acts.to_broker.append(codec.encode_ack(T.PUBCOMP, pid, level))
-            else:
-                self._pass(acts.to_client, frame, data)
-        elif t == T.PUBREC and self._qos2.releasing:
-            pid = codec.packet_id_of(frame, level)
-            if pid in self._qos2.releasing:
-                self._end_run()  # released already (PUBREL went with the PUBLISH); the client had its PUBREC
-            else:
-                self._pass(acts.to_client, frame, data)
-        elif t in (T.PUBACK, T.PUBREC, T.PUBCOMP):
-            pid = codec.packet_id_of(frame, level)
-            if t == T.PUBCOMP:
-                self._qos2.releasing.discard(pid)  # the answer to the client's PUBREL
-            self._pass(acts.to_client, frame, data)
+            self._delivery.publish(acts, frame, data)
+        elif t == T.PUBACK or t == T.PUBREC or t == T.PUBREL or t == T.PUBCOMP:
+            self._delivery.ack(acts, frame, data)
         elif t == T.UNSUBACK:
             codec.packet_id_of(frame, level)  # the table changed when the UNSUBSCRIBE went by
-            self._pass(acts.to_client, frame, data)
+            acts.forward(acts.to_client, frame, data)
         elif t == T.SUBACK:
-            self._broker_suback(acts, frame, data)
+            self._subscribing.suback(acts, frame, data)
         elif t == T.PINGRESP:
-            self._pass(acts.to_client, frame, data)
+            acts.forward(acts.to_client, frame, data)
         elif t == T.DISCONNECT:
             d = codec.decode_disconnect(frame.body, level)
-            self._pass(acts.to_client, frame, data)
+            acts.forward(acts.to_client, frame, data)
             self._close(acts, "broker_disconnect", f"reason 0x{d.reason:02X}", d.reason)
         else:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{T(t).name} is not sent by brokers")
 
     def _broker_connack(self, acts: Output, frame: Frame) -> None:
-        level = self.protocol_level
-        ca = codec.decode_connack(frame.body, level)
-        if ca.reason != 0:
-            self._audit("connect", "deny", identity=self.identity, reason=f"broker refused 0x{ca.reason:02X}")
-            acts.to_client.append(bytes(frame.raw) if level != MQTT_5 else
-                                  codec.encode_connack(False, ca.reason, level, without_props(
-                                      ca.properties, Prop.ASSIGNED_CLIENT_IDENTIFIER)))
-            self._will_armed = False  # refused: the broker holds no Will
-            self._close(acts, "broker_refused", f"0x{ca.reason:02X}", ca.reason)
+        end = self._handshake.connack(acts, frame)
+        if end is not None:
+            self._end(acts, end)
             return
         self._enter(OPEN)
         self._client_framer.max_packet_size = self.config.max_packet_size  # authenticated now
-        self._last_rx = self.clock()
-        # A resumed session (session_present) holds filters the gateway never saw: nothing in
-        # the table proves their deliveries, so each is asked of the policy.
-        if level == MQTT_5:
-            acts.to_client.append(codec.encode_connack(ca.session_present, 0, level,
-                                                       self._client_connack_props(ca.properties)))
-        else:
-            acts.to_client.append(bytes(frame.raw))
-        # Packets the client sent meanwhile.
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
-        for f in pending:
+        self._v5 = self.protocol_level == MQTT_5
+        if self._fast_paths:
+            ident = self.identity
+            self._client_lane = (self._decisions.publish, self.config.max_packet_size, self._v5,
+                                 self._qos2.answered, self.rate_limiter, ident.sub if ident is not None else "")
+            self._broker_lane = True
+        self._timers.last_rx = self.clock()
+        for f in self._handshake.take_pending():  # packets the client sent meanwhile
             if self.closed:
                 break
             try:
@@ -1289,223 +711,61 @@ class Session:
                 self._client_violation(acts, exc)
                 break
 
-    def _client_connack_props(self, broker_props: Properties) -> Properties:
-        c = self._connect
-        if c is None:
-            raise RuntimeError("c is not set")
-        props, self.keepalive = client_connack_props(
-            broker_props, self.config, assigned_id=self.client_id if self._assigned_id else None,
-            keepalive=self.keepalive, asked_keepalive=c.keepalive, enhanced_auth=self._enhanced_auth)
-        return props
-
-    def _broker_publish(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
-        level = self.protocol_level
-        info = codec.decode_publish(frame, level, check_topic=False)  # checked on a cache miss
-        if info.topic_alias is not None or not info.topic:
-            # We told the broker Topic Alias Maximum 0.
-            raise ProtocolError(Reason.TOPIC_ALIAS_INVALID, "topic alias from the broker")
-        if self._may_receive(info.topic):
-            self._handed += 1
-            self._pass(acts.to_client, frame, data)
-            return
-        self._end_run()
-        pid = info.packet_id
-        if info.qos == 1 and pid is not None:
-            acts.to_broker.append(codec.encode_ack(T.PUBACK, pid, level))
-        elif info.qos == 2 and pid is not None:
-            acts.to_broker.append(codec.encode_ack(T.PUBREC, pid, level))
-            self._qos2.dropped.add(pid)
-
-    def _may_receive(self, topic_b: bytes) -> bool:
-        """The delivery gate's answer (delivery_gate.py), counted; a refusal decided now is audited."""
-        ok = self._delivery.cached(topic_b)
-        if ok is None:
-            d = self._delivery.decide(topic_b, self.identity, self.client_id)
-            self._summary.decided("receive", d.topic, d.decision)
-            ok = d.allowed
-            if not ok:
-                self._count(_DENIED["receive"])
-                decision = d.decision
-                self._audit("receive", "deny", identity=self.identity, resource=d.topic,
-                            rule=decision.rule if decision is not None else None,
-                            reason=decision.reason if decision is not None else None)
-                return False
-        if ok:
-            self._delivered += 1
-        else:
-            self._count(_DENIED["receive"])
-        return ok
-
-    def _broker_suback(self, acts: Output, frame: Frame, data: memoryview | None) -> None:
-        level = self.protocol_level
-        sa = codec.decode_suback(frame.body, level)
-        merged = self._subscribing.merged_suback(sa)
-        if merged is None:
-            self._pass(acts.to_client, frame, data)
-            return
-        self._end_run()
-        acts.to_client.append(codec.encode_suback(merged, level))
-
-    # ----------------------------------------------------------------- plumbing
-
-    def _take_counts(self) -> list[tuple[Metric, int]]:
-        """What the call counted. Allowed messages are counted in plain integers, in bulk.
-        (On the hot path: one call per chunk read, so no helper calls here.)"""
-        counts = self._counts
-        if counts:
-            out = list(counts.items())
-            counts.clear()
-        else:
-            out = []
-        summary = self._summary
-        n = self._published
-        if n:
-            out.append((_ALLOWED_PUBLISH, n))
-            self._published = 0
-        n = self._delivered
-        if n:
-            out.append((_ALLOWED_RECEIVE, n))
-            summary.delivered += n
-            self._delivered = 0
-        n = self._forwarded
-        if n:
-            out.append((_TO_BROKER, n))
-            summary.published += n  # forwarded: a held QoS 2 counts at its release
-            self._forwarded = 0
-        n = self._handed
-        if n:
-            out.append((_TO_CLIENT, n))
-            self._handed = 0
-        return out
-
-    def _count(self, metric: Metric, n: int = 1) -> None:
-        self._counts[metric] = self._counts.get(metric, 0) + n
-
-    def _table_changed(self) -> None:
-        # Cached deliveries may rest on a grant that just went: ask again.
-        self._decisions.clear_receive()
+    def _redecide(self, devices: frozenset[str] | None = None) -> None:
+        self._subscribing.redecide(devices)
         self._update_horizon()
 
-    def _redecide(self, devices: set[str] | None = None) -> None:
-        """Ask the policy again for the subscription grants (those resting on ``devices``, or all),
-        for the identity in force now."""
-        ident = self.identity
-        if ident is None:
-            raise RuntimeError("ident is not set")
-
-        def decide(match: str, qos: int) -> tuple[Verdict, float | None, frozenset[str]]:
-            d = self.policies.may_subscribe(ident, match, qos=qos, client_id=self.client_id, now=self.wallclock())
-            return d.verdict, self._mono(d.until), d.devices
-
-        self._subs.redecide(decide, devices)
-        self._table_changed()
-
     def _update_horizon(self) -> None:
-        """The next instant something the session relies on ends: a grant or the token."""
-        until = self._subs.horizon if self._subs.horizon is not None else _NEVER
-        if self._will_armed and self._will_until is not None:
-            until = min(until, self._will_until)
-        ident = self.identity
-        if ident is not None and ident.expires_at is not None:
-            left = ident.expires_at + self.token_leeway - self.wallclock()
-            until = min(until, self.clock() + max(left, 0.0))
-        self._grants_until = until
+        will = self._will
+        self._timers.set_horizon(self._subs.horizon, will.until if will.armed else None, self.identity)
 
     def _expire(self, acts: Output, now: float) -> None:
         """Whatever ended by ``now``: cached decisions, the token, subscription grants."""
         if now >= self._decisions.until:
             self._decisions.drop(now)
-        if now < self._grants_until or self._phase is not OPEN:
+        if now < self._timers.horizon or self._phase is not OPEN:
             return
-        if self._token_expired():
+        if self._timers.token_expired(self.identity):
             self._token_ended(acts)
             return
-        if self._will_armed and self._will_until is not None and now >= self._will_until \
-                and not self._will_still_allowed("expired"):
+        if self._will.armed and self._will.until is not None and now >= self._will.until \
+                and not self._will.still_allowed("expired"):
             self._will_revoked(acts)
             return
         self._redecide()
 
-    def _mono(self, until: float | None) -> float | None:
-        """A unix time (a delegation's expiry) on the session's clock."""
-        return None if until is None else self.clock() + (until - self.wallclock())
-
-    def _pass(self, out: list[Buffer], frame: Frame, view: memoryview | None) -> None:
-        """Forward a packet unchanged; neighbours from the same chunk join into one slice
-        (made once the run ends, in _end_run)."""
-        if frame.start < 0 or view is None:
-            self._end_run()
-            out.append(frame.raw)
-            return
-        run = self._run
-        if run is not None and run.extends(out, frame.start):
-            run.end_at = frame.end
-            run.grown = True
-            return
-        self._end_run()
-        out.append(frame.raw)
-        self._run = Run(out, frame.start, frame.end, view)
-
-    def _end_run(self) -> None:
-        run = self._run
-        if run is not None:
-            self._run = None
-            run.end()
-
-    def _audit(self, action: str, decision: str, *, identity: Identity | None = None, resource: str = "",
-               rule: str | None = None, reason: str | None = None, **extra: Any) -> None:
-        extra = {k: v for k, v in extra.items() if v is not None}
-        if self.peer:
-            extra["peer"] = self.peer
-        if self.client_id and "client_id" not in extra:
-            extra["client_id"] = self.client_id
-        self._records.append(Record(action, decision, resource,
-                                    identity if identity is not None else self.identity, rule, reason, extra))
-
-    def _audit_folded(self, kind: str, action: str, **fields: Any) -> None:
-        """A refusal a client can repeat at will: one line per second at most per kind, with the
-        number refused since the last line (``count``); what is left is written at close."""
-        now = self.clock()
-        fold = self._folds.get(kind)
-        if fold is None:
-            fold = self._folds[kind] = [0, 0.0, None]
-        fold[0] += 1
-        if now >= fold[1]:
-            fold[1] = now + 1.0
-            self._audit(action, "deny", count=fold[0], **fields)
-            fold[0] = 0
-        else:
-            fold[2] = (action, fields)
-
-    def _flush_folds(self) -> None:
-        for fold in self._folds.values():
-            if fold[0] and fold[2] is not None:
-                action, fields = fold[2]
-                self._audit(action, "deny", count=fold[0], **fields)
-                fold[0] = 0
-        self._folds.clear()
-
     def _close(self, acts: Output, reason: str, detail: str, code: int | None = None) -> Output:
         """Every way a connection ends comes here. A Will the broker holds is decided now: if it
         is no longer allowed, a plain DISCONNECT upstream makes the broker discard it."""
-        if self._will_armed:
-            self._will_armed = False
-            if self._asked_to_discard_will() or not self._will_still_allowed():
-                self._end_run()
+        if self._will.armed:
+            self._will.disarm()
+            if self._handshake.asked_to_discard_will() or not self._will.still_allowed():
+                acts.end_run()
                 acts.to_broker.append(codec.encode_disconnect(self.protocol_level))
         self.closed = True
         self._enter(CLOSED)
-        self._pending = []
+        self._client_lane, self._broker_lane = None, False
+        self._handshake.take_pending()
         self._subscribing.close()  # the identity's other connections may use them
-        self._qos2.drop_all(self._sub)  # the held publishes go with the connection
-        self._flush_folds()
+        self._qos2.drop_all(self._cx.sub)  # the held publishes go with the connection
+        self._cx.flush_folds()
         if self.identity is not None:  # one summary per connection past authentication (_enter refuses a 2nd close)
             # The counts of this call go to the metrics at its end: move them into the record now.
-            self._counts.update(self._take_counts())
-            self._audit("session", "summary", reason=reason, **self._summary.fields())
+            self._cx.counts.update(self._cx.take_counts())
+            self._cx.audit("session", "summary", reason=reason, **self._cx.summary.fields())
         if acts.close is None:
             acts.close = Close(reason, detail, code)
         return acts
+
+    def _end(self, acts: Output, end: End | None) -> Output:
+        """A piece of the session ends the connection (None: it does not)."""
+        if end is None:
+            return acts
+        if end.connack is not None:
+            return self._refuse_connect(acts, end.connack, end.reason, end.detail)
+        if end.disconnect is not None:
+            return self._disconnect(acts, end.disconnect, end.reason, end.detail)
+        return self._close(acts, end.reason, end.detail, end.code)
 
     def _disconnect(self, acts: Output, code: int, reason: str, detail: str) -> Output:
         """Close an open connection, telling a v5 client why."""
@@ -1526,42 +786,20 @@ class Session:
             return self._close(acts, reason, detail, int(v3))
         return self._close(acts, reason, detail)
 
-    def _auth_refused(self, acts: Output, identity: Identity, code: int, reason: str, detail: str) -> Output:
-        self._audit("connect", "deny", identity=identity, reason=detail)
-        return self._refuse_connect(acts, code, reason, detail)
-
-    def _refuse_oversized(self, acts: Output) -> Output:
-        """A CONNECT over the pre-authentication size, refused at its fixed header, answered in
-        its client's version: v5 CONNACK 0x95; 3.1.1 (no code for it) and anything else: a close.
-        Only the few bytes up to the level byte are ever held for it."""
-        level = codec.peek_connect_level(self._head)
-        if level is None:
-            return acts  # the level byte has not arrived yet (the connect deadline still runs)
-        detail, self._oversized = self._oversized, ""
-        self._head = bytearray()
-        if level == MQTT_5:
-            self.protocol_level = MQTT_5
-            acts.to_client.append(codec.encode_connack(False, Reason.PACKET_TOO_LARGE, MQTT_5))
-            return self._close(acts, "protocol_error", detail, Reason.PACKET_TOO_LARGE)
-        return self._close(acts, "protocol_error", detail)
-
     def _client_violation(self, acts: Output, exc: ProtocolError) -> Output:
-        self._count(Metric("protocol_errors", ("client",)))
+        self._cx.count(Metric("protocol_errors", ("client",)))
         state = self._phase
         if state is CONNECT and exc.reason_code == Reason.PACKET_TOO_LARGE:
             # Only the Framer says this, at the CONNECT's fixed header: nothing of its body is held.
-            self._audit("connect", "deny", reason=f"CONNECT over the pre-authentication limit: {exc.message}",
-                        reason_code=exc.reason_code)
-            self._oversized = exc.message
-            return self._refuse_oversized(acts)
+            return self._end(acts, self._handshake.oversized_connect(acts, exc.message))
         if isinstance(exc, LimitExceeded):  # a configured limit, not a broken protocol
-            self._audit(exc.action, "deny", reason=exc.message, reason_code=exc.reason_code)
+            self._cx.audit(exc.action, "deny", reason=exc.message, reason_code=exc.reason_code)
         else:
-            self._audit("protocol_error", "deny", reason=exc.message, reason_code=exc.reason_code)
+            self._cx.audit("protocol_error", "deny", reason=exc.message, reason_code=exc.reason_code)
         if state is CONNECT:
             level = exc.protocol_level
             if level is not None:
-                self.protocol_level = level
+                self._cx.level = level
                 if exc.reason_code == Reason.UNSUPPORTED_PROTOCOL_VERSION and level != MQTT_5:
                     acts.to_client.append(codec.encode_connack(False, V3ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION, 4))
                     return self._close(acts, "protocol_error", exc.message, V3ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION)

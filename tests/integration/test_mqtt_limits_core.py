@@ -91,7 +91,7 @@ async def test_partial_connects_hold_at_most_connect_max_bytes(mqtt_rig_factory)
     await asyncio.gather(*(c.writer.drain() for c in clients))
 
     def held() -> int:
-        return sum(conn.session._client_framer.buffered for conn in rig.gateway.connections)
+        return sum(conn.session.partial_packet_bytes for conn in rig.gateway.connections)
 
     deadline = time.monotonic() + 5
     while held() < n * len(partial) and time.monotonic() < deadline:

@@ -387,7 +387,7 @@ def test_rewritten_packets_are_accepted_by_mosquitto(level, mosquitto):
         got = [bytes(f.raw[codec.decode_publish(f, level).payload_start:]) for f in frames if f.type == T.PUBLISH]
         assert got == [b"a", b"b", b"d"]
         assert [r["resource"] for r in audit.records if r["action"] == "receive"] == ["devices/thermo-9/telemetry"]
-        while s._qos2.dropped:  # Mosquitto's PUBREL for the dropped QoS 2 delivery comes...
+        while s.dropped_qos2_awaiting_pubrel:  # Mosquitto's PUBREL for the dropped QoS 2 delivery comes...
             link.apply(s.broker_data(link.sock.recv(65536)))
         # ...and is completed by the gateway: the client never sees it.
         assert [f.type for f in decode_all(link.to_client)].count(T.PUBREL) == 0

@@ -1405,6 +1405,43 @@ def test_horizon_is_checked_on_data_even_when_the_timer_is_late():
     assert pb >> BrokerData(pub("devices/d/telemetry")) << Audit(not_received("devices/d/telemetry"))
 
 
+def test_horizon_is_checked_on_the_delivery_fast_path_between_cache_lifetimes():
+    """A delivery the fast path would pass (an exact ALLOW grant) just after the grant's end,
+    before the timer fires and while the decision caches are under a second old: the horizon
+    check every chunk makes stops it (the attack: a late timer as a window past a revocation)."""
+    clock, wall = Clock(1009.8), Clock(5009.8)
+    p = FakePolicies(sub_allow=["devices/d/telemetry"], recv=["devices/d/telemetry"], until=5010.0)
+    s, _, _ = open_session(MQTT_311, policies=p, clock=clock, wallclock=wall)
+    sub = subscribe(1, 4, ("devices/d/telemetry", 0))
+    raw = pub("devices/d/telemetry")
+    pb = Playbook(s.session) >> ClientData(sub) << ToBroker(sub) >> BrokerData(raw) << ToClient(raw)
+    chunks = s.session.fast_path_chunks
+    assert pb >> BrokerData(raw) << ToClient(raw)
+    assert s.session.fast_path_chunks == chunks + 1  # the fast path passes it while the grant holds
+    p.sub_allow.clear()
+    p.recv.clear()
+    clock.t, wall.t = 1010.2, 5010.2  # the grant ended 0.2 s ago; no Tick yet
+    assert pb >> BrokerData(raw) << Audit(not_received("devices/d/telemetry"))
+
+
+def test_token_end_is_checked_on_the_publish_fast_path_before_the_timer():
+    """A publish the fast path would pass (its decision cached) after the token's end, before
+    the timer fires: the connection ends instead (v5 DISCONNECT 0xA0), nothing goes upstream."""
+    clock, wall = Clock(1000.0), Clock(9_999.5)
+    s, _, _ = open_session(MQTT_5, clock=clock, wallclock=wall)
+    raw = pub("devices/thermo-1/telemetry", level=MQTT_5)
+    pb = Playbook(s.session) >> ClientData(raw) << ToBroker(raw)
+    chunks = s.session.fast_path_chunks
+    assert pb >> ClientData(raw) << ToBroker(raw)
+    assert s.session.fast_path_chunks == chunks + 1
+    clock.t, wall.t = 1000.6, 10_000.1  # ALICE's token ended 0.1 s ago; the caches are 0.6 s old
+    assert (pb
+            >> ClientData(raw)
+            << ToClient(disconnect_code(0xA0))
+            << Audit(dict(action="session", decision="close", reason="token expired"), SUMMARY)
+            << Closes("token_expired"))
+
+
 def test_cached_publish_decision_ends_at_its_horizon():
     clock, wall = Clock(1000.0), Clock(5000.0)
     p = FakePolicies(pub=["devices/d/cmd/#"], until=5000.2)
