@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench-results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     md = write_report(rows, out, sizes=sizes, command=command, quick=args.quick, elapsed=elapsed,
-                      notes=stack.log)
+                      notes=stack.log, workers=args.workers)
     if args.profile:
         from bench.profile import summarize
 

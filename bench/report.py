@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench import report_propagation
 from bench.rows import Row
 from bench.scenarios import LEGIT_RATE, SCENARIOS, Sizes
 
@@ -45,6 +46,7 @@ COLUMNS: dict[str, list[tuple[str, str, str, bool]]] = {
              ("upstream_us_per_req", "CPU µs per request, NGSI stand-in", "{:,.0f}", False)],
     "identity": [("us_per_op", "µs per operation", "{:.2f}", False), ("ops_per_s", "operations/s", "{:,.0f}", True)],
     "attack": [],  # attack_tables
+    "propagation": [],  # bench/report_propagation.py
 }
 
 MODE_LABEL = {"direct": "direct", "direct-tls": "direct, TLS", "relay": "bare TLS relay", "keygate": "keygate",
@@ -189,6 +191,10 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str, str]]:
         out.append((f"HTTP authorized {method}, CPU per request", "≤ 2x nginx's (one worker each)",
                     f"{k:,.0f} µs vs {ng:,.0f} µs = {ratio(k, ng)}" if ng == ng and k == k and ng
                     else "not measured", _verdict(ng == ng and k == k and k <= 2 * ng, rows, "http")))
+    # 7. issue 17: a revocation in force on every other gateway
+    prop = report_propagation.target(rows)
+    if prop is not None:
+        out.append(prop)
     return out
 
 
@@ -334,6 +340,8 @@ def scenario_table(rows: list[Row], name: str) -> str:
         return ""
     if name == "attack":
         return attack_tables(rows)
+    if name == "propagation":
+        return report_propagation.table(rows)
     cases = list(dict.fromkeys(r.case for r in mine))
     modes = [m for m in sc.modes if any(r.mode == m for r in mine)]
     cols = COLUMNS[name]
@@ -368,7 +376,7 @@ def scenario_table(rows: list[Row], name: str) -> str:
 
 
 def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quick: bool, elapsed: float,
-                 notes: Sequence[str] = (), extra_sections: Sequence[str] = ()) -> Path:
+                 notes: Sequence[str] = (), extra_sections: Sequence[str] = (), workers: int = 1) -> Path:
     img = out / "img"
     img.mkdir(parents=True, exist_ok=True)
     plots = plot(rows, img)
@@ -384,6 +392,11 @@ def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quic
         "",
         f"Run: {when}, `{command}`, {elapsed / 60:.1f} minutes"
         + (" — **quick mode: sizes too small for the figures to mean anything**" if quick else "") + ".",
+        "",
+        f"keygate ran as `keygate serve --workers {workers}`"
+        + (" (one process)." if workers == 1 else
+           f" (a supervisor and {workers} worker processes sharing the listeners with SO_REUSEPORT; its CPU "
+           "and memory figures are those of the whole process tree)."),
         "",
         "## Machine",
         "",
@@ -404,7 +417,7 @@ def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quic
         "process (`bench/gateway_proc.py`, the same services as `keygate serve`) with the shipped",
         "`policies/`, an SQLCipher ownership store and ES256 tokens from a local issuer.",
         "",
-        "## Targets (issue 8)",
+        "## Targets (issues 8 and 17)",
         "",
         _table(["scenario", "target", "measured", "verdict"], [list(t) for t in targets(rows)]),
         "",
@@ -462,6 +475,7 @@ def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quic
             "state, buffers and objects) + 32 MiB, what the shared decision cache may hold "
             "(`policies.cache_max_bytes`), + 16 MiB for the allocator and the rest. Every process shares "
             "the same two cores, the attackers too: their CPU is in the table."),
+        "propagation": report_propagation.DESCRIPTION,
         "identity": "The identity micro-benchmarks (`bench/bench_tokens.py`, `bench/bench_ownership.py`, "
                     "`bench/bench_policy.py`) in one process, no network.",
     }

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench import identity_suite
+from bench.propagation import CASES as propagation_cases
+from bench.propagation import propagation
 from bench.rows import Row
 from bench.stack import OWNER, PYTHON, REPO, STRANGER, Stack, proc_cpu_seconds, proc_rss_kib, proc_tree_cpu_seconds
 
@@ -63,6 +65,8 @@ class Sizes:
     attack_seconds: float = 3.0   # the legitimate client's measurement, per case
     attack_ramp_s: float = 1.0    # attackers open their connections before it starts
     attack_cases: tuple[str, ...] = ("quiet", "all at once")  # full(): each attack alone as well
+    propagation_revocations: int = 100          # through gateway A, each waited out on B and C
+    propagation_service_revocations: int = 500  # bench/bench_propagation.py, ownership services only
 
     @classmethod
     def full(cls, messages: int = 1_000_000, reps: int = 3) -> Sizes:
@@ -78,7 +82,8 @@ class Sizes:
                    fanout_subscribers=3, fanout_messages=300, latency_rates=(1000, 10000),
                    latency_seconds=0.3, cpu_clients=10, cpu_rate=2000, cpu_seconds=0.3, storm_workers=4,
                    storm_seconds=0.5, storm_tokens=400, idle_counts=(40, 100), http_connections=8,
-                   http_seconds=1.0, quick_mode=True, attack_seconds=1.5, attack_ramp_s=1.0)
+                   http_seconds=1.0, quick_mode=True, attack_seconds=1.5, attack_ramp_s=1.0,
+                   propagation_revocations=3, propagation_service_revocations=3)
 
 
 # --------------------------------------------------------------------------- running a load generator
@@ -568,6 +573,8 @@ SCENARIOS: list[Scenario] = [
     Scenario("attack", "Under attack: a legitimate client while attackers run against the same keygate",
              ("keygate",), lambda s: list(s.attack_cases), under_attack, reps=lambda s: 1,
              after=_restore_keygate),
+    Scenario("propagation", "Propagation: a revocation through one of 3 gateways, deliveries on the others",
+             ("keygate",), lambda s: list(propagation_cases), propagation, reps=lambda s: 1),
 ]
 
 
