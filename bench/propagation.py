@@ -46,7 +46,7 @@ def propagation(stack: Stack, sz, case: str, mode: str, rep: int) -> Row:
         for q, v in (res.get(group) or {}).items():
             metrics[f"{group}_{q}"] = v
     for k in ("revocations", "observed", "in_flight", "after_commit", "after_held", "late", "resubscribed",
-              "resubscribed_after_first", "published", "publish_rate", "interval_ms", "quiet_s", "gateways"):
+              "published", "publish_rate", "interval_ms", "quiet_s", "gateways"):
         if k in res:
             metrics[k] = res[k]
     ok = (bool(res.get("completed")) and res.get("after_held") == 0 and res.get("late") == 0 and not trouble)

@@ -66,10 +66,9 @@ def table(rows: list[Row]) -> str:
                 f"| late: after the {m.get('quiet_s', 0):g} s quiet window | {m.get('late', 0):.0f} |",
                 "", f"The device published {m.get('published', 0):,.0f} messages "
                 f"({m.get('publish_rate', 0):,.0f}/s, one every {m.get('interval_ms', 0):g} ms); "
-                f"subscribers resubscribed {m.get('resubscribed', 0):.0f} times, "
-                f"{m.get('resubscribed_after_first', 0):.0f} of them after the first grant (the first subscription, "
-                "made before any grant, is refused; after that a subscription outlives its revocation and is "
-                "delivered again once re-granted)."]
+                "the subscribers subscribed once, after the first grant, and had to resubscribe "
+                f"{m.get('resubscribed', 0):.0f} times (a subscription outlives its revocation and is delivered "
+                "again once re-granted)."]
     return "\n".join(out)
 
 
