@@ -34,7 +34,7 @@ class Recorder:
         self.out = out
         out.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate),
-                                      "--nonblocking", "--output", str(out)],
+                                      "--nonblocking", "--subprocesses", "--output", str(out)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop(self) -> Path | None:

@@ -32,7 +32,7 @@ from bench import identity_suite
 from bench.propagation import CASES as propagation_cases
 from bench.propagation import propagation
 from bench.rows import Row
-from bench.stack import OWNER, PYTHON, REPO, STRANGER, Stack, proc_cpu_seconds, proc_rss_kib, proc_tree_cpu_seconds
+from bench.stack import OWNER, PYTHON, REPO, STRANGER, Stack, proc_tree_cpu_seconds, proc_tree_rss_kib
 
 # The attacks of the "under attack" scenario (ATTACKS below), as its cases name them.
 ATTACK_LABEL = {"slowloris_tls": "slowloris, MQTT over TLS", "slowloris_ws": "slowloris, WebSocket upgrade",
@@ -270,10 +270,11 @@ def cpu(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
         pids = {"broker": stack.pid("broker")}
         if mode in ("keygate", "relay"):
             pids[mode] = stack.pid(mode)
-        before = {k: proc_cpu_seconds(p) for k, p in pids.items()}
+        # The process tree: keygate serve --workers N does its work in the supervisor's children.
+        before = {k: proc_tree_cpu_seconds(p) for k, p in pids.items()}
         gen.send()
         res = json.loads(gen.read_line(sz.cpu_seconds + 120))
-        after = {k: proc_cpu_seconds(p) for k, p in pids.items()}
+        after = {k: proc_tree_cpu_seconds(p) for k, p in pids.items()}
         gen.finish(30)
     except Exception as exc:
         gen.kill()
@@ -315,7 +316,7 @@ def idle_memory(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
         return Row("memory", case, mode, rep, {}, False, "warm-up failed: " + json.dumps(warm)[:300])
     time.sleep(0.5)
     pid = stack.pid(holder)
-    base = proc_rss_kib(pid)
+    base = proc_tree_rss_kib(pid)
     gens: list[Interactive] = []
     metrics: dict[str, float] = {}
     ok = True
@@ -333,7 +334,7 @@ def idle_memory(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
                 ok = False
                 detail = f"{more - res['open']} of {more} connections failed: {json.dumps(res['failures'])[:300]}"
             time.sleep(1.0)
-            rss = proc_rss_kib(pid)
+            rss = proc_tree_rss_kib(pid)
             metrics[f"kb_per_conn_{count}"] = (rss - base) * 1.024 / max(1, opened)  # KiB -> kB
             metrics[f"rss_delta_mb_{count}"] = (rss - base) / 1024
             metrics[f"open_s_{count}"] = res["open_s"]
@@ -464,7 +465,7 @@ class _RssSampler:
     def __init__(self, pid: int):
         import threading
 
-        self.pid, self.peak = pid, proc_rss_kib(pid)
+        self.pid, self.peak = pid, proc_tree_rss_kib(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -472,7 +473,7 @@ class _RssSampler:
     def _run(self) -> None:
         while not self._stop.wait(0.1):
             try:
-                self.peak = max(self.peak, proc_rss_kib(self.pid))
+                self.peak = max(self.peak, proc_tree_rss_kib(self.pid))
             except OSError:
                 return
 
@@ -495,7 +496,7 @@ def under_attack(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row
         return Row("attack", case, mode, rep, {}, False, "warm-up failed: " + json.dumps(warm)[:300])
     time.sleep(0.3)
     pid = stack.pid("keygate")
-    before = proc_rss_kib(pid)
+    before = proc_tree_rss_kib(pid)
     audit = stack.workdir / "keygate" / "audit.log"
     audit_before = audit.stat().st_size if audit.exists() else 0
     which = _attacks_of(case)
@@ -505,7 +506,7 @@ def under_attack(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row
         if gen is not None:
             gen.read_line(sz.attack_ramp_s + 30)
         sampler = _RssSampler(pid)
-        cpu_before, wall_before = proc_cpu_seconds(pid), time.monotonic()
+        cpu_before, wall_before = proc_tree_cpu_seconds(pid), time.monotonic()
         topic = f"devices/{stack.device(1)}/telemetry"
         spec = {"mode": "legit", "rate": LEGIT_RATE, "duration_s": sz.attack_seconds, "topic": topic, "target": target,
                 "pub": stack.device_cred(1), "sub": _cred(stack, f"legit-sub-{rep}"),
@@ -514,8 +515,8 @@ def under_attack(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row
                 "http": {"host": "127.0.0.1", "port": stack.keygate_http_port, "ca": stack.ca, "token": owner,
                          "path": f"/v2/entities/{stack.device(2)}"} if stack.keygate_http_port else None}
         res = run_load("mqttload", spec, timeout=sz.attack_seconds + 60)
-        after = proc_rss_kib(pid)
-        keygate_cpu = (proc_cpu_seconds(pid) - cpu_before) / (time.monotonic() - wall_before)
+        after = proc_tree_rss_kib(pid)
+        keygate_cpu = (proc_tree_cpu_seconds(pid) - cpu_before) / (time.monotonic() - wall_before)
         audit_after = audit.stat().st_size if audit.exists() else 0
         attackers: dict[str, Any] = gen.finish(40) if gen is not None else {"completed": True, "attacks": {}}
     except Exception as exc:

@@ -53,14 +53,10 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 def proc_tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its live children (nginx: the master and its worker)."""
+    """User + system CPU time of a process and its live children (nginx: the master and its worker;
+    keygate serve --workers N: the supervisor and its workers)."""
     total = proc_cpu_seconds(pid)
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
-    except OSError:
-        children = []
-    for child in children:
+    for child in _children(pid):
         try:
             total += proc_tree_cpu_seconds(child)
         except OSError:   # exited meanwhile
@@ -74,6 +70,26 @@ def proc_rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def proc_tree_rss_kib(pid: int) -> int:
+    """VmRSS of a process and its live children (keygate serve --workers N: the supervisor and its
+    workers; pages they share, such as the interpreter's, are counted once per process)."""
+    total = proc_rss_kib(pid)
+    for child in _children(pid):
+        try:
+            total += proc_tree_rss_kib(child)
+        except OSError:   # exited meanwhile
+            pass
+    return total
 
 
 def _wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
