@@ -417,7 +417,7 @@ def write_report(rows: list[Row], out: Path, *, sizes: Sizes, command: str, quic
         "process (`bench/gateway_proc.py`, the same services as `keygate serve`) with the shipped",
         "`policies/`, an SQLCipher ownership store and ES256 tokens from a local issuer.",
         "",
-        "## Targets (issues 8 and 17)",
+        "## Targets (issue 8)",
         "",
         _table(["scenario", "target", "measured", "verdict"], [list(t) for t in targets(rows)]),
         "",
