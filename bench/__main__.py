@@ -3,7 +3,9 @@
 Starts Mosquitto, a token issuer, the NGSI stand-in, nginx and keygate on
 loopback, runs every scenario directly and through keygate (alternating,
 several repetitions), then writes ``docs/benchmarks.md`` and
-``docs/img/bench-*.png``.
+``docs/img/bench-*.png``. The propagation scenario starts its own PostgreSQL
+and three more ``keygate serve`` over it (bench/propagation.py); without
+``initdb`` it is reported as not run.
 
 ``--quick`` runs each scenario briefly and only checks that every run
 completes with matching counts (CI); its report goes to a temporary folder
