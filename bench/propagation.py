@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+from bench.loadgen import run_load
 from bench.propagation_stack import PropagationStack, postgres_missing
 from bench.rows import Row
 from bench.stack import PYTHON, REPO, Stack
@@ -33,8 +34,6 @@ def propagation(stack: Stack, sz, case: str, mode: str, rep: int) -> Row:
     try:
         gateways.start()
         spec = {**gateways.spec(), "revocations": sz.propagation_revocations, "interval_s": 0.002}
-        from bench.scenarios import run_load
-
         res = run_load("propagation_load", spec, timeout=sz.propagation_revocations * (spec["quiet_s"] + 25) + 120)
         trouble = gateways.exited() or gateways.tracebacks()
     except Exception as exc:

@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from bench import identity_suite
+from bench.loadgen import Interactive, run_load
 from bench.propagation import CASES as propagation_cases
 from bench.propagation import propagation
 from bench.rows import Row
-from bench.stack import OWNER, PYTHON, REPO, STRANGER, Stack, proc_tree_cpu_seconds, proc_tree_rss_kib
+from bench.stack import OWNER, STRANGER, Stack, proc_tree_cpu_seconds, proc_tree_rss_kib
 
 # The attacks of the "under attack" scenario (ATTACKS below), as its cases name them.
 ATTACK_LABEL = {"slowloris_tls": "slowloris, MQTT over TLS", "slowloris_ws": "slowloris, WebSocket upgrade",
@@ -84,75 +84,6 @@ class Sizes:
                    storm_seconds=0.5, storm_tokens=400, idle_counts=(40, 100), http_connections=8,
                    http_seconds=1.0, quick_mode=True, attack_seconds=1.5, attack_ramp_s=1.0,
                    propagation_revocations=3, propagation_service_revocations=3)
-
-
-# --------------------------------------------------------------------------- running a load generator
-
-
-def _spec_file(spec: dict) -> str:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, prefix="bench-spec-") as f:
-        json.dump(spec, f)
-        return f.name
-
-
-def run_load(module: str, spec: dict, timeout: float) -> dict:
-    """Run ``python -m bench.<module> spec.json`` and return its JSON result."""
-    path = _spec_file(spec)
-    try:
-        proc = subprocess.run([PYTHON, "-m", f"bench.{module}", path], cwd=REPO, capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"completed": False, "error": f"load generator timed out after {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        return {"completed": False, "error": f"load generator exited {proc.returncode}: {proc.stderr[-400:]}"}
-    return json.loads(lines[-1])
-
-
-class Interactive:
-    """A load generator that prints lines and waits for ours (CPU and memory sampling)."""
-
-    def __init__(self, module: str, spec: dict):
-        self.proc = subprocess.Popen([PYTHON, "-m", f"bench.{module}", _spec_file(spec)], cwd=REPO,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, bufsize=1)
-
-    def read_line(self, timeout: float) -> str:
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        out, err = self.proc.stdout, self.proc.stderr
-        assert out is not None and err is not None  # both are pipes (see __init__)
-        sel.register(out, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if sel.select(timeout=0.2):
-                line = out.readline()
-                if not line:
-                    break
-                return line.strip()
-            if self.proc.poll() is not None:
-                break
-        sel.close()
-        raise RuntimeError(f"load generator silent or gone ({self.proc.poll()}): "
-                           f"{err.read()[-400:] if self.proc.poll() is not None else ''}")
-
-    def send(self, text: str = "go") -> None:
-        stdin = self.proc.stdin
-        assert stdin is not None  # a pipe (see __init__)
-        stdin.write(text + "\n")
-        stdin.flush()
-
-    def finish(self, timeout: float = 60) -> dict:
-        self.send()
-        line = self.read_line(timeout)
-        self.proc.wait(timeout)
-        return json.loads(line)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def _cred(stack: Stack, client_id: str, user: str = OWNER) -> dict:
