@@ -176,8 +176,17 @@ class MemoryFacts:
     def replace(self, snapshot: dict[str, list[dict[str, Any]]], device_ids: set[str] | None) -> None:
         """Everything is now ``snapshot`` (the change feed caught up, or failed closed with an empty
         one); the subscribers re-check ``device_ids`` (None: every device)."""
+        self.adopt(self.built(snapshot), device_ids)
+
+    def built(self, snapshot: dict[str, list[dict[str, Any]]]) -> MemoryFacts:
+        """New facts from ``snapshot``, sharing nothing with these: built off the event loop (a
+        large store takes tens of milliseconds), then put in force with :meth:`adopt`."""
         fresh = MemoryFacts(clock=self._clock)
         fresh.load(snapshot)
+        return fresh
+
+    def adopt(self, fresh: MemoryFacts, device_ids: set[str] | None) -> None:
+        """Everything is now what ``fresh`` holds (a swap of references: cheap, on the loop)."""
         for name, value in vars(fresh).items():
             if name not in ("_listeners", "generation"):
                 setattr(self, name, value)

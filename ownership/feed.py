@@ -195,27 +195,45 @@ class ChangeFeed:
         self._followers_behind = behind
 
     async def _catch_up(self) -> None:
-        """Apply everything after :attr:`applied`: read the devices the changes touched and a snapshot."""
-        devices: set[str] | None = None
-        if not self.failed_closed:
-            last, devices, foreign = await self._run(self._store.changes_since, self.applied)
-            if not foreign:  # only this process's own writes, applied when they committed
-                self.applied = max(self.applied, last)
-                return
-        seq, snapshot = await self._run(self._store.load_all_at)
-        if seq < self.applied:  # never step back (the snapshot is of an older state)
+        """Apply everything after :attr:`applied`: the devices the changes touched, and a snapshot.
+
+        The reads and the building of the new facts run in one call on the store thread, and the
+        new facts are put in force as soon as it returns: this process's own writes run on that
+        thread too, so none falls between the reads, and none applied on the loop meanwhile is
+        overwritten by a snapshot that predates it."""
+        read = await self._run(self._read_catch_up, self.applied, self.failed_closed)
+        if read is None:
             return
-        if devices is not None and seq > last:
-            # Changes committed between the two reads are in the snapshot: their devices are re-checked
-            # too (read again from ``last``: a superset, since more may have committed since).
-            _, later, _ = await self._run(self._store.changes_since, last)
-            devices = None if later is None else devices | later
-        self._facts.replace(snapshot, devices)
+        seq, fresh, devices = read
+        if fresh is None:  # only this process's own writes since, applied when they committed
+            self.applied = max(self.applied, seq)
+            return
+        self._facts.adopt(fresh, devices)
         self.applied = seq
         if self.failed_closed:
             self.failed_closed = False
             log.warning("change feed back: caught up to change %d; grants that rest on the store are served again",
                         seq)
+
+    def _read_catch_up(self, applied: int, everything: bool) -> tuple[int, MemoryFacts | None, set[str] | None] | None:
+        """On the store thread: (the snapshot's change, the facts built from it, the devices to
+        re-check or None for all); ``(last, None, None)`` when only own writes came since; None
+        when the snapshot is older than ``applied``."""
+        devices: set[str] | None = None
+        last = applied
+        if not everything:
+            last, devices, foreign = self._store.changes_since(applied)
+            if not foreign:
+                return last, None, None
+        seq, snapshot = self._store.load_all_at()
+        if seq < applied:  # never step back (the snapshot is of an older state)
+            return None
+        if devices is not None and seq > last:
+            # Changes committed by others between the two reads are in the snapshot: their devices
+            # are re-checked too (read again from ``last``: a superset, as more may have committed).
+            _, later, _ = self._store.changes_since(last)
+            devices = None if later is None else devices | later
+        return seq, self._facts.built(snapshot), devices
 
     async def _rewound(self, newest: int) -> None:
         """The store's newest change is older than what this process applied: what it holds is not
@@ -224,9 +242,14 @@ class ChangeFeed:
         log.error("change feed: the store's newest change is %d but this process applied %d (restored from a "
                   "backup, or failed over to a standby that lagged): reloading everything from the store",
                   newest, self.applied)
-        await self._run(self._store.forget_own)
-        seq, snapshot = await self._run(self._store.load_all_at)
-        self._facts.replace(snapshot, None)
+
+        def reload() -> tuple[int, MemoryFacts]:
+            self._store.forget_own()
+            seq, snapshot = self._store.load_all_at()
+            return seq, self._facts.built(snapshot)
+
+        seq, fresh = await self._run(reload)
+        self._facts.adopt(fresh, None)
         self.applied = seq
         self.failed_closed = False
 

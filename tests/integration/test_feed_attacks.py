@@ -221,3 +221,53 @@ async def test_a_gateway_that_cannot_hear_the_store_serves_no_rule_of_a_stored_p
     finally:
         await follower.close()
         await a.close()
+
+
+async def test_an_own_write_during_a_catch_up_is_not_overwritten_by_its_snapshot(tmp_path, postgres, pg_dsn):
+    # The catch-up's snapshot predates a write this process makes while it is read: putting the
+    # snapshot in force after that write was applied would drop it, and its number (this process's
+    # own) would never be read back. B's store thread pauses after reading the changes (A commits a
+    # change then, so the changes are read again after the snapshot) and after the snapshot (B
+    # makes its own write then).
+    a = await open_service(feed_config(tmp_path / "a", pg_dsn, silence=3.0))
+    b = await open_service(feed_config(tmp_path / "b", pg_dsn, silence=3.0))
+    try:
+        await a.register_device(ALICE, {"id": "d1", "type": "T"})
+        await until(lambda: b.facts.device("d1") is not None)
+        after_changes, after_snapshot, release = threading.Event(), threading.Event(), threading.Event()
+        real_changes, real_snapshot = b._store.changes_since, b._store.load_all_at
+
+        def pausing_changes_since(seq):
+            out = real_changes(seq)
+            if not after_changes.is_set():
+                after_changes.set()
+                release.wait(5)
+            return out
+
+        def pausing_load_all_at():
+            out = real_snapshot()
+            if after_changes.is_set() and not after_snapshot.is_set():
+                after_snapshot.set()
+                release.wait(5)
+            return out
+
+        b._store.changes_since, b._store.load_all_at = pausing_changes_since, pausing_load_all_at
+        await a.update_device(ALICE, "d1", {"name": "foreign"})   # B starts a catch-up
+        await until(after_changes.is_set)
+        await a.update_device(ALICE, "d1", {"name": "between"})   # committed between B's reads
+        release.set()
+        await until(after_snapshot.is_set)
+        release.clear()
+        own = asyncio.create_task(b.register_device(ALICE, {"id": "d-own", "type": "T"}))   # B writes
+        await asyncio.sleep(0.1)
+        release.set()
+        await own
+        # From its answer on, through the catch-up and two beats of the feed, B knows its own device
+        # (a snapshot put in force over it would lose it until the next beat reads it back).
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while asyncio.get_running_loop().time() < deadline:
+            assert b.facts.device("d-own") is not None
+            await asyncio.sleep(0.002)
+    finally:
+        await a.close()
+        await b.close()
