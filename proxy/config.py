@@ -245,6 +245,10 @@ class OwnershipConfig:
     # A write whose outcome at Orion is unknown (the gateway stopped waiting for it) may still land for
     # this long: the clean-up of its id is re-checked until then. Above anything Orion takes to finish.
     unsettled_write_grace_seconds: float = 120.0
+    # Writes (POST, PUT, PATCH, DELETE) of the ownership API per user, a token bucket: every write is
+    # a change every gateway process applies, so one user writing in a loop must not keep them busy.
+    write_rate_per_user: float = 5.0
+    write_burst_per_user: int = 30
 
 
 @dataclass(frozen=True)
@@ -600,6 +604,10 @@ def _check(cfg: Config, filename: str) -> None:
         bad("ownership.removal_retry_seconds", "must be above 0 and at most ownership.removal_retry_max_seconds")
     if not cfg.ownership.unsettled_write_grace_seconds > 0:
         bad("ownership.unsettled_write_grace_seconds", "must be above 0")
+    if not cfg.ownership.write_rate_per_user > 0:
+        bad("ownership.write_rate_per_user", "must be above 0")
+    if cfg.ownership.write_burst_per_user < 1:
+        bad("ownership.write_burst_per_user", "must be at least 1")
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

@@ -13,7 +13,7 @@
   * :mod:`~proxy.mqtt.policies` — the policy questions the pieces ask (a protocol);
   * :mod:`~proxy.mqtt.handshake` — credentials, client id, CONNECT → CONNACK, re-authentication;
   * :mod:`~proxy.mqtt.will` — the Will, decided whenever the broker could publish it;
-  * :mod:`~proxy.mqtt.ratelimit` — the token buckets per identity;
+  * :mod:`~proxy.ratelimit` (outside the package: the ownership API uses it too) — the token buckets per identity;
   * :mod:`~proxy.mqtt.decisions` — the publish and delivery decision caches;
   * :mod:`~proxy.mqtt.qos2` — the QoS 2 books (held publishes, answered, releasing, dropped);
   * :mod:`~proxy.mqtt.publish_gate` — client → broker PUBLISH and PUBREL;
@@ -31,8 +31,8 @@
 from proxy.mqtt.codec import ProtocolError
 from proxy.mqtt.commands import AuthRequest, Close
 from proxy.mqtt.handshake import AUTH_METHOD, classify_credentials
-from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.session import Session
+from proxy.ratelimit import RateLimiter
 
 __all__ = [
     "AUTH_METHOD",

@@ -13,8 +13,8 @@ purpose: a helper called per packet would cost a sixth of the loop.
 from __future__ import annotations
 
 from proxy.mqtt import codec
-from proxy.mqtt.ratelimit import RateLimiter
 from proxy.policy.decision import Decision
+from proxy.ratelimit import RateLimiter
 
 __all__ = ["RATE_BATCH", "broker_deliveries", "client_publishes"]
 

@@ -38,7 +38,7 @@ from proxy.mqtt.output import End, Output
 from proxy.mqtt.packets import MQTT_5, PacketType, Prop, PublishInfo, Reason, without_props
 from proxy.mqtt.policies import Policies
 from proxy.mqtt.qos2 import Qos2Flows
-from proxy.mqtt.ratelimit import RateLimiter
+from proxy.ratelimit import RateLimiter
 
 __all__ = ["PublishGate"]
 

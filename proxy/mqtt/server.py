@@ -85,10 +85,10 @@ from proxy.mqtt.events import Buffer
 from proxy.mqtt.handshake import classify_credentials
 from proxy.mqtt.persistent import PERSISTENT_SESSIONS, Handle, PersistentSessions
 from proxy.mqtt.presence import DevicePresence
-from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.session import Session
 from proxy.mqtt.subscriptions import SubscriptionQuota
 from proxy.mqtt.transport import Transport
+from proxy.ratelimit import RateLimiter
 from proxy.services import Services
 from proxy.sharing import reuse_port
 from proxy.tls import PeerCertificate, peer_certificate, server_context

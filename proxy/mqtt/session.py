@@ -21,7 +21,7 @@ handshake, so the CONNECT deadline covers it)::
                       credential_problem=services.ownership.credential_problem,
                       subscription_quota=shared_quota)
 
-``shared_limiter`` (:class:`~proxy.mqtt.ratelimit.RateLimiter`) and ``shared_quota``
+``shared_limiter`` (:class:`~proxy.ratelimit.RateLimiter`) and ``shared_quota``
 (:class:`~proxy.mqtt.subscriptions.SubscriptionQuota`, made with
 ``mqtt.limits.subscriptions_per_identity``) are made once per gateway and shared
 by all its sessions: both count per identity ``sub``, across connections.
@@ -135,11 +135,11 @@ from proxy.mqtt.phase import AUTH, CLOSED, CONNECT, OPEN, UPSTREAM, Phase, advan
 from proxy.mqtt.policies import Policies
 from proxy.mqtt.publish_gate import PublishGate
 from proxy.mqtt.qos2 import Qos2Flows
-from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.subscribe_gate import SubscribeGate
 from proxy.mqtt.subscriptions import SubscriptionQuota, SubscriptionTable
 from proxy.mqtt.timers import NEVER, Timers
 from proxy.mqtt.will import WillGuard
+from proxy.ratelimit import RateLimiter
 
 __all__ = ["HELD_PACKET_OVERHEAD", "Policies", "Session"]
 

@@ -44,9 +44,9 @@ from proxy.mqtt.handshake import escape_sub
 from proxy.mqtt.output import End, Output
 from proxy.mqtt.packets import MQTT_5, V3_SUBACK_FAILURE, Reason, Suback, Subscribe, Subscription, Unsubscribe
 from proxy.mqtt.policies import Policies
-from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.subscriptions import HeldSlots, SubscriptionQuota, SubscriptionTable
 from proxy.policy.decision import SubscribeDecision, Verdict
+from proxy.ratelimit import RateLimiter
 
 __all__ = ["ALLOWED", "DENIED", "OVER_CONNECTION", "OVER_IDENTITY", "TOO_LONG", "FilterOutcome",
            "SubscribeGate", "SubscribePlan"]

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from proxy.mqtt import codec, fastpath
 from proxy.mqtt.packets import MQTT_5, MQTT_311, Prop, Subscribe, Subscription
-from proxy.mqtt.ratelimit import RateLimiter
+from proxy.ratelimit import RateLimiter
 from tests.unit.test_mqtt_fuzz import (
     POLICIES,
     REACH_SETTINGS,

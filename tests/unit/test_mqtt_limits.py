@@ -23,8 +23,8 @@ from proxy.mqtt.packets import (
     Unsubscribe,
     Will,
 )
-from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.subscriptions import SubscriptionQuota
+from proxy.ratelimit import RateLimiter
 from tests.unit.mqtt_driver import Outcome
 from tests.unit.test_mqtt_session import (
     ALICE,

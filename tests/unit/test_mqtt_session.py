@@ -46,11 +46,11 @@ from proxy.mqtt.packets import (
     Will,
     get_prop,
 )
-from proxy.mqtt.ratelimit import RateLimiter
 from proxy.mqtt.session import Session
 from proxy.mqtt.subscriptions import filter_matches as topic_matches
 from proxy.policy.decision import Decision as _Decision
 from proxy.policy.decision import SubscribeDecision, Verdict
+from proxy.ratelimit import RateLimiter
 from tests.unit.mqtt_driver import Driver, Outcome
 from tests.unit.mqtt_playbook import (
     Audit,

@@ -1,4 +1,5 @@
-"""Token buckets per identity ``sub``, shared by all of that identity's connections.
+"""Token buckets per identity ``sub``: MQTT publishes and subscriptions (shared by all of that
+identity's connections), and the ownership API's writes.
 
 Each PUBLISH costs one token, each filter of a SUBSCRIBE or UNSUBSCRIBE one. The
 publish fast path takes a batch of tokens per chunk (:meth:`RateLimiter.take`) and
