@@ -33,13 +33,11 @@ from ownership.validation import (
 )
 from proxy.identity.model import AuthError, AuthReason, Identity
 from proxy.jsonlimits import too_deep
-from proxy.ratelimit import RateLimiter
 from proxy.services import Services
 
 log = logging.getLogger("keygate.ownership.api")
 
 SERVICES = web.AppKey("services", Services)
-WRITE_LIMIT = web.AppKey("write_limit", RateLimiter)
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 OPENAPI = web.AppKey("openapi", dict)
 IDENTITY = web.RequestKey("identity", Identity)
@@ -95,7 +93,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if request.match_info.route.name == "openapi" or request.match_info.http_exception is not None:
         return await handler(request)
     identity = await _authenticate(request)
-    if request.method in WRITE_METHODS and not request.app[WRITE_LIMIT].allow(identity.sub):
+    if request.method in WRITE_METHODS and not request.app[SERVICES].ownership.allow_write(identity.sub):
         # Every write is a change each gateway process applies (docs/scale-out.md): one user writing
         # in a loop would keep them all reloading.
         services = request.app[SERVICES]
@@ -518,8 +516,6 @@ async def openapi(request: web.Request) -> web.Response:
 def create_api_app(services: Services) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY_BYTES)
     app[SERVICES] = services
-    app[WRITE_LIMIT] = RateLimiter(services.config.ownership.write_rate_per_user,
-                                   services.config.ownership.write_burst_per_user)
     app[OPENAPI] = build_openapi(services.config)
     r = app.router
     r.add_get("/openapi.json", openapi, name="openapi")

@@ -38,6 +38,8 @@ log = logging.getLogger("keygate.ownership.feed")
 T = TypeVar("T")
 Runner = Callable[..., Awaitable[Any]]
 
+_UNKNOWN = object()
+
 #: How often a worker over a SQLCipher file looks for changes made by the others.
 LOCAL_POLL_SECONDS = 0.1
 
@@ -48,6 +50,7 @@ class FeedStore(Protocol):
     def changes_since(self, seq: int) -> tuple[int, set[str] | None, bool]: ...
     def load_all_at(self) -> tuple[int, dict[str, list[dict[str, Any]]]]: ...
     def forget_own(self) -> None: ...
+    def change_mark(self, seq: int) -> Any: ...
 
 
 class Heard(Protocol):
@@ -132,6 +135,7 @@ class ChangeFeed:
         # (the policy set of policies.source: store, ownership/policy_store.py).
         self.after_catch_up: list[Callable[[], Awaitable[None]]] = []
         self._followers_behind = False
+        self._mark: Any = _UNKNOWN   # what identifies change ``applied`` in the store's history
         # Told when this process fails closed (the policy set of policies.source: store).
         self.on_fail_closed: list[Callable[[], None]] = []
 
@@ -163,8 +167,11 @@ class ChangeFeed:
                 async with self._signal.connect(self._max_silence) as heard:
                     while True:
                         newest = await asyncio.wait_for(heard.newest(), self._max_silence)
-                        if newest < self.applied:  # the store went back: a restore, a lagging standby
-                            await self._rewound(newest)
+                        # The store went back (a restore, a standby that lagged): fewer changes than
+                        # applied here, or, once new writes passed the old number, another change
+                        # under it.
+                        if newest < self.applied or not await self._run(self._same_history):
+                            await self._rewound()
                             await self._after_catch_up()
                         elif newest > self.applied or self.failed_closed:
                             await self._catch_up()
@@ -178,6 +185,13 @@ class ChangeFeed:
             except Exception as exc:  # the database or the network went away: retry, the watch fails closed
                 log.warning("change feed: %s%s; reconnecting", type(exc).__name__, f": {exc}" if str(exc) else "")
                 await asyncio.sleep(min(self._beat, 0.5))
+
+    def _same_history(self) -> bool:
+        """On the store thread: whether change ``applied`` is still the one this process applied."""
+        mark = self._store.change_mark(self.applied)
+        if self._mark is _UNKNOWN:  # the first beat: what the start loaded
+            self._mark = mark
+        return bool(mark == self._mark)
 
     async def _after_catch_up(self) -> None:
         behind = False
@@ -204,18 +218,20 @@ class ChangeFeed:
         read = await self._run(self._read_catch_up, self.applied, self.failed_closed)
         if read is None:
             return
-        seq, fresh, devices = read
+        seq, fresh, devices, mark = read
         if fresh is None:  # only this process's own writes since, applied when they committed
-            self.applied = max(self.applied, seq)
+            if seq > self.applied:
+                self.applied, self._mark = seq, mark
             return
         self._facts.adopt(fresh, devices)
-        self.applied = seq
+        self.applied, self._mark = seq, mark
         if self.failed_closed:
             self.failed_closed = False
             log.warning("change feed back: caught up to change %d; grants that rest on the store are served again",
                         seq)
 
-    def _read_catch_up(self, applied: int, everything: bool) -> tuple[int, MemoryFacts | None, set[str] | None] | None:
+    def _read_catch_up(self, applied: int,
+                       everything: bool) -> tuple[int, MemoryFacts | None, set[str] | None, Any] | None:
         """On the store thread: (the snapshot's change, the facts built from it, the devices to
         re-check or None for all); ``(last, None, None)`` when only own writes came since; None
         when the snapshot is older than ``applied``."""
@@ -224,7 +240,7 @@ class ChangeFeed:
         if not everything:
             last, devices, foreign = self._store.changes_since(applied)
             if not foreign:
-                return last, None, None
+                return last, None, None, self._store.change_mark(last)
         seq, snapshot = self._store.load_all_at()
         if seq < applied:  # never step back (the snapshot is of an older state)
             return None
@@ -233,24 +249,24 @@ class ChangeFeed:
             # are re-checked too (read again from ``last``: a superset, as more may have committed).
             _, later, _ = self._store.changes_since(last)
             devices = None if later is None else devices | later
-        return seq, self._facts.built(snapshot), devices
+        return seq, self._facts.built(snapshot), devices, self._store.change_mark(seq)
 
-    async def _rewound(self, newest: int) -> None:
-        """The store's newest change is older than what this process applied: what it holds is not
-        what the store says (changes it applied are gone, and their numbers will be given out again).
+    async def _rewound(self) -> None:
+        """The store's history is not the one this process applied (fewer changes, or another under
+        the number it applied): changes it applied are gone, and their numbers are given out again.
         Forget this process's own numbers and take the store's state as it is, in full."""
-        log.error("change feed: the store's newest change is %d but this process applied %d (restored from a "
-                  "backup, or failed over to a standby that lagged): reloading everything from the store",
-                  newest, self.applied)
+        log.error("change feed: the store's history is not the one this process applied up to change %d "
+                  "(restored from a backup, or failed over to a standby that lagged): reloading everything "
+                  "from the store", self.applied)
 
-        def reload() -> tuple[int, MemoryFacts]:
+        def reload() -> tuple[int, MemoryFacts, Any]:
             self._store.forget_own()
             seq, snapshot = self._store.load_all_at()
-            return seq, self._facts.built(snapshot)
+            return seq, self._facts.built(snapshot), self._store.change_mark(seq)
 
-        seq, fresh = await self._run(reload)
-        self._facts.adopt(fresh, None)
-        self.applied = seq
+        seq, fresh, mark = await self._run(reload)
+        self._facts.adopt(fresh, None)   # every device re-checked: which changed is not known
+        self.applied, self._mark = seq, mark
         self.failed_closed = False
 
     # ------------------------------------------------------------------ failing closed

@@ -245,6 +245,13 @@ class PgStore:
         with self.transaction(write=False) as c:
             return int(c.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
 
+    def change_mark(self, seq: int) -> Any:
+        """What identifies change ``seq`` in this history (None if there is none): its sealed value,
+        under a fresh nonce, is another after a restore or a failover gave the number out again."""
+        with self.transaction(write=False) as c:
+            row = c.execute("SELECT data FROM changes WHERE seq = %s", (seq,)).fetchone()
+            return None if row is None else bytes(row[0])
+
     def forget_own(self) -> None:
         """The store went back (ownership/feed.py): this process's change numbers may be given out again."""
         self._own.clear()

@@ -110,6 +110,11 @@ class StorePolicies:
                 return
             self._tried = row[0]
             await self.policies.load_source(lambda: source_of(row), version=row[0])
+            feed = self._ownership.feed
+            if feed is not None and feed.failed_closed:
+                # The feed failed closed while this read or compiled: the set stays the one with no
+                # rule (this runs in the loop step that put the loaded set in force).
+                self.fail_closed()
 
     def fail_closed(self) -> None:
         """The feed cannot hear the store: serve a set with no rule until it is caught up again (the

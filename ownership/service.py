@@ -46,6 +46,7 @@ from proxy.config import Config, ConfigError, store_key
 from proxy.facts import PUBLIC, Principal
 from proxy.identity.model import AuthError, AuthReason, Identity, identity_snapshot
 from proxy.metrics import REGISTRY, add_readiness_check, remove_readiness_check
+from proxy.ratelimit import RateLimiter
 
 T = TypeVar("T")
 
@@ -194,6 +195,7 @@ class OwnershipService:
         self._remembering: set[asyncio.Task[None]] = set()
         # The postgres backend's change feed: writes made by other processes (ownership/feed.py).
         self.feed: ChangeFeed | None = None
+        self._write_limit = RateLimiter(config.ownership.write_rate_per_user, config.ownership.write_burst_per_user)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -822,6 +824,12 @@ class OwnershipService:
         data = await self._run(self._store.export_user, identity.sub)
         self._audit("me.export", identity, identity.sub)
         return {"user": {"sub": identity.sub, "username": identity.username}, **data}
+
+    def allow_write(self, sub: str) -> bool:
+        """Charge one write to ``sub``'s bucket (``ownership.write_rate_per_user``): the ownership API's
+        writes and the NGSI subscriptions the gateway records. Each is a change every gateway process
+        applies (ownership/feed.py), so one user writing in a loop must not keep them all busy."""
+        return self._write_limit.allow(sub)
 
     def erasure_mark(self, sub: str) -> int:
         """Taken when a request that may add rows tied to ``sub`` begins: see :meth:`erased_since`."""

@@ -254,6 +254,12 @@ class Store:
     def last_change(self) -> int:
         return int(self._conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
 
+    def change_mark(self, seq: int) -> Any:
+        """What identifies change ``seq`` in this history (None if there is none): a restored file
+        may hold another change under the same number (ownership/feed.py)."""
+        row = self._conn.execute("SELECT at, devices FROM changes WHERE seq = ?", (seq,)).fetchone()
+        return None if row is None else (float(row[0]), row[1])
+
     def forget_own(self) -> None:
         """The store went back (ownership/feed.py): this process's change numbers may be given out again."""
         self._own.clear()

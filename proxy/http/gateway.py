@@ -52,6 +52,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -79,6 +80,9 @@ from proxy.sharing import reuse_port
 from proxy.ssrf import Allowlist, Resolver, check_target, default_resolver
 
 log = logging.getLogger("keygate.http")
+
+#: What a forwarded request writes to the store after Orion answered (plan.Forward.after).
+SUBSCRIPTION_WRITES = frozenset({"record_subscription", "forget_subscription", "update_subscription"})
 
 REQUESTS = Counter("keygate_http_requests", "HTTP gateway requests by decision and status",
                    ["decision", "status"], registry=REGISTRY)
@@ -488,6 +492,12 @@ class GatewayHandler:
         # Taken before Orion is asked: an erasure of the caller's data from here on finds no row
         # this request records later, and what it records is then taken back (_record_subscription).
         erasure_mark = self.services.ownership.erasure_mark(identity.sub) if d.after == "record_subscription" else 0
+        if d.after in SUBSCRIPTION_WRITES and not self.services.ownership.allow_write(identity.sub):
+            # Recording or forgetting it is a write to the store like the ownership API's, under its rate.
+            audit["decision"], audit["reason"] = "deny", "write rate limited (ownership.write_rate_per_user)"
+            rate = self.services.config.ownership.write_rate_per_user
+            return orion_error(429, "TooManyRequests", f"too many subscription writes: at most {rate:g} per second "
+                               "per user; try again later", {"Retry-After": str(max(1, math.ceil(1 / rate)))})
         t0 = time.perf_counter()
         upstream: aiohttp.ClientResponse | UpstreamResponse
         try:

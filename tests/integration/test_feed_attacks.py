@@ -271,3 +271,75 @@ async def test_an_own_write_during_a_catch_up_is_not_overwritten_by_its_snapshot
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_restore_whose_new_history_passed_the_applied_number_is_still_reloaded(tmp_path, postgres, pg_dsn):
+    # After a restore or a failover, new writes can take the store's numbers past what a gateway had
+    # applied before its feed looks again: "fewer changes than applied" then never shows. The change
+    # under the applied number is another one, and that is what is checked.
+    name = dbname(pg_dsn)
+    a = await open_service(feed_config(tmp_path / "a", pg_dsn))
+    b = await open_service(feed_config(tmp_path / "b", pg_dsn))
+    try:
+        await a.register_device(ALICE, {"id": "d1", "type": "T"})
+        await a.register_device(ALICE, {"id": "d2", "type": "T"})
+        grant = await a.create_delegation(ALICE, "d1", "bob", "read")
+        dump = tmp_path / "backup.dump"
+        subprocess.run([_bin("pg_dump"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "keygate", "-Fc",
+                        "-f", str(dump), name], check=True)
+        for i in range(4):   # lost with the old primary
+            await a.update_device(ALICE, "d2", {"name": f"v{i}"})
+        newest = int(postgres.psql("SELECT max(seq) FROM changes", name).strip())
+        await until(lambda: b.feed.applied == newest)
+        await b.feed.close()   # B's listening connection is down during the switch
+        await a.close()
+        subprocess.run([_bin("pg_restore"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "keygate",
+                        "--clean", "-d", name, str(dump)], check=True, capture_output=True)
+        a = await open_service(feed_config(tmp_path / "a2", pg_dsn))
+        await a.revoke_delegation(ALICE, "d1", grant["id"])   # the revocation, in the new history
+        told: list[set[str] | None] = []
+        b.facts.subscribe(lambda ids: told.append(None if ids is None else set(ids)))
+        for i in range(4):   # B's own writes take the numbers past what it had applied
+            await b.update_device(ALICE, "d2", {"name": f"w{i}"})
+        assert int(postgres.psql("SELECT max(seq) FROM changes", name).strip()) > newest
+        b.feed.start()   # back within feed_max_silence_seconds: B did not fail closed
+        await until(lambda: not readable_by_bob(b, "d1"), timeout=5.0)
+        assert None in told   # and every open connection is re-checked, d1's among them
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_stored_policy_set_loaded_as_the_feed_fails_closed_is_not_served(tmp_path, postgres, pg_dsn):
+    # A follow whose read was under way when the feed failed closed must not put the rules back.
+    src = load_dir(ROOT_POLICIES)
+    pusher = await open_service(feed_config(tmp_path / "p", pg_dsn))
+    await pusher._run(pusher._store.put_policy_set, src.texts, src.digest, time.time())
+    await pusher.close()
+    a = await open_service(feed_config(tmp_path / "a", pg_dsn))
+    policies = await load_from_store(a.config, a)
+    follower = StorePolicies(policies, a)
+    follower.start()
+    real, reading, finish = a.policy_set, asyncio.Event(), asyncio.Event()
+
+    async def slow_policy_set():
+        row = await real()
+        reading.set()
+        await finish.wait()   # the feed fails closed while this read is under way
+        return row
+
+    try:
+        await until(lambda: a.feed is not None and a.feed._mark is not None)
+        policies.version = None   # so the next follow reads the set again
+        a.policy_set = slow_policy_set
+        following = asyncio.create_task(follower.follow())
+        await asyncio.wait_for(reading.wait(), 5)
+        follower.fail_closed()
+        a.feed.failed_closed = True   # what the feed's watch sets before it tells the followers
+        finish.set()
+        await following
+        assert not policies.compiled.source.rules
+    finally:
+        a.feed.failed_closed = False
+        await follower.close()
+        await a.close()

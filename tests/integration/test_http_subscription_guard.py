@@ -185,3 +185,18 @@ async def test_orion_down_when_access_goes_is_retried(rig, controls):
     assert g._pending
     handler.upstream = upstream      # Orion is back: the next retry (within a second) takes it
     await until_gone(rig, carols)
+
+
+async def test_subscription_writes_are_charged_to_the_users_write_rate(rig, controls):
+    # Recording or forgetting a subscription is a store write every gateway process applies, as an
+    # ownership API write is: a user creating and deleting subscriptions in a loop is held to the same
+    # bucket (ownership.write_rate_per_user), and refused before Orion is asked.
+    bob = await _identity(rig, "bob")
+    while rig.services.ownership.allow_write(bob.sub):   # bob has spent his burst
+        pass
+    before = len(rig.standin.tenant("").subscriptions)
+    r = await rig.call("POST", "/v2/subscriptions", "bob", json_body=subscription("b-1"))
+    assert r.status == 429, r.body
+    assert int(r.headers["Retry-After"]) >= 1
+    assert len(rig.standin.tenant("").subscriptions) == before   # Orion never saw it
+    await _subscribe(rig, "carol", subscription("b-1"))   # another user's bucket is her own
