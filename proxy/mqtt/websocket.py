@@ -17,8 +17,8 @@ half a packet or three of them, so frames are fed to the same
 :class:`~proxy.mqtt.connection.Connection` as TCP chunks and the sans-IO framer
 reassembles them. The :class:`WebSocketTransport` gives the connection the
 transport surface it uses (:class:`~proxy.mqtt.transport.Transport`), with the
-same backpressure rules: outgoing bytes beyond
-the high-water mark pause the broker side until the socket drains.
+same backpressure rules: outgoing bytes beyond the high-water mark pause the
+broker side until the socket drains.
 """
 
 from __future__ import annotations
