@@ -93,8 +93,6 @@ def _peer_certificate(ssl_object: ssl.SSLObject | None) -> PeerCertificate | Non
     return peer_certificate(ssl_object) if ssl_object is not None else None
 
 
-
-
 class MqttGateway:
     """The MQTT listeners (TLS, optional secure WebSocket) in front of one broker."""
 
