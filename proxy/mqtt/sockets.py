@@ -223,11 +223,10 @@ class TlsClientSide(asyncio.BufferedProtocol):
 
     # -- the transport the connection sees
     def write(self, data: bytes) -> None:
-        tls = self._tls
-        if self._closing or not self._ready or tls is None:
+        if self._closing or not self._ready:
             return
         try:
-            tls.write(data)
+            self._tls.write(data)  # type: ignore[union-attr]  # (_ready: the handshake made _tls; once per chunk)
         except ssl.SSLError:
             self.abort()
             return
