@@ -567,7 +567,7 @@ def findings(rows: list[Row]) -> list[str]:
                 "during the run: 9,583 / 9,969 / 9,969 calls in 2 s). `perf record -p <keygate>` splits its "
                 "CPU time into the kernel 46% (those calls and loopback TCP), the Python interpreter 34%, "
                 "OpenSSL 9% and uvloop 6%. Replaying the same TLS records in process through "
-                "`_TlsClientSide`, `Connection` and `Session` costs 5.5 µs per message warm; in the "
+                "`TlsClientSide`, `Connection` and `Session` costs 5.5 µs per message warm; in the "
                 "benchmark the interpreter runs with cold caches (100 connections, 200 µs apart), which "
                 f"is where keygate's cost above the relay comes from. A bare Python TLS relay costs "
                 f"{relay:.0f} µs per message in this run ({_times(relay, mq)} Mosquitto's {mq:.0f} µs with TLS) "

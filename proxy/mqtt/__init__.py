@@ -24,8 +24,24 @@
   * :mod:`~proxy.mqtt.audit_summary` — the per-connection summary record;
   * the coordinator, below: the phase, the timers, the open-connection lane, the close.
 * :mod:`proxy.mqtt.session` — :class:`Session`, ``handle(event) -> list[Command]``.
-* the shell: :mod:`proxy.mqtt.server` (asyncio), :mod:`proxy.mqtt.websocket`,
-  :mod:`proxy.mqtt.admission`, :mod:`proxy.mqtt.cleaner`.
+* the shell (asyncio), from the socket up:
+
+  * :mod:`~proxy.mqtt.transport` — what a connection needs of its client's socket, and what
+    a client socket hands its bytes to;
+  * :mod:`~proxy.mqtt.sockets` — the sockets' protocols (plain, TLS on ``ssl.MemoryBIO``,
+    broker), the shared receive buffers, closing without losing the last bytes;
+  * :mod:`~proxy.mqtt.websocket` — MQTT over WebSocket (aiohttp speaks HTTP and frames);
+  * :mod:`~proxy.mqtt.wsguard` — what a WebSocket stranger may make it hold before CONNECT;
+  * :mod:`~proxy.mqtt.connection` — one client's pump: events to its session, the commands
+    carried out in order; its timer, authentication task and broker dial;
+  * :mod:`~proxy.mqtt.shell_metrics` — the counters the commands and the shell count into;
+  * :mod:`~proxy.mqtt.audit_writer` — the audit records, written off the event loop in batches;
+  * :mod:`~proxy.mqtt.server` — :class:`~proxy.mqtt.server.MqttGateway`: listeners, accept
+    and admission, the open connections, invalidation fan-out, shutdown;
+  * :mod:`~proxy.mqtt.admission` — per-address and per-identity limits, refusals folded;
+  * :mod:`~proxy.mqtt.persistent` — persistent broker sessions per identity, and their filters;
+  * :mod:`~proxy.mqtt.presence` — which devices are connected now (the portal reads it);
+  * :mod:`~proxy.mqtt.cleaner` — a deleted device's retained messages and session, cleared.
 """
 
 from proxy.mqtt.codec import ProtocolError

@@ -6,7 +6,7 @@ completed upgrade: the listener's own ``create_server`` hands every socket to
 first, so it counts against ``mqtt.max_connections`` and the per-address limits
 at once (refused before the TLS handshake), and its session's CONNECT deadline
 runs from accept across the TLS handshake (done on ``ssl.MemoryBIO`` like the
-TCP listener's, :class:`~proxy.mqtt.server._TlsClientSide`), the HTTP upgrade
+TCP listener's, :class:`~proxy.mqtt.sockets.TlsClientSide`), the HTTP upgrade
 and the CONNECT. A client that sends half a request line and stops is closed
 at that deadline; aiohttp's own keep-alive timeout (an hour) never comes into
 it. aiohttp parses the HTTP and the WebSocket frames, fed the plaintext by
@@ -14,11 +14,11 @@ it. aiohttp parses the HTTP and the WebSocket frames, fed the plaintext by
 
 A WebSocket message is just a slice of the MQTT byte stream: one frame may hold
 half a packet or three of them, so frames are fed to the same
-:class:`~proxy.mqtt.server.Connection` as TCP chunks and the sans-IO framer
+:class:`~proxy.mqtt.connection.Connection` as TCP chunks and the sans-IO framer
 reassembles them. The :class:`WebSocketTransport` gives the connection the
-small transport surface it uses (write, close, pause/resume reading,
-``get_extra_info``), with the same backpressure rules: outgoing bytes beyond
-the high-water mark pause the broker side until the socket drains.
+transport surface it uses (:class:`~proxy.mqtt.transport.Transport`), with the
+same backpressure rules: outgoing bytes beyond the high-water mark pause the
+broker side until the socket drains.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import WSMsgType, web
+from aiohttp.web_protocol import RequestHandler
 
+from proxy.mqtt.events import Buffer
+from proxy.mqtt.sockets import TlsClientSide
 from proxy.mqtt.transport import Transport
 from proxy.mqtt.wsguard import (
     HEAD_MAX_BYTES,
@@ -46,6 +49,7 @@ from proxy.mqtt.wsguard import (
 from proxy.sharing import reuse_port
 
 if TYPE_CHECKING:
+    from proxy.mqtt.connection import Connection
     from proxy.mqtt.server import MqttGateway
 
 SUBPROTOCOL = "mqtt"
@@ -71,7 +75,7 @@ class WebSocketTransport:
         self._closing = False
         self._writing_paused = False
         self.flush_raw = False  # closing before the upgrade: close raw (flushing a refusal), not abort
-        self.protocol: Any = None  # the Connection's client side (pause_writing / resume_writing)
+        self.protocol: Connection | None = None  # told of backpressure (pause_writing / resume_writing)
         self.guard: PreauthGuard | None = None  # told when the 101 goes out (wsguard: one request only)
 
     def attach(self, ws: web.WebSocketResponse) -> None:
@@ -84,7 +88,7 @@ class WebSocketTransport:
         self._out.append(data)
         self._out_size += len(data)
         self._wake.set()
-        if self._out_size > HIGH_WATER and not self._writing_paused:
+        if self._out_size > HIGH_WATER and not self._writing_paused and self.protocol is not None:
             self._writing_paused = True
             self.protocol.pause_writing()
 
@@ -135,7 +139,7 @@ class WebSocketTransport:
                     await ws.send_bytes(data)
                 except (ConnectionError, RuntimeError):
                     self._closing = True
-                if self._writing_paused:
+                if self._writing_paused and self.protocol is not None:
                     self._writing_paused = False
                     self.protocol.resume_writing()
             if self._closing and not self._out:
@@ -164,23 +168,25 @@ class _HttpSide:
     """What one accepted socket's plaintext goes to: aiohttp's HTTP protocol, made on the first
     bytes (after the TLS handshake). Ends the socket's Connection however the socket ends."""
 
-    __slots__ = ("listener", "transport", "ws_transport", "http", "guard")
+    __slots__ = ("listener", "transport", "ws_transport", "conn", "http", "guard")
 
-    def __init__(self, listener: WebSocketListener, transport: Any, ws_transport: WebSocketTransport):
+    def __init__(self, listener: WebSocketListener, transport: Transport, ws_transport: WebSocketTransport,
+                 conn: Connection):
         self.listener = listener
         self.transport = transport  # what aiohttp sees: the TLS side, or the plain socket
         self.ws_transport = ws_transport
-        self.http: Any = None
+        self.conn = conn  # the socket's MQTT connection, from accept
+        self.http: RequestHandler | None = None
         # Until the CONNACK: the upgrade head and each WebSocket message bounded (wsguard).
         self.guard: PreauthGuard | None = PreauthGuard(listener.preauth_message_max, paths=PATHS)
         ws_transport.guard = self.guard
 
-    def client_data(self, data: Any) -> None:
+    def client_data(self, data: Buffer) -> None:
         data = bytes(data)  # data may be a slice of the shared receive buffer
         guard = self.guard
         authenticated = False
         if guard is not None:
-            authenticated = self.ws_transport.protocol.session.established
+            authenticated = self.conn.session.established
             if authenticated:  # (a message pipelined behind the CONNECT may be a full-size one)
                 guard.message_max = self.listener.message_max
                 if guard.at_message_boundary:
@@ -196,10 +202,11 @@ class _HttpSide:
                 if not guard.head_done:
                     return
                 data = guard.take_head()
-        if self.http is None:
-            self.http = self.listener.http_protocol()
-            self.http.connection_made(self.transport)
-        self.http.data_received(data)
+        http = self.http
+        if http is None:
+            http = self.http = self.listener.new_http_protocol()
+            http.connection_made(cast(asyncio.BaseTransport, self.transport))  # (a Transport is enough for aiohttp)
+        http.data_received(data)
         if authenticated and guard is not None and guard.at_message_boundary:
             self._widen()
 
@@ -214,7 +221,7 @@ class _HttpSide:
         """Over a pre-authentication bound: say so (431, or close 1009) and close, the rest unread."""
         self.guard = None
         ws_transport = self.ws_transport
-        conn = ws_transport.protocol
+        conn = self.conn
         upgraded = ws_transport._ws is not None
         if not self.transport.is_closing():
             if upgraded:
@@ -240,7 +247,7 @@ class _HttpSide:
         self.listener.waiting.pop(self.transport, None)
         if self.http is not None:
             self.http.connection_lost(exc)
-        self.ws_transport.protocol.client_lost(exc)
+        self.conn.client_lost(exc)
 
     def eof_received(self) -> bool:
         return False
@@ -254,7 +261,7 @@ class _HttpSide:
             self.http.resume_writing()
 
 
-def _widen_reader(ws: web.WebSocketResponse, http: Any, max_msg_size: int) -> None:
+def _widen_reader(ws: web.WebSocketResponse, http: RequestHandler, max_msg_size: int) -> None:
     """Give an upgraded connection's aiohttp a WebSocket reader with a larger message limit.
     Only at a message boundary (the old reader holds no partial frame). aiohttp's C reader keeps
     its limit out of reach, so the reader is replaced (private names, aiohttp pinned)."""
@@ -309,8 +316,8 @@ class WebSocketListener:
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         # Accepted, not yet upgraded: by the transport aiohttp sees (``request.transport``).
-        self.waiting: dict[Any, WebSocketTransport] = {}
-        self.http_protocol: Any = None
+        self.waiting: dict[object, WebSocketTransport] = {}
+        self._http_server: web.Server | None = None  # makes aiohttp's HTTP protocol
         # Before authentication a WebSocket message may carry at most a CONNECT's worth.
         mqtt = gateway.mqtt
         self.preauth_message_max = mqtt.preauth_max_bytes
@@ -319,22 +326,20 @@ class WebSocketListener:
         self.message_max = mqtt.max_packet_size + 65536
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
-        from proxy.mqtt.server import _TlsClientSide
-
         app = web.Application()
         for path in PATHS:
             app.router.add_get(path, self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        self.http_protocol = self._runner.server  # a factory of aiohttp's HTTP protocol
+        self._http_server = self._runner.server
         # Bind the socket ourselves: the real port is then known for "port 0".
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=reuse_port())
         loop = asyncio.get_running_loop()
         if ssl_context is not None:
             def factory() -> asyncio.BaseProtocol:
-                return _TlsClientSide(self.gateway, self.accept)
+                return TlsClientSide(self.gateway, self.accept)
         else:
             def factory() -> asyncio.BaseProtocol:
                 return _PlainSide(self)
@@ -353,6 +358,11 @@ class WebSocketListener:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             self._server = None
 
+    def new_http_protocol(self) -> RequestHandler:
+        if self._http_server is None:
+            raise RuntimeError("the WebSocket listener is not started")
+        return self._http_server()
+
     def accept(self, transport: Transport) -> _HttpSide | None:
         """A socket, at accept: its Connection now (or refused: None, the socket aborted)."""
         ws_transport = WebSocketTransport(transport)
@@ -361,11 +371,12 @@ class WebSocketListener:
             return None
         ws_transport.protocol = conn
         self.waiting[transport] = ws_transport
-        return _HttpSide(self, transport, ws_transport)
+        return _HttpSide(self, transport, ws_transport, conn)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         ws_transport = self.waiting.get(request.transport)
-        if ws_transport is None or ws_transport.is_closing():  # upgraded once already, or closed
+        conn = ws_transport.protocol if ws_transport is not None else None  # (set at accept)
+        if ws_transport is None or conn is None or ws_transport.is_closing():  # upgraded once already, or closed
             return web.json_response({"error": {"code": "connection_closing",
                                                 "message": "this connection is closing"}}, status=503)
         # aiohttp's own reader refuses at the frame header what the guard refuses, until the CONNACK
@@ -387,7 +398,6 @@ class WebSocketListener:
             await ws.close(code=1002, message=b"subprotocol mqtt required")
             return ws  # aiohttp closes the socket, and with it the Connection
         ws_transport.attach(ws)
-        conn = ws_transport.protocol
         out = asyncio.create_task(ws_transport.pump_out())
         try:
             await ws_transport.pump_in(conn.client_data)

@@ -17,7 +17,7 @@ import pytest
 from proxy.config import MqttLimitsConfig
 from proxy.mqtt.codec import encode_connect
 from proxy.mqtt.packets import MQTT_5, MQTT_311, Connect
-from proxy.mqtt.server import LINGER_REFUSED
+from proxy.mqtt.shell_metrics import LINGER_REFUSED
 from tests.integration.mqtt_helpers import connack_reason, eventually
 from tests.rig.mqtt_clients import RawClient
 

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.metrics import REGISTRY
 from proxy.mqtt.packets import MQTT_5, MQTT_311
-from proxy.mqtt.server import RECV_BUFFER_SIZE, WRITE_HIGH
+from proxy.mqtt.sockets import RECV_BUFFER_SIZE, WRITE_HIGH
 from tests.integration.mqtt_helpers import (
     connect_packet,
     eventually,

@@ -1,4 +1,4 @@
-"""The asyncio shell (``proxy.mqtt.server``) keeps the contract the sans-IO session states.
+"""The asyncio shell (``proxy.mqtt.server``, ``connection``, ``sockets``) keeps the session's contract.
 
 :mod:`proxy.mqtt.session`'s module docstring tells the shell what to do with
 every event and every command (:mod:`proxy.mqtt.commands`); the session's own
