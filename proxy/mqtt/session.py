@@ -8,8 +8,8 @@ touches a socket, the audit log, a metric, a clock it was not given, or the even
 Every policy question is asked with ``now=`` the session's wall clock, so a test that
 sets the clock controls every decision.
 
-Contract for the shell (``proxy/mqtt/server.py``)
--------------------------------------------------
+Contract for the shell (``proxy/mqtt/connection.py``, the per-connection pump)
+------------------------------------------------------------------------------
 
 Create the session when the TCP connection is accepted (before the TLS
 handshake, so the CONNECT deadline covers it)::
