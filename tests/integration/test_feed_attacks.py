@@ -58,6 +58,18 @@ def dbname(dsn):
     return dsn.split("dbname=")[1].split()[0]
 
 
+def backup(postgres, name, path):
+    subprocess.run([_bin("pg_dump"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "keygate", "-Fc",
+                    "-f", str(path), name], check=True)
+    return path
+
+
+def restore(postgres, name, path):
+    """The database as the backup holds it (a restore, or a standby that lagged taking over)."""
+    subprocess.run([_bin("pg_restore"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "keygate",
+                    "--clean", "-d", name, str(path)], check=True, capture_output=True)
+
+
 async def test_a_revocation_committed_during_a_catch_up_is_rechecked_on_open_connections(tmp_path, pg_dsn):
     a = await open_service(feed_config(tmp_path / "a", pg_dsn, silence=3.0))
     b = await open_service(feed_config(tmp_path / "b", pg_dsn, silence=3.0))
@@ -149,15 +161,12 @@ async def test_the_store_going_back_is_reloaded_in_full(tmp_path, postgres, pg_d
     try:
         await a.register_device(ALICE, {"id": "d1", "type": "T"})
         grant = await a.create_delegation(ALICE, "d1", "bob", "read")
-        dump = tmp_path / "backup.dump"
-        subprocess.run([_bin("pg_dump"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "keygate", "-Fc",
-                        "-f", str(dump), name], check=True)
+        dump = backup(postgres, name, tmp_path / "backup.dump")
         for i in range(6):   # work done after the backup: B's feed moves past the backup's newest change
             await a.update_device(ALICE, "d1", {"name": f"v{i}"})
         await until(lambda: b.feed.applied >= 8)
         await a.close()
-        subprocess.run([_bin("pg_restore"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "keygate",
-                        "--clean", "-d", name, str(dump)], check=True, capture_output=True)
+        restore(postgres, name, dump)
         a = await open_service(feed_config(tmp_path / "a2", pg_dsn))   # a gateway started after the restore
         await a.revoke_delegation(ALICE, "d1", grant["id"])            # its number was B's already
         await until(lambda: not readable_by_bob(b, "d1"), timeout=5.0)
@@ -284,17 +293,14 @@ async def test_a_restore_whose_new_history_passed_the_applied_number_is_still_re
         await a.register_device(ALICE, {"id": "d1", "type": "T"})
         await a.register_device(ALICE, {"id": "d2", "type": "T"})
         grant = await a.create_delegation(ALICE, "d1", "bob", "read")
-        dump = tmp_path / "backup.dump"
-        subprocess.run([_bin("pg_dump"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "keygate", "-Fc",
-                        "-f", str(dump), name], check=True)
+        dump = backup(postgres, name, tmp_path / "backup.dump")
         for i in range(4):   # lost with the old primary
             await a.update_device(ALICE, "d2", {"name": f"v{i}"})
         newest = int(postgres.psql("SELECT max(seq) FROM changes", name).strip())
         await until(lambda: b.feed.applied == newest)
         await b.feed.close()   # B's listening connection is down during the switch
         await a.close()
-        subprocess.run([_bin("pg_restore"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "keygate",
-                        "--clean", "-d", name, str(dump)], check=True, capture_output=True)
+        restore(postgres, name, dump)
         a = await open_service(feed_config(tmp_path / "a2", pg_dsn))
         await a.revoke_delegation(ALICE, "d1", grant["id"])   # the revocation, in the new history
         told: list[set[str] | None] = []
