@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from ownership.own_changes import OwnChanges
 from ownership.pg_migrations import SEALED_TABLES, WRITE_LOCK, migrate
 from ownership.sealing import KeyRing, SealError, derive_kek, kek_id
 from ownership.store import DeviceBeingRemoved, DeviceExists, NotFound, QuotaExceeded, StoreError, StoreUnavailable
@@ -60,8 +61,7 @@ class PgStore:
         self._ring = ring
         self.label = label
         # Changes this process made (and so holds in its facts), until its feed has passed them.
-        self._own: set[int] = set()
-        self._pending: list[int] = []  # this transaction's changes (one store thread)
+        self._own = OwnChanges()
 
     # ------------------------------------------------------------------ opening
 
@@ -155,21 +155,18 @@ class PgStore:
     def transaction(self, *, write: bool = True) -> Iterator[Any]:
         """One transaction (``write``: under the write lock). A connection lost on the way, or none to be
         had, is StoreUnavailable: the transaction did not commit (the caller's change is not made)."""
-        start = len(self._pending)  # > 0 only for a read opened inside a write
+        start = self._own.opened()
         try:
             with self._transaction(write) as conn:
                 yield conn
         except BaseException as exc:
-            del self._pending[start:]
+            self._own.abandoned(start)
             if isinstance(exc, (psycopg.OperationalError, PoolTimeout)):
                 raise StoreUnavailable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
                     from None
             raise
-        if start == 0:
-            # Own only once the COMMIT is answered: one whose answer was lost is read back by the feed
-            # as another's change (it may well have committed), not skipped as already applied here.
-            self._own.update(self._pending)
-            self._pending.clear()
+        if start == 0:  # the outermost: its COMMIT was answered
+            self._own.committed()
 
     @contextlib.contextmanager
     def _transaction(self, write: bool) -> Iterator[Any]:
@@ -223,7 +220,7 @@ class PgStore:
         kid, blob = self._seal("changes", int(seq), value)
         conn.execute("INSERT INTO changes (seq, at, kid, data) VALUES (%s, %s, %s, %s)", (seq, time.time(), kid, blob))
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
-        self._pending.append(int(seq))  # this process's own once committed (transaction())
+        self._own.numbered(int(seq))
 
     # ------------------------------------------------------------------ the pepper
 
@@ -253,30 +250,15 @@ class PgStore:
             return None if row is None else bytes(row[0])
 
     def forget_own(self) -> None:
-        """The store went back (ownership/feed.py): this process's change numbers may be given out again."""
-        self._own.clear()
+        self._own.forget()
 
     def changes_since(self, seq: int) -> tuple[int, set[str] | None, bool]:
         """(the newest seq, the device ids changed after ``seq`` or None for everything, whether any
         of those changes was made by another process: this one's own are in its facts already)."""
         with self.transaction(write=False) as c:
             rows = c.execute("SELECT seq, kid, data FROM changes WHERE seq > %s ORDER BY seq", (seq,)).fetchall()
-            devices: set[str] | None = set()
-            last = seq
-            foreign = False
-            for r in rows:
-                last = int(r[0])
-                if last in self._own:
-                    self._own.discard(last)
-                    continue
-                foreign = True
-                touched = self._open(c, "changes", last, r[1], r[2])["devices"]
-                if touched is None or devices is None:
-                    devices = None
-                else:
-                    devices |= set(touched)
-            self._own = {n for n in self._own if n > last}
-            return last, devices, foreign
+            return self._own.fold(seq, ((int(r[0]), r) for r in rows),
+                                  lambda r: self._open(c, "changes", int(r[0]), r[1], r[2])["devices"])
 
     def load_all(self) -> dict[str, list[dict[str, Any]]]:
         with self.transaction(write=False) as c:

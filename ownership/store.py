@@ -28,6 +28,7 @@ from urllib.parse import quote
 from sqlcipher3 import dbapi2 as sqlite
 
 from ownership.migrations import APPLICATION_ID, migrate
+from ownership.own_changes import OwnChanges
 
 #: Pushed policy sets kept besides the one in force (older ones are deleted at each push).
 POLICY_SETS_KEPT = 10
@@ -114,8 +115,7 @@ class Store:
         self.path = path
         self._salt = salt
         # Changes this process made (and so holds in its facts), until its feed has passed them.
-        self._own: set[int] = set()
-        self._pending: list[int] = []  # this transaction's changes (one store thread)
+        self._own = OwnChanges()
 
     # ------------------------------------------------------------------ opening
 
@@ -211,24 +211,18 @@ class Store:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
         self._conn.execute("BEGIN IMMEDIATE")
-        self._pending.clear()
+        self._own.abandoned()
         try:
             yield self._conn
-        except BaseException:
-            self._pending.clear()
-            self._conn.execute("ROLLBACK")
-            raise
-        try:
             self._conn.execute("COMMIT")
         except BaseException:
-            # Not committed (or not known to be): the change is no one's own, the feed reads it if it is
-            # there; and the write lock is not kept.
-            self._pending.clear()
+            # Not committed (or, from a failed COMMIT, not known to be): its changes are no one's own,
+            # and the write lock is not kept.
+            self._own.abandoned()
             with contextlib.suppress(Exception):
                 self._conn.execute("ROLLBACK")
             raise
-        self._own.update(self._pending)
-        self._pending.clear()
+        self._own.committed()
 
     def _ensure_pepper(self) -> None:
         if self._conn.execute("SELECT 1 FROM meta WHERE name = 'key_pepper'").fetchone():
@@ -247,9 +241,7 @@ class Store:
         """Append to the change table, in the write's own transaction (ownership/feed.py)."""
         cur = c.execute("INSERT INTO changes (at, devices) VALUES (?, ?)",
                         (time.time(), None if devices is None else json.dumps(sorted(devices))))
-        # Own once committed (Store.transaction): a seq rolled back is given out again by SQLite, and must
-        # then be another worker's change, not this process's.
-        self._pending.append(int(cur.lastrowid))
+        self._own.numbered(int(cur.lastrowid))
 
     def last_change(self) -> int:
         return int(self._conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
@@ -261,28 +253,14 @@ class Store:
         return None if row is None else (float(row[0]), row[1])
 
     def forget_own(self) -> None:
-        """The store went back (ownership/feed.py): this process's change numbers may be given out again."""
-        self._own.clear()
+        self._own.forget()
 
     def changes_since(self, seq: int) -> tuple[int, set[str] | None, bool]:
         """(the newest seq, the device ids changed after ``seq`` or None for everything, whether any
         of those changes was made by another process: this one's own are in its facts already)."""
-        devices: set[str] | None = set()
-        last = seq
-        foreign = False
-        for n, touched in self._conn.execute("SELECT seq, devices FROM changes WHERE seq > ? ORDER BY seq",
-                                             (seq,)).fetchall():
-            last = int(n)
-            if last in self._own:
-                self._own.discard(last)
-                continue
-            foreign = True
-            if touched is None or devices is None:
-                devices = None
-            else:
-                devices |= set(json.loads(touched))
-        self._own = {n for n in self._own if n > last}
-        return last, devices, foreign
+        rows = self._conn.execute("SELECT seq, devices FROM changes WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+        return self._own.fold(seq, ((int(n), devices) for n, devices in rows),
+                              lambda devices: None if devices is None else json.loads(devices))
 
     def load_all_at(self) -> tuple[int, dict[str, list[dict[str, Any]]]]:
         """The snapshot and the last change it includes (one transaction: nothing falls between)."""
