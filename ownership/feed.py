@@ -38,8 +38,6 @@ log = logging.getLogger("keygate.ownership.feed")
 T = TypeVar("T")
 Runner = Callable[..., Awaitable[Any]]
 
-_UNKNOWN = object()
-
 #: How often a worker over a SQLCipher file looks for changes made by the others.
 LOCAL_POLL_SECONDS = 0.1
 
@@ -119,7 +117,7 @@ class LocalPoll:
 
 class ChangeFeed:
     def __init__(self, signal: Signal, store: FeedStore, run: Runner, facts: MemoryFacts, *, applied: int,
-                 max_silence: float, clock: Callable[[], float] = time.monotonic):
+                 mark: Any, max_silence: float, clock: Callable[[], float] = time.monotonic):
         self._signal = signal
         self._store = store
         self._run = run
@@ -135,7 +133,7 @@ class ChangeFeed:
         # (the policy set of policies.source: store, ownership/policy_store.py).
         self.after_catch_up: list[Callable[[], Awaitable[None]]] = []
         self._followers_behind = False
-        self._mark: Any = _UNKNOWN   # what identifies change ``applied`` in the store's history
+        self._mark = mark   # what identifies change ``applied`` in the store's history (change_mark)
         # Told when this process fails closed (the policy set of policies.source: store).
         self.on_fail_closed: list[Callable[[], None]] = []
 
@@ -188,10 +186,7 @@ class ChangeFeed:
 
     def _same_history(self) -> bool:
         """On the store thread: whether change ``applied`` is still the one this process applied."""
-        mark = self._store.change_mark(self.applied)
-        if self._mark is _UNKNOWN:  # the first beat: what the start loaded
-            self._mark = mark
-        return bool(mark == self._mark)
+        return bool(self._store.change_mark(self.applied) == self._mark)
 
     async def _after_catch_up(self) -> None:
         behind = False
@@ -233,15 +228,15 @@ class ChangeFeed:
     def _read_catch_up(self, applied: int,
                        everything: bool) -> tuple[int, MemoryFacts | None, set[str] | None, Any] | None:
         """On the store thread: (the snapshot's change, the facts built from it, the devices to
-        re-check or None for all); ``(last, None, None)`` when only own writes came since; None
-        when the snapshot is older than ``applied``."""
+        re-check or None for all, the snapshot's change mark); ``(last, None, None, its mark)`` when
+        only own writes came since; None when the snapshot is older than ``applied``."""
         devices: set[str] | None = None
         last = applied
         if not everything:
             last, devices, foreign = self._store.changes_since(applied)
             if not foreign:
                 return last, None, None, self._store.change_mark(last)
-        seq, snapshot = self._store.load_all_at()
+        seq, fresh, mark = self._read_snapshot()
         if seq < applied:  # never step back (the snapshot is of an older state)
             return None
         if devices is not None and seq > last:
@@ -249,7 +244,12 @@ class ChangeFeed:
             # are re-checked too (read again from ``last``: a superset, as more may have committed).
             _, later, _ = self._store.changes_since(last)
             devices = None if later is None else devices | later
-        return seq, self._facts.built(snapshot), devices, self._store.change_mark(seq)
+        return seq, fresh, devices, mark
+
+    def _read_snapshot(self) -> tuple[int, MemoryFacts, Any]:
+        """On the store thread: the store's snapshot as new facts, with its change and that change's mark."""
+        seq, snapshot = self._store.load_all_at()
+        return seq, self._facts.built(snapshot), self._store.change_mark(seq)
 
     async def _rewound(self) -> None:
         """The store's history is not the one this process applied (fewer changes, or another under
@@ -261,8 +261,7 @@ class ChangeFeed:
 
         def reload() -> tuple[int, MemoryFacts, Any]:
             self._store.forget_own()
-            seq, snapshot = self._store.load_all_at()
-            return seq, self._facts.built(snapshot), self._store.change_mark(seq)
+            return self._read_snapshot()
 
         seq, fresh, mark = await self._run(reload)
         self._facts.adopt(fresh, None)   # every device re-checked: which changed is not known

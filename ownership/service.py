@@ -237,6 +237,7 @@ class OwnershipService:
             from ownership.feed import ChangeFeed
 
             service.feed = ChangeFeed(signal, store, service._run, service.facts, applied=applied,
+                                      mark=await service._run(store.change_mark, applied),
                                       max_silence=config.store.feed_max_silence_seconds)
             service.feed.start()
             add_readiness_check("change feed", service.feed.readiness)

@@ -335,7 +335,6 @@ async def test_a_stored_policy_set_loaded_as_the_feed_fails_closed_is_not_served
         return row
 
     try:
-        await until(lambda: a.feed is not None and a.feed._mark is not None)
         policies.version = None   # so the next follow reads the set again
         a.policy_set = slow_policy_set
         following = asyncio.create_task(follower.follow())
