@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
@@ -102,7 +101,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         rate = services.config.ownership.write_rate_per_user
         raise ApiError(429, "rate_limited", f"too many writes: at most {rate:g} per second per user "
                        f"(bursts of {services.config.ownership.write_burst_per_user}); try again later",
-                       {"Retry-After": str(max(1, math.ceil(1 / rate)))})
+                       {"Retry-After": services.ownership.write_retry_after})
     # Every caller's current user name: what {"to": NAME} resolves through.
     await request.app[SERVICES].ownership.remember_user(identity)
     request[IDENTITY] = identity

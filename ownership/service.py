@@ -20,6 +20,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -196,6 +197,8 @@ class OwnershipService:
         # The postgres backend's change feed: writes made by other processes (ownership/feed.py).
         self.feed: ChangeFeed | None = None
         self._write_limit = RateLimiter(config.ownership.write_rate_per_user, config.ownership.write_burst_per_user)
+        #: Retry-After of a write refused by :meth:`allow_write`: when its bucket holds a write again.
+        self.write_retry_after = str(max(1, math.ceil(1 / config.ownership.write_rate_per_user)))
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -52,7 +52,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -497,7 +496,7 @@ class GatewayHandler:
             audit["decision"], audit["reason"] = "deny", "write rate limited (ownership.write_rate_per_user)"
             rate = self.services.config.ownership.write_rate_per_user
             return orion_error(429, "TooManyRequests", f"too many subscription writes: at most {rate:g} per second "
-                               "per user; try again later", {"Retry-After": str(max(1, math.ceil(1 / rate)))})
+                               "per user; try again later", {"Retry-After": self.services.ownership.write_retry_after})
         t0 = time.perf_counter()
         upstream: aiohttp.ClientResponse | UpstreamResponse
         try:
