@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig.api import api_call
+from tests.rig.api import api_call, bearer_call
 from tests.rig.mqtt_clients import V311, Paho
 from tests.rig.ports import free_port, wait_for_port
 
@@ -295,36 +295,19 @@ async def test_a_persistent_session_resumes_through_another_gateway_and_holds_no
     await sentinel.close()
 
 
-def _ngsi(gw: Gateway, method: str, path: str, token: str, body: dict | None = None) -> tuple[int, bytes]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"https://127.0.0.1:{gw.http_port}{path}", data=data, method=method,
-                                 headers={"Authorization": f"Bearer {token}",
-                                          **({"Content-Type": "application/json"} if data else {})})
-    try:
-        with urllib.request.urlopen(req, context=gw.cluster.ssl, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def _orion_subscriptions(cluster: Cluster) -> set[str]:
+def _orion_subscriptions(cluster: Cluster) -> dict[str, str]:
+    """Orion's subscriptions (from the stand-in itself): id -> the entity each is on."""
     with urllib.request.urlopen(f"http://127.0.0.1:{cluster.orion_port}/v2/subscriptions", timeout=5) as r:
-        return {s["id"] for s in json.loads(r.read())}
+        return {s["id"]: s["subject"]["entities"][0]["id"] for s in json.loads(r.read())}
 
 
 def _subscribe_in_orion(gw: Gateway, token: str, entity: str) -> str:
     body = {"subject": {"entities": [{"id": entity, "type": "Thermometer"}]},
             "notification": {"http": {"url": "http://93.184.216.34:8080/notify"}, "attrs": ["temperature"]}}
-    status, text = _ngsi(gw, "POST", "/v2/subscriptions", token, body)
+    status, text = bearer_call(gw.http_port, gw.cluster.ssl, "POST", "/v2/subscriptions", token, body)
     assert status == 201, text
-    return _newest_subscription(gw.cluster, entity)
-
-
-def _newest_subscription(cluster: Cluster, entity: str) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.orion_port}/v2/subscriptions", timeout=5) as r:
-        ids = [s["id"] for s in json.loads(r.read()) if s["subject"]["entities"][0]["id"] == entity]
-    assert len(ids) == 1, ids
-    return ids[0]
+    (sub_id,) = [i for i, on in _orion_subscriptions(gw.cluster).items() if on == entity]
+    return sub_id
 
 
 async def test_a_gateway_failing_closed_withdraws_no_subscription_at_orion(cluster, oidc):
