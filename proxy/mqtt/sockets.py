@@ -70,15 +70,36 @@ def server_ssl_context(config: Config) -> ssl.SSLContext:
 # --------------------------------------------------------------------------- protocols
 
 
-class PlainClientSide(asyncio.BufferedProtocol):
+class _ClientSide(asyncio.BufferedProtocol):
+    """What both client sockets pass on as it is to what receives their bytes (``conn``)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self) -> None:
+        self.conn: ClientReceiver | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.conn.client_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.resume_writing()
+
+
+class PlainClientSide(_ClientSide):
     """The client's socket on a plain listener (``mqtt.tls: false``)."""
 
-    __slots__ = ("conn", "_gateway", "_session")
+    __slots__ = ("_gateway", "_session")
 
     def __init__(self, gateway: MqttGateway):
+        super().__init__()
         self._gateway = gateway
         self._session: Session | None = gateway.new_session()
-        self.conn: Connection | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.conn = self._gateway.accept_transport(cast(Transport, transport), self._session)  # a stream socket's
@@ -95,20 +116,8 @@ class PlainClientSide(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         return False  # close: a half-open MQTT connection is of no use
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.conn is not None:
-            self.conn.client_lost(exc)
 
-    def pause_writing(self) -> None:
-        if self.conn is not None:
-            self.conn.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.conn is not None:
-            self.conn.resume_writing()
-
-
-class TlsClientSide(asyncio.BufferedProtocol):
+class TlsClientSide(_ClientSide):
     """The client's socket with TLS done here, on ``ssl.MemoryBIO``s, instead of by the loop.
 
     Why not ``create_server(ssl=...)``: the stdlib's TLS layer keeps a 256 KiB
@@ -119,14 +128,14 @@ class TlsClientSide(asyncio.BufferedProtocol):
     the handshake is complete. To the connection this object is the transport.
     """
 
-    __slots__ = ("conn", "_gateway", "_accept", "_raw", "_in", "_out", "_tls", "_ready", "_closing")
+    __slots__ = ("_gateway", "_accept", "_raw", "_in", "_out", "_tls", "_ready", "_closing")
 
     def __init__(self, gateway: MqttGateway, accept: Callable[[Transport], ClientReceiver | None] | None = None):
+        super().__init__()
         self._gateway = gateway
         # accept(self) -> what receives the plaintext (a Connection, or the WebSocket listener's
         # HTTP side), or None when refused; by default an MQTT connection of the gateway.
         self._accept = accept or gateway.accept_transport
-        self.conn: ClientReceiver | None = None
         self._raw: asyncio.Transport | None = None
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
@@ -210,16 +219,7 @@ class TlsClientSide(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        if self.conn is not None:
-            self.conn.client_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self.conn is not None:
-            self.conn.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.conn is not None:
-            self.conn.resume_writing()
+        super().connection_lost(exc)
 
     # -- the transport the connection sees
     def write(self, data: bytes) -> None:
