@@ -218,9 +218,10 @@ class PgStore:
         value = {"devices": None if devices is None else sorted(devices)}
         seq = conn.execute("SELECT nextval(pg_get_serial_sequence('changes', 'seq'))").fetchone()[0]
         kid, blob = self._seal("changes", int(seq), value)
-        conn.execute("INSERT INTO changes (seq, at, kid, data) VALUES (%s, %s, %s, %s)", (seq, time.time(), kid, blob))
+        at = time.time()
+        conn.execute("INSERT INTO changes (seq, at, kid, data) VALUES (%s, %s, %s, %s)", (seq, at, kid, blob))
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
-        self._own.numbered(int(seq))
+        self._own.numbered(int(seq), at)
 
     # ------------------------------------------------------------------ the pepper
 
@@ -243,11 +244,12 @@ class PgStore:
             return int(c.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
 
     def change_mark(self, seq: int) -> Any:
-        """What identifies change ``seq`` in this history (None if there is none): its sealed value,
-        under a fresh nonce, is another after a restore or a failover gave the number out again."""
+        """What identifies change ``seq`` in this history (None if there is none): its time, in the
+        clear (a rekey re-seals the value, not this), is another after a restore or a failover gave
+        the number out again."""
         with self.transaction(write=False) as c:
-            row = c.execute("SELECT data FROM changes WHERE seq = %s", (seq,)).fetchone()
-            return None if row is None else bytes(row[0])
+            row = c.execute("SELECT at FROM changes WHERE seq = %s", (seq,)).fetchone()
+            return None if row is None else float(row[0])
 
     def forget_own(self) -> None:
         self._own.forget()
@@ -256,9 +258,9 @@ class PgStore:
         """(the newest seq, the device ids changed after ``seq`` or None for everything, whether any
         of those changes was made by another process: this one's own are in its facts already)."""
         with self.transaction(write=False) as c:
-            rows = c.execute("SELECT seq, kid, data FROM changes WHERE seq > %s ORDER BY seq", (seq,)).fetchall()
-            return self._own.fold(seq, ((int(r[0]), r) for r in rows),
-                                  lambda r: self._open(c, "changes", int(r[0]), r[1], r[2])["devices"])
+            rows = c.execute("SELECT seq, at, kid, data FROM changes WHERE seq > %s ORDER BY seq", (seq,)).fetchall()
+            return self._own.fold(seq, ((int(r[0]), float(r[1]), r) for r in rows),
+                                  lambda r: self._open(c, "changes", int(r[0]), r[2], r[3])["devices"])
 
     def load_all(self) -> dict[str, list[dict[str, Any]]]:
         with self.transaction(write=False) as c:

@@ -239,9 +239,10 @@ class Store:
 
     def _changed(self, c: Any, devices: set[str] | None) -> None:
         """Append to the change table, in the write's own transaction (ownership/feed.py)."""
+        at = time.time()
         cur = c.execute("INSERT INTO changes (at, devices) VALUES (?, ?)",
-                        (time.time(), None if devices is None else json.dumps(sorted(devices))))
-        self._own.numbered(int(cur.lastrowid))
+                        (at, None if devices is None else json.dumps(sorted(devices))))
+        self._own.numbered(int(cur.lastrowid), at)
 
     def last_change(self) -> int:
         return int(self._conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
@@ -249,8 +250,8 @@ class Store:
     def change_mark(self, seq: int) -> Any:
         """What identifies change ``seq`` in this history (None if there is none): a restored file
         may hold another change under the same number (ownership/feed.py)."""
-        row = self._conn.execute("SELECT at, devices FROM changes WHERE seq = ?", (seq,)).fetchone()
-        return None if row is None else (float(row[0]), row[1])
+        row = self._conn.execute("SELECT at FROM changes WHERE seq = ?", (seq,)).fetchone()
+        return None if row is None else float(row[0])
 
     def forget_own(self) -> None:
         self._own.forget()
@@ -258,8 +259,9 @@ class Store:
     def changes_since(self, seq: int) -> tuple[int, set[str] | None, bool]:
         """(the newest seq, the device ids changed after ``seq`` or None for everything, whether any
         of those changes was made by another process: this one's own are in its facts already)."""
-        rows = self._conn.execute("SELECT seq, devices FROM changes WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
-        return self._own.fold(seq, ((int(n), devices) for n, devices in rows),
+        rows = self._conn.execute("SELECT seq, at, devices FROM changes WHERE seq > ? ORDER BY seq",
+                                  (seq,)).fetchall()
+        return self._own.fold(seq, ((int(n), float(at), devices) for n, at, devices in rows),
                               lambda devices: None if devices is None else json.loads(devices))
 
     def load_all_at(self) -> tuple[int, dict[str, list[dict[str, Any]]]]:
