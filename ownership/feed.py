@@ -134,6 +134,10 @@ class ChangeFeed:
         self.after_catch_up: list[Callable[[], Awaitable[None]]] = []
         self._followers_behind = False
         self._mark = mark   # what identifies change ``applied`` in the store's history (change_mark)
+        self._closed_because = ""
+        # After the history changed: the (newest change, its mark) the last catch-up saw, until two
+        # in a row agree (a restore in place is not one step: a half-restored store is not served).
+        self._settling: tuple[int, Any] | None = None
         # Told when this process fails closed (the policy set of policies.source: store).
         self.on_fail_closed: list[Callable[[], None]] = []
 
@@ -151,8 +155,7 @@ class ChangeFeed:
 
     def readiness(self) -> tuple[bool, str]:
         if self.failed_closed:
-            return False, (f"change feed silent for more than {self._max_silence:g}s: failing closed for "
-                           "grants that rest on the store")
+            return False, f"{self._closed_because}: failing closed for grants that rest on the store"
         if self._followers_behind:
             return False, f"change feed at {self.applied}, but a follower of the store (the policy set) is behind"
         return True, f"change feed at {self.applied}"
@@ -170,7 +173,6 @@ class ChangeFeed:
                         # under it.
                         if newest < self.applied or not await self._run(self._same_history):
                             await self._rewound()
-                            await self._after_catch_up()
                         elif newest > self.applied or self.failed_closed:
                             await self._catch_up()
                             await self._after_catch_up()
@@ -214,6 +216,10 @@ class ChangeFeed:
         if read is None:
             return
         seq, fresh, devices, mark = read
+        if self._settling is not None and self._settling != (seq, mark):
+            self._settling = (seq, mark)   # stays failed closed until the next catch-up agrees
+            return
+        self._settling = None
         if fresh is None:  # only this process's own writes since, applied when they committed
             if seq > self.applied:
                 self.applied, self._mark = seq, mark
@@ -254,19 +260,15 @@ class ChangeFeed:
     async def _rewound(self) -> None:
         """The store's history is not the one this process applied (fewer changes, or another under
         the number it applied): changes it applied are gone, and their numbers are given out again.
-        Forget this process's own numbers and take the store's state as it is, in full."""
+        Forget this process's own numbers and fail closed; the catch-ups that follow take the
+        store's state in full once two in a row see the same (a restore may still be under way)."""
         log.error("change feed: the store's history is not the one this process applied up to change %d "
-                  "(restored from a backup, or failed over to a standby that lagged): reloading everything "
-                  "from the store", self.applied)
-
-        def reload() -> tuple[int, MemoryFacts, Any]:
-            self._store.forget_own()
-            return self._read_snapshot()
-
-        seq, fresh, mark = await self._run(reload)
-        self._facts.adopt(fresh, None)   # every device re-checked: which changed is not known
-        self.applied, self._mark = seq, mark
-        self.failed_closed = False
+                  "(restored from a backup, or failed over to a standby that lagged): failing closed, then "
+                  "reloading everything from the store once it stays the same", self.applied)
+        await self._run(self._store.forget_own)
+        self._fail_closed("the store's history changed")
+        self.applied, self._mark = 0, None   # nothing of it is known: the catch-up reads all
+        self._settling = (-1, None)
 
     # ------------------------------------------------------------------ failing closed
 
@@ -275,12 +277,15 @@ class ChangeFeed:
             await asyncio.sleep(self._beat)
             silent = self._clock() - self._last_heard
             if silent > self._max_silence and not self.failed_closed:
-                self.failed_closed = True
-                self._facts.replace(EMPTY, None)
-                for tell in list(self.on_fail_closed):
-                    try:
-                        tell()
-                    except Exception:  # one failing must not keep the others from failing closed
-                        log.exception("change feed: failing closed: a follower of the store failed")
+                self._fail_closed(f"change feed silent for more than {self._max_silence:g}s")
                 log.error("change feed silent for %.1fs (store.feed_max_silence_seconds is %g): failing closed "
                           "for grants that rest on the store until it is back", silent, self._max_silence)
+
+    def _fail_closed(self, because: str) -> None:
+        self.failed_closed, self._closed_because = True, because
+        self._facts.replace(EMPTY, None)
+        for tell in list(self.on_fail_closed):
+            try:
+                tell()
+            except Exception:  # one failing must not keep the others from failing closed
+                log.exception("change feed: failing closed: a follower of the store failed")

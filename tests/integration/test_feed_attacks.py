@@ -167,9 +167,19 @@ async def test_the_store_going_back_is_reloaded_in_full(tmp_path, postgres, pg_d
         await until(lambda: b.feed.applied >= 8)
         await a.close()
         restore(postgres, name, dump)
+        said: set[str] = set()   # B's readiness, sampled: a changed history is not served before it settles
+
+        async def sample():
+            while True:
+                said.add(b.feed.readiness()[1])
+                await asyncio.sleep(0.005)
+
+        sampler = asyncio.create_task(sample())
         a = await open_service(feed_config(tmp_path / "a2", pg_dsn))   # a gateway started after the restore
         await a.revoke_delegation(ALICE, "d1", grant["id"])            # its number was B's already
         await until(lambda: not readable_by_bob(b, "d1"), timeout=5.0)
+        sampler.cancel()
+        assert any(s.startswith("the store's history changed: failing closed") for s in said), said
         newest = int(postgres.psql("SELECT max(seq) FROM changes", name).strip())
         await until(lambda: b.feed.applied == newest)   # B follows the store's numbers again, not its past
     finally:
