@@ -730,10 +730,15 @@ class OwnershipService:
 
     async def remember_user(self, identity: Identity) -> None:
         """Record the user name a user's ``sub`` goes by now: what ``{"to": NAME}`` resolves
-        through. A write only when it changed."""
+        through. A write only when it changed; a rename under the user's write rate: tokens that
+        give one sub two names in turn would otherwise write a change (that every gateway applies)
+        per request. Past the rate the new name is recorded at a later request."""
         if identity.kind != "user" or not identity.sub or not identity.username or self._closed:
             return
-        if self.facts.known_username(identity.sub) == identity.username:
+        known = self.facts.known_username(identity.sub)
+        if known == identity.username:
+            return
+        if known is not None and not self.allow_write(identity.sub):
             return
         await self._run(self._store.remember_user, identity.sub, identity.username, self._clock())
         self.facts.put_known_user(identity.sub, identity.username)

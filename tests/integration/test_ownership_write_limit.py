@@ -6,6 +6,8 @@ counted, and another user's writes are not held back."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.rig.ownership import TableTokens, _harness, ownership_config
@@ -35,3 +37,15 @@ async def test_writes_past_the_burst_are_refused_with_retry_after_and_reads_are_
     refused = [e for e in api.audit.records if e.get("action") == "write" and e.get("reason") == "rate_limited"]
     assert len(refused) == 1 and refused[0]["resource"] == "/api/v1/devices/w1"
     await api.register("bob", "w2")     # bob's own bucket
+
+
+async def test_a_user_name_that_keeps_changing_is_recorded_under_the_same_rate(api):
+    # Tokens that give one sub two names in turn (an identity provider that lets users rename
+    # themselves) would write a known-user change per request, each one every gateway applies.
+    service = api.ownership
+    carol = await api.identity("carol")
+    renamed = dataclasses.replace(carol, username="carol-renamed")
+    start = await service._run(service._store.last_change)
+    for i in range(20):
+        await service.remember_user(renamed if i % 2 else carol)
+    assert await service._run(service._store.last_change) - start <= 3   # the burst, then nothing
