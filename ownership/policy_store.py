@@ -76,6 +76,7 @@ class StorePolicies:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._tried: int | None = None  # a version refused once is not reloaded at every change
+        self._closings = 0  # how many times the feed failed closed: a read from before one is stale
 
     def start(self) -> None:
         feed = self._ownership.feed
@@ -102,6 +103,7 @@ class StorePolicies:
     async def follow(self) -> None:
         """Load the store's newest set if it is not the one in force (nor one already refused)."""
         async with self._lock:
+            closings = self._closings
             version = await self._ownership.policy_set_version()
             if version in (self.policies.version, self._tried):
                 return
@@ -111,18 +113,24 @@ class StorePolicies:
             self._tried = row[0]
             await self.policies.load_source(lambda: source_of(row), version=row[0])
             feed = self._ownership.feed
-            if feed is not None and feed.failed_closed:
-                # The feed failed closed while this read or compiled: the set stays the one with no
-                # rule (this runs in the loop step that put the loaded set in force).
-                self.fail_closed()
+            if self._closings != closings or (feed is not None and feed.failed_closed):
+                # The feed failed closed while this read or compiled (and may be back already): the
+                # set read may predate a push made while it was silent, so the set stays the one with
+                # no rule, and the next follow reads again (this runs in the loop step that put the
+                # loaded set in force).
+                self._serve_no_rule()
 
     def fail_closed(self) -> None:
         """The feed cannot hear the store: serve a set with no rule until it is caught up again (the
         next catch-up's :meth:`follow` loads the store's newest set, whatever its version)."""
+        self._closings += 1
+        self._serve_no_rule()
+        log.error("policy set: the change feed is silent; no policy rule is served until it is back")
+
+    def _serve_no_rule(self) -> None:
         self.policies.swap(self.policies.compile(_no_rule()))
         self.policies.version = None
         self._tried = None
-        log.error("policy set: the change feed is silent; no policy rule is served until it is back")
 
     async def _poll(self) -> None:
         while True:

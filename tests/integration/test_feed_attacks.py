@@ -329,16 +329,17 @@ async def test_a_restore_whose_new_history_passed_the_applied_number_is_still_re
         await b.close()
 
 
-async def test_a_stored_policy_set_loaded_as_the_feed_fails_closed_is_not_served(tmp_path, postgres, pg_dsn):
-    # A follow whose read was under way when the feed failed closed must not put the rules back.
+@pytest.mark.parametrize("feed_back", [False, True], ids=["feed-still-closed", "feed-back-already"])
+async def test_a_stored_policy_set_loaded_as_the_feed_fails_closed_is_not_served(tmp_path, postgres, pg_dsn, feed_back):
+    # A follow whose read was under way when the feed failed closed must not put the rules back,
+    # even once the feed is back: the row it read may predate a push made while the feed was silent.
     src = load_dir(ROOT_POLICIES)
     pusher = await open_service(feed_config(tmp_path / "p", pg_dsn))
     await pusher._run(pusher._store.put_policy_set, src.texts, src.digest, time.time())
     await pusher.close()
     a = await open_service(feed_config(tmp_path / "a", pg_dsn))
     policies = await load_from_store(a.config, a)
-    follower = StorePolicies(policies, a)
-    follower.start()
+    follower = StorePolicies(policies, a)   # not started: the one follow is the test's own
     real, reading, finish = a.policy_set, asyncio.Event(), asyncio.Event()
 
     async def slow_policy_set():
@@ -354,6 +355,8 @@ async def test_a_stored_policy_set_loaded_as_the_feed_fails_closed_is_not_served
         await asyncio.wait_for(reading.wait(), 5)
         follower.fail_closed()
         a.feed.failed_closed = True   # what the feed's watch sets before it tells the followers
+        if feed_back:
+            a.feed.failed_closed = False   # caught up again before the slow read returned
         finish.set()
         await following
         assert not policies.compiled.source.rules
