@@ -53,7 +53,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
@@ -67,7 +67,8 @@ from proxy.config import HttpConfig, parse_hostport
 from proxy.http import ngsi
 from proxy.http import plan as planning
 from proxy.http.auth import authenticate
-from proxy.http.listener import DeadlineSite, RequestTimeout
+from proxy.http.lean_server import LeanConnection, LeanConnections, LeanRequest, Relayed, lean_prefixes
+from proxy.http.listener import ConnectionSlot, DeadlineRequestHandler, DeadlineSite, RequestTimeout
 from proxy.http.outcomes import Outcomes
 from proxy.http.subscription_guard import SubscriptionGuard
 from proxy.http.upstream import UpstreamError, UpstreamPool, UpstreamResponse, pool_for
@@ -79,6 +80,9 @@ from proxy.sharing import reuse_port
 from proxy.ssrf import Allowlist, Resolver, check_target, default_resolver
 
 log = logging.getLogger("keygate.http")
+
+#: A request as the handler reads it: aiohttp's, or the lean server's (the same attributes).
+Request = web.Request | LeanRequest
 
 #: What a forwarded request writes to the store after Orion answered (plan.Forward.after).
 SUBSCRIPTION_WRITES = frozenset({"record_subscription", "forget_subscription", "update_subscription"})
@@ -119,6 +123,7 @@ _CHUNK = 65536
 _SUBSCRIPTION_FETCH_CONCURRENCY = 16
 _IDENTITY_BLOCKS = 4096
 _UPSTREAM_CONNECTIONS = 256   # to Orion at most, both clients together (proxy.app.HTTP_UPSTREAM_DESCRIPTORS)
+_SHUTDOWN_SECONDS = 10.0      # for the answers in progress on the lean server when the listener stops
 _SIDE_CONNECTIONS = 32        # of which the aiohttp client's, beside the lean pool
 
 
@@ -208,7 +213,7 @@ class GatewayHandler:
 
     # ------------------------------------------------------------------ entry point
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Request) -> web.StreamResponse | Relayed:
         started = time.perf_counter()
         audit: dict[str, Any] = {"identity": None, "decision": "deny", "rule": None, "reason": "",
                                  "devices": (), "upstream_status": None, "path": request.raw_path.split("?")[0]}
@@ -231,7 +236,14 @@ class GatewayHandler:
         self._finish(request, audit, response.status, started)
         return response
 
-    def _finish(self, request: web.Request, audit: dict[str, Any], status: int, started: float) -> None:
+    async def handle_aiohttp(self, request: web.Request) -> web.StreamResponse:
+        """:meth:`handle` for aiohttp's server (only a lean request is answered by a relay of its own)."""
+        response = await self.handle(request)
+        if not isinstance(response, web.StreamResponse):
+            raise TypeError("an aiohttp request was answered as a lean one")
+        return response
+
+    def _finish(self, request: Request, audit: dict[str, Any], status: int, started: float) -> None:
         elapsed = time.perf_counter() - started
         record = {"protocol": "http", "action": request.method, "resource": audit["path"],
                   "decision": audit["decision"], "identity": audit["identity"], "rule": audit["rule"],
@@ -247,7 +259,7 @@ class GatewayHandler:
         audit["decision"], audit["reason"] = "deny", reason
         return orion_error(status, error, description, headers)
 
-    async def _handle(self, request: web.Request, audit: dict[str, Any]) -> web.StreamResponse:
+    async def _handle(self, request: Request, audit: dict[str, Any]) -> web.StreamResponse | Relayed:
         method = request.method.upper()
         raw_path, _, raw_query = request.raw_path.partition("?")
         try:
@@ -361,7 +373,7 @@ class GatewayHandler:
 
     # ------------------------------------------------------------------ pieces
 
-    def _tenant(self, request: web.Request) -> str | ngsi.Reject:
+    def _tenant(self, request: Request) -> str | ngsi.Reject:
         forced = self.config.fiware_service
         if forced:
             return forced.lower()
@@ -383,7 +395,7 @@ class GatewayHandler:
         headers = {"WWW-Authenticate": 'Bearer realm="keygate"'} if d.status == 401 else None
         return self._deny(audit, d.status, d.error, d.description, d.reason, headers)
 
-    async def _read_capped(self, request: web.Request) -> bytes:
+    async def _read_capped(self, request: Request) -> bytes:
         cap = self.config.max_body_bytes
         chunks, size = [], 0
         async for chunk in request.content.iter_chunked(_CHUNK):
@@ -393,7 +405,7 @@ class GatewayHandler:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _stream_capped(self, request: web.Request) -> AsyncIterator[bytes]:
+    async def _stream_capped(self, request: Request) -> AsyncIterator[bytes]:
         # Only used with a Content-Length already checked against the cap; aiohttp's
         # parser stops at that length, the count is a second line of defence.
         cap, size = self.config.max_body_bytes, 0
@@ -403,7 +415,7 @@ class GatewayHandler:
                 raise BodyTooLarge
             yield chunk
 
-    def _upstream_headers(self, request: web.Request, identity: Identity, tenant: str,
+    def _upstream_headers(self, request: Request, identity: Identity, tenant: str,
                           rewritten: bool) -> CIMultiDict[str]:
         connection_named = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
         out: CIMultiDict[str] = CIMultiDict()
@@ -454,8 +466,8 @@ class GatewayHandler:
             text += "?" + _quote_query(query)
         return URL(text, encoded=True)
 
-    async def _forward(self, request: web.Request, d: planning.Forward, body: Any, identity: Identity,
-                       tenant: str, audit: dict[str, Any]) -> web.StreamResponse:
+    async def _forward(self, request: Request, d: planning.Forward, body: Any, identity: Identity,
+                       tenant: str, audit: dict[str, Any]) -> web.StreamResponse | Relayed:
         assert self.session is not None, "the gateway's client session is not open"  # noqa: S101 (narrowing)
         headers = self._upstream_headers(request, identity, tenant, rewritten=d.body is not None)
         if isinstance(body, bytes):
@@ -485,8 +497,8 @@ class GatewayHandler:
             if not turn[1]:
                 del self._subscription_turns[key]
 
-    async def _exchange(self, request: web.Request, d: planning.Forward, body: Any, identity: Identity,
-                        tenant: str, headers: CIMultiDict[str], audit: dict[str, Any]) -> web.StreamResponse:
+    async def _exchange(self, request: Request, d: planning.Forward, body: Any, identity: Identity,
+                        tenant: str, headers: CIMultiDict[str], audit: dict[str, Any]) -> web.StreamResponse | Relayed:
         assert self.session is not None, "the gateway's client session is not open"  # noqa: S101 (narrowing)
         # Taken before Orion is asked: an erasure of the caller's data from here on finds no row
         # this request records later, and what it records is then taken back (_record_subscription).
@@ -641,7 +653,14 @@ class GatewayHandler:
             out.add(name, value)
         return out
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay(self, request: Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse | Relayed:
+        if isinstance(request, LeanRequest):
+            headers = self._response_headers(upstream.headers.items())
+            if upstream.content_length is not None:
+                headers["Content-Length"] = str(upstream.content_length)
+            self._cors_headers(request, headers)
+            return await request.relay(upstream.status, upstream.reason or "", headers, upstream.content_length,
+                                       None, upstream.content.iter_chunked(_CHUNK))
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=self._response_headers(upstream.headers.items()))
         if upstream.content_length is not None:
@@ -654,14 +673,24 @@ class GatewayHandler:
         await response.write_eof()
         return response
 
-    async def _relay_lean(self, request: web.Request, upstream: UpstreamResponse) -> web.StreamResponse:
+    async def _relay_lean(self, request: Request, upstream: UpstreamResponse) -> web.StreamResponse | Relayed:
         """As :meth:`_relay`, for the lean client's answer: a body already in whole (Orion's usual
         small answer) goes out with the head in one write."""
+        length = upstream.header("Content-Length")
+        size = int(length) if length is not None and length.isdigit() else None   # llhttp checked it: one decimal
+        if isinstance(request, LeanRequest):
+            headers = self._response_headers(upstream.headers)
+            if size is not None:
+                headers["Content-Length"] = str(size)
+            self._cors_headers(request, headers)
+            if request.method == "HEAD" or upstream.complete:
+                whole = b"" if request.method == "HEAD" else await upstream.read()
+                return await request.relay(upstream.status, upstream.reason, headers, size, whole, None)
+            return await request.relay(upstream.status, upstream.reason, headers, size, None, upstream.chunks())
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=self._response_headers(upstream.headers))
-        length = upstream.header("Content-Length")
-        if length is not None and length.isdigit():   # llhttp has checked it: one plain decimal
-            response.content_length = int(length)
+        if size is not None:
+            response.content_length = size
         self._cors(request, response)
         await response.prepare(request)
         if request.method == "HEAD":
@@ -674,7 +703,7 @@ class GatewayHandler:
             await response.write_eof()
         return response
 
-    async def _own_subscriptions(self, request: web.Request, d: planning.Forward, headers: CIMultiDict[str],
+    async def _own_subscriptions(self, request: Request, d: planning.Forward, headers: CIMultiDict[str],
                                  tenant: str, audit: dict[str, Any]) -> web.StreamResponse:
         """The caller's subscriptions only, fetched one by one (``GET /v2/subscriptions/{id}``) from the ids
         the store records for them: the upstream cost is bounded by what the caller owns, never by the
@@ -727,15 +756,18 @@ class GatewayHandler:
 
     # ------------------------------------------------------------------ CORS
 
-    def _cors(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        if origin and (origin in self.cors or "*" in self.cors):
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE
-            response.headers["Vary"] = "Origin"
+    def _cors(self, request: Request, response: web.StreamResponse) -> web.StreamResponse:
+        self._cors_headers(request, response.headers)
         return response
 
-    def _preflight(self, request: web.Request, audit: dict[str, Any]) -> web.Response:
+    def _cors_headers(self, request: Request, headers: CIMultiDict[str]) -> None:
+        origin = request.headers.get("Origin")
+        if origin and (origin in self.cors or "*" in self.cors):
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE
+            headers["Vary"] = "Origin"
+
+    def _preflight(self, request: Request, audit: dict[str, Any]) -> web.Response:
         origin = request.headers.get("Origin", "")
         audit["identity"] = ANONYMOUS
         if origin not in self.cors and "*" not in self.cors:
@@ -773,7 +805,7 @@ def create_gateway_app(services: Services, api_app: web.Application | None = Non
         app.add_subapp(http.api_prefix.rstrip("/"), api_app)
     if portal_app is not None:
         app.add_subapp(services.config.portal.path.rstrip("/"), portal_app)
-    app.router.add_route("*", "/{tail:.*}", handler.handle)
+    app.router.add_route("*", "/{tail:.*}", handler.handle_aiohttp)
     return app
 
 
@@ -782,12 +814,18 @@ class HttpGateway:
 
     def __init__(self, services: Services, api_app: web.Application | None = None, *,
                  resolver: Resolver = default_resolver, client: str = "lean",
-                 portal_app: web.Application | None = None):
+                 portal_app: web.Application | None = None, server: str = "lean"):
+        # server "lean": connections start on proxy.http.lean_server, which serves plain NGSI requests
+        # and hands the rest to aiohttp's server; "aiohttp": aiohttp's alone (the differential test).
+        if server not in ("lean", "aiohttp"):
+            raise ValueError(f"unknown HTTP server {server!r}")
         self.services = services
+        self.server = server
         self.app = create_gateway_app(services, api_app, resolver=resolver, client=client, portal_app=portal_app)
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self.site: DeadlineSite | None = None
+        self.lean_connections = LeanConnections()   # open on the lean server, and its tallies
 
     async def start(self) -> None:
         config = self.services.config
@@ -807,12 +845,40 @@ class HttpGateway:
                             body_timeout=http.body_timeout_seconds,
                             write_timeout=http.write_timeout_seconds,
                             max_pipelined=http.max_pipelined_requests,
-                            max_connections=http.max_connections, reuse_port=reuse_port() or None)
+                            max_connections=http.max_connections, reuse_port=reuse_port() or None,
+                            lean=self._lean_factory(http) if self.server == "lean" else None)
         await site.start()
         self.site = site
         self.port = self._runner.addresses[0][1]
 
+    def connections(self) -> list[Any]:
+        """The open client connections, on either server (each has ``transport``, ``queued``,
+        ``peak_queued`` and ``request_count``)."""
+        handlers: list[Any] = []
+        if self._runner is not None and self._runner.server is not None:
+            handlers.extend(self._runner.server.connections)
+        return handlers + list(self.lean_connections)
+
+    def _lean_factory(self, http: HttpConfig) -> Callable[..., asyncio.Protocol]:
+        gateway = self.app[GATEWAY_KEY]
+        prefixes = lean_prefixes(http.api_prefix, self.services.config.portal.path)
+
+        def lean(slot: ConnectionSlot | None, admit: Callable[[], ConnectionSlot | None] | None,
+                 fallback: Callable[[ConnectionSlot | None], DeadlineRequestHandler]) -> asyncio.Protocol:
+            return LeanConnection(gateway, prefixes=prefixes, header_timeout=http.header_timeout_seconds,
+                                  body_timeout=http.body_timeout_seconds, write_timeout=http.write_timeout_seconds,
+                                  max_pipelined=http.max_pipelined_requests, max_body=http.max_body_bytes,
+                                  fallback=fallback, slot=slot, admit=admit, registry=self.lean_connections)
+        return lean
+
     async def stop(self) -> None:
+        if self.site is not None and self.site._server is not None:
+            self.site._server.close()   # no new connection while those open finish their answers
+        tasks = [task for task in (c.shut() for c in list(self.lean_connections)) if task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=_SHUTDOWN_SECONDS)
+            for task in pending:
+                task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

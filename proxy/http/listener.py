@@ -68,7 +68,7 @@ class RequestTimeout(web.HTTPRequestTimeout):
     """The body did not arrive in time."""
 
 
-def _head_timeout_response(seconds: float) -> bytes:
+def head_timeout_response(seconds: float) -> bytes:
     body = json.dumps({"error": "RequestTimeout",
                        "description": f"the request head did not arrive within {seconds:g} seconds"}).encode()
     return (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -105,7 +105,7 @@ class DeadlineRequestHandler(RequestHandler):
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_payload: Any = None
         self._head_started = False
-        self._late_head_response = _head_timeout_response(header_timeout)
+        self._late_head_response = head_timeout_response(header_timeout)
         self._write_timeout = write_timeout
         self._write_timer: asyncio.TimerHandle | None = None
         self._slot = slot
@@ -152,6 +152,15 @@ class DeadlineRequestHandler(RequestHandler):
         elif data and (self._body_payload is None or self._body_payload.is_eof()):
             self._head_started = True   # part of a head, not of a body
         self.peak_queued = max(self.peak_queued, len(self._messages))
+
+    @property
+    def queued(self) -> int:
+        """Requests parsed ahead of their answers (tests and benchmarks, as the lean server's)."""
+        return len(self._messages)
+
+    @property
+    def request_count(self) -> int:
+        return self._request_count
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -222,7 +231,7 @@ class _Refused(asyncio.Protocol):
 class _StartTls(asyncio.Protocol):
     """An admitted socket on a TLS listener: the handshake (under its deadline), then the HTTP handler."""
 
-    def __init__(self, site: DeadlineSite, context: ssl.SSLContext, handler: DeadlineRequestHandler,
+    def __init__(self, site: DeadlineSite, context: ssl.SSLContext, handler: asyncio.Protocol,
                  slot: ConnectionSlot):
         self._site = site
         self._context = context
@@ -257,15 +266,25 @@ class _StartTls(asyncio.Protocol):
         self._handler.connection_made(tls)
 
 
+#: Builds a lean connection: (its slot or None, the admission when it has none, the aiohttp
+#: handler to hand over to).
+LeanFactory = Callable[[ConnectionSlot | None, Callable[[], ConnectionSlot | None] | None,
+                        Callable[[ConnectionSlot | None], DeadlineRequestHandler]], asyncio.Protocol]
+
+
 class DeadlineSite(web.TCPSite):
     """A TCP(+TLS) site whose connections are counted from accept and get :class:`DeadlineRequestHandler`."""
 
     __slots__ = ("_header_timeout", "_body_timeout", "_write_timeout", "_max_pipelined", "_max_connections",
-                 "_count", "_handshakes")
+                 "_count", "_handshakes", "_lean")
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *, header_timeout: float, body_timeout: float,
-                 write_timeout: float = 30.0, max_pipelined: int = 16, max_connections: int = 1000, **kwargs: Any):
+                 write_timeout: float = 30.0, max_pipelined: int = 16, max_connections: int = 1000,
+                 lean: LeanFactory | None = None, **kwargs: Any):
         super().__init__(runner, host, port, **kwargs)
+        # Given: each connection starts on the lean server (proxy.http.lean_server), which hands
+        # what it does not serve to the handler built here.
+        self._lean = lean
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._write_timeout = write_timeout
@@ -296,12 +315,18 @@ class DeadlineSite(web.TCPSite):
         def admit() -> ConnectionSlot | None:
             return ConnectionSlot(self._count) if self._count[0] < self._max_connections else None
 
+        def aiohttp_handler(slot: ConnectionSlot | None) -> DeadlineRequestHandler:
+            return DeadlineRequestHandler(server, loop=loop, header_timeout=self._header_timeout,
+                                          body_timeout=self._body_timeout, write_timeout=self._write_timeout,
+                                          max_pipelined=self._max_pipelined, slot=slot,
+                                          admit=admit if slot is None else None, **handler_kwargs)
+
+        def handler(slot: ConnectionSlot | None) -> asyncio.Protocol:
+            if self._lean is None:
+                return aiohttp_handler(slot)
+            return self._lean(slot, admit if slot is None else None, aiohttp_handler)
+
         def protocol() -> asyncio.Protocol:
-            def handler(slot: ConnectionSlot | None) -> DeadlineRequestHandler:
-                return DeadlineRequestHandler(server, loop=loop, header_timeout=self._header_timeout,
-                                              body_timeout=self._body_timeout, write_timeout=self._write_timeout,
-                                              max_pipelined=self._max_pipelined, slot=slot,
-                                              admit=admit if slot is None else None, **handler_kwargs)
             if loop_tls is not None:
                 return handler(None)
             slot = admit()

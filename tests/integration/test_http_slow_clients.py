@@ -98,7 +98,7 @@ async def test_slow_headers_over_tls_are_closed_at_the_deadline_and_others_are_s
     attack = [asyncio.create_task(_slow_head(gateway.port, ctx)) for _ in range(N_SLOW)]
     held = 0
     for _ in range(20):   # the TLS handshakes take a while on a loaded machine
-        held = max(held, len(gateway._runner.server.connections))
+        held = max(held, len(gateway.connections()))
         if held == N_SLOW:
             break
         await asyncio.sleep(HEADER_TIMEOUT / 30)
@@ -117,10 +117,10 @@ async def test_slow_headers_over_tls_are_closed_at_the_deadline_and_others_are_s
         assert reply.startswith(b"HTTP/1.1 408 "), reply[:80]
         assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"] == "RequestTimeout"
     for _ in range(50):   # nothing of the attack is left on the server
-        if not gateway._runner.server.connections:
+        if not gateway.connections():
             break
         await asyncio.sleep(0.1)
-    assert len(gateway._runner.server.connections) == 0
+    assert len(gateway.connections()) == 0
 
 
 async def test_a_silent_connection_and_a_stalled_tls_handshake_are_closed_without_a_word(tls_gateway):

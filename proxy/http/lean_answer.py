@@ -1,0 +1,70 @@
+"""Answers as bytes, framed as aiohttp's server frames them (sans-IO).
+
+The gateway builds its answers as aiohttp ``web.Response`` objects (its errors, local answers
+and JSON lists) or relays Orion's answer with a header list; on the lean server these
+functions turn them into the bytes aiohttp would have written for the same request: the same
+header order, the ``Content-Length``, ``Content-Type``, ``Date``, ``Server`` and
+``Connection`` rules of aiohttp 3.14's ``StreamResponse._prepare_headers`` and
+``Response._start``, chunked framing when the length is not known. The differential test
+(``tests/integration/test_http_lean_server_differential.py``) holds the two to the same bytes.
+"""
+
+from __future__ import annotations
+
+from aiohttp import hdrs, web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
+from multidict import CIMultiDict
+
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+def _must_be_empty(method: str, status: int) -> bool:
+    return status in _NO_BODY_STATUS or 100 <= status < 200 or method == "HEAD"
+
+
+def head_bytes(method: str, status: int, reason: str, headers: CIMultiDict[str], length: int | None,
+               keep_alive: bool) -> tuple[bytes, bool]:
+    """(the answer's head, whether its body is chunked); ``headers`` is completed in place."""
+    empty = _must_be_empty(method, status)
+    chunked = False
+    if length is None and not empty:
+        chunked = True
+        headers[hdrs.TRANSFER_ENCODING] = "chunked"
+    if empty:
+        if hdrs.CONTENT_LENGTH in headers and (status in _NO_BODY_STATUS or 100 <= status < 200):
+            del headers[hdrs.CONTENT_LENGTH]
+        if hdrs.TRANSFER_ENCODING in headers:
+            del headers[hdrs.TRANSFER_ENCODING]
+    elif length != 0:
+        headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
+    if hdrs.DATE not in headers:
+        headers[hdrs.DATE] = rfc822_formatted_time()
+    headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
+    if hdrs.CONNECTION not in headers and not keep_alive:
+        headers[hdrs.CONNECTION] = "close"
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"), chunked
+
+
+def response_bytes(method: str, response: web.Response, keep_alive: bool) -> bytes:
+    """A whole ``web.Response`` (a body in bytes, or none) as aiohttp's server writes it."""
+    body = response.body
+    if body is not None and not isinstance(body, (bytes, bytearray)):
+        raise TypeError("the lean server writes answers whose body is bytes")
+    headers = CIMultiDict(response.headers)
+    status = response.status
+    if hdrs.CONTENT_LENGTH in headers:
+        if status in _NO_BODY_STATUS or 100 <= status < 200:
+            del headers[hdrs.CONTENT_LENGTH]
+    else:
+        size = len(body) if body else 0
+        if size or (status != 304 and method != "HEAD"):
+            headers[hdrs.CONTENT_LENGTH] = str(size)
+    length = int(headers[hdrs.CONTENT_LENGTH]) if hdrs.CONTENT_LENGTH in headers else None
+    head, _ = head_bytes(method, status, response.reason, headers, length if length is not None else 0,
+                         keep_alive)
+    if _must_be_empty(method, status) or not body:
+        return head
+    return head + bytes(body)

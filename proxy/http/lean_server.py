@@ -1,0 +1,540 @@
+"""The lean HTTP/1.1 server for the NGSI path: an ``asyncio.Protocol`` in front of aiohttp's.
+
+aiohttp's server costs more CPU per request than nginx's whole proxy (its request object,
+its stream reader, its response writer and the task per connection). Orion's clients send
+plain requests: this protocol reads their heads with llhttp (:mod:`.lean_head`), hands them
+to the gateway's handler as a small request object, and writes the answer as bytes framed as
+aiohttp frames them (:mod:`.lean_answer`). Anything else, from the first head it does not
+take (the ownership API, the portal, a chunked body, an upgrade, a head that does not parse,
+HTTP/1.0...), is aiohttp's: the connection is handed to the listener's
+:class:`~proxy.http.listener.DeadlineRequestHandler` with every byte not yet served, once the
+answers before it are written, and stays with it.
+
+The listener's promises hold here too:
+
+* a head within ``header_timeout_seconds`` of the connection or of the previous answer, else
+  408 (when part of one came) or a silent close;
+* a body within ``body_timeout_seconds`` of its head, else the gateway's 408 and a close;
+  a body over ``max_body_bytes`` is answered 413 unread, and the connection closed;
+* at most ``max_pipelined_requests`` requests read ahead of their answers: past that the
+  socket is not read until half of them are answered;
+* answers that the client does not read: the connection is aborted when its write buffer
+  has not drained within ``write_timeout_seconds``;
+* one place in ``max_connections`` per connection, given back once (by aiohttp's handler
+  after a hand-over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, cast
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.http.lean_answer import head_bytes, response_bytes
+from proxy.http.lean_head import Head, head_end, read_head
+from proxy.http.listener import ConnectionSlot, DeadlineRequestHandler, RequestTimeout, head_timeout_response
+
+if TYPE_CHECKING:
+    from proxy.http.gateway import GatewayHandler
+
+_WRITE_HIGH_WATER = 64 * 1024
+_COMPACT_AT = 64 * 1024
+
+
+class Relayed:
+    """What the gateway's handler returns when it has written the answer itself (a relay)."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, status: int):
+        self.status = status
+
+
+class LeanBody:
+    """A request body with a known length, as the gateway reads it (``iter_chunked``, ``read``)."""
+
+    __slots__ = ("_chunks", "_waiter", "_exception", "_eof")
+
+    def __init__(self, eof: bool = False) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._exception: BaseException | None = None
+        self._eof = eof
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def is_eof(self) -> bool:
+        return self._eof
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exception = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
+        while True:
+            if self._exception is not None:
+                raise self._exception
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                while len(chunk) > n:
+                    yield chunk[:n]
+                    chunk = chunk[n:]
+                yield chunk
+                continue
+            if self._eof:
+                return
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.iter_chunked(1 << 30)])
+
+
+_NO_BODY = LeanBody(eof=True)
+
+
+class LeanRequest:
+    """The request as the gateway's handler reads it: the subset of ``web.Request`` it uses."""
+
+    __slots__ = ("_connection", "method", "raw_path", "headers", "content_length", "body_exists", "content",
+                 "host", "keep_alive", "close_after", "answered")
+
+    def __init__(self, head: Head, connection: LeanConnection, body: LeanBody):
+        self._connection = connection
+        self.method = head.method
+        self.raw_path = head.target
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(head.headers))
+        self.content_length = head.content_length
+        self.body_exists = bool(head.content_length)
+        self.content = body
+        self.host = head.host
+        self.keep_alive = head.keep_alive
+        self.close_after = False   # the connection ends after this answer (its body was not read)
+        self.answered = False
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._connection.transport
+
+    @property
+    def remote(self) -> str | None:
+        return self._connection.remote
+
+    @property
+    def scheme(self) -> str:
+        return self._connection.scheme
+
+    async def relay(self, status: int, reason: str, headers: CIMultiDict[str], length: int | None,
+                    whole: bytes | None, chunks: AsyncIterator[bytes] | None) -> Relayed:
+        """Write an answer relayed from Orion: the head, then ``whole`` or the ``chunks``."""
+        head, chunked = head_bytes(self.method, status, reason, headers, length, self.keep_alive)
+        self.answered = True
+        write = self._connection.write
+        if self.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            await write(head)
+            return Relayed(status)
+        if whole is not None and chunks is None:
+            if length is not None:
+                whole = whole[:length]
+            await write(head + (b"%x\r\n%s\r\n0\r\n\r\n" % (len(whole), whole) if chunked and whole
+                                else b"0\r\n\r\n" if chunked else whole))
+            return Relayed(status)
+        await write(head)
+        left = length
+        if chunks is not None:
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                if left is not None:
+                    chunk = chunk[:left]
+                    left -= len(chunk)
+                    if not chunk:
+                        continue
+                await write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+        if chunked:
+            await write(b"0\r\n\r\n")
+        return Relayed(status)
+
+
+class LeanConnections:
+    """The lean server's open connections, and tallies of what it served and handed over."""
+
+    __slots__ = ("open", "served", "handed_over")
+
+    def __init__(self) -> None:
+        self.open: set[LeanConnection] = set()
+        self.served = 0        # requests answered on the lean server
+        self.handed_over = 0   # connections handed to aiohttp's server
+
+    def __iter__(self) -> Iterator[LeanConnection]:
+        return iter(list(self.open))
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+
+class _Handover:
+    """The place in the queue from which the connection is aiohttp's."""
+
+
+_HANDOVER = _Handover()
+
+
+class LeanConnection(asyncio.Protocol):
+    """One client connection on the lean server (see the module's docstring)."""
+
+    def __init__(self, gateway: GatewayHandler, *, prefixes: tuple[str, ...], header_timeout: float,
+                 body_timeout: float, write_timeout: float, max_pipelined: int, max_body: int,
+                 fallback: Callable[[ConnectionSlot | None], DeadlineRequestHandler],
+                 slot: ConnectionSlot | None = None,
+                 admit: Callable[[], ConnectionSlot | None] | None = None,
+                 registry: LeanConnections | None = None):
+        self._gateway = gateway
+        self._prefixes = prefixes
+        self._header_timeout = header_timeout
+        self._body_timeout = body_timeout
+        self._write_timeout = write_timeout
+        self._max_pipelined = max_pipelined
+        self._max_body = max_body
+        self._fallback = fallback
+        self._slot = slot
+        self._admit = admit
+        self._registry = registry
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.scheme = "http"
+        self._early: list[bytes] = []
+        self._made = False
+        self._closed = False
+        self._handed_over = False
+        self._shutting = False
+        self._buffer = bytearray()
+        self._pos = 0
+        self._stopped = False       # nothing more is parsed (hand-over, an unread body, a close)
+        self._held = False          # parsing waits for the queue to shrink (the pipelining cap)
+        self._body: LeanBody | None = None   # the body being received
+        self._body_left = 0
+        self._queue: collections.deque[LeanRequest | _Handover] = collections.deque()
+        self._current: LeanRequest | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self.peak_queued = 0     # most requests read ahead of their answers (tests and benchmarks)
+        self.request_count = 0   # heads read
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._admit is not None:
+            self._slot = self._admit()
+            if self._slot is None:
+                if isinstance(transport, asyncio.Transport):
+                    transport.abort()
+                else:
+                    transport.close()
+                self._closed = True
+                return
+        # A stream transport (uvloop's TLS transport is one without deriving from asyncio.Transport).
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self._made = True
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, (list, tuple)) and peer:
+            self.remote = str(peer[0])
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
+        if self._registry is not None:
+            self._registry.open.add(self)
+        self._task = self._loop.create_task(self._serve(), name="keygate-http-lean-connection")
+        self._arm_head_timer()
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._made:
+            self._early.append(data)   # TLS data before connection_made (see listener.DeadlineSite)
+            return
+        if self._closed:
+            return
+        self._buffer += data
+        if not self._stopped and not self._held:
+            self._parse()
+
+    def eof_received(self) -> bool | None:
+        # A half-close: the answers in progress are still written, then the connection ends (as aiohttp).
+        return None
+
+    def pause_writing(self) -> None:
+        self._drain = self._loop.create_future()
+        self._write_timer = self._loop.call_later(self._write_timeout, self._write_late)
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._handed_over:
+            return
+        self._closed = True
+        for timer in (self._head_timer, self._body_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = self._write_timer = None
+        lost = ConnectionResetError("Connection lost")
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(lost)
+            self._drain.exception()   # retrieved: nobody may be waiting
+        for request in [self._current, *self._queue]:
+            if isinstance(request, LeanRequest) and not request.content.is_eof():
+                request.content.set_exception(lost)
+        self._queue.clear()
+        self._wake()
+        if self._slot is not None:
+            self._slot.release()
+        if self._registry is not None:
+            self._registry.open.discard(self)
+
+    # ------------------------------------------------------------------ reading
+
+    def _parse(self) -> None:
+        buffer = self._buffer
+        while not self._stopped:
+            if self._body is not None:
+                take = min(self._body_left, len(buffer) - self._pos)
+                if not take:
+                    break
+                self._body.feed(bytes(buffer[self._pos:self._pos + take]))
+                self._pos += take
+                self._body_left -= take
+                if self._body_left:
+                    break
+                self._body.feed_eof()
+                self._body = None
+                if self._body_timer is not None:
+                    self._body_timer.cancel()
+                    self._body_timer = None
+                continue
+            if len(self._queue) >= self._max_pipelined:
+                self._held = True
+                self._pause_reading()
+                break
+            end = head_end(buffer, self._pos)
+            if end == -1:
+                break
+            head = read_head(bytes(buffer[self._pos:end]), self._prefixes) if end > 0 else "not lean"
+            if isinstance(head, str):
+                self._stopped = True
+                self._queue.append(_HANDOVER)
+                self._pause_reading()   # what comes next is aiohttp's to read
+                self._wake()
+                break
+            self._pos = end
+            self.request_count += 1
+            length = head.content_length or 0
+            if length > self._max_body:
+                request = LeanRequest(head, self, LeanBody())
+                request.close_after = True   # answered 413 unread: its body is never taken for a head
+                self._stopped = True
+                self._pause_reading()
+            elif length:
+                body = LeanBody()
+                request = LeanRequest(head, self, body)
+                self._body, self._body_left = body, length
+                if self._body_timer is not None:
+                    self._body_timer.cancel()
+                self._body_timer = self._loop.call_later(self._body_timeout, self._body_late, request)
+            else:
+                request = LeanRequest(head, self, _NO_BODY)
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            self._queue.append(request)
+            self.peak_queued = max(self.peak_queued, len(self._queue))
+            self._wake()
+        if self._pos and self._pos == len(buffer):
+            buffer.clear()
+            self._pos = 0
+        elif self._pos > _COMPACT_AT and not self._stopped:
+            del buffer[:self._pos]
+            self._pos = 0
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ answering
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _serve(self) -> None:
+        queue = self._queue
+        while not self._closed:
+            if not queue:
+                self._wakeup = self._loop.create_future()
+                try:
+                    await self._wakeup
+                finally:
+                    self._wakeup = None
+                continue
+            item = queue.popleft()
+            if self._held and len(queue) <= self._max_pipelined // 2:
+                self._held = False
+                self._resume_reading()
+                self._parse()
+            if isinstance(item, _Handover):
+                self._hand_over()
+                return
+            self._current = item
+            if self._registry is not None:
+                self._registry.served += 1
+            try:
+                keep = await self._answer(item)
+            except ConnectionResetError:   # the client went away mid-answer; the gateway has audited it
+                keep = False
+            finally:
+                self._current = None
+            if not keep or self._closed or self._shutting:
+                self._close()
+                return
+            if not queue:
+                self._arm_head_timer()
+
+    async def _answer(self, request: LeanRequest) -> bool:
+        """Serve one request; whether the connection may carry another."""
+        response = await self._gateway.handle(request)
+        keep = request.keep_alive and not request.close_after
+        if not request.answered:
+            request.answered = True
+            if not isinstance(response, web.Response):
+                raise TypeError("the gateway answered the lean server with an unprepared stream")
+            await self.write(response_bytes(request.method, response, request.keep_alive))
+            if response.headers.get("Connection", "").lower() == "close":
+                keep = False
+        return keep
+
+    async def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self._closed or transport.is_closing():
+            raise ConnectionResetError("Connection lost")
+        transport.write(data)
+        if self._drain is not None:
+            await self._drain
+
+    def _close(self) -> None:
+        self._closed = True
+        self._wake()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def shut(self) -> asyncio.Task[None] | None:
+        """End the connection after the answer in progress (the listener is stopping); its task."""
+        self._shutting = True
+        if self._current is None and not self._queue:
+            self._close()
+        return self._task
+
+    def _hand_over(self) -> None:
+        """From here the connection is aiohttp's: its handler gets the transport, the slot and
+        every byte not served (the head handed over and what followed)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        for timer in (self._head_timer, self._body_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = self._write_timer = None
+        self._handed_over = True
+        if self._registry is not None:
+            self._registry.open.discard(self)
+            self._registry.handed_over += 1
+        rest = bytes(self._buffer[self._pos:])
+        self._buffer = bytearray()
+        handler = self._fallback(self._slot)
+        self._slot = None
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if rest:
+            handler.data_received(rest)
+        transport.resume_reading()
+
+    # ------------------------------------------------------------------ deadlines
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self._loop.call_later(self._header_timeout, self._head_late)
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self._closed or self._current is not None or self._queue:
+            return
+        if self._pos < len(self._buffer) and self.transport is not None:
+            self.transport.write(head_timeout_response(self._header_timeout))
+        self._close()
+
+    def _body_late(self, request: LeanRequest) -> None:
+        self._body_timer = None
+        if request.content.is_eof() or self._closed:
+            return
+        self._stopped = True   # what is left of the body is not waited for
+        if request is self._current:
+            request.close_after = True
+            request.content.set_exception(RequestTimeout(
+                reason=f"the request body did not arrive within {self._body_timeout:g} seconds",
+                headers={"Connection": "close"}))
+        else:
+            self._close()   # queued behind another request: nothing to say
+
+    def _write_late(self) -> None:
+        # The client has read nothing of its answers for write_timeout: what is buffered will not leave.
+        self._write_timer = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ------------------------------------------------------------------ tests and benchmarks
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def __repr__(self) -> str:
+        return f"<LeanConnection {self.remote} requests={self.request_count} queued={len(self._queue)}>"
+
+
+def lean_prefixes(*paths: str | None) -> tuple[str, ...]:
+    """The mounted prefixes (the ownership API, the portal) as the lean head check compares them."""
+    return tuple(p.rstrip("/") for p in paths if p)
+
