@@ -360,6 +360,8 @@ def scenario_table(rows: list[Row], name: str) -> str:
         header.append(f"keygate / {MODE_LABEL[base]}")
         if name == "http":
             header.append("keygate / direct")
+            if "relay" in modes:
+                header.append("keygate / relay")
     body = []
     for case in cases:
         for metric, label, fmt, _ in cols:
@@ -371,6 +373,9 @@ def scenario_table(rows: list[Row], name: str) -> str:
                 if name == "http":
                     line.append(ratio(median(rows, name, case, "keygate", metric),
                                       median(rows, name, case, "direct", metric)))
+                    if "relay" in modes:
+                        line.append(ratio(median(rows, name, case, "keygate", metric),
+                                          median(rows, name, case, "relay", metric)))
             body.append(line)
     return _table(header, body)
 

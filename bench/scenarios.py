@@ -305,8 +305,8 @@ def http(stack: Stack, sz: Sizes, case: str, mode: str, rep: int) -> Row:
     # CPU per request of each process on the path (user + system from /proc/<pid>/stat, children
     # included: nginx's worker): unlike requests/s, not capped by whichever process saturates a core first.
     pids = {"upstream": stack.pid("standin")}
-    if mode in ("nginx", "keygate"):
-        pids["proxy"] = stack.pid(mode)
+    if mode in ("nginx", "keygate", "relay"):
+        pids["proxy"] = stack.pid("http-relay" if mode == "relay" else mode)
     before = {k: proc_tree_cpu_seconds(p) for k, p in pids.items()}
     res = run_load("httpload", spec, timeout=sz.http_seconds + 90)
     after = {k: proc_tree_cpu_seconds(p) for k, p in pids.items()}
@@ -498,7 +498,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("memory", "Memory per idle TLS connection", ("direct-tls", "relay", "keygate"),
              lambda s: [" / ".join(f"{c:,}" for c in s.idle_counts) + " connections"], idle_memory,
              reps=lambda s: 1, before=_restart_keygate),
-    Scenario("http", "HTTP: authorized NGSI requests", ("direct", "nginx", "keygate"),
+    Scenario("http", "HTTP: authorized NGSI requests", ("direct", "nginx", "relay", "keygate"),
              lambda s: ["GET", "PATCH"], http),
     Scenario("identity", "Identity micro-benchmarks (in process)", ("keygate",), _identity_cases, identity,
              reps=lambda s: 1),

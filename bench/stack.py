@@ -145,6 +145,8 @@ class Stack:
     nginx_port: int = 0
     relay: subprocess.Popen | None = None
     relay_port: int = 0
+    http_relay: subprocess.Popen | None = None   # the same relay in front of the NGSI stand-in
+    http_relay_port: int = 0
     keygate: subprocess.Popen | None = None
     keygate_mqtt_port: int = 0
     keygate_http_port: int = 0
@@ -191,11 +193,12 @@ class Stack:
     def http_base(self, mode: str) -> str:
         return {"direct": f"http://127.0.0.1:{self.standin_port}",
                 "nginx": f"https://127.0.0.1:{self.nginx_port}",
-                "keygate": f"https://127.0.0.1:{self.keygate_http_port}"}[mode]
+                "keygate": f"https://127.0.0.1:{self.keygate_http_port}",
+                "relay": f"https://127.0.0.1:{self.http_relay_port}"}[mode]
 
     def pid(self, what: str) -> int:
         procs = {"broker": self.started_broker.proc, "keygate": self.keygate, "relay": self.relay,
-                 "nginx": self.nginx, "standin": self.standin}
+                 "nginx": self.nginx, "standin": self.standin, "http-relay": self.http_relay}
         return self._running(procs[what], what).pid
 
     def device(self, k: int) -> str:
@@ -215,11 +218,13 @@ class Stack:
         if http:
             self._start_standin()
             self._start_nginx()
+            self.http_relay, self.http_relay_port = self._relay_to(f"127.0.0.1:{self.standin_port}", "http-relay")
         self.start_keygate(http=http)
 
     def stop(self) -> None:
         _stop(self.keygate)
         _stop(self.relay)
+        _stop(self.http_relay)
         _stop(self.nginx)
         _stop(self.standin)
         if self.broker is not None:
@@ -243,14 +248,17 @@ class Stack:
         _wait_port(self.broker_tls_port, self.started_broker.proc)
 
     def _start_relay(self) -> None:
-        self.relay_port = _free_port()
-        log = open(self.workdir / "relay.log", "wb")
+        self.relay, self.relay_port = self._relay_to(self.started_broker.address, "relay")
+
+    def _relay_to(self, upstream: str, name: str) -> tuple[subprocess.Popen, int]:
+        port = _free_port()
+        log = open(self.workdir / f"{name}.log", "wb")
         pki = self.started_pki
-        self.relay = subprocess.Popen([PYTHON, "-m", "bench.relay", "--listen", str(self.relay_port),
-                                       "--upstream", self.started_broker.address, "--cert", str(pki.server_cert),
-                                       "--key", str(pki.server_key)], cwd=REPO, stdout=log,
-                                      stderr=subprocess.STDOUT)
-        _wait_port(self.relay_port, self.relay)
+        proc = subprocess.Popen([PYTHON, "-m", "bench.relay", "--listen", str(port), "--upstream", upstream,
+                                 "--cert", str(pki.server_cert), "--key", str(pki.server_key)], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT)
+        _wait_port(port, proc)
+        return proc, port
 
     def _start_standin(self) -> None:
         self.standin_port = _free_port()

@@ -146,6 +146,7 @@ def _header_value(text: str) -> str:
     return quote(text, safe=" !#$&'()*+,-./:;<=>?@[]^_`{|}~")
 
 
+@functools.lru_cache(maxsize=4096)   # the same entities are read and written again and again
 def _quote_path(path: str) -> str:
     return "/".join(quote(seg, safe="!$&'()*+,;=:@-._~") for seg in path.split("/"))
 

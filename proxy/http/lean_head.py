@@ -71,12 +71,14 @@ def lean_target(target: str, prefixes: tuple[str, ...]) -> bool:
     """Whether aiohttp would route ``target`` to the gateway's catch-all with this very raw path."""
     if not (target.startswith("/v2/") or target == "/v2" or target.startswith("/v2?")):
         return False
-    if not target.isascii() or any(c in target for c in "%#\\ \t"):
+    if not target.isascii() or _ODD_TARGET.search(target) is not None:
         return False
     path = target.split("?", 1)[0]
-    if "/./" in path + "/" or "/../" in path + "/" or path.endswith(("/.", "/..")):
-        return False
     return not any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+# An encoding, a fragment, a backslash, white space, or a dot segment (before the query).
+_ODD_TARGET = re.compile(r"[%#\\\s]|/\.\.?(?:/|\?|$)")
 
 
 def read_head(head: bytes, prefixes: tuple[str, ...]) -> Head | str:

@@ -238,6 +238,7 @@ class LeanConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_due: float | None = None   # when the next head is late (None: one is in)
         self._body_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self.peak_queued = 0     # most requests read ahead of their answers (tests and benchmarks)
@@ -372,9 +373,7 @@ class LeanConnection(asyncio.Protocol):
                 self._body_timer = self._loop.call_later(self._body_timeout, self._body_late, request)
             else:
                 request = LeanRequest(head, self, _NO_BODY)
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+            self._head_due = None   # the timer stays: re-arming it for each request costs more than a late wake-up
             self._queue.append(request)
             self.peak_queued = max(self.peak_queued, len(self._queue))
             self._wake()
@@ -493,13 +492,17 @@ class LeanConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ deadlines
 
     def _arm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        self._head_timer = self._loop.call_later(self._header_timeout, self._head_late)
+        self._head_due = self._loop.time() + self._header_timeout
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_at(self._head_due, self._head_late)
 
     def _head_late(self) -> None:
         self._head_timer = None
-        if self._closed or self._current is not None or self._queue:
+        due = self._head_due
+        if due is None or self._closed or self._current is not None or self._queue:
+            return
+        if self._loop.time() < due:   # a later deadline than the one this timer was set for
+            self._head_timer = self._loop.call_at(due, self._head_late)
             return
         if self._pos < len(self._buffer) and self.transport is not None:
             self.transport.write(head_timeout_response(self._header_timeout))

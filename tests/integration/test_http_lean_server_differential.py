@@ -56,8 +56,9 @@ def _server_requests(token: str) -> list[tuple[str, list[bytes]]]:
         ("keep-alive sequence, one by one", [read, patch, body, last]),
         ("a body in pieces", [patch, body[:5], body[5:20], body[20:] + last]),
         ("a head in pieces", [read[:7], read[7:30], read[30:] + last]),
-        ("a body over the cap, unread", [(f"PUT /v2/entities/a-1/attrs HTTP/1.1\r\n{close}Content-Type: application/json"
-                                          "\r\nContent-Length: 5000\r\n\r\n").encode() + b"x" * 5000]),
+        ("a body over the cap, unread",
+         [(f"PUT /v2/entities/a-1/attrs HTTP/1.1\r\n{close}Content-Type: application/json"
+           "\r\nContent-Length: 5000\r\n\r\n").encode() + b"x" * 5000]),
         ("a denied write's body is skipped, not parsed as a head",
          [(f"PATCH /v2/entities/b-1/attrs HTTP/1.1\r\n{keep}Content-Type: application/json\r\n"
            "Content-Length: 40\r\n\r\n").encode() + b"GET /v2/entities/b-1 HTTP/1.1\r\nHost: x\r\n\r\n" + last]),
