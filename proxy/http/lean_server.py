@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, cast
 
@@ -41,7 +42,13 @@ from proxy.http.listener import ConnectionSlot, DeadlineRequestHandler, RequestT
 if TYPE_CHECKING:
     from proxy.http.gateway import GatewayHandler
 
+log = logging.getLogger("keygate.http")
+
 _WRITE_HIGH_WATER = 64 * 1024
+#: Body bytes that have arrived and not been read, past which the socket is not read until the
+#: gateway has read half of them (as aiohttp's stream reader): a client that pipelines requests
+#: with bodies holds at most this much of them per connection, not max_pipelined bodies.
+_BODY_HIGH_WATER = 256 * 1024
 _COMPACT_AT = 64 * 1024
 
 
@@ -55,19 +62,39 @@ class Relayed:
 
 
 class LeanBody:
-    """A request body with a known length, as the gateway reads it (``iter_chunked``, ``read``)."""
+    """A request body with a known length, as the gateway reads it (``iter_chunked``, ``read``).
 
-    __slots__ = ("_chunks", "_waiter", "_exception", "_eof")
+    ``size`` is what has arrived and not been read; ``on_size`` is told of each change, so the
+    connection can stop and start reading the socket (see :data:`_BODY_HIGH_WATER`)."""
 
-    def __init__(self, eof: bool = False) -> None:
+    __slots__ = ("_chunks", "_waiter", "_exception", "_eof", "_discarding", "size", "_on_size")
+
+    def __init__(self, eof: bool = False, on_size: Callable[[int], None] | None = None) -> None:
         self._chunks: collections.deque[bytes] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._exception: BaseException | None = None
         self._eof = eof
+        self._discarding = False
+        self.size = 0
+        self._on_size = on_size
+
+    def _resize(self, delta: int) -> None:
+        self.size += delta
+        if self._on_size is not None:
+            self._on_size(delta)
 
     def feed(self, data: bytes) -> None:
+        if self._discarding:
+            return
         self._chunks.append(data)
+        self._resize(len(data))
         self._wake()
+
+    def discard(self) -> None:
+        """Nobody reads the rest (the request is answered): what arrives of it is dropped."""
+        self._discarding = True
+        self._chunks.clear()
+        self._resize(-self.size)
 
     def feed_eof(self) -> None:
         self._eof = True
@@ -90,6 +117,7 @@ class LeanBody:
                 raise self._exception
             if self._chunks:
                 chunk = self._chunks.popleft()
+                self._resize(-len(chunk))
                 while len(chunk) > n:
                     yield chunk[:n]
                     chunk = chunk[n:]
@@ -143,9 +171,18 @@ class LeanRequest:
 
     async def relay(self, status: int, reason: str, headers: CIMultiDict[str], length: int | None,
                     whole: bytes | None, chunks: AsyncIterator[bytes] | None) -> Relayed:
-        """Write an answer relayed from Orion: the head, then ``whole`` or the ``chunks``."""
+        """Write an answer relayed from Orion: the head, then ``whole`` or the ``chunks``. An answer
+        broken off (Orion went away mid-body) ends the connection: the client cannot tell where."""
         head, chunked = head_bytes(self.method, status, reason, headers, length, self.keep_alive)
         self.answered = True
+        try:
+            return await self._relay(status, head, chunked, length, whole, chunks)
+        except BaseException:
+            self.close_after = True
+            raise
+
+    async def _relay(self, status: int, head: bytes, chunked: bool, length: int | None, whole: bytes | None,
+                     chunks: AsyncIterator[bytes] | None) -> Relayed:
         write = self._connection.write
         if self.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
             await write(head)
@@ -226,10 +263,13 @@ class LeanConnection(asyncio.Protocol):
         self._closed = False
         self._handed_over = False
         self._shutting = False
+        self._handing_over = False   # the bytes from the head handed over on are kept for aiohttp
         self._buffer = bytearray()
         self._pos = 0
         self._stopped = False       # nothing more is parsed (hand-over, an unread body, a close)
         self._held = False          # parsing waits for the queue to shrink (the pipelining cap)
+        self._body_full = False     # parsing waits for the gateway to read bodies (_BODY_HIGH_WATER)
+        self._unread = 0            # body bytes arrived and not read, all requests together
         self._body: LeanBody | None = None   # the body being received
         self._body_left = 0
         self._queue: collections.deque[LeanRequest | _Handover] = collections.deque()
@@ -278,14 +318,14 @@ class LeanConnection(asyncio.Protocol):
         if not self._made:
             self._early.append(data)   # TLS data before connection_made (see listener.DeadlineSite)
             return
-        if self._closed:
-            return
+        if self._closed or (self._stopped and not self._handing_over):
+            return   # closing after the answer in progress: nothing more of this client is read
         self._buffer += data
-        if not self._stopped and not self._held:
+        if not self._stopped and not self._held and not self._body_full:
             self._parse()
 
     def eof_received(self) -> bool | None:
-        # A half-close: the answers in progress are still written, then the connection ends (as aiohttp).
+        # A half-close ends the connection, answers in progress with it (as on aiohttp's server).
         return None
 
     def pause_writing(self) -> None:
@@ -334,13 +374,18 @@ class LeanConnection(asyncio.Protocol):
                 self._body.feed(bytes(buffer[self._pos:self._pos + take]))
                 self._pos += take
                 self._body_left -= take
-                if self._body_left:
+                if not self._body_left:
+                    self._body.feed_eof()
+                    self._body = None
+                    if self._body_timer is not None:
+                        self._body_timer.cancel()
+                        self._body_timer = None
+                if self._unread >= _BODY_HIGH_WATER:
+                    self._body_full = True
+                    self._pause_reading()
                     break
-                self._body.feed_eof()
-                self._body = None
-                if self._body_timer is not None:
-                    self._body_timer.cancel()
-                    self._body_timer = None
+                if self._body is not None:
+                    break   # the rest of it has not come yet
                 continue
             if len(self._queue) >= self._max_pipelined:
                 self._held = True
@@ -351,7 +396,7 @@ class LeanConnection(asyncio.Protocol):
                 break
             head = read_head(bytes(buffer[self._pos:end]), self._prefixes) if end > 0 else "not lean"
             if isinstance(head, str):
-                self._stopped = True
+                self._stopped = self._handing_over = True
                 self._queue.append(_HANDOVER)
                 self._pause_reading()   # what comes next is aiohttp's to read
                 self._wake()
@@ -365,7 +410,7 @@ class LeanConnection(asyncio.Protocol):
                 self._stopped = True
                 self._pause_reading()
             elif length:
-                body = LeanBody()
+                body = LeanBody(on_size=self._body_resized)
                 request = LeanRequest(head, self, body)
                 self._body, self._body_left = body, length
                 if self._body_timer is not None:
@@ -383,6 +428,14 @@ class LeanConnection(asyncio.Protocol):
         elif self._pos > _COMPACT_AT and not self._stopped:
             del buffer[:self._pos]
             self._pos = 0
+
+    def _body_resized(self, delta: int) -> None:
+        self._unread += delta
+        if delta < 0 and self._body_full and self._unread <= _BODY_HIGH_WATER // 2:
+            self._body_full = False
+            if not self._held and not self._stopped:
+                self._resume_reading()
+                self._parse()
 
     def _pause_reading(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -411,8 +464,9 @@ class LeanConnection(asyncio.Protocol):
             item = queue.popleft()
             if self._held and len(queue) <= self._max_pipelined // 2:
                 self._held = False
-                self._resume_reading()
-                self._parse()
+                if not self._body_full:
+                    self._resume_reading()
+                    self._parse()
             if isinstance(item, _Handover):
                 self._hand_over()
                 return
@@ -423,8 +477,13 @@ class LeanConnection(asyncio.Protocol):
                 keep = await self._answer(item)
             except ConnectionResetError:   # the client went away mid-answer; the gateway has audited it
                 keep = False
+            except Exception:   # a defect here: this connection ends, the server goes on
+                log.exception("HTTP lean server: answering %s %s failed", item.method, item.raw_path[:200])
+                keep = False
             finally:
                 self._current = None
+            if not item.content.is_eof():
+                item.content.discard()   # what is left of its body is read off the socket and dropped
             if not keep or self._closed or self._shutting:
                 self._close()
                 return
@@ -435,14 +494,14 @@ class LeanConnection(asyncio.Protocol):
         """Serve one request; whether the connection may carry another."""
         response = await self._gateway.handle(request)
         keep = request.keep_alive and not request.close_after
-        if not request.answered:
-            request.answered = True
-            if not isinstance(response, web.Response):
-                raise TypeError("the gateway answered the lean server with an unprepared stream")
-            await self.write(response_bytes(request.method, response, request.keep_alive))
-            if response.headers.get("Connection", "").lower() == "close":
-                keep = False
-        return keep
+        if request.answered:
+            # Relayed in full, or broken off (then the gateway's error answer cannot follow it).
+            return keep and isinstance(response, Relayed)
+        request.answered = True
+        if not isinstance(response, web.Response):
+            raise TypeError("the gateway answered the lean server with an unprepared stream")
+        await self.write(response_bytes(request.method, response, request.keep_alive))
+        return keep and response.headers.get("Connection", "").lower() != "close"
 
     async def write(self, data: bytes) -> None:
         transport = self.transport
@@ -532,6 +591,11 @@ class LeanConnection(asyncio.Protocol):
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes read from the client that the gateway has not taken: unparsed, and bodies not read."""
+        return len(self._buffer) - self._pos + self._unread
 
     def __repr__(self) -> str:
         return f"<LeanConnection {self.remote} requests={self.request_count} queued={len(self._queue)}>"
