@@ -75,6 +75,35 @@ def _line(frame: str) -> str:
     return f"{path}:{m.group('line') or '?'} {m.group('func')}"
 
 
+# The HTTP path, part by part: a sample counts for the part its innermost Python frame belongs to
+# (native work a frame calls into, such as a TLS write and its send(), counts for that frame).
+_HTTP_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("writes to the client (TLS record, send)", ("LeanConnection.write ", "SSLObject.write ")),
+    ("lean HTTP server: heads, framing, the connection", ("proxy/http/lean_",)),
+    ("upstream client to Orion", ("proxy/http/upstream.py",)),
+    ("checks: token, NGSI analysis, plan, policy, ownership",
+     ("proxy/http/plan.py", "proxy/http/ngsi.py", "proxy/http/auth.py", "proxy/policy/", "proxy/identity/",
+      "ownership/", "proxy/ssrf.py", "proxy/facts")),
+    ("gateway glue: path, query, headers, answers", ("proxy/http/gateway.py", "urllib/parse.py", "multidict",
+                                                     "yarl")),
+    ("audit line and metrics", ("proxy/audit.py", "proxy/http/outcomes.py", "prometheus_client", "json/")),
+    ("event loop, tasks, TLS layer", ("asyncio/", "uvloop", "ssl.py", "Runner.run", "selectors.py")),
+    ("aiohttp (handed-over connections, the app)", ("aiohttp/",)),
+)
+
+
+def http_parts(self_time: Counter[str], total: int) -> list[str]:
+    """Self time grouped into the parts of the HTTP path (empty when no sample is on it)."""
+    parts: Counter[str] = Counter()
+    for frame, n in self_time.items():
+        part = next((name for name, marks in _HTTP_PARTS if any(m in frame for m in marks)), "other")
+        parts[part] += n
+    if not any(n for name, n in parts.items() if name != "other" and "loop" not in name):
+        return []
+    out = ["", "| self | part of the HTTP path |", "| ---: | --- |"]
+    return out + [f"| {100 * n / total:.1f}% | {name} |" for name, n in parts.most_common()]
+
+
 def summarize(path: Path, top: int = 15) -> str:
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -102,6 +131,8 @@ def summarize(path: Path, top: int = 15) -> str:
     out += [f"| {100 * n / total:.1f}% | `{f}` |" for f, n in inclusive.most_common(top)]
     out += ["", "| self | line |", "| ---: | --- |"]
     out += [f"| {100 * n / total:.1f}% | `{f}` |" for f, n in lines.most_common(10)]
+    if path.stem.startswith("http"):
+        out += http_parts(self_time, total)
     return "\n".join(out) + "\n"
 
 

@@ -1,5 +1,10 @@
 """The HTTP listener: aiohttp's server, with deadlines for slow clients (slowloris).
 
+Connections start on the lean server for the NGSI path (:mod:`.lean_server`, given to
+:class:`DeadlineSite` as ``lean``), which keeps the same deadlines and limits itself and hands
+aiohttp's :class:`DeadlineRequestHandler` every connection it does not serve; what follows is
+about aiohttp's side.
+
 What aiohttp (3.14) offers, and what it does not:
 
 * ``keepalive_timeout`` (default 3630 s) is armed when a connection is made and
