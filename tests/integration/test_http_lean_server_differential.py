@@ -20,8 +20,7 @@ import pytest
 
 from ownership.api import create_api_app
 from proxy.http.gateway import HttpGateway
-from tests.integration.http_rig import build_services, close_services
-from tests.integration.test_http_upstream_differential import Recorder, _config, _dechunk, _requests
+from tests.integration.test_http_upstream_differential import _dechunk, _requests, gateway_pair
 
 pytestmark = pytest.mark.integration
 
@@ -97,24 +96,11 @@ def _server_requests(token: str) -> list[tuple[str, list[bytes]]]:
 
 @pytest.fixture
 async def pair(tmp_path, oidc):
-    recorder = Recorder()
-    await recorder.start()
-    services, tokens = await build_services(_config(f"http://127.0.0.1:{recorder.port}", tmp_path), oidc)
-    alice = await services.tokens.validate(tokens["alice"])
-    bob = await services.tokens.validate(tokens["bob"])
-    await services.ownership.register_device(alice, {"id": "a-1", "type": "Thermometer"})
-    await services.ownership.register_device(alice, {"id": "a-2", "type": "Thermometer"})
-    await services.ownership.register_device(bob, {"id": "b-1", "type": "Thermometer"})
-    gateways = {name: HttpGateway(services, create_api_app(services), server=name) for name in ("lean", "aiohttp")}
-    for gateway in gateways.values():
-        await gateway.start()
-    try:
-        yield recorder, gateways, tokens["alice"]
-    finally:
-        for gateway in gateways.values():
-            await gateway.stop()
-        await close_services(services)
-        await recorder.stop()
+    def make(services, name):
+        return HttpGateway(services, create_api_app(services), server=name)
+
+    async with gateway_pair(tmp_path, oidc, make, ("lean", "aiohttp")) as made:
+        yield made
 
 
 def _cases(token: str) -> list[tuple[str, list[bytes]]]:

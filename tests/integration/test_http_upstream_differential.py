@@ -13,8 +13,10 @@ both Content-Length and Transfer-Encoding, a method override.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,8 +184,11 @@ def _requests(token: str) -> list[tuple[str, bytes]]:
     ]
 
 
-@pytest.fixture
-async def pair(tmp_path, oidc):
+@contextlib.asynccontextmanager
+async def gateway_pair(tmp_path: Path, oidc: Any, make: Callable[[Any, str], HttpGateway],
+                       names: tuple[str, str]) -> AsyncIterator[tuple[Recorder, dict[str, HttpGateway], str]]:
+    """Two gateways on the same services (alice owns a-1 and a-2, bob b-1) before one recorder;
+    ``make(services, name)`` builds each."""
     recorder = Recorder()
     await recorder.start()
     services, tokens = await build_services(_config(f"http://127.0.0.1:{recorder.port}", tmp_path), oidc)
@@ -192,7 +197,7 @@ async def pair(tmp_path, oidc):
     await services.ownership.register_device(alice, {"id": "a-1", "type": "Thermometer"})
     await services.ownership.register_device(alice, {"id": "a-2", "type": "Thermometer"})
     await services.ownership.register_device(bob, {"id": "b-1", "type": "Thermometer"})
-    gateways = {name: HttpGateway(services, client=name) for name in ("lean", "aiohttp")}
+    gateways = {name: make(services, name) for name in names}
     for gateway in gateways.values():
         await gateway.start()
     try:
@@ -202,6 +207,13 @@ async def pair(tmp_path, oidc):
             await gateway.stop()
         await close_services(services)
         await recorder.stop()
+
+
+@pytest.fixture
+async def pair(tmp_path, oidc):
+    async with gateway_pair(tmp_path, oidc, lambda services, name: HttpGateway(services, client=name),
+                            ("lean", "aiohttp")) as made:
+        yield made
 
 
 async def test_the_lean_client_sends_orion_the_same_bytes_and_answers_the_same(pair):
