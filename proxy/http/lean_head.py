@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
 
 #: Longest request line and longest header name or value aiohttp's parser takes (its defaults).
 MAX_LINE = 8190
@@ -43,7 +44,7 @@ class Head:
 
     method: str
     target: str                            # as sent: the raw path and query
-    headers: tuple[tuple[str, str], ...]   # names and values as sent, in order
+    headers: CIMultiDictProxy[str]         # names and values as sent, in order (read-only)
     host: str
     content_length: int | None
     keep_alive: bool
@@ -133,7 +134,7 @@ def read_head(head: bytes, prefixes: tuple[str, ...]) -> Head | str:
         if len(lengths) != 1 or not lengths[0].isascii() or not lengths[0].isdigit() or len(lengths[0]) > 18:
             return "Content-Length"
         length = int(lengths[0])
-    return Head(method, target, tuple(headers), hosts[0], length, keep_alive)
+    return Head(method, target, CIMultiDictProxy(CIMultiDict(headers)), hosts[0], length, keep_alive)
 
 
 def head_end(buffer: bytes | bytearray, start: int) -> int:

@@ -50,6 +50,8 @@ _WRITE_HIGH_WATER = 64 * 1024
 #: with bodies holds at most this much of them per connection, not max_pipelined bodies.
 _BODY_HIGH_WATER = 256 * 1024
 _COMPACT_AT = 64 * 1024
+_CACHED_HEAD = 4096    # longest head kept in the cache of heads read
+_CACHED_HEADS = 1024   # heads kept, all connections of a listener together (then it starts again)
 
 
 class Relayed:
@@ -148,7 +150,7 @@ class LeanRequest:
         self._connection = connection
         self.method = head.method
         self.raw_path = head.target
-        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(head.headers))
+        self.headers: CIMultiDictProxy[str] = head.headers
         self.content_length = head.content_length
         self.body_exists = bool(head.content_length)
         self.content = body
@@ -213,10 +215,12 @@ class LeanRequest:
 class LeanConnections:
     """The lean server's open connections, and tallies of what it served and handed over."""
 
-    __slots__ = ("open", "served", "handed_over")
+    __slots__ = ("open", "served", "handed_over", "heads")
 
     def __init__(self) -> None:
         self.open: set[LeanConnection] = set()
+        # Heads read, by their bytes: clients send the same head again and again (a Head is immutable).
+        self.heads: dict[bytes, Head] = {}
         self.served = 0        # requests answered on the lean server
         self.handed_over = 0   # connections handed to aiohttp's server
 
@@ -254,6 +258,7 @@ class LeanConnection(asyncio.Protocol):
         self._slot = slot
         self._admit = admit
         self._registry = registry
+        self._heads = registry.heads if registry is not None else None
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
@@ -394,7 +399,13 @@ class LeanConnection(asyncio.Protocol):
             end = head_end(buffer, self._pos)
             if end == -1:
                 break
-            head = read_head(bytes(buffer[self._pos:end]), self._prefixes) if end > 0 else "not lean"
+            raw = bytes(buffer[self._pos:end]) if end > 0 else b""
+            known = self._heads.get(raw) if self._heads is not None else None
+            head: Head | str = known if known is not None else read_head(raw, self._prefixes) if raw else "not lean"
+            if known is None and isinstance(head, Head) and self._heads is not None and len(raw) <= _CACHED_HEAD:
+                if len(self._heads) >= _CACHED_HEADS:
+                    self._heads.clear()
+                self._heads[raw] = head
             if isinstance(head, str):
                 self._stopped = self._handing_over = True
                 self._queue.append(_HANDOVER)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import re
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -48,14 +49,20 @@ class UpstreamTimeout(UpstreamError, TimeoutError):
 def request_head(method: str, target: str, host: str, headers: list[tuple[str, str]],
                  body: bytes | AsyncIterator[bytes] | None) -> bytes:
     """The request head as the old path (aiohttp's client) wrote it for the same call."""
+    return _request_head(method, target, host, tuple(headers), body is None, body is not None)
+
+
+@functools.lru_cache(maxsize=1024)   # clients repeat their requests: the same head, byte for byte
+def _request_head(method: str, target: str, host: str, headers: tuple[tuple[str, str], ...], bodiless: bool,
+                  has_body: bool) -> bytes:
     names = {name.lower() for name, _ in headers}
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
     lines += [f"{n}: {v}" for n, v in headers]
     if "accept" not in names:
         lines.append("Accept: */*")
-    if body is None and method not in _GET_METHODS and "content-length" not in names:
+    if bodiless and method not in _GET_METHODS and "content-length" not in names:
         lines.append("Content-Length: 0")
-    if "content-type" not in names and (method in _POST_METHODS or body is not None):
+    if "content-type" not in names and (method in _POST_METHODS or has_body):
         lines.append("Content-Type: application/octet-stream")
     # Header names and values come from parsed requests and quoted identities: a control
     # character (CR, LF, NUL...) in one would be a bug elsewhere, and a CR/LF would split the

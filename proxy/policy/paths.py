@@ -27,6 +27,7 @@ forwards this form (re-quoted per segment), never the raw path.
 
 from __future__ import annotations
 
+import functools
 import re
 
 __all__ = ["PathError", "normalize_path", "split_path"]
@@ -75,6 +76,7 @@ def _decode_segment(raw: str) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=4096)   # the HTTP gateway normalises the same few paths again and again
 def normalize_path(raw: str) -> str:
     """The canonical decoded path for ``raw``; raises :class:`PathError`."""
     if not raw.startswith("/"):
