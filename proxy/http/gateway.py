@@ -123,6 +123,7 @@ _CHUNK = 65536
 _SUBSCRIPTION_FETCH_CONCURRENCY = 16
 _IDENTITY_BLOCKS = 4096
 _UPSTREAM_CONNECTIONS = 256   # to Orion at most, both clients together (proxy.app.HTTP_UPSTREAM_DESCRIPTORS)
+_UPSTREAM_HEADER_MEMO = 8    # upstream header lists kept per request head (identities, tenants, peers)
 _SHUTDOWN_SECONDS = 10.0      # for the answers in progress on the lean server when the listener stops
 _SIDE_CONNECTIONS = 32        # of which the aiohttp client's, beside the lean pool
 
@@ -418,6 +419,21 @@ class GatewayHandler:
 
     def _upstream_headers(self, request: Request, identity: Identity, tenant: str,
                           rewritten: bool) -> CIMultiDict[str]:
+        """The headers Orion gets; the same for the same head, identity, tenant and connection, so
+        a lean request keeps them with its head (``memo``) for the next one."""
+        memo = request.memo if isinstance(request, LeanRequest) else None
+        if memo is None:
+            return self._build_upstream_headers(request, identity, tenant, rewritten)
+        key = (identity, tenant, rewritten, request.remote, request.scheme)
+        built = memo.get(key)
+        if built is None:
+            if len(memo) >= _UPSTREAM_HEADER_MEMO:
+                memo.clear()
+            built = memo[key] = tuple(self._build_upstream_headers(request, identity, tenant, rewritten).items())
+        return CIMultiDict(built)
+
+    def _build_upstream_headers(self, request: Request, identity: Identity, tenant: str,
+                                rewritten: bool) -> CIMultiDict[str]:
         connection_named = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in request.headers.items():

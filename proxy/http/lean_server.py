@@ -30,7 +30,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -144,9 +144,9 @@ class LeanRequest:
     """The request as the gateway's handler reads it: the subset of ``web.Request`` it uses."""
 
     __slots__ = ("_connection", "method", "raw_path", "headers", "content_length", "body_exists", "content",
-                 "host", "keep_alive", "close_after", "answered")
+                 "host", "keep_alive", "close_after", "answered", "memo")
 
-    def __init__(self, head: Head, connection: LeanConnection, body: LeanBody):
+    def __init__(self, head: Head, connection: LeanConnection, body: LeanBody, memo: dict[Any, Any] | None = None):
         self._connection = connection
         self.method = head.method
         self.raw_path = head.target
@@ -158,6 +158,9 @@ class LeanRequest:
         self.keep_alive = head.keep_alive
         self.close_after = False   # the connection ends after this answer (its body was not read)
         self.answered = False
+        # What the gateway derived from this very head before (the upstream headers), for the
+        # next request with the same bytes; None when the head is not kept.
+        self.memo = memo
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -219,8 +222,9 @@ class LeanConnections:
 
     def __init__(self) -> None:
         self.open: set[LeanConnection] = set()
-        # Heads read, by their bytes: clients send the same head again and again (a Head is immutable).
-        self.heads: dict[bytes, Head] = {}
+        # Heads read, by their bytes: clients send the same head again and again (a Head is
+        # immutable), each with what the gateway derived from it (LeanRequest.memo).
+        self.heads: dict[bytes, tuple[Head, dict[Any, Any]]] = {}
         self.served = 0        # requests answered on the lean server
         self.handed_over = 0   # connections handed to aiohttp's server
 
@@ -401,11 +405,17 @@ class LeanConnection(asyncio.Protocol):
                 break
             raw = bytes(buffer[self._pos:end]) if end > 0 else b""
             known = self._heads.get(raw) if self._heads is not None else None
-            head: Head | str = known if known is not None else read_head(raw, self._prefixes) if raw else "not lean"
-            if known is None and isinstance(head, Head) and self._heads is not None and len(raw) <= _CACHED_HEAD:
-                if len(self._heads) >= _CACHED_HEADS:
-                    self._heads.clear()
-                self._heads[raw] = head
+            memo: dict[Any, Any] | None = None
+            if known is not None:
+                head: Head | str = known[0]
+                memo = known[1]
+            else:
+                head = read_head(raw, self._prefixes) if raw else "not lean"
+                if isinstance(head, Head) and self._heads is not None and len(raw) <= _CACHED_HEAD:
+                    if len(self._heads) >= _CACHED_HEADS:
+                        self._heads.clear()
+                    memo = {}
+                    self._heads[raw] = (head, memo)
             if isinstance(head, str):
                 self._stopped = self._handing_over = True
                 self._queue.append(_HANDOVER)
@@ -416,19 +426,19 @@ class LeanConnection(asyncio.Protocol):
             self.request_count += 1
             length = head.content_length or 0
             if length > self._max_body:
-                request = LeanRequest(head, self, LeanBody())
+                request = LeanRequest(head, self, LeanBody(), memo)
                 request.close_after = True   # answered 413 unread: its body is never taken for a head
                 self._stopped = True
                 self._pause_reading()
             elif length:
                 body = LeanBody(on_size=self._body_resized)
-                request = LeanRequest(head, self, body)
+                request = LeanRequest(head, self, body, memo)
                 self._body, self._body_left = body, length
                 if self._body_timer is not None:
                     self._body_timer.cancel()
                 self._body_timer = self._loop.call_later(self._body_timeout, self._body_late, request)
             else:
-                request = LeanRequest(head, self, _NO_BODY)
+                request = LeanRequest(head, self, _NO_BODY, memo)
             self._head_due = None   # the timer stays: re-arming it for each request costs more than a late wake-up
             self._queue.append(request)
             self.peak_queued = max(self.peak_queued, len(self._queue))

@@ -314,6 +314,41 @@ class _Connection(asyncio.Protocol):
             self.pool.forget(self)
 
 
+class _Slots:
+    """A counting semaphore without asyncio's per-call bookkeeping (``Semaphore.locked`` scans
+    its waiters on every acquire): a free slot is taken at once, else the first waiter gets the
+    next one given back."""
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, limit: int):
+        self._free = limit
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()   # given a slot, but gone before taking it: the next one has it
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+
 class UpstreamPool:
     """Keep-alive connections to one ``http://host:port`` upstream, at most ``limit`` at once
     (as the old client's connector), the most recently used first."""
@@ -325,7 +360,7 @@ class UpstreamPool:
         self.loop = asyncio.get_running_loop()
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
-        self._slots = asyncio.Semaphore(limit)
+        self._slots = _Slots(limit)
         self._held: dict[_Connection, bool] = {}
 
     async def _connection(self) -> _Connection:
