@@ -136,6 +136,14 @@ class BodyTooLarge(Exception):
     pass
 
 
+def _broken_off(request: web.Request) -> ConnectionResetError:
+    """Orion's answer broke off after its head went to the client: the client cannot be told (an
+    error answer would land inside the body it is reading), so its connection is ended."""
+    if request.transport is not None:
+        request.transport.close()
+    return ConnectionResetError("the context broker broke off its answer")
+
+
 class _UpstreamRefused(Exception):
     def __init__(self, status: int):
         super().__init__(status)
@@ -684,9 +692,12 @@ class GatewayHandler:
             response.content_length = upstream.content_length
         self._cors(request, response)
         await response.prepare(request)
-        if request.method != "HEAD":
-            async for chunk in upstream.content.iter_chunked(_CHUNK):
-                await response.write(chunk)
+        try:
+            if request.method != "HEAD":
+                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                    await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _broken_off(request) from exc
         await response.write_eof()
         return response
 
@@ -715,8 +726,11 @@ class GatewayHandler:
         elif upstream.complete:
             await response.write_eof(await upstream.read())
         else:
-            async for chunk in upstream.chunks():
-                await response.write(chunk)
+            try:
+                async for chunk in upstream.chunks():
+                    await response.write(chunk)
+            except (UpstreamError, TimeoutError) as exc:
+                raise _broken_off(request) from exc
             await response.write_eof()
         return response
 
@@ -881,7 +895,7 @@ class HttpGateway:
         prefixes = lean_prefixes(http.api_prefix, self.services.config.portal.path)
 
         def lean(slot: ConnectionSlot | None, admit: Callable[[], ConnectionSlot | None] | None,
-                 fallback: Callable[[ConnectionSlot | None], DeadlineRequestHandler]) -> asyncio.Protocol:
+                 fallback: Callable[[ConnectionSlot | None, float | None], DeadlineRequestHandler]) -> asyncio.Protocol:
             return LeanConnection(gateway, prefixes=prefixes, header_timeout=http.header_timeout_seconds,
                                   body_timeout=http.body_timeout_seconds, write_timeout=http.write_timeout_seconds,
                                   max_pipelined=http.max_pipelined_requests, max_body=http.max_body_bytes,

@@ -14,8 +14,8 @@ all of these hold (else :func:`read_head` says why it is handed over):
   not under the ownership API's or the portal's prefix: for such a target the raw path is
   the decoded one, so aiohttp's router would send it to the same catch-all handler.
 
-Header names and values are decoded as aiohttp's parser decodes them (UTF-8 with
-``surrogateescape``), so the gateway reads the same strings on either server.
+Header names and values are UTF-8 (a head with any other byte sequence is aiohttp's), decoded
+as aiohttp's parser decodes them, so the gateway reads the same strings on either server.
 """
 
 from __future__ import annotations
@@ -115,8 +115,11 @@ def read_head(head: bytes, prefixes: tuple[str, ...]) -> Head | str:
     for raw_name, raw_value in fields.fields:
         if len(raw_name) > MAX_LINE or len(raw_value) > MAX_LINE:
             return "field too long"
-        name = raw_name.decode("utf-8", "surrogateescape")
-        value = raw_value.decode("utf-8", "surrogateescape")
+        try:   # not UTF-8: aiohttp reads it (with surrogate escapes) and answers it
+            name = raw_name.decode("utf-8")
+            value = raw_value.decode("utf-8")
+        except UnicodeDecodeError:
+            return "not UTF-8"
         low = name.lower()
         if low in _REFUSED_HEADERS:
             return low

@@ -37,7 +37,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.http.lean_answer import head_bytes, response_bytes
 from proxy.http.lean_head import Head, head_end, read_head
-from proxy.http.listener import ConnectionSlot, DeadlineRequestHandler, RequestTimeout, head_timeout_response
+from proxy.http.listener import (
+    ConnectionSlot,
+    DeadlineRequestHandler,
+    RequestTimeout,
+    abort_if_not_drained,
+    head_timeout_response,
+)
 
 if TYPE_CHECKING:
     from proxy.http.gateway import GatewayHandler
@@ -50,6 +56,10 @@ _WRITE_HIGH_WATER = 64 * 1024
 #: with bodies holds at most this much of them per connection, not max_pipelined bodies.
 _BODY_HIGH_WATER = 256 * 1024
 _COMPACT_AT = 64 * 1024
+#: Reads of one head without its end after which it is aiohttp's: each read rescans the head
+#: here, so a head sent a byte at a time would cost quadratic time (clients send a head in a read
+#: or two; a TLS record boundary may make it three).
+_MAX_PARTIAL_READS = 8
 _CACHED_HEAD = 4096    # longest head kept in the cache of heads read
 _CACHED_HEADS = 1024   # heads kept, all connections of a listener together (then it starts again)
 
@@ -247,7 +257,7 @@ class LeanConnection(asyncio.Protocol):
 
     def __init__(self, gateway: GatewayHandler, *, prefixes: tuple[str, ...], header_timeout: float,
                  body_timeout: float, write_timeout: float, max_pipelined: int, max_body: int,
-                 fallback: Callable[[ConnectionSlot | None], DeadlineRequestHandler],
+                 fallback: Callable[[ConnectionSlot | None, float | None], DeadlineRequestHandler],
                  slot: ConnectionSlot | None = None,
                  admit: Callable[[], ConnectionSlot | None] | None = None,
                  registry: LeanConnections | None = None):
@@ -273,6 +283,7 @@ class LeanConnection(asyncio.Protocol):
         self._handed_over = False
         self._shutting = False
         self._handing_over = False   # the bytes from the head handed over on are kept for aiohttp
+        self._partial_reads = 0      # reads that brought part of a head and not its end
         self._buffer = bytearray()
         self._pos = 0
         self._stopped = False       # nothing more is parsed (hand-over, an unread body, a close)
@@ -402,7 +413,11 @@ class LeanConnection(asyncio.Protocol):
                 break
             end = head_end(buffer, self._pos)
             if end == -1:
-                break
+                self._partial_reads += 1
+                if self._partial_reads <= _MAX_PARTIAL_READS:
+                    break
+                end = -2   # a head dripped in pieces: aiohttp's parser reads it incrementally, not this scan
+            self._partial_reads = 0
             raw = bytes(buffer[self._pos:end]) if end > 0 else b""
             known = self._heads.get(raw) if self._heads is not None else None
             memo: dict[Any, Any] | None = None
@@ -503,8 +518,9 @@ class LeanConnection(asyncio.Protocol):
                 keep = False
             finally:
                 self._current = None
-            if not item.content.is_eof():
-                item.content.discard()   # what is left of its body is read off the socket and dropped
+            # What is left of its body (arrived or to come) is dropped: nobody reads it any more, and
+            # it must not count against the bodies read ahead.
+            item.content.discard()
             if not keep or self._closed or self._shutting:
                 self._close()
                 return
@@ -537,6 +553,7 @@ class LeanConnection(asyncio.Protocol):
         self._wake()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+            abort_if_not_drained(self._loop, self.transport, self._write_timeout)
 
     def shut(self) -> asyncio.Task[None] | None:
         """End the connection after the answer in progress (the listener is stopping); its task."""
@@ -561,7 +578,8 @@ class LeanConnection(asyncio.Protocol):
             self._registry.handed_over += 1
         rest = bytes(self._buffer[self._pos:])
         self._buffer = bytearray()
-        handler = self._fallback(self._slot)
+        # A head begun here is still due when it was (a head dripped in, then handed over, gets no new deadline).
+        handler = self._fallback(self._slot, self._head_due)
         self._slot = None
         transport.set_protocol(handler)
         handler.connection_made(transport)

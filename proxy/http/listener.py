@@ -60,7 +60,7 @@ import asyncio
 import json
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_parser import HttpRequestParser
@@ -78,6 +78,19 @@ def head_timeout_response(seconds: float) -> bytes:
                        "description": f"the request head did not arrive within {seconds:g} seconds"}).encode()
     return (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def abort_if_not_drained(loop: asyncio.AbstractEventLoop, transport: asyncio.BaseTransport, seconds: float) -> None:
+    """After ``transport.close()``: a close waits for the write buffer to drain, which a client that
+    reads nothing never lets happen (below the high-water mark no write deadline runs). What is
+    still buffered after ``seconds`` is given up: the connection is aborted."""
+    stream = cast(asyncio.Transport, transport)   # a stream transport (uvloop's TLS one without the base class)
+    try:
+        buffered = stream.get_write_buffer_size()
+    except AttributeError:   # asyncio's TLS transport once its connection is gone: nothing is buffered
+        return
+    if buffered:
+        loop.call_later(seconds, stream.abort)   # a no-op once it has closed
 
 
 class ConnectionSlot:
@@ -100,12 +113,14 @@ class DeadlineRequestHandler(RequestHandler):
     """aiohttp's protocol, plus the 408 for a late head, the body and write deadlines and the pipelining cap."""
 
     __slots__ = ("_body_timeout", "_body_timer", "_body_payload", "_head_started", "_late_head_response",
-                 "_write_timeout", "_write_timer", "_slot", "_admit", "_made", "_early", "peak_queued")
+                 "_write_timeout", "_write_timer", "_slot", "_admit", "_made", "_early", "peak_queued", "_head_due")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  write_timeout: float = 30.0, max_pipelined: int = 16, slot: ConnectionSlot | None = None,
-                 admit: Callable[[], ConnectionSlot | None] | None = None, **kwargs: Any):
+                 admit: Callable[[], ConnectionSlot | None] | None = None, head_due: float | None = None,
+                 **kwargs: Any):
         super().__init__(manager, keepalive_timeout=header_timeout, **kwargs)
+        self._head_due = head_due   # handed over by the lean server with a head begun: still due then
         self._body_timeout = body_timeout
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_payload: Any = None
@@ -138,6 +153,10 @@ class DeadlineRequestHandler(RequestHandler):
             # The TLS layer buffers up to 512 KiB of answers by default before it pauses the writer; as the socket.
             transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         super().connection_made(transport)
+        if self._head_due is not None and self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._next_keepalive_close_time = self._head_due
+            self._keepalive_handle = self._loop.call_at(self._head_due, self._process_keepalive)
         early, self._early = self._early, []
         for data in early:
             self.data_received(data)
@@ -166,6 +185,17 @@ class DeadlineRequestHandler(RequestHandler):
     @property
     def request_count(self) -> int:
         return self._request_count
+
+    def force_close(self) -> None:
+        transport = self.transport
+        super().force_close()
+        if transport is not None:
+            abort_if_not_drained(self._loop, transport, self._write_timeout)
+
+    async def start(self) -> None:
+        await super().start()
+        if self.transport is not None and self.transport.is_closing():   # closed at the end of its requests
+            abort_if_not_drained(self._loop, self.transport, self._write_timeout)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -274,7 +304,7 @@ class _StartTls(asyncio.Protocol):
 #: Builds a lean connection: (its slot or None, the admission when it has none, the aiohttp
 #: handler to hand over to).
 LeanFactory = Callable[[ConnectionSlot | None, Callable[[], ConnectionSlot | None] | None,
-                        Callable[[ConnectionSlot | None], DeadlineRequestHandler]], asyncio.Protocol]
+                        Callable[[ConnectionSlot | None, float | None], DeadlineRequestHandler]], asyncio.Protocol]
 
 
 class DeadlineSite(web.TCPSite):
@@ -320,11 +350,12 @@ class DeadlineSite(web.TCPSite):
         def admit() -> ConnectionSlot | None:
             return ConnectionSlot(self._count) if self._count[0] < self._max_connections else None
 
-        def aiohttp_handler(slot: ConnectionSlot | None) -> DeadlineRequestHandler:
+        def aiohttp_handler(slot: ConnectionSlot | None, head_due: float | None = None) -> DeadlineRequestHandler:
             return DeadlineRequestHandler(server, loop=loop, header_timeout=self._header_timeout,
                                           body_timeout=self._body_timeout, write_timeout=self._write_timeout,
                                           max_pipelined=self._max_pipelined, slot=slot,
-                                          admit=admit if slot is None else None, **handler_kwargs)
+                                          admit=admit if slot is None else None, head_due=head_due,
+                                          **handler_kwargs)
 
         def handler(slot: ConnectionSlot | None) -> asyncio.Protocol:
             if self._lean is None:
