@@ -62,6 +62,9 @@ _COMPACT_AT = 64 * 1024
 _MAX_PARTIAL_READS = 8
 _CACHED_HEAD = 4096    # longest head kept in the cache of heads read
 _CACHED_HEADS = 1024   # heads kept, all connections of a listener together (then it starts again)
+# Most fields of a head kept: a parsed field costs several times its bytes, so 1024 heads of many
+# short fields would hold ~6x the 4 MiB of their bytes (outside review, round 2).
+_CACHED_HEAD_FIELDS = 32
 
 
 class Relayed:
@@ -426,7 +429,8 @@ class LeanConnection(asyncio.Protocol):
                 memo = known[1]
             else:
                 head = read_head(raw, self._prefixes) if raw else "not lean"
-                if isinstance(head, Head) and self._heads is not None and len(raw) <= _CACHED_HEAD:
+                if isinstance(head, Head) and self._heads is not None and len(raw) <= _CACHED_HEAD \
+                        and len(head.headers) <= _CACHED_HEAD_FIELDS:
                     if len(self._heads) >= _CACHED_HEADS:
                         self._heads.clear()
                     memo = {}
