@@ -146,11 +146,24 @@ __all__ = ["HELD_PACKET_OVERHEAD", "Policies", "Session"]
 
 # The arguments of fastpath.client_publishes after the chunk (cache, max size, v5, answered, limiter, sub).
 ClientLane = tuple[fastpath.PublishCache, int, bool, set[int], RateLimiter | None, str]
-# The common call's commands, made as the dataclass __init__ would, less its frame (see _client_chunk_open).
+# The common call's commands, made as the dataclass __init__ would, less its frame (see client_data).
 _NEW = object.__new__
 _SET_CLIENT_ITEMS = SendToClient.__dict__["items"].__set__
 _SET_BROKER_ITEMS = SendToBroker.__dict__["items"].__set__
 _SET_COUNTS = CountMetrics.__dict__["counts"].__set__
+# The fast paths' counts by packets per chunk: (allowed, forwarded) n times is the same frozen
+# record every time, so each n's is made once (most chunks hold one packet, or a few).
+_PUBLISH_COUNTS: dict[int, CountMetrics] = {}
+_DELIVERY_COUNTS: dict[int, CountMetrics] = {}
+_FAST_COUNTS_KEPT = 256  # the n's remembered per direction; a larger n makes its record each time
+
+
+def _fast_counts(kept: dict[int, CountMetrics], allowed: Metric, moved: Metric, n: int) -> CountMetrics:
+    counts = _NEW(CountMetrics)
+    _SET_COUNTS(counts, ((allowed, n), (moved, n)))
+    if n <= _FAST_COUNTS_KEPT:
+        kept[n] = counts
+    return counts
 
 T = PacketType
 
@@ -214,7 +227,7 @@ class Session:
         # Off only to compare the fast paths with the full path (tests/unit/test_mqtt_fastpath.py).
         self._fast_paths = fast_paths
         self._fast_chunks = 0  # chunks the fast paths passed packets of (fast_path_chunks)
-        # Set once OPEN with the fast paths on (see _client_chunk_open): the publish fast path's
+        # Set once OPEN with the fast paths on (see client_data): the publish fast path's
         # arguments, fixed for the connection's life; whether the delivery one runs, and for v5.
         self._client_lane: ClientLane | None = None
         self._broker_lane = False
@@ -300,7 +313,8 @@ class Session:
         """What :meth:`next_deadline` and :attr:`reading_paused` depend on besides activity
         (which only moves the keepalive deadline later): a shell that keeps a timer at the
         last deadline needs to look again only when this changes, or when the timer fires."""
-        return (self._phase, self.identity, self.keepalive, self._timers.horizon)
+        # (the attributes behind the properties: the shell reads this once per chunk)
+        return (self._phase, self._cx.identity, self._handshake.keepalive, self._timers.horizon)
 
     def next_deadline(self) -> float | None:
         if self.closed:
@@ -320,11 +334,9 @@ class Session:
         """The one entry point: what happened → what the shell must do, in order
         (:data:`proxy.mqtt.commands.ORDER`). After the session has closed, nothing."""
         if type(event) is ClientData:
-            lane = self._client_lane
-            if lane is not None:
-                return self._client_chunk_open(event.data, lane)
-        elif type(event) is BrokerData and self._broker_lane:
-            return self._broker_chunk_open(event.data)
+            return self.client_data(event.data)
+        if type(event) is BrokerData:
+            return self.broker_data(event.data)
         acts = Output()
         if not self.closed:
             _HANDLERS[type(event)](self, acts, event)
@@ -348,14 +360,22 @@ class Session:
 
     # ----------------------------------------------------------------- an open connection's chunks
 
-    # The common call, a chunk read on an open connection, on its own: no Output, no handler
-    # lookup, its commands built without the dataclass __init__ (a Python frame and an
-    # object.__setattr__ per field). The checks are the full path's, in the same order: the
+    # The common call, a chunk read on an open connection, on its own: no event, no Output, no
+    # handler lookup, its commands built without the dataclass __init__ (a Python frame and an
+    # object.__setattr__ per field), the counts of a whole chunk of fast-path packets one shared
+    # record per count (_fast_counts). The checks are the full path's, in the same order: the
     # deadlines first (a decision or a grant that ended sends the chunk to the full path, which
     # expires them), then the fast path's walk (fastpath.py), then the full path from where it
     # stopped. At a call's start no record or count is pending (every call takes them).
 
-    def _client_chunk_open(self, data: Buffer, lane: ClientLane) -> list[Command]:
+    def client_data(self, data: Buffer) -> list[Command]:
+        """``handle(ClientData(data))`` without the event object (the shell's call per read)."""
+        lane = self._client_lane
+        if lane is None:
+            acts = Output()
+            if not self.closed:
+                self._client_data(acts, data)
+            return self._commands(acts)
         now = self.clock()
         if now >= self._decisions.until or now >= self._timers.horizon or self._client_framer.buffered:
             return self._commands(self._client_data(Output(), data))
@@ -368,10 +388,8 @@ class Session:
             if pos == len(view):
                 self._cx.summary.published += n
                 send = _NEW(SendToBroker)
-                _SET_BROKER_ITEMS(send, [view[:pos]])
-                counts = _NEW(CountMetrics)
-                _SET_COUNTS(counts, [(ALLOWED_PUBLISH, n), (TO_BROKER, n)])
-                return [send, counts]
+                _SET_BROKER_ITEMS(send, [view])
+                return [send, _PUBLISH_COUNTS.get(n) or _fast_counts(_PUBLISH_COUNTS, ALLOWED_PUBLISH, TO_BROKER, n)]
             self._cx.published += n
             self._cx.forwarded += n
         acts = Output()
@@ -381,7 +399,13 @@ class Session:
         self._client_chunk(acts, view, pos, now)
         return self._commands(acts)
 
-    def _broker_chunk_open(self, data: Buffer) -> list[Command]:
+    def broker_data(self, data: Buffer) -> list[Command]:
+        """``handle(BrokerData(data))`` without the event object (the shell's call per read)."""
+        if not self._broker_lane:
+            acts = Output()
+            if not self.closed:
+                self._broker_data(acts, data)
+            return self._commands(acts)
         now = self.clock()
         if now >= self._decisions.until or now >= self._timers.horizon or self._broker_framer.buffered:
             return self._commands(self._broker_data(Output(), data))
@@ -392,10 +416,8 @@ class Session:
             if pos == len(view):
                 self._cx.summary.delivered += n
                 send = _NEW(SendToClient)
-                _SET_CLIENT_ITEMS(send, [view[:pos]])
-                counts = _NEW(CountMetrics)
-                _SET_COUNTS(counts, [(ALLOWED_RECEIVE, n), (TO_CLIENT, n)])
-                return [send, counts]
+                _SET_CLIENT_ITEMS(send, [view])
+                return [send, _DELIVERY_COUNTS.get(n) or _fast_counts(_DELIVERY_COUNTS, ALLOWED_RECEIVE, TO_CLIENT, n)]
             self._cx.delivered += n
             self._cx.handed += n
         acts = Output()
