@@ -59,11 +59,12 @@ class Connection:
 
     __slots__ = ("gateway", "client", "session", "websocket", "upstream", "_pending_upstream", "_dialing",
                  "_auth_task", "_timer", "_timer_at", "_client_pauses", "_broker_paused", "closed",
-                 "close_reason", "_seen_inputs", "address", "peer_key", "__weakref__")
+                 "close_reason", "_seen_inputs", "address", "peer_key", "_client_tls", "__weakref__")
 
     def __init__(self, gateway: MqttGateway, transport: Transport, session: Session, *, websocket: bool = False):
         self.gateway = gateway
         self.client = transport
+        self._client_tls = type(transport) is TlsClientSide
         self.session = session
         self.websocket = websocket
         self.upstream: asyncio.Transport | None = None
@@ -155,7 +156,8 @@ class Connection:
                     else:
                         count_metrics(((metric, n),))
             elif kind is SendToClient:
-                if not self.client.is_closing():
+                # (the TLS side drops a write after its close itself: no is_closing call first)
+                if self._client_tls or not self.client.is_closing():
                     items = cmd.items  # type: ignore[attr-defined]
                     self.client.write(items[0] if len(items) == 1 and type(items[0]) is bytes else b"".join(items))
             elif kind is AuditRecords:

@@ -377,7 +377,7 @@ class Session:
                 self._client_data(acts, data)
             return self._commands(acts)
         now = self.clock()
-        if now >= self._decisions.until or now >= self._timers.horizon or self._client_framer.buffered:
+        if now >= self._decisions.until or now >= self._timers.horizon or self._client_framer.pending:
             return self._commands(self._client_data(Output(), data))
         view = data if type(data) is memoryview and data.format == "B" and data.ndim == 1 else codec.byte_view(data)
         cache, max_size, v5, answered, limiter, sub = lane
@@ -407,7 +407,7 @@ class Session:
                 self._broker_data(acts, data)
             return self._commands(acts)
         now = self.clock()
-        if now >= self._decisions.until or now >= self._timers.horizon or self._broker_framer.buffered:
+        if now >= self._decisions.until or now >= self._timers.horizon or self._broker_framer.pending:
             return self._commands(self._broker_data(Output(), data))
         view = data if type(data) is memoryview and data.format == "B" and data.ndim == 1 else codec.byte_view(data)
         pos, n = fastpath.broker_deliveries(view, self._subs.exact, self._decisions.receive, self._v5)
