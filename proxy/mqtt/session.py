@@ -224,6 +224,12 @@ class Session:
             config=config, context=self._cx, will=self._will, wallclock=wallclock, random_hex=random_hex,
             token_leeway=token_leeway, credential_problem=credential_problem, admit_connect=admit_connect,
             upstream_password=config.upstream_password if upstream_password is None else upstream_password)
+        #: What :meth:`next_deadline` and :attr:`reading_paused` depend on besides activity (which
+        #: only moves the keepalive deadline later): a shell that keeps a timer at the last deadline
+        #: needs to look again only when this changes, or when the timer fires. A plain attribute,
+        #: read by the shell once per chunk: set again by every call but the fast paths' (which
+        #: change none of it) on its way out (_commands).
+        self.deadline_inputs: tuple[object, ...] = self._inputs()
         # Off only to compare the fast paths with the full path (tests/unit/test_mqtt_fastpath.py).
         self._fast_paths = fast_paths
         self._fast_chunks = 0  # chunks the fast paths passed packets of (fast_path_chunks)
@@ -308,12 +314,7 @@ class Session:
         """True once the broker's CONNACK has been passed to the client (authenticated, open)."""
         return self._phase is OPEN
 
-    @property
-    def deadline_inputs(self) -> tuple[object, ...]:
-        """What :meth:`next_deadline` and :attr:`reading_paused` depend on besides activity
-        (which only moves the keepalive deadline later): a shell that keeps a timer at the
-        last deadline needs to look again only when this changes, or when the timer fires."""
-        # (the attributes behind the properties: the shell reads this once per chunk)
+    def _inputs(self) -> tuple[object, ...]:
         return (self._phase, self._cx.identity, self._handshake.keepalive, self._timers.horizon)
 
     def next_deadline(self) -> float | None:
@@ -344,6 +345,7 @@ class Session:
 
     def _commands(self, acts: Output) -> list[Command]:
         """The call's commands, in ORDER."""
+        self.deadline_inputs = self._inputs()  # (what this call changed is done by now)
         counts = None
         if self._cx.published or self._cx.forwarded or self._cx.delivered or self._cx.handed or self._cx.counts:
             counts = self._cx.take_counts()
