@@ -1,7 +1,10 @@
 """The per-connection MQTT gateway state machine (sans-IO).
 
 One :class:`Session` per client connection, with one entry point:
-``session.handle(event) -> list[Command]``. The asyncio shell feeds it the events of
+``session.handle(event) -> list[Command]`` (and, for the event of every read,
+``session.client_data(data)`` / ``session.broker_data(data)``: the same as
+``handle(ClientData(data))`` / ``handle(BrokerData(data))``, without making the event).
+The asyncio shell feeds it the events of
 :mod:`proxy.mqtt.events` and carries out the commands of :mod:`proxy.mqtt.commands`
 (in the order of the list, :data:`~proxy.mqtt.commands.ORDER`); the session never
 touches a socket, the audit log, a metric, a clock it was not given, or the event loop.
@@ -332,7 +335,7 @@ class Session:
         self._phase = advance(self._phase, phase)
 
     def handle(self, event: Event) -> list[Command]:
-        """The one entry point: what happened → what the shell must do, in order
+        """The entry point: what happened → what the shell must do, in order
         (:data:`proxy.mqtt.commands.ORDER`). After the session has closed, nothing."""
         if type(event) is ClientData:
             return self.client_data(event.data)
