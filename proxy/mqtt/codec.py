@@ -213,12 +213,14 @@ class Framer:
 
     def __init__(self, max_packet_size: int):
         self.max_packet_size = max_packet_size
-        self._pending = bytearray()
+        # The start of a packet split across chunks (read it, never write it: the fast paths'
+        # "is anything held?" is a truth test of this, without a property call).
+        self.pending = bytearray()
         self._need = 0  # total length of the pending packet, 0 while its header is incomplete
 
     @property
     def buffered(self) -> int:
-        return len(self._pending)
+        return len(self.pending)
 
     def feed(self, data: bytes | bytearray | memoryview, start: int = 0) -> list[Frame]:
         """The packets in ``data`` from offset ``start`` (a caller that consumed the
@@ -235,7 +237,7 @@ class Framer:
 
     def _cut(self, mv: memoryview, pos: int, out: list[Frame]) -> list[Frame]:
         end = len(mv)
-        if self._pending:
+        if self.pending:
             if pos:
                 raise RuntimeError("feed from an offset with a packet pending")
             pos = self._complete_pending(mv, out)
@@ -258,7 +260,7 @@ class Framer:
                         hlen = 0
                 if hlen and total <= max_size:
                     if pos + total > end:
-                        self._pending += mv[pos:end]
+                        self.pending += mv[pos:end]
                         self._need = total
                         break
                     out.append(Frame(byte1 >> 4, byte1 & 0x0F, mv[pos:pos + total], hlen, pos, pos + total))
@@ -266,7 +268,7 @@ class Framer:
                     continue
             hdr = parse_header(mv, pos, end, max_size)
             if hdr is None or pos + hdr[3] > end:
-                self._pending += mv[pos:end]
+                self.pending += mv[pos:end]
                 self._need = hdr[3] if hdr else 0
                 break
             ptype, flags, hlen, total = hdr
@@ -279,21 +281,21 @@ class Framer:
         pos = 0
         end = len(mv)
         while not self._need:
-            hdr = parse_header(self._pending, 0, len(self._pending), self.max_packet_size)
+            hdr = parse_header(self.pending, 0, len(self.pending), self.max_packet_size)
             if hdr is not None:
                 self._need = hdr[3]
                 break
             if pos >= end:
                 return -1
-            self._pending.append(mv[pos])  # the header is at most 5 bytes: byte by byte is fine
+            self.pending.append(mv[pos])  # the header is at most 5 bytes: byte by byte is fine
             pos += 1
-        take = min(self._need - len(self._pending), end - pos)
-        self._pending += mv[pos:pos + take]
+        take = min(self._need - len(self.pending), end - pos)
+        self.pending += mv[pos:pos + take]
         pos += take
-        if len(self._pending) < self._need:
+        if len(self.pending) < self._need:
             return -1
-        raw = bytes(self._pending)
-        self._pending.clear()
+        raw = bytes(self.pending)
+        self.pending.clear()
         self._need = 0
         ptype, flags, hlen, _ = parse_header(raw, 0, len(raw), self.max_packet_size)  # type: ignore[misc]
         out.append(Frame(ptype, flags, memoryview(raw), hlen, -1, -1))

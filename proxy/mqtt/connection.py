@@ -42,7 +42,7 @@ from proxy.mqtt.commands import (
 )
 from proxy.mqtt.events import Buffer
 from proxy.mqtt.session import Session
-from proxy.mqtt.shell_metrics import BYTES_IN, BYTES_OUT, CONNECTIONS_CLOSED, count_metrics
+from proxy.mqtt.shell_metrics import BYTES_IN, BYTES_OUT, CONNECTIONS_CLOSED, TALLIED, count_metrics
 from proxy.mqtt.sockets import BrokerSide, TlsClientSide, close_upstream, joined
 from proxy.mqtt.transport import Transport
 
@@ -59,11 +59,12 @@ class Connection:
 
     __slots__ = ("gateway", "client", "session", "websocket", "upstream", "_pending_upstream", "_dialing",
                  "_auth_task", "_timer", "_timer_at", "_client_pauses", "_broker_paused", "closed",
-                 "close_reason", "_seen_inputs", "address", "peer_key", "__weakref__")
+                 "close_reason", "_seen_inputs", "address", "peer_key", "_client_tls", "__weakref__")
 
     def __init__(self, gateway: MqttGateway, transport: Transport, session: Session, *, websocket: bool = False):
         self.gateway = gateway
         self.client = transport
+        self._client_tls = type(transport) is TlsClientSide
         self.session = session
         self.websocket = websocket
         self.upstream: asyncio.Transport | None = None
@@ -86,7 +87,7 @@ class Connection:
         if self.closed:
             return
         BYTES_IN.value += len(data)
-        self.apply(self.session.handle(ev.ClientData(data)))
+        self.apply(self.session.client_data(data))  # handle(ClientData(data)), without the event
 
     def client_lost(self, exc: Exception | None) -> None:
         self._teardown()  # tells the session first (its Will may have to be discarded)
@@ -96,7 +97,7 @@ class Connection:
         if self.closed:
             return
         BYTES_OUT.value += len(data)
-        self.apply(self.session.handle(ev.BrokerData(data)))
+        self.apply(self.session.broker_data(data))
 
     def broker_lost(self, exc: Exception | None) -> None:
         self.upstream = None
@@ -139,17 +140,26 @@ class Connection:
             return
         for cmd in commands:
             kind = type(cmd)
-            if kind is SendToClient:
-                if not self.client.is_closing():
-                    self.client.write(joined(cmd.items))  # type: ignore[attr-defined]
-            elif kind is SendToBroker:
-                data = joined(cmd.items)  # type: ignore[attr-defined]
+            if kind is SendToBroker:
+                items = cmd.items  # type: ignore[attr-defined]
+                # joined(items), inline: once per chunk
+                data = items[0] if len(items) == 1 and type(items[0]) is bytes else b"".join(items)
                 if self.upstream is not None:
                     self.upstream.write(data)
                 elif self._dialing is not None:
                     self._pending_upstream.append(data)
             elif kind is CountMetrics:
-                count_metrics(cmd.counts)  # type: ignore[attr-defined]
+                for metric, n in cmd.counts:  # type: ignore[attr-defined]
+                    tally = TALLIED.get(metric)  # (count_metrics, inline for the per-chunk counts)
+                    if tally is not None:
+                        tally.value += n
+                    else:
+                        count_metrics(((metric, n),))
+            elif kind is SendToClient:
+                # (the TLS side drops a write after its close itself: no is_closing call first)
+                if self._client_tls or not self.client.is_closing():
+                    items = cmd.items  # type: ignore[attr-defined]
+                    self.client.write(items[0] if len(items) == 1 and type(items[0]) is bytes else b"".join(items))
             elif kind is AuditRecords:
                 self.gateway.audit_writer.write(cmd.records)  # type: ignore[attr-defined]
             elif kind is OpenUpstream:

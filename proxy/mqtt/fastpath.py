@@ -21,6 +21,12 @@ __all__ = ["RATE_BATCH", "broker_deliveries", "client_publishes"]
 # Rate-limit tokens the publish fast path takes per call (the rest is given back at the chunk's end).
 RATE_BATCH = 256
 
+# What a first header byte means to the fast paths, decided once from codec.VALID_BYTE1 (one
+# index per packet instead of a mask, a table lookup and a shift): a valid PUBLISH first byte
+# gives its QoS, anything else (another type, an invalid byte) NOT_FAST.
+NOT_FAST = 3
+_QOS = bytes((b >> 1) & 3 if b & 0xF0 == 0x30 and codec.VALID_BYTE1[b] else NOT_FAST for b in range(256))
+
 #: The session's publish decisions: (topic bytes or str, QoS, retain) -> (topic, decision).
 PublishEntry = tuple[str, Decision]  # the topic as text and what the policy said
 PublishCache = dict[tuple[str | bytes, int, int], PublishEntry]
@@ -33,14 +39,16 @@ def client_publishes(mv: memoryview, cache: PublishCache, max_size: int, v5: boo
     end = len(mv)
     if end < 4:
         return 0, 0
-    valid = codec.VALID_BYTE1
+    qos_of = _QOS
+    props = 1 if v5 else 0  # the property length byte (v5)
     budget = 0
     first = 0  # the first packet's size: tokens are asked for as if all were that size
     pos = n = 0
     while pos + 2 < end:
         b1 = mv[pos]
-        if b1 & 0xF0 != 0x30 or not valid[b1]:
-            break
+        qos = qos_of[b1]
+        if qos > 1:
+            break  # not a (valid) PUBLISH, or QoS 2: held until its PUBREL, the full path
         b = mv[pos + 1]
         if b < 0x80:
             body, total = pos + 2, 2 + b
@@ -53,10 +61,7 @@ def client_publishes(mv: memoryview, cache: PublishCache, max_size: int, v5: boo
         if total > max_size or nxt > end or body + 2 > nxt:
             break
         tend = body + 2 + ((mv[body] << 8) | mv[body + 1])
-        qos = (b1 >> 1) & 3
-        if qos == 2:
-            break  # held until its PUBREL: the full path
-        after = tend + (2 if qos else 0) + (1 if v5 else 0)
+        after = tend + qos + qos + props  # (a packet id: 2 bytes at QoS 1)
         if after > nxt:
             break
         if qos and not ((mv[tend] << 8) | mv[tend + 1]):
@@ -91,11 +96,13 @@ def broker_deliveries(mv: memoryview, exact: frozenset[bytes],
     end = len(mv)
     if end < 4:
         return 0, 0
-    valid = codec.VALID_BYTE1
+    qos_of = _QOS
+    props = 1 if v5 else 0
     pos = n = 0
     while pos + 2 < end:
         b1 = mv[pos]
-        if b1 & 0xF0 != 0x30 or not valid[b1]:
+        qos = qos_of[b1]
+        if qos == NOT_FAST:
             break
         b = mv[pos + 1]
         if b < 0x80:
@@ -109,7 +116,7 @@ def broker_deliveries(mv: memoryview, exact: frozenset[bytes],
         if nxt > end or body + 2 > nxt:
             break
         tend = body + 2 + ((mv[body] << 8) | mv[body + 1])
-        after = tend + (2 if b1 & 0x06 else 0) + (1 if v5 else 0)
+        after = tend + (2 if qos else 0) + props
         if after > nxt or (v5 and mv[after - 1]):
             break  # properties (maybe a Topic Alias the broker must not send): the full path
         topic = mv[body + 2:tend].tobytes()

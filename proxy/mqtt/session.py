@@ -1,7 +1,10 @@
 """The per-connection MQTT gateway state machine (sans-IO).
 
 One :class:`Session` per client connection, with one entry point:
-``session.handle(event) -> list[Command]``. The asyncio shell feeds it the events of
+``session.handle(event) -> list[Command]`` (and, for the event of every read,
+``session.client_data(data)`` / ``session.broker_data(data)``: the same as
+``handle(ClientData(data))`` / ``handle(BrokerData(data))``, without making the event).
+The asyncio shell feeds it the events of
 :mod:`proxy.mqtt.events` and carries out the commands of :mod:`proxy.mqtt.commands`
 (in the order of the list, :data:`~proxy.mqtt.commands.ORDER`); the session never
 touches a socket, the audit log, a metric, a clock it was not given, or the event loop.
@@ -146,11 +149,24 @@ __all__ = ["HELD_PACKET_OVERHEAD", "Policies", "Session"]
 
 # The arguments of fastpath.client_publishes after the chunk (cache, max size, v5, answered, limiter, sub).
 ClientLane = tuple[fastpath.PublishCache, int, bool, set[int], RateLimiter | None, str]
-# The common call's commands, made as the dataclass __init__ would, less its frame (see _client_chunk_open).
+# The common call's commands, made as the dataclass __init__ would, less its frame (see client_data).
 _NEW = object.__new__
 _SET_CLIENT_ITEMS = SendToClient.__dict__["items"].__set__
 _SET_BROKER_ITEMS = SendToBroker.__dict__["items"].__set__
 _SET_COUNTS = CountMetrics.__dict__["counts"].__set__
+# The fast paths' counts by packets per chunk: (allowed, forwarded) n times is the same frozen
+# record every time, so each n's is made once (most chunks hold one packet, or a few).
+_PUBLISH_COUNTS: dict[int, CountMetrics] = {}
+_DELIVERY_COUNTS: dict[int, CountMetrics] = {}
+_FAST_COUNTS_KEPT = 256  # the n's remembered per direction; a larger n makes its record each time
+
+
+def _fast_counts(kept: dict[int, CountMetrics], allowed: Metric, moved: Metric, n: int) -> CountMetrics:
+    counts = _NEW(CountMetrics)
+    _SET_COUNTS(counts, ((allowed, n), (moved, n)))
+    if n <= _FAST_COUNTS_KEPT:
+        kept[n] = counts
+    return counts
 
 T = PacketType
 
@@ -211,10 +227,16 @@ class Session:
             config=config, context=self._cx, will=self._will, wallclock=wallclock, random_hex=random_hex,
             token_leeway=token_leeway, credential_problem=credential_problem, admit_connect=admit_connect,
             upstream_password=config.upstream_password if upstream_password is None else upstream_password)
+        #: What :meth:`next_deadline` and :attr:`reading_paused` depend on besides activity (which
+        #: only moves the keepalive deadline later): a shell that keeps a timer at the last deadline
+        #: needs to look again only when this changes, or when the timer fires. A plain attribute,
+        #: read by the shell once per chunk: set again by every call but the fast paths' (which
+        #: change none of it) on its way out (_commands).
+        self.deadline_inputs: tuple[object, ...] = self._inputs()
         # Off only to compare the fast paths with the full path (tests/unit/test_mqtt_fastpath.py).
         self._fast_paths = fast_paths
         self._fast_chunks = 0  # chunks the fast paths passed packets of (fast_path_chunks)
-        # Set once OPEN with the fast paths on (see _client_chunk_open): the publish fast path's
+        # Set once OPEN with the fast paths on (see client_data): the publish fast path's
         # arguments, fixed for the connection's life; whether the delivery one runs, and for v5.
         self._client_lane: ClientLane | None = None
         self._broker_lane = False
@@ -295,12 +317,8 @@ class Session:
         """True once the broker's CONNACK has been passed to the client (authenticated, open)."""
         return self._phase is OPEN
 
-    @property
-    def deadline_inputs(self) -> tuple[object, ...]:
-        """What :meth:`next_deadline` and :attr:`reading_paused` depend on besides activity
-        (which only moves the keepalive deadline later): a shell that keeps a timer at the
-        last deadline needs to look again only when this changes, or when the timer fires."""
-        return (self._phase, self.identity, self.keepalive, self._timers.horizon)
+    def _inputs(self) -> tuple[object, ...]:
+        return (self._phase, self._cx.identity, self._handshake.keepalive, self._timers.horizon)
 
     def next_deadline(self) -> float | None:
         if self.closed:
@@ -317,14 +335,12 @@ class Session:
         self._phase = advance(self._phase, phase)
 
     def handle(self, event: Event) -> list[Command]:
-        """The one entry point: what happened → what the shell must do, in order
+        """The entry point: what happened → what the shell must do, in order
         (:data:`proxy.mqtt.commands.ORDER`). After the session has closed, nothing."""
         if type(event) is ClientData:
-            lane = self._client_lane
-            if lane is not None:
-                return self._client_chunk_open(event.data, lane)
-        elif type(event) is BrokerData and self._broker_lane:
-            return self._broker_chunk_open(event.data)
+            return self.client_data(event.data)
+        if type(event) is BrokerData:
+            return self.broker_data(event.data)
         acts = Output()
         if not self.closed:
             _HANDLERS[type(event)](self, acts, event)
@@ -332,6 +348,7 @@ class Session:
 
     def _commands(self, acts: Output) -> list[Command]:
         """The call's commands, in ORDER."""
+        self.deadline_inputs = self._inputs()  # (what this call changed is done by now)
         counts = None
         if self._cx.published or self._cx.forwarded or self._cx.delivered or self._cx.handed or self._cx.counts:
             counts = self._cx.take_counts()
@@ -348,16 +365,24 @@ class Session:
 
     # ----------------------------------------------------------------- an open connection's chunks
 
-    # The common call, a chunk read on an open connection, on its own: no Output, no handler
-    # lookup, its commands built without the dataclass __init__ (a Python frame and an
-    # object.__setattr__ per field). The checks are the full path's, in the same order: the
+    # The common call, a chunk read on an open connection, on its own: no event, no Output, no
+    # handler lookup, its commands built without the dataclass __init__ (a Python frame and an
+    # object.__setattr__ per field), the counts of a whole chunk of fast-path packets one shared
+    # record per count (_fast_counts). The checks are the full path's, in the same order: the
     # deadlines first (a decision or a grant that ended sends the chunk to the full path, which
     # expires them), then the fast path's walk (fastpath.py), then the full path from where it
     # stopped. At a call's start no record or count is pending (every call takes them).
 
-    def _client_chunk_open(self, data: Buffer, lane: ClientLane) -> list[Command]:
+    def client_data(self, data: Buffer) -> list[Command]:
+        """``handle(ClientData(data))`` without the event object (the shell's call per read)."""
+        lane = self._client_lane
+        if lane is None:
+            acts = Output()
+            if not self.closed:
+                self._client_data(acts, data)
+            return self._commands(acts)
         now = self.clock()
-        if now >= self._decisions.until or now >= self._timers.horizon or self._client_framer.buffered:
+        if now >= self._decisions.until or now >= self._timers.horizon or self._client_framer.pending:
             return self._commands(self._client_data(Output(), data))
         view = data if type(data) is memoryview and data.format == "B" and data.ndim == 1 else codec.byte_view(data)
         cache, max_size, v5, answered, limiter, sub = lane
@@ -368,10 +393,8 @@ class Session:
             if pos == len(view):
                 self._cx.summary.published += n
                 send = _NEW(SendToBroker)
-                _SET_BROKER_ITEMS(send, [view[:pos]])
-                counts = _NEW(CountMetrics)
-                _SET_COUNTS(counts, [(ALLOWED_PUBLISH, n), (TO_BROKER, n)])
-                return [send, counts]
+                _SET_BROKER_ITEMS(send, [view])
+                return [send, _PUBLISH_COUNTS.get(n) or _fast_counts(_PUBLISH_COUNTS, ALLOWED_PUBLISH, TO_BROKER, n)]
             self._cx.published += n
             self._cx.forwarded += n
         acts = Output()
@@ -381,9 +404,15 @@ class Session:
         self._client_chunk(acts, view, pos, now)
         return self._commands(acts)
 
-    def _broker_chunk_open(self, data: Buffer) -> list[Command]:
+    def broker_data(self, data: Buffer) -> list[Command]:
+        """``handle(BrokerData(data))`` without the event object (the shell's call per read)."""
+        if not self._broker_lane:
+            acts = Output()
+            if not self.closed:
+                self._broker_data(acts, data)
+            return self._commands(acts)
         now = self.clock()
-        if now >= self._decisions.until or now >= self._timers.horizon or self._broker_framer.buffered:
+        if now >= self._decisions.until or now >= self._timers.horizon or self._broker_framer.pending:
             return self._commands(self._broker_data(Output(), data))
         view = data if type(data) is memoryview and data.format == "B" and data.ndim == 1 else codec.byte_view(data)
         pos, n = fastpath.broker_deliveries(view, self._subs.exact, self._decisions.receive, self._v5)
@@ -392,10 +421,8 @@ class Session:
             if pos == len(view):
                 self._cx.summary.delivered += n
                 send = _NEW(SendToClient)
-                _SET_CLIENT_ITEMS(send, [view[:pos]])
-                counts = _NEW(CountMetrics)
-                _SET_COUNTS(counts, [(ALLOWED_RECEIVE, n), (TO_CLIENT, n)])
-                return [send, counts]
+                _SET_CLIENT_ITEMS(send, [view])
+                return [send, _DELIVERY_COUNTS.get(n) or _fast_counts(_DELIVERY_COUNTS, ALLOWED_RECEIVE, TO_CLIENT, n)]
             self._cx.delivered += n
             self._cx.handed += n
         acts = Output()

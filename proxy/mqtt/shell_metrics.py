@@ -13,13 +13,13 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from proxy.metrics import REGISTRY, Tally
+from proxy.metrics import REGISTRY, Tally, TallyChild
 from proxy.mqtt.admission import CONNECTIONS_PER_IDENTITY, PER_ADDRESS, RATE, RECONNECT_PENALTY
 from proxy.mqtt.commands import Metric
 
 __all__ = ["AUTHENTICATIONS", "BYTES", "BYTES_IN", "BYTES_OUT", "CONNECTIONS_ACTIVE", "CONNECTIONS_CLOSED",
            "CONNECTIONS_REFUSED", "CONNECTIONS_TOTAL", "DECISIONS", "LINGER_REFUSED", "MESSAGES",
-           "PROTOCOL_ERRORS", "RATE_LIMITED", "REFUSED_BY_REASON", "count_metrics"]
+           "PROTOCOL_ERRORS", "RATE_LIMITED", "REFUSED_BY_REASON", "TALLIED", "count_metrics"]
 
 # -- what the session counts (CountMetrics), by Metric.name
 DECISIONS = Tally("keygate_mqtt_decisions", "MQTT authorization decisions", ["action", "result"])
@@ -33,6 +33,9 @@ PROTOCOL_ERRORS = Counter("keygate_mqtt_protocol_errors", "MQTT protocol violati
 _SESSION_METRICS: dict[str, Any] = {"decisions": DECISIONS, "messages": MESSAGES, "authentications": AUTHENTICATIONS,
                                     "rate_limited": RATE_LIMITED, "protocol_errors": PROTOCOL_ERRORS}
 _CHILDREN: dict[Metric, Any] = {}  # Metric -> its labelled child (a Tally's has .value, a Counter's .inc)
+#: Metric -> its labelled Tally child, for the metrics counted per chunk (decisions, messages): the
+#: shell adds to ``.value`` itself; a metric not in here goes through :func:`count_metrics`.
+TALLIED: dict[Metric, Any] = {}
 
 
 def count_metrics(counts: Sequence[tuple[Metric, int]]) -> None:
@@ -42,6 +45,8 @@ def count_metrics(counts: Sequence[tuple[Metric, int]]) -> None:
         if child is None:
             parent = _SESSION_METRICS[metric.name]
             child = _CHILDREN[metric] = parent.labels(*metric.labels) if metric.labels else parent
+            if isinstance(child, TallyChild):
+                TALLIED[metric] = child
         if hasattr(child, "value"):
             child.value += n
         else:

@@ -128,7 +128,7 @@ class TlsClientSide(_ClientSide):
     the handshake is complete. To the connection this object is the transport.
     """
 
-    __slots__ = ("_gateway", "_accept", "_raw", "_in", "_out", "_tls", "_ready", "_closing")
+    __slots__ = ("_gateway", "_accept", "_raw", "_in", "_out", "_tls", "_c", "_ready", "_closing")
 
     def __init__(self, gateway: MqttGateway, accept: Callable[[Transport], ClientReceiver | None] | None = None):
         super().__init__()
@@ -140,6 +140,9 @@ class TlsClientSide(_ClientSide):
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._tls: ssl.SSLObject | None = None
+        # The SSLObject's C object: its read and write are what SSLObject.read and .write call
+        # (same arguments, results and errors), a Python frame fewer each, once or twice per chunk.
+        self._c: Any = None
         self._ready = False
         self._closing = False
 
@@ -152,6 +155,7 @@ class TlsClientSide(_ClientSide):
             if ctx is None:
                 raise RuntimeError("a TLS client side without a TLS context")
             self._tls = ctx.wrap_bio(self._in, self._out, server_side=True)
+            self._c = getattr(self._tls, "_sslobj", self._tls)  # (the SSLObject itself if it has none)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._gateway.tls_read_buffer
@@ -169,7 +173,7 @@ class TlsClientSide(_ClientSide):
                     self._flush()
                     return
                 self._ready = True
-            self._read_plaintext(tls)
+            self._read_plaintext(self._c)
         except ssl.SSLError as exc:  # a failed handshake or a corrupt record: nothing to answer
             log.debug("TLS error from %s: %s", self.get_extra_info("peername"), exc)
             self._flush()
@@ -178,7 +182,7 @@ class TlsClientSide(_ClientSide):
         if self._out.pending:
             self._flush()
 
-    def _read_plaintext(self, tls: ssl.SSLObject) -> None:
+    def _read_plaintext(self, tls: Any) -> None:
         """Decrypt everything the BIO holds into the shared buffer; one client_data per fill."""
         buf = self._gateway.recv_buffer
         size = len(buf)
@@ -187,8 +191,7 @@ class TlsClientSide(_ClientSide):
         bio = self._in
         try:
             while got < size:
-                # Into a buffer, read() returns the count (typeshed only knows the bytes form).
-                n: int = tls.read(size - got, buf[got:] if got else buf)  # type: ignore[assignment]
+                n: int = tls.read(size - got, buf[got:] if got else buf)  # into a buffer: the count
                 if not n:
                     peer_closed = True
                     break
@@ -226,11 +229,13 @@ class TlsClientSide(_ClientSide):
         if self._closing or not self._ready:
             return
         try:
-            self._tls.write(data)  # type: ignore[union-attr]  # (_ready: the handshake made _tls; once per chunk)
+            self._c.write(data)  # (_ready: the handshake made it)
         except ssl.SSLError:
             self.abort()
             return
-        self._flush()
+        raw = self._raw  # self._flush(), inline: once per chunk
+        if self._out.pending and raw is not None and not raw.is_closing():
+            raw.write(self._out.read())
 
     def close(self) -> None:
         if self._closing:
