@@ -679,19 +679,12 @@ class GatewayHandler:
         return out
 
     async def _relay(self, request: Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse | Relayed:
+        pairs, length = upstream.headers.items(), upstream.content_length
         if isinstance(request, LeanRequest):
-            headers = self._response_headers(upstream.headers.items())
-            if upstream.content_length is not None:
-                headers["Content-Length"] = str(upstream.content_length)
-            self._cors_headers(request, headers)
-            return await request.relay(upstream.status, upstream.reason or "", headers, upstream.content_length,
-                                       None, upstream.content.iter_chunked(_CHUNK))
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=self._response_headers(upstream.headers.items()))
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
-        self._cors(request, response)
-        await response.prepare(request)
+            headers = self._relayed_headers(request, pairs, length)
+            return await request.relay(upstream.status, upstream.reason or "", headers, length, None,
+                                       upstream.content.iter_chunked(_CHUNK))
+        response = await self._prepared(request, upstream.status, upstream.reason, pairs, length)
         try:
             if request.method != "HEAD":
                 async for chunk in upstream.content.iter_chunked(_CHUNK):
@@ -707,20 +700,12 @@ class GatewayHandler:
         length = upstream.header("Content-Length")
         size = int(length) if length is not None and length.isdigit() else None   # llhttp checked it: one decimal
         if isinstance(request, LeanRequest):
-            headers = self._response_headers(upstream.headers)
-            if size is not None:
-                headers["Content-Length"] = str(size)
-            self._cors_headers(request, headers)
+            headers = self._relayed_headers(request, upstream.headers, size)
             if request.method == "HEAD" or upstream.complete:
                 whole = b"" if request.method == "HEAD" else await upstream.read()
                 return await request.relay(upstream.status, upstream.reason, headers, size, whole, None)
             return await request.relay(upstream.status, upstream.reason, headers, size, None, upstream.chunks())
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=self._response_headers(upstream.headers))
-        if size is not None:
-            response.content_length = size
-        self._cors(request, response)
-        await response.prepare(request)
+        response = await self._prepared(request, upstream.status, upstream.reason, upstream.headers, size)
         if request.method == "HEAD":
             await response.write_eof()
         elif upstream.complete:
@@ -732,6 +717,25 @@ class GatewayHandler:
             except (UpstreamError, TimeoutError) as exc:
                 raise _broken_off(request) from exc
             await response.write_eof()
+        return response
+
+    def _relayed_headers(self, request: LeanRequest, pairs: Iterable[tuple[str, str]],
+                         length: int | None) -> CIMultiDict[str]:
+        """Orion's answer headers as the lean server writes them (in the order aiohttp's would be)."""
+        headers = self._response_headers(pairs)
+        if length is not None:
+            headers["Content-Length"] = str(length)
+        self._cors_headers(request, headers)
+        return headers
+
+    async def _prepared(self, request: web.Request, status: int, reason: str | None,
+                        pairs: Iterable[tuple[str, str]], length: int | None) -> web.StreamResponse:
+        """An aiohttp answer relaying Orion's, its head sent."""
+        response = web.StreamResponse(status=status, reason=reason, headers=self._response_headers(pairs))
+        if length is not None:
+            response.content_length = length
+        self._cors(request, response)
+        await response.prepare(request)
         return response
 
     async def _own_subscriptions(self, request: Request, d: planning.Forward, headers: CIMultiDict[str],

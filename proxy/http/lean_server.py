@@ -367,10 +367,7 @@ class LeanConnection(asyncio.Protocol):
         if self._handed_over:
             return
         self._closed = True
-        for timer in (self._head_timer, self._body_timer, self._write_timer):
-            if timer is not None:
-                timer.cancel()
-        self._head_timer = self._body_timer = self._write_timer = None
+        self._cancel_timers()
         lost = ConnectionResetError("Connection lost")
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(lost)
@@ -572,10 +569,7 @@ class LeanConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        for timer in (self._head_timer, self._body_timer, self._write_timer):
-            if timer is not None:
-                timer.cancel()
-        self._head_timer = self._body_timer = self._write_timer = None
+        self._cancel_timers()
         self._handed_over = True
         if self._registry is not None:
             self._registry.open.discard(self)
@@ -592,6 +586,12 @@ class LeanConnection(asyncio.Protocol):
         transport.resume_reading()
 
     # ------------------------------------------------------------------ deadlines
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._head_timer, self._body_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = self._write_timer = None
 
     def _arm_head_timer(self) -> None:
         self._head_due = self._loop.time() + self._header_timeout
