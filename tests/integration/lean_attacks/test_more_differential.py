@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.test_http_lean_server_differential import _exchange, _normal, pair  # noqa: F401 (fixture)
+from tests.integration.test_http_lean_server_differential import _normal, pair, through_both  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -58,16 +58,8 @@ async def test_more_heads_get_the_same_bytes_from_both_servers(pair):
     recorder, gateways, token = pair
     differ = []
     for what, parts in _cases(token):
-        seen, answers = {}, {}
-        for name in ("aiohttp", "lean"):
-            recorder.seen.clear()
-            port = gateways[name].port
-            assert port is not None
-            try:
-                answers[name] = await _exchange(port, parts)
-            except TimeoutError:
-                answers[name] = b"<no close within 10 s>"
-            seen[name] = list(recorder.seen)
+        seen, answered = await through_both(recorder, gateways, parts)
+        answers = {name: b"<no close within 10 s>" if a is None else a for name, a in answered.items()}
         if what in KNOWN:
             continue
         if seen["lean"] != seen["aiohttp"] or _normal(answers["lean"]) != _normal(answers["aiohttp"]):
