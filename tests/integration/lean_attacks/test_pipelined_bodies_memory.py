@@ -21,7 +21,6 @@ import asyncio
 
 import pytest
 
-from proxy.http.lean_server import LeanRequest
 from tests.integration.lean_attacks.rig import gateway_pair, ok
 
 pytestmark = pytest.mark.integration
@@ -39,12 +38,14 @@ async def _script(method: str, target: str) -> tuple[bytes, bool]:
     return ok(), False
 
 
-def _held_bytes(connection) -> int:
-    held = 0
-    for request in [connection._current, *connection._queue]:
-        if isinstance(request, LeanRequest):
-            held += sum(len(chunk) for chunk in request.content._chunks)
-    return held + len(connection._buffer) - connection._pos
+def _slow_read_then_writes(token: str) -> bytes:
+    """A read Orion holds up, then PIPELINED writes with MAX_BODY bodies queued behind it."""
+    auth = f"Host: k\r\nAuthorization: Bearer {token}\r\n"
+    slow = f"GET /v2/entities/a-1 HTTP/1.1\r\n{auth}\r\n".encode()
+    body = b"x" * MAX_BODY   # not JSON on purpose: the gateway streams it, it does not parse it
+    write = (f"PATCH /v2/entities/a-2/attrs HTTP/1.1\r\n{auth}Content-Type: text/plain\r\n"
+             f"Content-Length: {MAX_BODY}\r\n\r\n").encode() + body
+    return slow + write * PIPELINED
 
 
 async def test_one_connection_cannot_make_the_lean_server_buffer_its_pipelined_bodies(tmp_path, oidc):
@@ -53,19 +54,14 @@ async def test_one_connection_cannot_make_the_lean_server_buffer_its_pipelined_b
                             upstream_timeout_seconds=30) as (_upstream, gateways, tokens):
         lean = gateways["lean"]
         assert lean.port is not None
-        auth = f"Host: k\r\nAuthorization: Bearer {tokens['alice']}\r\n"
-        slow = f"GET /v2/entities/a-1 HTTP/1.1\r\n{auth}\r\n".encode()
-        body = b"x" * MAX_BODY   # not JSON on purpose: the gateway streams it, it does not parse it
-        write = (f"PATCH /v2/entities/a-2/attrs HTTP/1.1\r\n{auth}Content-Type: text/plain\r\n"
-                 f"Content-Length: {MAX_BODY}\r\n\r\n").encode() + body
         _reader, writer = await asyncio.open_connection("127.0.0.1", lean.port)
         try:
-            writer.write(slow + write * PIPELINED)
+            writer.write(_slow_read_then_writes(tokens["alice"]))
             (connection,) = lean.lean_connections.open
             peak = 0
             for _ in range(100):   # up to 5 s for the bytes to arrive
                 await asyncio.sleep(0.05)
-                peak = max(peak, _held_bytes(connection))
+                peak = max(peak, connection.buffered_bytes)
                 if connection.queued >= PIPELINED and peak >= PIPELINED * MAX_BODY:
                     break
             print(f"\nlean server holds {peak} body bytes for one connection "
@@ -91,13 +87,9 @@ async def test_aiohttp_buffers_little_in_the_same_case(tmp_path, oidc):
                             upstream_timeout_seconds=30) as (_upstream, gateways, tokens):
         gateway = gateways["aiohttp"]
         assert gateway.port is not None
-        auth = f"Host: k\r\nAuthorization: Bearer {tokens['alice']}\r\n"
-        slow = f"GET /v2/entities/a-1 HTTP/1.1\r\n{auth}\r\n".encode()
-        write = (f"PATCH /v2/entities/a-2/attrs HTTP/1.1\r\n{auth}Content-Type: text/plain\r\n"
-                 f"Content-Length: {MAX_BODY}\r\n\r\n").encode() + b"x" * MAX_BODY
         _reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
         try:
-            writer.write(slow + write * PIPELINED)
+            writer.write(_slow_read_then_writes(tokens["alice"]))
             peak = 0
             for _ in range(40):   # 2 s
                 await asyncio.sleep(0.05)
