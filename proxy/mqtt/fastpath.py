@@ -8,15 +8,24 @@ bucket) and leaves the rest of the chunk to the session's full path, which decid
 as if the fast path did not exist. The two loops share their header walk line for line on
 purpose: a helper called per packet would cost a sixth of the loop.
 ``tests/unit/test_mqtt_fastpath.py`` holds both to the full path.
+
+Both loops are also compiled (``_walk.c``, built by ``pip install``): a bulk publisher's chunk
+holds dozens of packets, and this walk in bytecode was a third of keygate's CPU in the bulk
+ingest benchmark. The Python loops below stay as the fallback where the extension was not built
+(or ``KEYGATE_PURE_PYTHON=1``), and ``tests/unit/test_mqtt_walk.py`` holds the two to each other.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
 
 from proxy.mqtt import codec
 from proxy.policy.decision import Decision
 from proxy.ratelimit import RateLimiter
 
-__all__ = ["RATE_BATCH", "broker_deliveries", "client_publishes"]
+__all__ = ["COMPILED", "RATE_BATCH", "broker_deliveries", "client_publishes",
+           "py_broker_deliveries", "py_client_publishes"]
 
 # Rate-limit tokens the publish fast path takes per call (the rest is given back at the chunk's end).
 RATE_BATCH = 256
@@ -32,7 +41,7 @@ PublishEntry = tuple[str, Decision]  # the topic as text and what the policy sai
 PublishCache = dict[tuple[str | bytes, int, int], PublishEntry]
 
 
-def client_publishes(mv: memoryview, cache: PublishCache, max_size: int, v5: bool, answered: set[int],
+def py_client_publishes(mv: memoryview, cache: PublishCache, max_size: int, v5: bool, answered: set[int],
                      limiter: RateLimiter | None, sub: str) -> tuple[int, int]:
     """Allowed QoS 0/1 publishes from the start of ``mv``: (the offset where it stopped, how many).
     Packet ids the gateway had refused before and now forwards are taken out of ``answered``."""
@@ -89,7 +98,7 @@ def client_publishes(mv: memoryview, cache: PublishCache, max_size: int, v5: boo
     return pos, n
 
 
-def broker_deliveries(mv: memoryview, exact: frozenset[bytes],
+def py_broker_deliveries(mv: memoryview, exact: frozenset[bytes],
                       cache: dict[bytes, bool], v5: bool) -> tuple[int, int]:
     """Deliveries from the start of ``mv`` whose topic an exact ALLOW grant proves (``exact``)
     or whose decision is cached as allowed: (the offset where it stopped, how many)."""
@@ -125,3 +134,21 @@ def broker_deliveries(mv: memoryview, exact: frozenset[bytes],
         n += 1
         pos = nxt
     return pos, n
+
+
+ClientWalk = Callable[[memoryview, PublishCache, int, bool, set[int], RateLimiter | None, str], tuple[int, int]]
+BrokerWalk = Callable[[memoryview, frozenset[bytes], dict[bytes, bool], bool], tuple[int, int]]
+client_publishes: ClientWalk = py_client_publishes
+broker_deliveries: BrokerWalk = py_broker_deliveries
+#: Whether the compiled walk (``_walk.c``) is the one in use.
+COMPILED = False
+if os.environ.get("KEYGATE_PURE_PYTHON") != "1":
+    try:
+        from proxy.mqtt import _walk
+    except ImportError:
+        pass
+    else:
+        _walk.init(_QOS, RATE_BATCH)
+        client_publishes = _walk.client_publishes
+        broker_deliveries = _walk.broker_deliveries
+        COMPILED = True

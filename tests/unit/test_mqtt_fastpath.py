@@ -17,14 +17,19 @@ traffic. Each property test counts the examples in which a fast path consumed
 bytes and fails if that is fewer than a third of them: a change that quietly
 sends every chunk down the full path would otherwise leave these tests
 comparing the full path with itself.
+
+Every test runs twice: with the compiled walk (``_walk.c``, what keygate runs) and with the
+Python one (its fallback).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 from collections import Counter
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -49,6 +54,23 @@ fast_topics = st.one_of(allowed_topics, st.sampled_from(["devices/thermo-2/cmd",
                                                          "a/b", "é/ü"]))
 # At least this share of a property test's examples must run each fast path.
 MIN_FAST_SHARE = 1 / 3
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def walk(request, monkeypatch):
+    """The session's fast paths on the compiled walk, then on the Python fallback."""
+    if request.param == "compiled":
+        if os.environ.get("KEYGATE_PURE_PYTHON") == "1":
+            pytest.skip("KEYGATE_PURE_PYTHON=1: the compiled walk is switched off")
+        if not fastpath.COMPILED:
+            pytest.fail("the compiled walk (proxy/mqtt/_walk.c) is not built: run scripts/setup")
+        from proxy.mqtt import _walk
+        monkeypatch.setattr(fastpath, "client_publishes", _walk.client_publishes)
+        monkeypatch.setattr(fastpath, "broker_deliveries", _walk.broker_deliveries)
+    else:
+        monkeypatch.setattr(fastpath, "client_publishes", fastpath.py_client_publishes)
+        monkeypatch.setattr(fastpath, "broker_deliveries", fastpath.py_broker_deliveries)
+    return request.param
 
 
 @contextlib.contextmanager

@@ -1,0 +1,323 @@
+/* The fast paths' walk over a chunk of PUBLISH packets (proxy/mqtt/fastpath.py), compiled.
+ *
+ * Why in C: a bulk publisher's chunk holds dozens of PUBLISH packets, and the Python loop costs
+ * about half a microsecond a packet in bytecode alone (index, shift, compare, slice, tuple, dict
+ * lookup): a third of keygate's CPU in the bulk-ingest benchmark. Here the same walk reads the
+ * bytes in place and builds the cache key only when a packet's topic, QoS or retain flag differs
+ * from the packet before (a bulk publisher repeats one topic).
+ *
+ * The two functions are line for line the Python ones in fastpath.py (same arguments, same
+ * answers, same calls on the rate limiter and the answered set, in the same order); fastpath.py
+ * keeps the Python ones as the fallback and tests/unit/test_mqtt_walk.py holds the two to each
+ * other on random chunks. Nothing here writes a cache: it only reads the session's maps.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+/* fastpath._QOS, given once by fastpath.py (init): a first byte's QoS or NOT_FAST. */
+static unsigned char qos_of[256];
+static int ready = 0;
+#define NOT_FAST 3
+static Py_ssize_t rate_batch = 0;
+static PyObject *str_allowed = NULL;
+
+static PyObject *
+walk_init(PyObject *self, PyObject *args)
+{
+    Py_buffer table;
+    Py_ssize_t batch;
+    if (!PyArg_ParseTuple(args, "y*n", &table, &batch))
+        return NULL;
+    if (table.len != 256 || batch < 1) {
+        PyBuffer_Release(&table);
+        PyErr_SetString(PyExc_ValueError, "init(table of 256 bytes, batch >= 1)");
+        return NULL;
+    }
+    memcpy(qos_of, table.buf, 256);
+    PyBuffer_Release(&table);
+    rate_batch = batch;
+    ready = 1;
+    Py_RETURN_NONE;
+}
+
+static int
+check_ready(void)
+{
+    if (!ready) {
+        PyErr_SetString(PyExc_RuntimeError, "proxy.mqtt._walk used before init()");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+answer(Py_ssize_t pos, Py_ssize_t n)
+{
+    return Py_BuildValue("(nn)", pos, n);
+}
+
+/* client_publishes(mv, cache, max_size, v5, answered, limiter, sub) -> (pos, n) */
+static PyObject *
+client_publishes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "client_publishes takes 7 arguments");
+        return NULL;
+    }
+    if (!check_ready())
+        return NULL;
+    PyObject *cache = args[1], *answered = args[4], *limiter = args[5], *sub = args[6];
+    if (!PyDict_Check(cache) || !PySet_Check(answered)) {
+        PyErr_SetString(PyExc_TypeError, "client_publishes: cache must be a dict, answered a set");
+        return NULL;
+    }
+    Py_ssize_t max_size = PyLong_AsSsize_t(args[2]);
+    if (max_size == -1 && PyErr_Occurred())
+        return NULL;
+    int v5 = PyObject_IsTrue(args[3]);
+    if (v5 < 0)
+        return NULL;
+    int limited = limiter != Py_None;
+
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *mv = (const unsigned char *)view.buf;
+    Py_ssize_t end = view.len;
+    Py_ssize_t pos = 0, n = 0, budget = 0, first = 0;
+    Py_ssize_t props = v5 ? 1 : 0;
+    /* The packet before's key and what the cache said of it (an allowed entry). */
+    const unsigned char *last_topic = NULL;
+    Py_ssize_t last_len = -1;
+    int last_qos = -1, last_retain = -1;
+    PyObject *result = NULL;
+
+    if (end < 4) {
+        PyBuffer_Release(&view);
+        return answer(0, 0);
+    }
+    while (pos + 2 < end) {
+        unsigned char b1 = mv[pos];
+        int qos = qos_of[b1];
+        if (qos > 1)
+            break;
+        unsigned char b = mv[pos + 1];
+        Py_ssize_t body, total;
+        if (b < 0x80) {
+            body = pos + 2;
+            total = 2 + b;
+        } else {
+            unsigned char b2 = mv[pos + 2];
+            if (b2 >= 0x80 || !b2)
+                break;
+            body = pos + 3;
+            total = 3 + ((b & 0x7F) | ((Py_ssize_t)b2 << 7));
+        }
+        Py_ssize_t nxt = pos + total;
+        if (total > max_size || nxt > end || body + 2 > nxt)
+            break;
+        Py_ssize_t tlen = ((Py_ssize_t)mv[body] << 8) | mv[body + 1];
+        Py_ssize_t tend = body + 2 + tlen;
+        Py_ssize_t after = tend + qos + qos + props;
+        if (after > nxt)
+            break;
+        if (qos && !((mv[tend] << 8) | mv[tend + 1]))
+            break;
+        if (v5 && mv[after - 1])
+            break;
+        int retain = b1 & 1;
+        const unsigned char *topic = mv + body + 2;
+        if (!(tlen == last_len && qos == last_qos && retain == last_retain
+              && memcmp(topic, last_topic, (size_t)tlen) == 0)) {
+            /* cache.get((topic bytes, qos, retain)); entry[1].allowed */
+            PyObject *key = Py_BuildValue("(y#ii)", (const char *)topic, tlen, qos, retain);
+            if (key == NULL)
+                goto fail;
+            PyObject *entry = PyDict_GetItemWithError(cache, key); /* borrowed */
+            Py_DECREF(key);
+            if (entry == NULL) {
+                if (PyErr_Occurred())
+                    goto fail;
+                break;
+            }
+            Py_INCREF(entry);
+            PyObject *decision = PySequence_GetItem(entry, 1);
+            Py_DECREF(entry);
+            if (decision == NULL)
+                goto fail;
+            PyObject *allowed = PyObject_GetAttr(decision, str_allowed);
+            Py_DECREF(decision);
+            if (allowed == NULL)
+                goto fail;
+            int ok = PyObject_IsTrue(allowed);
+            Py_DECREF(allowed);
+            if (ok < 0)
+                goto fail;
+            if (!ok)
+                break;
+            last_topic = topic;
+            last_len = tlen;
+            last_qos = qos;
+            last_retain = retain;
+        }
+        if (limited) {
+            if (!budget) {
+                if (!first)
+                    first = total;
+                Py_ssize_t want = 1 + (end - nxt) / first;
+                if (want > rate_batch)
+                    want = rate_batch;
+                PyObject *got = PyObject_CallMethod(limiter, "take", "On", sub, want);
+                if (got == NULL)
+                    goto fail;
+                budget = PyLong_AsSsize_t(got);
+                Py_DECREF(got);
+                if (budget == -1 && PyErr_Occurred())
+                    goto fail;
+                if (!budget)
+                    break;
+            }
+            budget -= 1;
+        }
+        if (qos && PySet_GET_SIZE(answered)) {
+            PyObject *pid = PyLong_FromLong((mv[tend] << 8) | mv[tend + 1]);
+            if (pid == NULL)
+                goto fail;
+            int r = PySet_Discard(answered, pid);
+            Py_DECREF(pid);
+            if (r < 0)
+                goto fail;
+        }
+        n += 1;
+        pos = nxt;
+    }
+    if (budget && limited) {
+        PyObject *r = PyObject_CallMethod(limiter, "give_back", "On", sub, budget);
+        if (r == NULL)
+            goto fail;
+        Py_DECREF(r);
+    }
+    result = answer(pos, n);
+    PyBuffer_Release(&view);
+    return result;
+fail:
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+/* broker_deliveries(mv, exact, cache, v5) -> (pos, n) */
+static PyObject *
+broker_deliveries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "broker_deliveries takes 4 arguments");
+        return NULL;
+    }
+    if (!check_ready())
+        return NULL;
+    PyObject *exact = args[1], *cache = args[2];
+    if (!PyAnySet_Check(exact) || !PyDict_Check(cache)) {
+        PyErr_SetString(PyExc_TypeError, "broker_deliveries: exact must be a set, cache a dict");
+        return NULL;
+    }
+    int v5 = PyObject_IsTrue(args[3]);
+    if (v5 < 0)
+        return NULL;
+
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *mv = (const unsigned char *)view.buf;
+    Py_ssize_t end = view.len;
+    Py_ssize_t pos = 0, n = 0;
+    Py_ssize_t props = v5 ? 1 : 0;
+    /* The last topic found allowed (a subscriber's deliveries repeat a few topics). */
+    const unsigned char *last_topic = NULL;
+    Py_ssize_t last_len = -1;
+    PyObject *result = NULL;
+
+    if (end < 4) {
+        PyBuffer_Release(&view);
+        return answer(0, 0);
+    }
+    while (pos + 2 < end) {
+        unsigned char b1 = mv[pos];
+        int qos = qos_of[b1];
+        if (qos == NOT_FAST)
+            break;
+        unsigned char b = mv[pos + 1];
+        Py_ssize_t body, total;
+        if (b < 0x80) {
+            body = pos + 2;
+            total = 2 + b;
+        } else {
+            unsigned char b2 = mv[pos + 2];
+            if (b2 >= 0x80 || !b2)
+                break;
+            body = pos + 3;
+            total = 3 + ((b & 0x7F) | ((Py_ssize_t)b2 << 7));
+        }
+        Py_ssize_t nxt = pos + total;
+        if (nxt > end || body + 2 > nxt)
+            break;
+        Py_ssize_t tlen = ((Py_ssize_t)mv[body] << 8) | mv[body + 1];
+        Py_ssize_t tend = body + 2 + tlen;
+        Py_ssize_t after = tend + (qos ? 2 : 0) + props;
+        if (after > nxt || (v5 && mv[after - 1]))
+            break;
+        const unsigned char *topic = mv + body + 2;
+        if (!(tlen == last_len && memcmp(topic, last_topic, (size_t)tlen) == 0)) {
+            /* cache.get(topic) is True, or topic in exact */
+            PyObject *key = PyBytes_FromStringAndSize((const char *)topic, tlen);
+            if (key == NULL)
+                goto fail;
+            PyObject *cached = PyDict_GetItemWithError(cache, key); /* borrowed */
+            int ok;
+            if (cached == Py_True)
+                ok = 1;
+            else if (cached == NULL && PyErr_Occurred())
+                ok = -1;
+            else
+                ok = PySet_Contains(exact, key);
+            Py_DECREF(key);
+            if (ok < 0)
+                goto fail;
+            if (!ok)
+                break;
+            last_topic = topic;
+            last_len = tlen;
+        }
+        n += 1;
+        pos = nxt;
+    }
+    result = answer(pos, n);
+    PyBuffer_Release(&view);
+    return result;
+fail:
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+static PyMethodDef walk_methods[] = {
+    {"init", walk_init, METH_VARARGS, "init(qos table, rate batch): fastpath.py's tables, once."},
+    {"client_publishes", (PyCFunction)(void (*)(void))client_publishes, METH_FASTCALL,
+     "fastpath.client_publishes, compiled."},
+    {"broker_deliveries", (PyCFunction)(void (*)(void))broker_deliveries, METH_FASTCALL,
+     "fastpath.broker_deliveries, compiled."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef walk_module = {
+    PyModuleDef_HEAD_INIT, "proxy.mqtt._walk",
+    "The fast paths' walk over a chunk of PUBLISH packets, compiled (see fastpath.py).", -1, walk_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__walk(void)
+{
+    str_allowed = PyUnicode_InternFromString("allowed");
+    if (str_allowed == NULL)
+        return NULL;
+    return PyModule_Create(&walk_module);
+}

@@ -1,0 +1,9 @@
+# The compiled walk (_walk.c): the signatures of fastpath.py's Python loops.
+from proxy.mqtt.fastpath import PublishCache
+from proxy.ratelimit import RateLimiter
+
+def init(table: bytes, batch: int, /) -> None: ...
+def client_publishes(mv: memoryview, cache: PublishCache, max_size: int, v5: bool, answered: set[int],
+                     limiter: RateLimiter | None, sub: str, /) -> tuple[int, int]: ...
+def broker_deliveries(mv: memoryview, exact: frozenset[bytes], cache: dict[bytes, bool], v5: bool,
+                      /) -> tuple[int, int]: ...
