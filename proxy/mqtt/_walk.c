@@ -18,7 +18,7 @@
 /* fastpath._QOS, given once by fastpath.py (init): a first byte's QoS or NOT_FAST. */
 static unsigned char qos_of[256];
 static int ready = 0;
-#define NOT_FAST 3
+#define NOT_FAST 3  /* above every max_qos below */
 static Py_ssize_t rate_batch = 0;
 static PyObject *str_allowed = NULL;
 
@@ -57,6 +57,53 @@ answer(Py_ssize_t pos, Py_ssize_t n)
     return Py_BuildValue("(nn)", pos, n);
 }
 
+/* One PUBLISH at pos, as both walks read it (fastpath.py's shared header walk; here a function
+ * the compiler inlines): 1 with its fields, or 0 where the walks stop (not a PUBLISH the walk
+ * takes, a QoS above max_qos, a split or oversized packet, a topic or packet id running past
+ * the packet, properties). Every byte read lies before the packet's end, itself within the chunk. */
+typedef struct {
+    Py_ssize_t next;    /* the offset after the packet */
+    Py_ssize_t tend;    /* the offset after the topic (the packet id at QoS 1 and 2) */
+    Py_ssize_t tlen;    /* the topic's length; it starts at tend - tlen */
+    int qos, retain;
+} Publish;
+
+static inline int
+publish_at(const unsigned char *mv, Py_ssize_t pos, Py_ssize_t end, int max_qos, Py_ssize_t max_size, int v5,
+           Publish *p)
+{
+    unsigned char b1 = mv[pos];
+    int qos = qos_of[b1];
+    if (qos > max_qos)
+        return 0;
+    unsigned char b = mv[pos + 1];
+    Py_ssize_t body, total;
+    if (b < 0x80) {
+        body = pos + 2;
+        total = 2 + b;
+    } else {
+        unsigned char b2 = mv[pos + 2];
+        if (b2 >= 0x80 || !b2)
+            return 0;
+        body = pos + 3;
+        total = 3 + ((b & 0x7F) | ((Py_ssize_t)b2 << 7));
+    }
+    Py_ssize_t nxt = pos + total;
+    if (total > max_size || nxt > end || body + 2 > nxt)
+        return 0;
+    Py_ssize_t tlen = ((Py_ssize_t)mv[body] << 8) | mv[body + 1];
+    Py_ssize_t tend = body + 2 + tlen;
+    Py_ssize_t after = tend + (qos ? 2 : 0) + (v5 ? 1 : 0);
+    if (after > nxt || (v5 && mv[after - 1]))
+        return 0;
+    p->next = nxt;
+    p->tend = tend;
+    p->tlen = tlen;
+    p->qos = qos;
+    p->retain = b1 & 1;
+    return 1;
+}
+
 /* client_publishes(mv, cache, max_size, v5, answered, limiter, sub) -> (pos, n) */
 static PyObject *
 client_publishes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -86,7 +133,6 @@ client_publishes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *mv = (const unsigned char *)view.buf;
     Py_ssize_t end = view.len;
     Py_ssize_t pos = 0, n = 0, budget = 0, first = 0;
-    Py_ssize_t props = v5 ? 1 : 0;
     /* The packet before's key and what the cache said of it (an allowed entry). */
     const unsigned char *last_topic = NULL;
     Py_ssize_t last_len = -1;
@@ -98,36 +144,14 @@ client_publishes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return answer(0, 0);
     }
     while (pos + 2 < end) {
-        unsigned char b1 = mv[pos];
-        int qos = qos_of[b1];
-        if (qos > 1)
+        Publish pub;
+        if (!publish_at(mv, pos, end, 1, max_size, v5, &pub))
             break;
-        unsigned char b = mv[pos + 1];
-        Py_ssize_t body, total;
-        if (b < 0x80) {
-            body = pos + 2;
-            total = 2 + b;
-        } else {
-            unsigned char b2 = mv[pos + 2];
-            if (b2 >= 0x80 || !b2)
-                break;
-            body = pos + 3;
-            total = 3 + ((b & 0x7F) | ((Py_ssize_t)b2 << 7));
-        }
-        Py_ssize_t nxt = pos + total;
-        if (total > max_size || nxt > end || body + 2 > nxt)
-            break;
-        Py_ssize_t tlen = ((Py_ssize_t)mv[body] << 8) | mv[body + 1];
-        Py_ssize_t tend = body + 2 + tlen;
-        Py_ssize_t after = tend + qos + qos + props;
-        if (after > nxt)
-            break;
+        Py_ssize_t nxt = pub.next, tend = pub.tend, tlen = pub.tlen, total = nxt - pos;
+        int qos = pub.qos, retain = pub.retain;
         if (qos && !((mv[tend] << 8) | mv[tend + 1]))
-            break;
-        if (v5 && mv[after - 1])
-            break;
-        int retain = b1 & 1;
-        const unsigned char *topic = mv + body + 2;
+            break;  /* packet id 0: the full path says what is wrong */
+        const unsigned char *topic = mv + tend - tlen;
         if (!(tlen == last_len && qos == last_qos && retain == last_retain
               && memcmp(topic, last_topic, (size_t)tlen) == 0)) {
             /* cache.get((topic bytes, qos, retain)); entry[1].allowed */
@@ -231,7 +255,6 @@ broker_deliveries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *mv = (const unsigned char *)view.buf;
     Py_ssize_t end = view.len;
     Py_ssize_t pos = 0, n = 0;
-    Py_ssize_t props = v5 ? 1 : 0;
     /* The last topic found allowed (a subscriber's deliveries repeat a few topics). */
     const unsigned char *last_topic = NULL;
     Py_ssize_t last_len = -1;
@@ -242,31 +265,11 @@ broker_deliveries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return answer(0, 0);
     }
     while (pos + 2 < end) {
-        unsigned char b1 = mv[pos];
-        int qos = qos_of[b1];
-        if (qos == NOT_FAST)
+        Publish pub;
+        if (!publish_at(mv, pos, end, 2, PY_SSIZE_T_MAX, v5, &pub))
             break;
-        unsigned char b = mv[pos + 1];
-        Py_ssize_t body, total;
-        if (b < 0x80) {
-            body = pos + 2;
-            total = 2 + b;
-        } else {
-            unsigned char b2 = mv[pos + 2];
-            if (b2 >= 0x80 || !b2)
-                break;
-            body = pos + 3;
-            total = 3 + ((b & 0x7F) | ((Py_ssize_t)b2 << 7));
-        }
-        Py_ssize_t nxt = pos + total;
-        if (nxt > end || body + 2 > nxt)
-            break;
-        Py_ssize_t tlen = ((Py_ssize_t)mv[body] << 8) | mv[body + 1];
-        Py_ssize_t tend = body + 2 + tlen;
-        Py_ssize_t after = tend + (qos ? 2 : 0) + props;
-        if (after > nxt || (v5 && mv[after - 1]))
-            break;
-        const unsigned char *topic = mv + body + 2;
+        Py_ssize_t nxt = pub.next, tlen = pub.tlen;
+        const unsigned char *topic = mv + pub.tend - tlen;
         if (!(tlen == last_len && memcmp(topic, last_topic, (size_t)tlen) == 0)) {
             /* cache.get(topic) is True, or topic in exact */
             PyObject *key = PyBytes_FromStringAndSize((const char *)topic, tlen);
