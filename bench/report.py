@@ -546,7 +546,7 @@ def findings(rows: list[Row]) -> list[str]:
     if "bulk QoS 0 ingest" in missed:
         cost = {m: median(rows, "ingest", "QoS 0", m, "us_per_msg") for m in ("direct", "relay", "keygate")}
         rate = {m: median(rows, "ingest", "QoS 0", m, "rate") for m in ("direct", "relay", "keygate")}
-        measured = all(v == v for v in (*cost.values(), *rate.values())) and rate["direct"]
+        costed = bool(all(v == v for v in (*cost.values(), *rate.values())) and rate["direct"])
         out += ["- **Bulk ingest.** With 50 messages per TLS record keygate's per-packet work is one compiled "
                 "walk over the chunk (`proxy/mqtt/_walk.c`: the header, the topic compared with the packet "
                 "before, the cached decision; the rate limiter charged once per chunk)."
@@ -555,7 +555,7 @@ def findings(rows: list[Row]) -> list[str]:
                    f"reaches {rate['relay'] / rate['direct']:.0%} of direct. On 2 cores the publishers, "
                    "keygate and Mosquitto share the CPUs, so each µs keygate spends is taken from the broker or "
                    "the publishers; what is left above the relay is the per-chunk work (the session's "
-                   "deadline checks, the TLS record, the write to the broker)." if measured else ""), ""]
+                   "deadline checks, the TLS record, the write to the broker)." if costed else ""), ""]
     if "added latency p50 at 1k msg/s" in missed:
         case = next((r.case for r in rows if r.scenario == "latency"), "")
         d = median(rows, "latency", case, "direct", "p50_us")
