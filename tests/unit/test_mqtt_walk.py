@@ -136,8 +136,9 @@ def views(data: bytes, how: str) -> memoryview:
 
 def assert_reached(reach: Counter, *kinds: str) -> None:
     """The comparison is worth something only if the walks really walked: some examples took
-    several packets, some stopped in the middle (each kind in one example of twenty at least;
-    the examples are the same every run)."""
+    several packets, some stopped in the middle (each kind in one example of twenty at least).
+    The examples are derandomized, yet the shares move by a few points with what else the process
+    has imported (12-30% measured, alone and in the whole suite): the floor sits well below."""
     for kind in kinds:
         assert reach[kind] * 20 >= reach["examples"], (kind, reach)
 
