@@ -144,6 +144,44 @@ def test_every_line_is_json_within_the_bound(resource, username, reason, extra, 
     assert r["action"] == "publish" and r["decision"] == "deny"
 
 
+# ----------------------------------------------------------------------------- bodies kept
+
+# Values that compare equal across types (1 == 1.0 == True, ["a"] and ("a",)) and values of every
+# other kind: a body kept for one must never be written for another.
+_ALIKE = st.sampled_from([1, 1.0, True, 0, False, 0.0, None, "1", "", ["a"], ("a",), [], (), ["a", 1], [True], [1],
+                          {"a": 1}, {"a": True}, 2**70])
+
+
+@settings(max_examples=300, deadline=None)
+@given(records=st.lists(st.tuples(st.sampled_from(["allow", "deny"]), st.sampled_from(["/v2/a", "x" * 3000]),
+                                  st.dictionaries(st.sampled_from(["status", "devices", "remote", "n"]), _ALIKE,
+                                                  max_size=4)), min_size=1, max_size=12))
+def test_a_log_that_keeps_bodies_writes_what_a_fresh_log_writes(records):
+    """Each record through one log (bodies kept from the records before) and through a new log
+    of its own (nothing kept): the same line."""
+    kept, stream, _ = make(max_field_bytes=256)
+    for decision, resource, extra in records:
+        fresh, alone, _ = make(max_field_bytes=256)
+        for audit in (kept, fresh):
+            audit.record(protocol="http", action="GET", decision=decision, resource=resource,
+                         identity=user("alice"), rule="r", **extra)
+        assert stream.getvalue().splitlines()[-1] == alone.getvalue().strip()
+
+
+def test_equal_values_of_other_types_keep_their_own_lines():
+    """1 == 1.0 == True, also inside a list and as a rule: each is written as itself."""
+    audit, stream, _ = make()
+    for value in (1, True, 1.0, 1):
+        audit.record(protocol="http", action="GET", decision="allow", resource="/v2/a", status=value)
+        audit.record(protocol="http", action="GET", decision="allow", resource="/v2/a", devices=[value])
+        audit.record(protocol="http", action="GET", decision="allow", resource="/v2/a", rule=value)
+    written = stream.getvalue().splitlines()
+    assert [json.loads(line).get("status") for line in written[0::3]] == [1, True, 1.0, 1]
+    assert [line.split('"status":')[1][:4] for line in written[0::3]] == ["1}", "true", "1.0}", "1}"]
+    assert [line.split('"devices":')[1][:4] for line in written[1::3]] == ["[1]}", "[tru", "[1.0", "[1]}"]
+    assert [line.split('"rule":')[1][:4] for line in written[2::3]] == ["1}", "true", "1.0}", "1}"]
+
+
 # ----------------------------------------------------------------------------- folding
 
 
