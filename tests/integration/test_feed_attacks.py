@@ -47,6 +47,21 @@ def readable_by_bob(service, device_id):
     return facts is not None and any(d.grantee.id == "sub-bob" for d in facts.delegations)
 
 
+async def two_gateways_and_a_grant(tmp_path, dsn, **feed):
+    """Gateways A and B on one store, and on A alice's d1 and d2, d1 lent to bob to read (what the
+    test's revocation then takes back): (a, b, the grant). The caller closes both."""
+    a = await open_service(feed_config(tmp_path / "a", dsn, **feed))
+    b = await open_service(feed_config(tmp_path / "b", dsn, **feed))
+    try:
+        await a.register_device(ALICE, {"id": "d1", "type": "T"})
+        await a.register_device(ALICE, {"id": "d2", "type": "T"})
+        return a, b, await a.create_delegation(ALICE, "d1", "bob", "read")
+    except BaseException:
+        await a.close()
+        await b.close()
+        raise
+
+
 async def until(predicate, timeout=10.0):
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
@@ -71,12 +86,8 @@ def restore(postgres, name, path):
 
 
 async def test_a_revocation_committed_during_a_catch_up_is_rechecked_on_open_connections(tmp_path, pg_dsn):
-    a = await open_service(feed_config(tmp_path / "a", pg_dsn, silence=3.0))
-    b = await open_service(feed_config(tmp_path / "b", pg_dsn, silence=3.0))
+    a, b, grant = await two_gateways_and_a_grant(tmp_path, pg_dsn, silence=3.0)
     try:
-        await a.register_device(ALICE, {"id": "d1", "type": "T"})
-        await a.register_device(ALICE, {"id": "d2", "type": "T"})
-        grant = await a.create_delegation(ALICE, "d1", "bob", "read")
         await until(lambda: readable_by_bob(b, "d1"))
         told: list[set[str] | None] = []   # what B's gateways would re-check their connections on
         b.facts.subscribe(lambda ids: told.append(None if ids is None else set(ids)))
@@ -300,12 +311,8 @@ async def test_a_restore_whose_new_history_passed_the_applied_number_is_still_re
     # applied before its feed looks again: "fewer changes than applied" then never shows. The change
     # under the applied number is another one, and that is what is checked.
     name = dbname(pg_dsn)
-    a = await open_service(feed_config(tmp_path / "a", pg_dsn))
-    b = await open_service(feed_config(tmp_path / "b", pg_dsn))
+    a, b, grant = await two_gateways_and_a_grant(tmp_path, pg_dsn)
     try:
-        await a.register_device(ALICE, {"id": "d1", "type": "T"})
-        await a.register_device(ALICE, {"id": "d2", "type": "T"})
-        grant = await a.create_delegation(ALICE, "d1", "bob", "read")
         dump = backup(postgres, name, tmp_path / "backup.dump")
         for i in range(4):   # lost with the old primary
             await a.update_device(ALICE, "d2", {"name": f"v{i}"})
@@ -370,12 +377,8 @@ async def test_a_change_under_one_of_its_own_numbers_after_a_restore_is_read_as_
     # B wrote changes its feed had not reached yet; a restore takes the store back before them, and
     # A's revocation gets one of those numbers: B must not skip it as its own.
     name = dbname(pg_dsn)
-    a = await open_service(feed_config(tmp_path / "a", pg_dsn))
-    b = await open_service(feed_config(tmp_path / "b", pg_dsn))
+    a, b, grant = await two_gateways_and_a_grant(tmp_path, pg_dsn)
     try:
-        await a.register_device(ALICE, {"id": "d1", "type": "T"})
-        await a.register_device(ALICE, {"id": "d2", "type": "T"})
-        grant = await a.create_delegation(ALICE, "d1", "bob", "read")
         newest = int(postgres.psql("SELECT max(seq) FROM changes", name).strip())
         await until(lambda: b.feed.applied == newest and readable_by_bob(b, "d1"))
         dump = backup(postgres, name, tmp_path / "backup.dump")

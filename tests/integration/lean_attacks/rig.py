@@ -2,21 +2,29 @@
 
 The upstream answers each path with bytes the test scripts (so it can misbehave as a
 crashing or stalling Orion would); the pair is one gateway on the lean server and one on
-aiohttp's, on the same services, so each reproducer can show how the two differ.
+aiohttp's, on the same services, so each reproducer can show how the two differ. Given a
+:class:`Pki`, the upstream speaks TLS (an ``https://`` Orion, which the gateway reaches over
+its aiohttp client rather than the lean one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
+
+import aiohttp.connector
 
 from ownership.api import create_api_app
 from proxy.http.gateway import HttpGateway
 from tests.integration.test_http_upstream_differential import Recorder
 from tests.integration.test_http_upstream_differential import gateway_pair as shared_pair
+from tests.rig.pki import Pki
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 OK_BODY = b'{"id":"a-2","type":"Thermometer"}'
@@ -40,14 +48,48 @@ class ScriptedUpstream(Recorder):
         return await self.script(method, target)
 
 
+class TlsScriptedUpstream(ScriptedUpstream):
+    """The scripted upstream behind TLS, with the PKI's server certificate (for 127.0.0.1).
+
+    Its socket is bound when it is made, so that its ``https://`` address can go into the
+    gateway's configuration before it starts."""
+
+    def __init__(self, script: Script, pki: Pki) -> None:
+        super().__init__(script)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(pki.server_cert, pki.server_key)
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, sock=self.socket, ssl=self.context)
+
+
+def _trusting(pki: Pki) -> contextlib.AbstractContextManager[Any]:
+    """The gateway's aiohttp client verifies Orion against the system's trust store (aiohttp's
+    default context, made at import): for the test, that context trusts the PKI's CA instead."""
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.set_alpn_protocols(("http/1.1",))
+    return mock.patch.object(aiohttp.connector, "_SSL_CONTEXT_VERIFIED", context)
+
+
 @contextlib.asynccontextmanager
-async def gateway_pair(tmp: Path, oidc: Any, script: Script, **http: Any):
-    """(upstream, {"lean": gateway, "aiohttp": gateway}, tokens); alice owns a-1 and a-2, bob b-1."""
+async def gateway_pair(tmp: Path, oidc: Any, script: Script, *, tls: Pki | None = None, **http: Any):
+    """(upstream, {"lean": gateway, "aiohttp": gateway}, tokens); alice owns a-1 and a-2, bob b-1.
+    With ``tls``, the upstream is an ``https://`` one whose certificate ``tls`` signed."""
     def make(services: Any, name: str) -> HttpGateway:
         return HttpGateway(services, create_api_app(services), server=name)
 
-    async with shared_pair(tmp, oidc, make, ("lean", "aiohttp"), recorder=ScriptedUpstream(script), **http) as made:
-        yield made
+    recorder: ScriptedUpstream = ScriptedUpstream(script)
+    trust: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if tls is not None:
+        recorder = TlsScriptedUpstream(script, tls)
+        http["upstream"] = recorder.url
+        trust = _trusting(tls)
+    with trust:
+        async with shared_pair(tmp, oidc, make, ("lean", "aiohttp"), recorder=recorder, **http) as made:
+            yield made
 
 
 async def exchange(port: int, data: bytes, timeout: float = 8) -> tuple[bytes, bool]:
