@@ -160,7 +160,7 @@ client_publishes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto fail;
             PyObject *entry = PyDict_GetItemWithError(cache, key); /* borrowed */
             Py_DECREF(key);
-            if (entry == NULL) {
+            if (entry == NULL || entry == Py_None) {   /* (None: as fastpath.py's "is None") */
                 if (PyErr_Occurred())
                     goto fail;
                 break;

@@ -232,6 +232,12 @@ def test_the_compiled_walk_takes_a_whole_chunk_of_repeated_topics():
     assert _walk.broker_deliveries(view, frozenset(), {TOPICS[0]: False}, False) == (0, 0)
 
 
+def test_a_cache_entry_of_none_stops_both_walks():
+    packet = memoryview(b"\x30\x05\x00\x01a" + b"xx")
+    for walk in (fastpath.py_client_publishes, _walk.client_publishes):
+        assert walk(packet, {(b"a", 0, 0): None}, 1 << 20, False, set(), None, "s") == (0, 0)
+
+
 def test_the_compiled_walk_raises_as_the_python_one_on_a_broken_cache():
     packet = b"\x30\x05\x00\x01a" + b"xx"
     broken = {(b"a", 0, 0): ("a", object())}  # a decision without .allowed
