@@ -41,7 +41,7 @@ from proxy.http.listener import (
     ConnectionSlot,
     DeadlineRequestHandler,
     RequestTimeout,
-    abort_if_not_drained,
+    WriteDeadline,
     head_timeout_response,
 )
 
@@ -268,7 +268,6 @@ class LeanConnection(asyncio.Protocol):
         self._prefixes = prefixes
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
-        self._write_timeout = write_timeout
         self._max_pipelined = max_pipelined
         self._max_body = max_body
         self._fallback = fallback
@@ -277,6 +276,7 @@ class LeanConnection(asyncio.Protocol):
         self._registry = registry
         self._heads = registry.heads if registry is not None else None
         self._loop = asyncio.get_running_loop()
+        self._write_deadline = WriteDeadline(self._loop, write_timeout)
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self.scheme = "http"
@@ -303,7 +303,6 @@ class LeanConnection(asyncio.Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_due: float | None = None   # when the next head is late (None: one is in)
         self._body_timer: asyncio.TimerHandle | None = None
-        self._write_timer: asyncio.TimerHandle | None = None
         self.peak_queued = 0     # most requests read ahead of their answers (tests and benchmarks)
         self.request_count = 0   # heads read
 
@@ -353,12 +352,11 @@ class LeanConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._drain = self._loop.create_future()
-        self._write_timer = self._loop.call_later(self._write_timeout, self._write_late)
+        if self.transport is not None:
+            self._write_deadline.paused(self.transport)
 
     def resume_writing(self) -> None:
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
+        self._write_deadline.resumed()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         self._drain = None
@@ -554,7 +552,7 @@ class LeanConnection(asyncio.Protocol):
         self._wake()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
-            abort_if_not_drained(self._loop, self.transport, self._write_timeout)
+            self._write_deadline.closing(self.transport)
 
     def shut(self) -> asyncio.Task[None] | None:
         """End the connection after the answer in progress (the listener is stopping); its task."""
@@ -588,10 +586,11 @@ class LeanConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ deadlines
 
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._body_timer, self._write_timer):
+        for timer in (self._head_timer, self._body_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._body_timer = self._write_timer = None
+        self._head_timer = self._body_timer = None
+        self._write_deadline.resumed()
 
     def _arm_head_timer(self) -> None:
         self._head_due = self._loop.time() + self._header_timeout
@@ -622,12 +621,6 @@ class LeanConnection(asyncio.Protocol):
                 headers={"Connection": "close"}))
         else:
             self._close()   # queued behind another request: nothing to say
-
-    def _write_late(self) -> None:
-        # The client has read nothing of its answers for write_timeout: what is buffered will not leave.
-        self._write_timer = None
-        if self.transport is not None:
-            self.transport.abort()
 
     # ------------------------------------------------------------------ tests and benchmarks
 

@@ -80,17 +80,45 @@ def head_timeout_response(seconds: float) -> bytes:
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
-def abort_if_not_drained(loop: asyncio.AbstractEventLoop, transport: asyncio.BaseTransport, seconds: float) -> None:
-    """After ``transport.close()``: a close waits for the write buffer to drain, which a client that
-    reads nothing never lets happen (below the high-water mark no write deadline runs). What is
-    still buffered after ``seconds`` is given up: the connection is aborted."""
-    stream = cast(asyncio.Transport, transport)   # a stream transport (uvloop's TLS one without the base class)
-    try:
-        buffered = stream.get_write_buffer_size()
-    except AttributeError:   # asyncio's TLS transport once its connection is gone: nothing is buffered
-        return
-    if buffered:
-        loop.call_later(seconds, stream.abort)   # a no-op once it has closed
+class WriteDeadline:
+    """A connection's write deadline, kept here for both servers: a client that reads none of its
+    answers for ``seconds`` is aborted, since what is buffered for it will not leave.
+
+    It runs while the transport has paused writing (its buffer over the high-water mark) and after
+    a close that still has bytes to send: a close waits for the buffer to drain, which such a
+    client never lets happen, and below the high-water mark no pause starts the deadline."""
+
+    __slots__ = ("_loop", "_timer", "seconds")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float):
+        self._loop = loop
+        self.seconds = seconds
+        self._timer: asyncio.TimerHandle | None = None
+
+    def paused(self, transport: asyncio.BaseTransport) -> None:
+        """The transport paused writing: abort it unless it resumes within the deadline."""
+        if self._timer is None:
+            self._timer = self._loop.call_later(self.seconds, self._late, transport)
+
+    def resumed(self) -> None:
+        """It resumed (or the connection is gone): the deadline ends."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def closing(self, transport: asyncio.BaseTransport) -> None:
+        """After ``transport.close()``: what is still buffered after the deadline is given up."""
+        stream = cast(asyncio.Transport, transport)   # a stream transport (uvloop's TLS one without the base class)
+        try:
+            buffered = stream.get_write_buffer_size()
+        except AttributeError:   # asyncio's TLS transport once its connection is gone: nothing is buffered
+            return
+        if buffered:
+            self._loop.call_later(self.seconds, stream.abort)   # a no-op once it has closed
+
+    def _late(self, transport: asyncio.BaseTransport) -> None:
+        self._timer = None
+        cast(asyncio.Transport, transport).abort()
 
 
 class ConnectionSlot:
@@ -113,7 +141,7 @@ class DeadlineRequestHandler(RequestHandler):
     """aiohttp's protocol, plus the 408 for a late head, the body and write deadlines and the pipelining cap."""
 
     __slots__ = ("_body_timeout", "_body_timer", "_body_payload", "_head_started", "_late_head_response",
-                 "_write_timeout", "_write_timer", "_slot", "_admit", "_made", "_early", "peak_queued", "_head_due")
+                 "_write_deadline", "_slot", "_admit", "_made", "_early", "peak_queued", "_head_due")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, body_timeout: float,
                  write_timeout: float = 30.0, max_pipelined: int = 16, slot: ConnectionSlot | None = None,
@@ -126,8 +154,7 @@ class DeadlineRequestHandler(RequestHandler):
         self._body_payload: Any = None
         self._head_started = False
         self._late_head_response = head_timeout_response(header_timeout)
-        self._write_timeout = write_timeout
-        self._write_timer: asyncio.TimerHandle | None = None
+        self._write_deadline = WriteDeadline(self._loop, write_timeout)
         self._slot = slot
         self._admit = admit   # counted once made (TLS done by the loop, see DeadlineSite), or refused
         self._made = False
@@ -190,28 +217,21 @@ class DeadlineRequestHandler(RequestHandler):
         transport = self.transport
         super().force_close()
         if transport is not None:
-            abort_if_not_drained(self._loop, transport, self._write_timeout)
+            self._write_deadline.closing(transport)
 
     async def start(self) -> None:
         await super().start()
         if self.transport is not None and self.transport.is_closing():   # closed at the end of its requests
-            abort_if_not_drained(self._loop, self.transport, self._write_timeout)
+            self._write_deadline.closing(self.transport)
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self._write_timer = self._loop.call_later(self._write_timeout, self._write_late)
+        if self.transport is not None:
+            self._write_deadline.paused(self.transport)
 
     def resume_writing(self) -> None:
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
+        self._write_deadline.resumed()
         super().resume_writing()
-
-    def _write_late(self) -> None:
-        # The client has read nothing of its answers for write_timeout: what is buffered will not leave.
-        self._write_timer = None
-        if self.transport is not None:
-            self.transport.abort()
 
     def _arm_body_timer(self, payload: Any) -> None:
         # HTTP/1.1 reads one body at a time: a new head means the previous body is complete.
@@ -242,10 +262,10 @@ class DeadlineRequestHandler(RequestHandler):
         super()._process_keepalive()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        for timer in (self._body_timer, self._write_timer):
-            if timer is not None:
-                timer.cancel()
-        self._body_timer = self._write_timer = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+        self._body_timer = None
+        self._write_deadline.resumed()
         self._body_payload = None
         if self._slot is not None:
             self._slot.release()
