@@ -192,7 +192,7 @@ class GatewayHandler:
         self.resolver = resolver
         self.session: aiohttp.ClientSession | None = None
         self.guard = SubscriptionGuard(services, self)
-        self.outcomes = Outcomes(services.audit, REQUESTS, LATENCY)
+        self.outcomes = Outcomes(services.audit, REQUESTS, LATENCY, UPSTREAM_LATENCY)
         # identity -> its X-Keygate-* headers (Identity compares every field that says who it is)
         self._identity_blocks: dict[Identity, tuple[tuple[str, str], ...]] = {}
         # (tenant, subscription id) -> [its lock, requests holding or waiting for it]
@@ -555,7 +555,7 @@ class GatewayHandler:
                 return self._timed_out(audit, exc.__cause__)
             audit["reason"], audit["outcome_unknown"] = f"upstream unreachable: {type(exc).__name__}", True
             return orion_error(502, "BadGateway", "the context broker is unreachable")
-        UPSTREAM_LATENCY.observe(time.perf_counter() - t0)
+        self.outcomes.upstream_answered(time.perf_counter() - t0)
         audit["upstream_status"] = upstream.status
         try:
             if d.after == "record_subscription" and upstream.status == 201:
