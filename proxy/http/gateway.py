@@ -67,6 +67,7 @@ from proxy.config import HttpConfig, parse_hostport
 from proxy.http import ngsi
 from proxy.http import plan as planning
 from proxy.http.auth import authenticate
+from proxy.http.lean_answer import plain_head
 from proxy.http.lean_server import LeanConnection, LeanConnections, LeanRequest, Relayed, lean_prefixes
 from proxy.http.listener import ConnectionSlot, DeadlineRequestHandler, DeadlineSite, RequestTimeout
 from proxy.http.outcomes import Outcomes
@@ -148,6 +149,18 @@ class _UpstreamRefused(Exception):
     def __init__(self, status: int):
         super().__init__(status)
         self.status = status
+
+
+def _relayable(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Orion's answer headers that go on to the client, in order: not the hop-by-hop ones nor those
+    its Connection header names, not Content-Length (the gateway frames the answer itself), no CORS
+    header (the gateway's own CORS answer is the only one)."""
+    pairs = list(pairs)
+    connection_named = {t.strip().lower() for name, value in pairs if name.lower() == "connection"
+                        for t in value.split(",")}
+    return [(name, value) for name, value in pairs
+            if not ((low := name.lower()) in HOP_BY_HOP or low in connection_named or low == "content-length"
+                    or low.startswith("access-control-"))]
 
 
 def _header_value(text: str) -> str:
@@ -666,17 +679,7 @@ class GatewayHandler:
             log.error("could not withdraw subscription %s from Orion", sub_id)
 
     def _response_headers(self, pairs: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-        pairs = list(pairs)
-        connection_named = {t.strip().lower() for name, value in pairs if name.lower() == "connection"
-                            for t in value.split(",")}
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in pairs:
-            low = name.lower()
-            if low in HOP_BY_HOP or low in connection_named or low == "content-length" \
-                    or low.startswith("access-control-"):
-                continue
-            out.add(name, value)
-        return out
+        return CIMultiDict(_relayable(pairs))
 
     async def _relay(self, request: Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse | Relayed:
         pairs, length = upstream.headers.items(), upstream.content_length
@@ -700,6 +703,14 @@ class GatewayHandler:
         length = upstream.header("Content-Length")
         size = int(length) if length is not None and length.isdigit() else None   # llhttp checked it: one decimal
         if isinstance(request, LeanRequest):
+            if not self._cors_applies(request):
+                head = plain_head(request.method, upstream.status, upstream.reason, _relayable(upstream.headers),
+                                  size, request.keep_alive)
+                if head is not None:
+                    if upstream.complete:
+                        return await request.relay_head(upstream.status, head, False, size, await upstream.read(),
+                                                        None)
+                    return await request.relay_head(upstream.status, head, False, size, None, upstream.chunks())
             headers = self._relayed_headers(request, upstream.headers, size)
             if request.method == "HEAD" or upstream.complete:
                 whole = b"" if request.method == "HEAD" else await upstream.read()
@@ -795,9 +806,13 @@ class GatewayHandler:
         self._cors_headers(request, response.headers)
         return response
 
-    def _cors_headers(self, request: Request, headers: CIMultiDict[str]) -> None:
+    def _cors_applies(self, request: Request) -> bool:
         origin = request.headers.get("Origin")
-        if origin and (origin in self.cors or "*" in self.cors):
+        return bool(origin) and (origin in self.cors or "*" in self.cors)
+
+    def _cors_headers(self, request: Request, headers: CIMultiDict[str]) -> None:
+        if self._cors_applies(request):
+            origin = request.headers["Origin"]
             headers["Access-Control-Allow-Origin"] = origin
             headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE
             headers["Vary"] = "Origin"

@@ -192,6 +192,11 @@ class LeanRequest:
         """Write an answer relayed from Orion: the head, then ``whole`` or the ``chunks``. An answer
         broken off (Orion went away mid-body) ends the connection: the client cannot tell where."""
         head, chunked = head_bytes(self.method, status, reason, headers, length, self.keep_alive)
+        return await self.relay_head(status, head, chunked, length, whole, chunks)
+
+    async def relay_head(self, status: int, head: bytes, chunked: bool, length: int | None, whole: bytes | None,
+                         chunks: AsyncIterator[bytes] | None) -> Relayed:
+        """:meth:`relay` with the head already built (``lean_answer.plain_head``)."""
         self.answered = True
         try:
             return await self._relay(status, head, chunked, length, whole, chunks)
