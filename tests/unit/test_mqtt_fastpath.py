@@ -321,11 +321,13 @@ def test_a_delivery_check_revoked_stops_the_broker_fast_path():
 # --------------------------------------------------------------------------- the counts, chunk by chunk
 #
 # The fast paths return their counts as one shared record per packet count (session._fast_counts),
-# the full path counts packet by packet (context.take_counts): nothing but these tests holds the two
-# to each other and to what was actually forwarded. Each count is summed from the command lists
-# themselves (a list, not a dict: a metric named twice in one command counts twice at the shell,
-# which adds every pair), chunk by chunk with the fast paths on and off, and the totals are held to
-# the traffic: the PUBLISH packets that went each way, and the publishes of the stream by topic.
+# the full path counts packet by packet (context.take_counts). The comparisons above hold the two
+# to each other in total over a run (the driver's dict of counts); these hold them call by call,
+# and to the traffic itself: the PUBLISH packets that went each way, the publishes and deliveries
+# of the stream by topic, so a count both paths got wrong fails too. Each call's counts are summed
+# from its CountMetrics pairs (a list: a metric named twice in one command counts twice at the
+# shell, which adds every pair; the driver's dict would keep one). The shell's side of it:
+# test_mqtt_shell_tallies.py.
 
 TALLY_POLICIES = dict(pub=["devices/thermo-1/#"], sub_allow=["devices/thermo-1/#", "devices/thermo-1/telemetry"],
                       sub_check=["devices/+/telemetry"], recv=["devices/thermo-1/#"])
