@@ -162,6 +162,55 @@ async def test_connection_metrics(mqtt_rig):
     await eventually(lambda: not rig.gateway.connections)
 
 
+async def test_bulk_publishes_are_counted_exactly(mqtt_rig):
+    """A publisher writes its publishes in bursts: the gateway reads each in one chunk of many, the
+    case of its fast paths, which count such a chunk in one record. The messages and decisions
+    metrics move by exactly the number published, each way, counted at the gateway on real sockets
+    (the subscriber's deliveries and the broker's PUBACK of the last one say they all went through)."""
+    rig = mqtt_rig
+    dev, k1, _ = await rig.register_device("alice")
+    topic = f"devices/{dev}/telemetry"
+    sub, code = await raw_connect(rig, V311, "alice-tallies", "alice", await rig.token("alice"))
+    assert code == 0
+    await sub.send(subscribe_packet(MQTT_311, 1, (topic, 0)))
+    assert suback_reasons(await sub.read_packet(), MQTT_311) == [0]
+    pub, code = await raw_connect(rig, V311, dev, dev, k1)
+    assert code == 0
+    # One first, alone (QoS 0, as the bulk): its decision is cached, so the bulk's first read is
+    # the fast path's. Its delivery says it went through.
+    await pub.send(publish_packet(topic, b"first", level=MQTT_311))
+    assert (await sub.read_packet() or b"").endswith(b"first")
+    counted = [("keygate_mqtt_messages_total", {"direction": "client_to_broker"}),
+               ("keygate_mqtt_messages_total", {"direction": "broker_to_client"}),
+               ("keygate_mqtt_decisions_total", {"action": "publish", "result": "allow"}),
+               ("keygate_mqtt_decisions_total", {"action": "receive", "result": "allow"}),
+               ("keygate_mqtt_decisions_total", {"action": "publish", "result": "deny"}),
+               ("keygate_mqtt_decisions_total", {"action": "receive", "result": "deny"})]
+    before = [_metric(name, **labels) for name, labels in counted]
+    # Six bursts of 50, each written at once and read by the gateway whole (the fast path walks it
+    # to its end: one count record for all 50), the subscriber's 50 deliveries awaited before the
+    # next; then one more, QoS 1, whose PUBACK says the broker had them all. Under the rate
+    # limit's burst (400).
+    n = 6 * 50 + 1
+    for burst in range(6):
+        await pub.send(b"".join(publish_packet(topic, b"reading %d.%02d" % (burst, i), level=MQTT_311)
+                                for i in range(50)))
+        for i in range(50):
+            pkt = await sub.read_packet()
+            assert pkt is not None and pkt[0] == 0x30 and pkt.endswith(b"reading %d.%02d" % (burst, i)), pkt
+    await pub.send(publish_packet(topic, b"last", level=MQTT_311, qos=1, packet_id=1))
+    assert await pub.read_packet() == b"\x40\x02\x00\x01"
+    assert (await sub.read_packet() or b"").endswith(b"last")
+    after = [_metric(name, **labels) for name, labels in counted]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [n, n, n, n, 0, 0]
+    # The fast paths took part on both connections (else this counted the full path only).
+    conns = {c.session.client_id: c for c in rig.gateway.connections}
+    assert conns[dev].session.fast_path_chunks > 0
+    assert conns["alice-tallies"].session.fast_path_chunks > 0
+    for c in (sub, pub):
+        await c.close()
+
+
 async def test_keepalive_is_enforced_by_the_connection_timer(mqtt_rig):
     """Keepalive 1 s: silent for 1.5 s -> v5 DISCONNECT 0x8D (keep alive timeout); traffic keeps it open."""
     rig = mqtt_rig

@@ -32,8 +32,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.config import RateLimitConfig
 from proxy.mqtt import codec, fastpath
-from proxy.mqtt.packets import MQTT_5, MQTT_311, Prop, Subscribe, Subscription
+from proxy.mqtt.commands import CountMetrics
+from proxy.mqtt.context import ALLOWED_PUBLISH, ALLOWED_RECEIVE, DENY_COUNT, RATE_LIMITED, TO_BROKER, TO_CLIENT
+from proxy.mqtt.packets import MQTT_5, MQTT_311, PacketType, Prop, Subscribe, Subscription
 from proxy.ratelimit import RateLimiter
 from tests.unit.test_mqtt_fuzz import (
     POLICIES,
@@ -53,6 +56,7 @@ fast_topics = st.one_of(allowed_topics, st.sampled_from(["devices/thermo-2/cmd",
                                                          "a/b", "é/ü"]))
 # At least this share of a property test's examples must run each fast path.
 MIN_FAST_SHARE = 1 / 3
+T = PacketType
 
 
 @pytest.fixture(autouse=True, params=["compiled", "python"])
@@ -312,3 +316,169 @@ def test_a_delivery_check_revoked_stops_the_broker_fast_path():
     policies.recv.clear()  # the delegation was revoked
     s.invalidate()
     assert not s.broker_data(delivery * 3).to_client
+
+
+# --------------------------------------------------------------------------- the counts, chunk by chunk
+#
+# The fast paths return their counts as one shared record per packet count (session._fast_counts),
+# the full path counts packet by packet (context.take_counts). The comparisons above hold the two
+# to each other in total over a run (the driver's dict of counts); these hold them call by call,
+# and to the traffic itself: the PUBLISH packets that went each way, the publishes and deliveries
+# of the stream by topic, so a count both paths got wrong fails too. Each call's counts are summed
+# from its CountMetrics pairs (a list: a metric named twice in one command counts twice at the
+# shell, which adds every pair; the driver's dict would keep one). The shell's side of it:
+# test_mqtt_shell_tallies.py.
+
+TALLY_POLICIES = dict(pub=["devices/thermo-1/#"], sub_allow=["devices/thermo-1/#", "devices/thermo-1/telemetry"],
+                      sub_check=["devices/+/telemetry"], recv=["devices/thermo-1/#"])
+# Subscribed filters: an exact ALLOW grant (the delivery walk's `exact` set), a wildcard ALLOW
+# grant, a filter whose every delivery is checked.
+tally_filters = st.lists(st.sampled_from(["devices/thermo-1/telemetry", "devices/thermo-1/#",
+                                          "devices/+/telemetry"]), min_size=1, max_size=3, unique=True)
+# Properties that stop the publish walk without changing what the full path decides (no alias).
+harmless_props = st.sampled_from([[(Prop.CONTENT_TYPE, "t")], [(Prop.USER_PROPERTY, ("k", "v"))],
+                                  [(Prop.MESSAGE_EXPIRY_INTERVAL, 60)]])
+
+
+def allowed_topic(topic: bytes) -> bool:
+    """What TALLY_POLICIES say of a publish or a delivery on ``topic`` (as sent)."""
+    return topic.startswith(b"devices/thermo-1/")
+
+
+@st.composite
+def tally_publish(draw, level: int) -> tuple[bytes, bytes, int]:
+    """(packet, topic, QoS): allowed or denied, QoS 0 to 2, sometimes with properties (v5)."""
+    topic = draw(fast_topics)
+    qos = draw(st.integers(0, 2))
+    props = draw(harmless_props) if level == MQTT_5 and draw(st.integers(0, 5)) == 0 else []
+    packet = codec.encode_publish(topic, draw(st.binary(max_size=12)), qos=qos,
+                                  packet_id=draw(st.integers(1, 6)) if qos else None, retain=draw(st.booleans()),
+                                  level=level, properties=props)
+    return packet, topic.encode(), qos
+
+
+@st.composite
+def cut_anywhere(draw, packets: list[bytes]) -> list[bytes]:
+    """The packets once each, then each repeated (its decision cached by then), shuffled, and cut
+    into chunks at packet ends and at random bytes (a packet split across reads)."""
+    shuffled = draw(st.permutations([p for p in packets for _ in range(draw(st.integers(1, 6)))]))
+    stream = b"".join(shuffled)
+    cuts = draw(st.lists(st.sampled_from(list(itertools.accumulate(map(len, shuffled)))), max_size=12))
+    # A chunk behind a split packet goes to the full path whole: at most a few splits, so that
+    # the walk still gets chunks that start at a packet.
+    cuts += draw(st.lists(st.integers(1, max(1, len(stream) - 1)), max_size=4))
+    bounds = [0] + sorted({c for c in cuts if 0 < c < len(stream)}) + [len(stream)]
+    # First each distinct packet once, whole, as a chunk of its own: the full path decides and
+    # caches it (counted like the rest).
+    return [b"".join(dict.fromkeys(packets))] + [stream[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def summed(commands) -> Counter:
+    """One call's counts, per metric and labels, summed over its CountMetrics pairs."""
+    total: Counter = Counter()
+    for c in commands:
+        if isinstance(c, CountMetrics):
+            for metric, n in c.counts:
+                total[metric] += n
+    return total
+
+
+def publishes_in(chunks: list[bytes]) -> int:
+    """The PUBLISH packets in what went one way (whole packets: the session sends no half)."""
+    return sum(f.type == T.PUBLISH for f in codec.Framer(1 << 24).feed(b"".join(chunks)))
+
+
+def _tally_run(level, setup, events, *, fast: bool, burst: int | None):
+    """Like _run, with the counts of every call of ``events`` (after ``setup``) kept apart, and
+    the bytes of the traffic each way."""
+    clock = Clock()
+    limiter = RateLimiter(1.0, burst, clock=clock) if burst else None
+    s, _, _ = make(level, FakePolicies(**TALLY_POLICIES), clock=clock, rate_limiter=limiter, fast_paths=fast,
+                   rate_limit=RateLimitConfig(action="drop"))  # over the rate: counted, and on
+    per_call: list[Counter] = []
+    sent: dict[str, list[bytes]] = {"client": [], "broker": []}
+
+    def apply(out, record: bool):
+        if record:
+            per_call.append(summed(out.commands))
+            sent["broker"] += [bytes(x) for x in out.to_broker]
+            sent["client"] += [bytes(x) for x in out.to_client]
+        if out.auth is not None:
+            apply(s.authenticated(ALICE), record)
+        if out.open_upstream:
+            apply(s.broker_data(connack(level)), record)
+
+    for record, (side, chunk) in [(False, e) for e in setup] + [(True, e) for e in events]:
+        apply(s.client_data(chunk) if side == "client" else s.broker_data(chunk), record)
+    assert not s.closed, "the traffic is meant to keep the connection open"
+    return per_call, sent
+
+
+def assert_same_counts(level, setup, events, *, burst=None, hits: dict | None = None):
+    """The fast paths on and off count the same, call by call; returns the totals and the traffic."""
+    with counting_fast_paths(hits if hits is not None else {}):
+        fast, sent = _tally_run(level, setup, events, fast=True, burst=burst)
+    full, full_sent = _tally_run(level, setup, events, fast=False, burst=burst)
+    assert sent == full_sent
+    for i, (f, g) in enumerate(zip(fast, full, strict=True)):
+        assert f == g, f"call {i}: the fast paths counted {dict(f)}, the full path {dict(g)}"
+    return sum(fast, Counter()), sent
+
+
+def test_publish_counts_match_the_full_path_and_the_traffic():
+    stats: Counter = Counter()
+
+    @REACH_SETTINGS
+    @given(st.data(), levels)
+    def check(data, level):
+        drawn = data.draw(st.lists(tally_publish(level), min_size=1, max_size=6))
+        drawn.append(data.draw(tally_publish(level).filter(lambda p: allowed_topic(p[1]) and p[2] < 2)))
+        chunks = data.draw(cut_anywhere([p for p, _, _ in drawn]))
+        burst = data.draw(st.sampled_from([None, None, None, 1, 5, 40]))
+        hits: dict = {}
+        total, sent = assert_same_counts(level, [("client", connect_bytes(level))],
+                                         [("client", c) for c in chunks], burst=burst, hits=hits)
+        stats["examples"] += 1
+        stats["client"] += bool(hits.get("client"))
+        # Held to the traffic: every PUBLISH forwarded counted once, as client_to_broker, and every
+        # publish of the stream decided once: allowed, denied or over the rate.
+        stream = codec.Framer(1 << 20).feed(b"".join(chunks))
+        decoded = [codec.decode_publish(f, level) for f in stream]
+        assert total[TO_BROKER] == publishes_in(sent["broker"])
+        assert total[TO_CLIENT] == 0 and total[ALLOWED_RECEIVE] == 0
+        assert total[ALLOWED_PUBLISH] + total[DENY_COUNT["publish"]] + total[RATE_LIMITED] == len(decoded)
+        if burst is None:
+            allowed = [p for p in decoded if allowed_topic(p.topic)]
+            assert total[ALLOWED_PUBLISH] == len(allowed)
+            assert total[DENY_COUNT["publish"]] == len(decoded) - len(allowed)
+            assert total[TO_BROKER] == sum(p.qos < 2 for p in allowed)  # QoS 2: held until a PUBREL
+
+    check()
+    assert_fast_paths_ran(stats, "client", "publish counts")
+
+
+def test_delivery_counts_match_the_full_path_and_the_traffic():
+    stats: Counter = Counter()
+
+    @REACH_SETTINGS
+    @given(st.data(), levels, tally_filters)
+    def check(data, level, topic_filters):
+        sub = codec.encode_subscribe(Subscribe(1, [Subscription(f, 2) for f in topic_filters]), level)
+        suback = codec.encode_suback(codec.Suback(1, [2] * len(topic_filters)), level)
+        drawn = data.draw(st.lists(fast_delivery(level), min_size=1, max_size=6))
+        drawn.append(data.draw(fast_delivery(level, allowed_topics)))
+        chunks = data.draw(cut_anywhere(drawn))
+        hits: dict = {}
+        setup = [("client", connect_bytes(level)), ("client", sub), ("broker", suback)]
+        total, sent = assert_same_counts(level, setup, [("broker", c) for c in chunks], hits=hits)
+        stats["examples"] += 1
+        stats["broker"] += bool(hits.get("broker"))
+        stream = [codec.decode_publish(f, level) for f in codec.Framer(1 << 20).feed(b"".join(chunks))]
+        allowed = sum(allowed_topic(p.topic) for p in stream)
+        assert total[TO_CLIENT] == publishes_in(sent["client"]) == allowed
+        assert total[ALLOWED_RECEIVE] == allowed
+        assert total[DENY_COUNT["receive"]] == len(stream) - allowed
+        assert total[TO_BROKER] == 0 and total[ALLOWED_PUBLISH] == 0
+
+    check()
+    assert_fast_paths_ran(stats, "broker", "delivery counts")
