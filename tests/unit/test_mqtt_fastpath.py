@@ -312,3 +312,26 @@ def test_a_delivery_check_revoked_stops_the_broker_fast_path():
     policies.recv.clear()  # the delegation was revoked
     s.invalidate()
     assert not s.broker_data(delivery * 3).to_client
+
+
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+def test_a_delivery_with_packet_id_0_closes_the_session_on_the_fast_path_too(level):
+    """A broker (or whatever answers as one) delivers a QoS 1 PUBLISH with packet id 0 on a topic
+    the client may receive: a protocol error. The full path closes the connection and the client
+    never sees it; the fast path used to pass it on, the topic being cached as allowed."""
+    sub = codec.encode_subscribe(Subscribe(1, [Subscription("devices/+/telemetry", 2)]), level)
+    suback = codec.encode_suback(codec.Suback(1, [2]), level)
+    good = codec.encode_publish("devices/thermo-1/telemetry", b"x", qos=1, packet_id=7, level=level)
+    bad = bytearray(good)
+    at = bad.index(b"\x00\x07", 4)
+    bad[at:at + 2] = b"\x00\x00"
+    events = [("client", connect_bytes(level)), ("client", sub), ("broker", suback), ("broker", good),
+              ("broker", good + bytes(bad) + good)]
+    hits: dict = {}
+    with counting_fast_paths(hits):
+        fast = _run(level, events, fast=True, burst=None)
+    assert hits.get("broker")  # the fast path walked the last chunk (and took its first packet)
+    assert fast[1][-1].startswith(good) and bytes(bad) not in fast[1][-1]
+    deadlines = fast[3][0]
+    assert deadlines[-1][2] is not None and deadlines[-1][2].reason == "protocol_error"
+    assert_same(level, events)
