@@ -136,7 +136,8 @@ client_publishes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *mv = (const unsigned char *)view.buf;
     Py_ssize_t end = view.len;
     Py_ssize_t pos = 0, n = 0, budget = 0, first = 0;
-    /* The packet before's key and what the cache said of it (an allowed entry). */
+    /* The packet before's key and what the cache said of it (an allowed entry); forgotten after
+     * every call out to Python code that could change either (the limiter's take). */
     const unsigned char *last_topic = NULL;
     Py_ssize_t last_len = -1;
     int last_qos = -1, last_retain = -1;
@@ -200,6 +201,9 @@ client_publishes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 Py_DECREF(got);
                 if (budget == -1 && PyErr_Occurred())
                     goto fail;
+                /* Python ran (and maybe another thread): the cache or the chunk's bytes may have
+                 * changed, so the next packet's key is looked up afresh, as fastpath.py does. */
+                last_len = -1;
                 if (!budget)
                     break;
             }
