@@ -92,12 +92,12 @@ def counting_fast_paths(hits: dict):
         fastpath.client_publishes, fastpath.broker_deliveries = real
 
 
-def _run(level, events, *, fast: bool, burst: int | None):
+def _run(level, events, *, fast: bool, burst: int | None, **cfg):
     """Feed ``events`` (("client" | "broker", chunk), in order), answering authentication as
     Alice and the broker's CONNACK as success, like the shell."""
     clock = Clock()
     limiter = RateLimiter(1.0, burst, clock=clock) if burst else None
-    s, _, audit = make(level, FakePolicies(**POLICIES), clock=clock, rate_limiter=limiter, fast_paths=fast)
+    s, _, audit = make(level, FakePolicies(**POLICIES), clock=clock, rate_limiter=limiter, fast_paths=fast, **cfg)
     to_broker: list = []
     to_client: list = []
     deadlines: list = []
@@ -118,11 +118,11 @@ def _run(level, events, *, fast: bool, burst: int | None):
     return to_broker, to_client, [dict(r, ts=None) for r in audit.records], state, buckets
 
 
-def assert_same(level, events, burst=None, stats: Counter | None = None):
+def assert_same(level, events, burst=None, stats: Counter | None = None, **cfg):
     hits: dict = {}
     with counting_fast_paths(hits):
-        fast = _run(level, events, fast=True, burst=burst)
-    full = _run(level, events, fast=False, burst=burst)
+        fast = _run(level, events, fast=True, burst=burst, **cfg)
+    full = _run(level, events, fast=False, burst=burst, **cfg)
     # Chunk by chunk, not only in total: the fast path must not delay or reorder anything.
     assert fast[0] == full[0]
     assert fast[1] == full[1]
@@ -335,3 +335,41 @@ def test_a_delivery_with_packet_id_0_closes_the_session_on_the_fast_path_too(lev
     deadlines = fast[3][0]
     assert deadlines[-1][2] is not None and deadlines[-1][2].reason == "protocol_error"
     assert_same(level, events)
+
+
+def _patched(packet: bytes, old: bytes, new: bytes) -> bytes:
+    at = packet.index(old, 2)
+    return packet[:at] + new + packet[at + len(old):]
+
+
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+def test_traffic_cut_at_every_byte_is_decided_as_by_the_full_path(level):
+    """One stream of everything the walk must take or stop at, cut in two at every byte: allowed
+    QoS 0/1 and retained, a denied topic and one a prefix of an allowed one, QoS 2, a topic alias,
+    packet id 0, a packet of exactly the maximum size, then one a byte over it; and deliveries
+    with the same odd ones."""
+    max_size = 64
+    t = "devices/thermo-1/telemetry"
+
+    def p(topic=t, qos=0, pid=None, retain=False, payload=b"xy", props=()):
+        return codec.encode_publish(topic, payload, qos=qos, packet_id=pid, retain=retain, level=level,
+                                    properties=list(props))
+
+    empty = len(p(payload=b""))
+    pid0 = _patched(p(qos=1, pid=0x0909), b"\x09\x09", b"\x00\x00")
+    denied, prefix = p("devices/thermo-2/telemetry"), p("devices/thermo-1/telemetr")
+    alias = [p(props=[(Prop.TOPIC_ALIAS, 1)])] if level == MQTT_5 else []
+    warm = p() + p(qos=1, pid=3) + p(retain=True) + denied + prefix
+    largest, over = p(payload=b"p" * (max_size - empty)), p(payload=b"p" * (max_size + 1 - empty))
+    stream = b"".join([p(), p(), p(qos=1, pid=3), denied, p(), p(retain=True), prefix, largest, p(), p(qos=2, pid=4),
+                       *alias, p(), pid0, p(), over, p()])
+    start = [("client", connect_bytes(level)), ("client", warm)]
+    for cut in range(len(stream) + 1):
+        events = start + [("client", c) for c in (stream[:cut], stream[cut:]) if c]
+        assert_same(level, events, max_packet_size=max_size)
+    sub = codec.encode_subscribe(Subscribe(1, [Subscription("devices/+/telemetry", 2)]), level)
+    suback = codec.encode_suback(codec.Suback(1, [2]), level)
+    start = [("client", connect_bytes(level)), ("client", sub), ("broker", suback), ("broker", p() + denied)]
+    stream = b"".join([p(), p(qos=1, pid=5), p(), denied, p(qos=2, pid=6), p(), pid0, p()])
+    for cut in range(len(stream) + 1):
+        assert_same(level, start + [("broker", c) for c in (stream[:cut], stream[cut:]) if c])
