@@ -60,7 +60,8 @@ answer(Py_ssize_t pos, Py_ssize_t n)
 /* One PUBLISH at pos, as both walks read it (fastpath.py's shared header walk; here a function
  * the compiler inlines): 1 with its fields, or 0 where the walks stop (not a PUBLISH the walk
  * takes, a QoS above max_qos, a split or oversized packet, a topic or packet id running past
- * the packet, properties). Every byte read lies before the packet's end, itself within the chunk. */
+ * the packet, packet id 0, properties). Every byte read lies before the packet's end, itself
+ * within the chunk. */
 typedef struct {
     Py_ssize_t next;    /* the offset after the packet */
     Py_ssize_t tend;    /* the offset after the topic (the packet id at QoS 1 and 2) */
@@ -96,6 +97,8 @@ publish_at(const unsigned char *mv, Py_ssize_t pos, Py_ssize_t end, int max_qos,
     Py_ssize_t after = tend + (qos ? 2 : 0) + (v5 ? 1 : 0);
     if (after > nxt || (v5 && mv[after - 1]))
         return 0;
+    if (qos && !((mv[tend] << 8) | mv[tend + 1]))
+        return 0;  /* packet id 0, either way: the full path closes the connection */
     p->next = nxt;
     p->tend = tend;
     p->tlen = tlen;
@@ -133,7 +136,8 @@ client_publishes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *mv = (const unsigned char *)view.buf;
     Py_ssize_t end = view.len;
     Py_ssize_t pos = 0, n = 0, budget = 0, first = 0;
-    /* The packet before's key and what the cache said of it (an allowed entry). */
+    /* The packet before's key and what the cache said of it (an allowed entry); forgotten after
+     * every call out to Python code that could change either (the limiter's take). */
     const unsigned char *last_topic = NULL;
     Py_ssize_t last_len = -1;
     int last_qos = -1, last_retain = -1;
@@ -149,8 +153,6 @@ client_publishes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             break;
         Py_ssize_t nxt = pub.next, tend = pub.tend, tlen = pub.tlen, total = nxt - pos;
         int qos = pub.qos, retain = pub.retain;
-        if (qos && !((mv[tend] << 8) | mv[tend + 1]))
-            break;  /* packet id 0: the full path says what is wrong */
         const unsigned char *topic = mv + tend - tlen;
         if (!(tlen == last_len && qos == last_qos && retain == last_retain
               && memcmp(topic, last_topic, (size_t)tlen) == 0)) {
@@ -199,6 +201,9 @@ client_publishes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 Py_DECREF(got);
                 if (budget == -1 && PyErr_Occurred())
                     goto fail;
+                /* Python ran (and maybe another thread): the cache or the chunk's bytes may have
+                 * changed, so the next packet's key is looked up afresh, as fastpath.py does. */
+                last_len = -1;
                 if (!budget)
                     break;
             }

@@ -128,6 +128,8 @@ def py_broker_deliveries(mv: memoryview, exact: frozenset[bytes],
         after = tend + (2 if qos else 0) + props
         if after > nxt or (v5 and mv[after - 1]):
             break  # properties (maybe a Topic Alias the broker must not send): the full path
+        if qos and not ((mv[tend] << 8) | mv[tend + 1]):
+            break  # packet id 0 from the broker too: the full path closes the connection
         topic = mv[body + 2:tend].tobytes()
         if cache.get(topic) is not True and topic not in exact:
             break

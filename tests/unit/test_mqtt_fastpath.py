@@ -96,12 +96,12 @@ def counting_fast_paths(hits: dict):
         fastpath.client_publishes, fastpath.broker_deliveries = real
 
 
-def _run(level, events, *, fast: bool, burst: int | None):
+def _run(level, events, *, fast: bool, burst: int | None, **cfg):
     """Feed ``events`` (("client" | "broker", chunk), in order), answering authentication as
     Alice and the broker's CONNACK as success, like the shell."""
     clock = Clock()
     limiter = RateLimiter(1.0, burst, clock=clock) if burst else None
-    s, _, audit = make(level, FakePolicies(**POLICIES), clock=clock, rate_limiter=limiter, fast_paths=fast)
+    s, _, audit = make(level, FakePolicies(**POLICIES), clock=clock, rate_limiter=limiter, fast_paths=fast, **cfg)
     to_broker: list = []
     to_client: list = []
     deadlines: list = []
@@ -122,11 +122,11 @@ def _run(level, events, *, fast: bool, burst: int | None):
     return to_broker, to_client, [dict(r, ts=None) for r in audit.records], state, buckets
 
 
-def assert_same(level, events, burst=None, stats: Counter | None = None):
+def assert_same(level, events, burst=None, stats: Counter | None = None, **cfg):
     hits: dict = {}
     with counting_fast_paths(hits):
-        fast = _run(level, events, fast=True, burst=burst)
-    full = _run(level, events, fast=False, burst=burst)
+        fast = _run(level, events, fast=True, burst=burst, **cfg)
+    full = _run(level, events, fast=False, burst=burst, **cfg)
     # Chunk by chunk, not only in total: the fast path must not delay or reorder anything.
     assert fast[0] == full[0]
     assert fast[1] == full[1]
@@ -482,3 +482,64 @@ def test_delivery_counts_match_the_full_path_and_the_traffic():
 
     check()
     assert_fast_paths_ran(stats, "broker", "delivery counts")
+
+
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+def test_a_delivery_with_packet_id_0_closes_the_session_on_the_fast_path_too(level):
+    """A broker (or whatever answers as one) delivers a QoS 1 PUBLISH with packet id 0 on a topic
+    the client may receive: a protocol error. The full path closes the connection and the client
+    never sees it; the fast path used to pass it on, the topic being cached as allowed."""
+    sub = codec.encode_subscribe(Subscribe(1, [Subscription("devices/+/telemetry", 2)]), level)
+    suback = codec.encode_suback(codec.Suback(1, [2]), level)
+    good = codec.encode_publish("devices/thermo-1/telemetry", b"x", qos=1, packet_id=7, level=level)
+    bad = bytearray(good)
+    at = bad.index(b"\x00\x07", 4)
+    bad[at:at + 2] = b"\x00\x00"
+    events = [("client", connect_bytes(level)), ("client", sub), ("broker", suback), ("broker", good),
+              ("broker", good + bytes(bad) + good)]
+    hits: dict = {}
+    with counting_fast_paths(hits):
+        fast = _run(level, events, fast=True, burst=None)
+    assert hits.get("broker")  # the fast path walked the last chunk (and took its first packet)
+    assert fast[1][-1].startswith(good) and bytes(bad) not in fast[1][-1]
+    deadlines = fast[3][0]
+    assert deadlines[-1][2] is not None and deadlines[-1][2].reason == "protocol_error"
+    assert_same(level, events)
+
+
+def _patched(packet: bytes, old: bytes, new: bytes) -> bytes:
+    at = packet.index(old, 2)
+    return packet[:at] + new + packet[at + len(old):]
+
+
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
+def test_traffic_cut_at_every_byte_is_decided_as_by_the_full_path(level):
+    """One stream of everything the walk must take or stop at, cut in two at every byte: allowed
+    QoS 0/1 and retained, a denied topic and one a prefix of an allowed one, QoS 2, a topic alias,
+    packet id 0, a packet of exactly the maximum size, then one a byte over it; and deliveries
+    with the same odd ones."""
+    max_size = 64
+    t = "devices/thermo-1/telemetry"
+
+    def p(topic=t, qos=0, pid=None, retain=False, payload=b"xy", props=()):
+        return codec.encode_publish(topic, payload, qos=qos, packet_id=pid, retain=retain, level=level,
+                                    properties=list(props))
+
+    empty = len(p(payload=b""))
+    pid0 = _patched(p(qos=1, pid=0x0909), b"\x09\x09", b"\x00\x00")
+    denied, prefix = p("devices/thermo-2/telemetry"), p("devices/thermo-1/telemetr")
+    alias = [p(props=[(Prop.TOPIC_ALIAS, 1)])] if level == MQTT_5 else []
+    warm = p() + p(qos=1, pid=3) + p(retain=True) + denied + prefix
+    largest, over = p(payload=b"p" * (max_size - empty)), p(payload=b"p" * (max_size + 1 - empty))
+    stream = b"".join([p(), p(), p(qos=1, pid=3), denied, p(), p(retain=True), prefix, largest, p(), p(qos=2, pid=4),
+                       *alias, p(), pid0, p(), over, p()])
+    start = [("client", connect_bytes(level)), ("client", warm)]
+    for cut in range(len(stream) + 1):
+        events = start + [("client", c) for c in (stream[:cut], stream[cut:]) if c]
+        assert_same(level, events, max_packet_size=max_size)
+    sub = codec.encode_subscribe(Subscribe(1, [Subscription("devices/+/telemetry", 2)]), level)
+    suback = codec.encode_suback(codec.Suback(1, [2]), level)
+    start = [("client", connect_bytes(level)), ("client", sub), ("broker", suback), ("broker", p() + denied)]
+    stream = b"".join([p(), p(qos=1, pid=5), p(), denied, p(qos=2, pid=6), p(), pid0, p()])
+    for cut in range(len(stream) + 1):
+        assert_same(level, start + [("broker", c) for c in (stream[:cut], stream[cut:]) if c])

@@ -273,3 +273,18 @@ def test_a_qos_1_publish_with_packet_id_0_stops_the_walk(walk):
     allowed = {(b"a", 1, 0): ("a", Decision(True))}
     pub = fastpath.py_client_publishes if walk == "python" else _walk.client_publishes
     assert pub(memoryview(good + bad + good), allowed, 1 << 20, False, set(), None, "s") == (len(good), 1)
+
+
+@pytest.mark.parametrize("walk", ["python", "compiled"])
+@pytest.mark.parametrize("v5", [False, True])
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_delivery_with_packet_id_0_stops_the_broker_walk(walk, v5, qos):
+    """A broker's QoS 1 or 2 delivery with packet id 0 on an allowed topic: the full path closes
+    the connection (protocol error) and the client never sees it, so the walk must stop there too."""
+    def delivery(pid: int) -> bytes:
+        var = b"\x00\x01a" + pid.to_bytes(2, "big") + (b"\x00" if v5 else b"")
+        return bytes([0x30 | qos << 1]) + remaining_length(len(var) + 1, 1) + var + b"x"
+    good, bad = delivery(7), delivery(0)
+    deliver = fastpath.py_broker_deliveries if walk == "python" else _walk.broker_deliveries
+    for exact, cache in ((frozenset([b"a"]), {}), (frozenset(), {b"a": True})):
+        assert deliver(memoryview(good + bad + good), exact, cache, v5) == (len(good), 1)
