@@ -30,12 +30,16 @@ from tests.rig.pki import Pki, make_pki
 pytestmark = pytest.mark.integration
 
 
+def serving(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 @pytest.fixture
 async def tls_orion(tmp_path) -> AsyncIterator[tuple[NgsiStandin, Pki]]:
     pki = make_pki(tmp_path / "orion-pki")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pki.server_cert, pki.server_key)   # for 127.0.0.1, signed by pki.ca
-    standin = NgsiStandin(ssl_context=context)
+    standin = NgsiStandin(ssl_context=serving(pki.server_cert, pki.server_key))   # for 127.0.0.1, signed by pki.ca
     await standin.start()
     try:
         yield standin, pki
@@ -93,3 +97,20 @@ async def test_an_orion_certificate_that_does_not_verify_gets_no_request(tls_ori
         assert result is not None and result.status == "fail" and "does not verify" in result.detail, \
             result
         assert standin.recorded == [], "Orion was sent a request over a connection it did not prove"
+
+
+async def test_a_certificate_of_the_same_ca_for_another_host_gets_no_request(tmp_path, oidc):
+    """Another service of the same private CA (its certificate for its own name) answering at
+    Orion's address, e.g. after a DNS or routing change, is not Orion: the host name is checked."""
+    pki = make_pki(tmp_path / "orion-pki")
+    standin = NgsiStandin(ssl_context=serving(*pki.server_cert_for("metrics.internal")))
+    await standin.start()
+    try:
+        async with gateway_before(standin, tmp_path, oidc, upstream_ca=str(pki.ca)) as rig:
+            r = await rig.call("GET", "/v2/entities/ops-1", "admin")
+            assert r.status == 502, r.body
+            result = await check_orion(rig.services.config)
+            assert result is not None and result.status == "fail" and "mismatch" in result.detail.lower(), result
+            assert standin.recorded == [], "Orion's address answered with another host's certificate and was asked"
+    finally:
+        await standin.stop()
