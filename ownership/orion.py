@@ -16,6 +16,7 @@ on ``/`` only, is sent once per entity under the path Orion reports for it
 from __future__ import annotations
 
 import re
+import ssl
 from typing import Any
 from urllib.parse import quote
 
@@ -43,9 +44,11 @@ class OrionUnavailable(Exception):
 
 
 class OrionClient:
-    def __init__(self, base_url: str, *, timeout_seconds: float):
+    def __init__(self, base_url: str, *, timeout_seconds: float, ssl_context: ssl.SSLContext | None = None):
         self.base = base_url.rstrip("/")
         self.timeout_seconds = timeout_seconds
+        # An https:// Orion's: proxy.tls.upstream_context (None: aiohttp's default, the system's store).
+        self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
 
@@ -56,8 +59,8 @@ class OrionClient:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:  # made on first use, inside the running loop
-            self._session = aiohttp.ClientSession(timeout=self._timeout,
-                                                  skip_auto_headers=("User-Agent",))
+            self._session = aiohttp.ClientSession(timeout=self._timeout, skip_auto_headers=("User-Agent",),
+                                                  connector=aiohttp.TCPConnector(ssl=self._ssl or True))
         return self._session
 
     async def _call(self, method: str, path: str, tenant: str, query: str = "",

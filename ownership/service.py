@@ -48,6 +48,7 @@ from proxy.facts import PUBLIC, Principal
 from proxy.identity.model import AuthError, AuthReason, Identity, identity_snapshot
 from proxy.metrics import REGISTRY, add_readiness_check, remove_readiness_check
 from proxy.ratelimit import RateLimiter
+from proxy.tls import upstream_context
 
 T = TypeVar("T")
 
@@ -207,6 +208,10 @@ class OwnershipService:
                    ) -> OwnershipService:
         passphrase = store_key(config)
         device_ca = DeviceCA.from_config(config)  # before the store: a bad CA key fails the start cleanly
+        orion = None
+        if config.http is not None and config.ownership.orion_lifecycle:   # so is a bad http.upstream_ca
+            orion = OrionClient(config.http.upstream, timeout_seconds=config.http.upstream_timeout_seconds,
+                                ssl_context=upstream_context(config))
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keygate-store")
         loop = asyncio.get_running_loop()
         try:
@@ -229,9 +234,6 @@ class OwnershipService:
             await loop.run_in_executor(executor, store.close)
             executor.shutdown(wait=False)
             raise
-        orion = None
-        if config.http is not None and config.ownership.orion_lifecycle:
-            orion = OrionClient(config.http.upstream, timeout_seconds=config.http.upstream_timeout_seconds)
         service = cls(config, store, executor, pepper=pepper, audit=audit, clock=clock, device_ca=device_ca,
                       orion=orion)
         service.facts.load(snapshot)

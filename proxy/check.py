@@ -137,8 +137,12 @@ async def preflight(config: Config) -> list[Result]:
 
 
 def check_tls(config: Config) -> list[Result]:
-    from proxy.tls import server_context
+    from proxy.tls import server_context, upstream_context
 
+    try:   # local, unlike the orion check: a bad http.upstream_ca refuses the start
+        upstream_context(config)
+    except ConfigError as exc:
+        return [fail("tls", str(exc))]
     uses_tls = (config.mqtt is not None and config.mqtt.tls) or (config.http is not None and config.http.tls)
     if not uses_tls:
         return [ok("tls", "no listener uses TLS")]
@@ -448,15 +452,27 @@ async def check_broker(config: Config) -> Result | None:
 async def check_orion(config: Config) -> Result | None:
     import aiohttp
 
+    from proxy.tls import upstream_context
+
     http = config.http
     if http is None:
         return None
+    try:
+        context = upstream_context(config)
+    except ConfigError as exc:   # the tls check says so too
+        return fail("orion", str(exc))
     url = http.upstream.rstrip("/") + "/version"
     headers = {"Fiware-Service": http.fiware_service} if http.fiware_service else {}
+    timeout = aiohttp.ClientTimeout(total=min(http.upstream_timeout_seconds, 10))
     try:
-        async with aiohttp.ClientSession() as session, session.get(url, headers=headers, allow_redirects=False,
-                               timeout=aiohttp.ClientTimeout(total=min(http.upstream_timeout_seconds, 10))) as r:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context or True)) as session, \
+                session.get(url, headers=headers, allow_redirects=False, timeout=timeout) as r:
             status = r.status
+    except aiohttp.ClientConnectorCertificateError as exc:
+        trusted = f"http.upstream_ca {config.resolve(http.upstream_ca)}" if http.upstream_ca else \
+            "the system's store (set http.upstream_ca to Orion's CA)"
+        why = getattr(exc.certificate_error, "verify_message", None) or _reason(exc)
+        return fail("orion", f"http.upstream {http.upstream}: its certificate does not verify against {trusted}: {why}")
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         problem = f"http.upstream {http.upstream}: cannot reach Orion: {_reason(exc)}"
         if not config.ownership.orion_lifecycle:

@@ -193,6 +193,8 @@ class MqttConfig:
 class HttpConfig:
     listen: str = "0.0.0.0:8443"
     upstream: str = "http://127.0.0.1:1026"
+    # A PEM bundle of the CA(s) that sign an https:// upstream's certificate; empty: the system's store.
+    upstream_ca: str = ""
     fiware_service: str = ""
     tls: bool = True
     max_body_bytes: int = 1048576
@@ -561,6 +563,9 @@ def _check(cfg: Config, filename: str) -> None:
             bad("mqtt.limits.client_id_max_bytes", "must be at least 23")
     if cfg.http is not None and not re.match(r"^https?://", cfg.http.upstream):
         bad("http.upstream", "must be an http(s) URL")
+    if cfg.http is not None and cfg.http.upstream_ca and not cfg.http.upstream.lower().startswith("https://"):
+        bad("http.upstream_ca", f"needs an https:// http.upstream (it is {cfg.http.upstream}): "
+                                "nothing would be verified with it")
     if cfg.http is not None:
         from proxy.ssrf import parse_entry
 

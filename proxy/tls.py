@@ -8,6 +8,11 @@ the handshake without one. Only a certificate that passed verification ever
 yields a common name (a device id), and with it the certificate's SHA-256
 fingerprint, which the ownership store must know for the device
 (``OwnershipService.device_identity``): the CA's signature alone proves nothing.
+
+Client side, towards Orion: :func:`upstream_context` is the one context every
+client of an ``https://`` ``http.upstream`` uses (the gateway, the ownership
+service's Orion client, ``keygate check``). It always verifies the chain and the
+host name, against ``http.upstream_ca`` alone when set, else the system's store.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from proxy.config import ConfigError, TlsConfig
+from proxy.config import Config, ConfigError, TlsConfig
 
 # TLS 1.2 suites: ECDHE only (forward secrecy), AEAD only. TLS 1.3 suites are OpenSSL's defaults.
 TLS12_CIPHERS = ":".join([
@@ -79,6 +84,36 @@ def client_context(cafile: str | Path | None = None, *, cert: str | Path | None 
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     if cert:
         ctx.load_cert_chain(str(cert), str(key) if key else None)
+    return ctx
+
+
+def upstream_context(config: Config) -> ssl.SSLContext | None:
+    """The verifying context for Orion at ``http.upstream``; None for a plain ``http://`` one.
+
+    Trusts the certificates of ``http.upstream_ca`` (a PEM bundle) and nothing else, or, with it
+    empty, the system's store. ConfigError (one line naming the key) on a file that gives none."""
+    http = config.http
+    if http is None or not http.upstream.lower().startswith("https://"):
+        return None
+    cafile = config.resolve(http.upstream_ca) if http.upstream_ca else None
+    if cafile is not None and not cafile.is_file():
+        problem = "not a file" if cafile.exists() else "no such file"
+        raise ConfigError(f"http.upstream_ca: {problem}: {cafile}")
+    try:
+        ctx = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    except ssl.SSLError as exc:
+        if exc.reason == "NO_CERTIFICATE_OR_CRL_FOUND":
+            raise ConfigError(f"http.upstream_ca: no PEM certificate in {cafile}") from None
+        raise ConfigError(f"http.upstream_ca: cannot load {cafile}: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"http.upstream_ca: cannot read {cafile}: {(exc.strerror or str(exc)).lower()}") from None
+    if cafile is not None and not ctx.cert_store_stats()["x509"]:   # a bundle of CRLs only
+        raise ConfigError(f"http.upstream_ca: no PEM certificate in {cafile}")
+    # What create_default_context sets already, said here because it is the point: no setting turns it off.
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])   # as aiohttp's own contexts
     return ctx
 
 

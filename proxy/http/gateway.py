@@ -79,6 +79,7 @@ from proxy.policy.paths import PathError, normalize_path
 from proxy.services import Services
 from proxy.sharing import reuse_port
 from proxy.ssrf import Allowlist, Resolver, check_target, default_resolver
+from proxy.tls import upstream_context
 
 log = logging.getLogger("keygate.http")
 
@@ -220,7 +221,9 @@ class GatewayHandler:
             self.pool = pool_for(self.upstream, timeout=self.config.upstream_timeout_seconds,
                                  limit=_UPSTREAM_CONNECTIONS - _SIDE_CONNECTIONS)
         limit = _SIDE_CONNECTIONS if self.pool is not None else _UPSTREAM_CONNECTIONS
-        connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=60)
+        # An https:// Orion is verified against http.upstream_ca (or the system's store): proxy.tls.
+        connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=60,
+                                         ssl=upstream_context(self.services.config) or True)
         # auto_decompress off: bodies pass through as Orion sent them.
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
                                              skip_auto_headers=("User-Agent", "Accept-Encoding"))

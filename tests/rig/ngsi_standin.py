@@ -35,6 +35,7 @@ import itertools
 import json
 import re
 import secrets
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -678,14 +679,15 @@ def create_standin_app(*, record: bool = True) -> web.Application:
 class NgsiStandin:
     """The stand-in on a loopback port, inside the test's event loop."""
 
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, *, ssl_context: ssl.SSLContext | None = None):
         self.app = create_standin_app()
         self.port = port
+        self.ssl_context = ssl_context   # given: an https:// Orion (the server certificate in it)
         self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def recorded(self) -> list[Recorded]:
@@ -701,7 +703,7 @@ class NgsiStandin:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
 

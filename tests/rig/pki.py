@@ -58,8 +58,8 @@ def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     return key, cert
 
 
-def _leaf(cn: str, ca_key, ca_cert: x509.Certificate, *, server: bool) -> tuple[ec.EllipticCurvePrivateKey,
-                                                                                  x509.Certificate]:
+def _leaf(cn: str, ca_key, ca_cert: x509.Certificate, *, server: bool,
+          names: tuple[str, ...] = ("localhost", "127.0.0.1")) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = _key()
     now = dt.datetime.now(dt.UTC)
     b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
@@ -70,10 +70,15 @@ def _leaf(cn: str, ca_key, ca_cert: x509.Certificate, *, server: bool) -> tuple[
          .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
                                                else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
     if server:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                            critical=False)
+        b = b.add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
     return key, b.sign(ca_key, hashes.SHA256())
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 @dataclass
@@ -86,6 +91,16 @@ class Pki:
     devices_ca_key: Path  # tls.client_ca_key: what enrollment signs with
     _dev_key: ec.EllipticCurvePrivateKey
     _dev_cert: x509.Certificate
+    _ca_key: ec.EllipticCurvePrivateKey
+    _ca_cert: x509.Certificate
+
+    def server_cert_for(self, *names: str) -> tuple[Path, Path]:
+        """Another server certificate from the same CA, for ``names`` only (a host it must not stand for)."""
+        key, cert = _leaf(names[0], self._ca_key, self._ca_cert, server=True, names=names)
+        crt_path, key_path = self.dir / f"server-{names[0]}.crt", self.dir / f"server-{names[0]}.key"
+        _write_cert(crt_path, cert)
+        _write_key(key_path, key)
+        return crt_path, key_path
 
     def device_cert(self, device_id: str, *, signed_by_rogue: bool = False) -> tuple[Path, Path]:
         """A client certificate with CN=device_id (or one from a CA the gateway does not trust)."""
@@ -113,7 +128,7 @@ def make_pki(directory: Path) -> Pki:
     _write_cert(paths["devices-ca.crt"], dev_cert)
     _write_key(paths["devices-ca.key"], dev_key)
     return Pki(directory, paths["ca.crt"], paths["server.crt"], paths["server.key"], paths["devices-ca.crt"],
-               paths["devices-ca.key"], dev_key, dev_cert)
+               paths["devices-ca.key"], dev_key, dev_cert, ca_key, ca_cert)
 
 
 def make_csr(cn: str, key: Any = None) -> tuple[Any, bytes]:

@@ -16,9 +16,6 @@ import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
-
-import aiohttp.connector
 
 from ownership.api import create_api_app
 from proxy.http.gateway import HttpGateway
@@ -66,30 +63,21 @@ class TlsScriptedUpstream(ScriptedUpstream):
         self.server = await asyncio.start_server(self._serve, sock=self.socket, ssl=self.context)
 
 
-def _trusting(pki: Pki) -> contextlib.AbstractContextManager[Any]:
-    """The gateway's aiohttp client verifies Orion against the system's trust store (aiohttp's
-    default context, made at import): for the test, that context trusts the PKI's CA instead."""
-    context = ssl.create_default_context(cafile=str(pki.ca))
-    context.set_alpn_protocols(("http/1.1",))
-    return mock.patch.object(aiohttp.connector, "_SSL_CONTEXT_VERIFIED", context)
-
-
 @contextlib.asynccontextmanager
 async def gateway_pair(tmp: Path, oidc: Any, script: Script, *, tls: Pki | None = None, **http: Any):
     """(upstream, {"lean": gateway, "aiohttp": gateway}, tokens); alice owns a-1 and a-2, bob b-1.
-    With ``tls``, the upstream is an ``https://`` one whose certificate ``tls`` signed."""
+    With ``tls``, the upstream is an ``https://`` one whose certificate ``tls`` signed, and the
+    gateways trust that CA as an operator would say so (``http.upstream_ca``)."""
     def make(services: Any, name: str) -> HttpGateway:
         return HttpGateway(services, create_api_app(services), server=name)
 
     recorder: ScriptedUpstream = ScriptedUpstream(script)
-    trust: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if tls is not None:
         recorder = TlsScriptedUpstream(script, tls)
         http["upstream"] = recorder.url
-        trust = _trusting(tls)
-    with trust:
-        async with shared_pair(tmp, oidc, make, ("lean", "aiohttp"), recorder=recorder, **http) as made:
-            yield made
+        http["upstream_ca"] = str(tls.ca)
+    async with shared_pair(tmp, oidc, make, ("lean", "aiohttp"), recorder=recorder, **http) as made:
+        yield made
 
 
 async def exchange(port: int, data: bytes, timeout: float = 8) -> tuple[bytes, bool]:
