@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 
 from proxy.mqtt import fastpath
 from tests.unit.test_mqtt_fuzz import mutated
+from tests.unit.walk_fuzz import Limiter as RecordingLimiter  # grants what is left of a budget, records calls
+from tests.unit.walk_fuzz import vbi as remaining_length  # padded to a form: overlong ones are what attackers send
 
 
 def _compiled_walk() -> Any:
@@ -47,39 +49,6 @@ TOPICS = [b"devices/d1/telemetry", b"devices/d1/attrs", b"devices/d2/cmd", b"a",
 class Decision:
     def __init__(self, allowed: bool) -> None:
         self.allowed = allowed
-
-
-class RecordingLimiter:
-    """take grants what is left of a budget drawn by the test; every call is written down."""
-
-    def __init__(self, tokens: int) -> None:
-        self.tokens = tokens
-        self.calls: list[tuple] = []
-
-    def take(self, key: str, want: int) -> int:
-        got = min(want, self.tokens)
-        self.tokens -= got
-        self.calls.append(("take", key, want, got))
-        return got
-
-    def give_back(self, key: str, n: int) -> None:
-        self.tokens += n
-        self.calls.append(("give_back", key, n))
-
-
-def remaining_length(n: int, form: int) -> bytes:
-    """``n`` as MQTT's variable byte integer, padded to ``form`` bytes where it fits (overlong
-    forms are what an attacker sends)."""
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            break
-    while len(out) < form:
-        out[-1] |= 0x80
-        out.append(0)
-    return bytes(out)
 
 
 @st.composite
