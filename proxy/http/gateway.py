@@ -67,7 +67,7 @@ from proxy.config import HttpConfig, parse_hostport
 from proxy.http import ngsi
 from proxy.http import plan as planning
 from proxy.http.auth import authenticate
-from proxy.http.lean_answer import plain_head
+from proxy.http.lean_answer import head_bytes, plain_head
 from proxy.http.lean_server import LeanConnection, LeanConnections, LeanRequest, Relayed, lean_prefixes
 from proxy.http.listener import ConnectionSlot, DeadlineRequestHandler, DeadlineSite, RequestTimeout
 from proxy.http.outcomes import Outcomes
@@ -681,13 +681,10 @@ class GatewayHandler:
         except (aiohttp.ClientError, TimeoutError):
             log.error("could not withdraw subscription %s from Orion", sub_id)
 
-    def _response_headers(self, pairs: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-        return CIMultiDict(_relayable(pairs))
-
     async def _relay(self, request: Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse | Relayed:
         pairs, length = upstream.headers.items(), upstream.content_length
         if isinstance(request, LeanRequest):
-            headers = self._relayed_headers(request, pairs, length)
+            headers = self._relayed_headers(request, _relayable(pairs), length)
             return await request.relay(upstream.status, upstream.reason or "", headers, length, None,
                                        upstream.content.iter_chunked(_CHUNK))
         response = await self._prepared(request, upstream.status, upstream.reason, pairs, length)
@@ -706,19 +703,18 @@ class GatewayHandler:
         length = upstream.header("Content-Length")
         size = int(length) if length is not None and length.isdigit() else None   # llhttp checked it: one decimal
         if isinstance(request, LeanRequest):
-            if not self._cors_applies(request):
-                head = plain_head(request.method, upstream.status, upstream.reason, _relayable(upstream.headers),
-                                  size, request.keep_alive)
-                if head is not None:
-                    if upstream.complete:
-                        return await request.relay_head(upstream.status, head, False, size, await upstream.read(),
-                                                        None)
-                    return await request.relay_head(upstream.status, head, False, size, None, upstream.chunks())
-            headers = self._relayed_headers(request, upstream.headers, size)
+            kept = _relayable(upstream.headers)
+            # Orion's usual answer in one pass; another shape, or CORS headers to add, through the headers object.
+            head = None if self._cors_applies(request) else plain_head(
+                request.method, upstream.status, upstream.reason, kept, size, request.keep_alive)
+            chunked = False
+            if head is None:
+                head, chunked = head_bytes(request.method, upstream.status, upstream.reason,
+                                           self._relayed_headers(request, kept, size), size, request.keep_alive)
             if request.method == "HEAD" or upstream.complete:
                 whole = b"" if request.method == "HEAD" else await upstream.read()
-                return await request.relay(upstream.status, upstream.reason, headers, size, whole, None)
-            return await request.relay(upstream.status, upstream.reason, headers, size, None, upstream.chunks())
+                return await request.relay_head(upstream.status, head, chunked, size, whole, None)
+            return await request.relay_head(upstream.status, head, chunked, size, None, upstream.chunks())
         response = await self._prepared(request, upstream.status, upstream.reason, upstream.headers, size)
         if request.method == "HEAD":
             await response.write_eof()
@@ -733,10 +729,11 @@ class GatewayHandler:
             await response.write_eof()
         return response
 
-    def _relayed_headers(self, request: LeanRequest, pairs: Iterable[tuple[str, str]],
+    def _relayed_headers(self, request: LeanRequest, kept: list[tuple[str, str]],
                          length: int | None) -> CIMultiDict[str]:
-        """Orion's answer headers as the lean server writes them (in the order aiohttp's would be)."""
-        headers = self._response_headers(pairs)
+        """Orion's answer headers (``kept``: :func:`_relayable`'s) as the lean server writes them (in the
+        order aiohttp's would be)."""
+        headers: CIMultiDict[str] = CIMultiDict(kept)
         if length is not None:
             headers["Content-Length"] = str(length)
         self._cors_headers(request, headers)
@@ -745,7 +742,7 @@ class GatewayHandler:
     async def _prepared(self, request: web.Request, status: int, reason: str | None,
                         pairs: Iterable[tuple[str, str]], length: int | None) -> web.StreamResponse:
         """An aiohttp answer relaying Orion's, its head sent."""
-        response = web.StreamResponse(status=status, reason=reason, headers=self._response_headers(pairs))
+        response = web.StreamResponse(status=status, reason=reason, headers=CIMultiDict(_relayable(pairs)))
         if length is not None:
             response.content_length = length
         self._cors(request, response)
