@@ -675,11 +675,15 @@ class GatewayHandler:
         headers = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in ("content-length",
                                                                                        "content-type"))
         try:
+            # No redirect followed, as on every call to Orion: it would carry the identity headers elsewhere.
             async with self.session.delete(self._url(f"/v2/subscriptions/{sub_id}", ()),  # type: ignore[union-attr]
-                                           headers=headers):
-                pass
-        except (aiohttp.ClientError, TimeoutError):
-            log.error("could not withdraw subscription %s from Orion", sub_id)
+                                           headers=headers, allow_redirects=False) as answer:
+                status = answer.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.error("could not withdraw subscription %s from Orion: %s", sub_id, type(exc).__name__)
+            return
+        if status not in (200, 204, 404):   # 404: Orion no longer has it
+            log.error("could not withdraw subscription %s from Orion: it answered %d", sub_id, status)
 
     async def _relay(self, request: Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse | Relayed:
         pairs, length = upstream.headers.items(), upstream.content_length

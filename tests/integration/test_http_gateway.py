@@ -352,6 +352,40 @@ async def test_a_subscription_that_cannot_be_recorded_is_withdrawn(rig, monkeypa
     assert rig.standin.tenant("").subscriptions == {}
 
 
+async def test_a_withdrawal_does_not_follow_a_redirect_from_orion(rig, monkeypatch, caplog):
+    """The withdrawal's DELETE was the one call to Orion that followed redirects (aiohttp's default):
+    an answer of 307 sent it on, with the caller's X-Keygate-* identity headers and tenant, to
+    whatever address the Location named. Like every other call to Orion, it now follows none."""
+    elsewhere: list[web.Request] = []
+
+    async def record(request: web.Request) -> web.Response:
+        elsewhere.append(request)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async def broken(*args, **kw):
+            raise OSError("store is gone")
+
+        monkeypatch.setattr(rig.services.ownership, "record_subscription", broken)
+        rig.standin.answer("DELETE", "/v2/subscriptions/", lambda request: web.Response(
+            status=307, headers={"Location": f"http://127.0.0.1:{port}/stolen{request.path}"}))
+        r = await rig.call("POST", "/v2/subscriptions", "alice", json_body=subscription("a-1"))
+        assert r.status == 503
+        assert rig.upstream_saw("DELETE")   # the withdrawal was sent, and answered with the redirect
+        assert elsewhere == []
+        # Not taken, so said: the subscription is still at Orion.
+        assert any("could not withdraw" in m and "answered 307" in m for m in caplog.messages)
+    finally:
+        await runner.cleanup()
+
+
 # --------------------------------------------------------------------------- closed endpoints
 
 

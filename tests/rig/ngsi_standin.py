@@ -37,6 +37,7 @@ import re
 import secrets
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,7 @@ class Hold:
 
 RECORDED = web.AppKey("recorded", list)
 HOLDS = web.AppKey("holds", dict)            # (method, path) -> Hold
+ANSWERS = web.AppKey("answers", list)         # (method, path prefix, request -> response): an Orion's odd answer
 NOTIFIED = web.AppKey("notified", list)       # (subscription id, method, url, status or error)
 _ENTITY_WRITE = re.compile(r"^/v2/entities/([^/]+)(/attrs(/[^/]+(/value)?)?)?$")
 TENANTS = web.AppKey("tenants", dict)
@@ -588,8 +590,10 @@ def _middleware(record: bool):
         if held is not None:
             held.arrived.set()
             await held.release.wait()
+        odd = next((make for method, prefix, make in request.app[ANSWERS]
+                    if method == request.method and request.path.startswith(prefix)), None)
         try:
-            response = await handler(request)
+            response = odd(request) if odd is not None else await handler(request)
         except OrionError as exc:
             response = _json({"error": exc.error, "description": exc.description}, status=exc.status)
         except web.HTTPNotFound:
@@ -647,6 +651,7 @@ def create_standin_app(*, record: bool = True) -> web.Application:
     app[NOTIFIED] = []
     app[TENANTS] = {}
     app[HOLDS] = {}
+    app[ANSWERS] = []
     r = app.router
     r.add_get("/version", version)
     r.add_get("/v2", v2_root)
@@ -696,6 +701,11 @@ class NgsiStandin:
     def hold(self, method: str, path: str) -> Hold:
         """Keep the next requests with this method and (decoded) path waiting until released."""
         return self.app[HOLDS].setdefault((method, path), Hold())
+
+    def answer(self, method: str, prefix: str, make: Callable[[web.Request], web.StreamResponse]) -> None:
+        """Answer requests with this method and a (decoded) path beginning with ``prefix`` with
+        ``make(request)`` instead of Orion's answer (the request is still recorded)."""
+        self.app[ANSWERS].append((method, prefix, make))
 
     def tenant(self, service: str = "") -> Tenant:
         return self.app[TENANTS].setdefault(service, Tenant())
