@@ -63,3 +63,12 @@ def test_orions_usual_answer_takes_the_plain_path():
                     b"Date: Thu, 03 Dec 2026 17:49:59 GMT\r\n"
                     b"Content-Length: 98\r\nServer: " + lean_answer.SERVER_SOFTWARE.encode() + b"\r\n\r\n")
     assert head == _general("GET", 200, "OK", pairs, 98, True)
+
+
+def test_framing_and_hop_by_hop_names_with_a_trailing_space_are_not_relayed():
+    """aiohttp's client (an https:// Orion) takes ``Content-Length : 2`` and hands the header on as
+    ``"Content-Length "``: relayed, the client would get it beside the gateway's own framing."""
+    pairs = [("Content-Type", "application/json"), ("Content-Length ", "2"), ("Transfer-Encoding  ", "chunked"),
+             ("Connection ", "close, X-Named"), ("X-Named", "s"), ("Upgrade ", "h2c"),
+             ("Proxy-Connection ", "keep-alive"), ("Fiware-Correlator", "c")]
+    assert _relayable(pairs) == [("Content-Type", "application/json"), ("Fiware-Correlator", "c")]
