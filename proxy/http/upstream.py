@@ -36,6 +36,11 @@ _GET_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _POST_METHODS = frozenset({"PATCH", "POST", "PUT"})
 _HIGH_WATER = 256 * 1024   # answer bytes held for a client before reading Orion pauses
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")   # what aiohttp's header writer refuses (tab is allowed)
+# The old client's (aiohttp's) limits on an answer's head: llhttp has none, and holds a field
+# until it ends. Past them the answer is an UpstreamError (502), as the old client's was.
+_MAX_HEADERS = 128
+_MAX_FIELD = 8190                                    # a header name or value, the reason phrase
+_MAX_HEAD = (_MAX_HEADERS + 1) * 2 * (_MAX_FIELD + 4)   # bytes before the head ends: every field at its limit
 
 
 class UpstreamError(Exception):
@@ -161,6 +166,7 @@ class _Connection(asyncio.Protocol):
         # read the rest, which would then be read as the next request (smuggling). Not pooled.
         self._sending_body = False
         self._answered_early = False
+        self._head_left: int | None = _MAX_HEAD   # bytes the answer's head may still take (None once it is in)
 
     # -- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -184,6 +190,12 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if self._head_left is not None:   # the head is not complete yet
+                self._head_left -= len(data)
+                if self._head_left < 0:
+                    raise UpstreamError("the upstream's answer has a head too large")
+        except UpstreamError as exc:
+            self._fail(exc)
         except httptools.HttpParserCallbackError as exc:
             self._fail(exc.__context__ if isinstance(exc.__context__, UpstreamError) else UpstreamError(str(exc)))
         except httptools.HttpParserUpgrade:
@@ -205,14 +217,20 @@ class _Connection(asyncio.Protocol):
     def on_status(self, status: bytes) -> None:
         assert self.response is not None  # noqa: S101 (data_received checked it)
         self.response.reason += status.decode("latin-1")
+        if len(self.response.reason) > _MAX_FIELD:
+            raise UpstreamError("the upstream's answer has a reason phrase too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None  # noqa: S101
-        self.response.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        headers = self.response.headers
+        if len(headers) >= _MAX_HEADERS or len(name) > _MAX_FIELD or len(value) > _MAX_FIELD:
+            raise UpstreamError("the upstream's answer has too many headers, or one too long")
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None  # noqa: S101
+        self._head_left = None
         response.status = self.parser.get_status_code()
         if 100 <= response.status < 200:   # no Expect is ever sent: an interim answer is a broken upstream
             raise httptools.HttpParserError("interim response")
@@ -269,6 +287,7 @@ class _Connection(asyncio.Protocol):
         self._head_only = method == "HEAD"
         self._began = False
         self._answered_early = False
+        self._head_left = _MAX_HEAD
         self.parser = httptools.HttpResponseParser(self)
         self.head = self.loop.create_future()
         if body is None or isinstance(body, bytes):

@@ -196,3 +196,32 @@ async def test_the_host_header_is_written_as_the_old_client_wrote_it(upstream, h
 @pytest.mark.parametrize("upstream", ["https://orion:1026", "http://orion:1026/prefix", "http://u@orion:1026"])
 async def test_what_the_lean_client_does_not_speak_stays_on_the_old_one(upstream):
     assert pool_for(upstream, timeout=1) is None
+
+
+def _head(headers: int, value: bytes = b"v", reason: bytes = b"OK") -> bytes:
+    return (b"HTTP/1.1 200 " + reason + b"\r\n" + b"".join(b"X-H-%d: %s\r\n" % (i, value) for i in range(headers))
+            + b"Content-Length: 2\r\n\r\nok")
+
+
+@pytest.mark.parametrize("answer", [_head(128), _head(129), _head(1, b"v" * 8191), _head(1, reason=b"O" * 8191),
+                                    b"HTTP/1.1 200 OK\r\nX-Endless: " + b"v" * (8 << 20)],
+                         ids=["129 headers", "130 headers", "a value over 8190 bytes", "a reason over 8190 bytes",
+                              "an 8 MiB value, unterminated"])
+async def test_a_head_over_the_old_clients_limits_is_an_upstream_error(answer):
+    # aiohttp's client, the gateway's for an https:// Orion, refuses a head of more than 128 headers,
+    # or a field or reason of more than 8190 bytes (502). The lean client held every byte of any head
+    # (an Orion writing headers for upstream_timeout_seconds filled the gateway's memory) and relayed it.
+    async with Scripted(lambda n: answer) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=30)
+        with pytest.raises(UpstreamError) as caught:
+            await asyncio.wait_for(pool.request("GET", "/", [], None), 5)
+        assert not isinstance(caught.value, UpstreamTimeout)   # refused as it came, not once the timer ran out
+        await pool.close()
+
+
+async def test_a_head_within_the_old_clients_limits_is_read():
+    async with Scripted(lambda n: _head(127, b"v" * 8190, b"O" * 8190)) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=5)
+        status, headers, body = await _get(pool)
+        assert (status, len(headers), body) == (200, 128, b"ok")
+        await pool.close()
