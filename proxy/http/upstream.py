@@ -225,7 +225,8 @@ class _Connection(asyncio.Protocol):
         headers = self.response.headers
         if len(headers) >= _MAX_HEADERS or len(name) > _MAX_FIELD or len(value) > _MAX_FIELD:
             raise UpstreamError("the upstream's answer has too many headers, or one too long")
-        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # llhttp strips the whitespace before a value, not after it; aiohttp's client strips both.
+        headers.append((name.decode("latin-1"), value.rstrip(b" \t").decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         response = self.response
