@@ -216,7 +216,8 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         assert self.response is not None  # noqa: S101 (data_received checked it)
-        self.response.reason += status.decode("latin-1")
+        # UTF-8 with surrogate escapes, as aiohttp's client reads a head (the relays write UTF-8).
+        self.response.reason += status.decode("utf-8", "surrogateescape")
         if len(self.response.reason) > _MAX_FIELD:
             raise UpstreamError("the upstream's answer has a reason phrase too long")
 
@@ -226,7 +227,8 @@ class _Connection(asyncio.Protocol):
         if len(headers) >= _MAX_HEADERS or len(name) > _MAX_FIELD or len(value) > _MAX_FIELD:
             raise UpstreamError("the upstream's answer has too many headers, or one too long")
         # llhttp strips the whitespace before a value, not after it; aiohttp's client strips both.
-        headers.append((name.decode("latin-1"), value.rstrip(b" \t").decode("latin-1")))
+        headers.append((name.decode("utf-8", "surrogateescape"),
+                        value.rstrip(b" \t").decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         response = self.response

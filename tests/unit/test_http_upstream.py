@@ -235,3 +235,18 @@ async def test_a_header_value_is_read_without_its_trailing_whitespace():
         pool = UpstreamPool("127.0.0.1", up.port, timeout=5)
         assert await _get(pool) == (200, [("Content-Length", "2"), ("X-A", "v")], b"ok")
         await pool.close()
+
+
+async def test_a_head_is_read_as_utf_8_with_surrogate_escapes_as_the_old_client_reads_it():
+    # Read as Latin-1, Orion's "caf\xc3\xa9" (a correlator it echoes, say) went out encoded twice.
+    answer = (b"HTTP/1.1 200 Tr\xc3\xa8s bien\r\nFiware-Correlator: caf\xc3\xa9\r\nX-Odd: a\xffb\r\n"
+              b"Content-Length: 2\r\n\r\nok")
+    async with Scripted(lambda n: answer) as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=5)
+        response = await pool.request("GET", "/", [], None)
+        try:
+            assert response.reason == "Tr\u00e8s bien"
+            assert response.headers[:2] == [("Fiware-Correlator", "caf\u00e9"), ("X-Odd", "a\udcffb")]
+        finally:
+            response.release()
+        await pool.close()
