@@ -167,6 +167,7 @@ class _Connection(asyncio.Protocol):
         self._sending_body = False
         self._answered_early = False
         self._head_left: int | None = _MAX_HEAD   # bytes the answer's head may still take (None once it is in)
+        self._peer_closed = False   # the upstream ended its side (not the gateway's abort)
 
     # -- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -178,11 +179,16 @@ class _Connection(asyncio.Protocol):
         self.pool.forget(self)
         response = self.response
         if response is not None and not response._done:
-            response._error = UpstreamError("the upstream closed the connection mid-response")
+            if not self._ends_at_close(response):
+                response._error = UpstreamError("the upstream closed the connection mid-response")
             response._done = True
             response._wake()
         if self.head is not None and not self.head.done():
             self.head.set_exception(UpstreamError("the upstream closed the connection"))
+
+    def eof_received(self) -> bool | None:
+        self._peer_closed = True   # asyncio closes the transport next
+        return None
 
     def data_received(self, data: bytes) -> None:
         if self.response is None:   # bytes nobody asked for: the connection cannot be trusted
@@ -202,6 +208,15 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamError("the upstream answered with a protocol upgrade"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"the upstream's answer does not parse: {exc}"))
+
+    def _ends_at_close(self, response: UpstreamResponse) -> bool:
+        """Whether the close is where the answer's body ends: the upstream closed, and the head is in
+        and gives neither a length nor chunked framing (RFC 9112 6.3; llhttp reads such a body until
+        the close). An abort of the gateway's (a timeout, the pool's close) is a break."""
+        if not self._peer_closed or self._head_left is not None:
+            return False
+        coding = (response.header("Transfer-Encoding") or "").rsplit(",", 1)[-1].strip().lower()
+        return coding != "chunked" and response.header("Content-Length") is None
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:

@@ -250,3 +250,31 @@ async def test_a_head_is_read_as_utf_8_with_surrogate_escapes_as_the_old_client_
         finally:
             response.release()
         await pool.close()
+
+
+@pytest.mark.parametrize("head", [b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\n",
+                                  b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"],
+                         ids=["no framing", "HTTP/1.0", "a coding other than chunked"])
+async def test_an_answer_whose_body_ends_with_the_connection_is_whole_at_its_close(head):
+    # RFC 9112 6.3: no Content-Length and not chunked, the body is what comes until the close. The
+    # lean client took that close for a break: the relay ended the client's connection with the
+    # body cut short (a chunked answer without its last chunk), where aiohttp's client (https://) relays it whole.
+    async with Scripted(lambda n: head + b"hello<close>") as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=5)
+        assert await _get(pool) == (200, [h for h in _headers(head)], b"hello<close>")
+        await pool.close()
+
+
+def _headers(head: bytes) -> list[tuple[str, str]]:
+    return [tuple(line.decode().split(": ", 1)) for line in head.split(b"\r\n")[1:] if line]  # type: ignore[misc]
+
+
+async def test_an_answer_read_until_the_close_is_cut_short_when_the_gateway_ends_the_connection():
+    # Only the upstream's close ends such a body: the pool's own abort (its close, a timeout) is a break.
+    async with Scripted(lambda n: b"HTTP/1.1 200 OK\r\n\r\npart") as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=5)
+        response = await pool.request("GET", "/", [], None)
+        await pool.close()
+        with pytest.raises(UpstreamError):
+            await response.read()
+        response.release()
