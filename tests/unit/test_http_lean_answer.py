@@ -72,3 +72,19 @@ def test_framing_and_hop_by_hop_names_with_a_trailing_space_are_not_relayed():
              ("Connection ", "close, X-Named"), ("X-Named", "s"), ("Upgrade ", "h2c"),
              ("Proxy-Connection ", "keep-alive"), ("Fiware-Correlator", "c")]
     assert _relayable(pairs) == [("Content-Type", "application/json"), ("Fiware-Correlator", "c")]
+
+
+@pytest.mark.parametrize("pairs, reason", [([("X-A", "a\r\nSet-Cookie: planted")], "OK"), ([("X-A", "a\nb")], "OK"),
+                                           ([("X-A", "a\x01b")], "OK"), ([("X-A\r\nX-B", "1")], "OK"),
+                                           ([], "OK\r\nSet-Cookie: planted"), ([], "O\x7fK")])
+def test_a_control_character_is_refused_as_aiohttps_writer_refuses_it(pairs, reason):
+    """The general path raises (aiohttp's writer does: "potential header injection"); plain_head,
+    whose header values llhttp has checked, declines a reason phrase (which llhttp does not check)."""
+    for length in (2, None):
+        with pytest.raises(ValueError):
+            _general("GET", 200, reason, pairs, length, True)
+    if not pairs:
+        assert plain_head("GET", 200, reason, [], 2, True) is None
+    # Tab is allowed (plain_head leaves a reason with one to the general path).
+    assert plain_head("GET", 200, "OK", [("X-A", "a\tb")], 2, True) is not None
+    assert _general("GET", 200, "O\tK", [("X-A", "a\tb")], 2, True)
