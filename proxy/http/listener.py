@@ -109,11 +109,16 @@ class WriteDeadline:
             self._timer = None
 
     def closing(self, transport: asyncio.BaseTransport) -> None:
-        """After ``transport.close()``: what is still buffered after the deadline is given up. Armed
-        whatever the transport says it holds: a TLS transport's count leaves out what the socket
-        transport under it holds, which is where the bytes of a client that reads nothing wait."""
-        if self._closing is None:   # a stream transport (uvloop's TLS one without the base class)
-            self._closing = self._loop.call_later(self.seconds, cast(asyncio.Transport, transport).abort)
+        """After ``transport.close()``: what is still buffered after the deadline is given up. On TLS
+        whatever the transport says it holds: its count leaves out what the socket transport under
+        it holds, which is where the bytes of a client that reads nothing wait."""
+        stream = cast(asyncio.Transport, transport)   # a stream transport (uvloop's TLS one without the base class)
+        try:
+            buffered = stream.get_write_buffer_size()
+        except AttributeError:   # asyncio's TLS transport once its connection is gone: nothing is buffered
+            return
+        if self._closing is None and (buffered or stream.get_extra_info("sslcontext") is not None):
+            self._closing = self._loop.call_later(self.seconds, stream.abort)   # a no-op once it has closed
 
     def ended(self) -> None:
         """The connection is lost (or handed over): no deadline runs for it any more."""
