@@ -19,10 +19,13 @@ from proxy.http.gateway import _relayable
 from proxy.http.lean_answer import head_bytes, plain_head
 
 NAMES = st.sampled_from(["Content-Type", "content-type", "CONTENT-TYPE", "Date", "date", "Server", "SERVER",
+                         "Content-Length ", "Transfer-Encoding ", "Connection  ",   # as aiohttp's lenient client has it
                          "Fiware-Correlator", "Fiware-Total-Count", "Location", "Vary", "X-Other", "Content-Length",
                          "Transfer-Encoding", "Connection", "Keep-Alive", "Access-Control-Allow-Origin",
                          "Set-Cookie", "X-Named-By-Connection"])
-VALUES = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"), max_size=12)
+# Printable Latin-1, tab, and the lone surrogates a byte that is not UTF-8 becomes (both heads leave them out).
+VALUES = st.text(st.one_of(st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"),
+                           st.sampled_from(["\t", "\udc80", "\udcff"])), max_size=12)
 CONNECTION = st.sampled_from(["Keep-Alive", "close", "X-Named-By-Connection", "keep-alive, x-named-by-connection"])
 STATUSES = st.sampled_from([100, 101, 200, 201, 204, 206, 301, 304, 400, 404, 422, 500, 503])
 
