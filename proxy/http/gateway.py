@@ -155,13 +155,15 @@ class _UpstreamRefused(Exception):
 def _relayable(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Orion's answer headers that go on to the client, in order: not the hop-by-hop ones nor those
     its Connection header names, not Content-Length (the gateway frames the answer itself), no CORS
-    header (the gateway's own CORS answer is the only one)."""
+    header (the gateway's own CORS answer is the only one). Names are compared without trailing
+    spaces: aiohttp's client (an https:// Orion) reads ``Content-Length : 2``, and the other framing
+    and hop-by-hop names so spelled, as those headers and hands them on as ``"Content-Length "``."""
     pairs = list(pairs)
-    connection_named = {t.strip().lower() for name, value in pairs if name.lower() == "connection"
+    connection_named = {t.strip().lower() for name, value in pairs if name.lower().rstrip() == "connection"
                         for t in value.split(",")}
     return [(name, value) for name, value in pairs
-            if not ((low := name.lower()) in HOP_BY_HOP or low in connection_named or low == "content-length"
-                    or low.startswith("access-control-"))]
+            if not ((low := name.lower().rstrip()) in HOP_BY_HOP or low in connection_named
+                    or low == "content-length" or low.startswith("access-control-"))]
 
 
 def _header_value(text: str) -> str:

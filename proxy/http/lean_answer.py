@@ -11,12 +11,28 @@ header order, the ``Content-Length``, ``Content-Type``, ``Date``, ``Server`` and
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import hdrs, web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict
 
 _NO_BODY_STATUS = frozenset({204, 304})
+# A byte of Orion's head that is not UTF-8 reaches a relay as a lone surrogate (both upstream
+# clients read heads with surrogate escapes): aiohttp's header writer leaves it out, so do these.
+_AS_AIOHTTP = "ignore"
+# What aiohttp's header writer refuses in the status line, a name or a value (tab is allowed).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _joined(lines: list[str]) -> bytes:
+    """The head of ``lines``; ValueError on a control character in one, as aiohttp's writer raises
+    (a CR or LF in a line would split the answer)."""
+    text = " ".join(lines)
+    if not text.isprintable() and _CONTROL.search(text):   # (isprintable: a faster scan, False on a tab too)
+        raise ValueError("a status line or header contains a control character")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", _AS_AIOHTTP)
 
 
 def _must_be_empty(method: str, status: int) -> bool:
@@ -45,7 +61,7 @@ def head_bytes(method: str, status: int, reason: str, headers: CIMultiDict[str],
         headers[hdrs.CONNECTION] = "close"
     lines = [f"HTTP/1.1 {status} {reason}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"), chunked
+    return _joined(lines), chunked
 
 
 def plain_head(method: str, status: int, reason: str, headers: list[tuple[str, str]], length: int | None,
@@ -54,9 +70,11 @@ def plain_head(method: str, status: int, reason: str, headers: list[tuple[str, s
     Transfer-Encoding, Connection) when the answer has the usual relayed shape, a body of known
     length that is not to be empty, built in one pass over a list; None for any other shape.
     Orion's answers have that shape, and each went through a ``CIMultiDict`` and a dozen of its
-    calls to come out the same (tests/unit/test_http_lean_answer.py holds the two to each other)."""
-    if length is None or _must_be_empty(method, status):
-        return None
+    calls to come out the same (tests/unit/test_http_lean_answer.py holds the two to each other).
+    ``headers`` are as llhttp read them, with no control character but tab (which head_bytes
+    refuses, as aiohttp's writer does); the reason phrase, which llhttp does not check, is checked."""
+    if length is None or _must_be_empty(method, status) or not reason.isprintable():
+        return None   # (a reason with a control character: head_bytes refuses it)
     lines = [f"HTTP/1.1 {status} {reason}"]
     typed = dated = served = False
     for name, value in headers:
@@ -77,7 +95,7 @@ def plain_head(method: str, status: int, reason: str, headers: list[tuple[str, s
         lines.append(f"Server: {SERVER_SOFTWARE}")
     if not keep_alive:
         lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", _AS_AIOHTTP)
 
 
 def response_bytes(method: str, response: web.Response, keep_alive: bool) -> bytes:

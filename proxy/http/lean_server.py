@@ -352,7 +352,10 @@ class LeanConnection(asyncio.Protocol):
             self._parse()
 
     def eof_received(self) -> bool | None:
-        # A half-close ends the connection, answers in progress with it (as on aiohttp's server).
+        # A half-close ends the connection, answers in progress with it (as on aiohttp's server):
+        # asyncio closes the transport, whose close has the write deadline as the server's own.
+        if self.transport is not None:
+            self._write_deadline.closing(self.transport)
         return None
 
     def pause_writing(self) -> None:
@@ -595,7 +598,7 @@ class LeanConnection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._body_timer = None
-        self._write_deadline.resumed()
+        self._write_deadline.ended()
 
     def _arm_head_timer(self) -> None:
         self._head_due = self._loop.time() + self._header_timeout

@@ -85,15 +85,17 @@ class WriteDeadline:
     answers for ``seconds`` is aborted, since what is buffered for it will not leave.
 
     It runs while the transport has paused writing (its buffer over the high-water mark) and after
-    a close that still has bytes to send: a close waits for the buffer to drain, which such a
-    client never lets happen, and below the high-water mark no pause starts the deadline."""
+    a close (the server's, or asyncio's when the client ends its side): a close waits for the
+    buffer to drain, which such a client never lets happen, and below the high-water mark no pause
+    starts the deadline. It ends when the connection is lost (:meth:`ended`)."""
 
-    __slots__ = ("_loop", "_timer", "seconds")
+    __slots__ = ("_closing", "_loop", "_timer", "seconds")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float):
         self._loop = loop
         self.seconds = seconds
         self._timer: asyncio.TimerHandle | None = None
+        self._closing: asyncio.TimerHandle | None = None
 
     def paused(self, transport: asyncio.BaseTransport) -> None:
         """The transport paused writing: abort it unless it resumes within the deadline."""
@@ -107,14 +109,23 @@ class WriteDeadline:
             self._timer = None
 
     def closing(self, transport: asyncio.BaseTransport) -> None:
-        """After ``transport.close()``: what is still buffered after the deadline is given up."""
+        """After ``transport.close()``: what is still buffered after the deadline is given up. On TLS
+        whatever the transport says it holds: its count leaves out what the socket transport under
+        it holds, which is where the bytes of a client that reads nothing wait."""
         stream = cast(asyncio.Transport, transport)   # a stream transport (uvloop's TLS one without the base class)
         try:
             buffered = stream.get_write_buffer_size()
         except AttributeError:   # asyncio's TLS transport once its connection is gone: nothing is buffered
             return
-        if buffered:
-            self._loop.call_later(self.seconds, stream.abort)   # a no-op once it has closed
+        if self._closing is None and (buffered or stream.get_extra_info("sslcontext") is not None):
+            self._closing = self._loop.call_later(self.seconds, stream.abort)   # a no-op once it has closed
+
+    def ended(self) -> None:
+        """The connection is lost (or handed over): no deadline runs for it any more."""
+        self.resumed()
+        if self._closing is not None:
+            self._closing.cancel()
+            self._closing = None
 
     def _late(self, transport: asyncio.BaseTransport) -> None:
         self._timer = None
@@ -224,6 +235,11 @@ class DeadlineRequestHandler(RequestHandler):
         if self.transport is not None and self.transport.is_closing():   # closed at the end of its requests
             self._write_deadline.closing(self.transport)
 
+    def eof_received(self) -> None:
+        # The client ended its side: asyncio closes the transport next, as after force_close.
+        if self.transport is not None:
+            self._write_deadline.closing(self.transport)
+
     def pause_writing(self) -> None:
         super().pause_writing()
         if self.transport is not None:
@@ -265,7 +281,7 @@ class DeadlineRequestHandler(RequestHandler):
         if self._body_timer is not None:
             self._body_timer.cancel()
         self._body_timer = None
-        self._write_deadline.resumed()
+        self._write_deadline.ended()
         self._body_payload = None
         if self._slot is not None:
             self._slot.release()

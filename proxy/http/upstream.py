@@ -36,6 +36,11 @@ _GET_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _POST_METHODS = frozenset({"PATCH", "POST", "PUT"})
 _HIGH_WATER = 256 * 1024   # answer bytes held for a client before reading Orion pauses
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")   # what aiohttp's header writer refuses (tab is allowed)
+# The old client's (aiohttp's) limits on an answer's head: llhttp has none, and holds a field
+# until it ends. Past them the answer is an UpstreamError (502), as the old client's was.
+_MAX_HEADERS = 128
+_MAX_FIELD = 8190                                    # a header name or value, the reason phrase
+_MAX_HEAD = (_MAX_HEADERS + 1) * 2 * (_MAX_FIELD + 4)   # bytes before the head ends: every field at its limit
 
 
 class UpstreamError(Exception):
@@ -161,6 +166,8 @@ class _Connection(asyncio.Protocol):
         # read the rest, which would then be read as the next request (smuggling). Not pooled.
         self._sending_body = False
         self._answered_early = False
+        self._head_left: int | None = _MAX_HEAD   # bytes the answer's head may still take (None once it is in)
+        self._peer_closed = False   # the upstream ended its side (not the gateway's abort)
 
     # -- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -172,11 +179,16 @@ class _Connection(asyncio.Protocol):
         self.pool.forget(self)
         response = self.response
         if response is not None and not response._done:
-            response._error = UpstreamError("the upstream closed the connection mid-response")
+            if not self._ends_at_close(response):
+                response._error = UpstreamError("the upstream closed the connection mid-response")
             response._done = True
             response._wake()
         if self.head is not None and not self.head.done():
             self.head.set_exception(UpstreamError("the upstream closed the connection"))
+
+    def eof_received(self) -> bool | None:
+        self._peer_closed = True   # asyncio closes the transport next
+        return None
 
     def data_received(self, data: bytes) -> None:
         if self.response is None:   # bytes nobody asked for: the connection cannot be trusted
@@ -184,12 +196,27 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if self._head_left is not None:   # the head is not complete yet
+                self._head_left -= len(data)
+                if self._head_left < 0:
+                    raise UpstreamError("the upstream's answer has a head too large")
+        except UpstreamError as exc:
+            self._fail(exc)
         except httptools.HttpParserCallbackError as exc:
             self._fail(exc.__context__ if isinstance(exc.__context__, UpstreamError) else UpstreamError(str(exc)))
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("the upstream answered with a protocol upgrade"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"the upstream's answer does not parse: {exc}"))
+
+    def _ends_at_close(self, response: UpstreamResponse) -> bool:
+        """Whether the close is where the answer's body ends: the upstream closed, and the head is in
+        and gives neither a length nor chunked framing (RFC 9112 6.3; llhttp reads such a body until
+        the close). An abort of the gateway's (a timeout, the pool's close) is a break."""
+        if not self._peer_closed or self._head_left is not None:
+            return False
+        coding = (response.header("Transfer-Encoding") or "").rsplit(",", 1)[-1].strip().lower()
+        return coding != "chunked" and response.header("Content-Length") is None
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
@@ -204,15 +231,24 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         assert self.response is not None  # noqa: S101 (data_received checked it)
-        self.response.reason += status.decode("latin-1")
+        # UTF-8 with surrogate escapes, as aiohttp's client reads a head (the relays write UTF-8).
+        self.response.reason += status.decode("utf-8", "surrogateescape")
+        if len(self.response.reason) > _MAX_FIELD:
+            raise UpstreamError("the upstream's answer has a reason phrase too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None  # noqa: S101
-        self.response.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        headers = self.response.headers
+        if len(headers) >= _MAX_HEADERS or len(name) > _MAX_FIELD or len(value) > _MAX_FIELD:
+            raise UpstreamError("the upstream's answer has too many headers, or one too long")
+        # llhttp strips the whitespace before a value, not after it; aiohttp's client strips both.
+        headers.append((name.decode("utf-8", "surrogateescape"),
+                        value.rstrip(b" \t").decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None  # noqa: S101
+        self._head_left = None
         response.status = self.parser.get_status_code()
         if 100 <= response.status < 200:   # no Expect is ever sent: an interim answer is a broken upstream
             raise httptools.HttpParserError("interim response")
@@ -269,6 +305,7 @@ class _Connection(asyncio.Protocol):
         self._head_only = method == "HEAD"
         self._began = False
         self._answered_early = False
+        self._head_left = _MAX_HEAD
         self.parser = httptools.HttpResponseParser(self)
         self.head = self.loop.create_future()
         if body is None or isinstance(body, bytes):
