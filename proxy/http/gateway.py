@@ -72,7 +72,7 @@ from proxy.http.lean_server import LeanConnection, LeanConnections, LeanRequest,
 from proxy.http.listener import ConnectionSlot, DeadlineRequestHandler, DeadlineSite, RequestTimeout
 from proxy.http.outcomes import Outcomes
 from proxy.http.subscription_guard import SubscriptionGuard
-from proxy.http.upstream import UpstreamError, UpstreamPool, UpstreamResponse, pool_for
+from proxy.http.upstream import UpstreamBusy, UpstreamError, UpstreamPool, UpstreamResponse, pool_for
 from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
 from proxy.metrics import REGISTRY
 from proxy.policy.paths import PathError, normalize_path
@@ -215,7 +215,10 @@ class GatewayHandler:
         self._subscription_turns: dict[tuple[str, str], list[Any]] = {}
 
     async def open(self, _app: web.Application | None = None) -> None:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.upstream_timeout_seconds,
+        # connect: the wait for a free connection of the pool as well (clients reading large answers
+        # slowly hold theirs), as the lean pool's; sock_connect, sock_read: Orion's own.
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.config.upstream_timeout_seconds,
+                                        sock_connect=self.config.upstream_timeout_seconds,
                                         sock_read=self.config.upstream_timeout_seconds)
         if self.client == "lean":
             # The two clients share the connections proxy.app budgets for (HTTP_UPSTREAM_DESCRIPTORS):
@@ -565,6 +568,10 @@ class GatewayHandler:
             return self._too_large(audit)
         except RequestTimeout as exc:   # the client's body, streamed to the lean client, stopped coming
             return self._timed_out(audit, exc)
+        except UpstreamBusy:   # not sent: every connection to Orion is taken (clients reading large answers slowly)
+            audit["reason"] = "no upstream connection free"
+            return orion_error(503, "ServiceUnavailable", "the context broker is busy; try again later",
+                               {"Retry-After": "1"})
         except (TimeoutError, aiohttp.ServerTimeoutError):
             audit["reason"], audit["outcome_unknown"] = "upstream timeout", True   # Orion may yet apply it
             return orion_error(504, "GatewayTimeout", "the context broker did not answer in time")
@@ -719,13 +726,16 @@ class GatewayHandler:
                                            self._relayed_headers(request, kept, size), size, request.keep_alive)
             if request.method == "HEAD" or upstream.complete:
                 whole = b"" if request.method == "HEAD" else await upstream.read()
+                # Orion's connection goes back before the client is written to: a client that reads
+                # slowly holds its own connection, not one of the pool's.
+                upstream.release()
                 return await request.relay_head(upstream.status, head, chunked, size, whole, None)
             return await request.relay_head(upstream.status, head, chunked, size, None, upstream.chunks())
         response = await self._prepared(request, upstream.status, upstream.reason, upstream.headers, size)
-        if request.method == "HEAD":
-            await response.write_eof()
-        elif upstream.complete:
-            await response.write_eof(await upstream.read())
+        if request.method == "HEAD" or upstream.complete:
+            whole = b"" if request.method == "HEAD" else await upstream.read()
+            upstream.release()   # (as above)
+            await response.write_eof(whole)
         else:
             try:
                 async for chunk in upstream.chunks():

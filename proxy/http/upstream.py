@@ -51,6 +51,11 @@ class UpstreamTimeout(UpstreamError, TimeoutError):
     """No connection, or no bytes, within the timeout."""
 
 
+class UpstreamBusy(UpstreamError):
+    """Every connection the pool may open is taken, and none came free within the timeout: the
+    request was not sent (its outcome is known)."""
+
+
 def request_head(method: str, target: str, host: str, headers: list[tuple[str, str]],
                  body: bytes | AsyncIterator[bytes] | None) -> bytes:
     """The request head as the old path (aiohttp's client) wrote it for the same call."""
@@ -351,6 +356,11 @@ class _Connection(asyncio.Protocol):
             self.pool.forget(self)
 
 
+def _busy(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamBusy("no connection to the upstream came free in time"))
+
+
 class _Slots:
     """A counting semaphore without asyncio's per-call bookkeeping (``Semaphore.locked`` scans
     its waiters on every acquire): a free slot is taken at once, else the first waiter gets the
@@ -362,20 +372,27 @@ class _Slots:
         self._free = limit
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    async def acquire(self) -> None:
+    async def acquire(self, timeout: float) -> None:
+        """A slot, or UpstreamBusy once ``timeout`` has passed without one: the requests waiting
+        for a connection that clients reading slowly hold (a large answer, relayed as they read it)
+        are answered, not kept for as long as those clients take."""
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._waiters.append(waiter)
+        timer = loop.call_later(timeout, _busy, waiter)
         try:
             await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.release()   # given a slot, but gone before taking it: the next one has it
             elif waiter in self._waiters:
                 self._waiters.remove(waiter)
             raise
+        finally:
+            timer.cancel()
 
     def release(self) -> None:
         while self._waiters:
@@ -419,7 +436,7 @@ class UpstreamPool:
                       body: bytes | AsyncIterator[bytes] | None) -> UpstreamResponse:
         """Send one request; the answer's head is in. The caller must ``release()`` it."""
         head = request_head(method, target, self.host_header, headers, body)
-        await self._slots.acquire()
+        await self._slots.acquire(self.timeout)
         try:
             conn = await self._connection()
         except BaseException:
@@ -466,4 +483,5 @@ def pool_for(upstream: str, *, timeout: float, limit: int = 256) -> UpstreamPool
     return pool
 
 
-__all__ = ["UpstreamError", "UpstreamPool", "UpstreamResponse", "UpstreamTimeout", "pool_for", "request_head"]
+__all__ = ["UpstreamBusy", "UpstreamError", "UpstreamPool", "UpstreamResponse", "UpstreamTimeout", "pool_for",
+           "request_head"]
