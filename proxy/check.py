@@ -459,8 +459,9 @@ async def check_orion(config: Config) -> Result | None:
         return None
     try:
         context = upstream_context(config)
-    except ConfigError as exc:   # the tls check says so too
-        return fail("orion", str(exc))
+    except ConfigError:   # the tls check names the problem: said once
+        return fail("orion", f"http.upstream {http.upstream}: not tried: http.upstream_ca cannot be used "
+                             "(see the tls check)")
     url = http.upstream.rstrip("/") + "/version"
     headers = {"Fiware-Service": http.fiware_service} if http.fiware_service else {}
     timeout = aiohttp.ClientTimeout(total=min(http.upstream_timeout_seconds, 10))

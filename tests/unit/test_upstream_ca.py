@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.check import check_tls
+from proxy.check import check_orion, check_tls
 from proxy.config import Config, ConfigError, load_config, load_config_text
 from proxy.tls import upstream_context
 from tests.rig.pki import make_pki
@@ -87,3 +87,14 @@ def test_keygate_check_and_serve_refuse_it_locally(tmp_path):
     """The tls check (local: it refuses serve's start, unlike the orion check, a warning there)."""
     [result] = check_tls(config(upstream_ca=str(tmp_path / "nope.pem")))
     assert (result.status, result.detail) == ("fail", f"http.upstream_ca: no such file: {tmp_path / 'nope.pem'}")
+
+
+async def test_keygate_check_names_a_bad_ca_file_once(tmp_path):
+    """The tls check says what is wrong with the file; the orion check, which cannot try without
+    it, says so and points there, instead of the same line twice."""
+    cfg = config(upstream_ca=str(tmp_path / "nope.pem"))
+    [tls] = check_tls(cfg)
+    orion = await check_orion(cfg)
+    assert tls.status == "fail" and tls.detail == f"http.upstream_ca: no such file: {tmp_path / 'nope.pem'}"
+    assert orion is not None and orion.status == "fail", orion
+    assert "no such file" not in orion.detail and "not tried" in orion.detail and "tls check" in orion.detail
