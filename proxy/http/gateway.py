@@ -176,6 +176,31 @@ def _quote_path(path: str) -> str:
     return "/".join(quote(seg, safe="!$&'()*+,;=:@-._~") for seg in path.split("/"))
 
 
+_UNPARSED: tuple[tuple[str, str], ...] = (("", "does not parse"),)
+_REPEATED: tuple[tuple[str, str], ...] = (("", "a parameter repeated"),)
+
+
+def _query_of(raw: str) -> tuple[tuple[str, str], ...]:
+    """The query's parameters in order; _UNPARSED or _REPEATED (compared by identity) when refused.
+    Clients repeat their queries (options=keyValues, type=...&limit=...): a short one is parsed once."""
+    return _short_query(raw) if len(raw) <= _REMEMBERED_QUERY else _parse_query(raw)
+
+
+def _parse_query(raw: str) -> tuple[tuple[str, str], ...]:
+    try:
+        pairs = parse_qsl(raw, keep_blank_values=True, strict_parsing=False, errors="strict",
+                          max_num_fields=_MAX_QUERY_FIELDS)
+    except (ValueError, UnicodeDecodeError):
+        return _UNPARSED
+    if len({k for k, _ in pairs}) != len(pairs):
+        return _REPEATED
+    return tuple(pairs)
+
+
+_REMEMBERED_QUERY = 256   # longest query kept parsed (1,024 of them: a bounded few hundred KiB)
+_short_query = functools.lru_cache(maxsize=1024)(_parse_query)
+
+
 def _quote_query(query: tuple[tuple[str, str], ...]) -> str:
     return "&".join(f"{quote(k, safe='')}={quote(v, safe=',:')}" for k, v in query)
 
@@ -300,16 +325,12 @@ class GatewayHandler:
         audit["path"] = path
         if method == "OPTIONS" and request.headers.get("Origin") and self.cors:
             return self._preflight(request, audit)
-        try:
-            pairs = parse_qsl(raw_query, keep_blank_values=True, strict_parsing=False, errors="strict",
-                              max_num_fields=_MAX_QUERY_FIELDS)
-        except (ValueError, UnicodeDecodeError):
+        query = _query_of(raw_query) if raw_query else ()
+        if query is _UNPARSED:
             return self._deny(audit, 400, "BadRequest", "invalid query string", "query does not parse")
-        names = [k for k, _ in pairs]
-        if len(set(names)) != len(names):
+        if query is _REPEATED:
             # Repeated parameters are read differently by different parsers: refuse, do not pick one.
             return self._deny(audit, 400, "BadRequest", "repeated query parameter", "repeated query parameter")
-        query = tuple(pairs)
 
         tenant = self._tenant(request)
         if isinstance(tenant, ngsi.Reject):

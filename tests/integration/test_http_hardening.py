@@ -346,3 +346,29 @@ async def test_an_allow_listed_receiver_opens_nothing_else_on_its_host(notify_ri
     r = await rig.call("POST", "/v2/subscriptions", "alice", json_body=subscription("a-1", target))
     assert r.status == 403, r.body
     assert not rig.upstream_saw("POST", "/v2/subscriptions")
+
+
+@pytest.mark.parametrize("query,description", [
+    ("type=Thermometer&type=Valve", "repeated query parameter"),   # Orion and keygate could read different ones
+    ("type=Thermometer&limit=1&type=Valve", "repeated query parameter"),
+    ("q=%ff", "invalid query string"),                              # not UTF-8
+    ("&".join(f"p{i}=1" for i in range(65)), "invalid query string"),   # past the 64 fields parsed
+    ("&".join(f"p{i}=1" for i in range(40)) + "&" + "x" * 300 + "=1&p0=2", "repeated query parameter"),  # a long one
+])
+async def test_a_query_that_could_be_read_two_ways_is_refused_every_time(rig, query, description):
+    """Each query is parsed once and remembered (when short): the refusal must be remembered with
+    it, the second request refused as the first, and a query past what is remembered checked the same."""
+    for _ in range(3):
+        r = await rig.call("GET", f"/v2/entities?{query}", "alice")
+        assert r.status == 400 and r.json() == {"error": "BadRequest", "description": description}, r
+    assert not rig.upstream_saw()
+
+
+async def test_a_query_is_forwarded_in_its_order_every_time(rig):
+    for _ in range(3):
+        r = await rig.call("GET", "/v2/entities?type=Thermometer&options=keyValues&limit=5", "alice")
+        assert r.status == 200, r
+    queries = [seen.query for seen in rig.upstream_saw("GET")]
+    # (the list is narrowed to alice's own ids, after what she asked)
+    assert len(queries) == 3 and len(set(queries)) == 1, queries
+    assert queries[0].startswith("type=Thermometer&options=keyValues&limit=5&"), queries
