@@ -201,6 +201,17 @@ _REMEMBERED_QUERY = 256   # longest query kept parsed (1,024 of them: a bounded 
 _short_query = functools.lru_cache(maxsize=1024)(_parse_query)
 
 
+_REMEMBERED_REQUEST = 512   # longest path and query whose analysis is kept (2,048 of them)
+
+
+@functools.lru_cache(maxsize=2048)
+def _analysed(method: str, path: str, query: tuple[tuple[str, str], ...]) -> tuple[ngsi.NgsiRequest, ngsi.Action]:
+    """A request without a body the decision needs, and its NGSI analysis: a pure function of these
+    three (both frozen), so the same request's is kept; what it is allowed is planned every time."""
+    req = ngsi.NgsiRequest(method, path, query)
+    return req, ngsi.analyse(req)
+
+
 def _quote_query(query: tuple[tuple[str, str], ...]) -> str:
     return "&".join(f"{quote(k, safe='')}={quote(v, safe=',:')}" for k, v in query)
 
@@ -377,8 +388,12 @@ class GatewayHandler:
                 if needed:
                     body = parsed
 
-        req = ngsi.NgsiRequest(method, path, query, body)
-        decided = planning.plan(req, ngsi.analyse(req), self.context(identity, tenant))
+        if body is ngsi.NO_BODY and len(path) + len(raw_query) <= _REMEMBERED_REQUEST:
+            req, action = _analysed(method, path, query)
+        else:
+            req = ngsi.NgsiRequest(method, path, query, body)
+            action = ngsi.analyse(req)
+        decided = planning.plan(req, action, self.context(identity, tenant))
         audit["rule"], audit["devices"] = decided.rule, decided.devices
         if isinstance(decided, planning.Deny):
             return self._refuse(audit, decided, identity)

@@ -372,3 +372,16 @@ async def test_a_query_is_forwarded_in_its_order_every_time(rig):
     # (the list is narrowed to alice's own ids, after what she asked)
     assert len(queries) == 3 and len(set(queries)) == 1, queries
     assert queries[0].startswith("type=Thermometer&options=keyValues&limit=5&"), queries
+
+
+async def test_the_same_request_is_planned_for_each_caller_every_time(rig):
+    """A request's NGSI analysis is kept (a pure function of method, path and query); what each
+    caller may do with it is not: alternating callers on the same request get their own answers."""
+    seen = []
+    for who in ("alice", "bob", "alice", "carol", "bob", None, "alice"):
+        seen.append((await rig.call("GET", "/v2/entities/a-1", who)).status)
+    assert seen == [200, 403, 200, 403, 403, 401, 200], seen
+    seen = []
+    for who in ("bob", "carol", "alice", "carol"):   # bob's b-1: carol may read it (a delegation)
+        seen.append((await rig.call("GET", "/v2/entities/b-1/attrs?options=keyValues", who)).status)
+    assert seen == [200, 200, 403, 200], seen
