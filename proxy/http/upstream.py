@@ -139,6 +139,25 @@ class UpstreamResponse:
                 timer.cancel()
                 self._waiter = None
 
+    async def read_ahead(self) -> None:
+        """Wait until the body is in whole or what is read ahead of the client reaches the high-water
+        mark (where reading Orion pauses), within the timeout between reads: a small answer that came
+        in more reads than its head is then :attr:`complete`. Raises only on cancellation; a break or a
+        timeout is the answer's error, which :meth:`chunks` raises after the bytes that came."""
+        while not self._done and self._buffered < _HIGH_WATER:
+            waiter = self._waiter = self._conn.loop.create_future()
+            timer = self._conn.loop.call_later(self._conn.pool.timeout, self._conn._late, waiter)
+            try:
+                await waiter
+            except UpstreamTimeout as exc:
+                self._conn._fail(exc)
+            except BaseException:
+                self._conn.abort()
+                raise
+            finally:
+                timer.cancel()
+                self._waiter = None
+
     async def read(self) -> bytes:
         if self._done and self._error is None:
             body = b"".join(self._parts)

@@ -278,3 +278,56 @@ async def test_an_answer_read_until_the_close_is_cut_short_when_the_gateway_ends
         with pytest.raises(UpstreamError):
             await response.read()
         response.release()
+
+
+async def test_reading_ahead_waits_for_a_body_below_the_high_water_mark_and_stops_at_it():
+    # The gateway waits for an answer's body before it writes to the client (s29-b finding 1): a
+    # small one is whole when read_ahead returns, a large one stops at the high-water mark.
+    big = b"b" * (4 * _HIGH_WATER)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            body = big if b" /big " in head else b"small" * 1000
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:10]))
+            await writer.drain()
+            await asyncio.sleep(0.05)   # the rest of the body in another read
+            writer.write(body[10:])
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1], timeout=5)
+    response = await pool.request("GET", "/small", [], None)
+    assert not response.complete
+    await response.read_ahead()
+    assert response.complete and await response.read() == b"small" * 1000
+    response.release()
+    response = await pool.request("GET", "/big", [], None)
+    await response.read_ahead()
+    assert not response.complete and _HIGH_WATER <= response._buffered < 2 * _HIGH_WATER
+    assert b"".join([chunk async for chunk in response.chunks()]) == big
+    response.release()
+    await pool.close()
+    server.close()
+
+
+async def test_reading_ahead_of_a_stalled_body_leaves_the_timeout_to_the_relay():
+    # Orion stops mid-body: read_ahead returns after the timeout (the head is not yet written, the
+    # relay decides), and the bytes that came are read before the timeout is raised.
+    async with Scripted(lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nabc") as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=0.2)
+        response = await pool.request("GET", "/", [], None)
+        await response.read_ahead()
+        assert not response.complete
+        got = []
+        with pytest.raises(UpstreamTimeout):
+            async for chunk in response.chunks():
+                got.append(chunk)
+        assert got == [b"abc"]
+        response.release()
+        assert not pool._held and pool._slots._free == 256
+        await pool.close()
