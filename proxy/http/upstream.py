@@ -191,6 +191,7 @@ class _Connection(asyncio.Protocol):
         self._sending_body = False
         self._answered_early = False
         self._head_left: int | None = _MAX_HEAD   # bytes the answer's head may still take (None once it is in)
+        self._reason = b""   # the reason phrase's bytes: llhttp gives them a read at a time
         self._peer_closed = False   # the upstream ended its side (not the gateway's abort)
 
     # -- asyncio
@@ -255,9 +256,9 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         assert self.response is not None  # noqa: S101 (data_received checked it)
-        # UTF-8 with surrogate escapes, as aiohttp's client reads a head (the relays write UTF-8).
-        self.response.reason += status.decode("utf-8", "surrogateescape")
-        if len(self.response.reason) > _MAX_FIELD:
+        # Decoded once whole (on_headers_complete): a character may be cut between two reads.
+        self._reason += status
+        if len(self._reason) > _MAX_FIELD:
             raise UpstreamError("the upstream's answer has a reason phrase too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -273,6 +274,8 @@ class _Connection(asyncio.Protocol):
         response = self.response
         assert response is not None  # noqa: S101
         self._head_left = None
+        # UTF-8 with surrogate escapes, as aiohttp's client reads a head (the relays write UTF-8).
+        response.reason = self._reason.decode("utf-8", "surrogateescape")
         response.status = self.parser.get_status_code()
         if 100 <= response.status < 200:   # no Expect is ever sent: an interim answer is a broken upstream
             raise httptools.HttpParserError("interim response")
@@ -330,6 +333,7 @@ class _Connection(asyncio.Protocol):
         self._began = False
         self._answered_early = False
         self._head_left = _MAX_HEAD
+        self._reason = b""
         self.parser = httptools.HttpResponseParser(self)
         self.head = self.loop.create_future()
         if body is None or isinstance(body, bytes):

@@ -331,3 +331,32 @@ async def test_reading_ahead_of_a_stalled_body_leaves_the_timeout_to_the_relay()
         response.release()
         assert not pool._held and pool._slots._free == 256
         await pool.close()
+
+
+async def test_a_reason_phrase_split_between_reads_inside_a_character_is_read_whole():
+    # llhttp hands the reason phrase over in pieces, one per read: decoded piece by piece, a
+    # character cut between two reads became two lone surrogates (which the lean heads leave
+    # out) where the old client, reading the head whole, read it (s29-b finding 2).
+    answer = b"HTTP/1.1 200 Tr\xc3\xa8s bien\r\nContent-Length: 2\r\n\r\nok"
+    cut = answer.index(b"\xa8")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer[:cut])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(answer[cut:])
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1], timeout=5)
+    response = await pool.request("GET", "/", [], None)
+    try:
+        assert response.reason == "Tr\u00e8s bien"
+        assert await response.read() == b"ok"
+    finally:
+        response.release()
+    await pool.close()
+    server.close()
