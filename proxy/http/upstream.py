@@ -240,7 +240,9 @@ class _Connection(asyncio.Protocol):
         the close). An abort of the gateway's (a timeout, the pool's close) is a break."""
         if not self._peer_closed or self._head_left is not None:
             return False
-        coding = (response.header("Transfer-Encoding") or "").rsplit(",", 1)[-1].strip().lower()
+        # The last coding of all the Transfer-Encoding lines together, as llhttp reads them.
+        codings = ",".join(v for k, v in response.headers if k.lower() == "transfer-encoding")
+        coding = codings.rsplit(",", 1)[-1].strip().lower()
         return coding != "chunked" and response.header("Content-Length") is None
 
     # -- httptools callbacks

@@ -360,3 +360,26 @@ async def test_a_reason_phrase_split_between_reads_inside_a_character_is_read_wh
         response.release()
     await pool.close()
     server.close()
+
+
+@pytest.mark.parametrize("codings", [b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+                                     b"Transfer-Encoding: gzip\r\nTransfer-Encoding: x, chunked\r\n"])
+async def test_a_chunked_answer_cut_short_is_an_error_whatever_line_its_chunked_coding_is_on(codings):
+    # llhttp takes the codings of every Transfer-Encoding line, chunked last: a chunked body, cut
+    # here by the upstream's close. The close was taken for its end when the first line's coding
+    # was not chunked, so the cut answer was whole and relayed with a last chunk (s29-b finding 3).
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n" + codings + b"\r\n5\r\nhello\r\n3\r\nab")   # 1 of 3 bytes left
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1], timeout=5)
+    response = await pool.request("GET", "/", [], None)
+    with pytest.raises(UpstreamError):
+        await response.read()
+    assert not response.complete
+    response.release()
+    await pool.close()
+    server.close()
