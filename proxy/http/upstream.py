@@ -192,6 +192,10 @@ class _Connection(asyncio.Protocol):
         self._answered_early = False
         self._head_left: int | None = _MAX_HEAD   # bytes the answer's head may still take (None once it is in)
         self._reason = b""   # the reason phrase's bytes: llhttp gives them a read at a time
+        # Bytes since the last body bytes that were not body (chunk framing, a chunked answer's
+        # trailer fields, which httptools holds as it holds the head's): bounded as the head is.
+        self._framing = 0
+        self._body_bytes = 0   # body bytes fed so far (on_body)
         self._peer_closed = False   # the upstream ended its side (not the gateway's abort)
 
     # -- asyncio
@@ -220,11 +224,16 @@ class _Connection(asyncio.Protocol):
             self.abort()
             return
         try:
+            head_open, body_before = self._head_left is not None, self._body_bytes
             self.parser.feed_data(data)
             if self._head_left is not None:   # the head is not complete yet
                 self._head_left -= len(data)
                 if self._head_left < 0:
                     raise UpstreamError("the upstream's answer has a head too large")
+            elif not head_open:
+                self._framing += len(data) - (self._body_bytes - body_before)
+                if self._framing > _MAX_HEAD:
+                    raise UpstreamError("the upstream's answer has trailer fields too large")
         except UpstreamError as exc:
             self._fail(exc)
         except httptools.HttpParserCallbackError as exc:
@@ -291,6 +300,8 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         response = self.response
         assert response is not None  # noqa: S101
+        self._body_bytes += len(body)
+        self._framing = 0
         if not self._head_only:
             response._parts.append(body)
             response._buffered += len(body)
@@ -336,6 +347,7 @@ class _Connection(asyncio.Protocol):
         self._answered_early = False
         self._head_left = _MAX_HEAD
         self._reason = b""
+        self._framing = 0
         self.parser = httptools.HttpResponseParser(self)
         self.head = self.loop.create_future()
         if body is None or isinstance(body, bytes):

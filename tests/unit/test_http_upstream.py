@@ -383,3 +383,31 @@ async def test_a_chunked_answer_cut_short_is_an_error_whatever_line_its_chunked_
     response.release()
     await pool.close()
     server.close()
+
+
+async def test_a_trailer_past_the_heads_limits_is_an_upstream_error_as_it_comes():
+    # llhttp hands a chunked answer's trailer fields to on_header as it does the head's, and httptools
+    # holds a field until it ends: the head's byte bound (_head_left) ended with the head, so an
+    # upstream writing one endless trailer value grew the gateway's memory (and copied it whole at
+    # every read) until the timeout between reads (s29-b finding 4).
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Endless: ")
+        try:
+            for _ in range(8 << 4):   # 8 MiB, unterminated
+                writer.write(b"v" * (64 << 10))
+                await writer.drain()
+            await reader.read()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1], timeout=30)
+    response = await pool.request("GET", "/", [], None)
+    with pytest.raises(UpstreamError) as caught:
+        await asyncio.wait_for(response.read(), 5)
+    assert not isinstance(caught.value, UpstreamTimeout)   # refused as it came, not once the timer ran out
+    response.release()
+    await pool.close()
+    server.close()
