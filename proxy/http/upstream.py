@@ -274,6 +274,8 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None  # noqa: S101
+        if self._head_left is None:   # a chunked answer's trailer field: dropped, as aiohttp's client drops it
+            return
         headers = self.response.headers
         if len(headers) >= _MAX_HEADERS or len(name) > _MAX_FIELD or len(value) > _MAX_FIELD:
             raise UpstreamError("the upstream's answer has too many headers, or one too long")
