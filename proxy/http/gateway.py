@@ -751,6 +751,10 @@ class GatewayHandler:
         small answer) goes out with the head in one write."""
         length = upstream.header("Content-Length")
         size = int(length) if length is not None and length.isdigit() else None   # llhttp checked it: one decimal
+        if request.method != "HEAD" and not upstream.complete:
+            # The body's first bytes may come after its head: what fits below the read-ahead is waited
+            # for, so that it goes out whole, Orion's connection given back first (below).
+            await upstream.read_ahead()
         if isinstance(request, LeanRequest):
             kept = _relayable(upstream.headers)
             # Orion's usual answer in one pass; another shape, or CORS headers to add, through the headers object.

@@ -139,6 +139,25 @@ class UpstreamResponse:
                 timer.cancel()
                 self._waiter = None
 
+    async def read_ahead(self) -> None:
+        """Wait until the body is in whole or what is read ahead of the client reaches the high-water
+        mark (where reading Orion pauses), within the timeout between reads: a small answer that came
+        in more reads than its head is then :attr:`complete`. Raises only on cancellation; a break or a
+        timeout is the answer's error, which :meth:`chunks` raises after the bytes that came."""
+        while not self._done and self._buffered < _HIGH_WATER:
+            waiter = self._waiter = self._conn.loop.create_future()
+            timer = self._conn.loop.call_later(self._conn.pool.timeout, self._conn._late, waiter)
+            try:
+                await waiter
+            except UpstreamTimeout as exc:
+                self._conn._fail(exc)
+            except BaseException:
+                self._conn.abort()
+                raise
+            finally:
+                timer.cancel()
+                self._waiter = None
+
     async def read(self) -> bytes:
         if self._done and self._error is None:
             body = b"".join(self._parts)
@@ -172,6 +191,11 @@ class _Connection(asyncio.Protocol):
         self._sending_body = False
         self._answered_early = False
         self._head_left: int | None = _MAX_HEAD   # bytes the answer's head may still take (None once it is in)
+        self._reason = b""   # the reason phrase's bytes: llhttp gives them a read at a time
+        # Bytes since the last body bytes that were not body (chunk framing, a chunked answer's
+        # trailer fields, which httptools holds as it holds the head's): bounded as the head is.
+        self._framing = 0
+        self._body_bytes = 0   # body bytes fed so far (on_body)
         self._peer_closed = False   # the upstream ended its side (not the gateway's abort)
 
     # -- asyncio
@@ -200,11 +224,16 @@ class _Connection(asyncio.Protocol):
             self.abort()
             return
         try:
+            head_open, body_before = self._head_left is not None, self._body_bytes
             self.parser.feed_data(data)
             if self._head_left is not None:   # the head is not complete yet
                 self._head_left -= len(data)
                 if self._head_left < 0:
                     raise UpstreamError("the upstream's answer has a head too large")
+            elif not head_open:
+                self._framing += len(data) - (self._body_bytes - body_before)
+                if self._framing > _MAX_HEAD:
+                    raise UpstreamError("the upstream's answer has trailer fields too large")
         except UpstreamError as exc:
             self._fail(exc)
         except httptools.HttpParserCallbackError as exc:
@@ -220,7 +249,9 @@ class _Connection(asyncio.Protocol):
         the close). An abort of the gateway's (a timeout, the pool's close) is a break."""
         if not self._peer_closed or self._head_left is not None:
             return False
-        coding = (response.header("Transfer-Encoding") or "").rsplit(",", 1)[-1].strip().lower()
+        # The last coding of all the Transfer-Encoding lines together, as llhttp reads them.
+        codings = ",".join(v for k, v in response.headers if k.lower() == "transfer-encoding")
+        coding = codings.rsplit(",", 1)[-1].strip().lower()
         return coding != "chunked" and response.header("Content-Length") is None
 
     # -- httptools callbacks
@@ -236,13 +267,15 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         assert self.response is not None  # noqa: S101 (data_received checked it)
-        # UTF-8 with surrogate escapes, as aiohttp's client reads a head (the relays write UTF-8).
-        self.response.reason += status.decode("utf-8", "surrogateescape")
-        if len(self.response.reason) > _MAX_FIELD:
+        # Decoded once whole (on_headers_complete): a character may be cut between two reads.
+        self._reason += status
+        if len(self._reason) > _MAX_FIELD:
             raise UpstreamError("the upstream's answer has a reason phrase too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None  # noqa: S101
+        if self._head_left is None:   # a chunked answer's trailer field: dropped, as aiohttp's client drops it
+            return
         headers = self.response.headers
         if len(headers) >= _MAX_HEADERS or len(name) > _MAX_FIELD or len(value) > _MAX_FIELD:
             raise UpstreamError("the upstream's answer has too many headers, or one too long")
@@ -254,6 +287,8 @@ class _Connection(asyncio.Protocol):
         response = self.response
         assert response is not None  # noqa: S101
         self._head_left = None
+        # UTF-8 with surrogate escapes, as aiohttp's client reads a head (the relays write UTF-8).
+        response.reason = self._reason.decode("utf-8", "surrogateescape")
         response.status = self.parser.get_status_code()
         if 100 <= response.status < 200:   # no Expect is ever sent: an interim answer is a broken upstream
             raise httptools.HttpParserError("interim response")
@@ -267,6 +302,8 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         response = self.response
         assert response is not None  # noqa: S101
+        self._body_bytes += len(body)
+        self._framing = 0
         if not self._head_only:
             response._parts.append(body)
             response._buffered += len(body)
@@ -311,6 +348,8 @@ class _Connection(asyncio.Protocol):
         self._began = False
         self._answered_early = False
         self._head_left = _MAX_HEAD
+        self._reason = b""
+        self._framing = 0
         self.parser = httptools.HttpResponseParser(self)
         self.head = self.loop.create_future()
         if body is None or isinstance(body, bytes):

@@ -278,3 +278,136 @@ async def test_an_answer_read_until_the_close_is_cut_short_when_the_gateway_ends
         with pytest.raises(UpstreamError):
             await response.read()
         response.release()
+
+
+async def test_reading_ahead_waits_for_a_body_below_the_high_water_mark_and_stops_at_it():
+    # The gateway waits for an answer's body before it writes to the client (s29-b finding 1): a
+    # small one is whole when read_ahead returns, a large one stops at the high-water mark.
+    big = b"b" * (4 * _HIGH_WATER)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            body = big if b" /big " in head else b"small" * 1000
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:10]))
+            await writer.drain()
+            await asyncio.sleep(0.05)   # the rest of the body in another read
+            writer.write(body[10:])
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1], timeout=5)
+    response = await pool.request("GET", "/small", [], None)
+    assert not response.complete
+    await response.read_ahead()
+    assert response.complete and await response.read() == b"small" * 1000
+    response.release()
+    response = await pool.request("GET", "/big", [], None)
+    await response.read_ahead()
+    assert not response.complete and _HIGH_WATER <= response._buffered < 2 * _HIGH_WATER
+    assert b"".join([chunk async for chunk in response.chunks()]) == big
+    response.release()
+    await pool.close()
+    server.close()
+
+
+async def test_reading_ahead_of_a_stalled_body_leaves_the_timeout_to_the_relay():
+    # Orion stops mid-body: read_ahead returns after the timeout (the head is not yet written, the
+    # relay decides), and the bytes that came are read before the timeout is raised.
+    async with Scripted(lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nabc") as up:
+        pool = UpstreamPool("127.0.0.1", up.port, timeout=0.2)
+        response = await pool.request("GET", "/", [], None)
+        await response.read_ahead()
+        assert not response.complete
+        got = []
+        with pytest.raises(UpstreamTimeout):
+            async for chunk in response.chunks():
+                got.append(chunk)
+        assert got == [b"abc"]
+        response.release()
+        assert not pool._held and pool._slots._free == 256
+        await pool.close()
+
+
+async def test_a_reason_phrase_split_between_reads_inside_a_character_is_read_whole():
+    # llhttp hands the reason phrase over in pieces, one per read: decoded piece by piece, a
+    # character cut between two reads became two lone surrogates (which the lean heads leave
+    # out) where the old client, reading the head whole, read it (s29-b finding 2).
+    answer = b"HTTP/1.1 200 Tr\xc3\xa8s bien\r\nContent-Length: 2\r\n\r\nok"
+    cut = answer.index(b"\xa8")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer[:cut])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(answer[cut:])
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1], timeout=5)
+    response = await pool.request("GET", "/", [], None)
+    try:
+        assert response.reason == "Tr\u00e8s bien"
+        assert await response.read() == b"ok"
+    finally:
+        response.release()
+    await pool.close()
+    server.close()
+
+
+@pytest.mark.parametrize("codings", [b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+                                     b"Transfer-Encoding: gzip\r\nTransfer-Encoding: x, chunked\r\n"])
+async def test_a_chunked_answer_cut_short_is_an_error_whatever_line_its_chunked_coding_is_on(codings):
+    # llhttp takes the codings of every Transfer-Encoding line, chunked last: a chunked body, cut
+    # here by the upstream's close. The close was taken for its end when the first line's coding
+    # was not chunked, so the cut answer was whole and relayed with a last chunk (s29-b finding 3).
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n" + codings + b"\r\n5\r\nhello\r\n3\r\nab")   # 1 of 3 bytes left
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1], timeout=5)
+    response = await pool.request("GET", "/", [], None)
+    with pytest.raises(UpstreamError):
+        await response.read()
+    assert not response.complete
+    response.release()
+    await pool.close()
+    server.close()
+
+
+async def test_a_trailer_past_the_heads_limits_is_an_upstream_error_as_it_comes():
+    # llhttp hands a chunked answer's trailer fields to on_header as it does the head's, and httptools
+    # holds a field until it ends: the head's byte bound (_head_left) ended with the head, so an
+    # upstream writing one endless trailer value grew the gateway's memory (and copied it whole at
+    # every read) until the timeout between reads (s29-b finding 4).
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Endless: ")
+        try:
+            for _ in range(8 << 4):   # 8 MiB, unterminated
+                writer.write(b"v" * (64 << 10))
+                await writer.drain()
+            await reader.read()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1], timeout=30)
+    response = await pool.request("GET", "/", [], None)
+    with pytest.raises(UpstreamError) as caught:
+        await asyncio.wait_for(response.read(), 5)
+    assert not isinstance(caught.value, UpstreamTimeout)   # refused as it came, not once the timer ran out
+    response.release()
+    await pool.close()
+    server.close()
