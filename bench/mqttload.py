@@ -506,11 +506,16 @@ async def run_latency(spec: dict) -> dict:
     pub = await open_client(spec["target"], spec["pub"])
     lat: list[int] = []
     tlen = len(topic)
+    # Only messages stamped from here on are measured: a warm-up message delivered late (more than
+    # the pause below, on a loaded machine) was counted as one of the run's, received > sent.
+    measured_from = [1 << 63]
 
     def on_publish(b0: int, buf: bytearray, start: int, end: int) -> None:
         now = time.monotonic_ns()
         off = start + 2 + tlen
-        lat.append(now - int.from_bytes(buf[off:off + 8], "big"))
+        stamp = int.from_bytes(buf[off:off + 8], "big")
+        if stamp >= measured_from[0]:
+            lat.append(now - stamp)
     sub.on_publish = on_publish
     total = int(rate * duration)
     pad = b"p" * max(0, spec.get("payload_bytes", 32) - 8)
@@ -519,6 +524,7 @@ async def run_latency(spec: dict) -> dict:
         pub.transport.write(publish_packet(topic, time.monotonic_ns().to_bytes(8, "big") + pad))
         await asyncio.sleep(0.002)
     await asyncio.sleep(0.1)
+    measured_from[0] = time.monotonic_ns()
     lat.clear()
     sub.published = 0
     interval = 1.0 / rate
