@@ -128,16 +128,21 @@ class UpstreamResponse:
                 raise self._error
             if self._done:
                 return
-            waiter = self._waiter = self._conn.loop.create_future()
-            timer = self._conn.loop.call_later(self._conn.pool.timeout, self._conn._late, waiter)
-            try:
-                await waiter
-            except BaseException:
-                self._conn.abort()
-                raise
-            finally:
-                timer.cancel()
-                self._waiter = None
+            await self._more()
+
+    async def _more(self) -> None:
+        """Wait for the upstream's next bytes, within the timeout between reads; on any failure
+        (the timeout, a cancellation) the connection is aborted and the error raised."""
+        waiter = self._waiter = self._conn.loop.create_future()
+        timer = self._conn.loop.call_later(self._conn.pool.timeout, self._conn._late, waiter)
+        try:
+            await waiter
+        except BaseException:
+            self._conn.abort()
+            raise
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     async def read_ahead(self) -> None:
         """Wait until the body is in whole or what is read ahead of the client reaches the high-water
@@ -145,18 +150,10 @@ class UpstreamResponse:
         in more reads than its head is then :attr:`complete`. Raises only on cancellation; a break or a
         timeout is the answer's error, which :meth:`chunks` raises after the bytes that came."""
         while not self._done and self._buffered < _HIGH_WATER:
-            waiter = self._waiter = self._conn.loop.create_future()
-            timer = self._conn.loop.call_later(self._conn.pool.timeout, self._conn._late, waiter)
             try:
-                await waiter
+                await self._more()
             except UpstreamTimeout as exc:
                 self._conn._fail(exc)
-            except BaseException:
-                self._conn.abort()
-                raise
-            finally:
-                timer.cancel()
-                self._waiter = None
 
     async def read(self) -> bytes:
         if self._done and self._error is None:
