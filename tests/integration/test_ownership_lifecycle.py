@@ -507,6 +507,35 @@ async def test_a_write_whose_client_hung_up_does_not_land_after_the_clean_up(rig
     assert (await register(rig, "carol", id="lc-hup")).status == 201
 
 
+async def test_a_write_whose_handler_is_cancelled_does_not_land_after_the_clean_up(rig):
+    """A counted write runs in its handler's own task (no task and shield of its own since issue 18):
+    a handler cancelled while Orion holds the write (the gateway stopping, its grace for answers
+    over) leaves the write's outcome unknown, so its id stays unsettled: alice's deletion cleans up
+    once the write can no longer land, not when the count ended at the cancellation."""
+    assert (await register(rig, "alice", id="lc-cut")).status == 201
+    held = rig.standin.hold("POST", "/v2/entities")
+    body = b'{"id": "lc-cut", "type": "Thermometer", "late": {"type": "Text", "value": "after the cut"}}'
+    _reader, writer = await asyncio.open_connection("127.0.0.1", rig.gateway.port)
+    writer.write((f"POST /v2/entities HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {rig.tokens['alice']}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    await writer.drain()
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    writes = rig.services.ownership.writes
+    assert writes._count["lc-cut"] == 1   # counted while Orion holds it
+    serving = [c for c in rig.gateway.lean_connections if c._current is not None]
+    assert len(serving) == 1, serving
+    serving[0]._task.cancel()
+    await until(lambda: serving[0]._task.done())
+    assert not writes._count["lc-cut"], "the cancelled write is still counted"
+    assert (await rig.call("DELETE", f"{API}/devices/lc-cut", "alice")).status == 204
+    held.release.set()
+    await until(lambda: "lc-cut" in entities(rig))            # Orion applies the write after all
+    await wait_until_settled(rig)
+    assert "lc-cut" not in entities(rig)
+    assert (await register(rig, "carol", id="lc-cut")).status == 201
+    writer.close()
+
+
 async def test_a_subscription_made_while_its_creator_erases_their_data_is_withdrawn(rig):
     """Issue 15 (attack15): carol subscribes to bob's public device, Orion is slow, and carol erases her
     data meanwhile: the subscription was recorded after the erasure and kept notifying her. A row
