@@ -202,6 +202,13 @@ def _int(text: str) -> int:
     return number
 
 
+# One decoder for every body: json.loads with hooks builds a decoder and its scanner per call, 4.3 µs
+# of a 10 µs parse. (json.loads also refuses a leading BOM by name; decode() refuses it as a value
+# that does not parse, which is the same answer here.)
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float,
+                                parse_int=_int)
+
+
 def _has_lone_surrogate(value: Any) -> bool:
     stack = [value]
     while stack:
@@ -230,8 +237,7 @@ def parse_json_body(raw: bytes, max_depth: int) -> Any:
     except UnicodeDecodeError:
         return parse_error("request body is not valid UTF-8")
     try:
-        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float,
-                           parse_int=_int)
+        value = _STRICT_JSON.decode(text)
     except _Refused as exc:
         return parse_error(str(exc))
     except (ValueError, RecursionError):
