@@ -10,7 +10,7 @@ wrk keeps its connections busy, so a turn of the loop serves several), for a war
 lean server, the checks, the upstream client, the audit and metrics flushes), nothing of the
 client's or the stand-in's. Needs valgrind (``apt-get install valgrind``); a run takes about a minute.
 
-    python -m bench.http_instr [--count 1200] [--out DIR]
+    python -m bench.http_instr [--count 1200] [--cases GET,PATCH] [--out DIR]
 
 prints instructions per request for GET /v2/entities/{id} and PATCH /v2/entities/{id}/attrs.
 """
@@ -73,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=1200, help="requests counted per case")
     parser.add_argument("--out", default=None, help="where callgrind's files go (default: a temp folder)")
+    parser.add_argument("--cases", default="GET,PATCH", help="which requests, comma-separated")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="keygate-http-instr-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,8 @@ def main() -> None:
         socks = [context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
                  for _ in range(CONNECTIONS)]
         rounds = max(1, args.count // CONNECTIONS)
-        for case, raw in _requests(stack.device(2), stack.device(3), stack.token(OWNER)).items():
+        wanted = _requests(stack.device(2), stack.device(3), stack.token(OWNER))
+        for case, raw in ((c, wanted[c]) for c in args.cases.split(",")):
             for n in (WARM_UP, rounds):
                 if n == rounds:
                     _control("-z", str(keygate.pid))

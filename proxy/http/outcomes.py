@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+from collections.abc import Hashable
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -67,12 +68,15 @@ class Outcomes:
         self._latency = latency
         self._upstream = LatencyTally(upstream_latency)
         self._records: list[dict[str, Any]] = []
+        self._keys: list[Hashable] = []   # each record's body by name (AuditLog.record_many)
         self._counts: dict[tuple[str, str], int] = {}
         self._counters: dict[tuple[str, str], Any] = {}   # (decision, status) -> its labelled counter
         self._tallies: dict[str, LatencyTally] = {}       # decision -> its labelled histogram's tally
         self._scheduled = False
 
-    def add(self, decision: str, status: int, elapsed: float, record: dict[str, Any]) -> None:
+    def add(self, decision: str, status: int, elapsed: float, record: dict[str, Any], key: Hashable) -> None:
+        """One request's outcome; ``key`` names its audit record's body (equal for records equal in
+        every field but latency_ms)."""
         tally = self._tallies.get(decision)
         if tally is None:
             tally = self._tallies[decision] = LatencyTally(self._latency.labels(decision))
@@ -80,6 +84,7 @@ class Outcomes:
         key = (decision, str(status))
         self._counts[key] = self._counts.get(key, 0) + 1
         self._records.append(record)
+        self._keys.append(key)
         self._schedule()
 
     def upstream_answered(self, elapsed: float) -> None:
@@ -98,6 +103,7 @@ class Outcomes:
             tally.flush()
         self._upstream.flush()
         records, self._records = self._records, []
+        keys, self._keys = self._keys, []
         counts, self._counts = self._counts, {}
         for key, n in counts.items():
             counter = self._counters.get(key)
@@ -106,6 +112,6 @@ class Outcomes:
             counter.inc(n)
         if records:
             try:
-                self.audit.record_many(records)
+                self.audit.record_many(records, keys)
             except Exception:  # a broken log must not take the gateway down; the next turn tries again
                 log.exception("%d HTTP audit records could not be written", len(records))

@@ -30,7 +30,8 @@ class _MemoryAudit:
     def __init__(self) -> None:
         self.records: list[dict] = []
 
-    def record_many(self, records: list[dict]) -> None:
+    def record_many(self, records: list[dict], keys: list | None = None) -> None:
+        assert keys is not None and len(keys) == len(records)
         self.records.extend(records)
 
 
@@ -85,8 +86,8 @@ async def test_outcomes_reach_the_metrics_at_the_end_of_the_turn():
     outcomes = Outcomes(audit, requests, latency, upstream)
     for n in range(3):
         outcomes.upstream_answered(0.002)
-        outcomes.add("allow", 200, 0.003, {"n": n})
-    outcomes.add("deny", 403, 0.0001, {"n": 3})
+        outcomes.add("allow", 200, 0.003, {"n": n}, ("n", n))
+    outcomes.add("deny", 403, 0.0001, {"n": 3}, ("n", 3))
     outcomes.upstream_answered(0.04)   # a request still to end: its upstream latency is not held back
     await asyncio.sleep(0)   # the turn ends
     got = _samples(registry, "")
