@@ -14,9 +14,10 @@ import base64
 import binascii
 import ssl
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
+from proxy.identity.tokens import token_digest
 
 if TYPE_CHECKING:
     from proxy.services import Services
@@ -25,10 +26,25 @@ if TYPE_CHECKING:
 MAX_CREDENTIAL_LENGTH = 16384
 
 
-async def authenticate(headers: Mapping[str, str], ssl_object: ssl.SSLObject | None, services: Services) -> Identity:
+# A head's memo (LeanRequest.memo: what was derived from these very bytes) keeps the digest of the
+# bearer token its Authorization header carried, once that token was valid.
+_BEARER_DIGEST = "bearer-digest"
+
+
+def known_bearer(memo: dict[Any, Any], services: Services) -> Identity | None:
+    """The identity of a head seen before (its ``memo``) whose bearer token the validator still
+    holds valid, as :func:`authenticate` would give it; None: ask :func:`authenticate`. The same
+    head bytes carry the same Authorization header, so the same token and the same checks, bar
+    those the validator's cache makes again here (exp, the signing key, introspection)."""
+    digest = memo.get(_BEARER_DIGEST)
+    return None if digest is None else services.tokens.cached(digest)
+
+
+async def authenticate(headers: Mapping[str, str], ssl_object: ssl.SSLObject | None, services: Services,
+                       memo: dict[Any, Any] | None = None) -> Identity:
     header = headers.get("Authorization")
     if header is not None:
-        return await _from_header(header, services)
+        return await _from_header(header, services, memo)
     if ssl_object is not None:
         peer = _peer_certificate(ssl_object)
         if peer is not None:
@@ -36,7 +52,7 @@ async def authenticate(headers: Mapping[str, str], ssl_object: ssl.SSLObject | N
     return ANONYMOUS
 
 
-async def _from_header(header: str, services: Services) -> Identity:
+async def _from_header(header: str, services: Services, memo: dict[Any, Any] | None = None) -> Identity:
     if len(header) > MAX_CREDENTIAL_LENGTH:
         raise AuthError(AuthReason.MALFORMED, "credential too long")
     scheme, _, credential = header.strip().partition(" ")
@@ -45,7 +61,10 @@ async def _from_header(header: str, services: Services) -> Identity:
         raise AuthError(AuthReason.MALFORMED, "empty credential")
     scheme = scheme.lower()
     if scheme == "bearer":
-        return await services.tokens.validate(credential)
+        identity = await services.tokens.validate(credential)
+        if memo is not None:
+            memo[_BEARER_DIGEST] = token_digest(credential)
+        return identity
     if scheme == "basic":
         device_id, key = _basic(credential)
         return await services.ownership.authenticate_device_key(device_id, key)

@@ -120,6 +120,11 @@ def _lone_surrogate(text: str) -> bool:
     return any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
 
 
+def token_digest(token: str) -> bytes:
+    """What the validator's cache knows a token by (not the token itself)."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
 def looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2
 
@@ -274,21 +279,39 @@ class TokenValidator:
             raise
         return identity
 
+    def cached(self, digest: bytes) -> Identity | None:
+        """The identity of a token validated before, known by its digest alone (the HTTP gateway
+        keeps the digest with a request head it has seen): what :meth:`validate` answers from its
+        cache, or None (not cached, expired, its key gone, or introspection asked every time)."""
+        if self.introspector is not None and self.config.introspection.always:
+            return None
+        identity = self._hit(digest)
+        if identity is not None:
+            VALIDATIONS.counts[_OK_CACHED] += 1
+        return identity
+
+    def _hit(self, digest: bytes) -> Identity | None:
+        hit = self._cache.get(digest)
+        if hit is None:
+            return None
+        identity, until, kid = hit
+        # Never past exp, and never once the signing key left the published set.
+        if self.clock() < until and (kid is None or kid in self.keyset.keys):
+            self._cache.move_to_end(digest)
+            return identity
+        del self._cache[digest]
+        return None
+
     async def _validate(self, token: str) -> Identity:
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_BYTES:
             raise AuthError(AuthReason.MALFORMED, "empty or oversized token")
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-        hit = self._cache.get(digest)
-        if hit is not None:
-            identity, until, kid = hit
-            # Never past exp, and never once the signing key left the published set.
-            if self.clock() < until and (kid is None or kid in self.keyset.keys):
-                self._cache.move_to_end(digest)
-                if self.introspector is not None and self.config.introspection.always:
-                    await self.introspector.introspect(token)
-                VALIDATIONS.counts[_OK_CACHED] += 1
-                return identity
-            del self._cache[digest]
+        digest = token_digest(token)
+        identity = self._hit(digest)
+        if identity is not None:
+            if self.introspector is not None and self.config.introspection.always:
+                await self.introspector.introspect(token)
+            VALIDATIONS.counts[_OK_CACHED] += 1
+            return identity
 
         if not looks_like_jwt(token):
             if self.introspector is None:

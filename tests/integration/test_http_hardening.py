@@ -385,3 +385,31 @@ async def test_the_same_request_is_planned_for_each_caller_every_time(rig):
     for who in ("bob", "carol", "alice", "carol"):   # bob's b-1: carol may read it (a delegation)
         seen.append((await rig.call("GET", "/v2/entities/b-1/attrs?options=keyValues", who)).status)
     assert seen == [200, 200, 403, 200], seen
+
+
+def _cached_validations() -> int:
+    from proxy.identity.tokens import VALIDATIONS
+
+    return VALIDATIONS.counts[("ok", "cached")]
+
+
+async def test_a_head_seen_before_is_refused_once_its_token_is_no_longer_valid(rig):
+    """The lean server keeps what the gateway derived from a head's bytes; since issue 18 the
+    bearer token's digest is among it, so that the same head is known without parsing its
+    Authorization header and hashing the token again. The verdict is not kept: the validator's
+    cache judges the token on every request (exp, its signing key), and a head whose token has
+    expired is refused like any other."""
+    before = _cached_validations()
+    for _ in range(3):
+        assert (await rig.call("GET", "/v2/entities/a-1", "alice")).status == 200
+    assert _cached_validations() >= before + 2
+    assert any("bearer-digest" in memo for _, memo in rig.gateway.lean_connections.heads.values())
+    tokens = rig.services.tokens
+    real = tokens.clock
+    tokens.clock = lambda: real() + 10 * 86400   # far past exp and any leeway
+    try:
+        expired = await rig.call("GET", "/v2/entities/a-1", "alice")
+        assert expired.status == 401, expired
+    finally:
+        tokens.clock = real
+    assert (await rig.call("GET", "/v2/entities/a-1", "alice")).status == 200

@@ -14,7 +14,7 @@ import pytest
 from proxy.config import ServiceAccountsConfig
 from proxy.identity.jwks import parse_jwks
 from proxy.identity.model import AuthError, AuthReason
-from proxy.identity.tokens import TokenValidator, claim_path
+from proxy.identity.tokens import TokenValidator, claim_path, token_digest
 from proxy.metrics import REGISTRY, readiness
 from tests.rig.token_factory import b64json, public_jwk
 
@@ -442,6 +442,44 @@ async def test_cached_token_dies_with_its_key(validator, token_factory, clock):
     clock.advance(31)
     assert await validator.keyset.refresh(validator._session)
     assert (await rejected(validator, token)).reason is AuthReason.UNKNOWN_KID
+
+
+# A head the HTTP gateway has seen before is known by its token's digest (TokenValidator.cached):
+# the same cache, the same checks, or None and the whole validation.
+
+async def test_a_digest_is_answered_from_the_cache_as_the_token_is(validator, token_factory):
+    token = token_factory.valid()
+    assert validator.cached(token_digest(token)) is None   # never validated: nothing to know it by
+    first = await validator.validate(token)
+    before = sample("keygate_token_validations_total", result="ok", reason="cached")
+    assert validator.cached(token_digest(token)) is first
+    assert sample("keygate_token_validations_total", result="ok", reason="cached") == before + 1
+    assert validator.cached(token_digest(token_factory.valid(jti="other"))) is None
+
+
+async def test_a_digest_is_not_answered_past_exp(validator, token_factory, clock):
+    token = token_factory.valid(exp=int(clock()) + 60)
+    await validator.validate(token)
+    clock.advance(61)
+    assert validator.cached(token_digest(token)) is None
+    assert token_digest(token) not in validator._cache
+
+
+async def test_a_digest_is_not_answered_once_its_key_is_withdrawn(validator, token_factory, clock):
+    token = token_factory.valid()
+    await validator.validate(token)
+    token_factory.publish({"keys": [public_jwk(token_factory.keys.ec, "ec-1", "ES256")]})  # rsa-1 withdrawn
+    clock.advance(31)
+    assert await validator.keyset.refresh(validator._session)
+    assert validator.cached(token_digest(token)) is None
+
+
+async def test_a_digest_is_never_answered_when_every_request_is_introspected(make_validator, token_factory):
+    v = await make_validator(introspection=True, always=True)
+    token = token_factory.valid()
+    token_factory.set_introspection(token)
+    assert await v.validate(token)
+    assert v.cached(token_digest(token)) is None   # validate() asks the introspection endpoint
 
 
 # ----------------------------------------------------------------------------- introspection
