@@ -8,7 +8,7 @@ to the audit log; the client itself only ever learns "not authorized".
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 IdentityKind = Literal["user", "service", "device", "anonymous"]
@@ -65,6 +65,27 @@ class Identity:
     # "k1:<hash hex>" / "k2:<hash hex>" for a device key, "cert:<sha256 hex>" for a certificate.
     credential: str = field(default="", compare=False, repr=False)
     claims: tuple[tuple[str, object], ...] = field(default=(), compare=False, repr=False)
+    # The hash, once computed (0: not yet). An identity is a dict key several times a request or
+    # message (policy decisions, header blocks, audit bodies): its thirteen compared fields are
+    # hashed once, not at each look-up. Not a field anything compares, copies or passes.
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        if self._hash:
+            return self._hash
+        value = hash((self.kind, self.sub, self.username, self.method, self.roles, self.client_roles, self.scopes,
+                      self.groups, self.azp, self.expires_at, self.device_id, self.owner_sub, self.owner_username))
+        object.__setattr__(self, "_hash", value)
+        return value
+
+    def __getstate__(self) -> list[Any]:
+        # A str's hash differs between processes: a copy made elsewhere hashes itself anew.
+        return [getattr(self, f) for f in _STATE]
+
+    def __setstate__(self, state: list[Any]) -> None:
+        for name, value in zip(_STATE, state, strict=True):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_hash", 0)
 
     @property
     def is_device(self) -> bool:
@@ -77,6 +98,8 @@ class Identity:
     def has_role(self, role: str) -> bool:
         return role in self.roles
 
+
+_STATE = tuple(f.name for f in fields(Identity) if f.name != "_hash")
 
 ANONYMOUS = Identity(kind="anonymous", sub="", username="", method="none")
 
