@@ -478,6 +478,29 @@ async def test_a_write_that_timed_out_at_the_gateway_does_not_land_after_the_cle
     assert (await register(rig, "bob", id="lc-slow")).status == 201
 
 
+async def _create_held_at_orion(rig: HttpRig, who: str, body: bytes) -> tuple[Any, asyncio.StreamWriter]:
+    """``who``'s POST /v2/entities of ``body``, sent raw on a connection of its own; back once Orion
+    holds it (the hold, to release; the connection, to close)."""
+    held = rig.standin.hold("POST", "/v2/entities")
+    _reader, writer = await asyncio.open_connection("127.0.0.1", rig.gateway.port)
+    writer.write((f"POST /v2/entities HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {rig.tokens[who]}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    await writer.drain()
+    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    return held, writer
+
+
+async def _deleted_before_the_write_lands(rig: HttpRig, held: Any, device_id: str) -> None:
+    """alice deletes ``device_id`` while Orion holds a write creating it, then Orion applies the
+    write: the deletion's clean-up must still remove the entity, and the id be free only after."""
+    assert (await rig.call("DELETE", f"{API}/devices/{device_id}", "alice")).status == 204
+    held.release.set()
+    await until(lambda: device_id in entities(rig))            # Orion applies the write after all
+    await wait_until_settled(rig)
+    assert device_id not in entities(rig)
+    assert (await register(rig, "carol", id=device_id)).status == 201
+
+
 async def test_a_write_whose_client_hung_up_does_not_land_after_the_clean_up(rig):
     """Issue 15 (attack15): bob, with a delegated write, sends a write and hangs up while Orion is slow;
     the gateway stopped counting it when it stopped waiting for Orion, though Orion still took it,
@@ -487,24 +510,14 @@ async def test_a_write_whose_client_hung_up_does_not_land_after_the_clean_up(rig
     grant = await rig.call("POST", f"{API}/devices/lc-hup/delegations", "alice",
                            json_body={"to": "bob", "permission": "write"})
     assert grant.status == 201, grant
-    held = rig.standin.hold("POST", "/v2/entities")
-    body = b'{"id": "lc-hup", "type": "Thermometer", "bobs": {"type": "Text", "value": "bob was here"}}'
-    _reader, writer = await asyncio.open_connection("127.0.0.1", rig.gateway.port)
-    writer.write((f"POST /v2/entities HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {rig.tokens['bob']}\r\n"
-                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
-    await writer.drain()
-    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    held, writer = await _create_held_at_orion(
+        rig, "bob", b'{"id": "lc-hup", "type": "Thermometer", "bobs": {"type": "Text", "value": "bob was here"}}')
     writer.close()
     await writer.wait_closed()
     # the gateway is done with bob's request (it gave up on Orion), not Orion
     await until(lambda: any(r.get("protocol") == "http" and r.get("resource") == "/v2/entities"
                             and r.get("action") == "POST" for r in rig.audit.records))
-    assert (await rig.call("DELETE", f"{API}/devices/lc-hup", "alice")).status == 204
-    held.release.set()
-    await until(lambda: "lc-hup" in entities(rig))            # Orion applies the write after all
-    await wait_until_settled(rig)
-    assert "lc-hup" not in entities(rig)
-    assert (await register(rig, "carol", id="lc-hup")).status == 201
+    await _deleted_before_the_write_lands(rig, held, "lc-hup")
 
 
 async def test_a_write_whose_handler_is_cancelled_does_not_land_after_the_clean_up(rig):
@@ -513,13 +526,8 @@ async def test_a_write_whose_handler_is_cancelled_does_not_land_after_the_clean_
     over) leaves the write's outcome unknown, so its id stays unsettled: alice's deletion cleans up
     once the write can no longer land, not when the count ended at the cancellation."""
     assert (await register(rig, "alice", id="lc-cut")).status == 201
-    held = rig.standin.hold("POST", "/v2/entities")
-    body = b'{"id": "lc-cut", "type": "Thermometer", "late": {"type": "Text", "value": "after the cut"}}'
-    _reader, writer = await asyncio.open_connection("127.0.0.1", rig.gateway.port)
-    writer.write((f"POST /v2/entities HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {rig.tokens['alice']}\r\n"
-                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
-    await writer.drain()
-    await asyncio.wait_for(held.arrived.wait(), BOUND)
+    held, writer = await _create_held_at_orion(
+        rig, "alice", b'{"id": "lc-cut", "type": "Thermometer", "late": {"type": "Text", "value": "after the cut"}}')
     writes = rig.services.ownership.writes
     assert writes._count["lc-cut"] == 1   # counted while Orion holds it
     serving = [c for c in rig.gateway.lean_connections if c._current is not None]
@@ -527,12 +535,7 @@ async def test_a_write_whose_handler_is_cancelled_does_not_land_after_the_clean_
     serving[0]._task.cancel()
     await until(lambda: serving[0]._task.done())
     assert not writes._count["lc-cut"], "the cancelled write is still counted"
-    assert (await rig.call("DELETE", f"{API}/devices/lc-cut", "alice")).status == 204
-    held.release.set()
-    await until(lambda: "lc-cut" in entities(rig))            # Orion applies the write after all
-    await wait_until_settled(rig)
-    assert "lc-cut" not in entities(rig)
-    assert (await register(rig, "carol", id="lc-cut")).status == 201
+    await _deleted_before_the_write_lands(rig, held, "lc-cut")
     writer.close()
 
 
