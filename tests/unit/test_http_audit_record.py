@@ -17,12 +17,12 @@ from proxy.audit import AuditLog
 from proxy.http.gateway import audit_record
 from proxy.identity.model import Identity
 
-ALICE = Identity(kind="user", sub="sub-alice", username="alice", method="bearer", roles=frozenset({"r"}))
+ALICE = Identity(kind="user", sub="sub-alice", username="alice", method="token", roles=frozenset({"r"}))
 # Equal to ALICE (claims and credential are not compared) and written alike.
-ALICE_AGAIN = Identity(kind="user", sub="sub-alice", username="alice", method="bearer", roles=frozenset({"r"}),
+ALICE_AGAIN = Identity(kind="user", sub="sub-alice", username="alice", method="token", roles=frozenset({"r"}),
                        claims=(("jti", "other"),), credential="x")
-ALICE_VIA_APP = Identity(kind="user", sub="sub-alice", username="alice", method="bearer", azp="app")
-BOB = Identity(kind="service", sub="sub-bob", username="bob", method="bearer")
+ALICE_VIA_APP = Identity(kind="user", sub="sub-alice", username="alice", method="token", azp="app")
+BOB = Identity(kind="service", sub="sub-bob", username="bob", method="token")
 
 _ABSENT = object()
 
