@@ -191,28 +191,39 @@ _BODY_MEMO = 1024   # bodies kept by _body_key; all dropped when full
 _PLAIN = (str, int, type(None))
 
 
+_KEPT_STRING = 64   # what a string held by a kept key is counted for besides its characters (its object)
+
+
 def _body_key(protocol: str, action: str, decision: str, resource: str, identity: Identity | None,
-              rule: str | None, reason: str | None, extra: dict[str, Any]) -> tuple[Any, ...] | None:
+              rule: str | None, reason: str | None, extra: dict[str, Any], budget: int) -> tuple[Any, ...] | None:
     """What a record's body is made of, as a key; None (not kept) unless every field is a string,
-    None, an int or a list of strings, and the identity an Identity (written from its strings)."""
+    None, an int or a list of strings, and the identity an Identity (written from its strings), and
+    unless its strings take at most ``budget`` (their characters and _KEPT_STRING each): a key holds
+    them as long as the memo keeps it, and a denied batch names every id it held (thousands, each a
+    long string, for a body the log cuts to one line)."""
     if identity is not None and type(identity) is not Identity:
         return None
     parts: list[Any] = [identity]
     for value in (protocol, action, decision, resource, rule, reason):
         if type(value) not in _PLAIN:
             return None
+        if type(value) is str:
+            budget -= len(value) + _KEPT_STRING
         parts.append(value)
     for name, value in extra.items():
         kind = type(value)
         if kind is list or kind is tuple:   # both written as a JSON array
             if not all(type(v) is str for v in value):
                 return None
+            budget -= len(value) * _KEPT_STRING + sum(map(len, value))
             parts += (name, tuple(value))
         elif kind in _PLAIN:
+            if kind is str:
+                budget -= len(value) + _KEPT_STRING
             parts += (name, value)
         else:
             return None
-    return tuple(parts)
+    return tuple(parts) if budget >= 0 else None
 
 
 def _time(t: float) -> str:
@@ -289,12 +300,19 @@ class AuditLog:
                  identity: Identity | None = None, rule: str | None = None, reason: str | None = None,
                  **extra: Any) -> tuple[float, str, bool, str]:
         """(wall time, bounded body, whether it may fold, the volatile tail) of one record."""
+        return self._prepared(protocol=protocol, action=action, decision=decision, resource=resource,
+                              identity=identity, rule=rule, reason=reason, **extra)[0]
+
+    def _prepared(self, *, protocol: str, action: str, decision: str, resource: str = "",
+                  identity: Identity | None = None, rule: str | None = None, reason: str | None = None,
+                  **extra: Any) -> tuple[tuple[float, str, bool, str], bool]:
+        """:meth:`_prepare`'s line, and whether its body may be kept (_body_key: small enough)."""
         wall = self._clock()
         extra.pop("time", None)  # the log's own
         volatile = {k: extra.pop(k) for k in _VOLATILE if isinstance(extra.get(k), (int, float))}
         folds = self.fold_seconds > 0 and decision == "deny" and bool(extra.get("peer") or extra.get("remote"))
         tail = "".join(f',"{k}":{_number(v)}' for k, v in volatile.items())
-        key = _body_key(protocol, action, decision, resource, identity, rule, reason, extra)
+        key = _body_key(protocol, action, decision, resource, identity, rule, reason, extra, self.max_record_bytes)
         body = self._bodies.get(key) if key is not None else None
         if body is None:
             body = self._entry_body(protocol, action, decision, resource, identity, rule, reason, extra)
@@ -302,7 +320,7 @@ class AuditLog:
                 if len(self._bodies) >= _BODY_MEMO:
                     self._bodies.clear()
                 self._bodies[key] = body
-        return wall, body, folds, tail
+        return (wall, body, folds, tail), key is not None
 
     def _prepare_keyed(self, key: Hashable, kw: dict[str, Any]) -> tuple[float, str, bool, str]:
         """:meth:`_prepare` for a record whose caller names its body by ``key``: records with equal
@@ -314,10 +332,11 @@ class AuditLog:
             return self._prepare(**kw)
         body = self._keyed.get(key)
         if body is None:
-            line = self._prepare(**kw)
-            if len(self._keyed) >= _BODY_MEMO:
-                self._keyed.clear()
-            self._keyed[key] = line[1]
+            line, keep = self._prepared(**kw)
+            if keep:   # not a record whose key would hold more than a line's worth of strings
+                if len(self._keyed) >= _BODY_MEMO:
+                    self._keyed.clear()
+                self._keyed[key] = line[1]
             return line
         folds = self.fold_seconds > 0 and kw["decision"] == "deny" and bool(kw.get("peer") or kw.get("remote"))
         return self._clock(), body, folds, f',"latency_ms":{_number(latency)}'

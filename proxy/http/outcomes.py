@@ -81,8 +81,8 @@ class Outcomes:
         if tally is None:
             tally = self._tallies[decision] = LatencyTally(self._latency.labels(decision))
         tally.add(elapsed)
-        key = (decision, str(status))
-        self._counts[key] = self._counts.get(key, 0) + 1
+        counted = (decision, str(status))   # not ``key``: that names the record's body
+        self._counts[counted] = self._counts.get(counted, 0) + 1
         self._records.append(record)
         self._keys.append(key)
         self._schedule()

@@ -6,6 +6,8 @@ names the attack and asserts what did, and did not, reach Orion (the stand-in).
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 
 import aiohttp
@@ -13,7 +15,8 @@ import pytest
 from aiohttp import web
 
 from ownership.api import create_api_app
-from proxy.http.gateway import HttpGateway
+from proxy.audit import AuditLog
+from proxy.http.gateway import GATEWAY_KEY, HttpGateway
 from tests.integration import test_http_gateway as base
 from tests.integration.http_rig import HttpRig, build_services, close_services, gateway_config, gateway_with
 from tests.integration.test_http_gateway import _subscribe, populate, subscription
@@ -413,3 +416,23 @@ async def test_a_head_seen_before_is_refused_once_its_token_is_no_longer_valid(r
     finally:
         tokens.clock = real
     assert (await rig.call("GET", "/v2/entities/a-1", "alice")).status == 200
+
+
+async def test_each_callers_request_is_audited_with_its_own_identity_and_resource(rig):
+    """The attack (s30): the gateway's audit records are written by a key naming their body, and
+    Outcomes.add handed the log its (decision, status) counter's key in place of the record's: bob's
+    allowed GET of b-1 was written as alice's GET of a-1 (her identity, resource and devices), and
+    every 403 as the first 403. The rig's MemoryAudit ignores keys, so the gateway here writes to a
+    real AuditLog."""
+    stream = io.StringIO()
+    rig.gateway.app[GATEWAY_KEY].outcomes.audit = AuditLog(stream)
+    calls = [("alice", "/v2/entities/a-1"), ("bob", "/v2/entities/b-1"), ("carol", "/v2/entities/a-1"),
+             ("bob", "/v2/entities/a-1"), ("alice", "/v2/entities/a-1")]
+    for who, path in calls:
+        await rig.call("GET", path, who)
+    await asyncio.sleep(0.05)   # the records of a turn are written at its end
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(r["identity"]["username"], r["resource"], r["decision"]) for r in lines] == [
+        ("alice", "/v2/entities/a-1", "allow"), ("bob", "/v2/entities/b-1", "allow"),
+        ("carol", "/v2/entities/a-1", "deny"), ("bob", "/v2/entities/a-1", "deny"),
+        ("alice", "/v2/entities/a-1", "allow")], lines

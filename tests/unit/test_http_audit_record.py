@@ -7,8 +7,10 @@ two records with one key and different bodies, and the runs differ."""
 
 from __future__ import annotations
 
+import gc
 import io
 import itertools
+import tracemalloc
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -90,3 +92,27 @@ def test_each_field_of_the_record_is_in_its_key():
     assert audit_record("GET", base, 200, 9.0, "127.0.0.1")[1] == key   # the latency is the line's tail
     assert set(record) == {"protocol", "action", "resource", "decision", "identity", "rule", "reason", "devices",
                            "status", "upstream_status", "latency_ms", "remote", "subscription"}
+
+
+def test_large_records_are_not_kept_by_their_key():
+    """The attack (s30): a denied batch names every id it held (devices), and the audit log kept each
+    record's body under a key holding all of those strings (by the caller's key, and field by field by
+    _body_key): 1,024 of them. A signed-in caller sending distinct 1 MiB batches of 3,700 ids of 256
+    characters, each refused, made the log hold 1.2 MB a record, 1.2 GB for 1,024 records. A record
+    whose strings are longer than a whole line may be (max_record_bytes) is written and forgotten."""
+    log = AuditLog(io.StringIO())
+    tracemalloc.start()
+    try:
+        for n in range(16):
+            ids = tuple(f"{n:04d}-{i:05d}-" + "x" * 244 for i in range(2000))
+            audit = {"path": "/v2/op/update", "decision": "deny", "identity": BOB, "rule": None,
+                     "reason": f"{ids[0]}: not yours", "devices": ids, "upstream_status": None}
+            for keyed in (True, False):
+                record, key = audit_record("POST", audit, 403, 1.0, "10.0.0.9")
+                log.record_many([record], [key] if keyed else None)
+            del ids, audit, record, key
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000, held   # 16 records of 2,000 ids: 10 MB kept

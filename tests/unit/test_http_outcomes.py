@@ -9,13 +9,18 @@ changes those fields, or an off-by-one in the bucket search, fails here.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import math
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from proxy.audit import AuditLog
+from proxy.http.gateway import audit_record
 from proxy.http.outcomes import LatencyTally, Outcomes
+from proxy.identity.model import Identity
 
 BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 
@@ -103,3 +108,31 @@ async def test_outcomes_reach_the_metrics_at_the_end_of_the_turn():
     assert [r["n"] for r in audit.records] == [0, 1, 2, 3]
     outcomes.flush()   # nothing new: nothing counted twice
     assert _samples(registry, "") == got
+
+
+async def test_each_request_is_written_with_its_own_fields_through_outcomes():
+    """The attack (s30): Outcomes.add took each record's audit key and then named its (decision,
+    status) counter ``key`` too, so it handed the audit log the counter's key: every allowed 200 of a
+    turn, and of every turn after while the body memo held it, was written as the first one was,
+    with its identity, resource and devices (bob's read logged as alice's)."""
+    registry = CollectorRegistry()
+    requests = Counter("req", "", ["decision", "status"], registry=registry)
+    latency = Histogram("lat", "", ["decision"], registry=registry, buckets=BUCKETS)
+    upstream = Histogram("up", "", registry=registry, buckets=BUCKETS)
+    stream = io.StringIO()
+    outcomes = Outcomes(AuditLog(stream), requests, latency, upstream)
+    users = [Identity(kind="user", sub=f"sub-{name}", username=name, method="token") for name in ("alice", "bob")]
+    for user in users + users[::-1]:
+        name = user.username
+        audit = {"path": f"/v2/entities/{name}-thermo", "decision": "allow", "identity": user, "rule": "owner",
+                 "reason": "owner", "devices": (f"{name}-thermo",), "upstream_status": 200}
+        record, key = audit_record("GET", audit, 200, 1.5, f"10.0.0.{len(name)}")
+        outcomes.add("allow", 200, 0.0015, record, key)
+        outcomes.flush()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(r["identity"]["username"], r["resource"], r["devices"], r["remote"]) for r in lines] == [
+        ("alice", "/v2/entities/alice-thermo", ["alice-thermo"], "10.0.0.5"),
+        ("bob", "/v2/entities/bob-thermo", ["bob-thermo"], "10.0.0.3"),
+        ("bob", "/v2/entities/bob-thermo", ["bob-thermo"], "10.0.0.3"),
+        ("alice", "/v2/entities/alice-thermo", ["alice-thermo"], "10.0.0.5"),
+    ]
