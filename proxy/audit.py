@@ -310,7 +310,7 @@ class AuditLog:
         wall = self._clock()
         extra.pop("time", None)  # the log's own
         volatile = {k: extra.pop(k) for k in _VOLATILE if isinstance(extra.get(k), (int, float))}
-        folds = self.fold_seconds > 0 and decision == "deny" and bool(extra.get("peer") or extra.get("remote"))
+        folds = self._folds(decision, extra)
         tail = "".join(f',"{k}":{_number(v)}' for k, v in volatile.items())
         key = _body_key(protocol, action, decision, resource, identity, rule, reason, extra, self.max_record_bytes)
         body = self._bodies.get(key) if key is not None else None
@@ -321,6 +321,10 @@ class AuditLog:
                     self._bodies.clear()
                 self._bodies[key] = body
         return (wall, body, folds, tail), key is not None
+
+    def _folds(self, decision: str, fields: dict[str, Any]) -> bool:
+        """Whether a record may fold into a window: a denial of a connection, with folding on."""
+        return self.fold_seconds > 0 and decision == "deny" and bool(fields.get("peer") or fields.get("remote"))
 
     def _prepare_keyed(self, key: Hashable, kw: dict[str, Any]) -> tuple[float, str, bool, str]:
         """:meth:`_prepare` for a record whose caller names its body by ``key``: records with equal
@@ -338,8 +342,7 @@ class AuditLog:
                     self._keyed.clear()
                 self._keyed[key] = line[1]
             return line
-        folds = self.fold_seconds > 0 and kw["decision"] == "deny" and bool(kw.get("peer") or kw.get("remote"))
-        return self._clock(), body, folds, f',"latency_ms":{_number(latency)}'
+        return self._clock(), body, self._folds(kw["decision"], kw), f',"latency_ms":{_number(latency)}'
 
     def _entry_body(self, protocol: str, action: str, decision: str, resource: str, identity: Identity | None,
                     rule: str | None, reason: str | None, extra: dict[str, Any]) -> str:

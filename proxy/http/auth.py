@@ -31,12 +31,12 @@ MAX_CREDENTIAL_LENGTH = 16384
 _BEARER_DIGEST = "bearer-digest"
 
 
-def known_bearer(memo: dict[Any, Any], services: Services) -> Identity | None:
+def known_bearer(memo: dict[Any, Any] | None, services: Services) -> Identity | None:
     """The identity of a head seen before (its ``memo``) whose bearer token the validator still
     holds valid, as :func:`authenticate` would give it; None: ask :func:`authenticate`. The same
     head bytes carry the same Authorization header, so the same token and the same checks, bar
     those the validator's cache makes again here (exp, the signing key, introspection)."""
-    digest = memo.get(_BEARER_DIGEST)
+    digest = memo.get(_BEARER_DIGEST) if memo is not None else None   # (None: not a lean request)
     # (a validator without a cache by digest, as tests stand in with, is asked every time)
     cached = getattr(services.tokens, "cached", None)
     if digest is None or cached is None:

@@ -377,7 +377,7 @@ class GatewayHandler:
         # A head seen before with a token still valid: its identity without a coroutine, a header
         # parse and a SHA-256 of the token (35k instructions a request, bench/http_instr.py).
         memo = request.memo if isinstance(request, LeanRequest) else None
-        known = known_bearer(memo, self.services) if memo is not None else None
+        known = known_bearer(memo, self.services)
         try:
             identity = known if known is not None else await authenticate(
                 request.headers, request.transport.get_extra_info("ssl_object") if request.transport else None,

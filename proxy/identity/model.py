@@ -66,15 +66,14 @@ class Identity:
     credential: str = field(default="", compare=False, repr=False)
     claims: tuple[tuple[str, object], ...] = field(default=(), compare=False, repr=False)
     # The hash, once computed (0: not yet). An identity is a dict key several times a request or
-    # message (policy decisions, header blocks, audit bodies): its thirteen compared fields are
+    # message (policy decisions, header blocks, audit bodies): the fields eq compares are
     # hashed once, not at each look-up. Not a field anything compares, copies or passes.
     _hash: int = field(default=0, init=False, compare=False, repr=False)
 
     def __hash__(self) -> int:
         if self._hash:
             return self._hash
-        value = hash((self.kind, self.sub, self.username, self.method, self.roles, self.client_roles, self.scopes,
-                      self.groups, self.azp, self.expires_at, self.device_id, self.owner_sub, self.owner_username))
+        value = hash(tuple(getattr(self, name) for name in _COMPARED))
         object.__setattr__(self, "_hash", value)
         return value
 
@@ -100,6 +99,7 @@ class Identity:
 
 
 _STATE = tuple(f.name for f in fields(Identity) if f.name != "_hash")
+_COMPARED = tuple(f.name for f in fields(Identity) if f.compare)   # what eq compares, so what the hash covers
 
 ANONYMOUS = Identity(kind="anonymous", sub="", username="", method="none")
 

@@ -283,12 +283,17 @@ class TokenValidator:
         """The identity of a token validated before, known by its digest alone (the HTTP gateway
         keeps the digest with a request head it has seen): what :meth:`validate` answers from its
         cache, or None (not cached, expired, its key gone, or introspection asked every time)."""
-        if self.introspector is not None and self.config.introspection.always:
+        if self._introspects_always:
             return None
         identity = self._hit(digest)
         if identity is not None:
             VALIDATIONS.counts[_OK_CACHED] += 1
         return identity
+
+    @property
+    def _introspects_always(self) -> bool:
+        """Every request's token is asked of the introspection endpoint, cached or not."""
+        return self.introspector is not None and self.config.introspection.always
 
     def _hit(self, digest: bytes) -> Identity | None:
         hit = self._cache.get(digest)
@@ -308,7 +313,7 @@ class TokenValidator:
         digest = token_digest(token)
         identity = self._hit(digest)
         if identity is not None:
-            if self.introspector is not None and self.config.introspection.always:
+            if self._introspects_always and self.introspector is not None:
                 await self.introspector.introspect(token)
             VALIDATIONS.counts[_OK_CACHED] += 1
             return identity
