@@ -71,6 +71,7 @@ from proxy.http.lean_answer import head_bytes, plain_head
 from proxy.http.lean_server import LeanConnection, LeanConnections, LeanRequest, Relayed, lean_prefixes
 from proxy.http.listener import ConnectionSlot, DeadlineRequestHandler, DeadlineSite, RequestTimeout
 from proxy.http.outcomes import Outcomes
+from proxy.http.pool_wait import PoolWait, pool_wait_trace
 from proxy.http.subscription_guard import SubscriptionGuard
 from proxy.http.upstream import UpstreamBusy, UpstreamError, UpstreamPool, UpstreamResponse, pool_for
 from proxy.identity.model import ANONYMOUS, AuthError, AuthReason, Identity
@@ -292,7 +293,8 @@ class GatewayHandler:
                                          ssl=upstream_context(self.services.config) or True)
         # auto_decompress off: bodies pass through as Orion sent them.
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
-                                             skip_auto_headers=("User-Agent", "Accept-Encoding"))
+                                             skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                                             trace_configs=[pool_wait_trace()])
 
     async def close(self, _app: web.Application | None = None) -> None:
         self.outcomes.flush()
@@ -623,8 +625,14 @@ class GatewayHandler:
                 upstream = await self.pool.request(d.method, _quote_path(d.path) + (
                     "?" + _quote_query(d.query) if d.query else ""), list(headers.items()), body)
             else:
-                upstream = await self.session.request(d.method, self._url(d.path, d.query), headers=headers,
-                                                      data=body, allow_redirects=False)
+                wait = PoolWait()
+                try:
+                    upstream = await self.session.request(d.method, self._url(d.path, d.query), headers=headers,
+                                                          data=body, allow_redirects=False, trace_request_ctx=wait)
+                except aiohttp.ConnectionTimeoutError:
+                    if wait.queued:   # timed out waiting for a free connection: not sent
+                        raise UpstreamBusy("no connection to Orion came free in time") from None
+                    raise
         except BodyTooLarge:
             return self._too_large(audit)
         except RequestTimeout as exc:   # the client's body, streamed to the lean client, stopped coming

@@ -11,6 +11,7 @@ that forwarded to an unverified Orion would hand tokens' owners' data to whoever
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
@@ -114,3 +115,40 @@ async def test_a_certificate_of_the_same_ca_for_another_host_gets_no_request(tmp
             assert standin.recorded == [], "Orion's address answered with another host's certificate and was asked"
     finally:
         await standin.stop()
+
+
+class _Silent:
+    """An address that accepts TCP connections and never says a word: a TLS handshake with it
+    never completes (Orion hanging at connect)."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.accepted = 0
+
+    async def start(self) -> None:
+        def accept(_reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+            self.accepted += 1
+        self.server = await asyncio.start_server(accept, "127.0.0.1", 0)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"https://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+
+async def test_an_https_orion_that_hangs_at_connect_is_a_timeout_not_a_busy_pool(tmp_path, oidc):
+    """The pool wait and a slow connect raise the same error in aiohttp's client; only the wait
+    is the 503 of a busy pool (proxy.http.pool_wait). A connect that hangs with every connection
+    free is Orion not answering: 504, as on the lean pool."""
+    silent = _Silent()
+    await silent.start()
+    try:
+        async with gateway_before(silent, tmp_path, oidc, upstream_ca=str(make_pki(tmp_path / "pki").ca),
+                                  upstream_timeout_seconds=0.5) as rig:
+            r = await rig.call("GET", "/v2/entities/ops-1", "admin")
+            assert r.status == 504, r.body
+            assert r.json()["error"] == "GatewayTimeout"
+            assert silent.accepted >= 1   # it did connect: the handshake is what hung
+    finally:
+        assert silent.server is not None
+        silent.server.close()

@@ -119,10 +119,12 @@ async def test_a_request_finding_every_orion_connection_taken_is_answered_503_in
 
 async def test_on_an_https_orion_a_request_finding_every_connection_taken_is_answered_in_time(tmp_path, oidc,
                                                                                             monkeypatch):
-    """The same on the aiohttp client (an https:// Orion): its pool wait is its ``connect`` timeout,
-    which it does not tell from a slow connect, so the answer is the timeout's 504."""
+    """The same on the aiohttp client (an https:// Orion): its pool wait runs under its ``connect``
+    timeout, whose error is the same as a slow connect's; proxy.http.pool_wait tells them apart, so
+    the answer is the same 503 as the lean pool's, and the request was not sent."""
     monkeypatch.setattr(gateway_module, "_UPSTREAM_CONNECTIONS", 1)
     async with gateway_pair(tmp_path, oidc, _script, tls=make_pki(tmp_path / "pki"),
                             upstream_timeout_seconds=1) as (upstream, gateways, tokens):
         answer = await _answer_while_the_pool_is_taken(gateways["lean"], upstream, tokens)
-        assert answer.startswith(b"HTTP/1.1 504 "), answer[:200]
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        assert b"Retry-After: 1" in answer
