@@ -86,6 +86,8 @@ def read_head(head: bytes, prefixes: tuple[str, ...]) -> Head | str:
     """``head``, ending with its blank line, as a :class:`Head`; or why aiohttp serves it instead."""
     if len(head) > MAX_HEAD:
         return "head too long"
+    if head.count(b"\n") != head.count(b"\r\n"):
+        return "bare LF"   # (llhttp in strict mode refuses it too: said here, not left to its flags)
     fields = _Fields()
     parser = httptools.HttpRequestParser(fields)
     try:
@@ -141,14 +143,13 @@ def read_head(head: bytes, prefixes: tuple[str, ...]) -> Head | str:
 
 
 def head_end(buffer: bytes | bytearray, start: int) -> int:
-    """Where the head beginning at ``start`` ends (just after its blank line); -1 while it has not
-    arrived; -2 when it cannot be one the lean server serves (a bare LF, or too long already)."""
+    """Where the head beginning at ``start`` ends (just after its first CRLF CRLF); -1 while it has
+    not arrived; -2 when what has arrived cannot become one the lean server serves (a bare LF, too
+    long already, garbage). A whole head's bare LFs are :func:`read_head`'s to find: the lean
+    server reads a head it has seen before from its cache, checked when it was first read."""
     end = buffer.find(b"\r\n\r\n", start, start + MAX_HEAD + 4)
     if end >= 0:
-        end += 4
-        if buffer.count(b"\n", start, end) != buffer.count(b"\r\n", start, end):
-            return -2
-        return end
+        return end + 4
     if len(buffer) - start > MAX_HEAD or buffer.count(b"\n", start) != buffer.count(b"\r\n", start):
         return -2
     return -1 if _plausible(bytes(buffer[start:])) else -2

@@ -86,6 +86,11 @@ def test_head_end():
     assert data[:end].endswith(b"\r\n\r\n") and head_end(data, end) == -1   # the second one is on its way
     assert head_end(b"GET /v2/x HTTP/1.1\r\nHost: k\r\n", 0) == -1
     assert head_end(b"GET /v2/x HTTP/1.1\nHost: k\n\n", 0) == -2             # a bare LF: aiohttp's to answer
+    # A whole head with a bare LF ends where its CRLF CRLF does; read_head refuses it (and the
+    # lean server caches only heads read_head took).
+    lf = b"GET /v2/x HTTP/1.1\nHost: k\r\n\r\n"
+    assert head_end(lf, 0) == len(lf) and read_head(lf, ()) == "bare LF"
+    assert read_head(b"GET /v2/x HTTP/1.1\r\nHost: k\r\nX: a\nb\r\n\r\n", ()) == "bare LF"
     assert head_end(b"\x16\x03\x01\x02\x00", 0) == -2                      # a TLS hello on the plain port
     assert head_end(b"\r\nGET /v2/x", 0) == -2                              # leading blank lines
     assert head_end(b"GARBAGE\r\nHost: k\r\n", 0) == -2                     # not a request line
